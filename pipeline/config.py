@@ -1,0 +1,337 @@
+"""YAML -> a typed, validated ``RunConfig``.
+
+This is the one module that reads the environment: ``${VAR}`` anywhere in a
+string value is replaced by the variable's value. A problem is reported as
+``ConfigError`` naming the YAML key (``submit.concurrency: must be >= 1``);
+unknown keys are errors. Secrets are ``SecretStr`` and never printed, not even
+in error messages (pydantic's echo of the input value is dropped).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.errors import ConfigError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Columns results.csv writes itself: a passthrough column may not shadow one of them.
+RESULT_COLUMNS = (
+    "source_file", "line", "emr_task_id", "final_status", "submit_status", "http_status",
+    "task_note_id", "job_id", "outcome", "emr_note_id", "failure_reason", "event_id",
+    "submitted_at", "outcome_at", "error", "detail",
+)  # fmt: skip
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnsConfig(_Section):
+    emr_task_id: str = "emr_task_id"
+    note: str = "note"
+
+
+class InputConfig(_Section):
+    path: str = "sample_data/task_notes.csv"
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    columns: ColumnsConfig = ColumnsConfig()
+    passthrough: tuple[str, ...] = ()
+    unescape_newlines: bool = False
+    on_bad_encoding: Literal["stop", "reject"] = "stop"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            info = codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
+        if "\n".encode(info.name) != b"\n":
+            raise ValueError(f"{value!r} is not ASCII-compatible; re-save the file as UTF-8")
+        return value
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, value: str) -> str:
+        value = {"tab": "\t", "\\t": "\t"}.get(value, value)
+        if len(value) != 1 or value in '"\r\n':
+            raise ValueError("must be one character other than a quote or a line break")
+        return value
+
+    @field_validator("passthrough")
+    @classmethod
+    def _no_shadowing(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        clash = sorted(set(value) & set(RESULT_COLUMNS))
+        if clash:
+            raise ValueError(f"{', '.join(clash)} would shadow a results.csv column")
+        if len(set(value)) != len(value):
+            raise ValueError("names a column twice")
+        return value
+
+
+class ValidationConfig(_Section):
+    emr_task_id_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+    max_note_chars: Annotated[int, Field(ge=1)] = 10_000
+    duplicates: Literal["skip", "reject", "allow"] = "skip"
+
+    @field_validator("emr_task_id_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class ApiConfig(_Section):
+    base_url: str = "https://api.usecobalt.com"
+    account: str | None = None
+    client_id: SecretStr | None = None
+    client_secret: SecretStr | None = None
+    access_token: SecretStr | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # aiohttp: httpx's API over aiohttp's connection pool (default, see PERF-NOTES.md);
+    # httpx: httpx's own pool, fine below ~24 requests in flight.
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL such as https://api.usecobalt.com")
+        return value.rstrip("/")
+
+    def credentials(self) -> tuple[str, str, str]:
+        """The three header values, or ConfigError naming the first one missing."""
+        values = []
+        for key in ("client_id", "client_secret", "access_token"):
+            secret = getattr(self, key)
+            if secret is None or not secret.get_secret_value():
+                raise ConfigError(f"api.{key}: required to send requests, but not set")
+            values.append(secret.get_secret_value())
+        return values[0], values[1], values[2]
+
+    def account_id(self) -> str:
+        """``account`` if set, else a fingerprint of the access token (never the token)."""
+        if self.account:
+            return self.account
+        token = self.access_token.get_secret_value() if self.access_token else ""
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+class SubmitConfig(_Section):
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    rate_per_second: Annotated[float, Field(gt=0)] | None = 5.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    on_ambiguous: Literal["hold", "resend"] = "hold"
+    max_consecutive_failures: Annotated[int, Field(ge=1)] = 20
+    backoff_base_s: Annotated[float, Field(ge=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
+    max_retry_after_s: Annotated[float, Field(ge=0)] = 300.0
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class StateConfig(_Section):
+    ledger: Path = Path("state/ledger.sqlite")
+    # full: a commit survives power loss (the `sending` mark must); normal: process crash only.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+class WebhooksConfig(_Section):
+    sink: Path = Path("state/webhooks.jsonl")
+    secret: SecretStr | None = None
+    secrets: tuple[SecretStr, ...] = ()
+    path: str = "/webhooks/cobalt"
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+    def all_secrets(self) -> tuple[bytes, ...]:
+        """Every secret a signature may be made with (``secret`` first), as bytes."""
+        found = [self.secret] if self.secret is not None else []
+        found += list(self.secrets)
+        return tuple(s.get_secret_value().encode() for s in found if s.get_secret_value())
+
+
+class PollConfig(_Section):
+    # Below this many unresolved jobs, ask per job_id; above, page by date and event type.
+    per_job_below: Annotated[int, Field(ge=0)] = 20
+    page_size: Annotated[int, Field(ge=1, le=100)] = 100
+
+
+class ReportConfig(_Section):
+    dir: Path = Path("reports")
+    stale_after: Annotated[float, Field(gt=0)] = 900.0  # seconds without an outcome
+    show_note_preview: bool = False
+    preview_chars: Annotated[int, Field(ge=1, le=200)] = 24
+    # An EMR failure is worth sending again (redrive.csv) when one of its reason codes,
+    # or a phrase of its failure_reason (case-insensitive), is in this list.
+    retryable_failures: tuple[str, ...] = (
+        "emr_session_expired", "task_locked", "rpa_timeout",
+        "session expired", "locked", "timed out", "timeout", "temporarily",
+    )
+    attention_rows: Annotated[int, Field(ge=1)] = 5000  # table size cap in report.html
+
+
+class EmulatorSettings(_Section):
+    """How the in-process emulator behaves in a sandbox run (see emulator.py)."""
+
+    latency_ms: tuple[float, float] = (5.0, 40.0)
+    outcome_delay_ms: tuple[float, float] = (200.0, 1500.0)
+    fail_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    missing_tasks: tuple[str, ...] = ()
+    seed: int = 1
+
+
+class SandboxConfig(_Section):
+    enabled: bool = False
+    wait_s: Annotated[float, Field(ge=0)] = 30.0
+    emulator: EmulatorSettings = EmulatorSettings()
+
+
+class RunConfig(_Section):
+    """The whole validated config; each stage receives only its own section."""
+
+    input: InputConfig = InputConfig()
+    validation: ValidationConfig = ValidationConfig()
+    api: ApiConfig = ApiConfig()
+    submit: SubmitConfig = SubmitConfig()
+    state: StateConfig = StateConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
+    poll: PollConfig = PollConfig()
+    report: ReportConfig = ReportConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RunConfig:
+        if self.submit.backoff_max_s < self.submit.backoff_base_s:
+            raise ValueError("submit.backoff_max_s: must be >= submit.backoff_base_s")
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of the effective config with every secret left out."""
+        data = self.model_dump(mode="json", exclude={"api": {"client_id", "client_secret",
+                                                              "access_token"},
+                                                     "webhooks": {"secret", "secrets"}})
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_config(
+    path: str | Path, *, needs: Iterable[str] = (), env: Mapping[str, str] | None = None
+) -> RunConfig:
+    """Read, resolve and validate a config file.
+
+    ``needs`` names the sections whose ``${VAR}`` references must resolve
+    (``api`` for commands that send, ``webhooks`` for the sink); elsewhere an
+    unset variable leaves the value empty, so ``validate`` works without secrets.
+    """
+    raw = _read_yaml(Path(path))
+    environ = os.environ if env is None else env
+    resolved = _resolve_env(raw, (), environ, tuple(needs))
+    try:
+        return RunConfig.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, Path(path))) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _resolve_env(
+    node: Any, where: tuple[str, ...], env: Mapping[str, str], needs: tuple[str, ...]
+) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_env(v, (*where, str(k)), env, needs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_env(v, (*where, str(i)), env, needs) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+    missing = [name for name in _ENV_REF.findall(node) if name not in env]
+    if missing and where[:1] and where[0] in needs:
+        key = ".".join(where)
+        raise ConfigError(f"{key}: environment variable {missing[0]} is not set")
+    if missing:
+        return None
+    return _ENV_REF.sub(lambda m: env[m.group(1)], node)
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+    "literal_error": "must be one of {expected}",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "model_type": "must be a mapping of keys",
+    "tuple_type": "must be a list",
+}
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    """One line per problem: ``key: what is wrong`` (never the offending value)."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        template = _MESSAGES.get(err["type"])
+        if template is not None:
+            message = template.format(**(err.get("ctx") or {}))
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+        if message.startswith(key + ": "):
+            lines.append(message)
+        else:
+            lines.append(f"{key}: {message}")
+    return f"{path}: " + "; ".join(lines)

@@ -1,0 +1,479 @@
+"""A local Cobalt look-alike for the sandbox and the tests, faults included.
+
+It behaves as Cobalt's documentation says (``../shared/cobalt/``):
+
+- ``POST /v1/tasks/notes``: 401 without the three credentials; 400 with the
+  reference page's messages, byte for byte, for an unexpected or missing
+  field; else ``{"success": true, ..., "task_note_id": <24 hex>, "job_id": <int>}``.
+- After ``outcome_delay_ms``, a signed ``task_note.created`` or
+  ``task_note.failed`` webhook (envelope and headers as in API-FACTS.md,
+  ``job_id`` as a string), delivered the way Cobalt delivers: 5 s timeout,
+  one retry 1 s later (2 s timeout) on a 5xx, a 429 or a network error,
+  never after a timeout or another 4xx.
+- ``GET /v1/webhook-events``: the same events in the list-item shape, with
+  ``job_id``/``event_type``/``delivery_status``/date filters and pagination.
+
+Faults are drawn from a hash of (seed, note, attempt number), so which
+request fails does not depend on the order concurrent requests arrive in.
+``GET /_emulator/stats`` reports how many times each (task id, note) was
+stored, so tests can prove "exactly once".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import hmac
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import anyio
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_MESSAGE = "Task note processing. A webhook event will be sent upon completion."
+FIELDS = ("emr_task_id", "note")
+FAILURES = (  # (code, description): what an RPA note-writer runs into
+    ("emr_session_expired", "EMR session expired during note entry"),
+    ("task_locked", "Task is locked by another user"),
+    ("rpa_timeout", "Timed out waiting for the EMR to respond"),
+)
+NOT_FOUND = ("task_not_found", "Task not found in EMR")
+
+
+def note_key(emr_task_id: str, note: str) -> str:
+    """How the emulator names a stored note in its stats (no note text leaves it)."""
+    return hashlib.sha256(f"{emr_task_id}\x1f{note}".encode()).hexdigest()
+
+
+def sign(body: bytes, secret: str) -> str:
+    """``cobalt-verification``: hex HMAC-SHA256 of the payload, keyed with the webhook secret."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def compact(payload: dict[str, Any]) -> bytes:
+    """The bytes Cobalt signs and sends: ``JSON.stringify`` (compact, non-ASCII as is)."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Fractions of requests (0-1) that meet each fault, and the fault's parameters."""
+
+    rate_429: float = 0.0
+    rate_503: float = 0.0
+    drop_before_store: float = 0.0  # connection dropped after reading the request
+    rate_500_after_store: float = 0.0  # the note is stored, then a 500
+    slow_after_store: float = 0.0  # the note is stored, the answer comes after slow_s
+    drop_after_store: float = 0.0  # the note is stored, then the connection drops
+    retry_after_s: float = 1.0
+    retry_after_as_date: bool = False
+    slow_s: float = 30.0
+    drop_webhooks: float = 0.0  # outcome recorded (pollable) but never delivered
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorOptions:
+    """Everything the emulator can be told (``tasknotes emulator --help``)."""
+
+    client_id: str = "sandbox-client-id"
+    client_secret: str = "sandbox-client-secret"
+    access_token: str = "sandbox-access-token"
+    webhook_url: str | None = None
+    webhook_secret: str = "sandbox-webhook-secret"
+    latency_ms: tuple[float, float] = (0.0, 0.0)
+    outcome_delay_ms: tuple[float, float] = (200.0, 1500.0)
+    fail_rate: float = 0.0
+    error_rate: float = 0.0  # transient 503s before anything is stored, like rate_503
+    missing_tasks: frozenset[str] = frozenset()
+    rate_limit: float | None = None
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+    other_event_every: int = 0  # every Nth note also makes an unrelated account event
+    account_reference: str = "user_sandbox"
+
+
+@dataclass(slots=True)
+class _Job:
+    job_id: int
+    task_note_id: str
+    emr_task_id: str
+    note: str
+    key: bytes
+
+
+class Emulator:
+    """One emulated Cobalt account: its state, its Starlette app and its webhook sender."""
+
+    def __init__(self, options: EmulatorOptions) -> None:
+        self.options = options
+        self._random = random.Random(options.seed)
+        self.stored: Counter[str] = Counter()
+        self.responses: Counter[int] = Counter()
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.deliveries: Counter[str] = Counter()
+        self.events: list[dict[str, Any]] = []
+        self._attempts: Counter[bytes] = Counter()
+        self._next_job = 10_000 + (options.seed % 1000) * 1_000_000
+        self._due: list[tuple[float, int, _Job]] = []
+        self._wake = anyio.Event()
+        self._tokens = options.rate_limit or 0.0
+        self._refilled = time.monotonic()
+        self.server: uvicorn.Server | None = None  # set when served: lets a fault drop a socket
+        self._pulse = anyio.Event()
+
+    async def until(self, predicate: Callable[[Emulator], bool]) -> None:
+        """Wait until ``predicate(self)`` holds; checked after every change of state."""
+        while not predicate(self):
+            await self._pulse.wait()
+
+    def _changed(self) -> None:
+        pulse, self._pulse = self._pulse, anyio.Event()
+        pulse.set()
+
+    # -- the app ------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/tasks/notes", self._create_note, methods=["POST"]),
+                Route("/v1/webhook-events", self._list_events, methods=["GET"]),
+                Route("/_emulator/stats", self._stats, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        async with (httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client,
+                    anyio.create_task_group() as tg):
+            tg.start_soon(self._dispatch, client, tg)
+            yield
+            tg.cancel_scope.cancel()
+
+    async def _create_note(self, request: Request) -> Response:
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            response = await self._handle_note(request)
+        finally:
+            self.in_flight -= 1
+        self.responses[response.status_code] += 1
+        return response
+
+    async def _handle_note(self, request: Request) -> Response:
+        low, high = self.options.latency_ms
+        if high > 0:
+            await anyio.sleep(self._random.uniform(low, high) / 1000)
+        if not self._authorised(request):
+            return _error(401, "Unauthorized: invalid client_id, client_secret or access_token")
+        body = await request.body()
+        shape = _check_body(body)
+        if isinstance(shape, Response):
+            return shape
+        emr_task_id, note = shape
+        key = bytes.fromhex(note_key(emr_task_id, note))
+        attempt = self._attempts[key]
+        self._attempts[key] += 1
+        before = self._fault_before_store(key, attempt, request)
+        if before is not None:
+            return before
+        job = self._store(emr_task_id, note, key)
+        return await self._answer_after_store(job, attempt, request)
+
+    def _authorised(self, request: Request) -> bool:
+        o, h = self.options, request.headers
+        return (h.get("client_id") == o.client_id and h.get("client_secret") == o.client_secret
+                and h.get("access_token") == o.access_token)
+
+    def _fault_before_store(self, key: bytes, attempt: int, request: Request) -> Response | None:
+        f = self.options.faults
+        if self.options.rate_limit and not self._take_token():
+            return self._busy(429, "Too many requests", max(f.retry_after_s,
+                                                              1 / self.options.rate_limit))
+        u = self._draw("before", key, attempt)
+        if (u := u - f.rate_429) < 0:
+            return self._busy(429, "Too many requests", f.retry_after_s)
+        if (u := u - f.rate_503 - self.options.error_rate) < 0:
+            return self._busy(503, "Service temporarily unavailable", f.retry_after_s)
+        if u - f.drop_before_store < 0:
+            return self._drop(request)
+        return None
+
+    async def _answer_after_store(self, job: _Job, attempt: int, request: Request) -> Response:
+        f = self.options.faults
+        u = self._draw("after", job.key, attempt)
+        if (u := u - f.rate_500_after_store) < 0:
+            return _error(500, "Internal server error")
+        if (u := u - f.slow_after_store) < 0:
+            await anyio.sleep(f.slow_s)
+        elif u - f.drop_after_store < 0:
+            return self._drop(request)
+        return JSONResponse({"success": True, "message": ACCEPTED_MESSAGE,
+                             "task_note_id": job.task_note_id, "job_id": job.job_id})
+
+    def _busy(self, status: int, message: str, after_s: float) -> Response:
+        if self.options.faults.retry_after_as_date:
+            when = datetime.now(UTC) + timedelta(seconds=math.ceil(after_s))
+            value = format_datetime(when, usegmt=True)
+        else:
+            value = str(math.ceil(after_s)) if after_s >= 1 or after_s == 0 else f"{after_s:g}"
+        return _error(status, message, headers={"Retry-After": value})
+
+    def _drop(self, request: Request) -> Response:
+        """Close the client's connection without an answer (needs a real server)."""
+        client = request.client
+        server = self.server
+        if server is not None and client is not None:
+            for conn in list(server.server_state.connections):
+                if getattr(conn, "client", None) == (client.host, client.port):
+                    conn.transport.abort()
+        return Response(status_code=599)  # written to a closed socket: nobody reads it
+
+    def _take_token(self) -> bool:
+        rate = self.options.rate_limit or 0.0
+        now = time.monotonic()
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+    def _draw(self, kind: str, key: bytes, n: int) -> float:
+        digest = hashlib.blake2b(f"{self.options.seed}|{kind}|{n}|".encode() + key,
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    def _store(self, emr_task_id: str, note: str, key: bytes) -> _Job:
+        self._next_job += 1
+        job = _Job(self._next_job, f"{self._random.getrandbits(96):024x}", emr_task_id, note, key)
+        self.stored[key.hex()] += 1
+        low, high = self.options.outcome_delay_ms
+        due = time.monotonic() + self._random.uniform(low, high) / 1000
+        heapq.heappush(self._due, (due, job.job_id, job))
+        self._wake.set()
+        self._changed()
+        return job
+
+    # -- outcomes and webhooks ----------------------------------------------------------
+
+    async def _dispatch(self, client: httpx.AsyncClient, tg: anyio.abc.TaskGroup) -> None:
+        limiter = anyio.CapacityLimiter(16)
+        while True:
+            now = time.monotonic()
+            while self._due and self._due[0][0] <= now:
+                _, _, job = heapq.heappop(self._due)
+                for event in self._outcome_events(job):
+                    tg.start_soon(self._deliver, client, limiter, event)
+            wait = self._due[0][0] - now if self._due else math.inf
+            self._wake = anyio.Event()
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
+
+    def _outcome_events(self, job: _Job) -> list[dict[str, Any]]:
+        events = [self._envelope(job, self._outcome(job))]
+        every = self.options.other_event_every
+        if every and job.job_id % every == 0:
+            events.append(self._other_event(job))
+        return events
+
+    def _outcome(self, job: _Job) -> tuple[str, dict[str, Any]]:
+        if job.emr_task_id in self.options.missing_tasks:
+            failure: tuple[str, str] | None = NOT_FOUND
+        elif self._draw("outcome", job.key, 0) < self.options.fail_rate:
+            failure = FAILURES[int(self._draw("reason", job.key, 0) * len(FAILURES))]
+        else:
+            failure = None
+        if failure is None:
+            return "task_note.created", {
+                "task_note_id": job.task_note_id,
+                "emr_note_id": _uuid(self._random),
+                "emr_task_id": job.emr_task_id,
+                "note": job.note,
+            }
+        return "task_note.failed", {
+            "task_note_id": job.task_note_id,
+            "failure_reason": failure[1],
+            "reasons": [{"code": failure[0], "description": failure[1]}],
+        }
+
+    def _envelope(self, job: _Job | None, typed: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+        event_type, data = typed
+        return {
+            "id": "evt_" + "".join(self._random.choices(_ALNUM, k=24)),
+            "access_token_reference_id": self.options.account_reference,
+            "object": "event",
+            "created": _iso(datetime.now(UTC)),
+            "type": event_type,
+            "job_id": str(job.job_id) if job is not None else None,
+            "data": data,
+        }
+
+    def _other_event(self, job: _Job) -> dict[str, Any]:
+        return self._envelope(None, ("patient.updated", {"patient_id": f"pat_{job.job_id}"}))
+
+    async def _deliver(
+        self, client: httpx.AsyncClient, limiter: anyio.CapacityLimiter, event: dict[str, Any]
+    ) -> None:
+        record = _list_item(event, self.options.webhook_url or "")
+        self.events.append(record)
+        self._changed()
+        url = self.options.webhook_url
+        if not url or self._draw("webhook", event["id"].encode(), 0) < (
+                self.options.faults.drop_webhooks):
+            record["delivery_status"] = "failed"
+            self.deliveries["dropped" if url else "no_url"] += 1
+            self._changed()
+            return
+        body = compact(event)
+        async with limiter:
+            delivered = await self._post(client, url, body, event["id"], attempt=1, limit_s=5.0)
+            if delivered is None:  # a 5xx, a 429 or a network error: Cobalt tries once more
+                await anyio.sleep(1.0)
+                delivered = await self._post(client, url, body, event["id"], attempt=2,
+                                             limit_s=2.0)
+        record["delivery_status"] = "success" if delivered else "failed"
+        self.deliveries["success" if delivered else "failed"] += 1
+        self._changed()
+
+    async def _post(
+        self, client: httpx.AsyncClient, url: str, body: bytes, event_id: str, *, attempt: int,
+        limit_s: float,
+    ) -> bool | None:
+        """True delivered, False failed for good, None worth the one retry."""
+        headers = {
+            "content-type": "application/json",
+            "cobalt-verification": sign(body, self.options.webhook_secret),
+            "webhook-id": event_id,
+            "webhook-timestamp": _iso(datetime.now(UTC)),
+            "webhook-attempt": str(attempt),
+        }
+        try:
+            response = await client.post(url, content=body, headers=headers, timeout=limit_s)
+        except httpx.TimeoutException:
+            return False
+        except httpx.TransportError:
+            return None if attempt == 1 else False
+        if response.is_success:
+            return True
+        if (response.status_code >= 500 or response.status_code == 429) and attempt == 1:
+            return None
+        return False
+
+    # -- polling and stats --------------------------------------------------------------
+
+    async def _list_events(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return _error(401, "Unauthorized: invalid client_id, client_secret or access_token")
+        q = request.query_params
+        try:
+            page = int(q.get("page", "1"))
+            size = int(q.get("page_size", "20"))
+        except ValueError:
+            return _error(400, "page and page_size must be integers")
+        if page < 1 or not 1 <= size <= 100:
+            return _error(400, "page must be >= 1 and page_size between 1 and 100")
+        found = [e for e in self.events if _matches(e, q)]
+        found.sort(key=lambda e: (e["created_at"], e["event_id"]),
+                   reverse=q.get("sort", "desc") == "desc")
+        pages = max(1, math.ceil(len(found) / size))
+        chunk = found[(page - 1) * size : page * size]
+        return JSONResponse({
+            "success": True,
+            "webhook_events": chunk,
+            "pagination": {"current_page": page, "total_pages": pages,
+                           "total_count": len(found), "page_size": size},
+        })
+
+    async def _stats(self, request: Request) -> Response:
+        return JSONResponse({
+            "requests": self.requests,
+            "responses": {str(k): v for k, v in sorted(self.responses.items())},
+            "stored": dict(self.stored),
+            "stored_total": sum(self.stored.values()),
+            "max_in_flight": self.max_in_flight,
+            "deliveries": dict(self.deliveries),
+            "events": len(self.events),
+            "pending_outcomes": len(self._due),
+        })
+
+
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _check_body(body: bytes) -> tuple[str, str] | Response:
+    """The two fields, or the 400 Cobalt gives (messages as on the reference page)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(400, "Invalid JSON in request body")
+    if not isinstance(data, dict):
+        return _error(400, "Request body must be a JSON object")
+    unexpected = [k for k in data if k not in FIELDS]
+    if unexpected:
+        return _error(400, f"Unexpected fields in request body: {', '.join(unexpected)}")
+    for name in FIELDS:
+        if not data.get(name):
+            return _error(400, f"Missing required field: {name}")
+        if not isinstance(data[name], str):
+            return _error(400, f"Invalid field type: {name} must be a string")
+    return data["emr_task_id"], data["note"]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"success": False, "message": message}, status_code=status,
+                        headers=headers)
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _list_item(event: dict[str, Any], url: str) -> dict[str, Any]:
+    """An envelope in ``GET /v1/webhook-events``' shape (event_id/event_type/created_at)."""
+    return {
+        "event_id": event["id"],
+        "event_type": event["type"],
+        "webhook_url": url,
+        "delivery_status": "pending",
+        "data": event["data"],
+        "created_at": event["created"],
+        "job_id": event["job_id"],
+        "access_token_reference_id": event["access_token_reference_id"],
+    }
+
+
+def _matches(event: dict[str, Any], q: Any) -> bool:
+    day = event["created_at"][:10]
+    return (
+        ("job_id" not in q or event["job_id"] == q["job_id"])
+        and ("event_type" not in q or event["event_type"] == q["event_type"])
+        and ("delivery_status" not in q or event["delivery_status"] == q["delivery_status"])
+        and ("start_date" not in q or day >= q["start_date"])
+        and ("end_date" not in q or day <= q["end_date"])
+    )

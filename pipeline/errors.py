@@ -1,0 +1,104 @@
+"""The one exception tree of tasknotes.
+
+    PipelineError                   the CLI catches this root; never a traceback for it
+    ├── ConfigError                 bad YAML, key or value; missing ${VAR}     -> exit 2
+    ├── InputError                  input missing, empty, unreadable, bad header -> exit 2
+    ├── StateError                  ledger or sink file unusable, run lock held  -> exit 2
+    ├── RunAborted                  credentials refused, too many failures, signal -> exit 3
+    └── ApiError                    one Cobalt request went wrong (submit.py decides what next)
+        ├── CredentialsRefused      401/403: every further request would fail too
+        ├── RequestRejected         other 4xx: Cobalt read the request and refused this row
+        ├── NotApplied              provably did not take effect: safe to send again
+        │   ├── NotSent             connect error or connect/pool timeout
+        │   ├── RateLimited         429 (carries Retry-After)
+        │   └── Unavailable         503 (carries Retry-After)
+        └── OutcomeUnknown          may have taken effect: never resent blindly
+            ├── ServerError         500, 502, 504 and other 5xx
+            ├── NoResponse          read/write timeout, connection lost after sending
+            └── BadResponse         a 2xx whose body is not the documented JSON
+
+Foreign exceptions (httpx, aiohttp, OSError, yaml, pydantic) are translated
+into this tree at the edge that meets them, with ``raise ... from exc``.
+Messages never carry a note's text or a secret.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Root of every error tasknotes raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """The config file cannot be used; the message names the YAML key."""
+
+
+class InputError(PipelineError):
+    """An input file cannot be read at all (row problems are values, not errors)."""
+
+
+class StateError(PipelineError):
+    """The ledger or the sink file cannot be used as it stands."""
+
+
+class RunAborted(PipelineError):
+    """The run stopped early; rows not started stay pending for the next run."""
+
+    exit_code = 3
+
+
+class ApiError(PipelineError):
+    """One request to Cobalt did not end in an accepted note."""
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+
+
+class CredentialsRefused(ApiError):
+    """401/403: the credentials are wrong or lack access; stop the run."""
+
+
+class RequestRejected(ApiError):
+    """A 4xx other than 401/403/429: Cobalt refused this row as sent."""
+
+
+class NotApplied(ApiError):
+    """The request provably did not take effect, so it may be sent again."""
+
+    def __init__(
+        self, message: str, *, http_status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, http_status=http_status)
+        self.retry_after = retry_after
+
+
+class NotSent(NotApplied):
+    """The request never left: no connection could be made or borrowed in time."""
+
+
+class RateLimited(NotApplied):
+    """429 Too Many Requests."""
+
+
+class Unavailable(NotApplied):
+    """503 Service Unavailable."""
+
+
+class OutcomeUnknown(ApiError):
+    """The request may have reached Cobalt, but no usable answer came back."""
+
+
+class ServerError(OutcomeUnknown):
+    """A 5xx other than 503: Cobalt may have stored the note before failing."""
+
+
+class NoResponse(OutcomeUnknown):
+    """The request was (or may have been) sent, then the answer never came."""
+
+
+class BadResponse(OutcomeUnknown):
+    """A success status with a body that is not the documented JSON."""
