@@ -1,0 +1,109 @@
+"""An httpx transport that sends through aiohttp's connection pool.
+
+Why: httpcore 1.0's pool rescans every connection for every request, so
+throughput falls past ~24 requests in flight (PERF-NOTES.md; encode/httpx#3215).
+The code keeps httpx's API (requests, responses, exceptions, MockTransport in
+tests); only the socket work is aiohttp's.
+
+aiohttp's exceptions are mapped to httpx's here, and conservatively: only
+failures that happen before a request can have left (no connection could be
+made or borrowed) become ``ConnectError``/``ConnectTimeout``; everything
+else, a connection reset included, becomes a read-side error, which the
+client treats as "may have taken effect". Published mappings that turn
+``ClientConnectionResetError`` into ``ConnectError`` would make a reset after
+the request was sent look safe to retry, and post the note twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import aiohttp
+import httpx
+
+# aiohttp computes these itself, or has already undone them (decompression).
+_SKIP_REQUEST = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_SKIP_RESPONSE = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+@contextlib.contextmanager
+def map_aiohttp_exceptions() -> Iterator[None]:
+    """Translate aiohttp failures into httpx's tree; the most specific class wins."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:  # pool wait or connect: nothing sent
+        raise httpx.ConnectTimeout(str(exc) or "connect timeout") from exc
+    except aiohttp.ClientConnectorError as exc:  # includes DNS and TLS handshake failures
+        raise httpx.ConnectError(str(exc)) from exc
+    except aiohttp.ServerTimeoutError as exc:  # sock_read: the request was sent
+        raise httpx.ReadTimeout(str(exc) or "read timeout") from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise httpx.RemoteProtocolError(str(exc) or "server disconnected") from exc
+    except aiohttp.ClientResponseError as exc:  # the response could not be parsed
+        raise httpx.RemoteProtocolError(str(exc)) from exc
+    except aiohttp.InvalidURL as exc:
+        raise httpx.UnsupportedProtocol(str(exc)) from exc
+    except TimeoutError as exc:  # the overall deadline: may have been sent
+        raise httpx.ReadTimeout("request deadline passed") from exc
+    except (aiohttp.ClientError, OSError) as exc:  # resets, payload errors: after sending
+        raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx transport over one ``aiohttp.ClientSession`` (created on first use, in the loop)."""
+
+    def __init__(self, *, max_connections: int, keepalive_s: float = 4.0) -> None:
+        self._max_connections = max_connections
+        self._keepalive_s = keepalive_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            # Shorter than common servers' idle timeout (uvicorn: 5 s), so we close an
+            # idle connection before the server does and never send on a dying one.
+            keepalive_timeout=self._keepalive_s,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=True,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        headers = [(k, v) for k, v in request.headers.multi_items() if k not in _SKIP_REQUEST]
+        body = await request.aread()
+        with map_aiohttp_exceptions():
+            async with session.request(
+                request.method, str(request.url), headers=headers, data=body or None,
+                timeout=_timeout(request), allow_redirects=False,
+            ) as response:
+                content = await response.read()
+                status, raw_headers = response.status, response.raw_headers
+        kept = [(k, v) for k, v in raw_headers if k.decode("latin-1").lower() not in _SKIP_RESPONSE]
+        return httpx.Response(status, headers=kept, content=content, request=request)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _timeout(request: httpx.Request) -> aiohttp.ClientTimeout:
+    spec = request.extensions.get("timeout", {})
+    connect, read = spec.get("connect"), spec.get("read")
+    pool, write = spec.get("pool"), spec.get("write")
+    parts = [t for t in (connect, read, pool, write) if t is not None]
+    return aiohttp.ClientTimeout(
+        total=sum(parts) if len(parts) == 4 else None,  # aiohttp has no write timeout
+        connect=(connect or 0) + (pool or 0) or None,  # pool wait + connect, nothing sent
+        sock_connect=connect,
+        sock_read=read,
+    )

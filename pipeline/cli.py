@@ -1,0 +1,395 @@
+"""The ``tasknotes`` command: parse, call, print, map errors to exit codes.
+
+Exit codes (DESIGN.md): 0 every row ended well; 1 the run finished but some
+rows were rejected, failed or are ambiguous; 2 bad usage, config or input
+(nothing was sent); 3 aborted (credentials refused, too many failures,
+interrupted). A user error is one line on stderr, never a traceback. This is
+the one module that prints; nothing it prints holds a note's text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline import __version__
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import PipelineError, RunAborted
+
+if TYPE_CHECKING:
+    from pipeline.ledger import Ledger
+    from pipeline.poll import PollStats
+    from pipeline.runner import RunOutcome
+
+log = logging.getLogger("pipeline")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tasknotes`` and ``python -m pipeline``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    _logging(args.verbose, args.quiet)
+    try:
+        return int(args.handler(args))
+    except (PipelineError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"tasknotes: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+def _user_error(exc: BaseException) -> PipelineError | None:
+    """The PipelineError (or interrupt) behind ``exc``, looking inside task-group wrappers."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _user_error(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, KeyboardInterrupt):
+        return RunAborted("interrupted")
+    return exc if isinstance(exc, PipelineError) else None
+
+
+def _logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="tasknotes: %(levelname)s: %(message)s")
+    for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tasknotes",
+        description="Append notes to EMR tasks through Cobalt, from CSV, and prove what "
+                    "happened to every row.")
+    parser.add_argument("--version", action="version", version=f"tasknotes {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="validate, send, collect outcomes, report")
+    _config_arg(run)
+    _inputs_arg(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate and count what would be sent; send nothing, write no ledger")
+    run.add_argument("--limit", type=_positive, metavar="N",
+                     help="send at most N rows (the first N that need sending)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--force", action="store_true",
+                     help="DANGEROUS: send rows the ledger says were already sent; "
+                          "each one lands in the chart again")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check the input; send nothing")
+    _config_arg(validate)
+    _inputs_arg(validate)
+    validate.set_defaults(handler=_validate)
+
+    sink = commands.add_parser("sink", help="receive Cobalt's webhooks into the sink file")
+    _config_arg(sink)
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=8787)
+    sink.set_defaults(handler=_sink)
+
+    poll = commands.add_parser("poll", help="fetch outcomes of unresolved jobs from Cobalt")
+    _config_arg(poll)
+    poll.add_argument("--run-id", help="only this run (default: every run with unresolved rows)")
+    poll.set_defaults(handler=_poll)
+
+    reconcile = commands.add_parser("reconcile", help="re-join ledger and sink; rewrite reports")
+    _config_arg(reconcile)
+    reconcile.add_argument("--run-id", help="only this run (default: runs with unresolved rows)")
+    reconcile.set_defaults(handler=_reconcile)
+
+    emulator = commands.add_parser("emulator", help="a local Cobalt look-alike, with faults")
+    _emulator_args(emulator)
+    emulator.set_defaults(handler=_emulator)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, metavar="CONFIG", help="YAML config file")
+
+
+def _inputs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", default=[], metavar="PATH",
+                        help="input CSV file or glob (repeatable); overrides input.path")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _range(text: str) -> tuple[float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) not in (1, 2) or min(parts) < 0:
+        raise argparse.ArgumentTypeError("A or A,B with 0 <= A <= B")
+    low, high = parts[0], parts[-1]
+    if high < low:
+        raise argparse.ArgumentTypeError("A or A,B with 0 <= A <= B")
+    return low, high
+
+
+def _emulator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8788)
+    p.add_argument("--webhook-url", help="where to deliver task_note.* webhooks")
+    p.add_argument("--webhook-secret", default="sandbox-webhook-secret")
+    p.add_argument("--client-id", default="sandbox-client-id")
+    p.add_argument("--client-secret", default="sandbox-client-secret")
+    p.add_argument("--access-token", default="sandbox-access-token")
+    p.add_argument("--latency-ms", type=_range, default=(0.0, 0.0), metavar="A[,B]")
+    p.add_argument("--outcome-delay-ms", type=_range, default=(200.0, 1500.0), metavar="A[,B]")
+    p.add_argument("--fail-rate", type=_fraction, default=0.0, help="EMR failures (webhook)")
+    p.add_argument("--rate-limit", type=float, metavar="RPS", help="429 above this rate")
+    p.add_argument("--error-rate", type=_fraction, default=0.0, help="503 before storing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--missing-task", action="append", default=[], metavar="ID",
+                   help="a task id the EMR does not have (task_note.failed)")
+    faults = p.add_argument_group("faults (fractions of requests)")
+    faults.add_argument("--fault-429", type=_fraction, default=0.0)
+    faults.add_argument("--fault-503", type=_fraction, default=0.0)
+    faults.add_argument("--fault-drop", type=_fraction, default=0.0,
+                        help="drop the connection after reading the request")
+    faults.add_argument("--fault-500-after-store", type=_fraction, default=0.0)
+    faults.add_argument("--fault-slow-after-store", type=_fraction, default=0.0)
+    faults.add_argument("--fault-drop-after-store", type=_fraction, default=0.0)
+    faults.add_argument("--retry-after", type=float, default=1.0, metavar="S")
+    faults.add_argument("--retry-after-date", action="store_true",
+                        help="send Retry-After as an HTTP date")
+    faults.add_argument("--slow-s", type=float, default=30.0)
+    faults.add_argument("--drop-webhooks", type=_fraction, default=0.0,
+                        help="record outcomes but never deliver them (for poll)")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.runner import Run, RunOptions
+
+    config = load_config(args.config, needs=() if args.dry_run else ("api",))
+    options = RunOptions(inputs=tuple(args.input), dry_run=args.dry_run, limit=args.limit,
+                         progress=not args.no_progress, force=args.force,
+                         argv=tuple(sys.argv[1:]))
+    if args.force:
+        log.warning("--force: rows already sent in earlier runs will be sent again")
+    outcome = Run(config, options).execute()
+    if args.dry_run:
+        _print_scan(outcome, dry_run=True)
+        return outcome.exit_code
+    if outcome.scan.problems.counts:
+        _print_problems(outcome)
+    if outcome.result is not None and outcome.report is not None:
+        _print_result(outcome.result.counts, str(outcome.report.directory),
+                      outcome.report.files)
+    if outcome.stop_reason:
+        print(f"stopped: {outcome.stop_reason}")
+    return outcome.exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.runner import validate_only
+
+    config = load_config(args.config)
+    outcome = validate_only(config, args.input)
+    _print_scan(outcome, dry_run=False)
+    return outcome.exit_code
+
+
+def _print_scan(outcome: RunOutcome, *, dry_run: bool) -> None:
+    c = outcome.scan
+    _print_problems(outcome)
+    valid = c.rows - c.rejected
+    if c.rows == 0:
+        print("0 rows: the input has a header and no data")
+        return
+    print(f"{c.rows:,} rows: {valid:,} valid, {c.rejected:,} rejected"
+          + (f", {c.blank:,} blank lines skipped" if c.blank else ""))
+    print(f"would send {c.to_send:,}; skip {c.duplicates:,} duplicates, "
+          f"{c.already_sent:,} already sent; hold {c.held:,}"
+          + (" (dry run: nothing sent, ledger untouched)" if dry_run else ""))
+    if c.truncated_at:
+        print(f"--limit reached at {c.truncated_at[0]} line {c.truncated_at[1]}")
+    if outcome.rejects is not None:
+        print(f"rejects: {outcome.rejects}")
+
+
+def _print_problems(outcome: RunOutcome) -> None:
+    tally = outcome.scan.problems
+    if not tally.counts:
+        return
+    width = max(len(code) for code in tally.counts)
+    print(f"{'problem':<{width}}  {'rows':>7}  first lines")
+    for code, n in sorted(tally.counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines = ", ".join(str(line) for _, line in tally.examples.get(code, []))
+        more = ", …" if n > len(tally.examples.get(code, [])) else ""
+        print(f"{code:<{width}}  {n:>7,}  {lines}{more}")
+
+
+def _print_result(counts: dict[str, int], directory: str, files: Sequence[str]) -> None:
+    shown = {k: v for k, v in counts.items() if v}
+    if shown:
+        width = max(len(k) for k in shown)
+        print(f"{'final status':<{width}}  {'rows':>7}")
+        for status, n in shown.items():
+            print(f"{status:<{width}}  {n:>7,}")
+    print(f"report: {directory}/ ({', '.join(files)})")
+    print(_one_line(counts))
+
+
+def _one_line(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    parts = [f"{counts['confirmed']:,} of {total:,} notes confirmed"]
+    labels = {
+        "awaiting_outcome": "awaiting outcome", "failed_in_emr": "failed in EMR",
+        "rejected_invalid": "rejected (invalid)", "rejected_by_api": "rejected by API",
+        "ambiguous": "ambiguous", "send_failed": "not sent",
+        "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
+    }
+    parts += [f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
+    return "; ".join(parts)
+
+
+def _sink(args: argparse.Namespace) -> int:
+    from pipeline.events import SinkFile
+    from pipeline.servers import serve_foreground
+    from pipeline.sink import WebhookReceiver
+
+    config = load_config(args.config, needs=("webhooks",))
+    secrets = config.webhooks.all_secrets()
+    if not secrets:
+        raise PipelineError("webhooks.secret: the sink needs at least one webhook secret")
+    sink = SinkFile(config.webhooks.sink)
+    sink.open()
+    receiver = WebhookReceiver(sink, secrets, path=config.webhooks.path,
+                               max_body_bytes=config.webhooks.max_body_bytes)
+    log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
+             config.webhooks.sink, len(sink))
+    try:
+        serve_foreground(receiver.app(), host=args.host, port=args.port)
+    finally:
+        sink.close()
+    return 0
+
+
+def _poll(args: argparse.Namespace) -> int:
+    import anyio
+
+    from pipeline.client import CobaltClient
+    from pipeline.events import SinkFile
+    from pipeline.poll import Poller
+    from pipeline.reconcile import load_events
+
+    config = load_config(args.config, needs=("api",))
+    ledger = _open_ledger(config)
+    try:
+        runs = [args.run_id] if args.run_id else ledger.unresolved_runs()
+        jobs: set[str] = set()
+        for run_id in runs:
+            ledger.run(run_id)
+            jobs |= ledger.job_ids(run_id)
+        events = load_events(config.webhooks.sink, config.api.account_id(), evidence=False)
+        wanted = jobs - set(events.frame["job_id"].dropna())
+        if not wanted:
+            print("nothing to poll: every accepted row has an outcome event in the sink")
+            return _reconcile_runs(config, ledger, runs)
+        sink = SinkFile(config.webhooks.sink)
+        sink.open()
+        since = ledger.earliest_submission(wanted)
+
+        async def fetch() -> PollStats:
+            async with CobaltClient(config.api, max_connections=2) as client:
+                return await Poller(config, client, sink).run(wanted, since)
+
+        try:
+            stats = anyio.run(fetch)
+        finally:
+            sink.close()
+        print(f"polled {stats.wanted:,} jobs with {stats.requests:,} requests: "
+              f"{stats.stored:,} events stored, {stats.duplicates:,} already there, "
+              f"{stats.still_missing:,} jobs still without an outcome")
+        return _reconcile_runs(config, ledger, runs)
+    finally:
+        ledger.close()
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    ledger = _open_ledger(config)
+    try:
+        if args.run_id:
+            ledger.run(args.run_id)
+            runs = [args.run_id]
+        else:
+            runs = ledger.unresolved_runs() or [r for r in [ledger.latest_run()] if r]
+        if not runs:
+            print("nothing to reconcile: the ledger has no runs")
+            return 0
+        return _reconcile_runs(config, ledger, runs)
+    finally:
+        ledger.close()
+
+
+def _open_ledger(config: RunConfig) -> Ledger:
+    from pipeline.ledger import Ledger
+
+    if not config.state.ledger.exists():
+        raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")
+    return Ledger(config.state.ledger, synchronous=config.state.synchronous)
+
+
+def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str]) -> int:
+    from pipeline.reconcile import Reconciler
+    from pipeline.report import write_report
+
+    reconciler = Reconciler(ledger, config.webhooks.sink)
+    code = 0
+    for run_id in runs:
+        result = reconciler.run(run_id)
+        written = write_report(result, config.report, input_settings=config.input)
+        print(f"run {run_id}:")
+        _print_result(result.counts, str(written.directory), written.files)
+        code = max(code, result.exit_code)
+    return code
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from pipeline.emulator import Emulator, EmulatorOptions, Faults
+    from pipeline.servers import serve_foreground
+
+    faults = Faults(
+        rate_429=args.fault_429, rate_503=args.fault_503, drop_before_store=args.fault_drop,
+        rate_500_after_store=args.fault_500_after_store,
+        slow_after_store=args.fault_slow_after_store,
+        drop_after_store=args.fault_drop_after_store, retry_after_s=args.retry_after,
+        retry_after_as_date=args.retry_after_date, slow_s=args.slow_s,
+        drop_webhooks=args.drop_webhooks,
+    )
+    emulator = Emulator(EmulatorOptions(
+        client_id=args.client_id, client_secret=args.client_secret,
+        access_token=args.access_token, webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret, latency_ms=args.latency_ms,
+        outcome_delay_ms=args.outcome_delay_ms, fail_rate=args.fail_rate,
+        error_rate=args.error_rate, missing_tasks=frozenset(args.missing_task),
+        rate_limit=args.rate_limit, seed=args.seed, faults=faults,
+    ))
+    serve_foreground(emulator.app(), host=args.host, port=args.port,
+                     attach=lambda server: setattr(emulator, "server", server))
+    return 0

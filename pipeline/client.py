@@ -1,0 +1,228 @@
+"""Cobalt's HTTP API: one request -> one typed result, or one typed error.
+
+The only module (with poll.py's callers) that knows Cobalt's URLs. Requests
+carry exactly the three auth headers Cobalt documents (``client_id``,
+``client_secret``, ``access_token``) and, for a note, a JSON body of exactly
+``emr_task_id`` and ``note``: Cobalt answers any other field with a 400.
+
+Failures are classified here, once, into the tree in ``errors.py``: whether a
+request may have taken effect decides whether it may be sent again.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from pipeline import __version__
+from pipeline._transport import AiohttpTransport
+from pipeline.config import ApiConfig
+from pipeline.errors import (
+    ApiError,
+    BadResponse,
+    CredentialsRefused,
+    NoResponse,
+    NotSent,
+    RateLimited,
+    RequestRejected,
+    ServerError,
+    Unavailable,
+)
+
+NOTES_PATH = "/v1/tasks/notes"
+EVENTS_PATH = "/v1/webhook-events"
+_MAX_MESSAGE = 300
+
+
+@dataclass(frozen=True, slots=True)
+class NoteAccepted:
+    """Cobalt queued the note: the outcome arrives later, by webhook, under ``job_id``."""
+
+    task_note_id: str
+    job_id: str  # an integer in this response, a string in webhook events: kept as text
+    http_status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    """One page of ``GET /v1/webhook-events``, items exactly as Cobalt returned them."""
+
+    events: list[dict[str, Any]]
+    page: int
+    total_pages: int
+
+
+class CobaltClient:
+    """An async client for the endpoints tasknotes uses. Use ``async with``."""
+
+    def __init__(
+        self,
+        api: ApiConfig,
+        *,
+        max_connections: int = 8,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        client_id, client_secret, access_token = api.credentials()
+        if transport is None:
+            transport = _make_transport(api, max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=api.base_url,
+            transport=transport,
+            timeout=httpx.Timeout(api.timeout_s, connect=api.connect_timeout_s,
+                                  pool=api.connect_timeout_s),
+            headers={
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "access_token": access_token,
+                "user-agent": f"tasknotes/{__version__}",
+            },
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted:
+        """POST /v1/tasks/notes; raises an ApiError subclass unless Cobalt queued the note."""
+        body = json.dumps({"emr_task_id": emr_task_id, "note": note}, ensure_ascii=False)
+        response = await self._send(
+            "POST", NOTES_PATH, content=body.encode(),
+            headers={"content-type": "application/json"},
+        )
+        return _accepted(response)
+
+    async def webhook_events(self, **query: str | int) -> EventsPage:
+        """GET /v1/webhook-events with the given filters (job_id, event_type, dates, page...)."""
+        response = await self._send("GET", EVENTS_PATH, params=query)
+        if not response.is_success:
+            _raise_for_status(response)
+        data = _json_object(response)
+        items = data.get("webhook_events")
+        paging = data.get("pagination") or {}
+        if not isinstance(items, list) or not isinstance(paging, dict):
+            raise BadResponse("webhook-events answer lacks webhook_events/pagination",
+                              http_status=response.status_code)
+        return EventsPage(
+            events=[i for i in items if isinstance(i, dict)],
+            page=int(paging.get("current_page") or query.get("page") or 1),
+            total_pages=int(paging.get("total_pages") or 1),
+        )
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, with httpx's failures translated (the one place that does it)."""
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
+                httpx.ProxyError, httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+            raise NotSent(f"not sent: {_describe(exc)}") from exc
+        except httpx.TimeoutException as exc:
+            raise NoResponse(f"no answer: {_describe(exc)}") from exc
+        except httpx.DecodingError as exc:
+            raise BadResponse(f"unreadable answer: {_describe(exc)}") from exc
+        except httpx.TransportError as exc:
+            raise NoResponse(f"connection lost: {_describe(exc)}") from exc
+
+
+def _make_transport(api: ApiConfig, max_connections: int) -> httpx.AsyncBaseTransport:
+    if api.transport == "aiohttp":
+        return AiohttpTransport(max_connections=max_connections)
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections, keepalive_expiry=4.0)
+    return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE] if str(exc) else type(exc).__name__
+
+
+def _accepted(response: httpx.Response) -> NoteAccepted:
+    if not response.is_success:
+        _raise_for_status(response)
+    data = _json_object(response)
+    task_note_id, job_id = data.get("task_note_id"), data.get("job_id")
+    if data.get("success") is not True or not isinstance(task_note_id, str) or not task_note_id:
+        raise BadResponse("a success status without success/task_note_id in the body",
+                          http_status=response.status_code)
+    if isinstance(job_id, bool) or not isinstance(job_id, int | str) or not str(job_id).strip():
+        raise BadResponse("a success status without a job_id", http_status=response.status_code)
+    return NoteAccepted(task_note_id, str(job_id).strip(), response.status_code,
+                        str(data.get("message", ""))[:_MAX_MESSAGE])
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = json.loads(response.content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadResponse(f"HTTP {response.status_code} with a body that is not JSON",
+                          http_status=response.status_code) from None
+    if not isinstance(data, dict):
+        raise BadResponse(f"HTTP {response.status_code} with JSON that is not an object",
+                          http_status=response.status_code)
+    return data
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    status = response.status_code
+    message = f"HTTP {status}: {_message(response)}"
+    error: ApiError
+    if status in (401, 403):
+        error = CredentialsRefused(message, http_status=status)
+    elif status == 429:
+        error = RateLimited(message, http_status=status, retry_after=retry_after(response))
+    elif status == 503:
+        error = Unavailable(message, http_status=status, retry_after=retry_after(response))
+    elif 400 <= status < 500:
+        error = RequestRejected(message, http_status=status)
+    elif status >= 500:
+        error = ServerError(message, http_status=status)
+    else:  # 1xx/3xx to a POST: we cannot tell what happened
+        error = BadResponse(message, http_status=status)
+    raise error
+
+
+def _message(response: httpx.Response) -> str:
+    """Cobalt's ``message``, else the reason phrase; never the request."""
+    try:
+        data = json.loads(response.content)
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            return str(data["message"])[:_MAX_MESSAGE]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return response.reason_phrase or "no message"
+
+
+def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:
+    """``Retry-After`` in seconds from now, given as seconds or as an HTTP date."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)

@@ -1,0 +1,503 @@
+"""SQLite state: every input row of every run, what was sent, what came back.
+
+The ledger is the single source of truth for "was this note sent?". It never
+holds a note's text: a row is identified across runs by ``key`` =
+SHA-256(account, emr_task_id, note). This is the only module that speaks SQL.
+
+Row ``status`` values (DESIGN.md's submission statuses, plus how a row that
+was never sent ended):
+
+    pending -> sending -> accepted | api_rejected | ambiguous | failed
+    rejected        failed validation (reasons in ``error``)
+    duplicate       same task id and note as an earlier row of the run (``ref_id``)
+    already_sent    an earlier run delivered this key (``ref_id``)
+    held            an earlier attempt of this key may have landed; not sent blind
+
+A row is marked ``sending`` and committed before its request leaves; a run
+that dies leaves it ``sending`` and the next run (holding the lock, so the
+writer is provably gone) turns it into ``ambiguous``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import pandas as pd
+
+from pipeline._group import GroupCommit
+from pipeline.errors import StateError
+
+SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    state TEXT NOT NULL,            -- running | finished | aborted | crashed | dry_run
+    account TEXT NOT NULL,
+    config_fingerprint TEXT NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}' -- JSON: argv, limit, abort reason, counts, timings
+);
+CREATE TABLE IF NOT EXISTS files (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    file_no INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT,
+    size INTEGER,
+    header TEXT NOT NULL,           -- JSON list of the header names as written
+    PRIMARY KEY (run_id, file_no)
+);
+CREATE TABLE IF NOT EXISTS rows (
+    id INTEGER PRIMARY KEY,         -- input order within a run
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    file_no INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    emr_task_id TEXT NOT NULL,
+    key BLOB,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    task_note_id TEXT,
+    job_id TEXT,
+    error TEXT,
+    ref_id INTEGER,
+    submitted_at TEXT,
+    answered_at TEXT,
+    outcome TEXT,                   -- created | failed | conflict (from reconcile)
+    event_id TEXT,
+    emr_note_id TEXT,
+    failure_reason TEXT,
+    outcome_at TEXT,
+    settled_by TEXT,                -- job_id | task_note_id | evidence
+    passthrough TEXT                -- JSON list, when input.passthrough names columns
+);
+CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
+CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
+"""
+Status = Literal[
+    "pending", "sending", "accepted", "api_rejected", "ambiguous", "failed",
+    "rejected", "duplicate", "already_sent", "held",
+]  # fmt: skip
+OUTCOME_COLUMNS: Final = (
+    "outcome", "event_id", "emr_note_id", "failure_reason", "outcome_at", "settled_by",
+)  # fmt: skip
+
+
+def utcnow() -> str:
+    """Now, as the ledger and the reports write time: ISO 8601, UTC, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def row_key(account: str, emr_task_id: str, note: str) -> bytes:
+    """The ledger key of a note: the same note for the same task on the same account."""
+    return hashlib.sha256(f"{account}\x1f{emr_task_id}\x1f{note}".encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class NewRow:
+    """One input row as first written for a run."""
+
+    file_no: int
+    line: int
+    emr_task_id: str
+    key: bytes | None
+    status: Status
+    error: str | None = None
+    ref_id: int | None = None
+    passthrough: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Earlier:
+    """What earlier runs did with a key, as far as deciding whether to send it again."""
+
+    row_id: int
+    run_id: str
+    status: str
+    job_id: str | None
+    outcome: str | None
+
+    @property
+    def delivered(self) -> bool:
+        """Cobalt has (or provably had) this note: sending it again would double it."""
+        if self.outcome == "created":
+            return True
+        return self.status == "accepted" and self.outcome not in ("failed",)
+
+    @property
+    def maybe_delivered(self) -> bool:
+        """An attempt may have landed and nothing has settled it."""
+        return self.status in ("ambiguous", "sending") and self.outcome is None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The result of sending one row, as the ledger records it."""
+
+    row_id: int
+    status: Status
+    http_status: int | None = None
+    task_note_id: str | None = None
+    job_id: str | None = None
+    error: str | None = None
+    answered_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An outcome reconciliation found for a row."""
+
+    row_id: int
+    outcome: str
+    event_id: str | None
+    emr_note_id: str | None
+    failure_reason: str | None
+    outcome_at: str | None
+    settled_by: str
+
+
+class Ledger:
+    """A SQLite ledger file. Not thread-safe: one caller at a time (see Committer)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full", readonly: bool = False) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=10000")
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+            with self._transaction():
+                self._check_version()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"ledger {path} cannot be used: {exc}") from None
+        except OSError as exc:
+            raise StateError(f"ledger {path} cannot be created: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)
+
+    @classmethod
+    def existing(cls, path: Path) -> Ledger | None:
+        """The ledger at ``path`` opened read-only, or None if there is none yet."""
+        if not path.exists():
+            return None
+        try:
+            return cls(path, readonly=True)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"ledger {path} cannot be read: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_version(self) -> None:
+        found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if found is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif int(found[0]) != SCHEMA_VERSION:
+            raise StateError(f"ledger {self.path} has schema {found[0]}, expected {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the run lock: one sending run per ledger, or StateError naming the holder."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateError(
+                f"another tasknotes run (pid {holder}) is using the ledger {self.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def recover(self) -> int:
+        """After a crash: rows left ``sending`` become ``ambiguous``; returns how many."""
+        assert self._lock_fd is not None, "recover() only under the run lock"
+        with self._transaction():
+            cur = self._db.execute(
+                "UPDATE rows SET status='ambiguous', error=? WHERE status='sending'",
+                ("the process stopped while this request was in flight",),
+            )
+            self._db.execute("UPDATE runs SET state='crashed' WHERE state='running'")
+        return cur.rowcount
+
+    def start_run(self, run_id: str, account: str, fingerprint: str, info: dict[str, Any]) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO runs (run_id, started_at, state, account, config_fingerprint, info)"
+                " VALUES (?, ?, 'running', ?, ?, ?)",
+                (run_id, utcnow(), account, fingerprint, json.dumps(info, sort_keys=True)),
+            )
+
+    def finish_run(self, run_id: str, state: str, info: dict[str, Any]) -> None:
+        merged = {**self.run(run_id)["info"], **info}
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET finished_at=?, state=?, info=? WHERE run_id=?",
+                (utcnow(), state, json.dumps(merged, sort_keys=True), run_id),
+            )
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """One run's record, with ``info`` decoded; StateError if there is no such run."""
+        found = self._db.execute(
+            "SELECT run_id, started_at, finished_at, state, account, config_fingerprint, info"
+            " FROM runs WHERE run_id=?", (run_id,),
+        ).fetchone()
+        if found is None:
+            raise StateError(f"no run {run_id!r} in the ledger {self.path}")
+        keys = ("run_id", "started_at", "finished_at", "state", "account", "fingerprint", "info")
+        record = dict(zip(keys, found, strict=True))
+        record["info"] = json.loads(record["info"])
+        return record
+
+    def latest_run(self) -> str | None:
+        found = self._db.execute(
+            "SELECT run_id FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
+        ).fetchone()
+        return None if found is None else str(found[0])
+
+    def unresolved_runs(self) -> list[str]:
+        """Runs with rows still waiting for an outcome or held as ambiguous."""
+        return [r[0] for r in self._db.execute(
+            "SELECT DISTINCT run_id FROM rows WHERE outcome IS NULL"
+            " AND status IN ('accepted', 'ambiguous', 'held', 'sending') ORDER BY run_id"
+        )]
+
+    def add_file(
+        self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
+        sha256: str | None = None, size: int | None = None,
+    ) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, file_no, path, sha256, size, json.dumps(list(header))),
+            )
+
+    def files(self, run_id: str) -> list[dict[str, Any]]:
+        out = []
+        for file_no, path, sha, size, header in self._db.execute(
+            "SELECT file_no, path, sha256, size, header FROM files WHERE run_id=? ORDER BY file_no",
+            (run_id,),
+        ):
+            out.append({"file_no": file_no, "path": path, "sha256": sha, "size": size,
+                        "header": json.loads(header)})
+        return out
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
+        """Write a batch of a run's rows, in input order, in one transaction."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO rows (run_id, file_no, line, emr_task_id, key, status, error,"
+                " ref_id, passthrough) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ((run_id, r.file_no, r.line, r.emr_task_id, r.key, r.status, r.error, r.ref_id,
+                  json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None)
+                 for r in rows),
+            )
+
+    def earlier(self, run_id: str, keys: Sequence[bytes]) -> dict[bytes, Earlier]:
+        """For each key, the most telling row of another run (delivered first, then in doubt)."""
+        found: dict[bytes, Earlier] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, *rest in self._db.execute(
+                f"SELECT key, id, run_id, status, job_id, outcome FROM rows"  # noqa: S608
+                f" WHERE key IN ({marks}) AND run_id != ? ORDER BY id", (*chunk, run_id),
+            ):
+                candidate = Earlier(*rest)
+                if _rank(candidate) > _rank(found.get(key)):
+                    found[key] = candidate
+        return found
+
+    def rows_to_send(self, run_id: str) -> Iterator[tuple[int, int, int, str, bytes]]:
+        """(id, file_no, line, emr_task_id, key) of the run's pending rows, in input order."""
+        last = 0
+        while True:
+            batch = self._db.execute(
+                "SELECT id, file_no, line, emr_task_id, key FROM rows WHERE run_id=? AND id>?"
+                " AND status='pending' ORDER BY id LIMIT 5000", (run_id, last),
+            ).fetchall()
+            yield from batch
+            if len(batch) < 5000:
+                return
+            last = batch[-1][0]
+
+    def mark_sending(self, row_ids: Sequence[int]) -> None:
+        self._db.executemany(
+            "UPDATE rows SET status='sending', attempts=attempts+1, submitted_at=? WHERE id=?",
+            ((utcnow(), i) for i in row_ids),
+        )
+
+    def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        self._db.executemany(
+            "UPDATE rows SET status=?, http_status=?, task_note_id=?, job_id=?,"
+            " error=?, answered_at=? WHERE id=?",
+            ((a.status, a.http_status, a.task_note_id, a.job_id, a.error,
+              a.answered_at, a.row_id) for a in attempts),
+        )
+
+    def apply(self, sending: Sequence[int], attempts: Sequence[Attempt]) -> None:
+        """One group commit: results first, then the rows about to be sent.
+
+        In that order because a row's "back to pending" (a retryable failure)
+        and its next "sending" may share a batch; the reverse never can, as a
+        worker waits for "sending" to commit before its request leaves.
+        """
+        with self._transaction():
+            if attempts:
+                self.record_attempts(attempts)
+            if sending:
+                self.mark_sending(sending)
+
+    def set_status(self, row_ids: Sequence[int], status: Status, error: str) -> None:
+        with self._transaction():
+            self._db.executemany("UPDATE rows SET status=?, error=? WHERE id=?",
+                                 ((status, error, i) for i in row_ids))
+
+    def record_outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE rows SET outcome=?, event_id=?, emr_note_id=?, failure_reason=?,"
+                " outcome_at=?, settled_by=? WHERE id=?",
+                ((o.outcome, o.event_id, o.emr_note_id, o.failure_reason, o.outcome_at,
+                  o.settled_by, o.row_id) for o in outcomes),
+            )
+
+    def job_ids(self, run_id: str | None = None, *, unresolved: bool = False) -> set[str]:
+        """job ids of accepted rows (of one run, or all); ``unresolved``: only without outcome."""
+        sql = "SELECT job_id FROM rows WHERE status='accepted' AND job_id IS NOT NULL"
+        params: tuple[str, ...] = ()
+        if run_id is not None:
+            sql += " AND run_id=?"
+            params = (run_id,)
+        if unresolved:
+            sql += " AND outcome IS NULL"
+        return {r[0] for r in self._db.execute(sql, params)}
+
+    def earliest_submission(self, job_ids: Iterable[str]) -> str | None:
+        """The earliest submitted_at among rows with these job ids."""
+        ids = list(job_ids)
+        earliest: str | None = None
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found = self._db.execute(
+                f"SELECT MIN(submitted_at) FROM rows WHERE job_id IN ({marks})",  # noqa: S608
+                chunk,
+            ).fetchone()[0]
+            if found is not None and (earliest is None or found < earliest):
+                earliest = found
+        return earliest
+
+    def count(self, run_id: str) -> dict[str, int]:
+        """Rows of a run per status."""
+        return dict(self._db.execute(
+            "SELECT status, COUNT(*) FROM rows WHERE run_id=? GROUP BY status", (run_id,)
+        ).fetchall())
+
+    # -- frames for reconcile and report -------------------------------------------------
+
+    def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
+        """Rows (of one run, or of every run) as a DataFrame, in input order."""
+        where, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
+        return pd.read_sql_query(
+            f"SELECT {columns} FROM rows {where} ORDER BY id",  # noqa: S608
+            self._db, params=params,
+        )
+
+    def key_frame(self) -> pd.DataFrame:
+        """id, run_id, status, key, job_id, task_note_id, outcome of every row that has a key."""
+        return pd.read_sql_query(
+            "SELECT id, run_id, status, key, job_id, task_note_id, outcome, submitted_at"
+            " FROM rows WHERE key IS NOT NULL ORDER BY id", self._db,
+        )
+
+
+def _rank(row: Earlier | None) -> int:
+    if row is None:
+        return 0
+    if row.delivered:
+        return 3
+    if row.maybe_delivered:
+        return 2
+    return 1
+
+
+class Committer:
+    """Group commit for the submit stage, so the ledger is never the bottleneck.
+
+    ``await sending(row_id)`` returns once the row is durably ``sending``;
+    ``record(attempt)`` queues a result for the next commit. Commits run in a
+    worker thread, so the event loop never waits on SQLite or an fsync.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._group: GroupCommit[int | Attempt] = GroupCommit(self._commit)
+
+    @property
+    def commits(self) -> int:
+        return self._group.commits
+
+    async def sending(self, row_id: int) -> None:
+        """Mark a row ``sending``; returns once that is committed."""
+        await self._group.put(row_id)
+
+    def record(self, attempt: Attempt) -> None:
+        """Queue a result; committed with the next batch."""
+        self._group.put_nowait(attempt)
+
+    async def run(self) -> None:
+        await self._group.run()
+
+    def close(self) -> None:
+        """Commit what is queued, then let ``run()`` return."""
+        self._group.close()
+
+    def _commit(self, items: list[int | Attempt]) -> None:
+        sending = [i for i in items if isinstance(i, int)]
+        attempts = [i for i in items if isinstance(i, Attempt)]
+        try:
+            self._ledger.apply(sending, attempts)
+        except sqlite3.Error as exc:
+            raise StateError(f"ledger {self._ledger.path} cannot be written: {exc}") from None

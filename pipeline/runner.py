@@ -1,0 +1,447 @@
+"""``tasknotes run`` and ``validate``: the stages of DESIGN.md, in order, for one run.
+
+    1. scan      read and validate every input file; every row goes into the
+                 ledger (pending / rejected / duplicate / already_sent / held)
+                 and rejected rows into rejects.csv, before anything is sent
+    2. send      read the files again and send the pending rows (the ledger
+                 holds no note text, so the notes come from the files, each one
+                 checked against its ledger key: a file changed in between is
+                 caught, not sent)
+    3. wait      sandbox only: until every accepted row has its outcome
+    4. report    reconcile the run and write its report
+
+Signals: the first SIGINT/SIGTERM stops new requests and lets in-flight ones
+finish (submit.drain_timeout_s), then the report is written and the exit code
+is 3; a second one exits at once (the ledger is consistent at every commit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from tqdm import tqdm
+
+from pipeline.client import CobaltClient
+from pipeline.config import RunConfig
+from pipeline.ledger import Committer, Earlier, Ledger, NewRow, Status, row_key
+from pipeline.reconcile import Reconciler, RunResult
+from pipeline.report import RejectsWriter, Written, report_dir, write_report
+from pipeline.sandbox import sandboxed
+from pipeline.source import CsvFile, Header, expand_inputs
+from pipeline.submit import Control, Job, SubmitStats, Submitter
+from pipeline.validate import CheckedBatch, ProblemTally, Validator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """The command line's say over one run."""
+
+    inputs: tuple[str, ...] = ()
+    dry_run: bool = False
+    limit: int | None = None
+    progress: bool = True
+    force: bool = False
+    argv: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class ScanCounts:
+    """What the scan found, row by row, before anything was sent."""
+
+    rows: int = 0
+    to_send: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    already_sent: int = 0
+    held: int = 0
+    blank: int = 0
+    truncated_at: tuple[str, int] | None = None
+    problems: ProblemTally = field(default_factory=ProblemTally)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """What the CLI reports at the end of a run."""
+
+    run_id: str
+    scan: ScanCounts
+    report: Written | None
+    result: RunResult | None
+    exit_code: int
+    stop_reason: str | None = None
+    rejects: Path | None = None
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable and unique: UTC time to the second, plus 4 random hex digits."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+@dataclass(slots=True)
+class _Inputs:
+    paths: list[Path]
+    headers: list[Header]
+
+    def name(self, file_no: int) -> str:
+        return str(self.paths[file_no])
+
+
+def open_inputs(config: RunConfig, options: RunOptions) -> _Inputs:
+    """Every input file, its header checked, before a single row is read (exit 2 if not)."""
+    paths = expand_inputs(options.inputs or (config.input.path,))
+    headers = []
+    for file_no, path in enumerate(paths):
+        with CsvFile(path, config.input, file_no=file_no) as f:
+            headers.append(f.header)
+    return _Inputs(paths, headers)
+
+
+# -- 1. scan -------------------------------------------------------------------------------
+
+
+class Recorder(Protocol):
+    """Where the scan writes rows: the ledger, or nowhere (a dry run)."""
+
+    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None: ...
+
+    def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
+                 sha256: str | None = None, size: int | None = None) -> None: ...
+
+
+class _Discard:
+    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
+        return None
+
+    def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
+                 sha256: str | None = None, size: int | None = None) -> None:
+        return None
+
+
+class _Scan:
+    """Reads and validates the inputs; decides, per valid row, whether it is to be sent."""
+
+    def __init__(self, config: RunConfig, options: RunOptions, inputs: _Inputs, run_id: str, *,
+                 lookup: Ledger | None, recorder: Recorder, rejects: RejectsWriter,
+                 control: Control | None = None) -> None:
+        self._config = config
+        self._options = options
+        self._inputs = inputs
+        self._lookup = None if options.force else lookup
+        self._recorder = recorder
+        self._run_id = run_id
+        self._rejects = rejects
+        self._control = control
+        self._account = config.api.account_id()
+        self.validator = Validator(config.input, config.validation)
+        self.counts = ScanCounts()
+
+    def run(self) -> ScanCounts:
+        for file_no, path in enumerate(self._inputs.paths):
+            self.validator.name_file(file_no, str(path))
+        for file_no, path in enumerate(self._inputs.paths):
+            if not self._scan_file(file_no, path):
+                break
+        self.counts.blank += self.validator.blank_rows
+        return self.counts
+
+    def _scan_file(self, file_no: int, path: Path) -> bool:
+        with CsvFile(path, self._config.input, file_no=file_no) as f:
+            complete = True
+            for raw in f.batches():
+                if self._control is not None and self._control.stopped:
+                    return False
+                batch = self.validator.check(raw, f.header)
+                complete = self._take(batch, str(path))
+                if not complete:
+                    break
+            self.counts.blank += f.blank_lines
+            self._recorder.add_file(self._run_id, file_no, str(path), f.header.names,
+                                    sha256=f.sha256, size=f.size)
+        return complete
+
+    def _take(self, batch: CheckedBatch, name: str) -> bool:
+        """Classify and record one batch; False once --limit rows are to be sent."""
+        self._rejects.write(batch, name)
+        self.counts.problems.add(batch)
+        sendable = batch.sendable()
+        keys = [row_key(self._account, batch.task_ids[i], batch.notes[i]) for i in sendable]
+        earlier = self._lookup.earlier(self._run_id, keys) if self._lookup is not None else {}
+        key_of = dict(zip(sendable, keys, strict=True))
+        rows: list[NewRow] = []
+        for i in range(len(batch)):
+            row = self._classify(batch, i, key_of.get(i), earlier)
+            if row.status == "pending" and self._limit_reached():
+                self.counts.truncated_at = (name, batch.lines[i])
+                break
+            rows.append(row)
+            self._count(row.status)
+        self._recorder.add_rows(self._run_id, rows)
+        return self.counts.truncated_at is None
+
+    def _limit_reached(self) -> bool:
+        return self._options.limit is not None and self.counts.to_send >= self._options.limit
+
+    def _classify(self, batch: CheckedBatch, i: int, key: bytes | None,
+                  earlier: dict[bytes, Earlier]) -> NewRow:
+        status, error, ref_id = self._decide(batch, i, key, earlier)
+        return NewRow(batch.file_no, batch.lines[i], batch.task_ids[i][:200],
+                      None if status == "rejected" else key, status, error, ref_id,
+                      batch.passthrough[i])
+
+    def _decide(self, batch: CheckedBatch, i: int, key: bytes | None,
+                earlier: dict[bytes, Earlier]) -> tuple[Status, str | None, int | None]:
+        """The row's status in the ledger, why, and the earlier row it refers to."""
+        if i in batch.problems:
+            return "rejected", "; ".join(f"{p.code}: {p.message}" for p in batch.problems[i]), None
+        if i in batch.duplicate_of:
+            first_file, first_line = batch.duplicate_of[i]
+            where = "" if first_file == batch.file_no else f" of {self._inputs.name(first_file)}"
+            return "duplicate", f"duplicate of line {first_line}{where}", None
+        found = earlier.get(key) if key is not None else None
+        if found is not None and found.delivered:
+            job = f" as job {found.job_id}" if found.job_id else ""
+            return "already_sent", f"already sent in run {found.run_id}{job}", found.row_id
+        if (found is not None and found.maybe_delivered
+                and self._config.submit.on_ambiguous == "hold"):
+            return "held", (f"an earlier attempt (run {found.run_id}) may have reached Cobalt; "
+                            "held until its outcome is known"), found.row_id
+        return "pending", None, None
+
+    def _count(self, status: str) -> None:
+        c = self.counts
+        c.rows += 1
+        if status == "pending":
+            c.to_send += 1
+        elif status == "rejected":
+            c.rejected += 1
+        elif status == "duplicate":
+            c.duplicates += 1
+        elif status == "already_sent":
+            c.already_sent += 1
+        elif status == "held":
+            c.held += 1
+
+
+# -- 2. send -------------------------------------------------------------------------------
+
+
+def pending_jobs(config: RunConfig, inputs: _Inputs, reader: Ledger, run_id: str,
+                 batch_size: int = 500) -> Iterator[list[Job]]:
+    """Pending rows of the run, with their notes read again from the input files.
+
+    A row whose note no longer hashes to its ledger key (the file changed
+    since the scan) becomes a Job with ``skip`` set: recorded, not sent.
+    """
+    account = config.api.account_id()
+    pending = reader.rows_to_send(run_id)
+    head = next(pending, None)
+    validator = Validator(config.input, config.validation)
+    out: list[Job] = []
+    for file_no, path in enumerate(inputs.paths):
+        if head is None:
+            break
+        with CsvFile(path, config.input, file_no=file_no) as f:
+            for raw in f.batches():
+                if head is None or head[1] > file_no:
+                    break
+                batch = validator.check(raw, f.header)
+                for i in batch.sendable():
+                    if head is None or (head[1], head[2]) != (file_no, batch.lines[i]):
+                        continue
+                    row_id, _, _, task_id, key = head
+                    note = batch.notes[i]
+                    same = row_key(account, batch.task_ids[i], note) == key
+                    out.append(Job(row_id, task_id, note) if same else Job(
+                        row_id, task_id, "", skip="the input file changed since it was read"))
+                    head = next(pending, None)
+                if len(out) >= batch_size:
+                    yield out
+                    out = []
+    while head is not None:
+        out.append(Job(head[0], head[3], "", skip="row not found when the input was read again"))
+        head = next(pending, None)
+    if out:
+        yield out
+
+
+async def _in_thread(jobs: Iterator[list[Job]]) -> AsyncGenerator[list[Job], None]:
+    """Read (CPU-bound) in a worker thread, so the event loop stays free for requests."""
+    while True:
+        batch = await anyio.to_thread.run_sync(next, jobs, None)
+        if batch is None:
+            return
+        yield batch
+
+
+async def send_pending(
+    config: RunConfig, inputs: _Inputs, ledger: Ledger, run_id: str, *, to_send: int,
+    control: Control, progress: bool, base_url: str | None = None,
+) -> SubmitStats:
+    """Stage 2: send the run's pending rows (every change recorded in the ledger)."""
+    api = config.api if base_url is None else config.api.model_copy(update={"base_url": base_url})
+    reader = Ledger(ledger.path, readonly=True)
+    bar = tqdm(total=to_send, unit="note", file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
+               disable=not (progress and sys.stderr.isatty()), desc="sending")
+    try:
+        async with CobaltClient(api, max_connections=config.submit.concurrency) as client:
+            submitter = Submitter(client, Committer(ledger), config.submit, control=control,
+                                  progress=bar)
+            jobs = pending_jobs(config, inputs, reader, run_id)
+            async with contextlib.aclosing(_in_thread(jobs)) as batches:
+                return await submitter.run(batches)
+    finally:
+        bar.close()
+        reader.close()
+
+
+# -- the whole run -------------------------------------------------------------------------
+
+
+async def _watch_signals(control: Control) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        async for signum in received:
+            if control.stopped and control.reason and control.reason.startswith("interrupted"):
+                log.error("second %s: exiting now; the ledger is consistent",
+                          signal.Signals(signum).name)
+                os._exit(3)
+            control.stop(f"interrupted by {signal.Signals(signum).name}")
+
+
+class Run:
+    """One ``tasknotes run`` (or ``validate``): owns the ledger and the run record."""
+
+    def __init__(self, config: RunConfig, options: RunOptions) -> None:
+        self.config = config
+        self.options = options
+        self.control = Control()
+        self.run_id = new_run_id()
+        self.timings: dict[str, float] = {}
+
+    def execute(self) -> RunOutcome:
+        inputs = open_inputs(self.config, self.options)
+        if self.options.dry_run:
+            return self._dry_run(inputs)
+        self.config.api.credentials()  # a missing secret stops us before the ledger is touched
+        return anyio.run(self._run, inputs)
+
+    def _dry_run(self, inputs: _Inputs) -> RunOutcome:
+        """Scan only: earlier runs are read from the ledger (if there is one), nothing written."""
+        ledger = Ledger.existing(self.config.state.ledger)
+        rejects = RejectsWriter(self._report_dir() / "rejects.csv", self.config.input,
+                                inputs.headers)
+        try:
+            scan = _Scan(self.config, self.options, inputs, self.run_id, lookup=ledger,
+                         recorder=_Discard(), rejects=rejects)
+            counts = scan.run()
+        finally:
+            rejects.close()
+            if ledger is not None:
+                ledger.close()
+        return RunOutcome(self.run_id, counts, None, None, 1 if counts.rejected else 0,
+                          rejects=rejects.path if rejects.rows else None)
+
+    def _report_dir(self) -> Path:
+        return report_dir(self.config.report.dir, self.run_id)
+
+    async def _run(self, inputs: _Inputs) -> RunOutcome:
+        ledger = Ledger(self.config.state.ledger, synchronous=self.config.state.synchronous)
+        try:
+            ledger.lock()
+            recovered = ledger.recover()
+            if recovered:
+                log.warning("%d rows were in flight when an earlier run stopped: now ambiguous",
+                            recovered)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_signals, self.control)
+                outcome = await self._stages(ledger, inputs)
+                tg.cancel_scope.cancel()
+            return outcome
+        finally:
+            ledger.close()
+
+    async def _stages(self, ledger: Ledger, inputs: _Inputs) -> RunOutcome:
+        ledger.start_run(self.run_id, self.config.api.account_id(), self.config.fingerprint(),
+                         self._info())
+        rejects = RejectsWriter(self._report_dir() / "rejects.csv", self.config.input,
+                                inputs.headers)
+        scan = _Scan(self.config, self.options, inputs, self.run_id, lookup=ledger,
+                     recorder=ledger, rejects=rejects, control=self.control)
+        try:
+            with self._timer("scan"):
+                counts = await anyio.to_thread.run_sync(scan.run)
+        finally:
+            rejects.close()
+        _log_scan(counts)
+        stats = await self._send(ledger, inputs, counts)
+        return self._finish(ledger, counts, stats, rejects)
+
+    async def _send(self, ledger: Ledger, inputs: _Inputs, counts: ScanCounts
+                    ) -> SubmitStats | None:
+        if not counts.to_send or self.control.stopped:
+            return None
+        async with sandboxed(self.config, ledger, self.run_id) as sandbox:
+            with self._timer("send"):
+                stats = await send_pending(
+                    self.config, inputs, ledger, self.run_id, to_send=counts.to_send,
+                    control=self.control, progress=self.options.progress,
+                    base_url=sandbox.base_url if sandbox else None,
+                )
+            if sandbox is not None and not self.control.stopped:
+                with self._timer("wait"):
+                    await sandbox.wait_for_outcomes(self.control)
+        return stats
+
+    @contextlib.contextmanager
+    def _timer(self, stage: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(time.monotonic() - start, 3)
+
+    def _info(self) -> dict[str, Any]:
+        return {"argv": list(self.options.argv), "limit": self.options.limit,
+                "force": self.options.force, "passthrough": list(self.config.input.passthrough)}
+
+    def _finish(self, ledger: Ledger, counts: ScanCounts, stats: SubmitStats | None,
+                rejects: RejectsWriter) -> RunOutcome:
+        reason = self.control.reason
+        state = "aborted" if reason else "finished"
+        throughput = (round(stats.requests / stats.seconds, 1)
+                      if stats is not None and stats.seconds > 0 else None)
+        ledger.finish_run(self.run_id, state, {
+            "stop_reason": reason, "timings_s": self.timings, "throughput_per_s": throughput,
+            "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
+            "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
+        })
+        result = Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
+        written = write_report(result, self.config.report, input_settings=self.config.input)
+        code = 3 if reason else result.exit_code
+        return RunOutcome(self.run_id, counts, written, result, code, reason,
+                          rejects.path if rejects.rows else None)
+
+
+def _log_scan(c: ScanCounts) -> None:
+    log.info("%d rows: %d to send, %d rejected, %d duplicates, %d already sent, %d held",
+             c.rows, c.to_send, c.rejected, c.duplicates, c.already_sent, c.held)
+
+
+def validate_only(config: RunConfig, inputs: Sequence[str]) -> RunOutcome:
+    """``tasknotes validate``: the scan alone; nothing sent, nothing written to the ledger."""
+    return Run(config, RunOptions(inputs=tuple(inputs), dry_run=True)).execute()
+

@@ -1,0 +1,212 @@
+"""Reconciliation: each join rule on hand-made ledgers and sink files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.ledger import Attempt, Ledger, NewRow, row_key
+from pipeline.reconcile import Reconciler
+
+ACCOUNT = "test_clinic"
+
+
+class Book:
+    """A ledger with one run, rows added by hand, and a sink file written by hand."""
+
+    def __init__(self, tmp: Path, run_id: str = "run-1") -> None:
+        self.ledger = Ledger(tmp / "ledger.sqlite")
+        self.sink = tmp / "webhooks.jsonl"
+        self.sink.write_text("")
+        self.run_id = run_id
+        self.ledger.start_run(run_id, ACCOUNT, "fp", {})
+        self.ledger.add_file(run_id, 0, "in.csv", ["emr_task_id", "note"], sha256="x", size=1)
+        self.next_line = 2
+
+    def row(self, status: str, *, task: str = "T1", note: str = "a note", job_id: str | None = None,
+            task_note_id: str | None = None, run_id: str | None = None, ref_id: int | None = None,
+            submitted_at: str | None = None) -> int:
+        run = run_id or self.run_id
+        key = row_key(ACCOUNT, task, note) if status != "rejected" else None
+        self.ledger.add_rows(run, [NewRow(0, self.next_line, task, key, "pending",
+                                          ref_id=ref_id)])
+        self.next_line += 1
+        row_id = int(self.ledger.frame(run)["id"].max())
+        if status in ("accepted", "ambiguous", "api_rejected", "failed"):
+            self.ledger.apply([row_id], [])
+        self.ledger.apply([], [Attempt(row_id, status, 200 if job_id else None,  # type: ignore[arg-type]
+                                       task_note_id, job_id, None, submitted_at)])
+        if submitted_at:
+            self.ledger._db.execute("UPDATE rows SET submitted_at=? WHERE id=?",
+                                    (submitted_at, row_id))
+        return row_id
+
+    def event(self, kind: str, job_id: object, *, n: int, task_note_id: str = "",
+              task: str = "T1", note: str = "a note", reason: str = "Task not found in EMR",
+              created: str = "2026-06-15T12:02:40Z") -> None:
+        data: dict[str, Any]
+        if kind == "task_note.created":
+            data = {"task_note_id": task_note_id, "emr_note_id": f"emr-{n}",
+                    "emr_task_id": task, "note": note}
+        elif kind == "task_note.failed":
+            data = {"task_note_id": task_note_id, "failure_reason": reason,
+                    "reasons": [{"code": "task_not_found", "description": reason}]}
+        else:
+            data = {"patient_id": "p1"}
+        envelope = {"id": f"evt_{n}", "access_token_reference_id": "user_1", "object": "event",
+                    "created": created, "type": kind, "job_id": job_id, "data": data}
+        with self.sink.open("a") as fh:
+            fh.write(json.dumps(envelope, separators=(",", ":")) + "\n")
+
+    def result(self, run_id: str | None = None) -> Any:
+        return Reconciler(self.ledger, self.sink).run(run_id or self.run_id)
+
+    def finals(self, run_id: str | None = None) -> list[tuple[str, str]]:
+        rows = self.result(run_id).rows
+        return list(zip(rows["final_status"], rows["outcome"].fillna(""), strict=True))
+
+
+@pytest.fixture
+def book(tmp_path: Path) -> Book:
+    return Book(tmp_path)
+
+
+def test_an_integer_job_id_joins_its_string_twin(book: Book) -> None:
+    """The response's job_id 12345 (kept as "12345") matches the webhook's "12345"."""
+    book.row("accepted", job_id="12345")
+    book.event("task_note.created", "12345", n=1)
+    assert book.finals() == [("confirmed", "created")]
+
+
+def test_an_event_with_a_numeric_job_id_still_joins(book: Book) -> None:
+    """Should an event carry job_id as a number, it is compared as text all the same."""
+    book.row("accepted", job_id="777")
+    book.event("task_note.failed", 777, n=1)
+    assert book.finals() == [("failed_in_emr", "failed")]
+
+
+def test_task_note_id_is_the_fallback_key(book: Book) -> None:
+    """A row whose job_id matches nothing is matched by task_note_id."""
+    book.row("accepted", job_id="1", task_note_id="abc")
+    book.event("task_note.created", "999", n=1, task_note_id="abc")
+    result = book.result()
+    assert book.finals() == [("confirmed", "created")]
+    assert result.rows["settled_by"].tolist() == ["task_note_id"]
+
+
+def test_duplicate_events_collapse(book: Book) -> None:
+    """The same event twice in the sink counts once."""
+    book.row("accepted", job_id="5")
+    book.event("task_note.created", "5", n=1)
+    book.event("task_note.created", "5", n=1)
+    result = book.result()
+    assert book.finals() == [("confirmed", "created")]
+    assert result.events.duplicates == 1
+
+
+def test_created_and_failed_for_one_job_is_a_conflict(book: Book) -> None:
+    """Both outcomes for one job: flagged, both events shown, and it needs a human."""
+    book.row("accepted", job_id="5")
+    book.event("task_note.created", "5", n=1)
+    book.event("task_note.failed", "5", n=2)
+    rows = book.result().rows
+    assert book.finals() == [("ambiguous", "conflict")]
+    assert rows["event_id"].tolist() == ["evt_1;evt_2"]
+    assert "conflict" in rows["detail"].iloc[0]
+
+
+def test_other_event_types_are_counted_and_ignored(book: Book) -> None:
+    """appointment.* and the like do not touch rows; they are tallied by type."""
+    book.row("accepted", job_id="5")
+    book.event("appointment.created", "5", n=1)
+    book.event("patient.updated", None, n=2)
+    result = book.result()
+    assert book.finals() == [("awaiting_outcome", "pending")]
+    assert dict(result.events.other_types) == {"appointment.created": 1, "patient.updated": 1}
+
+
+def test_events_matching_no_row_are_orphans(book: Book) -> None:
+    """A task_note event for no job of any run is an orphan; one for another run is not."""
+    book.row("accepted", job_id="5")
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", job_id="6", run_id="run-2")
+    book.event("task_note.created", "5", n=1)
+    book.event("task_note.created", "6", n=2)
+    book.event("task_note.failed", "404", n=3)
+    assert book.result().orphans["event_id"].tolist() == ["evt_3"]
+
+
+def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:
+    """No answer came back, but a created event carries the same note for the same task."""
+    book.row("ambiguous", task="T9", note="the note")
+    book.event("task_note.created", "4242", n=1, task="T9", note="the note")
+    rows = book.result().rows
+    assert book.finals() == [("confirmed", "created")]
+    assert rows["settled_by"].tolist() == ["evidence"]
+    assert "settled by evidence" in rows["detail"].iloc[0]
+
+
+def test_evidence_claimed_by_another_row_settles_nothing(book: Book) -> None:
+    """A created event that matches an accepted row by job_id is that row's, not evidence."""
+    book.row("accepted", task="T9", note="the note", job_id="4242")
+    book.row("ambiguous", task="T9", note="the note")
+    book.event("task_note.created", "4242", n=1, task="T9", note="the note")
+    assert book.finals() == [("confirmed", "created"), ("ambiguous", "")]
+
+
+def test_one_event_settles_one_of_two_ambiguous_twins(book: Book) -> None:
+    """Two ambiguous attempts of one note and one created event: one settled, one still open."""
+    book.row("ambiguous", task="T9", note="n")
+    book.row("ambiguous", task="T9", note="n")
+    book.event("task_note.created", "1", n=1, task="T9", note="n")
+    assert book.finals() == [("confirmed", "created"), ("ambiguous", "")]
+
+
+def test_a_different_note_is_no_evidence(book: Book) -> None:
+    """Evidence must carry the same note for the same task."""
+    book.row("ambiguous", task="T9", note="the note")
+    book.event("task_note.created", "1", n=1, task="T9", note="another note")
+    assert book.finals() == [("ambiguous", "")]
+
+
+def test_a_held_row_follows_the_attempt_it_waits_on(book: Book) -> None:
+    """A row held for an earlier ambiguous attempt is already sent once that attempt is settled."""
+    first = book.row("ambiguous", task="T9", note="n")
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("held", task="T9", note="n", run_id="run-2", ref_id=first)
+    assert book.finals("run-2") == [("ambiguous", "")]
+    book.event("task_note.created", "1", n=1, task="T9", note="n")
+    assert book.finals("run-2") == [("skipped_already_sent", "")]
+
+
+def test_final_statuses_for_rows_never_sent(book: Book) -> None:
+    """Rejected, duplicate, failed, api-rejected and never-started rows each get their status."""
+    book.row("rejected")
+    book.row("duplicate")
+    book.row("api_rejected")
+    book.row("failed")
+    book.row("pending")
+    assert [f for f, _ in book.finals()] == [
+        "rejected_invalid", "skipped_duplicate", "rejected_by_api", "send_failed", "send_failed"]
+
+
+def test_outcomes_are_remembered_in_the_ledger(book: Book) -> None:
+    """Reconcile writes what it learned back, so the next run knows what landed."""
+    row_id = book.row("accepted", job_id="5")
+    book.event("task_note.failed", "5", n=1)
+    book.result()
+    frame = book.ledger.frame("run-1")
+    assert frame.loc[frame["id"] == row_id, "outcome"].tolist() == ["failed"]
+    assert book.ledger.unresolved_runs() == []
+
+
+def test_the_exit_code_follows_the_final_statuses(book: Book) -> None:
+    """0 when every row ended well (awaiting an outcome counts as well); 1 otherwise."""
+    book.row("accepted", job_id="5")
+    book.row("duplicate")
+    assert book.result().exit_code == 0
+    book.row("failed")
+    assert book.result().exit_code == 1
