@@ -6,17 +6,20 @@ import contextlib
 import copy
 import csv
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import uvicorn
 import yaml
 
 from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions, note_key
-from pipeline.servers import Served, serve_embedded
+from pipeline.runner import Run, RunOptions, RunOutcome
+from pipeline.servers import Served, bind, serve_embedded
 
 CREDENTIALS = {
     "client_id": "test-client-id",
@@ -114,3 +117,44 @@ def read_results(report_dir: Path) -> list[dict[str, str]]:
 
 def read_summary(report_dir: Path) -> dict[str, Any]:
     return json.loads((report_dir / "summary.json").read_text())
+
+
+class ThreadedServer:
+    """An ASGI app on uvicorn in a thread, for tests that drive the sync ``Run`` themselves."""
+
+    def __init__(self, app: Any, attach: Callable[[Any], None] | None = None) -> None:
+        self._sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        if attach is not None:
+            attach(self.server)
+        self._thread = threading.Thread(target=self.server.run, args=([self._sock],),
+                                        daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+        wait_until(lambda: self.server.started, what="the server to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(10)
+
+
+class EmulatorThread(ThreadedServer):
+    """The emulator, served from a thread; its counters are read directly."""
+
+    def __init__(self, **options: Any) -> None:
+        self.emulator = Emulator(emulator_options(**options))
+        super().__init__(self.emulator.app(),
+                         attach=lambda s: setattr(self.emulator, "server", s))
+
+    def stored(self, task_id: str, note: str) -> int:
+        return stored_count(self.emulator, task_id, note)
+
+
+def run_pipeline(config: RunConfig, *inputs: str, **options: Any) -> RunOutcome:
+    """``tasknotes run`` in-process; returns the RunOutcome."""
+    return Run(config, RunOptions(inputs=tuple(inputs), progress=False, **options)).execute()
