@@ -165,11 +165,16 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
     faults = p.add_argument_group("faults (fractions of requests)")
     faults.add_argument("--fault-429", type=_fraction, default=0.0)
     faults.add_argument("--fault-503", type=_fraction, default=0.0)
+    faults.add_argument("--fault-400", type=_fraction, default=0.0)
     faults.add_argument("--fault-drop", type=_fraction, default=0.0,
                         help="drop the connection after reading the request")
     faults.add_argument("--fault-500-after-store", type=_fraction, default=0.0)
     faults.add_argument("--fault-slow-after-store", type=_fraction, default=0.0)
     faults.add_argument("--fault-drop-after-store", type=_fraction, default=0.0)
+    faults.add_argument("--fault-garbage-after-store", type=_fraction, default=0.0,
+                        help="store the note, then answer 200 with a body that is not JSON")
+    faults.add_argument("--faults-only-first", type=int, default=0, metavar="N",
+                        help="faults hit only the first N attempts of each note")
     faults.add_argument("--retry-after", type=float, default=1.0, metavar="S")
     faults.add_argument("--retry-after-date", action="store_true",
                         help="send Retry-After as an HTTP date")
@@ -375,10 +380,13 @@ def _emulator(args: argparse.Namespace) -> int:
     from pipeline.servers import serve_foreground
 
     faults = Faults(
-        rate_429=args.fault_429, rate_503=args.fault_503, drop_before_store=args.fault_drop,
+        rate_429=args.fault_429, rate_503=args.fault_503, rate_400=args.fault_400,
+        drop_before_store=args.fault_drop,
         rate_500_after_store=args.fault_500_after_store,
         slow_after_store=args.fault_slow_after_store,
-        drop_after_store=args.fault_drop_after_store, retry_after_s=args.retry_after,
+        drop_after_store=args.fault_drop_after_store,
+        garbage_after_store=args.fault_garbage_after_store, only_first=args.faults_only_first,
+        retry_after_s=args.retry_after,
         retry_after_as_date=args.retry_after_date, slow_s=args.slow_s,
         drop_webhooks=args.drop_webhooks,
     )

@@ -79,10 +79,13 @@ class Faults:
 
     rate_429: float = 0.0
     rate_503: float = 0.0
+    rate_400: float = 0.0  # refused as a bad request (final: api_rejected)
     drop_before_store: float = 0.0  # connection dropped after reading the request
     rate_500_after_store: float = 0.0  # the note is stored, then a 500
     slow_after_store: float = 0.0  # the note is stored, the answer comes after slow_s
     drop_after_store: float = 0.0  # the note is stored, then the connection drops
+    garbage_after_store: float = 0.0  # the note is stored, then a 200 that is not JSON
+    only_first: int = 0  # > 0: faults hit only the first N attempts of each note
     retry_after_s: float = 1.0
     retry_after_as_date: bool = False
     slow_s: float = 30.0
@@ -130,6 +133,7 @@ class Emulator:
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.arrivals: list[float] = []  # monotonic time each note request arrived
         self.deliveries: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self._attempts: Counter[bytes] = Counter()
@@ -172,6 +176,7 @@ class Emulator:
 
     async def _create_note(self, request: Request) -> Response:
         self.requests += 1
+        self.arrivals.append(time.monotonic())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -211,26 +216,47 @@ class Emulator:
         if self.options.rate_limit and not self._take_token():
             return self._busy(429, "Too many requests", max(f.retry_after_s,
                                                               1 / self.options.rate_limit))
-        u = self._draw("before", key, attempt)
-        if (u := u - f.rate_429) < 0:
+        fault = self._fault("before", key, attempt, (
+            (f.rate_429, "429"), (f.rate_503 + self.options.error_rate, "503"),
+            (f.rate_400, "400"), (f.drop_before_store, "drop"),
+        ))
+        if fault == "429":
             return self._busy(429, "Too many requests", f.retry_after_s)
-        if (u := u - f.rate_503 - self.options.error_rate) < 0:
+        if fault == "503":
             return self._busy(503, "Service temporarily unavailable", f.retry_after_s)
-        if u - f.drop_before_store < 0:
-            return self._drop(request)
-        return None
+        if fault == "400":
+            return _error(400, "Invalid emr_task_id: task cannot accept notes")
+        return self._drop(request) if fault == "drop" else None
 
     async def _answer_after_store(self, job: _Job, attempt: int, request: Request) -> Response:
         f = self.options.faults
-        u = self._draw("after", job.key, attempt)
-        if (u := u - f.rate_500_after_store) < 0:
+        fault = self._fault("after", job.key, attempt, (
+            (f.rate_500_after_store, "500"), (f.garbage_after_store, "garbage"),
+            (f.slow_after_store, "slow"), (f.drop_after_store, "drop"),
+        ))
+        if fault == "500":
             return _error(500, "Internal server error")
-        if (u := u - f.slow_after_store) < 0:
-            await anyio.sleep(f.slow_s)
-        elif u - f.drop_after_store < 0:
+        if fault == "garbage":
+            return Response("<html>upstream hiccup</html>", media_type="text/html")
+        if fault == "drop":
             return self._drop(request)
+        if fault == "slow":
+            await anyio.sleep(f.slow_s)
         return JSONResponse({"success": True, "message": ACCEPTED_MESSAGE,
                              "task_note_id": job.task_note_id, "job_id": job.job_id})
+
+    def _fault(self, stage: str, key: bytes, attempt: int,
+               table: tuple[tuple[float, str], ...]) -> str | None:
+        """The fault whose slice of [0, 1) holds this attempt's draw (slices laid end to end)."""
+        only_first = self.options.faults.only_first
+        if only_first and attempt >= only_first:
+            return None
+        u = self._draw(stage, key, attempt)
+        for fraction, name in table:
+            if u < fraction:
+                return name
+            u -= fraction
+        return None
 
     def _busy(self, status: int, message: str, after_s: float) -> Response:
         if self.options.faults.retry_after_as_date:
