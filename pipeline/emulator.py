@@ -86,6 +86,7 @@ class Faults:
     drop_after_store: float = 0.0  # the note is stored, then the connection drops
     garbage_after_store: float = 0.0  # the note is stored, then a 200 that is not JSON
     only_first: int = 0  # > 0: faults hit only the first N attempts of each note
+    only_tasks: frozenset[str] = frozenset()  # not empty: faults hit only these task ids
     retry_after_s: float = 1.0
     retry_after_as_date: bool = False
     slow_s: float = 30.0
@@ -200,7 +201,7 @@ class Emulator:
         key = bytes.fromhex(note_key(emr_task_id, note))
         attempt = self._attempts[key]
         self._attempts[key] += 1
-        before = self._fault_before_store(key, attempt, request)
+        before = self._fault_before_store(key, attempt, emr_task_id, request)
         if before is not None:
             return before
         job = self._store(emr_task_id, note, key)
@@ -211,12 +212,14 @@ class Emulator:
         return (h.get("client_id") == o.client_id and h.get("client_secret") == o.client_secret
                 and h.get("access_token") == o.access_token)
 
-    def _fault_before_store(self, key: bytes, attempt: int, request: Request) -> Response | None:
+    def _fault_before_store(
+        self, key: bytes, attempt: int, task_id: str, request: Request
+    ) -> Response | None:
         f = self.options.faults
         if self.options.rate_limit and not self._take_token():
             return self._busy(429, "Too many requests", max(f.retry_after_s,
                                                               1 / self.options.rate_limit))
-        fault = self._fault("before", key, attempt, (
+        fault = self._fault("before", key, attempt, task_id, (
             (f.rate_429, "429"), (f.rate_503 + self.options.error_rate, "503"),
             (f.rate_400, "400"), (f.drop_before_store, "drop"),
         ))
@@ -230,7 +233,7 @@ class Emulator:
 
     async def _answer_after_store(self, job: _Job, attempt: int, request: Request) -> Response:
         f = self.options.faults
-        fault = self._fault("after", job.key, attempt, (
+        fault = self._fault("after", job.key, attempt, job.emr_task_id, (
             (f.rate_500_after_store, "500"), (f.garbage_after_store, "garbage"),
             (f.slow_after_store, "slow"), (f.drop_after_store, "drop"),
         ))
@@ -245,11 +248,12 @@ class Emulator:
         return JSONResponse({"success": True, "message": ACCEPTED_MESSAGE,
                              "task_note_id": job.task_note_id, "job_id": job.job_id})
 
-    def _fault(self, stage: str, key: bytes, attempt: int,
+    def _fault(self, stage: str, key: bytes, attempt: int, task_id: str,
                table: tuple[tuple[float, str], ...]) -> str | None:
         """The fault whose slice of [0, 1) holds this attempt's draw (slices laid end to end)."""
-        only_first = self.options.faults.only_first
-        if only_first and attempt >= only_first:
+        f = self.options.faults
+        if (f.only_first and attempt >= f.only_first) or (f.only_tasks
+                                                          and task_id not in f.only_tasks):
             return None
         u = self._draw(stage, key, attempt)
         for fraction, name in table:
@@ -260,7 +264,9 @@ class Emulator:
 
     def _busy(self, status: int, message: str, after_s: float) -> Response:
         if self.options.faults.retry_after_as_date:
-            when = datetime.now(UTC) + timedelta(seconds=math.ceil(after_s))
+            # An HTTP date has whole seconds: round up, so the date is never sooner than asked.
+            now = datetime.now(UTC)
+            when = now.replace(microsecond=0) + timedelta(seconds=math.ceil(after_s) + 1)
             value = format_datetime(when, usegmt=True)
         else:
             value = str(math.ceil(after_s)) if after_s >= 1 or after_s == 0 else f"{after_s:g}"

@@ -258,6 +258,10 @@ class Reconciler:
             for r in outcomes.itertuples()
         )
 
+    def refresh(self, account: str) -> None:
+        """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
+        self._prepare(account)
+
     def run(self, run_id: str) -> RunResult:
         """Every row of ``run_id`` with its final status, outcome and evidence."""
         record = self._ledger.run(run_id)

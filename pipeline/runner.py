@@ -366,6 +366,8 @@ class Run:
             if recovered:
                 log.warning("%d rows were in flight when an earlier run stopped: now ambiguous",
                             recovered)
+            # What landed (or failed) since the last run decides what may be sent again.
+            Reconciler(ledger, self.config.webhooks.sink).refresh(self.config.api.account_id())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, self.control)
                 outcome = await self._stages(ledger, inputs)
