@@ -199,14 +199,36 @@ class ReportConfig(_Section):
     attention_rows: Annotated[int, Field(ge=1)] = 5000  # table size cap in report.html
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class FaultSettings(_Section):
+    """Fractions of requests that meet each fault (emulator.Faults), for a sandbox run."""
+
+    rate_429: Fraction = 0.0
+    rate_503: Fraction = 0.0
+    rate_400: Fraction = 0.0
+    drop_before_store: Fraction = 0.0
+    rate_500_after_store: Fraction = 0.0
+    slow_after_store: Fraction = 0.0
+    drop_after_store: Fraction = 0.0
+    garbage_after_store: Fraction = 0.0
+    retry_after_s: Annotated[float, Field(ge=0)] = 1.0
+    retry_after_as_date: bool = False
+    slow_s: Annotated[float, Field(ge=0)] = 30.0
+    drop_webhooks: Fraction = 0.0
+
+
 class EmulatorSettings(_Section):
     """How the in-process emulator behaves in a sandbox run (see emulator.py)."""
 
     latency_ms: tuple[float, float] = (5.0, 40.0)
     outcome_delay_ms: tuple[float, float] = (200.0, 1500.0)
-    fail_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    fail_rate: Fraction = 0.0
     missing_tasks: tuple[str, ...] = ()
+    rate_limit: Annotated[float, Field(gt=0)] | None = None
     seed: int = 1
+    faults: FaultSettings = FaultSettings()
 
 
 class SandboxConfig(_Section):

@@ -24,6 +24,8 @@ def test_the_shipped_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     sandbox = load_config(root / "configs" / "sandbox.yaml", needs=("api",))
     assert sandbox.sandbox.enabled
     assert sandbox.api.credentials()[0] == "sandbox-client-id"
+    faulty = load_config(root / "configs" / "sandbox-faults.yaml", needs=("api",))
+    assert faulty.sandbox.emulator.faults.rate_429 > 0
     for var in ("COBALT_CLIENT_ID", "COBALT_CLIENT_SECRET", "COBALT_ACCESS_TOKEN",
                 "COBALT_WEBHOOK_SECRET"):
         monkeypatch.setenv(var, f"value-of-{var}")
