@@ -128,7 +128,10 @@ class Emulator:
 
     def __init__(self, options: EmulatorOptions) -> None:
         self.options = options
-        self._random = random.Random(options.seed)
+        self._random = random.Random(options.seed)  # timings: reproducible with --seed
+        # Ids are unique like Cobalt's, also across restarts of the emulator (a sandbox's
+        # sink file outlives it): a seeded generator would hand out the same ids again.
+        self._ids = random.SystemRandom()
         self.stored: Counter[str] = Counter()
         self.responses: Counter[int] = Counter()
         self.requests = 0
@@ -138,7 +141,7 @@ class Emulator:
         self.deliveries: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self._attempts: Counter[bytes] = Counter()
-        self._next_job = 10_000 + (options.seed % 1000) * 1_000_000
+        self._next_job = time.time_ns() // 1000  # microseconds: grows across restarts
         self._due: list[tuple[float, int, _Job]] = []
         self._wake = anyio.Event()
         self._tokens = options.rate_limit or 0.0
@@ -299,7 +302,7 @@ class Emulator:
 
     def _store(self, emr_task_id: str, note: str, key: bytes) -> _Job:
         self._next_job += 1
-        job = _Job(self._next_job, f"{self._random.getrandbits(96):024x}", emr_task_id, note, key)
+        job = _Job(self._next_job, f"{self._ids.getrandbits(96):024x}", emr_task_id, note, key)
         self.stored[key.hex()] += 1
         low, high = self.options.outcome_delay_ms
         due = time.monotonic() + self._random.uniform(low, high) / 1000
@@ -340,7 +343,7 @@ class Emulator:
         if failure is None:
             return "task_note.created", {
                 "task_note_id": job.task_note_id,
-                "emr_note_id": _uuid(self._random),
+                "emr_note_id": _uuid(self._ids),
                 "emr_task_id": job.emr_task_id,
                 "note": job.note,
             }
@@ -353,7 +356,7 @@ class Emulator:
     def _envelope(self, job: _Job | None, typed: tuple[str, dict[str, Any]]) -> dict[str, Any]:
         event_type, data = typed
         return {
-            "id": "evt_" + "".join(self._random.choices(_ALNUM, k=24)),
+            "id": "evt_" + "".join(self._ids.choices(_ALNUM, k=24)),
             "access_token_reference_id": self.options.account_reference,
             "object": "event",
             "created": _iso(datetime.now(UTC)),

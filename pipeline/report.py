@@ -30,7 +30,7 @@ from pipeline import __version__
 from pipeline.config import InputConfig, ReportConfig
 from pipeline.errors import PipelineError, StateError
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult
-from pipeline.source import CsvFile, Header
+from pipeline.source import CsvFile, Header, clean_name
 from pipeline.validate import CheckedBatch
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,12 @@ def write_report(
     _atomic_write(directory / "results.csv", table.to_csv(index=False, lineterminator="\n"))
     summary = summarise(result, table, settings, now)
     _atomic_write(directory / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    _atomic_write(directory / "report.html", render_html(result, table, summary, settings, now))
+    previews = None
+    if settings.show_note_preview:
+        previews = note_previews(result, _attention(table, settings, now).head(
+            settings.attention_rows), settings, input_settings)
+    _atomic_write(directory / "report.html",
+                  render_html(result, table, summary, settings, now, previews=previews))
     if write_redrive(result, table, settings, input_settings, directory / "redrive.csv"):
         written.append("redrive.csv")
     if (directory / "rejects.csv").exists():
@@ -278,7 +283,8 @@ def render_html(
         bars=_bars(summary["final_status"], total),
         reasons=summary["failure_reasons"][:20],
         histogram=_histogram(table),
-        attention=shown.to_dict("records"),
+        attention=[{**r, "preview": (previews or {}).get((r["source_file"], int(r["line"])), "")}
+                   for r in shown.to_dict("records")],
         attention_total=len(attention),
         orphans=result.orphans.head(50)[["event_id", "kind", "job_id", "created"]]
         .fillna("").to_dict("records"),
@@ -305,6 +311,8 @@ def _attention(table: pd.DataFrame, settings: ReportConfig, now: datetime) -> pd
 def _age(seconds: float) -> str:
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return ""
+    if seconds < 60:
+        return f"{int(seconds)} s"
     minutes = int(seconds // 60)
     if minutes < 60:
         return f"{minutes} min"
@@ -313,7 +321,7 @@ def _age(seconds: float) -> str:
 
 
 def _bars(counts: dict[str, int], total: int) -> list[dict[str, Any]]:
-    width = 520
+    width = 230
     bars = []
     for i, status in enumerate(FINAL_STATUSES):
         n = counts[status]
@@ -331,23 +339,29 @@ def _histogram(table: pd.DataFrame) -> dict[str, Any]:
         return {"bins": [], "max": 0, "unit": "s"}
     top = float(seconds.max())
     scale, unit = (60.0, "min") if top > 600 else (1.0, "s")
-    edges = np.linspace(0, max(top / scale, 1e-9), 13)
+    edges = np.linspace(0, max(top / scale, 1e-9), 11)
     counts, _ = np.histogram(seconds / scale, bins=edges)
     peak = int(counts.max()) or 1
-    bins = [{"x": i * 42, "height": round(140 * int(c) / peak), "count": int(c),
-             "label": f"{edges[i]:.0f}–{edges[i + 1]:.0f}"} for i, c in enumerate(counts)]
-    return {"bins": bins, "max": peak, "unit": unit}
+    digits = 0 if edges[-1] >= 10 else 1
+    bins = [{"x": i * 50, "height": round(140 * int(c) / peak), "count": int(c),
+             "label": f"{edges[i]:.{digits}f}", "end": f"{edges[i + 1]:.{digits}f}"}
+            for i, c in enumerate(counts)]
+    return {"bins": bins, "max": peak, "unit": unit, "last": bins[-1]["end"]}
 
 
 # -- redrive.csv -------------------------------------------------------------------------------
 
 
-def redrive_rows(table: pd.DataFrame, settings: ReportConfig) -> pd.DataFrame:
-    """Rows worth sending again: send failures, and EMR failures whose reason is retryable."""
+def redrive_rows(table: pd.DataFrame, codes: pd.Series, settings: ReportConfig) -> pd.DataFrame:
+    """Rows worth sending again: send failures, and EMR failures whose reason is retryable.
+
+    A reason is retryable when one of its codes (``reasons[].code``) or a
+    phrase of its ``failure_reason`` is in ``report.retryable_failures``.
+    """
     retryable = tuple(p.lower() for p in settings.retryable_failures)
-    failed = table["final_status"] == "failed_in_emr"
-    reasons = table["failure_reason"].str.lower()
-    again = failed & reasons.map(lambda r: any(p in r for p in retryable))
+    text = (table["failure_reason"].fillna("") + ";" + codes.fillna("")).str.lower()
+    again = (table["final_status"] == "failed_in_emr") & text.map(
+        lambda r: any(p in r for p in retryable))
     return table[table["final_status"].isin(REDRIVE_STATUSES) | again]
 
 
@@ -356,51 +370,89 @@ def write_redrive(
     path: Path,
 ) -> bool:
     """Copy those rows out of the input files (still unchanged), as they were; False if none."""
-    wanted = redrive_rows(table, settings)
+    wanted = redrive_rows(table, result.rows["reason_codes"].reset_index(drop=True), settings)
     if wanted.empty:
         path.unlink(missing_ok=True)
         return False
-    by_file: dict[int, set[int]] = {}
-    for f in result.files:
-        lines = set(wanted.loc[wanted["source_file"] == f["path"], "line"].astype(int))
-        if lines:
-            by_file[f["file_no"]] = lines
-    copied = _copy_rows(result.files, by_file, input_settings, path)
-    if copied is None:
+    found = read_input_rows(result.files, _lines_by_file(result.files, wanted), input_settings)
+    if found is None:
         return False
-    log.info("redrive.csv: %d rows worth sending again", copied)
+    headers = {tuple(f["header"]) for f in result.files if f["file_no"] in found.files}
+    if len(headers) != 1:
+        log.warning("redrive.csv not written: the input files have different headers")
+        return False
+    with private_file(path, input_settings.encoding) as fh:
+        writer = csv.writer(fh, delimiter=input_settings.delimiter)
+        writer.writerow(headers.pop())
+        writer.writerows(found.rows.values())
+    log.info("redrive.csv: %d rows worth sending again", len(found.rows))
     return True
 
 
-def _copy_rows(
-    files: list[dict[str, Any]], by_file: dict[int, set[int]], settings: InputConfig, path: Path
-) -> int | None:
-    """Copy the wanted lines of each input file, if every file is as it was during the run."""
-    header: list[str] | None = None
-    rows: list[list[str]] = []
+def _lines_by_file(files: list[dict[str, Any]], rows: pd.DataFrame) -> dict[int, set[int]]:
+    by_file: dict[int, set[int]] = {}
     for f in files:
-        lines = by_file.get(f["file_no"])
+        lines = set(rows.loc[rows["source_file"] == f["path"], "line"].astype(int))
+        if lines:
+            by_file[f["file_no"]] = lines
+    return by_file
+
+
+@dataclass(frozen=True, slots=True)
+class InputRows:
+    """Rows read back from the input files, keyed by (file_no, line), in input order."""
+
+    rows: dict[tuple[int, int], list[str]]
+    files: frozenset[int]
+
+
+def read_input_rows(
+    files: list[dict[str, Any]], wanted: dict[int, set[int]], settings: InputConfig
+) -> InputRows | None:
+    """The cells of the wanted lines, or None (with a warning) if a file is gone or changed.
+
+    The ledger holds no note text, so reports that need it (redrive.csv, note
+    previews) read it back from the input, and only while the file is the very
+    one the run read (same SHA-256).
+    """
+    rows: dict[tuple[int, int], list[str]] = {}
+    for f in files:
+        lines = wanted.get(f["file_no"])
         if not lines:
             continue
-        source = Path(f["path"])
         try:
-            with CsvFile(source, settings) as reader:
-                if header is not None and list(reader.header.names) != header:
-                    log.warning("redrive.csv not written: the input files have different headers")
-                    return None
-                header = list(reader.header.names)
+            with CsvFile(Path(f["path"]), settings, file_no=f["file_no"]) as reader:
                 for batch in reader.batches():
-                    rows += [r for line, r in zip(batch.lines, batch.rows, strict=True)
-                             if line in lines]
+                    rows.update({(f["file_no"], line): r for line, r
+                                 in zip(batch.lines, batch.rows, strict=True) if line in lines})
                 changed = reader.sha256 != f["sha256"]
         except PipelineError as exc:
-            log.warning("redrive.csv not written: %s", exc)
+            log.warning("input rows not read back: %s", exc)
             return None
         if changed:
-            log.warning("redrive.csv not written: %s changed since the run", source)
+            log.warning("input rows not read back: %s changed since the run", f["path"])
             return None
-    with private_file(path, settings.encoding) as fh:
-        writer = csv.writer(fh, delimiter=settings.delimiter)
-        writer.writerow(header or [])
-        writer.writerows(rows)
-    return len(rows)
+    return InputRows(rows, frozenset(wanted))
+
+
+def note_previews(
+    result: RunResult, rows: pd.DataFrame, settings: ReportConfig, input_settings: InputConfig
+) -> dict[tuple[str, int], str]:
+    """The first ``preview_chars`` of each row's note, for reviewers allowed to see them."""
+    found = read_input_rows(result.files, _lines_by_file(result.files, rows), input_settings)
+    if found is None:
+        return {}
+    names = {f["file_no"]: f["path"] for f in result.files}
+    notes = {f["file_no"]: _note_column(f["header"], input_settings) for f in result.files}
+    previews = {}
+    for (file_no, line), cells in found.rows.items():
+        column = notes[file_no]
+        note = cells[column].strip() if column is not None and column < len(cells) else ""
+        cut = settings.preview_chars
+        previews[(names[file_no], line)] = note[:cut] + ("…" if len(note) > cut else "")
+    return previews
+
+
+def _note_column(header: list[str], settings: InputConfig) -> int | None:
+    clean = [clean_name(n) for n in header]
+    return clean.index(settings.columns.note) if settings.columns.note in clean else None

@@ -218,3 +218,19 @@ async def test_429_carries_retry_after_in_seconds_or_as_a_date() -> None:
                                   json={"emr_task_id": "T", "note": "n"})
         assert r.status_code == 429
         assert re.fullmatch(pattern, r.headers["retry-after"])
+
+
+async def test_ids_stay_unique_across_restarts_with_the_same_seed() -> None:
+    """A restarted emulator (same seed) never reuses a job id, task note id or event id:
+    a sandbox's sink file outlives the emulator, and reused ids would match old events."""
+    seen: list[dict[str, Any]] = []
+    for _ in range(2):
+        emulator, client = asgi_client(seed=7)
+        async with client:
+            r = await client.post("/v1/tasks/notes", headers=CREDENTIALS,
+                                  json={"emr_task_id": "T", "note": "n"})
+        seen.append(r.json())
+        seen[-1]["event"] = emulator._envelope(None, ("task_note.created", {}))["id"]
+    assert seen[0]["job_id"] != seen[1]["job_id"]
+    assert seen[0]["task_note_id"] != seen[1]["task_note_id"]
+    assert seen[0]["event"] != seen[1]["event"]

@@ -1,0 +1,163 @@
+"""The report a reviewer reads: complete, self-contained, stable, and free of note text."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from cdp import CHROMIUM, render
+
+from helpers import (
+    WEBHOOK_SECRET,
+    EmulatorThread,
+    ThreadedServer,
+    read_results,
+    run_pipeline,
+    wait_until,
+    write_config,
+    write_csv,
+)
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.emulator import Faults
+from pipeline.events import SinkFile
+from pipeline.ledger import Ledger
+from pipeline.sink import WebhookReceiver
+
+ROOT = Path(__file__).parent.parent
+CANARY = "CANARY-7f3e9c-PHI"
+
+
+def sandbox_copy(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
+    return tmp_path
+
+
+@pytest.mark.slow
+async def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """report.html loads with no request beyond itself, no script error, the headline counts
+    right; a screenshot is kept in the test's directory."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    cwd = sandbox_copy(tmp_path)
+    done = await anyio.run_process([sys.executable, "-m", "pipeline", "-q", "run",
+                                    "configs/sandbox.yaml", "--no-progress"], cwd=cwd, check=False)
+    assert done.returncode == 1, done.stderr
+    report = next((cwd / "reports").iterdir())
+    page = await render((report / "report.html").as_uri(), tmp_path / "profile",
+                        tmp_path / "report.png", {
+                            "headline": "document.getElementById('headline').textContent",
+                            "attention": "document.querySelectorAll('#attention tbody tr').length",
+                            "bars": "document.querySelectorAll('#status-chart rect').length",
+                        })
+    assert page.requests == [(report / "report.html").as_uri()]
+    assert page.failures == []
+    assert page.errors == []
+    assert page.values["headline"].strip() == "31 of 37 notes confirmed"
+    assert page.values["attention"] == 5
+    assert page.values["bars"] == 9
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_no_note_text_reaches_reports_logs_or_the_console(tmp_path: Path) -> None:
+    """A canary in notes (sent, failed in the EMR, duplicate, rejected) appears only in
+    rejects.csv and redrive.csv (copies of input rows, 0600), nowhere else we write."""
+    rows = [["T1", f"sent {CANARY}"], ["T2", f"fails in the EMR {CANARY}"],
+            ["T1", f"sent {CANARY}"], ["bad id", f"rejected {CANARY}"]]
+    write_csv(tmp_path / "input.csv", rows)
+    sink = SinkFile(tmp_path / "state" / "webhooks.jsonl")
+    sink.open()
+    receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
+    with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
+            webhook_url=f"{hooks.url}/webhooks/cobalt", fail_rate=0.0,
+            missing_tasks=frozenset({"T2"}), faults=Faults()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            report={"retryable_failures": ["not found"]})
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-vv", "run", str(path),
+                               "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+        wait_until(lambda: api.emulator.deliveries.get("success") == 2, what="outcomes")
+        again = subprocess.run([sys.executable, "-m", "pipeline", "-vv", "reconcile", str(path)],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                               check=False)
+    sink.close()
+    assert done.returncode == 1, done.stderr
+    for output in (done.stdout, done.stderr, again.stdout, again.stderr):
+        assert CANARY not in output
+    report = next((tmp_path / "reports").iterdir())
+    holders = set()
+    for file in report.iterdir():
+        if CANARY.encode() in file.read_bytes():
+            holders.add(file.name)
+            assert file.stat().st_mode & 0o777 == 0o600
+    assert holders == {"rejects.csv", "redrive.csv"}
+    assert CANARY.encode() not in (tmp_path / "state" / "ledger.sqlite").read_bytes()
+    assert {r["final_status"] for r in read_results(report)} == {
+        "confirmed", "failed_in_emr", "skipped_duplicate", "rejected_invalid"}
+
+
+def test_reconciling_twice_gives_the_same_files(tmp_path: Path) -> None:
+    """results.csv and summary.json are byte-identical across reconciles (the report's own
+    timestamp aside); report.html differs only in that timestamp."""
+    cwd = sandbox_copy(tmp_path)
+    path = cwd / "configs" / "sandbox.yaml"
+    run_pipeline(load_config(path, needs=("api",)))
+    report = next((cwd / "reports").iterdir())
+    snapshots = []
+    for _ in range(2):
+        assert main(["-q", "reconcile", str(path)]) == 1
+        summary = json.loads((report / "summary.json").read_text())
+        del summary["report"]
+        snapshots.append(((report / "results.csv").read_bytes(), summary))
+    assert snapshots[0] == snapshots[1]
+
+
+def test_redrive_holds_the_rows_worth_sending_again_in_input_format(tmp_path: Path) -> None:
+    """Send failures and retryable EMR failures, as they were in the input; fed back, they send."""
+    write_csv(tmp_path / "input.csv", [["T1", "ok", "c1"], ["T2", "emr says no", "c2"],
+                                       ["T3", "gone", "c3"]], header=("emr_task_id", "note", "x"))
+    sink = SinkFile(tmp_path / "state" / "webhooks.jsonl")
+    sink.open()
+    receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
+    with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
+            webhook_url=f"{hooks.url}/webhooks/cobalt", fail_rate=0.0,
+            missing_tasks=frozenset({"T2"}), faults=Faults(rate_503=1, retry_after_s=0,
+                                                            only_tasks=frozenset({"T3"}))) as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            submit={"max_attempts": 2},
+                            report={"retryable_failures": ["task_not_found"]})
+        config = load_config(path, needs=("api",))
+        first = run_pipeline(config)
+        wait_until(lambda: api.emulator.deliveries.get("success") == 2, what="outcomes")
+        assert main(["-q", "reconcile", str(path)]) == 1
+        redrive = first.report.directory / "redrive.csv"
+        with redrive.open(newline="") as fh:
+            assert list(csv.reader(fh)) == [["emr_task_id", "note", "x"],
+                                             ["T2", "emr says no", "c2"], ["T3", "gone", "c3"]]
+        assert oct(redrive.stat().st_mode & 0o777) == "0o600"
+    sink.close()
+
+
+def test_stale_rows_are_counted_and_shown_with_their_age(tmp_path: Path) -> None:
+    """An accepted row without an outcome past report.stale_after is stale, with its age."""
+    write_csv(tmp_path / "input.csv", [["T1", "n"]])
+    with EmulatorThread() as api:
+        path = write_config(tmp_path, api={"base_url": api.url}, report={"stale_after": 1})
+        config = load_config(path, needs=("api",))
+        outcome = run_pipeline(config)
+    ledger = Ledger(config.state.ledger)
+    ledger._db.execute("UPDATE rows SET submitted_at='2026-01-01T00:00:00.000Z'")
+    ledger.close()
+    assert main(["-q", "reconcile", str(path)]) == 0
+    summary = json.loads((outcome.report.directory / "summary.json").read_text())
+    assert summary["report"]["stale"] == 1
+    html = (outcome.report.directory / "report.html").read_text()
+    assert "1 stale" in html
+    assert "days (stale)" in html
