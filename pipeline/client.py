@@ -36,6 +36,7 @@ from pipeline.errors import (
     Unavailable,
 )
 
+_json_string = json.encoder.encode_basestring
 NOTES_PATH = "/v1/tasks/notes"
 EVENTS_PATH = "/v1/webhook-events"
 _MAX_MESSAGE = 300
@@ -61,7 +62,14 @@ class EventsPage:
 
 
 class CobaltClient:
-    """An async client for the endpoints tasknotes uses. Use ``async with``."""
+    """An async client for the endpoints tasknotes uses. Use ``async with``.
+
+    Requests are ``httpx.Request`` objects handed to an httpx transport
+    (``handle_async_request``), and answers are ``httpx.Response`` objects:
+    httpx's API, without ``AsyncClient``'s per-request machinery (URL merging,
+    cookie jar, auth and redirect flows), which profiling showed to cost more
+    than the HTTP exchange itself and which this client has no use for.
+    """
 
     def __init__(
         self,
@@ -71,22 +79,23 @@ class CobaltClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         client_id, client_secret, access_token = api.credentials()
-        if transport is None:
-            transport = _make_transport(api, max_connections)
-        self._http = httpx.AsyncClient(
-            base_url=api.base_url,
-            transport=transport,
-            timeout=httpx.Timeout(api.timeout_s, connect=api.connect_timeout_s,
-                                  pool=api.connect_timeout_s),
-            headers={
-                "client_id": client_id,
-                "client_secret": client_secret,
-                "access_token": access_token,
-                "user-agent": f"tasknotes/{__version__}",
-            },
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._transport = transport or _make_transport(api, max_connections)
+        self._notes_url = httpx.URL(api.base_url + NOTES_PATH)
+        self._events_url = httpx.URL(api.base_url + EVENTS_PATH)
+        self._headers = httpx.Headers([
+            (b"host", self._notes_url.netloc),
+            (b"client_id", client_id.encode()),
+            (b"client_secret", client_secret.encode()),
+            (b"access_token", access_token.encode()),
+            (b"accept", b"application/json"),
+            (b"accept-encoding", b"gzip, deflate"),
+            (b"user-agent", f"tasknotes/{__version__}".encode()),
+        ])
+        self._post_headers = httpx.Headers([*self._headers.raw,
+                                            (b"content-type", b"application/json")])
+        timeout = httpx.Timeout(api.timeout_s, connect=api.connect_timeout_s,
+                                pool=api.connect_timeout_s)
+        self._extensions = {"timeout": timeout.as_dict()}
 
     async def __aenter__(self) -> Self:
         return self
@@ -97,20 +106,24 @@ class CobaltClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted:
         """POST /v1/tasks/notes; raises an ApiError subclass unless Cobalt queued the note."""
-        body = json.dumps({"emr_task_id": emr_task_id, "note": note}, ensure_ascii=False)
-        response = await self._send(
-            "POST", NOTES_PATH, content=body.encode(),
-            headers={"content-type": "application/json"},
-        )
-        return _accepted(response)
+        body = _note_body(emr_task_id, note)
+        # Headers complete and normalised up front, body as a stream: httpx then skips
+        # its per-request header inference, which profiling found costlier than needed.
+        headers = httpx.Headers(self._post_headers)  # a copy of the prepared list
+        headers["content-length"] = str(len(body))
+        request = httpx.Request("POST", self._notes_url, headers=headers,
+                                stream=httpx.ByteStream(body), extensions=self._extensions)
+        return _accepted(await self._send(request))
 
     async def webhook_events(self, **query: str | int) -> EventsPage:
         """GET /v1/webhook-events with the given filters (job_id, event_type, dates, page...)."""
-        response = await self._send("GET", EVENTS_PATH, params=query)
+        request = httpx.Request("GET", self._events_url, params=query, headers=self._headers,
+                                extensions=self._extensions)
+        response = await self._send(request)
         if not response.is_success:
             _raise_for_status(response)
         data = _json_object(response)
@@ -125,10 +138,14 @@ class CobaltClient:
             total_pages=int(paging.get("total_pages") or 1),
         )
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request, with httpx's failures translated (the one place that does it)."""
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """One exchange, read in full, with httpx's failures translated (the one place)."""
         try:
-            return await self._http.request(method, path, **kwargs)
+            response = await self._transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
                 httpx.ProxyError, httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             raise NotSent(f"not sent: {_describe(exc)}") from exc
@@ -138,6 +155,17 @@ class CobaltClient:
             raise BadResponse(f"unreadable answer: {_describe(exc)}") from exc
         except httpx.TransportError as exc:
             raise NoResponse(f"connection lost: {_describe(exc)}") from exc
+        return response
+
+
+def _note_body(emr_task_id: str, note: str) -> bytes:
+    """``{"emr_task_id": ..., "note": ...}`` exactly, as compact UTF-8 JSON.
+
+    The same bytes as ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)``,
+    built with the C string encoder alone (the generic encoder was 4% of a request).
+    """
+    return (f'{{"emr_task_id":{_json_string(emr_task_id)},'
+            f'"note":{_json_string(note)}}}').encode()
 
 
 def _make_transport(api: ApiConfig, max_connections: int) -> httpx.AsyncBaseTransport:
