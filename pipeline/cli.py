@@ -324,7 +324,7 @@ def _poll(args: argparse.Namespace) -> int:
                 return await Poller(config, client, sink).run(wanted, since)
 
         try:
-            stats = anyio.run(fetch)
+            stats = anyio.run(fetch, backend_options=config.submit.backend_options())
         finally:
             sink.close()
         print(f"polled {stats.wanted:,} jobs with {stats.requests:,} requests: "

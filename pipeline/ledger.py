@@ -26,15 +26,14 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import pandas as pd
 
-from pipeline._group import GroupCommit
 from pipeline.errors import StateError
 
 SCHEMA_VERSION: Final = 1
@@ -96,9 +95,21 @@ OUTCOME_COLUMNS: Final = (
 )  # fmt: skip
 
 
+_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def utcnow() -> str:
-    """Now, as the ledger and the reports write time: ISO 8601, UTC, milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, as the ledger and the reports write time: ISO 8601, UTC, milliseconds.
+
+    Called twice per request; the text up to the second is cached for that second.
+    """
+    now = time.time()
+    second = int(now)
+    cached, text = _second[0]
+    if second != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second[0] = (second, text)
+    return f"{text}.{int((now - second) * 1000):03d}Z"
 
 
 def row_key(account: str, emr_task_id: str, note: str) -> bytes:
@@ -381,13 +392,16 @@ class Ledger:
 
         In that order because a row's "back to pending" (a retryable failure)
         and its next "sending" may share a batch; the reverse never can, as a
-        worker waits for "sending" to commit before its request leaves.
+        row's request leaves only after its "sending" is committed.
         """
-        with self._transaction():
-            if attempts:
-                self.record_attempts(attempts)
-            if sending:
-                self.mark_sending(sending)
+        try:
+            with self._transaction():
+                if attempts:
+                    self.record_attempts(attempts)
+                if sending:
+                    self.mark_sending(sending)
+        except sqlite3.Error as exc:
+            raise StateError(f"ledger {self.path} cannot be written: {exc}") from None
 
     def set_status(self, row_ids: Sequence[int], status: Status, error: str) -> None:
         with self._transaction():
@@ -461,43 +475,3 @@ def _rank(row: Earlier | None) -> int:
     if row.maybe_delivered:
         return 2
     return 1
-
-
-class Committer:
-    """Group commit for the submit stage, so the ledger is never the bottleneck.
-
-    ``await sending(row_id)`` returns once the row is durably ``sending``;
-    ``record(attempt)`` queues a result for the next commit. Commits run in a
-    worker thread, so the event loop never waits on SQLite or an fsync.
-    """
-
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-        self._group: GroupCommit[int | Attempt] = GroupCommit(self._commit)
-
-    @property
-    def commits(self) -> int:
-        return self._group.commits
-
-    async def sending(self, row_id: int) -> None:
-        """Mark a row ``sending``; returns once that is committed."""
-        await self._group.put(row_id)
-
-    def record(self, attempt: Attempt) -> None:
-        """Queue a result; committed with the next batch."""
-        self._group.put_nowait(attempt)
-
-    async def run(self) -> None:
-        await self._group.run()
-
-    def close(self) -> None:
-        """Commit what is queued, then let ``run()`` return."""
-        self._group.close()
-
-    def _commit(self, items: list[int | Attempt]) -> None:
-        sending = [i for i in items if isinstance(i, int)]
-        attempts = [i for i in items if isinstance(i, Attempt)]
-        try:
-            self._ledger.apply(sending, attempts)
-        except sqlite3.Error as exc:
-            raise StateError(f"ledger {self._ledger.path} cannot be written: {exc}") from None
