@@ -66,6 +66,32 @@ def python() -> str:
     return sys.executable
 
 
+def generated_input(rows: int, seed: int = 7) -> Path:
+    """A realistic CSV of ``rows`` rows (bench/make_input.py), cached between runs."""
+    import tempfile
+
+    from bench.make_input import write_csv
+
+    cache = Path(tempfile.gettempdir()) / "tasknotes-bench"
+    cache.mkdir(exist_ok=True)
+    path = cache / f"notes-{rows}-{seed}.csv"
+    if not path.exists():
+        partial = path.with_suffix(".part")
+        write_csv(partial, rows, seed)
+        partial.rename(path)
+    return path
+
+
+def peak_rss_mb(args: Sequence[str], **kwargs: object) -> tuple[float, float, int]:
+    """Run a command; (its own peak RSS in MB from the kernel, wall seconds, exit code)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **kwargs)  # type: ignore[call-overload]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, proc.returncode
+
+
 def run_json(args: Sequence[str], timeout: float = 300) -> dict[str, object]:
     """Run a helper that prints one JSON object on its last line."""
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)

@@ -442,7 +442,9 @@ class Emulator:
         })
 
     async def _stats(self, request: Request) -> Response:
+        arrivals = {"arrivals": self.arrivals} if request.query_params.get("arrivals") else {}
         return JSONResponse({
+            **arrivals,
             "requests": self.requests,
             "responses": {str(k): v for k, v in sorted(self.responses.items())},
             "stored": dict(self.stored),

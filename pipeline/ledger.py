@@ -30,11 +30,12 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pipeline.errors import StateError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -453,6 +454,8 @@ class Ledger:
 
     def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
         """Rows (of one run, or of every run) as a DataFrame, in input order."""
+        import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
+
         where, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
         return pd.read_sql_query(
             f"SELECT {columns} FROM rows {where} ORDER BY id",  # noqa: S608
@@ -461,6 +464,8 @@ class Ledger:
 
     def key_frame(self) -> pd.DataFrame:
         """id, run_id, status, key, job_id, task_note_id, outcome of every row that has a key."""
+        import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
+
         return pd.read_sql_query(
             "SELECT id, run_id, status, key, job_id, task_note_id, outcome, submitted_at"
             " FROM rows WHERE key IS NOT NULL ORDER BY id", self._db,

@@ -21,14 +21,13 @@ import csv
 import glob
 import hashlib
 import io
-import itertools
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
@@ -95,79 +94,51 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-class _Lines:
-    """Decoded text of a file as blocks of physical lines, for the csv tokenizer.
+class _Watched(io.RawIOBase):
+    """The file's bytes on their way to the decoder: hashed, and searched for control bytes.
 
-    Work per MiB block is done in C on bytes: cut at the last line break,
-    hash, look for control bytes (``bytes.translate``), decode. The tokenizer
-    pulls lines through ``StringIO``, which splits on LF, CRLF and CR exactly
-    as a file opened with newline='' does. ``suspect`` holds [first, last]
-    line ranges of the blocks that have control bytes or undecodable bytes;
-    a lone CR needs no search, as it always makes its record span two lines.
+    Decoding and splitting into lines is left to ``io.TextIOWrapper`` (C, and
+    it splits on LF, CRLF and CR only, as the csv module needs). Each raw read
+    (1 MiB) is hashed and searched for C0 control bytes other than tab, LF and
+    CR with ``bytes.translate``. A read that has some marks a conservative
+    range of lines as suspect: from the first line not yet handed to the csv
+    tokenizer, to the line it has reached two reads later (by then the text
+    layer, which holds at most a few KiB ahead, has passed every byte of it).
+    A lone CR needs no search: it always makes its record span two lines.
     """
 
-    BLOCK = 1 << 20
-
-    def __init__(self, raw: IO[bytes], encoding: str, errors: str) -> None:
+    def __init__(self, raw: IO[bytes], lines_consumed: Callable[[], int]) -> None:
         self._raw = raw
-        self._encoding = encoding
-        self._errors = errors
-        self._carry = b""
+        self._lines_consumed = lines_consumed
         self.sha256 = hashlib.sha256()
         self.size = 0
-        self.suspect: list[list[int]] = []
-        self.lines_consumed: Callable[[], int] = lambda: 0
+        self.suspect: list[list[int]] = []  # [first line, last line, reads until last is known]
+        self._open: list[list[int]] = []
 
-    def skip_bom(self) -> bool:
-        """Consume a leading UTF-8 byte-order mark; True if there was one."""
-        head = self._raw.read(3)
-        self._account(head)
-        if head == UTF8_BOM:
-            return True
-        self._carry = head
-        return False
+    def readable(self) -> bool:
+        return True
 
-    def blocks(self) -> Iterator[Iterable[str]]:
-        while data := self._raw.read(self.BLOCK):
-            self._account(data)
-            data = self._carry + data
-            cut = _complete_lines(data)
-            self._carry = data[cut:]
-            if cut:
-                yield self._lines_of(data[:cut])
-        if self._carry:
-            yield self._lines_of(self._carry)
+    def readinto(self, buffer: Any) -> int:
+        n = int(self._raw.readinto(buffer) or 0)  # type: ignore[attr-defined]
+        consumed = self._lines_consumed()
+        for span in self._open:
+            span[2] -= 1
+            if span[2] == 0:
+                span[1] = consumed + 1
+        self._open = [span for span in self._open if span[2] > 0]
+        if n:
+            chunk = bytes(memoryview(buffer)[:n])
+            self.sha256.update(chunk)
+            self.size += n
+            if chunk.translate(None, _NOT_CONTROL):
+                span = [consumed + 1, sys.maxsize, 2]
+                self.suspect.append(span)
+                self._open.append(span)
+        return n
 
-    def _account(self, data: bytes) -> None:
-        self.sha256.update(data)
-        self.size += len(data)
-
-    def _lines_of(self, data: bytes) -> Iterable[str]:
-        first = self.lines_consumed() + 1
-        if self.suspect and self.suspect[-1][1] >= first:
-            self.suspect[-1][1] = first - 1
-        try:
-            text = data.decode(self._encoding)
-            suspect = bool(data.translate(None, _NOT_CONTROL))
-        except UnicodeDecodeError:
-            if self._errors == "strict":
-                raise
-            text = data.decode(self._encoding, "surrogateescape")
-            suspect = True
-        if suspect:
-            self.suspect.append([first, sys.maxsize])
-        if "\x85" in text or "\u2028" in text or "\u2029" in text or suspect:
-            # str.splitlines would also split on these; StringIO splits on line breaks only.
-            return io.StringIO(text, newline="")
-        return text.splitlines(keepends=True)
-
-
-def _complete_lines(data: bytes) -> int:
-    """Length of the longest prefix of ``data`` that ends with a whole line."""
-    lf = data.rfind(b"\n")
-    if lf < 0:
-        lf = data.rfind(b"\r", 0, len(data) - 1)  # a final CR may be the first half of a CRLF
-    return lf + 1
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class CsvFile:
@@ -185,7 +156,7 @@ class CsvFile:
         self.blank_lines = 0
         self.had_bom = False
         self._raw: IO[bytes] | None = None
-        self._lines: _Lines | None = None
+        self._lines: _Watched | None = None
         self._reader: Iterator[list[str]] | None = None
         self._line_num = 0
         self.header: Header
@@ -201,18 +172,23 @@ class CsvFile:
 
     def __enter__(self) -> Self:
         try:
-            self._raw = self.path.open("rb")
+            self._raw = self.path.open("rb", buffering=0)
         except OSError as exc:
             raise InputError(f"{self.path}: cannot be read ({exc.strerror})") from None
-        self._lines = _Lines(self._raw, self._settings.encoding, self._errors)
-        self._lines.lines_consumed = lambda: self._reader.line_num  # type: ignore[union-attr]
-        self.had_bom = self._lines.skip_bom()
-        if self.had_bom and codecs.lookup(self._settings.encoding).name != "utf-8":
-            log.warning("%s starts with a UTF-8 byte-order mark, but input.encoding is %s",
-                        self.path, self._settings.encoding)
+        self._lines = _Watched(self._raw, self._line_num_now)
+        buffered = io.BufferedReader(self._lines, buffer_size=1 << 20)
+        self.had_bom = buffered.peek(3)[:3] == UTF8_BOM
+        if self.had_bom:
+            buffered.read(3)
+            if codecs.lookup(self._settings.encoding).name != "utf-8":
+                log.warning("%s starts with a UTF-8 byte-order mark, but input.encoding is %s",
+                            self.path, self._settings.encoding)
+        if self._errors != "strict":  # undecodable bytes become surrogates: check every row
+            self._lines.suspect.append([1, sys.maxsize, 0])
+        text = io.TextIOWrapper(buffered, encoding=self._settings.encoding, errors=self._errors,
+                                newline="")
         self._reader = csv.reader(
-            itertools.chain.from_iterable(self._lines.blocks()),
-            delimiter=self._settings.delimiter, quotechar='"', doublequote=True,
+            text, delimiter=self._settings.delimiter, quotechar='"', doublequote=True,
             skipinitialspace=False, strict=False,
         )
         try:
@@ -221,6 +197,10 @@ class CsvFile:
             self._raw.close()
             raise
         return self
+
+    def _line_num_now(self) -> int:
+        reader = self._reader
+        return int(reader.line_num) if reader is not None else 0  # type: ignore[attr-defined]
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None

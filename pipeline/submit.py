@@ -31,12 +31,11 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.client import NoteAccepted
 from pipeline.config import SubmitConfig
 from pipeline.errors import (
     ApiError,
@@ -46,6 +45,9 @@ from pipeline.errors import (
     RequestRejected,
 )
 from pipeline.ledger import Attempt, Status, utcnow
+
+if TYPE_CHECKING:
+    from pipeline.client import NoteAccepted
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +120,17 @@ class Control:
 
 
 class Pacer:
-    """Request starts: at most ``rate`` per second, evenly spaced, and a pause for everyone.
+    """Request starts: at most ``rate`` per second on average, and a pause for everyone.
 
-    Slots are handed out on a fixed grid (``next += 1/rate``), so sleeping late
-    does not accumulate into a lower rate, and no burst ever exceeds one slot.
+    Slots lie on a fixed grid (``next += 1/rate``), so waking late does not
+    lower the rate: a late caller may take the slots it missed at once, up to
+    ``burst`` of them (50 ms worth, never more than the concurrency bound).
     """
 
-    def __init__(self, rate: float | None, clock: Callable[[], float] = anyio.current_time) -> None:
+    def __init__(self, rate: float | None, *, burst: int = 1,
+                 clock: Callable[[], float] = anyio.current_time) -> None:
         self._interval = 1.0 / rate if rate else 0.0
+        self._burst = max(1, burst)
         self._clock = clock
         self._next = -math.inf
         self.resume_at = -math.inf
@@ -139,18 +144,23 @@ class Pacer:
         self.resume_at = max(self.resume_at, when)
         self._next = max(self._next, when)
 
-    async def wait_turn(self) -> None:
+    async def wait_turn(self, wanted: int = 1) -> int:
+        """Wait for the next slot; returns how many starts may go now (1 to ``wanted``)."""
         while True:
             now = self._clock()
             if self.resume_at > now:
                 await anyio.sleep(self.resume_at - now)
                 continue
-            slot = max(now, self._next)
-            self._next = slot + self._interval
-            if slot > now:
-                await anyio.sleep(slot - now)
-            if self.resume_at <= self._clock():
-                return
+            if not self._interval:
+                return wanted
+            earliest = now - (self._burst - 1) * self._interval  # missed slots still usable
+            self._next = max(self._next, earliest)
+            if self._next > now:
+                await anyio.sleep(self._next - now)
+                continue
+            granted = min(wanted, int((now - self._next) / self._interval) + 1)
+            self._next += granted * self._interval
+            return granted
 
 
 class Backoff:
@@ -190,7 +200,9 @@ class Submitter:
         self._settings = settings
         self.control = control or Control()
         self._progress = progress
-        self._pacer = Pacer(settings.rate_per_second)
+        rate = settings.rate_per_second
+        burst = min(settings.concurrency, math.ceil(rate * 0.05)) if rate else 1
+        self._pacer = Pacer(rate, burst=burst)
         self._backoff = backoff or Backoff(settings.backoff_base_s, settings.backoff_max_s)
         self._results: list[Attempt] = []
         self._fresh: deque[Job] = deque()
@@ -250,13 +262,14 @@ class Submitter:
             return None
         if self._pacer.resume_at > anyio.current_time():
             return []  # paused by a 429/503: wait for it (a stop can interrupt the wait)
+        ready = self._fresh or (self._retries and self._retries[0].due <= anyio.current_time())
+        if not ready:
+            return []
         if self._pacer.limited:
-            free = 1  # one start per turn of the rate limit
+            free = await self._pacer.wait_turn(free)  # the slots the rate limit allows now
         wave = self._due_retries(free)
         while self._fresh and len(wave) < free:
             wave.append((self._fresh.popleft(), 1))
-        if wave and self._pacer.limited:
-            await self._pacer.wait_turn()
         return wave
 
     async def _refill(self, jobs: AsyncIterator[list[Job]]) -> bool:

@@ -1,0 +1,36 @@
+"""The webhook sink for bench/sink.py: `python bench/_sink_server.py PORT DIR fsync|nofsync`.
+
+The real WebhookReceiver and SinkFile, served by uvicorn on the server CPU; with
+'nofsync' the file is written the same way but never fsync'ed (the baseline).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import SERVER_CPU, pin
+from pipeline.events import SinkFile
+from pipeline.servers import serve_foreground
+from pipeline.sink import WebhookReceiver
+
+SECRET = b"bench-secret"
+
+
+def main() -> None:
+    port, directory, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    pin(SERVER_CPU)
+    sink = SinkFile(directory / "webhooks.jsonl",
+                    fsync=os.fsync if mode == "fsync" else (lambda fd: None))
+    sink.open()
+    receiver = WebhookReceiver(sink, [SECRET])
+    import logging
+
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    serve_foreground(receiver.app(), host="127.0.0.1", port=port)
+
+
+if __name__ == "__main__":
+    main()

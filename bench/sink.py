@@ -1,0 +1,137 @@
+"""Webhook sink throughput: signed events posted at concurrency 50, durable before each 2xx.
+
+    python bench/sink.py [--seconds 10] [--reps 2] [--quick]
+
+The real sink (uvicorn, signature check, de-duplication, group-committed fsync)
+on one CPU; an aiohttp client posting distinct signed events at concurrency 50
+on the other. The baseline is the same server appending without fsync, so the
+ratio shows what durability costs. Windows alternate between the two.
+Goal (issue #7): >= 1,000 events/s durably accepted, p99 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import anyio
+
+from bench._common import CLIENT_CPU, ROOT, free_port, machine, median, pin, python, table
+
+SECRET = b"bench-secret"
+NOTE = "Patient called back — café, “quoted”, 🙂; scheduled follow-up. " * 3
+
+
+def body(n: int, salt: str) -> bytes:
+    event = {"id": f"evt_{salt}_{n:09d}", "access_token_reference_id": "user_1",
+             "object": "event", "created": "2026-06-15T12:02:40Z", "type": "task_note.created",
+             "job_id": str(10_000 + n), "data": {"task_note_id": f"{n:024x}",
+                                                 "emr_note_id": "f862b0a0", "emr_task_id": "T",
+                                                 "note": NOTE}}
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def load(url: str, seconds: float, salt: str) -> dict[str, float]:
+    import aiohttp
+
+    latencies: list[float] = []
+    counter = iter(range(10**9))
+    deadline = time.perf_counter() + seconds
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            data = body(next(counter), salt)
+            headers = {"content-type": "application/json", "cobalt-verification":
+                       hmac.new(SECRET, data, hashlib.sha256).hexdigest()}
+            start = time.perf_counter()
+            async with session.post(f"{url}/webhooks/cobalt", data=data, headers=headers) as r:
+                await r.read()
+                if r.status == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+    start = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=50)
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(worker, session)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"rate": len(latencies) / elapsed, "p50": latencies[len(latencies) // 2] * 1e3,
+            "p99": latencies[int(len(latencies) * 0.99)] * 1e3, "errors": errors,
+            "events": len(latencies)}
+
+
+def window(mode: str, seconds: float, workdir: Path, salt: str) -> dict[str, float]:
+    port = free_port()
+    directory = Path(tempfile.mkdtemp(dir=workdir))
+    proc = subprocess.Popen([python(), str(ROOT / "bench" / "_sink_server.py"), str(port),
+                             str(directory), mode], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        result = anyio.run(load, f"http://127.0.0.1:{port}", seconds, salt)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = (directory / "webhooks.jsonl").read_bytes().count(b"\n")
+    if lines < result["events"]:
+        raise RuntimeError(f"{mode}: {result['events']} events acknowledged, {lines} stored")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s, 1 rep")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.reps = 1.0, 1
+    pin(CLIENT_CPU)
+    print(f"bench/sink.py on {machine()}; concurrency 50, {args.reps} x {args.seconds:g} s "
+          "windows per variant, alternating")
+    results: dict[str, list[dict[str, float]]] = {"fsync": [], "nofsync": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for mode in (("fsync", "nofsync") if rep % 2 == 0 else ("nofsync", "fsync")):
+                results[mode].append(window(mode, args.seconds, Path(tmp), f"{mode}{rep}"))
+    rows = []
+    for mode, label in (("fsync", "tasknotes sink (fsync)"), ("nofsync", "same, no fsync")):
+        r = results[mode]
+        rows.append([label, f"{median([x['rate'] for x in r]):,.0f}",
+                     f"{median([x['p50'] for x in r]):.1f}", f"{median([x['p99'] for x in r]):.1f}",
+                     int(sum(x["errors"] for x in r))])
+    print(table(["server", "events/s", "p50 ms", "p99 ms", "non-2xx"], rows))
+    ours = median([x["rate"] for x in results["fsync"]])
+    base = median([x["rate"] for x in results["nofsync"]])
+    p99 = median([x["p99"] for x in results["fsync"]])
+    print(f"durable/baseline = {ours / base:.2f}; goal: >= 1,000 events/s "
+          f"({'met' if ours >= 1000 else 'not met'}), p99 < 50 ms "
+          f"({'met' if p99 < 50 else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
