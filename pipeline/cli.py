@@ -201,8 +201,8 @@ def _run(args: argparse.Namespace) -> int:
         return outcome.exit_code
     if outcome.scan.problems.counts:
         _print_problems(outcome)
-    if outcome.result is not None and outcome.report is not None:
-        _print_result(outcome.result.counts, str(outcome.report.directory),
+    if outcome.report is not None:
+        _print_result(outcome.report.counts, str(outcome.report.directory),
                       outcome.report.files)
     if outcome.stop_reason:
         print(f"stopped: {outcome.stop_reason}")
@@ -300,18 +300,17 @@ def _poll(args: argparse.Namespace) -> int:
     from pipeline.client import CobaltClient
     from pipeline.events import SinkFile
     from pipeline.poll import Poller
-    from pipeline.reconcile import load_events
+    from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
     ledger = _open_ledger(config)
     try:
         runs = [args.run_id] if args.run_id else ledger.unresolved_runs()
-        jobs: set[str] = set()
+        Reconciler(ledger, config.webhooks.sink).refresh(config.api.account_id())
+        wanted: set[str] = set()
         for run_id in runs:
             ledger.run(run_id)
-            jobs |= ledger.job_ids(run_id)
-        events = load_events(config.webhooks.sink, config.api.account_id(), evidence=False)
-        wanted = jobs - set(events.frame["job_id"].dropna())
+            wanted |= ledger.job_ids(run_id, unresolved=True)
         if not wanted:
             print("nothing to poll: every accepted row has an outcome event in the sink")
             return _reconcile_runs(config, ledger, runs)
@@ -367,11 +366,11 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str]) -> i
     reconciler = Reconciler(ledger, config.webhooks.sink)
     code = 0
     for run_id in runs:
-        result = reconciler.run(run_id)
-        written = write_report(result, config.report, input_settings=config.input)
+        written = write_report(reconciler.run(run_id), config.report,
+                               input_settings=config.input)
         print(f"run {run_id}:")
-        _print_result(result.counts, str(written.directory), written.files)
-        code = max(code, result.exit_code)
+        _print_result(written.counts, str(written.directory), written.files)
+        code = max(code, written.exit_code)
     return code
 
 

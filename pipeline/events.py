@@ -256,6 +256,17 @@ def read_sink(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     A torn last line is skipped with a warning; any other unreadable line is
     a StateError naming the file and line.
     """
+    for number, _, event in read_sink_from(path, 0):
+        yield number, event
+
+
+def read_sink_from(path: Path, start: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(line number, offset after the line, envelope) for each event from byte ``start``.
+
+    Line numbers count from ``start`` (1 is its first line), so they are the file's
+    own only when reading from the beginning; errors name the byte offset as well.
+    A torn last line ends the reading (with a warning) without being passed.
+    """
     try:
         fh = path.open("rb")
     except FileNotFoundError:
@@ -263,18 +274,20 @@ def read_sink(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except OSError as exc:
         raise StateError(f"sink file {path} cannot be read: {exc.strerror}") from None
     with fh:
+        fh.seek(start)
+        offset = start
         for number, raw in enumerate(fh, start=1):
+            where = f"line {number}" if start == 0 else f"byte {offset}"
+            offset += len(raw)
             if not raw.strip():
                 continue
             try:
                 event = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 if not raw.endswith(b"\n") and not fh.peek(1):
-                    log.warning("%s line %d: torn last line ignored (a crash mid-write)",
-                                path, number)
+                    log.warning("%s %s: torn last line ignored (a crash mid-write)", path, where)
                     return
-                raise StateError(f"sink file {path} line {number}: not a JSON event") from None
-            if isinstance(event, dict):
-                yield number, event
-            else:
-                raise StateError(f"sink file {path} line {number}: not a JSON object")
+                raise StateError(f"sink file {path} {where}: not a JSON event") from None
+            if not isinstance(event, dict):
+                raise StateError(f"sink file {path} {where}: not a JSON object")
+            yield number, offset, event

@@ -37,7 +37,7 @@ from pipeline.errors import StateError
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -80,20 +80,38 @@ CREATE TABLE IF NOT EXISTS rows (
     failure_reason TEXT,
     outcome_at TEXT,
     settled_by TEXT,                -- job_id | task_note_id | evidence
-    passthrough TEXT                -- JSON list, when input.passthrough names columns
+    passthrough TEXT,               -- JSON list, when input.passthrough names columns
+    reason_codes TEXT               -- Cobalt's failure reason codes, ';'-separated
 );
+-- A mirror of the sink file's task_note.* events (never a note's text: ekey is the hash a
+-- ledger key would have), so join rules run in SQL on indexes, not on frames in memory.
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,             -- created | failed
+    job_id TEXT,
+    task_note_id TEXT,
+    created TEXT,
+    emr_note_id TEXT,
+    failure_reason TEXT,
+    reason_codes TEXT,
+    ekey BLOB,
+    line INTEGER,
+    claimed INTEGER NOT NULL DEFAULT 0  -- 1: a row owns it (by job, task note or evidence)
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+CREATE INDEX IF NOT EXISTS events_task_note ON events (task_note_id);
+CREATE INDEX IF NOT EXISTS events_ekey ON events (ekey) WHERE ekey IS NOT NULL;
+CREATE TABLE IF NOT EXISTS event_tally (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
 CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
+CREATE INDEX IF NOT EXISTS rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
 """
 Status = Literal[
     "pending", "sending", "accepted", "api_rejected", "ambiguous", "failed",
     "rejected", "duplicate", "already_sent", "held",
 ]  # fmt: skip
-OUTCOME_COLUMNS: Final = (
-    "outcome", "event_id", "emr_note_id", "failure_reason", "outcome_at", "settled_by",
-)  # fmt: skip
 
 
 _second: list[tuple[int, str]] = [(-1, "")]
@@ -168,19 +186,6 @@ class Attempt:
     answered_at: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """An outcome reconciliation found for a row."""
-
-    row_id: int
-    outcome: str
-    event_id: str | None
-    emr_note_id: str | None
-    failure_reason: str | None
-    outcome_at: str | None
-    settled_by: str
-
-
 class Ledger:
     """A SQLite ledger file. Not thread-safe: one caller at a time (see Committer)."""
 
@@ -226,9 +231,16 @@ class Ledger:
             self._lock_fd = None
 
     def _check_version(self) -> None:
+        if sqlite3.sqlite_version_info < (3, 33):
+            raise StateError(f"SQLite {sqlite3.sqlite_version} is too old: 3.33 or newer is needed")
         found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if found is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        if found is not None and int(found[0]) == 1:  # v2 added the events mirror and this:
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+            if "reason_codes" not in columns:
+                self._db.execute("ALTER TABLE rows ADD COLUMN reason_codes TEXT")
+        if found is None or int(found[0]) == 1:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                             (SCHEMA_VERSION,))
         elif int(found[0]) != SCHEMA_VERSION:
             raise StateError(f"ledger {self.path} has schema {found[0]}, expected {SCHEMA_VERSION}")
 
@@ -409,15 +421,6 @@ class Ledger:
             self._db.executemany("UPDATE rows SET status=?, error=? WHERE id=?",
                                  ((status, error, i) for i in row_ids))
 
-    def record_outcomes(self, outcomes: Iterable[Outcome]) -> None:
-        with self._transaction():
-            self._db.executemany(
-                "UPDATE rows SET outcome=?, event_id=?, emr_note_id=?, failure_reason=?,"
-                " outcome_at=?, settled_by=? WHERE id=?",
-                ((o.outcome, o.event_id, o.emr_note_id, o.failure_reason, o.outcome_at,
-                  o.settled_by, o.row_id) for o in outcomes),
-            )
-
     def job_ids(self, run_id: str | None = None, *, unresolved: bool = False) -> set[str]:
         """job ids of accepted rows (of one run, or all); ``unresolved``: only without outcome."""
         sql = "SELECT job_id FROM rows WHERE status='accepted' AND job_id IS NOT NULL"
@@ -450,6 +453,85 @@ class Ledger:
             "SELECT status, COUNT(*) FROM rows WHERE run_id=? GROUP BY status", (run_id,)
         ).fetchall())
 
+    # -- the events mirror and the join rules ---------------------------------------------
+
+    def sink_position(self) -> tuple[int, str]:
+        """How far the sink file has been read: (byte offset, hash of its first line)."""
+        found = dict(self._db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('sink_offset', 'sink_head')").fetchall())
+        return int(found.get("sink_offset", 0)), str(found.get("sink_head", ""))
+
+    def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
+                   offset: int, head: str) -> int:
+        """Store newly read events and where reading stopped, in one transaction.
+
+        Returns how many events were new (an event already stored is left as it is).
+        """
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,"
+                " emr_note_id, failure_reason, reason_codes, ekey, line)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+            added = self._db.total_changes - before
+            tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
+            self._db.executemany(
+                "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET count = count + excluded.count", [(k, v) for k, v in tally.items() if v])
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 [("sink_offset", str(offset)), ("sink_head", head)])
+        return added
+
+    def event_tally(self) -> dict[str, int]:
+        """Counts of what the sink held besides new task_note events (other types, repeats)."""
+        return dict(self._db.execute("SELECT name, count FROM event_tally ORDER BY name"))
+
+    def match_outcomes(self) -> int:
+        """Apply the join rules (reconcile.py's docstring) to every row; returns rows changed.
+
+        Computed from scratch into a temporary table, then written where it differs,
+        so the same events always give the same outcomes, and a rerun writes nothing.
+        """
+        db = self._db
+        try:
+            with self._transaction():
+                for statement in _MATCH_SQL:
+                    db.execute(statement)
+                before = db.total_changes
+                db.execute(_CLEAR_OUTCOMES_SQL)
+                db.execute(_WRITE_OUTCOMES_SQL)
+                changed = db.total_changes - before
+                db.execute(_MARK_CLAIMED_SQL)
+                return changed
+        finally:
+            db.execute("DROP TABLE IF EXISTS temp.matched")
+            db.execute("DROP TABLE IF EXISTS temp.claimed")
+
+    def orphans(self, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
+        """task_note events that no row of any run claims: how many, and the first few."""
+        count = int(self._db.execute(
+            "SELECT COUNT(*) FROM events WHERE claimed = 0").fetchone()[0])
+        rows = self._db.execute(
+            "SELECT event_id, kind, job_id, created FROM events WHERE claimed = 0"
+            " ORDER BY created, event_id LIMIT ?", (limit,)).fetchall()
+        return count, [dict(zip(("event_id", "kind", "job_id", "created"), r, strict=True))
+                       for r in rows]
+
+    def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time, with their file and the row they
+        refer to (the earlier attempt of a held or already-sent row)."""
+        import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
+
+        last = 0
+        while True:
+            frame = pd.read_sql_query(_RUN_CHUNK_SQL, self._db, params=(run_id, last, size))
+            if frame.empty:
+                return
+            yield frame
+            last = int(frame["id"].iloc[-1])
+            if len(frame) < size:
+                return
+
     # -- frames for reconcile and report -------------------------------------------------
 
     def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
@@ -462,14 +544,85 @@ class Ledger:
             self._db, params=params,
         )
 
-    def key_frame(self) -> pd.DataFrame:
-        """id, run_id, status, key, job_id, task_note_id, outcome of every row that has a key."""
-        import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
 
-        return pd.read_sql_query(
-            "SELECT id, run_id, status, key, job_id, task_note_id, outcome, submitted_at"
-            " FROM rows WHERE key IS NOT NULL ORDER BY id", self._db,
-        )
+# One row per task_note event, as stored in the events table (see the schema).
+EventRecord = tuple[str, str, str | None, str | None, str | None, str | None, str | None,
+                    str | None, bytes | None, int]
+
+# The join rules, in the order reconcile.py documents them. `hits`: every (row, event) pair
+# matched by job_id, or, for a row with no job_id match, by task_note_id.
+_MATCH_SQL: Final = (
+    """CREATE TEMP TABLE claimed AS
+    SELECT r.id AS row_id, e.*, 'job_id' AS settled_by
+      FROM rows r JOIN events e ON e.job_id = r.job_id
+     WHERE r.job_id IS NOT NULL
+    UNION ALL
+    SELECT r.id, e.*, 'task_note_id'
+      FROM rows r JOIN events e ON e.task_note_id = r.task_note_id
+     WHERE r.task_note_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM events j WHERE j.job_id = r.job_id)""",
+    """CREATE TEMP TABLE matched AS
+    WITH firsts AS (
+        SELECT *, ROW_NUMBER() OVER (PARTITION BY row_id, kind ORDER BY created, event_id) AS n
+          FROM claimed),
+    c AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'created'),
+    f AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'failed')
+    SELECT c.row_id, CASE WHEN f.row_id IS NULL THEN 'created' ELSE 'conflict' END AS outcome,
+           CASE WHEN f.row_id IS NULL THEN c.event_id ELSE c.event_id || ';' || f.event_id END
+               AS event_id,
+           c.emr_note_id, f.failure_reason, f.reason_codes, c.created AS outcome_at,
+           c.settled_by
+      FROM c LEFT JOIN f ON f.row_id = c.row_id
+    UNION ALL
+    SELECT f.row_id, 'failed', f.event_id, NULL, f.failure_reason, f.reason_codes, f.created,
+           f.settled_by
+      FROM f WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.row_id = f.row_id)""",
+    """CREATE UNIQUE INDEX temp.matched_row ON matched (row_id)""",
+    # Evidence: ambiguous rows and unclaimed created events with the same key, paired in
+    # order (rows by id, events by time), so one event settles at most one row.
+    """INSERT INTO matched
+    WITH doubtful AS (
+        SELECT id AS row_id, key, ROW_NUMBER() OVER (PARTITION BY key ORDER BY id) AS n
+          FROM rows
+         WHERE status = 'ambiguous' AND key IS NOT NULL
+           AND id NOT IN (SELECT row_id FROM matched)),
+    spare AS (
+        SELECT e.*, ROW_NUMBER() OVER (PARTITION BY ekey ORDER BY created, event_id) AS n
+          FROM events e
+         WHERE kind = 'created' AND ekey IS NOT NULL
+           AND event_id NOT IN (SELECT event_id FROM claimed))
+    SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.created, 'evidence'
+      FROM doubtful d JOIN spare s ON s.ekey = d.key AND s.n = d.n""",
+)
+_CLEAR_OUTCOMES_SQL: Final = """
+UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
+       outcome_at = NULL, settled_by = NULL
+ WHERE outcome IS NOT NULL AND id NOT IN (SELECT row_id FROM matched)"""
+_WRITE_OUTCOMES_SQL: Final = """
+UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_note_id,
+       failure_reason = m.failure_reason, outcome_at = m.outcome_at, settled_by = m.settled_by,
+       reason_codes = m.reason_codes
+  FROM matched m
+ WHERE m.row_id = rows.id
+   AND (rows.outcome IS NOT m.outcome OR rows.event_id IS NOT m.event_id
+        OR rows.failure_reason IS NOT m.failure_reason OR rows.settled_by IS NOT m.settled_by
+        OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at)"""
+_MARK_CLAIMED_SQL: Final = """
+UPDATE events SET claimed = x.now
+  FROM (SELECT event_id, event_id IN (SELECT event_id FROM claimed
+                                      UNION SELECT event_id FROM matched
+                                             WHERE settled_by = 'evidence') AS now
+          FROM events) x
+ WHERE x.event_id = events.event_id AND events.claimed IS NOT x.now"""
+_RUN_CHUNK_SQL: Final = """
+SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_job_id,
+       ref.outcome AS ref_outcome
+  FROM rows r
+  LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+  LEFT JOIN rows ref ON ref.id = r.ref_id
+ WHERE r.run_id = ? AND r.id > ?
+ ORDER BY r.id
+ LIMIT ?"""
 
 
 def _rank(row: Earlier | None) -> int:

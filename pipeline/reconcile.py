@@ -1,19 +1,25 @@
 """Ledger rows joined with sink events -> one final status per row.
 
-Join rules (each a step below, in this order):
+The sink file's ``task_note.*`` events are mirrored into the ledger (their ids,
+job ids, outcome fields and a hash of the note they carry: never its text),
+reading only what the file gained since the last time. The join rules then
+run in SQL over indexed columns (``Ledger.match_outcomes``), and a run's rows
+are read back a chunk at a time, so memory does not grow with the run.
 
-1. Events are read once and collapse by event id; only ``task_note.*``
-   events take part, other types are counted and left alone.
+Join rules, in this order:
+
+1. Events collapse by event id; only ``task_note.*`` events take part, other
+   types are counted and left alone.
 2. A row is matched to events by ``job_id`` compared as text (an integer in
    Cobalt's response, a string in its webhooks), and, for a row with no
-   ``job_id`` match, by ``task_note_id``. Matching runs over the rows of
-   every run, so an event that belongs to another run is not an orphan.
+   ``job_id`` match, by ``task_note_id``. Matching covers the rows of every
+   run, so an event that belongs to another run is not an orphan.
 3. A row with ``created`` events only is ``created``; ``failed`` only is
    ``failed``; both is a ``conflict`` (shown with both event ids).
 4. Evidence: an ``ambiguous`` row (no answer came back) is settled when a
    ``task_note.created`` event that no row claims carries the same note for
    the same task (their ledger keys are equal). Rows and events sharing a key
-   pair up in time order, so one event settles at most one row.
+   pair up in order (rows by id, events by time): one event settles one row.
 5. A ``held`` row follows the earlier attempt it waits on: if that one was
    confirmed, this one is ``skipped_already_sent``.
 6. ``task_note.*`` events that match no row of any run are orphans.
@@ -24,18 +30,19 @@ here; staleness is the report's business).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
 import pandas as pd
 
-from pipeline.events import read_sink
-from pipeline.ledger import Ledger, Outcome, row_key
+from pipeline.events import read_sink_from
+from pipeline.ledger import EventRecord, Ledger, row_key
 
 log = logging.getLogger(__name__)
 
@@ -50,243 +57,151 @@ GOOD_STATUSES: Final = frozenset({
 SUBMIT_STATUSES: Final = frozenset({
     "pending", "sending", "accepted", "api_rejected", "ambiguous", "failed",
 })
-_EVENT_COLUMNS: Final = (
-    "event_id", "kind", "job_id", "task_note_id", "created", "emr_note_id", "failure_reason",
-    "reason_codes", "ekey", "line",
-)  # fmt: skip
+_KINDS: Final = {"task_note.created": "created", "task_note.failed": "failed"}
+_BATCH: Final = 10_000
 
 
-@dataclass(slots=True)
-class SinkEvents:
-    """The sink file's ``task_note.*`` events as a frame, and a tally of the rest."""
+def ingest(ledger: Ledger, sink: Path, account: str) -> int:
+    """Mirror what the sink file gained since last time into the ledger; returns new events.
 
-    frame: pd.DataFrame
-    other_types: Counter[str] = field(default_factory=Counter)
-    duplicates: int = 0
-    lines: int = 0
-
-
-def load_events(path: Path, account: str, *, evidence: bool) -> SinkEvents:
-    """Read the sink once. ``evidence`` computes each created event's ledger key."""
-    seen: set[str] = set()
-    columns: dict[str, list[Any]] = {c: [] for c in _EVENT_COLUMNS}
-    other: Counter[str] = Counter()
-    duplicates = lines = 0
-    for number, event in read_sink(path):
-        lines += 1
-        event_id = event.get("id")
-        if not isinstance(event_id, str) or event_id in seen:
-            duplicates += isinstance(event_id, str)
-            continue
-        seen.add(event_id)
-        kind = _kind(event.get("type"))
-        if kind is None:
-            other[str(event.get("type"))] += 1
-            continue
-        _append_event(columns, event, event_id, kind, line=number,
-                      account=account if evidence else None)
-    frame = pd.DataFrame(columns, columns=list(_EVENT_COLUMNS), dtype=object)
-    return SinkEvents(frame, other, duplicates, lines)
+    ``account`` keys the note hash of each created event, as ``row_key`` keys rows.
+    A sink file that is not the one read before (rotated, replaced) is read
+    from its start; events already mirrored are not stored twice.
+    """
+    offset, head = ledger.sink_position()
+    current = _head(sink)
+    if current != head or offset > _size(sink):
+        offset = 0
+    added = 0
+    batch: list[EventRecord] = []
+    tally: Counter[str] = Counter()
+    end = offset
+    for _, end, event in read_sink_from(sink, offset):
+        record = _record(event, end, account, tally)
+        if record is not None:
+            batch.append(record)
+        if len(batch) >= _BATCH:
+            added += ledger.add_events(batch, dict(tally), offset=end, head=current)
+            batch, tally = [], Counter()
+    if batch or tally or end != offset:
+        added += ledger.add_events(batch, dict(tally), offset=end, head=current)
+    if added:
+        log.info("%d new task_note events from %s", added, sink)
+    return added
 
 
-def _kind(event_type: object) -> str | None:
-    if event_type == "task_note.created":
-        return "created"
-    if event_type == "task_note.failed":
-        return "failed"
-    return None
-
-
-def _append_event(
-    columns: dict[str, list[Any]], event: dict[str, Any], event_id: str, kind: str, *,
-    line: int, account: str | None,
-) -> None:
-    data = event.get("data") if isinstance(event.get("data"), dict) else {}
-    assert isinstance(data, dict)
-    job_id = event.get("job_id")
-    found = data.get("reasons")
-    reasons: list[Any] = found if isinstance(found, list) else []
+def _record(event: dict[str, Any], end: int, account: str,
+            tally: Counter[str]) -> EventRecord | None:
+    kind = _KINDS.get(str(event.get("type")))
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        tally["(no id)"] += 1
+        return None
+    if kind is None:
+        tally[str(event.get("type"))] += 1
+        return None
+    found = event.get("data")
+    data: dict[str, Any] = found if isinstance(found, dict) else {}
+    listed = data.get("reasons")
+    reasons: list[Any] = listed if isinstance(listed, list) else []
+    codes = ";".join(str(r["code"]) for r in reasons if isinstance(r, dict) and r.get("code"))
     ekey = None
-    if account is not None and kind == "created":
-        task_id, note = data.get("emr_task_id"), data.get("note")
-        if isinstance(task_id, str) and isinstance(note, str):
-            ekey = row_key(account, task_id, note)
-    columns["event_id"].append(event_id)
-    columns["kind"].append(kind)
-    columns["job_id"].append(None if job_id is None else str(job_id).strip())
-    columns["task_note_id"].append(_text(data.get("task_note_id")))
-    columns["created"].append(_text(event.get("created")))
-    columns["emr_note_id"].append(_text(data.get("emr_note_id")))
-    columns["failure_reason"].append(_text(data.get("failure_reason")))
-    columns["reason_codes"].append(";".join(str(r.get("code")) for r in reasons
-                                            if isinstance(r, dict) and r.get("code")) or None)
-    columns["ekey"].append(ekey)
-    columns["line"].append(line)
+    task_id, note = data.get("emr_task_id"), data.get("note")
+    if kind == "created" and isinstance(task_id, str) and isinstance(note, str):
+        ekey = row_key(account, task_id, note)
+    job_id = event.get("job_id")
+    return (event_id, kind, None if job_id is None else str(job_id).strip(),
+            _text(data.get("task_note_id")), _text(event.get("created")),
+            _text(data.get("emr_note_id")), _text(data.get("failure_reason")), codes or None,
+            ekey, end)
 
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-@dataclass(slots=True)
-class Matched:
-    """Outcomes for every ledger row that has one, and the events no row claims."""
-
-    outcomes: pd.DataFrame  # index: row id
-    orphans: pd.DataFrame
-    events: SinkEvents
-
-
-def match(rows: pd.DataFrame, events: SinkEvents) -> Matched:
-    """Apply join rules 2-4 and 6 to every ledger row (``Ledger.key_frame()``)."""
-    tn = events.frame
-    by_job = _merge(rows, tn, "job_id", "job_id")
-    rest = rows[~rows["id"].isin(by_job["id"])]
-    by_note = _merge(rest, tn, "task_note_id", "task_note_id")
-    matches = pd.concat([by_job, by_note], ignore_index=True)
-    outcomes = _outcomes(matches)
-    claimed = set(matches["event_id"])
-    evidence = _evidence(rows, tn, claimed, set(outcomes.index))
-    outcomes = pd.concat([outcomes, evidence])
-    used = claimed | set(evidence["event_id"])
-    orphans = tn[~tn["event_id"].isin(used)]
-    return Matched(outcomes, orphans, events)
+def _head(path: Path) -> str:
+    """A fingerprint of the sink file's first line: tells one file from its replacement."""
+    try:
+        with path.open("rb") as fh:
+            return hashlib.sha256(fh.readline()).hexdigest()[:16]
+    except OSError:
+        return ""
 
 
-def _merge(rows: pd.DataFrame, tn: pd.DataFrame, on: str, settled_by: str) -> pd.DataFrame:
-    left = rows.loc[rows[on].notna(), ["id", on]].astype({on: object})
-    right = tn.loc[tn[on].notna()].drop(columns=[c for c in ("job_id", "task_note_id")
-                                                   if c != on])
-    found = left.merge(right, on=on, how="inner")
-    found["settled_by"] = settled_by
-    return found.drop(columns=[on])
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
-def _outcomes(matches: pd.DataFrame) -> pd.DataFrame:
-    """One outcome per row id: created, failed, or conflict (both)."""
-    if matches.empty:
-        return _empty_outcomes()
-    ordered = matches.sort_values(["id", "created", "event_id"], kind="stable")
-    first = ordered.groupby(["id", "kind"], sort=False).first().reset_index()
-    created = first[first["kind"] == "created"].set_index("id")
-    failed = first[first["kind"] == "failed"].set_index("id")
-    both = created.index.intersection(failed.index)
-    out = pd.concat([created.drop(both), failed.drop(both)])
-    out["outcome"] = out["kind"]
-    conflict = created.loc[both].copy()
-    conflict["outcome"] = "conflict"
-    conflict["event_id"] = conflict["event_id"] + ";" + failed.loc[both, "event_id"]
-    conflict["failure_reason"] = failed.loc[both, "failure_reason"]
-    conflict["reason_codes"] = failed.loc[both, "reason_codes"]
-    out = pd.concat([out, conflict])
-    return out[["outcome", "event_id", "emr_note_id", "failure_reason", "reason_codes",
-                "created", "settled_by"]]
-
-
-def _evidence(
-    rows: pd.DataFrame, tn: pd.DataFrame, claimed: set[str], resolved: set[int]
-) -> pd.DataFrame:
-    """Rule 4: ambiguous rows settled by an unclaimed created event with the same key."""
-    doubtful = rows[(rows["status"] == "ambiguous") & ~rows["id"].isin(resolved)
-                    & rows["key"].notna()]
-    spare = tn[(tn["kind"] == "created") & tn["ekey"].notna() & ~tn["event_id"].isin(claimed)]
-    if doubtful.empty or spare.empty:
-        return _empty_outcomes()
-    doubtful = doubtful.sort_values("id").assign(rank=lambda f: f.groupby("key").cumcount())
-    spare = spare.sort_values(["created", "event_id"]).assign(
-        rank=lambda f: f.groupby("ekey").cumcount())
-    paired = doubtful[["id", "key", "rank"]].merge(
-        spare, left_on=["key", "rank"], right_on=["ekey", "rank"], how="inner")
-    paired["outcome"] = "created"
-    paired["settled_by"] = "evidence"
-    return paired.set_index("id")[["outcome", "event_id", "emr_note_id", "failure_reason",
-                                   "reason_codes", "created", "settled_by"]]
-
-
-def _empty_outcomes() -> pd.DataFrame:
-    return pd.DataFrame(
-        columns=["outcome", "event_id", "emr_note_id", "failure_reason", "reason_codes",
-                 "created", "settled_by"],
-        index=pd.Index([], dtype="int64", name="id"),
-    )
-
-
-@dataclass(slots=True)
+@dataclass
 class RunResult:
-    """One run, reconciled: a frame of every row with its final status."""
+    """One run, reconciled: its rows come a chunk at a time, each with its final status."""
 
     run: dict[str, Any]
     files: list[dict[str, Any]]
-    rows: pd.DataFrame
-    orphans: pd.DataFrame
-    events: SinkEvents
+    orphan_count: int
+    orphans: list[dict[str, Any]]
+    tally: dict[str, int]
+    ledger: Ledger = field(repr=False)
 
-    @property
+    def chunks(self, size: int = 20_000) -> Iterator[pd.DataFrame]:
+        """The run's rows in input order, with final_status, detail and outcome columns."""
+        for frame in self.ledger.run_chunks(self.run["run_id"], size):
+            yield _finalise(frame, self.run)
+
+    def frame(self) -> pd.DataFrame:
+        """Every row at once: for tests and small runs; reports use ``chunks()``."""
+        chunks = list(self.chunks())
+        return pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
+
+    @cached_property
     def counts(self) -> dict[str, int]:
-        found = self.rows["final_status"].value_counts()
+        found: Counter[str] = Counter()
+        for chunk in self.chunks():
+            found.update(chunk["final_status"])
         return {status: int(found.get(status, 0)) for status in FINAL_STATUSES}
 
     @property
     def exit_code(self) -> int:
         """0 when every row ended well, else 1 (DESIGN.md)."""
-        return 0 if self.rows["final_status"].isin(GOOD_STATUSES).all() else 1
+        return exit_code(self.counts)
+
+
+def exit_code(counts: dict[str, int]) -> int:
+    return 0 if all(status in GOOD_STATUSES for status, n in counts.items() if n) else 1
 
 
 class Reconciler:
-    """Reconciles runs of one ledger against one sink file, reading each once."""
+    """Reconciles runs of one ledger against one sink file, reading the file once."""
 
     def __init__(self, ledger: Ledger, sink: Path) -> None:
         self._ledger = ledger
         self._sink = sink
-        self._matched: Matched | None = None
-        self._all: pd.DataFrame | None = None
-
-    def _prepare(self, account: str) -> tuple[pd.DataFrame, Matched]:
-        if self._matched is None or self._all is None:
-            self._all = self._ledger.key_frame()
-            evidence = bool((self._all["status"] == "ambiguous").any())
-            events = load_events(self._sink, account, evidence=evidence)
-            self._matched = match(self._all, events)
-            self._save_outcomes(self._matched.outcomes)
-        return self._all, self._matched
-
-    def _save_outcomes(self, outcomes: pd.DataFrame) -> None:
-        """Remember outcomes in the ledger: the next run must know what already landed."""
-        self._ledger.record_outcomes(
-            Outcome(int(str(r.Index)), str(r.outcome), _opt(r.event_id), _opt(r.emr_note_id),
-                    _opt(r.failure_reason), _opt(r.created), str(r.settled_by))
-            for r in outcomes.itertuples()
-        )
+        self._refreshed = False
 
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
-        self._prepare(account)
+        if not self._refreshed:
+            ingest(self._ledger, self._sink, account)
+            changed = self._ledger.match_outcomes()
+            if changed:
+                log.info("%d rows have a new outcome", changed)
+            self._refreshed = True
 
     def run(self, run_id: str) -> RunResult:
         """Every row of ``run_id`` with its final status, outcome and evidence."""
         record = self._ledger.run(run_id)
-        all_rows, matched = self._prepare(record["account"])
-        rows = self._ledger.frame(run_id)
-        files = self._ledger.files(run_id)
-        return RunResult(record, files, _finalise(rows, all_rows, matched, files, record),
-                         matched.orphans, matched.events)
+        self.refresh(record["account"])
+        count, orphans = self._ledger.orphans()
+        return RunResult(record, self._ledger.files(run_id), count, orphans,
+                         self._ledger.event_tally(), self._ledger)
 
 
-def _opt(value: object) -> str | None:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
-def _finalise(
-    rows: pd.DataFrame, all_rows: pd.DataFrame, matched: Matched, files: list[dict[str, Any]],
-    record: dict[str, Any],
-) -> pd.DataFrame:
-    out = rows.drop(columns=["outcome", "event_id", "emr_note_id", "failure_reason",
-                             "outcome_at", "settled_by"])
-    outcomes = matched.outcomes.rename(columns={"created": "outcome_at"})
-    out = out.join(outcomes, on="id")
-    out["source_file"] = out["file_no"].map({f["file_no"]: f["path"] for f in files})
-    refs = _references(out, all_rows, matched)
-    out = out.join(refs, on="ref_id")
+def _finalise(rows: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
+    out = rows
     final, detail = _final_status(out, record)
     out["final_status"] = final
     out["detail"] = detail
@@ -295,18 +210,6 @@ def _finalise(
     already = out["status"] == "already_sent"
     out.loc[already, "job_id"] = out.loc[already, "ref_job_id"]
     return out
-
-
-def _references(out: pd.DataFrame, all_rows: pd.DataFrame, matched: Matched) -> pd.DataFrame:
-    """For rows pointing at an earlier row (already sent, held): that row's run, job, outcome."""
-    ref_ids = out["ref_id"].dropna().astype("int64").unique()
-    base = all_rows[all_rows["id"].isin(ref_ids)].set_index("id")
-    refs = pd.DataFrame(index=base.index)
-    refs["ref_run_id"] = base["run_id"]
-    refs["ref_job_id"] = base["job_id"]
-    refs["ref_outcome"] = matched.outcomes["outcome"].reindex(base.index).fillna(base["outcome"])
-    refs.index = refs.index.astype("float64")  # ref_id holds NaN, so it is float
-    return refs
 
 
 def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series, pd.Series]:
@@ -339,9 +242,3 @@ def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series,
         final[todo] = name
         detail[todo] = text[todo] if isinstance(text, pd.Series) else text
     return final, detail
-
-
-def reconcile_runs(ledger: Ledger, sink: Path, run_ids: Iterable[str]) -> list[RunResult]:
-    """Reconcile several runs against one reading of the sink file."""
-    reconciler = Reconciler(ledger, sink)
-    return [reconciler.run(r) for r in run_ids]

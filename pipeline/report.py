@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ import pandas as pd
 from pipeline import __version__
 from pipeline.config import InputConfig, ReportConfig
 from pipeline.errors import PipelineError, StateError
-from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult
+from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
 from pipeline.rejects import private_file
 from pipeline.source import CsvFile, clean_name
 
@@ -45,43 +46,44 @@ REDRIVE_STATUSES: Final = frozenset({"send_failed"})
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """Where one run's report went."""
+    """Where one run's report went, and what it says."""
 
     directory: Path
     files: tuple[str, ...]
-
-
-def report_dir(base: Path, run_id: str) -> Path:
-    return base / run_id
+    counts: dict[str, int]
+    exit_code: int
 
 
 def write_report(
     result: RunResult, settings: ReportConfig, *, input_settings: InputConfig,
     now: datetime | None = None,
 ) -> Written:
-    """(Re)write results.csv, summary.json, report.html and redrive.csv for one run."""
+    """(Re)write results.csv, summary.json, report.html and redrive.csv for one run.
+
+    One pass over the run's rows, a chunk at a time: results.csv is written as
+    it goes, and everything else is built from what the pass tallied.
+    """
     now = now or datetime.now(UTC)
-    directory = report_dir(settings.dir, result.run["run_id"])
+    directory = settings.dir / result.run["run_id"]
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StateError(f"report directory {directory} cannot be created: {exc}") from None
-    table = results_table(result)
-    written = ["results.csv", "summary.json", "report.html"]
-    _atomic_write(directory / "results.csv", table.to_csv(index=False, lineterminator="\n"))
-    summary = summarise(result, table, settings, now)
+    tally = _write_results(result, directory / "results.csv", settings, now)
+    summary = summarise(result, tally, settings, now)
     _atomic_write(directory / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     previews = None
     if settings.show_note_preview:
-        previews = note_previews(result, _attention(table, settings, now).head(
-            settings.attention_rows), settings, input_settings)
+        previews = note_previews(result, tally.attention, settings, input_settings)
     _atomic_write(directory / "report.html",
-                  render_html(result, table, summary, settings, now, previews=previews))
-    if write_redrive(result, table, settings, input_settings, directory / "redrive.csv"):
+                  render_html(result, tally, summary, now, previews=previews))
+    written = ["results.csv", "summary.json", "report.html"]
+    if write_redrive(result, tally.redrive, input_settings, directory / "redrive.csv"):
         written.append("redrive.csv")
     if (directory / "rejects.csv").exists():
         written.append("rejects.csv")
-    return Written(directory, tuple(written))
+    counts = {status: tally.counts[status] for status in FINAL_STATUSES}
+    return Written(directory, tuple(written), counts, exit_code(counts))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -90,32 +92,136 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def results_table(result: RunResult) -> pd.DataFrame:
-    """results.csv as a frame: DESIGN.md's columns, then passthrough columns, then detail."""
-    rows = result.rows
+def _write_results(result: RunResult, path: Path, settings: ReportConfig,
+                   now: datetime) -> _Tally:
+    passthrough = list(result.run["info"].get("passthrough", []))
+    tally = _Tally(settings, now)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        header = True
+        for chunk in result.chunks():
+            table = results_table(chunk, passthrough)
+            table.to_csv(fh, index=False, header=header, lineterminator="\n")
+            header = False
+            tally.add(chunk, table)
+        if header:  # a run with no rows still gets the columns
+            pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough, "detail"]).to_csv(
+                fh, index=False, lineterminator="\n")
+    os.replace(tmp, path)
+    return tally
+
+
+def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
+    """results.csv rows: DESIGN.md's columns, then the passthrough columns, then detail."""
     out = pd.DataFrame(index=rows.index)
     for column in RESULT_COLUMNS:
         out[column] = rows.get(column, "")
     out["error"] = rows["error"].where(rows["status"].isin(ERROR_STATUSES), None)
     out["http_status"] = rows["http_status"].astype("Int64").astype("string")
-    for i, name in enumerate(result.run["info"].get("passthrough", [])):
-        values = rows["passthrough"].map(lambda v, i=i: json.loads(v)[i] if v else "")
-        out[name] = values
+    for i, name in enumerate(passthrough):
+        out[name] = rows["passthrough"].map(lambda v, i=i: json.loads(v)[i] if v else "")
     out["detail"] = rows["detail"]
     return out.fillna("").reset_index(drop=True)
+
+
+class _Tally:
+    """What one pass over a run's rows tells the summary, the page and redrive.csv."""
+
+    def __init__(self, settings: ReportConfig, now: datetime) -> None:
+        self._settings = settings
+        self._now = pd.Timestamp(now)
+        self._retryable = tuple(p.lower() for p in settings.retryable_failures)
+        self.rows = 0
+        self.counts: Counter[str] = Counter()
+        self.submit: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.evidence = 0
+        self.conflicts = 0
+        self.stale = 0
+        self.oldest_waiting: float | None = None
+        self.latencies: list[np.ndarray] = []
+        self.attention: list[dict[str, Any]] = []
+        self.attention_total = 0
+        self.redrive: dict[int, set[int]] = {}
+
+    def add(self, rows: pd.DataFrame, table: pd.DataFrame) -> None:
+        self.rows += len(table)
+        self.counts.update(table["final_status"])
+        self.submit.update(s for s in table["submit_status"] if s)
+        failed = table["final_status"] == "failed_in_emr"
+        self.reasons.update(r or "(no reason given)" for r in table.loc[failed, "failure_reason"])
+        self.evidence += int((rows["settled_by"] == "evidence").sum())
+        self.conflicts += int((table["outcome"] == "conflict").sum())
+        seconds = _seconds_between(table["submitted_at"], table["outcome_at"]).dropna()
+        self.latencies.append(seconds.clip(lower=0).to_numpy(dtype=np.float32))
+        self._waiting_and_attention(table)
+        self._redrive(rows, table, failed)
+
+    def _waiting_and_attention(self, table: pd.DataFrame) -> None:
+        since = pd.to_datetime(table["submitted_at"].replace("", None), utc=True, errors="coerce",
+                               format="ISO8601")
+        age = (self._now - since).dt.total_seconds()
+        waiting = table["final_status"] == "awaiting_outcome"
+        stale = waiting & (age > self._settings.stale_after)
+        self.stale += int(stale.sum())
+        if waiting.any():
+            oldest = float(age[waiting].max())
+            self.oldest_waiting = max(self.oldest_waiting or oldest, oldest)
+        mask = ~table["final_status"].isin(GOOD_STATUSES) | stale
+        self.attention_total += int(mask.sum())
+        room = max(self._settings.attention_rows - len(self.attention), 0)
+        picked = table[mask].head(room)
+        for r, seconds, late in zip(picked.to_dict("records"), age[mask].head(room),
+                                    stale[mask].head(room), strict=True):
+            self.attention.append({
+                "source_file": r["source_file"], "line": int(r["line"]),
+                "emr_task_id": r["emr_task_id"], "final_status": r["final_status"],
+                "reason": r["failure_reason"] or r["error"] or r["detail"],
+                "age": _age(seconds), "stale": bool(late), "job_id": r["job_id"]})
+
+    def _redrive(self, rows: pd.DataFrame, table: pd.DataFrame, failed: pd.Series) -> None:
+        """Send failures, and EMR failures whose reason (a code or a phrase) is retryable."""
+        codes = rows["reason_codes"].fillna("").reset_index(drop=True)
+        text = (table["failure_reason"] + ";" + codes).str.lower()
+        retryable = failed & text.map(lambda r: any(p in r for p in self._retryable))
+        wanted = (table["final_status"] == "send_failed") | retryable
+        for file_no, line in zip(rows["file_no"].reset_index(drop=True)[wanted],
+                                 table.loc[wanted, "line"], strict=True):
+            self.redrive.setdefault(int(file_no), set()).add(int(line))
+
+    def latency(self) -> dict[str, float | None]:
+        seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
+        if not len(seconds):
+            return {"count": 0, "p50": None, "p90": None, "max": None}
+        return {"count": len(seconds), "p50": round(float(np.quantile(seconds, 0.5)), 1),
+                "p90": round(float(np.quantile(seconds, 0.9)), 1),
+                "max": round(float(seconds.max()), 1)}
+
+    def histogram(self) -> dict[str, Any]:
+        seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
+        if not len(seconds):
+            return {"bins": [], "max": 0, "unit": "s"}
+        top = float(seconds.max())
+        scale, unit = (60.0, "min") if top > 600 else (1.0, "s")
+        edges = np.linspace(0, max(top / scale, 1e-9), 11)
+        counts, _ = np.histogram(seconds / scale, bins=edges)
+        peak = int(counts.max()) or 1
+        digits = 0 if edges[-1] >= 10 else 1
+        bins = [{"x": i * 50, "height": round(140 * int(c) / peak), "count": int(c),
+                 "label": f"{edges[i]:.{digits}f}", "end": f"{edges[i + 1]:.{digits}f}"}
+                for i, c in enumerate(counts)]
+        return {"bins": bins, "max": peak, "unit": unit, "last": bins[-1]["end"]}
 
 
 # -- summary.json ----------------------------------------------------------------------------
 
 
 def summarise(
-    result: RunResult, table: pd.DataFrame, settings: ReportConfig, now: datetime
+    result: RunResult, tally: _Tally, settings: ReportConfig, now: datetime
 ) -> dict[str, Any]:
     run, info = result.run, result.run["info"]
-    counts = result.counts
-    latency = _latencies(table)
-    stale = _stale(table, settings, now)
-    failed = table[table["final_status"] == "failed_in_emr"]
+    counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
+    ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     return {
         "tool": f"tasknotes {__version__}",
         "run_id": run["run_id"],
@@ -131,63 +237,37 @@ def summarise(
         "throughput_per_s": info.get("throughput_per_s"),
         "inputs": [{"path": f["path"], "sha256": f["sha256"], "bytes": f["size"]}
                    for f in result.files],
-        "rows": len(table),
+        "rows": tally.rows,
         "blank_rows_skipped": info.get("blank_rows", 0),
         "final_status": counts,
         "ended_well": int(sum(counts[s] for s in GOOD_STATUSES)),
-        "submit_status": {k: int(v) for k, v in
-                          table["submit_status"].replace("", np.nan).value_counts().items()},
+        "submit_status": dict(sorted(tally.submit.items())),
         "problems": info.get("problems", {}),
-        "failure_reasons": _ranked(failed["failure_reason"]),
-        "settled_by_evidence": int((result.rows["settled_by"] == "evidence").sum()),
-        "conflicts": int((table["outcome"] == "conflict").sum()),
-        "latency_s": latency,
+        "failure_reasons": [{"reason": r, "count": n} for r, n in ranked],
+        "settled_by_evidence": tally.evidence,
+        "conflicts": tally.conflicts,
+        "latency_s": tally.latency(),
         "events": {
-            "sink_lines": result.events.lines,
-            "duplicates_collapsed": result.events.duplicates,
-            "other_types": dict(sorted(result.events.other_types.items())),
-            "orphans": len(result.orphans),
+            "repeated_deliveries": result.tally.get("(repeated)", 0),
+            "other_types": {k: v for k, v in result.tally.items() if not k.startswith("(")},
+            "without_id": result.tally.get("(no id)", 0),
+            "orphans": result.orphan_count,
         },
-        "exit_code": result.exit_code,
+        "exit_code": exit_code(counts),
         "report": {
             "generated_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
             "stale_after_s": settings.stale_after,
-            "stale": len(stale),
-            "oldest_waiting_s": int(stale["age_s"].max()) if len(stale) else None,
+            "stale": tally.stale,
+            "oldest_waiting_s": (int(tally.oldest_waiting)
+                                 if tally.oldest_waiting is not None else None),
         },
     }
-
-
-def _ranked(reasons: pd.Series) -> list[dict[str, Any]]:
-    counts = reasons.replace("", "(no reason given)").value_counts()
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [{"reason": str(k), "count": int(v)} for k, v in ranked]
 
 
 def _seconds_between(start: pd.Series, end: pd.Series) -> pd.Series:
     a = pd.to_datetime(start.replace("", None), utc=True, errors="coerce", format="ISO8601")
     b = pd.to_datetime(end.replace("", None), utc=True, errors="coerce", format="ISO8601")
     return (b - a).dt.total_seconds()
-
-
-def _latencies(table: pd.DataFrame) -> dict[str, float | None]:
-    seconds = _seconds_between(table["submitted_at"], table["outcome_at"]).dropna().clip(lower=0)
-    if seconds.empty:
-        return {"count": 0, "p50": None, "p90": None, "max": None}
-    return {
-        "count": len(seconds),
-        "p50": round(float(seconds.quantile(0.5)), 1),
-        "p90": round(float(seconds.quantile(0.9)), 1),
-        "max": round(float(seconds.max()), 1),
-    }
-
-
-def _stale(table: pd.DataFrame, settings: ReportConfig, now: datetime) -> pd.DataFrame:
-    waiting = table[table["final_status"] == "awaiting_outcome"]
-    since = pd.to_datetime(waiting["submitted_at"].replace("", None), utc=True,
-                           errors="coerce", format="ISO8601")
-    age = (pd.Timestamp(now) - since).dt.total_seconds()
-    return waiting.assign(age_s=age)[age > settings.stale_after]
 
 
 # -- report.html -------------------------------------------------------------------------------
@@ -207,43 +287,25 @@ STATUS_COLOURS: Final = {
 
 
 def render_html(
-    result: RunResult, table: pd.DataFrame, summary: dict[str, Any], settings: ReportConfig,
-    now: datetime, *, previews: dict[tuple[str, int], str] | None = None,
+    result: RunResult, tally: _Tally, summary: dict[str, Any], now: datetime, *,
+    previews: dict[tuple[str, int], str] | None = None,
 ) -> str:
     """One self-contained page: no network, no external scripts, fonts or images."""
-    attention = _attention(table, settings, now)
-    shown = attention.head(settings.attention_rows)
-    total = len(table)
+    total = tally.rows
     return _ENV.get_template("report.html.j2").render(
         summary=summary,
         total=total,
         confirmed=summary["final_status"]["confirmed"],
         bars=_bars(summary["final_status"], total),
         reasons=summary["failure_reasons"][:20],
-        histogram=_histogram(table),
-        attention=[{**r, "preview": (previews or {}).get((r["source_file"], int(r["line"])), "")}
-                   for r in shown.to_dict("records")],
-        attention_total=len(attention),
-        orphans=result.orphans.head(50)[["event_id", "kind", "job_id", "created"]]
-        .fillna("").to_dict("records"),
+        histogram=tally.histogram(),
+        attention=[{**r, "preview": (previews or {}).get((r["source_file"], r["line"]), "")}
+                   for r in tally.attention],
+        attention_total=tally.attention_total,
+        orphans=result.orphans,
         previews=previews or {},
         generated=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
     )
-
-
-def _attention(table: pd.DataFrame, settings: ReportConfig, now: datetime) -> pd.DataFrame:
-    """Rows a reviewer must look at: every one that did not end well, and stale waiters."""
-    since = pd.to_datetime(table["submitted_at"].replace("", None), utc=True, errors="coerce",
-                           format="ISO8601")
-    age = (pd.Timestamp(now) - since).dt.total_seconds()
-    stale = (table["final_status"] == "awaiting_outcome") & (age > settings.stale_after)
-    bad = ~table["final_status"].isin(GOOD_STATUSES)
-    picked = table[bad | stale].assign(age=age[bad | stale].map(_age), stale=stale[bad | stale])
-    picked["reason"] = (picked["failure_reason"].where(picked["failure_reason"] != "",
-                                                       picked["error"]))
-    picked["reason"] = picked["reason"].where(picked["reason"] != "", picked["detail"])
-    return picked[["source_file", "line", "emr_task_id", "final_status", "reason", "age",
-                   "stale", "job_id"]]
 
 
 def _age(seconds: float) -> str:
@@ -271,48 +333,16 @@ def _bars(counts: dict[str, int], total: int) -> list[dict[str, Any]]:
     return bars
 
 
-def _histogram(table: pd.DataFrame) -> dict[str, Any]:
-    seconds = _seconds_between(table["submitted_at"], table["outcome_at"]).dropna().clip(lower=0)
-    if seconds.empty:
-        return {"bins": [], "max": 0, "unit": "s"}
-    top = float(seconds.max())
-    scale, unit = (60.0, "min") if top > 600 else (1.0, "s")
-    edges = np.linspace(0, max(top / scale, 1e-9), 11)
-    counts, _ = np.histogram(seconds / scale, bins=edges)
-    peak = int(counts.max()) or 1
-    digits = 0 if edges[-1] >= 10 else 1
-    bins = [{"x": i * 50, "height": round(140 * int(c) / peak), "count": int(c),
-             "label": f"{edges[i]:.{digits}f}", "end": f"{edges[i + 1]:.{digits}f}"}
-            for i, c in enumerate(counts)]
-    return {"bins": bins, "max": peak, "unit": unit, "last": bins[-1]["end"]}
+# -- redrive.csv and note previews: rows read back from the unchanged input ---------------------
 
 
-# -- redrive.csv -------------------------------------------------------------------------------
-
-
-def redrive_rows(table: pd.DataFrame, codes: pd.Series, settings: ReportConfig) -> pd.DataFrame:
-    """Rows worth sending again: send failures, and EMR failures whose reason is retryable.
-
-    A reason is retryable when one of its codes (``reasons[].code``) or a
-    phrase of its ``failure_reason`` is in ``report.retryable_failures``.
-    """
-    retryable = tuple(p.lower() for p in settings.retryable_failures)
-    text = (table["failure_reason"].fillna("") + ";" + codes.fillna("")).str.lower()
-    again = (table["final_status"] == "failed_in_emr") & text.map(
-        lambda r: any(p in r for p in retryable))
-    return table[table["final_status"].isin(REDRIVE_STATUSES) | again]
-
-
-def write_redrive(
-    result: RunResult, table: pd.DataFrame, settings: ReportConfig, input_settings: InputConfig,
-    path: Path,
-) -> bool:
-    """Copy those rows out of the input files (still unchanged), as they were; False if none."""
-    wanted = redrive_rows(table, result.rows["reason_codes"].reset_index(drop=True), settings)
-    if wanted.empty:
+def write_redrive(result: RunResult, wanted: dict[int, set[int]], input_settings: InputConfig,
+                  path: Path) -> bool:
+    """Copy the rows worth sending again out of the input files, as they were; False if none."""
+    if not wanted:
         path.unlink(missing_ok=True)
         return False
-    found = read_input_rows(result.files, _lines_by_file(result.files, wanted), input_settings)
+    found = read_input_rows(result.files, wanted, input_settings)
     if found is None:
         return False
     headers = {tuple(f["header"]) for f in result.files if f["file_no"] in found.files}
@@ -325,15 +355,6 @@ def write_redrive(
         writer.writerows(found.rows.values())
     log.info("redrive.csv: %d rows worth sending again", len(found.rows))
     return True
-
-
-def _lines_by_file(files: list[dict[str, Any]], rows: pd.DataFrame) -> dict[int, set[int]]:
-    by_file: dict[int, set[int]] = {}
-    for f in files:
-        lines = set(rows.loc[rows["source_file"] == f["path"], "line"].astype(int))
-        if lines:
-            by_file[f["file_no"]] = lines
-    return by_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,10 +395,15 @@ def read_input_rows(
 
 
 def note_previews(
-    result: RunResult, rows: pd.DataFrame, settings: ReportConfig, input_settings: InputConfig
+    result: RunResult, rows: list[dict[str, Any]], settings: ReportConfig,
+    input_settings: InputConfig,
 ) -> dict[tuple[str, int], str]:
     """The first ``preview_chars`` of each row's note, for reviewers allowed to see them."""
-    found = read_input_rows(result.files, _lines_by_file(result.files, rows), input_settings)
+    numbers = {f["path"]: f["file_no"] for f in result.files}
+    wanted: dict[int, set[int]] = {}
+    for row in rows:
+        wanted.setdefault(numbers[row["source_file"]], set()).add(row["line"])
+    found = read_input_rows(result.files, wanted, input_settings)
     if found is None:
         return {}
     names = {f["file_no"]: f["path"] for f in result.files}

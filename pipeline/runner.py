@@ -42,7 +42,6 @@ from pipeline.submit import Control, Job, SubmitStats, Submitter
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
 if TYPE_CHECKING:
-    from pipeline.reconcile import RunResult
     from pipeline.report import Written
 
 # The stages that only a sending run needs (HTTP client, emulator and sink, pandas for the
@@ -85,7 +84,6 @@ class RunOutcome:
     run_id: str
     scan: ScanCounts
     report: Written | None
-    result: RunResult | None
     exit_code: int
     stop_reason: str | None = None
     rejects: Path | None = None
@@ -388,7 +386,7 @@ class Run:
             rejects.close()
             if ledger is not None:
                 ledger.close()
-        return RunOutcome(self.run_id, counts, None, None, 1 if counts.rejected else 0,
+        return RunOutcome(self.run_id, counts, None, 1 if counts.rejected else 0,
                           rejects=rejects.path if rejects.rows else None)
 
     def _report_dir(self) -> Path:
@@ -476,8 +474,8 @@ class Run:
 
         result = Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
         written = write_report(result, self.config.report, input_settings=self.config.input)
-        code = 3 if reason else result.exit_code
-        return RunOutcome(self.run_id, counts, written, result, code, reason,
+        code = 3 if reason else written.exit_code
+        return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
 
 

@@ -247,13 +247,16 @@ def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:
 class DuplicateIndex:
     """The first occurrence of every row hash seen in a run, in 16 bytes per row.
 
-    A dict of a million rows costs ~150 MB; sorted numpy runs, merged like a
-    binary counter (at most log2(n/batch) of them), keep memory flat and a
-    batch's lookup down to a few ``searchsorted`` calls. The hash is Python's
-    64-bit SipHash of (task id, note): two different rows collide with odds of
-    about 1 in 10^7 per billion row pairs, and a row so skipped still shows in
-    the results as a duplicate of a named line.
+    A dict of a million rows costs ~150 MB. Here new hashes go into sorted numpy
+    runs, merged like a binary counter up to ``RUN_CAP`` entries and then left
+    alone, so memory is 16 bytes per row with no merge of the whole index ever
+    doubling it, and a batch's lookup is a few ``searchsorted`` calls. The hash
+    is Python's 64-bit SipHash of (task id, note): two different rows collide
+    with odds of about 1 in 10^7 per billion row pairs, and a row so skipped
+    still shows in the results as a duplicate of a named line.
     """
+
+    RUN_CAP = 1 << 18
 
     def __init__(self) -> None:
         self._runs: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
@@ -285,8 +288,10 @@ class DuplicateIndex:
     def _push(self, hashes: npt.NDArray[np.int64], refs: npt.NDArray[np.int64]) -> None:
         order = np.argsort(hashes)
         self._runs.append((hashes[order], refs[order]))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            (h1, r1), (h2, r2) = self._runs.pop(), self._runs.pop()
+        runs = self._runs
+        while (len(runs) > 1 and len(runs[-2][0]) < self.RUN_CAP
+               and len(runs[-2][0]) <= 2 * len(runs[-1][0])):
+            (h1, r1), (h2, r2) = runs.pop(), runs.pop()
             h, r = np.concatenate((h2, h1)), np.concatenate((r2, r1))
             order = np.argsort(h, kind="stable")
-            self._runs.append((h[order], r[order]))
+            runs.append((h[order], r[order]))

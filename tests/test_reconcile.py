@@ -65,7 +65,7 @@ class Book:
         return Reconciler(self.ledger, self.sink).run(run_id or self.run_id)
 
     def finals(self, run_id: str | None = None) -> list[tuple[str, str]]:
-        rows = self.result(run_id).rows
+        rows = self.result(run_id).frame()
         return list(zip(rows["final_status"], rows["outcome"].fillna(""), strict=True))
 
 
@@ -94,7 +94,7 @@ def test_task_note_id_is_the_fallback_key(book: Book) -> None:
     book.event("task_note.created", "999", n=1, task_note_id="abc")
     result = book.result()
     assert book.finals() == [("confirmed", "created")]
-    assert result.rows["settled_by"].tolist() == ["task_note_id"]
+    assert result.frame()["settled_by"].tolist() == ["task_note_id"]
 
 
 def test_duplicate_events_collapse(book: Book) -> None:
@@ -104,7 +104,7 @@ def test_duplicate_events_collapse(book: Book) -> None:
     book.event("task_note.created", "5", n=1)
     result = book.result()
     assert book.finals() == [("confirmed", "created")]
-    assert result.events.duplicates == 1
+    assert result.tally == {"(repeated)": 1}
 
 
 def test_created_and_failed_for_one_job_is_a_conflict(book: Book) -> None:
@@ -112,7 +112,7 @@ def test_created_and_failed_for_one_job_is_a_conflict(book: Book) -> None:
     book.row("accepted", job_id="5")
     book.event("task_note.created", "5", n=1)
     book.event("task_note.failed", "5", n=2)
-    rows = book.result().rows
+    rows = book.result().frame()
     assert book.finals() == [("ambiguous", "conflict")]
     assert rows["event_id"].tolist() == ["evt_1;evt_2"]
     assert "conflict" in rows["detail"].iloc[0]
@@ -125,7 +125,7 @@ def test_other_event_types_are_counted_and_ignored(book: Book) -> None:
     book.event("patient.updated", None, n=2)
     result = book.result()
     assert book.finals() == [("awaiting_outcome", "pending")]
-    assert dict(result.events.other_types) == {"appointment.created": 1, "patient.updated": 1}
+    assert result.tally == {"appointment.created": 1, "patient.updated": 1}
 
 
 def test_events_matching_no_row_are_orphans(book: Book) -> None:
@@ -136,14 +136,16 @@ def test_events_matching_no_row_are_orphans(book: Book) -> None:
     book.event("task_note.created", "5", n=1)
     book.event("task_note.created", "6", n=2)
     book.event("task_note.failed", "404", n=3)
-    assert book.result().orphans["event_id"].tolist() == ["evt_3"]
+    result = book.result()
+    assert result.orphan_count == 1
+    assert [o["event_id"] for o in result.orphans] == ["evt_3"]
 
 
 def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:
     """No answer came back, but a created event carries the same note for the same task."""
     book.row("ambiguous", task="T9", note="the note")
     book.event("task_note.created", "4242", n=1, task="T9", note="the note")
-    rows = book.result().rows
+    rows = book.result().frame()
     assert book.finals() == [("confirmed", "created")]
     assert rows["settled_by"].tolist() == ["evidence"]
     assert "settled by evidence" in rows["detail"].iloc[0]

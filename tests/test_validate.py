@@ -143,9 +143,14 @@ def test_duplicates_are_found_across_files_and_batches(tmp_path: Path) -> None:
                         (1, 3, "same emr_task_id and note as line 5 of one.csv")]
 
 
-def test_duplicate_index_finds_first_occurrences() -> None:
+class _SmallRuns(DuplicateIndex):
+    RUN_CAP = 128  # so that this test also fills runs that are then left alone
+
+
+@pytest.mark.parametrize("index_type", [DuplicateIndex, _SmallRuns])
+def test_duplicate_index_finds_first_occurrences(index_type: type[DuplicateIndex]) -> None:
     """Across many batches, each repeated hash points at its first occurrence only."""
-    index = DuplicateIndex()
+    index = index_type()
     rng = np.random.default_rng(3)
     seen: dict[int, int] = {}
     ref = 0
