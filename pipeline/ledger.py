@@ -95,18 +95,23 @@ CREATE TABLE IF NOT EXISTS events (
     failure_reason TEXT,
     reason_codes TEXT,
     ekey BLOB,
-    line INTEGER,
-    claimed INTEGER NOT NULL DEFAULT 0  -- 1: a row owns it (by job, task note or evidence)
+    line INTEGER
 );
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
-CREATE INDEX IF NOT EXISTS events_task_note ON events (task_note_id);
-CREATE INDEX IF NOT EXISTS events_ekey ON events (ekey) WHERE ekey IS NOT NULL;
+-- task_note events no row owns (the first few, and how many), as of the last match.
+CREATE TABLE IF NOT EXISTS orphans (event_id TEXT PRIMARY KEY, kind TEXT, job_id TEXT,
+                                    created TEXT);
+-- No secondary indexes on events: the joins scan it and probe the rows indexes (random
+-- keys in three more B-trees made reading a million events three times slower).
+DROP INDEX IF EXISTS events_job;
+DROP INDEX IF EXISTS events_task_note;
+DROP INDEX IF EXISTS events_ekey;
 CREATE TABLE IF NOT EXISTS event_tally (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
 CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rows_ambiguous ON rows (id) WHERE status = 'ambiguous';
 """
 Status = Literal[
     "pending", "sending", "accepted", "api_rejected", "ambiguous", "failed",
@@ -497,25 +502,27 @@ class Ledger:
             with self._transaction():
                 for statement in _MATCH_SQL:
                     db.execute(statement)
+                if db.execute(_ANY_DOUBTFUL_SQL).fetchone() is not None:
+                    db.execute(_EVIDENCE_SQL)
                 before = db.total_changes
                 db.execute(_CLEAR_OUTCOMES_SQL)
                 db.execute(_WRITE_OUTCOMES_SQL)
                 changed = db.total_changes - before
-                db.execute(_MARK_CLAIMED_SQL)
+                for statement in _ORPHANS_SQL:
+                    db.execute(statement)
                 return changed
         finally:
             db.execute("DROP TABLE IF EXISTS temp.matched")
             db.execute("DROP TABLE IF EXISTS temp.claimed")
 
     def orphans(self, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
-        """task_note events that no row of any run claims: how many, and the first few."""
-        count = int(self._db.execute(
-            "SELECT COUNT(*) FROM events WHERE claimed = 0").fetchone()[0])
-        rows = self._db.execute(
-            "SELECT event_id, kind, job_id, created FROM events WHERE claimed = 0"
-            " ORDER BY created, event_id LIMIT ?", (limit,)).fetchall()
-        return count, [dict(zip(("event_id", "kind", "job_id", "created"), r, strict=True))
-                       for r in rows]
+        """task_note events that no row of any run owns: how many, and the first few."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'orphans'").fetchone()
+        rows = self._db.execute("SELECT event_id, kind, job_id, created FROM orphans"
+                                " ORDER BY created, event_id LIMIT ?", (limit,)).fetchall()
+        return (int(found[0]) if found else 0,
+                [dict(zip(("event_id", "kind", "job_id", "created"), r, strict=True))
+                 for r in rows])
 
     def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
         """A run's rows in input order, ``size`` at a time, with their file and the row they
@@ -549,50 +556,75 @@ class Ledger:
 EventRecord = tuple[str, str, str | None, str | None, str | None, str | None, str | None,
                     str | None, bytes | None, int]
 
-# The join rules, in the order reconcile.py documents them. `hits`: every (row, event) pair
+# The join rules, in the order reconcile.py documents them. `claimed`: every (row, event) pair
 # matched by job_id, or, for a row with no job_id match, by task_note_id.
 _MATCH_SQL: Final = (
     """CREATE TEMP TABLE claimed AS
     SELECT r.id AS row_id, e.*, 'job_id' AS settled_by
-      FROM rows r JOIN events e ON e.job_id = r.job_id
-     WHERE r.job_id IS NOT NULL
-    UNION ALL
+      FROM events e JOIN rows r INDEXED BY rows_job ON r.job_id = e.job_id
+     WHERE e.job_id IS NOT NULL""",
+    """CREATE INDEX temp.claimed_row ON claimed (row_id)""",
+    """INSERT INTO claimed
     SELECT r.id, e.*, 'task_note_id'
-      FROM rows r JOIN events e ON e.task_note_id = r.task_note_id
-     WHERE r.task_note_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM events j WHERE j.job_id = r.job_id)""",
+      FROM events e JOIN rows r INDEXED BY rows_task_note ON r.task_note_id = e.task_note_id
+     WHERE e.task_note_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.row_id = r.id)""",
+    # Most rows have one event: taken as it is, grouped on the row index, no sorting.
     """CREATE TEMP TABLE matched AS
-    WITH firsts AS (
+    SELECT row_id, kind AS outcome, event_id, emr_note_id, failure_reason, reason_codes,
+           created AS outcome_at, settled_by
+      FROM claimed GROUP BY row_id HAVING COUNT(*) = 1""",
+    """CREATE UNIQUE INDEX temp.matched_row ON matched (row_id)""",
+    # Rows with several events: the earliest of each kind; created and failed: a conflict.
+    """INSERT INTO matched
+    WITH several AS (
+        SELECT * FROM claimed
+         WHERE row_id IN (SELECT row_id FROM claimed GROUP BY row_id HAVING COUNT(*) > 1)),
+    firsts AS (
         SELECT *, ROW_NUMBER() OVER (PARTITION BY row_id, kind ORDER BY created, event_id) AS n
-          FROM claimed),
+          FROM several),
     c AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'created'),
     f AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'failed')
-    SELECT c.row_id, CASE WHEN f.row_id IS NULL THEN 'created' ELSE 'conflict' END AS outcome,
-           CASE WHEN f.row_id IS NULL THEN c.event_id ELSE c.event_id || ';' || f.event_id END
-               AS event_id,
-           c.emr_note_id, f.failure_reason, f.reason_codes, c.created AS outcome_at,
-           c.settled_by
+    SELECT c.row_id, CASE WHEN f.row_id IS NULL THEN 'created' ELSE 'conflict' END,
+           CASE WHEN f.row_id IS NULL THEN c.event_id ELSE c.event_id || ';' || f.event_id END,
+           c.emr_note_id, f.failure_reason, f.reason_codes, c.created, c.settled_by
       FROM c LEFT JOIN f ON f.row_id = c.row_id
     UNION ALL
     SELECT f.row_id, 'failed', f.event_id, NULL, f.failure_reason, f.reason_codes, f.created,
            f.settled_by
       FROM f WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.row_id = f.row_id)""",
-    """CREATE UNIQUE INDEX temp.matched_row ON matched (row_id)""",
-    # Evidence: ambiguous rows and unclaimed created events with the same key, paired in
-    # order (rows by id, events by time), so one event settles at most one row.
-    """INSERT INTO matched
-    WITH doubtful AS (
-        SELECT id AS row_id, key, ROW_NUMBER() OVER (PARTITION BY key ORDER BY id) AS n
-          FROM rows
-         WHERE status = 'ambiguous' AND key IS NOT NULL
-           AND id NOT IN (SELECT row_id FROM matched)),
-    spare AS (
-        SELECT e.*, ROW_NUMBER() OVER (PARTITION BY ekey ORDER BY created, event_id) AS n
-          FROM events e
-         WHERE kind = 'created' AND ekey IS NOT NULL
-           AND event_id NOT IN (SELECT event_id FROM claimed))
-    SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.created, 'evidence'
-      FROM doubtful d JOIN spare s ON s.ekey = d.key AND s.n = d.n""",
+)
+_ANY_DOUBTFUL_SQL: Final = """
+SELECT 1 FROM rows INDEXED BY rows_ambiguous
+ WHERE status = 'ambiguous' AND key IS NOT NULL AND id NOT IN (SELECT row_id FROM matched)
+ LIMIT 1"""
+# Evidence: ambiguous rows and unclaimed created events with the same key, paired in
+# order (rows by id, events by time), so one event settles at most one row.
+_EVIDENCE_SQL: Final = """
+INSERT INTO matched
+WITH doubtful AS (
+    SELECT id AS row_id, key, ROW_NUMBER() OVER (PARTITION BY key ORDER BY id) AS n
+      FROM rows INDEXED BY rows_ambiguous
+     WHERE status = 'ambiguous' AND key IS NOT NULL
+       AND id NOT IN (SELECT row_id FROM matched)),
+spare AS (
+    SELECT e.*, ROW_NUMBER() OVER (PARTITION BY ekey ORDER BY created, event_id) AS n
+      FROM events e
+     WHERE kind = 'created' AND ekey IN (SELECT key FROM doubtful)
+       AND event_id NOT IN (SELECT event_id FROM claimed))
+SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.created, 'evidence'
+  FROM doubtful d JOIN spare s ON s.ekey = d.key AND s.n = d.n"""
+_ORPHANS_SQL: Final = (
+    "DELETE FROM orphans",
+    """CREATE TEMP TABLE owned AS
+    SELECT event_id FROM claimed UNION SELECT event_id FROM matched WHERE settled_by = 'evidence'
+    """,
+    """INSERT OR REPLACE INTO meta
+    SELECT 'orphans', COUNT(*) FROM events WHERE event_id NOT IN (SELECT event_id FROM owned)""",
+    """INSERT INTO orphans
+    SELECT event_id, kind, job_id, created FROM events
+     WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50""",
+    "DROP TABLE temp.owned",
 )
 _CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
@@ -607,13 +639,6 @@ UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_
    AND (rows.outcome IS NOT m.outcome OR rows.event_id IS NOT m.event_id
         OR rows.failure_reason IS NOT m.failure_reason OR rows.settled_by IS NOT m.settled_by
         OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at)"""
-_MARK_CLAIMED_SQL: Final = """
-UPDATE events SET claimed = x.now
-  FROM (SELECT event_id, event_id IN (SELECT event_id FROM claimed
-                                      UNION SELECT event_id FROM matched
-                                             WHERE settled_by = 'evidence') AS now
-          FROM events) x
- WHERE x.event_id = events.event_id AND events.claimed IS NOT x.now"""
 _RUN_CHUNK_SQL: Final = """
 SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_job_id,
        ref.outcome AS ref_outcome
