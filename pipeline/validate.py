@@ -245,24 +245,27 @@ def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:
 
 
 class DuplicateIndex:
-    """The first occurrence of every row hash seen in a run, in 16 bytes per row.
+    """The first occurrence of every row hash seen in a run, in 14 bytes per row.
 
     A dict of a million rows costs ~150 MB. Here new hashes go into sorted numpy
-    runs, merged like a binary counter up to ``RUN_CAP`` entries and then left
-    alone, so memory is 16 bytes per row with no merge of the whole index ever
-    doubling it, and a batch's lookup is a few ``searchsorted`` calls. The hash
-    is Python's 64-bit SipHash of (task id, note): two different rows collide
-    with odds of about 1 in 10^7 per billion row pairs, and a row so skipped
-    still shows in the results as a duplicate of a named line.
+    runs (hash, line, file), merged like a binary counter up to ``RUN_CAP``
+    entries and then left alone, so no merge of the whole index ever doubles
+    it, and a batch's lookup is a few ``searchsorted`` calls. The hash is
+    Python's 64-bit SipHash of (task id, note): two different rows collide with
+    odds of about 1 in 10^7 per billion row pairs, and a row so skipped still
+    shows in the results as a duplicate of a named line.
+
+    A ref is ``file_no << 40 | line``, as ``Validator`` builds it.
     """
 
-    RUN_CAP = 1 << 18
+    RUN_CAP = 1 << 16  # ~1 MB per run: merges stay small, lookups stay a few searchsorted
 
     def __init__(self) -> None:
-        self._runs: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
+        self._runs: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32],
+                               npt.NDArray[np.uint16]]] = []
 
     def __len__(self) -> int:
-        return sum(len(h) for h, _ in self._runs)
+        return sum(len(run[0]) for run in self._runs)
 
     def check_and_add(
         self, hashes: npt.NDArray[np.int64], refs: npt.NDArray[np.int64]
@@ -275,10 +278,11 @@ class DuplicateIndex:
         repeat[1:] = sorted_h[1:] == sorted_h[:-1]
         first = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(sorted_h))))
         earlier[order[repeat]] = refs[order[first[repeat]]]
-        for run_h, run_refs in self._runs:
+        for run_h, run_lines, run_files in self._runs:
             idx = np.searchsorted(run_h, hashes).clip(max=len(run_h) - 1)
             hit = run_h[idx] == hashes
-            earlier[hit] = run_refs[idx[hit]]
+            found = idx[hit]
+            earlier[hit] = (run_files[found].astype(np.int64) << 40) | run_lines[found]
         new = order[~repeat]
         new = new[earlier[new] < 0]
         if len(new):
@@ -287,11 +291,14 @@ class DuplicateIndex:
 
     def _push(self, hashes: npt.NDArray[np.int64], refs: npt.NDArray[np.int64]) -> None:
         order = np.argsort(hashes)
-        self._runs.append((hashes[order], refs[order]))
+        refs = refs[order]
+        self._runs.append((hashes[order], (refs & ((1 << 40) - 1)).astype(np.uint32),
+                           (refs >> 40).astype(np.uint16)))
         runs = self._runs
         while (len(runs) > 1 and len(runs[-2][0]) < self.RUN_CAP
                and len(runs[-2][0]) <= 2 * len(runs[-1][0])):
-            (h1, r1), (h2, r2) = runs.pop(), runs.pop()
-            h, r = np.concatenate((h2, h1)), np.concatenate((r2, r1))
+            (h2, l2, f2), (h1, l1, f1) = runs.pop(), runs.pop()
+            h, lines, files = (np.concatenate((h1, h2)), np.concatenate((l1, l2)),
+                               np.concatenate((f1, f2)))
             order = np.argsort(h, kind="stable")
-            runs.append((h[order], r[order]))
+            runs.append((h[order], lines[order], files[order]))

@@ -1,0 +1,32 @@
+"""Each benchmark runs end to end in its --quick form and prints its verdict (no timing here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("script", "verdict"),
+    [
+        pytest.param("submit.py", "tasknotes/best httpx-API =", id="submit"),
+        pytest.param("rate.py", "within 5%, <= C", id="rate"),
+        pytest.param("sink.py", "durable/baseline =", id="sink"),
+        pytest.param("validate.py", "tasknotes validate / pandas.read_csv =", id="validate"),
+        pytest.param("memory.py", "validate: 10,000 rows / 2,000 rows =", id="memory"),
+        pytest.param("reconcile.py", "reconcile / pandas.merge =", id="reconcile"),
+    ],
+)
+def test_the_benchmark_runs_and_prints_its_ratio(script: str, verdict: str) -> None:
+    """`python bench/<script> --quick` exits 0 and prints the table and the ratio it is for."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert verdict in done.stdout
+    assert "Traceback" not in done.stderr
