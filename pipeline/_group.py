@@ -1,9 +1,10 @@
 """Group commit: many callers, one durable write per batch, off the event loop.
 
-Used by the ledger (rows marked ``sending`` before their request leaves) and
-by the sink file (an event on disk before its 2xx). While one batch is being
-written in a worker thread, the next one gathers, so the cost of a commit or
-an fsync is shared by everything that arrived meanwhile.
+Used by the sink file (an event on disk before its 2xx). While one batch is
+being written in a worker thread, the next one gathers, so the cost of an
+fsync is shared by everything that arrived meanwhile. (The submit stage
+commits its waves on the event loop instead: there, a thread's round trip
+under load cost more than the commit; see submit.py.)
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ class GroupCommit(Generic[T]):
         self._batch: _Batch[T] = _Batch()
         self._wake = anyio.Event()
         self._closed = False
-        self.commits = 0
-        self.largest = 0
 
     async def put(self, item: T) -> None:
         batch = self._batch
@@ -73,8 +72,6 @@ class GroupCommit(Generic[T]):
                 await anyio.to_thread.run_sync(self._commit, batch.items)
             except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
                 batch.error = exc
-            self.commits += 1
-            self.largest = max(self.largest, len(batch.items))
             batch.done.set()
             if batch.error is not None and self._stop_on_error:
                 raise batch.error

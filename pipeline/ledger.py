@@ -421,11 +421,6 @@ class Ledger:
         except sqlite3.Error as exc:
             raise StateError(f"ledger {self.path} cannot be written: {exc}") from None
 
-    def set_status(self, row_ids: Sequence[int], status: Status, error: str) -> None:
-        with self._transaction():
-            self._db.executemany("UPDATE rows SET status=?, error=? WHERE id=?",
-                                 ((status, error, i) for i in row_ids))
-
     def job_ids(self, run_id: str | None = None, *, unresolved: bool = False) -> set[str]:
         """job ids of accepted rows (of one run, or all); ``unresolved``: only without outcome."""
         sql = "SELECT job_id FROM rows WHERE status='accepted' AND job_id IS NOT NULL"
@@ -451,12 +446,6 @@ class Ledger:
             if found is not None and (earliest is None or found < earliest):
                 earliest = found
         return earliest
-
-    def count(self, run_id: str) -> dict[str, int]:
-        """Rows of a run per status."""
-        return dict(self._db.execute(
-            "SELECT status, COUNT(*) FROM rows WHERE run_id=? GROUP BY status", (run_id,)
-        ).fetchall())
 
     # -- the events mirror and the join rules ---------------------------------------------
 

@@ -14,7 +14,7 @@ with backoff, under the same rate limit as sending.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -141,8 +141,3 @@ def _date_range(since: str | None, today: datetime | None = None) -> tuple[str, 
             start = today - timedelta(days=7)
     return ((start - timedelta(days=1)).strftime("%Y-%m-%d"),
             (today + timedelta(days=1)).strftime("%Y-%m-%d"))
-
-
-def unresolved_jobs(job_ids: Iterable[str], sink_job_ids: set[str]) -> set[str]:
-    """Job ids with no ``task_note.*`` event in the sink yet."""
-    return {j for j in job_ids if j not in sink_job_ids}

@@ -235,6 +235,7 @@ def summarise(
         "finished_at": run["finished_at"],
         "timings_s": info.get("timings_s", {}),
         "throughput_per_s": info.get("throughput_per_s"),
+        "send": info.get("send", {}),
         "inputs": [{"path": f["path"], "sha256": f["sha256"], "bytes": f["size"]}
                    for f in result.files],
         "rows": tally.rows,

@@ -466,6 +466,8 @@ class Run:
                       if stats is not None and stats.seconds > 0 else None)
         ledger.finish_run(self.run_id, state, {
             "stop_reason": reason, "timings_s": self.timings, "throughput_per_s": throughput,
+            "send": ({"requests": stats.requests, "retries": stats.retries,
+                      "ledger_commits": stats.commits} if stats is not None else {}),
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
         })

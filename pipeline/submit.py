@@ -82,16 +82,12 @@ class Progress(Protocol):
 class SubmitStats:
     """What one submit stage did."""
 
-    sent: int = 0
+    sent: int = 0  # rows that reached a final status
     requests: int = 0
     retries: int = 0
     commits: int = 0
-    by_status: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
-
-    def count(self, status: str) -> None:
-        self.by_status[status] = self.by_status.get(status, 0) + 1
 
     @property
     def seconds(self) -> float:
@@ -280,7 +276,7 @@ class Submitter:
         for job in batch:
             if job.skip is not None:
                 self._record(job, "failed", None, job.skip)
-                self._done("failed")
+                self._done()
             else:
                 self._fresh.append(job)
         return True
@@ -401,12 +397,12 @@ class Submitter:
             accepted.job_id, None, utcnow(),
         ))
         self._consecutive_failures = 0
-        self._done("accepted")
+        self._done()
 
     def _finish(self, job: Job, status: Status, error: ApiError, message: str) -> None:
         self._record(job, status, error.http_status, message)
         self._consecutive_failures += 1
-        self._done(status)
+        self._done()
         limit = self._settings.max_consecutive_failures
         if self._consecutive_failures >= limit:
             self.control.stop(f"{limit} rows in a row did not go through (last: {message}); "
@@ -416,9 +412,8 @@ class Submitter:
         self._results.append(Attempt(job.row_id, status, http_status, None, None, error,
                                      utcnow()))
 
-    def _done(self, status: str) -> None:
+    def _done(self) -> None:
         self.stats.sent += 1
-        self.stats.count(status)
         if self._progress is not None:
             self._progress.update(1)
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import csv
 import json
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -99,6 +100,13 @@ async def emulator_running(**overrides: Any) -> AsyncIterator[tuple[Emulator, st
 
 def stored_count(emulator: Emulator, task_id: str, note: str) -> int:
     return emulator.stored.get(note_key(task_id, note), 0)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

@@ -6,7 +6,6 @@ import errno
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +17,7 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, serving, wait_until, write_config
+from helpers import WEBHOOK_SECRET, free_port, serving, wait_until, write_config
 from pipeline.emulator import compact, sign
 from pipeline.errors import StateError
 from pipeline.events import SinkFile, read_sink
@@ -223,14 +222,6 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path: Path) -> None:
 
 
 # -- a real sink process ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 def start_sink(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
