@@ -414,7 +414,8 @@ def note_previews(
         column = notes[file_no]
         note = cells[column].strip() if column is not None and column < len(cells) else ""
         cut = settings.preview_chars
-        previews[(names[file_no], line)] = note[:cut] + ("…" if len(note) > cut else "")
+        previews[(names[file_no], line)] = (note[:cut].rstrip() + "…" if len(note) > cut
+                                             else note)
     return previews
 
 

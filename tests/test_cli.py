@@ -93,13 +93,15 @@ def test_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
         pytest.param("emr_task_id,note\nT1,ok\nT2,fine\n", 0, "2 rows: 2 valid", id="valid"),
         pytest.param("emr_task_id,note\nT1,ok\n,no id\nbad id,x\n", 1, "missing-task-id",
                      id="some-rejected"),
+        pytest.param("emr_task_id,note\nT1,ok\nT2,caf\udce9\n", 2,
+                     "input.csv line 3: bytes e9 are not valid utf-8", id="bad-bytes"),
     ],
 )
 def test_validate_exit_codes_and_output(tmp_path: Path, content: str | None, code: int,
                                         message: str) -> None:
     """validate: 0 all valid, 1 some rejected, 2 unreadable; the reason is plain."""
     if content is not None:
-        (tmp_path / "input.csv").write_text(content)
+        (tmp_path / "input.csv").write_bytes(content.encode("utf-8", "surrogateescape"))
     config = write_config(tmp_path)
     done = tasknotes("validate", str(config), cwd=tmp_path)
     assert done.returncode == code, done.stderr

@@ -161,3 +161,19 @@ def test_stale_rows_are_counted_and_shown_with_their_age(tmp_path: Path) -> None
     html = (outcome.report.directory / "report.html").read_text()
     assert "1 stale" in html
     assert "days (stale)" in html
+
+
+@pytest.mark.parametrize("allowed", [pytest.param(True, id="preview-on"),
+                                     pytest.param(False, id="preview-off")])
+def test_note_previews_appear_only_when_allowed(tmp_path: Path, allowed: bool) -> None:
+    """report.show_note_preview puts the first characters of each flagged row's note in
+    report.html (read back from the unchanged input); off by default, none appear."""
+    write_csv(tmp_path / "input.csv", [["T1", f"Patient asked about {CANARY} and more"],
+                                       ["bad id", "not a valid task id"]])
+    with EmulatorThread() as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            report={"show_note_preview": allowed, "preview_chars": 12})
+        outcome = run_pipeline(load_config(path, needs=("api",)))
+    html = (outcome.report.directory / "report.html").read_text()
+    assert ("not a valid…" in html) is allowed
+    assert CANARY not in html  # the first row ended well: not flagged, never previewed
