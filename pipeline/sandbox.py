@@ -52,21 +52,14 @@ class Sandbox:
         missing = expected - self._arrived
         with anyio.move_on_after(self.wait_s):
             while missing and not control.stopped:
-                self._changed = anyio.Event()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_set_when, control.stopping, self._changed)
-                    await self._changed.wait()
-                    tg.cancel_scope.cancel()
+                self._changed = changed = anyio.Event()
+                with control.also_setting(changed):
+                    await changed.wait()
                 missing = expected - self._arrived
         if missing:
             log.warning("%d accepted rows have no outcome after %.0f s (sandbox.wait_s)",
                         len(missing), self.wait_s)
         return len(missing)
-
-
-async def _set_when(source: anyio.Event, target: anyio.Event) -> None:
-    await source.wait()
-    target.set()
 
 
 def emulator_options(config: RunConfig, webhook_url: str) -> EmulatorOptions:

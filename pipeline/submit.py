@@ -23,13 +23,14 @@ started stay ``pending`` for the next run.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -101,6 +102,7 @@ class Control:
         self.stopping = anyio.Event()
         self.reason: str | None = None
         self.fatal = False
+        self._also_set: set[anyio.Event] = set()
 
     def stop(self, reason: str, *, fatal: bool = True) -> None:
         """Start no new requests; the first reason given is the one reported."""
@@ -109,6 +111,24 @@ class Control:
             self.fatal = fatal
             log.warning("stopping: %s", reason)
         self.stopping.set()
+        for event in self._also_set:
+            event.set()
+
+    @contextlib.contextmanager
+    def also_setting(self, event: anyio.Event) -> Iterator[None]:
+        """While the block runs, a stop sets ``event`` too (at once if already stopped).
+
+        A task waiting for "this or a stop" then waits on one event, without a
+        helper task to relay the stop: the dispatcher wakes in the loop iteration
+        after a request ends, not three iterations later.
+        """
+        if self.stopping.is_set():
+            event.set()
+        self._also_set.add(event)
+        try:
+            yield
+        finally:
+            self._also_set.discard(event)
 
     @property
     def stopped(self) -> bool:
@@ -317,12 +337,9 @@ class Submitter:
             wait = max(0.0, self._retries[0].due - anyio.current_time())
         if self._pacer.resume_at > anyio.current_time():
             wait = min(wait, self._pacer.resume_at - anyio.current_time())
-        self._changed = anyio.Event()
-        with anyio.move_on_after(wait):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_relay, self.control.stopping, self._changed)
-                await self._changed.wait()
-                tg.cancel_scope.cancel()
+        self._changed = changed = anyio.Event()
+        with self.control.also_setting(changed), anyio.move_on_after(wait):
+            await changed.wait()
 
     async def _wait_for_in_flight(self) -> None:
         while self._in_flight:
@@ -416,8 +433,3 @@ class Submitter:
         self.stats.sent += 1
         if self._progress is not None:
             self._progress.update(1)
-
-
-async def _relay(source: anyio.Event, target: anyio.Event) -> None:
-    await source.wait()
-    target.set()
