@@ -85,7 +85,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._session or self._open()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
                    if k.lower() not in _SKIP_REQUEST]
-        body = await request.aread()
+        # httpx's own read of a request body is an async generator; a body held in
+        # memory (the client's ByteStream) is read without one.
+        body = (request.read() if isinstance(request.stream, httpx.SyncByteStream)
+                else await request.aread())
         with map_aiohttp_exceptions():
             async with session.request(
                 request.method, self._url(request.url), headers=headers, data=body or None,
@@ -94,8 +97,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 content = await response.read()
                 status, raw_headers = response.status, response.raw_headers
         kept = [(k, v) for k, v in raw_headers if k.lower() not in _SKIP_RESPONSE]
-        return httpx.Response(status, headers=kept, stream=httpx.ByteStream(content),
-                              request=request)
+        # Given as content, the body is already read: the caller's ``aread()`` returns it
+        # without running httpx's async decoding pipeline over bytes aiohttp has decoded.
+        return httpx.Response(status, headers=kept, content=content, request=request)
 
     def _url(self, url: httpx.URL) -> yarl.URL:
         text = str(url)

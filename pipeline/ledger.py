@@ -392,9 +392,10 @@ class Ledger:
             last = batch[-1][0]
 
     def mark_sending(self, row_ids: Sequence[int]) -> None:
+        now = utcnow()  # one commit, one moment
         self._db.executemany(
             "UPDATE rows SET status='sending', attempts=attempts+1, submitted_at=? WHERE id=?",
-            ((utcnow(), i) for i in row_ids),
+            ((now, i) for i in row_ids),
         )
 
     def record_attempts(self, attempts: Sequence[Attempt]) -> None:
