@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +85,27 @@ def generated_input(rows: int, seed: int = 7) -> Path:
 
 def peak_rss_mb(args: Sequence[str], **kwargs: object) -> tuple[float, float, int]:
     """Run a command; (its own peak RSS in MB from the kernel, wall seconds, exit code)."""
+    measured = run_measured(args, **kwargs)
+    return measured.rss_mb, measured.wall_s, measured.code
+
+
+@dataclass(frozen=True)
+class Measured:
+    rss_mb: float  # the child's own peak RSS, from the kernel
+    wall_s: float
+    cpu_s: float  # user + system: steadier than wall time on a shared VM
+    code: int
+
+
+def run_measured(args: Sequence[str], **kwargs: object) -> Measured:
+    """Run a command to its end; what the kernel says it used."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             **kwargs)  # type: ignore[call-overload]
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024, time.perf_counter() - start, proc.returncode
+    return Measured(usage.ru_maxrss / 1024, time.perf_counter() - start,
+                    usage.ru_utime + usage.ru_stime, proc.returncode)
 
 
 def run_json(args: Sequence[str], timeout: float = 300) -> dict[str, object]:
