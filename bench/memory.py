@@ -20,13 +20,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import (
-    CLIENT_CPU,
-    ROOT,
     Server,
     generated_input,
     machine,
-    peak_rss_mb,
     python,
+    run_measured,
     table,
 )
 
@@ -49,10 +47,8 @@ def config(workdir: Path, data: Path, url: str = "http://127.0.0.1:9") -> Path:
 
 
 def measure(args: list[str]) -> tuple[float, float]:
-    rss, seconds, code = peak_rss_mb(["taskset", "-c", str(CLIENT_CPU), *args], cwd=ROOT)
-    if code not in (0, 1):
-        raise RuntimeError(f"{args} exited {code}")
-    return rss, seconds
+    measured = run_measured(args)
+    return measured.rss_mb, measured.wall_s
 
 
 def main() -> None:

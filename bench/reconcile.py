@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import CLIENT_CPU, ROOT, machine, median, peak_rss_mb, python, table
+from bench._common import machine, median, python, run_measured, table
 from pipeline.ledger import Attempt, Ledger, NewRow, row_key
 
 RUN_ID = "bench-run"
@@ -115,10 +115,8 @@ def _events(i: int, rng: random.Random) -> list[str]:
 
 
 def timed(args: list[str]) -> tuple[float, float]:
-    rss, seconds, code = peak_rss_mb(["taskset", "-c", str(CLIENT_CPU), *args], cwd=ROOT)
-    if code not in (0, 1):
-        raise RuntimeError(f"{args[:4]} exited {code}")
-    return seconds, rss
+    measured = run_measured(args)
+    return measured.wall_s, measured.rss_mb
 
 
 def main() -> None:
