@@ -88,5 +88,6 @@ def main() -> None:
           f"{median(cpu['tasknotes validate']) / base_cpu:.2f}; / chunked read_csv = "
           f"{ours / chunked:.2f}")
 
+
 if __name__ == "__main__":
     main()
