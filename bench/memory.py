@@ -46,11 +46,6 @@ def config(workdir: Path, data: Path, url: str = "http://127.0.0.1:9") -> Path:
     return path
 
 
-def measure(args: list[str]) -> tuple[float, float]:
-    measured = run_measured(args)
-    return measured.rss_mb, measured.wall_s
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2k and 10k rows")
@@ -64,19 +59,20 @@ def main() -> None:
         workdir = Path(tmp)
         for n in (small_v, large_v):
             data = generated_input(n)
-            rss, seconds = measure([python(), "-m", "pipeline", "-q", "validate",
-                                    str(config(workdir, data))])
-            base, _ = measure([python(), "-c", PANDAS, str(data)])
-            results[f"validate {n}"] = rss
-            rows.append([f"tasknotes validate, {n:,} rows", f"{rss:.0f}", f"{seconds:.1f}",
-                         f"{base:.0f}"])
+            ours = run_measured([python(), "-m", "pipeline", "-q", "validate",
+                                 str(config(workdir, data))])
+            base = run_measured([python(), "-c", PANDAS, str(data)])
+            results[f"validate {n}"] = ours.rss_mb
+            rows.append([f"tasknotes validate, {n:,} rows", f"{ours.rss_mb:.0f}",
+                         f"{ours.wall_s:.1f}", f"{base.rss_mb:.0f}"])
         with Server(0.0) as server:
             for n in (small_r, large_r):
                 data = generated_input(n)
-                rss, seconds = measure([python(), "-m", "pipeline", "-q", "run",
-                                        str(config(workdir, data, server.url)), "--no-progress"])
-                results[f"run {n}"] = rss
-                rows.append([f"tasknotes run, {n:,} rows", f"{rss:.0f}", f"{seconds:.1f}", "-"])
+                ours = run_measured([python(), "-m", "pipeline", "-q", "run",
+                                     str(config(workdir, data, server.url)), "--no-progress"])
+                results[f"run {n}"] = ours.rss_mb
+                rows.append([f"tasknotes run, {n:,} rows", f"{ours.rss_mb:.0f}",
+                             f"{ours.wall_s:.1f}", "-"])
     print(table(["command", "peak RSS MB", "seconds", "pandas.read_csv MB"], rows))
     for kind, small, large in (("validate", small_v, large_v), ("run", small_r, large_r)):
         a, b = results[f"{kind} {small}"], results[f"{kind} {large}"]

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import machine, median, python, run_measured, table
+from bench._common import Measured, machine, median, python, run_measured, table
 from pipeline.ledger import Attempt, Ledger, NewRow, row_key
 
 RUN_ID = "bench-run"
@@ -114,11 +114,6 @@ def _events(i: int, rng: random.Random) -> list[str]:
     return lines
 
 
-def timed(args: list[str]) -> tuple[float, float]:
-    measured = run_measured(args)
-    return measured.wall_s, measured.rss_mb
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -135,7 +130,7 @@ def main() -> None:
     print(f"bench/reconcile.py on {machine()}; {args.rows:,} rows, "
           f"{sink.stat().st_size / 2**20:,.0f} MiB of events (made in "
           f"{time.perf_counter() - started:.0f} s, cached), {args.reps} reps")
-    measured: dict[str, list[tuple[float, float]]] = {}
+    measured: dict[str, list[Measured]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for rep in range(args.reps):
@@ -152,16 +147,17 @@ def main() -> None:
             }
             shutil.copy(ledger, work / "stage.sqlite")
             for name in (list(steps) if rep % 2 == 0 else list(reversed(steps))):
-                measured.setdefault(name, []).append(timed(steps[name]))
+                measured.setdefault(name, []).append(run_measured(steps[name]))
             full = [python(), "-m", "pipeline", "-q", "reconcile", str(config), "--run-id", RUN_ID]
-            measured.setdefault("tasknotes reconcile", []).append(timed(full))
+            measured.setdefault("tasknotes reconcile", []).append(run_measured(full))
             if args.again:
-                measured.setdefault("tasknotes reconcile, again", []).append(timed(full))
-    base = median([s for s, _ in measured["pandas.merge"]])
-    rows = [[name, f"{median([s for s, _ in m]):.1f}", f"{median([s for s, _ in m]) / base:.2f}",
-             f"{median([r for _, r in m]):.0f}"] for name, m in measured.items()]
+                measured.setdefault("tasknotes reconcile, again", []).append(run_measured(full))
+    wall = {name: median([m.wall_s for m in ms]) for name, ms in measured.items()}
+    base = wall["pandas.merge"]
+    rows = [[name, f"{wall[name]:.1f}", f"{wall[name] / base:.2f}",
+             f"{median([m.rss_mb for m in ms]):.0f}"] for name, ms in measured.items()]
     print(table(["step", "seconds", "x pandas.merge", "peak RSS MB"], rows))
-    stage = median([s for s, _ in measured["reconcile"]])
+    stage = wall["reconcile"]
     print(f"reconcile / pandas.merge = {stage / base:.2f} (goal <= 2: "
           f"{'met' if stage / base <= 2 else 'not met'})")
 
