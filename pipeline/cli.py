@@ -319,7 +319,9 @@ def _poll(args: argparse.Namespace) -> int:
         since = ledger.earliest_submission(wanted)
 
         async def fetch() -> PollStats:
-            async with CobaltClient(config.api, max_connections=2) as client:
+            webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
+            async with CobaltClient(config.api, max_connections=2,
+                                    more_secrets=webhook_secrets) as client:
                 return await Poller(config, client, sink).run(wanted, since)
 
         try:

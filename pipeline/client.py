@@ -7,6 +7,13 @@ carry exactly the three auth headers Cobalt documents (``client_id``,
 
 Failures are classified here, once, into the tree in ``errors.py``: whether a
 request may have taken effect decides whether it may be sent again.
+
+What Cobalt says is untrusted text: an error message may quote the request
+(the note) or the credentials. Every error leaves this module as
+``HTTP <status> <code>: <message>``, the message passed through ``redact``
+(the row's note, every secret and any run of 16 or more of their characters
+removed, one line, at most 300 characters). The full upstream text is kept
+nowhere: it would be a second copy of the note, outside the input file.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -40,6 +48,9 @@ _json_string = json.encoder.encode_basestring
 NOTES_PATH = "/v1/tasks/notes"
 EVENTS_PATH = "/v1/webhook-events"
 _MAX_MESSAGE = 300
+_SCAN_LIMIT = 65_536  # characters of an upstream message looked at, at most
+REDACT_RUN = 16  # this many consecutive characters of a note or secret are removed
+REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +88,12 @@ class CobaltClient:
         *,
         max_connections: int = 8,
         transport: httpx.AsyncBaseTransport | None = None,
+        more_secrets: Iterable[str] = (),
     ) -> None:
+        """``more_secrets``: other secrets (the webhook secrets) also kept out of messages."""
         client_id, client_secret, access_token = api.credentials()
+        self._secrets = tuple(s for s in (client_id, client_secret, access_token,
+                                          *more_secrets) if s)
         self._transport = transport or _make_transport(api, max_connections)
         self._notes_url = httpx.URL(api.base_url + NOTES_PATH)
         self._events_url = httpx.URL(api.base_url + EVENTS_PATH)
@@ -109,7 +124,10 @@ class CobaltClient:
         await self._transport.aclose()
 
     async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted:
-        """POST /v1/tasks/notes; raises an ApiError subclass unless Cobalt queued the note."""
+        """POST /v1/tasks/notes; raises an ApiError subclass unless Cobalt queued the note.
+
+        The error's message never holds ``note`` or a secret (see ``redact``).
+        """
         body = _note_body(emr_task_id, note)
         # Headers complete and normalised up front, body as a stream: httpx then skips
         # its per-request header inference, which profiling found costlier than needed.
@@ -117,10 +135,21 @@ class CobaltClient:
         headers["content-length"] = str(len(body))
         request = httpx.Request("POST", self._notes_url, headers=headers,
                                 stream=httpx.ByteStream(body), extensions=self._extensions)
-        return _accepted(await self._send(request))
+        try:
+            return _accepted(await self._send(request))
+        except ApiError as exc:
+            _redact_error(exc, (note, *self._secrets))
+            raise
 
     async def webhook_events(self, **query: str | int) -> EventsPage:
         """GET /v1/webhook-events with the given filters (job_id, event_type, dates, page...)."""
+        try:
+            return await self._webhook_events(query)
+        except ApiError as exc:
+            _redact_error(exc, self._secrets)
+            raise
+
+    async def _webhook_events(self, query: dict[str, str | int]) -> EventsPage:
         request = httpx.Request("GET", self._events_url, params=query, headers=self._headers,
                                 extensions=self._extensions)
         response = await self._send(request)
@@ -208,32 +237,113 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
 
 def _raise_for_status(response: httpx.Response) -> None:
     status = response.status_code
-    message = f"HTTP {status}: {_message(response)}"
-    error: ApiError
+    kind: type[ApiError]
     if status in (401, 403):
-        error = CredentialsRefused(message, http_status=status)
+        kind = CredentialsRefused
     elif status == 429:
-        error = RateLimited(message, http_status=status, retry_after=retry_after(response))
+        kind = RateLimited
     elif status == 503:
-        error = Unavailable(message, http_status=status, retry_after=retry_after(response))
+        kind = Unavailable
     elif 400 <= status < 500:
-        error = RequestRejected(message, http_status=status)
+        kind = RequestRejected
     elif status >= 500:
-        error = ServerError(message, http_status=status)
+        kind = ServerError
     else:  # 1xx/3xx to a POST: we cannot tell what happened
-        error = BadResponse(message, http_status=status)
-    raise error
+        kind = BadResponse
+    message = f"HTTP {status} {kind.code}: {_message(response)}"
+    if kind is RateLimited or kind is Unavailable:
+        raise kind(message, http_status=status, retry_after=retry_after(response))
+    raise kind(message, http_status=status)
 
 
 def _message(response: httpx.Response) -> str:
-    """Cobalt's ``message``, else the reason phrase; never the request."""
+    """Cobalt's ``message`` (untrusted: redacted by the caller), else the reason phrase."""
     try:
         data = json.loads(response.content)
         if isinstance(data, dict) and isinstance(data.get("message"), str):
-            return str(data["message"])[:_MAX_MESSAGE]
+            return str(data["message"])[:_SCAN_LIMIT]
     except (json.JSONDecodeError, UnicodeDecodeError):
         pass
     return response.reason_phrase or "no message"
+
+
+def _redact_error(exc: ApiError, private: Iterable[str]) -> None:
+    """Make ``exc``'s message safe to keep (ledger, reports, logs), in place."""
+    exc.message = redact(exc.message, private)
+    exc.args = (exc.message,)
+
+
+def redact(text: str, private: Iterable[str], *, limit: int = _MAX_MESSAGE) -> str:
+    """Untrusted upstream ``text`` made safe to store and show: one line, at most ``limit``
+    characters, with every ``private`` string (a note, a secret) removed.
+
+    Removed, each replaced by ``[redacted]``: every occurrence of a private
+    string (not inside a longer word); every run of ``REDACT_RUN`` (16) or more
+    consecutive characters of one (a quote cut short, or embedded in other
+    text); and the same runs compared on letters and digits alone, case-folded
+    (a quote whose spacing, punctuation or case was changed). Control characters and line breaks
+    become spaces. Only the first 65,536 characters are read.
+    """
+    text = text[:_SCAN_LIMIT]
+    hide = bytearray(len(text))
+    everywhere = list(range(len(text)))
+    skeleton, where = _skeleton(text)
+    for secret in private:
+        if not secret:
+            continue
+        _hide_runs(text, everywhere, secret, hide, whole=True)
+        _hide_runs(skeleton, where, _skeleton(secret)[0], hide, whole=False)
+    parts: list[str] = []
+    for i, char in enumerate(text):
+        if hide[i]:
+            if not (i and hide[i - 1]):
+                parts.append(REDACTED)
+        else:
+            parts.append(char if char.isprintable() else " ")
+    safe = " ".join("".join(parts).split())
+    return safe if len(safe) <= limit else safe[: limit - 1] + "…"
+
+
+def _skeleton(text: str) -> tuple[str, list[int]]:
+    """``text``'s letters and digits, case-folded, and where each came from in ``text``."""
+    chars: list[str] = []
+    where: list[int] = []
+    for i, char in enumerate(text):
+        if char.isalnum():
+            for folded in char.casefold():
+                chars.append(folded)
+                where.append(i)
+    return "".join(chars), where
+
+
+def _joined(text: str, left: int, right: int) -> bool:
+    """Whether ``text[left]`` and ``text[right]`` both exist and are both letters or digits."""
+    return (left >= 0 and right < len(text) and text[left].isalnum()
+            and text[right].isalnum())
+
+
+def _hide_runs(hay: str, where: list[int], needle: str, hide: bytearray, *,
+               whole: bool) -> None:
+    """Mark in ``hide`` (indexed like the original text; ``where[i]`` is the original
+    position of ``hay[i]``) every run of ``REDACT_RUN`` or more characters of ``needle``
+    found in ``hay``, and (``whole``) every occurrence of ``needle`` itself."""
+    if not needle or not hay:
+        return
+    spans: list[tuple[int, int]] = []
+    if whole:  # a whole occurrence, unless it is part of a longer word ("n" in "note")
+        start = hay.find(needle)
+        while start >= 0:
+            end = start + len(needle)
+            if not (_joined(hay, start - 1, start) or _joined(hay, end - 1, end)):
+                spans.append((start, end))
+            start = hay.find(needle, start + 1)
+    if len(needle) >= REDACT_RUN:
+        windows = {needle[i:i + REDACT_RUN] for i in range(len(needle) - REDACT_RUN + 1)}
+        spans += [(i, i + REDACT_RUN) for i in range(len(hay) - REDACT_RUN + 1)
+                  if hay[i:i + REDACT_RUN] in windows]
+    for start, end in spans:
+        first, last = where[start], where[end - 1]
+        hide[first:last + 1] = b"\x01" * (last + 1 - first)
 
 
 def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:

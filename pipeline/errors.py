@@ -50,7 +50,13 @@ class RunAborted(PipelineError):
 
 
 class ApiError(PipelineError):
-    """One request to Cobalt did not end in an accepted note."""
+    """One request to Cobalt did not end in an accepted note.
+
+    ``code`` is a short, fixed name for the kind of failure; reports and the
+    ledger keep it with the HTTP status and Cobalt's message (redacted, client.py).
+    """
+
+    code = "api-error"
 
     def __init__(self, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
@@ -61,9 +67,13 @@ class ApiError(PipelineError):
 class CredentialsRefused(ApiError):
     """401/403: the credentials are wrong or lack access; stop the run."""
 
+    code = "credentials-refused"
+
 
 class RequestRejected(ApiError):
     """A 4xx other than 401/403/429: Cobalt refused this row as sent."""
+
+    code = "request-rejected"
 
 
 class NotApplied(ApiError):
@@ -83,9 +93,13 @@ class NotSent(NotApplied):
 class RateLimited(NotApplied):
     """429 Too Many Requests."""
 
+    code = "rate-limited"
+
 
 class Unavailable(NotApplied):
     """503 Service Unavailable."""
+
+    code = "unavailable"
 
 
 class OutcomeUnknown(ApiError):
@@ -95,6 +109,8 @@ class OutcomeUnknown(ApiError):
 class ServerError(OutcomeUnknown):
     """A 5xx other than 503: Cobalt may have stored the note before failing."""
 
+    code = "server-error"
+
 
 class NoResponse(OutcomeUnknown):
     """The request was (or may have been) sent, then the answer never came."""
@@ -102,3 +118,5 @@ class NoResponse(OutcomeUnknown):
 
 class BadResponse(OutcomeUnknown):
     """A success status with a body that is not the documented JSON."""
+
+    code = "bad-response"

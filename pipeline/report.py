@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,11 +102,11 @@ def _write_results(result: RunResult, path: Path, settings: ReportConfig,
         header = True
         for chunk in result.chunks():
             table = results_table(chunk, passthrough)
-            table.to_csv(fh, index=False, header=header, lineterminator="\n")
+            shareable(table).to_csv(fh, index=False, header=header, lineterminator="\n")
             header = False
             tally.add(chunk, table)
         if header:  # a run with no rows still gets the columns
-            pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough, "detail"]).to_csv(
+            shareable(pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough, "detail"])).to_csv(
                 fh, index=False, lineterminator="\n")
     os.replace(tmp, path)
     return tally
@@ -122,6 +123,44 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
         out[name] = rows["passthrough"].map(lambda v, i=i: json.loads(v)[i] if v else "")
     out["detail"] = rows["detail"]
     return out.fillna("").reset_index(drop=True)
+
+
+# OWASP, "CSV Injection": a cell starting with one of these is read as a formula by
+# spreadsheets (Excel, LibreOffice, Google Sheets); a leading single quote makes it text.
+FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def neutralise_formula(cell: str) -> str:
+    """``cell`` as a spreadsheet will show it as text: a leading ``'`` if it could be a formula.
+
+    A cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a
+    single quote in front (OWASP's CSV-injection advice), except a plain number
+    (``-3``, ``+1.5``, ``-2e5``), which stays a number. Other cells are returned as given.
+    """
+    if cell.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
+def shareable(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``table`` with every text cell and column name passed through
+    ``neutralise_formula``: what a CSV file we call safe to share is written from.
+
+    Everything upstream or in the input can reach such a file (task ids,
+    passthrough cells, Cobalt's messages, webhook fields), so no column is trusted.
+    """
+    out = table.rename(columns=lambda name: neutralise_formula(str(name)))
+    for column in out.columns:
+        values = out[column]
+        if values.dtype.kind not in "OSU" and not isinstance(values.dtype, pd.StringDtype):
+            continue  # numbers (line) cannot start a formula
+        text = values.astype("string")
+        risky = text.str.startswith(FORMULA_STARTS).fillna(False) & ~text.str.fullmatch(
+            _PLAIN_NUMBER.pattern).fillna(False)
+        if risky.any():
+            out[column] = values.where(~risky, "'" + text)
+    return out
 
 
 class _Tally:

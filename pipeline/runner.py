@@ -332,7 +332,9 @@ async def send_pending(
     bar = tqdm(total=to_send, unit="note", file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()), desc="sending")
     try:
-        async with CobaltClient(api, max_connections=config.submit.concurrency) as client:
+        webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
+        async with CobaltClient(api, max_connections=config.submit.concurrency,
+                                more_secrets=webhook_secrets) as client:
             submitter = Submitter(client, ledger, config.submit, control=control,
                                   progress=bar)
             jobs = pending_jobs(config, inputs, reader, run_id)

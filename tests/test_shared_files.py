@@ -1,0 +1,229 @@
+"""Hardening at the edges (issue 13): what the files we write may hold, and who may read them.
+
+- results.csv carries no formula a spreadsheet would run (OWASP, "CSV Injection");
+- what Cobalt says in an error is untrusted: the note and the secrets are cut out of it
+  before it reaches the ledger, a report or the console;
+- a full disk under the ledger aborts the run (exit 3, one line), it does not crash it;
+- every state file and directory is private (0600/0700);
+- report.html runs no inline script its CSP did not name by hash.
+
+Cobalt is played by ``FakeCobalt``, a Starlette app served by uvicorn on 127.0.0.1, which
+answers each task id as a test tells it.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from helpers import (
+    ThreadedServer,
+    read_results,
+    read_summary,
+    run_pipeline,
+    write_config,
+    write_csv,
+)
+from pipeline.cli import main
+from pipeline.client import redact
+from pipeline.config import load_config
+from pipeline.report import FORMULA_STARTS, neutralise_formula
+
+PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
+
+
+class FakeCobalt:
+    """POST /v1/tasks/notes: 200 with a job id, unless ``answers`` names the task id.
+
+    ``answers[task_id] = (status, body)``, where ``body`` may be a callable of the note.
+    ``before_answer(n)`` runs before the n-th request (1-based) is answered.
+    """
+
+    def __init__(self, answers: dict[str, tuple[int, Any]] | None = None,
+                 before_answer: Callable[[int], None] | None = None) -> None:
+        self.answers = answers or {}
+        self.before_answer = before_answer
+        self.jobs: dict[str, str] = {}
+        self.stored: Counter[tuple[str, str]] = Counter()
+        self.requests = 0
+        self._job_ids = itertools.count(1001)
+
+    def app(self) -> Starlette:
+        async def notes(request: Request) -> JSONResponse:
+            body = json.loads(await request.body())
+            task_id, note = body["emr_task_id"], body["note"]
+            self.requests += 1
+            if self.before_answer is not None:
+                self.before_answer(self.requests)
+            if task_id in self.answers:
+                status, answer = self.answers[task_id]
+                return JSONResponse(answer(note) if callable(answer) else answer, status)
+            job_id = next(self._job_ids)
+            self.jobs[task_id] = str(job_id)
+            self.stored[(task_id, note)] += 1
+            return JSONResponse({"success": True, "message": "Task note processing.",
+                                 "task_note_id": f"{job_id:024x}", "job_id": job_id})
+
+        return Starlette(routes=[Route("/v1/tasks/notes", notes, methods=["POST"])])
+
+
+def append_events(sink: Path, events: list[dict[str, Any]]) -> None:
+    """Events as the sink stores them (one compact JSON envelope per line)."""
+    sink.parent.mkdir(parents=True, exist_ok=True)
+    with sink.open("a", encoding="utf-8") as fh:
+        for event in events:
+            fh.write(json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
+
+
+def envelope(event_id: str, kind: str, job_id: str, **data: Any) -> dict[str, Any]:
+    return {"id": event_id, "object": "event", "created": "2026-11-30T10:00:00.000Z",
+            "type": f"task_note.{kind}", "job_id": job_id, "data": data}
+
+
+# -- 5. formulas -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cell", "shown"), [
+    ('=HYPERLINK("http://x","y")', '\'=HYPERLINK("http://x","y")'),
+    ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+    ("@SUM(1)", "'@SUM(1)"),
+    ("-1+2", "'-1+2"),
+    ("\t=1", "'\t=1"),
+    ("\r=1", "'\r=1"),
+    ("-", "'-"),
+    *((n, n) for n in PLAIN_NUMBER_CELLS),
+    ("T-1", "T-1"),
+    ("", ""),
+])
+def test_a_cell_that_could_be_a_formula_is_shown_as_text(cell: str, shown: str) -> None:
+    assert neutralise_formula(cell) == shown
+
+
+def test_results_csv_carries_no_formula_from_ids_passthrough_webhooks_or_the_api(
+        tmp_path: Path) -> None:
+    """Task ids, passthrough cells, webhook emr_note_id/failure_reason and Cobalt's messages
+    reach results.csv with a leading quote when they start like a formula; numbers stay."""
+    hyperlink, calc, total = '=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1)"
+    write_csv(tmp_path / "input.csv", [
+        [hyperlink, "first note", calc],
+        [total, "second note", "-3"],
+        [calc, "third note", "+1.5"],
+        ["T4", "fourth note", "\t=1+2"],
+        ["T5", "fifth note", "-2e5"],
+    ], header=("emr_task_id", "note", "=ref"))
+    fake = FakeCobalt({calc: (400, {"success": False, "message": "@SUM(1) is not a task"})})
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            input={"path": str(tmp_path / "input.csv"), "passthrough": ["=ref"]},
+                            validation={"emr_task_id_pattern": "^.+$"})
+        run_pipeline(load_config(path, needs=("api",)))
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        envelope("evt-1", "created", fake.jobs[hyperlink], emr_note_id=total,
+                 task_note_id=f"{int(fake.jobs[hyperlink]):024x}"),
+        envelope("evt-2", "failed", fake.jobs[total], failure_reason=hyperlink,
+                 task_note_id=f"{int(fake.jobs[total]):024x}"),
+        envelope("evt-4", "created", fake.jobs["T4"], emr_note_id="-7"),
+    ])
+    assert main(["-q", "reconcile", str(path)]) == 1
+    report = next((tmp_path / "reports").iterdir())
+    rows = {int(r["line"]): r for r in read_results(report)}
+    assert rows[2]["emr_task_id"] == "'" + hyperlink
+    assert rows[2]["'=ref"] == "'" + calc
+    assert rows[2]["emr_note_id"] == "'" + total
+    assert rows[3]["emr_task_id"] == "'" + total
+    assert rows[3]["failure_reason"] == "'" + hyperlink
+    assert rows[3]["'=ref"] == "-3"
+    assert rows[4]["emr_task_id"] == "'" + calc
+    assert rows[4]["'=ref"] == "+1.5"
+    assert rows[4]["error"] == "HTTP 400 request-rejected: @SUM(1) is not a task"
+    assert rows[5]["'=ref"] == "'\t=1+2"
+    assert rows[5]["emr_note_id"] == "-7"
+    assert rows[6]["'=ref"] == "-2e5"
+    with (report / "results.csv").open(encoding="utf-8", newline="") as fh:
+        for cells in csv.reader(fh):
+            for cell in cells:
+                assert not cell.startswith(FORMULA_STARTS) or cell in (*PLAIN_NUMBER_CELLS,
+                                                                       "-7"), cell
+    # summary.json is JSON, not a spreadsheet: the reason is kept as Cobalt sent it
+    assert read_summary(report)["failure_reasons"] == [{"reason": hyperlink, "count": 1}]
+
+
+# -- 6. upstream text is untrusted -----------------------------------------------------------
+
+NOTE = "Patient CANARY-7f3e9c-PHI called about the lisinopril refill, left a message."
+TOKEN = "TOKEN-CANARY-5d1e2a9b7c"
+
+
+@pytest.mark.parametrize(("text", "private", "kept"), [
+    (f"Invalid note: {NOTE}", [NOTE], "Invalid note: [redacted]"),
+    # a fragment of 16+ characters, cut short, upper-cased and re-spaced
+    (f"Invalid note: '{NOTE[8:40].upper().replace(' ', '  ')}...'", [NOTE],
+     "Invalid note: '[redacted]...'"),
+    (f"bad access_token {TOKEN}\r\nsee docs", [NOTE, TOKEN],
+     "bad access_token [redacted] see docs"),
+    ("Invalid note: ok", ["ok"], "Invalid note: [redacted]"),
+    ("Unexpected fields in request body: x", ["n", "x y"],
+     "Unexpected fields in request body: x"),  # "n" inside a word is not the note
+    ("x" * 400, [NOTE], "x" * 299 + "…"),
+])
+def test_redact_removes_notes_and_secrets_and_caps_the_length(
+        text: str, private: list[str], kept: str) -> None:
+    assert redact(text, private) == kept
+
+
+def _canary_holders(tmp_path: Path, canaries: tuple[str, ...]) -> set[str]:
+    """Files under tmp_path (input and config aside) that hold any canary."""
+    found = set()
+    for file in tmp_path.rglob("*"):
+        if not file.is_file() or file.name in ("input.csv", "config.yaml"):
+            continue
+        data = file.read_bytes()
+        if any(c.encode() in data for c in canaries):
+            found.add(file.name)
+    return found
+
+
+def test_an_error_quoting_the_note_or_the_token_reaches_no_file_ledger_or_console(
+        tmp_path: Path) -> None:
+    """400 {"message": "Invalid note: <the note>"} and a 401 quoting the access token:
+    results.csv, summary.json, report.html, the ledger, stdout and stderr keep the status,
+    the code and the message without them."""
+    write_csv(tmp_path / "input.csv", [["T1", NOTE], ["T2", NOTE + " Second row."],
+                                       ["T3", "third"]])
+    fake = FakeCobalt({
+        "T1": (400, lambda note: {"success": False, "message": f"Invalid note: {note}"}),
+        "T2": (422, lambda note: {"success": False,
+                                  "message": f"Unprocessable: '{note[10:45]}'"}),
+        "T3": (401, {"success": False, "message": f"access_token {TOKEN} is not valid"}),
+    })
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url, "access_token": TOKEN},
+                            submit={"concurrency": 1})
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-vv", "run", str(path),
+                               "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    for output in (done.stdout, done.stderr):
+        assert "CANARY" not in output
+    assert "HTTP 401 credentials-refused: access_token [redacted] is not valid" in done.stdout
+    assert _canary_holders(tmp_path, ("CANARY",)) == set()
+    report = next((tmp_path / "reports").iterdir())
+    rows = {r["emr_task_id"]: r for r in read_results(report)}
+    assert rows["T1"]["error"] == "HTTP 400 request-rejected: Invalid note: [redacted]"
+    assert rows["T2"]["error"] == "HTTP 422 request-rejected: Unprocessable: '[redacted]'"
+    assert rows["T3"]["final_status"] == "send_failed"
+    assert "HTTP 401 credentials-refused: access_token [redacted]" in (
+        read_summary(report)["stop_reason"])
