@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +30,15 @@ log = logging.getLogger("pipeline")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tasknotes`` and ``python -m pipeline``; returns the exit code."""
-    args = _parser().parse_args(argv)
-    _logging(args.verbose, args.quiet)
+    """Entry point of ``tasknotes`` and ``python -m pipeline``; returns the exit code.
+
+    Everything the command creates (ledger, sink file, reports, their directories)
+    is created readable by its owner only: umask 077 while it runs.
+    """
+    umask = os.umask(0o077)
     try:
+        args = _parser().parse_args(argv)
+        _logging(args.verbose, args.quiet)
         return int(args.handler(args))
     except (PipelineError, KeyboardInterrupt, BaseExceptionGroup) as exc:
         error = _user_error(exc)
@@ -40,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tasknotes: {error}", file=sys.stderr)
         return error.exit_code
+    finally:
+        os.umask(umask)  # for a caller that runs main() in its own process (the tests)
 
 
 def _user_error(exc: BaseException) -> PipelineError | None:

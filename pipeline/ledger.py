@@ -24,8 +24,10 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from pipeline.errors import StateError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 2
 _SCHEMA: Final = """
@@ -122,6 +126,18 @@ Status = Literal[
 _second: list[tuple[int, str]] = [(-1, "")]
 
 
+def _private_directory(directory: Path) -> None:
+    """Create ``directory`` 0700 (parents too), or warn, naming it, if others may read it."""
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # the umask may have taken bits from mkdir's mode
+        return
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        log.warning("state directory %s is mode %04o: others may read the ledger's "
+                    "neighbours; chmod 700 it", directory, mode)
+
+
 def utcnow() -> str:
     """Now, as the ledger and the reports write time: ISO 8601, UTC, milliseconds.
 
@@ -203,7 +219,11 @@ class Ledger:
             self._db.execute("PRAGMA busy_timeout=10000")
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _private_directory(path.parent)
+            # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files
+            # the mode of the database file, whatever the umask.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
@@ -216,8 +236,9 @@ class Ledger:
             raise StateError(f"ledger {path} cannot be used: {exc}") from None
         except OSError as exc:
             raise StateError(f"ledger {path} cannot be created: {exc.strerror}") from None
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
+        for side in ("-wal", "-shm"):  # left looser by an older version, perhaps
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{side}", 0o600)
 
     @classmethod
     def existing(cls, path: Path) -> Ledger | None:

@@ -21,7 +21,7 @@ from pipeline.validate import CheckedBatch
 @contextmanager
 def private_file(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
     """A new text file readable by its owner only (0600), for files that hold notes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with open(fd, "w", encoding=encoding, errors="surrogateescape", newline="") as fh:

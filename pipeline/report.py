@@ -67,7 +67,7 @@ def write_report(
     now = now or datetime.now(UTC)
     directory = settings.dir / result.run["run_id"]
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StateError(f"report directory {directory} cannot be created: {exc}") from None
     tally = _write_results(result, directory / "results.csv", settings, now)

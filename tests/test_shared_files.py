@@ -16,10 +16,13 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
+import os
+import stat
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from helpers import (
 from pipeline.cli import main
 from pipeline.client import redact
 from pipeline.config import load_config
+from pipeline.ledger import Ledger
 from pipeline.report import FORMULA_STARTS, neutralise_formula
 
 PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
@@ -227,3 +231,74 @@ def test_an_error_quoting_the_note_or_the_token_reaches_no_file_ledger_or_consol
     assert rows["T3"]["final_status"] == "send_failed"
     assert "HTTP 401 credentials-refused: access_token [redacted]" in (
         read_summary(report)["stop_reason"])
+
+
+# -- 9. private files --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """The umask most shells have (022): what the code must not rely on."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> str:
+    return oct(stat.S_IMODE(path.stat().st_mode))
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_the_ledger_its_wal_shm_lock_and_directory_are_private_whatever_the_umask(
+        tmp_path: Path) -> None:
+    """Opened by library code under umask 022 (no CLI to set 077), while it is in use."""
+    path = tmp_path / "state" / "ledger.sqlite"
+    ledger = Ledger(path)
+    try:
+        ledger.lock()
+        ledger.start_run("r1", "acct", "fp", {})
+        wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+        assert (mode(path.parent), mode(path), mode(wal), mode(shm),
+                mode(path.with_name("ledger.sqlite.lock"))) == (
+            "0o700", "0o600", "0o600", "0o600", "0o600")
+    finally:
+        ledger.close()
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_a_looser_state_directory_made_beforehand_is_named_in_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    with caplog.at_level(logging.WARNING, logger="pipeline.ledger"):
+        Ledger(state / "ledger.sqlite").close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"state directory {state} is mode 0755: others may read the ledger's neighbours; "
+        "chmod 700 it"]
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_everything_a_run_creates_is_0600_in_0700_directories(tmp_path: Path) -> None:
+    """`tasknotes run` started from a shell with umask 022: the state directory, the ledger,
+    the sink file, the report directory and every report file are its owner's alone."""
+    write_csv(tmp_path / "input.csv", [["T1", "first"], ["bad id!", "rejected"],
+                                       ["T3", "third"]])
+    fake = FakeCobalt({"T3": (503, {"message": "busy"})})
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url}, submit={"max_attempts": 1})
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-q", "run", str(path),
+                               "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    report = next((tmp_path / "reports").iterdir())
+    created = [tmp_path / "state", *(tmp_path / "state").rglob("*"), tmp_path / "reports",
+               *(tmp_path / "reports").rglob("*")]
+    assert {str(p.relative_to(tmp_path)): mode(p) for p in created} == {
+        "state": "0o700", "state/ledger.sqlite": "0o600", "state/ledger.sqlite.lock": "0o600",
+        "reports": "0o700", f"reports/{report.name}": "0o700",
+        **{f"reports/{report.name}/{name}": "0o600" for name in (
+            "results.csv", "summary.json", "report.html", "rejects.csv", "redrive.csv")},
+    }
