@@ -28,6 +28,7 @@ from pipeline.config import load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
 from pipeline.ledger import Ledger
+from pipeline.report import PAGE_SCRIPT_HASH
 from pipeline.sink import WebhookReceiver
 
 ROOT = Path(__file__).parent.parent
@@ -56,6 +57,12 @@ async def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
                             "headline": "document.getElementById('headline').textContent",
                             "attention": "document.querySelectorAll('#attention tbody tr').length",
                             "bars": "document.querySelectorAll('#status-chart rect').length",
+                            "csp": "document.querySelector("
+                                   "'meta[http-equiv=\"Content-Security-Policy\"]').content",
+                            # the page's script sorts on a header click: it ran under its CSP
+                            "sorted": "(function () { var th = document.querySelector("
+                                      "'#attention thead th'); th.click();"
+                                      " return th.getAttribute('aria-sort'); })()",
                         })
     assert page.requests == [(report / "report.html").as_uri()]
     assert page.failures == []
@@ -63,6 +70,9 @@ async def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert page.values["headline"].strip() == "31 of 37 notes confirmed"
     assert page.values["attention"] == 5
     assert page.values["bars"] == 9
+    script_src = next(d for d in page.values["csp"].split(";") if "script-src" in d).split()
+    assert script_src == ["script-src", f"'{PAGE_SCRIPT_HASH}'"]
+    assert page.values["sorted"] == "ascending"
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
