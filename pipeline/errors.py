@@ -5,6 +5,7 @@
     ├── InputError                  input missing, empty, unreadable, bad header -> exit 2
     ├── StateError                  ledger or sink file unusable, run lock held  -> exit 2
     ├── RunAborted                  credentials refused, too many failures, signal -> exit 3
+    │   └── StorageFull             no space left where the ledger is: nothing more recorded
     └── ApiError                    one Cobalt request went wrong (submit.py decides what next)
         ├── CredentialsRefused      401/403: every further request would fail too
         ├── RequestRejected         other 4xx: Cobalt read the request and refused this row
@@ -47,6 +48,11 @@ class RunAborted(PipelineError):
     """The run stopped early; rows not started stay pending for the next run."""
 
     exit_code = 3
+
+
+class StorageFull(RunAborted):
+    """A disk is full (ENOSPC, SQLite's SQLITE_FULL): nothing more can be recorded, so
+    nothing more may be sent. The message names the file that could not be written."""
 
 
 class ApiError(PipelineError):

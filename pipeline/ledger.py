@@ -16,11 +16,19 @@ was never sent ended):
 A row is marked ``sending`` and committed before its request leaves; a run
 that dies leaves it ``sending`` and the next run (holding the lock, so the
 writer is provably gone) turns it into ``ambiguous``.
+
+A full disk: next to the ledger, ``<ledger>.reserve`` holds ``RESERVE_BYTES``
+of disk space. When a commit fails for want of space, the reserve is given
+back and the WAL folded into the database, so the results of requests in
+flight and the end of the run can still be recorded; StorageFull tells the
+caller to stop. The reserve is taken again when the ledger is next opened
+with room for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pipeline.errors import StateError
+from pipeline.errors import StateError, StorageFull
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 2
+RESERVE_BYTES: Final = 1 << 20
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -124,6 +133,21 @@ Status = Literal[
 
 
 _second: list[tuple[int, str]] = [(-1, "")]
+
+
+def _is_full(exc: sqlite3.Error, path: Path) -> bool:
+    """Whether a SQLite error means "no space left": SQLITE_FULL, or an I/O error (the
+    shared-memory file failing to grow) while the file system has no room left."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    if code != sqlite3.SQLITE_IOERR:
+        return False
+    try:
+        space = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return space.f_bavail * space.f_frsize < 1 << 20
 
 
 def _private_directory(directory: Path) -> None:
@@ -213,6 +237,7 @@ class Ledger:
     def __init__(self, path: Path, *, synchronous: str = "full", readonly: bool = False) -> None:
         self.path = path
         self._lock_fd: int | None = None
+        self._reserve = path.with_name(path.name + ".reserve")
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)
@@ -233,12 +258,17 @@ class Ledger:
             with self._transaction():
                 self._check_version()
         except sqlite3.DatabaseError as exc:
+            if _is_full(exc, path):
+                raise self._full(exc) from None
             raise StateError(f"ledger {path} cannot be used: {exc}") from None
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(exc) from None
             raise StateError(f"ledger {path} cannot be created: {exc.strerror}") from None
         for side in ("-wal", "-shm"):  # left looser by an older version, perhaps
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(f"{path}{side}", 0o600)
+        self._take_reserve()
 
     @classmethod
     def existing(cls, path: Path) -> Ledger | None:
@@ -272,13 +302,55 @@ class Ledger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction; StorageFull (naming the file) if the disk is full."""
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if not _is_full(exc, self.path):
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            self._make_room()
+            raise self._full(exc) from None
+
+    def _full(self, exc: BaseException) -> StorageFull:
+        return StorageFull(f"disk full: the ledger {self.path} cannot be written "
+                           f"({getattr(exc, 'strerror', None) or exc})")
+
+    def _take_reserve(self) -> None:
+        """Hold RESERVE_BYTES of disk space in ``<ledger>.reserve`` (0600), if there is room."""
+        if self._reserve.exists():
+            return
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            self._reserve.unlink(missing_ok=True)  # no room for it: do without
+        finally:
+            os.close(fd)
+
+    def _make_room(self) -> None:
+        """After a full disk: give the reserve back, then fold the WAL into the database
+        and truncate it (best effort: the checkpoint may fail for want of room too,
+        leaving the WAL, and so the ledger, as it was)."""
+        self._reserve.unlink(missing_ok=True)
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA busy_timeout=200")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self._db.execute("PRAGMA busy_timeout=10000")
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -360,6 +432,11 @@ class Ledger:
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                 (run_id, file_no, path, sha256, size, json.dumps(list(header))),
             )
+
+    def status_counts(self, run_id: str) -> dict[str, int]:
+        """How many of the run's rows are in each ledger status (statuses absent: none)."""
+        return dict(self._db.execute(
+            "SELECT status, COUNT(*) FROM rows WHERE run_id=? GROUP BY status", (run_id,)))
 
     def files(self, run_id: str) -> list[dict[str, Any]]:
         out = []

@@ -13,11 +13,16 @@
 Signals: the first SIGINT/SIGTERM stops new requests and lets in-flight ones
 finish (submit.drain_timeout_s), then the report is written and the exit code
 is 3; a second one exits at once (the ledger is consistent at every commit).
+
+A full disk under the ledger (StorageFull) during the scan or the send is a
+stop too: nothing more is sent, rows not sent stay ``pending``, the run record
+and the report are written if there is room for them, and the exit code is 3.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -35,6 +40,7 @@ import anyio.lowlevel
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
+from pipeline.errors import StorageFull
 from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
 from pipeline.source import CsvFile, Header, expand_inputs
@@ -42,6 +48,7 @@ from pipeline.submit import Control, Job, SubmitStats, Submitter
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
 if TYPE_CHECKING:
+    from pipeline.reconcile import RunResult
     from pipeline.report import Written
 
 # The stages that only a sending run needs (HTTP client, emulator and sink, pandas for the
@@ -424,6 +431,10 @@ class Run:
         try:
             with self._timer("scan"):
                 counts = await anyio.to_thread.run_sync(scan.run)
+        except StorageFull as exc:  # the rows recorded so far stay pending; none was sent
+            self.control.storage_full = exc
+            self.control.stop(str(exc))
+            counts = scan.counts
         finally:
             rejects.close()
         _log_scan(counts)
@@ -463,24 +474,62 @@ class Run:
     def _finish(self, ledger: Ledger, counts: ScanCounts, stats: SubmitStats | None,
                 rejects: RejectsWriter) -> RunOutcome:
         reason = self.control.reason
+        if self.control.storage_full is not None:
+            reason = self._full_disk_reason(ledger, self.control.storage_full,
+                                            scanning=stats is None)
         state = "aborted" if reason else "finished"
         throughput = (round(stats.requests / stats.seconds, 1)
                       if stats is not None and stats.seconds > 0 else None)
-        ledger.finish_run(self.run_id, state, {
+        info = {
             "stop_reason": reason, "timings_s": self.timings, "throughput_per_s": throughput,
             "send": ({"requests": stats.requests, "retries": stats.retries,
                       "ledger_commits": stats.commits} if stats is not None else {}),
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
-        })
-        from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
-        from pipeline.report import write_report  # noqa: PLC0415
+        }
+        from pipeline.report import write_report  # noqa: PLC0415 - see the imports above
 
-        result = Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
-        written = write_report(result, self.config.report, input_settings=self.config.input)
-        code = 3 if reason else written.exit_code
+        recorded = True
+        try:
+            ledger.finish_run(self.run_id, state, info)
+        except StorageFull as exc:
+            log.warning("run %s left 'running' in the ledger: %s", self.run_id, exc)
+            recorded = False
+        written: Written | None = None
+        try:
+            written = write_report(self._result(ledger, state, info, refresh=recorded),
+                                   self.config.report, input_settings=self.config.input)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("report not written: disk full at %s", exc.filename)
+        code = 3 if reason or written is None else written.exit_code
         return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
+
+    def _full_disk_reason(self, ledger: Ledger, exc: StorageFull, *, scanning: bool) -> str:
+        """The full disk, and (read back from the ledger) what was sent before it."""
+        if scanning:
+            return f"{exc}; nothing was sent (the disk filled before sending began)"
+        by_status = ledger.status_counts(self.run_id)
+        sent = sum(by_status.get(s, 0) for s in ("accepted", "api_rejected", "ambiguous",
+                                                 "sending"))
+        return (f"{exc}; {sent:,} rows were sent before it, "
+                f"{by_status.get('pending', 0):,} are left pending for the next run")
+
+    def _result(self, ledger: Ledger, state: str, info: dict[str, Any], *,
+                refresh: bool) -> RunResult:
+        """The run reconciled; with no room to write, the ledger as it stands, read only."""
+        from pipeline.reconcile import Reconciler, RunResult  # noqa: PLC0415
+
+        if refresh:
+            with contextlib.suppress(StorageFull):
+                return Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
+        record = ledger.run(self.run_id)
+        record.update(state=state, info={**record["info"], **info})
+        count, orphans = ledger.orphans()
+        return RunResult(record, ledger.files(self.run_id), count, orphans,
+                         ledger.event_tally(), ledger)
 
 
 def _log_scan(c: ScanCounts) -> None:

@@ -18,7 +18,9 @@ Retry policy, by what the failure proves (errors.py):
 A 429/503 pauses every request start until its Retry-After. A stop request
 (signal, credentials, too many failures in a row) starts nothing new and lets
 requests in flight finish, for at most submit.drain_timeout_s; rows not
-started stay ``pending`` for the next run.
+started stay ``pending`` for the next run. A commit that fails for want of
+disk space (StorageFull) is such a stop: the wave it would have marked
+``sending`` is not started, and the results it held are tried once more at the end.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pipeline.errors import (
     NotApplied,
     OutcomeUnknown,
     RequestRejected,
+    StorageFull,
 )
 from pipeline.ledger import Attempt, Status, utcnow
 
@@ -102,6 +105,7 @@ class Control:
         self.stopping = anyio.Event()
         self.reason: str | None = None
         self.fatal = False
+        self.storage_full: StorageFull | None = None  # set: the stop is for a full disk
         self._also_set: set[anyio.Event] = set()
 
     def stop(self, reason: str, *, fatal: bool = True) -> None:
@@ -311,7 +315,8 @@ class Submitter:
 
     def _launch(self, wave: list[tuple[Job, int]],
                 workers: MemoryObjectSendStream[tuple[Job, int]]) -> None:
-        self._commit([job.row_id for job, _ in wave])
+        if not self._commit([job.row_id for job, _ in wave]):
+            return  # not marked sending, so not sent: the rows stay pending in the ledger
         for started in wave:
             self._in_flight += 1
             workers.send_nowait(started)
@@ -321,13 +326,24 @@ class Submitter:
             async for job, attempt in jobs:
                 await self._request(job, attempt)
 
-    def _commit(self, sending: list[int]) -> None:
-        """One transaction: the results so far, then the rows about to be sent."""
+    def _commit(self, sending: list[int]) -> bool:
+        """One transaction: the results so far, then the rows about to be sent.
+
+        False if the disk is full: the run stops, and the results stay here
+        for the commit at the end of the stage to try again.
+        """
         if not sending and not self._results:
-            return
-        results, self._results = self._results, []
-        self._ledger.apply(sending, results)
+            return True
+        try:
+            self._ledger.apply(sending, self._results)
+        except StorageFull as exc:
+            if self.control.storage_full is None:
+                self.control.storage_full = exc
+            self.control.stop(str(exc))
+            return False
+        self._results = []
         self.stats.commits += 1
+        return True
 
     async def _wait_for_change(self) -> None:
         """Until a request ends, a job arrives, a retry falls due, or a stop is asked for."""

@@ -14,10 +14,12 @@ answers each task id as a test tells it.
 from __future__ import annotations
 
 import csv
+import errno
 import itertools
 import json
 import logging
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -261,8 +263,9 @@ def test_the_ledger_its_wal_shm_lock_and_directory_are_private_whatever_the_umas
         ledger.start_run("r1", "acct", "fp", {})
         wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
         assert (mode(path.parent), mode(path), mode(wal), mode(shm),
-                mode(path.with_name("ledger.sqlite.lock"))) == (
-            "0o700", "0o600", "0o600", "0o600", "0o600")
+                mode(path.with_name("ledger.sqlite.lock")),
+                mode(path.with_name("ledger.sqlite.reserve"))) == (
+            "0o700", "0o600", "0o600", "0o600", "0o600", "0o600")
     finally:
         ledger.close()
 
@@ -298,7 +301,138 @@ def test_everything_a_run_creates_is_0600_in_0700_directories(tmp_path: Path) ->
                *(tmp_path / "reports").rglob("*")]
     assert {str(p.relative_to(tmp_path)): mode(p) for p in created} == {
         "state": "0o700", "state/ledger.sqlite": "0o600", "state/ledger.sqlite.lock": "0o600",
+        "state/ledger.sqlite.reserve": "0o600",
         "reports": "0o700", f"reports/{report.name}": "0o700",
         **{f"reports/{report.name}/{name}": "0o600" for name in (
             "results.csv", "summary.json", "report.html", "rejects.csv", "redrive.csv")},
     }
+
+
+# -- 8. a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted at ``tmp_path/state`` (the ledger's directory), for this test.
+
+    Needs root and mount(2) (the test machine has both); skipped where they are missing.
+    """
+    mount = tmp_path / "state"
+    mount.mkdir(mode=0o700)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tasknotes-test",
+                           str(mount)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Write ``directory/filler`` until at most ``leave`` bytes are free on its file system."""
+    filler = directory / "filler"
+    with filler.open("ab", buffering=0) as fh:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    space = os.statvfs(directory)
+                    if space.f_bavail * space.f_frsize - size < leave:
+                        break
+                    fh.write(b"\0" * size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler
+
+
+def ledger_statuses(path: Path) -> tuple[str, dict[str, str]]:
+    """The ledger's integrity check, and each row's status by task id."""
+    db = sqlite3.connect(path)
+    try:
+        check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        return check, dict(db.execute("SELECT emr_task_id, status FROM rows ORDER BY id"))
+    finally:
+        db.close()
+
+
+def run_cli(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", "-q", "run", str(config),
+                           "--no-progress"], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_a_disk_that_fills_while_sending_stops_the_run_with_exit_3_and_loses_nothing(
+        tmp_path: Path, small_disk: Path) -> None:
+    """The ledger's disk fills at the 60th request: one line naming the ledger, exit 3, the
+    ledger intact, every note sent so far recorded as sent, the rest pending, the report
+    written; once there is room, the next run sends the rest and nothing twice."""
+    rows = [[f"T{i:04d}", f"note number {i}"] for i in range(400)]
+    write_csv(tmp_path / "input.csv", rows)
+    ledger = small_disk / "ledger.sqlite"
+    fake = FakeCobalt(before_answer=lambda n: fill(small_disk) if n == 60 else None)
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url}, submit={"concurrency": 1},
+                            webhooks={"sink": str(tmp_path / "hooks" / "webhooks.jsonl")})
+        first = run_cli(path, tmp_path)
+        sent = sum(fake.stored.values())
+        assert first.returncode == 3, first.stderr
+        # one at a time: the commit after the 60th answer fails, so no 61st request leaves
+        assert (fake.requests, sent) == (60, 60)
+        assert "Traceback" not in first.stderr
+        line = (f"disk full: the ledger {ledger} cannot be written (database or disk is full); "
+                f"{sent} rows were sent before it, {400 - sent} are left pending for the "
+                "next run")
+        assert first.stdout.splitlines()[-1] == f"stopped: {line}"
+        assert first.stderr.splitlines() == [
+            f"tasknotes: WARNING: stopping: disk full: the ledger {ledger} cannot be written "
+            "(database or disk is full)"]
+        report = next((tmp_path / "reports").iterdir())
+        summary = read_summary(report)
+        assert summary["stop_reason"] == line
+        assert summary["final_status"]["send_failed"] == 400 - sent
+        (small_disk / "filler").unlink()
+        check, statuses = ledger_statuses(ledger)
+        assert check == "ok"
+        stored = {task for task, _ in fake.stored}
+        assert {t for t, s in statuses.items() if s != "pending"} == stored
+        assert {statuses[t] for t in stored} == {"accepted"}
+
+        second = run_cli(path, tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert sorted(fake.stored) == sorted((t, n) for t, n in rows)
+    assert set(fake.stored.values()) == {1}
+
+
+def test_a_disk_that_fills_during_the_scan_stops_before_sending_with_exit_3(
+        tmp_path: Path, small_disk: Path) -> None:
+    """The ledger's disk fills while the rows are being recorded: one line naming the ledger,
+    exit 3, nothing sent, the ledger intact; with room again, the next run sends every row."""
+    rows = [[f"T{i:04d}", f"note number {i}"] for i in range(3000)]
+    write_csv(tmp_path / "input.csv", rows)
+    ledger = small_disk / "ledger.sqlite"
+    fake = FakeCobalt()
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            webhooks={"sink": str(tmp_path / "hooks" / "webhooks.jsonl")})
+        Ledger(ledger).close()  # a ledger in use for a while, its reserve taken
+        filler = fill(small_disk, leave=160 * 1024)
+        first = run_cli(path, tmp_path)
+        assert first.returncode == 3, first.stderr
+        assert "Traceback" not in first.stderr
+        assert fake.requests == 0
+        line = (f"disk full: the ledger {ledger} cannot be written (database or disk is full); "
+                "nothing was sent (the disk filled before sending began)")
+        assert first.stdout.splitlines()[-1] == f"stopped: {line}"
+        assert first.stderr.splitlines() == [
+            f"tasknotes: WARNING: stopping: disk full: the ledger {ledger} cannot be written "
+            "(database or disk is full)"]
+        filler.unlink()
+        check, statuses = ledger_statuses(ledger)
+        assert check == "ok"
+        assert set(statuses.values()) <= {"pending"}  # a batch recorded before it, or none
+        assert read_summary(next((tmp_path / "reports").iterdir()))["stop_reason"] == line
+        second = run_cli(path, tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert sorted(fake.stored) == sorted((t, n) for t, n in rows)
+    assert set(fake.stored.values()) == {1}
