@@ -131,7 +131,7 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
 # OWASP, "CSV Injection": a cell starting with one of these is read as a formula by
 # spreadsheets (Excel, LibreOffice, Google Sheets); a leading single quote makes it text.
 FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
-_PLAIN_NUMBER: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_PLAIN_NUMBER: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def neutralise_formula(cell: str) -> str:

@@ -28,13 +28,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from helpers import (
+    CREDENTIALS,
     ThreadedServer,
     read_results,
     read_summary,
@@ -43,8 +47,9 @@ from helpers import (
     write_csv,
 )
 from pipeline.cli import main
-from pipeline.client import redact
-from pipeline.config import load_config
+from pipeline.client import CobaltClient, redact
+from pipeline.config import ApiConfig, load_config
+from pipeline.errors import CredentialsRefused, NotSent, RequestRejected
 from pipeline.ledger import Ledger
 from pipeline.report import FORMULA_STARTS, neutralise_formula
 
@@ -188,6 +193,66 @@ TOKEN = "TOKEN-CANARY-5d1e2a9b7c"
 def test_redact_removes_notes_and_secrets_and_caps_the_length(
         text: str, private: list[str], kept: str) -> None:
     assert redact(text, private) == kept
+
+
+@settings(derandomize=True)
+@given(note=st.text(min_size=16, max_size=200), start=st.integers(0, 184),
+       length=st.integers(16, 200), before=st.text(max_size=40), after=st.text(max_size=40))
+def test_no_run_of_16_characters_of_the_note_survives_redaction(
+        note: str, start: int, length: int, before: str, after: str) -> None:
+    """Whatever surrounds it, a quoted run of 16+ characters of the note is gone."""
+    quoted = note[start:start + length]
+    assume(len(quoted) >= 16)
+    kept = redact(before + quoted + after, [note], limit=10_000)
+    assert quoted not in kept
+    assert "[redacted]" in kept
+
+
+@settings(derandomize=True)
+@given(st.text(max_size=30))
+def test_no_neutralised_cell_starts_like_a_formula_unless_it_is_a_number(cell: str) -> None:
+    shown = neutralise_formula(cell)
+    assert shown in (cell, "'" + cell)
+    if shown.startswith(FORMULA_STARTS):
+        assert float(shown) == float(cell)
+
+
+API = ApiConfig.model_validate({"base_url": "https://api.usecobalt.test", **CREDENTIALS})
+
+
+async def test_the_client_redacts_the_note_and_the_credentials_from_every_error() -> None:
+    """httpx.MockTransport as Cobalt: a 400 quoting the note, a 401 quoting the token (on a
+    note and on the events list), a connection error quoting the client secret."""
+    answers = iter([
+        httpx.Response(400, json={"success": False, "message": f"Invalid note: {NOTE}"}),
+        httpx.Response(401, json={"message": f"bad token {CREDENTIALS['access_token']}"}),
+        httpx.Response(401, json={"message": f"bad token {CREDENTIALS['access_token']}"}),
+    ])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return next(answers)
+
+    async with CobaltClient(API, transport=httpx.MockTransport(answer),
+                            more_secrets=["hook-secret-1234"]) as client:
+        with pytest.raises(RequestRejected) as rejected:
+            await client.create_task_note("T1", NOTE)
+        with pytest.raises(CredentialsRefused) as refused:
+            await client.create_task_note("T1", NOTE)
+        with pytest.raises(CredentialsRefused) as listing:
+            await client.webhook_events(job_id="1")
+    assert rejected.value.message == "HTTP 400 request-rejected: Invalid note: [redacted]"
+    assert str(rejected.value) == rejected.value.message
+    assert refused.value.message == "HTTP 401 credentials-refused: bad token [redacted]"
+    assert listing.value.message == "HTTP 401 credentials-refused: bad token [redacted]"
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"proxy said {CREDENTIALS['client_secret']} hook-secret-1234")
+
+    async with CobaltClient(API, transport=httpx.MockTransport(refuse),
+                            more_secrets=["hook-secret-1234"]) as client:
+        with pytest.raises(NotSent) as unsent:
+            await client.create_task_note("T1", NOTE)
+    assert unsent.value.message == "not sent: ConnectError: proxy said [redacted] [redacted]"
 
 
 def _canary_holders(tmp_path: Path, canaries: tuple[str, ...]) -> set[str]:
