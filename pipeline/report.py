@@ -131,6 +131,7 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
 # OWASP, "CSV Injection": a cell starting with one of these is read as a formula by
 # spreadsheets (Excel, LibreOffice, Google Sheets); a leading single quote makes it text.
 FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
+_FIRST: Final = np.array(FORMULA_STARTS, dtype="U1")
 _PLAIN_NUMBER: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -156,13 +157,19 @@ def shareable(table: pd.DataFrame) -> pd.DataFrame:
     out = table.rename(columns=lambda name: neutralise_formula(str(name)))
     for column in out.columns:
         values = out[column]
-        if values.dtype.kind not in "OSU" and not isinstance(values.dtype, pd.StringDtype):
+        if values.dtype.kind in "biuf":
             continue  # numbers (line) cannot start a formula
-        text = values.astype("string")
-        risky = text.str.startswith(FORMULA_STARTS).fillna(False) & ~text.str.fullmatch(
-            _PLAIN_NUMBER.pattern).fillna(False)
-        if risky.any():
-            out[column] = values.where(~risky, "'" + text)
+        # First characters compared in numpy (the cast to "U1" keeps one character): a
+        # loop over a million-row results.csv in Python cost a fifth of writing it.
+        hits = np.flatnonzero(np.isin(values.to_numpy().astype("U1"), _FIRST))
+        if not len(hits):
+            continue
+        cells = values.iloc[hits].tolist()
+        fixed = [neutralise_formula(c) if isinstance(c, str) else c for c in cells]
+        if fixed != cells:
+            values = values.copy()
+            values.iloc[hits] = fixed
+            out[column] = values
     return out
 
 
