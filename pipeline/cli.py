@@ -160,6 +160,9 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-limit", type=float, metavar="RPS", help="429 above this rate")
     p.add_argument("--error-rate", type=_fraction, default=0.0, help="503 before storing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--events-shape", choices=("event_id", "envelope"), default="event_id",
+                   help="which documented shape GET /v1/webhook-events answers in: event_id "
+                        "items (filter delivery_status) or envelope items (filter status)")
     p.add_argument("--missing-task", action="append", default=[], metavar="ID",
                    help="a task id the EMR does not have (task_note.failed)")
     faults = p.add_argument_group("faults (fractions of requests)")
@@ -303,6 +306,11 @@ def _poll(args: argparse.Namespace) -> int:
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
+    if config.sandbox.enabled:
+        print("nothing to poll: the sandbox's Cobalt emulator lives only while `tasknotes run` "
+              "runs (outcomes it never delivered ended with it); `tasknotes reconcile "
+              f"{args.config}` re-reads the sink")
+        return 0
     ledger = _open_ledger(config)
     try:
         runs = [args.run_id] if args.run_id else ledger.unresolved_runs()
@@ -329,6 +337,9 @@ def _poll(args: argparse.Namespace) -> int:
         print(f"polled {stats.wanted:,} jobs with {stats.requests:,} requests: "
               f"{stats.stored:,} events stored, {stats.duplicates:,} already there, "
               f"{stats.still_missing:,} jobs still without an outcome")
+        if stats.delivered_but_missing:
+            print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
+                  "as delivered: to another webhook URL, or to a receiver that did not keep them")
         return _reconcile_runs(config, ledger, runs)
     finally:
         ledger.close()
@@ -396,6 +407,7 @@ def _emulator(args: argparse.Namespace) -> int:
         outcome_delay_ms=args.outcome_delay_ms, fail_rate=args.fail_rate,
         error_rate=args.error_rate, missing_tasks=frozenset(args.missing_task),
         rate_limit=args.rate_limit, seed=args.seed, faults=faults,
+        events_shape=args.events_shape,
     ))
     serve_foreground(emulator.app(), host=args.host, port=args.port,
                      attach=lambda server: setattr(emulator, "server", server))

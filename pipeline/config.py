@@ -242,6 +242,8 @@ class EmulatorSettings(_Section):
     rate_limit: Annotated[float, Field(gt=0)] | None = None
     seed: int = 1
     faults: FaultSettings = FaultSettings()
+    # Which of the two documented shapes GET /v1/webhook-events answers in (emulator.py).
+    events_shape: Literal["event_id", "envelope"] = "event_id"
 
 
 class SandboxConfig(_Section):
