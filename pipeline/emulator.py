@@ -508,7 +508,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _iso(when: datetime) -> str:
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds, as JavaScript's ``Date.toISOString()`` writes it."""
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _uuid(rng: random.Random) -> str:

@@ -125,7 +125,9 @@ async def test_an_outcome_webhook_is_signed_and_shaped_as_documented() -> None:
     assert event["data"]["note"] == "Call back — café 🙂"
     assert headers["webhook-id"] == event["id"]
     assert headers["webhook-attempt"] == "1"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", headers["webhook-timestamp"])
+    # ISO 8601 with milliseconds, as JavaScript's Date.toISOString() writes it
+    for when in (headers["webhook-timestamp"], event["created"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", when)
 
 
 async def test_a_missing_task_fails_in_the_emr_with_a_reason() -> None:
