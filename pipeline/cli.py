@@ -258,7 +258,7 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import Run, RunOptions
 
-    config = load_config(args.config, needs=("api",))
+    config = _config_for_sending(args.config)
     options = RunOptions(inputs=tuple(args.input), dry_run=args.dry_run, limit=args.limit,
                          progress=not args.no_progress, force=args.force,
                          argv=tuple(sys.argv[1:]))
@@ -282,10 +282,19 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from pipeline.runner import validate_only
 
-    config = load_config(args.config, needs=("api",))  # the secrets run would need
+    config = _config_for_sending(args.config)  # the secrets run would need, resolved
     outcome = validate_only(config, args.input)
     _print_scan(outcome, dry_run=False)
     return outcome.exit_code
+
+
+def _config_for_sending(path: Path) -> RunConfig:
+    """The config as ``run`` needs it: the api section's ``${VAR}`` references resolved, and
+    in a sandbox the webhooks section's too (the emulator signs with that secret)."""
+    config = load_config(path, needs=("api",))
+    if config.sandbox.enabled:
+        config = load_config(path, needs=("api", "webhooks"))
+    return config
 
 
 def _print_limit(scan: ScanCounts, limit: int | None) -> None:

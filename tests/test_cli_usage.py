@@ -151,6 +151,19 @@ def test_validate_and_dry_run_check_the_secrets_run_would_need(
     assert "from-env" not in done.stdout + done.stderr
 
 
+def test_validate_in_a_sandbox_checks_the_webhook_secret_resolves(tmp_path: Path) -> None:
+    """A sandbox run signs webhooks with webhooks.secret: validate names its unset variable."""
+    write_csv(tmp_path / "input.csv", notes(2))
+    config = write_config(tmp_path, webhooks={"secret": "${TASKNOTES_TEST_HOOK}"},
+                          sandbox={"enabled": True})
+    done = tasknotes("validate", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "tasknotes: webhooks.secret: environment variable TASKNOTES_TEST_HOOK is not set"]
+    ok = tasknotes("validate", str(config), cwd=tmp_path, env={"TASKNOTES_TEST_HOOK": "s"})
+    assert ok.returncode == 0, ok.stderr
+
+
 @pytest.mark.parametrize("text", ["", "# nothing but a comment\n"])
 def test_an_empty_config_file_is_an_error_naming_input_path(tmp_path: Path, text: str) -> None:
     """An empty config is not a config of defaults: exit 2, naming input.path."""
