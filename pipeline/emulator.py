@@ -16,8 +16,8 @@ It behaves as Cobalt's documentation says (``../shared/cobalt/``):
   ``created_at``, ``delivery_status``; filter ``delivery_status``) or
   ``envelope`` items (the webhook envelope plus ``status``, ``delivered``,
   ``delivery_attempts``, ``last_delivery_attempt``, ``response_status_code``;
-  filter ``status``). API-FACTS "Polling instead of (or after) webhooks"
-  describes both revisions of Cobalt's reference page.
+  filter ``status``): the two revisions of Cobalt's reference page
+  (docs.usecobalt.com, api-reference/webhook-events/get).
 
 Faults are drawn from a hash of (seed, note, attempt number), so which
 request fails does not depend on the order concurrent requests arrive in.

@@ -11,7 +11,7 @@ poll adds nothing twice. GETs are safe to repeat: any failure is retried
 with backoff, under the same rate limit as sending.
 
 Cobalt's reference page for the endpoint exists in two revisions with
-different item shapes (API-FACTS "Polling instead of (or after) webhooks");
+different item shapes (docs.usecobalt.com, api-reference/webhook-events/get);
 ``read_list_item`` reads both. A page holding an item of neither shape stops
 the poll with an error naming the fields found, rather than paging through
 every event and recovering nothing in silence. No status filter
@@ -64,8 +64,8 @@ def read_list_item(item: object) -> tuple[dict[str, Any], str | None]:
     of a delivered webhook (``id, access_token_reference_id, object,
     created, type, job_id, data``; ``job_id`` a string or None) and
     ``delivery`` is Cobalt's delivery status (``success``/``failed``/
-    ``pending``) or None when the item does not say. The shapes (API-FACTS,
-    "Polling instead of (or after) webhooks"):
+    ``pending``) or None when the item does not say. The shapes, from the two
+    revisions of Cobalt's reference page (api-reference/webhook-events/get):
 
     - ``event_id, event_type, created_at, delivery_status, webhook_url,
       job_id, access_token_reference_id, data``;
