@@ -41,6 +41,8 @@ def commands(data: Path, workdir: Path) -> dict[str, list[str]]:
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump({
         "input": {"path": str(data)},
+        # validate checks the credentials resolve, as run would (nothing is sent).
+        "api": {"client_id": "c", "client_secret": "s", "access_token": "t"},
         "state": {"ledger": str(workdir / "ledger.sqlite")},
         "report": {"dir": str(workdir / "reports")},
     }))

@@ -24,7 +24,7 @@ from pipeline.errors import PipelineError, RunAborted
 if TYPE_CHECKING:
     from pipeline.ledger import Ledger
     from pipeline.poll import PollStats
-    from pipeline.runner import RunOutcome
+    from pipeline.runner import RunOutcome, ScanCounts
 
 log = logging.getLogger("pipeline")
 
@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     umask = os.umask(0o077)
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `tasknotes`: the help, not an error message
+            parser.print_help()
+            return 2
         _logging(args.verbose, args.quiet)
         return int(args.handler(args))
     except (PipelineError, KeyboardInterrupt, BaseExceptionGroup) as exc:
@@ -64,58 +68,99 @@ def _user_error(exc: BaseException) -> PipelineError | None:
 
 
 def _logging(verbose: int, quiet: bool) -> None:
+    """stderr logging: INFO by default (a handful of lines a run), DEBUG with -v (a line per
+    webhook and event), WARNING with -q; the HTTP libraries at WARNING below -vv."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="tasknotes: %(levelname)s: %(message)s")
     for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+
+
+EXIT_CODES = """\
+exit codes:
+  0  every row ended well (accepted, confirmed, or rightly skipped)
+  1  the command finished, but some rows were rejected, failed or are ambiguous
+  2  bad usage, bad config or unreadable input: nothing was sent
+  3  aborted: credentials refused, too many consecutive failures, interrupted,
+     disk full, or Cobalt's answers could not be read"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each flag's default (``off`` for a switch; none shown when the default is
+    None, whose help text says what happens) and the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default == [] or "(default:" in (action.help or ""):
+            return action.help
+        if action.default is False:
+            return f"{action.help} (default: off)"
+        return super()._get_help_string(action)
+
+
+def _verbosity(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """-v/-q, before or after the subcommand: the subcommand's copy defaults to SUPPRESS,
+    so it leaves the top-level value alone unless given."""
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more detail on stderr: a line per webhook and per event "
+                             "(-vv: the HTTP libraries too) (default: off)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="warnings and errors only on stderr (default: off)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tasknotes",
+        prog="tasknotes", formatter_class=_Formatter, epilog=EXIT_CODES,
         description="Append notes to EMR tasks through Cobalt, from CSV, and prove what "
                     "happened to every row.")
     parser.add_argument("--version", action="version", version=f"tasknotes {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-q", "--quiet", action="store_true")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _verbosity(parser, default=0)
+    parser.set_defaults(quiet=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity(common, default=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="validate, send, collect outcomes, report")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, parents=[common],
+                                   formatter_class=_Formatter, epilog=EXIT_CODES)
+
+    run = command("run", "validate, send, collect outcomes, report")
     _config_arg(run)
     _inputs_arg(run)
     run.add_argument("--dry-run", action="store_true",
                      help="validate and count what would be sent; send nothing, write no ledger")
     run.add_argument("--limit", type=_positive, metavar="N",
-                     help="send at most N rows (the first N that need sending)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+                     help="send at most N rows (the first N that need sending), then stop "
+                          "reading (default: no limit)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (it is shown only on a terminal anyway)")
     run.add_argument("--force", action="store_true",
                      help="DANGEROUS: send rows the ledger says were already sent; "
                           "each one lands in the chart again")
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser("validate", help="check the input; send nothing")
+    validate = command("validate", "check the config, its secrets and the input; send nothing")
     _config_arg(validate)
     _inputs_arg(validate)
     validate.set_defaults(handler=_validate)
 
-    sink = commands.add_parser("sink", help="receive Cobalt's webhooks into the sink file")
+    sink = command("sink", "receive Cobalt's webhooks into the sink file")
     _config_arg(sink)
-    sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("--port", type=int, default=8787)
+    sink.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sink.add_argument("--port", type=int, default=8787, help="port to listen on")
     sink.set_defaults(handler=_sink)
 
-    poll = commands.add_parser("poll", help="fetch outcomes of unresolved jobs from Cobalt")
+    poll = command("poll", "fetch outcomes of unresolved jobs from Cobalt")
     _config_arg(poll)
     poll.add_argument("--run-id", help="only this run (default: every run with unresolved rows)")
     poll.set_defaults(handler=_poll)
 
-    reconcile = commands.add_parser("reconcile", help="re-join ledger and sink; rewrite reports")
+    reconcile = command("reconcile", "re-join ledger and sink; rewrite reports")
     _config_arg(reconcile)
     reconcile.add_argument("--run-id", help="only this run (default: runs with unresolved rows)")
     reconcile.set_defaults(handler=_reconcile)
 
-    emulator = commands.add_parser("emulator", help="a local Cobalt look-alike, with faults")
+    emulator = command("emulator", "a local Cobalt look-alike, with faults")
     _emulator_args(emulator)
     emulator.set_defaults(handler=_emulator)
     return parser
@@ -127,7 +172,8 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def _inputs_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="PATH",
-                        help="input CSV file or glob (repeatable); overrides input.path")
+                        help="input CSV file or glob (repeatable); overrides input.path "
+                             "(default: input.path)")
 
 
 def _positive(text: str) -> int:
@@ -155,38 +201,61 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def _emulator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8788)
-    p.add_argument("--webhook-url", help="where to deliver task_note.* webhooks")
-    p.add_argument("--webhook-secret", default="sandbox-webhook-secret")
-    p.add_argument("--client-id", default="sandbox-client-id")
-    p.add_argument("--client-secret", default="sandbox-client-secret")
-    p.add_argument("--access-token", default="sandbox-access-token")
-    p.add_argument("--latency-ms", type=_range, default=(0.0, 0.0), metavar="A[,B]")
-    p.add_argument("--outcome-delay-ms", type=_range, default=(200.0, 1500.0), metavar="A[,B]")
-    p.add_argument("--fail-rate", type=_fraction, default=0.0, help="EMR failures (webhook)")
-    p.add_argument("--rate-limit", type=float, metavar="RPS", help="429 above this rate")
-    p.add_argument("--error-rate", type=_fraction, default=0.0, help="503 before storing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8788, help="port to listen on")
+    p.add_argument("--webhook-url",
+                   help="where to deliver task_note.* webhooks (default: none; outcomes "
+                        "can only be polled)")
+    p.add_argument("--webhook-secret", default="sandbox-webhook-secret",
+                   help="key of the webhooks' HMAC-SHA256 signature")
+    p.add_argument("--client-id", default="sandbox-client-id", help="accepted client_id")
+    p.add_argument("--client-secret", default="sandbox-client-secret",
+                   help="accepted client_secret")
+    p.add_argument("--access-token", default="sandbox-access-token",
+                   help="accepted access_token")
+    p.add_argument("--latency-ms", type=_range, default=(0.0, 0.0), metavar="A[,B]",
+                   help="delay before answering each request, uniform in [A, B] ms")
+    p.add_argument("--outcome-delay-ms", type=_range, default=(200.0, 1500.0), metavar="A[,B]",
+                   help="time from a stored note to its outcome webhook, uniform in [A, B] ms")
+    p.add_argument("--fail-rate", type=_fraction, default=0.0,
+                   help="fraction of notes that fail in the EMR (task_note.failed)")
+    p.add_argument("--rate-limit", type=float, metavar="RPS",
+                   help="answer 429 above this many requests per second (default: no limit)")
+    p.add_argument("--error-rate", type=_fraction, default=0.0,
+                   help="fraction of requests answered 503 before storing")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the timings and of which requests meet a fault")
+    p.add_argument("--events-shape", choices=("event_id", "envelope"), default="event_id",
+                   help="which documented shape GET /v1/webhook-events answers in: event_id "
+                        "items (filter delivery_status) or envelope items (filter status)")
     p.add_argument("--missing-task", action="append", default=[], metavar="ID",
-                   help="a task id the EMR does not have (task_note.failed)")
+                   help="a task id the EMR does not have (task_note.failed); repeatable "
+                        "(default: none)")
     faults = p.add_argument_group("faults (fractions of requests)")
-    faults.add_argument("--fault-429", type=_fraction, default=0.0)
-    faults.add_argument("--fault-503", type=_fraction, default=0.0)
-    faults.add_argument("--fault-400", type=_fraction, default=0.0)
+    faults.add_argument("--fault-429", type=_fraction, default=0.0,
+                        help="429 Too Many Requests, with Retry-After")
+    faults.add_argument("--fault-503", type=_fraction, default=0.0,
+                        help="503 Service Unavailable, with Retry-After")
+    faults.add_argument("--fault-400", type=_fraction, default=0.0,
+                        help="400: refused as a bad request (final)")
     faults.add_argument("--fault-drop", type=_fraction, default=0.0,
                         help="drop the connection after reading the request")
-    faults.add_argument("--fault-500-after-store", type=_fraction, default=0.0)
-    faults.add_argument("--fault-slow-after-store", type=_fraction, default=0.0)
-    faults.add_argument("--fault-drop-after-store", type=_fraction, default=0.0)
+    faults.add_argument("--fault-500-after-store", type=_fraction, default=0.0,
+                        help="store the note, then answer 500")
+    faults.add_argument("--fault-slow-after-store", type=_fraction, default=0.0,
+                        help="store the note, then answer after --slow-s")
+    faults.add_argument("--fault-drop-after-store", type=_fraction, default=0.0,
+                        help="store the note, then drop the connection")
     faults.add_argument("--fault-garbage-after-store", type=_fraction, default=0.0,
                         help="store the note, then answer 200 with a body that is not JSON")
     faults.add_argument("--faults-only-first", type=int, default=0, metavar="N",
-                        help="faults hit only the first N attempts of each note")
-    faults.add_argument("--retry-after", type=float, default=1.0, metavar="S")
+                        help="faults hit only the first N attempts of each note (0: all)")
+    faults.add_argument("--retry-after", type=float, default=1.0, metavar="S",
+                        help="Retry-After of a 429/503, in seconds")
     faults.add_argument("--retry-after-date", action="store_true",
                         help="send Retry-After as an HTTP date")
-    faults.add_argument("--slow-s", type=float, default=30.0)
+    faults.add_argument("--slow-s", type=float, default=30.0,
+                        help="how long a slow answer takes, in seconds")
     faults.add_argument("--drop-webhooks", type=_fraction, default=0.0,
                         help="record outcomes but never deliver them (for poll)")
 
@@ -197,7 +266,7 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import Run, RunOptions
 
-    config = load_config(args.config, needs=() if args.dry_run else ("api",))
+    config = _config_for_sending(args.config)
     options = RunOptions(inputs=tuple(args.input), dry_run=args.dry_run, limit=args.limit,
                          progress=not args.no_progress, force=args.force,
                          argv=tuple(sys.argv[1:]))
@@ -205,13 +274,14 @@ def _run(args: argparse.Namespace) -> int:
         log.warning("--force: rows already sent in earlier runs will be sent again")
     outcome = Run(config, options).execute()
     if args.dry_run:
-        _print_scan(outcome, dry_run=True)
+        _print_scan(outcome, dry_run=True, limit=args.limit)
         return outcome.exit_code
     if outcome.scan.problems.counts:
         _print_problems(outcome)
     if outcome.report is not None:
         _print_result(outcome.report.counts, str(outcome.report.directory),
                       outcome.report.files)
+    _print_limit(outcome.scan, args.limit)
     if outcome.stop_reason:
         print(f"stopped: {outcome.stop_reason}")
     return outcome.exit_code
@@ -220,13 +290,32 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from pipeline.runner import validate_only
 
-    config = load_config(args.config)
+    config = _config_for_sending(args.config)  # the secrets run would need, resolved
     outcome = validate_only(config, args.input)
     _print_scan(outcome, dry_run=False)
     return outcome.exit_code
 
 
-def _print_scan(outcome: RunOutcome, *, dry_run: bool) -> None:
+def _config_for_sending(path: Path) -> RunConfig:
+    """The config as ``run`` needs it: the api section's ``${VAR}`` references resolved, and
+    in a sandbox the webhooks section's too (the emulator signs with that secret)."""
+    config = load_config(path, needs=("api",))
+    if config.sandbox.enabled:
+        config = load_config(path, needs=("api", "webhooks"))
+    return config
+
+
+def _print_limit(scan: ScanCounts, limit: int | None) -> None:
+    """The one line saying --limit stopped the reading, where, and how much is left."""
+    if scan.truncated_at is None:
+        return
+    where, line = scan.truncated_at
+    left = f"{scan.unread:,}" if scan.unread_exact else f"at least {scan.unread:,}"
+    print(f"--limit {limit:,} reached: stopped reading at {where} line {line}; {left} rows "
+          "left unread (not checked, not sent, not in this report)")
+
+
+def _print_scan(outcome: RunOutcome, *, dry_run: bool, limit: int | None = None) -> None:
     c = outcome.scan
     _print_problems(outcome)
     valid = c.rows - c.rejected
@@ -238,8 +327,7 @@ def _print_scan(outcome: RunOutcome, *, dry_run: bool) -> None:
     print(f"would send {c.to_send:,}; skip {c.duplicates:,} duplicates, "
           f"{c.already_sent:,} already sent; hold {c.held:,}"
           + (" (dry run: nothing sent, ledger untouched)" if dry_run else ""))
-    if c.truncated_at:
-        print(f"--limit reached at {c.truncated_at[0]} line {c.truncated_at[1]}")
+    _print_limit(c, limit)
     if outcome.rejects is not None:
         print(f"rejects: {outcome.rejects}")
 
@@ -311,6 +399,11 @@ def _poll(args: argparse.Namespace) -> int:
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
+    if config.sandbox.enabled:
+        print("nothing to poll: the sandbox's Cobalt emulator lives only while `tasknotes run` "
+              "runs (outcomes it never delivered ended with it); `tasknotes reconcile "
+              f"{args.config}` re-reads the sink")
+        return 0
     ledger = _open_ledger(config)
     try:
         runs = [args.run_id] if args.run_id else ledger.unresolved_runs()
@@ -339,6 +432,9 @@ def _poll(args: argparse.Namespace) -> int:
         print(f"polled {stats.wanted:,} jobs with {stats.requests:,} requests: "
               f"{stats.stored:,} events stored, {stats.duplicates:,} already there, "
               f"{stats.still_missing:,} jobs still without an outcome")
+        if stats.delivered_but_missing:
+            print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
+                  "as delivered: to another webhook URL, or to a receiver that did not keep them")
         return _reconcile_runs(config, ledger, runs)
     finally:
         ledger.close()
@@ -406,6 +502,7 @@ def _emulator(args: argparse.Namespace) -> int:
         outcome_delay_ms=args.outcome_delay_ms, fail_rate=args.fail_rate,
         error_rate=args.error_rate, missing_tasks=frozenset(args.missing_task),
         rate_limit=args.rate_limit, seed=args.seed, faults=faults,
+        events_shape=args.events_shape,
     ))
     serve_foreground(emulator.app(), host=args.host, port=args.port,
                      attach=lambda server: setattr(emulator, "server", server))

@@ -65,9 +65,10 @@ class NoteAccepted:
 
 @dataclass(frozen=True, slots=True)
 class EventsPage:
-    """One page of ``GET /v1/webhook-events``, items exactly as Cobalt returned them."""
+    """One page of ``GET /v1/webhook-events``, items exactly as Cobalt returned them
+    (whatever JSON they are: poll.read_page says which it cannot read)."""
 
-    events: list[dict[str, Any]]
+    events: list[Any]
     page: int
     total_pages: int
 
@@ -162,7 +163,7 @@ class CobaltClient:
             raise BadResponse("webhook-events answer lacks webhook_events/pagination",
                               http_status=response.status_code)
         return EventsPage(
-            events=[i for i in items if isinstance(i, dict)],
+            events=items,
             page=int(paging.get("current_page") or query.get("page") or 1),
             total_pages=int(paging.get("total_pages") or 1),
         )

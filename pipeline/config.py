@@ -242,6 +242,8 @@ class EmulatorSettings(_Section):
     rate_limit: Annotated[float, Field(gt=0)] | None = None
     seed: int = 1
     faults: FaultSettings = FaultSettings()
+    # Which of the two documented shapes GET /v1/webhook-events answers in (emulator.py).
+    events_shape: Literal["event_id", "envelope"] = "event_id"
 
 
 class SandboxConfig(_Section):
@@ -284,8 +286,9 @@ def load_config(
     """Read, resolve and validate a config file.
 
     ``needs`` names the sections whose ``${VAR}`` references must resolve
-    (``api`` for commands that send, ``webhooks`` for the sink); elsewhere an
-    unset variable leaves the value empty, so ``validate`` works without secrets.
+    (``api`` for run, validate and poll, ``webhooks`` for the sink); elsewhere an
+    unset variable leaves the value empty (reconcile needs no secret). An empty
+    file is a ConfigError naming ``input.path``.
     """
     raw = _read_yaml(Path(path))
     environ = os.environ if env is None else env
@@ -310,8 +313,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}{where}: {problem}") from None
-    if data is None:
-        return {}
+    if data is None:  # empty, or comments only: every default would be a guess
+        raise ConfigError(f"{path}: the file is empty; input.path (the CSV to read) and the "
+                          "api section are needed (configs/production.example.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data

@@ -10,8 +10,14 @@ It behaves as Cobalt's documentation says (``../shared/cobalt/``):
   ``job_id`` as a string), delivered the way Cobalt delivers: 5 s timeout,
   one retry 1 s later (2 s timeout) on a 5xx, a 429 or a network error,
   never after a timeout or another 4xx.
-- ``GET /v1/webhook-events``: the same events in the list-item shape, with
-  ``job_id``/``event_type``/``delivery_status``/date filters and pagination.
+- ``GET /v1/webhook-events``: the same events, with ``job_id``/``event_type``/
+  date filters and pagination, in either documented shape of the list
+  (``events_shape``): ``event_id`` items (``event_id``, ``event_type``,
+  ``created_at``, ``delivery_status``; filter ``delivery_status``) or
+  ``envelope`` items (the webhook envelope plus ``status``, ``delivered``,
+  ``delivery_attempts``, ``last_delivery_attempt``, ``response_status_code``;
+  filter ``status``): the two revisions of Cobalt's reference page
+  (docs.usecobalt.com, api-reference/webhook-events/get).
 
 Faults are drawn from a hash of (seed, note, attempt number), so which
 request fails does not depend on the order concurrent requests arrive in.
@@ -36,7 +42,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -56,6 +62,8 @@ FAILURES = (  # (code, description): what an RPA note-writer runs into
     ("rpa_timeout", "Timed out waiting for the EMR to respond"),
 )
 NOT_FOUND = ("task_not_found", "Task not found in EMR")
+EventsShape = Literal["event_id", "envelope"]
+EVENTS_SHAPES: tuple[EventsShape, ...] = ("event_id", "envelope")
 
 
 def note_key(emr_task_id: str, note: str) -> str:
@@ -112,6 +120,7 @@ class EmulatorOptions:
     faults: Faults = field(default_factory=Faults)
     other_event_every: int = 0  # every Nth note also makes an unrelated account event
     account_reference: str = "user_sandbox"
+    events_shape: EventsShape = "event_id"  # which documented GET /v1/webhook-events shape
 
 
 @dataclass(slots=True)
@@ -139,7 +148,8 @@ class Emulator:
         self.max_in_flight = 0
         self.arrivals: list[float] = []  # monotonic time each note request arrived
         self.deliveries: Counter[str] = Counter()
-        self.events: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # list items, ``event_id`` shape
+        self._delivery: dict[str, dict[str, Any]] = {}  # event id -> attempts, last try, code
         self._attempts: Counter[bytes] = Counter()
         self._next_job = time.time_ns() // 1000  # microseconds: grows across restarts
         self._due: list[tuple[float, int, _Job]] = []
@@ -373,6 +383,8 @@ class Emulator:
         key: bytes,
     ) -> None:
         record = _list_item(event, self.options.webhook_url or "")
+        facts: dict[str, Any] = {"attempts": 0, "last": None, "code": None}
+        self._delivery[event["id"]] = facts
         self.events.append(record)
         self._changed()
         url = self.options.webhook_url
@@ -385,20 +397,26 @@ class Emulator:
             return
         body = compact(event)
         async with limiter:
-            delivered = await self._post(client, url, body, event["id"], attempt=1, limit_s=5.0)
+            delivered = await self._post(client, url, body, event["id"], attempt=1, limit_s=5.0,
+                                         facts=facts)
             if delivered is None:  # a 5xx, a 429 or a network error: Cobalt tries once more
                 await anyio.sleep(1.0)
                 delivered = await self._post(client, url, body, event["id"], attempt=2,
-                                             limit_s=2.0)
+                                             limit_s=2.0, facts=facts)
         record["delivery_status"] = "success" if delivered else "failed"
         self.deliveries["success" if delivered else "failed"] += 1
         self._changed()
 
     async def _post(
         self, client: httpx.AsyncClient, url: str, body: bytes, event_id: str, *, attempt: int,
-        limit_s: float,
+        limit_s: float, facts: dict[str, Any],
     ) -> bool | None:
-        """True delivered, False failed for good, None worth the one retry."""
+        """True delivered, False failed for good, None worth the one retry.
+
+        ``facts`` gets the attempt count, its time and the answer's status code (the
+        ``envelope`` list shape reports them).
+        """
+        facts.update(attempts=attempt, last=_iso(datetime.now(UTC)), code=None)
         headers = {
             "content-type": "application/json",
             "cobalt-verification": sign(body, self.options.webhook_secret),
@@ -412,6 +430,7 @@ class Emulator:
             return False
         except httpx.TransportError:
             return None if attempt == 1 else False
+        facts["code"] = response.status_code
         if response.is_success:
             return True
         if (response.status_code >= 500 or response.status_code == 429) and attempt == 1:
@@ -431,11 +450,14 @@ class Emulator:
             return _error(400, "page and page_size must be integers")
         if page < 1 or not 1 <= size <= 100:
             return _error(400, "page must be >= 1 and page_size between 1 and 100")
-        found = [e for e in self.events if _matches(e, q)]
+        shape = self.options.events_shape
+        found = [e for e in self.events if _matches(e, q, shape)]
         found.sort(key=lambda e: (e["created_at"], e["event_id"]),
                    reverse=q.get("sort", "desc") == "desc")
         pages = max(1, math.ceil(len(found) / size))
         chunk = found[(page - 1) * size : page * size]
+        if shape == "envelope":
+            chunk = [_envelope_item(e, self._delivery.get(e["event_id"], {})) for e in chunk]
         return JSONResponse({
             "success": True,
             "webhook_events": chunk,
@@ -486,7 +508,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _iso(when: datetime) -> str:
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds, as JavaScript's ``Date.toISOString()`` writes it."""
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _uuid(rng: random.Random) -> str:
@@ -507,12 +530,34 @@ def _list_item(event: dict[str, Any], url: str) -> dict[str, Any]:
     }
 
 
-def _matches(event: dict[str, Any], q: Any) -> bool:
+def _envelope_item(item: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """A list item in the other documented shape: the webhook envelope plus delivery facts."""
+    return {
+        "id": item["event_id"],
+        "access_token_reference_id": item["access_token_reference_id"],
+        "object": "event",
+        "created": item["created_at"],
+        "type": item["event_type"],
+        "job_id": item["job_id"],
+        "status": item["delivery_status"],
+        "delivered": item["delivery_status"] == "success",
+        "delivery_attempts": facts.get("attempts", 0),
+        "last_delivery_attempt": facts.get("last"),
+        "response_status_code": facts.get("code"),
+        "data": item["data"],
+    }
+
+
+def _matches(event: dict[str, Any], q: Any, shape: EventsShape = "event_id") -> bool:
+    """Whether a list item passes the query's filters; each shape has its own status filter
+    (``delivery_status`` or ``status``) and ignores the other's, as an API ignores an unknown
+    query parameter."""
     day = event["created_at"][:10]
+    status_filter = "delivery_status" if shape == "event_id" else "status"
     return (
         ("job_id" not in q or event["job_id"] == q["job_id"])
         and ("event_type" not in q or event["event_type"] == q["event_type"])
-        and ("delivery_status" not in q or event["delivery_status"] == q["delivery_status"])
+        and (status_filter not in q or event["delivery_status"] == q[status_filter])
         and ("start_date" not in q or day >= q["start_date"])
         and ("end_date" not in q or day <= q["end_date"])
     )

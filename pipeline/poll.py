@@ -9,6 +9,16 @@ Cobalt suggests. Each event is turned back into the webhook envelope shape
 and appended with the sink's de-duplication, so a later webhook or a second
 poll adds nothing twice. GETs are safe to repeat: any failure is retried
 with backoff, under the same rate limit as sending.
+
+Cobalt's reference page for the endpoint exists in two revisions with
+different item shapes (docs.usecobalt.com, api-reference/webhook-events/get);
+``read_list_item`` reads both. A page holding an item of neither shape stops
+the poll with an error naming the fields found, rather than paging through
+every event and recovering nothing in silence. No status filter
+(``delivery_status`` in one revision, ``status`` in the other) is sent: an
+event Cobalt counts as delivered may still be missing from this sink (a
+receiver that acknowledged and then lost it, another registered URL), so
+every outcome event of a wanted job is read.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import anyio
 from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
-from pipeline.events import SinkFile, compact_json, envelope_from_list_item
+from pipeline.events import SinkFile, compact_json
 from pipeline.submit import Backoff, Pacer
 
 log = logging.getLogger(__name__)
@@ -32,14 +42,115 @@ log = logging.getLogger(__name__)
 EVENT_TYPES = ("task_note.created", "task_note.failed")
 
 
+# The two documented item shapes of GET /v1/webhook-events: (event id, type, created) keys.
+SHAPES: dict[str, tuple[str, str, str]] = {
+    "event_id": ("event_id", "event_type", "created_at"),
+    "envelope": ("id", "type", "created"),
+}
+
+
+class UnreadableItem(ValueError):
+    """One list item of neither documented shape (the message names its fields only)."""
+
+
+class UnreadableEvents(RunAborted):
+    """A page of ``GET /v1/webhook-events`` holds an item of neither documented shape (exit 3)."""
+
+
+def read_list_item(item: object) -> tuple[dict[str, Any], str | None]:
+    """One ``GET /v1/webhook-events`` item of either documented shape, as a webhook envelope.
+
+    Returns ``(envelope, delivery)``: the envelope has the keys and key order
+    of a delivered webhook (``id, access_token_reference_id, object,
+    created, type, job_id, data``; ``job_id`` a string or None) and
+    ``delivery`` is Cobalt's delivery status (``success``/``failed``/
+    ``pending``) or None when the item does not say. The shapes, from the two
+    revisions of Cobalt's reference page (api-reference/webhook-events/get):
+
+    - ``event_id, event_type, created_at, delivery_status, webhook_url,
+      job_id, access_token_reference_id, data``;
+    - ``id, type, created, status, delivered, delivery_attempts, ...,
+      job_id, access_token_reference_id, object, data``.
+
+    Raises UnreadableItem, a ValueError (message: the item's field names, never its values)
+    when the item is not an object, has neither shape's id and type as
+    text, or is a ``task_note.*`` event whose ``data`` is not an object.
+    """
+    if not isinstance(item, dict):
+        raise UnreadableItem(f"an item is a JSON {type(item).__name__}, not an object")
+    shape = _shape_of(item)
+    if shape is None:
+        raise UnreadableItem(f"an item has fields {_fields(item)}")
+    id_key, type_key, created_key = SHAPES[shape]
+    event_id, event_type = item[id_key], item[type_key]
+    data = item.get("data")
+    if event_type in EVENT_TYPES and not isinstance(data, dict):
+        raise UnreadableItem(f"a {event_type} item has no data object (fields {_fields(item)})")
+    job_id = item.get("job_id")
+    delivery = item.get("delivery_status") if shape == "event_id" else item.get("status")
+    if delivery is None and isinstance(item.get("delivered"), bool):
+        delivery = "success" if item["delivered"] else "failed"
+    envelope = {
+        "id": event_id,
+        "access_token_reference_id": item.get("access_token_reference_id"),
+        "object": "event",
+        "created": item.get(created_key),
+        "type": event_type,
+        "job_id": None if job_id is None else str(job_id),
+        "data": data if isinstance(data, dict) else {},
+    }
+    return envelope, delivery if isinstance(delivery, str) else None
+
+
+def _shape_of(item: dict[str, Any]) -> str | None:
+    """The first shape whose id and type keys both hold non-empty text, else None."""
+    for shape, (id_key, type_key, _) in SHAPES.items():
+        event_id, event_type = item.get(id_key), item.get(type_key)
+        if isinstance(event_id, str) and event_id and isinstance(event_type, str) and event_type:
+            return shape
+    return None
+
+
+def _fields(item: dict[str, Any]) -> str:
+    names = sorted(str(k)[:40] for k in item)
+    shown = ", ".join(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
+    return shown or "(none)"
+
+
+def read_page(items: list[Any], query: dict[str, Any]) -> list[tuple[dict[str, Any], str | None]]:
+    """Every item of one page through ``read_list_item``, or UnreadableEvents for the page.
+
+    The whole page is checked before any of it is used, and the error names
+    the page, the query and what was found, never an item's values.
+    """
+    read = []
+    for number, item in enumerate(items, start=1):
+        try:
+            read.append(read_list_item(item))
+        except UnreadableItem as exc:
+            where = ", ".join(f"{k}={v}" for k, v in query.items() if k != "page_size")
+            expected = " or ".join("/".join(keys) for keys in SHAPES.values())
+            raise UnreadableEvents(
+                f"GET /v1/webhook-events ({where}): item {number} of {len(items)} cannot be "
+                f"read: {exc}; expected {expected} (nothing taken from this page)") from None
+    return read
+
+
 @dataclass(slots=True)
 class PollStats:
+    """What one poll did: jobs wanted, GETs made, events seen, stored and already there.
+
+    ``delivered_but_missing`` counts stored events that Cobalt lists as
+    delivered: a receiver acknowledged them, yet the sink did not have them.
+    """
+
     wanted: int = 0
     requests: int = 0
     seen: int = 0
     stored: int = 0
     duplicates: int = 0
     still_missing: int = 0
+    delivered_but_missing: int = 0
 
 
 class Poller:
@@ -68,7 +179,7 @@ class Poller:
         return self.stats
 
     async def _items(self, job_ids: set[str], since: str | None
-                     ) -> AsyncIterator[dict[str, Any]]:
+                     ) -> AsyncIterator[tuple[dict[str, Any], str | None]]:
         if len(job_ids) <= self._config.poll.per_job_below:
             for job_id in sorted(job_ids):
                 async for item in self._pages({"job_id": job_id}):
@@ -81,12 +192,13 @@ class Poller:
             async for item in self._pages(query):
                 yield item
 
-    async def _pages(self, query: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    async def _pages(self, query: dict[str, str]
+                     ) -> AsyncIterator[tuple[dict[str, Any], str | None]]:
         page = 1
         while True:
-            result = await self._get({**query, "page": page,
-                                      "page_size": self._config.poll.page_size})
-            for item in result.events:
+            asked = {**query, "page": page, "page_size": self._config.poll.page_size}
+            result = await self._get(asked)
+            for item in read_page(result.events, asked):
                 yield item
             if page >= result.total_pages or not result.events:
                 return
@@ -114,18 +226,19 @@ class Poller:
                 await anyio.sleep(self._backoff.delay(attempt))
         raise AssertionError("unreachable")
 
-    async def _take(self, item: dict[str, Any], job_ids: set[str], found: set[str]) -> None:
+    async def _take(self, item: tuple[dict[str, Any], str | None], job_ids: set[str],
+                    found: set[str]) -> None:
+        envelope, delivery = item
         self.stats.seen += 1
-        job_id = None if item.get("job_id") is None else str(item["job_id"])
-        if job_id not in job_ids or item.get("event_type") not in EVENT_TYPES:
-            return
-        envelope = envelope_from_list_item(item)
-        if not isinstance(envelope["id"], str):
+        job_id = envelope["job_id"]
+        if job_id not in job_ids or envelope["type"] not in EVENT_TYPES:
             return
         found.add(job_id)
         verdict = await self._sink.append(compact_json(envelope), envelope["id"])
         if verdict == "stored":
             self.stats.stored += 1
+            if delivery == "success":
+                self.stats.delivered_but_missing += 1
         else:
             self.stats.duplicates += 1
 

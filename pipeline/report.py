@@ -124,7 +124,9 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
     out["http_status"] = rows["http_status"].astype("Int64").astype("string")
     for i, name in enumerate(passthrough):
         out[name] = rows["passthrough"].map(lambda v, i=i: json.loads(v)[i] if v else "")
-    out["detail"] = rows["detail"]
+    # detail says what error does not: for a rejected row they were the same sentence twice.
+    repeats = rows["detail"].fillna("") == out["error"].fillna("")
+    out["detail"] = rows["detail"].where(~repeats, "")
     return out.fillna("").reset_index(drop=True)
 
 
@@ -189,6 +191,7 @@ class _Tally:
         self.stale = 0
         self.oldest_waiting: float | None = None
         self.latencies: list[np.ndarray] = []
+        self.coarse = 0  # outcomes whose time has whole seconds only: not measured
         self.attention: list[dict[str, Any]] = []
         self.attention_total = 0
         self.redrive: dict[int, set[int]] = {}
@@ -201,7 +204,12 @@ class _Tally:
         self.reasons.update(r or "(no reason given)" for r in table.loc[failed, "failure_reason"])
         self.evidence += int((rows["settled_by"] == "evidence").sum())
         self.conflicts += int((table["outcome"] == "conflict").sum())
-        seconds = _seconds_between(table["submitted_at"], table["outcome_at"]).dropna()
+        # A whole-second outcome time is up to 1 s early against a submission time with
+        # milliseconds: such rows are counted, not measured.
+        seconds = _seconds_between(table["submitted_at"], table["outcome_at"])
+        fine = table["outcome_at"].str.contains(_SUBSECOND, regex=True, na=False)
+        self.coarse += int((seconds.notna() & ~fine).sum())
+        seconds = seconds[fine].dropna()
         self.latencies.append(seconds.clip(lower=0).to_numpy(dtype=np.float32))
         self._waiting_and_attention(table)
         self._redrive(rows, table, failed)
@@ -241,25 +249,67 @@ class _Tally:
     def latency(self) -> dict[str, float | None]:
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
         if not len(seconds):
-            return {"count": 0, "p50": None, "p90": None, "max": None}
+            return {"count": 0, "p50": None, "p90": None, "max": None,
+                    "whole_second_times": self.coarse}
         return {"count": len(seconds), "p50": round(float(np.quantile(seconds, 0.5)), 1),
                 "p90": round(float(np.quantile(seconds, 0.9)), 1),
-                "max": round(float(seconds.max()), 1)}
+                "max": round(float(seconds.max()), 1), "whole_second_times": self.coarse}
 
     def histogram(self) -> dict[str, Any]:
+        """The latency chart: bins of an even, round width ("nice" steps of 1, 2, 2.5 or 5
+        times a power of ten, at most 10 bins) and every position pre-computed, so that the
+        template only places them: bars within the plot, count labels above the bars and tick
+        labels below, all inside the SVG's viewBox (``CHART``)."""
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
         if not len(seconds):
-            return {"bins": [], "max": 0, "unit": "s"}
+            return {"bins": [], "ticks": [], "unit": "s"}
         top = float(seconds.max())
         scale, unit = (60.0, "min") if top > 600 else (1.0, "s")
-        edges = np.linspace(0, max(top / scale, 1e-9), 11)
+        step = nice_step(top / scale / 10)
+        n = max(1, math.ceil(round(top / scale / step, 9)))
+        edges = np.arange(n + 1) * step
         counts, _ = np.histogram(seconds / scale, bins=edges)
         peak = int(counts.max()) or 1
-        digits = 0 if edges[-1] >= 10 else 1
-        bins = [{"x": i * 50, "height": round(140 * int(c) / peak), "count": int(c),
-                 "label": f"{edges[i]:.{digits}f}", "end": f"{edges[i + 1]:.{digits}f}"}
-                for i, c in enumerate(counts)]
-        return {"bins": bins, "max": peak, "unit": unit, "last": bins[-1]["end"]}
+        c = CHART
+        width = c["plot_width"] / n
+        decimals = _decimals(step)
+        bins = []
+        for i, count in enumerate(counts):
+            height = max(1 if count else 0, round(c["plot_height"] * int(count) / peak))
+            bins.append({"x": round(c["left"] + i * width, 2), "width": round(width - 2, 2),
+                         "y": c["baseline"] - height, "height": height, "count": int(count),
+                         "label": f"{edges[i]:.{decimals}f}",
+                         "end": f"{edges[i + 1]:.{decimals}f}",
+                         "middle": round(c["left"] + (i + 0.5) * width, 2)})
+        ticks = [{"x": round(c["left"] + i * width, 2), "label": f"{edge:.{decimals}f}"}
+                 for i, edge in enumerate(edges)]
+        return {"bins": bins, "ticks": ticks, "max": peak, "unit": unit, "step": step,
+                **{k: v for k, v in c.items() if k in ("width", "height", "baseline")}}
+
+
+# The latency chart's geometry (SVG user units): room above the tallest bar for its count,
+# below the baseline for the tick labels, and on both sides for the first and last tick label.
+CHART: Final = {"width": 540, "height": 190, "left": 30, "plot_width": 480, "plot_height": 140,
+                "baseline": 162}
+
+
+def nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= ``raw`` (0.1 when ``raw`` <= 0)."""
+    if raw <= 0:
+        return 0.1
+    power = 10.0 ** math.floor(math.log10(raw))
+    for mantissa in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if mantissa * power >= raw * (1 - 1e-12):
+            return mantissa * power
+    raise AssertionError("unreachable")
+
+
+def _decimals(step: float) -> int:
+    """How many decimals show every multiple of ``step`` exactly (0.25 -> 2, 5 -> 0)."""
+    for decimals in range(6):
+        if abs(round(step, decimals) - step) < 1e-9:
+            return decimals
+    return 6
 
 
 # -- summary.json ----------------------------------------------------------------------------
@@ -312,6 +362,9 @@ def summarise(
                                  if tally.oldest_waiting is not None else None),
         },
     }
+
+
+_SUBSECOND: Final = r"T\d\d:\d\d:\d\d\.\d"  # an ISO 8601 time with a fraction of a second
 
 
 def _seconds_between(start: pd.Series, end: pd.Series) -> pd.Series:

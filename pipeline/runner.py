@@ -40,10 +40,10 @@ import anyio.lowlevel
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
-from pipeline.errors import StorageFull
+from pipeline.errors import ConfigError, PipelineError, StorageFull
 from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
-from pipeline.source import CsvFile, Header, expand_inputs
+from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
 from pipeline.submit import Control, Job, SubmitStats, Submitter
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
@@ -81,6 +81,8 @@ class ScanCounts:
     held: int = 0
     blank: int = 0
     truncated_at: tuple[str, int] | None = None
+    unread: int = 0  # records left unread after --limit (at least this many if not exact)
+    unread_exact: bool = True
     problems: ProblemTally = field(default_factory=ProblemTally)
 
 
@@ -165,31 +167,61 @@ class _Scan:
             self.validator.name_file(file_no, str(path))
         for file_no, path in enumerate(self._inputs.paths):
             if not self._scan_file(file_no, path):
+                if self.counts.truncated_at is not None:
+                    for later, rest in enumerate(self._inputs.paths[file_no + 1:], file_no + 1):
+                        with CsvFile(rest, self._config.input, file_no=later) as f:
+                            self._count_unread(f.batches())
                 break
         self.counts.blank += self.validator.blank_rows
         return self.counts
 
+    def _count_unread(self, batches: Iterator[RawBatch]) -> None:
+        """Count the records --limit left unread (not validated, not in the ledger)."""
+        if not self.counts.unread_exact:
+            return
+        try:
+            for raw in batches:
+                self.counts.unread += len(raw.rows)
+        except PipelineError as exc:  # e.g. undecodable bytes further on: a lower bound
+            log.warning("rows left unread by --limit not all counted: %s", exc)
+            self.counts.unread_exact = False
+
     def _scan_file(self, file_no: int, path: Path) -> bool:
         with CsvFile(path, self._config.input, file_no=file_no) as f:
             complete = True
-            for raw in f.batches():
+            batches = f.batches()
+            for raw in batches:
                 if self._control is not None and self._control.stopped:
                     return False
                 batch = self.validator.check(raw, f.header)
                 complete = self._take(batch, str(path))
                 if not complete:
                     break
-            self.counts.blank += f.blank_lines
+            blank = f.blank_lines  # the lines read: those counted unread are not skipped
+            if self.counts.truncated_at is not None:
+                self._count_unread(batches)
+            self.counts.blank += blank
             self._recorder.add_file(self._run_id, file_no, str(path), f.header.names,
                                     sha256=f.sha256, size=f.size)
         return complete
 
     def _take(self, batch: CheckedBatch, name: str) -> bool:
-        """Classify and record one batch; False once --limit rows are to be sent."""
+        """Classify and record one batch; False once --limit rows are to be sent.
+
+        Rows after the --limit cut are not read: they reach neither rejects.csv nor the
+        problem table nor the ledger (the CLI says how many were left unread).
+        """
+        if self._lookup is None and isinstance(self._recorder, _Discard):
+            complete = self._count_only(batch, name)
+        else:
+            complete = self._classify_batch(batch, name)
+        if not complete:
+            batch = _head(batch, len(batch) - self.counts.unread)
         self._rejects.write(batch, name)
         self.counts.problems.add(batch)
-        if self._lookup is None and isinstance(self._recorder, _Discard):
-            return self._count_only(batch, name)
+        return complete
+
+    def _classify_batch(self, batch: CheckedBatch, name: str) -> bool:
         sendable = batch.sendable()
         keys = [row_key(self._account, batch.task_ids[i], batch.notes[i]) for i in sendable]
         earlier = self._lookup.earlier(self._run_id, keys) if self._lookup is not None else {}
@@ -199,6 +231,7 @@ class _Scan:
             row = self._classify(batch, i, key_of.get(i), earlier)
             if row.status == "pending" and self._limit_reached():
                 self.counts.truncated_at = (name, batch.lines[i])
+                self.counts.unread += len(batch) - i
                 break
             rows.append(row)
             self._count(row.status)
@@ -215,6 +248,7 @@ class _Scan:
             cut = sendable[room]  # the first row beyond --limit: reading stops before it
             c.truncated_at = (name, batch.lines[cut])
             sendable = sendable[:room]
+            c.unread += len(batch) - cut
             rejected = sum(1 for i in batch.problems if i < cut)
             c.duplicates += sum(1 for i in batch.duplicate_of if i < cut
                                 and i not in batch.problems)
@@ -376,10 +410,10 @@ class Run:
         self.timings: dict[str, float] = {}
 
     def execute(self) -> RunOutcome:
+        preflight(self.config)  # a missing secret stops us before the ledger is touched
         inputs = open_inputs(self.config, self.options)
         if self.options.dry_run:
             return self._dry_run(inputs)
-        self.config.api.credentials()  # a missing secret stops us before the ledger is touched
         return anyio.run(self._run, inputs, backend_options=self.config.submit.backend_options())
 
     def _dry_run(self, inputs: _Inputs) -> RunOutcome:
@@ -530,6 +564,26 @@ class Run:
         count, orphans = ledger.orphans()
         return RunResult(record, ledger.files(self.run_id), count, orphans,
                          ledger.event_tally(), ledger)
+
+
+def preflight(config: RunConfig) -> None:
+    """What ``run`` needs before it sends, checked by ``run``, ``run --dry-run`` and
+    ``validate`` alike: the three API credentials set (ConfigError naming the key), and in
+    a sandbox the webhook secret the emulator signs with. A ``${VAR}`` that does not
+    resolve is caught earlier, by ``load_config(..., needs=("api",))``, naming the variable.
+    """
+    config.api.credentials()
+    if config.sandbox.enabled and not config.webhooks.all_secrets():
+        raise ConfigError("webhooks.secret: a sandbox run needs a webhook secret")
+
+
+def _head(batch: CheckedBatch, n: int) -> CheckedBatch:
+    """The first ``n`` rows of ``batch`` (problems and duplicates of those rows only)."""
+    return CheckedBatch(
+        batch.file_no, batch.lines[:n], batch.task_ids[:n], batch.notes[:n],
+        batch.passthrough[:n], batch.cells[:n],
+        {i: p for i, p in batch.problems.items() if i < n},
+        {i: d for i, d in batch.duplicate_of.items() if i < n})
 
 
 def _log_scan(c: ScanCounts) -> None:

@@ -151,7 +151,8 @@ def _answer(
 ) -> JSONResponse:
     event_id = str(event.get("id"))[:64] if event else "-"
     event_type = str(event.get("type"))[:64] if event else "-"
-    level = logging.INFO if status < 500 else logging.ERROR
+    # A line per delivery only with -v (DEBUG): thousands of rows make thousands of webhooks.
+    level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     log.log(level, "webhook %s type=%s bytes=%s attempt=%s -> %d %s",
             event_id, event_type, size, attempt, status, verdict)
     return JSONResponse({"received": status == 200, "result": verdict}, status_code=status)

@@ -125,7 +125,9 @@ async def test_an_outcome_webhook_is_signed_and_shaped_as_documented() -> None:
     assert event["data"]["note"] == "Call back — café 🙂"
     assert headers["webhook-id"] == event["id"]
     assert headers["webhook-attempt"] == "1"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", headers["webhook-timestamp"])
+    # ISO 8601 with milliseconds, as JavaScript's Date.toISOString() writes it
+    for when in (headers["webhook-timestamp"], event["created"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", when)
 
 
 async def test_a_missing_task_fails_in_the_emr_with_a_reason() -> None:
@@ -234,3 +236,51 @@ async def test_ids_stay_unique_across_restarts_with_the_same_seed() -> None:
     assert seen[0]["job_id"] != seen[1]["job_id"]
     assert seen[0]["task_note_id"] != seen[1]["task_note_id"]
     assert seen[0]["event"] != seen[1]["event"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "keys", "status_filter"),
+    [pytest.param("event_id", {"event_id", "event_type", "webhook_url", "delivery_status",
+                               "data", "created_at", "job_id", "access_token_reference_id"},
+                  "delivery_status", id="event_id"),
+     pytest.param("envelope", {"id", "access_token_reference_id", "object", "created", "type",
+                               "job_id", "status", "delivered", "delivery_attempts",
+                               "last_delivery_attempt", "response_status_code", "data"},
+                  "status", id="envelope")],
+)
+async def test_events_are_listed_in_either_documented_shape(
+    shape: str, keys: set[str], status_filter: str
+) -> None:
+    """GET /v1/webhook-events answers in the configured revision's shape and honours that
+    revision's delivery filter name (the other name is ignored, as an unknown parameter)."""
+    receiver = Receiver(answers=[200, 500, 500])  # first delivered; second fails twice
+    async with serving(receiver.app()) as hook:
+        emulator = Emulator(emulator_options(webhook_url=f"{hook.url}/hook",
+                                             events_shape=shape))
+        async with serving(emulator.app()) as api:
+            await post_note(api.url, task_id="T1", note="n1")
+            with anyio.fail_after(10):
+                await emulator.until(lambda e: sum(e.deliveries.values()) == 1)
+            await post_note(api.url, task_id="T2", note="n2")
+            with anyio.fail_after(10):
+                await emulator.until(lambda e: sum(e.deliveries.values()) == 2)
+            async with httpx.AsyncClient(base_url=api.url, headers=CREDENTIALS) as client:
+                every = (await client.get("/v1/webhook-events")).json()["webhook_events"]
+                failed = (await client.get("/v1/webhook-events",
+                                           params={status_filter: "failed"})).json()
+                other = "status" if status_filter == "delivery_status" else "delivery_status"
+                ignored = (await client.get("/v1/webhook-events",
+                                            params={other: "failed"})).json()
+    assert len(every) == 2
+    assert all(set(item) == keys for item in every)
+    (item,) = failed["webhook_events"]
+    assert item["data"]["emr_task_id"] == "T2"
+    assert len(ignored["webhook_events"]) == 2
+    if shape == "envelope":
+        delivered, missed = sorted(every, key=lambda i: i["data"]["emr_task_id"])
+        assert (delivered["status"], delivered["delivered"], delivered["delivery_attempts"],
+                delivered["response_status_code"]) == ("success", True, 1, 200)
+        assert (missed["status"], missed["delivered"], missed["delivery_attempts"],
+                missed["response_status_code"]) == ("failed", False, 2, 500)
+        assert isinstance(missed["job_id"], str)
+        assert missed["object"] == "event"

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from helpers import (
     WEBHOOK_SECRET,
@@ -21,18 +25,23 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile, read_sink
+from pipeline.poll import read_list_item
 from pipeline.sink import WebhookReceiver
 
+SHAPES = pytest.mark.parametrize("shape", ["event_id", "envelope"])
 
+
+@SHAPES
 @pytest.mark.parametrize(
     ("rows", "per_job_below"),
     [pytest.param(5, 20, id="per-job"), pytest.param(60, 0, id="paging-by-date")],
 )
 def test_poll_fills_in_outcomes_whose_webhooks_were_lost(
-    tmp_path: Path, rows: int, per_job_below: int, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, rows: int, per_job_below: int, shape: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Half the webhooks are dropped; poll fetches exactly the missing outcomes, and a second
-    poll adds nothing."""
+    poll adds nothing: whichever documented shape Cobalt lists its events in."""
     write_csv(tmp_path / "input.csv", notes(rows))
     sink_path = tmp_path / "state" / "webhooks.jsonl"
     sink = SinkFile(sink_path)
@@ -40,7 +49,7 @@ def test_poll_fills_in_outcomes_whose_webhooks_were_lost(
     receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
     with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
             webhook_url=f"{hooks.url}/webhooks/cobalt",
-            faults=Faults(drop_webhooks=0.5), seed=9) as api:
+            faults=Faults(drop_webhooks=0.5), seed=9, events_shape=shape) as api:
         path = write_config(tmp_path, api={"base_url": api.url},
                             poll={"per_job_below": per_job_below, "page_size": 7})
         config = load_config(path, needs=("api",))
@@ -61,10 +70,12 @@ def test_poll_fills_in_outcomes_whose_webhooks_were_lost(
     assert {r["final_status"] for r in results} == {"confirmed"}
 
 
-def test_polled_events_have_the_webhook_envelope_shape(tmp_path: Path) -> None:
-    """An event fetched by polling is stored as the webhook envelope Cobalt would have sent."""
+@SHAPES
+def test_polled_events_have_the_webhook_envelope_shape(tmp_path: Path, shape: str) -> None:
+    """An event fetched by polling is stored as the webhook envelope Cobalt would have sent,
+    from either list shape."""
     write_csv(tmp_path / "input.csv", notes(1))
-    with EmulatorThread(faults=Faults(drop_webhooks=1.0)) as api:
+    with EmulatorThread(faults=Faults(drop_webhooks=1.0), events_shape=shape) as api:
         path = write_config(tmp_path, api={"base_url": api.url})
         run_pipeline(load_config(path, needs=("api",)))
         wait_until(lambda: len(api.emulator.events) == 1, what="the outcome")
@@ -75,3 +86,100 @@ def test_polled_events_have_the_webhook_envelope_shape(tmp_path: Path) -> None:
     assert event["object"] == "event"
     assert event["type"] == "task_note.created"
     assert isinstance(event["job_id"], str)
+    assert event["id"].startswith("evt_")
+    assert event["created"].endswith("Z")
+    assert event["access_token_reference_id"] == "user_sandbox"
+    assert set(event["data"]) == {"task_note_id", "emr_note_id", "emr_task_id", "note"}
+
+
+def test_both_list_shapes_map_to_the_same_envelope() -> None:
+    """An item of either documented shape of GET /v1/webhook-events becomes the same webhook
+    envelope (job_id as a string), and its delivery status is read from either field name."""
+    data = {"task_note_id": "a" * 24, "failure_reason": "Task is locked by another user"}
+    flat = {"event_id": "evt_1", "event_type": "task_note.failed", "webhook_url": "https://x",
+            "delivery_status": "failed", "data": data, "created_at": "2026-11-30T10:00:00Z",
+            "job_id": 12345, "access_token_reference_id": "user_1"}
+    envelope = {"id": "evt_1", "access_token_reference_id": "user_1", "object": "event",
+                "created": "2026-11-30T10:00:00Z", "type": "task_note.failed",
+                "job_id": "12345", "status": "failed", "delivered": False,
+                "delivery_attempts": 2, "last_delivery_attempt": "2026-11-30T10:00:01Z",
+                "response_status_code": 503, "data": data}
+    expected = {"id": "evt_1", "access_token_reference_id": "user_1", "object": "event",
+                "created": "2026-11-30T10:00:00Z", "type": "task_note.failed",
+                "job_id": "12345", "data": data}
+    assert read_list_item(flat) == (expected, "failed")
+    assert read_list_item(envelope) == (expected, "failed")
+    assert list(read_list_item(envelope)[0]) == list(expected)
+    without_status = {k: v for k, v in envelope.items() if k != "status"}
+    assert read_list_item({**without_status, "delivered": True})[1] == "success"
+    other = {"id": "evt_2", "type": "patient.updated", "created": "x", "job_id": None}
+    assert read_list_item(other) == ({"id": "evt_2", "access_token_reference_id": None,
+                                      "object": "event", "created": "x",
+                                      "type": "patient.updated", "job_id": None, "data": {}},
+                                     None)
+
+
+@pytest.mark.parametrize(
+    ("item", "named"),
+    [pytest.param({"uuid": "u1", "kind": "task_note.created", "payload": {}},
+                  "fields kind, payload, uuid", id="unknown-fields"),
+     pytest.param({"event_id": "evt_1", "type": "task_note.created"},
+                  "fields event_id, type", id="mixed-shapes"),
+     pytest.param({"id": "evt_1", "type": "task_note.created", "data": "PHI note text"},
+                  "task_note.created item has no data object", id="data-not-an-object"),
+     pytest.param(["evt_1"], "an item is a JSON list", id="not-an-object")],
+)
+def test_a_page_it_cannot_read_stops_poll_naming_the_fields(
+    tmp_path: Path, item: object, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A page holding an item of neither documented shape is an error naming the fields found
+    (never their values), exit 3, and nothing of that page is stored: the lost outcomes are
+    not silently left lost."""
+    write_csv(tmp_path / "input.csv", notes(2))
+
+    async def odd_page(request: Request) -> JSONResponse:
+        readable = {"event_id": "evt_ok", "event_type": "task_note.created",
+                    "job_id": request.query_params["job_id"],  # a wanted job: storable
+                    "created_at": "2026-11-30T10:00:00Z", "data": {"task_note_id": "b" * 24}}
+        return JSONResponse({"success": True, "webhook_events": [readable, item],
+                             "pagination": {"current_page": 1, "total_pages": 1,
+                                            "total_count": 2, "page_size": 100}})
+
+    with EmulatorThread(faults=Faults(drop_webhooks=1.0)) as api:
+        path = write_config(tmp_path, api={"base_url": api.url})
+        run_pipeline(load_config(path, needs=("api",)))
+        wait_until(lambda: len(api.emulator.events) == 2, what="the outcomes")
+    capsys.readouterr()
+    app = Starlette(routes=[Route("/v1/webhook-events", odd_page)])
+    with ThreadedServer(app) as odd:
+        path = write_config(tmp_path, api={"base_url": odd.url})
+        assert main(["-q", "poll", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "item 2 of 2 cannot be read" in err
+    assert named in err
+    assert "event_id/event_type/created_at or id/type/created" in err
+    assert "PHI" not in err
+    assert list(read_sink(tmp_path / "state" / "webhooks.jsonl")) == []
+
+
+def test_poll_in_the_sandbox_says_the_emulator_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a sandbox config, poll explains in one line that the emulator lived only during the
+    run (exit 0) instead of failing to connect to the placeholder api.base_url."""
+    write_csv(tmp_path / "input.csv", notes(3))
+    path = write_config(tmp_path, sandbox={
+        "enabled": True, "wait_s": 0.2,
+        "emulator": {"outcome_delay_ms": [1, 5], "faults": {"drop_webhooks": 1.0}}})
+    config = load_config(path, needs=("api",))
+    assert config.api.base_url == "http://127.0.0.1:9"
+    first = run_pipeline(config)
+    assert first.report is not None
+    assert first.report.counts["awaiting_outcome"] == 3  # something poll would want
+    capsys.readouterr()
+    assert main(["poll", str(path)]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    assert "emulator lives only while `tasknotes run` runs" in line
+    assert "127.0.0.1:9" not in captured.out + captured.err
+    assert captured.err == ""

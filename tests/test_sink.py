@@ -176,7 +176,7 @@ async def test_logs_name_the_event_but_never_the_body_or_a_header(
 ) -> None:
     """A log line carries id, type, size, attempt and verdict; no note text, no signature."""
     body = compact(event())
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline"):
         async with sink_running(tmp_path) as (client, _):
             await post(client, body, signed(body))
             await post(client, body, signed(body, secret="wrong"))
