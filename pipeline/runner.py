@@ -475,8 +475,10 @@ class Run:
         from pipeline.report import write_report  # noqa: PLC0415
 
         result = Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
-        written = write_report(result, self.config.report, input_settings=self.config.input)
+        written = write_report(result, self.config.report, input_settings=self.config.input,
+                               process_exit_code=3 if reason else None)
         code = 3 if reason else written.exit_code
+        ledger.update_run_info(self.run_id, {"exit_code": code})  # summary.json's, on rewrites
         return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
 

@@ -181,7 +181,9 @@ def test_a_held_row_follows_the_attempt_it_waits_on(book: Book) -> None:
     book.row("held", task="T9", note="n", run_id="run-2", ref_id=first)
     assert book.finals("run-2") == [("ambiguous", "")]
     book.event("task_note.created", "1", n=1, task="T9", note="n")
-    assert book.finals("run-2") == [("skipped_already_sent", "")]
+    assert book.finals("run-2") == [("skipped_already_sent", "created")]
+    (detail,) = book.result("run-2").frame()["detail"]
+    assert detail == "sent in run run-1: confirmed"
 
 
 def test_final_statuses_for_rows_never_sent(book: Book) -> None:
