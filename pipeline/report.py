@@ -4,8 +4,10 @@ rejects.csv and redrive.csv, under ``reports/<run_id>/``.
 Only rejects.csv and redrive.csv hold note text (they are copies of input
 rows, to be fixed and fed back), so they are created 0600; every other file
 is free of note text and safe to share. results.csv and summary.json are
-byte-for-byte the same for the same ledger and sink file; only the
-``report`` block of summary.json (when it was made, what was stale then) moves.
+byte-for-byte the same for the same ledger and sink file; only what the clock
+decides in summary.json moves: the ``report`` block (when it was made, what was
+stale then) and what staleness decides (``needs_attention``, ``verdict``,
+``exit_code_now``).
 """
 
 from __future__ import annotations
