@@ -644,8 +644,10 @@ class Ledger:
                  for r in rows])
 
     def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
-        """A run's rows in input order, ``size`` at a time, with their file and the row they
-        refer to (the earlier attempt of a held or already-sent row)."""
+        """A run's rows in input order, ``size`` at a time, with their file, the row they
+        refer to (the earlier attempt of a held or already-sent row), and ``via_*``: the
+        send of the same note by another run that speaks for a row whose own attempt did
+        not deliver it (reconcile.py's rule 5), or None."""
         import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
 
         last = 0
@@ -653,10 +655,37 @@ class Ledger:
             frame = pd.read_sql_query(_RUN_CHUNK_SQL, self._db, params=(run_id, last, size))
             if frame.empty:
                 return
+            self._add_via(frame)
             yield frame
             last = int(frame["id"].iloc[-1])
             if len(frame) < size:
                 return
+
+    def _add_via(self, frame: pd.DataFrame) -> None:
+        """Fill the ``via_*`` columns; looked up only for the rows that may follow a send
+        (usually few: a run's rows mostly speak for themselves)."""
+        for column in _VIA_COLUMNS:
+            frame[f"via_{column}"] = None
+        status = frame["status"]
+        wanted = frame["key"].notna() & (
+            status.isin(["pending", "failed", "already_sent", "held"])
+            | ((status == "accepted") & (frame["outcome"] == "failed")))
+        if not wanted.any():
+            return
+        ids = frame.loc[wanted, "id"].tolist()
+        found: dict[int, tuple[Any, ...]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row_id, *values in self._db.execute(
+                    _VIA_SQL.format(marks=marks), chunk):
+                found[row_id] = tuple(values)
+        if not found:
+            return
+        position = frame["id"].map(lambda i: i in found)
+        values = [found[i] for i in frame.loc[position, "id"]]
+        for n, column in enumerate(_VIA_COLUMNS):
+            frame.loc[position, f"via_{column}"] = [v[n] for v in values]
 
     # -- frames for reconcile and report -------------------------------------------------
 
@@ -766,29 +795,28 @@ _EMR_FAILURES_SQL: Final = f"""
 SELECT run_id, key, failure_reason, reason_codes, outcome_at FROM rows
  WHERE status IN ('accepted', 'ambiguous') AND outcome = 'failed'
    AND key IS NOT NULL AND key NOT IN ({_DELIVERED_KEYS}) ORDER BY id"""  # noqa: S608
-# A row's "via": the send of the same note by another run that now speaks for a row whose own
-# attempt did not deliver it (not sent, failed, skipped, held, failed in the EMR): a confirmed
-# send first, then the earliest.
 _RUN_CHUNK_SQL: Final = """
 SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_job_id,
-       ref.outcome AS ref_outcome,
-       via.run_id AS via_run_id, via.job_id AS via_job_id, via.outcome AS via_outcome,
-       via.task_note_id AS via_task_note_id, via.submitted_at AS via_submitted_at,
-       via.outcome_at AS via_outcome_at, via.event_id AS via_event_id,
-       via.emr_note_id AS via_emr_note_id
+       ref.outcome AS ref_outcome
   FROM rows r
   LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
   LEFT JOIN rows ref ON ref.id = r.ref_id
-  LEFT JOIN rows via ON via.id = (CASE
-       WHEN r.key IS NOT NULL AND (r.status IN ('pending', 'failed', 'already_sent', 'held')
-                                   OR (r.status = 'accepted' AND r.outcome = 'failed'))
-       THEN (SELECT o.id FROM rows o INDEXED BY rows_key
-              WHERE o.key = r.key AND o.run_id != r.run_id
-                AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL))
-              ORDER BY o.outcome IS NULL, o.id LIMIT 1) END)
  WHERE r.run_id = ? AND r.id > ?
  ORDER BY r.id
  LIMIT ?"""
+# A row's "via": the send of the same note by another run that delivered it (Cobalt has it,
+# or took it and no outcome is in): a confirmed send first, then the earliest.
+_VIA_COLUMNS: Final = ("run_id", "job_id", "outcome", "task_note_id", "submitted_at",
+                       "outcome_at", "event_id", "emr_note_id")
+_VIA_SQL: Final = """
+SELECT r.id, via.run_id, via.job_id, via.outcome, via.task_note_id, via.submitted_at,
+       via.outcome_at, via.event_id, via.emr_note_id
+  FROM rows r JOIN rows via ON via.id = (
+       SELECT o.id FROM rows o INDEXED BY rows_key
+        WHERE o.key = r.key AND o.run_id != r.run_id
+          AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL))
+        ORDER BY o.outcome IS NULL, o.id LIMIT 1)
+ WHERE r.id IN ({marks})"""
 _UNSETTLED_RUNS_SQL: Final = """
 SELECT run_id FROM runs u WHERE EXISTS (
     SELECT 1 FROM rows r LEFT JOIN rows ref ON ref.id = r.ref_id

@@ -235,12 +235,10 @@ def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series,
     via = out["via_run_id"].notna()
     landed = via & (out["via_outcome"] == "created")
     waiting = via & ~landed
-    job = out["via_job_id"].map(lambda j: f" as job {j}" if isinstance(j, str) and j else "")
-    sent = "sent in run " + out["via_run_id"].fillna("?") + job
-    again = "failed in the EMR; sent again in run " + out["via_run_id"].fillna("?") + job
-    earlier = ("sent in run " + out["ref_run_id"].fillna("?")
-               + out["ref_job_id"].map(lambda j: f" as job {j}" if isinstance(j, str) and j
-                                       else ""))
+    sent = _sent_in(out, via, "via")
+    again = _sent_in(out, via & (status == "accepted"), "via",
+                     lead="failed in the EMR; sent again in run ")
+    earlier = _sent_in(out, status == "already_sent", "ref")
     mine = status.isin(["pending", "failed", "already_sent", "held"])
     rules: list[tuple[pd.Series, str, pd.Series | str]] = [
         (status == "rejected", "rejected_invalid", out["error"].fillna("")),
@@ -277,3 +275,16 @@ def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series,
         final[todo] = name
         detail[todo] = text[todo] if isinstance(text, pd.Series) else text
     return final, detail
+
+
+def _sent_in(out: pd.DataFrame, mask: pd.Series, prefix: str,
+             lead: str = "sent in run ") -> pd.Series:
+    """"sent in run X as job J" for the masked rows (from ``<prefix>_run_id`` and
+    ``<prefix>_job_id``), "" elsewhere: built only where needed, as most rows need none."""
+    text = pd.Series("", index=out.index, dtype=object)
+    if mask.any():
+        rows = out.loc[mask]
+        text[mask] = (lead + rows[f"{prefix}_run_id"].fillna("?").astype(str)
+                      + rows[f"{prefix}_job_id"].map(
+                          lambda j: f" as job {j}" if isinstance(j, str) and j else ""))
+    return text
