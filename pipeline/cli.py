@@ -397,7 +397,7 @@ def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     found = ledger_status(config, config_path=str(args.config))
     if args.json:
-        print(json.dumps(found.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps(found.to_dict(), indent=2))  # in the documented order
         return found.exit_code
     if not found.open:
         print(f"nothing open: every note in {found.ledger} is settled")
