@@ -3,8 +3,9 @@
 Exit codes (DESIGN.md): 0 every row ended well; 1 the run finished but some
 rows were rejected, failed or are ambiguous; 2 bad usage, config or input
 (nothing was sent); 3 aborted (credentials refused, too many failures,
-interrupted). A user error is one line on stderr, never a traceback. This is
-the one module that prints; nothing it prints holds a note's text.
+interrupted). ``status``: 0 nothing open, 1 something open, 2 bad config. A
+user error is one line on stderr, never a traceback. This is the one module
+that prints; nothing it prints holds a note's text.
 """
 
 from __future__ import annotations
