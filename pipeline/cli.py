@@ -3,8 +3,9 @@
 Exit codes (DESIGN.md): 0 every row ended well; 1 the run finished but some
 rows were rejected, failed or are ambiguous; 2 bad usage, config or input
 (nothing was sent); 3 aborted (credentials refused, too many failures,
-interrupted, disk full). A user error is one line on stderr, never a traceback. This is
-the one module that prints; nothing it prints holds a note's text.
+interrupted, disk full). ``status``: 0 nothing open, 1 something open, 2 bad
+config. A user error is one line on stderr, never a traceback. This is the one
+module that prints; nothing it prints holds a note's text.
 """
 
 from __future__ import annotations
@@ -159,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(reconcile)
     reconcile.add_argument("--run-id", help="only this run (default: runs with unresolved rows)")
     reconcile.set_defaults(handler=_reconcile)
+
+    status = command(
+        "status", "what is open over every run, and what settles it (exit 0 none, 1 some)")
+    _config_arg(status)
+    status.add_argument("--json", action="store_true",
+                        help="print the documented JSON shape (README) instead of text")
+    status.set_defaults(handler=_status)
 
     emulator = command("emulator", "a local Cobalt look-alike, with faults")
     _emulator_args(emulator)
@@ -448,7 +456,7 @@ def _reconcile(args: argparse.Namespace) -> int:
             ledger.run(args.run_id)
             runs = [args.run_id]
         else:
-            runs = ledger.unresolved_runs() or [r for r in [ledger.latest_run()] if r]
+            runs = ledger.unsettled_runs() or [r for r in [ledger.latest_run()] if r]
         if not runs:
             print("nothing to reconcile: the ledger has no runs")
             return 0
@@ -470,14 +478,54 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str]) -> i
     from pipeline.report import write_report
 
     reconciler = Reconciler(ledger, config.webhooks.sink)
+    live = set(ledger.runs_in_progress())
     code = 0
     for run_id in runs:
+        if run_id in live:  # its unsent rows are not failures: it writes its report at the end
+            print(f"run {run_id}: in progress (pid {ledger.lock_holder()}); not reconciled, "
+                  "it writes its own report when it ends")
+            continue
         written = write_report(reconciler.run(run_id), config.report,
                                input_settings=config.input)
         print(f"run {run_id}:")
         _print_result(written.counts, str(written.directory), written.files)
+        if written.stale:
+            print(f"{written.stale:,} awaiting an outcome longer than report.stale_after "
+                  f"({config.report.stale_after:g} s): they need attention")
         code = max(code, written.exit_code)
     return code
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.status import describe_age, ledger_status
+
+    config = load_config(args.config)
+    found = ledger_status(config, config_path=str(args.config))
+    if args.json:
+        print(json.dumps(found.to_dict(), indent=2))  # in the documented order
+        return found.exit_code
+    if not found.open:
+        print(f"nothing open: every note in {found.ledger} is settled")
+        return 0
+    labels = {"awaiting_outcome": "awaiting an outcome", "ambiguous": "ambiguous (held)",
+              "send_failed": "send_failed, not sent since",
+              "failed_retryable": "failed in the EMR, retryable",
+              "in_progress": "in progress, not sent yet"}
+    for kind in found.kinds:
+        if not kind.count:
+            continue
+        stale = (f" ({kind.stale:,} stale, older than {found.stale_after_s:g} s)"
+                 if kind.stale else "")
+        oldest = ("" if kind.oldest_age_s is None
+                  else f"; oldest {describe_age(kind.oldest_age_s)}")
+        print(f"{labels[kind.kind]}: {kind.count:,}{stale}{oldest}")
+        print(f"  runs: {', '.join(kind.run_ids)}")
+        if kind.redrive_files:
+            print(f"  redrive: {', '.join(kind.redrive_files)}")
+        print(f"  settle: {kind.settle}")
+    return found.exit_code
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -219,6 +219,16 @@ class Earlier:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenGroup:
+    """Open rows of one kind over every run: how many, how many stale, since when, where."""
+
+    count: int
+    stale: int
+    oldest: str | None  # ISO 8601 UTC: the earliest submission (or end of run) among them
+    run_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """The result of sending one row, as the ledger records it."""
 
@@ -359,7 +369,7 @@ class Ledger:
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_briefly(fd, fcntl.LOCK_EX)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
@@ -369,6 +379,54 @@ class Ledger:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+
+    def lock_holder(self) -> int | None:
+        """The pid of the run holding the run lock (a run in progress), or None if no run is.
+
+        Probes the lock shared and lets go at once; a run starting in that instant
+        waits it out (``lock`` tries for a moment before it gives up). -1 when the
+        holder did not write its pid yet.
+        """
+        if self._lock_fd is not None:
+            return os.getpid()
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 64).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def runs_in_progress(self) -> list[str]:
+        """Runs being written by a live process right now (state ``running``, lock held).
+
+        A run left ``running`` with the lock free has crashed: see ``effective_state``.
+        """
+        if self.lock_holder() is None:
+            return []
+        return [r[0] for r in self._db.execute(
+            "SELECT run_id FROM runs WHERE state='running' ORDER BY started_at, run_id")]
+
+    def effective_state(self, record: dict[str, Any]) -> str:
+        """A run record's state as it is now: ``running`` only while its process lives."""
+        if record["state"] == "running" and self.lock_holder() is None:
+            return "crashed"
+        return str(record["state"])
+
+    def update_run_info(self, run_id: str, info: dict[str, Any]) -> None:
+        """Merge ``info`` into a run's recorded info (e.g. the exit code it ended with)."""
+        merged = {**self.run(run_id)["info"], **info}
+        with self._transaction():
+            self._db.execute("UPDATE runs SET info=? WHERE run_id=?",
+                             (json.dumps(merged, sort_keys=True), run_id))
 
     def recover(self) -> int:
         """After a crash: rows left ``sending`` become ``ambiguous``; returns how many."""
@@ -422,6 +480,77 @@ class Ledger:
             "SELECT DISTINCT run_id FROM rows WHERE outcome IS NULL"
             " AND status IN ('accepted', 'ambiguous', 'held', 'sending') ORDER BY run_id"
         )]
+
+    def unsettled_runs(self) -> list[str]:
+        """Runs whose report can still change: some row's truth waits on an outcome,
+        a review, another run's send or a send that did not happen (oldest first).
+
+        A run whose every row is settled by itself (confirmed, rejected, skipped
+        as a duplicate or behind a confirmed send) is not listed.
+        """
+        return [r[0] for r in self._db.execute(_UNSETTLED_RUNS_SQL)]
+
+    def open_groups(self, stale_before: str, running: Sequence[str]) -> dict[str, OpenGroup]:
+        """What is open over every run, by kind (status.py documents the kinds).
+
+        ``stale_before``: an ISO 8601 UTC time (the ledger's format); rows awaiting an
+        outcome submitted before it count as stale. ``running``: the runs in progress;
+        their unsent rows are ``in_progress``, never ``send_failed``.
+        Counts are of notes (distinct ledger keys), except ``awaiting_outcome``: of jobs.
+        """
+        marks = ",".join("?" * len(running))
+
+        def live(alias: str) -> str:
+            return f"{alias}run_id IN ({marks})" if running else "0"
+
+        out: dict[str, OpenGroup] = {}
+        out["awaiting_outcome"] = self._group(
+            "SELECT run_id, COUNT(*), SUM(submitted_at < ?), MIN(submitted_at) FROM rows"
+            " WHERE status='accepted' AND outcome IS NULL GROUP BY run_id", (stale_before,))
+        out["ambiguous"] = self._group(
+            f"""WITH doubt AS (
+                SELECT r.run_id, r.key, r.submitted_at FROM rows r
+                 WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
+                       OR (r.status = 'sending' AND NOT {live('r.')}))
+                UNION ALL
+                SELECT h.run_id, h.key, ref.submitted_at
+                  FROM rows h JOIN rows ref ON ref.id = h.ref_id
+                 WHERE h.status = 'held' AND ref.outcome IS NULL
+                   AND ref.status IN ('ambiguous', 'sending'))
+            SELECT run_id, COUNT(DISTINCT key), 0, MIN(submitted_at) FROM doubt
+             WHERE key NOT IN ({_DELIVERED_KEYS}) GROUP BY run_id""",  # noqa: S608
+            tuple(running), distinct=f"""SELECT COUNT(DISTINCT key) FROM (
+                SELECT key FROM rows WHERE outcome IS NULL AND (status = 'ambiguous'
+                       OR (status = 'sending' AND NOT {live('')})))
+             WHERE key NOT IN ({_DELIVERED_KEYS})""")  # noqa: S608
+        out["send_failed"] = self._group(
+            f"""SELECT r.run_id, COUNT(DISTINCT r.key), 0,
+                       MIN(COALESCE(r.answered_at, u.finished_at, u.started_at))
+                  FROM rows r JOIN runs u ON u.run_id = r.run_id
+                 WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')} AND r.key IS NOT NULL
+                   AND r.key NOT IN ({_DELIVERED_KEYS})
+                 GROUP BY r.run_id""",  # noqa: S608
+            tuple(running), distinct=f"""SELECT COUNT(DISTINCT key) FROM rows
+                 WHERE status IN ('pending', 'failed') AND NOT {live('')} AND key IS NOT NULL
+                   AND key NOT IN ({_DELIVERED_KEYS})""")  # noqa: S608
+        out["in_progress"] = self._group(
+            f"SELECT run_id, COUNT(*), 0, MIN(submitted_at) FROM rows WHERE {live('')}"  # noqa: S608
+            " AND status IN ('pending', 'sending') GROUP BY run_id", tuple(running))
+        return out
+
+    def _group(self, sql: str, params: tuple[Any, ...], distinct: str | None = None) -> OpenGroup:
+        rows = self._db.execute(sql, params).fetchall()
+        count = sum(int(r[1]) for r in rows)
+        if distinct is not None and rows:
+            count = int(self._db.execute(distinct, params).fetchone()[0])
+        oldest = min((r[3] for r in rows if r[3] is not None), default=None)
+        return OpenGroup(count, sum(int(r[2] or 0) for r in rows), oldest,
+                         tuple(sorted(r[0] for r in rows)))
+
+    def emr_failures(self) -> list[tuple[str, bytes, str | None, str | None, str | None]]:
+        """(run_id, key, failure_reason, reason_codes, outcome_at) of notes that failed in the
+        EMR and that no run has delivered since."""
+        return self._db.execute(_EMR_FAILURES_SQL).fetchall()
 
     def add_file(
         self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
@@ -613,8 +742,10 @@ class Ledger:
                  for r in rows])
 
     def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
-        """A run's rows in input order, ``size`` at a time, with their file and the row they
-        refer to (the earlier attempt of a held or already-sent row)."""
+        """A run's rows in input order, ``size`` at a time, with their file, the row they
+        refer to (the earlier attempt of a held or already-sent row), and ``via_*``: the
+        send of the same note by another run that speaks for a row whose own attempt did
+        not deliver it (reconcile.py's rule 5), or None."""
         import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
 
         last = 0
@@ -622,10 +753,37 @@ class Ledger:
             frame = pd.read_sql_query(_RUN_CHUNK_SQL, self._db, params=(run_id, last, size))
             if frame.empty:
                 return
+            self._add_via(frame)
             yield frame
             last = int(frame["id"].iloc[-1])
             if len(frame) < size:
                 return
+
+    def _add_via(self, frame: pd.DataFrame) -> None:
+        """Fill the ``via_*`` columns; looked up only for the rows that may follow a send
+        (usually few: a run's rows mostly speak for themselves)."""
+        for column in _VIA_COLUMNS:
+            frame[f"via_{column}"] = None
+        status = frame["status"]
+        wanted = frame["key"].notna() & (
+            status.isin(["pending", "failed", "already_sent", "held"])
+            | ((status == "accepted") & (frame["outcome"] == "failed")))
+        if not wanted.any():
+            return
+        ids = frame.loc[wanted, "id"].tolist()
+        found: dict[int, tuple[Any, ...]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row_id, *values in self._db.execute(
+                    _VIA_SQL.format(marks=marks), chunk):
+                found[row_id] = tuple(values)
+        if not found:
+            return
+        position = frame["id"].map(lambda i: i in found)
+        values = [found[i] for i in frame.loc[position, "id"]]
+        for n, column in enumerate(_VIA_COLUMNS):
+            frame.loc[position, f"via_{column}"] = [v[n] for v in values]
 
     # -- frames for reconcile and report -------------------------------------------------
 
@@ -727,6 +885,14 @@ UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_
    AND (rows.outcome IS NOT m.outcome OR rows.event_id IS NOT m.event_id
         OR rows.failure_reason IS NOT m.failure_reason OR rows.settled_by IS NOT m.settled_by
         OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at)"""
+# Keys some run delivered: Cobalt has the note (created), or took it and no outcome is in.
+_DELIVERED_KEYS: Final = """
+SELECT key FROM rows INDEXED BY rows_key WHERE key IS NOT NULL
+   AND (outcome = 'created' OR (status = 'accepted' AND outcome IS NULL))"""
+_EMR_FAILURES_SQL: Final = f"""
+SELECT run_id, key, failure_reason, reason_codes, outcome_at FROM rows
+ WHERE status IN ('accepted', 'ambiguous') AND outcome = 'failed'
+   AND key IS NOT NULL AND key NOT IN ({_DELIVERED_KEYS}) ORDER BY id"""  # noqa: S608
 _RUN_CHUNK_SQL: Final = """
 SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_job_id,
        ref.outcome AS ref_outcome
@@ -736,6 +902,40 @@ SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_j
  WHERE r.run_id = ? AND r.id > ?
  ORDER BY r.id
  LIMIT ?"""
+# A row's "via": the send of the same note by another run that delivered it (Cobalt has it,
+# or took it and no outcome is in): a confirmed send first, then the earliest.
+_VIA_COLUMNS: Final = ("run_id", "job_id", "outcome", "task_note_id", "submitted_at",
+                       "outcome_at", "event_id", "emr_note_id")
+_VIA_SQL: Final = """
+SELECT r.id, via.run_id, via.job_id, via.outcome, via.task_note_id, via.submitted_at,
+       via.outcome_at, via.event_id, via.emr_note_id
+  FROM rows r JOIN rows via ON via.id = (
+       SELECT o.id FROM rows o INDEXED BY rows_key
+        WHERE o.key = r.key AND o.run_id != r.run_id
+          AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL))
+        ORDER BY o.outcome IS NULL, o.id LIMIT 1)
+ WHERE r.id IN ({marks})"""
+_UNSETTLED_RUNS_SQL: Final = """
+SELECT run_id FROM runs u WHERE EXISTS (
+    SELECT 1 FROM rows r LEFT JOIN rows ref ON ref.id = r.ref_id
+     WHERE r.run_id = u.run_id AND (
+           (r.status IN ('pending', 'failed', 'sending', 'ambiguous', 'accepted')
+            AND r.outcome IS NOT 'created')
+        OR (r.status IN ('already_sent', 'held') AND ref.outcome IS NOT 'created')))
+ ORDER BY started_at, run_id"""
+
+
+def _flock_briefly(fd: int, kind: int, tries: int = 20) -> None:
+    """flock without blocking, tried a few times 5 ms apart: another command's probe of
+    the lock (``lock_holder``) holds it for microseconds and must not fail a run."""
+    for _ in range(tries - 1):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.005)
+        else:
+            return
+    fcntl.flock(fd, kind | fcntl.LOCK_NB)
 
 
 def _rank(row: Earlier | None) -> int:

@@ -20,8 +20,15 @@ Join rules, in this order:
    ``task_note.created`` event that no row claims carries the same note for
    the same task (their ledger keys are equal). Rows and events sharing a key
    pair up in order (rows by id, events by time): one event settles one row.
-5. A ``held`` row follows the earlier attempt it waits on: if that one was
-   confirmed, this one is ``skipped_already_sent``.
+5. A note's evidence follows it. A row whose own attempt did not deliver its
+   note (never sent, send failed, skipped as already sent, held, or failed in
+   the EMR) follows the send of the same note (same ledger key) by another run,
+   earlier or later, that delivered it: a confirmed send first, else one still
+   awaiting its outcome. The row then shows that run's id, job id and outcome,
+   and its final status is that send's as known now: ``skipped_already_sent``
+   ("sent in run X as job J: confirmed") once confirmed, ``awaiting_outcome``
+   while pending (never counted as ended well before it is confirmed). A row
+   so followed is not open and goes into no redrive.csv.
 6. ``task_note.*`` events that match no row of any run are orphans.
 
 The same ledger and sink file always give the same result (no clock is read
@@ -192,8 +199,12 @@ class Reconciler:
             self._refreshed = True
 
     def run(self, run_id: str) -> RunResult:
-        """Every row of ``run_id`` with its final status, outcome and evidence."""
+        """Every row of ``run_id`` with its final status, outcome and evidence.
+
+        A run left ``running`` by a process that is gone reads as ``crashed``.
+        """
         record = self._ledger.run(run_id)
+        record["state"] = self._ledger.effective_state(record)
         self.refresh(record["account"])
         count, orphans = self._ledger.orphans()
         return RunResult(record, self._ledger.files(run_id), count, orphans,
@@ -207,7 +218,13 @@ def _finalise(rows: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     out["detail"] = detail
     out["submit_status"] = out["status"].where(out["status"].isin(SUBMIT_STATUSES), "")
     out.loc[out["status"] == "accepted", "outcome"] = out["outcome"].fillna("pending")
-    already = out["status"] == "already_sent"
+    # A row that sent nothing itself shows the send that speaks for it: run, job, outcome.
+    follows = out["via_run_id"].notna() & (out["status"] != "accepted")
+    for column in ("job_id", "task_note_id", "submitted_at", "outcome_at", "event_id",
+                   "emr_note_id"):
+        out.loc[follows, column] = out.loc[follows, f"via_{column}"]
+    out.loc[follows, "outcome"] = out.loc[follows, "via_outcome"].fillna("pending")
+    already = (out["status"] == "already_sent") & ~follows
     out.loc[already, "job_id"] = out.loc[already, "ref_job_id"]
     return out
 
@@ -215,12 +232,28 @@ def _finalise(rows: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
 def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series, pd.Series]:
     status, outcome = out["status"], out["outcome"]
     stopped = record["info"].get("stop_reason") or f"the run {record['state']}"
+    via = out["via_run_id"].notna()
+    landed = via & (out["via_outcome"] == "created")
+    waiting = via & ~landed
+    sent = _sent_in(out, via, "via")
+    again = _sent_in(out, via & (status == "accepted"), "via",
+                     lead="failed in the EMR; sent again in run ")
+    earlier = _sent_in(out, status == "already_sent", "ref")
+    mine = status.isin(["pending", "failed", "already_sent", "held"])
     rules: list[tuple[pd.Series, str, pd.Series | str]] = [
         (status == "rejected", "rejected_invalid", out["error"].fillna("")),
         (status == "duplicate", "skipped_duplicate", out["error"].fillna("")),
+        (mine & landed, "skipped_already_sent", sent + ": confirmed"),
+        (mine & waiting, "awaiting_outcome", sent + ": no outcome yet"),
+        ((status == "accepted") & (outcome == "failed") & landed, "skipped_already_sent",
+         again + ": confirmed"),
+        ((status == "accepted") & (outcome == "failed") & waiting, "awaiting_outcome",
+         again + ": no outcome yet"),
+        ((status == "already_sent") & (out["ref_outcome"] == "failed"), "failed_in_emr",
+         earlier + ": failed in the EMR (that run's report has the reason)"),
+        ((status == "already_sent") & (out["ref_outcome"] == "conflict"), "ambiguous",
+         earlier + ": conflict, both task_note.created and task_note.failed"),
         (status == "already_sent", "skipped_already_sent", out["error"].fillna("")),
-        ((status == "held") & (out["ref_outcome"] == "created"), "skipped_already_sent",
-         "an earlier attempt (run " + out["ref_run_id"].fillna("?") + ") was confirmed"),
         (status == "held", "ambiguous", out["error"].fillna("")),
         ((status == "accepted") & (outcome == "created"), "confirmed", ""),
         ((status == "accepted") & (outcome == "failed"), "failed_in_emr", ""),
@@ -242,3 +275,16 @@ def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series,
         final[todo] = name
         detail[todo] = text[todo] if isinstance(text, pd.Series) else text
     return final, detail
+
+
+def _sent_in(out: pd.DataFrame, mask: pd.Series, prefix: str,
+             lead: str = "sent in run ") -> pd.Series:
+    """"sent in run X as job J" for the masked rows (from ``<prefix>_run_id`` and
+    ``<prefix>_job_id``), "" elsewhere: built only where needed, as most rows need none."""
+    text = pd.Series("", index=out.index, dtype=object)
+    if mask.any():
+        rows = out.loc[mask]
+        text[mask] = (lead + rows[f"{prefix}_run_id"].fillna("?").astype(str)
+                      + rows[f"{prefix}_job_id"].map(
+                          lambda j: f" as job {j}" if isinstance(j, str) and j else ""))
+    return text

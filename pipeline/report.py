@@ -4,8 +4,10 @@ rejects.csv and redrive.csv, under ``reports/<run_id>/``.
 Only rejects.csv and redrive.csv hold note text (they are copies of input
 rows, to be fixed and fed back), so they are created 0600; every other file
 is free of note text and safe to share. results.csv and summary.json are
-byte-for-byte the same for the same ledger and sink file; only the
-``report`` block of summary.json (when it was made, what was stale then) moves.
+byte-for-byte the same for the same ledger and sink file; only what the clock
+decides in summary.json moves: the ``report`` block (when it was made, what was
+stale then) and what staleness decides (``needs_attention``, ``verdict``,
+``exit_code_now``).
 """
 
 from __future__ import annotations
@@ -55,17 +57,22 @@ class Written:
     directory: Path
     files: tuple[str, ...]
     counts: dict[str, int]
-    exit_code: int
+    exit_code: int  # 0 nothing needs attention now (stale awaiting rows do), else 1
+    needs_attention: int = 0
+    stale: int = 0
 
 
 def write_report(
     result: RunResult, settings: ReportConfig, *, input_settings: InputConfig,
-    now: datetime | None = None,
+    now: datetime | None = None, process_exit_code: int | None = None,
 ) -> Written:
     """(Re)write results.csv, summary.json, report.html and redrive.csv for one run.
 
     One pass over the run's rows, a chunk at a time: results.csv is written as
     it goes, and everything else is built from what the pass tallied.
+    ``process_exit_code``: the exit code of the run's own process, when the run
+    writes its report as it ends (3 when it was aborted); a later rewrite takes
+    the one the ledger recorded (summary.json's ``exit_code``).
     """
     now = now or datetime.now(UTC)
     directory = settings.dir / result.run["run_id"]
@@ -74,7 +81,7 @@ def write_report(
     except OSError as exc:
         raise StateError(f"report directory {directory} cannot be created: {exc}") from None
     tally = _write_results(result, directory / "results.csv", settings, now)
-    summary = summarise(result, tally, settings, now)
+    summary = summarise(result, tally, settings, now, process_exit_code=process_exit_code)
     _atomic_write(directory / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     previews = None
     if settings.show_note_preview:
@@ -87,7 +94,8 @@ def write_report(
     if (directory / "rejects.csv").exists():
         written.append("rejects.csv")
     counts = {status: tally.counts[status] for status in FINAL_STATUSES}
-    return Written(directory, tuple(written), counts, exit_code(counts))
+    return Written(directory, tuple(written), counts, summary["exit_code_now"],
+                   tally.attention_total, tally.stale)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -315,12 +323,41 @@ def _decimals(step: float) -> int:
 # -- summary.json ----------------------------------------------------------------------------
 
 
+# Final statuses that end a row for good: awaiting_outcome ends well for the exit code (the
+# note was taken) but is not "ended well" until its outcome is in.
+ENDED_WELL: Final = frozenset(GOOD_STATUSES - {"awaiting_outcome"})
+
+
+def recorded_exit_code(run: dict[str, Any], now_code: int) -> int | None:
+    """The exit code the run's own process ended with, as the ledger recorded it.
+
+    For runs recorded before it was kept: 3 for an aborted run, else ``now_code``;
+    None while the run is in progress or after it crashed (no process exit).
+    """
+    recorded = run["info"].get("exit_code")
+    if recorded is not None:
+        return int(recorded)
+    if run["state"] in ("running", "crashed"):
+        return None
+    return 3 if run["state"] == "aborted" else now_code
+
+
 def summarise(
-    result: RunResult, tally: _Tally, settings: ReportConfig, now: datetime
+    result: RunResult, tally: _Tally, settings: ReportConfig, now: datetime, *,
+    process_exit_code: int | None = None,
 ) -> dict[str, Any]:
+    """summary.json's content. ``exit_code``: the run process's (see ``write_report``);
+    ``exit_code_now``: 1 while any row needs attention (stale awaiting rows included),
+    else 0; ``verdict``: ``ok`` (nothing awaits, nothing needs attention), ``waiting``
+    (rows await outcomes, none stale) or ``attention``."""
     run, info = result.run, result.run["info"]
     counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    now_code = 1 if tally.attention_total or exit_code(counts) else 0
+    exited = (process_exit_code if process_exit_code is not None
+              else recorded_exit_code(run, now_code))
+    awaiting = counts["awaiting_outcome"]
+    verdict = "attention" if now_code else "waiting" if awaiting else "ok"
     return {
         "tool": f"tasknotes {__version__}",
         "run_id": run["run_id"],
@@ -340,7 +377,10 @@ def summarise(
         "rows": tally.rows,
         "blank_rows_skipped": info.get("blank_rows", 0),
         "final_status": counts,
-        "ended_well": int(sum(counts[s] for s in GOOD_STATUSES)),
+        "ended_well": int(sum(counts[s] for s in ENDED_WELL)),
+        "awaiting": awaiting,
+        "needs_attention": tally.attention_total,
+        "verdict": verdict,
         "submit_status": dict(sorted(tally.submit.items())),
         "problems": info.get("problems", {}),
         "failure_reasons": [{"reason": r, "count": n} for r, n in ranked],
@@ -353,7 +393,8 @@ def summarise(
             "without_id": result.tally.get("(no id)", 0),
             "orphans": result.orphan_count,
         },
-        "exit_code": exit_code(counts),
+        "exit_code": exited,
+        "exit_code_now": now_code,
         "report": {
             "generated_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
             "stale_after_s": settings.stale_after,

@@ -532,12 +532,16 @@ class Run:
         written: Written | None = None
         try:
             written = write_report(self._result(ledger, state, info, refresh=recorded),
-                                   self.config.report, input_settings=self.config.input)
+                                   self.config.report, input_settings=self.config.input,
+                                   process_exit_code=3 if reason else None)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             log.warning("report not written: disk full at %s", exc.filename)
         code = 3 if reason or written is None else written.exit_code
+        if recorded:
+            with contextlib.suppress(StorageFull):  # summary.json's exit code, on rewrites
+                ledger.update_run_info(self.run_id, {"exit_code": code})
         return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
 

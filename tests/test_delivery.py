@@ -15,6 +15,7 @@ from helpers import (
     make_config,
     notes,
     read_results,
+    read_summary,
     run_pipeline,
     wait_until,
     write_csv,
@@ -180,10 +181,17 @@ def test_a_second_run_sends_only_what_the_first_did_not(tmp_path: Path) -> None:
     assert [r["final_status"] for r in read_results(first.report.directory)] == (
         ["awaiting_outcome"] * 4)
     results = read_results(second.report.directory)
-    assert [r["final_status"] for r in results] == (
-        ["skipped_already_sent"] * 4 + ["awaiting_outcome"] * 6)
-    assert first.run_id in results[0]["detail"]
-    assert results[0]["job_id"].isdigit()
+    # The 4 skipped rows follow the first run's sends, whose outcomes are still pending:
+    # awaiting, with that run's id and job id, not "ended well".
+    assert [r["final_status"] for r in results] == ["awaiting_outcome"] * 10
+    firsts = read_results(first.report.directory)
+    for earlier, later in zip(firsts, results[:4], strict=False):
+        assert later["detail"] == (f"sent in run {first.run_id} as job {earlier['job_id']}: "
+                                   "no outcome yet")
+        assert (later["job_id"], later["outcome"]) == (earlier["job_id"], "pending")
+        assert later["submitted_at"] == earlier["submitted_at"]
+    summary = read_summary(second.report.directory)
+    assert (summary["ended_well"], summary["awaiting"], summary["verdict"]) == (0, 10, "waiting")
 
 
 def test_force_sends_again(tmp_path: Path) -> None:

@@ -181,7 +181,9 @@ def test_a_held_row_follows_the_attempt_it_waits_on(book: Book) -> None:
     book.row("held", task="T9", note="n", run_id="run-2", ref_id=first)
     assert book.finals("run-2") == [("ambiguous", "")]
     book.event("task_note.created", "1", n=1, task="T9", note="n")
-    assert book.finals("run-2") == [("skipped_already_sent", "")]
+    assert book.finals("run-2") == [("skipped_already_sent", "created")]
+    (detail,) = book.result("run-2").frame()["detail"]
+    assert detail == "sent in run run-1: confirmed"
 
 
 def test_final_statuses_for_rows_never_sent(book: Book) -> None:
@@ -212,3 +214,24 @@ def test_the_exit_code_follows_the_final_statuses(book: Book) -> None:
     assert book.result().exit_code == 0
     book.row("failed")
     assert book.result().exit_code == 1
+
+
+def test_a_note_failed_in_the_emr_and_sent_again_follows_the_new_send(book: Book) -> None:
+    """A row that failed in the EMR, sent again by a later run: awaiting while that send
+    is pending, then skipped_already_sent ("sent again in run X as job J: confirmed"); a
+    send_failed row of the first run follows the later send the same way."""
+    book.row("accepted", task="T1", job_id="1")
+    book.event("task_note.failed", "1", n=1)
+    book.row("failed", task="T2")
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="T1", job_id="8", run_id="run-2")
+    book.row("accepted", task="T2", job_id="9", run_id="run-2")
+    assert book.finals() == [("awaiting_outcome", "failed"), ("awaiting_outcome", "pending")]
+    book.event("task_note.created", "8", n=2, task="T1")
+    book.event("task_note.created", "9", n=3, task="T2")
+    rows = book.result().frame()
+    assert list(rows["final_status"]) == ["skipped_already_sent"] * 2
+    assert list(rows["detail"]) == [
+        "failed in the EMR; sent again in run run-2 as job 8: confirmed",
+        "sent in run run-2 as job 9: confirmed"]
+    assert list(rows["job_id"]) == ["1", "9"]  # the first row keeps its own (failed) job

@@ -156,21 +156,32 @@ def test_redrive_holds_the_rows_worth_sending_again_in_input_format(tmp_path: Pa
 
 
 def test_stale_rows_are_counted_and_shown_with_their_age(tmp_path: Path) -> None:
-    """An accepted row without an outcome past report.stale_after is stale, with its age."""
+    """An accepted row without an outcome past report.stale_after is stale, with its age;
+    stale rows need attention: reconcile exits 1 and the headline is not green. Awaiting rows
+    that are not stale leave exit code 0, but the headline is not green either."""
     write_csv(tmp_path / "input.csv", [["T1", "n"]])
-    with EmulatorThread() as api:
+    with EmulatorThread() as api:  # no webhook_url: no outcome arrives
         path = write_config(tmp_path, api={"base_url": api.url}, report={"stale_after": 1})
         config = load_config(path, needs=("api",))
         outcome = run_pipeline(config)
+    assert outcome.exit_code == 0
+    summary = json.loads((outcome.report.directory / "summary.json").read_text())
+    assert (summary["verdict"], summary["ended_well"], summary["awaiting"]) == ("waiting", 0, 1)
+    html = (outcome.report.directory / "report.html").read_text()
+    assert 'data-verdict="waiting"' in html
+    assert "every row ended well" not in html
     ledger = Ledger(config.state.ledger)
     ledger._db.execute("UPDATE rows SET submitted_at='2026-01-01T00:00:00.000Z'")
     ledger.close()
-    assert main(["-q", "reconcile", str(path)]) == 0
+    assert main(["-q", "reconcile", str(path)]) == 1
     summary = json.loads((outcome.report.directory / "summary.json").read_text())
     assert summary["report"]["stale"] == 1
+    assert (summary["needs_attention"], summary["verdict"]) == (1, "attention")
+    assert (summary["exit_code"], summary["exit_code_now"]) == (0, 1)  # the run exited 0
     html = (outcome.report.directory / "report.html").read_text()
     assert "1 stale" in html
     assert "days (stale)" in html
+    assert 'data-verdict="attention"' in html
 
 
 @pytest.mark.parametrize("allowed", [pytest.param(True, id="preview-on"),

@@ -1,0 +1,133 @@
+"""tasknotes status: open items over every run, by kind, on hand-made ledgers; the CLI's
+text, JSON and exit codes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from test_reconcile import ACCOUNT, Book
+
+from helpers import make_config, write_config
+from pipeline.cli import main
+from pipeline.status import KINDS, LedgerStatus, ledger_status
+
+NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
+OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
+RECENT = "2026-06-16T11:59:00.000Z"  # a minute before NOW
+
+
+@pytest.fixture
+def book(tmp_path: Path) -> Book:
+    return Book(tmp_path)
+
+
+def status_of(book: Book, tmp_path: Path) -> LedgerStatus:
+    config = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                         webhooks={"sink": str(book.sink)})
+    return ledger_status(config, config_path="my.yaml", now=NOW)
+
+
+def test_an_empty_ledger_and_no_ledger_have_nothing_open(tmp_path: Path) -> None:
+    """Nothing run yet: every kind present and empty, exit code 0."""
+    found = ledger_status(make_config(tmp_path), now=NOW)
+    assert not found.open
+    assert found.exit_code == 0
+    shape = found.to_dict()
+    assert list(shape["kinds"]) == list(KINDS)
+    assert shape["open_total"] == 0
+
+
+def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Path) -> None:
+    """Awaiting (one stale), ambiguous (and the row held behind it), send_failed and a
+    retryable EMR failure are open; what another run delivered since is not."""
+    book.row("accepted", task="A1", job_id="1", submitted_at=OLD)
+    book.row("accepted", task="A2", job_id="2", submitted_at=RECENT)
+    doubt = book.row("ambiguous", task="B1", submitted_at=OLD)
+    book.row("failed", task="C1")  # send_failed, never sent since
+    book.row("pending", task="C2")  # the run stopped before it; a later run sends it
+    book.row("pending", task="C3")  # ... and that later send is confirmed
+    book.row("accepted", task="D1", job_id="4")
+    book.event("task_note.failed", "4", n=1, reason="EMR session expired")  # retryable
+    book.row("accepted", task="D2", job_id="5")
+    book.event("task_note.failed", "5", n=2, reason="Task not found in EMR")  # not retryable
+    book.ledger.finish_run("run-1", "aborted", {"stop_reason": "interrupted by SIGINT"})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("held", task="B1", run_id="run-2", ref_id=doubt)
+    book.row("accepted", task="C2", job_id="7", run_id="run-2", submitted_at=RECENT)
+    book.row("accepted", task="C3", job_id="8", run_id="run-2", submitted_at=RECENT)
+    book.event("task_note.created", "8", n=3, task="C3")
+    book.row("failed", task="C1", run_id="run-2")  # the same note failed again: one note
+    book.ledger.finish_run("run-2", "finished", {})
+
+    found = status_of(book, tmp_path)
+    got = {k.kind: (k.count, k.stale, k.run_ids) for k in found.kinds}
+    assert got == {
+        "awaiting_outcome": (3, 1, ("run-1", "run-2")),  # A1 (stale), A2, C2 in run-2
+        "ambiguous": (1, 0, ("run-1", "run-2")),  # B1 and the row held behind it
+        "send_failed": (1, 0, ("run-1", "run-2")),  # C1; C2 and C3 were sent by run-2
+        "failed_retryable": (1, 0, ("run-1",)),  # D1; D2's reason is not retryable
+        "in_progress": (0, 0, ()),
+    }
+    assert found.exit_code == 1
+    assert found.kind("awaiting_outcome").oldest_age_s == 24 * 3600
+    assert found.kind("awaiting_outcome").settle == "tasknotes poll my.yaml"
+    assert found.kind("send_failed").settle.startswith("tasknotes run my.yaml")
+
+
+def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: Path) -> None:
+    """The documented --json shape: field names and types, for a sensor or monitor."""
+    book.row("accepted", task="A1", note="SECRET-NOTE-TEXT", job_id="1", submitted_at=OLD)
+    book.ledger.finish_run("run-1", "finished", {})
+    reports = tmp_path / "reports" / "run-1"
+    reports.mkdir(parents=True)
+    shape = status_of(book, tmp_path).to_dict()
+    assert set(shape) == {"schema", "generated_at", "ledger", "stale_after_s", "open",
+                          "exit_code", "open_total", "kinds"}
+    assert (shape["schema"], shape["open"], shape["exit_code"], shape["open_total"]) == (
+        1, True, 1, 1)
+    assert shape["generated_at"] == "2026-06-16T12:00:00.000Z"
+    for kind in shape["kinds"].values():
+        assert set(kind) == {"count", "stale", "oldest_age_s", "run_ids", "redrive_files",
+                             "settle"}
+    assert shape["kinds"]["awaiting_outcome"] == {
+        "count": 1, "stale": 1, "oldest_age_s": 86400, "run_ids": ["run-1"],
+        "redrive_files": [], "settle": "tasknotes poll my.yaml"}
+    assert "SECRET-NOTE-TEXT" not in json.dumps(shape)
+
+
+def test_redrive_files_of_open_runs_are_named(book: Book, tmp_path: Path) -> None:
+    """send_failed lists the redrive.csv files its runs' reports hold."""
+    book.row("failed", task="C1")
+    book.ledger.finish_run("run-1", "finished", {})
+    redrive = tmp_path / "reports" / "run-1" / "redrive.csv"
+    redrive.parent.mkdir(parents=True)
+    redrive.write_text("emr_task_id,note\n")
+    found = status_of(book, tmp_path).kind("send_failed")
+    assert found.redrive_files == (str(redrive),)
+
+
+def test_the_command_exits_0_1_2_and_prints_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 nothing open; 1 something open, with its count and the settling command; 2 for a
+    bad config (one line naming the key)."""
+    path = write_config(tmp_path)
+    assert main(["status", str(path)]) == 0
+    assert "nothing open" in capsys.readouterr().out
+    book = Book(tmp_path / "state")
+    book.row("accepted", task="A1", job_id="1", submitted_at=OLD)
+    book.ledger.close()
+    config = write_config(tmp_path, "c.yaml", state={"ledger": str(book.ledger.path)},
+                          webhooks={"sink": str(book.sink)})
+    assert main(["status", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "awaiting an outcome: 1 (1 stale, older than 900 s)" in out
+    assert f"settle: tasknotes poll {config}" in out
+    assert main(["status", str(config), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["kinds"]["awaiting_outcome"]["count"] == 1
+    bad = write_config(tmp_path, "bad.yaml", report={"stale_after": 0})
+    assert main(["status", str(bad)]) == 2
+    assert "report.stale_after" in capsys.readouterr().err
