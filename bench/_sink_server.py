@@ -29,7 +29,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    serve_foreground(receiver.app(), host="127.0.0.1", port=port)
+    serve_foreground(receiver.app(), host="127.0.0.1", port=port, **receiver.serve_options())
 
 
 if __name__ == "__main__":

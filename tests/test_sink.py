@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -17,11 +18,11 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, free_port, serving, wait_until, write_config
+from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
 from pipeline.emulator import compact, sign
-from pipeline.errors import StateError
-from pipeline.events import SinkFile, read_sink
-from pipeline.sink import WebhookReceiver
+from pipeline.events import MAX_DEPTH, SinkFile, read_sink
+from pipeline.servers import serve_embedded
+from pipeline.sink import SinkLimits, WebhookReceiver
 
 NOTE = "Patient called — café au lait spots 🙂 “quoted”"
 
@@ -45,13 +46,19 @@ def signed(body: bytes, secret: str = WEBHOOK_SECRET, event_id: str | None = Non
 
 @asynccontextmanager
 async def sink_running(tmp_path: Path, secrets: tuple[str, ...] = (WEBHOOK_SECRET,),
+                       limits: SinkLimits | None = None, state: Path | None = None,
                        **kwargs: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
-    path = tmp_path / "state" / "webhooks.jsonl"
+    """The receiver served as ``tasknotes sink`` serves it (its uvicorn limits included)."""
+    path = (state or tmp_path / "state") / "webhooks.jsonl"
     sink = SinkFile(path, **kwargs)
     sink.open()
-    receiver = WebhookReceiver(sink, [s.encode() for s in secrets], max_body_bytes=64 * 1024)
+    receiver = WebhookReceiver(sink, [s.encode() for s in secrets], max_body_bytes=1024 * 1024,
+                               limits=limits)
     try:
-        async with serving(receiver.app()) as srv, httpx.AsyncClient(base_url=srv.url) as client:
+        async with (anyio.create_task_group() as tg,
+                    serve_embedded(receiver.app(), tg, grace_s=0.2,
+                                   **receiver.serve_options()) as srv,
+                    httpx.AsyncClient(base_url=srv.url) as client):
             yield client, path
     finally:
         sink.close()
@@ -134,6 +141,40 @@ async def test_a_signed_body_that_is_not_an_event_gets_400(tmp_path: Path, body:
     assert path.read_bytes() == b""
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"id":"evt_s","type":"task_note.failed","job_id":"2",'
+                     b'"data":{"failure_reason":"locked \\ud83d"}}', id="1-lone-surrogate"),
+        pytest.param(json.dumps(event(), ensure_ascii=False).encode("utf-16"), id="2-utf-16"),
+        pytest.param(b'{"id":"evt_d","data":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                     id="3-nested-50000-deep"),
+        pytest.param(b'{"id":"evt_d","data":' + b"{\"a\":" * MAX_DEPTH + b"1" + b"}" * MAX_DEPTH
+                     + b"}", id="3-one-level-too-deep"),
+        pytest.param(b'{"id":"evt_n","n":NaN}', id="nan"),
+        pytest.param(b'{"id":"evt_i","n":' + b"9" * 5000 + b"}", id="5000-digit-int"),
+    ],
+)
+async def test_a_signed_body_a_reader_would_refuse_gets_400_and_is_not_stored(
+        tmp_path: Path, body: bytes) -> None:
+    """Findings 1-3: correctly signed, but unreadable by reconcile: 400 (never 200 or 5xx)."""
+    async with sink_running(tmp_path) as (client, path):
+        response = await client.post("/webhooks/cobalt", content=body, headers=signed(body))
+        assert response.status_code == 400
+        assert (await client.get("/healthz")).status_code == 200
+    assert path.read_bytes() == b""
+
+
+async def test_a_pretty_printed_body_is_stored_as_one_line_a_reader_reads(tmp_path: Path
+                                                                          ) -> None:
+    """Newlines between tokens: the line stored is the same event, compact, and reads back."""
+    body = json.dumps(event(), indent=2, ensure_ascii=False).encode()
+    async with sink_running(tmp_path) as (client, path):
+        assert await post(client, body, signed(body)) == 200
+    assert path.read_bytes() == compact(event()) + b"\n"
+    assert [e for _, e in read_sink(path)] == [event()]
+
+
 async def test_every_event_type_is_stored(tmp_path: Path) -> None:
     """The endpoint receives all of the account's events; all are kept for reconcile to sort."""
     async with sink_running(tmp_path) as (client, path):
@@ -213,12 +254,28 @@ def test_a_torn_tail_is_moved_aside_and_the_next_line_starts_fresh(tmp_path: Pat
     assert path.with_name("webhooks.jsonl.torn").read_bytes() == b'{"id": "evt_torn", "typ\n'
 
 
-def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path: Path) -> None:
-    """Corruption that is not a torn tail is not skipped silently."""
+def test_a_bad_line_in_the_middle_is_skipped_with_a_warning_naming_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Corruption that is not a torn tail is skipped loudly (line, byte, code), never fatal."""
     path = tmp_path / "w.jsonl"
     path.write_bytes(compact(event(1)) + b"\nGARBAGE\n" + compact(event(2)) + b"\n")
-    with pytest.raises(StateError, match=r"w.jsonl line 2: not a JSON event"):
-        list(read_sink(path))
+    assert [e["id"] for _, e in read_sink(path)] == [event(1)["id"], event(2)["id"]]
+    assert f"w.jsonl line 2 (byte {len(compact(event(1))) + 1}): not-json" in caplog.text
+
+
+def test_the_torn_side_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    """Finding 9 (sink half): the .torn fragment may hold note text, so it is private."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(compact(event(1)) + b"\n" + b'{"id": "evt_torn", "data": {"note": "Pat')
+    old = os.umask(0o022)
+    try:
+        SinkFile(path).open()
+    finally:
+        os.umask(old)
+    torn = path.with_name("webhooks.jsonl.torn")
+    assert torn.read_bytes() == b'{"id": "evt_torn", "data": {"note": "Pat\n'
+    assert oct(torn.stat().st_mode & 0o777) == "0o600"
 
 
 # -- a real sink process ------------------------------------------------------------------------
