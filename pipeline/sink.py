@@ -19,8 +19,8 @@ The one part of tasknotes exposed to a network, so it trusts nothing:
 - a repeated delivery (same ``webhook-id``, or the same body under a new id)
   gets a 200 and writes nothing;
 - what one client may hold is bounded (``SinkLimits``, applied by
-  ``serve_options``): the request line and headers (h11's incomplete-event
-  cap, 431 past a header count), the time to send a whole request (headers
+  ``serve_options``): header count and size (431; h11 closes a connection
+  whose unfinished head outgrows the size), the time to send a whole request (headers
   and body), idle keep-alive time, and the number of open connections (past
   it, the oldest connection not being answered is closed). uvicorn
   arms no timer before a request's headers arrive and its
@@ -66,8 +66,10 @@ EventListener = Callable[[dict[str, Any]], None]
 class SinkLimits:
     """What one client may hold of the sink; every field bounds memory, sockets or time.
 
-    ``max_header_bytes``: request line plus headers (h11 answers 400 beyond it);
-    ``max_headers``: header fields (431 beyond it; RFC 6585 section 5);
+    ``max_header_bytes``: header names and values (431 beyond it; RFC 6585
+    section 5), and what h11 buffers of an unfinished request head (400 and the
+    connection closed beyond it);
+    ``max_headers``: header fields (431 beyond it);
     ``request_timeout_s``: from connect (or the first byte of a kept-alive
     request) to the last byte of the body, else the connection is closed:
     Cobalt gives up on a delivery after 5 s, so no real one takes longer;
@@ -164,8 +166,10 @@ class WebhookReceiver:
 
     async def _receive(self, request: Request) -> JSONResponse:
         attempt = request.headers.get("webhook-attempt", "?")[:8]
-        if len(request.headers.raw) > self.limits.max_headers:
-            return _answer(431, "too many header fields", None, "-", attempt)
+        raw_headers = request.headers.raw
+        if (len(raw_headers) > self.limits.max_headers
+                or sum(len(k) + len(v) for k, v in raw_headers) > self.limits.max_header_bytes):
+            return _answer(431, "header fields too many or too large", None, "-", attempt)
         body = await self._read_body(request)
         if body is None:
             return _answer(413, "body too large", None, "-", attempt)

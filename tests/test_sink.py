@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -271,11 +272,17 @@ def test_the_torn_side_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         SinkFile(path).open()
+        torn = path.with_name("webhooks.jsonl.torn")
+        assert torn.read_bytes() == b'{"id": "evt_torn", "data": {"note": "Pat\n'
+        assert oct(torn.stat().st_mode & 0o777) == "0o600"
+        torn.chmod(0o644)  # as an older version left it
+        with path.open("ab") as fh:
+            fh.write(b'{"id": "evt_torn_again"')
+        SinkFile(path).open()
     finally:
         os.umask(old)
-    torn = path.with_name("webhooks.jsonl.torn")
-    assert torn.read_bytes() == b'{"id": "evt_torn", "data": {"note": "Pat\n'
     assert oct(torn.stat().st_mode & 0o777) == "0o600"
+    assert torn.read_bytes().endswith(b'{"id": "evt_torn_again"\n')
 
 
 # -- a real sink process ------------------------------------------------------------------------
@@ -372,3 +379,172 @@ def test_every_acknowledged_event_survives_a_sigkill(tmp_path: Path) -> None:
     assert len(acknowledged) >= 150
     stored = {e["id"] for _, e in read_sink(path)}
     assert acknowledged <= stored
+
+
+# -- a full disk heals (finding 4) -------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of our own, so the disk can really be filled and freed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a filler file until the filesystem refuses another byte."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as fh:
+        for _ in range(10_000):  # bounded: 1 MiB / 4 KiB is far fewer writes
+            try:
+                fh.write(b"\0" * 4096)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+        else:
+            raise AssertionError("the disk never filled")
+    return filler
+
+
+async def test_after_a_full_disk_the_sink_stores_again_once_there_is_room(
+        tmp_path: Path, small_disk: Path) -> None:
+    """Finding 4: full -> 503 and an intact file; freed -> healthz 200 and the retry is 200."""
+    first, second = compact(event(1)), compact(event(2, note="n" * 8192))
+    async with sink_running(tmp_path, state=small_disk / "state") as (client, path):
+        assert await post(client, first, signed(first)) == 200
+        filler = fill(small_disk)
+        assert await post(client, second, signed(second)) == 503
+        assert (await client.get("/healthz")).status_code == 503
+        assert path.read_bytes() == first + b"\n"  # a partial line was cut back off
+        filler.unlink()
+        assert (await client.get("/healthz")).status_code == 200
+        assert await post(client, second, signed(second)) == 200  # Cobalt's retry
+    assert path.read_bytes() == first + b"\n" + second + b"\n"
+    assert [e["id"] for _, e in read_sink(path)] == [event(1)["id"], event(2)["id"]]
+
+
+# -- what one client may hold (finding 7) -----------------------------------------------------
+
+
+def port_of(client: httpx.AsyncClient) -> int:
+    return int(client.base_url.port or 80)
+
+
+async def test_a_64_kb_header_is_refused_and_nothing_stored(tmp_path: Path) -> None:
+    """A correctly signed request whose headers exceed max_header_bytes: 431, never 200."""
+    body = compact(event())
+    async with sink_running(tmp_path) as (client, path):
+        headers = {**signed(body), "x-padding": "a" * 64 * 1024}
+        assert await post(client, body, headers) == 431
+    assert path.read_bytes() == b""
+
+
+async def test_an_unfinished_huge_header_is_cut_off_before_it_is_buffered(tmp_path: Path
+                                                                          ) -> None:
+    """A header that never ends: the server closes the connection instead of buffering it."""
+    limits = SinkLimits(request_timeout_s=600)  # only the size limit can end this one
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        closed = False
+        async with stream:
+            await stream.send(b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            with anyio.fail_after(10):
+                try:
+                    for _ in range(64):  # up to 4 MiB, far past the 16 KiB limit
+                        await stream.send(b"a" * 65536)
+                    while True:
+                        await stream.receive()
+                except (anyio.BrokenResourceError, anyio.EndOfStream):
+                    closed = True
+        assert closed
+    assert path.read_bytes() == b""
+
+
+async def test_too_many_header_fields_get_431(tmp_path: Path) -> None:
+    """More header fields than max_headers: 431 Request Header Fields Too Large."""
+    body = compact(event())
+    async with sink_running(tmp_path, limits=SinkLimits(max_headers=20)) as (client, path):
+        headers = {**signed(body), **{f"x-h{i}": "1" for i in range(30)}}
+        assert await post(client, body, headers) == 431
+        assert await post(client, body, signed(body)) == 200
+    assert path.read_bytes() == body + b"\n"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [pytest.param(b"", id="silent"),
+     pytest.param(b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nX-Slow: ", id="slow-headers"),
+     pytest.param(b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+                  id="slow-body")],
+)
+async def test_a_request_not_finished_in_time_loses_its_connection(tmp_path: Path,
+                                                                   sent: bytes) -> None:
+    """Slowloris: a connection that does not complete a request is closed by the server."""
+    limits = SinkLimits(request_timeout_s=0.3)
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        async with stream:
+            if sent:
+                await stream.send(sent)
+            with anyio.fail_after(10):  # a deadline for the server to act, not a measurement
+                answer = b""
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        answer += await stream.receive()
+        assert b"200 OK" not in answer
+        assert await post(client, compact(event()), signed(compact(event()))) == 200
+    assert path.read_bytes() == compact(event()) + b"\n"
+
+
+async def read_until_closed(stream: anyio.abc.ByteStream) -> None:
+    while True:
+        await stream.receive()
+
+
+async def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_request(
+        tmp_path: Path) -> None:
+    """A whole request, its 200, then a second request trickled: the connection is closed."""
+    body = compact(event())
+    head = "".join(f"{k}: {v}\r\n" for k, v in signed(body).items())
+    whole = (f"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+             f"{head}\r\n").encode() + body
+    async with sink_running(tmp_path, limits=SinkLimits(request_timeout_s=0.3,
+                                                        keep_alive_s=600)) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        async with stream:
+            await stream.send(whole)
+            with anyio.fail_after(10):
+                answer = await stream.receive()
+                assert answer.startswith(b"HTTP/1.1 200")
+                await stream.send(b"POST /webhooks/cobalt HTTP/1.1\r\nHo")
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await read_until_closed(stream)
+    assert path.read_bytes() == body + b"\n"
+
+
+async def test_past_the_connection_cap_idle_sockets_make_way_for_deliveries(tmp_path: Path
+                                                                           ) -> None:
+    """20 idle sockets against a cap of 8: the oldest are closed and a delivery gets 200."""
+    limits = SinkLimits(max_connections=8, request_timeout_s=600)
+    body = compact(event())
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        idle = [await anyio.connect_tcp("127.0.0.1", port_of(client)) for _ in range(20)]
+        try:
+            assert await post(client, body, signed(body)) == 200
+            with anyio.fail_after(10):
+                for stream in idle[:12]:  # the 12 oldest had to go for the cap to hold
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await stream.receive()
+        finally:
+            for stream in idle:
+                await stream.aclose()
+    assert path.read_bytes() == body + b"\n"
