@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_reconcile import Book
 
-from helpers import write_config
+from helpers import make_config, write_config
 from pipeline.events import (
     MAX_DEPTH,
     SetAside,
@@ -30,6 +30,7 @@ from pipeline.events import (
     set_aside_path,
 )
 from pipeline.ledger import Ledger
+from pipeline.poll import Poller
 from pipeline.reconcile import Reconciler
 
 GOOD = {"id": "evt_1", "type": "task_note.failed", "job_id": "1",
@@ -230,3 +231,27 @@ def test_tasknotes_reconcile_survives_bad_lines_and_reports_them(tmp_path: Path)
     assert "2 unreadable line(s) set aside" in done.stderr
     (summary,) = tmp_path.glob("reports/*/summary.json")
     assert json.loads(summary.read_text())["events"]["set_aside"] == 2
+
+
+def test_poll_does_not_store_a_polled_event_a_reader_would_refuse(tmp_path: Path) -> None:
+    """The list API's copy of a lone-surrogate event is skipped (job still missing), no crash."""
+    sink = SinkFile(tmp_path / "state" / "webhooks.jsonl")
+    sink.open()
+    poller = Poller(make_config(tmp_path), None, sink)  # type: ignore[arg-type] - no requests
+    item = {"event_id": "evt_p", "event_type": "task_note.failed", "job_id": 7,
+            "created_at": "2026-06-15T12:02:40Z",
+            "data": {"task_note_id": "a", "failure_reason": "locked \ud83d"}}
+    good = {**item, "event_id": "evt_q", "job_id": 8, "data": {"failure_reason": "ok"}}
+    found: set[str] = set()
+
+    async def take() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sink.run)
+            await poller._take(item, {"7", "8"}, found)
+            await poller._take(good, {"7", "8"}, found)
+            sink.stop()
+
+    anyio.run(take)
+    sink.close()
+    assert found == {"8"}
+    assert [e["id"] for _, e in read_sink(sink.path)] == ["evt_q"]
