@@ -100,8 +100,16 @@ def ingest(ledger: Ledger, sink: Path, account: str) -> int:
 
 
 def _set_aside(sink: Path, lines: list[SetAside]) -> None:
-    """Keep unreadable lines in the side file before the ledger moves past them."""
-    keep_set_aside(sink, lines)
+    """Keep unreadable lines in the side file before the ledger moves past them.
+
+    If the side file cannot be written, the lines are still in the sink file
+    (never rewritten): say so, and go on all the same.
+    """
+    try:
+        keep_set_aside(sink, lines)
+    except OSError as exc:
+        log.error("%s: cannot keep unreadable lines in %s (%s); they stay in the sink file",  # noqa: TRY400 - the cause is the disk
+                  sink, set_aside_path(sink), exc.strerror or exc)
     first = lines[0]
     log.warning("%s: %d unreadable line(s) set aside in %s (first at byte %d: %s)", sink,
                 len(lines), set_aside_path(sink), first.offset, first.code)

@@ -179,10 +179,15 @@ class WebhookReceiver:
             event = _parse(body)
         except UnreadableEvent as exc:
             return _answer(400, f"not an event: {exc.code}", None, len(body), attempt)
+        return await self._store(body, event, attempt)
+
+    async def _store(self, body: bytes, event: dict[str, Any], attempt: str) -> JSONResponse:
         try:
             verdict = await self.sink.append(body, event["id"])
         except SinkWriteError:
             return _answer(503, "event not stored, retry", event, len(body), attempt)
+        except UnreadableEvent as exc:  # re-encoded to one line, it no longer fits the codec
+            return _answer(400, f"not an event: {exc.code}", event, len(body), attempt)
         if verdict == "stored" and self._on_stored is not None:
             self._on_stored(event)
         return _answer(200, verdict, event, len(body), attempt)
