@@ -201,6 +201,7 @@ class SinkFile:
         self._digests: set[bytes] = set()
         self._inflight: dict[str | bytes, anyio.Event] = {}
         self._group: GroupCommit[_Line] = GroupCommit(self._write, stop_on_error=False)
+        self._cut_to: int | None = None
         self.broken: str | None = None
 
     # -- opening ------------------------------------------------------------------------
@@ -328,13 +329,20 @@ class SinkFile:
         so the file ends on a whole line and the next batch can simply try again.
         """
         with self._locked():
+            if self._cut_to is not None:  # an earlier cut failed: no line may follow a fragment
+                self._cut_back(self._cut_to)
             self._catch_up()
             start = self._known
             try:
                 self._write_batch(lines)
             except OSError:
                 self._known = start
-                self._cut_back(start)
+                try:
+                    self._cut_back(start)
+                except OSError as exc:
+                    log.error("sink file %s: cannot cut a failed write back to %d bytes: %s;"  # noqa: TRY400 - the cause is the disk
+                              " trying again before the next write", self.path, start,
+                              exc.strerror or exc)
                 raise
 
     def _write_batch(self, lines: list[_Line]) -> None:
@@ -353,14 +361,15 @@ class SinkFile:
                 self._digests.add(line.digest)
 
     def _cut_back(self, size: int) -> None:
-        """Truncate to ``size`` after a failed batch (shrinking needs no free space)."""
-        try:
-            if os.fstat(self._fd).st_size > size:
-                os.ftruncate(self._fd, size)
-                os.fsync(self._fd)
-        except OSError as exc:  # the next open moves a torn tail aside; say so now
-            log.error("sink file %s: cannot cut a failed write back to %d bytes: %s",  # noqa: TRY400 - the cause is the disk
-                      self.path, size, exc.strerror or exc)
+        """Truncate to ``size`` after a failed batch (shrinking needs no free space).
+
+        Raises OSError if it cannot; ``_cut_to`` then remembers the cut still owed.
+        """
+        self._cut_to = size
+        if os.fstat(self._fd).st_size > size:
+            os.ftruncate(self._fd, size)
+            self._fsync(self._fd)
+        self._cut_to = None
 
     def probe(self) -> str | None:
         """None if an event could be stored now, else why not (for ``/healthz``).

@@ -199,6 +199,29 @@ async def test_a_failed_fsync_never_gets_a_2xx(tmp_path: Path) -> None:
         assert (await client.get("/healthz")).status_code == 503
 
 
+async def test_after_failed_fsyncs_the_sink_heals_and_the_file_holds_whole_lines(
+        tmp_path: Path) -> None:
+    """An I/O error on the batch and on the cut-back: 503 until the device works, then 200."""
+    failing = {"on": False}
+
+    def flaky_fsync(fd: int) -> None:
+        if failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
+
+    bodies = [compact(event(n)) for n in range(3)]
+    async with sink_running(tmp_path, fsync=flaky_fsync) as (client, path):
+        assert await post(client, bodies[0], signed(bodies[0])) == 200
+        failing["on"] = True
+        assert await post(client, bodies[1], signed(bodies[1])) == 503
+        assert (await client.get("/healthz")).status_code == 503
+        failing["on"] = False
+        assert (await client.get("/healthz")).status_code == 200
+        assert await post(client, bodies[2], signed(bodies[2])) == 200
+        assert await post(client, bodies[1], signed(bodies[1])) == 200  # Cobalt's retry
+    assert path.read_bytes() == bodies[0] + b"\n" + bodies[2] + b"\n" + bodies[1] + b"\n"
+
+
 async def test_200_concurrent_deliveries_are_200_intact_lines(tmp_path: Path) -> None:
     """Concurrent deliveries share fsyncs and every one ends up as its own whole line."""
     bodies = [compact(event(n)) for n in range(200)]
