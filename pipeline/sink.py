@@ -239,6 +239,9 @@ class _GuardedH11(H11Protocol):
     """
 
     limits: ClassVar[SinkLimits]
+    # closed for being too slow, and for the cap, since the last warning (once a minute)
+    closed: ClassVar[dict[str, int]] = {"slow": 0, "cap": 0}
+    warned_at: ClassVar[float] = float("-inf")
     _deadline: asyncio.TimerHandle | None = None
     _since: float = 0.0
 
@@ -269,9 +272,21 @@ class _GuardedH11(H11Protocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        log.info("connection closed: no whole request within %.0f s",
-                 self.limits.request_timeout_s)
+        self._count("slow")
         self.transport.close()
+
+    def _count(self, why: str) -> None:
+        """Count a closed connection; warn at most once a minute, so an attack floods no log."""
+        cls = type(self)
+        cls.closed[why] += 1
+        now = self.loop.time()
+        if now - cls.warned_at >= 60:
+            log.warning("closed %d connections with no whole request within %.0f s and %d idle"
+                        " ones past the cap of %d (since the last such warning)",
+                        cls.closed["slow"], self.limits.request_timeout_s, cls.closed["cap"],
+                        self.limits.max_connections)
+            cls.warned_at = now
+            cls.closed = {"slow": 0, "cap": 0}
 
     def _evictable(self) -> bool:
         """Still sending its request, or idle between requests (not being answered)."""
@@ -285,6 +300,5 @@ class _GuardedH11(H11Protocol):
         waiting = [c for c in self.connections if isinstance(c, _GuardedH11) and c._evictable()]
         if waiting:
             oldest = min(waiting, key=lambda c: c._since)
-            log.warning("%d connections open: closing the oldest one not being answered",
-                        len(self.connections))
+            self._count("cap")
             oldest.transport.close()
