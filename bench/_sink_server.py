@@ -1,4 +1,6 @@
-"""The webhook sink for bench/sink.py: `python bench/_sink_server.py PORT DIR fsync|nofsync`.
+"""The webhook sink for bench/sink.py and bench/slowloris.py.
+
+    python bench/_sink_server.py PORT DIR fsync|nofsync [FD_LIMIT]
 
 The real WebhookReceiver and SinkFile, served by uvicorn on the server CPU; with
 'nofsync' the file is written the same way but never fsync'ed (the baseline).
@@ -7,6 +9,7 @@ The real WebhookReceiver and SinkFile, served by uvicorn on the server CPU; with
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -21,6 +24,9 @@ SECRET = b"bench-secret"
 
 def main() -> None:
     port, directory, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    if len(sys.argv) > 4:  # a hard open-file limit, as a default `ulimit -n` would set
+        limit = int(sys.argv[4])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     pin(SERVER_CPU)
     sink = SinkFile(directory / "webhooks.jsonl",
                     fsync=os.fsync if mode == "fsync" else (lambda fd: None))
@@ -29,7 +35,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    serve_foreground(receiver.app(), host="127.0.0.1", port=port)
+    serve_foreground(receiver.app(), host="127.0.0.1", port=port, **receiver.serve_options())
 
 
 if __name__ == "__main__":

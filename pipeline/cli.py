@@ -392,7 +392,8 @@ def _sink(args: argparse.Namespace) -> int:
     log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
              config.webhooks.sink, len(sink))
     try:
-        serve_foreground(receiver.app(), host=args.host, port=args.port)
+        serve_foreground(receiver.app(), host=args.host, port=args.port,
+                         **receiver.serve_options())
     finally:
         sink.close()
     return 0

@@ -10,25 +10,42 @@ Writing (``SinkFile``, used by the webhook receiver and by ``poll``):
   (an exclusive ``flock`` around each batch, catching up on lines another
   process appended since);
 - the file is created 0600 in a 0700 directory, both fsync'ed on creation;
-  a torn last line left by a crash mid-write is moved to ``<file>.torn``, so
-  the next line starts on a fresh line.
+  a torn last line left by a crash mid-write is moved to ``<file>.torn``
+  (0600: a fragment may hold note text), so the next line starts on a fresh line;
+- a failed write (disk full, I/O error) is undone (the file is cut back to
+  its last whole line) and reported to every caller of the batch; the next
+  append tries again, so storage resumes as soon as the disk has room.
 
-Reading (``read_sink``): a torn last line is skipped with a warning; an
-unparseable line anywhere else is an error naming its line number.
+Reading (``read_sink``, ``read_sink_from``): a torn last line is skipped with a
+warning; any other line the codec refuses is set aside (``SetAside``: its byte
+offset, a code, its bytes), so one bad line never stops a reader.
+
+The event codec (``decode_event``) is the one parse used by the receiver, the
+sink file's own index and every reader, so the sink never acknowledges a body
+a reader would refuse. It accepts exactly: strict UTF-8 (RFC 8259 section 8.1:
+no BOM, no UTF-16/32 detection, no encoded surrogates), one JSON object, at
+most ``MAX_DEPTH`` levels deep and ``MAX_EVENT_BYTES`` long, finite numbers only
+(no ``NaN``/``Infinity``, no integer longer than Python's 4,300-digit limit), and
+no string holding a lone surrogate escape such as ``"\\ud83d"`` (RFC 8259
+section 8.2 leaves those undefined; they cannot be encoded as UTF-8, so the
+ledger could not store them).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import anyio
 
@@ -39,23 +56,106 @@ log = logging.getLogger(__name__)
 
 Verdict = Literal["stored", "duplicate"]
 
+# Cobalt's envelope nests four levels (event, data, reasons, a reason); 32 leaves room
+# for other event types and stays far below the parser's recursion limit (~1,000).
+MAX_DEPTH: Final = 32
+# The receiver refuses bodies over ``webhooks.max_body_bytes`` (at most this) before
+# parsing; this bounds what any reader parses, whatever a hand edit put in the file.
+MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+
 
 class SinkWriteError(StateError):
     """An event could not be made durable (the caller must not acknowledge it)."""
 
 
-def envelope_from_list_item(item: dict[str, Any]) -> dict[str, Any]:
-    """A ``GET /v1/webhook-events`` item in the webhook envelope's shape and key order."""
-    job_id = item.get("job_id")
-    return {
-        "id": item.get("event_id"),
-        "access_token_reference_id": item.get("access_token_reference_id"),
-        "object": "event",
-        "created": item.get("created_at"),
-        "type": item.get("event_type"),
-        "job_id": None if job_id is None else str(job_id),
-        "data": item.get("data") or {},
-    }
+class UnreadableEvent(ValueError):
+    """Bytes the event codec refuses; ``code`` says why, in kebab-case:
+
+    ``too-large``, ``not-utf8``, ``too-deep``, ``not-json``, ``not-finite``,
+    ``not-an-object``, ``lone-surrogate`` (and ``no-id`` from the receiver). The
+    message never quotes the bytes.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def decode_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, Any]:
+    """One JSON event object from ``raw`` (UTF-8 bytes, no trailing newline needed).
+
+    The only parse of an event in tasknotes (module docstring lists the rules).
+    Raises UnreadableEvent; never RecursionError, UnicodeError or a bare ValueError.
+    """
+    if len(raw) > max_bytes:
+        raise UnreadableEvent("too-large", f"{len(raw):,} bytes, more than {max_bytes:,}")
+    try:
+        text = raw.decode("utf-8")  # strict: no BOM sniffing, no UTF-16/32, no surrogates
+    except UnicodeDecodeError as exc:
+        raise UnreadableEvent("not-utf8", f"invalid UTF-8 at byte {exc.start}") from None
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
+        raise UnreadableEvent("too-deep", f"nested more than {MAX_DEPTH} levels")
+    try:
+        event = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NotFinite:
+        raise UnreadableEvent("not-finite", "NaN, Infinity or an overflowing number") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; int digit limit
+        raise UnreadableEvent("not-json", str(exc).split(":")[0][:80]) from None
+    if not isinstance(event, dict):
+        raise UnreadableEvent("not-an-object", f"a JSON {type(event).__name__}, not an object")
+    if "\\u" in text:  # only an escape can produce a lone surrogate after strict decoding
+        try:
+            compact_json(event)
+        except UnicodeEncodeError:
+            raise UnreadableEvent("lone-surrogate",
+                                  "a \\uD800-\\uDFFF escape outside a surrogate pair") from None
+    return event
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """``event`` as one sink line (compact JSON, no newline), checked by ``decode_event``.
+
+    Raises UnreadableEvent when the result is something no reader would accept
+    (a lone surrogate in a string, a non-finite float, too deep or too large).
+    """
+    try:
+        line = compact_json(event)
+    except UnicodeEncodeError:
+        raise UnreadableEvent("lone-surrogate",
+                              "a string holds a lone surrogate") from None
+    except (ValueError, RecursionError):
+        raise UnreadableEvent("not-json", "not representable as JSON") from None
+    decode_event(line)
+    return line
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NotFinite(text)
+    return value
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting outside strings, counted until it passes MAX_DEPTH."""
+    depth = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            break
+    return depth
 
 
 def compact_json(payload: Any) -> bytes:
@@ -87,6 +187,7 @@ class SinkFile:
         self._digests: set[bytes] = set()
         self._inflight: dict[str | bytes, anyio.Event] = {}
         self._group: GroupCommit[_Line] = GroupCommit(self._write, stop_on_error=False)
+        self._cut_to: int | None = None
         self.broken: str | None = None
 
     # -- opening ------------------------------------------------------------------------
@@ -134,10 +235,7 @@ class SinkFile:
             return
         cut = _last_line_end(self._fd, size)
         fragment = os.pread(self._fd, size - cut, cut)
-        with open(self.path.with_name(self.path.name + ".torn"), "ab") as torn:
-            torn.write(fragment + b"\n")
-            torn.flush()
-            os.fsync(torn.fileno())
+        _append_private(self.path.with_name(self.path.name + ".torn"), fragment + b"\n")
         os.ftruncate(self._fd, cut)
         os.fsync(self._fd)
         log.warning("sink file %s ended in a torn line (%d bytes, never acknowledged): moved to %s",
@@ -172,11 +270,13 @@ class SinkFile:
         self._group.close()
 
     async def append(self, body: bytes, event_id: str) -> Verdict:
-        """Store one event body durably, unless it is already stored; raises SinkWriteError."""
-        if self.broken:
-            raise SinkWriteError(self.broken)
-        if b"\n" in body or b"\r" in body:
-            body = compact_json(json.loads(body))  # one event per line, content unchanged
+        """Store one event body durably, unless it is already stored.
+
+        ``body`` must be one that ``decode_event`` accepts (the receiver checks it).
+        Raises SinkWriteError when it cannot be stored now (the next call tries again).
+        """
+        if b"\n" in body or b"\r" in body:  # one event per line, content unchanged
+            body = encode_event(decode_event(body))
         digest = body_digest(body)
         if event_id in self._ids or digest in self._digests:
             return "duplicate"
@@ -194,31 +294,102 @@ class SinkFile:
         try:
             await self._group.put(line)
         except OSError as exc:
+            if self.broken is None:
+                log.error("sink file %s cannot be written: %s; answering 503 and trying"  # noqa: TRY400 - no traceback: the cause is the disk
+                          " again with each delivery", self.path, exc.strerror or exc)
             self.broken = f"sink file {self.path} cannot be written: {exc.strerror or exc}"
-            log.error("%s; refusing events until restarted", self.broken)  # noqa: TRY400 - no traceback: the cause is the disk
             raise SinkWriteError(self.broken) from None
+        else:
+            if self.broken is not None:
+                log.warning("sink file %s is written again", self.path)
+                self.broken = None
         finally:
             del self._inflight[line.event_id], self._inflight[line.digest]
             done.set()
         return line.verdict
 
     def _write(self, lines: list[_Line]) -> None:
-        """Runs in a worker thread: one write per line, one fsync for the batch."""
+        """Runs in a worker thread: one write per line, one fsync for the batch.
+
+        On any OSError the batch's bytes are cut off again (none was acknowledged),
+        so the file ends on a whole line and the next batch can simply try again.
+        """
         with self._locked():
+            if self._cut_to is not None:  # an earlier cut failed: no line may follow a fragment
+                self._cut_back(self._cut_to)
             self._catch_up()
-            for line in lines:
-                if line.event_id in self._ids or line.digest in self._digests:
-                    line.verdict = "duplicate"
-                    continue
-                written = os.write(self._fd, line.data)
-                if written != len(line.data):
-                    raise OSError(28, "short write (disk full?)")
-                self._known += written
+            start = self._known
+            try:
+                self._write_batch(lines)
+            except OSError:
+                self._known = start
+                try:
+                    self._cut_back(start)
+                except OSError as exc:
+                    log.error("sink file %s: cannot cut a failed write back to %d bytes: %s;"  # noqa: TRY400 - the cause is the disk
+                              " trying again before the next write", self.path, start,
+                              exc.strerror or exc)
+                raise
+
+    def _write_batch(self, lines: list[_Line]) -> None:
+        for line in lines:
+            if line.event_id in self._ids or line.digest in self._digests:
+                line.verdict = "duplicate"
+                continue
+            written = os.write(self._fd, line.data)
+            if written != len(line.data):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
+            self._known += written
+        self._fsync(self._fd)
+        for line in lines:
+            if line.verdict == "stored":
+                self._ids.add(line.event_id)
+                self._digests.add(line.digest)
+
+    def _cut_back(self, size: int) -> None:
+        """Truncate to ``size`` after a failed batch (shrinking needs no free space).
+
+        Raises OSError if it cannot; ``_cut_to`` then remembers the cut still owed.
+        """
+        self._cut_to = size
+        if os.fstat(self._fd).st_size > size:
+            os.ftruncate(self._fd, size)
             self._fsync(self._fd)
-            for line in lines:
-                if line.verdict == "stored":
-                    self._ids.add(line.event_id)
-                    self._digests.add(line.digest)
+        self._cut_to = None
+
+    def probe(self) -> str | None:
+        """None if an event could be stored now, else why not (for ``/healthz``).
+
+        After a failed write this writes and fsyncs a 4 KiB scratch file beside the
+        sink file (0600, removed at once), so health turns good when the disk has
+        room again, before the next delivery proves it.
+        """
+        if self.broken is None:
+            return None
+        scratch = self.path.with_name(f".{self.path.name}.probe")
+        try:
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if os.write(fd, b"\0" * 4096) != 4096:
+                    raise OSError(errno.ENOSPC, "short write")
+                self._fsync(fd)
+            finally:
+                os.close(fd)
+                scratch.unlink(missing_ok=True)
+        except OSError as exc:
+            return f"sink file {self.path} cannot be written: {exc.strerror or exc}"
+        return None
+
+
+def _append_private(path: Path, data: bytes) -> None:
+    """Append ``data`` to a side file created 0600 (and made 0600 if it was not), fsync'ed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _last_line_end(fd: int, size: int) -> int:
@@ -235,10 +406,9 @@ def _last_line_end(fd: int, size: int) -> int:
 
 def _event_id(raw: bytes) -> str | None:
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        event_id = decode_event(raw).get("id")
+    except UnreadableEvent:
         return None
-    event_id = data.get("id") if isinstance(data, dict) else None
     return event_id if isinstance(event_id, str) else None
 
 
@@ -250,22 +420,79 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A line of the sink file that the codec refuses (an older file, a hand edit).
+
+    ``offset`` is the byte offset of its start in the file, ``code`` the
+    UnreadableEvent code, ``raw`` its bytes without the newline.
+    """
+
+    offset: int
+    code: str
+    raw: bytes
+
+
+def set_aside_path(sink: Path) -> Path:
+    """Where a reader keeps the sink file's unreadable lines: ``<sink>.set-aside``."""
+    return sink.with_name(sink.name + ".set-aside")
+
+
+def keep_set_aside(sink: Path, lines: list[SetAside]) -> int:
+    """Append ``lines`` to the side file (0600, fsync'ed), each once; returns how many new.
+
+    One JSON object per line: ``{"offset", "code", "bytes", "sha256", "line_base64"}``;
+    a line already kept (same offset and digest, as when a replaced sink file is
+    read again) is not written twice. The side file may hold note text: never share it.
+    """
+    path = set_aside_path(sink)
+    try:
+        kept = {(r.get("offset"), r.get("sha256")) for r in _side_records(path)}
+    except OSError:
+        kept = set()
+    out = []
+    for line in lines:
+        digest = hashlib.sha256(line.raw).hexdigest()
+        if (line.offset, digest) in kept:
+            continue
+        kept.add((line.offset, digest))
+        out.append(compact_json({"offset": line.offset, "code": line.code,
+                                 "bytes": len(line.raw), "sha256": digest,
+                                 "line_base64": base64.b64encode(line.raw).decode()}))
+    if out:
+        _append_private(path, b"\n".join(out) + b"\n")
+    return len(out)
+
+
+def _side_records(path: Path) -> Iterator[dict[str, Any]]:
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as fh:
+        for raw in fh:
+            with contextlib.suppress(UnreadableEvent):
+                yield decode_event(raw.rstrip(b"\n"))
+
+
 def read_sink(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, envelope) for each event in the sink file; a missing file has none.
 
-    A torn last line is skipped with a warning; any other unreadable line is
-    a StateError naming the file and line.
+    A torn last line is skipped with a warning; so is any other line the codec
+    refuses (``read_sink_from`` hands those to its caller instead).
     """
     for number, _, event in read_sink_from(path, 0):
+        if isinstance(event, SetAside):
+            log.warning("%s line %d (byte %d): %s, skipped", path, number, event.offset,
+                        event.code)
+            continue
         yield number, event
 
 
-def read_sink_from(path: Path, start: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(line number, offset after the line, envelope) for each event from byte ``start``.
+def read_sink_from(path: Path, start: int
+                   ) -> Iterator[tuple[int, int, dict[str, Any] | SetAside]]:
+    """(line number, offset after the line, envelope or SetAside) for each line from ``start``.
 
-    Line numbers count from ``start`` (1 is its first line), so they are the file's
-    own only when reading from the beginning; errors name the byte offset as well.
-    A torn last line ends the reading (with a warning) without being passed.
+    Every line goes through ``decode_event``; one it refuses comes back as a
+    SetAside, and reading goes on. Line numbers count from ``start`` (1 is its
+    first line). A torn last line (no newline, refused) ends the reading with a
+    warning, without being passed: the sink moves it aside when it next opens.
     """
     try:
         fh = path.open("rb")
@@ -277,17 +504,16 @@ def read_sink_from(path: Path, start: int) -> Iterator[tuple[int, int, dict[str,
         fh.seek(start)
         offset = start
         for number, raw in enumerate(fh, start=1):
-            where = f"line {number}" if start == 0 else f"byte {offset}"
-            offset += len(raw)
-            if not raw.strip():
+            begin, offset = offset, offset + len(raw)
+            line = raw.rstrip(b"\n")
+            if not line.strip():
                 continue
             try:
-                event = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                event: dict[str, Any] | SetAside = decode_event(line)
+            except UnreadableEvent as exc:
                 if not raw.endswith(b"\n") and not fh.peek(1):
-                    log.warning("%s %s: torn last line ignored (a crash mid-write)", path, where)
+                    log.warning("%s byte %d: torn last line ignored (a crash mid-write)",
+                                path, begin)
                     return
-                raise StateError(f"sink file {path} {where}: not a JSON event") from None
-            if not isinstance(event, dict):
-                raise StateError(f"sink file {path} {where}: not a JSON object")
+                event = SetAside(begin, exc.code, line)
             yield number, offset, event

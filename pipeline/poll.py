@@ -34,7 +34,7 @@ import anyio
 from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
-from pipeline.events import SinkFile, compact_json
+from pipeline.events import SinkFile, UnreadableEvent, encode_event
 from pipeline.submit import Backoff, Pacer
 
 log = logging.getLogger(__name__)
@@ -233,8 +233,13 @@ class Poller:
         job_id = envelope["job_id"]
         if job_id not in job_ids or envelope["type"] not in EVENT_TYPES:
             return
+        try:  # the same codec as the receiver: never store what a reader would refuse
+            line = encode_event(envelope)
+        except UnreadableEvent as exc:
+            log.warning("event %s (job %s) not stored: %s", envelope["id"][:64], job_id, exc.code)
+            return
         found.add(job_id)
-        verdict = await self._sink.append(compact_json(envelope), envelope["id"])
+        verdict = await self._sink.append(line, envelope["id"])
         if verdict == "stored":
             self.stats.stored += 1
             if delivery == "success":

@@ -48,7 +48,7 @@ from typing import Any, Final
 
 import pandas as pd
 
-from pipeline.events import read_sink_from
+from pipeline.events import SetAside, keep_set_aside, read_sink_from, set_aside_path
 from pipeline.ledger import EventRecord, Ledger, row_key
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ def ingest(ledger: Ledger, sink: Path, account: str) -> int:
 
     ``account`` keys the note hash of each created event, as ``row_key`` keys rows.
     A sink file that is not the one read before (rotated, replaced) is read
-    from its start; events already mirrored are not stored twice.
+    from its start; events already mirrored are not stored twice. A line the
+    event codec refuses is kept in ``<sink>.set-aside`` (with its byte offset),
+    counted as ``(set aside)`` in the event tally, and reading goes on.
     """
     offset, head = ledger.sink_position()
     current = _head(sink)
@@ -83,18 +85,41 @@ def ingest(ledger: Ledger, sink: Path, account: str) -> int:
     batch: list[EventRecord] = []
     tally: Counter[str] = Counter()
     end = offset
+    aside: list[SetAside] = []
     for _, end, event in read_sink_from(sink, offset):
-        record = _record(event, end, account, tally)
-        if record is not None:
+        if isinstance(event, SetAside):
+            aside.append(event)
+            tally["(set aside)"] += 1
+        elif (record := _record(event, end, account, tally)) is not None:
             batch.append(record)
-        if len(batch) >= _BATCH:
+        if len(batch) + len(aside) >= _BATCH:
+            if aside:
+                _set_aside(sink, aside)
             added += ledger.add_events(batch, dict(tally), offset=end, head=current)
-            batch, tally = [], Counter()
+            batch, tally, aside = [], Counter(), []
+    if aside:
+        _set_aside(sink, aside)
     if batch or tally or end != offset:
         added += ledger.add_events(batch, dict(tally), offset=end, head=current)
     if added:
         log.info("%d new task_note events from %s", added, sink)
     return added
+
+
+def _set_aside(sink: Path, lines: list[SetAside]) -> None:
+    """Keep unreadable lines in the side file before the ledger moves past them.
+
+    If the side file cannot be written, the lines are still in the sink file
+    (never rewritten): say so, and go on all the same.
+    """
+    try:
+        keep_set_aside(sink, lines)
+    except OSError as exc:
+        log.error("%s: cannot keep unreadable lines in %s (%s); they stay in the sink file",  # noqa: TRY400 - the cause is the disk
+                  sink, set_aside_path(sink), exc.strerror or exc)
+    first = lines[0]
+    log.warning("%s: %d unreadable line(s) set aside in %s (first at byte %d: %s)", sink,
+                len(lines), set_aside_path(sink), first.offset, first.code)
 
 
 def _record(event: dict[str, Any], end: int, account: str,

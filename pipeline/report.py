@@ -392,6 +392,8 @@ def summarise(
             "other_types": {k: v for k, v in result.tally.items() if not k.startswith("(")},
             "without_id": result.tally.get("(no id)", 0),
             "orphans": result.orphan_count,
+            # lines of the sink file the event codec refuses, kept in <sink>.set-aside
+            "set_aside": result.tally.get("(set aside)", 0),
         },
         "exit_code": exited,
         "exit_code_now": now_code,

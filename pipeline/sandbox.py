@@ -95,7 +95,8 @@ async def sandboxed(config: RunConfig, ledger: Ledger, run_id: str
     )
     try:
         async with anyio.create_task_group() as tg:  # noqa: SIM117 - the emulator needs the sink's URL
-            async with serve_embedded(receiver.app(), tg) as sink_server:
+            async with serve_embedded(receiver.app(), tg,
+                                      **receiver.serve_options()) as sink_server:
                 emulator = Emulator(emulator_options(config,
                                                      sink_server.url + config.webhooks.path))
                 async with serve_embedded(emulator.app(), tg,

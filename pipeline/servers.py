@@ -54,7 +54,7 @@ def _config(app: Any, **options: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app, log_level=options.pop("log_level", "warning"), access_log=False,
         lifespan="on", timeout_graceful_shutdown=options.pop("grace_s", 2.0),
-        timeout_keep_alive=5, **options,
+        timeout_keep_alive=options.pop("timeout_keep_alive", 5), **options,
     )
 
 
@@ -85,15 +85,17 @@ class _Startup:
 async def serve_embedded(
     app: Any, tg: TaskGroup, *, host: str = "127.0.0.1", port: int = 0,
     attach: Callable[[uvicorn.Server], None] | None = None, grace_s: float = 2.0,
+    **options: Any,
 ) -> AsyncIterator[Served]:
     """Serve ``app`` on a task of ``tg`` until the block ends; yields once it has started.
 
     The socket is listening before uvicorn starts, so no request is refused
     in between; the wait is for the app's own startup (its lifespan).
+    ``options`` go to ``uvicorn.Config`` (the sink's limits).
     """
     sock = bind(host, port)
     startup = _Startup(app)
-    server = _EmbeddedServer(_config(startup, grace_s=grace_s))
+    server = _EmbeddedServer(_config(startup, grace_s=grace_s, **options))
     if attach is not None:
         attach(server)
     tg.start_soon(server.serve, [sock])
@@ -109,11 +111,15 @@ async def serve_embedded(
 
 
 def serve_foreground(
-    app: Any, *, host: str, port: int, attach: Callable[[uvicorn.Server], None] | None = None
+    app: Any, *, host: str, port: int, attach: Callable[[uvicorn.Server], None] | None = None,
+    **options: Any,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's own handling): ``tasknotes sink`` and ``emulator``."""
+    """Serve until SIGINT/SIGTERM (uvicorn's own handling): ``tasknotes sink`` and ``emulator``.
+
+    ``options`` go to ``uvicorn.Config`` (the sink's limits).
+    """
     sock = bind(host, port)
-    server = uvicorn.Server(_config(app, log_level="info"))
+    server = uvicorn.Server(_config(app, log_level="info", **options))
     if attach is not None:
         attach(server)
     log.info("listening on http://%s:%d", _url_host(host), sock.getsockname()[1])

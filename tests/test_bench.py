@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
         pytest.param("submit.py", "tasknotes/best httpx-API =", id="submit"),
         pytest.param("rate.py", "within 5%, <= C", id="rate"),
         pytest.param("sink.py", "durable/baseline =", id="sink"),
+        pytest.param("slowloris.py", "with 100 slowloris: p99", id="slowloris"),
         pytest.param("validate.py", "tasknotes validate / pandas.read_csv =", id="validate"),
         pytest.param("memory.py", "validate: 10,000 rows / 2,000 rows =", id="memory"),
         pytest.param("reconcile.py", "reconcile / pandas.merge =", id="reconcile"),

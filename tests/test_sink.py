@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -17,11 +19,11 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, free_port, serving, wait_until, write_config
+from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
 from pipeline.emulator import compact, sign
-from pipeline.errors import StateError
-from pipeline.events import SinkFile, read_sink
-from pipeline.sink import WebhookReceiver
+from pipeline.events import MAX_DEPTH, SinkFile, read_sink
+from pipeline.servers import serve_embedded
+from pipeline.sink import SinkLimits, WebhookReceiver
 
 NOTE = "Patient called — café au lait spots 🙂 “quoted”"
 
@@ -45,13 +47,19 @@ def signed(body: bytes, secret: str = WEBHOOK_SECRET, event_id: str | None = Non
 
 @asynccontextmanager
 async def sink_running(tmp_path: Path, secrets: tuple[str, ...] = (WEBHOOK_SECRET,),
+                       limits: SinkLimits | None = None, state: Path | None = None,
                        **kwargs: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
-    path = tmp_path / "state" / "webhooks.jsonl"
+    """The receiver served as ``tasknotes sink`` serves it (its uvicorn limits included)."""
+    path = (state or tmp_path / "state") / "webhooks.jsonl"
     sink = SinkFile(path, **kwargs)
     sink.open()
-    receiver = WebhookReceiver(sink, [s.encode() for s in secrets], max_body_bytes=64 * 1024)
+    receiver = WebhookReceiver(sink, [s.encode() for s in secrets], max_body_bytes=1024 * 1024,
+                               limits=limits)
     try:
-        async with serving(receiver.app()) as srv, httpx.AsyncClient(base_url=srv.url) as client:
+        async with (anyio.create_task_group() as tg,
+                    serve_embedded(receiver.app(), tg, grace_s=0.2,
+                                   **receiver.serve_options()) as srv,
+                    httpx.AsyncClient(base_url=srv.url) as client):
             yield client, path
     finally:
         sink.close()
@@ -134,6 +142,40 @@ async def test_a_signed_body_that_is_not_an_event_gets_400(tmp_path: Path, body:
     assert path.read_bytes() == b""
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"id":"evt_s","type":"task_note.failed","job_id":"2",'
+                     b'"data":{"failure_reason":"locked \\ud83d"}}', id="1-lone-surrogate"),
+        pytest.param(json.dumps(event(), ensure_ascii=False).encode("utf-16"), id="2-utf-16"),
+        pytest.param(b'{"id":"evt_d","data":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                     id="3-nested-50000-deep"),
+        pytest.param(b'{"id":"evt_d","data":' + b"{\"a\":" * MAX_DEPTH + b"1" + b"}" * MAX_DEPTH
+                     + b"}", id="3-one-level-too-deep"),
+        pytest.param(b'{"id":"evt_n","n":NaN}', id="nan"),
+        pytest.param(b'{"id":"evt_i","n":' + b"9" * 5000 + b"}", id="5000-digit-int"),
+    ],
+)
+async def test_a_signed_body_a_reader_would_refuse_gets_400_and_is_not_stored(
+        tmp_path: Path, body: bytes) -> None:
+    """Findings 1-3: correctly signed, but unreadable by reconcile: 400 (never 200 or 5xx)."""
+    async with sink_running(tmp_path) as (client, path):
+        response = await client.post("/webhooks/cobalt", content=body, headers=signed(body))
+        assert response.status_code == 400
+        assert (await client.get("/healthz")).status_code == 200
+    assert path.read_bytes() == b""
+
+
+async def test_a_pretty_printed_body_is_stored_as_one_line_a_reader_reads(tmp_path: Path
+                                                                          ) -> None:
+    """Newlines between tokens: the line stored is the same event, compact, and reads back."""
+    body = json.dumps(event(), indent=2, ensure_ascii=False).encode()
+    async with sink_running(tmp_path) as (client, path):
+        assert await post(client, body, signed(body)) == 200
+    assert path.read_bytes() == compact(event()) + b"\n"
+    assert [e for _, e in read_sink(path)] == [event()]
+
+
 async def test_every_event_type_is_stored(tmp_path: Path) -> None:
     """The endpoint receives all of the account's events; all are kept for reconcile to sort."""
     async with sink_running(tmp_path) as (client, path):
@@ -155,6 +197,29 @@ async def test_a_failed_fsync_never_gets_a_2xx(tmp_path: Path) -> None:
         other = compact(event(2))
         assert await post(client, other, signed(other)) == 503
         assert (await client.get("/healthz")).status_code == 503
+
+
+async def test_after_failed_fsyncs_the_sink_heals_and_the_file_holds_whole_lines(
+        tmp_path: Path) -> None:
+    """An I/O error on the batch and on the cut-back: 503 until the device works, then 200."""
+    failing = {"on": False}
+
+    def flaky_fsync(fd: int) -> None:
+        if failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
+
+    bodies = [compact(event(n)) for n in range(3)]
+    async with sink_running(tmp_path, fsync=flaky_fsync) as (client, path):
+        assert await post(client, bodies[0], signed(bodies[0])) == 200
+        failing["on"] = True
+        assert await post(client, bodies[1], signed(bodies[1])) == 503
+        assert (await client.get("/healthz")).status_code == 503
+        failing["on"] = False
+        assert (await client.get("/healthz")).status_code == 200
+        assert await post(client, bodies[2], signed(bodies[2])) == 200
+        assert await post(client, bodies[1], signed(bodies[1])) == 200  # Cobalt's retry
+    assert path.read_bytes() == bodies[0] + b"\n" + bodies[2] + b"\n" + bodies[1] + b"\n"
 
 
 async def test_200_concurrent_deliveries_are_200_intact_lines(tmp_path: Path) -> None:
@@ -213,12 +278,34 @@ def test_a_torn_tail_is_moved_aside_and_the_next_line_starts_fresh(tmp_path: Pat
     assert path.with_name("webhooks.jsonl.torn").read_bytes() == b'{"id": "evt_torn", "typ\n'
 
 
-def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path: Path) -> None:
-    """Corruption that is not a torn tail is not skipped silently."""
+def test_a_bad_line_in_the_middle_is_skipped_with_a_warning_naming_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Corruption that is not a torn tail is skipped loudly (line, byte, code), never fatal."""
     path = tmp_path / "w.jsonl"
     path.write_bytes(compact(event(1)) + b"\nGARBAGE\n" + compact(event(2)) + b"\n")
-    with pytest.raises(StateError, match=r"w.jsonl line 2: not a JSON event"):
-        list(read_sink(path))
+    assert [e["id"] for _, e in read_sink(path)] == [event(1)["id"], event(2)["id"]]
+    assert f"w.jsonl line 2 (byte {len(compact(event(1))) + 1}): not-json" in caplog.text
+
+
+def test_the_torn_side_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    """Finding 9 (sink half): the .torn fragment may hold note text, so it is private."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(compact(event(1)) + b"\n" + b'{"id": "evt_torn", "data": {"note": "Pat')
+    old = os.umask(0o022)
+    try:
+        SinkFile(path).open()
+        torn = path.with_name("webhooks.jsonl.torn")
+        assert torn.read_bytes() == b'{"id": "evt_torn", "data": {"note": "Pat\n'
+        assert oct(torn.stat().st_mode & 0o777) == "0o600"
+        torn.chmod(0o644)  # as an older version left it
+        with path.open("ab") as fh:
+            fh.write(b'{"id": "evt_torn_again"')
+        SinkFile(path).open()
+    finally:
+        os.umask(old)
+    assert oct(torn.stat().st_mode & 0o777) == "0o600"
+    assert torn.read_bytes().endswith(b'{"id": "evt_torn_again"\n')
 
 
 # -- a real sink process ------------------------------------------------------------------------
@@ -315,3 +402,172 @@ def test_every_acknowledged_event_survives_a_sigkill(tmp_path: Path) -> None:
     assert len(acknowledged) >= 150
     stored = {e["id"] for _, e in read_sink(path)}
     assert acknowledged <= stored
+
+
+# -- a full disk heals (finding 4) -------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of our own, so the disk can really be filled and freed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a filler file until the filesystem refuses another byte."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as fh:
+        for _ in range(10_000):  # bounded: 1 MiB / 4 KiB is far fewer writes
+            try:
+                fh.write(b"\0" * 4096)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+        else:
+            raise AssertionError("the disk never filled")
+    return filler
+
+
+async def test_after_a_full_disk_the_sink_stores_again_once_there_is_room(
+        tmp_path: Path, small_disk: Path) -> None:
+    """Finding 4: full -> 503 and an intact file; freed -> healthz 200 and the retry is 200."""
+    first, second = compact(event(1)), compact(event(2, note="n" * 8192))
+    async with sink_running(tmp_path, state=small_disk / "state") as (client, path):
+        assert await post(client, first, signed(first)) == 200
+        filler = fill(small_disk)
+        assert await post(client, second, signed(second)) == 503
+        assert (await client.get("/healthz")).status_code == 503
+        assert path.read_bytes() == first + b"\n"  # a partial line was cut back off
+        filler.unlink()
+        assert (await client.get("/healthz")).status_code == 200
+        assert await post(client, second, signed(second)) == 200  # Cobalt's retry
+    assert path.read_bytes() == first + b"\n" + second + b"\n"
+    assert [e["id"] for _, e in read_sink(path)] == [event(1)["id"], event(2)["id"]]
+
+
+# -- what one client may hold (finding 7) -----------------------------------------------------
+
+
+def port_of(client: httpx.AsyncClient) -> int:
+    return int(client.base_url.port or 80)
+
+
+async def test_a_64_kb_header_is_refused_and_nothing_stored(tmp_path: Path) -> None:
+    """A correctly signed request whose headers exceed max_header_bytes: 431, never 200."""
+    body = compact(event())
+    async with sink_running(tmp_path) as (client, path):
+        headers = {**signed(body), "x-padding": "a" * 64 * 1024}
+        assert await post(client, body, headers) == 431
+    assert path.read_bytes() == b""
+
+
+async def test_an_unfinished_huge_header_is_cut_off_before_it_is_buffered(tmp_path: Path
+                                                                          ) -> None:
+    """A header that never ends: the server closes the connection instead of buffering it."""
+    limits = SinkLimits(request_timeout_s=600)  # only the size limit can end this one
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        closed = False
+        async with stream:
+            await stream.send(b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            with anyio.fail_after(10):
+                try:
+                    for _ in range(64):  # up to 4 MiB, far past the 16 KiB limit
+                        await stream.send(b"a" * 65536)
+                    while True:
+                        await stream.receive()
+                except (anyio.BrokenResourceError, anyio.EndOfStream):
+                    closed = True
+        assert closed
+    assert path.read_bytes() == b""
+
+
+async def test_too_many_header_fields_get_431(tmp_path: Path) -> None:
+    """More header fields than max_headers: 431 Request Header Fields Too Large."""
+    body = compact(event())
+    async with sink_running(tmp_path, limits=SinkLimits(max_headers=20)) as (client, path):
+        headers = {**signed(body), **{f"x-h{i}": "1" for i in range(30)}}
+        assert await post(client, body, headers) == 431
+        assert await post(client, body, signed(body)) == 200
+    assert path.read_bytes() == body + b"\n"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [pytest.param(b"", id="silent"),
+     pytest.param(b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nX-Slow: ", id="slow-headers"),
+     pytest.param(b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+                  id="slow-body")],
+)
+async def test_a_request_not_finished_in_time_loses_its_connection(tmp_path: Path,
+                                                                   sent: bytes) -> None:
+    """Slowloris: a connection that does not complete a request is closed by the server."""
+    limits = SinkLimits(request_timeout_s=0.3)
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        async with stream:
+            if sent:
+                await stream.send(sent)
+            with anyio.fail_after(10):  # a deadline for the server to act, not a measurement
+                answer = b""
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        answer += await stream.receive()
+        assert b"200 OK" not in answer
+        assert await post(client, compact(event()), signed(compact(event()))) == 200
+    assert path.read_bytes() == compact(event()) + b"\n"
+
+
+async def read_until_closed(stream: anyio.abc.ByteStream) -> None:
+    while True:
+        await stream.receive()
+
+
+async def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_request(
+        tmp_path: Path) -> None:
+    """A whole request, its 200, then a second request trickled: the connection is closed."""
+    body = compact(event())
+    head = "".join(f"{k}: {v}\r\n" for k, v in signed(body).items())
+    whole = (f"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+             f"{head}\r\n").encode() + body
+    async with sink_running(tmp_path, limits=SinkLimits(request_timeout_s=0.3,
+                                                        keep_alive_s=600)) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        async with stream:
+            await stream.send(whole)
+            with anyio.fail_after(10):
+                answer = await stream.receive()
+                assert answer.startswith(b"HTTP/1.1 200")
+                await stream.send(b"POST /webhooks/cobalt HTTP/1.1\r\nHo")
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await read_until_closed(stream)
+    assert path.read_bytes() == body + b"\n"
+
+
+async def test_past_the_connection_cap_idle_sockets_make_way_for_deliveries(tmp_path: Path
+                                                                           ) -> None:
+    """20 idle sockets against a cap of 8: the oldest are closed and a delivery gets 200."""
+    limits = SinkLimits(max_connections=8, request_timeout_s=600)
+    body = compact(event())
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        idle = [await anyio.connect_tcp("127.0.0.1", port_of(client)) for _ in range(20)]
+        try:
+            assert await post(client, body, signed(body)) == 200
+            with anyio.fail_after(10):
+                for stream in idle[:12]:  # the 12 oldest had to go for the cap to hold
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await stream.receive()
+        finally:
+            for stream in idle:
+                await stream.aclose()
+    assert path.read_bytes() == body + b"\n"
