@@ -30,7 +30,7 @@ from pipeline.events import (
     set_aside_path,
 )
 from pipeline.ledger import Ledger
-from pipeline.poll import Poller
+from pipeline.poll import Poller, read_list_item
 from pipeline.reconcile import Reconciler
 
 GOOD = {"id": "evt_1", "type": "task_note.failed", "job_id": "1",
@@ -247,8 +247,8 @@ def test_poll_does_not_store_a_polled_event_a_reader_would_refuse(tmp_path: Path
     async def take() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(sink.run)
-            await poller._take(item, {"7", "8"}, found)
-            await poller._take(good, {"7", "8"}, found)
+            await poller._take(read_list_item(item), {"7", "8"}, found)
+            await poller._take(read_list_item(good), {"7", "8"}, found)
             sink.stop()
 
     anyio.run(take)
