@@ -27,6 +27,7 @@ import json
 import os
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,15 @@ def utcnow() -> str:
 
 
 def row_key(account: str, emr_task_id: str, note: str) -> bytes:
-    """The ledger key of a note: the same note for the same task on the same account."""
-    return hashlib.sha256(f"{account}\x1f{emr_task_id}\x1f{note}".encode()).digest()
+    """The ledger key of a note: the same note for the same task on the same account.
+
+    Task id and note are compared in Unicode NFC (UAX #15), so ``é`` as one code
+    point and as ``e`` + U+0301 give one key: the same visible note never lands twice.
+    """
+    text = f"{account}\x1f{emr_task_id}\x1f{note}"
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return hashlib.sha256(text.encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ import anyio.lowlevel
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
+from pipeline.errors import PipelineError
 from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
 from pipeline.source import CsvFile, Header, expand_inputs
@@ -75,6 +76,35 @@ class ScanCounts:
     blank: int = 0
     truncated_at: tuple[str, int] | None = None
     problems: ProblemTally = field(default_factory=ProblemTally)
+    files: list[FileCounts] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FileCounts:
+    """Every physical record of one file after its header, and where it went.
+
+    ``to_send + rejected + skipped + blank + beyond_limit == records`` once the
+    file is read (``accounted``); ``skipped`` holds duplicates, rows an earlier
+    run sent and rows held because an earlier attempt may have landed.
+    """
+
+    path: str
+    records: int = 0
+    to_send: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    blank: int = 0
+    beyond_limit: int = 0
+
+    @property
+    def accounted(self) -> bool:
+        return (self.to_send + self.rejected + self.skipped + self.blank
+                + self.beyond_limit) == self.records
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "records": self.records, "to_send": self.to_send,
+                "rejected": self.rejected, "skipped": self.skipped, "blank": self.blank,
+                "beyond_limit": self.beyond_limit, "accounted": self.accounted}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +182,7 @@ class _Scan:
         self._account = config.api.account_id()
         self.validator = Validator(config.input, config.validation)
         self.counts = ScanCounts()
+        self._beyond_limit_in_batch = 0
 
     def run(self) -> ScanCounts:
         for file_no, path in enumerate(self._inputs.paths):
@@ -165,6 +196,8 @@ class _Scan:
     def _scan_file(self, file_no: int, path: Path) -> bool:
         with CsvFile(path, self._config.input, file_no=file_no) as f:
             complete = True
+            before = self._snapshot()
+            blank_rows = self.validator.blank_rows
             for raw in f.batches():
                 if self._control is not None and self._control.stopped:
                     return False
@@ -172,10 +205,32 @@ class _Scan:
                 complete = self._take(batch, str(path))
                 if not complete:
                     break
+            beyond = 0
+            if not complete:  # --limit: count (and check) the rest, so every record is told
+                records, blank = f.records, f.blank_lines
+                for _ in f.batches():
+                    pass
+                beyond = (f.records - records) - (f.blank_lines - blank)
+                beyond += self._beyond_limit_in_batch
+            f.check_structure()
             self.counts.blank += f.blank_lines
+            self._file_counts(str(path), f, before, self.validator.blank_rows - blank_rows,
+                              beyond)
             self._recorder.add_file(self._run_id, file_no, str(path), f.header.names,
                                     sha256=f.sha256, size=f.size)
         return complete
+
+    def _snapshot(self) -> tuple[int, int, int]:
+        c = self.counts
+        return c.to_send, c.rejected, c.duplicates + c.already_sent + c.held
+
+    def _file_counts(self, path: str, f: CsvFile, before: tuple[int, int, int],
+                     blank_rows: int, beyond: int) -> None:
+        after = self._snapshot()
+        self.counts.files.append(FileCounts(
+            path, records=f.records, to_send=after[0] - before[0],
+            rejected=after[1] - before[1], skipped=after[2] - before[2],
+            blank=f.blank_lines + blank_rows, beyond_limit=beyond))
 
     def _take(self, batch: CheckedBatch, name: str) -> bool:
         """Classify and record one batch; False once --limit rows are to be sent."""
@@ -192,6 +247,7 @@ class _Scan:
             row = self._classify(batch, i, key_of.get(i), earlier)
             if row.status == "pending" and self._limit_reached():
                 self.counts.truncated_at = (name, batch.lines[i])
+                self._beyond_limit_in_batch = len(batch) - i
                 break
             rows.append(row)
             self._count(row.status)
@@ -207,6 +263,7 @@ class _Scan:
         if room is not None and len(sendable) > room:
             cut = sendable[room]  # the first row beyond --limit: reading stops before it
             c.truncated_at = (name, batch.lines[cut])
+            self._beyond_limit_in_batch = len(batch) - cut
             sendable = sendable[:room]
             rejected = sum(1 for i in batch.problems if i < cut)
             c.duplicates += sum(1 for i in batch.duplicate_of if i < cut
@@ -371,7 +428,14 @@ class Run:
         if self.options.dry_run:
             return self._dry_run(inputs)
         self.config.api.credentials()  # a missing secret stops us before the ledger is touched
-        return anyio.run(self._run, inputs, backend_options=self.config.submit.backend_options())
+        try:
+            return anyio.run(self._run, inputs,
+                             backend_options=self.config.submit.backend_options())
+        except BaseExceptionGroup as group:  # the API raises the package's own errors
+            inner = _pipeline_error(group)
+            if inner is None:
+                raise
+            raise inner from None
 
     def _dry_run(self, inputs: _Inputs) -> RunOutcome:
         """Scan only: earlier runs are read from the ledger (if there is one), nothing written."""
@@ -469,6 +533,7 @@ class Run:
             "send": ({"requests": stats.requests, "retries": stats.retries,
                       "ledger_commits": stats.commits} if stats is not None else {}),
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
+            "input_records": [f.as_dict() for f in counts.files],
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
         })
         from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
@@ -479,6 +544,18 @@ class Run:
         code = 3 if reason else written.exit_code
         return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
+
+
+def _pipeline_error(group: BaseExceptionGroup[Any]) -> PipelineError | None:
+    """The first PipelineError inside task-group wrappers (e.g. InputError from the scan)."""
+    for inner in group.exceptions:
+        if isinstance(inner, PipelineError):
+            return inner
+        if isinstance(inner, BaseExceptionGroup):
+            found = _pipeline_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _log_scan(c: ScanCounts) -> None:
