@@ -486,6 +486,9 @@ class Run:
         try:
             with self._timer("scan"):
                 counts = await anyio.to_thread.run_sync(scan.run)
+        except PipelineError as exc:  # e.g. a file's quoting is broken: nothing is sent
+            ledger.finish_run(self.run_id, "aborted", {"stop_reason": f"input refused: {exc}"})
+            raise
         finally:
             rejects.close()
         _log_scan(counts)

@@ -140,6 +140,9 @@ class Validator:
         fullmatch, limit = self._fullmatch, self._rules.max_note_chars
         unescape = self._settings.unescape_newlines
         header_task = clean_name(header.names[task_col])
+        # A cell ending with a quote may be a field whose opening quote was lost: the note is
+        # tested below, the task id by the pattern (unless it allows quotes), others here.
+        every_cell = width > 2 or '"' in self._rules.emr_task_id_pattern
         add_line, add_task, add_note = out.lines.append, out.task_ids.append, out.notes.append
         add_pass, add_cells = out.passthrough.append, out.cells.append
         for i, (line, cells) in enumerate(zip(batch.lines, batch.rows, strict=True)):
@@ -148,7 +151,8 @@ class Validator:
                 note = cells[note_col].strip()
                 if (task_id and note and len(note) <= limit and fullmatch(task_id)
                         and note[-1] != '"' and task_id != header_task
-                        and not (unescape and "\\n" in note)):
+                        and not (unescape and "\\n" in note)
+                        and not (every_cell and _quote_ended(cells))):
                     if not note.isascii():
                         note = _nfc("NFC", note)
                         if len(note) > limit:
@@ -172,7 +176,7 @@ class Validator:
         if not any(c.strip() for c in cells):
             self.blank_rows += 1
             return
-        if batch.source is not None and any(c[-1:] == '"' for c in cells):
+        if batch.source is not None and _quote_ended(cells):
             end = batch.lines[i + 1] - 1 if i + 1 < len(batch.lines) else batch.source.lines_read
             batch.source.check_quote_end(line, end)
         readable = cells[header.task_col].strip() if len(cells) > header.task_col else ""
@@ -263,6 +267,10 @@ class Validator:
         where = "" if first[0] == out.file_no else f" of {self._file_names.get(first[0], '?')}"
         out.problems[i] = (Problem.of("duplicate-row", line=first[1], where=where),)
         out.duplicate_of[i] = first
+
+
+def _quote_ended(cells: list[str]) -> bool:
+    return any(c[-1:] == '"' for c in cells)
 
 
 def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:

@@ -188,3 +188,55 @@ def test_checksum_covers_every_byte(data: Path) -> None:
             pass
         assert f.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
         assert f.size == path.stat().st_size
+
+
+def test_a_unicode_line_separator_inside_a_note_is_not_a_line_break(tmp_path: Path) -> None:
+    """U+2028, U+0085, VT and FF are text to the csv tokenizer, not line ends: the rows and
+    their line numbers stay as written."""
+    path = tmp_path / "seps.csv"
+    path.write_text("emr_task_id,note\nT1,a\u2028b\nT2,c\x85d\nT3,e\x0bf\nT4,g\x0ch\n",
+                    encoding="utf-8", newline="")
+    lines, rows, _ = read(path)
+    assert lines == [2, 3, 4, 5]
+    assert [r[1] for r in rows] == ["a\u2028b", "c\x85d", "e\x0bf", "g\x0ch"]
+
+
+def test_a_lone_cr_ends_a_line_and_lives_inside_a_quoted_field(tmp_path: Path) -> None:
+    """Old Mac files end lines with CR alone; inside quotes a CR is part of the note."""
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b'emr_task_id,note\rT1,one\rT2,"two\rlines"\rT3,three\r')
+    lines, rows, careful = read(path)
+    assert lines == [2, 3, 5]
+    assert rows == [["T1", "one"], ["T2", "two\rlines"], ["T3", "three"]]
+    assert careful == [1]
+
+
+def test_a_quoted_field_ending_with_a_doubled_quote_is_fine(tmp_path: Path) -> None:
+    """A quoted note ending with a doubled quote is read with its quote, no finding."""
+    path = tmp_path / "ok.csv"
+    path.write_text('emr_task_id,note\nT1,"wound 5"""\n')
+    assert read(path)[1] == [["T1", 'wound 5"']]
+
+
+def test_findings_are_all_listed_with_their_lines(tmp_path: Path) -> None:
+    """Several broken rows: the first is described, the others' lines are named, and the
+    rows between them are read on (one pass fixes the file)."""
+    path = tmp_path / "many.csv"
+    path.write_text('emr_task_id,note\nT1,"a "b" c"\nT2,fine\nT3,"d"e\nT4,"never closed\n')
+    with pytest.raises(InputError) as caught:
+        read(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} line 2: stray-quote: text follows the closing quote")
+    assert "(also line 4 stray-quote, line 5 unclosed-quote)" in message
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-8"])
+def test_a_byte_order_mark_decides_the_encoding(tmp_path: Path, codec: str) -> None:
+    """A BOM is honoured whatever input.encoding says (here cp1252), and is not in the header."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffemr_task_id,note\r\nT1,Zoë — 患者\r\n".encode(codec))
+    with CsvFile(path, InputConfig(encoding="cp1252")) as f:
+        assert f.bom == codec
+        assert f.header.names == ("emr_task_id", "note")
+        rows = [r for b in f.batches() for r in b.rows]
+    assert rows == [["T1", "Zoë — 患者"]]

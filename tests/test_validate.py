@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import InputConfig, ValidationConfig
+from pipeline.errors import InputError
 from pipeline.source import CsvFile
 from pipeline.validate import TEMPLATES, CheckedBatch, DuplicateIndex, Validator
 
@@ -142,6 +143,25 @@ def test_duplicates_are_found_across_files_and_batches(tmp_path: Path) -> None:
                 for i, ps in b.problems.items() for p in ps]
     assert messages == [(1, 2, "same emr_task_id and note as line 11 of one.csv"),
                         (1, 3, "same emr_task_id and note as line 5 of one.csv")]
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        pytest.param('emr_task_id,note,clinic\nT1,a,North\nT2,b,South"\n', 3, id="third-column"),
+        pytest.param('emr_task_id,note\nT1,"first line\nsecond line"\nT2,ok\n'
+                     'T3,lost opening\nquote"\n', 6, id="lost-opening-quote"),
+        pytest.param('emr_task_id,note\nT1",a\n', 2, id="task-id"),
+    ],
+)
+def test_an_unquoted_field_ending_with_a_quote_stops_the_read(
+        tmp_path: Path, content: str, line: int) -> None:
+    """A cell that ends with a quote it did not open, in any column, is a stray-quote
+    finding: its opening quote was likely lost, so the row before may be cut short."""
+    path = tmp_path / "in.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=rf"in.csv line {line}: stray-quote: an unquoted field"):
+        check(path, {"passthrough": ["clinic"]} if "clinic" in content else None)
 
 
 class _SmallRuns(DuplicateIndex):
