@@ -140,6 +140,7 @@ class Validator:
         fullmatch, limit = self._fullmatch, self._rules.max_note_chars
         unescape = self._settings.unescape_newlines
         header_task = clean_name(header.names[task_col])
+        source = batch.source
         # A cell ending with a quote may be a field whose opening quote was lost: the note is
         # tested below, the task id by the pattern (unless it allows quotes), others here.
         every_cell = width > 2 or '"' in self._rules.emr_task_id_pattern
@@ -150,9 +151,10 @@ class Validator:
                 task_id = cells[task_col].strip()
                 note = cells[note_col].strip()
                 if (task_id and note and len(note) <= limit and fullmatch(task_id)
-                        and note[-1] != '"' and task_id != header_task
-                        and not (unescape and "\\n" in note)
+                        and task_id != header_task and not (unescape and "\\n" in note)
                         and not (every_cell and _quote_ended(cells))):
+                    if note[-1] == '"' and source is not None and cells[note_col][-1] == '"':
+                        source.check_quote_end(line, line)  # a plain record: one line
                     if not note.isascii():
                         note = _nfc("NFC", note)
                         if len(note) > limit:
@@ -185,7 +187,7 @@ class Validator:
             self._append_reject(out, line, cells, _nfc("NFC", readable), problems=(problem,),
                                 passthrough=())
             return
-        if (clean_name(readable) == header.clean_names[header.task_col]
+        if (clean_name(readable) == clean_name(header.names[header.task_col])
                 and tuple(clean_name(c) for c in cells) == header.clean_names):
             self._append_reject(out, line, cells, readable,
                                 problems=(Problem.of("repeated-header"),), passthrough=())

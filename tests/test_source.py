@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pipeline import source
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.source import CsvFile, expand_inputs
@@ -240,3 +245,37 @@ def test_a_byte_order_mark_decides_the_encoding(tmp_path: Path, codec: str) -> N
         assert f.header.names == ("emr_task_id", "note")
         rows = [r for b in f.batches() for r in b.rows]
     assert rows == [["T1", "Zoë — 患者"]]
+
+
+_CELL = st.lists(st.sampled_from(["a", "é", "患", "🙂", ",", '"', "\r", "\n", "\r\n", "\u2028",
+                                  "\x85", "\x0b", " "]), max_size=8).map("".join)
+
+
+@given(rows=st.lists(st.tuples(_CELL, _CELL), max_size=8),
+       terminator=st.sampled_from(["\r\n", "\n", "\r"]), read_size=st.sampled_from([1, 2, 3, 7]))
+@settings(max_examples=150, deadline=None)
+def test_reads_cut_anywhere_give_the_same_records_and_lines(
+        rows: list[tuple[str, str]], terminator: str, read_size: int) -> None:
+    """Whatever byte a read ends on (inside a CRLF, a multi-byte character, a long line),
+    the records and their start lines are those of the csv module reading the whole text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=terminator)
+    writer.writerow(["emr_task_id", "note"])
+    writer.writerows(rows)
+    text = buffer.getvalue()
+    reference = csv.reader(io.StringIO(text, newline=""), strict=True)
+    expected, prev = [], 0
+    for record in reference:
+        if record:
+            expected.append((prev + 1, record))
+        prev = reference.line_num
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.csv"
+        path.write_bytes(text.encode("utf-8"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(source, "READ_SIZE", read_size)
+            with CsvFile(path, InputConfig()) as f:
+                got = [(f.header.line, list(f.header.names))]
+                got += [(line, row) for b in f.batches(size=2)
+                        for line, row in zip(b.lines, b.rows, strict=True)]
+    assert got == expected
