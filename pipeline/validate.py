@@ -151,7 +151,7 @@ class Validator:
                 task_id = cells[task_col].strip()
                 note = cells[note_col].strip()
                 if (task_id and note and len(note) <= limit and fullmatch(task_id)
-                        and task_id != header_task and not (unescape and "\\n" in note)
+                        and not (unescape and "\\n" in note)
                         and not (every_cell and _quote_ended(cells))):
                     if note[-1] == '"' and source is not None and cells[note_col][-1] == '"':
                         source.check_quote_end(line, line)  # a plain record: one line
@@ -169,6 +169,10 @@ class Validator:
                     add_cells(cells)
                     continue
             self._careful_row(out, batch, i, header)
+        # Rare: two scans of the batch instead of a test per row. (A header repeated from a
+        # second export may still carry that export's byte-order mark.)
+        if header_task in out.task_ids or "\ufeff" + header_task in out.task_ids:
+            self._repeated_headers(out, header, header_task)
         if self._rules.duplicates != "allow":
             self._mark_duplicates(out)
         return out
@@ -187,11 +191,6 @@ class Validator:
             self._append_reject(out, line, cells, _nfc("NFC", readable), problems=(problem,),
                                 passthrough=())
             return
-        if (clean_name(readable) == clean_name(header.names[header.task_col])
-                and tuple(clean_name(c) for c in cells) == header.clean_names):
-            self._append_reject(out, line, cells, readable,
-                                problems=(Problem.of("repeated-header"),), passthrough=())
-            return
         task_id = _nfc("NFC", readable)
         note = self._normalise(cells[header.note_col])
         passthrough = tuple(cells[c] for c in header.passthrough_cols)
@@ -205,6 +204,16 @@ class Validator:
         out.notes.append(note.strip())
         out.passthrough.append(passthrough)
         out.cells.append(cells)
+
+    def _repeated_headers(self, out: CheckedBatch, header: Header, task: str) -> None:
+        """Valid rows equal to the header become ``repeated-header`` rejects."""
+        names = header.clean_names
+        for i, value in enumerate(out.task_ids):
+            if (clean_name(value) == task
+                    and tuple(clean_name(c) for c in out.cells[i]) == names):
+                out.notes[i] = ""
+                out.passthrough[i] = ()
+                out.problems[i] = (Problem.of("repeated-header"),)
 
     def _normalise(self, note: str) -> str:
         if "\r" in note:

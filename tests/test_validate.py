@@ -164,6 +164,24 @@ def test_an_unquoted_field_ending_with_a_quote_stops_the_read(
         check(path, {"passthrough": ["clinic"]} if "clinic" in content else None)
 
 
+@pytest.mark.parametrize(
+    "repeat",
+    [
+        pytest.param("emr_task_id,note", id="plain"),
+        pytest.param(" emr_task_id , note ", id="spaces"),
+        pytest.param("\ufeffemr_task_id,note", id="with-its-bom"),
+        pytest.param('"emr_task_id","note"', id="quoted"),
+    ],
+)
+def test_a_repeated_header_is_rejected(tmp_path: Path, repeat: str) -> None:
+    """Two exports joined: the second header, however written, is repeated-header."""
+    path = tmp_path / "joined.csv"
+    path.write_text(f"emr_task_id,note\nT1,a\n{repeat}\nT2,b\n", encoding="utf-8")
+    rows = rows_of(check(path))
+    assert [(line, reasons) for line, _, _, reasons in rows] == [
+        (2, ""), (3, "repeated-header"), (4, "")]
+
+
 class _SmallRuns(DuplicateIndex):
     RUN_CAP = 128  # so that this test also fills runs that are then left alone
 
