@@ -242,6 +242,8 @@ class _Scan:
         keys = [row_key(self._account, batch.task_ids[i], batch.notes[i]) for i in sendable]
         earlier = self._lookup.earlier(self._run_id, keys) if self._lookup is not None else {}
         key_of = dict(zip(sendable, keys, strict=True))
+        if batch.as_written and self._lookup is not None:
+            self._earlier_as_written(batch, key_of, earlier)
         rows: list[NewRow] = []
         for i in range(len(batch)):
             row = self._classify(batch, i, key_of.get(i), earlier)
@@ -253,6 +255,18 @@ class _Scan:
             self._count(row.status)
         self._recorder.add_rows(self._run_id, rows)
         return self.counts.truncated_at is None
+
+    def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
+                            earlier: dict[bytes, Earlier]) -> None:
+        """Rows NFC changed: also look up the key a version before NFC gave them, so a note
+        it sent is not sent again in its other form."""
+        assert self._lookup is not None
+        old = {i: row_key(self._account, task, note, nfc=False)
+               for i, (task, note) in batch.as_written.items() if i in key_of}
+        found = self._lookup.earlier(self._run_id, list(old.values()))
+        for i, key in old.items():
+            if key in found and key_of[i] not in earlier:
+                earlier[key_of[i]] = found[key]
 
     def _count_only(self, batch: CheckedBatch, name: str) -> bool:
         """A dry run with no ledger to consult: the counts, without a key or row object per row."""

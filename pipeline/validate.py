@@ -84,6 +84,9 @@ class CheckedBatch:
     cells: list[list[str]] = field(default_factory=list)
     problems: dict[int, tuple[Problem, ...]] = field(default_factory=dict)
     duplicate_of: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Valid rows that NFC changed: (task id, note) as written, which is how versions before
+    # NFC keyed them in the ledger, so a note they sent is still found (runner.py).
+    as_written: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -155,13 +158,14 @@ class Validator:
                         and not (every_cell and _quote_ended(cells))):
                     if note[-1] == '"' and source is not None and cells[note_col][-1] == '"':
                         source.check_quote_end(line, line)  # a plain record: one line
-                    if not note.isascii():
-                        note = _nfc("NFC", note)
+                    if not (note.isascii() and task_id.isascii()):
+                        written = (task_id, note)
+                        task_id, note = _nfc("NFC", task_id), _nfc("NFC", note)
                         if len(note) > limit:
                             self._careful_row(out, batch, i, header)
                             continue
-                    if not task_id.isascii():
-                        task_id = _nfc("NFC", task_id)
+                        if written != (task_id, note):
+                            out.as_written[len(out.lines)] = written
                     add_line(line)
                     add_task(task_id)
                     add_note(note)
@@ -192,13 +196,16 @@ class Validator:
                                 passthrough=())
             return
         task_id = _nfc("NFC", readable)
-        note = self._normalise(cells[header.note_col])
+        written = self._normalise(cells[header.note_col])
+        note = _nfc("NFC", written)
         passthrough = tuple(cells[c] for c in header.passthrough_cols)
         problems = self._problems(task_id, note, cells)
         if problems:
             self._append_reject(out, line, cells, task_id, problems=problems,
                                 passthrough=passthrough)
             return
+        if (readable, written) != (task_id, note):
+            out.as_written[len(out.lines)] = (readable, written.strip())
         out.lines.append(line)
         out.task_ids.append(task_id)
         out.notes.append(note.strip())
@@ -216,11 +223,12 @@ class Validator:
                 out.problems[i] = (Problem.of("repeated-header"),)
 
     def _normalise(self, note: str) -> str:
+        """Line breaks as LF (and ``\\n`` if asked); NFC is applied by the caller."""
         if "\r" in note:
             note = note.replace("\r\n", "\n").replace("\r", "\n")
         if self._settings.unescape_newlines:
             note = note.replace("\\n", "\n")
-        return _nfc("NFC", note)
+        return note
 
     @staticmethod
     def _append_reject(

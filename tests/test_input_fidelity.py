@@ -8,6 +8,7 @@ rejected with which code, and the exit code.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import subprocess
@@ -30,8 +31,9 @@ from helpers import (
     write_config,
 )
 from pipeline.errors import InputError
-from pipeline.ledger import row_key
+from pipeline.ledger import Ledger, NewRow, row_key
 from pipeline.runner import RunOutcome
+from pipeline.submit import Attempt
 
 
 def tasknotes(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -196,6 +198,30 @@ def test_4_the_ledger_key_is_the_same_for_both_forms() -> None:
     nfd = unicodedata.normalize("NFD", nfc)
     assert row_key("acct", "T-1", nfd) == row_key("acct", "T-1", nfc)
     assert row_key("acct", "T-1", nfc) != row_key("acct", "T-1", nfc + ".")
+
+
+def test_4_a_note_sent_in_nfd_before_nfc_keys_is_not_sent_again(
+        tmp_path: Path, server: EmulatorThread) -> None:
+    """A ledger row written by a version before NFC keys (key of the NFD text, accepted):
+    the same NFD row now finds it, as skipped_already_sent, and nothing is stored."""
+    nfd = unicodedata.normalize("NFD", "Pt likes crème brûlée")
+    config = make_config(tmp_path, api={"base_url": server.url})
+    config.state.ledger.parent.mkdir(parents=True)
+    ledger = Ledger(config.state.ledger)
+    ledger.start_run("old", "test_clinic", "fp", {})
+    before_nfc = hashlib.sha256(f"test_clinic\x1fT-1150\x1f{nfd}".encode()).digest()
+    ledger.add_rows("old", [NewRow(0, 2, "T-1150", before_nfc, "pending")])
+    row_id = int(ledger.frame("old")["id"].max())
+    ledger.apply([row_id], [])
+    ledger.apply([], [Attempt(row_id, "accepted", 200, "tn_1", "41", None, None)])
+    ledger.close()
+    before = stored_total(server)
+    (tmp_path / "input.csv").write_text(f"emr_task_id,note\nT-1150,{nfd}\n", encoding="utf-8")
+    outcome = run_pipeline(config)
+    assert outcome.report is not None
+    assert [r["final_status"] for r in read_results(outcome.report.directory)] == [
+        "skipped_already_sent"]
+    assert stored_total(server) == before
 
 
 # -- 5, 6: encodings ----------------------------------------------------------------------------
