@@ -57,6 +57,8 @@ class InputConfig(_Section):
     passthrough: tuple[str, ...] = ()
     unescape_newlines: bool = False
     on_bad_encoding: Literal["stop", "reject"] = "stop"
+    # A single-byte code page is declared but the bytes are valid UTF-8: read as declared anyway.
+    force_encoding: bool = False
 
     @field_validator("encoding")
     @classmethod
@@ -65,7 +67,7 @@ class InputConfig(_Section):
             info = codecs.lookup(value)
         except LookupError:
             raise ValueError(f"unknown encoding {value!r}") from None
-        if "\n".encode(info.name) != b"\n":
+        if "\n".encode(info.name) != b"\n" and not info.name.startswith(("utf-16", "utf-32")):
             raise ValueError(f"{value!r} is not ASCII-compatible; re-save the file as UTF-8")
         return value
 

@@ -37,6 +37,7 @@ import os
 import sqlite3
 import stat
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +177,17 @@ def utcnow() -> str:
     return f"{text}.{int((now - second) * 1000):03d}Z"
 
 
-def row_key(account: str, emr_task_id: str, note: str) -> bytes:
-    """The ledger key of a note: the same note for the same task on the same account."""
-    return hashlib.sha256(f"{account}\x1f{emr_task_id}\x1f{note}".encode()).digest()
+def row_key(account: str, emr_task_id: str, note: str, *, nfc: bool = True) -> bytes:
+    """The ledger key of a note: the same note for the same task on the same account.
+
+    Task id and note are compared in Unicode NFC (UAX #15), so ``é`` as one code
+    point and as ``e`` + U+0301 give one key: the same visible note never lands twice.
+    ``nfc=False`` gives the key versions before that gave a note not written in NFC.
+    """
+    text = f"{account}\x1f{emr_task_id}\x1f{note}"
+    if nfc and not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return hashlib.sha256(text.encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)

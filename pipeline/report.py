@@ -376,6 +376,8 @@ def summarise(
                    for f in result.files],
         "rows": tally.rows,
         "blank_rows_skipped": info.get("blank_rows", 0),
+        # Per input file: to_send + rejected + skipped + blank + beyond_limit == records.
+        "input_records": info.get("input_records", []),
         "final_status": counts,
         "ended_well": int(sum(counts[s] for s in ENDED_WELL)),
         "awaiting": awaiting,

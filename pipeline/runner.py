@@ -84,6 +84,35 @@ class ScanCounts:
     unread: int = 0  # records left unread after --limit (at least this many if not exact)
     unread_exact: bool = True
     problems: ProblemTally = field(default_factory=ProblemTally)
+    files: list[FileCounts] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FileCounts:
+    """Every physical record of one file after its header, and where it went.
+
+    ``to_send + rejected + skipped + blank + beyond_limit == records`` once the
+    file is read (``accounted``); ``skipped`` holds duplicates, rows an earlier
+    run sent and rows held because an earlier attempt may have landed.
+    """
+
+    path: str
+    records: int = 0
+    to_send: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    blank: int = 0
+    beyond_limit: int = 0
+
+    @property
+    def accounted(self) -> bool:
+        return (self.to_send + self.rejected + self.skipped + self.blank
+                + self.beyond_limit) == self.records
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "records": self.records, "to_send": self.to_send,
+                "rejected": self.rejected, "skipped": self.skipped, "blank": self.blank,
+                "beyond_limit": self.beyond_limit, "accounted": self.accounted}
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +197,20 @@ class _Scan:
         for file_no, path in enumerate(self._inputs.paths):
             if not self._scan_file(file_no, path):
                 if self.counts.truncated_at is not None:
-                    for later, rest in enumerate(self._inputs.paths[file_no + 1:], file_no + 1):
-                        with CsvFile(rest, self._config.input, file_no=later) as f:
-                            self._count_unread(f.batches())
+                    self._count_later_files(file_no + 1)
                 break
         self.counts.blank += self.validator.blank_rows
         return self.counts
+
+    def _count_later_files(self, start: int) -> None:
+        """The files after the --limit cut: counted as unread, record by record."""
+        for file_no, path in enumerate(self._inputs.paths[start:], start):
+            with CsvFile(path, self._config.input, file_no=file_no) as f:
+                unread = self.counts.unread
+                self._count_unread(f.batches())
+                self.counts.files.append(FileCounts(
+                    str(path), records=f.records, blank=f.blank_lines,
+                    beyond_limit=self.counts.unread - unread))
 
     def _count_unread(self, batches: Iterator[RawBatch]) -> None:
         """Count the records --limit left unread (not validated, not in the ledger)."""
@@ -189,6 +226,8 @@ class _Scan:
     def _scan_file(self, file_no: int, path: Path) -> bool:
         with CsvFile(path, self._config.input, file_no=file_no) as f:
             complete = True
+            before = self._snapshot()
+            blank_rows, unread = self.validator.blank_rows, self.counts.unread
             batches = f.batches()
             for raw in batches:
                 if self._control is not None and self._control.stopped:
@@ -199,11 +238,26 @@ class _Scan:
                     break
             blank = f.blank_lines  # the lines read: those counted unread are not skipped
             if self.counts.truncated_at is not None:
-                self._count_unread(batches)
+                self._count_unread(batches)  # reads (so checks) the rest of the file too
+            f.check_structure()
             self.counts.blank += blank
+            self._file_counts(str(path), f, before, self.validator.blank_rows - blank_rows,
+                              self.counts.unread - unread)
             self._recorder.add_file(self._run_id, file_no, str(path), f.header.names,
                                     sha256=f.sha256, size=f.size)
         return complete
+
+    def _snapshot(self) -> tuple[int, int, int]:
+        c = self.counts
+        return c.to_send, c.rejected, c.duplicates + c.already_sent + c.held
+
+    def _file_counts(self, path: str, f: CsvFile, before: tuple[int, int, int],
+                     blank_rows: int, beyond: int) -> None:
+        after = self._snapshot()
+        self.counts.files.append(FileCounts(
+            path, records=f.records, to_send=after[0] - before[0],
+            rejected=after[1] - before[1], skipped=after[2] - before[2],
+            blank=f.blank_lines + blank_rows, beyond_limit=beyond))
 
     def _take(self, batch: CheckedBatch, name: str) -> bool:
         """Classify and record one batch; False once --limit rows are to be sent.
@@ -226,6 +280,8 @@ class _Scan:
         keys = [row_key(self._account, batch.task_ids[i], batch.notes[i]) for i in sendable]
         earlier = self._lookup.earlier(self._run_id, keys) if self._lookup is not None else {}
         key_of = dict(zip(sendable, keys, strict=True))
+        if batch.as_written and self._lookup is not None:
+            self._earlier_as_written(batch, key_of, earlier)
         rows: list[NewRow] = []
         for i in range(len(batch)):
             row = self._classify(batch, i, key_of.get(i), earlier)
@@ -237,6 +293,18 @@ class _Scan:
             self._count(row.status)
         self._recorder.add_rows(self._run_id, rows)
         return self.counts.truncated_at is None
+
+    def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
+                            earlier: dict[bytes, Earlier]) -> None:
+        """Rows NFC changed: also look up the key a version before NFC gave them, so a note
+        it sent is not sent again in its other form."""
+        assert self._lookup is not None
+        old = {i: row_key(self._account, task, note, nfc=False)
+               for i, (task, note) in batch.as_written.items() if i in key_of}
+        found = self._lookup.earlier(self._run_id, list(old.values()))
+        for i, key in old.items():
+            if key in found and key_of[i] not in earlier:
+                earlier[key_of[i]] = found[key]
 
     def _count_only(self, batch: CheckedBatch, name: str) -> bool:
         """A dry run with no ledger to consult: the counts, without a key or row object per row."""
@@ -414,7 +482,14 @@ class Run:
         inputs = open_inputs(self.config, self.options)
         if self.options.dry_run:
             return self._dry_run(inputs)
-        return anyio.run(self._run, inputs, backend_options=self.config.submit.backend_options())
+        try:
+            return anyio.run(self._run, inputs,
+                             backend_options=self.config.submit.backend_options())
+        except BaseExceptionGroup as group:  # the API raises the package's own errors
+            inner = _pipeline_error(group)
+            if inner is None:
+                raise
+            raise inner from None
 
     def _dry_run(self, inputs: _Inputs) -> RunOutcome:
         """Scan only: earlier runs are read from the ledger (if there is one), nothing written."""
@@ -469,6 +544,9 @@ class Run:
             self.control.storage_full = exc
             self.control.stop(str(exc))
             counts = scan.counts
+        except PipelineError as exc:  # e.g. a file's quoting is broken: nothing is sent
+            ledger.finish_run(self.run_id, "aborted", {"stop_reason": f"input refused: {exc}"})
+            raise
         finally:
             rejects.close()
         _log_scan(counts)
@@ -519,6 +597,7 @@ class Run:
             "send": ({"requests": stats.requests, "retries": stats.retries,
                       "ledger_commits": stats.commits} if stats is not None else {}),
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
+            "input_records": [f.as_dict() for f in counts.files],
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
         }
         from pipeline.report import write_report  # noqa: PLC0415 - see the imports above
@@ -588,6 +667,18 @@ def _head(batch: CheckedBatch, n: int) -> CheckedBatch:
         batch.passthrough[:n], batch.cells[:n],
         {i: p for i, p in batch.problems.items() if i < n},
         {i: d for i, d in batch.duplicate_of.items() if i < n})
+
+
+def _pipeline_error(group: BaseExceptionGroup[Any]) -> PipelineError | None:
+    """The first PipelineError inside task-group wrappers (e.g. InputError from the scan)."""
+    for inner in group.exceptions:
+        if isinstance(inner, PipelineError):
+            return inner
+        if isinstance(inner, BaseExceptionGroup):
+            found = _pipeline_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _log_scan(c: ScanCounts) -> None:

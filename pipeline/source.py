@@ -1,9 +1,9 @@
 """CSV file(s) -> a header, then batches of raw records with physical line numbers.
 
 Every cell is a ``str`` exactly as written: ``NA``, ``null``, ``0001`` stay text.
-Tokenising is done by the C tokenizer of the standard ``csv`` module rather
-than ``pandas.read_csv``: at the same speed on this machine (PERF-NOTES.md,
-and ``bench/validate.py``) it reports the physical line on which each record
+Tokenising is done by the C tokenizer of the standard ``csv`` module, in its
+strict mode, rather than ``pandas.read_csv``: at the same speed on this machine
+(``bench/validate.py``) it reports the physical line on which each record
 starts, keeps a row with a field too many as a row (pandas' C engine drops or
 pads it), and lets an undecodable byte be pinned to its line. Memory is
 bounded by the batch size, not by the file. (pandas does the set work
@@ -11,23 +11,50 @@ downstream: reconciliation and reports.)
 
 A record's line number is the physical line where it starts, counting every
 line of the file from 1 (header, blank lines and the lines inside multi-line
-quoted notes included), so ``sed -n 17p`` on the file shows where row 17 begins.
+quoted notes included; LF, CRLF and a lone CR each end a line), so
+``sed -n 17p`` on the file shows where row 17 begins.
+
+**Structure is never guessed** (README "Input"). These are *findings*, not row
+problems: the file's quoting is broken, so no row of it can be trusted to be
+the row that was meant (a lost quote merges the rows after it, or cuts the
+row before it short). Each is reported with the physical line where the
+field opened, and the run stops before anything is sent (``InputError``,
+exit 2):
+
+- ``unclosed-quote``: a quoted field that never closes (it would swallow the
+  rest of the file, or everything up to the next quote).
+- ``stray-quote``: text right after the closing quote of a field
+  (``"Pt said "no pain" today"``), or an unquoted field that *ends* with a
+  quote (``abc"``: the close of a field whose opening quote is missing). A
+  quote *inside* an unquoted field (``He said "ok" then``, ``5" wound``) is
+  literal text, as in RFC 4180 readers that are lenient about it.
+
+Encodings: a byte-order mark (UTF-8, UTF-16 LE or BE) decides the encoding
+whatever ``input.encoding`` says; UTF-16 is read when declared or marked
+(Excel's "Unicode Text" export). When a single-byte code page such as cp1252
+is declared but every byte of the file is valid UTF-8 and some are multi-byte
+sequences, reading it as declared would send mojibake (``cafÃ©``): the read
+stops naming the first such line, unless ``input.force_encoding`` says the
+declaration is right.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
+import collections
 import csv
 import glob
 import hashlib
-import io
+import itertools
 import logging
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import operator
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Final, Self
 
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
@@ -35,12 +62,26 @@ from pipeline.errors import InputError
 log = logging.getLogger(__name__)
 
 UTF8_BOM = codecs.BOM_UTF8
+# Longest first: the UTF-16 marks are prefixes of nothing else we read.
+BOMS: Final = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+               (codecs.BOM_UTF16_BE, "utf-16-be"))
 # A field longer than this is a runaway quote, not a note (max_note_chars is far below).
 FIELD_LIMIT = 16 * 1024 * 1024
 csv.field_size_limit(FIELD_LIMIT)
+# Small reads: blocks below malloc's mmap threshold reuse memory instead of faulting in
+# fresh pages every time (measured: a tenth of the page faults, 5% less CPU than 1 MiB).
+READ_SIZE = 1 << 15
 # Every byte but the C0 controls other than tab, LF and CR: ``data.translate(None,
 # _NOT_CONTROL)`` leaves only the control bytes that make a line need the slow checks.
 _NOT_CONTROL = bytes(b for b in range(256) if not (b < 0x20 and b not in b"\t\n\r"))
+_CONTROL_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# str.splitlines also breaks at these; the csv module (and a CSV file) does not.
+_OTHER_BREAKS = "\x85\u2028\u2029"
+_LINE_ENDS = frozenset("\r\n")
+_LAST = operator.itemgetter(-1)
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+STRUCTURE_CODES: Final = ("unclosed-quote", "stray-quote")
+KEEP_FINDINGS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +98,38 @@ class Header:
     def width(self) -> int:
         return len(self.names)
 
+    @property
+    def clean_names(self) -> tuple[str, ...]:
+        """The names as matched against the config (what a repeated header is compared to)."""
+        return tuple(clean_name(n) for n in self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A structural fault of a file: ``code`` (STRUCTURE_CODES), the physical line where
+    the field concerned opened, and a message without any cell text."""
+
+    code: str
+    line: int
+    message: str
+
 
 @dataclass(frozen=True, slots=True)
 class RawBatch:
     """Consecutive records of one file: ``lines[i]`` is where ``rows[i]`` starts.
 
     ``careful`` lists the records that need the slow checks: those spanning
-    several lines (a CRLF inside to normalise) or touching a line that holds a
-    control character, a lone CR or an undecodable byte. The rest are plain.
+    several lines (a CRLF or CR inside to normalise) or touching a line that
+    holds a control character or an undecodable byte. The rest are plain.
+    ``source`` is the file being read, while the batch is current (it can
+    check the raw text of a record, see ``CsvFile.check_quote_end``).
     """
 
     file_no: int
     lines: list[int]
     rows: list[list[str]]
     careful: list[int]
+    source: CsvFile | None = field(default=None, compare=False, repr=False)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -94,58 +153,28 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-class _Watched(io.RawIOBase):
-    """The file's bytes on their way to the decoder: hashed, and searched for control bytes.
+def is_single_byte(encoding: str) -> bool:
+    """True for code pages that map every byte to one character (cp1252, latin-1...)."""
+    if codecs.lookup(encoding).name.startswith("utf"):
+        return False
+    return len(bytes(range(256)).decode(encoding, errors="replace")) == 256
 
-    Decoding and splitting into lines is left to ``io.TextIOWrapper`` (C, and
-    it splits on LF, CRLF and CR only, as the csv module needs). Each raw read
-    (1 MiB) is hashed and searched for C0 control bytes other than tab, LF and
-    CR with ``bytes.translate``. A read that has some marks a conservative
-    range of lines as suspect: from the first line not yet handed to the csv
-    tokenizer, to the line it has reached two reads later (by then the text
-    layer, which holds at most a few KiB ahead, has passed every byte of it).
-    A lone CR needs no search: it always makes its record span two lines.
-    """
 
-    def __init__(self, raw: IO[bytes], lines_consumed: Callable[[], int]) -> None:
-        self._raw = raw
-        self._lines_consumed = lines_consumed
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-        self.suspect: list[list[int]] = []  # [first line, last line, reads until last is known]
-        self._open: list[list[int]] = []
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = int(self._raw.readinto(buffer) or 0)  # type: ignore[attr-defined]
-        consumed = self._lines_consumed()
-        for span in self._open:
-            span[2] -= 1
-            if span[2] == 0:
-                span[1] = consumed + 1
-        self._open = [span for span in self._open if span[2] > 0]
-        if n:
-            chunk = bytes(memoryview(buffer)[:n])
-            self.sha256.update(chunk)
-            self.size += n
-            if chunk.translate(None, _NOT_CONTROL):
-                span = [consumed + 1, sys.maxsize, 2]
-                self.suspect.append(span)
-                self._open.append(span)
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
+def _ascii_compatible(encoding: str) -> bool:
+    return "\n\r\t,;\"".encode(encoding, errors="replace") == b"\n\r\t,;\""
 
 
 class CsvFile:
     """One input file, opened for one pass: ``header``, then ``batches()``.
 
-    Use as a context manager. After the pass, ``sha256`` and ``size`` describe
-    the bytes read and ``blank_lines`` counts the empty lines skipped.
+    Use as a context manager. During the pass the decoded text is cut into
+    lines (LF, CRLF or a lone CR) a 32 KiB read at a time, and the blocks
+    holding the current batch are kept, so a record's raw text can be
+    checked. After the pass, ``sha256`` and ``size`` describe the bytes read,
+    ``records`` counts the physical records after the header and
+    ``blank_lines`` the empty ones among them. ``batches()`` raises
+    ``InputError`` at the end of the pass if the file has structural
+    findings (``findings``) or looks like UTF-8 read as a code page.
     """
 
     def __init__(self, path: Path, settings: InputConfig, *, file_no: int = 0) -> None:
@@ -153,54 +182,147 @@ class CsvFile:
         self.file_no = file_no
         self._settings = settings
         self._errors = "surrogateescape" if settings.on_bad_encoding == "reject" else "strict"
+        self.encoding = settings.encoding
+        self.bom: str | None = None
         self.blank_lines = 0
-        self.had_bom = False
+        self.records = 0
+        self.findings: list[Finding] = []
+        self.finding_count = 0
+        self._sha = hashlib.sha256()
+        self.size = 0
         self._raw: IO[bytes] | None = None
-        self._lines: _Watched | None = None
         self._reader: Iterator[list[str]] | None = None
         self._line_num = 0
+        self._lines_read = 0
+        self._blocks: collections.deque[tuple[int, list[str]]] = collections.deque()
+        self._suspect: list[list[int]] = []
+        self._utf8_check: codecs.IncrementalDecoder | None = None
+        self._first_multibyte: int | None = None
+        self._eof = False
+        self._bom_len = 0
+        self._quote_end = _quote_end_pattern(settings.delimiter)
         self.header: Header
 
     @property
-    def sha256(self) -> str:
-        assert self._lines is not None
-        return self._lines.sha256.hexdigest()
+    def had_bom(self) -> bool:
+        return self.bom is not None
 
     @property
-    def size(self) -> int:
-        return self._lines.size if self._lines is not None else 0
+    def lines_read(self) -> int:
+        """Physical lines the tokenizer has taken so far (the last record read ends there)."""
+        return self._line_num
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
 
     def __enter__(self) -> Self:
         try:
             self._raw = self.path.open("rb", buffering=0)
         except OSError as exc:
             raise InputError(f"{self.path}: cannot be read ({exc.strerror})") from None
-        self._lines = _Watched(self._raw, self._line_num_now)
-        buffered = io.BufferedReader(self._lines, buffer_size=1 << 20)
-        self.had_bom = buffered.peek(3)[:3] == UTF8_BOM
-        if self.had_bom:
-            buffered.read(3)
-            if codecs.lookup(self._settings.encoding).name != "utf-8":
-                log.warning("%s starts with a UTF-8 byte-order mark, but input.encoding is %s",
-                            self.path, self._settings.encoding)
-        if self._errors != "strict":  # undecodable bytes become surrogates: check every row
-            self._lines.suspect.append([1, sys.maxsize, 0])
-        text = io.TextIOWrapper(buffered, encoding=self._settings.encoding, errors=self._errors,
-                                newline="")
-        self._reader = csv.reader(
-            text, delimiter=self._settings.delimiter, quotechar='"', doublequote=True,
-            skipinitialspace=False, strict=False,
-        )
         try:
+            self._start()
             self.header = self._read_header()
         except BaseException:
             self._raw.close()
             raise
         return self
 
-    def _line_num_now(self) -> int:
-        reader = self._reader
-        return int(reader.line_num) if reader is not None else 0  # type: ignore[attr-defined]
+    def _start(self) -> None:
+        assert self._raw is not None
+        first = self._raw.read(4)
+        skip = 0
+        for mark, name in BOMS:
+            if first.startswith(mark):
+                self.bom, skip = name, len(mark)
+                break
+        declared = codecs.lookup(self._settings.encoding).name.replace("utf-8-sig", "utf-8")
+        if self.bom is not None and not self.bom.startswith(declared):
+            log.warning("%s starts with a %s byte-order mark: read as %s, not as input.encoding %s",
+                        self.path, self.bom.upper(), self.bom.upper(), self._settings.encoding)
+        self._bom_len = skip
+        self.encoding = self.bom or self._settings.encoding
+        self._sha.update(first)
+        self.size = len(first)
+        if (self.bom is None and not self._settings.force_encoding
+                and is_single_byte(self.encoding)):
+            self._utf8_check = codecs.getincrementaldecoder("utf-8")("strict")
+        if self._errors != "strict" or not _ascii_compatible(self.encoding):
+            self._suspect.append([1, 2**62])  # every row gets the slow checks
+        self._reader = csv.reader(
+            itertools.chain.from_iterable(self._read_blocks(first[skip:])),
+            delimiter=self._settings.delimiter, quotechar='"', doublequote=True,
+            skipinitialspace=False, strict=True,
+        )
+
+    def _read_blocks(self, start: bytes) -> Iterator[list[str]]:
+        """The file's text as lists of lines, a block (one read) at a time.
+
+        Each block is decoded and cut into lines (LF, CRLF, lone CR) by
+        ``str.splitlines``; the few blocks where that would also cut at VT, FF,
+        U+0085, U+2028 and the like are cut again by a regex. A block's last
+        line, if unfinished, goes to the front of the next block.
+        """
+        assert self._raw is not None
+        decoder = codecs.getincrementaldecoder(self.encoding)(self._errors)
+        ascii_compatible = _ascii_compatible(self.encoding)
+        pending: list[str] = []  # the unfinished line, in pieces (a long line must not
+        carried = False  # be copied once per block); whether they held a control byte
+        raw = start
+        while True:
+            if not raw:
+                raw = self._raw.read(READ_SIZE)
+                self._sha.update(raw)
+                self.size += len(raw)
+            final = not raw
+            text = decoder.decode(raw, final)
+            control = (bool(raw.translate(None, _NOT_CONTROL)) if ascii_compatible
+                       else _CONTROL_TEXT.search(text) is not None)
+            if self._utf8_check is not None and not raw.isascii():
+                self._check_utf8(raw, final)
+            raw = b""
+            lines = _split_lines(text, control)
+            if pending and lines:
+                if pending[-1].endswith("\r") and not lines[0].startswith("\n"):
+                    lines.insert(0, "".join(pending))  # a line ended by a lone CR
+                    pending = []
+                elif len(lines) == 1 and not final and not lines[0].endswith("\n"):
+                    pending.append(lines.pop())  # a long line, still unfinished
+                else:
+                    lines[0] = "".join([*pending, lines[0]])
+                    pending = []
+            if not final and lines and not lines[-1].endswith("\n"):
+                pending.append(lines.pop())  # unfinished, or a CR that a LF may follow
+            if lines:
+                yield self._add_block(lines, text, control or carried)
+                carried = control and bool(pending)
+            else:
+                carried = carried or control
+            if final:
+                if pending:
+                    yield self._add_block(["".join(pending)], "".join(pending), carried)
+                self._eof = True
+                return
+
+    def _add_block(self, lines: list[str], text: str, control: bool) -> list[str]:
+        first = self._lines_read + 1
+        self._lines_read += len(lines)
+        if control:
+            self._suspect.append([first, self._lines_read + 1])
+        if self._utf8_check is not None and self._first_multibyte is None and not text.isascii():
+            at = next((i for i, line in enumerate(lines) if not line.isascii()), len(lines))
+            self._first_multibyte = first + at
+        self._blocks.append((first, lines))
+        return lines
+
+    def _check_utf8(self, raw: bytes, final: bool) -> None:
+        assert self._utf8_check is not None
+        try:
+            self._utf8_check.decode(raw, final)
+        except UnicodeDecodeError:
+            self._utf8_check = None  # not UTF-8: the declared code page may well be right
+            self._first_multibyte = None
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
@@ -209,76 +331,244 @@ class CsvFile:
             self._raw.close()
 
     def batches(self, size: int = 8192) -> Iterator[RawBatch]:
-        """Records after the header, ``size`` at a time, blank lines left out."""
+        """Records after the header, ``size`` at a time, blank lines left out.
+
+        Raises InputError once the file is read if it has structural findings.
+        """
         while True:
-            batch = RawBatch(self.file_no, [], [], [])
+            batch = RawBatch(self.file_no, [], [], [], self)
             self._fill(batch, size)
             if batch.rows:
                 yield batch
             if len(batch.rows) < size:
-                return
+                break
+        self.check_structure()
+
+    def check_structure(self) -> None:
+        """InputError for the first structural finding so far (or for UTF-8 read as a code
+        page, once the whole file is read), naming the others' lines; else nothing."""
+        if self.findings:
+            raise InputError(self._findings_message())
+        if self._utf8_check is not None and self._first_multibyte is not None and self._eof:
+            raise InputError(
+                f"{self.path} line {self._first_multibyte}: input.encoding is "
+                f"{self._settings.encoding}, but the file's bytes are valid UTF-8 with multi-byte "
+                f"characters (from this line on); read as {self._settings.encoding} they would "
+                "be sent as different characters. Set input.encoding: utf-8, or "
+                "input.force_encoding: true if the file really is "
+                f"{self._settings.encoding}; nothing was sent")
+
+    def _findings_message(self) -> str:
+        first = self.findings[0]
+        text = (f"{self.path} line {first.line}: {first.code}: {first.message}; the file's "
+                "quoting is broken, so nothing was sent")
+        others = self.findings[1:]
+        if others:
+            listed = ", ".join(f"line {f.line} {f.code}" for f in others[:9])
+            more = self.finding_count - 1 - len(others[:9])
+            text += f" (also {listed}{f' and {more} more' if more > 0 else ''})"
+        return text
 
     def _fill(self, batch: RawBatch, size: int) -> None:
-        reader, lines = self._reader, self._lines
+        reader = self._reader
         assert reader is not None
-        assert lines is not None
+        self._forget_blocks(self._line_num + 1)
         prev = self._line_num
         append_line, append_row, rows = batch.lines.append, batch.rows.append, batch.rows
-        suspect = lines.suspect
-        try:
-            for row in reader:
+        suspect = self._suspect
+        blank = errors = 0
+        while True:
+            try:
+                for row in reader:
+                    end = reader.line_num  # type: ignore[attr-defined]
+                    if row:
+                        append_line(prev + 1)
+                        append_row(row)
+                        if end != prev + 1 or (suspect and end >= suspect[0][0]):
+                            self._mark_careful(batch, prev + 1, end)
+                    else:
+                        blank += 1
+                    prev = end
+                    if len(rows) >= size:
+                        break
+                break
+            except csv.Error as exc:
                 end = reader.line_num  # type: ignore[attr-defined]
-                if row:
-                    append_line(prev + 1)
-                    append_row(row)
-                    if end != prev + 1 or (suspect and end >= suspect[0][0]):
-                        self._mark_careful(batch, prev + 1, end)
-                else:
-                    self.blank_lines += 1
+                self._structure_error(prev + 1, end, str(exc))
+                errors += 1
                 prev = end
-                if len(rows) >= size:
-                    break
-        except UnicodeDecodeError:
-            line, hexed = self._locate_bad_bytes()
-            raise InputError(
-                f"{self.path} line {line}: bytes {hexed} are not valid {self._settings.encoding}; "
-                "set input.encoding (e.g. cp1252) to the file's encoding, or "
-                "input.on_bad_encoding: reject to set such rows aside"
-            ) from None
-        except csv.Error as exc:
-            raise InputError(
-                f"{self.path} line {prev + 1}: cannot be parsed as CSV ({exc}); "
-                "look for a quote that is opened and never closed"
-            ) from None
-        except OSError as exc:
-            raise InputError(f"{self.path}: read failed ({exc.strerror})") from None
+            except UnicodeDecodeError:
+                line, hexed = self._locate_bad_bytes()
+                raise InputError(
+                    f"{self.path} line {line}: bytes {hexed} are not valid {self.encoding}; "
+                    f"{self._encoding_hint()}, or input.on_bad_encoding: reject to set such "
+                    "rows aside"
+                ) from None
+            except OSError as exc:
+                raise InputError(f"{self.path}: read failed ({exc.strerror})") from None
+        self.blank_lines += blank
+        self.records += len(rows) + blank + errors
         self._line_num = prev
 
+    def _encoding_hint(self) -> str:
+        """What input.encoding to try: UTF-16 if the bytes look like it, else a code page."""
+        with self.path.open("rb") as fh:
+            head = fh.read(4096)
+        if head.count(0) > len(head) // 4:
+            return ("the file looks like UTF-16 (Excel's Unicode Text): set "
+                    "input.encoding: utf-16 (and input.delimiter: tab for Unicode Text)")
+        return "set input.encoding (e.g. cp1252) to the file's encoding"
+
     def _mark_careful(self, batch: RawBatch, start: int, end: int) -> None:
-        suspect = self._lines.suspect if self._lines is not None else []
+        suspect = self._suspect
         while suspect and suspect[0][1] < start:
             del suspect[0]
         if end != start or (suspect and suspect[0][0] <= end):
             batch.careful.append(len(batch.rows) - 1)
 
+    def _forget_blocks(self, line: int) -> None:
+        """Drop the blocks that end before ``line`` (no record of the batch to come is in them)."""
+        blocks = self._blocks
+        while len(blocks) > 1 and blocks[1][0] <= line:
+            blocks.popleft()
+
+    def record_text(self, start: int, end: int) -> tuple[str, list[int]] | None:
+        """The raw text of physical lines ``start``..``end`` while their blocks are kept, and
+        the offset where each line starts; None once they are gone."""
+        blocks = self._blocks
+        if not blocks or blocks[0][0] > start:
+            return None
+        if start == end:  # the common case: one line, in one of the last blocks
+            for first, lines in reversed(blocks):
+                if first <= start:
+                    at = start - first
+                    return (lines[at], [0]) if at < len(lines) else None
+        parts: list[str] = []
+        for first, lines in blocks:
+            last = first + len(lines) - 1
+            if last < start or first > end:
+                continue
+            parts += lines[max(start, first) - first: min(end, last) - first + 1]
+        offsets = list(itertools.accumulate((len(p) for p in parts), initial=0))[:-1]
+        return "".join(parts), offsets
+
+    def check_quote_end(self, start: int, end: int) -> None:
+        """A record on lines ``start``..``end`` has a cell ending with a quote: if that cell was
+        not quoted, it is a ``stray-quote`` finding (its opening quote is likely missing)."""
+        found = self.record_text(start, end)
+        if found is None:
+            return
+        text, offsets = found
+        m = self._quote_end.match(text)
+        if m is not None:
+            line = start + bisect.bisect_right(offsets, m.start(1)) - 1
+            self._add_finding(Finding(
+                "stray-quote", line,
+                "an unquoted field ends with a quote, as if its opening quote were missing "
+                "(quote the whole field if the quote belongs to the text)"))
+
+    def _structure_error(self, start: int, end: int, message: str) -> None:
+        found = self.record_text(start, end)
+        diagnosed = (_diagnose(found[0], found[1], start, self._settings.delimiter)
+                     if found is not None and len(found[0]) <= 1 << 20 else None)
+        if diagnosed is not None:
+            self._add_finding(diagnosed)
+        elif "expected after" in message:
+            self._add_finding(Finding("stray-quote", start,
+                                      "text follows the closing quote of a field"))
+        else:
+            self._add_finding(Finding("unclosed-quote", start, _UNCLOSED))
+
+    def _add_finding(self, finding: Finding) -> None:
+        self.finding_count += 1
+        if len(self.findings) < KEEP_FINDINGS:
+            self.findings.append(finding)
+
     def _read_header(self) -> Header:
         batch = RawBatch(self.file_no, [], [], [])
         self._fill(batch, 1)
+        if self.findings:
+            raise InputError(self._findings_message())
         if not batch.rows:
             raise InputError(f"{self.path}: the file is empty (no header row)")
+        self.records -= 1  # the header is not a record to account for
         return make_header(self.path, batch.rows[0], batch.lines[0], self._settings)
 
     def _locate_bad_bytes(self) -> tuple[int, str]:
         """Physical line and bytes of the first undecodable sequence (slow path, errors only)."""
-        decoder = codecs.getincrementaldecoder(self._settings.encoding)("strict")
+        decoder = codecs.getincrementaldecoder(self.encoding)("strict")
         with self.path.open("rb") as fh:
             for number, raw in enumerate(fh, start=1):
-                chunk = raw[3:] if number == 1 and raw.startswith(UTF8_BOM) else raw
+                chunk = raw[self._bom_len:] if number == 1 else raw
                 try:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as exc:
                     return number, chunk[exc.start : exc.end].hex(" ")
         return self._line_num + 1, "?"
+
+
+_UNCLOSED = "a quoted field opens here and never closes"
+
+
+def _split_lines(text: str, control: bool) -> list[str]:
+    """``text`` cut after each LF, CRLF or lone CR (and nowhere else), ends kept."""
+    if not control:
+        lines = text.splitlines(True)
+        # splitlines also cuts after VT, FF, FS, GS, RS (control bytes: control is True then),
+        # U+0085, U+2028 and U+2029: a line ending in one of those needs the regex.
+        ends = set(map(_LAST, lines[:-1]))
+        if ends <= _LINE_ENDS and not (lines and lines[-1][-1] in _OTHER_BREAKS):
+            return lines
+    return _LINE.findall(text)
+
+
+def _quote_end_pattern(delimiter: str) -> re.Pattern[str]:
+    """Matches a record (from its start) in which an unquoted field ends with a quote;
+    group 1 is where that field starts. Possessive quantifiers: no field is ever tried
+    two ways, so a long quoted note costs one pass (backtracking cost 25 us a row)."""
+    d = re.escape(delimiter)
+    quoted = '"[^"]*+(?:""[^"]*+)*+"'
+    plain = rf'[^"{d}\r\n][^{d}\r\n]*+'
+    return re.compile(
+        rf'(?:(?:{quoted}|{plain}(?<!")|){d})*+({plain}(?<=")(?=[{d}\r\n]|\Z))')
+
+
+def _diagnose(text: str, offsets: list[int], start: int, delimiter: str) -> Finding | None:
+    """Where and how a record the csv module refused goes wrong, char by char (errors only)."""
+    def line_at(pos: int) -> int:
+        return start + bisect.bisect_right(offsets, pos) - 1
+
+    opened = -1
+    i, n = 0, len(text)
+    at_field_start = True
+    while i < n:
+        c = text[i]
+        if opened < 0:
+            if at_field_start and c == '"':
+                opened = i
+            elif c in "\r\n":
+                return None  # the record ended cleanly: nothing found here
+            at_field_start = c == delimiter
+            i += 1
+            continue
+        if c != '"':
+            i += 1
+            continue
+        nxt = text[i + 1] if i + 1 < n else ""
+        if nxt == '"':
+            i += 2
+        elif nxt == delimiter:
+            opened, at_field_start, i = -1, True, i + 2
+        elif nxt in ("\r", "\n", ""):
+            return None
+        else:
+            return Finding("stray-quote", line_at(opened),
+                           f"text follows the closing quote (line {line_at(i)}) of a quoted "
+                           "field that opens here; a quote inside a quoted field is written "
+                           "twice (\"\")")
+    if opened >= 0:
+        return Finding("unclosed-quote", line_at(opened), _UNCLOSED)
+    return None
 
 
 def clean_name(name: str) -> str:
@@ -302,8 +592,10 @@ def make_header(path: Path, names: list[str], line: int, settings: InputConfig) 
     missing = [f"{col!r} ({key})" for key, col in wanted.items() if col not in clean]
     if missing:
         found = ", ".join(repr(n) for n in clean if n) or "nothing"
+        hint = _delimiter_hint(clean, settings.delimiter)
         raise InputError(
-            f"{path} line {line}: column {' and '.join(missing)} not found; the header has {found}"
+            f"{path} line {line}: column {' and '.join(missing)} not found; the header has "
+            f"{found}{hint}"
         )
     return Header(
         names=tuple(names),
@@ -312,3 +604,10 @@ def make_header(path: Path, names: list[str], line: int, settings: InputConfig) 
         note_col=clean.index(settings.columns.note),
         passthrough_cols=tuple(clean.index(p) for p in settings.passthrough),
     )
+
+
+def _delimiter_hint(names: list[str], delimiter: str) -> str:
+    for char, key in (("\t", "tab"), (";", '";"'), (",", '","')):
+        if char != delimiter and any(char in n for n in names):
+            return f" (separated by {key}? set input.delimiter: {key})"
+    return ""

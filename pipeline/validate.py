@@ -5,10 +5,18 @@ code and one message template per code. Every check runs on every row, so a
 user fixes a file in one pass.
 
 Normalisation, applied before the checks (and documented in the README):
-task ids are trimmed; in notes CRLF becomes ``\\n`` (Cobalt shows ``\\n`` as a
-line break), optionally so do the two characters ``\\n``
+task ids are trimmed; in notes CRLF and a lone CR become ``\\n`` (Cobalt shows
+``\\n`` as a line break), optionally so do the two characters ``\\n``
 (``input.unescape_newlines``), and outer whitespace is trimmed; inner
-whitespace is kept as written.
+whitespace is kept as written. Task ids and notes are then put in Unicode
+NFC (UAX #15): ``é`` typed as one code point or as ``e`` + U+0301 is the same
+visible note, so it must be the same ledger key and duplicate-index entry and
+be sent once, in one form.
+
+A row equal to the file's header (names trimmed) is ``repeated-header``: two
+exports concatenated. A cell ending with a quote is passed to the source to
+check its raw text (``CsvFile.check_quote_end``): unquoted, it is a structural
+finding that stops the run.
 
 Batches are columnar (parallel lists), not an object per row: at a million
 rows an object per row costs more than parsing the CSV.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,10 +36,11 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.config import InputConfig, ValidationConfig
-from pipeline.source import Header, RawBatch
+from pipeline.source import Header, RawBatch, clean_name
 
 TEMPLATES: Final[dict[str, str]] = {
     "wrong-field-count": "expected {expected} fields, found {found}",
+    "repeated-header": "the row repeats the header (two files joined into one?)",
     "bad-encoding": "bytes that are not valid {encoding}",
     "missing-task-id": "the emr_task_id is empty",
     "bad-task-id": "the emr_task_id {value!r} does not match validation.emr_task_id_pattern",
@@ -39,6 +49,7 @@ TEMPLATES: Final[dict[str, str]] = {
     "control-characters": "the note contains control character {char} at position {pos}",
     "duplicate-row": "same emr_task_id and note as line {line}{where}",
 }
+_nfc = unicodedata.normalize
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f]")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
@@ -73,6 +84,9 @@ class CheckedBatch:
     cells: list[list[str]] = field(default_factory=list)
     problems: dict[int, tuple[Problem, ...]] = field(default_factory=dict)
     duplicate_of: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Valid rows that NFC changed: (task id, note) as written, which is how versions before
+    # NFC keyed them in the ledger, so a note they sent is still found (runner.py).
+    as_written: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -128,6 +142,11 @@ class Validator:
         pick = _picker(header.passthrough_cols)
         fullmatch, limit = self._fullmatch, self._rules.max_note_chars
         unescape = self._settings.unescape_newlines
+        header_task = clean_name(header.names[task_col])
+        source = batch.source
+        # A cell ending with a quote may be a field whose opening quote was lost: the note is
+        # tested below, the task id by the pattern (unless it allows quotes), others here.
+        every_cell = width > 2 or '"' in self._rules.emr_task_id_pattern
         add_line, add_task, add_note = out.lines.append, out.task_ids.append, out.notes.append
         add_pass, add_cells = out.passthrough.append, out.cells.append
         for i, (line, cells) in enumerate(zip(batch.lines, batch.rows, strict=True)):
@@ -135,43 +154,78 @@ class Validator:
                 task_id = cells[task_col].strip()
                 note = cells[note_col].strip()
                 if (task_id and note and len(note) <= limit and fullmatch(task_id)
-                        and not (unescape and "\\n" in note)):
+                        and not (unescape and "\\n" in note)
+                        and not (every_cell and _quote_ended(cells))):
+                    if note[-1] == '"' and source is not None and cells[note_col][-1] == '"':
+                        source.check_quote_end(line, line)  # a plain record: one line
+                    if not (note.isascii() and task_id.isascii()):
+                        written = (task_id, note)
+                        task_id, note = _nfc("NFC", task_id), _nfc("NFC", note)
+                        if len(note) > limit:
+                            self._careful_row(out, batch, i, header)
+                            continue
+                        if written != (task_id, note):
+                            out.as_written[len(out.lines)] = written
                     add_line(line)
                     add_task(task_id)
                     add_note(note)
                     add_pass(pick(cells))
                     add_cells(cells)
                     continue
-            self._careful_row(out, line, cells, header)
+            self._careful_row(out, batch, i, header)
+        # Rare: two scans of the batch instead of a test per row. (A header repeated from a
+        # second export may still carry that export's byte-order mark.)
+        if header_task in out.task_ids or "\ufeff" + header_task in out.task_ids:
+            self._repeated_headers(out, header, header_task)
         if self._rules.duplicates != "allow":
             self._mark_duplicates(out)
         return out
 
-    def _careful_row(self, out: CheckedBatch, line: int, cells: list[str], header: Header) -> None:
+    def _careful_row(self, out: CheckedBatch, batch: RawBatch, i: int, header: Header) -> None:
+        line, cells = batch.lines[i], batch.rows[i]
         if not any(c.strip() for c in cells):
             self.blank_rows += 1
             return
+        if batch.source is not None and _quote_ended(cells):
+            end = batch.lines[i + 1] - 1 if i + 1 < len(batch.lines) else batch.source.lines_read
+            batch.source.check_quote_end(line, end)
+        readable = cells[header.task_col].strip() if len(cells) > header.task_col else ""
         if len(cells) != header.width:
             problem = Problem.of("wrong-field-count", expected=header.width, found=len(cells))
-            self._append_reject(out, line, cells, "", problems=(problem,), passthrough=())
+            self._append_reject(out, line, cells, _nfc("NFC", readable), problems=(problem,),
+                                passthrough=())
             return
-        task_id = cells[header.task_col].strip()
-        note = self._normalise(cells[header.note_col])
+        task_id = _nfc("NFC", readable)
+        written = self._normalise(cells[header.note_col])
+        note = _nfc("NFC", written)
         passthrough = tuple(cells[c] for c in header.passthrough_cols)
         problems = self._problems(task_id, note, cells)
         if problems:
             self._append_reject(out, line, cells, task_id, problems=problems,
                                 passthrough=passthrough)
             return
+        if (readable, written) != (task_id, note):
+            out.as_written[len(out.lines)] = (readable, written.strip())
         out.lines.append(line)
         out.task_ids.append(task_id)
         out.notes.append(note.strip())
         out.passthrough.append(passthrough)
         out.cells.append(cells)
 
+    def _repeated_headers(self, out: CheckedBatch, header: Header, task: str) -> None:
+        """Valid rows equal to the header become ``repeated-header`` rejects."""
+        names = header.clean_names
+        for i, value in enumerate(out.task_ids):
+            if (clean_name(value) == task
+                    and tuple(clean_name(c) for c in out.cells[i]) == names):
+                out.notes[i] = ""
+                out.passthrough[i] = ()
+                out.problems[i] = (Problem.of("repeated-header"),)
+
     def _normalise(self, note: str) -> str:
-        if "\r\n" in note:
-            note = note.replace("\r\n", "\n")
+        """Line breaks as LF (and ``\\n`` if asked); NFC is applied by the caller."""
+        if "\r" in note:
+            note = note.replace("\r\n", "\n").replace("\r", "\n")
         if self._settings.unescape_newlines:
             note = note.replace("\\n", "\n")
         return note
@@ -232,6 +286,10 @@ class Validator:
         where = "" if first[0] == out.file_no else f" of {self._file_names.get(first[0], '?')}"
         out.problems[i] = (Problem.of("duplicate-row", line=first[1], where=where),)
         out.duplicate_of[i] = first
+
+
+def _quote_ended(cells: list[str]) -> bool:
+    return any(c[-1:] == '"' for c in cells)
 
 
 def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pipeline import source
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.source import CsvFile, expand_inputs
@@ -158,12 +163,13 @@ def test_a_duplicate_header_name_is_an_error(data: Path) -> None:
 
 
 def test_an_unclosed_quote_is_reported_at_its_line(tmp_path: Path) -> None:
-    """A quote that never closes swallows the rest of the file: reported where it starts."""
+    """A quote that never closes would swallow the rest of the file: the read stops, naming
+    the line where the field opened, instead of making one row of several."""
     path = tmp_path / "runaway.csv"
     path.write_text("emr_task_id,note\nT1,fine\nT2,\"never closed\n" + "more\n" * 3)
-    lines, rows, _ = read(path)
-    assert lines == [2, 3]
-    assert rows[1][1].startswith("never closed")
+    with pytest.raises(InputError) as caught:
+        read(path)
+    assert "runaway.csv line 3: unclosed-quote:" in str(caught.value)
 
 
 def test_inputs_expand_globs_in_order(tmp_path: Path) -> None:
@@ -187,3 +193,89 @@ def test_checksum_covers_every_byte(data: Path) -> None:
             pass
         assert f.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
         assert f.size == path.stat().st_size
+
+
+def test_a_unicode_line_separator_inside_a_note_is_not_a_line_break(tmp_path: Path) -> None:
+    """U+2028, U+0085, VT and FF are text to the csv tokenizer, not line ends: the rows and
+    their line numbers stay as written."""
+    path = tmp_path / "seps.csv"
+    path.write_text("emr_task_id,note\nT1,a\u2028b\nT2,c\x85d\nT3,e\x0bf\nT4,g\x0ch\n",
+                    encoding="utf-8", newline="")
+    lines, rows, _ = read(path)
+    assert lines == [2, 3, 4, 5]
+    assert [r[1] for r in rows] == ["a\u2028b", "c\x85d", "e\x0bf", "g\x0ch"]
+
+
+def test_a_lone_cr_ends_a_line_and_lives_inside_a_quoted_field(tmp_path: Path) -> None:
+    """Old Mac files end lines with CR alone; inside quotes a CR is part of the note."""
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b'emr_task_id,note\rT1,one\rT2,"two\rlines"\rT3,three\r')
+    lines, rows, careful = read(path)
+    assert lines == [2, 3, 5]
+    assert rows == [["T1", "one"], ["T2", "two\rlines"], ["T3", "three"]]
+    assert careful == [1]
+
+
+def test_a_quoted_field_ending_with_a_doubled_quote_is_fine(tmp_path: Path) -> None:
+    """A quoted note ending with a doubled quote is read with its quote, no finding."""
+    path = tmp_path / "ok.csv"
+    path.write_text('emr_task_id,note\nT1,"wound 5"""\n')
+    assert read(path)[1] == [["T1", 'wound 5"']]
+
+
+def test_findings_are_all_listed_with_their_lines(tmp_path: Path) -> None:
+    """Several broken rows: the first is described, the others' lines are named, and the
+    rows between them are read on (one pass fixes the file)."""
+    path = tmp_path / "many.csv"
+    path.write_text('emr_task_id,note\nT1,"a "b" c"\nT2,fine\nT3,"d"e\nT4,"never closed\n')
+    with pytest.raises(InputError) as caught:
+        read(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} line 2: stray-quote: text follows the closing quote")
+    assert "(also line 4 stray-quote, line 5 unclosed-quote)" in message
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-8"])
+def test_a_byte_order_mark_decides_the_encoding(tmp_path: Path, codec: str) -> None:
+    """A BOM is honoured whatever input.encoding says (here cp1252), and is not in the header."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffemr_task_id,note\r\nT1,Zoë — 患者\r\n".encode(codec))
+    with CsvFile(path, InputConfig(encoding="cp1252")) as f:
+        assert f.bom == codec
+        assert f.header.names == ("emr_task_id", "note")
+        rows = [r for b in f.batches() for r in b.rows]
+    assert rows == [["T1", "Zoë — 患者"]]
+
+
+_CELL = st.lists(st.sampled_from(["a", "é", "患", "🙂", ",", '"', "\r", "\n", "\r\n", "\u2028",
+                                  "\x85", "\x0b", " "]), max_size=8).map("".join)
+
+
+@given(rows=st.lists(st.tuples(_CELL, _CELL), max_size=8),
+       terminator=st.sampled_from(["\r\n", "\n", "\r"]), read_size=st.sampled_from([1, 2, 3, 7]))
+@settings(max_examples=150, deadline=None)
+def test_reads_cut_anywhere_give_the_same_records_and_lines(
+        rows: list[tuple[str, str]], terminator: str, read_size: int) -> None:
+    """Whatever byte a read ends on (inside a CRLF, a multi-byte character, a long line),
+    the records and their start lines are those of the csv module reading the whole text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=terminator)
+    writer.writerow(["emr_task_id", "note"])
+    writer.writerows(rows)
+    text = buffer.getvalue()
+    reference = csv.reader(io.StringIO(text, newline=""), strict=True)
+    expected, prev = [], 0
+    for record in reference:
+        if record:
+            expected.append((prev + 1, record))
+        prev = reference.line_num
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.csv"
+        path.write_bytes(text.encode("utf-8"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(source, "READ_SIZE", read_size)
+            with CsvFile(path, InputConfig()) as f:
+                got = [(f.header.line, list(f.header.names))]
+                got += [(line, row) for b in f.batches(size=2)
+                        for line, row in zip(b.lines, b.rows, strict=True)]
+    assert got == expected

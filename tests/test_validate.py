@@ -6,6 +6,7 @@ import csv
 import io
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import InputConfig, ValidationConfig
+from pipeline.errors import InputError
 from pipeline.source import CsvFile
 from pipeline.validate import TEMPLATES, CheckedBatch, DuplicateIndex, Validator
 
@@ -143,6 +145,43 @@ def test_duplicates_are_found_across_files_and_batches(tmp_path: Path) -> None:
                         (1, 3, "same emr_task_id and note as line 5 of one.csv")]
 
 
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        pytest.param('emr_task_id,note,clinic\nT1,a,North\nT2,b,South"\n', 3, id="third-column"),
+        pytest.param('emr_task_id,note\nT1,"first line\nsecond line"\nT2,ok\n'
+                     'T3,lost opening\nquote"\n', 6, id="lost-opening-quote"),
+        pytest.param('emr_task_id,note\nT1",a\n', 2, id="task-id"),
+    ],
+)
+def test_an_unquoted_field_ending_with_a_quote_stops_the_read(
+        tmp_path: Path, content: str, line: int) -> None:
+    """A cell that ends with a quote it did not open, in any column, is a stray-quote
+    finding: its opening quote was likely lost, so the row before may be cut short."""
+    path = tmp_path / "in.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=rf"in.csv line {line}: stray-quote: an unquoted field"):
+        check(path, {"passthrough": ["clinic"]} if "clinic" in content else None)
+
+
+@pytest.mark.parametrize(
+    "repeat",
+    [
+        pytest.param("emr_task_id,note", id="plain"),
+        pytest.param(" emr_task_id , note ", id="spaces"),
+        pytest.param("\ufeffemr_task_id,note", id="with-its-bom"),
+        pytest.param('"emr_task_id","note"', id="quoted"),
+    ],
+)
+def test_a_repeated_header_is_rejected(tmp_path: Path, repeat: str) -> None:
+    """Two exports joined: the second header, however written, is repeated-header."""
+    path = tmp_path / "joined.csv"
+    path.write_text(f"emr_task_id,note\nT1,a\n{repeat}\nT2,b\n", encoding="utf-8")
+    rows = rows_of(check(path))
+    assert [(line, reasons) for line, _, _, reasons in rows] == [
+        (2, ""), (3, "repeated-header"), (4, "")]
+
+
 class _SmallRuns(DuplicateIndex):
     RUN_CAP = 128  # so that this test also fills runs that are then left alone
 
@@ -176,7 +215,8 @@ cell = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40
 def test_any_csv_writer_table_is_accepted_or_rejected_never_lost(
     rows: list[tuple[str, str]]
 ) -> None:
-    """Whatever csv.writer writes, each row is accepted with its exact normalised text,
+    """Whatever csv.writer writes, each row is accepted with its exact normalised text
+    (CRLF and CR as LF, NFC, trimmed),
     skipped as a duplicate, or rejected with a code; no exception, no row missing."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -195,6 +235,7 @@ def test_any_csv_writer_table_is_accepted_or_rejected_never_lost(
         if i in batch.problems:
             assert batch.reasons(i)
             continue
-        assert batch.task_ids[i] == task_id.strip()
-        assert batch.notes[i] == note.replace("\r\n", "\n").strip()
-        assert not CONTROL.search(note.replace("\r\n", "\n")), "a control character got through"
+        assert batch.task_ids[i] == unicodedata.normalize("NFC", task_id.strip())
+        sent = note.replace("\r\n", "\n").replace("\r", "\n")
+        assert batch.notes[i] == unicodedata.normalize("NFC", sent).strip()
+        assert not CONTROL.search(sent), "a control character got through"
