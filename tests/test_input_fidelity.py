@@ -180,8 +180,10 @@ def test_4_the_same_note_in_nfd_is_not_sent_again(tmp_path: Path,
     second = run_file(tmp_path, server, f"emr_task_id,note\nT-1100,{nfd}\n", name="later.csv")
     assert second.exit_code == 0
     assert second.report is not None
-    assert [r["final_status"] for r in read_results(second.report.directory)] == [
-        "skipped_already_sent"]
+    [again] = read_results(second.report.directory)
+    # Not sent again: the row follows the first run's send, whose outcome is still pending.
+    assert again["final_status"] == "awaiting_outcome"
+    assert f"sent in run {first.run_id}" in again["detail"]
     both = run_file(tmp_path, server, f"emr_task_id,note\nT-1101,{nfd}\nT-1101,{nfc}\n",
                     name="both.csv")
     assert both.report is not None
