@@ -138,6 +138,7 @@ class Emulator:
         self.in_flight = 0
         self.max_in_flight = 0
         self.arrivals: list[float] = []  # monotonic time each note request arrived
+        self.answers: list[tuple[float, int]] = []  # (monotonic time, status) of each answer
         self.deliveries: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self._attempts: Counter[bytes] = Counter()
@@ -188,6 +189,7 @@ class Emulator:
         finally:
             self.in_flight -= 1
         self.responses[response.status_code] += 1
+        self.answers.append((time.monotonic(), response.status_code))
         return response
 
     async def _handle_note(self, request: Request) -> Response:
