@@ -85,6 +85,7 @@ async def test_an_integer_job_id_is_kept_as_text() -> None:
         pytest.param(500, {"message": "oops"}, {}, ServerError, None, id="500"),
         pytest.param(502, {"message": "bad gateway"}, {}, ServerError, None, id="502"),
         pytest.param(504, {"message": "gateway timeout"}, {}, ServerError, None, id="504"),
+        pytest.param(302, {"message": "moved"}, {}, BadResponse, None, id="3xx-ambiguous"),
     ],
 )
 async def test_statuses_map_to_what_they_prove(
@@ -149,6 +150,7 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 
     assert of("12") == 12.0
     assert of(date) == 30.0
+    assert of("Sat, 28 Nov 2026 12:00:30 -0000") == 30.0  # a date with no zone is UTC
     assert of(format_datetime(now - timedelta(seconds=5), usegmt=True)) == 0.0
     assert of("soon") is None
     assert retry_after(httpx.Response(429)) is None

@@ -256,6 +256,23 @@ async def test_an_event_id_is_remembered_across_restarts_whatever_its_bytes(tmp_
         again.stop()
     again.close()
     assert path.read_bytes().count(b"\n") == 1
+    assert not path.with_name("webhooks.jsonl.torn").exists()  # a clean tail is left alone
+
+
+async def test_a_body_with_carriage_returns_is_stored_as_one_compact_line(tmp_path: Path
+                                                                          ) -> None:
+    """A CR inside a body would split its line on reading: the body is stored re-serialised
+    compactly (same content), one event per line."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    sink = SinkFile(path)
+    sink.open()
+    body = b'{"id": "evt_cr",\r"type": "task_note.created", "data": {}}'
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sink.run)
+        assert await sink.append(body, "evt_cr") == "stored"
+        sink.stop()
+    sink.close()
+    assert path.read_bytes() == b'{"id":"evt_cr","type":"task_note.created","data":{}}\n'
 
 
 def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path: Path) -> None:
