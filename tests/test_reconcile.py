@@ -241,3 +241,18 @@ def test_runs_still_waiting_for_outcomes_are_listed_until_reconciled(tmp_path: P
     later.event("task_note.created", "7", n=1)
     later.result("run-2")
     assert later.ledger.unresolved_runs() == ["run-1"]
+
+
+def test_an_earlier_delivery_outranks_an_earlier_doubt(tmp_path: Path) -> None:
+    """For a key sent by two earlier runs, the ledger reports the run that delivered it, not
+    the one left in doubt before it, nor a later failure: so the row is skipped as already
+    sent rather than held."""
+    book = Book(tmp_path, run_id="run-1")
+    book.row("ambiguous")
+    for run in ("run-2", "run-3"):
+        book.ledger.start_run(run, ACCOUNT, "fp", {})
+        book.ledger.add_file(run, 0, "in.csv", ["emr_task_id", "note"], sha256="x", size=1)
+    book.row("accepted", job_id="9", run_id="run-2")
+    book.row("failed", run_id="run-3")
+    (found,) = book.ledger.earlier("run-4", [row_key(ACCOUNT, "T1", "a note")]).values()
+    assert (found.run_id, found.status, found.delivered) == ("run-2", "accepted", True)
