@@ -175,8 +175,9 @@ def test_missing_credentials_stop_before_any_request() -> None:
 
 
 async def test_an_events_page_is_asked_for_with_the_filters_and_read_as_documented() -> None:
-    """GET /v1/webhook-events: the three auth headers, the filters as query parameters; the
-    items (objects only) and the pagination's page and total_pages come back."""
+    """GET /v1/webhook-events: the three auth headers, the filters as query parameters, the
+    configured timeouts; the items (objects only) and the pagination's page and total_pages
+    come back."""
     item = {"event_id": "evt_1", "event_type": "task_note.created", "job_id": "7"}
     client, seen = client_answering(status_code=200, json={
         "success": True, "webhook_events": [item, "not an object"],
@@ -188,6 +189,9 @@ async def test_an_events_page_is_asked_for_with_the_filters_and_read_as_document
     assert request.url.path == "/v1/webhook-events"
     assert dict(request.url.params) == {"job_id": "7", "page": "2", "page_size": "2"}
     assert all(request.headers[k] == v for k, v in CREDENTIALS.items())
+    assert request.extensions["timeout"] == {"connect": API.connect_timeout_s,
+                                             "read": API.timeout_s, "write": API.timeout_s,
+                                             "pool": API.connect_timeout_s}  # never unbounded
     assert (page.events, page.page, page.total_pages) == ([item], 2, 5)
 
 
