@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from helpers import (
@@ -42,6 +43,18 @@ def setup(tmp_path: Path, server: EmulatorThread, rows: list[list[str]], **overr
     return make_config(tmp_path, **sections)
 
 
+def _or_none(value: Any) -> int | None:
+    return None if pd.isna(value) else int(value)
+
+
+def last_answer(faults: Faults, status: str) -> int | None:
+    """The status of the last answer, as the ledger must record it (None: none came back)."""
+    if status == "accepted" or faults.garbage_after_store:
+        return 200
+    return {"failed": 429, "api_rejected": 400}.get(
+        status, 500 if faults.rate_500_after_store else None)
+
+
 @pytest.mark.parametrize(
     ("faults", "status", "stored", "attempts"),
     [
@@ -69,6 +82,7 @@ def test_each_failure_class_ends_as_it_must(tmp_path: Path, faults: Faults, stat
         outcome = run_pipeline(config)
         (row,) = ledger_rows(config, outcome.run_id)
         assert (row["status"], row["attempts"]) == (status, attempts)
+        assert _or_none(row["http_status"]) == last_answer(faults, status)
         assert api.stored("T1", "a note") == stored
         assert api.emulator.requests == attempts
 

@@ -227,6 +227,7 @@ def test_the_evidence_of_each_outcome_reaches_the_result(book: Book) -> None:
                                         "task_not_found")
     assert (created["final_status"], created["event_id"], created["emr_note_id"]) == (
         "confirmed", "evt_2", "emr-2")
+    assert (failed["detail"], created["detail"]) == ("", "")  # the evidence speaks for itself
 
 
 def test_runs_still_waiting_for_outcomes_are_listed_until_reconciled(tmp_path: Path) -> None:
