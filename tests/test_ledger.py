@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import StateError
 from pipeline.ledger import SCHEMA_VERSION, Ledger, NewRow, row_key
-from pipeline.reconcile import Reconciler
+from pipeline.reconcile import Reconciler, ingest
 
 ACCOUNT = "test_clinic"
 
@@ -82,4 +82,18 @@ def test_reconcile_remembers_how_far_it_read_the_sink(tmp_path: Path) -> None:
         fh.write(more)
     Reconciler(ledger, sink).run("r")
     assert ledger.sink_position() == (len(first) + len(more), head)
+    ledger.close()
+
+
+def test_a_sink_larger_than_one_batch_is_mirrored_whole(tmp_path: Path) -> None:
+    """ingest writes events to the ledger 10,000 at a time: 10,001 events are all mirrored,
+    and the position saved is the end of the file."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    sink = tmp_path / "webhooks.jsonl"
+    line = ('{{"id":"evt_{n}","object":"event","created":"2026-06-15T12:02:40Z",'
+            '"type":"task_note.created","job_id":"{n}","data":{{"task_note_id":"{n}"}}}}\n')
+    sink.write_text("".join(line.format(n=n) for n in range(10_001)))
+    assert ingest(ledger, sink, ACCOUNT) == 10_001
+    assert ledger.sink_position()[0] == sink.stat().st_size
+    assert ingest(ledger, sink, ACCOUNT) == 0  # nothing new: nothing read twice
     ledger.close()
