@@ -1,8 +1,9 @@
 """Shared by the benchmarks: CPU pinning, a tiny Cobalt-shaped HTTP server, tables, medians.
 
-The server is a raw ``asyncio.Protocol`` with uvloop (PERF-NOTES.md: ~90k req/s), so
-it is never what a benchmark measures; it answers ``POST /v1/tasks/notes`` with
-Cobalt's success body after an optional delay, on HTTP/1.1 keep-alive.
+The server is a raw ``asyncio.Protocol`` with uvloop, far lighter than any client
+measured against it, so it is never what a benchmark measures; it answers
+``POST /v1/tasks/notes`` with Cobalt's success body after an optional delay, on
+HTTP/1.1 keep-alive.
 """
 
 from __future__ import annotations

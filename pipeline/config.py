@@ -152,8 +152,7 @@ class SubmitConfig(_Section):
     backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
     max_retry_after_s: Annotated[float, Field(ge=0)] = 300.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
-    # Measured (bench/submit.py, README "Performance"): uvloop is ~8% faster when the API
-    # answers at once, asyncio ~25% faster at 20 ms, the likelier case.
+    # asyncio unless told: no script in bench/ measures uvloop against it yet.
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     def backend_options(self) -> dict[str, bool]:

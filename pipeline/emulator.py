@@ -18,6 +18,7 @@ It behaves as Cobalt's documentation says (``../shared/cobalt/``):
   ``delivery_attempts``, ``last_delivery_attempt``, ``response_status_code``;
   filter ``status``): the two revisions of Cobalt's reference page
   (docs.usecobalt.com, api-reference/webhook-events/get).
+  Its first queries can be made to answer 429 or 503 (``Faults.events_*``).
 
 Faults are drawn from a hash of (seed, note, attempt number), so which
 request fails does not depend on the order concurrent requests arrive in.
@@ -99,6 +100,10 @@ class Faults:
     retry_after_as_date: bool = False
     slow_s: float = 30.0
     drop_webhooks: float = 0.0  # outcome recorded (pollable) but never delivered
+    # GET /v1/webhook-events, counted not drawn (polling is sequential): the first
+    # events_429 answer 429, the next events_503 answer 503, both with Retry-After.
+    events_429: int = 0
+    events_503: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,8 @@ class Emulator:
         self.in_flight = 0
         self.max_in_flight = 0
         self.arrivals: list[float] = []  # monotonic time each note request arrived
+        self.answers: list[tuple[float, int]] = []  # (monotonic time, status) of each answer
+        self.event_queries: list[tuple[float, int]] = []  # the same for GET /v1/webhook-events
         self.deliveries: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []  # list items, ``event_id`` shape
         self._delivery: dict[str, dict[str, Any]] = {}  # event id -> attempts, last try, code
@@ -198,6 +205,7 @@ class Emulator:
         finally:
             self.in_flight -= 1
         self.responses[response.status_code] += 1
+        self.answers.append((time.monotonic(), response.status_code))
         return response
 
     async def _handle_note(self, request: Request) -> Response:
@@ -440,6 +448,21 @@ class Emulator:
     # -- polling and stats --------------------------------------------------------------
 
     async def _list_events(self, request: Request) -> Response:
+        arrived = time.monotonic()
+        response = self._events_fault(len(self.event_queries)) or self._list_page(request)
+        self.event_queries.append((arrived, response.status_code))
+        return response
+
+    def _events_fault(self, n: int) -> Response | None:
+        """The ``n``-th GET's fault (0-based), if any: first the 429s, then the 503s."""
+        f = self.options.faults
+        if n < f.events_429:
+            return self._busy(429, "Too many requests", f.retry_after_s)
+        if n < f.events_429 + f.events_503:
+            return self._busy(503, "Service temporarily unavailable", f.retry_after_s)
+        return None
+
+    def _list_page(self, request: Request) -> Response:
         if not self._authorised(request):
             return _error(401, "Unauthorized: invalid client_id, client_secret or access_token")
         q = request.query_params

@@ -7,8 +7,11 @@ still have no outcome. With few such jobs it asks per ``job_id``; with many
 ``task_note.failed`` by date, 100 at a time, and matches job ids locally, as
 Cobalt suggests. Each event is turned back into the webhook envelope shape
 and appended with the sink's de-duplication, so a later webhook or a second
-poll adds nothing twice. GETs are safe to repeat: any failure is retried
-with backoff, under the same rate limit as sending.
+poll adds nothing twice. GETs are safe to repeat (RFC 9110 §9.2.2), so any
+failure but a refusal (401/403, another 4xx) is retried through stamina with
+exponential backoff and jitter, up to ``submit.max_attempts`` tries, under the
+same rate limit as sending; a 429's or 503's ``Retry-After`` replaces the
+backoff (capped at ``submit.max_retry_after_s``).
 
 Cobalt's reference page for the endpoint exists in two revisions with
 different item shapes (docs.usecobalt.com, api-reference/webhook-events/get);
@@ -30,12 +33,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import stamina
 
 from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
 from pipeline.events import SinkFile, UnreadableEvent, encode_event
-from pipeline.submit import Backoff, Pacer
+from pipeline.submit import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +165,6 @@ class Poller:
         self._client = client
         self._sink = sink
         self._pacer = Pacer(config.submit.rate_per_second)
-        self._backoff = Backoff(config.submit.backoff_base_s, config.submit.backoff_max_s)
         self.stats = PollStats()
 
     async def run(self, job_ids: set[str], since: str | None) -> PollStats:
@@ -205,26 +208,36 @@ class Poller:
             page += 1
 
     async def _get(self, query: dict[str, Any]) -> EventsPage:
-        attempts = self._config.submit.max_attempts
-        for attempt in range(1, attempts + 1):
-            await self._pacer.wait_turn()
-            self.stats.requests += 1
-            try:
-                return await self._client.webhook_events(**query)
-            except CredentialsRefused as exc:
-                raise RunAborted(f"credentials refused by Cobalt ({exc.message})") from None
-            except RequestRejected as exc:
-                raise RunAborted(f"Cobalt refused the events query ({exc.message})") from None
-            except ApiError as exc:  # a GET changes nothing: every other failure may be retried
-                retry_after = getattr(exc, "retry_after", None)
-                if attempt == attempts:
-                    raise RunAborted(f"polling failed after {attempts} attempts: "
-                                     f"{exc.message}") from None
-                if retry_after is not None:
-                    self._pacer.pause_until(anyio.current_time() + min(
-                        retry_after, self._config.submit.max_retry_after_s))
-                await anyio.sleep(self._backoff.delay(attempt))
-        raise AssertionError("unreachable")
+        """One page, retried while retrying can help; RunAborted once it cannot."""
+        settings = self._config.submit
+        tries = 0
+        try:
+            async for attempt in stamina.retry_context(
+                    on=self._worth_retrying, attempts=settings.max_attempts, timeout=None,
+                    wait_initial=settings.backoff_base_s, wait_max=settings.backoff_max_s,
+                    wait_jitter=settings.backoff_base_s):
+                with attempt:
+                    tries = attempt.num
+                    await self._pacer.wait_turn()
+                    self.stats.requests += 1
+                    return await self._client.webhook_events(**query)
+        except CredentialsRefused as exc:
+            raise RunAborted(f"credentials refused by Cobalt ({exc.message})") from None
+        except RequestRejected as exc:
+            raise RunAborted(f"Cobalt refused the events query ({exc.message})") from None
+        except ApiError as exc:
+            raise RunAborted(f"polling failed after {tries} attempt{'s' * (tries != 1)}: "
+                             f"{exc.message}") from None
+        raise AssertionError("unreachable: stamina re-raises the last failure")
+
+    def _worth_retrying(self, exc: Exception) -> bool | float:
+        """stamina's hook: False to give up, True to back off, seconds to wait as told."""
+        if not isinstance(exc, ApiError) or isinstance(exc, CredentialsRefused | RequestRejected):
+            return False
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is None:
+            return True  # a GET changes nothing: a 5xx, a timeout or a lost answer may be retried
+        return float(min(retry_after, self._config.submit.max_retry_after_s))
 
     async def _take(self, item: tuple[dict[str, Any], str | None], job_ids: set[str],
                     found: set[str]) -> None:

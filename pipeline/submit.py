@@ -5,8 +5,8 @@ takes that many jobs (new ones, or retries whose time has come), marks them
 ``sending`` in the ledger together with the results that arrived since the
 last wave, in one transaction, committed on the spot, and only then starts
 their requests. So a row is durably ``sending`` before its request leaves,
-and one ~1 ms commit serves a whole wave. (A commit handed to a worker
-thread took ~10 ms to come back under load: the busy event loop starves it.)
+and one commit serves a whole wave. (Commits are not handed to a worker
+thread: under a busy event loop the thread's answer waits for the loop.)
 
 Retry policy, by what the failure proves (errors.py):
     NotApplied (connect error, 429, 503): back to ``pending``, retried with

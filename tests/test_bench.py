@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
     ("script", "verdict"),
     [
         pytest.param("submit.py", "tasknotes/best httpx-API =", id="submit"),
-        pytest.param("rate.py", "within 5%, <= C", id="rate"),
+        pytest.param("rate.py", "within 5%, bursts, <= C", id="rate"),
         pytest.param("sink.py", "durable/baseline =", id="sink"),
         pytest.param("slowloris.py", "with 100 slowloris: p99", id="slowloris"),
         pytest.param("validate.py", "tasknotes validate / pandas.read_csv =", id="validate"),

@@ -128,20 +128,29 @@ def test_validate_prints_codes_with_counts_and_first_lines(tmp_path: Path) -> No
 
 
 def test_run_limit_and_dry_run_send_nothing(tmp_path: Path) -> None:
-    """--dry-run counts what would be sent and writes no ledger."""
+    """--dry-run counts what would be sent and writes no ledger; with --limit 1 it counts one
+    row and says at which line reading stopped."""
     write_csv(tmp_path / "input.csv", [["T1", "a"], ["T2", "b"], ["T2", "b"]])
-    done = tasknotes("run", str(write_config(tmp_path)), "--dry-run", cwd=tmp_path)
+    config = str(write_config(tmp_path))
+    done = tasknotes("run", config, "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "would send 2; skip 1 duplicates" in done.stdout
+    assert "--limit reached" not in done.stdout
+    limited = tasknotes("run", config, "--dry-run", "--limit", "1", cwd=tmp_path)
+    assert limited.returncode == 0, limited.stderr
+    assert "would send 1; skip 0 duplicates" in limited.stdout
+    assert f"--limit reached at {tmp_path / 'input.csv'} line 3" in limited.stdout
     assert not (tmp_path / "state").exists()
 
 
 def test_python_dash_m_and_the_console_script_agree(tmp_path: Path) -> None:
-    """`python -m pipeline` is the `tasknotes` command."""
+    """`python -m pipeline` is the `tasknotes` command, the console script installed next to
+    this interpreter (found there, not on PATH: `.venv/bin/python -m pytest` runs without the
+    venv on PATH, and a check that skips itself proves nothing)."""
     done = tasknotes("--version", cwd=tmp_path)
     assert done.returncode == 0
     assert done.stdout.startswith("tasknotes ")
-    script = shutil.which("tasknotes")
-    if script is not None:
-        assert subprocess.run([script, "--version"], capture_output=True, text=True,
-                              check=True).stdout == done.stdout
+    script = Path(sys.executable).parent / "tasknotes"
+    assert script.is_file(), f"no console script next to {sys.executable}: pip install -e ."
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                          check=True).stdout == done.stdout

@@ -85,6 +85,7 @@ async def test_an_integer_job_id_is_kept_as_text() -> None:
         pytest.param(500, {"message": "oops"}, {}, ServerError, None, id="500"),
         pytest.param(502, {"message": "bad gateway"}, {}, ServerError, None, id="502"),
         pytest.param(504, {"message": "gateway timeout"}, {}, ServerError, None, id="504"),
+        pytest.param(302, {"message": "moved"}, {}, BadResponse, None, id="3xx-ambiguous"),
     ],
 )
 async def test_statuses_map_to_what_they_prove(
@@ -149,6 +150,7 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 
     assert of("12") == 12.0
     assert of(date) == 30.0
+    assert of("Sat, 28 Nov 2026 12:00:30 -0000") == 30.0  # a date with no zone is UTC
     assert of(format_datetime(now - timedelta(seconds=5), usegmt=True)) == 0.0
     assert of("soon") is None
     assert retry_after(httpx.Response(429)) is None
@@ -170,3 +172,59 @@ def test_missing_credentials_stop_before_any_request() -> None:
     """A client cannot be built without the three credentials."""
     with pytest.raises(ConfigError, match=r"api\.client_id"):
         CobaltClient(ApiConfig())
+
+
+async def test_an_events_page_is_asked_for_with_the_filters_and_read_as_documented() -> None:
+    """GET /v1/webhook-events: the three auth headers, the filters as query parameters, the
+    configured timeouts; the items (objects only) and the pagination's page and total_pages
+    come back."""
+    item = {"event_id": "evt_1", "event_type": "task_note.created", "job_id": "7"}
+    client, seen = client_answering(status_code=200, json={
+        "success": True, "webhook_events": [item, "not an object"],
+        "pagination": {"current_page": 2, "total_pages": 5, "total_count": 9, "page_size": 2}})
+    async with client:
+        page = await client.webhook_events(job_id="7", page=2, page_size=2)
+    (request,) = seen
+    assert request.method == "GET"
+    assert request.url.path == "/v1/webhook-events"
+    assert dict(request.url.params) == {"job_id": "7", "page": "2", "page_size": "2"}
+    assert all(request.headers[k] == v for k, v in CREDENTIALS.items())
+    assert request.extensions["timeout"] == {"connect": API.connect_timeout_s,
+                                             "read": API.timeout_s, "write": API.timeout_s,
+                                             "pool": API.connect_timeout_s}  # never unbounded
+    assert (page.events, page.page, page.total_pages) == ([item], 2, 5)
+
+
+async def test_an_events_page_without_pagination_is_page_one_of_one() -> None:
+    """Missing pagination numbers default to the page asked for (else 1) of 1."""
+    client, _ = client_answering(status_code=200, json={"success": True, "webhook_events": []})
+    async with client:
+        asked = await client.webhook_events(page=3)
+        plain = await client.webhook_events()
+    assert (asked.page, asked.total_pages) == (3, 1)
+    assert (plain.page, plain.total_pages) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("response", "error"),
+    [pytest.param({"status_code": 200, "json": {"success": True}}, BadResponse, id="no-items"),
+     pytest.param({"status_code": 200, "json": {"webhook_events": {}}}, BadResponse,
+                  id="items-not-a-list"),
+     pytest.param({"status_code": 200, "json": {"webhook_events": [], "pagination": [2, 5]}},
+                  BadResponse, id="pagination-not-an-object"),
+     pytest.param({"status_code": 200, "content": b"<html>"}, BadResponse, id="not-json"),
+     pytest.param({"status_code": 429, "headers": {"Retry-After": "7"},
+                   "json": {"success": False, "message": "Too many requests"}}, RateLimited,
+                  id="429"),
+     pytest.param({"status_code": 401, "json": {"success": False, "message": "no"}},
+                  CredentialsRefused, id="401")],
+)
+async def test_a_bad_events_answer_is_classified(response: dict[str, object],
+                                                 error: type[Exception]) -> None:
+    """A shape the documentation does not give is BadResponse; statuses map as for POST."""
+    client, _ = client_answering(**response)
+    async with client:
+        with pytest.raises(error) as caught:
+            await client.webhook_events(page=1)
+    if error is RateLimited:
+        assert caught.value.retry_after == 7.0  # type: ignore[attr-defined]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from helpers import (
@@ -44,6 +44,18 @@ def setup(tmp_path: Path, server: EmulatorThread, rows: list[list[str]], **overr
     return make_config(tmp_path, **sections)
 
 
+def _or_none(value: Any) -> int | None:
+    return None if pd.isna(value) else int(value)
+
+
+def last_answer(faults: Faults, status: str) -> int | None:
+    """The status of the last answer, as the ledger must record it (None: none came back)."""
+    if status == "accepted" or faults.garbage_after_store:
+        return 200
+    return {"failed": 429, "api_rejected": 400}.get(
+        status, 500 if faults.rate_500_after_store else None)
+
+
 @pytest.mark.parametrize(
     ("faults", "status", "stored", "attempts"),
     [
@@ -71,6 +83,7 @@ def test_each_failure_class_ends_as_it_must(tmp_path: Path, faults: Faults, stat
         outcome = run_pipeline(config)
         (row,) = ledger_rows(config, outcome.run_id)
         assert (row["status"], row["attempts"]) == (status, attempts)
+        assert _or_none(row["http_status"]) == last_answer(faults, status)
         assert api.stored("T1", "a note") == stored
         assert api.emulator.requests == attempts
 
@@ -110,28 +123,49 @@ def test_retry_after_as_a_date_is_honoured(tmp_path: Path) -> None:
 
 
 def test_a_429_pauses_every_worker(tmp_path: Path) -> None:
-    """After a 429 with Retry-After: 1, no worker starts a request until the second is over."""
+    """After a 429 with Retry-After: 1, no worker starts a request until the second is over.
+
+    Only requests already under way when the client read the 429 (about the other
+    ``concurrency - 1`` workers' worth) may arrive inside the pause; the rest of the run
+    arrives after it. Counts, not durations: a slow machine lengthens the run, it does not
+    move a request into the pause. (With the pause a no-op, 37 of 41 arrive inside it.)
+    """
     rows = notes(40)
+    concurrency = 4
     faulty = Faults(rate_429=1, only_first=1, retry_after_s=1, only_tasks=frozenset({rows[0][0]}))
     with EmulatorThread(faults=faulty, latency_ms=(5.0, 5.0)) as api:
-        config = setup(tmp_path, api, rows, submit={"concurrency": 4})
+        config = setup(tmp_path, api, rows, submit={"concurrency": concurrency})
         outcome = run_pipeline(config)
         arrivals = sorted(api.emulator.arrivals)
+        answers = list(api.emulator.answers)
     assert outcome.exit_code == 0
-    first_429 = arrivals[0]
-    late = [t for t in arrivals if first_429 + 0.15 < t < first_429 + 0.95]
-    assert late == []
+    refused = [t for t, status in answers if status == 429]
+    assert len(refused) == 1  # the 429 happened, once
+    assert len(arrivals) == len(rows) + 1  # and its row was sent again
+    (row,) = [r for r in ledger_rows(config, outcome.run_id) if r["emr_task_id"] == rows[0][0]]
+    assert (row["status"], row["attempts"]) == ("accepted", 2)
+    # The client learns of the 429 after the emulator answers it, so its pause ends after
+    # refused + 1 s: nothing it starts after reading the 429 can arrive before then.
+    pause_end = refused[0] + 1.0
+    during = [t for t in arrivals if refused[0] < t < pause_end]
+    after = [t for t in arrivals if t >= pause_end]
+    assert len(during) < 2 * concurrency  # slack for a response read late on a busy loop
+    assert len(after) >= len(arrivals) - 3 * concurrency  # the rest waited, then went
 
 
 def test_the_rate_limit_spaces_request_starts(tmp_path: Path) -> None:
-    """submit.rate_per_second: 20 starts requests ~50 ms apart, whatever the concurrency."""
+    """submit.rate_per_second: 20 never starts requests faster than 20 a second, whatever the
+    concurrency (the exact slot grid is tested on the Pacer with its own clock)."""
+    n, rate = 12, 20
     with EmulatorThread() as api:
-        config = setup(tmp_path, api, notes(12), submit={"rate_per_second": 20, "concurrency": 8})
+        config = setup(tmp_path, api, notes(n), submit={"rate_per_second": rate,
+                                                         "concurrency": 8})
         run_pipeline(config)
         arrivals = sorted(api.emulator.arrivals)
-    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
-    assert arrivals[-1] - arrivals[0] >= 11 * 0.05 - 0.02  # never faster than the rate
-    assert 0.04 < gaps[len(gaps) // 2] < 0.06  # and evenly spaced, not in bursts
+    assert len(arrivals) == n
+    # n starts span at least n - 1 intervals; one interval of slack for the first request
+    # being delayed on its way (a loaded machine only ever makes the span longer).
+    assert arrivals[-1] - arrivals[0] >= (n - 2) / rate
 
 
 def test_a_401_stops_the_run_after_the_first_answer(tmp_path: Path) -> None:
@@ -164,6 +198,7 @@ def test_too_many_failures_in_a_row_stop_the_run(tmp_path: Path) -> None:
         assert api.emulator.requests == 3
     assert outcome.exit_code == 3
     assert "3 rows in a row" in (outcome.stop_reason or "")
+    assert (outcome.stop_reason or "").endswith("; submit.max_consecutive_failures")
     finals = [r["final_status"] for r in read_results(outcome.report.directory)]
     assert finals.count("rejected_by_api") == 3
     assert finals.count("send_failed") == 27

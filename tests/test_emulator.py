@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from typing import Any
 
 import anyio
@@ -84,12 +85,14 @@ class Receiver:
 
     def __init__(self, answers: list[int] | None = None) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.arrivals: list[float] = []  # monotonic time of each request, in arrival order
         self.answers = answers or []
         self.arrived = anyio.Event()
 
     def app(self) -> Starlette:
         async def hook(request: Request) -> Response:
             self.requests.append((dict(request.headers), await request.body()))
+            self.arrivals.append(time.monotonic())
             self.arrived.set()
             status = self.answers.pop(0) if self.answers else 200
             return Response(status_code=status)
@@ -156,7 +159,7 @@ async def test_a_missing_task_fails_in_the_emr_with_a_reason() -> None:
      pytest.param([200], 1, id="delivered")],
 )
 async def test_webhook_retries_follow_cobalt(answers: list[int], attempts: int) -> None:
-    """Cobalt retries once, 1 s later, on a 5xx or 429; never on another 4xx."""
+    """Cobalt retries once on a 5xx or 429; never on another 4xx (the delay: next test)."""
     receiver = Receiver(answers=list(answers))
     async with serving(receiver.app()) as hook:
         emulator = Emulator(emulator_options(webhook_url=f"{hook.url}/hook"))
@@ -168,6 +171,25 @@ async def test_webhook_retries_follow_cobalt(answers: list[int], attempts: int) 
     assert [h["webhook-attempt"] for h, _ in receiver.requests] == [
         str(i) for i in range(1, attempts + 1)]
     assert receiver.requests[0][1] == receiver.requests[-1][1]
+
+
+async def test_a_webhook_retry_waits_a_second() -> None:
+    """The retry after a 5xx comes 1 s later: a note posted after the first attempt failed is
+    delivered before the retry, and the retry is no sooner than 1 s after the first attempt."""
+    receiver = Receiver(answers=[500])
+    async with serving(receiver.app()) as hook:
+        emulator = Emulator(emulator_options(webhook_url=f"{hook.url}/hook"))
+        async with serving(emulator.app()) as api:
+            await post_note(api.url, task_id="T1", note="first")
+            with anyio.fail_after(10):
+                await receiver.arrived.wait()
+            await post_note(api.url, task_id="T2", note="second")
+            with anyio.fail_after(10):
+                await emulator.until(lambda e: sum(e.deliveries.values()) == 2)
+    tasks = [json.loads(body)["data"]["emr_task_id"] for _, body in receiver.requests]
+    assert tasks == ["T1", "T2", "T1"]  # order: the second note overtook the retry
+    # A lower bound on one clock: a loaded machine can only make the gap longer.
+    assert receiver.arrivals[2] - receiver.arrivals[0] >= 1.0
 
 
 async def test_events_can_be_polled_by_job_id_and_page() -> None:

@@ -235,3 +235,46 @@ def test_a_note_failed_in_the_emr_and_sent_again_follows_the_new_send(book: Book
         "failed in the EMR; sent again in run run-2 as job 8: confirmed",
         "sent in run run-2 as job 9: confirmed"]
     assert list(rows["job_id"]) == ["1", "9"]  # the first row keeps its own (failed) job
+def test_the_evidence_of_each_outcome_reaches_the_result(book: Book) -> None:
+    """A confirmed row carries its EMR note id and event; a failed one Cobalt's reason and
+    its codes (the reviewer's evidence, from the event's data)."""
+    book.row("accepted", job_id="5")
+    book.row("accepted", job_id="6", task="T2")
+    book.event("task_note.failed", "5", n=1)
+    book.event("task_note.created", "6", n=2, task="T2")
+    failed, created = book.result().frame().to_dict("records")
+    assert (failed["final_status"], failed["event_id"], failed["failure_reason"],
+            failed["reason_codes"]) == ("failed_in_emr", "evt_1", "Task not found in EMR",
+                                        "task_not_found")
+    assert (created["final_status"], created["event_id"], created["emr_note_id"]) == (
+        "confirmed", "evt_2", "emr-2")
+    assert (failed["detail"], created["detail"]) == ("", "")  # the evidence speaks for itself
+
+
+def test_runs_still_waiting_for_outcomes_are_listed_until_reconciled(tmp_path: Path) -> None:
+    """unresolved_runs (what `reconcile` and `status` default to): runs with accepted rows and
+    no outcome yet, by run id; a run whose outcomes arrived drops off the list."""
+    later = Book(tmp_path, run_id="run-2")
+    later.row("accepted", job_id="7")
+    later.ledger.start_run("run-1", ACCOUNT, "fp", {})
+    later.ledger.add_file("run-1", 0, "in.csv", ["emr_task_id", "note"], sha256="x", size=1)
+    later.row("accepted", job_id="8", task="T8", run_id="run-1")
+    assert later.ledger.unresolved_runs() == ["run-1", "run-2"]
+    later.event("task_note.created", "7", n=1)
+    later.result("run-2")
+    assert later.ledger.unresolved_runs() == ["run-1"]
+
+
+def test_an_earlier_delivery_outranks_an_earlier_doubt(tmp_path: Path) -> None:
+    """For a key sent by two earlier runs, the ledger reports the run that delivered it, not
+    the one left in doubt before it, nor a later failure: so the row is skipped as already
+    sent rather than held."""
+    book = Book(tmp_path, run_id="run-1")
+    book.row("ambiguous")
+    for run in ("run-2", "run-3"):
+        book.ledger.start_run(run, ACCOUNT, "fp", {})
+        book.ledger.add_file(run, 0, "in.csv", ["emr_task_id", "note"], sha256="x", size=1)
+    book.row("accepted", job_id="9", run_id="run-2")
+    book.row("failed", run_id="run-3")
+    (found,) = book.ledger.earlier("run-4", [row_key(ACCOUNT, "T1", "a note")]).values()
+    assert (found.run_id, found.status, found.delivered) == ("run-2", "accepted", True)

@@ -124,8 +124,12 @@ def test_reconciling_twice_gives_the_same_files(tmp_path: Path) -> None:
     for _ in range(2):
         assert main(["-q", "reconcile", str(path)]) == 1
         summary = json.loads((report / "summary.json").read_text())
+        generated = summary["report"]["generated_at"]
         del summary["report"]
-        snapshots.append(((report / "results.csv").read_bytes(), summary))
+        html = (report / "report.html").read_text(encoding="utf-8")
+        assert html.count(f"Generated {generated} by") == 1
+        snapshots.append(((report / "results.csv").read_bytes(), summary,
+                          html.replace(f"Generated {generated} by", "Generated … by")))
     assert snapshots[0] == snapshots[1]
 
 

@@ -278,6 +278,68 @@ def test_a_torn_tail_is_moved_aside_and_the_next_line_starts_fresh(tmp_path: Pat
     assert path.with_name("webhooks.jsonl.torn").read_bytes() == b'{"id": "evt_torn", "typ\n'
 
 
+@pytest.mark.parametrize(
+    ("good", "torn"),
+    [pytest.param(2, b'{"id": "evt_torn", "typ', id="after-two-lines"),
+     pytest.param(1, b"x" * 65_535, id="newline-at-a-64k-boundary"),
+     pytest.param(1, b"x" * 100_000, id="longer-than-64k"),
+     pytest.param(0, b'{"id": "evt_torn"', id="no-complete-line")],
+)
+def test_only_the_torn_tail_is_moved_aside(tmp_path: Path, good: int, torn: bytes) -> None:
+    """Whatever its length, exactly the bytes after the last newline go to .torn: every
+    complete (acknowledged) line stays."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    path.parent.mkdir(mode=0o700)
+    lines = b"".join(compact(event(n)) + b"\n" for n in range(1, good + 1))
+    path.write_bytes(lines + torn)
+    sink = SinkFile(path)
+    sink.open()
+    sink.close()
+    assert path.read_bytes() == lines
+    assert path.with_name("webhooks.jsonl.torn").read_bytes() == torn + b"\n"
+
+
+async def test_an_event_id_is_remembered_across_restarts_whatever_its_bytes(tmp_path: Path
+                                                                            ) -> None:
+    """A polled copy of an event (other bytes, same id) stored before a restart is a
+    duplicate after it: the sink indexes the ids of the lines it finds on opening."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    first = SinkFile(path)
+    first.open()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.run)
+        assert await first.append(compact(event(1)), event(1)["id"]) == "stored"
+        first.stop()
+    first.close()
+    again = SinkFile(path)
+    again.open()
+    polled = compact({**event(1), "created": "2026-06-15T12:09:00Z"})  # other bytes, same id
+    assert again.seen(event(1)["id"])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.run)
+        assert await again.append(polled, event(1)["id"]) == "duplicate"
+        again.stop()
+    again.close()
+    assert path.read_bytes().count(b"\n") == 1
+    assert not path.with_name("webhooks.jsonl.torn").exists()  # a clean tail is left alone
+
+
+async def test_a_body_with_carriage_returns_is_stored_as_one_compact_line(tmp_path: Path
+                                                                          ) -> None:
+    """A CR inside a body would split its line on reading: the body is stored re-serialised
+    compactly (same content), one event per line."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    sink = SinkFile(path)
+    sink.open()
+    body = b'{"id": "evt_cr",\r"type": "task_note.created", "data": {}}'
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sink.run)
+        assert await sink.append(body, "evt_cr") == "stored"
+        sink.stop()
+    sink.close()
+    assert path.read_bytes() == b'{"id":"evt_cr","type":"task_note.created","data":{}}\n'
+
+
 def test_a_bad_line_in_the_middle_is_skipped_with_a_warning_naming_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Corruption that is not a torn tail is skipped loudly (line, byte, code), never fatal."""

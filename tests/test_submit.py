@@ -1,4 +1,4 @@
-"""The submit stage's parts: backoff, and the second read of the input."""
+"""The submit stage's parts: backoff, the pacer, and the second read of the input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from helpers import EmulatorThread, make_config, notes, run_pipeline, write_csv
 from pipeline.ledger import Ledger
 from pipeline.runner import RunOptions, open_inputs, pending_jobs
-from pipeline.submit import Backoff, Control
+from pipeline.submit import Backoff, Control, Pacer
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 8])
@@ -23,6 +23,67 @@ def test_backoff_is_full_jitter_under_a_cap(attempt: int) -> None:
     assert all(0 <= d <= ceiling for d in delays)
     assert max(delays) > 0.8 * ceiling
     assert min(delays) < 0.2 * ceiling
+
+
+class SteppingClock:
+    """A clock for the Pacer that moves ``step`` seconds each time it is read: what the pacer
+    sees depends only on how often it looks, never on how loaded the machine is."""
+
+    def __init__(self, start: float = 0.0, step: float = 0.0) -> None:
+        self.now, self.step = start, step
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.step
+        return now
+
+
+async def test_a_late_caller_takes_the_missed_slots_but_never_more_than_the_burst() -> None:
+    """Slots lie on a grid 1/rate apart: a caller late by many slots gets ``burst`` of them at
+    once, then the slots due since; the grid does not move."""
+    clock = SteppingClock()
+    pacer = Pacer(4, burst=3, clock=clock)  # a slot every 0.25 s
+    assert await pacer.wait_turn(10) == 3  # the first call: a full burst
+    clock.now = 10.0  # 40 slots late
+    assert await pacer.wait_turn(10) == 3  # still only the burst
+    clock.now = 10.25
+    assert await pacer.wait_turn(10) == 1  # the next slot on the grid
+    clock.now = 10.75
+    assert await pacer.wait_turn(10) == 2  # 10.5 and 10.75
+    clock.now = 11.0
+    assert await pacer.wait_turn(1) == 1  # asking for fewer takes fewer
+
+
+async def test_grants_never_outrun_the_rate() -> None:
+    """Callers that always want more get at most rate × elapsed + burst starts, and (never
+    refused) no fewer than rate × elapsed, on the pacer's own clock."""
+    rate, burst = 1000, 5
+    clock = SteppingClock(step=0.0003)  # 0.3 slot per look
+    pacer = Pacer(rate, burst=burst, clock=clock)
+    total = 0
+    for _ in range(300):
+        granted = await pacer.wait_turn(8)
+        at = clock.now - clock.step  # when it last looked, i.e. when it granted
+        assert 1 <= granted <= burst
+        total += granted
+        assert rate * at <= total <= rate * at + burst + 1e-6
+
+
+async def test_a_pause_holds_every_start_and_banks_no_slots() -> None:
+    """After pause_until(t) nothing is granted before t, and then one slot, not a burst of
+    the slots the pause skipped."""
+    clock = SteppingClock(step=0.0003)
+    pacer = Pacer(1000, burst=5, clock=clock)
+    assert await pacer.wait_turn(8) == 5
+    pacer.pause_until(0.01)  # 10 slots later (a Retry-After)
+    granted = await pacer.wait_turn(8)
+    assert clock.now - clock.step >= 0.01
+    assert granted == 1
+    unlimited = Pacer(None, clock=clock)
+    unlimited.pause_until(clock.now + 0.005)
+    resume = unlimited.resume_at
+    assert await unlimited.wait_turn(8) == 8  # no rate: everyone, but only after the pause
+    assert clock.now - clock.step >= resume
 
 
 def test_a_stop_wakes_a_waiter_registered_with_also_setting() -> None:
