@@ -139,7 +139,8 @@ def test_run_limit_and_dry_run_send_nothing(tmp_path: Path) -> None:
     limited = tasknotes("run", config, "--dry-run", "--limit", "1", cwd=tmp_path)
     assert limited.returncode == 0, limited.stderr
     assert "would send 1; skip 0 duplicates" in limited.stdout
-    assert f"--limit reached at {tmp_path / 'input.csv'} line 3" in limited.stdout
+    assert f"stopped reading at {tmp_path / 'input.csv'} line 3; 2 rows left unread" in (
+        limited.stdout)
     assert not (tmp_path / "state").exists()
 
 

@@ -176,8 +176,8 @@ def test_missing_credentials_stop_before_any_request() -> None:
 
 async def test_an_events_page_is_asked_for_with_the_filters_and_read_as_documented() -> None:
     """GET /v1/webhook-events: the three auth headers, the filters as query parameters, the
-    configured timeouts; the items (objects only) and the pagination's page and total_pages
-    come back."""
+    configured timeouts; every item as sent (poll, not the client, judges whether it can read
+    one, so it can name what it found) and the pagination's page and total_pages come back."""
     item = {"event_id": "evt_1", "event_type": "task_note.created", "job_id": "7"}
     client, seen = client_answering(status_code=200, json={
         "success": True, "webhook_events": [item, "not an object"],
@@ -192,7 +192,7 @@ async def test_an_events_page_is_asked_for_with_the_filters_and_read_as_document
     assert request.extensions["timeout"] == {"connect": API.connect_timeout_s,
                                              "read": API.timeout_s, "write": API.timeout_s,
                                              "pool": API.connect_timeout_s}  # never unbounded
-    assert (page.events, page.page, page.total_pages) == ([item], 2, 5)
+    assert (page.events, page.page, page.total_pages) == ([item, "not an object"], 2, 5)
 
 
 async def test_an_events_page_without_pagination_is_page_one_of_one() -> None:
