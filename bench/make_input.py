@@ -1,7 +1,7 @@
 """Generate a realistic large task-note CSV for the benchmarks.
 
 UUID task ids; notes of 20-2,000 characters (log-uniform, so most are short)
-in the mix PERF-NOTES.md measured: about 10% with commas, 5% with quotes,
+in a mix typical of clinical exports: about 10% with commas, 5% with quotes,
 3% spanning lines, a fifth with non-ASCII text (é, —, ’) and a few with
 emoji or CJK; written by ``csv.writer`` as a spreadsheet export would be.
 

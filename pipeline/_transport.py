@@ -1,7 +1,7 @@
 """An httpx transport that sends through aiohttp's connection pool.
 
 Why: httpcore 1.0's pool rescans every connection for every request, so
-throughput falls past ~24 requests in flight (PERF-NOTES.md; encode/httpx#3215).
+throughput falls past ~24 requests in flight (encode/httpx#3215; bench/submit.py shows it).
 The code keeps httpx's API (requests, responses, exceptions, MockTransport in
 tests); only the socket work is aiohttp's.
 

@@ -1,6 +1,6 @@
 """The ``tasknotes`` command: parse, call, print, map errors to exit codes.
 
-Exit codes (DESIGN.md): 0 every row ended well; 1 the run finished but some
+Exit codes (the README's contract): 0 every row ended well; 1 the run finished but some
 rows were rejected, failed or are ambiguous; 2 bad usage, config or input
 (nothing was sent); 3 aborted (credentials refused, too many failures,
 interrupted, disk full). ``status``: 0 nothing open, 1 something open, 2 bad

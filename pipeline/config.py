@@ -113,7 +113,7 @@ class ApiConfig(_Section):
     access_token: SecretStr | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    # aiohttp: httpx's API over aiohttp's connection pool (default, see PERF-NOTES.md);
+    # aiohttp: httpx's API over aiohttp's connection pool (default; bench/submit.py measures both);
     # httpx: httpx's own pool, fine below ~24 requests in flight.
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
 

@@ -1,12 +1,12 @@
 """A local Cobalt look-alike for the sandbox and the tests, faults included.
 
-It behaves as Cobalt's documentation says (``../shared/cobalt/``):
+It behaves as Cobalt's public documentation (docs.usecobalt.com) says:
 
 - ``POST /v1/tasks/notes``: 401 without the three credentials; 400 with the
   reference page's messages, byte for byte, for an unexpected or missing
   field; else ``{"success": true, ..., "task_note_id": <24 hex>, "job_id": <int>}``.
 - After ``outcome_delay_ms``, a signed ``task_note.created`` or
-  ``task_note.failed`` webhook (envelope and headers as in API-FACTS.md,
+  ``task_note.failed`` webhook (envelope and headers as docs/webhooks/receiving describes,
   ``job_id`` as a string), delivered the way Cobalt delivers: 5 s timeout,
   one retry 1 s later (2 s timeout) on a 5xx, a 429 or a network error,
   never after a timeout or another 4xx.

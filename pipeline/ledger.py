@@ -4,7 +4,7 @@ The ledger is the single source of truth for "was this note sent?". It never
 holds a note's text: a row is identified across runs by ``key`` =
 SHA-256(account, emr_task_id, note). This is the only module that speaks SQL.
 
-Row ``status`` values (DESIGN.md's submission statuses, plus how a row that
+Row ``status`` values (the submission statuses of docs/architecture.md, plus how a row that
 was never sent ended):
 
     pending -> sending -> accepted | api_rejected | ambiguous | failed

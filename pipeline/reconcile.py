@@ -198,7 +198,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every row ended well, else 1 (DESIGN.md)."""
+        """0 when every row ended well, else 1 (the README's exit codes)."""
         return exit_code(self.counts)
 
 

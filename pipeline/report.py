@@ -124,7 +124,7 @@ def _write_results(result: RunResult, path: Path, settings: ReportConfig,
 
 
 def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
-    """results.csv rows: DESIGN.md's columns, then the passthrough columns, then detail."""
+    """results.csv rows: the README's columns, then the passthrough columns, then detail."""
     out = pd.DataFrame(index=rows.index)
     for column in RESULT_COLUMNS:
         out[column] = rows.get(column, "")

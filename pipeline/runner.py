@@ -1,4 +1,4 @@
-"""``tasknotes run`` and ``validate``: the stages of DESIGN.md, in order, for one run.
+"""``tasknotes run`` and ``validate``: the stages of docs/architecture.md, in order, for one run.
 
     1. scan      read and validate every input file; every row goes into the
                  ledger (pending / rejected / duplicate / already_sent / held)
