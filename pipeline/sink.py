@@ -74,6 +74,7 @@ class SinkLimits:
     request, or, for a pipelined request already buffered, the moment the
     server starts on it) to the last byte of the body, else the connection is
     closed: Cobalt gives up on a delivery after 5 s, so no real one takes longer;
+    also how long a peer may leave its answers unread once they back up;
     ``keep_alive_s``: idle time between requests (uvicorn ``timeout_keep_alive``);
     ``max_connections``: open connections, lowered to the process's file limit
     less 64; past it, opening one closes the oldest one that is still sending its
@@ -240,8 +241,10 @@ class _GuardedH11(H11Protocol):
     connect, at the first byte of a request on an idle kept-alive connection,
     or, for a request already buffered behind the previous one (HTTP
     pipelining, RFC 9112 section 9.3.2), when the server starts on it after
-    answering that one. The time the server takes to answer is not counted.
-    Past the deadline the connection is aborted (unsent output dropped).
+    answering that one. The time the server takes to answer is not counted,
+    but a peer that stops reading its answers (the socket's write buffer past
+    its high-water mark) gets the same time to read again. Past either
+    deadline the connection is aborted (unsent output dropped).
     """
 
     limits: ClassVar[SinkLimits]
@@ -249,6 +252,7 @@ class _GuardedH11(H11Protocol):
     closed: ClassVar[dict[str, int]] = {"slow": 0, "cap": 0}
     warned_at: ClassVar[float] = float("-inf")
     _deadline: asyncio.TimerHandle | None = None
+    _stall: asyncio.TimerHandle | None = None  # armed while the peer is not reading
     _since: float = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -273,8 +277,22 @@ class _GuardedH11(H11Protocol):
                 self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]):
             self._arm()  # a pipelined request, unfinished in the buffer: its own deadline
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.limits.request_timeout_s, self._too_slow)
+
+    def resume_writing(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        super().resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -288,7 +306,10 @@ class _GuardedH11(H11Protocol):
             self._deadline = None
 
     def _too_slow(self) -> None:
-        self._deadline = None
+        self._disarm()  # whichever timer fired, the other has nothing left to guard
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._count("slow")
         self.transport.abort()  # not close(): a peer that reads nothing would keep it open
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -774,3 +775,32 @@ def test_a_flood_of_pipelined_slow_bodies_does_not_starve_deliveries(tmp_path: P
         proc.terminate()
         proc.wait(10)
     assert (tmp_path / "state" / "webhooks.jsonl").read_bytes().count(b"\n") == 5
+
+
+async def test_a_peer_that_never_reads_its_answers_loses_its_connection(tmp_path: Path) -> None:
+    """Requests pipelined without end and no answer ever read: once the sink's output to it
+    backs up, the peer gets the request deadline to read, then the connection is aborted
+    (its sends fail) instead of holding a socket and a task forever."""
+    limits = SinkLimits(request_timeout_s=0.3, keep_alive_s=600)
+    burst = UNSIGNED * 200
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        port = port_of(client)
+
+        def flood() -> str:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing
+                sock.connect(("127.0.0.1", port))
+                sock.settimeout(10)  # blocked this long: the sink holds the connection
+                for _ in range(2000):  # 400,000 requests: far past every buffer on the way
+                    try:
+                        sock.sendall(burst)
+                    except TimeoutError:
+                        return "held"
+                    except OSError:
+                        return "closed"
+                return "still reading"
+
+        assert await anyio.to_thread.run_sync(flood) == "closed"
+        body = compact(event())
+        assert await post(client, body, signed(body)) == 200
+    assert path.read_bytes() == body + b"\n"
