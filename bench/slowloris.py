@@ -11,7 +11,11 @@ on one CPU; on the other, attackers and real deliveries at the same time:
 - the same with the sink's open-file limit at 1,024 (soft and hard, as a
   default ``ulimit -n``) and N + 100 connections;
 - ten connections each pushing an endless header (up to 50 MB each, again
-  and again) at the sink.
+  and again) at the sink;
+- pipelined slow bodies, again with the limit at 1,024 and N + 100
+  connections: each sends a whole unsigned request and, in the same packet,
+  the head of a 100 kB one (HTTP pipelining), reads the 401, then drips the
+  second body a byte a second.
 
 Real deliveries: distinct signed events, 20 a second, each on a new
 connection (as a webhook sender opens them), with Cobalt's 5 s timeout.
@@ -90,6 +94,32 @@ async def slowloris(port: int, attack: Attack, stop: anyio.Event) -> None:
                         await stop.wait()
                     line += 1
                     await stream.send(f"X-Slow-{line}: 1\r\n".encode())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            attack.closed_by_server += 1
+        finally:
+            attack.open_now -= 1
+
+
+UNSIGNED = HEAD + b"Content-Length: 2\r\ncobalt-verification: " + b"0" * 64 + b"\r\n\r\n{}"
+BIG_HEAD = HEAD + b"Content-Length: 100000\r\n\r\n"
+
+
+async def pipelined(port: int, attack: Attack, stop: anyio.Event) -> None:
+    """One client pipelining a whole request and a 100 kB one it drips; reopened when closed."""
+    while not stop.is_set():
+        try:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            await anyio.sleep(0.1)
+            continue
+        attack.one_more()
+        try:
+            async with stream:
+                await stream.send(UNSIGNED + BIG_HEAD)
+                while not stop.is_set():
+                    with anyio.move_on_after(1):
+                        await stop.wait()
+                    await stream.send(b"x")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             attack.closed_by_server += 1
         finally:
@@ -255,6 +285,8 @@ def main() -> None:
             scenario(f"{n + 100:,} slowloris, ulimit -n 1024", slowloris, n + 100,
                      args.seconds, work, fd_limit=1024),
             scenario("10 endless 50 MB headers", big_header, 10, args.seconds, work),
+            scenario(f"{n + 100:,} pipelined slow bodies, ulimit -n 1024", pipelined, n + 100,
+                     args.seconds, work, fd_limit=1024),
         ]
     print(table(["scenario", "deliveries", "failed", "p50 ms", "p99 ms",
                  "attack sockets open (median / min)", "closed by sink", "sink peak RSS MB"],

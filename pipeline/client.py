@@ -51,6 +51,7 @@ _MAX_MESSAGE = 300
 _SCAN_LIMIT = 65_536  # characters of an upstream message looked at, at most
 REDACT_RUN = 16  # this many consecutive characters of a note or secret are removed
 REDACTED = "[redacted]"
+MAX_PAGES = 100_000  # pages of one events query (10 million events at 100 a page), at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +163,11 @@ class CobaltClient:
         if not isinstance(items, list) or not isinstance(paging, dict):
             raise BadResponse("webhook-events answer lacks webhook_events/pagination",
                               http_status=response.status_code)
+        status = response.status_code
         return EventsPage(
             events=items,
-            page=int(paging.get("current_page") or query.get("page") or 1),
-            total_pages=int(paging.get("total_pages") or 1),
+            page=_page_number(paging, "current_page", int(query.get("page") or 1), 1, status),
+            total_pages=_page_number(paging, "total_pages", 1, 0, status),
         )
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
@@ -234,6 +236,34 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
         raise BadResponse(f"HTTP {response.status_code} with JSON that is not an object",
                           http_status=response.status_code)
     return data
+
+
+def _page_number(paging: dict[str, Any], key: str, default: int, least: int, status: int
+                 ) -> int:
+    """``pagination[key]`` of an events page: a JSON integer in ``least``..``MAX_PAGES``,
+    or ``default`` when the field is absent or null.
+
+    Raises BadResponse naming the field and the JSON type found, never the value (it is
+    upstream text): a string such as "n/a", a fraction, a boolean, a negative or a page
+    count no poll could page through.
+    """
+    value = paging.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadResponse(f"HTTP {status} {BadResponse.code}: pagination.{key} is a JSON "
+                          f"{_json_type(value)}, not an integer", http_status=status)
+    if not least <= value <= MAX_PAGES:
+        raise BadResponse(f"HTTP {status} {BadResponse.code}: pagination.{key} is an integer "
+                          f"outside {least}..{MAX_PAGES:,}", http_status=status)
+    return value
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type (string, number, boolean, array, object)."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _raise_for_status(response: httpx.Response) -> None:

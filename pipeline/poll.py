@@ -17,7 +17,10 @@ Cobalt's reference page for the endpoint exists in two revisions with
 different item shapes (docs.usecobalt.com, api-reference/webhook-events/get);
 ``read_list_item`` reads both. A page holding an item of neither shape stops
 the poll with an error naming the fields found, rather than paging through
-every event and recovering nothing in silence. No status filter
+every event and recovering nothing in silence. So does a page whose
+pagination numbers are not integers in range (``client.MAX_PAGES``; the
+error names the field and its JSON type, never the value) or that is not
+the page asked for: paging ends by itself. No status filter
 (``delivery_status`` in one revision, ``status`` in the other) is sent: an
 event Cobalt counts as delivered may still be missing from this sink (a
 receiver that acknowledged and then lost it, another registered URL), so
@@ -132,12 +135,17 @@ def read_page(items: list[Any], query: dict[str, Any]) -> list[tuple[dict[str, A
         try:
             read.append(read_list_item(item))
         except UnreadableItem as exc:
-            where = ", ".join(f"{k}={v}" for k, v in query.items() if k != "page_size")
+            where = _where(query)
             expected = " or ".join("/".join(keys) for keys in SHAPES.values())
             raise UnreadableEvents(
                 f"GET /v1/webhook-events ({where}): item {number} of {len(items)} cannot be "
                 f"read: {exc}; expected {expected} (nothing taken from this page)") from None
     return read
+
+
+def _where(query: dict[str, Any]) -> str:
+    """The filters and page of an events query, for an error message (our values only)."""
+    return ", ".join(f"{k}={v}" for k, v in query.items() if k != "page_size")
 
 
 @dataclass(slots=True)
@@ -201,6 +209,10 @@ class Poller:
         while True:
             asked = {**query, "page": page, "page_size": self._config.poll.page_size}
             result = await self._get(asked)
+            if result.page != page:  # a server ignoring `page` would be paged through forever
+                raise UnreadableEvents(
+                    f"GET /v1/webhook-events ({_where(asked)}): the answer's "
+                    "pagination.current_page is not the page asked for (nothing taken from it)")
             for item in read_page(result.events, asked):
                 yield item
             if page >= result.total_pages or not result.events:

@@ -71,8 +71,10 @@ class SinkLimits:
     connection closed beyond it);
     ``max_headers``: header fields (431 beyond it);
     ``request_timeout_s``: from connect (or the first byte of a kept-alive
-    request) to the last byte of the body, else the connection is closed:
-    Cobalt gives up on a delivery after 5 s, so no real one takes longer;
+    request, or, for a pipelined request already buffered, the moment the
+    server starts on it) to the last byte of the body, else the connection is
+    closed: Cobalt gives up on a delivery after 5 s, so no real one takes longer;
+    also how long a peer may leave its answers unread once they back up;
     ``keep_alive_s``: idle time between requests (uvicorn ``timeout_keep_alive``);
     ``max_connections``: open connections, lowered to the process's file limit
     less 64; past it, opening one closes the oldest one that is still sending its
@@ -231,12 +233,18 @@ def _answer(
 
 
 class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol plus a whole-request deadline and a connection cap.
+    """uvicorn's h11 protocol plus a per-request deadline and a connection cap.
 
     uvicorn (0.54) arms its keep-alive timer only after a response, so a socket
-    that never completes a request is never closed; this arms a deadline on
-    connect and at the first byte of each further request, and disarms it once
-    the request's last byte is in.
+    that never completes a request is never closed. Here every request must be
+    whole (head and body) within ``request_timeout_s`` of its start: on
+    connect, at the first byte of a request on an idle kept-alive connection,
+    or, for a request already buffered behind the previous one (HTTP
+    pipelining, RFC 9112 section 9.3.2), when the server starts on it after
+    answering that one. The time the server takes to answer is not counted,
+    but a peer that stops reading its answers (the socket's write buffer past
+    its high-water mark) gets the same time to read again. Past either
+    deadline the connection is aborted (unsent output dropped).
     """
 
     limits: ClassVar[SinkLimits]
@@ -244,6 +252,7 @@ class _GuardedH11(H11Protocol):
     closed: ClassVar[dict[str, int]] = {"slow": 0, "cap": 0}
     warned_at: ClassVar[float] = float("-inf")
     _deadline: asyncio.TimerHandle | None = None
+    _stall: asyncio.TimerHandle | None = None  # armed while the peer is not reading
     _since: float = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -253,16 +262,41 @@ class _GuardedH11(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and self.conn.their_state is h11.IDLE:
-            self._arm()
+            self._arm()  # the first byte of a request on an idle kept-alive connection
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
-            self._disarm()
+            self._disarm()  # the whole request is in (or the connection is failing)
+
+    def on_response_complete(self) -> None:
+        # Both sides done: uvicorn starts the next cycle and parses what is already buffered.
+        next_cycle = self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        super().on_response_complete()
+        if not next_cycle or self.transport.is_closing():
+            return  # answered before the request was whole (413): its deadline still runs
+        if self.conn.their_state is h11.SEND_BODY or (
+                self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]):
+            self._arm()  # a pipelined request, unfinished in the buffer: its own deadline
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.limits.request_timeout_s, self._too_slow)
+
+    def resume_writing(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        super().resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
+        self._disarm()
         self._since = self.loop.time()
         self._deadline = self.loop.call_later(self.limits.request_timeout_s, self._too_slow)
 
@@ -272,9 +306,12 @@ class _GuardedH11(H11Protocol):
             self._deadline = None
 
     def _too_slow(self) -> None:
-        self._deadline = None
+        self._disarm()  # whichever timer fired, the other has nothing left to guard
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._count("slow")
-        self.transport.close()
+        self.transport.abort()  # not close(): a peer that reads nothing would keep it open
 
     def _count(self, why: str) -> None:
         """Count a closed connection; warn at most once a minute, so an attack floods no log."""
@@ -283,17 +320,20 @@ class _GuardedH11(H11Protocol):
         now = self.loop.time()
         if now - cls.warned_at >= 60:
             log.warning("closed %d connections with no whole request within %.0f s and %d idle"
-                        " ones past the cap of %d (since the last such warning)",
+                        " or unfinished ones past the cap of %d (since the last such warning)",
                         cls.closed["slow"], self.limits.request_timeout_s, cls.closed["cap"],
                         self.limits.max_connections)
             cls.warned_at = now
             cls.closed = {"slow": 0, "cap": 0}
 
     def _evictable(self) -> bool:
-        """Still sending its request, or idle between requests (not being answered)."""
+        """Still sending its request (head or body), or idle between requests: anything but
+        a connection whose whole request is in and whose answer is being made."""
         if self.transport is None or self.transport.is_closing():
             return False
-        return self._deadline is not None or self.cycle is None or self.cycle.response_complete
+        if self.conn.their_state is h11.IDLE or self.conn.their_state is h11.SEND_BODY:
+            return True
+        return self.cycle is None or self.cycle.response_complete
 
     def _evict_oldest(self) -> None:
         if len(self.connections) < self.limits.max_connections:
@@ -302,4 +342,4 @@ class _GuardedH11(H11Protocol):
         if waiting:
             oldest = min(waiting, key=lambda c: c._since)
             self._count("cap")
-            oldest.transport.close()
+            oldest.transport.abort()

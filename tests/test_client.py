@@ -228,3 +228,59 @@ async def test_a_bad_events_answer_is_classified(response: dict[str, object],
             await client.webhook_events(page=1)
     if error is RateLimited:
         assert caught.value.retry_after == 7.0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("pagination", "named"),
+    [pytest.param({"current_page": 1, "total_pages": "n/a"}, "pagination.total_pages is a JSON "
+                  "string, not an integer", id="total-pages-n/a"),
+     pytest.param({"current_page": 1, "total_pages": "3"}, "pagination.total_pages is a JSON "
+                  "string", id="total-pages-a-numeric-string"),
+     pytest.param({"current_page": 1, "total_pages": 2.5}, "pagination.total_pages is a JSON "
+                  "number, not an integer", id="total-pages-a-fraction"),
+     pytest.param({"current_page": 1, "total_pages": True}, "pagination.total_pages is a JSON "
+                  "boolean", id="total-pages-true"),
+     pytest.param({"current_page": 1, "total_pages": -1}, "pagination.total_pages is an integer "
+                  "outside 0..100,000", id="total-pages-negative"),
+     pytest.param({"current_page": 1, "total_pages": 10**18}, "pagination.total_pages is an "
+                  "integer outside 0..100,000", id="total-pages-huge"),
+     pytest.param({"current_page": 1, "total_pages": 1e308}, "pagination.total_pages is a JSON "
+                  "number", id="total-pages-huge-float"),
+     pytest.param({"current_page": 0, "total_pages": 1}, "pagination.current_page is an integer "
+                  "outside 1..100,000", id="current-page-zero"),
+     pytest.param({"current_page": ["two"], "total_pages": 1}, "pagination.current_page is a "
+                  "JSON array", id="current-page-an-array")],
+)
+async def test_odd_pagination_is_a_bad_response_naming_the_field_not_its_value(
+        pagination: dict[str, object], named: str) -> None:
+    """Pagination numbers that are not integers in range are BadResponse (never a ValueError
+    from int()), and the message names the field and JSON type, not the upstream value."""
+    client, _ = client_answering(status_code=200, json={
+        "success": True, "webhook_events": [], "pagination": pagination})
+    async with client:
+        with pytest.raises(BadResponse) as caught:
+            await client.webhook_events(page=1)
+    message = str(caught.value)
+    assert message == caught.value.message
+    assert named in message
+    assert message.startswith("HTTP 200 bad-response: ")
+    odd = next(v for v in pagination.values() if not (type(v) is int and 1 <= v <= 100_000))
+    assert str(odd) not in message.removeprefix("HTTP 200 bad-response: ").replace(
+        "100,000", "")
+
+
+@pytest.mark.parametrize(
+    ("pagination", "expected"),
+    [pytest.param({"current_page": 2}, (2, 1), id="no-total-pages"),
+     pytest.param({"current_page": None, "total_pages": None}, (4, 1), id="nulls"),
+     pytest.param({"current_page": 4, "total_pages": 0}, (4, 0), id="no-pages"),
+     pytest.param({"current_page": 4, "total_pages": 100_000}, (4, 100_000), id="the-most-pages")],
+)
+async def test_absent_pagination_numbers_take_the_documented_defaults(
+        pagination: dict[str, object], expected: tuple[int, int]) -> None:
+    """An absent or null number is the page asked for, of 1; the range's ends are accepted."""
+    client, _ = client_answering(status_code=200, json={
+        "success": True, "webhook_events": [], "pagination": pagination})
+    async with client:
+        page = await client.webhook_events(page=4)
+    assert (page.page, page.total_pages) == expected

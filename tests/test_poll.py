@@ -248,3 +248,52 @@ def test_poll_does_not_retry_refused_credentials(tmp_path: Path,
         statuses = [status for _, status in api.emulator.event_queries]
     assert statuses == [401]
     assert "credentials refused by Cobalt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("pagination", "named"),
+    [pytest.param({"current_page": 1, "total_pages": "n/a"},
+                  "pagination.total_pages is a JSON string, not an integer", id="n/a"),
+     pytest.param({"current_page": 1, "total_pages": -3},
+                  "pagination.total_pages is an integer outside 0..100,000", id="negative"),
+     pytest.param({"current_page": 1, "total_pages": 10**15},
+                  "pagination.total_pages is an integer outside 0..100,000", id="huge"),
+     pytest.param({"current_page": "1", "total_pages": 2},
+                  "pagination.current_page is a JSON string", id="page-a-string"),
+     pytest.param({"current_page": 1, "total_pages": 50},
+                  "pagination.current_page is not the page asked for", id="page-ignored")],
+)
+def test_odd_pagination_stops_poll_with_one_line_and_exit_3(
+    tmp_path: Path, pagination: dict[str, object], named: str,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loopback Cobalt whose pagination numbers are text, negative, absurdly large, or
+    that answers page 1 whatever page is asked: poll stops with one line naming the field
+    (never its value), exit 3, and pages through nothing forever."""
+    write_csv(tmp_path / "input.csv", notes(1))
+    asked: list[str] = []
+
+    async def odd_page(request: Request) -> JSONResponse:
+        asked.append(request.query_params["page"])
+        item = {"event_id": f"evt_other_{len(asked)}", "event_type": "task_note.created",
+                "job_id": "not-ours", "created_at": "2026-11-30T10:00:00Z", "data": {}}
+        return JSONResponse({"success": True, "webhook_events": [item],
+                             "pagination": pagination})
+
+    with EmulatorThread(faults=Faults(drop_webhooks=1.0)) as api:
+        _accepted_without_outcome(tmp_path, api)
+    capsys.readouterr()
+    app = Starlette(routes=[Route("/v1/webhook-events", odd_page)])
+    with ThreadedServer(app) as odd:
+        path = write_config(tmp_path, api={"base_url": odd.url})
+        assert main(["-q", "poll", str(path)]) == 3
+    err = capsys.readouterr().err
+    (line,) = err.splitlines()
+    assert line.startswith("tasknotes: ")
+    assert named in line
+    for value in pagination.values():
+        if value not in (1, 2, 50):
+            assert str(value) not in line.replace("100,000", "")
+    assert "Traceback" not in err
+    assert set(asked) <= {"1", "2"}
+    assert _sink_events(tmp_path) == []

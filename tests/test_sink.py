@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -632,4 +633,174 @@ async def test_past_the_connection_cap_idle_sockets_make_way_for_deliveries(tmp_
         finally:
             for stream in idle:
                 await stream.aclose()
+    assert path.read_bytes() == body + b"\n"
+
+
+# -- pipelined requests get the same deadline (attack review of issue 13, finding 2) -----------
+
+UNSIGNED = (b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"cobalt-verification: " + b"0" * 64 + b"\r\n\r\n{}")
+BIG_HEAD = b"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+HALF_HEAD = b"POST /webhooks/cobalt HTTP/1.1\r\nHo"
+
+
+def whole_request(body: bytes) -> bytes:
+    """A complete, correctly signed delivery of ``body`` as raw HTTP/1.1 bytes."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in signed(body).items())
+    return (f"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f"{head}\r\n").encode() + body
+
+
+async def until_closed(stream: anyio.abc.ByteStream, trickle: bytes = b"",
+                       *, limit_s: float = 10) -> tuple[bytes, int]:
+    """What the server sent until it closed the connection, and how many trickled bytes went.
+
+    With ``trickle``, one such chunk is sent whenever nothing arrives for 50 ms (an
+    attacker dripping a body). Raises TimeoutError if the server has not closed it
+    within ``limit_s``: a deadline for the server to act, not a measurement.
+    """
+    answer, dripped = b"", 0
+    with anyio.fail_after(limit_s):
+        try:
+            while True:
+                with anyio.move_on_after(0.05) as scope:
+                    answer += await stream.receive()
+                if scope.cancelled_caught and trickle:
+                    await stream.send(trickle)
+                    dripped += len(trickle)
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return answer, dripped
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "trickle"),
+    [pytest.param(UNSIGNED, BIG_HEAD, b"", id="401-then-silent-body"),
+     pytest.param(UNSIGNED, BIG_HEAD, b"x", id="401-then-trickled-body"),
+     pytest.param(None, BIG_HEAD, b"x", id="200-then-trickled-body"),
+     pytest.param(UNSIGNED, HALF_HEAD, b"", id="401-then-half-a-head"),
+     pytest.param(UNSIGNED, HALF_HEAD, b"X", id="401-then-trickled-head"),
+     pytest.param(UNSIGNED, UNSIGNED + BIG_HEAD, b"x", id="two-answered-then-trickled-body")],
+)
+async def test_a_pipelined_request_gets_its_own_deadline(tmp_path: Path, first: bytes | None,
+                                                         then: bytes, trickle: bytes) -> None:
+    """A whole request and, in the same packet, the start of the next one (HTTP pipelining),
+    whose rest then never comes or only drips: the server answers what was whole and then
+    closes the connection while the pipelined request is still unfinished."""
+    body = compact(event())
+    first = whole_request(body) if first is None else first
+    limits = SinkLimits(request_timeout_s=0.3, keep_alive_s=600)  # only the deadline closes
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+        async with stream:
+            await stream.send(first + then)
+            answer, dripped = await until_closed(stream, trickle)
+        answers = answer.count(b"HTTP/1.1 ")
+        assert answers == first.count(b"POST ") + then.count(b"\r\n\r\n{}")
+        assert b" 200 OK" not in answer or first == whole_request(body)
+        assert dripped < 100000  # closed mid-request: not by finishing it
+        assert await post(client, body, signed(body)) == 200
+    assert path.read_bytes() == body + b"\n"
+
+
+async def test_past_the_cap_pipelined_unfinished_requests_make_way_for_deliveries(
+        tmp_path: Path) -> None:
+    """20 connections each holding a pipelined request in its body against a cap of 8 (and
+    no deadline to help): the oldest are closed and signed deliveries get 200."""
+    limits = SinkLimits(max_connections=8, request_timeout_s=600, keep_alive_s=600)
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        held = []
+        try:
+            for _ in range(20):
+                stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
+                held.append(stream)
+                await stream.send(UNSIGNED + BIG_HEAD)
+                with anyio.fail_after(10):  # the 401 is out: the server is in the next body
+                    assert (await stream.receive()).startswith(b"HTTP/1.1 401")
+            for n in range(3):
+                body = compact(event(n))
+                assert await post(client, body, signed(body)) == 200
+            for stream in held[:12]:  # the 12 oldest had to go for the cap to hold
+                await until_closed(stream)
+        finally:
+            for stream in held:
+                await stream.aclose()
+    assert path.read_bytes().count(b"\n") == 3
+
+
+@pytest.mark.slow
+def test_a_flood_of_pipelined_slow_bodies_does_not_starve_deliveries(tmp_path: Path) -> None:
+    """The review's flood: the sink process under a 160 open-file limit, 300 connections that
+    each send an unsigned request and the head of a 100 kB one; signed deliveries still get
+    200 (the sink closes the oldest held connections instead of running out of sockets)."""
+    config = write_config(tmp_path)
+    port = free_port()
+    with (tmp_path / "sink.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["sh", "-c", 'ulimit -n 160 && exec "$0" "$@"', sys.executable, "-m", "pipeline",
+             "-q", "sink", str(config), "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, (tmp_path / "sink.log").read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def flood_then_deliver() -> list[int | str]:
+        held = []
+        try:
+            for _ in range(300):
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+                held.append(stream)
+                await stream.send(UNSIGNED + BIG_HEAD)
+            codes: list[int | str] = []
+            async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+                for n in range(5):
+                    body = compact(event(n))
+                    try:
+                        codes.append(await post(client, body, signed(body)))
+                    except httpx.HTTPError as exc:
+                        codes.append(type(exc).__name__)
+            return codes
+        finally:
+            for stream in held:
+                await stream.aclose()
+
+    try:
+        wait_until(up, timeout=20, what="the sink to listen")
+        assert anyio.run(flood_then_deliver) == [200] * 5
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert (tmp_path / "state" / "webhooks.jsonl").read_bytes().count(b"\n") == 5
+
+
+async def test_a_peer_that_never_reads_its_answers_loses_its_connection(tmp_path: Path) -> None:
+    """Requests pipelined without end and no answer ever read: once the sink's output to it
+    backs up, the peer gets the request deadline to read, then the connection is aborted
+    (its sends fail) instead of holding a socket and a task forever."""
+    limits = SinkLimits(request_timeout_s=0.3, keep_alive_s=600)
+    burst = UNSIGNED * 200
+    async with sink_running(tmp_path, limits=limits) as (client, path):
+        port = port_of(client)
+
+        def flood() -> str:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing
+                sock.connect(("127.0.0.1", port))
+                sock.settimeout(10)  # blocked this long: the sink holds the connection
+                for _ in range(2000):  # 400,000 requests: far past every buffer on the way
+                    try:
+                        sock.sendall(burst)
+                    except TimeoutError:
+                        return "held"
+                    except OSError:
+                        return "closed"
+                return "still reading"
+
+        assert await anyio.to_thread.run_sync(flood) == "closed"
+        body = compact(event())
+        assert await post(client, body, signed(body)) == 200
     assert path.read_bytes() == body + b"\n"
