@@ -247,19 +247,22 @@ def test_a_disk_full_scan_names_its_input_and_stays_open_until_a_run_reads_it(
 @pytest.mark.slow
 def test_sigint_during_the_scan_names_the_input_and_offers_the_recorded_rows(
         tmp_path: Path) -> None:
-    """SIGINT while a large file is scanned: exit 3; results.csv names the source file of
-    every recorded row; inputs lists the file; redrive.csv offers the recorded rows (never
-    "different headers"); the report says reading stopped; status shows not_read."""
+    """SIGINT while the first of two inputs (a large one) is scanned: exit 3; results.csv
+    names the source file of every recorded row; inputs lists both files; redrive.csv
+    offers the recorded rows (never "different headers"); the report says where reading
+    stopped and that neither file's rest was read; status shows both as not_read."""
     source = tmp_path / "input.csv"
     with source.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["emr_task_id", "note"])
         writer.writerows([f"T{i:06d}", f"note number {i}"] for i in range(300_000))
+    later = write_csv(tmp_path / "later.csv", [["L1", "a later note"]])
     config = write_config(tmp_path, api={"base_url": "http://127.0.0.1:9"})
     ledger = tmp_path / "state" / "ledger.sqlite"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "run", str(config),
-                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--no-progress", "--input", str(source), "--input", str(later)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
     def recorded() -> int:
         if not ledger.exists():
@@ -280,9 +283,11 @@ def test_sigint_during_the_scan_names_the_input_and_offers_the_recorded_rows(
     assert "different headers" not in err
     report = next((tmp_path / "reports").iterdir())
     summary = read_summary(report)
-    assert [f["path"] for f in summary["inputs"]] == [str(source)]
-    assert summary["not_read"]["files"] == [str(source)]
+    assert [f["path"] for f in summary["inputs"]] == [str(source), str(later)]
+    assert summary["not_read"]["files"] == [str(source), str(later)]
     assert summary["verdict"] == "attention"
+    status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+    assert json.loads(status.stdout)["kinds"]["not_read"]["count"] == 2
     results = read_results(report)
     assert 0 < len(results) < 300_000
     assert {r["source_file"] for r in results} == {str(source)}
