@@ -19,8 +19,11 @@ from test_reconcile import ACCOUNT, Book
 from test_shared_files import FakeCobalt, fill, run_cli, small_disk  # noqa: F401 - fixture
 
 from helpers import (
+    WEBHOOK_SECRET,
+    EmulatorThread,
     ThreadedServer,
     make_config,
+    notes,
     read_results,
     read_summary,
     wait_until,
@@ -28,7 +31,9 @@ from helpers import (
     write_csv,
 )
 from pipeline.cli import main
+from pipeline.events import SinkFile
 from pipeline.report import write_report
+from pipeline.sink import WebhookReceiver
 from pipeline.status import ledger_status
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
@@ -140,6 +145,41 @@ def test_reconcile_rewrites_a_run_that_another_command_settled(
         1, 0, "ok")
     assert main(["reconcile", str(config)]) == 0
     assert "run run-1:" not in capsys.readouterr().out  # final: nothing can change it
+
+
+@pytest.mark.slow
+def test_reconcile_rewrites_a_run_the_next_run_settled(tmp_path: Path) -> None:
+    """Run A's 20 notes await outcomes when it ends; the outcomes arrive; run B (other
+    notes) mirrors them into the ledger as it starts; reconcile then rewrites A too:
+    20 confirmed, verdict ok, as the ledger and status say."""
+    write_csv(tmp_path / "a.csv", notes(20, "a"))
+    write_csv(tmp_path / "b.csv", notes(5, "b"))
+    sink = SinkFile(tmp_path / "state" / "webhooks.jsonl")
+    sink.open()
+    receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
+    with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
+            webhook_url=f"{hooks.url}/webhooks/cobalt",
+            outcome_delay_ms=(1500.0, 1500.0)) as api:
+        config = write_config(tmp_path, api={"base_url": api.url})
+        a = tasknotes("run", str(config), "--no-progress", "--input", "a.csv", cwd=tmp_path)
+        assert a.returncode == 0, a.stdout + a.stderr
+        first = next((tmp_path / "reports").iterdir())
+        assert read_summary(first)["verdict"] == "waiting"
+        wait_until(lambda: api.emulator.deliveries.get("success", 0) == 20, timeout=60,
+                   what="run A's outcomes")
+        b = tasknotes("run", str(config), "--no-progress", "--input", "b.csv", cwd=tmp_path)
+        assert b.returncode == 0, b.stdout + b.stderr
+        wait_until(lambda: api.emulator.deliveries.get("success", 0) == 25, timeout=60,
+                   what="run B's outcomes")
+        done = tasknotes("reconcile", str(config), cwd=tmp_path)
+    sink.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run {first.name}:" in done.stdout
+    summary = read_summary(first)
+    assert (summary["final_status"]["confirmed"], summary["awaiting"], summary["verdict"]) == (
+        20, 0, "ok")
+    status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+    assert (status.returncode, json.loads(status.stdout)["open_total"]) == (0, 0)
 
 
 def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(
