@@ -17,6 +17,13 @@ is 3; a second one exits at once (the ledger is consistent at every commit).
 A full disk under the ledger (StorageFull) during the scan or the send is a
 stop too: nothing more is sent, rows not sent stay ``pending``, the run record
 and the report are written if there is room for them, and the exit code is 3.
+
+Every input file is recorded in the ledger before its first row is read. A scan
+that stops (a full disk, a signal, an input error) records where (run info
+``scan_stopped``): the report says which files' rest was not read, and the run
+stays open (``tasknotes status``: ``not_read``) until a later run reads them.
+When a run ends it also rewrites the reports of earlier runs holding notes it
+sent, so no redrive.csv goes on offering them.
 """
 
 from __future__ import annotations
