@@ -524,7 +524,8 @@ def _status(args: argparse.Namespace) -> int:
     labels = {"awaiting_outcome": "awaiting an outcome", "ambiguous": "ambiguous (held)",
               "send_failed": "send_failed, not sent since",
               "failed_retryable": "failed in the EMR, retryable",
-              "in_progress": "in progress, not sent yet"}
+              "in_progress": "in progress, not sent yet",
+              "not_read": "input files not read to the end"}
     for kind in found.kinds:
         if not kind.count:
             continue

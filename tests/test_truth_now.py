@@ -275,6 +275,9 @@ def test_a_disk_full_scan_names_its_input_and_stays_open_until_a_run_reads_it(
         status = tasknotes("status", str(config), "--json", cwd=tmp_path)
         assert status.returncode == 1
         assert json.loads(status.stdout)["kinds"]["not_read"]["run_ids"] == [report.name]
+        text = tasknotes("status", str(config), cwd=tmp_path)
+        assert text.returncode == 1, text.stderr
+        assert text.stdout.startswith("input files not read to the end: 1; oldest ")
         assert tasknotes("reconcile", str(config), cwd=tmp_path).returncode == 1
         second = run_cli(config, tmp_path)
         assert second.returncode == 0, second.stdout + second.stderr
