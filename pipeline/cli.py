@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError, RunAborted
 if TYPE_CHECKING:
     from pipeline.ledger import Ledger
     from pipeline.poll import PollStats
+    from pipeline.reconcile import Reconciler
     from pipeline.runner import RunOutcome, ScanCounts
 
 log = logging.getLogger("pipeline")
@@ -450,18 +451,26 @@ def _poll(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from pipeline.reconcile import Reconciler
+
     config = load_config(args.config)
     ledger = _open_ledger(config)
+    reconciler = Reconciler(ledger, config.webhooks.sink)
     try:
         if args.run_id:
             ledger.run(args.run_id)
             runs = [args.run_id]
         else:
-            runs = ledger.unsettled_runs() or [r for r in [ledger.latest_run()] if r]
+            # Learn the outcomes first, then choose: every run whose report may be wrong
+            # now, whoever refreshed the ledger since it was written (a run, status, poll).
+            latest = ledger.latest_run()
+            if latest is not None:
+                reconciler.refresh(ledger.run(latest)["account"])
+            runs = ledger.reports_to_rewrite() or [r for r in [latest] if r]
         if not runs:
             print("nothing to reconcile: the ledger has no runs")
             return 0
-        return _reconcile_runs(config, ledger, runs)
+        return _reconcile_runs(config, ledger, runs, reconciler)
     finally:
         ledger.close()
 
@@ -474,11 +483,12 @@ def _open_ledger(config: RunConfig) -> Ledger:
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
 
 
-def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str]) -> int:
+def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
+                    reconciler: Reconciler | None = None) -> int:
     from pipeline.reconcile import Reconciler
     from pipeline.report import write_report
 
-    reconciler = Reconciler(ledger, config.webhooks.sink)
+    reconciler = reconciler or Reconciler(ledger, config.webhooks.sink)
     live = set(ledger.runs_in_progress())
     code = 0
     for run_id in runs:
@@ -488,6 +498,7 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str]) -> i
             continue
         written = write_report(reconciler.run(run_id), config.report,
                                input_settings=config.input)
+        ledger.report_written(run_id, redrive_digest=written.redrive_digest)
         print(f"run {run_id}:")
         _print_result(written.counts, str(written.directory), written.files)
         if written.stale:
@@ -513,7 +524,8 @@ def _status(args: argparse.Namespace) -> int:
     labels = {"awaiting_outcome": "awaiting an outcome", "ambiguous": "ambiguous (held)",
               "send_failed": "send_failed, not sent since",
               "failed_retryable": "failed in the EMR, retryable",
-              "in_progress": "in progress, not sent yet"}
+              "in_progress": "in progress, not sent yet",
+              "not_read": "input files not read to the end"}
     for kind in found.kinds:
         if not kind.count:
             continue

@@ -227,6 +227,9 @@ class Earlier:
         return self.status in ("ambiguous", "sending") and self.outcome is None
 
 
+OpenRow = tuple[str, bytes, str | None]  # (run_id, key, since): one row behind an open item
+
+
 @dataclass(frozen=True, slots=True)
 class OpenGroup:
     """Open rows of one kind over every run: how many, how many stale, since when, where."""
@@ -492,69 +495,143 @@ class Ledger:
 
     def unsettled_runs(self) -> list[str]:
         """Runs whose report can still change: some row's truth waits on an outcome,
-        a review, another run's send or a send that did not happen (oldest first).
+        a review, another run's send or a send that did not happen, or the run's scan
+        stopped before the end of an input no later run has read (oldest first).
 
-        A run whose every row is settled by itself (confirmed, rejected, skipped
-        as a duplicate or behind a confirmed send) is not listed.
+        A run whose every row is settled (confirmed, rejected, skipped as a duplicate,
+        or following a confirmed send of its note by any run) is not listed.
         """
-        return [r[0] for r in self._db.execute(_UNSETTLED_RUNS_SQL)]
+        found = {r[0] for r in self._db.execute(_UNSETTLED_RUNS_SQL.format(where=""))}
+        found.update(run_id for run_id, _ in self.not_read())
+        return [r for r in self._runs_in_order() if r in found]
 
-    def open_groups(self, stale_before: str, running: Sequence[str]) -> dict[str, OpenGroup]:
-        """What is open over every run, by kind (status.py documents the kinds).
+    def run_settled(self, run_id: str) -> bool:
+        """Whether nothing can change ``run_id``'s report any more (see ``unsettled_runs``)."""
+        if self._db.execute(_UNSETTLED_RUNS_SQL.format(where="AND u.run_id = ?"),
+                            (run_id,)).fetchone() is not None:
+            return False
+        return all(r != run_id for r, _ in self.not_read())
 
-        ``stale_before``: an ISO 8601 UTC time (the ledger's format); rows awaiting an
-        outcome submitted before it count as stale. ``running``: the runs in progress;
-        their unsent rows are ``in_progress``, never ``send_failed``.
-        Counts are of notes (distinct ledger keys), except ``awaiting_outcome``: of jobs.
+    def reports_to_rewrite(self) -> list[str]:
+        """Runs whose written report may no longer say what is true now (oldest first):
+        the unsettled ones, and every run whose last report was written while it was
+        unsettled (``report_final`` not recorded, see ``report_written``), whoever
+        refreshed the ledger since (a later run, ``status``, ``poll``)."""
+        unsettled = set(self.unsettled_runs())
+        out = []
+        for run_id, info in self._db.execute(
+                "SELECT run_id, info FROM runs ORDER BY started_at, run_id"):
+            if run_id in unsettled or not json.loads(info).get("report_final"):
+                out.append(run_id)
+        return out
+
+    def report_written(self, run_id: str, *, redrive_digest: str | None) -> None:
+        """Record that ``run_id``'s report was just written: whether it is final (the run
+        was settled, so no later change can make it wrong) and the fingerprint of the rows
+        its redrive.csv offers (None: it has none)."""
+        self.update_run_info(run_id, {"report_final": self.run_settled(run_id),
+                                      "redrive_digest": redrive_digest})
+
+    def runs_following(self, run_id: str) -> list[str]:
+        """Other runs with a row whose note (ledger key) ``run_id`` sent and Cobalt took:
+        their reports (and redrive.csv) change when this run ends (oldest first)."""
+        found = {r[0] for r in self._db.execute(
+            """SELECT DISTINCT o.run_id FROM rows r JOIN rows o INDEXED BY rows_key
+                    ON o.key = r.key AND o.run_id != r.run_id
+                 WHERE r.run_id = ? AND r.status = 'accepted' AND r.key IS NOT NULL""",
+            (run_id,))}
+        return [r for r in self._runs_in_order() if r in found]
+
+    def _runs_in_order(self) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT run_id FROM runs ORDER BY started_at, run_id")]
+
+    def not_read(self) -> list[tuple[str, list[str]]]:
+        """Runs whose scan stopped before the end of some input file (a full disk, a
+        signal, an input error), with those files, while no later run read each to its
+        end: (run_id, paths), oldest first. ``--limit`` is not a stop: it says what it
+        left unread."""
+        runs = [(r, s, json.loads(i)) for r, s, i in self._db.execute(
+            "SELECT run_id, started_at, info FROM runs ORDER BY started_at, run_id")]
+        out = []
+        for n, (run_id, _, info) in enumerate(runs):
+            stopped = info.get("scan_stopped")
+            if not stopped:
+                continue
+            left = [p for p in stopped.get("unread_files", [])
+                    if not any(self._read_whole(p, later_info)
+                               for _, _, later_info in runs[n + 1:])]
+            if left:
+                out.append((run_id, left))
+        return out
+
+    @staticmethod
+    def _read_whole(path: str, info: dict[str, Any]) -> bool:
+        """Whether a run (by its recorded info) read ``path`` to its end: its scan counted
+        the file's every record, none left beyond ``--limit``."""
+        return any(f.get("path") == path and not f.get("beyond_limit")
+                   for f in info.get("input_records") or [])
+
+    def open_rows(self, running: Sequence[str]) -> dict[str, list[OpenRow]]:
+        """The rows behind each kind of open item over every run (status.py documents the
+        kinds and counts each note once), as (run_id, key, since) tuples.
+
+        ``running``: the runs in progress; their unsent rows are ``in_progress``, never
+        ``send_failed``. ``since`` (ISO 8601 UTC, or None): when the row was submitted
+        (``awaiting_outcome``: its latest send, which staleness is measured from), or
+        when its run ended (``send_failed``). ``failed_retryable`` is not here: its
+        reasons are matched in Python (``emr_failures``).
         """
         marks = ",".join("?" * len(running))
 
         def live(alias: str) -> str:
             return f"{alias}run_id IN ({marks})" if running else "0"
 
-        out: dict[str, OpenGroup] = {}
-        out["awaiting_outcome"] = self._group(
-            "SELECT run_id, COUNT(*), SUM(submitted_at < ?), MIN(submitted_at) FROM rows"
-            " WHERE status='accepted' AND outcome IS NULL GROUP BY run_id", (stale_before,))
-        out["ambiguous"] = self._group(
-            f"""WITH doubt AS (
-                SELECT r.run_id, r.key, r.submitted_at FROM rows r
-                 WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
-                       OR (r.status = 'sending' AND NOT {live('r.')}))
-                UNION ALL
-                SELECT h.run_id, h.key, ref.submitted_at
-                  FROM rows h JOIN rows ref ON ref.id = h.ref_id
-                 WHERE h.status = 'held' AND ref.outcome IS NULL
-                   AND ref.status IN ('ambiguous', 'sending'))
-            SELECT run_id, COUNT(DISTINCT key), 0, MIN(submitted_at) FROM doubt
-             WHERE key NOT IN ({_DELIVERED_KEYS}) GROUP BY run_id""",  # noqa: S608
-            tuple(running), distinct=f"""SELECT COUNT(DISTINCT key) FROM (
-                SELECT key FROM rows WHERE outcome IS NULL AND (status = 'ambiguous'
-                       OR (status = 'sending' AND NOT {live('')})))
-             WHERE key NOT IN ({_DELIVERED_KEYS})""")  # noqa: S608
-        out["send_failed"] = self._group(
-            f"""SELECT r.run_id, COUNT(DISTINCT r.key), 0,
-                       MIN(COALESCE(r.answered_at, u.finished_at, u.started_at))
-                  FROM rows r JOIN runs u ON u.run_id = r.run_id
-                 WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')} AND r.key IS NOT NULL
-                   AND r.key NOT IN ({_DELIVERED_KEYS})
-                 GROUP BY r.run_id""",  # noqa: S608
-            tuple(running), distinct=f"""SELECT COUNT(DISTINCT key) FROM rows
-                 WHERE status IN ('pending', 'failed') AND NOT {live('')} AND key IS NOT NULL
-                   AND key NOT IN ({_DELIVERED_KEYS})""")  # noqa: S608
-        out["in_progress"] = self._group(
-            f"SELECT run_id, COUNT(*), 0, MIN(submitted_at) FROM rows WHERE {live('')}"  # noqa: S608
-            " AND status IN ('pending', 'sending') GROUP BY run_id", tuple(running))
-        return out
+        params = tuple(running)
+        return {
+            "in_progress": self._db.execute(
+                f"SELECT run_id, key, submitted_at FROM rows WHERE {live('')}"  # noqa: S608
+                " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall(),
+            "awaiting_outcome": self._db.execute(
+                "SELECT run_id, key, submitted_at FROM rows"
+                " WHERE status = 'accepted' AND outcome IS NULL AND key IS NOT NULL").fetchall(),
+            "ambiguous": self._db.execute(
+                f"""WITH doubt AS (
+                    SELECT r.run_id, r.key, r.submitted_at FROM rows r
+                     WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
+                           OR (r.status = 'sending' AND NOT {live('r.')}))
+                    UNION ALL
+                    SELECT h.run_id, h.key, ref.submitted_at
+                      FROM rows h JOIN rows ref ON ref.id = h.ref_id
+                     WHERE h.status = 'held' AND ref.outcome IS NULL
+                       AND ref.status IN ('ambiguous', 'sending'))
+                SELECT run_id, key, submitted_at FROM doubt
+                 WHERE key IS NOT NULL AND key NOT IN ({_DELIVERED_KEYS})""",  # noqa: S608
+                params).fetchall(),
+            "send_failed": self._db.execute(
+                f"""SELECT r.run_id, r.key, COALESCE(r.answered_at, u.finished_at, u.started_at)
+                      FROM rows r JOIN runs u ON u.run_id = r.run_id
+                     WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')}
+                       AND r.key IS NOT NULL
+                       AND r.key NOT IN ({_DELIVERED_KEYS})""",  # noqa: S608
+                params).fetchall(),
+        }
 
-    def _group(self, sql: str, params: tuple[Any, ...], distinct: str | None = None) -> OpenGroup:
-        rows = self._db.execute(sql, params).fetchall()
-        count = sum(int(r[1]) for r in rows)
-        if distinct is not None and rows:
-            count = int(self._db.execute(distinct, params).fetchone()[0])
-        oldest = min((r[3] for r in rows if r[3] is not None), default=None)
-        return OpenGroup(count, sum(int(r[2] or 0) for r in rows), oldest,
-                         tuple(sorted(r[0] for r in rows)))
+    def redrive_row_ids(self, run_id: str) -> list[tuple[int, str, str | None, str | None]]:
+        """The rows of ``run_id`` its redrive.csv should offer now, before the reason
+        check: (id, status, failure_reason, reason_codes) of rows not sent (``pending``,
+        ``failed``) and of rows that failed in the EMR, whose note no run delivered
+        since (reconcile.py's ``send_failed`` and ``failed_in_emr``)."""
+        return self._db.execute(
+            """SELECT id, status, failure_reason, reason_codes FROM rows
+                 WHERE run_id = ? AND key IS NOT NULL
+                   AND (status IN ('pending', 'failed')
+                        OR (status = 'accepted' AND outcome = 'failed'))
+                   AND NOT EXISTS (SELECT 1 FROM rows o INDEXED BY rows_key
+                        WHERE o.key = rows.key AND o.run_id != rows.run_id
+                          AND (o.outcome = 'created'
+                               OR (o.status = 'accepted' AND o.outcome IS NULL)))""",
+            (run_id,)).fetchall()
 
     def emr_failures(self) -> list[tuple[str, bytes, str | None, str | None, str | None]]:
         """(run_id, key, failure_reason, reason_codes, outcome_at) of notes that failed in the
@@ -924,14 +1001,21 @@ SELECT r.id, via.run_id, via.job_id, via.outcome, via.task_note_id, via.submitte
           AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL))
         ORDER BY o.outcome IS NULL, o.id LIMIT 1)
  WHERE r.id IN ({marks})"""
+# A row whose own attempt did not deliver its note follows a confirmed send of that note by
+# another run (reconcile.py's rule 5): settled, even though the row itself has no outcome.
 _UNSETTLED_RUNS_SQL: Final = """
 SELECT run_id FROM runs u WHERE EXISTS (
     SELECT 1 FROM rows r LEFT JOIN rows ref ON ref.id = r.ref_id
      WHERE r.run_id = u.run_id AND (
            (r.status IN ('pending', 'failed', 'sending', 'ambiguous', 'accepted')
             AND r.outcome IS NOT 'created')
-        OR (r.status IN ('already_sent', 'held') AND ref.outcome IS NOT 'created')))
- ORDER BY started_at, run_id"""
+        OR (r.status IN ('already_sent', 'held') AND ref.outcome IS NOT 'created'))
+       AND NOT ((r.status IN ('pending', 'failed', 'already_sent', 'held')
+                 OR (r.status = 'accepted' AND r.outcome = 'failed'))
+                AND EXISTS (SELECT 1 FROM rows o INDEXED BY rows_key
+                             WHERE o.key = r.key AND o.run_id != r.run_id
+                               AND o.outcome = 'created')))
+ {where}"""
 
 
 def _flock_briefly(fd: int, kind: int, tries: int = 20) -> None:

@@ -13,7 +13,9 @@ stale then) and what staleness decides (``needs_attention``, ``verdict``,
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +23,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +36,7 @@ import pandas as pd
 
 from pipeline import __version__
 from pipeline.config import InputConfig, ReportConfig
-from pipeline.errors import PipelineError, StateError
+from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
 from pipeline.rejects import private_file
 from pipeline.source import CsvFile, clean_name
@@ -60,6 +63,7 @@ class Written:
     exit_code: int  # 0 nothing needs attention now (stale awaiting rows do), else 1
     needs_attention: int = 0
     stale: int = 0
+    redrive_digest: str | None = None  # of the rows redrive.csv offers; None: no redrive.csv
 
 
 def write_report(
@@ -80,22 +84,51 @@ def write_report(
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StateError(f"report directory {directory} cannot be created: {exc}") from None
-    tally = _write_results(result, directory / "results.csv", settings, now)
+    with _full_disk(directory / "results.csv"):
+        tally = _write_results(result, directory / "results.csv", settings, now)
     summary = summarise(result, tally, settings, now, process_exit_code=process_exit_code)
-    _atomic_write(directory / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    with _full_disk(directory / "summary.json"):
+        _atomic_write(directory / "summary.json",
+                      json.dumps(summary, indent=2, sort_keys=True) + "\n")
     previews = None
     if settings.show_note_preview:
         previews = note_previews(result, tally.attention, settings, input_settings)
-    _atomic_write(directory / "report.html",
-                  render_html(result, tally, summary, now, previews=previews))
+    with _full_disk(directory / "report.html"):
+        _atomic_write(directory / "report.html",
+                      render_html(result, tally, summary, now, previews=previews))
     written = ["results.csv", "summary.json", "report.html"]
-    if write_redrive(result, tally.redrive, input_settings, directory / "redrive.csv"):
+    with _full_disk(directory / "redrive.csv"):
+        offered = write_redrive(result, tally.redrive, input_settings, directory / "redrive.csv")
+    if offered:
         written.append("redrive.csv")
     if (directory / "rejects.csv").exists():
         written.append("rejects.csv")
     counts = {status: tally.counts[status] for status in FINAL_STATUSES}
     return Written(directory, tuple(written), counts, summary["exit_code_now"],
-                   tally.attention_total, tally.stale)
+                   tally.attention_total, tally.stale,
+                   redrive_digest(tally.redrive_ids) if offered else None)
+
+
+@contextlib.contextmanager
+def _full_disk(path: Path) -> Iterator[None]:
+    """ENOSPC/EDQUOT while writing ``path`` -> StorageFull naming it (exit 3, one line)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        if path.name == "redrive.csv":  # written in place: never leave a part of it
+            path.unlink(missing_ok=True)
+        raise StorageFull(f"disk full: the report file {path} cannot be written") from None
+
+
+def redrive_digest(row_ids: Iterable[int]) -> str:
+    """A fingerprint of the ledger rows a redrive.csv offers (their ids, sorted): the run
+    record keeps the one its report wrote, and ``tasknotes status`` lists the file only
+    while the rows open now give the same fingerprint (status.py)."""
+    text = ",".join(str(i) for i in sorted(set(row_ids)))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -183,6 +216,18 @@ def shareable(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def waiting_since(rows: pd.DataFrame) -> pd.Series:
+    """When each row's wait for an outcome began (UTC timestamps, NaT where none): the
+    latest send of its note, i.e. the send it follows (``via_submitted_at``, a later run's
+    resend of a note that failed in the EMR) if any, else its own ``submitted_at``.
+    Staleness is measured from this, in every report and in ``tasknotes status``."""
+    own = rows["submitted_at"]
+    if "via_submitted_at" in rows:
+        own = rows["via_submitted_at"].where(rows["via_submitted_at"].notna(), own)
+    return pd.to_datetime(own.replace("", None), utc=True, errors="coerce",
+                          format="ISO8601").reset_index(drop=True)
+
+
 class _Tally:
     """What one pass over a run's rows tells the summary, the page and redrive.csv."""
 
@@ -203,6 +248,7 @@ class _Tally:
         self.attention: list[dict[str, Any]] = []
         self.attention_total = 0
         self.redrive: dict[int, set[int]] = {}
+        self.redrive_ids: list[int] = []  # their ledger row ids (redrive_digest)
 
     def add(self, rows: pd.DataFrame, table: pd.DataFrame) -> None:
         self.rows += len(table)
@@ -219,12 +265,10 @@ class _Tally:
         self.coarse += int((seconds.notna() & ~fine).sum())
         seconds = seconds[fine].dropna()
         self.latencies.append(seconds.clip(lower=0).to_numpy(dtype=np.float32))
-        self._waiting_and_attention(table)
+        self._waiting_and_attention(table, waiting_since(rows))
         self._redrive(rows, table, failed)
 
-    def _waiting_and_attention(self, table: pd.DataFrame) -> None:
-        since = pd.to_datetime(table["submitted_at"].replace("", None), utc=True, errors="coerce",
-                               format="ISO8601")
+    def _waiting_and_attention(self, table: pd.DataFrame, since: pd.Series) -> None:
         age = (self._now - since).dt.total_seconds()
         waiting = table["final_status"] == "awaiting_outcome"
         stale = waiting & (age > self._settings.stale_after)
@@ -253,6 +297,7 @@ class _Tally:
         for file_no, line in zip(rows["file_no"].reset_index(drop=True)[wanted],
                                  table.loc[wanted, "line"], strict=True):
             self.redrive.setdefault(int(file_no), set()).add(int(line))
+        self.redrive_ids.extend(int(i) for i in rows["id"].reset_index(drop=True)[wanted])
 
     def latency(self) -> dict[str, float | None]:
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
@@ -353,7 +398,8 @@ def summarise(
     run, info = result.run, result.run["info"]
     counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
-    now_code = 1 if tally.attention_total or exit_code(counts) else 0
+    not_read = unread_input(result)
+    now_code = 1 if tally.attention_total or exit_code(counts) or not_read else 0
     exited = (process_exit_code if process_exit_code is not None
               else recorded_exit_code(run, now_code))
     awaiting = counts["awaiting_outcome"]
@@ -397,6 +443,9 @@ def summarise(
             # lines of the sink file the event codec refuses, kept in <sink>.set-aside
             "set_aside": result.tally.get("(set aside)", 0),
         },
+        # The scan stopped before the end of an input no later run has read: where, and
+        # the files whose rest was not read (None when every input was read).
+        "not_read": not_read,
         "exit_code": exited,
         "exit_code_now": now_code,
         "report": {
@@ -407,6 +456,22 @@ def summarise(
                                  if tally.oldest_waiting is not None else None),
         },
     }
+
+
+def unread_input(result: RunResult) -> dict[str, Any] | None:
+    """Where the run's scan stopped (a full disk, a signal, an input error) and the input
+    files whose rest it did not read, while no later run has read them to the end
+    (``Ledger.not_read``); None when nothing is left unread."""
+    stopped = result.run["info"].get("scan_stopped")
+    if not stopped:
+        return None
+    left = dict(result.ledger.not_read()).get(result.run["run_id"])
+    if not left:
+        return None
+    line = stopped.get("after_line")
+    where = (f"reading stopped after line {line:,} of {stopped['path']}" if line
+             else f"reading stopped before the first row of {stopped['path']}")
+    return {"stopped": where, "path": stopped["path"], "after_line": line, "files": left}
 
 
 _SUBSECOND: Final = r"T\d\d:\d\d:\d\d\.\d"  # an ISO 8601 time with a fraction of a second
@@ -503,16 +568,26 @@ def _bars(counts: dict[str, int], total: int) -> list[dict[str, Any]]:
 
 def write_redrive(result: RunResult, wanted: dict[int, set[int]], input_settings: InputConfig,
                   path: Path) -> bool:
-    """Copy the rows worth sending again out of the input files, as they were; False if none."""
+    """Copy the rows worth sending again out of the input files, as they were; False if none.
+
+    When they cannot be copied (an input file changed, moved or has another header),
+    an older redrive.csv at ``path`` is removed, saying so: it may offer rows that
+    some run has delivered since, and following it would send those notes twice.
+    """
     if not wanted:
         path.unlink(missing_ok=True)
         return False
     found = read_input_rows(result.files, wanted, input_settings)
-    if found is None:
-        return False
-    headers = {tuple(f["header"]) for f in result.files if f["file_no"] in found.files}
-    if len(headers) != 1:
-        log.warning("redrive.csv not written: the input files have different headers")
+    headers = ({tuple(f["header"]) for f in result.files if f["file_no"] in found.files}
+               if found is not None else set())
+    if found is None or len(headers) != 1:
+        if found is not None:
+            log.warning("redrive.csv not written: the input files have different headers")
+        if path.exists():
+            path.unlink()
+            log.warning("%s removed: it cannot be rewritten from the input, and may offer "
+                        "rows delivered since; results.csv lists the rows to send again",
+                        path)
         return False
     with private_file(path, input_settings.encoding) as fh:
         writer = csv.writer(fh, delimiter=input_settings.delimiter)

@@ -17,12 +17,19 @@ is 3; a second one exits at once (the ledger is consistent at every commit).
 A full disk under the ledger (StorageFull) during the scan or the send is a
 stop too: nothing more is sent, rows not sent stay ``pending``, the run record
 and the report are written if there is room for them, and the exit code is 3.
+
+Every input file is recorded in the ledger before its first row is read. A scan
+that stops (a full disk, a signal, an input error) records where (run info
+``scan_stopped``): the report says which files' rest was not read, and the run
+stays open (``tasknotes status``: ``not_read``) until a later run reads them.
+When a run ends it also rewrites the reports of earlier runs holding notes it
+sent, so no redrive.csv goes on offering them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import hashlib
 import logging
 import os
 import secrets
@@ -40,7 +47,7 @@ import anyio.lowlevel
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, PipelineError, StorageFull
+from pipeline.errors import ConfigError, PipelineError, StateError, StorageFull
 from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
 from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
@@ -190,17 +197,40 @@ class _Scan:
         self._account = config.api.account_id()
         self.validator = Validator(config.input, config.validation)
         self.counts = ScanCounts()
+        self.completed = False  # every input read to its end (or to the --limit cut)
+        self.file_no = 0  # the file being read
+        self.last_line: int | None = None  # the last line of it recorded in the ledger
 
     def run(self) -> ScanCounts:
+        """Read every input; the files are recorded (path, header) before a row is read,
+        so a scan that stops (a full disk, a signal, an input error) still names them."""
         for file_no, path in enumerate(self._inputs.paths):
             self.validator.name_file(file_no, str(path))
+            self._recorder.add_file(self._run_id, file_no, str(path),
+                                    self._inputs.headers[file_no].names)
         for file_no, path in enumerate(self._inputs.paths):
+            self.file_no, self.last_line = file_no, None
             if not self._scan_file(file_no, path):
                 if self.counts.truncated_at is not None:
                     self._count_later_files(file_no + 1)
+                    self.completed = True
                 break
+        else:
+            self.completed = True
         self.counts.blank += self.validator.blank_rows
         return self.counts
+
+    def header_names(self, file_no: int) -> list[str]:
+        return list(self._inputs.headers[file_no].names)
+
+    def stopped(self) -> dict[str, Any] | None:
+        """Where reading stopped, if the scan did not complete: the file, its last line
+        recorded, and every file whose rest was not read (run info ``scan_stopped``)."""
+        if self.completed:
+            return None
+        paths = [str(p) for p in self._inputs.paths]
+        return {"path": paths[self.file_no], "after_line": self.last_line,
+                "unread_files": paths[self.file_no:]}
 
     def _count_later_files(self, start: int) -> None:
         """The files after the --limit cut: counted as unread, record by record."""
@@ -292,6 +322,8 @@ class _Scan:
             rows.append(row)
             self._count(row.status)
         self._recorder.add_rows(self._run_id, rows)
+        if rows:
+            self.last_line = rows[-1].line
         return self.counts.truncated_at is None
 
     def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
@@ -476,6 +508,7 @@ class Run:
         self.control = Control()
         self.run_id = new_run_id()
         self.timings: dict[str, float] = {}
+        self.scan_stopped: dict[str, Any] = {}
 
     def execute(self) -> RunOutcome:
         preflight(self.config)  # a missing secret stops us before the ledger is touched
@@ -545,13 +578,38 @@ class Run:
             self.control.stop(str(exc))
             counts = scan.counts
         except PipelineError as exc:  # e.g. a file's quoting is broken: nothing is sent
-            ledger.finish_run(self.run_id, "aborted", {"stop_reason": f"input refused: {exc}"})
+            ledger.finish_run(self.run_id, "aborted", {"stop_reason": f"input refused: {exc}",
+                                                       **self._scan_stopped(ledger, scan)})
             raise
         finally:
             rejects.close()
+        self.scan_stopped = self._scan_stopped(ledger, scan)
         _log_scan(counts)
         stats = await self._send(ledger, inputs, counts)
         return self._finish(ledger, counts, stats, rejects)
+
+    def _scan_stopped(self, ledger: Ledger, scan: _Scan) -> dict[str, Any]:
+        """Run info for a scan that stopped early (else nothing): where, and which files
+        were not read to the end. The file it stopped in is fingerprinted whole, so
+        its report can read its rows back (redrive.csv) while it stays unchanged."""
+        stopped = scan.stopped()
+        if stopped is None:
+            return {}
+        path = Path(stopped["path"])
+        try:
+            with path.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            with contextlib.suppress(StorageFull):
+                ledger.add_file(self.run_id, scan.file_no, str(path),
+                                scan.header_names(scan.file_no), sha256=digest,
+                                size=path.stat().st_size)
+        except OSError as exc:
+            log.warning("%s: not fingerprinted (%s)", path, exc.strerror or exc)
+        where = (f"after line {stopped['after_line']:,}" if stopped["after_line"]
+                 else "before its first row")
+        log.info("the input was not read to the end: reading %s stopped %s; the rest "
+                    "was not read", path, where)
+        return {"scan_stopped": stopped}
 
     async def _send(self, ledger: Ledger, inputs: _Inputs, counts: ScanCounts
                     ) -> SubmitStats | None:
@@ -599,6 +657,7 @@ class Run:
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
             "input_records": [f.as_dict() for f in counts.files],
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
+            **self.scan_stopped,
         }
         from pipeline.report import write_report  # noqa: PLC0415 - see the imports above
 
@@ -613,16 +672,46 @@ class Run:
             written = write_report(self._result(ledger, state, info, refresh=recorded),
                                    self.config.report, input_settings=self.config.input,
                                    process_exit_code=3 if reason else None)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            log.warning("report not written: disk full at %s", exc.filename)
+        except StorageFull as exc:  # names the report file; the ledger has the truth
+            log.warning("report not written: %s", exc)
+            reason = reason or str(exc)
         code = 3 if reason or written is None else written.exit_code
         if recorded:
             with contextlib.suppress(StorageFull):  # summary.json's exit code, on rewrites
                 ledger.update_run_info(self.run_id, {"exit_code": code})
+                if written is not None:
+                    ledger.report_written(self.run_id, redrive_digest=written.redrive_digest)
+            if written is not None:
+                self._rewrite_followed(ledger)
         return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
+
+    def _rewrite_followed(self, ledger: Ledger) -> None:
+        """Rewrite the reports of earlier runs with notes this run sent: their rows now
+        follow this run's send, so their redrive.csv must stop offering them (and their
+        counts change); and of runs whose scan stopped, whose input this run may have
+        read. Runs whose report is final are left alone; a full disk stops the rewrites
+        (``tasknotes reconcile`` does them later)."""
+        from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
+        from pipeline.report import write_report  # noqa: PLC0415
+
+        stale = ledger.reports_to_rewrite()
+        # and runs whose scan stopped: this run may have read the rest of their input
+        wanted = {*ledger.runs_following(self.run_id),
+                  *(r for r in stale if ledger.run(r)["info"].get("scan_stopped"))}
+        reconciler = Reconciler(ledger, self.config.webhooks.sink)
+        for run_id in stale:
+            if run_id not in wanted or run_id == self.run_id:
+                continue
+            try:
+                written = write_report(reconciler.run(run_id), self.config.report,
+                                       input_settings=self.config.input)
+                ledger.report_written(run_id, redrive_digest=written.redrive_digest)
+            except (StorageFull, StateError) as exc:
+                log.warning("report of run %s not rewritten: %s; tasknotes reconcile "
+                            "rewrites it", run_id, exc)
+                return
+            log.info("report of run %s rewritten: %s", run_id, written.directory)
 
     def _full_disk_reason(self, ledger: Ledger, exc: StorageFull, *, scanning: bool) -> str:
         """The full disk, and (read back from the ledger) what was sent before it."""

@@ -1,10 +1,15 @@
 """``tasknotes status``: what is still open over every run in the ledger, and what settles it.
 
-Open items, by kind (each counted once per note, i.e. per ledger key, unless said):
+Open items, by kind. Each note (ledger key) is counted once, under the first
+of these kinds that holds it (this precedence), so the counts add up to the
+notes open; a run is listed under a kind only for the notes counted there:
 
-    awaiting_outcome  Cobalt took the note, no outcome event yet (counted per job);
-                      ``stale`` of them older than ``report.stale_after``. Settled
-                      by webhooks, or by ``tasknotes poll``.
+    in_progress       rows of a run in progress not sent yet (never ``send_failed``):
+                      that run settles them.
+    awaiting_outcome  Cobalt took the note, no outcome event yet; ``stale`` of them
+                      wait longer than ``report.stale_after``, measured from the
+                      note's latest send (the send every report follows too).
+                      Settled by webhooks, or by ``tasknotes poll``.
     ambiguous         a request may have reached Cobalt and nothing settles it
                       (held rows wait on these). Settled by review in the chart, or
                       by a ``task_note.created`` event ``poll`` brings back.
@@ -13,12 +18,17 @@ Open items, by kind (each counted once per note, i.e. per ledger key, unless sai
     failed_retryable  failed in the EMR with a reason in ``report.retryable_failures``
                       and not delivered by any run since. Settled by running the
                       run's redrive.csv.
-    in_progress       rows of a run in progress not sent yet (never ``send_failed``).
+    not_read          input files a run stopped reading before their end (a full
+                      disk, a signal, an input error) and no later run has read to
+                      the end; counted per file, as the rows past the stop were never
+                      counted. Settled by running again.
 
 A note any run delivered (confirmed, or taken and awaiting its outcome) is in
-no kind but ``awaiting_outcome``. Reading the status mirrors what the sink file
-gained into the ledger first, as ``reconcile`` does; no report is written and
-no note text is read.
+no kind but ``awaiting_outcome``. ``redrive_files`` lists a run's redrive.csv
+only while it offers exactly the rows of that run open now (the fingerprint its
+report recorded); a stale one is left out until ``tasknotes reconcile`` rewrites
+it. Reading the status mirrors what the sink file gained into the ledger first,
+as ``reconcile`` does; no report is written and no note text is read.
 """
 
 from __future__ import annotations
@@ -28,18 +38,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from pipeline.config import RunConfig
-from pipeline.ledger import Ledger, OpenGroup
+from pipeline.ledger import Ledger, OpenGroup, OpenRow
 
 SCHEMA: Final = 1
 KINDS: Final = ("awaiting_outcome", "ambiguous", "send_failed", "failed_retryable",
-                "in_progress")
+                "in_progress", "not_read")
+# Which kind counts a note open in several ways (module docstring).
+PRECEDENCE: Final = ("in_progress", "awaiting_outcome", "ambiguous", "send_failed",
+                     "failed_retryable")
 
 
 @dataclass(frozen=True, slots=True)
 class OpenKind:
     """One kind of open item over every run.
 
-    ``count``: notes (jobs, for ``awaiting_outcome``); ``stale``: how many of them
+    ``count``: notes (input files, for ``not_read``); ``stale``: how many of them
     wait longer than ``report.stale_after`` (``awaiting_outcome`` only, else 0);
     ``oldest_age_s``: seconds since the oldest was submitted (or its run ended),
     None when there is none; ``run_ids``: the runs whose reports list them;
@@ -127,34 +140,88 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
             Reconciler(ledger, config.webhooks.sink).refresh(ledger.run(latest)["account"])
         running = ledger.runs_in_progress()
         stale_before = _iso(now - timedelta(seconds=config.report.stale_after))
-        groups = ledger.open_groups(stale_before, running)
-        groups["failed_retryable"] = _retryable(ledger, config.report.retryable_failures)
+        rows = ledger.open_rows(running)
+        rows["failed_retryable"] = _retryable(ledger, config.report.retryable_failures)
+        groups = _by_precedence(rows, stale_before)
+        groups["not_read"] = _not_read(ledger)
+        redrive = _current_redrive(ledger, config, groups)
         holder = ledger.lock_holder() if running else None
     finally:
         ledger.close()
     return _assemble(config, config_path, now, groups,
-                     {"pid": "?" if holder is None else str(holder)})
+                     {"pid": "?" if holder is None else str(holder)}, redrive=redrive)
 
 
-def _retryable(ledger: Ledger, patterns: tuple[str, ...]) -> OpenGroup:
+def _by_precedence(rows: dict[str, list[OpenRow]], stale_before: str) -> dict[str, OpenGroup]:
+    """Each note under the first kind of PRECEDENCE that holds it; ``stale``: awaiting
+    notes whose latest send is older than ``stale_before``."""
+    taken: set[bytes] = set()
+    out: dict[str, OpenGroup] = {}
+    for kind in PRECEDENCE:
+        latest: dict[bytes, str | None] = {}
+        runs: set[str] = set()
+        oldest: str | None = None
+        for run_id, key, since in rows[kind]:
+            if key in taken:
+                continue
+            runs.add(run_id)
+            if key not in latest or (since or "") > (latest[key] or ""):
+                latest[key] = since
+            if since is not None and (oldest is None or since < oldest):
+                oldest = since
+        stale = 0
+        if kind == "awaiting_outcome":
+            stale = sum(1 for since in latest.values() if since is not None
+                        and since < stale_before)
+            oldest = min((v for v in latest.values() if v is not None), default=None)
+        taken.update(latest)
+        out[kind] = OpenGroup(len(latest), stale, oldest, tuple(sorted(runs)))
+    return out
+
+
+def _not_read(ledger: Ledger) -> OpenGroup:
+    found = ledger.not_read()
+    starts = [ledger.run(run_id)["started_at"] for run_id, _ in found]
+    return OpenGroup(sum(len(paths) for _, paths in found), 0, min(starts, default=None),
+                     tuple(run_id for run_id, _ in found))
+
+
+def _retryable(ledger: Ledger, patterns: tuple[str, ...]) -> list[OpenRow]:
     """EMR failures worth sending again: a reason code or phrase in ``patterns`` (as the
     report's redrive.csv chooses them)."""
     wanted = tuple(p.lower() for p in patterns)
-    keys: set[bytes] = set()
-    runs: set[str] = set()
-    oldest: str | None = None
-    for run_id, key, reason, codes, at in ledger.emr_failures():
-        text = f"{reason or ''};{codes or ''}".lower()
-        if any(p in text for p in wanted):
-            keys.add(key)
-            runs.add(run_id)
-            if at is not None and (oldest is None or at < oldest):
-                oldest = at
-    return OpenGroup(len(keys), 0, oldest, tuple(sorted(runs)))
+    return [(run_id, key, at) for run_id, key, reason, codes, at in ledger.emr_failures()
+            if _is_retryable(reason, codes, wanted)]
+
+
+def _is_retryable(reason: str | None, codes: str | None, wanted: tuple[str, ...]) -> bool:
+    text = f"{reason or ''};{codes or ''}".lower()
+    return any(p in text for p in wanted)
+
+
+def _current_redrive(ledger: Ledger, config: RunConfig,
+                     groups: dict[str, OpenGroup]) -> dict[str, str]:
+    """run_id -> its redrive.csv, for the runs under send_failed or failed_retryable whose
+    file offers exactly the rows open now (the fingerprint its report recorded)."""
+    from pipeline.report import redrive_digest  # noqa: PLC0415 - pandas only when needed
+
+    wanted = tuple(p.lower() for p in config.report.retryable_failures)
+    out: dict[str, str] = {}
+    for run_id in {*groups["send_failed"].run_ids, *groups["failed_retryable"].run_ids}:
+        path = config.report.dir / run_id / "redrive.csv"
+        recorded = ledger.run(run_id)["info"].get("redrive_digest")
+        if recorded is None or not path.exists():
+            continue
+        ids = [row_id for row_id, status, reason, codes in ledger.redrive_row_ids(run_id)
+               if status != "accepted" or _is_retryable(reason, codes, wanted)]
+        if redrive_digest(ids) == recorded:
+            out[run_id] = str(path)
+    return out
 
 
 def _assemble(config: RunConfig, config_path: str, now: datetime,
-              groups: dict[str, OpenGroup], extra: dict[str, str]) -> LedgerStatus:
+              groups: dict[str, OpenGroup], extra: dict[str, str], *,
+              redrive: dict[str, str] | None = None) -> LedgerStatus:
     settle = {
         "awaiting_outcome": f"tasknotes poll {config_path}",
         "ambiguous": ("review: check each listed task in the EMR (report.html, 'Rows that "
@@ -163,16 +230,18 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         "send_failed": f"tasknotes run {config_path} (rows already sent are skipped)",
         "failed_retryable": f"tasknotes run {config_path} --input <redrive.csv>",
         "in_progress": f"wait for the run to end (pid {extra.get('pid', '?')})",
+        "not_read": f"tasknotes run {config_path} (reads the input again; rows already "
+                    "sent are skipped)",
     }
     kinds = []
     for name in KINDS:
         group = groups[name]
-        redrive: tuple[str, ...] = ()
+        offered: tuple[str, ...] = ()
         if name in ("send_failed", "failed_retryable"):
-            redrive = tuple(str(p) for p in (config.report.dir / r / "redrive.csv"
-                                             for r in group.run_ids) if p.exists())
+            files = redrive or {}
+            offered = tuple(files[r] for r in group.run_ids if r in files)
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
-                              group.run_ids, redrive, settle[name]))
+                              group.run_ids, offered, settle[name]))
     return LedgerStatus(_iso(now), str(config.state.ledger), config.report.stale_after,
                         tuple(kinds))
 

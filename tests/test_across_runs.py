@@ -74,6 +74,7 @@ def test_interrupt_rerun_reconcile_offers_no_accepted_row(tmp_path: Path) -> Non
         again = tasknotes("run", str(config), "--no-progress", cwd=tmp_path)
         assert again.returncode in (0, 1), again.stderr
         second = report_dir(again.stdout, tmp_path)
+        assert not (first / "redrive.csv").exists()  # B rewrote A's report as it ended
         wait_until(lambda: api.emulator.deliveries.get("success", 0) == len(rows),
                    timeout=60, what="every outcome")
         done = tasknotes("reconcile", str(config), cwd=tmp_path)

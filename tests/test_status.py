@@ -12,6 +12,7 @@ from test_reconcile import ACCOUNT, Book
 
 from helpers import make_config, write_config
 from pipeline.cli import main
+from pipeline.report import redrive_digest
 from pipeline.status import KINDS, LedgerStatus, ledger_status
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
@@ -70,6 +71,7 @@ def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Pa
         "send_failed": (1, 0, ("run-1", "run-2")),  # C1; C2 and C3 were sent by run-2
         "failed_retryable": (1, 0, ("run-1",)),  # D1; D2's reason is not retryable
         "in_progress": (0, 0, ()),
+        "not_read": (0, 0, ()),
     }
     assert found.exit_code == 1
     assert found.kind("awaiting_outcome").oldest_age_s == 24 * 3600
@@ -98,15 +100,28 @@ def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: P
     assert "SECRET-NOTE-TEXT" not in json.dumps(shape)
 
 
-def test_redrive_files_of_open_runs_are_named(book: Book, tmp_path: Path) -> None:
-    """send_failed lists the redrive.csv files its runs' reports hold."""
-    book.row("failed", task="C1")
+def test_redrive_files_are_named_only_while_they_offer_the_open_rows(
+        book: Book, tmp_path: Path) -> None:
+    """send_failed lists a run's redrive.csv while it offers exactly the run's open rows
+    (the fingerprint its report recorded); once another run sent one of them, the file
+    would offer a delivered note: not listed until a rewrite records the new rows."""
+    c1 = book.row("failed", task="C1")
+    c2 = book.row("failed", task="C2")
     book.ledger.finish_run("run-1", "finished", {})
     redrive = tmp_path / "reports" / "run-1" / "redrive.csv"
     redrive.parent.mkdir(parents=True)
     redrive.write_text("emr_task_id,note\n")
+    book.ledger.report_written("run-1", redrive_digest=redrive_digest([c1, c2]))
     found = status_of(book, tmp_path).kind("send_failed")
-    assert found.redrive_files == (str(redrive),)
+    assert (found.count, found.redrive_files) == (2, (str(redrive),))
+
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="C1", job_id="9", run_id="run-2", submitted_at=RECENT)
+    book.ledger.finish_run("run-2", "finished", {})
+    found = status_of(book, tmp_path).kind("send_failed")
+    assert (found.count, found.run_ids, found.redrive_files) == (1, ("run-1",), ())
+    book.ledger.report_written("run-1", redrive_digest=redrive_digest([c2]))  # rewritten
+    assert status_of(book, tmp_path).kind("send_failed").redrive_files == (str(redrive),)
 
 
 def test_the_command_exits_0_1_2_and_prints_counts(

@@ -1,0 +1,339 @@
+"""Every report, redrive.csv, status count and exit code says what is true now, whichever
+command learnt it: reports another command settled are rewritten, a redrive.csv never
+offers a delivered note, status counts each note once, staleness runs from a note's
+latest send, a scan that stopped never looks green, and a full report disk is exit 3."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from test_reconcile import ACCOUNT, Book
+from test_shared_files import FakeCobalt, fill, run_cli, small_disk  # noqa: F401 - fixture
+
+from helpers import (
+    WEBHOOK_SECRET,
+    EmulatorThread,
+    ThreadedServer,
+    make_config,
+    notes,
+    read_results,
+    read_summary,
+    wait_until,
+    write_config,
+    write_csv,
+)
+from pipeline.cli import main
+from pipeline.events import SinkFile
+from pipeline.report import write_report
+from pipeline.sink import WebhookReceiver
+from pipeline.status import ledger_status
+
+NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
+OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
+RECENT = "2026-06-16T11:59:00.000Z"  # a minute before NOW
+
+
+def tasknotes(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", "-q", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=120, check=False)
+
+
+def book_config(book: Book, tmp_path: Path) -> Path:
+    return write_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                        webhooks={"sink": str(book.sink)})
+
+
+# -- status: one note, one kind ----------------------------------------------------------------
+
+
+def test_status_counts_each_note_once_under_the_first_kind_that_holds_it(
+        tmp_path: Path) -> None:
+    """Two notes failed in the EMR (retryable) in run A, then 503 in run B: 2 send_failed,
+    not also 2 failed_retryable (open_total 2, run A listed nowhere). A crashed run's
+    unsent notes that a live run is sending are in_progress only."""
+    book = Book(tmp_path / "b")
+    book.row("accepted", task="R1", job_id="1")
+    book.row("accepted", task="R2", job_id="2")
+    book.event("task_note.failed", "1", n=1, reason="EMR session expired")
+    book.event("task_note.failed", "2", n=2, reason="EMR session expired")
+    book.ledger.finish_run("run-1", "finished", {})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("failed", task="R1", run_id="run-2")
+    book.row("failed", task="R2", run_id="run-2")
+    book.ledger.finish_run("run-2", "finished", {})
+    book.ledger.start_run("run-3", ACCOUNT, "fp", {})  # crashed with two notes unsent
+    book.row("pending", task="P1", run_id="run-3")
+    book.row("pending", task="P2", run_id="run-3")
+    book.ledger.lock()  # run-4 is live: the lock is held
+    book.ledger.start_run("run-4", ACCOUNT, "fp", {})
+    book.row("pending", task="P1", run_id="run-4")
+    book.row("pending", task="P2", run_id="run-4")
+    book.ledger._db.execute("UPDATE runs SET state='crashed' WHERE run_id='run-3'")
+
+    config = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                         webhooks={"sink": str(book.sink)})
+    shape = ledger_status(config, now=NOW).to_dict()
+    got = {k: (v["count"], v["run_ids"]) for k, v in shape["kinds"].items()}
+    assert got == {
+        "awaiting_outcome": (0, []), "ambiguous": (0, []),
+        "send_failed": (2, ["run-2"]), "failed_retryable": (0, []),
+        "in_progress": (2, ["run-4"]), "not_read": (0, []),
+    }
+    assert shape["open_total"] == 4
+
+
+# -- staleness from the latest send --------------------------------------------------------------
+
+
+def test_a_resent_note_is_stale_from_its_latest_send_in_every_report_and_status(
+        tmp_path: Path) -> None:
+    """A note failed in the EMR a day ago (run 1) and was sent again a minute ago (run 2):
+    both reports say awaiting, 0 stale, exit_code_now 0; status: awaiting 1, 0 stale."""
+    book = Book(tmp_path / "b")
+    book.row("accepted", task="A1", job_id="1", submitted_at=OLD)
+    book.event("task_note.failed", "1", n=1, reason="EMR session expired")
+    book.ledger.finish_run("run-1", "finished", {})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="A1", job_id="2", run_id="run-2", submitted_at=RECENT)
+    book.ledger.finish_run("run-2", "finished", {})
+    config = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                         webhooks={"sink": str(book.sink)})
+    for run_id in ("run-1", "run-2"):
+        written = write_report(book.result(run_id), config.report,
+                               input_settings=config.input, now=NOW)
+        summary = read_summary(written.directory)
+        assert (summary["final_status"]["awaiting_outcome"], summary["report"]["stale"],
+                summary["exit_code_now"], summary["verdict"]) == (1, 0, 0, "waiting"), run_id
+    awaiting = ledger_status(config, now=NOW).kind("awaiting_outcome")
+    assert (awaiting.count, awaiting.stale) == (1, 0)
+
+
+# -- reports rewritten whoever learnt the truth ----------------------------------------------------
+
+
+def test_reconcile_rewrites_a_run_that_another_command_settled(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run 1's report says "awaiting"; its outcome arrives and `status` (not reconcile)
+    mirrors it into the ledger, so run 1 is settled before reconcile looks: reconcile still
+    rewrites run 1 (confirmed, verdict ok); once its report is final it is left alone."""
+    book = Book(tmp_path / "b")
+    book.row("accepted", task="A1", job_id="1")
+    book.ledger.finish_run("run-1", "finished", {"exit_code": 0})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="B1", job_id="2", run_id="run-2")
+    book.ledger.finish_run("run-2", "finished", {"exit_code": 0})
+    book.ledger.close()
+    config = book_config(book, tmp_path)
+    first = tmp_path / "reports" / "run-1"
+    assert main(["reconcile", str(config)]) == 0
+    assert read_summary(first)["verdict"] == "waiting"
+    book.event("task_note.created", "1", n=1, task="A1")
+    assert main(["status", str(config)]) == 1  # run 2 still awaits; this refreshed the ledger
+    capsys.readouterr()
+    assert main(["reconcile", str(config)]) == 0
+    assert "run run-1:" in capsys.readouterr().out
+    summary = read_summary(first)
+    assert (summary["final_status"]["confirmed"], summary["awaiting"], summary["verdict"]) == (
+        1, 0, "ok")
+    assert main(["reconcile", str(config)]) == 0
+    assert "run run-1:" not in capsys.readouterr().out  # final: nothing can change it
+
+
+@pytest.mark.slow
+def test_reconcile_rewrites_a_run_the_next_run_settled(tmp_path: Path) -> None:
+    """Run A's 20 notes await outcomes when it ends; the outcomes arrive; run B (other
+    notes) mirrors them into the ledger as it starts; reconcile then rewrites A too:
+    20 confirmed, verdict ok, as the ledger and status say."""
+    write_csv(tmp_path / "a.csv", notes(20, "a"))
+    write_csv(tmp_path / "b.csv", notes(5, "b"))
+    sink = SinkFile(tmp_path / "state" / "webhooks.jsonl")
+    sink.open()
+    receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
+    with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
+            webhook_url=f"{hooks.url}/webhooks/cobalt",
+            outcome_delay_ms=(1500.0, 1500.0)) as api:
+        config = write_config(tmp_path, api={"base_url": api.url})
+        a = tasknotes("run", str(config), "--no-progress", "--input", "a.csv", cwd=tmp_path)
+        assert a.returncode == 0, a.stdout + a.stderr
+        first = next((tmp_path / "reports").iterdir())
+        assert read_summary(first)["verdict"] == "waiting"
+        wait_until(lambda: api.emulator.deliveries.get("success", 0) == 20, timeout=60,
+                   what="run A's outcomes")
+        b = tasknotes("run", str(config), "--no-progress", "--input", "b.csv", cwd=tmp_path)
+        assert b.returncode == 0, b.stdout + b.stderr
+        wait_until(lambda: api.emulator.deliveries.get("success", 0) == 25, timeout=60,
+                   what="run B's outcomes")
+        done = tasknotes("reconcile", str(config), cwd=tmp_path)
+    sink.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run {first.name}:" in done.stdout
+    summary = read_summary(first)
+    assert (summary["final_status"]["confirmed"], summary["awaiting"], summary["verdict"]) == (
+        20, 0, "ok")
+    status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+    assert (status.returncode, json.loads(status.stdout)["open_total"]) == (0, 0)
+
+
+def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(
+        tmp_path: Path) -> None:
+    """Run A leaves X and Y unsent (503) and offers both in redrive.csv; the nightly export
+    overwrites in.csv with X and Z; run B sends X. When B ends, A's redrive.csv (which
+    cannot be rewritten from the changed input) is gone, said on stderr; A's row X says
+    "sent in run B"; status lists no redrive file for A's open Y; reconcile agrees."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"], ["Y", "note y"]])
+    fake = FakeCobalt(answers={t: (503, {"message": "busy"}) for t in ("X", "Y")})
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, input={"path": str(source)},
+                              api={"base_url": api.url})
+        a = tasknotes("run", str(config), "--no-progress", cwd=tmp_path)
+        assert a.returncode == 1, a.stdout + a.stderr
+        first = next((tmp_path / "reports").iterdir())
+        assert (first / "redrive.csv").exists()
+        fake.answers.clear()
+        write_csv(source, [["X", "note x"], ["Z", "note z"]])
+        b = tasknotes("run", str(config), "--no-progress", cwd=tmp_path)
+        assert b.returncode == 0, b.stdout + b.stderr
+    assert not (first / "redrive.csv").exists()
+    assert f"{first / 'redrive.csv'} removed" in b.stderr
+    rows = {r["emr_task_id"]: r for r in read_results(first)}
+    assert rows["X"]["final_status"] == "awaiting_outcome"
+    assert rows["X"]["detail"].startswith("sent in run ")
+    assert rows["Y"]["final_status"] == "send_failed"
+    status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+    kinds = json.loads(status.stdout)["kinds"]
+    assert (kinds["send_failed"]["count"], kinds["send_failed"]["redrive_files"]) == (1, [])
+    done = tasknotes("reconcile", str(config), cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert not (first / "redrive.csv").exists()
+
+
+# -- a full report disk ----------------------------------------------------------------------
+
+
+def test_a_full_report_disk_is_one_line_and_exit_3_for_reconcile_and_run(
+        tmp_path: Path, small_disk: Path) -> None:  # noqa: F811 - the imported fixture
+    """report.dir on a full tmpfs: reconcile and run say which report file could not be
+    written (never "at None"), exit 3, no traceback."""
+    write_csv(tmp_path / "input.csv", [["T1", "a note"]])
+    fake = FakeCobalt()
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url},
+                              state={"ledger": str(tmp_path / "db" / "ledger.sqlite")},
+                              report={"dir": str(small_disk / "reports")})
+        assert run_cli(config, tmp_path).returncode == 0
+        fill(small_disk)
+        done = tasknotes("reconcile", str(config), cwd=tmp_path)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        report = next((small_disk / "reports").iterdir())
+        assert done.stderr.splitlines()[-1] == (
+            f"tasknotes: disk full: the report file {report / 'results.csv'} cannot be written")
+        write_csv(tmp_path / "input.csv", [["T2", "another note"]])
+        again = run_cli(config, tmp_path)
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    assert "None" not in again.stderr
+    assert "report not written: disk full: the report file" in again.stderr
+
+
+# -- a scan that stopped never looks green -------------------------------------------------
+
+
+def test_a_disk_full_scan_names_its_input_and_stays_open_until_a_run_reads_it(
+        tmp_path: Path, small_disk: Path) -> None:  # noqa: F811 - the imported fixture
+    """The ledger's disk fills during the scan: the report names the input, where reading
+    stopped and that the rest was not read; verdict attention, exit_code_now 1; status and
+    reconcile exit 1 (not_read: 1) until a later run reads the file to its end."""
+    rows = [[f"T{i:04d}", f"note number {i}"] for i in range(3000)]
+    source = write_csv(tmp_path / "input.csv", rows)
+    fake = FakeCobalt()
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url},
+                              webhooks={"sink": str(tmp_path / "hooks" / "webhooks.jsonl")})
+        from pipeline.ledger import Ledger  # noqa: PLC0415
+
+        Ledger(small_disk / "ledger.sqlite").close()  # its reserve taken
+        filler = fill(small_disk, leave=160 * 1024)
+        first = run_cli(config, tmp_path)
+        assert first.returncode == 3, first.stderr
+        filler.unlink()
+        report = next((tmp_path / "reports").iterdir())
+        summary = read_summary(report)
+        assert [f["path"] for f in summary["inputs"]] == [str(source)]
+        assert summary["not_read"]["files"] == [str(source)]
+        assert (summary["verdict"], summary["exit_code"], summary["exit_code_now"]) == (
+            "attention", 3, 1)
+        assert "the rest of" in (report / "report.html").read_text()
+        status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+        assert status.returncode == 1
+        assert json.loads(status.stdout)["kinds"]["not_read"]["run_ids"] == [report.name]
+        text = tasknotes("status", str(config), cwd=tmp_path)
+        assert text.returncode == 1, text.stderr
+        assert text.stdout.startswith("input files not read to the end: 1; oldest ")
+        assert tasknotes("reconcile", str(config), cwd=tmp_path).returncode == 1
+        second = run_cli(config, tmp_path)
+        assert second.returncode == 0, second.stdout + second.stderr
+    status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+    assert json.loads(status.stdout)["kinds"]["not_read"]["count"] == 0
+    assert read_summary(report)["not_read"] is None  # rewritten when B ended, or by reconcile
+    assert sorted(fake.stored) == sorted((t, n) for t, n in rows)
+
+
+@pytest.mark.slow
+def test_sigint_during_the_scan_names_the_input_and_offers_the_recorded_rows(
+        tmp_path: Path) -> None:
+    """SIGINT while the first of two inputs (a large one) is scanned: exit 3; results.csv
+    names the source file of every recorded row; inputs lists both files; redrive.csv
+    offers the recorded rows (never "different headers"); the report says where reading
+    stopped and that neither file's rest was read; status shows both as not_read."""
+    source = tmp_path / "input.csv"
+    with source.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["emr_task_id", "note"])
+        writer.writerows([f"T{i:06d}", f"note number {i}"] for i in range(300_000))
+    later = write_csv(tmp_path / "later.csv", [["L1", "a later note"]])
+    config = write_config(tmp_path, api={"base_url": "http://127.0.0.1:9"})
+    ledger = tmp_path / "state" / "ledger.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "run", str(config),
+                             "--no-progress", "--input", str(source), "--input", str(later)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+    def recorded() -> int:
+        if not ledger.exists():
+            return 0
+        try:
+            db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+            try:
+                return int(db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return 0
+
+    wait_until(lambda: recorded() > 0, timeout=60, what="the scan to record rows")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out + err
+    assert "different headers" not in err
+    report = next((tmp_path / "reports").iterdir())
+    summary = read_summary(report)
+    assert [f["path"] for f in summary["inputs"]] == [str(source), str(later)]
+    assert summary["not_read"]["files"] == [str(source), str(later)]
+    assert summary["verdict"] == "attention"
+    status = tasknotes("status", str(config), "--json", cwd=tmp_path)
+    assert json.loads(status.stdout)["kinds"]["not_read"]["count"] == 2
+    results = read_results(report)
+    assert 0 < len(results) < 300_000
+    assert {r["source_file"] for r in results} == {str(source)}
+    assert summary["not_read"]["after_line"] == int(results[-1]["line"])
+    with (report / "redrive.csv").open(newline="") as fh:
+        assert sum(1 for _ in fh) == len(results) + 1  # every recorded row, unsent
