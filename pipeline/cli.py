@@ -400,11 +400,6 @@ def _sink(args: argparse.Namespace) -> int:
 
 
 def _poll(args: argparse.Namespace) -> int:
-    import anyio
-
-    from pipeline.client import CobaltClient
-    from pipeline.events import SinkFile
-    from pipeline.poll import Poller
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
@@ -421,32 +416,57 @@ def _poll(args: argparse.Namespace) -> int:
         for run_id in runs:
             ledger.run(run_id)
             wanted |= ledger.job_ids(run_id, unresolved=True)
-        if not wanted:
-            print("nothing to poll: every accepted row has an outcome event in the sink")
-            return _reconcile_runs(config, ledger, runs)
-        sink = SinkFile(config.webhooks.sink)
-        sink.open()
-        since = ledger.earliest_submission(wanted)
-
-        async def fetch() -> PollStats:
-            webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
-            async with CobaltClient(config.api, max_connections=2,
-                                    more_secrets=webhook_secrets) as client:
-                return await Poller(config, client, sink).run(wanted, since)
-
-        try:
-            stats = anyio.run(fetch, backend_options=config.submit.backend_options())
-        finally:
-            sink.close()
-        print(f"polled {stats.wanted:,} jobs with {stats.requests:,} requests: "
-              f"{stats.stored:,} events stored, {stats.duplicates:,} already there, "
-              f"{stats.still_missing:,} jobs still without an outcome")
-        if stats.delivered_but_missing:
-            print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
-                  "as delivered: to another webhook URL, or to a receiver that did not keep them")
-        return _reconcile_runs(config, ledger, runs)
+        ambiguous, sent_since = ledger.ambiguous_keys(runs)
+        if not wanted and not ambiguous:
+            print("nothing to poll: every accepted row has an outcome event in the sink, and "
+                  "no ambiguous row waits for one")
+        else:
+            since = min((t for t in (ledger.earliest_submission(wanted), sent_since) if t),
+                        default=None)
+            _poll_events(config, wanted, ambiguous, since)
     finally:
         ledger.close()
+    # What the polled events settle can change any run (a note's evidence follows it):
+    # reconcile as `tasknotes reconcile CONFIG` does, choosing the runs the same way.
+    return _reconcile(argparse.Namespace(config=args.config, run_id=None))
+
+
+def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
+                 since: str | None) -> None:
+    """Fetch the outcome events of ``wanted`` jobs and ``ambiguous`` notes into the sink."""
+    import anyio
+
+    from pipeline.client import CobaltClient
+    from pipeline.events import SinkFile
+    from pipeline.poll import Poller
+
+    sink = SinkFile(config.webhooks.sink)
+    sink.open()
+
+    async def fetch() -> PollStats:
+        webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
+        async with CobaltClient(config.api, max_connections=2,
+                                more_secrets=webhook_secrets) as client:
+            return await Poller(config, client, sink).run(wanted, since, ambiguous)
+
+    try:
+        stats = anyio.run(fetch, backend_options=config.submit.backend_options())
+    finally:
+        sink.close()
+    print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')} "
+          f"with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} stored, "
+          f"{stats.duplicates:,} already there, {_n(stats.still_missing, 'job')} still "
+          f"without an outcome, {stats.ambiguous_found:,} ambiguous "
+          f"{'note' if stats.ambiguous_found == 1 else 'notes'} found in a "
+          "task_note.created event")
+    if stats.delivered_but_missing:
+        print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
+              "as delivered: to another webhook URL, or to a receiver that did not keep them")
+
+
+def _n(count: int, noun: str) -> str:
+    """``count`` and ``noun``, the noun in the plural unless the count is one: "1 job"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _reconcile(args: argparse.Namespace) -> int:
