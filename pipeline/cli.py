@@ -378,23 +378,25 @@ def _one_line(counts: dict[str, int]) -> str:
 
 def _sink(args: argparse.Namespace) -> int:
     from pipeline.events import SinkFile
-    from pipeline.servers import serve_foreground
+    from pipeline.servers import bind, serve_foreground
     from pipeline.sink import WebhookReceiver
 
     config = load_config(args.config, needs=("webhooks",))
     secrets = config.webhooks.all_secrets()
     if not secrets:
         raise PipelineError("webhooks.secret: the sink needs at least one webhook secret")
+    sock = bind(args.host, args.port)  # before anything is created or said: one line if not
     sink = SinkFile(config.webhooks.sink)
-    sink.open()
-    receiver = WebhookReceiver(sink, secrets, path=config.webhooks.path,
-                               max_body_bytes=config.webhooks.max_body_bytes)
-    log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
-             config.webhooks.sink, len(sink))
     try:
-        serve_foreground(receiver.app(), host=args.host, port=args.port,
+        sink.open()
+        receiver = WebhookReceiver(sink, secrets, path=config.webhooks.path,
+                                   max_body_bytes=config.webhooks.max_body_bytes)
+        log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
+                 config.webhooks.sink, len(sink))
+        serve_foreground(receiver.app(), host=args.host, port=args.port, sock=sock,
                          **receiver.serve_options())
     finally:
+        sock.close()
         sink.close()
     return 0
 
