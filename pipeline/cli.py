@@ -4,7 +4,8 @@ Exit codes (DESIGN.md): 0 every row ended well; 1 the run finished but some
 rows were rejected, failed or are ambiguous; 2 bad usage, config or input
 (nothing was sent); 3 aborted (credentials refused, too many failures,
 interrupted, disk full). ``status``: 0 nothing open, 1 something open, 2 bad
-config. A user error is one line on stderr, never a traceback. This is the one
+config; every command's own codes are in ``COMMAND_EXIT_CODES`` (its --help).
+A user error is one line on stderr, never a traceback. This is the one
 module that prints; nothing it prints holds a note's text.
 """
 
@@ -81,10 +82,47 @@ def _logging(verbose: int, quiet: bool) -> None:
 EXIT_CODES = """\
 exit codes:
   0  every row ended well (accepted, confirmed, or rightly skipped)
-  1  the command finished, but some rows were rejected, failed or are ambiguous
+  1  the command finished, but some rows were rejected, failed or are ambiguous,
+     or await an outcome longer than report.stale_after
   2  bad usage, bad config or unreadable input: nothing was sent
   3  aborted: credentials refused, too many consecutive failures, interrupted,
      disk full, or Cobalt's answers could not be read"""
+# Each command's own meaning of its exit codes, shown by its --help (DESIGN's contract).
+_RECONCILED = """\
+  0  every row of the runs reconciled ended well (awaiting rows not yet stale)
+  1  some row of them needs attention: rejected, failed, ambiguous, not sent, or
+     awaiting an outcome longer than report.stale_after"""
+COMMAND_EXIT_CODES = {
+    "run": EXIT_CODES,
+    "validate": """\
+exit codes:
+  0  the config, its secrets and every row are valid: run would send them
+  1  some rows would be rejected (rejects.csv says which and why)
+  2  bad usage, bad config, a secret not set, or unreadable input""",
+    "sink": """\
+exit codes:
+  0  stopped by Ctrl-C (SIGINT) or SIGTERM, after a graceful shutdown
+  2  bad usage or config (no webhook secret), or host:port cannot be listened on""",
+    "poll": f"""\
+exit codes (of the reconcile that follows the poll):
+{_RECONCILED}
+  2  bad usage or config, or no ledger yet
+  3  aborted: credentials refused, Cobalt kept failing, or a page could not be read""",
+    "reconcile": f"""\
+exit codes:
+{_RECONCILED}
+  2  bad usage or config, or no ledger yet""",
+    "status": """\
+exit codes:
+  0  nothing is open over any run
+  1  something is open: awaiting an outcome (stale or not), ambiguous, not sent,
+     failed in the EMR with a retryable reason, or a run in progress
+  2  bad usage or config""",
+    "emulator": """\
+exit codes:
+  0  stopped by Ctrl-C (SIGINT) or SIGTERM
+  2  bad usage, or host:port cannot be listened on""",
+}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -111,7 +149,8 @@ def _verbosity(parser: argparse.ArgumentParser, *, default: object) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tasknotes", formatter_class=_Formatter, epilog=EXIT_CODES,
+        prog="tasknotes", formatter_class=_Formatter,
+        epilog=EXIT_CODES + "\n\nEach command's --help gives its own exit codes.",
         description="Append notes to EMR tasks through Cobalt, from CSV, and prove what "
                     "happened to every row.")
     parser.add_argument("--version", action="version", version=f"tasknotes {__version__}")
@@ -123,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=text, description=text, parents=[common],
-                                   formatter_class=_Formatter, epilog=EXIT_CODES)
+                                   formatter_class=_Formatter,
+                                   epilog=COMMAND_EXIT_CODES[name])
 
     run = command("run", "validate, send, collect outcomes, report")
     _config_arg(run)
@@ -151,9 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=8787, help="port to listen on")
     sink.set_defaults(handler=_sink)
 
-    poll = command("poll", "fetch outcomes of unresolved jobs from Cobalt")
+    poll = command("poll", "fetch outcomes of unresolved jobs and ambiguous rows from Cobalt, "
+                           "then reconcile as `reconcile` does")
     _config_arg(poll)
-    poll.add_argument("--run-id", help="only this run (default: every run with unresolved rows)")
+    poll.add_argument("--run-id", help="poll only this run's rows (default: every run with "
+                                       "unresolved rows); reconciling still covers every run "
+                                       "whose report can change")
     poll.set_defaults(handler=_poll)
 
     reconcile = command("reconcile", "re-join ledger and sink; rewrite reports")

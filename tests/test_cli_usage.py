@@ -48,10 +48,12 @@ def test_bare_tasknotes_prints_the_help_with_the_exit_codes(tmp_path: Path) -> N
                                      "emulator"])
 def test_every_flag_has_help_and_shows_its_default(command: str) -> None:
     """Each option of each command has a help text, and the help shows its default (a default
-    of None is described in the help's own words); every --help lists the exit codes."""
+    of None is described in the help's own words); every --help lists exit codes (each
+    command its own: test_each_command_help_gives_its_own_exit_codes)."""
     parser = _subparsers()[command]
     text = parser.format_help()
-    for line in EXIT_CODE_LINES:
+    assert "exit codes" in text
+    for line in EXIT_CODE_LINES if command in ("", "run") else ():
         assert line in text
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction | argparse._VersionAction) or (
@@ -197,3 +199,41 @@ def test_validate_and_dry_run_write_nothing_but_rejects_and_say_where(
         assert [r[1:3] for r in csv.reader(fh)][1:] == [["5", "missing-task-id"]]
     assert not (tmp_path / "state").exists()
     assert yaml.safe_load(config.read_text())["report"]["dir"] == str(tmp_path / "reports")
+
+
+@pytest.mark.parametrize(
+    ("command", "present", "absent"),
+    [pytest.param("run", ["0  every row ended well", "report.stale_after",
+                          "3  aborted"], [], id="run"),
+     pytest.param("validate", ["0  the config, its secrets and every row are valid",
+                               "1  some rows would be rejected", "2  bad usage"],
+                  ["3  aborted", "0  every row ended well"], id="validate"),
+     pytest.param("sink", ["0  stopped by Ctrl-C (SIGINT) or SIGTERM",
+                           "host:port cannot be listened on"],
+                  ["1  ", "0  every row ended well"], id="sink"),
+     pytest.param("emulator", ["0  stopped by Ctrl-C (SIGINT) or SIGTERM",
+                               "host:port cannot be listened on"],
+                  ["1  ", "0  every row ended well"], id="emulator"),
+     pytest.param("poll", ["0  every row of the runs reconciled ended well",
+                           "report.stale_after", "3  aborted: credentials refused"],
+                  ["0  every row ended well"], id="poll"),
+     pytest.param("reconcile", ["0  every row of the runs reconciled ended well",
+                                "report.stale_after", "2  bad usage or config"],
+                  ["3  aborted", "0  every row ended well"], id="reconcile"),
+     pytest.param("status", ["0  nothing is open over any run", "1  something is open",
+                             "awaiting an outcome (stale or not)", "2  bad usage or config"],
+                  ["3  aborted", "0  every row ended well"], id="status")],
+)
+def test_each_command_help_gives_its_own_exit_codes(
+    command: str, present: list[str], absent: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tasknotes COMMAND --help` lists that command's exit codes, not run's; the commands
+    whose exit 1 can come from rows awaiting an outcome too long say so."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    epilog = out[out.index("exit codes"):]
+    for text in present:
+        assert text in epilog, (text, epilog)
+    for text in absent:
+        assert text not in epilog, (text, epilog)
