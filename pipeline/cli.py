@@ -344,6 +344,15 @@ def _validate(args: argparse.Namespace) -> int:
     config = _config_for_sending(args.config)  # the secrets run would need, resolved
     outcome = validate_only(config, args.input)
     _print_scan(outcome, dry_run=False)
+    if not config.sandbox.enabled:  # the sink runs apart, but refuses to start without it
+        try:
+            missing = not load_config(args.config, needs=("webhooks",)).webhooks.all_secrets()
+            problem = "webhooks.secret: not set"
+        except PipelineError as exc:
+            missing, problem = True, str(exc)
+        if missing:
+            print(f"warning: {problem}; `tasknotes sink` will refuse to start without a "
+                  "webhook secret (run itself does not need it)")
     return outcome.exit_code
 
 

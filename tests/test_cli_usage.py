@@ -237,3 +237,63 @@ def test_each_command_help_gives_its_own_exit_codes(
         assert text in epilog, (text, epilog)
     for text in absent:
         assert text not in epilog, (text, epilog)
+
+
+def _config_with_env_refs(tmp_path: Path) -> Path:
+    write_csv(tmp_path / "input.csv", notes(2))
+    refs = {"client_id": "${T_CLIENT_ID}", "client_secret": "${T_CLIENT_SECRET}",
+            "access_token": "${T_ACCESS_TOKEN}"}
+    path = tmp_path / "night.yaml"
+    path.write_text(yaml.safe_dump(config_dict(
+        tmp_path, api=refs, webhooks={"secret": "${T_WEBHOOK_SECRET}"}), sort_keys=False))
+    return path
+
+
+SECRETS = {"T_CLIENT_ID": "cid-4471", "T_CLIENT_SECRET": "csec-4472",
+           "T_ACCESS_TOKEN": "tok-4473", "T_WEBHOOK_SECRET": "hook-4474"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [pytest.param({}, ["api.client_id: environment variable T_CLIENT_ID is not set",
+                       "api.client_secret: environment variable T_CLIENT_SECRET is not set",
+                       "api.access_token: environment variable T_ACCESS_TOKEN is not set"],
+                  id="all-unset"),
+     pytest.param({**SECRETS, "T_ACCESS_TOKEN": ""},
+                  ["api.access_token: environment variable T_ACCESS_TOKEN is set but empty"],
+                  id="set-but-empty")],
+)
+def test_validate_names_every_secret_variable_not_set_or_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    env: dict[str, str], named: list[str],
+) -> None:
+    """validate with secrets missing: one line, exit 2, naming every variable not set (not
+    only the first) and a variable set to the empty string as such."""
+    for name in SECRETS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = _config_with_env_refs(tmp_path)
+    assert main(["validate", str(path)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line == "tasknotes: " + "; ".join(named)
+    assert not any(value in captured.out + captured.err for value in SECRETS.values())
+
+
+def test_validate_warns_that_the_sink_needs_the_webhook_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The api secrets set, the webhook secret not: validate passes (run does not need it)
+    but says the sink will refuse to start without it, naming the key and the variable."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("T_WEBHOOK_SECRET")
+    path = _config_with_env_refs(tmp_path)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: webhooks.secret: environment variable T_WEBHOOK_SECRET is not set; "
+            "`tasknotes sink` will refuse to start without a webhook secret") in out
+    monkeypatch.setenv("T_WEBHOOK_SECRET", SECRETS["T_WEBHOOK_SECRET"])
+    assert main(["validate", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out
