@@ -40,7 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     umask = os.umask(0o077)
     try:
         parser = _parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command they were given to, with that command's usage
+            (getattr(args, "command_parser", None) or parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:  # bare `tasknotes`: the help, not an error message
             parser.print_help()
             return 2
@@ -161,9 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=text, description=text, parents=[common],
-                                   formatter_class=_Formatter,
-                                   epilog=COMMAND_EXIT_CODES[name])
+        sub = commands.add_parser(name, help=text, description=text, parents=[common],
+                                  formatter_class=_Formatter, epilog=COMMAND_EXIT_CODES[name])
+        sub.set_defaults(command_parser=sub)
+        return sub
 
     run = command("run", "validate, send, collect outcomes, report")
     _config_arg(run)
@@ -228,21 +232,30 @@ def _inputs_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
     return value
 
 
 def _range(text: str) -> tuple[float, float]:
-    parts = [float(p) for p in text.split(",")]
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"A or A,B (numbers), not {text!r}") from None
     if len(parts) not in (1, 2) or min(parts) < 0:
         raise argparse.ArgumentTypeError("A or A,B with 0 <= A <= B")
     low, high = parts[0], parts[-1]
@@ -370,8 +383,8 @@ def _print_limit(scan: ScanCounts, limit: int | None) -> None:
     if scan.truncated_at is None:
         return
     where, line = scan.truncated_at
-    left = f"{scan.unread:,}" if scan.unread_exact else f"at least {scan.unread:,}"
-    print(f"--limit {limit:,} reached: stopped reading at {where} line {line}; {left} rows "
+    left = _n(scan.unread, "row") if scan.unread_exact else f"at least {_n(scan.unread, 'row')}"
+    print(f"--limit {limit:,} reached: stopped reading at {where} line {line}; {left} "
           "left unread (not checked, not sent, not in this report)")
 
 
@@ -382,9 +395,9 @@ def _print_scan(outcome: RunOutcome, *, dry_run: bool, limit: int | None = None)
     if c.rows == 0:
         print("0 rows: the input has a header and no data")
         return
-    print(f"{c.rows:,} rows: {valid:,} valid, {c.rejected:,} rejected"
-          + (f", {c.blank:,} blank lines skipped" if c.blank else ""))
-    print(f"would send {c.to_send:,}; skip {c.duplicates:,} duplicates, "
+    print(f"{_n(c.rows, 'row')}: {valid:,} valid, {c.rejected:,} rejected"
+          + (f", {_n(c.blank, 'blank line')} skipped" if c.blank else ""))
+    print(f"would send {c.to_send:,}; skip {_n(c.duplicates, 'duplicate')}, "
           f"{c.already_sent:,} already sent; hold {c.held:,}"
           + (" (dry run: nothing sent, ledger untouched)" if dry_run else ""))
     _print_limit(c, limit)
@@ -417,14 +430,15 @@ def _print_result(counts: dict[str, int], directory: str, files: Sequence[str]) 
 
 def _one_line(counts: dict[str, int]) -> str:
     total = sum(counts.values())
-    parts = [f"{counts['confirmed']:,} of {total:,} notes confirmed"]
+    parts = [f"{counts['confirmed']:,} of {_n(total, 'note')} confirmed"]
     labels = {
         "awaiting_outcome": "awaiting outcome", "failed_in_emr": "failed in EMR",
         "rejected_invalid": "rejected (invalid)", "rejected_by_api": "rejected by API",
         "ambiguous": "ambiguous", "send_failed": "not sent",
         "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
     }
-    parts += [f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
+    parts += [f"{_n(counts[k], 'duplicate')} skipped" if k == "skipped_duplicate"
+              else f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
     return "; ".join(parts)
 
 

@@ -15,6 +15,9 @@ Open items, by kind (each counted once per note, i.e. per ledger key, unless sai
                       run's redrive.csv.
     in_progress       rows of a run in progress not sent yet (never ``send_failed``).
 
+In a sandbox the emulator ends with its run, so nothing settles awaiting or
+ambiguous rows there and their ``settle`` text says so instead of naming poll.
+
 A note any run delivered (confirmed, or taken and awaiting its outcome) is in
 no kind but ``awaiting_outcome``. Reading the status mirrors what the sink file
 gained into the ledger first, as ``reconcile`` does; no report is written and
@@ -133,7 +136,7 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
     finally:
         ledger.close()
     return _assemble(config, config_path, now, groups,
-                     {"pid": "?" if holder is None else str(holder)})
+                     {} if holder is None else {"pid": str(holder)})
 
 
 def _retryable(ledger: Ledger, patterns: tuple[str, ...]) -> OpenGroup:
@@ -155,6 +158,7 @@ def _retryable(ledger: Ledger, patterns: tuple[str, ...]) -> OpenGroup:
 
 def _assemble(config: RunConfig, config_path: str, now: datetime,
               groups: dict[str, OpenGroup], extra: dict[str, str]) -> LedgerStatus:
+    pid = f" (pid {extra['pid']})" if "pid" in extra else ""
     settle = {
         "awaiting_outcome": f"tasknotes poll {config_path}",
         "ambiguous": ("review: check each listed task in the EMR (report.html, 'Rows that "
@@ -162,8 +166,15 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
                       "event shows landed"),
         "send_failed": f"tasknotes run {config_path} (rows already sent are skipped)",
         "failed_retryable": f"tasknotes run {config_path} --input <redrive.csv>",
-        "in_progress": f"wait for the run to end (pid {extra.get('pid', '?')})",
+        "in_progress": f"wait for the run to end{pid}",
     }
+    if config.sandbox.enabled:  # poll has nothing to ask: the emulator ended with its run
+        settle["awaiting_outcome"] = (
+            "nothing will: in the sandbox the emulator that would deliver these outcomes "
+            "ended with its run (sandbox test data; a new sandbox run waits "
+            "sandbox.wait_s for its outcomes)")
+        settle["ambiguous"] = ("nothing will: sandbox test data, its emulator ended with "
+                               "its run (no EMR to review, nothing to poll)")
     kinds = []
     for name in KINDS:
         group = groups[name]

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from helpers import config_dict, notes, write_config, write_csv
-from pipeline.cli import _parser, main
+from pipeline.cli import _one_line, _parser, main
+from pipeline.reconcile import FINAL_STATUSES
 
 EXIT_CODE_LINES = ("0  every row ended well", "1  the command finished", "2  bad usage",
                    "3  aborted")
@@ -297,3 +298,42 @@ def test_validate_warns_that_the_sink_needs_the_webhook_secret(
     monkeypatch.setenv("T_WEBHOOK_SECRET", SECRETS["T_WEBHOOK_SECRET"])
     assert main(["validate", str(path)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [pytest.param(["run", "c.yaml", "--limit", "abc"], "usage: tasknotes run ",
+                  "tasknotes run: error: argument --limit: not a whole number: 'abc'",
+                  id="limit-not-a-number"),
+     pytest.param(["emulator", "--fail-rate", "lots"], "usage: tasknotes emulator ",
+                  "tasknotes emulator: error: argument --fail-rate: not a number: 'lots'",
+                  id="fraction-not-a-number"),
+     pytest.param(["validate", "c.yaml", "--limit", "5"], "usage: tasknotes validate ",
+                  "tasknotes validate: error: unrecognized arguments: --limit 5",
+                  id="flag-of-another-command")],
+)
+def test_a_usage_error_names_the_command_and_the_problem(
+    argv: list[str], usage: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad flag value or a flag the command lacks: that command's usage and a plain
+    reason (never a Python function's name such as _positive), exit 2."""
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert err.splitlines()[-1] == error
+    assert "_positive" not in err
+
+
+@pytest.mark.parametrize(
+    ("counts", "line"),
+    [pytest.param({"confirmed": 1, "skipped_duplicate": 1},
+                  "1 of 2 notes confirmed; 1 duplicate skipped", id="one-duplicate"),
+     pytest.param({"confirmed": 0, "skipped_duplicate": 1001},
+                  "0 of 1,001 notes confirmed; 1,001 duplicates skipped", id="many"),
+     pytest.param({"confirmed": 1}, "1 of 1 note confirmed", id="one-note")],
+)
+def test_the_result_line_says_one_in_the_singular(counts: dict[str, int], line: str) -> None:
+    """Counts of one read "1 duplicate skipped", "of 1 note", never "1 duplicates"."""
+    assert _one_line({**dict.fromkeys(FINAL_STATUSES, 0), **counts}) == line
