@@ -4,7 +4,8 @@ Exit codes (the README's contract): 0 every row ended well; 1 the run finished b
 rows were rejected, failed or are ambiguous; 2 bad usage, config or input
 (nothing was sent); 3 aborted (credentials refused, too many failures,
 interrupted, disk full). ``status``: 0 nothing open, 1 something open, 2 bad
-config. A user error is one line on stderr, never a traceback. This is the one
+config; every command's own codes are in ``COMMAND_EXIT_CODES`` (its --help).
+A user error is one line on stderr, never a traceback. This is the one
 module that prints; nothing it prints holds a note's text.
 """
 
@@ -40,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     umask = os.umask(0o077)
     try:
         parser = _parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command they were given to, with that command's usage
+            (getattr(args, "command_parser", None) or parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:  # bare `tasknotes`: the help, not an error message
             parser.print_help()
             return 2
@@ -82,10 +86,47 @@ def _logging(verbose: int, quiet: bool) -> None:
 EXIT_CODES = """\
 exit codes:
   0  every row ended well (accepted, confirmed, or rightly skipped)
-  1  the command finished, but some rows were rejected, failed or are ambiguous
+  1  the command finished, but some rows were rejected, failed or are ambiguous,
+     or await an outcome longer than report.stale_after
   2  bad usage, bad config or unreadable input: nothing was sent
   3  aborted: credentials refused, too many consecutive failures, interrupted,
      disk full, or Cobalt's answers could not be read"""
+# Each command's own meaning of its exit codes, shown by its --help (DESIGN's contract).
+_RECONCILED = """\
+  0  every row of the runs reconciled ended well (awaiting rows not yet stale)
+  1  some row of them needs attention: rejected, failed, ambiguous, not sent, or
+     awaiting an outcome longer than report.stale_after"""
+COMMAND_EXIT_CODES = {
+    "run": EXIT_CODES,
+    "validate": """\
+exit codes:
+  0  the config, its secrets and every row are valid: run would send them
+  1  some rows would be rejected (rejects.csv says which and why)
+  2  bad usage, bad config, a secret not set, or unreadable input""",
+    "sink": """\
+exit codes:
+  0  stopped by Ctrl-C (SIGINT) or SIGTERM, after a graceful shutdown
+  2  bad usage or config (no webhook secret), or host:port cannot be listened on""",
+    "poll": f"""\
+exit codes (of the reconcile that follows the poll):
+{_RECONCILED}
+  2  bad usage or config, or no ledger yet
+  3  aborted: credentials refused, Cobalt kept failing, or a page could not be read""",
+    "reconcile": f"""\
+exit codes:
+{_RECONCILED}
+  2  bad usage or config, or no ledger yet""",
+    "status": """\
+exit codes:
+  0  nothing is open over any run
+  1  something is open: awaiting an outcome (stale or not), ambiguous, not sent,
+     failed in the EMR with a retryable reason, or a run in progress
+  2  bad usage or config""",
+    "emulator": """\
+exit codes:
+  0  stopped by Ctrl-C (SIGINT) or SIGTERM
+  2  bad usage, or host:port cannot be listened on""",
+}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -112,7 +153,8 @@ def _verbosity(parser: argparse.ArgumentParser, *, default: object) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tasknotes", formatter_class=_Formatter, epilog=EXIT_CODES,
+        prog="tasknotes", formatter_class=_Formatter,
+        epilog=EXIT_CODES + "\n\nEach command's --help gives its own exit codes.",
         description="Append notes to EMR tasks through Cobalt, from CSV, and prove what "
                     "happened to every row.")
     parser.add_argument("--version", action="version", version=f"tasknotes {__version__}")
@@ -123,8 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=text, description=text, parents=[common],
-                                   formatter_class=_Formatter, epilog=EXIT_CODES)
+        sub = commands.add_parser(name, help=text, description=text, parents=[common],
+                                  formatter_class=_Formatter, epilog=COMMAND_EXIT_CODES[name])
+        sub.set_defaults(command_parser=sub)
+        return sub
 
     run = command("run", "validate, send, collect outcomes, report")
     _config_arg(run)
@@ -152,9 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=8787, help="port to listen on")
     sink.set_defaults(handler=_sink)
 
-    poll = command("poll", "fetch outcomes of unresolved jobs from Cobalt")
+    poll = command("poll", "fetch outcomes of unresolved jobs and ambiguous rows from Cobalt, "
+                           "then reconcile as `reconcile` does")
     _config_arg(poll)
-    poll.add_argument("--run-id", help="only this run (default: every run with unresolved rows)")
+    poll.add_argument("--run-id", help="poll only this run's rows (default: every run with "
+                                       "unresolved rows); reconciling still covers every run "
+                                       "whose report can change")
     poll.set_defaults(handler=_poll)
 
     reconcile = command("reconcile", "re-join ledger and sink; rewrite reports")
@@ -186,21 +233,30 @@ def _inputs_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
     return value
 
 
 def _range(text: str) -> tuple[float, float]:
-    parts = [float(p) for p in text.split(",")]
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"A or A,B (numbers), not {text!r}") from None
     if len(parts) not in (1, 2) or min(parts) < 0:
         raise argparse.ArgumentTypeError("A or A,B with 0 <= A <= B")
     low, high = parts[0], parts[-1]
@@ -302,6 +358,15 @@ def _validate(args: argparse.Namespace) -> int:
     config = _config_for_sending(args.config)  # the secrets run would need, resolved
     outcome = validate_only(config, args.input)
     _print_scan(outcome, dry_run=False)
+    if not config.sandbox.enabled:  # the sink runs apart, but refuses to start without it
+        try:
+            missing = not load_config(args.config, needs=("webhooks",)).webhooks.all_secrets()
+            problem = "webhooks.secret: not set"
+        except PipelineError as exc:
+            missing, problem = True, str(exc)
+        if missing:
+            print(f"warning: {problem}; `tasknotes sink` will refuse to start without a "
+                  "webhook secret (run itself does not need it)")
     return outcome.exit_code
 
 
@@ -319,8 +384,8 @@ def _print_limit(scan: ScanCounts, limit: int | None) -> None:
     if scan.truncated_at is None:
         return
     where, line = scan.truncated_at
-    left = f"{scan.unread:,}" if scan.unread_exact else f"at least {scan.unread:,}"
-    print(f"--limit {limit:,} reached: stopped reading at {where} line {line}; {left} rows "
+    left = _n(scan.unread, "row") if scan.unread_exact else f"at least {_n(scan.unread, 'row')}"
+    print(f"--limit {limit:,} reached: stopped reading at {where} line {line}; {left} "
           "left unread (not checked, not sent, not in this report)")
 
 
@@ -331,9 +396,9 @@ def _print_scan(outcome: RunOutcome, *, dry_run: bool, limit: int | None = None)
     if c.rows == 0:
         print("0 rows: the input has a header and no data")
         return
-    print(f"{c.rows:,} rows: {valid:,} valid, {c.rejected:,} rejected"
-          + (f", {c.blank:,} blank lines skipped" if c.blank else ""))
-    print(f"would send {c.to_send:,}; skip {c.duplicates:,} duplicates, "
+    print(f"{_n(c.rows, 'row')}: {valid:,} valid, {c.rejected:,} rejected"
+          + (f", {_n(c.blank, 'blank line')} skipped" if c.blank else ""))
+    print(f"would send {c.to_send:,}; skip {_n(c.duplicates, 'duplicate')}, "
           f"{c.already_sent:,} already sent; hold {c.held:,}"
           + (" (dry run: nothing sent, ledger untouched)" if dry_run else ""))
     _print_limit(c, limit)
@@ -366,46 +431,44 @@ def _print_result(counts: dict[str, int], directory: str, files: Sequence[str]) 
 
 def _one_line(counts: dict[str, int]) -> str:
     total = sum(counts.values())
-    parts = [f"{counts['confirmed']:,} of {total:,} notes confirmed"]
+    parts = [f"{counts['confirmed']:,} of {_n(total, 'note')} confirmed"]
     labels = {
         "awaiting_outcome": "awaiting outcome", "failed_in_emr": "failed in EMR",
         "rejected_invalid": "rejected (invalid)", "rejected_by_api": "rejected by API",
         "ambiguous": "ambiguous", "send_failed": "not sent",
         "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
     }
-    parts += [f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
+    parts += [f"{_n(counts[k], 'duplicate')} skipped" if k == "skipped_duplicate"
+              else f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
     return "; ".join(parts)
 
 
 def _sink(args: argparse.Namespace) -> int:
     from pipeline.events import SinkFile
-    from pipeline.servers import serve_foreground
+    from pipeline.servers import bind, serve_foreground
     from pipeline.sink import WebhookReceiver
 
     config = load_config(args.config, needs=("webhooks",))
     secrets = config.webhooks.all_secrets()
     if not secrets:
         raise PipelineError("webhooks.secret: the sink needs at least one webhook secret")
+    sock = bind(args.host, args.port)  # before anything is created or said: one line if not
     sink = SinkFile(config.webhooks.sink)
-    sink.open()
-    receiver = WebhookReceiver(sink, secrets, path=config.webhooks.path,
-                               max_body_bytes=config.webhooks.max_body_bytes)
-    log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
-             config.webhooks.sink, len(sink))
     try:
-        serve_foreground(receiver.app(), host=args.host, port=args.port,
+        sink.open()
+        receiver = WebhookReceiver(sink, secrets, path=config.webhooks.path,
+                                   max_body_bytes=config.webhooks.max_body_bytes)
+        log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
+                 config.webhooks.sink, len(sink))
+        serve_foreground(receiver.app(), host=args.host, port=args.port, sock=sock,
                          **receiver.serve_options())
     finally:
+        sock.close()
         sink.close()
     return 0
 
 
 def _poll(args: argparse.Namespace) -> int:
-    import anyio
-
-    from pipeline.client import CobaltClient
-    from pipeline.events import SinkFile
-    from pipeline.poll import Poller
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
@@ -422,32 +485,57 @@ def _poll(args: argparse.Namespace) -> int:
         for run_id in runs:
             ledger.run(run_id)
             wanted |= ledger.job_ids(run_id, unresolved=True)
-        if not wanted:
-            print("nothing to poll: every accepted row has an outcome event in the sink")
-            return _reconcile_runs(config, ledger, runs)
-        sink = SinkFile(config.webhooks.sink)
-        sink.open()
-        since = ledger.earliest_submission(wanted)
-
-        async def fetch() -> PollStats:
-            webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
-            async with CobaltClient(config.api, max_connections=2,
-                                    more_secrets=webhook_secrets) as client:
-                return await Poller(config, client, sink).run(wanted, since)
-
-        try:
-            stats = anyio.run(fetch, backend_options=config.submit.backend_options())
-        finally:
-            sink.close()
-        print(f"polled {stats.wanted:,} jobs with {stats.requests:,} requests: "
-              f"{stats.stored:,} events stored, {stats.duplicates:,} already there, "
-              f"{stats.still_missing:,} jobs still without an outcome")
-        if stats.delivered_but_missing:
-            print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
-                  "as delivered: to another webhook URL, or to a receiver that did not keep them")
-        return _reconcile_runs(config, ledger, runs)
+        ambiguous, sent_since = ledger.ambiguous_keys(runs)
+        if not wanted and not ambiguous:
+            print("nothing to poll: every accepted row has an outcome event in the sink, and "
+                  "no ambiguous row waits for one")
+        else:
+            since = min((t for t in (ledger.earliest_submission(wanted), sent_since) if t),
+                        default=None)
+            _poll_events(config, wanted, ambiguous, since)
     finally:
         ledger.close()
+    # What the polled events settle can change any run (a note's evidence follows it):
+    # reconcile as `tasknotes reconcile CONFIG` does, choosing the runs the same way.
+    return _reconcile(argparse.Namespace(config=args.config, run_id=None))
+
+
+def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
+                 since: str | None) -> None:
+    """Fetch the outcome events of ``wanted`` jobs and ``ambiguous`` notes into the sink."""
+    import anyio
+
+    from pipeline.client import CobaltClient
+    from pipeline.events import SinkFile
+    from pipeline.poll import Poller
+
+    sink = SinkFile(config.webhooks.sink)
+    sink.open()
+
+    async def fetch() -> PollStats:
+        webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
+        async with CobaltClient(config.api, max_connections=2,
+                                more_secrets=webhook_secrets) as client:
+            return await Poller(config, client, sink).run(wanted, since, ambiguous)
+
+    try:
+        stats = anyio.run(fetch, backend_options=config.submit.backend_options())
+    finally:
+        sink.close()
+    print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')} "
+          f"with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} stored, "
+          f"{stats.duplicates:,} already there, {_n(stats.still_missing, 'job')} still "
+          f"without an outcome, {stats.ambiguous_found:,} ambiguous "
+          f"{'note' if stats.ambiguous_found == 1 else 'notes'} found in a "
+          "task_note.created event")
+    if stats.delivered_but_missing:
+        print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
+              "as delivered: to another webhook URL, or to a receiver that did not keep them")
+
+
+def _n(count: int, noun: str) -> str:
+    """``count`` and ``noun``, the noun in the plural unless the count is one: "1 job"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _reconcile(args: argparse.Namespace) -> int:

@@ -293,7 +293,10 @@ def load_config(
     """
     raw = _read_yaml(Path(path))
     environ = os.environ if env is None else env
-    resolved = _resolve_env(raw, (), environ, tuple(needs))
+    problems: list[str] = []
+    resolved = _resolve_env(raw, (), environ, tuple(needs), problems)
+    if problems:  # every one at once: fixing them one run at a time wastes a night
+        raise ConfigError("; ".join(problems))
     try:
         return RunConfig.model_validate(resolved)
     except ValidationError as exc:
@@ -323,18 +326,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_env(
-    node: Any, where: tuple[str, ...], env: Mapping[str, str], needs: tuple[str, ...]
+    node: Any, where: tuple[str, ...], env: Mapping[str, str], needs: tuple[str, ...],
+    problems: list[str],
 ) -> Any:
+    """``node`` with its ``${VAR}`` references replaced; in a section of ``needs``, each
+    variable not set, or set but empty, is added to ``problems`` as ``key: ...``, naming
+    the variable (an empty one is allowed only in ``webhooks.secrets``, the optional
+    extra secrets of a rotation)."""
     if isinstance(node, dict):
-        return {k: _resolve_env(v, (*where, str(k)), env, needs) for k, v in node.items()}
+        return {k: _resolve_env(v, (*where, str(k)), env, needs, problems)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_env(v, (*where, str(i)), env, needs) for i, v in enumerate(node)]
+        return [_resolve_env(v, (*where, str(i)), env, needs, problems)
+                for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
-    missing = [name for name in _ENV_REF.findall(node) if name not in env]
-    if missing and where[:1] and where[0] in needs:
+    names = _ENV_REF.findall(node)
+    missing = [name for name in names if name not in env]
+    if where[:1] and where[0] in needs:
         key = ".".join(where)
-        raise ConfigError(f"{key}: environment variable {missing[0]} is not set")
+        problems.extend(f"{key}: environment variable {name} is not set" for name in missing)
+        if where[:2] != ("webhooks", "secrets"):
+            problems.extend(f"{key}: environment variable {name} is set but empty"
+                            for name in names if env.get(name) == "")
     if missing:
         return None
     return _ENV_REF.sub(lambda m: env[m.group(1)], node)

@@ -761,6 +761,24 @@ class Ledger:
                 earliest = found
         return earliest
 
+    def ambiguous_keys(self, run_ids: Iterable[str]) -> tuple[frozenset[bytes], str | None]:
+        """Keys of the ambiguous rows of ``run_ids`` that no outcome settles yet, and the
+        earliest ``submitted_at`` among them (ISO 8601 UTC; None when there are none).
+
+        Such a row has no job id: only a ``task_note.created`` event carrying the same
+        note for the same task (reconcile.py's evidence rule) can settle it.
+        """
+        keys: set[bytes] = set()
+        earliest: str | None = None
+        for run_id in run_ids:
+            for key, at in self._db.execute(
+                    "SELECT key, submitted_at FROM rows WHERE run_id=? AND status='ambiguous'"
+                    " AND key IS NOT NULL AND outcome IS NULL", (run_id,)):
+                keys.add(bytes(key))
+                if at is not None and (earliest is None or at < earliest):
+                    earliest = at
+        return frozenset(keys), earliest
+
     # -- the events mirror and the join rules ---------------------------------------------
 
     def sink_position(self) -> tuple[int, str]:

@@ -5,7 +5,11 @@ timeout), so ``tasknotes poll`` asks for the events of accepted rows that
 still have no outcome. With few such jobs it asks per ``job_id``; with many
 (a batch of thousands) it pages through ``task_note.created`` and
 ``task_note.failed`` by date, 100 at a time, and matches job ids locally, as
-Cobalt suggests. Each event is turned back into the webhook envelope shape
+Cobalt suggests. An ambiguous row (no answer came back, so no job id) is
+looked for the same way, by date from its send: a ``task_note.created`` event
+carrying its note for its task (the same ledger key) is stored, and
+reconcile's evidence rule settles the row with it.
+Each event is turned back into the webhook envelope shape
 and appended with the sink's de-duplication, so a later webhook or a second
 poll adds nothing twice. GETs are safe to repeat (RFC 9110 §9.2.2), so any
 failure but a refusal (401/403, another 4xx) is retried through stamina with
@@ -42,6 +46,7 @@ from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
 from pipeline.events import SinkFile, UnreadableEvent, encode_event
+from pipeline.ledger import row_key
 from pipeline.submit import Pacer
 
 log = logging.getLogger(__name__)
@@ -154,6 +159,8 @@ class PollStats:
 
     ``delivered_but_missing`` counts stored events that Cobalt lists as
     delivered: a receiver acknowledged them, yet the sink did not have them.
+    ``ambiguous``: notes of ambiguous rows looked for; ``ambiguous_found``: how
+    many of them a ``task_note.created`` event carries (stored or already there).
     """
 
     wanted: int = 0
@@ -163,6 +170,8 @@ class PollStats:
     duplicates: int = 0
     still_missing: int = 0
     delivered_but_missing: int = 0
+    ambiguous: int = 0
+    ambiguous_found: int = 0
 
 
 class Poller:
@@ -173,25 +182,38 @@ class Poller:
         self._client = client
         self._sink = sink
         self._pacer = Pacer(config.submit.rate_per_second)
+        self._account = config.api.account_id()
         self.stats = PollStats()
 
-    async def run(self, job_ids: set[str], since: str | None) -> PollStats:
-        """Poll for ``job_ids``; ``since`` (ISO time) bounds the date range when paging."""
+    async def run(self, job_ids: set[str], since: str | None,
+                  keys: frozenset[bytes] = frozenset()) -> PollStats:
+        """Poll for ``job_ids`` and for ``keys``; returns what was done.
+
+        ``keys``: ledger keys (``row_key``) of ambiguous rows, which have no job
+        id: any ``task_note.created`` event whose task id and note give one of
+        them is stored, and paging by date is used. ``since`` (ISO 8601 time,
+        the earliest send of any of them) bounds the date range when paging.
+        Raises RunAborted (exit 3) when Cobalt refuses or keeps failing, and
+        UnreadableEvents for a page of neither documented shape.
+        """
         self.stats.wanted = len(job_ids)
+        self.stats.ambiguous = len(keys)
         found: set[str] = set()
+        found_keys: set[bytes] = set()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sink.run)
             try:
-                async for item in self._items(job_ids, since):
-                    await self._take(item, job_ids, found)
+                async for item in self._items(job_ids, since, paging=bool(keys)):
+                    await self._take(item, job_ids, found, keys, found_keys)
             finally:
                 self._sink.stop()
         self.stats.still_missing = len(job_ids - found)
+        self.stats.ambiguous_found = len(found_keys)
         return self.stats
 
-    async def _items(self, job_ids: set[str], since: str | None
+    async def _items(self, job_ids: set[str], since: str | None, *, paging: bool = False
                      ) -> AsyncIterator[tuple[dict[str, Any], str | None]]:
-        if len(job_ids) <= self._config.poll.per_job_below:
+        if not paging and len(job_ids) <= self._config.poll.per_job_below:
             for job_id in sorted(job_ids):
                 async for item in self._pages({"job_id": job_id}):
                     yield item
@@ -252,18 +274,23 @@ class Poller:
         return float(min(retry_after, self._config.submit.max_retry_after_s))
 
     async def _take(self, item: tuple[dict[str, Any], str | None], job_ids: set[str],
-                    found: set[str]) -> None:
+                    found: set[str], keys: frozenset[bytes] = frozenset(),
+                    found_keys: set[bytes] | None = None) -> None:
         envelope, delivery = item
         self.stats.seen += 1
         job_id = envelope["job_id"]
-        if job_id not in job_ids or envelope["type"] not in EVENT_TYPES:
+        key = self._key_of(envelope) if keys else None
+        if envelope["type"] not in EVENT_TYPES or (job_id not in job_ids and key not in keys):
             return
         try:  # the same codec as the receiver: never store what a reader would refuse
             line = encode_event(envelope)
         except UnreadableEvent as exc:
             log.warning("event %s (job %s) not stored: %s", envelope["id"][:64], job_id, exc.code)
             return
-        found.add(job_id)
+        if job_id in job_ids:
+            found.add(job_id)
+        if key is not None and key in keys and found_keys is not None:
+            found_keys.add(key)
         verdict = await self._sink.append(line, envelope["id"])
         if verdict == "stored":
             self.stats.stored += 1
@@ -271,6 +298,17 @@ class Poller:
                 self.stats.delivered_but_missing += 1
         else:
             self.stats.duplicates += 1
+
+
+    def _key_of(self, envelope: dict[str, Any]) -> bytes | None:
+        """The ledger key of a ``task_note.created`` event's task id and note, else None (as
+        reconcile keys the events it mirrors)."""
+        data = envelope["data"]
+        task_id, note = data.get("emr_task_id"), data.get("note")
+        if envelope["type"] != "task_note.created" or not isinstance(task_id, str) \
+                or not isinstance(note, str):
+            return None
+        return row_key(self._account, task_id, note)
 
 
 def _date_range(since: str | None, today: datetime | None = None) -> tuple[str, str]:

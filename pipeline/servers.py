@@ -8,6 +8,7 @@ and stops when its task group is cancelled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ import anyio
 import uvicorn
 from anyio.abc import TaskGroup
 
-from pipeline.errors import StateError
+from pipeline.errors import PipelineError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,20 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class _ForegroundServer(uvicorn.Server):
+    """A uvicorn server for a command: SIGINT/SIGTERM is how it is stopped, so after its
+    graceful shutdown the command ends normally (exit 0); uvicorn would raise the signal
+    again (an "interrupted" exit 3, or death by SIGTERM)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+
 @dataclass(frozen=True, slots=True)
 class Served:
     """A running server: its base URL and uvicorn's server object (for its connections)."""
@@ -39,13 +54,35 @@ class Served:
     server: uvicorn.Server
 
 
+class CannotListen(PipelineError):
+    """No socket can listen on the host and port asked for (exit 2: bad usage or config).
+
+    The message is one line naming ``host:port`` and the reason: the port is in
+    use, out of range (0-65535), or the address is not one of this machine's.
+    """
+
+
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (port 0: any free port)."""
+    """A listening TCP socket on host:port (port 0: any free port).
+
+    Raises CannotListen (never a bare OSError/OverflowError) when it cannot be had.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"{_url_host(host)}:{port}"
+    if not 0 <= port <= 65535:
+        raise CannotListen(f"cannot listen on {where}: a port is 0-65535")
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        reason = getattr(exc, "strerror", None) or str(exc)
+        hint = {errno.EADDRINUSE: " (another process listens there; choose another port)",
+                errno.EADDRNOTAVAIL: " (not an address of this machine)"}.get(
+                    getattr(exc, "errno", None) or 0, "")
+        raise CannotListen(f"cannot listen on {where}: {reason}{hint}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -112,14 +149,18 @@ async def serve_embedded(
 
 def serve_foreground(
     app: Any, *, host: str, port: int, attach: Callable[[uvicorn.Server], None] | None = None,
-    **options: Any,
+    sock: socket.socket | None = None, **options: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's own handling): ``tasknotes sink`` and ``emulator``.
 
-    ``options`` go to ``uvicorn.Config`` (the sink's limits).
+    ``options`` go to ``uvicorn.Config`` (the sink's limits). ``sock``: a socket already
+    bound to host:port (``bind``), else one is bound here. Raises CannotListen when
+    host:port cannot be had. Returns once stopped by SIGINT or SIGTERM.
     """
-    sock = bind(host, port)
-    server = uvicorn.Server(_config(app, log_level="info", **options))
+    sock = sock or bind(host, port)
+    # uvicorn's own log setup would print its INFO lines whatever -q says: its loggers are
+    # left to the command's logging (WARNING unless -vv), as everything else on stderr is.
+    server = _ForegroundServer(_config(app, log_level=None, log_config=None, **options))
     if attach is not None:
         attach(server)
     log.info("listening on http://%s:%d", _url_host(host), sock.getsockname()[1])

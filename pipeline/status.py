@@ -23,6 +23,9 @@ notes open; a run is listed under a kind only for the notes counted there:
                       the end; counted per file, as the rows past the stop were never
                       counted. Settled by running again.
 
+In a sandbox the emulator ends with its run, so nothing settles awaiting or
+ambiguous rows there and their ``settle`` text says so instead of naming poll.
+
 A note any run delivered (confirmed, or taken and awaiting its outcome) is in
 no kind but ``awaiting_outcome``. ``redrive_files`` lists a run's redrive.csv
 only while it offers exactly the rows of that run open now (the fingerprint its
@@ -149,7 +152,7 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
     finally:
         ledger.close()
     return _assemble(config, config_path, now, groups,
-                     {"pid": "?" if holder is None else str(holder)}, redrive=redrive)
+                     {} if holder is None else {"pid": str(holder)}, redrive=redrive)
 
 
 def _by_precedence(rows: dict[str, list[OpenRow]], stale_before: str) -> dict[str, OpenGroup]:
@@ -222,6 +225,7 @@ def _current_redrive(ledger: Ledger, config: RunConfig,
 def _assemble(config: RunConfig, config_path: str, now: datetime,
               groups: dict[str, OpenGroup], extra: dict[str, str], *,
               redrive: dict[str, str] | None = None) -> LedgerStatus:
+    pid = f" (pid {extra['pid']})" if "pid" in extra else ""
     settle = {
         "awaiting_outcome": f"tasknotes poll {config_path}",
         "ambiguous": ("review: check each listed task in the EMR (report.html, 'Rows that "
@@ -229,10 +233,17 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
                       "event shows landed"),
         "send_failed": f"tasknotes run {config_path} (rows already sent are skipped)",
         "failed_retryable": f"tasknotes run {config_path} --input <redrive.csv>",
-        "in_progress": f"wait for the run to end (pid {extra.get('pid', '?')})",
+        "in_progress": f"wait for the run to end{pid}",
         "not_read": f"tasknotes run {config_path} (reads the input again; rows already "
                     "sent are skipped)",
     }
+    if config.sandbox.enabled:  # poll has nothing to ask: the emulator ended with its run
+        settle["awaiting_outcome"] = (
+            "nothing will: in the sandbox the emulator that would deliver these outcomes "
+            "ended with its run (sandbox test data; a new sandbox run waits "
+            "sandbox.wait_s for its outcomes)")
+        settle["ambiguous"] = ("nothing will: sandbox test data, its emulator ended with "
+                               "its run (no EMR to review, nothing to poll)")
     kinds = []
     for name in KINDS:
         group = groups[name]

@@ -134,7 +134,7 @@ def test_run_limit_and_dry_run_send_nothing(tmp_path: Path) -> None:
     config = str(write_config(tmp_path))
     done = tasknotes("run", config, "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "would send 2; skip 1 duplicates" in done.stdout
+    assert "would send 2; skip 1 duplicate," in done.stdout
     assert "--limit reached" not in done.stdout
     limited = tasknotes("run", config, "--dry-run", "--limit", "1", cwd=tmp_path)
     assert limited.returncode == 0, limited.stderr

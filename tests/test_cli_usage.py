@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from helpers import config_dict, notes, write_config, write_csv
-from pipeline.cli import _parser, main
+from pipeline.cli import _one_line, _parser, main
+from pipeline.reconcile import FINAL_STATUSES
 
 EXIT_CODE_LINES = ("0  every row ended well", "1  the command finished", "2  bad usage",
                    "3  aborted")
@@ -48,10 +49,12 @@ def test_bare_tasknotes_prints_the_help_with_the_exit_codes(tmp_path: Path) -> N
                                      "emulator"])
 def test_every_flag_has_help_and_shows_its_default(command: str) -> None:
     """Each option of each command has a help text, and the help shows its default (a default
-    of None is described in the help's own words); every --help lists the exit codes."""
+    of None is described in the help's own words); every --help lists exit codes (each
+    command its own: test_each_command_help_gives_its_own_exit_codes)."""
     parser = _subparsers()[command]
     text = parser.format_help()
-    for line in EXIT_CODE_LINES:
+    assert "exit codes" in text
+    for line in EXIT_CODE_LINES if command in ("", "run") else ():
         assert line in text
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction | argparse._VersionAction) or (
@@ -197,3 +200,140 @@ def test_validate_and_dry_run_write_nothing_but_rejects_and_say_where(
         assert [r[1:3] for r in csv.reader(fh)][1:] == [["5", "missing-task-id"]]
     assert not (tmp_path / "state").exists()
     assert yaml.safe_load(config.read_text())["report"]["dir"] == str(tmp_path / "reports")
+
+
+@pytest.mark.parametrize(
+    ("command", "present", "absent"),
+    [pytest.param("run", ["0  every row ended well", "report.stale_after",
+                          "3  aborted"], [], id="run"),
+     pytest.param("validate", ["0  the config, its secrets and every row are valid",
+                               "1  some rows would be rejected", "2  bad usage"],
+                  ["3  aborted", "0  every row ended well"], id="validate"),
+     pytest.param("sink", ["0  stopped by Ctrl-C (SIGINT) or SIGTERM",
+                           "host:port cannot be listened on"],
+                  ["1  ", "0  every row ended well"], id="sink"),
+     pytest.param("emulator", ["0  stopped by Ctrl-C (SIGINT) or SIGTERM",
+                               "host:port cannot be listened on"],
+                  ["1  ", "0  every row ended well"], id="emulator"),
+     pytest.param("poll", ["0  every row of the runs reconciled ended well",
+                           "report.stale_after", "3  aborted: credentials refused"],
+                  ["0  every row ended well"], id="poll"),
+     pytest.param("reconcile", ["0  every row of the runs reconciled ended well",
+                                "report.stale_after", "2  bad usage or config"],
+                  ["3  aborted", "0  every row ended well"], id="reconcile"),
+     pytest.param("status", ["0  nothing is open over any run", "1  something is open",
+                             "awaiting an outcome (stale or not)", "2  bad usage or config"],
+                  ["3  aborted", "0  every row ended well"], id="status")],
+)
+def test_each_command_help_gives_its_own_exit_codes(
+    command: str, present: list[str], absent: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tasknotes COMMAND --help` lists that command's exit codes, not run's; the commands
+    whose exit 1 can come from rows awaiting an outcome too long say so."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    epilog = out[out.index("exit codes"):]
+    for text in present:
+        assert text in epilog, (text, epilog)
+    for text in absent:
+        assert text not in epilog, (text, epilog)
+
+
+def _config_with_env_refs(tmp_path: Path) -> Path:
+    write_csv(tmp_path / "input.csv", notes(2))
+    refs = {"client_id": "${T_CLIENT_ID}", "client_secret": "${T_CLIENT_SECRET}",
+            "access_token": "${T_ACCESS_TOKEN}"}
+    path = tmp_path / "night.yaml"
+    path.write_text(yaml.safe_dump(config_dict(
+        tmp_path, api=refs, webhooks={"secret": "${T_WEBHOOK_SECRET}"}), sort_keys=False))
+    return path
+
+
+SECRETS = {"T_CLIENT_ID": "cid-4471", "T_CLIENT_SECRET": "csec-4472",
+           "T_ACCESS_TOKEN": "tok-4473", "T_WEBHOOK_SECRET": "hook-4474"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [pytest.param({}, ["api.client_id: environment variable T_CLIENT_ID is not set",
+                       "api.client_secret: environment variable T_CLIENT_SECRET is not set",
+                       "api.access_token: environment variable T_ACCESS_TOKEN is not set"],
+                  id="all-unset"),
+     pytest.param({**SECRETS, "T_ACCESS_TOKEN": ""},
+                  ["api.access_token: environment variable T_ACCESS_TOKEN is set but empty"],
+                  id="set-but-empty")],
+)
+def test_validate_names_every_secret_variable_not_set_or_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    env: dict[str, str], named: list[str],
+) -> None:
+    """validate with secrets missing: one line, exit 2, naming every variable not set (not
+    only the first) and a variable set to the empty string as such."""
+    for name in SECRETS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = _config_with_env_refs(tmp_path)
+    assert main(["validate", str(path)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line == "tasknotes: " + "; ".join(named)
+    assert not any(value in captured.out + captured.err for value in SECRETS.values())
+
+
+def test_validate_warns_that_the_sink_needs_the_webhook_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The api secrets set, the webhook secret not: validate passes (run does not need it)
+    but says the sink will refuse to start without it, naming the key and the variable."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("T_WEBHOOK_SECRET")
+    path = _config_with_env_refs(tmp_path)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: webhooks.secret: environment variable T_WEBHOOK_SECRET is not set; "
+            "`tasknotes sink` will refuse to start without a webhook secret") in out
+    monkeypatch.setenv("T_WEBHOOK_SECRET", SECRETS["T_WEBHOOK_SECRET"])
+    assert main(["validate", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [pytest.param(["run", "c.yaml", "--limit", "abc"], "usage: tasknotes run ",
+                  "tasknotes run: error: argument --limit: not a whole number: 'abc'",
+                  id="limit-not-a-number"),
+     pytest.param(["emulator", "--fail-rate", "lots"], "usage: tasknotes emulator ",
+                  "tasknotes emulator: error: argument --fail-rate: not a number: 'lots'",
+                  id="fraction-not-a-number"),
+     pytest.param(["validate", "c.yaml", "--limit", "5"], "usage: tasknotes validate ",
+                  "tasknotes validate: error: unrecognized arguments: --limit 5",
+                  id="flag-of-another-command")],
+)
+def test_a_usage_error_names_the_command_and_the_problem(
+    argv: list[str], usage: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad flag value or a flag the command lacks: that command's usage and a plain
+    reason (never a Python function's name such as _positive), exit 2."""
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert err.splitlines()[-1] == error
+    assert "_positive" not in err
+
+
+@pytest.mark.parametrize(
+    ("counts", "line"),
+    [pytest.param({"confirmed": 1, "skipped_duplicate": 1},
+                  "1 of 2 notes confirmed; 1 duplicate skipped", id="one-duplicate"),
+     pytest.param({"confirmed": 0, "skipped_duplicate": 1001},
+                  "0 of 1,001 notes confirmed; 1,001 duplicates skipped", id="many"),
+     pytest.param({"confirmed": 1}, "1 of 1 note confirmed", id="one-note")],
+)
+def test_the_result_line_says_one_in_the_singular(counts: dict[str, int], line: str) -> None:
+    """Counts of one read "1 duplicate skipped", "of 1 note", never "1 duplicates"."""
+    assert _one_line({**dict.fromkeys(FINAL_STATUSES, 0), **counts}) == line

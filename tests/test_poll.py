@@ -16,8 +16,10 @@ from helpers import (
     WEBHOOK_SECRET,
     EmulatorThread,
     ThreadedServer,
+    free_port,
     notes,
     read_results,
+    read_summary,
     run_pipeline,
     wait_until,
     write_config,
@@ -297,3 +299,69 @@ def test_odd_pagination_stops_poll_with_one_line_and_exit_3(
     assert "Traceback" not in err
     assert set(asked) <= {"1", "2"}
     assert _sink_events(tmp_path) == []
+
+
+def test_poll_settles_an_ambiguous_row_by_the_event_carrying_its_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cobalt stored one note, then answered 500, and every webhook was lost: that row is
+    ambiguous and has no job id. poll pages by date and event type, stores the
+    task_note.created event carrying that note for that task, and the reconcile that follows
+    settles the row as confirmed; every note was sent exactly once."""
+    rows = notes(3)
+    write_csv(tmp_path / "input.csv", rows)
+    faults = Faults(rate_500_after_store=1.0, only_tasks=frozenset({"task-00001"}),
+                    drop_webhooks=1.0)
+    with EmulatorThread(faults=faults) as api:
+        path = write_config(tmp_path, api={"base_url": api.url})
+        first = run_pipeline(load_config(path, needs=("api",)))
+        assert first.report is not None
+        assert first.report.counts["ambiguous"] == 1
+        assert first.report.counts["awaiting_outcome"] == 2
+        wait_until(lambda: len(api.emulator.events) == 3, what="the outcomes")
+        capsys.readouterr()
+        assert main(["poll", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert main(["-q", "reconcile", str(path)]) == 0
+        sent = [api.stored(task, note) for task, note in rows]
+    assert "polled 2 jobs and 1 ambiguous note" in out
+    assert "3 events stored" in out
+    assert "1 ambiguous note found in a task_note.created event" in out
+    assert sent == [1, 1, 1]  # nothing sent twice
+    results = {r["emr_task_id"]: r for r in read_results(first.report.directory)}
+    assert {r["final_status"] for r in results.values()} == {"confirmed"}
+    assert results["task-00001"]["detail"] == (
+        "settled by evidence: a task_note.created event carries this note")
+
+
+def test_poll_rewrites_every_run_whose_truth_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run A could not reach Cobalt (5 rows send_failed); run B sent them and every webhook
+    was lost. poll brings B's outcomes back and rewrites A's report too (reconcile's run
+    selection): A's rows follow B's confirmed sends, nothing needs attention there."""
+    write_csv(tmp_path / "input.csv", notes(5))
+    down = write_config(tmp_path, api={"base_url": f"http://127.0.0.1:{free_port()}"},
+                        submit={"max_attempts": 1})
+    run_a = run_pipeline(load_config(down, needs=("api",)))
+    assert run_a.report is not None
+    assert run_a.report.counts["send_failed"] == 5
+    assert read_summary(run_a.report.directory)["exit_code_now"] == 1
+    with EmulatorThread(faults=Faults(drop_webhooks=1.0)) as api:
+        path = write_config(tmp_path, api={"base_url": api.url})
+        run_b = run_pipeline(load_config(path, needs=("api",)))
+        assert run_b.report is not None
+        wait_until(lambda: len(api.emulator.events) == 5, what="the outcomes")
+        capsys.readouterr()
+        assert main(["poll", str(path)]) == 0
+    out = capsys.readouterr().out
+    a_id, b_id = run_a.report.directory.name, run_b.report.directory.name
+    assert f"run {a_id}:" in out
+    assert f"run {b_id}:" in out
+    summary = read_summary(run_a.report.directory)
+    assert (summary["exit_code_now"], summary["needs_attention"]) == (0, 0)
+    results = read_results(run_a.report.directory)
+    assert {r["final_status"] for r in results} == {"skipped_already_sent"}
+    assert all(r["detail"].startswith(f"sent in run {b_id} as job ")
+               and r["detail"].endswith(": confirmed") for r in results)
+    assert {r["final_status"] for r in read_results(run_b.report.directory)} == {"confirmed"}

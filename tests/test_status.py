@@ -146,3 +146,25 @@ def test_the_command_exits_0_1_2_and_prints_counts(
     bad = write_config(tmp_path, "bad.yaml", report={"stale_after": 0})
     assert main(["status", str(bad)]) == 2
     assert "report.stale_after" in capsys.readouterr().err
+
+
+def test_settle_texts_say_what_settles_in_a_sandbox_and_no_unknown_pid(
+    book: Book, tmp_path: Path
+) -> None:
+    """With nothing running, in_progress's settle text names no "(pid ?)"; in a sandbox,
+    awaiting and ambiguous rows are not sent to `poll` (which has nothing to ask there)."""
+    book.row("accepted", task="A1", note="n1", job_id="1", submitted_at=OLD)
+    book.row("ambiguous", task="A2", note="n2", submitted_at=OLD)
+    book.ledger.finish_run("run-1", "finished", {})
+    plain = status_of(book, tmp_path).to_dict()["kinds"]
+    assert plain["in_progress"]["settle"] == "wait for the run to end"
+    assert plain["awaiting_outcome"]["settle"] == "tasknotes poll my.yaml"
+    sandbox = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                          webhooks={"sink": str(book.sink)}, sandbox={"enabled": True})
+    kinds = ledger_status(sandbox, config_path="my.yaml", now=NOW).to_dict()["kinds"]
+    assert (kinds["awaiting_outcome"]["count"], kinds["ambiguous"]["count"]) == (1, 1)
+    for kind in ("awaiting_outcome", "ambiguous"):
+        assert "poll" not in kinds[kind]["settle"].replace("nothing to poll", "")
+        assert kinds[kind]["settle"].startswith("nothing will: ")
+    assert "emulator that would deliver these outcomes ended with its run" in (
+        kinds["awaiting_outcome"]["settle"])
