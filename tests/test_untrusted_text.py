@@ -1,0 +1,129 @@
+"""Untrusted text never carries a note out (attack review of issues 12 + 13).
+
+- an API error that quotes the note re-encoded (JSON-escaped, URL- or HTML-encoded, NFD,
+  re-cased) is withheld, keeping the status and the code;
+- a webhook's ``failure_reason`` is redacted against the row's note, read back from the
+  input, or withheld (reason codes kept) when the note cannot be read back;
+- results.csv has no raw line break in a cell, so a spreadsheet neither splits a row nor
+  runs a formula hidden after one;
+- an input error never echoes a cell.
+
+Each end-to-end test looks for its canaries in every file the run leaves, in a dump of
+the ledger, and on stdout/stderr. Cobalt is ``FakeCobalt`` (test_shared_files.py) on
+uvicorn, 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import sqlite3
+import subprocess
+import sys
+import unicodedata
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from test_shared_files import FakeCobalt
+
+from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
+from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact
+
+WITHHELD = f"HTTP 400 request-rejected: {MESSAGE_WITHHELD}"
+
+
+def canary_holders(root: Path, canaries: tuple[str, ...], *,
+                   besides: tuple[str, ...] = ("config.yaml",)) -> set[str]:
+    """Names of the files under ``root`` (not the inputs) holding a canary in any case,
+    the ledger read as a SQL dump (so text in any table or page is found)."""
+    found = set()
+    for file in root.rglob("*"):
+        if not file.is_file() or file.name in besides or (file.suffix in (".csv", ".tsv") and (
+                file.parent == root)):
+            continue
+        data = file.read_bytes().decode("utf-8", "replace").casefold()
+        if file.name.endswith(".sqlite"):
+            with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as db:
+                data += "\n".join(db.iterdump()).casefold()
+        if any(c.casefold() in data for c in canaries):
+            found.add(str(file.relative_to(root)))
+    return found
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", "-vv", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+# -- 4. re-encoded quotes of the note in an API error --------------------------------------
+
+MULTILINE = "Pt CANARYJS\nBP ok\nHIV+\nf/u 2w"  # no line holds 16 letters and digits
+SPACED = 'Patient CANARYURL said "HIV & hep C" <urgent>'
+ACCENTED = "Résumé CANARYNFD: patient reports café-au-lait spots"
+SHORT = "hiv pos canaryb"
+
+
+@pytest.mark.parametrize(("text", "note"), [
+    (json.dumps({"emr_task_id": "T1", "note": MULTILINE}), MULTILINE),  # the body echoed
+    (json.dumps(json.dumps({"note": MULTILINE})), MULTILINE),  # ... escaped twice
+    ("Invalid note: " + urllib.parse.quote(SPACED), SPACED),
+    ("Invalid note: " + urllib.parse.quote_plus(SPACED), SPACED),
+    ("Invalid note: " + unicodedata.normalize("NFD", ACCENTED), ACCENTED),
+    ("Invalid note: " + html.escape(SPACED), SPACED),
+    ("Invalid note: " + html.escape(SPACED).replace("CANARY", "&#67;&#x41;NARY"), SPACED),
+    ("Invalid note: HIV POS CANARYB", SHORT),  # short, upper-cased
+    ("Invalid note: HIV-POS-CANARYB!", SHORT),
+    ("Invalid note: hivposcanaryb", SHORT),
+    ("Invalid note: " + ACCENTED.upper().replace("É", "E"), ACCENTED),  # accents dropped
+])
+def test_a_re_encoded_quote_of_the_note_withholds_the_message(text: str, note: str) -> None:
+    assert redact(text, [note]) == MESSAGE_WITHHELD
+
+
+@pytest.mark.parametrize(("text", "note"), [
+    ("Invalid note: HIV POS CANARYB.", "hiv po"),  # "po" inside a longer word is not it
+    ("Unexpected fields in request body: subject", "subj"),
+    ("Task T-9 is closed", "Patient CANARY called about the refill"),
+    ("Missing required field: emr_task_id", "n"),
+])
+def test_text_that_does_not_quote_the_note_is_kept(text: str, note: str) -> None:
+    assert redact(text, [note]) == text
+
+
+def test_canonical_drops_escapes_case_accents_and_punctuation() -> None:
+    assert canonical('Pt\\nBP \\"ok\\" %C3%A9t%C3%A9 &amp; R\u00e9sum\u0301e') == [
+        "pt", "bp", "ok", "ete", "resume"]
+
+
+def test_an_api_error_quoting_the_note_re_encoded_reaches_no_file_ledger_or_console(
+        tmp_path: Path) -> None:
+    """Each row's 400 quotes its own note in another encoding: results.csv's error keeps
+    the status and the code, withheld; the canaries are nowhere but in the input."""
+    answers = {
+        "T1": (400, lambda note: {"success": False, "message": json.dumps(
+            {"emr_task_id": "T1", "note": note})}),
+        "T2": (400, lambda note: {"success": False,
+                                  "message": "Invalid note: " + urllib.parse.quote(note)}),
+        "T3": (400, lambda note: {"success": False, "message": "Invalid note: "
+                                  + unicodedata.normalize("NFD", note)}),
+        "T4": (400, lambda note: {"success": False,
+                                  "message": "Invalid note: " + html.escape(note)}),
+        "T5": (400, lambda note: {"success": False,
+                                  "message": "Invalid note: " + note.upper()}),
+    }
+    notes = {"T1": MULTILINE, "T2": SPACED, "T3": ACCENTED, "T4": SPACED + " twice",
+             "T5": SHORT}
+    write_csv(tmp_path / "input.csv", list(notes.items()))
+    with ThreadedServer(FakeCobalt(answers).app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url}, submit={"concurrency": 1})
+        done = run_cli("run", str(config), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    canaries = ("CANARYJS", "CANARYURL", "CANARYNFD", "CANARYB", "cafe")
+    for output in (done.stdout, done.stderr):
+        assert not any(c.casefold() in output.casefold() for c in canaries)
+    assert canary_holders(tmp_path, canaries) == set()
+    report = next((tmp_path / "reports").iterdir())
+    errors = {r["emr_task_id"]: r["error"] for r in read_results(report)}
+    assert errors == dict.fromkeys(notes, WITHHELD)
+    assert read_summary(report)["final_status"]["rejected_by_api"] == 5
