@@ -15,6 +15,7 @@ uvicorn, 127.0.0.1.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import sqlite3
@@ -24,11 +25,13 @@ import unicodedata
 import urllib.parse
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from test_shared_files import FakeCobalt
+from test_shared_files import FakeCobalt, append_events, envelope
 
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
 from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact
+from pipeline.report import FORMULA_STARTS, one_line, shareable
 
 WITHHELD = f"HTTP 400 request-rejected: {MESSAGE_WITHHELD}"
 
@@ -127,3 +130,63 @@ def test_an_api_error_quoting_the_note_re_encoded_reaches_no_file_ledger_or_cons
     errors = {r["emr_task_id"]: r["error"] for r in read_results(report)}
     assert errors == dict.fromkeys(notes, WITHHELD)
     assert read_summary(report)["final_status"]["rejected_by_api"] == 5
+
+
+# -- 3. line breaks inside a cell of results.csv ---------------------------------------------
+
+CALC = "=cmd|' /C calc'!A0"
+
+
+@pytest.mark.parametrize(("cell", "shown"), [
+    ("Northside\r" + CALC, "Northside " + CALC),
+    ("a\nb\r\nc\x0bd\x85e\u2028f\tg", "a b  c d e f g"),
+    ("\r" + CALC, "' " + CALC),
+    ("\n@SUM(1)", "' @SUM(1)"),
+    ("  +1", "  +1"),  # a plain number, spaces or not
+    ("  +A1", "'  +A1"),
+])
+def test_a_shared_cell_is_one_line_and_shown_as_text(cell: str, shown: str) -> None:
+    table = pd.DataFrame({"c": [cell], "line": [2]})
+    assert shareable(table)["c"].tolist() == [shown]
+    assert one_line(cell).count("\n") == one_line(cell).count("\r") == 0
+
+
+def test_results_csv_has_no_line_break_in_a_cell_so_no_row_splits(tmp_path: Path) -> None:
+    """A passthrough cell with a bare CR before a formula, a webhook emr_note_id with CRLF
+    before one, and a multi-line failure_reason: csv.reader sees the header and one row per
+    input row, every row as wide as the header, and no cell starts like a formula."""
+    write_csv(tmp_path / "input.csv", [
+        ["T1", "first note", "Northside\r" + CALC],
+        ["T2", "second note", "line one\nline two"],
+        ["T3", "third note", "plain"],
+    ], header=("emr_task_id", "note", "clinic"))
+    fake = FakeCobalt()
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url},
+                              input={"path": str(tmp_path / "input.csv"),
+                                     "passthrough": ["clinic"]})
+        assert run_cli("run", str(config), "--no-progress", cwd=tmp_path).returncode == 0
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        envelope("evt-1", "created", fake.jobs["T1"], emr_note_id="n-1\r\n@SUM(1)"),
+        envelope("evt-2", "failed", fake.jobs["T2"],
+                 failure_reason="Could not append\r=HYPERLINK(\"http://x\",\"y\")\nretry"),
+    ])
+    done = run_cli("reconcile", str(config), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    report = next((tmp_path / "reports").iterdir())
+    with (report / "results.csv").open(encoding="utf-8", newline="") as fh:
+        table = list(csv.reader(fh))
+    assert [len(r) for r in table] == [len(table[0])] * 4
+    assert [r[table[0].index("emr_task_id")] for r in table[1:]] == ["T1", "T2", "T3"]
+    rows = {r["emr_task_id"]: r for r in read_results(report)}
+    assert rows["T1"]["clinic"] == "Northside " + CALC
+    assert rows["T1"]["emr_note_id"] == "n-1  @SUM(1)"
+    assert rows["T2"]["clinic"] == "line one line two"
+    assert rows["T2"]["failure_reason"] == (
+        'Could not append =HYPERLINK("http://x","y") retry')
+    raw = (report / "results.csv").read_bytes()
+    assert raw.count(b"\n") == 4
+    assert b"\r" not in raw
+    for cells in table:
+        for cell in cells:
+            assert not cell.lstrip(" ").startswith(FORMULA_STARTS), cell
