@@ -190,3 +190,56 @@ def test_results_csv_has_no_line_break_in_a_cell_so_no_row_splits(tmp_path: Path
     for cells in table:
         for cell in cells:
             assert not cell.lstrip(" ").startswith(FORMULA_STARTS), cell
+
+
+# -- 5. input errors never echo a cell ---------------------------------------------------------
+
+
+def test_a_file_without_a_header_stops_without_printing_its_first_row(tmp_path: Path) -> None:
+    """The first row is data: the one-line error names the expected columns and counts the
+    fields, and quotes no cell (the note would reach a cron log)."""
+    (tmp_path / "nohdr.csv").write_text("t-1,Patient CANARYHDR has HIV and hep C,Northside\n")
+    config = write_config(tmp_path)
+    done = run_cli("run", str(config), "--input", str(tmp_path / "nohdr.csv"), "--no-progress",
+                   cwd=tmp_path)
+    assert done.returncode == 2
+    assert "CANARYHDR" not in done.stdout + done.stderr
+    assert "Northside" not in done.stdout + done.stderr
+    assert ("column 'emr_task_id' (input.columns.emr_task_id) and 'note' (input.columns.note) "
+            "not found; the first row has 3 non-empty fields (a file without a header row?"
+            ) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert canary_holders(tmp_path, ("CANARYHDR",), besides=("config.yaml", "nohdr.csv")) == set()
+
+
+def test_a_close_header_name_is_suggested_but_a_note_never_is(tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_text("Task-ID,Patient CANARYNT note text\nT1,x\n")
+    done = run_cli("run", str(write_config(tmp_path)), "--input", str(tmp_path / "in.csv"),
+                   cwd=tmp_path)
+    assert done.returncode == 2
+    assert "field 1 'Task-ID' looks like 'emr_task_id'" in done.stderr
+    assert "CANARYNT" not in done.stdout + done.stderr
+
+
+def test_a_broken_multi_line_note_keeps_its_second_line_out_of_the_ledger_and_reports(
+        tmp_path: Path) -> None:
+    """An unquoted line break splits a note: its second line is a record of its own, whose
+    "task id" is note text. It is rejected with the task id left out of the ledger,
+    results.csv and the console; rejects.csv (0600) keeps the line as written."""
+    (tmp_path / "input.csv").write_text(
+        "emr_task_id,note\nT1,first line\nsecond line CANARYML has HIV,x,y\n"
+        "CANARYBAD has HIV,note\nT2,fine\n")
+    with ThreadedServer(FakeCobalt().app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url})
+        done = run_cli("run", str(config), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "CANARY" not in done.stdout + done.stderr
+    assert canary_holders(tmp_path, ("CANARY",), besides=("config.yaml", "rejects.csv")) == set()
+    report = next((tmp_path / "reports").iterdir())
+    rows = {int(r["line"]): r for r in read_results(report)}
+    assert [(rows[n]["emr_task_id"], rows[n]["final_status"]) for n in (3, 4)] == [
+        ("", "rejected_invalid"), ("", "rejected_invalid")]
+    assert rows[4]["error"] == (
+        "bad-task-id: the emr_task_id (17 characters) does not match "
+        "validation.emr_task_id_pattern")
+    assert "CANARYML" in (report / "rejects.csv").read_text()
