@@ -521,7 +521,7 @@ class Run:
             # What landed (or failed) since the last run decides what may be sent again.
             from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
 
-            Reconciler(ledger, self.config.webhooks.sink).refresh(self.config.api.account_id())
+            Reconciler.of(ledger, self.config).refresh(self.config.api.account_id())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, self.control)
                 outcome = await self._stages(ledger, inputs)
@@ -641,7 +641,7 @@ class Run:
 
         if refresh:
             with contextlib.suppress(StorageFull):
-                return Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
+                return Reconciler.of(ledger, self.config).run(self.run_id)
         record = ledger.run(self.run_id)
         record.update(state=state, info={**record["info"], **info})
         count, orphans = ledger.orphans()

@@ -243,3 +243,96 @@ def test_a_broken_multi_line_note_keeps_its_second_line_out_of_the_ledger_and_re
         "bad-task-id: the emr_task_id (17 characters) does not match "
         "validation.emr_task_id_pattern")
     assert "CANARYML" in (report / "rejects.csv").read_text()
+
+
+# -- 1. a webhook's failure_reason quoting the note ------------------------------------------
+
+SINK = "webhooks.jsonl"  # the sink file (0600): Cobalt's events as they came, by design
+PHI = "CANARYPHI Patient has HIV and hep C diagnosis"
+LOUD = "CANARYUP follow-up for the hepatitis B result"
+
+
+def _failed(fake: FakeCobalt, task: str, n: int, reason: str, code: str) -> dict[str, object]:
+    return envelope(f"evt-{n}", "failed", fake.jobs[task], failure_reason=reason,
+                     task_note_id=f"{int(fake.jobs[task]):024x}",
+                     reasons=[{"code": code, "description": reason}])
+
+
+def _sent(tmp_path: Path, rows: list[list[str]]) -> tuple[FakeCobalt, Path]:
+    write_csv(tmp_path / "input.csv", rows)
+    fake = FakeCobalt()
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url})
+        done = run_cli("run", str(config), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return fake, config
+
+
+def test_a_failure_reason_quoting_the_note_is_redacted_against_the_row_read_back(
+        tmp_path: Path) -> None:
+    """Cobalt accepts, then a signed task_note.failed says `Could not append note "<note>":
+    task is closed` (also upper-cased, also in reasons[].description). The note is read
+    back from the input and cut out; a reason that does not quote it is kept."""
+    fake, config = _sent(tmp_path, [["fq-1", PHI], ["fq-2", LOUD], ["fq-3", "refill due"]])
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        _failed(fake, "fq-1", 1, f'Could not append note "{PHI}": task is closed',
+                "task_closed"),
+        _failed(fake, "fq-2", 2, f"COULD NOT APPEND NOTE {LOUD.upper()}", "task_closed"),
+        _failed(fake, "fq-3", 3, "Task is locked by another user", "task_locked"),
+    ])
+    done = run_cli("reconcile", str(config), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "CANARY" not in (done.stdout + done.stderr).upper()
+    assert canary_holders(tmp_path, ("CANARYPHI", "CANARYUP", "hepatitis", "HIV and hep"),
+                          besides=("config.yaml", "redrive.csv", SINK)) == set()
+    report = next((tmp_path / "reports").iterdir())
+    reasons = {r["emr_task_id"]: r["failure_reason"] for r in read_results(report)}
+    assert reasons == {"fq-1": 'Could not append note "[redacted]": task is closed',
+                       "fq-2": "COULD NOT APPEND NOTE [redacted]",
+                       "fq-3": "Task is locked by another user"}
+    assert sorted((r["reason"], r["count"]) for r in read_summary(report)["failure_reasons"]
+                  ) == sorted((reason, 1) for reason in reasons.values())
+
+
+def test_a_failure_reason_is_withheld_when_the_note_cannot_be_read_back(
+        tmp_path: Path) -> None:
+    """The input moved after the run: the reason text cannot be checked, so only the reason
+    code is kept, and a warning says so (without the text)."""
+    fake, config = _sent(tmp_path, [["fq-1", PHI], ["fq-2", "second note"]])
+    (tmp_path / "input.csv").rename(tmp_path / "moved.csv")
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        _failed(fake, "fq-1", 1, f"Could not append {PHI}", "task_closed"),
+        _failed(fake, "fq-2", 2, "Task is closed", "task_closed"),
+    ])
+    done = run_cli("reconcile", str(config), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "2 failure reason(s) withheld (reason codes kept)" in done.stderr
+    assert "CANARY" not in done.stdout + done.stderr
+    assert canary_holders(tmp_path, ("CANARYPHI", "HIV and hep"),
+                          besides=("config.yaml", "moved.csv", SINK)) == set()
+    report = next((tmp_path / "reports").iterdir())
+    withheld = "task_closed [reason withheld: the note was not read back to check it]"
+    assert [r["failure_reason"] for r in read_results(report)] == [withheld, withheld]
+    assert read_summary(report)["failure_reasons"] == [{"reason": withheld, "count": 2}]
+
+
+def test_a_re_encoded_quote_in_a_failure_reason_is_withheld_with_its_codes(
+        tmp_path: Path) -> None:
+    fake, config = _sent(tmp_path, [["fq-1", MULTILINE]])
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        _failed(fake, "fq-1", 1, "Could not append " + json.dumps(MULTILINE), "rpa_error"),
+        {**envelope("evt-9", "failed", "no-such-job", failure_reason=f"job for {PHI}"),
+         "data": {"failure_reason": f"job for {PHI}", "reasons": [
+             {"code": "bad code with spaces", "description": "x"}, {"code": "orphan"}]}},
+    ])
+    done = run_cli("reconcile", str(config), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert canary_holders(tmp_path, ("CANARYJS", "CANARYPHI"),
+                          besides=("config.yaml", SINK)) == set()
+    report = next((tmp_path / "reports").iterdir())
+    assert [r["failure_reason"] for r in read_results(report)] == [
+        "rpa_error [reason withheld: it quoted the note]"]
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+        assert db.execute("SELECT failure_reason, reason_codes FROM events WHERE event_id ="
+                          " 'evt-9'").fetchone() == (
+            "orphan [reason withheld: the note was not read back to check it]", "orphan")
