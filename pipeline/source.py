@@ -620,7 +620,7 @@ def make_header(path: Path, names: list[str], line: int, settings: InputConfig) 
 def _close_names(found: list[str], missing: list[str]) -> str:
     """"; field 1 'Task ID' looks like 'emr_task_id'" for each found cell that closely matches
     a missing column name (difflib ratio >= 0.75, compared case-folded with ``_`` and ``-`` as
-    spaces, the cell at most 6 characters longer than the name), else ""."""
+    spaces: a cell can then be at most a third longer than the name), else ""."""
     def plain(text: str) -> str:
         return " ".join(text.casefold().replace("_", " ").replace("-", " ").split())
 
@@ -628,8 +628,7 @@ def _close_names(found: list[str], missing: list[str]) -> str:
     for want in missing:
         target = plain(want)
         for i, cell in enumerate(found):
-            if (cell and len(cell) <= len(want) + 6
-                    and difflib.SequenceMatcher(None, plain(cell), target).ratio() >= 0.75):
+            if cell and difflib.SequenceMatcher(None, plain(cell), target).ratio() >= 0.75:
                 close.append(f"field {i + 1} {cell!r} looks like {want!r}")
                 break
     return f"; {', '.join(close)}" if close else ""

@@ -30,6 +30,7 @@ import pytest
 from test_shared_files import FakeCobalt, append_events, envelope
 
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
+from pipeline.reasons import codes_of, safe_emr_note_id
 from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact
 from pipeline.report import FORMULA_STARTS, one_line, shareable
 
@@ -180,7 +181,7 @@ def test_results_csv_has_no_line_break_in_a_cell_so_no_row_splits(tmp_path: Path
     assert [r[table[0].index("emr_task_id")] for r in table[1:]] == ["T1", "T2", "T3"]
     rows = {r["emr_task_id"]: r for r in read_results(report)}
     assert rows["T1"]["clinic"] == "Northside " + CALC
-    assert rows["T1"]["emr_note_id"] == "n-1  @SUM(1)"
+    assert rows["T1"]["emr_note_id"] == "n-1 @SUM(1)"  # not id-like: one line, redacted
     assert rows["T2"]["clinic"] == "line one line two"
     assert rows["T2"]["failure_reason"] == (
         'Could not append =HYPERLINK("http://x","y") retry')
@@ -336,3 +337,11 @@ def test_a_re_encoded_quote_in_a_failure_reason_is_withheld_with_its_codes(
         assert db.execute("SELECT failure_reason, reason_codes FROM events WHERE event_id ="
                           " 'evt-9'").fetchone() == (
             "orphan [reason withheld: the note was not read back to check it]", "orphan")
+
+
+def test_an_emr_note_id_is_kept_when_id_like_else_redacted_against_the_events_note() -> None:
+    assert safe_emr_note_id("emr-123_A.9", PHI) == "emr-123_A.9"
+    assert safe_emr_note_id(f"appended: {PHI}", PHI) == "appended: [redacted]"
+    assert safe_emr_note_id(None, PHI) is None
+    assert codes_of([{"code": "task_closed"}, {"code": "has space"}, {"code": "=1+2"},
+                     "task_locked", {"description": "x"}]) == ["task_closed"]
