@@ -44,6 +44,14 @@ UNCHECKED: Final = "[reason withheld: the note was not read back to check it]"
 _ID_LIKE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_TEXT: Final = 8192  # longer free text is withheld unread (a reason is a sentence)
 _FAILURE: Final = 6  # failure_reason's position in an EventRecord
+_PREPARE_MAX: Final = 100_000  # failed events whose notes ``prepare`` holds at once, at most
+
+
+def _key(job_id: object, data: object) -> tuple[str, str]:
+    """(job id, task note id) of an event, as an EventRecord holds them ("" for none)."""
+    task_note_id = data.get("task_note_id") if isinstance(data, dict) else None
+    return ("" if job_id is None else str(job_id).strip(),
+            "" if task_note_id is None else str(task_note_id))
 
 
 def codes_of(reasons: object) -> list[str]:
@@ -80,6 +88,33 @@ class ReasonRedactor:
     secrets: Sequence[str] = ()
     withheld: int = 0
     unread: set[str] = field(default_factory=set)
+    _known: dict[tuple[str, str], list[str] | None] = field(default_factory=dict)
+
+    def prepare(self, sink: Path, offset: int) -> None:
+        """Learn at once the notes of the failed events the sink file gained from ``offset``
+        (at most 100,000 of them), so each input file is read once per ingest, not once per
+        batch of events. A quick pass: only lines naming ``task_note.failed`` are parsed;
+        what it misses (a line it cannot parse, events written since) ``clean`` resolves."""
+        if self.inputs is None:
+            return  # nothing can be read back: every text is withheld, nothing to learn
+        keys: set[tuple[str, str]] = set()
+        try:
+            with sink.open("rb") as fh:
+                fh.seek(offset)
+                for raw in fh:
+                    if b"task_note.failed" not in raw:
+                        continue
+                    try:
+                        event = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        keys.add(_key(event.get("job_id"), event.get("data")))
+                        if len(keys) >= _PREPARE_MAX:
+                            break
+        except OSError:
+            return
+        self._resolve(keys)
 
     def clean(self, records: list[EventRecord]) -> list[EventRecord]:
         """``records`` with every ``failure_reason`` made safe (see the module docstring),
@@ -87,12 +122,13 @@ class ReasonRedactor:
         wanted = [i for i, r in enumerate(records) if r[_FAILURE] is not None]
         if not wanted:
             return records
-        notes = self._notes([records[i] for i in wanted])
+        keys = {i: (records[i][2] or "", records[i][3] or "") for i in wanted}
+        self._resolve({k for k in keys.values() if k not in self._known})
         out = list(records)
         for i in wanted:
             (event_id, kind, job_id, task_note_id, created, emr_note_id, failure, listed,
              ekey, end) = records[i]
-            private = notes.get(event_id)
+            private = self._known[keys[i]]
             codes = [c for c in (listed or "").split(";") if c]
             if private:
                 codes = [c for c in codes if not quotes(c, private)]
@@ -110,12 +146,18 @@ class ReasonRedactor:
                       shown or None, ekey, end)
         return out
 
-    def _notes(self, records: list[EventRecord]) -> dict[str, list[str]]:
-        """Event id -> the notes of every row it may belong to (matched by job id, else
-        task note id), each proven by its ledger key; an event with any row whose note
-        could not be proven, or with no row, is left out."""
-        jobs = {r[2] for r in records if r[2]}
-        task_notes = {r[3] for r in records if r[3]}
+    def _resolve(self, keys: set[tuple[str, str]]) -> None:
+        """Learn, for each (job id, task note id), the notes of every row it may belong to
+        (matched by job id, else task note id), each proven by its ledger key; None for a
+        key with no row, or with any row whose note could not be proven."""
+        if not keys:
+            return
+        if self.inputs is None:
+            self.unread.add("input settings not given")
+            self._known.update(dict.fromkeys(keys))
+            return
+        jobs = {k[0] for k in keys if k[0]}
+        task_notes = {k[1] for k in keys if k[1]}
         rows = rows_for(self.ledger.rows_of_jobs(jobs, task_notes))
         by_file: dict[tuple[str | None, str | None], dict[int, list[_Row]]] = {}
         for row in rows:
@@ -133,25 +175,23 @@ class ReasonRedactor:
                 by_job.setdefault(row.job_id, []).append(row)
             if row.task_note_id:
                 by_task_note.setdefault(row.task_note_id, []).append(row)
-        found: dict[str, list[str]] = {}
-        for record in records:
-            mine = by_job.get(record[2] or "") or by_task_note.get(record[3] or "") or []
-            if mine and all(r.row_id in proven for r in mine):
-                found[record[0]] = [n for r in mine for n in proven[r.row_id]]
-        return found
+        for key in keys:
+            mine = by_job.get(key[0]) or by_task_note.get(key[1]) or []
+            self._known[key] = ([n for r in mine for n in proven[r.row_id]]
+                                if mine and all(r.row_id in proven for r in mine) else None)
 
     def _read_back(self, path: Path, header: list[str], lines: dict[int, list[_Row]],
                    proven: dict[int, list[str]]) -> None:
-        if self.inputs is None:
-            self.unread.add("input settings not given")
+        inputs = self.inputs
+        if inputs is None:  # _resolve reads nothing back without them
             return
         clean = [clean_name(n) for n in header]
-        if self.inputs.columns.note not in clean:
-            self.unread.add(f"{path.name}: no {self.inputs.columns.note!r} column")
+        if inputs.columns.note not in clean:
+            self.unread.add(f"{path.name}: no {inputs.columns.note!r} column")
             return
-        column = clean.index(self.inputs.columns.note)
+        column = clean.index(inputs.columns.note)
         try:
-            with CsvFile(path, self.inputs) as reader:
+            with CsvFile(path, inputs) as reader:
                 for batch in reader.batches():
                     for line, cells in zip(batch.lines, batch.rows, strict=True):
                         for row in lines.get(line, ()):
@@ -184,7 +224,7 @@ class ReasonRedactor:
             why = "; ".join(sorted(self.unread)[:5]) or "no input row for the job"
             log.warning("%d failure reason(s) withheld (reason codes kept): the note could not "
                         "be read back to check them (%s)", self.withheld, why)
-        self.withheld, self.unread = 0, set()
+        self.withheld, self.unread, self._known = 0, set(), {}
 
 
 @dataclass(frozen=True, slots=True)

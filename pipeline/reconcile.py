@@ -90,6 +90,7 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     current = _head(sink)
     if current != head or offset > _size(sink):
         offset = 0
+    redactor.prepare(sink, offset)
     added = 0
     batch: list[EventRecord] = []
     tally: Counter[str] = Counter()

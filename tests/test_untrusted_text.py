@@ -24,13 +24,18 @@ import sys
 import unicodedata
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 from test_shared_files import FakeCobalt, append_events, envelope
 
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
-from pipeline.reasons import codes_of, safe_emr_note_id
+from pipeline import reconcile
+from pipeline.config import load_config
+from pipeline.ledger import Ledger
+from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
+from pipeline.reconcile import ingest
 from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact
 from pipeline.report import FORMULA_STARTS, one_line, shareable
 
@@ -345,3 +350,36 @@ def test_an_emr_note_id_is_kept_when_id_like_else_redacted_against_the_events_no
     assert safe_emr_note_id(None, PHI) is None
     assert codes_of([{"code": "task_closed"}, {"code": "has space"}, {"code": "=1+2"},
                      "task_locked", {"description": "x"}]) == ["task_closed"]
+
+
+class CountingRedactor(ReasonRedactor):
+    """The real redactor, counting the input files it reads back."""
+
+    reads = 0
+
+    def _read_back(self, *args: Any, **kwargs: Any) -> None:
+        CountingRedactor.reads += 1
+        super()._read_back(*args, **kwargs)
+
+
+def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six failed events read two at a time (batches of 2): the input is read back once,
+    for all of them, and every reason is redacted."""
+    rows = [[f"fq-{i}", f"{PHI} number {i}"] for i in range(6)]
+    fake, config_path = _sent(tmp_path, rows)
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        _failed(fake, f"fq-{i}", i, f"Could not append {PHI} number {i}", "task_closed")
+        for i in range(6)])
+    monkeypatch.setattr(reconcile, "_BATCH", 2)
+    config = load_config(config_path)
+    ledger = Ledger(config.state.ledger)
+    try:
+        redactor = CountingRedactor(ledger, config.input)
+        assert ingest(ledger, config.webhooks.sink, config.api.account_id(),
+                      redactor=redactor) == 6
+        stored = ledger._db.execute("SELECT failure_reason FROM events").fetchall()
+    finally:
+        ledger.close()
+    assert CountingRedactor.reads == 1
+    assert stored == [("Could not append [redacted]",)] * 6
