@@ -714,12 +714,12 @@ class Ledger:
         return added
 
     def rows_of_jobs(self, job_ids: Iterable[str],
-                     task_note_ids: Iterable[str]) -> list[tuple[object, ...]]:
+                     task_note_ids: Iterable[str]) -> list[tuple[Any, ...]]:
         """Sent rows with one of these job ids or task note ids, with what reading their note
         back needs: (id, job_id, task_note_id, line, emr_task_id, key, account, input path,
         input header as JSON; both None if the run never recorded its file), rows of every
         run (pipeline/reasons.py)."""
-        found: dict[int, tuple[object, ...]] = {}
+        found: dict[int, tuple[Any, ...]] = {}
         select = ("SELECT r.id, r.job_id, r.task_note_id, r.line, r.emr_task_id, r.key,"
                   " u.account, f.path, f.header FROM rows r JOIN runs u ON u.run_id = r.run_id"
                   " LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no"

@@ -28,7 +28,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pipeline.config import InputConfig
 from pipeline.errors import PipelineError
@@ -240,6 +240,6 @@ class _Row:
     header: str | None
 
 
-def rows_for(found: Iterable[tuple[object, ...]]) -> list[_Row]:
+def rows_for(found: Iterable[tuple[Any, ...]]) -> list[_Row]:
     """Ledger tuples (``Ledger.rows_of_jobs``'s SQL) as rows."""
-    return [_Row(*r) for r in found]  # type: ignore[arg-type]
+    return [_Row(*r) for r in found]
