@@ -51,6 +51,7 @@ from pipeline.client import CobaltClient, redact
 from pipeline.config import ApiConfig, load_config
 from pipeline.errors import CredentialsRefused, NotSent, RequestRejected
 from pipeline.ledger import Ledger
+from pipeline.redaction import MESSAGE_WITHHELD
 from pipeline.report import FORMULA_STARTS, neutralise_formula
 
 PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
@@ -205,7 +206,7 @@ def test_no_run_of_16_characters_of_the_note_survives_redaction(
     assume(len(quoted) >= 16)
     kept = redact(before + quoted + after, [note], limit=10_000)
     assert quoted not in kept
-    assert "[redacted]" in kept
+    assert "[redacted]" in kept or kept == MESSAGE_WITHHELD  # withheld whole when in doubt
 
 
 @settings(derandomize=True)
