@@ -480,7 +480,7 @@ def _poll(args: argparse.Namespace) -> int:
     ledger = _open_ledger(config)
     try:
         runs = [args.run_id] if args.run_id else ledger.unresolved_runs()
-        Reconciler(ledger, config.webhooks.sink).refresh(config.api.account_id())
+        Reconciler.of(ledger, config).refresh(config.api.account_id())
         wanted: set[str] = set()
         for run_id in runs:
             ledger.run(run_id)
@@ -543,7 +543,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     ledger = _open_ledger(config)
-    reconciler = Reconciler(ledger, config.webhooks.sink)
+    reconciler = Reconciler.of(ledger, config)
     try:
         if args.run_id:
             ledger.run(args.run_id)
@@ -576,7 +576,7 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
     from pipeline.reconcile import Reconciler
     from pipeline.report import write_report
 
-    reconciler = reconciler or Reconciler(ledger, config.webhooks.sink)
+    reconciler = reconciler or Reconciler.of(ledger, config)
     live = set(ledger.runs_in_progress())
     code = 0
     for run_id in runs:

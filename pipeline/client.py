@@ -12,7 +12,8 @@ What Cobalt says is untrusted text: an error message may quote the request
 (the note) or the credentials. Every error leaves this module as
 ``HTTP <status> <code>: <message>``, the message passed through ``redact``
 (the row's note, every secret and any run of 16 or more of their characters
-removed, one line, at most 300 characters). The full upstream text is kept
+removed, one line, at most 300 characters; withheld whole when a re-encoded
+quote remains: pipeline/redaction.py). The full upstream text is kept
 nowhere: it would be a second copy of the note, outside the input file.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,14 +45,16 @@ from pipeline.errors import (
     ServerError,
     Unavailable,
 )
+from pipeline.redaction import MAX_MESSAGE, SCAN_LIMIT, redact
 
 _json_string = json.encoder.encode_basestring
 NOTES_PATH = "/v1/tasks/notes"
 EVENTS_PATH = "/v1/webhook-events"
-_MAX_MESSAGE = 300
-_SCAN_LIMIT = 65_536  # characters of an upstream message looked at, at most
-REDACT_RUN = 16  # this many consecutive characters of a note or secret are removed
-REDACTED = "[redacted]"
+_MAX_MESSAGE = MAX_MESSAGE
+_SCAN_LIMIT = SCAN_LIMIT
+# Our own start of an error message: kept when Cobalt's part of it is withheld.
+_OWN_PREFIX = re.compile(
+    r"(?:HTTP \d{3} [a-z-]+|not sent|no answer|unreadable answer|connection lost): ")
 MAX_PAGES = 100_000  # pages of one events query (10 million events at 100 a page), at most
 
 
@@ -299,82 +303,16 @@ def _message(response: httpx.Response) -> str:
 
 
 def _redact_error(exc: ApiError, private: Iterable[str]) -> None:
-    """Make ``exc``'s message safe to keep (ledger, reports, logs), in place."""
-    exc.message = redact(exc.message, private)
-    exc.args = (exc.message,)
+    """Make ``exc``'s message safe to keep (ledger, reports, logs), in place.
 
-
-def redact(text: str, private: Iterable[str], *, limit: int = _MAX_MESSAGE) -> str:
-    """Untrusted upstream ``text`` made safe to store and show: one line, at most ``limit``
-    characters, with every ``private`` string (a note, a secret) removed.
-
-    Removed, each replaced by ``[redacted]``: every occurrence of a private
-    string (not inside a longer word); every run of ``REDACT_RUN`` (16) or more
-    consecutive characters of one (a quote cut short, or embedded in other
-    text); and the same runs compared on letters and digits alone, case-folded
-    (a quote whose spacing, punctuation or case was changed). Control characters and line breaks
-    become spaces. Only the first 65,536 characters are read.
+    Our own prefix (``HTTP <status> <code>: ``) is kept as it is; the rest goes through
+    ``redact`` and may come back withheld whole (pipeline/redaction.py).
     """
-    text = text[:_SCAN_LIMIT]
-    hide = bytearray(len(text))
-    everywhere = list(range(len(text)))
-    skeleton, where = _skeleton(text)
-    for secret in private:
-        if not secret:
-            continue
-        _hide_runs(text, everywhere, secret, hide, whole=True)
-        _hide_runs(skeleton, where, _skeleton(secret)[0], hide, whole=False)
-    parts: list[str] = []
-    for i, char in enumerate(text):
-        if hide[i]:
-            if not (i and hide[i - 1]):
-                parts.append(REDACTED)
-        else:
-            parts.append(char if char.isprintable() else " ")
-    safe = " ".join("".join(parts).split())
-    return safe if len(safe) <= limit else safe[: limit - 1] + "…"
-
-
-def _skeleton(text: str) -> tuple[str, list[int]]:
-    """``text``'s letters and digits, case-folded, and where each came from in ``text``."""
-    chars: list[str] = []
-    where: list[int] = []
-    for i, char in enumerate(text):
-        if char.isalnum():
-            for folded in char.casefold():
-                chars.append(folded)
-                where.append(i)
-    return "".join(chars), where
-
-
-def _joined(text: str, left: int, right: int) -> bool:
-    """Whether ``text[left]`` and ``text[right]`` both exist and are both letters or digits."""
-    return (left >= 0 and right < len(text) and text[left].isalnum()
-            and text[right].isalnum())
-
-
-def _hide_runs(hay: str, where: list[int], needle: str, hide: bytearray, *,
-               whole: bool) -> None:
-    """Mark in ``hide`` (indexed like the original text; ``where[i]`` is the original
-    position of ``hay[i]``) every run of ``REDACT_RUN`` or more characters of ``needle``
-    found in ``hay``, and (``whole``) every occurrence of ``needle`` itself."""
-    if not needle or not hay:
-        return
-    spans: list[tuple[int, int]] = []
-    if whole:  # a whole occurrence, unless it is part of a longer word ("n" in "note")
-        start = hay.find(needle)
-        while start >= 0:
-            end = start + len(needle)
-            if not (_joined(hay, start - 1, start) or _joined(hay, end - 1, end)):
-                spans.append((start, end))
-            start = hay.find(needle, start + 1)
-    if len(needle) >= REDACT_RUN:
-        windows = {needle[i:i + REDACT_RUN] for i in range(len(needle) - REDACT_RUN + 1)}
-        spans += [(i, i + REDACT_RUN) for i in range(len(hay) - REDACT_RUN + 1)
-                  if hay[i:i + REDACT_RUN] in windows]
-    for start, end in spans:
-        first, last = where[start], where[end - 1]
-        hide[first:last + 1] = b"\x01" * (last + 1 - first)
+    found = _OWN_PREFIX.match(exc.message)
+    head = found.group() if found else ""
+    exc.message = head + redact(exc.message[len(head):], private,
+                                limit=_MAX_MESSAGE - len(head))
+    exc.args = (exc.message,)
 
 
 def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:

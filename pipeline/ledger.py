@@ -808,6 +808,26 @@ class Ledger:
                                  [("sink_offset", str(offset)), ("sink_head", head)])
         return added
 
+    def rows_of_jobs(self, job_ids: Iterable[str],
+                     task_note_ids: Iterable[str]) -> list[tuple[Any, ...]]:
+        """Sent rows with one of these job ids or task note ids, with what reading their note
+        back needs: (id, job_id, task_note_id, line, emr_task_id, key, account, input path,
+        input header as JSON; both None if the run never recorded its file), rows of every
+        run (pipeline/reasons.py)."""
+        found: dict[int, tuple[Any, ...]] = {}
+        select = ("SELECT r.id, r.job_id, r.task_note_id, r.line, r.emr_task_id, r.key,"
+                  " u.account, f.path, f.header FROM rows r JOIN runs u ON u.run_id = r.run_id"
+                  " LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no"
+                  " WHERE r.key IS NOT NULL AND ")
+        for column, wanted in (("job_id", job_ids), ("task_note_id", task_note_ids)):
+            values = sorted(wanted)
+            for start in range(0, len(values), 500):
+                chunk = values[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                sql = f"{select} r.{column} IN ({marks})"
+                found.update((r[0], r) for r in self._db.execute(sql, chunk))
+        return list(found.values())
+
     def event_tally(self) -> dict[str, int]:
         """Counts of what the sink held besides new task_note events (other types, repeats)."""
         return dict(self._db.execute("SELECT name, count FROM event_tally ORDER BY name"))

@@ -37,10 +37,11 @@ here; staleness is the report's business).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -48,8 +49,11 @@ from typing import Any, Final
 
 import pandas as pd
 
+from pipeline.config import InputConfig, RunConfig
+from pipeline.errors import PipelineError
 from pipeline.events import SetAside, keep_set_aside, read_sink_from, set_aside_path
 from pipeline.ledger import EventRecord, Ledger, row_key
+from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +72,25 @@ _KINDS: Final = {"task_note.created": "created", "task_note.failed": "failed"}
 _BATCH: Final = 10_000
 
 
-def ingest(ledger: Ledger, sink: Path, account: str) -> int:
+def ingest(ledger: Ledger, sink: Path, account: str, *,
+           redactor: ReasonRedactor | None = None) -> int:
     """Mirror what the sink file gained since last time into the ledger; returns new events.
 
     ``account`` keys the note hash of each created event, as ``row_key`` keys rows.
+    Free text is untrusted: each ``failure_reason`` is redacted against its rows'
+    notes, read back from the input by ``redactor``, or withheld (reason codes kept)
+    where they cannot be (pipeline/reasons.py); without a ``redactor`` it is withheld.
     A sink file that is not the one read before (rotated, replaced) is read
     from its start; events already mirrored are not stored twice. A line the
     event codec refuses is kept in ``<sink>.set-aside`` (with its byte offset),
     counted as ``(set aside)`` in the event tally, and reading goes on.
     """
+    redactor = redactor or ReasonRedactor(ledger, None)
     offset, head = ledger.sink_position()
     current = _head(sink)
     if current != head or offset > _size(sink):
         offset = 0
+    redactor.prepare(sink, offset)
     added = 0
     batch: list[EventRecord] = []
     tally: Counter[str] = Counter()
@@ -95,12 +105,14 @@ def ingest(ledger: Ledger, sink: Path, account: str) -> int:
         if len(batch) + len(aside) >= _BATCH:
             if aside:
                 _set_aside(sink, aside)
-            added += ledger.add_events(batch, dict(tally), offset=end, head=current)
+            added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end,
+                                       head=current)
             batch, tally, aside = [], Counter(), []
     if aside:
         _set_aside(sink, aside)
     if batch or tally or end != offset:
-        added += ledger.add_events(batch, dict(tally), offset=end, head=current)
+        added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current)
+    redactor.warn()
     if added:
         log.info("%d new task_note events from %s", added, sink)
     return added
@@ -134,17 +146,19 @@ def _record(event: dict[str, Any], end: int, account: str,
         return None
     found = event.get("data")
     data: dict[str, Any] = found if isinstance(found, dict) else {}
-    listed = data.get("reasons")
-    reasons: list[Any] = listed if isinstance(listed, list) else []
-    codes = ";".join(str(r["code"]) for r in reasons if isinstance(r, dict) and r.get("code"))
+    codes = ";".join(codes_of(data.get("reasons")))
     ekey = None
     task_id, note = data.get("emr_task_id"), data.get("note")
     if kind == "created" and isinstance(task_id, str) and isinstance(note, str):
         ekey = row_key(account, task_id, note)
     job_id = event.get("job_id")
+    # failure_reason is untrusted free text: ReasonRedactor.clean makes it safe before storing.
+    reason = data.get("failure_reason")
+    if reason is None and kind == "failed" and isinstance(data.get("reasons"), list):
+        reason = ""  # the descriptions are free text too: codes only, checked the same way
     return (event_id, kind, None if job_id is None else str(job_id).strip(),
             _text(data.get("task_note_id")), _text(event.get("created")),
-            _text(data.get("emr_note_id")), _text(data.get("failure_reason")), codes or None,
+            safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
             ekey, end)
 
 
@@ -209,15 +223,33 @@ def exit_code(counts: dict[str, int]) -> int:
 class Reconciler:
     """Reconciles runs of one ledger against one sink file, reading the file once."""
 
-    def __init__(self, ledger: Ledger, sink: Path) -> None:
+    def __init__(self, ledger: Ledger, sink: Path, *, inputs: InputConfig | None = None,
+                 secrets: Sequence[str] = ()) -> None:
+        """``inputs`` (the config's ``input``) lets a webhook's ``failure_reason`` be redacted
+        against its row's note read back from the input; without it the text is withheld
+        and only reason codes are kept. ``secrets``: credentials also kept out of it."""
         self._ledger = ledger
         self._sink = sink
+        self._redactor = ReasonRedactor(ledger, inputs, tuple(secrets))
         self._refreshed = False
+
+    @classmethod
+    def of(cls, ledger: Ledger, config: RunConfig) -> Reconciler:
+        """The reconciler a command uses: the config's sink file, its input settings (to
+        read notes back) and every secret it knows (to keep them out of reasons)."""
+        secrets: list[str] = []
+        api = config.api
+        for value in (api.client_id, api.client_secret, api.access_token):
+            if value is not None and value.get_secret_value():
+                secrets.append(value.get_secret_value())
+        with contextlib.suppress(PipelineError):
+            secrets += [s.decode() for s in config.webhooks.all_secrets()]
+        return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets)
 
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
-            ingest(self._ledger, self._sink, account)
+            ingest(self._ledger, self._sink, account, redactor=self._redactor)
             changed = self._ledger.match_outcomes()
             if changed:
                 log.info("%d rows have a new outcome", changed)

@@ -174,34 +174,64 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
 # OWASP, "CSV Injection": a cell starting with one of these is read as a formula by
 # spreadsheets (Excel, LibreOffice, Google Sheets); a leading single quote makes it text.
 FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
-_FIRST: Final = np.array(FORMULA_STARTS, dtype="U1")
+_FIRST: Final = np.array([*FORMULA_STARTS, " "], dtype="U1")  # a space may hide one
 _PLAIN_NUMBER: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# What may split a row or hide a second line in a cell: C0 and C1 controls (CR, LF, tab...),
+# DEL, and the Unicode line and paragraph separators.
+_BREAKS: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_PRINTABLE_ASCII: Final = bytes(range(0x20, 0x7F))
 
 
 def neutralise_formula(cell: str) -> str:
     """``cell`` as a spreadsheet will show it as text: a leading ``'`` if it could be a formula.
 
-    A cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a
-    single quote in front (OWASP's CSV-injection advice), except a plain number
-    (``-3``, ``+1.5``, ``-2e5``), which stays a number. Other cells are returned as given.
+    A cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return (after any
+    spaces) gets a single quote in front (OWASP's CSV-injection advice), except a plain
+    number (``-3``, ``+1.5``, ``-2e5``), which stays a number. Other cells are returned
+    as given.
     """
-    if cell.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(cell):
+    bare = cell.lstrip(" ")
+    if bare.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(bare):
         return "'" + cell
     return cell
 
 
+def one_line(cell: str) -> str:
+    """``cell`` with every control character (CR, LF, tab, other C0/C1 controls, DEL) and
+    the Unicode line/paragraph separators replaced by a space: one physical line, so no
+    spreadsheet or line-based reader starts a new row inside it."""
+    return _BREAKS.sub(" ", cell)
+
+
+def _all_one_line(cells: list[Any]) -> bool:
+    """Whether no text cell holds a character ``one_line`` replaces (checked in C: a
+    million-row column takes milliseconds when it is ASCII)."""
+    joined = "".join(c for c in cells if isinstance(c, str))
+    if joined.isascii():
+        return not joined.encode("ascii").translate(None, _PRINTABLE_ASCII)
+    return _BREAKS.search(joined) is None
+
+
 def shareable(table: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``table`` with every text cell and column name passed through
-    ``neutralise_formula``: what a CSV file we call safe to share is written from.
+    """A copy of ``table`` made safe to open in a spreadsheet: every text cell and column
+    name passed through ``one_line``, then ``neutralise_formula``. What a CSV file we call
+    safe to share is written from.
 
     Everything upstream or in the input can reach such a file (task ids,
     passthrough cells, Cobalt's messages, webhook fields), so no column is trusted.
+    A line break kept inside a cell would let a formula start the cell's second line,
+    and a bare CR is not even quoted by the csv module: so no cell keeps one.
     """
-    out = table.rename(columns=lambda name: neutralise_formula(str(name)))
+    out = table.rename(columns=lambda name: neutralise_formula(one_line(str(name))))
     for column in out.columns:
         values = out[column]
         if values.dtype.kind in "biuf":
             continue  # numbers (line) cannot start a formula
+        cells = values.tolist()
+        if not _all_one_line(cells):
+            cells = [one_line(c) if isinstance(c, str) else c for c in cells]
+            values = pd.Series(cells, index=values.index, dtype=object)
+            out[column] = values
         # First characters compared in numpy (the cast to "U1" keeps one character): a
         # loop over a million-row results.csv in Python cost a fifth of writing it.
         hits = np.flatnonzero(np.isin(values.to_numpy().astype("U1"), _FIRST))

@@ -554,7 +554,7 @@ class Run:
             # What landed (or failed) since the last run decides what may be sent again.
             from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
 
-            Reconciler(ledger, self.config.webhooks.sink).refresh(self.config.api.account_id())
+            Reconciler.of(ledger, self.config).refresh(self.config.api.account_id())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, self.control)
                 outcome = await self._stages(ledger, inputs)
@@ -699,7 +699,7 @@ class Run:
         # and runs whose scan stopped: this run may have read the rest of their input
         wanted = {*ledger.runs_following(self.run_id),
                   *(r for r in stale if ledger.run(r)["info"].get("scan_stopped"))}
-        reconciler = Reconciler(ledger, self.config.webhooks.sink)
+        reconciler = Reconciler.of(ledger, self.config)
         for run_id in stale:
             if run_id not in wanted or run_id == self.run_id:
                 continue
@@ -730,7 +730,7 @@ class Run:
 
         if refresh:
             with contextlib.suppress(StorageFull):
-                return Reconciler(ledger, self.config.webhooks.sink).run(self.run_id)
+                return Reconciler.of(ledger, self.config).run(self.run_id)
         record = ledger.run(self.run_id)
         record.update(state=state, info={**record["info"], **info})
         count, orphans = ledger.orphans()

@@ -44,6 +44,7 @@ import bisect
 import codecs
 import collections
 import csv
+import difflib
 import glob
 import hashlib
 import itertools
@@ -577,25 +578,35 @@ def clean_name(name: str) -> str:
 
 
 def make_header(path: Path, names: list[str], line: int, settings: InputConfig) -> Header:
-    """Find the configured columns in a header row; InputError naming what is missing."""
+    """Find the configured columns in a header row; InputError naming what is missing.
+
+    The first row may be data (a file without a header): the message names the
+    expected columns and counts the fields found, and quotes a cell only when it
+    closely matches an expected name (``_close_names``), so a note never reaches
+    the console or a cron log.
+    """
     clean = [clean_name(n) for n in names]
-    seen: set[str] = set()
-    for name in clean:
-        if name and name in seen:
-            raise InputError(f"{path} line {line}: the header names column {name!r} twice")
-        seen.add(name)
     wanted = {
         "input.columns.emr_task_id": settings.columns.emr_task_id,
         "input.columns.note": settings.columns.note,
         **{f"input.passthrough ({p})": p for p in settings.passthrough},
     }
+    seen: dict[str, int] = {}
+    for i, name in enumerate(clean):
+        if name and name in seen:
+            said = repr(name) if name in wanted.values() else "the same name"
+            raise InputError(f"{path} line {line}: the header names column {said} twice "
+                             f"(fields {seen[name] + 1} and {i + 1})")
+        seen[name] = i
     missing = [f"{col!r} ({key})" for key, col in wanted.items() if col not in clean]
     if missing:
-        found = ", ".join(repr(n) for n in clean if n) or "nothing"
+        count = sum(1 for n in clean if n)
         hint = _delimiter_hint(clean, settings.delimiter)
         raise InputError(
-            f"{path} line {line}: column {' and '.join(missing)} not found; the header has "
-            f"{found}{hint}"
+            f"{path} line {line}: column {' and '.join(missing)} not found; the first row has "
+            f"{count} non-empty field{'s' if count != 1 else ''}"
+            f"{_close_names(clean, [c for c in wanted.values() if c not in clean])}{hint}"
+            " (a file without a header row? its first row must name the columns)"
         )
     return Header(
         names=tuple(names),
@@ -604,6 +615,23 @@ def make_header(path: Path, names: list[str], line: int, settings: InputConfig) 
         note_col=clean.index(settings.columns.note),
         passthrough_cols=tuple(clean.index(p) for p in settings.passthrough),
     )
+
+
+def _close_names(found: list[str], missing: list[str]) -> str:
+    """"; field 1 'Task ID' looks like 'emr_task_id'" for each found cell that closely matches
+    a missing column name (difflib ratio >= 0.75, compared case-folded with ``_`` and ``-`` as
+    spaces: a cell can then be at most a third longer than the name), else ""."""
+    def plain(text: str) -> str:
+        return " ".join(text.casefold().replace("_", " ").replace("-", " ").split())
+
+    close = []
+    for want in missing:
+        target = plain(want)
+        for i, cell in enumerate(found):
+            if cell and difflib.SequenceMatcher(None, plain(cell), target).ratio() >= 0.75:
+                close.append(f"field {i + 1} {cell!r} looks like {want!r}")
+                break
+    return f"; {', '.join(close)}" if close else ""
 
 
 def _delimiter_hint(names: list[str], delimiter: str) -> str:

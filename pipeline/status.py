@@ -140,7 +140,7 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
     try:
         latest = ledger.latest_run()
         if latest is not None:  # learn what the sink file gained: outcomes settle rows
-            Reconciler(ledger, config.webhooks.sink).refresh(ledger.run(latest)["account"])
+            Reconciler.of(ledger, config).refresh(ledger.run(latest)["account"])
         running = ledger.runs_in_progress()
         stale_before = _iso(now - timedelta(seconds=config.report.stale_after))
         rows = ledger.open_rows(running)

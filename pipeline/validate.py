@@ -43,7 +43,8 @@ TEMPLATES: Final[dict[str, str]] = {
     "repeated-header": "the row repeats the header (two files joined into one?)",
     "bad-encoding": "bytes that are not valid {encoding}",
     "missing-task-id": "the emr_task_id is empty",
-    "bad-task-id": "the emr_task_id {value!r} does not match validation.emr_task_id_pattern",
+    "bad-task-id": ("the emr_task_id ({length} characters) does not match "
+                    "validation.emr_task_id_pattern"),
     "blank-note": "the note is empty",
     "note-too-long": "the note has {length} characters; the limit is {limit}",
     "control-characters": "the note contains control character {char} at position {pos}",
@@ -192,7 +193,8 @@ class Validator:
         readable = cells[header.task_col].strip() if len(cells) > header.task_col else ""
         if len(cells) != header.width:
             problem = Problem.of("wrong-field-count", expected=header.width, found=len(cells))
-            self._append_reject(out, line, cells, _nfc("NFC", readable), problems=(problem,),
+            self._append_reject(out, line, cells, self._shown(_nfc("NFC", readable), header),
+                                problems=(problem,),
                                 passthrough=())
             return
         task_id = _nfc("NFC", readable)
@@ -201,7 +203,7 @@ class Validator:
         passthrough = tuple(cells[c] for c in header.passthrough_cols)
         problems = self._problems(task_id, note, cells)
         if problems:
-            self._append_reject(out, line, cells, task_id, problems=problems,
+            self._append_reject(out, line, cells, self._shown(task_id, header), problems=problems,
                                 passthrough=passthrough)
             return
         if (readable, written) != (task_id, note):
@@ -230,6 +232,16 @@ class Validator:
             note = note.replace("\\n", "\n")
         return note
 
+    def _shown(self, task_id: str, header: Header) -> str:
+        """A rejected row's task id as the ledger and results.csv keep it: only if it matches
+        validation.emr_task_id_pattern (or is the header's own name, repeated). Anything
+        else in that cell may be a note (a line of a broken multi-line note, columns
+        swapped): rejects.csv keeps the row as it was."""
+        if task_id and (self._fullmatch(task_id)
+                        or clean_name(task_id) == clean_name(header.names[header.task_col])):
+            return task_id
+        return ""
+
     @staticmethod
     def _append_reject(
         out: CheckedBatch, line: int, cells: list[str], task_id: str, *,
@@ -250,7 +262,7 @@ class Validator:
         if not task_id:
             found.append(Problem.of("missing-task-id"))
         elif not self._fullmatch(task_id):
-            found.append(Problem.of("bad-task-id", value=task_id[:64]))
+            found.append(Problem.of("bad-task-id", length=len(task_id)))
         note = raw_note.strip()
         if not note:
             found.append(Problem.of("blank-note"))

@@ -52,8 +52,11 @@ class Book:
             data = {"task_note_id": task_note_id, "emr_note_id": f"emr-{n}",
                     "emr_task_id": task, "note": note}
         elif kind == "task_note.failed":
+            # the code a reason has ("EMR session expired" -> emr_session_expired): with no
+            # input file to read the note back from, only codes survive (pipeline/reasons.py)
             data = {"task_note_id": task_note_id, "failure_reason": reason,
-                    "reasons": [{"code": "task_not_found", "description": reason}]}
+                    "reasons": [{"code": "_".join(reason.lower().split()[:3]),
+                                 "description": reason}]}
         else:
             data = {"patient_id": "p1"}
         envelope = {"id": f"evt_{n}", "access_token_reference_id": "user_1", "object": "event",
@@ -236,16 +239,19 @@ def test_a_note_failed_in_the_emr_and_sent_again_follows_the_new_send(book: Book
         "sent in run run-2 as job 9: confirmed"]
     assert list(rows["job_id"]) == ["1", "9"]  # the first row keeps its own (failed) job
 def test_the_evidence_of_each_outcome_reaches_the_result(book: Book) -> None:
-    """A confirmed row carries its EMR note id and event; a failed one Cobalt's reason and
-    its codes (the reviewer's evidence, from the event's data)."""
+    """A confirmed row carries its EMR note id and event; a failed one Cobalt's reason codes
+    (the reviewer's evidence, from the event's data). The reason's text is withheld: this
+    book has no input file to read the note back from and check it (test_untrusted_text)."""
     book.row("accepted", job_id="5")
     book.row("accepted", job_id="6", task="T2")
     book.event("task_note.failed", "5", n=1)
     book.event("task_note.created", "6", n=2, task="T2")
     failed, created = book.result().frame().to_dict("records")
     assert (failed["final_status"], failed["event_id"], failed["failure_reason"],
-            failed["reason_codes"]) == ("failed_in_emr", "evt_1", "Task not found in EMR",
-                                        "task_not_found")
+            failed["reason_codes"]) == (
+        "failed_in_emr", "evt_1",
+        "task_not_found [reason withheld: the note was not read back to check it]",
+        "task_not_found")
     assert (created["final_status"], created["event_id"], created["emr_note_id"]) == (
         "confirmed", "evt_2", "emr-2")
     assert (failed["detail"], created["detail"]) == ("", "")  # the evidence speaks for itself

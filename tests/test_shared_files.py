@@ -51,6 +51,7 @@ from pipeline.client import CobaltClient, redact
 from pipeline.config import ApiConfig, load_config
 from pipeline.errors import CredentialsRefused, NotSent, RequestRejected
 from pipeline.ledger import Ledger
+from pipeline.redaction import MESSAGE_WITHHELD
 from pipeline.report import FORMULA_STARTS, neutralise_formula
 
 PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
@@ -160,7 +161,7 @@ def test_results_csv_carries_no_formula_from_ids_passthrough_webhooks_or_the_api
     assert rows[4]["emr_task_id"] == "'" + calc
     assert rows[4]["'=ref"] == "+1.5"
     assert rows[4]["error"] == "HTTP 400 request-rejected: @SUM(1) is not a task"
-    assert rows[5]["'=ref"] == "'\t=1+2"
+    assert rows[5]["'=ref"] == "' =1+2"  # the tab is a space in a shared file (one line)
     assert rows[5]["emr_note_id"] == "-7"
     assert rows[6]["'=ref"] == "-2e5"
     with (report / "results.csv").open(encoding="utf-8", newline="") as fh:
@@ -205,7 +206,7 @@ def test_no_run_of_16_characters_of_the_note_survives_redaction(
     assume(len(quoted) >= 16)
     kept = redact(before + quoted + after, [note], limit=10_000)
     assert quoted not in kept
-    assert "[redacted]" in kept
+    assert "[redacted]" in kept or kept == MESSAGE_WITHHELD  # withheld whole when in doubt
 
 
 @settings(derandomize=True)

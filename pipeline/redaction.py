@@ -1,0 +1,209 @@
+"""Untrusted upstream text made safe to keep: no note, no secret, one short line.
+
+What Cobalt says (an API error's message, a webhook's ``failure_reason``) may
+quote the request: the note, or a credential. Before such text reaches the
+ledger, a shared report or the console it goes through ``redact``, in two
+passes:
+
+1. **Cut precisely** where the quote is found as written: every occurrence of a
+   private string (a note, a secret) not inside a longer word, and every run of
+   ``REDACT_RUN`` (16) or more of its characters, also compared on letters and
+   digits alone, case-folded. Each cut becomes ``[redacted]``.
+2. **Withhold when in doubt.** What is left is compared again on a canonical
+   form of both sides (``canonical``): JSON/Python string escapes, URL
+   percent-encoding and HTML character references undone (repeatedly, so a
+   quote escaped twice is found too), Unicode NFKD with combining marks
+   dropped, case-folded, and everything but letters and digits dropped (so
+   the ``n`` of an escaped ``\\n`` never joins the text). If a private string
+   still shows (a run of 16 or more of its letters and digits, or a short one
+   whole), the whole message is withheld and only the caller's own prefix
+   (HTTP status and code) is kept: cutting precisely inside a re-encoded quote
+   cannot be trusted. So is a message where the text next to a cut continues the
+   private string (6 or more of its letters): the encoding broke pass 1's run.
+
+The full upstream text is kept nowhere.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import re
+import unicodedata
+import urllib.parse
+from collections.abc import Iterable
+from typing import Final
+
+REDACT_RUN: Final = 16  # this many consecutive characters of a note or secret are removed
+REDACTED: Final = "[redacted]"
+MESSAGE_WITHHELD: Final = "[message withheld: it quoted the request]"
+MAX_MESSAGE: Final = 300
+SCAN_LIMIT: Final = 65_536  # characters of an upstream message looked at, at most
+_NEIGHBOUR: Final = 6  # letters next to a cut that, found in the note, mean it was cut short
+_SHORT_SKELETON: Final = 8  # a short private string is also looked for without its spacing
+_ROUNDS: Final = 4  # decoding rounds: a quote escaped up to this many times is found
+_ESCAPE: Final = re.compile(
+    r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|x([0-9a-fA-F]{2})|(.))", re.DOTALL)
+_CONTROL_ESCAPES: Final = frozenset("nrtbfva0")
+
+
+def redact(text: str, private: Iterable[str], *, limit: int = MAX_MESSAGE,
+           withheld: str = MESSAGE_WITHHELD) -> str:
+    """Untrusted upstream ``text`` made safe to store and show: one line, at most ``limit``
+    characters, with every ``private`` string (a note, a secret) removed.
+
+    Pass 1 replaces each quote found as written by ``[redacted]``: every
+    occurrence of a private string (not inside a longer word); every run of
+    ``REDACT_RUN`` (16) or more consecutive characters of one (a quote cut
+    short, or embedded in other text); and the same runs compared on letters
+    and digits alone, case-folded (a quote whose spacing, punctuation or case
+    was changed). Pass 2: if ``quotes`` still finds a private string in what
+    is left (re-encoded: escaped, URL- or HTML-encoded, NFD, re-cased), the
+    result is ``withheld`` instead. Control characters and line breaks become
+    spaces. Only the first 65,536 characters are read.
+    """
+    text = text[:SCAN_LIMIT]
+    secrets = [s for s in private if s]
+    hide = bytearray(len(text))
+    everywhere = list(range(len(text)))
+    skeleton, where = _skeleton(text)
+    for secret in secrets:
+        _hide_runs(text, everywhere, secret, hide, whole=True)
+        _hide_runs(skeleton, where, _skeleton(secret)[0], hide, whole=False)
+    parts: list[str] = []
+    for i, char in enumerate(text):
+        if hide[i]:
+            if not (i and hide[i - 1]):
+                parts.append(REDACTED)
+        else:
+            parts.append(char if char.isprintable() else " ")
+    safe = " ".join("".join(parts).split())
+    if secrets and (quotes(safe, secrets) or _cut_short(safe, secrets)):
+        return withheld
+    return safe if len(safe) <= limit else safe[: limit - 1] + "…"
+
+
+def quotes(text: str, private: Iterable[str]) -> bool:
+    """Whether ``text`` still shows any ``private`` string once both are ``canonical``.
+
+    A private string whose canonical letters and digits number ``REDACT_RUN`` (16) or more
+    shows when any 16 consecutive of them appear in ``text``'s; a shorter one when its
+    words appear whole and in order, or (8 or more letters and digits) when they
+    appear run together.
+    """
+    words = canonical(text)
+    joined = "".join(words)
+    spaced = f" {' '.join(words)} "
+    windows: set[str] | None = None
+    for secret in private:
+        their = canonical(secret)
+        letters = "".join(their)
+        if not letters:
+            continue
+        if len(letters) >= REDACT_RUN:
+            if windows is None:
+                windows = {joined[i:i + REDACT_RUN]
+                           for i in range(len(joined) - REDACT_RUN + 1)}
+            if any(letters[i:i + REDACT_RUN] in windows
+                   for i in range(len(letters) - REDACT_RUN + 1)):
+                return True
+        elif f" {' '.join(their)} " in spaced or (
+                len(letters) >= _SHORT_SKELETON and letters in joined):
+            return True
+    return False
+
+
+def _cut_short(safe: str, private: list[str]) -> bool:
+    """Whether text next to a ``[redacted]`` still continues a private string (its first or
+    last ``_NEIGHBOUR`` canonical letters appear in it): a quote whose encoding (``%22``,
+    an NFD accent) broke pass 1's run, so the cut missed part of it."""
+    segments = ["".join(canonical(part)) for part in safe.split(REDACTED)]
+    if len(segments) < 2:
+        return False
+    letters = ["".join(canonical(secret)) for secret in private]
+    for left, right in itertools.pairwise(segments):
+        ends = [end for end in (left[-_NEIGHBOUR:], right[:_NEIGHBOUR])
+                if len(end) == _NEIGHBOUR]
+        if any(end in theirs for end in ends for theirs in letters):
+            return True
+    return False
+
+
+def canonical(text: str) -> list[str]:
+    """``text``'s words as compared by ``quotes``: decoded, NFKD without combining marks,
+    case-folded, split on everything that is not a letter or a digit.
+
+    Decoding undoes, up to four times over, JSON/Python string escapes (``\\n``,
+    ``\\u00e9``, ``\\"``; an escaped control character becomes a space), URL
+    percent-encoding (RFC 3986, ``+`` as a space) and HTML character references.
+    """
+    text = text[:SCAN_LIMIT]
+    for _ in range(_ROUNDS):
+        decoded = _decode_once(text)
+        if decoded == text:
+            break
+        text = decoded
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return "".join(c if c.isalnum() else " " for c in text).split()
+
+
+def _decode_once(text: str) -> str:
+    if "&" in text:
+        text = html.unescape(text)
+    if "%" in text or "+" in text:
+        text = urllib.parse.unquote_plus(text)
+    if "\\" in text:
+        text = _ESCAPE.sub(_unescape, text)
+    return text
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1) or match.group(2) or match.group(3)
+    if code:
+        char = chr(min(int(code, 16), 0x10FFFF))
+        return char if char.isprintable() else " "
+    char = match.group(4)
+    return " " if char in _CONTROL_ESCAPES else char
+
+
+def _skeleton(text: str) -> tuple[str, list[int]]:
+    """``text``'s letters and digits, case-folded, and where each came from in ``text``."""
+    chars: list[str] = []
+    where: list[int] = []
+    for i, char in enumerate(text):
+        if char.isalnum():
+            for folded in char.casefold():
+                chars.append(folded)
+                where.append(i)
+    return "".join(chars), where
+
+
+def _joined(text: str, left: int, right: int) -> bool:
+    """Whether ``text[left]`` and ``text[right]`` both exist and are both letters or digits."""
+    return (left >= 0 and right < len(text) and text[left].isalnum()
+            and text[right].isalnum())
+
+
+def _hide_runs(hay: str, where: list[int], needle: str, hide: bytearray, *,
+               whole: bool) -> None:
+    """Mark in ``hide`` (indexed like the original text; ``where[i]`` is the original
+    position of ``hay[i]``) every run of ``REDACT_RUN`` or more characters of ``needle``
+    found in ``hay``, and (``whole``) every occurrence of ``needle`` itself."""
+    if not needle or not hay:
+        return
+    spans: list[tuple[int, int]] = []
+    if whole:  # a whole occurrence, unless it is part of a longer word ("n" in "note")
+        start = hay.find(needle)
+        while start >= 0:
+            end = start + len(needle)
+            if not (_joined(hay, start - 1, start) or _joined(hay, end - 1, end)):
+                spans.append((start, end))
+            start = hay.find(needle, start + 1)
+    if len(needle) >= REDACT_RUN:
+        windows = {needle[i:i + REDACT_RUN] for i in range(len(needle) - REDACT_RUN + 1)}
+        spans += [(i, i + REDACT_RUN) for i in range(len(hay) - REDACT_RUN + 1)
+                  if hay[i:i + REDACT_RUN] in windows]
+    for start, end in spans:
+        first, last = where[start], where[end - 1]
+        hide[first:last + 1] = b"\x01" * (last + 1 - first)
