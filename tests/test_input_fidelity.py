@@ -238,8 +238,8 @@ def test_5_utf8_declared_as_cp1252_stops_before_mojibake(tmp_path: Path,
     with pytest.raises(InputError) as caught:
         run_file(tmp_path, server, content, encoding="cp1252")
     assert caught.value.exit_code == 2
-    assert "input.csv line 3: input.encoding is cp1252, but the file's bytes are valid UTF-8" in (
-        str(caught.value))
+    assert ("input.csv line 3: input.encoding is cp1252, but this line holds bytes that form a "
+            "multi-byte UTF-8 character") in str(caught.value)
     assert "input.force_encoding: true" in str(caught.value)
     assert stored_total(server) == before
     forced = run_file(tmp_path, server, content, encoding="cp1252", force_encoding=True)
