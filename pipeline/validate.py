@@ -24,6 +24,7 @@ rows an object per row costs more than parsing the CSV.
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 import unicodedata
@@ -36,14 +37,17 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.config import InputConfig, ValidationConfig
-from pipeline.source import Header, RawBatch, clean_name
+from pipeline.source import CsvFile, Header, RawBatch, clean_name
 
 TEMPLATES: Final[dict[str, str]] = {
     "wrong-field-count": "expected {expected} fields, found {found}",
     "repeated-header": "the row repeats the header (two files joined into one?)",
     "bad-encoding": "bytes that are not valid {encoding}",
     "missing-task-id": "the emr_task_id is empty",
-    "bad-task-id": "the emr_task_id {value!r} does not match validation.emr_task_id_pattern",
+    "bad-task-id": "the emr_task_id does not match validation.emr_task_id_pattern",
+    "suspicious-line-in-quoted-field": (
+        "line {line}, inside a quoted field, starts like a row of its own (a task id and "
+        "the delimiter): a quote lost or added earlier may have folded rows together"),
     "blank-note": "the note is empty",
     "note-too-long": "the note has {length} characters; the limit is {limit}",
     "control-characters": "the note contains control character {char} at position {pos}",
@@ -87,6 +91,9 @@ class CheckedBatch:
     # Valid rows that NFC changed: (task id, note) as written, which is how versions before
     # NFC keyed them in the ledger, so a note they sent is still found (runner.py).
     as_written: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # Rejected rows: the record's physical lines exactly as read (decoded, line ends kept),
+    # for rejects.csv; missing when the source could not give them.
+    raw: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -142,7 +149,6 @@ class Validator:
         pick = _picker(header.passthrough_cols)
         fullmatch, limit = self._fullmatch, self._rules.max_note_chars
         unescape = self._settings.unescape_newlines
-        header_task = clean_name(header.names[task_col])
         source = batch.source
         # A cell ending with a quote may be a field whose opening quote was lost: the note is
         # tested below, the task id by the pattern (unless it allows quotes), others here.
@@ -156,7 +162,7 @@ class Validator:
                 if (task_id and note and len(note) <= limit and fullmatch(task_id)
                         and not (unescape and "\\n" in note)
                         and not (every_cell and _quote_ended(cells))):
-                    if note[-1] == '"' and source is not None and cells[note_col][-1] == '"':
+                    if note[-1] == '"' and source is not None:
                         source.check_quote_end(line, line)  # a plain record: one line
                     if not (note.isascii() and task_id.isascii()):
                         written = (task_id, note)
@@ -173,13 +179,25 @@ class Validator:
                     add_cells(cells)
                     continue
             self._careful_row(out, batch, i, header)
-        # Rare: two scans of the batch instead of a test per row. (A header repeated from a
-        # second export may still carry that export's byte-order mark.)
-        if header_task in out.task_ids or "\ufeff" + header_task in out.task_ids:
-            self._repeated_headers(out, header, header_task)
+        self._finish(out, header, source)
+        return out
+
+    def _finish(self, out: CheckedBatch, header: Header, source: CsvFile | None) -> None:
+        """Repeated headers, duplicates, and the raw text of the rejected records."""
+        # Rare: one regex scan of the batch instead of a test per row. (A header repeated from
+        # a second export may differ in case or column order, or carry a byte-order mark.)
+        # (A rejected row's task id may be blanked: those rows are always looked at.)
+        if _header_names_pattern(header).search("\n".join(out.task_ids)) is not None:
+            self._repeated_headers(out, header, range(len(out)))
+        elif out.problems:
+            self._repeated_headers(out, header, list(out.problems))
         if self._rules.duplicates != "allow":
             self._mark_duplicates(out)
-        return out
+        if out.problems and source is not None:
+            for i in out.problems:
+                raw = source.raw_record(out.lines[i])
+                if raw is not None:
+                    out.raw[i] = raw
 
     def _careful_row(self, out: CheckedBatch, batch: RawBatch, i: int, header: Header) -> None:
         line, cells = batch.lines[i], batch.rows[i]
@@ -190,18 +208,24 @@ class Validator:
             end = batch.lines[i + 1] - 1 if i + 1 < len(batch.lines) else batch.source.lines_read
             batch.source.check_quote_end(line, end)
         readable = cells[header.task_col].strip() if len(cells) > header.task_col else ""
+        # A rejected row's "task id" may be note text (a line of an unquoted multi-line
+        # note): it goes to results.csv and the ledger only if it looks like a task id.
+        shown = _nfc("NFC", readable)
+        if not self._fullmatch(shown):
+            shown = ""
+        folded = self._folded_line(line, cells)
         if len(cells) != header.width:
             problem = Problem.of("wrong-field-count", expected=header.width, found=len(cells))
-            self._append_reject(out, line, cells, _nfc("NFC", readable), problems=(problem,),
+            self._append_reject(out, line, cells, shown, problems=(problem, *folded),
                                 passthrough=())
             return
         task_id = _nfc("NFC", readable)
         written = self._normalise(cells[header.note_col])
         note = _nfc("NFC", written)
         passthrough = tuple(cells[c] for c in header.passthrough_cols)
-        problems = self._problems(task_id, note, cells)
+        problems = self._problems(task_id, note, cells) + folded
         if problems:
-            self._append_reject(out, line, cells, task_id, problems=problems,
+            self._append_reject(out, line, cells, shown, problems=problems,
                                 passthrough=passthrough)
             return
         if (readable, written) != (task_id, note):
@@ -212,15 +236,37 @@ class Validator:
         out.passthrough.append(passthrough)
         out.cells.append(cells)
 
-    def _repeated_headers(self, out: CheckedBatch, header: Header, task: str) -> None:
-        """Valid rows equal to the header become ``repeated-header`` rejects."""
-        names = header.clean_names
-        for i, value in enumerate(out.task_ids):
-            if (clean_name(value) == task
-                    and tuple(clean_name(c) for c in out.cells[i]) == names):
+    def _folded_line(self, line: int, cells: list[str]) -> tuple[Problem, ...]:
+        """``suspicious-line-in-quoted-field`` if a line inside a quoted field starts with a
+        task id (matching the pattern, with a letter and a digit in it) then the delimiter:
+        the shape of rows folded into one field by a lost or extra quote. Real notes rarely
+        start a line that way; the letter-and-digit rule spares dates and times
+        (``2024-05-01,``, ``12:30,``) and words (``Plan,``)."""
+        delimiter = self._settings.delimiter
+        at = line
+        for cell in cells:
+            if "\n" not in cell and "\r" not in cell:
+                continue
+            for n, part in enumerate(_BREAK.split(cell)):
+                if n and delimiter in part:
+                    token = part.split(delimiter, 1)[0]
+                    if (_LETTER.search(token) and _DIGIT.search(token)
+                            and self._fullmatch(token)):
+                        return (Problem.of("suspicious-line-in-quoted-field", line=at + n),)
+            at += len(_BREAK.findall(cell))
+        return ()
+
+    def _repeated_headers(self, out: CheckedBatch, header: Header, rows: Iterable[int]) -> None:
+        """Those of ``rows`` equal to the header (names trimmed, in any case and order)
+        become ``repeated-header`` rejects."""
+        names = sorted(n.casefold() for n in header.clean_names)
+        for i in rows:
+            if sorted(clean_name(c).casefold() for c in out.cells[i]) == names:
                 out.notes[i] = ""
                 out.passthrough[i] = ()
                 out.problems[i] = (Problem.of("repeated-header"),)
+                if not self._fullmatch(out.task_ids[i]):
+                    out.task_ids[i] = ""
 
     def _normalise(self, note: str) -> str:
         """Line breaks as LF (and ``\\n`` if asked); NFC is applied by the caller."""
@@ -250,7 +296,7 @@ class Validator:
         if not task_id:
             found.append(Problem.of("missing-task-id"))
         elif not self._fullmatch(task_id):
-            found.append(Problem.of("bad-task-id", value=task_id[:64]))
+            found.append(Problem.of("bad-task-id"))
         note = raw_note.strip()
         if not note:
             found.append(Problem.of("blank-note"))
@@ -289,7 +335,21 @@ class Validator:
 
 
 def _quote_ended(cells: list[str]) -> bool:
-    return any(c[-1:] == '"' for c in cells)
+    """Some cell ends with a quote once trailing whitespace is trimmed (as notes are)."""
+    return any(c.rstrip()[-1:] == '"' for c in cells)
+
+
+_BREAK = re.compile("\r\n|\r|\n")
+_LETTER = re.compile("[^\\W\\d_]")
+_DIGIT = re.compile("[0-9]")
+
+
+@functools.lru_cache(maxsize=64)
+def _header_names_pattern(header: Header) -> re.Pattern[str]:
+    """Finds, in task ids joined by LF, one equal to a header name (case, spaces and a
+    byte-order mark aside): a row that may repeat the header."""
+    names = "|".join(re.escape(n) for n in header.clean_names if n)
+    return re.compile(rf"^(?:\ufeff|ï»¿|\s)*(?:{names})\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:
