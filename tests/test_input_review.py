@@ -309,3 +309,18 @@ def test_the_bom_warning_is_given_once_per_file(tmp_path: Path, server: Emulator
     run_file(tmp_path, server, "\ufeffemr_task_id,note\nT1,bom once\n".encode(),
              name="bom_once.csv", encoding="cp1252")
     assert sum("byte-order mark" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_4_redrive_csv_is_written_in_the_effective_encoding(tmp_path: Path) -> None:
+    """redrive.csv is a copy too: a UTF-8 BOM file declared cp1252 gets a UTF-8 redrive.csv
+    with the mark, its note as written (no crash, no `\\uXXXX`)."""
+    from pipeline.emulator import Faults  # noqa: PLC0415 - only this test needs it
+
+    with EmulatorThread(faults=Faults(rate_503=1, retry_after_s=0,
+                                      only_tasks=frozenset({"T3"}))) as api:
+        outcome, _ = run_file(tmp_path, api,
+                              "\ufeffemr_task_id,note\r\nT3,gone 日本\r\n".encode(),
+                              encoding="cp1252")
+    assert outcome.report is not None
+    redrive = (outcome.report.directory / "redrive.csv").read_bytes()
+    assert redrive == "\ufeffemr_task_id,note\r\nT3,gone 日本\r\n".encode()
