@@ -367,14 +367,7 @@ class CsvFile:
                 if cr and data.startswith(b"\n"):
                     ends -= 1  # a CRLF cut by the read
                 cr = data.endswith(b"\r")
-        if cr and self._byte_at(offset) == b"\n":
-            ends -= 1
-        return ends + 1
-
-    def _byte_at(self, offset: int) -> bytes:
-        with self.path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read(1)
+        return ends + 1  # (the byte at ``offset`` starts a UTF-8 sequence: never a LF)
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
