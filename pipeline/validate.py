@@ -187,7 +187,8 @@ class Validator:
         # Rare: one regex scan of the batch instead of a test per row. (A header repeated from
         # a second export may differ in case or column order, or carry a byte-order mark.)
         # (A rejected row's task id may be blanked: those rows are always looked at.)
-        if _header_names_pattern(header).search("\n".join(out.task_ids)) is not None:
+        # (Valid rows' task ids are trimmed and match the pattern: casefold is enough.)
+        if not _folded_names(header).isdisjoint(map(str.casefold, out.task_ids)):
             self._repeated_headers(out, header, range(len(out)))
         elif out.problems:
             self._repeated_headers(out, header, list(out.problems))
@@ -242,18 +243,16 @@ class Validator:
         the shape of rows folded into one field by a lost or extra quote. Real notes rarely
         start a line that way; the letter-and-digit rule spares dates and times
         (``2024-05-01,``, ``12:30,``) and words (``Plan,``)."""
-        delimiter = self._settings.delimiter
+        after_break = _after_break(self._settings.delimiter)
         at = line
         for cell in cells:
-            if "\n" not in cell and "\r" not in cell:
-                continue
-            for n, part in enumerate(_BREAK.split(cell)):
-                if n and delimiter in part:
-                    token = part.split(delimiter, 1)[0]
-                    if (_LETTER.search(token) and _DIGIT.search(token)
-                            and self._fullmatch(token)):
-                        return (Problem.of("suspicious-line-in-quoted-field", line=at + n),)
-            at += len(_BREAK.findall(cell))
+            for m in after_break.finditer(cell):
+                token = m.group(1)
+                if _LETTER.search(token) and _DIGIT.search(token) and self._fullmatch(token):
+                    at += len(_BREAK.findall(cell, 0, m.start() + 1))
+                    return (Problem.of("suspicious-line-in-quoted-field", line=at),)
+            if "\n" in cell or "\r" in cell:
+                at += len(_BREAK.findall(cell))
         return ()
 
     def _repeated_headers(self, out: CheckedBatch, header: Header, rows: Iterable[int]) -> None:
@@ -345,11 +344,17 @@ _DIGIT = re.compile("[0-9]")
 
 
 @functools.lru_cache(maxsize=64)
-def _header_names_pattern(header: Header) -> re.Pattern[str]:
-    """Finds, in task ids joined by LF, one equal to a header name (case, spaces and a
-    byte-order mark aside): a row that may repeat the header."""
-    names = "|".join(re.escape(n) for n in header.clean_names if n)
-    return re.compile(rf"^(?:\ufeff|ï»¿|\s)*(?:{names})\s*$", re.IGNORECASE | re.MULTILINE)
+def _folded_names(header: Header) -> frozenset[str]:
+    """The header's names, trimmed and casefolded: a task id among them may start a row
+    that repeats the header."""
+    return frozenset(n.casefold() for n in header.clean_names)
+
+
+@functools.lru_cache(maxsize=8)
+def _after_break(delimiter: str) -> re.Pattern[str]:
+    """A line break inside a cell, then text up to the delimiter (group 1)."""
+    d = re.escape(delimiter)
+    return re.compile(rf"[\r\n]([^\r\n{d}]*){d}")
 
 
 def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:
