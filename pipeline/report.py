@@ -38,7 +38,7 @@ from pipeline import __version__
 from pipeline.config import InputConfig, ReportConfig
 from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
-from pipeline.rejects import private_file
+from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
 
 log = logging.getLogger(__name__)
@@ -619,7 +619,10 @@ def write_redrive(result: RunResult, wanted: dict[int, set[int]], input_settings
                         "rows delivered since; results.csv lists the rows to send again",
                         path)
         return False
-    with private_file(path, input_settings.encoding) as fh:
+    encoding, bom = found.encoding
+    with private_file(path, encoding) as fh:
+        if bom:
+            fh.write("\ufeff")
         writer = csv.writer(fh, delimiter=input_settings.delimiter)
         writer.writerow(headers.pop())
         writer.writerows(found.rows.values())
@@ -633,6 +636,9 @@ class InputRows:
 
     rows: dict[tuple[int, int], list[str]]
     files: frozenset[int]
+    # What a copy of them is written in: the files' effective encoding (a byte-order mark
+    # decides) and whether to start with a mark (rejects.copy_encoding).
+    encoding: tuple[str, bool] = ("utf-8", False)
 
 
 def read_input_rows(
@@ -645,6 +651,7 @@ def read_input_rows(
     one the run read (same SHA-256).
     """
     rows: dict[tuple[int, int], list[str]] = {}
+    headers = []
     for f in files:
         lines = wanted.get(f["file_no"])
         if not lines:
@@ -655,13 +662,14 @@ def read_input_rows(
                     rows.update({(f["file_no"], line): r for line, r
                                  in zip(batch.lines, batch.rows, strict=True) if line in lines})
                 changed = reader.sha256 != f["sha256"]
+                headers.append(reader.header)
         except PipelineError as exc:
             log.warning("input rows not read back: %s", exc)
             return None
         if changed:
             log.warning("input rows not read back: %s changed since the run", f["path"])
             return None
-    return InputRows(rows, frozenset(wanted))
+    return InputRows(rows, frozenset(wanted), copy_encoding(headers))
 
 
 def note_previews(

@@ -755,7 +755,8 @@ def _head(batch: CheckedBatch, n: int) -> CheckedBatch:
         batch.file_no, batch.lines[:n], batch.task_ids[:n], batch.notes[:n],
         batch.passthrough[:n], batch.cells[:n],
         {i: p for i, p in batch.problems.items() if i < n},
-        {i: d for i, d in batch.duplicate_of.items() if i < n})
+        {i: d for i, d in batch.duplicate_of.items() if i < n},
+        raw={i: r for i, r in batch.raw.items() if i < n})
 
 
 def _pipeline_error(group: BaseExceptionGroup[Any]) -> PipelineError | None:

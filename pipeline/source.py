@@ -25,17 +25,21 @@ exit 2):
   rest of the file, or everything up to the next quote).
 - ``stray-quote``: text right after the closing quote of a field
   (``"Pt said "no pain" today"``), or an unquoted field that *ends* with a
-  quote (``abc"``: the close of a field whose opening quote is missing). A
-  quote *inside* an unquoted field (``He said "ok" then``, ``5" wound``) is
+  quote, trailing whitespace aside (``abc"``: the close of a field whose
+  opening quote is missing; `` "a"``: a quoted field with a space before it).
+  A quote *inside* an unquoted field (``He said "ok" then``, ``5" wound``) is
   literal text, as in RFC 4180 readers that are lenient about it.
+- ``field-too-long``: a field over ``FIELD_LIMIT``; reading stops there (the
+  csv module cannot say whether its quote would have closed).
 
 Encodings: a byte-order mark (UTF-8, UTF-16 LE or BE) decides the encoding
 whatever ``input.encoding`` says; UTF-16 is read when declared or marked
-(Excel's "Unicode Text" export). When a single-byte code page such as cp1252
-is declared but every byte of the file is valid UTF-8 and some are multi-byte
-sequences, reading it as declared would send mojibake (``cafÃ©``): the read
-stops naming the first such line, unless ``input.force_encoding`` says the
-declaration is right.
+(Excel's "Unicode Text" export); declared ``utf-16`` needs the mark. When a
+single-byte code page such as cp1252 is declared and any bytes form a
+multi-byte UTF-8 sequence (RFC 3629), wherever they are and whatever the rest
+of the file holds, reading them as declared would send mojibake (``cafÃ©``):
+the read stops naming the first such line, unless ``input.force_encoding``
+says the declaration is right.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import bisect
 import codecs
 import collections
 import csv
+import dataclasses
 import difflib
 import glob
 import hashlib
@@ -81,7 +86,16 @@ _OTHER_BREAKS = "\x85\u2028\u2029"
 _LINE_ENDS = frozenset("\r\n")
 _LAST = operator.itemgetter(-1)
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
-STRUCTURE_CODES: Final = ("unclosed-quote", "stray-quote")
+STRUCTURE_CODES: Final = ("unclosed-quote", "stray-quote", "field-too-long")
+# A multi-byte UTF-8 sequence (RFC 3629, section 4): in a file declared as a single-byte code
+# page, such bytes are far likelier UTF-8 than two or more code-page characters in a row.
+_UTF8_MULTIBYTE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    rb"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}"
+    rb"|\xf4[\x80-\x8f][\x80-\xbf]{2}")
+# The byte-order-mark warning is given once per file and process (a run opens a file
+# more than once: headers first, then the scan).
+_WARNED_BOM: set[tuple[str, str]] = set()
 KEEP_FINDINGS = 20
 
 
@@ -94,6 +108,10 @@ class Header:
     task_col: int
     note_col: int
     passthrough_cols: tuple[int, ...]
+    # The file's effective encoding (a byte-order mark decides) and its mark, if any: the
+    # encoding in which a copy of its rows (rejects.csv) can always be written.
+    encoding: str = "utf-8"
+    bom: str | None = None
 
     @property
     def width(self) -> int:
@@ -197,8 +215,9 @@ class CsvFile:
         self._lines_read = 0
         self._blocks: collections.deque[tuple[int, list[str]]] = collections.deque()
         self._suspect: list[list[int]] = []
-        self._utf8_check: codecs.IncrementalDecoder | None = None
-        self._first_multibyte: int | None = None
+        self._utf8_check = False
+        self._utf8_tail = b""  # the last bytes of the previous read (a sequence may span two)
+        self._first_multibyte: int | None = None  # byte offset in the file
         self._eof = False
         self._bom_len = 0
         self._quote_end = _quote_end_pattern(settings.delimiter)
@@ -239,16 +258,23 @@ class CsvFile:
                 self.bom, skip = name, len(mark)
                 break
         declared = codecs.lookup(self._settings.encoding).name.replace("utf-8-sig", "utf-8")
-        if self.bom is not None and not self.bom.startswith(declared):
+        if (self.bom is not None and not self.bom.startswith(declared)
+                and (str(self.path), self.bom) not in _WARNED_BOM):
+            _WARNED_BOM.add((str(self.path), self.bom))
             log.warning("%s starts with a %s byte-order mark: read as %s, not as input.encoding %s",
                         self.path, self.bom.upper(), self.bom.upper(), self._settings.encoding)
         self._bom_len = skip
         self.encoding = self.bom or self._settings.encoding
+        if self.bom is None and declared == "utf-16":
+            raise InputError(
+                f"{self.path}: input.encoding is utf-16 but the file has no byte-order mark; "
+                f"set input.encoding: {_utf16_guess(first)} (or utf-16-"
+                f"{'be' if _utf16_guess(first) == 'utf-16-le' else 'le'})")
         self._sha.update(first)
         self.size = len(first)
         if (self.bom is None and not self._settings.force_encoding
                 and is_single_byte(self.encoding)):
-            self._utf8_check = codecs.getincrementaldecoder("utf-8")("strict")
+            self._utf8_check = True
         if self._errors != "strict" or not _ascii_compatible(self.encoding):
             self._suspect.append([1, 2**62])  # every row gets the slow checks
         self._reader = csv.reader(
@@ -280,8 +306,8 @@ class CsvFile:
             text = decoder.decode(raw, final)
             control = (bool(raw.translate(None, _NOT_CONTROL)) if ascii_compatible
                        else _CONTROL_TEXT.search(text) is not None)
-            if self._utf8_check is not None and not raw.isascii():
-                self._check_utf8(raw, final)
+            if self._utf8_check and self._first_multibyte is None:
+                self._check_utf8(raw)
             raw = b""
             lines = _split_lines(text, control)
             if pending and lines:
@@ -311,19 +337,38 @@ class CsvFile:
         self._lines_read += len(lines)
         if control:
             self._suspect.append([first, self._lines_read + 1])
-        if self._utf8_check is not None and self._first_multibyte is None and not text.isascii():
-            at = next((i for i, line in enumerate(lines) if not line.isascii()), len(lines))
-            self._first_multibyte = first + at
         self._blocks.append((first, lines))
         return lines
 
-    def _check_utf8(self, raw: bytes, final: bool) -> None:
-        assert self._utf8_check is not None
-        try:
-            self._utf8_check.decode(raw, final)
-        except UnicodeDecodeError:
-            self._utf8_check = None  # not UTF-8: the declared code page may well be right
-            self._first_multibyte = None
+    def _check_utf8(self, raw: bytes) -> None:
+        """Note the file offset of the first multi-byte UTF-8 sequence (single-byte code
+        pages only; ``raw`` is the read just taken, ``self.size`` counts it)."""
+        tail = self._utf8_tail
+        if raw.isascii() and tail.isascii():
+            self._utf8_tail = b""
+            return
+        data = tail + raw
+        m = _UTF8_MULTIBYTE.search(data)
+        if m is not None:
+            self._first_multibyte = self.size - len(data) + m.start()
+        self._utf8_tail = data[-3:]
+
+    def _line_of_offset(self, offset: int) -> int:
+        """The physical line holding byte ``offset`` of an ASCII-compatible file (errors only)."""
+        ends = 0
+        cr = False
+        with self.path.open("rb") as fh:
+            left = offset
+            while left > 0:
+                data = fh.read(min(left, 1 << 20))
+                if not data:
+                    break
+                left -= len(data)
+                ends += data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+                if cr and data.startswith(b"\n"):
+                    ends -= 1  # a CRLF cut by the read
+                cr = data.endswith(b"\r")
+        return ends + 1  # (the byte at ``offset`` starts a UTF-8 sequence: never a LF)
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
@@ -350,17 +395,18 @@ class CsvFile:
         page, once the whole file is read), naming the others' lines; else nothing."""
         if self.findings:
             raise InputError(self._findings_message())
-        if self._utf8_check is not None and self._first_multibyte is not None and self._eof:
+        if self._first_multibyte is not None:
+            line = self._line_of_offset(self._first_multibyte)
             raise InputError(
-                f"{self.path} line {self._first_multibyte}: input.encoding is "
-                f"{self._settings.encoding}, but the file's bytes are valid UTF-8 with multi-byte "
-                f"characters (from this line on); read as {self._settings.encoding} they would "
-                "be sent as different characters. Set input.encoding: utf-8, or "
+                f"{self.path} line {line}: input.encoding is {self._settings.encoding}, but "
+                "this line holds bytes that form a multi-byte UTF-8 character; read as "
+                f"{self._settings.encoding} they would be sent as different characters. Save "
+                "the file in one encoding and set input.encoding to it (utf-8?), or "
                 "input.force_encoding: true if the file really is "
                 f"{self._settings.encoding}; nothing was sent")
 
     def _findings_message(self) -> str:
-        first = self.findings[0]
+        first = self.findings[0]  # the lowest line (_add_finding keeps them in line order)
         text = (f"{self.path} line {first.line}: {first.code}: {first.message}; the file's "
                 "quoting is broken, so nothing was sent")
         others = self.findings[1:]
@@ -398,7 +444,7 @@ class CsvFile:
                 self._structure_error(prev + 1, end, str(exc))
                 errors += 1
                 prev = end
-            except UnicodeDecodeError:
+            except UnicodeError:
                 line, hexed = self._locate_bad_bytes()
                 raise InputError(
                     f"{self.path} line {line}: bytes {hexed} are not valid {self.encoding}; "
@@ -413,6 +459,9 @@ class CsvFile:
 
     def _encoding_hint(self) -> str:
         """What input.encoding to try: UTF-16 if the bytes look like it, else a code page."""
+        if codecs.lookup(self.encoding).name.startswith("utf-16"):
+            return ("the file is damaged (a byte added or lost, e.g. by a tool that "
+                    "appends a newline byte)")
         with self.path.open("rb") as fh:
             head = fh.read(4096)
         if head.count(0) > len(head) // 4:
@@ -453,22 +502,51 @@ class CsvFile:
         offsets = list(itertools.accumulate((len(p) for p in parts), initial=0))[:-1]
         return "".join(parts), offsets
 
+    def raw_record(self, start: int) -> str | None:
+        """The physical lines of the record starting on line ``start``, exactly as read
+        (decoded, line ends kept), while their blocks are kept; else None."""
+        taken: list[str] = []
+
+        def lines() -> Iterator[str]:
+            for first, block in self._blocks:
+                if first + len(block) <= start:
+                    continue
+                if first > start and not taken:
+                    return  # the record's first line is gone
+                for line in block[max(0, start - first):]:
+                    taken.append(line)
+                    yield line
+
+        reader = csv.reader(lines(), delimiter=self._settings.delimiter, quotechar='"',
+                            doublequote=True, skipinitialspace=False, strict=True)
+        try:
+            next(reader)
+        except (csv.Error, StopIteration):
+            return None
+        return "".join(taken)
+
     def check_quote_end(self, start: int, end: int) -> None:
-        """A record on lines ``start``..``end`` has a cell ending with a quote: if that cell was
-        not quoted, it is a ``stray-quote`` finding (its opening quote is likely missing)."""
+        """A record on lines ``start``..``end`` has a cell ending with a quote (trailing
+        whitespace aside): if that cell was not quoted, it is a ``stray-quote`` finding (its
+        opening quote is likely missing, or a quoted field has whitespace around it)."""
         found = self.record_text(start, end)
         if found is None:
             return
         text, offsets = found
-        m = self._quote_end.match(text)
-        if m is not None:
-            line = start + bisect.bisect_right(offsets, m.start(1)) - 1
+        at = _unquoted_quote_end(self._quote_end, text)
+        if at is not None:
+            line = start + bisect.bisect_right(offsets, at) - 1
             self._add_finding(Finding(
                 "stray-quote", line,
                 "an unquoted field ends with a quote, as if its opening quote were missing "
                 "(quote the whole field if the quote belongs to the text)"))
 
     def _structure_error(self, start: int, end: int, message: str) -> None:
+        if "field limit" in message:  # whether it closes is not known: stop reading here
+            raise InputError(
+                f"{self.path} line {start}: field-too-long: a field that starts on this line "
+                f"is longer than {FIELD_LIMIT >> 20} MiB (a quote that never closes, or a "
+                "value no note can be); nothing was sent")
         found = self.record_text(start, end)
         diagnosed = (_diagnose(found[0], found[1], start, self._settings.delimiter)
                      if found is not None and len(found[0]) <= 1 << 20 else None)
@@ -481,9 +559,11 @@ class CsvFile:
             self._add_finding(Finding("unclosed-quote", start, _UNCLOSED))
 
     def _add_finding(self, finding: Finding) -> None:
+        """Keep the ``KEEP_FINDINGS`` findings with the lowest lines, in line order (they are
+        found out of order: quote ends when a batch is validated, the rest while reading)."""
         self.finding_count += 1
-        if len(self.findings) < KEEP_FINDINGS:
-            self.findings.append(finding)
+        bisect.insort(self.findings, finding, key=operator.attrgetter("line"))
+        del self.findings[KEEP_FINDINGS:]
 
     def _read_header(self) -> Header:
         batch = RawBatch(self.file_no, [], [], [])
@@ -493,22 +573,43 @@ class CsvFile:
         if not batch.rows:
             raise InputError(f"{self.path}: the file is empty (no header row)")
         self.records -= 1  # the header is not a record to account for
-        return make_header(self.path, batch.rows[0], batch.lines[0], self._settings)
+        header = make_header(self.path, batch.rows[0], batch.lines[0], self._settings)
+        return dataclasses.replace(header, encoding=self.encoding, bom=self.bom)
 
     def _locate_bad_bytes(self) -> tuple[int, str]:
-        """Physical line and bytes of the first undecodable sequence (slow path, errors only)."""
+        """Physical line and bytes (hex) of the first undecodable sequence, in any encoding
+        (UTF-16 too): the text before it is decoded and its line ends counted (errors only)."""
         decoder = codecs.getincrementaldecoder(self.encoding)("strict")
+        ends, cr = 0, False
         with self.path.open("rb") as fh:
-            for number, raw in enumerate(fh, start=1):
-                chunk = raw[self._bom_len:] if number == 1 else raw
+            fh.read(self._bom_len)
+            while True:
+                chunk = fh.read(READ_SIZE)
                 try:
-                    decoder.decode(chunk)
+                    text = decoder.decode(chunk, not chunk)
                 except UnicodeDecodeError as exc:
-                    return number, chunk[exc.start : exc.end].hex(" ")
-        return self._line_num + 1, "?"
+                    bad = exc.object[exc.start:exc.end]
+                    text = bytes(exc.object[:exc.start]).decode(self.encoding, "replace")
+                    return _count_ends(text, cr, ends) + 1, bytes(bad).hex(" ")
+                ends = _count_ends(text, cr, ends)
+                cr = text.endswith("\r") if text else cr
+                if not chunk:
+                    return self._line_num + 1, "(none found)"
 
 
 _UNCLOSED = "a quoted field opens here and never closes"
+
+
+def _count_ends(text: str, cr_before: bool, ends: int) -> int:
+    """``ends`` plus the line ends (LF, CRLF, lone CR) in ``text``; ``cr_before``: the text
+    before it ended with a CR (so a LF first is the end of that CRLF)."""
+    ends += text.count("\n") + text.count("\r") - text.count("\r\n")
+    return ends - 1 if cr_before and text.startswith("\n") else ends
+
+
+def _utf16_guess(head: bytes) -> str:
+    """utf-16-le or utf-16-be: which the zero bytes of ASCII text (e.g. a header) suggest."""
+    return "utf-16-be" if head[:1] == b"\x00" else "utf-16-le"
 
 
 def _split_lines(text: str, control: bool) -> list[str]:
@@ -524,14 +625,27 @@ def _split_lines(text: str, control: bool) -> list[str]:
 
 
 def _quote_end_pattern(delimiter: str) -> re.Pattern[str]:
-    """Matches a record (from its start) in which an unquoted field ends with a quote;
-    group 1 is where that field starts. Possessive quantifiers: no field is ever tried
-    two ways, so a long quoted note costs one pass (backtracking cost 25 us a row)."""
+    """Matches one field of a record at a position: a quoted field, or else an unquoted
+    one (possibly empty). Possessive quantifiers: no field is ever tried two ways, so a
+    long quoted note costs one pass."""
     d = re.escape(delimiter)
-    quoted = '"[^"]*+(?:""[^"]*+)*+"'
-    plain = rf'[^"{d}\r\n][^{d}\r\n]*+'
-    return re.compile(
-        rf'(?:(?:{quoted}|{plain}(?<!")|){d})*+({plain}(?<=")(?=[{d}\r\n]|\Z))')
+    return re.compile(rf'("[^"]*+(?:""[^"]*+)*+")(?=[{d}\r\n]|\Z)|[^{d}\r\n]*+')
+
+
+def _unquoted_quote_end(field: re.Pattern[str], text: str) -> int | None:
+    """Where the first unquoted field of the record ``text`` that ends with a quote, once
+    trailing whitespace is trimmed (as notes are), starts; None if there is none. A quoted
+    field with a space before it is unquoted text that ends with a quote."""
+    pos, n = 0, len(text)
+    while True:
+        m = field.match(text, pos)
+        assert m is not None  # the second alternative matches the empty string
+        if m.lastindex is None and m.group().rstrip()[-1:] == '"':
+            return pos
+        pos = m.end()
+        if pos >= n or text[pos] in "\r\n":
+            return None
+        pos += 1  # the delimiter
 
 
 def _diagnose(text: str, offsets: list[int], start: int, delimiter: str) -> Finding | None:

@@ -24,6 +24,7 @@ rows an object per row costs more than parsing the CSV.
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 import unicodedata
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.config import InputConfig, ValidationConfig
-from pipeline.source import Header, RawBatch, clean_name
+from pipeline.source import CsvFile, Header, RawBatch, clean_name
 
 TEMPLATES: Final[dict[str, str]] = {
     "wrong-field-count": "expected {expected} fields, found {found}",
@@ -45,6 +46,9 @@ TEMPLATES: Final[dict[str, str]] = {
     "missing-task-id": "the emr_task_id is empty",
     "bad-task-id": ("the emr_task_id ({length} characters) does not match "
                     "validation.emr_task_id_pattern"),
+    "suspicious-line-in-quoted-field": (
+        "line {line}, inside a quoted field, starts like a row of its own (a task id and "
+        "the delimiter): a quote lost or added earlier may have folded rows together"),
     "blank-note": "the note is empty",
     "note-too-long": "the note has {length} characters; the limit is {limit}",
     "control-characters": "the note contains control character {char} at position {pos}",
@@ -88,6 +92,9 @@ class CheckedBatch:
     # Valid rows that NFC changed: (task id, note) as written, which is how versions before
     # NFC keyed them in the ledger, so a note they sent is still found (runner.py).
     as_written: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # Rejected rows: the record's physical lines exactly as read (decoded, line ends kept),
+    # for rejects.csv; missing when the source could not give them.
+    raw: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -143,7 +150,6 @@ class Validator:
         pick = _picker(header.passthrough_cols)
         fullmatch, limit = self._fullmatch, self._rules.max_note_chars
         unescape = self._settings.unescape_newlines
-        header_task = clean_name(header.names[task_col])
         source = batch.source
         # A cell ending with a quote may be a field whose opening quote was lost: the note is
         # tested below, the task id by the pattern (unless it allows quotes), others here.
@@ -157,7 +163,7 @@ class Validator:
                 if (task_id and note and len(note) <= limit and fullmatch(task_id)
                         and not (unescape and "\\n" in note)
                         and not (every_cell and _quote_ended(cells))):
-                    if note[-1] == '"' and source is not None and cells[note_col][-1] == '"':
+                    if note[-1] == '"' and source is not None:
                         source.check_quote_end(line, line)  # a plain record: one line
                     if not (note.isascii() and task_id.isascii()):
                         written = (task_id, note)
@@ -174,13 +180,26 @@ class Validator:
                     add_cells(cells)
                     continue
             self._careful_row(out, batch, i, header)
-        # Rare: two scans of the batch instead of a test per row. (A header repeated from a
-        # second export may still carry that export's byte-order mark.)
-        if header_task in out.task_ids or "\ufeff" + header_task in out.task_ids:
-            self._repeated_headers(out, header, header_task)
+        self._finish(out, header, source)
+        return out
+
+    def _finish(self, out: CheckedBatch, header: Header, source: CsvFile | None) -> None:
+        """Repeated headers, duplicates, and the raw text of the rejected records."""
+        # Rare: one regex scan of the batch instead of a test per row. (A header repeated from
+        # a second export may differ in case or column order, or carry a byte-order mark.)
+        # (A rejected row's task id may be blanked: those rows are always looked at.)
+        # (Valid rows' task ids are trimmed and match the pattern: casefold is enough.)
+        if not _folded_names(header).isdisjoint(map(str.casefold, out.task_ids)):
+            self._repeated_headers(out, header, range(len(out)))
+        elif out.problems:
+            self._repeated_headers(out, header, list(out.problems))
         if self._rules.duplicates != "allow":
             self._mark_duplicates(out)
-        return out
+        if out.problems and source is not None:
+            for i in out.problems:
+                raw = source.raw_record(out.lines[i])
+                if raw is not None:
+                    out.raw[i] = raw
 
     def _careful_row(self, out: CheckedBatch, batch: RawBatch, i: int, header: Header) -> None:
         line, cells = batch.lines[i], batch.rows[i]
@@ -191,17 +210,18 @@ class Validator:
             end = batch.lines[i + 1] - 1 if i + 1 < len(batch.lines) else batch.source.lines_read
             batch.source.check_quote_end(line, end)
         readable = cells[header.task_col].strip() if len(cells) > header.task_col else ""
+        folded = self._folded_line(line, cells)
         if len(cells) != header.width:
             problem = Problem.of("wrong-field-count", expected=header.width, found=len(cells))
             self._append_reject(out, line, cells, self._shown(_nfc("NFC", readable), header),
-                                problems=(problem,),
+                                problems=(problem, *folded),
                                 passthrough=())
             return
         task_id = _nfc("NFC", readable)
         written = self._normalise(cells[header.note_col])
         note = _nfc("NFC", written)
         passthrough = tuple(cells[c] for c in header.passthrough_cols)
-        problems = self._problems(task_id, note, cells)
+        problems = self._problems(task_id, note, cells) + folded
         if problems:
             self._append_reject(out, line, cells, self._shown(task_id, header), problems=problems,
                                 passthrough=passthrough)
@@ -214,15 +234,35 @@ class Validator:
         out.passthrough.append(passthrough)
         out.cells.append(cells)
 
-    def _repeated_headers(self, out: CheckedBatch, header: Header, task: str) -> None:
-        """Valid rows equal to the header become ``repeated-header`` rejects."""
-        names = header.clean_names
-        for i, value in enumerate(out.task_ids):
-            if (clean_name(value) == task
-                    and tuple(clean_name(c) for c in out.cells[i]) == names):
+    def _folded_line(self, line: int, cells: list[str]) -> tuple[Problem, ...]:
+        """``suspicious-line-in-quoted-field`` if a line inside a quoted field starts with a
+        task id (matching the pattern, with a letter and a digit in it) then the delimiter:
+        the shape of rows folded into one field by a lost or extra quote. Real notes rarely
+        start a line that way; the letter-and-digit rule spares dates and times
+        (``2024-05-01,``, ``12:30,``) and words (``Plan,``)."""
+        after_break = _after_break(self._settings.delimiter)
+        at = line
+        for cell in cells:
+            for m in after_break.finditer(cell):
+                token = m.group(1)
+                if _LETTER.search(token) and _DIGIT.search(token) and self._fullmatch(token):
+                    at += len(_BREAK.findall(cell, 0, m.start() + 1))
+                    return (Problem.of("suspicious-line-in-quoted-field", line=at),)
+            if "\n" in cell or "\r" in cell:
+                at += len(_BREAK.findall(cell))
+        return ()
+
+    def _repeated_headers(self, out: CheckedBatch, header: Header, rows: Iterable[int]) -> None:
+        """Those of ``rows`` equal to the header (names trimmed, in any case and order)
+        become ``repeated-header`` rejects."""
+        names = sorted(n.casefold() for n in header.clean_names)
+        for i in rows:
+            if sorted(clean_name(c).casefold() for c in out.cells[i]) == names:
                 out.notes[i] = ""
                 out.passthrough[i] = ()
                 out.problems[i] = (Problem.of("repeated-header"),)
+                if not self._fullmatch(out.task_ids[i]):
+                    out.task_ids[i] = ""
 
     def _normalise(self, note: str) -> str:
         """Line breaks as LF (and ``\\n`` if asked); NFC is applied by the caller."""
@@ -301,7 +341,27 @@ class Validator:
 
 
 def _quote_ended(cells: list[str]) -> bool:
-    return any(c[-1:] == '"' for c in cells)
+    """Some cell ends with a quote once trailing whitespace is trimmed (as notes are)."""
+    return any(c.rstrip()[-1:] == '"' for c in cells)
+
+
+_BREAK = re.compile("\r\n|\r|\n")
+_LETTER = re.compile("[^\\W\\d_]")
+_DIGIT = re.compile("[0-9]")
+
+
+@functools.lru_cache(maxsize=64)
+def _folded_names(header: Header) -> frozenset[str]:
+    """The header's names, trimmed and casefolded: a task id among them may start a row
+    that repeats the header."""
+    return frozenset(n.casefold() for n in header.clean_names)
+
+
+@functools.lru_cache(maxsize=8)
+def _after_break(delimiter: str) -> re.Pattern[str]:
+    """A line break inside a cell, then text up to the delimiter (group 1)."""
+    d = re.escape(delimiter)
+    return re.compile(rf"[\r\n]([^\r\n{d}]*){d}")
 
 
 def _picker(columns: tuple[int, ...]) -> Callable[[list[str]], tuple[str, ...]]:
