@@ -467,6 +467,19 @@ class Ledger:
                 (utcnow(), state, json.dumps(merged, sort_keys=True), run_id),
             )
 
+    def refuse_run(self, run_id: str, info: dict[str, Any]) -> int:
+        """End a run whose input was refused before anything was sent (exit 2): its rows,
+        scanned from an input the tool would not trust, are forgotten, so no later count
+        (``status``, a report) offers them as unsent notes; the run stays, ``aborted``,
+        with ``info``. Returns how many rows were forgotten. Raises StorageFull."""
+        with self._transaction():
+            forgotten = self._db.execute(
+                "DELETE FROM rows WHERE run_id=? AND status IN "
+                "('pending','rejected','duplicate','already_sent','held')", (run_id,),
+            ).rowcount
+        self.finish_run(run_id, "aborted", info)
+        return forgotten
+
     def run(self, run_id: str) -> dict[str, Any]:
         """One run's record, with ``info`` decoded; StateError if there is no such run."""
         found = self._db.execute(

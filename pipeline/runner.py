@@ -578,8 +578,11 @@ class Run:
             self.control.stop(str(exc))
             counts = scan.counts
         except PipelineError as exc:  # e.g. a file's quoting is broken: nothing is sent
-            ledger.finish_run(self.run_id, "aborted", {"stop_reason": f"input refused: {exc}",
-                                                       **self._scan_stopped(ledger, scan)})
+            # Nothing was sent and the rows came from an input we refuse: forget them, so
+            # no count offers them as unsent notes; the process exits 2 and says so.
+            ledger.refuse_run(self.run_id, {"stop_reason": f"input refused: {exc}",
+                                            "exit_code": exc.exit_code,
+                                            **self._scan_stopped(ledger, scan)})
             raise
         finally:
             rejects.close()

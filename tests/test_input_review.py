@@ -26,9 +26,14 @@ from helpers import (
     run_pipeline,
     write_config,
 )
+from pipeline.config import load_config
 from pipeline.emulator import note_key
 from pipeline.errors import InputError
+from pipeline.ledger import Ledger
+from pipeline.reconcile import Reconciler
+from pipeline.report import write_report
 from pipeline.runner import RunOutcome
+from pipeline.status import ledger_status
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +329,38 @@ def test_4_redrive_csv_is_written_in_the_effective_encoding(tmp_path: Path) -> N
     assert outcome.report is not None
     redrive = (outcome.report.directory / "redrive.csv").read_bytes()
     assert redrive == "\ufeffemr_task_id,note\r\nT3,gone 日本\r\n".encode()
+
+
+def test_a_refused_input_leaves_no_unsent_rows_and_records_exit_2(
+        tmp_path: Path, server: EmulatorThread) -> None:
+    """A run refused for its input (exit 2, nothing sent) forgets the rows it had scanned:
+    status never offers them as send_failed, and once the file is fixed the rerun sends both
+    notes and nothing of the refused run stays open but its unread input, which the fixed
+    run reads. The refused run's record keeps the process's exit code, 2."""
+
+    refused(tmp_path, server, b'emr_task_id,note\r\nT2,"Pt said "fine" today"\r\nT4,abc\r\n')
+    config_path = write_config(tmp_path, input={"path": str(tmp_path / "input.csv")},
+                               api={"base_url": server.url})
+    config = load_config(config_path, needs=("api",))
+    status = ledger_status(config).to_dict()
+    assert [kind for kind, k in status["kinds"].items() if k["count"]] == ["not_read"]
+    fixed, stored = run_file(tmp_path, server,
+                             b'emr_task_id,note\r\nT2,"Pt said ""fine"" today"\r\nT4,abc\r\n')
+    assert fixed.exit_code == 0
+    assert stored == sent(("T2", 'Pt said "fine" today'), ("T4", "abc"))
+    after = ledger_status(config).to_dict()["kinds"]
+    # Only the fixed run's own two notes stay open, awaiting their outcomes (no webhooks here).
+    assert {kind: k["count"] for kind, k in after.items() if k["count"]} == {
+        "awaiting_outcome": 2}
+    with sqlite3.connect(config.state.ledger) as db:
+        (first,) = [r for (r,) in db.execute("SELECT run_id FROM runs") if r != fixed.run_id]
+    ledger = Ledger(config.state.ledger)
+    try:
+        written = write_report(Reconciler.of(ledger, config).run(first), config.report,
+                               input_settings=config.input)
+    finally:
+        ledger.close()
+    summary = read_summary(written.directory)
+    assert summary["exit_code"] == 2
+    assert summary["rows"] == 0  # forgotten: none offered as send_failed
+    assert summary["final_status"].get("send_failed", 0) == 0
