@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from helpers import EmulatorThread, make_config, notes, run_pipeline, write_csv
-from pipeline.ledger import Ledger
+from helpers import (
+    EmulatorThread,
+    emulator_running,
+    make_config,
+    notes,
+    run_pipeline,
+    stored_count,
+    write_csv,
+)
+from pipeline.client import CobaltClient
+from pipeline.emulator import Faults
+from pipeline.ledger import Ledger, NewRow, row_key
 from pipeline.runner import RunOptions, open_inputs, pending_jobs
-from pipeline.submit import Backoff, Control, Pacer
+from pipeline.submit import Backoff, Control, Job, Pacer, Submitter
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 8])
@@ -135,3 +146,35 @@ def test_a_file_changed_between_the_two_reads_is_not_sent(tmp_path: Path) -> Non
         ("task-00000", None), ("task-00001", "the input file changed since it was read"),
         ("task-00002", None)]
     assert jobs[0].note == changed[0][1]
+
+
+async def test_a_request_cut_at_the_drain_timeout_ends_ambiguous(tmp_path: Path) -> None:
+    """Stopped while a request is in flight, with the answer later than drain_timeout_s: the
+    request is cancelled and its row recorded ambiguous (the note may have landed: here it
+    did), so no later run resends it. Recorded pending, the next run would post it twice."""
+    config = make_config(tmp_path, submit={"concurrency": 1, "drain_timeout_s": 0.05,
+                                           "rate_per_second": None})
+    ledger = Ledger(config.state.ledger)
+    ledger.start_run("r", "test_clinic", "fp", {})
+    ledger.add_rows("r", [NewRow(0, 2, "T1", row_key("test_clinic", "T1", "n"), "pending")])
+    (row_id, *_), = ledger.rows_to_send("r")
+
+    async def jobs() -> AsyncIterator[list[Job]]:
+        yield [Job(row_id, "T1", "n")]
+
+    faults = Faults(slow_after_store=1.0, slow_s=60.0)  # stored, then no answer in time
+    async with emulator_running(faults=faults) as (emulator, url), \
+            CobaltClient(config.api.model_copy(update={"base_url": url, "timeout_s": 120.0})
+                         ) as client:
+        control = Control()
+        submitter = Submitter(client, ledger, config.submit, control=control)
+        with anyio.fail_after(30):  # a drain that never ends fails, not hangs
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(submitter.run, jobs())
+                await emulator.until(lambda e: stored_count(e, "T1", "n") == 1)
+                control.stop("test")
+        requests = emulator.requests
+    (row,) = ledger.frame("r").to_dict("records")
+    ledger.close()
+    assert (row["status"], row["attempts"], requests) == ("ambiguous", 1, 1)
+    assert "drain timeout" in row["error"]
