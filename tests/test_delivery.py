@@ -90,6 +90,7 @@ def test_each_failure_class_ends_as_it_must(tmp_path: Path, faults: Faults, stat
         assert _or_none(row["http_status"]) == last_answer(faults, status)
         assert api.stored("T1", "a note") == stored
         assert api.emulator.requests == attempts
+        assert outcome.exit_code == (0 if status == "accepted" else 1)
 
 
 def test_connect_errors_are_retried_then_failed(tmp_path: Path) -> None:
