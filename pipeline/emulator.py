@@ -107,6 +107,7 @@ class Faults:
     # events_429 answer 429, the next events_503 answer 503, both with Retry-After.
     events_429: int = 0
     events_503: int = 0
+    events_400: int = 0  # after those, this many answer 400 (no Retry-After)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,12 +468,15 @@ class Emulator:
         return response
 
     def _events_fault(self, n: int) -> Response | None:
-        """The ``n``-th GET's fault (0-based), if any: first the 429s, then the 503s."""
+        """The ``n``-th GET's fault (0-based), if any: first the 429s, then the 503s, then
+        the 400s (a refusal: asking again cannot help)."""
         f = self.options.faults
         if n < f.events_429:
             return self._busy(429, "Too many requests", f.retry_after_s)
         if n < f.events_429 + f.events_503:
             return self._busy(503, "Service temporarily unavailable", f.retry_after_s)
+        if n < f.events_429 + f.events_503 + f.events_400:
+            return _error(400, "Invalid query parameters")
         return None
 
     def _list_page(self, request: Request) -> Response:
