@@ -148,6 +148,30 @@ def test_a_file_changed_between_the_two_reads_is_not_sent(tmp_path: Path) -> Non
         ("task-00002", None)]
     assert jobs[0].note == changed[0][1]
 
+    async def send() -> None:  # the skip marker must reach the ledger, not the API
+        ledger = Ledger(config.state.ledger)
+        try:
+            async with CobaltClient(config.api.model_copy(update={"base_url": api.url})
+                                    ) as client:
+                await Submitter(client, ledger, config.submit).run(_once(jobs))
+        finally:
+            ledger.close()
+
+    with EmulatorThread() as api:
+        anyio.run(send)
+        requests = api.emulator.requests
+        stored = [api.stored(t, n) for t, n in changed]
+    assert (requests, stored) == (2, [1, 0, 1])
+    reader = Ledger(config.state.ledger, readonly=True)
+    rows = reader.frame(outcome.run_id).to_dict("records")
+    reader.close()
+    assert [(r["status"], r["error"]) for r in rows][1] == (
+        "failed", "the input file changed since it was read")
+
+
+async def _once(jobs: list[Job]) -> AsyncIterator[list[Job]]:
+    yield jobs
+
 
 
 class _Longest(random.Random):
