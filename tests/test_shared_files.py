@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -51,7 +52,7 @@ from pipeline.client import CobaltClient, redact
 from pipeline.config import ApiConfig, load_config
 from pipeline.errors import CredentialsRefused, NotSent, RequestRejected
 from pipeline.ledger import Ledger
-from pipeline.report import FORMULA_STARTS, neutralise_formula
+from pipeline.report import FORMULA_STARTS, neutralise_formula, shareable
 
 PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
 
@@ -121,6 +122,14 @@ def envelope(event_id: str, kind: str, job_id: str, **data: Any) -> dict[str, An
 ])
 def test_a_cell_that_could_be_a_formula_is_shown_as_text(cell: str, shown: str) -> None:
     assert neutralise_formula(cell) == shown
+
+
+@pytest.mark.parametrize("start", FORMULA_STARTS)
+def test_the_table_written_to_results_csv_neutralises_every_formula_start(start: str) -> None:
+    """shareable (what results.csv is written from) picks cells by their first character in
+    numpy: each start, a leading \r included, must reach neutralise_formula."""
+    table = pd.DataFrame({"error": ["T1", f"{start}=1", ""], "line": [2, 3, 4]})
+    assert shareable(table)["error"].tolist() == ["T1", f"'{start}=1", ""]
 
 
 def test_results_csv_carries_no_formula_from_ids_passthrough_webhooks_or_the_api(
