@@ -309,6 +309,27 @@ def test_an_error_quoting_the_note_or_the_token_reaches_no_file_ledger_or_consol
         read_summary(report)["stop_reason"])
 
 
+def test_a_run_redacts_the_webhook_secrets_from_cobalts_errors(tmp_path: Path) -> None:
+    """The run hands webhooks.secret and webhooks.secrets to the client's redaction (tested
+    on the client above): a 400 quoting either reaches no file, ledger or console."""
+    hooks = ("HOOK-CANARY-3b8f1e0c", "OLD-HOOK-CANARY-9a2d7c4e")
+    write_csv(tmp_path / "input.csv", [["T1", "first"], ["T2", "second"]])
+    fake = FakeCobalt({"T1": (400, {"success": False, "message": f"bad secret {hooks[0]}"}),
+                       "T2": (400, {"success": False, "message": f"bad secret {hooks[1]}"})})
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            webhooks={"secret": hooks[0], "secrets": [hooks[1]]})
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-vv", "run", str(path),
+                               "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "CANARY" not in done.stdout + done.stderr
+    assert _canary_holders(tmp_path, ("CANARY",)) == set()
+    report = next((tmp_path / "reports").iterdir())
+    assert [r["error"] for r in read_results(report)] == [
+        "HTTP 400 request-rejected: bad secret [redacted]"] * 2
+
+
 # -- 9. private files --------------------------------------------------------------------------
 
 
