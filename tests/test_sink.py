@@ -132,11 +132,27 @@ async def test_duplicates_are_remembered_across_restarts(tmp_path: Path) -> None
     assert path.read_bytes().count(b"\n") == 1
 
 
+async def test_the_same_event_id_in_other_bytes_is_stored_once_in_one_process(
+        tmp_path: Path) -> None:
+    """The same event re-serialised (spaces after separators: other bytes, one line) in the
+    same sink process:
+    both 200, one line, the first bytes kept."""
+    first = compact(event())
+    again = json.dumps(event(), ensure_ascii=False, separators=(", ", ": ")).encode()
+    assert first != again
+    async with sink_running(tmp_path) as (client, path):
+        assert await post(client, first, signed(first)) == 200
+        assert await post(client, again, signed(again)) == 200
+    assert path.read_bytes() == first + b"\n"
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [pytest.param(b"{not json", 400, id="not-json"),
      pytest.param(b'["an", "array"]', 400, id="not-an-object"),
-     pytest.param(b'{"type": "task_note.created"}', 400, id="no-id")],
+     pytest.param(b'{"type": "task_note.created"}', 400, id="no-id"),
+     pytest.param(b'{"id": "", "type": "task_note.created"}', 400, id="empty-id"),
+     pytest.param(b'{"id": 7, "type": "task_note.created"}', 400, id="number-id")],
 )
 async def test_a_signed_body_that_is_not_an_event_gets_400(tmp_path: Path, body: bytes,
                                                            status: int) -> None:
