@@ -135,8 +135,7 @@ async def test_duplicates_are_remembered_across_restarts(tmp_path: Path) -> None
 async def test_the_same_event_id_in_other_bytes_is_stored_once_in_one_process(
         tmp_path: Path) -> None:
     """The same event re-serialised (spaces after separators: other bytes, one line) in the
-    same sink process:
-    both 200, one line, the first bytes kept."""
+    same sink process: both 200, one line, the first bytes kept."""
     first = compact(event())
     again = json.dumps(event(), ensure_ascii=False, separators=(", ", ": ")).encode()
     assert first != again
