@@ -235,9 +235,11 @@ async def test_a_retry_after_beyond_the_cap_waits_only_the_cap(tmp_path: Path) -
 
 async def test_a_retry_waits_for_its_backoff_while_fresh_rows_go(tmp_path: Path) -> None:
     """A row refused with a 503 (Retry-After: 0) goes again only after its backoff (1 s
-    here, drawn at its longest), though fresh rows keep the dispatcher busy meanwhile: the
-    fresh rows go first, and the retry arrives no sooner than 1 s after the 503 left
-    (a lower bound on one clock: a slow machine only lengthens it)."""
+    here, drawn at its longest), though fresh rows keep the dispatcher busy meanwhile: some
+    request (the retry) arrives 1 s or more after the 503 left, where starting the retry
+    with the fresh rows ends the run in a few milliseconds. A lower bound on one clock: a
+    slow machine only lengthens it; the order of the retry among the fresh rows is not
+    asserted, since a slow machine may make it due before the last fresh row goes."""
     tasks = [f"T{i}" for i in range(6)]
     faults = Faults(rate_503=1.0, only_first=1, retry_after_s=0, only_tasks=frozenset({"T0"}))
     async with emulator_running(faults=faults) as (emulator, url):
@@ -249,8 +251,7 @@ async def test_a_retry_waits_for_its_backoff_while_fresh_rows_go(tmp_path: Path)
         ("accepted", 1)] * 5
     assert [status for _, status in answers] == [503] + [200] * 6
     refused_at = answers[0][0]
-    assert arrivals[-1] - refused_at >= 1.0
-    assert all(t < arrivals[-1] for t in arrivals[:-1])
+    assert max(arrivals) - refused_at >= 1.0
 
 
 async def test_a_request_cut_at_the_drain_timeout_ends_ambiguous(tmp_path: Path) -> None:
