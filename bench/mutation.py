@@ -8,10 +8,15 @@ in-process tests that cover the mutated function. A full run is ~2,200 mutants
 (hours on two shared cores), so this script runs a fixed sample: the mutants
 whose name hashes (SHA-256) to 0 modulo --sample, the same set every time for
 the same code. It runs mutmut under `nice -n 19` with one worker, then prints
-per module how many mutants were killed (a test failed), timed out (counted as
-killed: the test did not pass), survived, or had no covering test, and the
-score: killed / (killed + survived), the mutants a test covers and mutmut
-has tested. --report-only skips the run and prints
+per module how many mutants were killed (a test failed), survived (the tests
+passed), timed out or were "suspicious" (the tests passed, much slower than
+without the mutant), had no covering test, were not checked, or got any other
+verdict; every sampled mutant is in exactly one column. The score is
+killed / (killed + survived + timeout + suspicious): a timeout is not counted as
+caught, since on a loaded machine it may be the machine and not a test
+noticing, and a suspicious mutant passed the tests. The timed-out and
+suspicious mutants are listed by name, to be looked at (or rerun on a quiet
+machine). --report-only skips the run and prints
 the table from the results already in mutants/ (`mutmut show NAME` shows a
 mutant's diff). There is no baseline: the score is judged against itself over
 time, and every surviving mutant is worth a look.
@@ -30,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import ROOT, table
 
-KILLED = {"killed", "timeout"}
+COLUMNS = ("killed", "survived", "timeout", "suspicious", "no tests", "not checked")
+UNDECIDED = ("timeout", "suspicious")  # in the score's denominator, not its numerator
 
 
 def mutmut() -> str:
@@ -79,11 +85,13 @@ def main() -> None:
                        cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
     verdicts = statuses()
     per_module: dict[str, Counter[str]] = {}
+    undecided: list[str] = []
     for name in names:
         module = name.split(".")[1]
         status = verdicts.get(name, "not checked")
-        per_module.setdefault(module, Counter())[
-            "killed" if status in KILLED else status] += 1
+        if status in UNDECIDED:
+            undecided.append(f"{status}: {name}")
+        per_module.setdefault(module, Counter())[status if status in COLUMNS else "other"] += 1
     rows = []
     total: Counter[str] = Counter()
     for module in sorted(per_module):
@@ -92,18 +100,23 @@ def main() -> None:
         rows.append(row(module, counts))
     rows.append(row("all five", total))
     print(f"bench/mutation.py: 1 mutant in {args.sample} ({len(names)} of {len(verdicts)})")
-    print(table(["module", "sampled", "killed", "survived", "no tests", "not checked",
-                 "score"], rows))
-    tested = total["killed"] + total["survived"]
-    print(f"mutation score = killed / (killed + survived) = {total['killed']} / {tested} = "
-          f"{total['killed'] / tested:.2f}" if tested else "no mutant tested yet")
+    print(table(["module", "sampled", *COLUMNS, "other", "score"], rows))
+    tested = _tested(total)
+    print(f"mutation score = killed / (killed + survived + timeout + suspicious) = "
+          f"{total['killed']} / {tested} = {total['killed'] / tested:.2f}"
+          if tested else "no mutant tested yet")
+    for line in undecided:
+        print(line)
+
+
+def _tested(counts: Counter[str]) -> int:
+    return counts["killed"] + counts["survived"] + sum(counts[s] for s in UNDECIDED)
 
 
 def row(name: str, counts: Counter[str]) -> list[object]:
-    tested = counts["killed"] + counts["survived"]
+    tested = _tested(counts)
     score = f"{counts['killed'] / tested:.2f}" if tested else "-"
-    return [name, sum(counts.values()), counts["killed"], counts["survived"],
-            counts["no tests"], counts["not checked"], score]
+    return [name, sum(counts.values()), *(counts[c] for c in COLUMNS), counts["other"], score]
 
 
 if __name__ == "__main__":

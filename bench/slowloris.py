@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import hmac
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -253,9 +254,11 @@ def scenario(name: str, attacker: Attacker | None, count: int, seconds: float,
     stored = (directory / "webhooks.jsonl").read_bytes().count(b"\n")
     if stored < len(latencies):
         raise RuntimeError(f"{name}: {len(latencies)} events acknowledged, {stored} stored")
-    latencies.sort()
-    p50 = latencies[len(latencies) // 2] * 1e3 if latencies else float("nan")
-    p99 = latencies[int(len(latencies) * 0.99)] * 1e3 if latencies else float("nan")
+    # A failed delivery counts as an endless one: the percentiles are over every delivery
+    # tried, so failures cannot leave a p99 that looks met.
+    ranked = sorted(latencies) + [math.inf] * len(failures)
+    p50 = ranked[len(ranked) // 2] * 1e3 if ranked else float("nan")
+    p99 = ranked[int(len(ranked) * 0.99)] * 1e3 if ranked else float("nan")
     samples = sorted(attack.open_samples) if attacker and attack.open_samples else [0]
     held = f"{samples[len(samples) // 2]:,} / {samples[0]:,}"
     return [name, len(latencies) + len(failures), len(failures), f"{p50:.1f}", f"{p99:.1f}",
@@ -291,12 +294,13 @@ def main() -> None:
     print(table(["scenario", "deliveries", "failed", "p50 ms", "p99 ms",
                  "attack sockets open (median / min)", "closed by sink", "sink peak RSS MB"],
                 rows))
-    p99 = float(str(rows[1][4]))
+    p99 = float(str(rows[1][4]))  # failed deliveries count as endless (see scenario)
     ratio = max(float(str(r[7])) for r in rows[1:]) / float(str(rows[0][7]))
+    failed = sum(int(str(r[2])) for r in rows)
     print(f"with {n:,} slowloris: p99 {p99:.0f} ms (goal < 1,000 ms: "
           f"{'met' if p99 < 1000 else 'not met'}); worst peak RSS / no attack = {ratio:.2f} "
           f"(goal <= 1.5: {'met' if ratio <= 1.5 else 'not met'}); failed deliveries: "
-          f"{sum(int(str(r[2])) for r in rows)}")
+          f"{failed} (goal 0: {'met' if failed == 0 else 'not met'})")
 
 
 if __name__ == "__main__":

@@ -313,6 +313,8 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
                         help="store the note, then drop the connection")
     faults.add_argument("--fault-garbage-after-store", type=_fraction, default=0.0,
                         help="store the note, then answer 200 with a body that is not JSON")
+    faults.add_argument("--fault-reset-after-store", type=_fraction, default=0.0,
+                        help="store the note, then reset the connection (TCP RST)")
     faults.add_argument("--faults-only-first", type=int, default=0, metavar="N",
                         help="faults hit only the first N attempts of each note (0: all)")
     faults.add_argument("--retry-after", type=float, default=1.0, metavar="S",
@@ -639,7 +641,8 @@ def _emulator(args: argparse.Namespace) -> int:
         rate_500_after_store=args.fault_500_after_store,
         slow_after_store=args.fault_slow_after_store,
         drop_after_store=args.fault_drop_after_store,
-        garbage_after_store=args.fault_garbage_after_store, only_first=args.faults_only_first,
+        garbage_after_store=args.fault_garbage_after_store,
+        reset_after_store=args.fault_reset_after_store, only_first=args.faults_only_first,
         retry_after_s=args.retry_after,
         retry_after_as_date=args.retry_after_date, slow_s=args.slow_s,
         drop_webhooks=args.drop_webhooks,

@@ -227,6 +227,7 @@ class FaultSettings(_Section):
     slow_after_store: Fraction = 0.0
     drop_after_store: Fraction = 0.0
     garbage_after_store: Fraction = 0.0
+    reset_after_store: Fraction = 0.0
     retry_after_s: Annotated[float, Field(ge=0)] = 1.0
     retry_after_as_date: bool = False
     slow_s: Annotated[float, Field(ge=0)] = 30.0

@@ -36,6 +36,8 @@ import json
 import logging
 import math
 import random
+import socket
+import struct
 import time
 import uuid
 from collections import Counter
@@ -94,6 +96,7 @@ class Faults:
     slow_after_store: float = 0.0  # the note is stored, the answer comes after slow_s
     drop_after_store: float = 0.0  # the note is stored, then the connection drops
     garbage_after_store: float = 0.0  # the note is stored, then a 200 that is not JSON
+    reset_after_store: float = 0.0  # the note is stored, then the connection is reset (RST)
     only_first: int = 0  # > 0: faults hit only the first N attempts of each note
     only_tasks: frozenset[str] = frozenset()  # not empty: faults hit only these task ids
     retry_after_s: float = 1.0
@@ -104,6 +107,7 @@ class Faults:
     # events_429 answer 429, the next events_503 answer 503, both with Retry-After.
     events_429: int = 0
     events_503: int = 0
+    events_400: int = 0  # after those, this many answer 400 (no Retry-After)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,13 +261,14 @@ class Emulator:
         fault = self._fault("after", job.key, attempt, job.emr_task_id, (
             (f.rate_500_after_store, "500"), (f.garbage_after_store, "garbage"),
             (f.slow_after_store, "slow"), (f.drop_after_store, "drop"),
+            (f.reset_after_store, "reset"),
         ))
         if fault == "500":
             return _error(500, "Internal server error")
         if fault == "garbage":
             return Response("<html>upstream hiccup</html>", media_type="text/html")
-        if fault == "drop":
-            return self._drop(request)
+        if fault in ("drop", "reset"):
+            return self._drop(request, reset=fault == "reset")
         if fault == "slow":
             await anyio.sleep(f.slow_s)
         return JSONResponse({"success": True, "message": ACCEPTED_MESSAGE,
@@ -293,13 +298,22 @@ class Emulator:
             value = str(math.ceil(after_s)) if after_s >= 1 or after_s == 0 else f"{after_s:g}"
         return _error(status, message, headers={"Retry-After": value})
 
-    def _drop(self, request: Request) -> Response:
-        """Close the client's connection without an answer (needs a real server)."""
+    def _drop(self, request: Request, *, reset: bool = False) -> Response:
+        """Close the client's connection without an answer (needs a real server).
+
+        ``reset``: with SO_LINGER 0 the close sends a TCP RST instead of a FIN, so the
+        client reads ECONNRESET (a reset after the request was sent) rather than a clean
+        end of stream.
+        """
         client = request.client
         server = self.server
         if server is not None and client is not None:
             for conn in list(server.server_state.connections):
                 if getattr(conn, "client", None) == (client.host, client.port):
+                    sock = conn.transport.get_extra_info("socket")
+                    if reset and sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
                     conn.transport.abort()
         return Response(status_code=599)  # written to a closed socket: nobody reads it
 
@@ -454,12 +468,15 @@ class Emulator:
         return response
 
     def _events_fault(self, n: int) -> Response | None:
-        """The ``n``-th GET's fault (0-based), if any: first the 429s, then the 503s."""
+        """The ``n``-th GET's fault (0-based), if any: first the 429s, then the 503s, then
+        the 400s (a refusal: asking again cannot help)."""
         f = self.options.faults
         if n < f.events_429:
             return self._busy(429, "Too many requests", f.retry_after_s)
         if n < f.events_429 + f.events_503:
             return self._busy(503, "Service temporarily unavailable", f.retry_after_s)
+        if n < f.events_429 + f.events_503 + f.events_400:
+            return _error(400, "Invalid query parameters")
         return None
 
     def _list_page(self, request: Request) -> Response:

@@ -123,7 +123,9 @@ def test_lost_webhooks_status_poll_status(tmp_path: Path) -> None:
 def test_reconcile_and_status_during_a_run_see_it_in_progress(tmp_path: Path) -> None:
     """While a run sends, reconcile leaves it alone (no report calling its unsent rows
     send_failed, no redrive.csv) and status counts them in progress, not send_failed."""
-    write_csv(tmp_path / "input.csv", notes(200))
+    # 3,000 rows two at a time at 150 ms: a run of ~4 min, far longer than the two CLI calls
+    # it must outlive on a loaded machine (it is interrupted once they are done).
+    write_csv(tmp_path / "input.csv", notes(3000))
     with EmulatorThread(latency_ms=(150.0, 150.0)) as api:
         config = write_config(tmp_path, api={"base_url": api.url},
                               submit={"concurrency": 2, "rate_per_second": None})

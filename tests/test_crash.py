@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -35,7 +36,8 @@ def start_run(config: Path, cwd: Path) -> subprocess.Popen[bytes]:
 def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> None:
     """Runs killed mid-flight, then one run to the end: every valid row stored exactly once,
     except rows reported ambiguous (stored at most once); no row missing from the results."""
-    seed = random.randrange(10**6)
+    # A fixed seed (override with TASKNOTES_TEST_SEED to explore): a failure is reproducible.
+    seed = int(os.environ.get("TASKNOTES_TEST_SEED", "424242"))
     rng = random.Random(seed)
     rows = notes(2500)
     rows[7][1] = ""  # one invalid row, which must be reported, never sent
@@ -127,7 +129,9 @@ def test_first_sigint_drains_and_reports_second_exits_at_once(tmp_path: Path) ->
         assert results[-1]["final_status"] == "send_failed"
         assert "interrupted by SIGINT" in results[-1]["error"] + results[-1]["detail"]
 
-    with EmulatorThread(latency_ms=(5000.0, 5000.0)) as slow:
+    # Answers that never come within the test (10 min): the order below cannot be met by a
+    # slow machine letting the emulator answer first.
+    with EmulatorThread(latency_ms=(600_000.0, 600_000.0)) as slow:
         config = write_config(tmp_path, "slow.yaml", api={"base_url": slow.url},
                               submit={"concurrency": 2, "drain_timeout_s": 60},
                               state={"ledger": str(tmp_path / "state" / "slow.sqlite")})
@@ -143,8 +147,8 @@ def test_first_sigint_drains_and_reports_second_exits_at_once(tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         proc.wait(10)
         assert proc.returncode == 3
-        # "At once" by order, not by a stopwatch: it left before the emulator answered any of
-        # the requests in flight (each takes 5 s), so it did not wait for the drain.
+        # "At once" by order, not by a stopwatch: it left (within proc.wait's 10 s, the drain
+        # allows 60) before the emulator answered any of the requests in flight.
         assert slow.emulator.answers == []
     ledger = Ledger(tmp_path / "state" / "slow.sqlite", readonly=True)
     statuses = set(ledger.frame()["status"])

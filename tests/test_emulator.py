@@ -83,11 +83,13 @@ async def test_success_has_a_24_hex_task_note_id_and_an_integer_job_id() -> None
 class Receiver:
     """A webhook endpoint that records what arrives and answers as told."""
 
-    def __init__(self, answers: list[int] | None = None) -> None:
+    def __init__(self, answers: list[int] | None = None, *, hold_first: bool = False) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.arrivals: list[float] = []  # monotonic time of each request, in arrival order
         self.answers = answers or []
         self.arrived = anyio.Event()
+        # hold_first: the first request is answered only once a second one has arrived
+        self.second = anyio.Event() if hold_first else None
 
     def app(self) -> Starlette:
         async def hook(request: Request) -> Response:
@@ -95,6 +97,11 @@ class Receiver:
             self.arrivals.append(time.monotonic())
             self.arrived.set()
             status = self.answers.pop(0) if self.answers else 200
+            if self.second is not None:
+                if len(self.requests) == 1:
+                    await self.second.wait()
+                else:
+                    self.second.set()
             return Response(status_code=status)
 
         return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
@@ -174,9 +181,11 @@ async def test_webhook_retries_follow_cobalt(answers: list[int], attempts: int) 
 
 
 async def test_a_webhook_retry_waits_a_second() -> None:
-    """The retry after a 5xx comes 1 s later: a note posted after the first attempt failed is
-    delivered before the retry, and the retry is no sooner than 1 s after the first attempt."""
-    receiver = Receiver(answers=[500])
+    """The retry after a 5xx comes 1 s later, and deliveries do not queue behind one another:
+    the first attempt's 500 is held until a second note's webhook has arrived (order, not
+    speed: deliveries one at a time would never get there), and the retry is no sooner than
+    1 s after the first attempt."""
+    receiver = Receiver(answers=[500], hold_first=True)
     async with serving(receiver.app()) as hook:
         emulator = Emulator(emulator_options(webhook_url=f"{hook.url}/hook"))
         async with serving(emulator.app()) as api:

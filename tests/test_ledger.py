@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.ledger import SCHEMA_VERSION, Ledger, NewRow, row_key
+from pipeline.ledger import SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
 from pipeline.reconcile import Reconciler, ingest
 
 ACCOUNT = "test_clinic"
@@ -97,3 +97,19 @@ def test_a_sink_larger_than_one_batch_is_mirrored_whole(tmp_path: Path) -> None:
     assert ledger.sink_position()[0] == sink.stat().st_size
     assert ingest(ledger, sink, ACCOUNT) == 0  # nothing new: nothing read twice
     ledger.close()
+
+
+def test_apply_records_results_before_marking_rows_sending(tmp_path: Path) -> None:
+    """A retried row's "back to pending" and its next "sending" in one apply: the row ends
+    sending (its second attempt), never pending while its request is in flight (after a
+    kill -9, a pending row is sent again)."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start_run("r", ACCOUNT, "fp", {})
+    ledger.add_rows("r", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "n"), "pending")])
+    (row_id, *_), = ledger.rows_to_send("r")
+    ledger.apply([row_id], [])
+    ledger.apply([row_id], [Attempt(row_id, "pending", 429, error="Too many requests")])
+    (row,) = ledger.frame("r").to_dict("records")
+    assert list(ledger.rows_to_send("r")) == []
+    ledger.close()
+    assert (row["status"], row["attempts"], row["http_status"]) == ("sending", 2, 429)

@@ -239,6 +239,32 @@ def test_poll_waits_as_long_as_retry_after_says(tmp_path: Path) -> None:
     assert retried - refused >= 1.0
 
 
+@pytest.mark.timeout(30)  # a stall of a day fails here rather than hangs the suite
+def test_poll_caps_retry_after_at_max_retry_after_s(tmp_path: Path) -> None:
+    """With real waits, a 429 with Retry-After: 86400 waits submit.max_retry_after_s, not a
+    day: the query is asked again and the event stored."""
+    faults = Faults(drop_webhooks=1.0, events_429=1, retry_after_s=86400)
+    with EmulatorThread(faults=faults) as api:
+        path = _accepted_without_outcome(tmp_path, api, max_retry_after_s=0.05,
+                                         backoff_base_s=0.01, backoff_max_s=0.05)
+        with stamina.set_testing(False):
+            assert main(["-q", "poll", str(path)]) == 0
+        statuses = [status for _, status in api.emulator.event_queries]
+    assert statuses == [429, 200]
+    assert [e["type"] for e in _sink_events(tmp_path)] == ["task_note.created"]
+
+
+def test_poll_does_not_retry_a_refused_query(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A 400 to the events query is final (asking again cannot help): asked once, exit 3."""
+    with EmulatorThread(faults=Faults(drop_webhooks=1.0, events_400=5)) as api:
+        path = _accepted_without_outcome(tmp_path, api, max_attempts=4)
+        assert main(["-q", "poll", str(path)]) == 3
+        statuses = [status for _, status in api.emulator.event_queries]
+    assert statuses == [400]
+    assert "Cobalt refused the events query" in capsys.readouterr().err
+
+
 def test_poll_does_not_retry_refused_credentials(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A 401 to the events query is final: asked once, exit 3, credentials named."""

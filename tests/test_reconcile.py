@@ -210,13 +210,20 @@ def test_outcomes_are_remembered_in_the_ledger(book: Book) -> None:
     assert book.ledger.unresolved_runs() == []
 
 
-def test_the_exit_code_follows_the_final_statuses(book: Book) -> None:
-    """0 when every row ended well (awaiting an outcome counts as well); 1 otherwise."""
+@pytest.mark.parametrize(("bad", "final"), [
+    ("failed", "send_failed"), ("ambiguous", "ambiguous"), ("api_rejected", "rejected_by_api"),
+    ("pending", "send_failed"),
+])
+def test_the_exit_code_follows_the_final_statuses(book: Book, bad: str, final: str) -> None:
+    """0 when every row ended well (awaiting an outcome counts as well); 1 when one row did
+    not, even if that row's only problem is that it may have landed (ambiguous)."""
     book.row("accepted", job_id="5")
     book.row("duplicate")
     assert book.result().exit_code == 0
-    book.row("failed")
-    assert book.result().exit_code == 1
+    book.row(bad, task="T2")
+    result = book.result()
+    assert [f for f, _ in book.finals()][-1] == final
+    assert result.exit_code == 1
 
 
 def test_a_note_failed_in_the_emr_and_sent_again_follows_the_new_send(book: Book) -> None:

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -202,3 +203,23 @@ def test_note_previews_appear_only_when_allowed(tmp_path: Path, allowed: bool) -
     html = (outcome.report.directory / "report.html").read_text()
     assert ("not a valid…" in html) is allowed
     assert CANARY not in html  # the first row ended well: not flagged, never previewed
+
+
+def test_stale_is_measured_in_seconds_of_report_stale_after(tmp_path: Path) -> None:
+    """The boundary, not only an age of months: with stale_after 3600 s, a row sent two
+    hours ago is stale and one sent half an hour ago is not (an hour of margin each side,
+    so a slow machine cannot move either across)."""
+    write_csv(tmp_path / "input.csv", [["T1", "n"], ["T2", "n"]])
+    with EmulatorThread() as api:  # no webhook_url: no outcome arrives
+        path = write_config(tmp_path, api={"base_url": api.url}, report={"stale_after": 3600})
+        config = load_config(path, needs=("api",))
+        outcome = run_pipeline(config)
+    now = datetime.now(UTC)
+    ledger = Ledger(config.state.ledger)
+    for task, age in (("T1", timedelta(hours=2)), ("T2", timedelta(minutes=30))):
+        when = (now - age).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        ledger._db.execute("UPDATE rows SET submitted_at=? WHERE emr_task_id=?", (when, task))
+    ledger.close()
+    assert main(["-q", "reconcile", str(path)]) == 1
+    summary = json.loads((outcome.report.directory / "summary.json").read_text())
+    assert (summary["report"]["stale"], summary["awaiting"]) == (1, 2)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -52,7 +53,7 @@ from pipeline.config import ApiConfig, load_config
 from pipeline.errors import CredentialsRefused, NotSent, RequestRejected
 from pipeline.ledger import Ledger
 from pipeline.redaction import MESSAGE_WITHHELD
-from pipeline.report import FORMULA_STARTS, neutralise_formula
+from pipeline.report import FORMULA_STARTS, neutralise_formula, shareable
 
 PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
 
@@ -122,6 +123,14 @@ def envelope(event_id: str, kind: str, job_id: str, **data: Any) -> dict[str, An
 ])
 def test_a_cell_that_could_be_a_formula_is_shown_as_text(cell: str, shown: str) -> None:
     assert neutralise_formula(cell) == shown
+
+
+@pytest.mark.parametrize("start", FORMULA_STARTS)
+def test_the_table_written_to_results_csv_neutralises_every_formula_start(start: str) -> None:
+    """shareable (what results.csv is written from) picks cells by their first character in
+    numpy: each start, a leading \r included, must reach neutralise_formula."""
+    table = pd.DataFrame({"error": ["T1", f"{start}=1", ""], "line": [2, 3, 4]})
+    assert shareable(table)["error"].tolist() == ["T1", f"'{start}=1", ""]
 
 
 def test_results_csv_carries_no_formula_from_ids_passthrough_webhooks_or_the_api(
@@ -299,6 +308,27 @@ def test_an_error_quoting_the_note_or_the_token_reaches_no_file_ledger_or_consol
     assert rows["T3"]["final_status"] == "send_failed"
     assert "HTTP 401 credentials-refused: access_token [redacted]" in (
         read_summary(report)["stop_reason"])
+
+
+def test_a_run_redacts_the_webhook_secrets_from_cobalts_errors(tmp_path: Path) -> None:
+    """The run hands webhooks.secret and webhooks.secrets to the client's redaction (tested
+    on the client above): a 400 quoting either reaches no file, ledger or console."""
+    hooks = ("HOOK-CANARY-3b8f1e0c", "OLD-HOOK-CANARY-9a2d7c4e")
+    write_csv(tmp_path / "input.csv", [["T1", "first"], ["T2", "second"]])
+    fake = FakeCobalt({"T1": (400, {"success": False, "message": f"bad secret {hooks[0]}"}),
+                       "T2": (400, {"success": False, "message": f"bad secret {hooks[1]}"})})
+    with ThreadedServer(fake.app()) as api:
+        path = write_config(tmp_path, api={"base_url": api.url},
+                            webhooks={"secret": hooks[0], "secrets": [hooks[1]]})
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-vv", "run", str(path),
+                               "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "CANARY" not in done.stdout + done.stderr
+    assert _canary_holders(tmp_path, ("CANARY",)) == set()
+    report = next((tmp_path / "reports").iterdir())
+    assert [r["error"] for r in read_results(report)] == [
+        "HTTP 400 request-rejected: bad secret [redacted]"] * 2
 
 
 # -- 9. private files --------------------------------------------------------------------------

@@ -109,8 +109,11 @@ async def test_either_of_two_rotated_secrets_verifies(tmp_path: Path) -> None:
     assert len(path.read_bytes().splitlines()) == 2
 
 
-async def test_a_repeated_delivery_is_stored_once(tmp_path: Path) -> None:
-    """The same delivery twice, and the same body under a new webhook-id: one line, both 200."""
+async def test_a_repeated_event_is_stored_once_whatever_its_webhook_id_header(tmp_path: Path
+                                                                            ) -> None:
+    """The same delivery twice, and the same body under another webhook-id header: one line,
+    all 200. The sink dedupes on the event id in the signed body; it never reads the
+    webhook-id header, which is why the third post is a duplicate too."""
     body = compact(event())
     async with sink_running(tmp_path) as (client, path):
         assert await post(client, body, signed(body, event_id="evt_1")) == 200
@@ -129,11 +132,26 @@ async def test_duplicates_are_remembered_across_restarts(tmp_path: Path) -> None
     assert path.read_bytes().count(b"\n") == 1
 
 
+async def test_the_same_event_id_in_other_bytes_is_stored_once_in_one_process(
+        tmp_path: Path) -> None:
+    """The same event re-serialised (spaces after separators: other bytes, one line) in the
+    same sink process: both 200, one line, the first bytes kept."""
+    first = compact(event())
+    again = json.dumps(event(), ensure_ascii=False, separators=(", ", ": ")).encode()
+    assert first != again
+    async with sink_running(tmp_path) as (client, path):
+        assert await post(client, first, signed(first)) == 200
+        assert await post(client, again, signed(again)) == 200
+    assert path.read_bytes() == first + b"\n"
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [pytest.param(b"{not json", 400, id="not-json"),
      pytest.param(b'["an", "array"]', 400, id="not-an-object"),
-     pytest.param(b'{"type": "task_note.created"}', 400, id="no-id")],
+     pytest.param(b'{"type": "task_note.created"}', 400, id="no-id"),
+     pytest.param(b'{"id": "", "type": "task_note.created"}', 400, id="empty-id"),
+     pytest.param(b'{"id": 7, "type": "task_note.created"}', 400, id="number-id")],
 )
 async def test_a_signed_body_that_is_not_an_event_gets_400(tmp_path: Path, body: bytes,
                                                            status: int) -> None:
@@ -603,7 +621,9 @@ async def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_reque
     head = "".join(f"{k}: {v}\r\n" for k, v in signed(body).items())
     whole = (f"POST /webhooks/cobalt HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
              f"{head}\r\n").encode() + body
-    async with sink_running(tmp_path, limits=SinkLimits(request_timeout_s=0.3,
+    # The deadline starts at connect and covers the first request too: 3 s is far more than
+    # the first request needs on a loaded machine; the trickled second one never completes.
+    async with sink_running(tmp_path, limits=SinkLimits(request_timeout_s=3.0,
                                                         keep_alive_s=600)) as (client, path):
         stream = await anyio.connect_tcp("127.0.0.1", port_of(client))
         async with stream:

@@ -168,3 +168,18 @@ def test_settle_texts_say_what_settles_in_a_sandbox_and_no_unknown_pid(
         assert kinds[kind]["settle"].startswith("nothing will: ")
     assert "emulator that would deliver these outcomes ended with its run" in (
         kinds["awaiting_outcome"]["settle"])
+
+
+def test_a_run_in_progress_alone_is_open_and_exits_1(book: Book, tmp_path: Path) -> None:
+    """Nothing open but a live run's unsent rows: status is open (exit 1), in_progress only;
+    the same ledger once the run has ended is not (exit 0)."""
+    book.ledger.lock()  # a live process holds the ledger
+    book.row("pending", task="P1")
+    found = status_of(book, tmp_path)
+    assert {k.kind: k.count for k in found.kinds if k.count} == {"in_progress": 1}
+    assert (found.open, found.exit_code) == (True, 1)
+    book.row("accepted", task="P1", run_id="run-1", job_id="1")
+    book.event("task_note.created", "1", n=1, task="P1")
+    book.ledger.finish_run("run-1", "finished", {})
+    ended = status_of(book, tmp_path)
+    assert (ended.open, ended.exit_code) == (False, 0)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from helpers import EmulatorThread, make_config, notes, run_pipeline, write_csv
-from pipeline.ledger import Ledger
+from helpers import (
+    EmulatorThread,
+    emulator_running,
+    make_config,
+    notes,
+    run_pipeline,
+    stored_count,
+    write_csv,
+)
+from pipeline.client import CobaltClient
+from pipeline.emulator import Faults
+from pipeline.ledger import Ledger, NewRow, row_key
 from pipeline.runner import RunOptions, open_inputs, pending_jobs
-from pipeline.submit import Backoff, Control, Pacer
+from pipeline.submit import Backoff, Control, Job, Pacer, Submitter
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 8])
@@ -135,3 +147,131 @@ def test_a_file_changed_between_the_two_reads_is_not_sent(tmp_path: Path) -> Non
         ("task-00000", None), ("task-00001", "the input file changed since it was read"),
         ("task-00002", None)]
     assert jobs[0].note == changed[0][1]
+
+    async def send() -> None:  # the skip marker must reach the ledger, not the API
+        ledger = Ledger(config.state.ledger)
+        try:
+            async with CobaltClient(config.api.model_copy(update={"base_url": api.url})
+                                    ) as client:
+                await Submitter(client, ledger, config.submit).run(_once(jobs))
+        finally:
+            ledger.close()
+
+    with EmulatorThread() as api:
+        anyio.run(send)
+        requests = api.emulator.requests
+        stored = [api.stored(t, n) for t, n in changed]
+    assert (requests, stored) == (2, [1, 0, 1])
+    reader = Ledger(config.state.ledger, readonly=True)
+    rows = reader.frame(outcome.run_id).to_dict("records")
+    reader.close()
+    assert [(r["status"], r["error"]) for r in rows][1] == (
+        "failed", "the input file changed since it was read")
+
+
+async def _once(jobs: list[Job]) -> AsyncIterator[list[Job]]:
+    yield jobs
+
+
+
+class _Longest(random.Random):
+    """Jitter that always draws the longest delay its range allows (a real Random)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return max(a, b)
+
+
+async def _submit(tmp_path: Path, url: str, tasks: list[str],
+                  submit: dict[str, Any], *, backoff: Backoff | None = None,
+                  control: Control | None = None) -> list[dict[str, Any]]:
+    """A real Submitter over a real ledger and client: send one note "n" per task; the
+    ledger rows afterwards, in input order. ``control`` lets the caller stop it."""
+    config = make_config(tmp_path, submit={"rate_per_second": None, **submit})
+    ledger = Ledger(config.state.ledger)
+    ledger.start_run("r", "test_clinic", "fp", {})
+    ledger.add_rows("r", [NewRow(0, i + 2, t, row_key("test_clinic", t, "n"), "pending")
+                          for i, t in enumerate(tasks)])
+    row_ids = [row_id for row_id, *_ in ledger.rows_to_send("r")]
+
+    async def jobs() -> AsyncIterator[list[Job]]:
+        yield [Job(row_id, t, "n") for row_id, t in zip(row_ids, tasks, strict=True)]
+
+    try:
+        async with CobaltClient(config.api.model_copy(update={"base_url": url,
+                                                              "timeout_s": 120.0})) as client:
+            await Submitter(client, ledger, config.submit, control=control,
+                            backoff=backoff).run(jobs())
+        return list(ledger.frame("r").to_dict("records"))
+    finally:
+        ledger.close()
+
+
+async def test_a_success_resets_the_consecutive_failure_count(tmp_path: Path) -> None:
+    """max_consecutive_failures counts failures IN A ROW: refused, ok, refused, ok with a
+    limit of 2 sends all four rows (one at a time, so in input order)."""
+    tasks = ["T1", "T2", "T3", "T4"]
+    faults = Faults(rate_400=1.0, only_tasks=frozenset({"T1", "T3"}))
+    async with emulator_running(faults=faults) as (emulator, url):
+        with anyio.fail_after(60):
+            rows = await _submit(tmp_path, url, tasks,
+                                 {"concurrency": 1, "max_consecutive_failures": 2})
+        requests = emulator.requests
+    assert [r["status"] for r in rows] == ["api_rejected", "accepted"] * 2
+    assert requests == 4
+
+
+async def test_a_retry_after_beyond_the_cap_waits_only_the_cap(tmp_path: Path) -> None:
+    """A 429 with Retry-After: 86400 waits submit.max_retry_after_s, not a day: the row is
+    sent again and accepted (the deadline fails the test rather than stall it)."""
+    faults = Faults(rate_429=1.0, only_first=1, retry_after_s=86400)
+    async with emulator_running(faults=faults) as (emulator, url):
+        with anyio.fail_after(20):
+            (row,) = await _submit(tmp_path, url, ["T1"],
+                                   {"max_retry_after_s": 0.05, "backoff_base_s": 0.01,
+                                    "backoff_max_s": 0.01})
+        answers = [status for _, status in emulator.answers]
+    assert (row["status"], row["attempts"], answers) == ("accepted", 2, [429, 200])
+
+
+async def test_a_retry_waits_for_its_backoff_while_fresh_rows_go(tmp_path: Path) -> None:
+    """A row refused with a 503 (Retry-After: 0) goes again only after its backoff (1 s
+    here, drawn at its longest), though fresh rows keep the dispatcher busy meanwhile: some
+    request (the retry) arrives 1 s or more after the 503 left, where starting the retry
+    with the fresh rows ends the run in a few milliseconds. A lower bound on one clock: a
+    slow machine only lengthens it; the order of the retry among the fresh rows is not
+    asserted, since a slow machine may make it due before the last fresh row goes."""
+    tasks = [f"T{i}" for i in range(6)]
+    faults = Faults(rate_503=1.0, only_first=1, retry_after_s=0, only_tasks=frozenset({"T0"}))
+    async with emulator_running(faults=faults) as (emulator, url):
+        with anyio.fail_after(60):
+            rows = await _submit(tmp_path, url, tasks, {"concurrency": 1},
+                                 backoff=Backoff(1.0, 1.0, _Longest()))
+        arrivals, answers = list(emulator.arrivals), list(emulator.answers)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("accepted", 2)] + [
+        ("accepted", 1)] * 5
+    assert [status for _, status in answers] == [503] + [200] * 6
+    refused_at = answers[0][0]
+    assert max(arrivals) - refused_at >= 1.0
+
+
+async def test_a_request_cut_at_the_drain_timeout_ends_ambiguous(tmp_path: Path) -> None:
+    """Stopped while a request is in flight, with the answer later than drain_timeout_s: the
+    request is cancelled and its row recorded ambiguous (the note may have landed: here it
+    did), so no later run resends it. Recorded pending, the next run would post it twice."""
+    faults = Faults(slow_after_store=1.0, slow_s=60.0)  # stored, then no answer in time
+    control = Control()
+    async with emulator_running(faults=faults) as (emulator, url):
+        with anyio.fail_after(30):  # a drain that never ends fails, not hangs
+            async with anyio.create_task_group() as tg:
+                async def submit() -> None:
+                    rows.extend(await _submit(tmp_path, url, ["T1"],
+                                              {"concurrency": 1, "drain_timeout_s": 0.05},
+                                              control=control))
+                rows: list[dict[str, Any]] = []
+                tg.start_soon(submit)
+                await emulator.until(lambda e: stored_count(e, "T1", "n") == 1)
+                control.stop("test")
+        requests = emulator.requests
+    (row,) = rows
+    assert (row["status"], row["attempts"], requests) == ("ambiguous", 1, 1)
+    assert "drain timeout" in row["error"]

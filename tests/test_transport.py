@@ -41,6 +41,7 @@ async def test_a_success_round_trip(transport: str) -> None:
     ("faults", "timeout_s", "error"),
     [
         pytest.param(Faults(drop_after_store=1.0), 5.0, NoResponse, id="dropped-after-sending"),
+        pytest.param(Faults(reset_after_store=1.0), 5.0, NoResponse, id="reset-after-sending"),
         pytest.param(Faults(slow_after_store=1.0, slow_s=3.0), 0.3, NoResponse,
                      id="slower-than-the-timeout"),
         pytest.param(Faults(rate_500_after_store=1.0), 5.0, ServerError, id="500-after-storing"),
