@@ -130,7 +130,8 @@ def test_the_table_written_to_results_csv_neutralises_every_formula_start(start:
     """shareable (what results.csv is written from) picks cells by their first character in
     numpy: each start, a leading \r included, must reach neutralise_formula."""
     table = pd.DataFrame({"error": ["T1", f"{start}=1", ""], "line": [2, 3, 4]})
-    assert shareable(table)["error"].tolist() == ["T1", f"'{start}=1", ""]
+    shown = " " if start in "\t\r" else start  # control characters become a space first
+    assert shareable(table)["error"].tolist() == ["T1", f"'{shown}=1", ""]
 
 
 def test_results_csv_carries_no_formula_from_ids_passthrough_webhooks_or_the_api(
