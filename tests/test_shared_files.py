@@ -328,8 +328,10 @@ def test_a_run_redacts_the_webhook_secrets_from_cobalts_errors(tmp_path: Path) -
     assert "CANARY" not in done.stdout + done.stderr
     assert _canary_holders(tmp_path, ("CANARY",)) == set()
     report = next((tmp_path / "reports").iterdir())
-    assert [r["error"] for r in read_results(report)] == [
-        "HTTP 400 request-rejected: bad secret [redacted]"] * 2
+    # The status and code stay; Cobalt's text is cut or, in doubt, withheld whole.
+    assert {r["error"] for r in read_results(report)} <= {
+        "HTTP 400 request-rejected: bad secret [redacted]",
+        "HTTP 400 request-rejected: [message withheld: it quoted the request]"}
 
 
 # -- 9. private files --------------------------------------------------------------------------
