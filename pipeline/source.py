@@ -80,7 +80,10 @@ READ_SIZE = 1 << 15
 # Every byte but the C0 controls other than tab, LF and CR: ``data.translate(None,
 # _NOT_CONTROL)`` leaves only the control bytes that make a line need the slow checks.
 _NOT_CONTROL = bytes(b for b in range(256) if not (b < 0x20 and b not in b"\t\n\r"))
-_CONTROL_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_CONTROL_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# DEL and the C1 controls, as decoded text: a code page declared wrongly (cp1252 read as
+# latin-1) or UTF-8 C2 80-9F gives these, and no note holds them.
+_C1_TEXT = re.compile("[\x7f-\x9f]")
 # str.splitlines also breaks at these; the csv module (and a CSV file) does not.
 _OTHER_BREAKS = "\x85\u2028\u2029"
 _LINE_ENDS = frozenset("\r\n")
@@ -304,8 +307,9 @@ class CsvFile:
                 self.size += len(raw)
             final = not raw
             text = decoder.decode(raw, final)
-            control = (bool(raw.translate(None, _NOT_CONTROL)) if ascii_compatible
-                       else _CONTROL_TEXT.search(text) is not None)
+            control = (bool(raw.translate(None, _NOT_CONTROL))
+                       or (not raw.isascii() and _C1_TEXT.search(text) is not None)
+                       if ascii_compatible else _CONTROL_TEXT.search(text) is not None)
             if self._utf8_check and self._first_multibyte is None:
                 self._check_utf8(raw)
             raw = b""

@@ -55,7 +55,7 @@ TEMPLATES: Final[dict[str, str]] = {
     "duplicate-row": "same emr_task_id and note as line {line}{where}",
 }
 _nfc = unicodedata.normalize
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (less tab, LF), DEL and C1
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -244,7 +244,7 @@ class Validator:
         at = line
         for cell in cells:
             for m in after_break.finditer(cell):
-                token = m.group(1)
+                token = m.group(1).strip()  # as a row's task id is read: trimmed
                 if _LETTER.search(token) and _DIGIT.search(token) and self._fullmatch(token):
                     at += len(_BREAK.findall(cell, 0, m.start() + 1))
                     return (Problem.of("suspicious-line-in-quoted-field", line=at),)

@@ -364,3 +364,29 @@ def test_a_refused_input_leaves_no_unsent_rows_and_records_exit_2(
     assert summary["exit_code"] == 2
     assert summary["rows"] == 0  # forgotten: none offered as send_failed
     assert summary["final_status"].get("send_failed", 0) == 0
+
+
+@pytest.mark.parametrize("line", [b" T3,wound 5", b"T3 ,wound 5", b"\tT3,wound 5"])
+def test_1_a_folded_row_is_found_whatever_space_stands_around_its_task_id(
+        tmp_path: Path, server: EmulatorThread, line: bytes) -> None:
+    """A task id is read trimmed, so a folded line is recognised trimmed too: T2 is not sent
+    with T3's row inside its note."""
+    outcome, stored = run_file(tmp_path, server,
+                               b'emr_task_id,note\r\nT2,"Pt quote: I fell\r\n' + line
+                               + b'"\r\nT4,ok\r\n')
+    assert outcome.exit_code == 1
+    assert stored == sent(("T4", "ok"))
+    assert rejects_of(outcome) == {2: "suspicious-line-in-quoted-field"}
+
+
+def test_3_c1_control_characters_from_a_misdeclared_code_page_are_never_sent(
+        tmp_path: Path, server: EmulatorThread) -> None:
+    """A cp1252 export declared latin-1: its smart quotes, dash and euro read as C1 control
+    characters (U+0080-U+009F), which no note holds: the row is rejected, not sent altered."""
+    outcome, stored = run_file(
+        tmp_path, server,
+        b"emr_task_id,note\r\nT1,Pt said \x93fine\x94 \x96 ok \x80 5\r\nT2,plain\r\n",
+        encoding="latin-1")
+    assert outcome.exit_code == 1
+    assert stored == sent(("T2", "plain"))
+    assert rejects_of(outcome, "latin-1") == {2: "control-characters"}  # the input's encoding
