@@ -51,6 +51,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_up(url: str, proc: subprocess.Popen[bytes] | None = None,
+                  timeout_s: float = 20) -> None:
+    """Poll ``url`` until it answers (any HTTP status), or raise once ``timeout_s`` has
+    passed or ``proc`` has exited: a server started for a benchmark is ready."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise
+            time.sleep(0.05)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

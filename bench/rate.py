@@ -21,14 +21,22 @@ import math
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import CLIENT_CPU, ROOT, SERVER_CPU, free_port, machine, python, table
+from bench._common import (
+    CLIENT_CPU,
+    ROOT,
+    SERVER_CPU,
+    free_port,
+    machine,
+    python,
+    table,
+    wait_until_up,
+)
 from bench.make_input import write_csv
 
 CONCURRENCY = 16
@@ -41,15 +49,8 @@ def emulator() -> tuple[subprocess.Popen[bytes], str]:
          "--port", str(port), "--latency-ms", "20", "--client-id", "c", "--client-secret", "s",
          "--access-token", "t"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/_emulator/stats", timeout=0.5)
-            return proc, url
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    wait_until_up(f"{url}/_emulator/stats", proc)
+    return proc, url
 
 
 def measure(rate: float, seconds: float, workdir: Path) -> list[object]:

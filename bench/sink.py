@@ -24,7 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anyio
 
-from bench._common import CLIENT_CPU, ROOT, free_port, machine, median, pin, python, table
+from bench._common import (
+    CLIENT_CPU,
+    ROOT,
+    free_port,
+    machine,
+    median,
+    pin,
+    python,
+    table,
+    wait_until_up,
+)
 
 SECRET = b"bench-secret"
 NOTE = "Patient called back — café, “quoted”, 🙂; scheduled follow-up. " * 3
@@ -81,17 +91,7 @@ def window(mode: str, seconds: float, workdir: Path, salt: str) -> dict[str, flo
                              str(directory), mode], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        import httpx
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
         result = anyio.run(load, f"http://127.0.0.1:{port}", seconds, salt)
     finally:
         proc.terminate()

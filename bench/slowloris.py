@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anyio
 
-from bench._common import CLIENT_CPU, ROOT, free_port, machine, pin, python, table
+from bench._common import CLIENT_CPU, ROOT, free_port, machine, pin, python, table, wait_until_up
 
 SECRET = b"bench-secret"
 HEAD = b"POST /webhooks/cobalt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -198,17 +198,8 @@ def start_sink(directory: Path, fd_limit: int | None) -> tuple[subprocess.Popen[
     proc = subprocess.Popen([python(), str(ROOT / "bench" / "_sink_server.py"), str(port),
                              str(directory), "fsync", *limit], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    import httpx
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-            return proc, port
-        except httpx.HTTPError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.05)
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc, port
 
 
 Attacker = Callable[[int, Attack, anyio.Event], object]
