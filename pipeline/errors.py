@@ -6,7 +6,7 @@
     ├── StateError                  ledger or sink file unusable, run lock held  -> exit 2
     ├── RunAborted                  credentials refused, too many failures, signal -> exit 3
     │   └── StorageFull             no space left where the ledger is: nothing more recorded
-    └── ApiError                    one Cobalt request went wrong (submit.py decides what next)
+    └── ApiError                    one Cobalt request went wrong (retry.py decides what next)
         ├── CredentialsRefused      401/403: every further request would fail too
         ├── RequestRejected         other 4xx: Cobalt read the request and refused this row
         ├── NotApplied              provably did not take effect: safe to send again
@@ -60,14 +60,20 @@ class ApiError(PipelineError):
 
     ``code`` is a short, fixed name for the kind of failure; reports and the
     ledger keep it with the HTTP status and Cobalt's message (redacted, client.py).
+    ``retry_after``: seconds the server asked us to wait before asking again
+    (its ``Retry-After`` header, RFC 9110 §10.2.3, read by ``client.retry_after``);
+    None when it did not say. Only a 429 or 503 (``NotApplied``) carries one;
+    retry.py decides what it means for the next attempt.
     """
 
     code = "api-error"
 
-    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+    def __init__(self, message: str, *, http_status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.http_status = http_status
+        self.retry_after = retry_after
 
 
 class CredentialsRefused(ApiError):
@@ -84,12 +90,6 @@ class RequestRejected(ApiError):
 
 class NotApplied(ApiError):
     """The request provably did not take effect, so it may be sent again."""
-
-    def __init__(
-        self, message: str, *, http_status: int | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, http_status=http_status)
-        self.retry_after = retry_after
 
 
 class NotSent(NotApplied):

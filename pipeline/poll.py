@@ -12,10 +12,11 @@ reconcile's evidence rule settles the row with it.
 Each event is turned back into the webhook envelope shape
 and appended with the sink's de-duplication, so a later webhook or a second
 poll adds nothing twice. GETs are safe to repeat (RFC 9110 §9.2.2), so any
-failure but a refusal (401/403, another 4xx) is retried through stamina with
-exponential backoff and jitter, up to ``submit.max_attempts`` tries, under the
-same rate limit as sending; a 429's or 503's ``Retry-After`` replaces the
-backoff (capped at ``submit.max_retry_after_s``).
+failure but a refusal (401/403, another 4xx) is retried under the retry policy
+of retry.py: full-jitter exponential backoff, up to ``submit.max_attempts``
+tries, under the same rate limit as sending; a 429's or 503's ``Retry-After``
+replaces the backoff (capped at ``submit.max_retry_after_s``). Each retry is
+one INFO line naming the query, the failure and the wait.
 
 Cobalt's reference page for the endpoint exists in two revisions with
 different item shapes (docs.usecobalt.com, api-reference/webhook-events/get);
@@ -40,14 +41,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
-import stamina
 
 from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
 from pipeline.events import SinkFile, UnreadableEvent, encode_event
 from pipeline.ledger import row_key
-from pipeline.submit import Pacer
+from pipeline.retry import Pacer, RetryPolicy, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,7 @@ class Poller:
         self._client = client
         self._sink = sink
         self._pacer = Pacer(config.submit.rate_per_second)
+        self._policy = RetryPolicy.of(config.submit, repeat_unknown=True)  # a GET: safe
         self._account = config.api.account_id()
         self.stats = PollStats()
 
@@ -242,36 +243,27 @@ class Poller:
             page += 1
 
     async def _get(self, query: dict[str, Any]) -> EventsPage:
-        """One page, retried while retrying can help; RunAborted once it cannot."""
-        settings = self._config.submit
-        tries = 0
-        try:
-            async for attempt in stamina.retry_context(
-                    on=self._worth_retrying, attempts=settings.max_attempts, timeout=None,
-                    wait_initial=settings.backoff_base_s, wait_max=settings.backoff_max_s,
-                    wait_jitter=settings.backoff_base_s):
-                with attempt:
-                    tries = attempt.num
-                    await self._pacer.wait_turn()
-                    self.stats.requests += 1
-                    return await self._client.webhook_events(**query)
-        except CredentialsRefused as exc:
-            raise RunAborted(f"credentials refused by Cobalt ({exc.message})") from None
-        except RequestRejected as exc:
-            raise RunAborted(f"Cobalt refused the events query ({exc.message})") from None
-        except ApiError as exc:
-            raise RunAborted(f"polling failed after {tries} attempt{'s' * (tries != 1)}: "
-                             f"{exc.message}") from None
-        raise AssertionError("unreachable: stamina re-raises the last failure")
-
-    def _worth_retrying(self, exc: Exception) -> bool | float:
-        """stamina's hook: False to give up, True to back off, seconds to wait as told."""
-        if not isinstance(exc, ApiError) or isinstance(exc, CredentialsRefused | RequestRejected):
-            return False
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is None:
-            return True  # a GET changes nothing: a 5xx, a timeout or a lost answer may be retried
-        return float(min(retry_after, self._config.submit.max_retry_after_s))
+        """One page, retried while retrying can help (retry.py); RunAborted once it cannot."""
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._pacer.wait_turn()
+            self.stats.requests += 1
+            try:
+                return await self._client.webhook_events(**query)
+            except CredentialsRefused as exc:
+                raise RunAborted(f"credentials refused by Cobalt ({exc.message})") from None
+            except RequestRejected as exc:
+                raise RunAborted(f"Cobalt refused the events query ({exc.message})") from None
+            except ApiError as exc:
+                delay = retry_delay(exc, attempt, self._policy)
+                if delay is None:
+                    raise RunAborted(f"polling failed after {attempt} attempt"
+                                     f"{'s' * (attempt != 1)}: {exc.message}") from None
+                log.info("GET /v1/webhook-events (%s): %s; attempt %d of %d, asking again in "
+                         "%.2f s", _where(query), exc.message, attempt,
+                         self._policy.max_attempts, delay)
+            await anyio.sleep(delay)
 
     async def _take(self, item: tuple[dict[str, Any], str | None], job_ids: set[str],
                     found: set[str], keys: frozenset[bytes] = frozenset(),

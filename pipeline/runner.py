@@ -50,8 +50,9 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, StateError, StorageFull
 from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
+from pipeline.retry import Control
 from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
-from pipeline.submit import Control, Job, SubmitStats, Submitter
+from pipeline.submit import Job, SubmitStats, Submitter
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
 if TYPE_CHECKING:
@@ -162,8 +163,8 @@ def open_inputs(config: RunConfig, options: RunOptions) -> _Inputs:
 # -- 1. scan -------------------------------------------------------------------------------
 
 
-class Recorder(Protocol):
-    """Where the scan writes rows: the ledger, or nowhere (a dry run)."""
+class RowRecorder(Protocol):
+    """Where the scan writes the rows and files it read: the ledger, or nowhere (a dry run)."""
 
     def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None: ...
 
@@ -184,7 +185,7 @@ class _Scan:
     """Reads and validates the inputs; decides, per valid row, whether it is to be sent."""
 
     def __init__(self, config: RunConfig, options: RunOptions, inputs: _Inputs, run_id: str, *,
-                 lookup: Ledger | None, recorder: Recorder, rejects: RejectsWriter,
+                 lookup: Ledger | None, recorder: RowRecorder, rejects: RejectsWriter,
                  control: Control | None = None) -> None:
         self._config = config
         self._options = options

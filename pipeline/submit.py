@@ -8,7 +8,7 @@ their requests. So a row is durably ``sending`` before its request leaves,
 and one commit serves a whole wave. (Commits are not handed to a worker
 thread: under a busy event loop the thread's answer waits for the loop.)
 
-Retry policy, by what the failure proves (errors.py):
+Retry policy, by what the failure proves (errors.py; the rules in retry.py):
     NotApplied (connect error, 429, 503): back to ``pending``, retried with
         full-jitter backoff (honouring Retry-After) until max_attempts -> ``failed``
     OutcomeUnknown (timeout after sending, 5xx, connection lost, bad 2xx):
@@ -25,14 +25,12 @@ disk space (StorageFull) is such a stop: the wave it would have marked
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import logging
 import math
-import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,6 +47,7 @@ from pipeline.errors import (
     StorageFull,
 )
 from pipeline.ledger import Attempt, Status, utcnow
+from pipeline.retry import Backoff, Control, Pacer, RetryPolicy, retry_delay
 
 if TYPE_CHECKING:
     from pipeline.client import NoteAccepted
@@ -72,8 +71,8 @@ class NoteSender(Protocol):
     async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted: ...
 
 
-class Recorder(Protocol):
-    """Where submit writes state: ``Ledger.apply`` (results first, then rows now sending)."""
+class AttemptRecorder(Protocol):
+    """Where submit writes each wave: ``Ledger.apply`` (attempts first, then rows now sending)."""
 
     def apply(self, sending: Sequence[int], attempts: Sequence[Attempt]) -> None: ...
 
@@ -98,102 +97,6 @@ class SubmitStats:
         return max(0.0, self.finished - self.started)
 
 
-class Control:
-    """Why and when to stop; shared by the dispatcher, the signal handler and the runner."""
-
-    def __init__(self) -> None:
-        self.stopping = anyio.Event()
-        self.reason: str | None = None
-        self.fatal = False
-        self.storage_full: StorageFull | None = None  # set: the stop is for a full disk
-        self._also_set: set[anyio.Event] = set()
-
-    def stop(self, reason: str, *, fatal: bool = True) -> None:
-        """Start no new requests; the first reason given is the one reported."""
-        if self.reason is None:
-            self.reason = reason
-            self.fatal = fatal
-            log.warning("stopping: %s", reason)
-        self.stopping.set()
-        for event in self._also_set:
-            event.set()
-
-    @contextlib.contextmanager
-    def also_setting(self, event: anyio.Event) -> Iterator[None]:
-        """While the block runs, a stop sets ``event`` too (at once if already stopped).
-
-        A task waiting for "this or a stop" then waits on one event, without a
-        helper task to relay the stop: the dispatcher wakes in the loop iteration
-        after a request ends, not three iterations later.
-        """
-        if self.stopping.is_set():
-            event.set()
-        self._also_set.add(event)
-        try:
-            yield
-        finally:
-            self._also_set.discard(event)
-
-    @property
-    def stopped(self) -> bool:
-        return self.stopping.is_set()
-
-
-class Pacer:
-    """Request starts: at most ``rate`` per second on average, and a pause for everyone.
-
-    Slots lie on a fixed grid (``next += 1/rate``), so waking late does not
-    lower the rate: a late caller may take the slots it missed at once, up to
-    ``burst`` of them (50 ms worth, never more than the concurrency bound).
-    """
-
-    def __init__(self, rate: float | None, *, burst: int = 1,
-                 clock: Callable[[], float] = anyio.current_time) -> None:
-        self._interval = 1.0 / rate if rate else 0.0
-        self._burst = max(1, burst)
-        self._clock = clock
-        self._next = -math.inf
-        self.resume_at = -math.inf
-
-    @property
-    def limited(self) -> bool:
-        return self._interval > 0
-
-    def pause_until(self, when: float) -> None:
-        """Hold every request start until ``when`` (a 429/503's Retry-After)."""
-        self.resume_at = max(self.resume_at, when)
-        self._next = max(self._next, when)
-
-    async def wait_turn(self, wanted: int = 1) -> int:
-        """Wait for the next slot; returns how many starts may go now (1 to ``wanted``)."""
-        while True:
-            now = self._clock()
-            if self.resume_at > now:
-                await anyio.sleep(self.resume_at - now)
-                continue
-            if not self._interval:
-                return wanted
-            earliest = now - (self._burst - 1) * self._interval  # missed slots still usable
-            self._next = max(self._next, earliest)
-            if self._next > now:
-                await anyio.sleep(self._next - now)
-                continue
-            granted = min(wanted, int((now - self._next) / self._interval) + 1)
-            self._next += granted * self._interval
-            return granted
-
-
-class Backoff:
-    """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**(attempt-1)))."""
-
-    def __init__(self, base_s: float, cap_s: float, rng: random.Random | None = None) -> None:
-        self._base, self._cap = base_s, cap_s
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-
-    def delay(self, attempt: int) -> float:
-        return self._rng.uniform(0, min(self._cap, self._base * 2 ** (attempt - 1)))
-
-
 @dataclass(order=True, slots=True)
 class _Retry:
     due: float
@@ -208,7 +111,7 @@ class Submitter:
     def __init__(
         self,
         client: NoteSender,
-        ledger: Recorder,
+        ledger: AttemptRecorder,
         settings: SubmitConfig,
         *,
         control: Control | None = None,
@@ -223,7 +126,8 @@ class Submitter:
         rate = settings.rate_per_second
         burst = min(settings.concurrency, math.ceil(rate * 0.05)) if rate else 1
         self._pacer = Pacer(rate, burst=burst)
-        self._backoff = backoff or Backoff(settings.backoff_base_s, settings.backoff_max_s)
+        self._policy = RetryPolicy.of(settings, backoff=backoff,
+                                      repeat_unknown=settings.on_ambiguous == "resend")
         self._results: list[Attempt] = []
         self._fresh: deque[Job] = deque()
         self._retries: list[_Retry] = []
@@ -378,11 +282,12 @@ class Submitter:
             self._changed.set()
         if error is None:
             return
-        if attempt >= self._settings.max_attempts:
+        delay = retry_delay(error, attempt, self._policy)
+        if delay is None:
             self._finish(job, "failed", error, f"gave up after {attempt} attempts: "
                          f"{error.message}")
             return
-        self._schedule_retry(job, attempt + 1, error)
+        self._schedule_retry(job, attempt + 1, error, delay)
 
     async def _attempt(self, job: Job, attempt: int) -> ApiError | None:
         """One request. Returns the error if the row may be tried again, else None."""
@@ -413,14 +318,17 @@ class Submitter:
         self._accepted(job, accepted)
         return None
 
-    def _schedule_retry(self, job: Job, attempt: int, error: ApiError) -> None:
-        retry_after = getattr(error, "retry_after", None)
+    def _schedule_retry(self, job: Job, attempt: int, error: ApiError, delay: float) -> None:
+        """Queue ``job``'s attempt number ``attempt`` ``delay`` seconds from now (retry_delay).
+
+        A Retry-After is for everyone: every request start pauses that long, and
+        this row comes back after it with a little jitter, so the herd does not
+        return at once.
+        """
         now = anyio.current_time()
-        if retry_after is not None:
-            self._pacer.pause_until(now + min(retry_after, self._settings.max_retry_after_s))
-            delay = self._backoff.delay(1)  # a little jitter, so the herd does not return at once
-        else:
-            delay = self._backoff.delay(attempt - 1)
+        if error.retry_after is not None:
+            self._pacer.pause_until(now + delay)
+            delay = self._policy.backoff.delay(1)
         due = max(now + delay, self._pacer.resume_at)
         heapq.heappush(self._retries, _Retry(due, next(self._tiebreak), job, attempt))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,20 @@ def test_poll_retries_429_and_503_then_stores_the_event(tmp_path: Path) -> None:
         statuses = [status for _, status in api.emulator.event_queries]
     assert statuses == [429, 503, 503, 200]
     assert [e["type"] for e in _sink_events(tmp_path)] == ["task_note.created"]
+
+
+def test_poll_says_each_retry_in_one_line_of_its_own(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A retried query is one INFO line of poll's own naming the failure, the attempt and
+    the wait, and nothing else is logged about it (no third-party retry warning)."""
+    with EmulatorThread(faults=Faults(drop_webhooks=1.0, events_503=1, retry_after_s=0)) as api:
+        path = _accepted_without_outcome(tmp_path, api, max_attempts=4)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(["poll", str(path)]) == 0
+    about_it = [r for r in caplog.records if "503" in r.getMessage()]
+    assert [(r.name, r.levelno) for r in about_it] == [("pipeline.poll", logging.INFO)]
+    assert "attempt 1 of 4, asking again in 0.00 s" in about_it[0].getMessage()
 
 
 def test_poll_stops_after_max_attempts(tmp_path: Path, capsys: pytest.CaptureFixture[str]
