@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import stamina
 
 DATA = Path(__file__).parent / "data"
 
@@ -25,11 +23,3 @@ def data() -> Path:
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own directory: state/ and reports/ land in tmp_path."""
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def _retries_do_not_wait() -> Iterator[None]:
-    """stamina's test mode: no backoff, the configured attempts kept (a test that wants the
-    real waits turns it off with ``stamina.set_testing(False)``)."""
-    with stamina.set_testing(True, attempts=1000, cap=True):
-        yield

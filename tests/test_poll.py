@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stamina
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -241,13 +240,12 @@ def test_poll_stops_after_max_attempts(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_poll_waits_as_long_as_retry_after_says(tmp_path: Path) -> None:
-    """With real waits (stamina's test mode off), the query after a 429 with Retry-After: 1
-    comes no sooner than 1 s later, though the backoff alone would be at most 50 ms."""
+    """The query after a 429 with Retry-After: 1 comes no sooner than 1 s later, though the
+    backoff alone would be at most 50 ms."""
     with EmulatorThread(faults=Faults(drop_webhooks=1.0, events_429=1, retry_after_s=1)) as api:
         path = _accepted_without_outcome(tmp_path, api, backoff_base_s=0.01,
                                          backoff_max_s=0.05)
-        with stamina.set_testing(False):
-            assert main(["-q", "poll", str(path)]) == 0
+        assert main(["-q", "poll", str(path)]) == 0
         (refused, first), (retried, second) = api.emulator.event_queries
     assert (first, second) == (429, 200)
     # A lower bound on one clock: a loaded machine can only make the gap longer.
@@ -256,14 +254,13 @@ def test_poll_waits_as_long_as_retry_after_says(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(30)  # a stall of a day fails here rather than hangs the suite
 def test_poll_caps_retry_after_at_max_retry_after_s(tmp_path: Path) -> None:
-    """With real waits, a 429 with Retry-After: 86400 waits submit.max_retry_after_s, not a
-    day: the query is asked again and the event stored."""
+    """A 429 with Retry-After: 86400 waits submit.max_retry_after_s, not a day: the query is
+    asked again and the event stored."""
     faults = Faults(drop_webhooks=1.0, events_429=1, retry_after_s=86400)
     with EmulatorThread(faults=faults) as api:
         path = _accepted_without_outcome(tmp_path, api, max_retry_after_s=0.05,
                                          backoff_base_s=0.01, backoff_max_s=0.05)
-        with stamina.set_testing(False):
-            assert main(["-q", "poll", str(path)]) == 0
+        assert main(["-q", "poll", str(path)]) == 0
         statuses = [status for _, status in api.emulator.event_queries]
     assert statuses == [429, 200]
     assert [e["type"] for e in _sink_events(tmp_path)] == ["task_note.created"]
