@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pipeline import __version__
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, RunAborted
+from pipeline.faults import add_fault_options, faults_from_args
 
 if TYPE_CHECKING:
     from pipeline.ledger import Ledger
@@ -296,35 +297,7 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--missing-task", action="append", default=[], metavar="ID",
                    help="a task id the EMR does not have (task_note.failed); repeatable "
                         "(default: none)")
-    faults = p.add_argument_group("faults (fractions of requests)")
-    faults.add_argument("--fault-429", type=_fraction, default=0.0,
-                        help="429 Too Many Requests, with Retry-After")
-    faults.add_argument("--fault-503", type=_fraction, default=0.0,
-                        help="503 Service Unavailable, with Retry-After")
-    faults.add_argument("--fault-400", type=_fraction, default=0.0,
-                        help="400: refused as a bad request (final)")
-    faults.add_argument("--fault-drop", type=_fraction, default=0.0,
-                        help="drop the connection after reading the request")
-    faults.add_argument("--fault-500-after-store", type=_fraction, default=0.0,
-                        help="store the note, then answer 500")
-    faults.add_argument("--fault-slow-after-store", type=_fraction, default=0.0,
-                        help="store the note, then answer after --slow-s")
-    faults.add_argument("--fault-drop-after-store", type=_fraction, default=0.0,
-                        help="store the note, then drop the connection")
-    faults.add_argument("--fault-garbage-after-store", type=_fraction, default=0.0,
-                        help="store the note, then answer 200 with a body that is not JSON")
-    faults.add_argument("--fault-reset-after-store", type=_fraction, default=0.0,
-                        help="store the note, then reset the connection (TCP RST)")
-    faults.add_argument("--faults-only-first", type=int, default=0, metavar="N",
-                        help="faults hit only the first N attempts of each note (0: all)")
-    faults.add_argument("--retry-after", type=float, default=1.0, metavar="S",
-                        help="Retry-After of a 429/503, in seconds")
-    faults.add_argument("--retry-after-date", action="store_true",
-                        help="send Retry-After as an HTTP date")
-    faults.add_argument("--slow-s", type=float, default=30.0,
-                        help="how long a slow answer takes, in seconds")
-    faults.add_argument("--drop-webhooks", type=_fraction, default=0.0,
-                        help="record outcomes but never deliver them (for poll)")
+    add_fault_options(p.add_argument_group("faults (fractions of requests)"))
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -632,21 +605,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _emulator(args: argparse.Namespace) -> int:
-    from pipeline.emulator import Emulator, EmulatorOptions, Faults
+    from pipeline.emulator import Emulator, EmulatorOptions
     from pipeline.servers import serve_foreground
 
-    faults = Faults(
-        rate_429=args.fault_429, rate_503=args.fault_503, rate_400=args.fault_400,
-        drop_before_store=args.fault_drop,
-        rate_500_after_store=args.fault_500_after_store,
-        slow_after_store=args.fault_slow_after_store,
-        drop_after_store=args.fault_drop_after_store,
-        garbage_after_store=args.fault_garbage_after_store,
-        reset_after_store=args.fault_reset_after_store, only_first=args.faults_only_first,
-        retry_after_s=args.retry_after,
-        retry_after_as_date=args.retry_after_date, slow_s=args.slow_s,
-        drop_webhooks=args.drop_webhooks,
-    )
+    faults = faults_from_args(args)
     emulator = Emulator(EmulatorOptions(
         client_id=args.client_id, client_secret=args.client_secret,
         access_token=args.access_token, webhook_url=args.webhook_url,

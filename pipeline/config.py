@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
+from pipeline.faults import Faults, Fraction, config_keys
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Columns results.csv writes itself: a passthrough column may not shadow one of them.
@@ -213,27 +214,6 @@ class ReportConfig(_Section):
     attention_rows: Annotated[int, Field(ge=1)] = 5000  # table size cap in report.html
 
 
-Fraction = Annotated[float, Field(ge=0, le=1)]
-
-
-class FaultSettings(_Section):
-    """Fractions of requests that meet each fault (emulator.Faults), for a sandbox run."""
-
-    rate_429: Fraction = 0.0
-    rate_503: Fraction = 0.0
-    rate_400: Fraction = 0.0
-    drop_before_store: Fraction = 0.0
-    rate_500_after_store: Fraction = 0.0
-    slow_after_store: Fraction = 0.0
-    drop_after_store: Fraction = 0.0
-    garbage_after_store: Fraction = 0.0
-    reset_after_store: Fraction = 0.0
-    retry_after_s: Annotated[float, Field(ge=0)] = 1.0
-    retry_after_as_date: bool = False
-    slow_s: Annotated[float, Field(ge=0)] = 30.0
-    drop_webhooks: Fraction = 0.0
-
-
 class EmulatorSettings(_Section):
     """How the in-process emulator behaves in a sandbox run (see emulator.py)."""
 
@@ -243,7 +223,17 @@ class EmulatorSettings(_Section):
     missing_tasks: tuple[str, ...] = ()
     rate_limit: Annotated[float, Field(gt=0)] | None = None
     seed: int = 1
-    faults: FaultSettings = FaultSettings()
+    faults: Faults = Faults()  # the knobs of faults.py marked for the config
+
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _config_knobs_only(cls, value: object) -> object:
+        """Knobs without a config key (faults.py) are unknown keys here, as before."""
+        if isinstance(value, Mapping):
+            unknown = sorted(str(k) for k in value if k not in config_keys())
+            if unknown:
+                raise ValueError(f"{', '.join(unknown)}: unknown key")
+        return value
     # Which of the two documented shapes GET /v1/webhook-events answers in (emulator.py).
     events_shape: Literal["event_id", "envelope"] = "event_id"
 
@@ -371,6 +361,7 @@ _MESSAGES = {
     "bool_type": "must be true or false",
     "string_type": "must be text",
     "model_type": "must be a mapping of keys",
+    "dataclass_type": "must be a mapping of keys",
     "tuple_type": "must be a list",
 }
 

@@ -18,7 +18,7 @@ It behaves as Cobalt's public documentation (docs.usecobalt.com) says:
   ``delivery_attempts``, ``last_delivery_attempt``, ``response_status_code``;
   filter ``status``): the two revisions of Cobalt's reference page
   (docs.usecobalt.com, api-reference/webhook-events/get).
-  Its first queries can be made to answer 429 or 503 (``Faults.events_*``).
+  Its first queries can be made to answer 429 or 503 (``Faults.events_*``, faults.py).
 
 Faults are drawn from a hash of (seed, note, attempt number), so which
 request fails does not depend on the order concurrent requests arrive in.
@@ -55,6 +55,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.faults import Faults  # the knobs, defined once
+
 log = logging.getLogger(__name__)
 
 ACCEPTED_MESSAGE = "Task note processing. A webhook event will be sent upon completion."
@@ -82,32 +84,6 @@ def sign(body: bytes, secret: str) -> str:
 def compact(payload: dict[str, Any]) -> bytes:
     """The bytes Cobalt signs and sends: ``JSON.stringify`` (compact, non-ASCII as is)."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    """Fractions of requests (0-1) that meet each fault, and the fault's parameters."""
-
-    rate_429: float = 0.0
-    rate_503: float = 0.0
-    rate_400: float = 0.0  # refused as a bad request (final: api_rejected)
-    drop_before_store: float = 0.0  # connection dropped after reading the request
-    rate_500_after_store: float = 0.0  # the note is stored, then a 500
-    slow_after_store: float = 0.0  # the note is stored, the answer comes after slow_s
-    drop_after_store: float = 0.0  # the note is stored, then the connection drops
-    garbage_after_store: float = 0.0  # the note is stored, then a 200 that is not JSON
-    reset_after_store: float = 0.0  # the note is stored, then the connection is reset (RST)
-    only_first: int = 0  # > 0: faults hit only the first N attempts of each note
-    only_tasks: frozenset[str] = frozenset()  # not empty: faults hit only these task ids
-    retry_after_s: float = 1.0
-    retry_after_as_date: bool = False
-    slow_s: float = 30.0
-    drop_webhooks: float = 0.0  # outcome recorded (pollable) but never delivered
-    # GET /v1/webhook-events, counted not drawn (polling is sequential): the first
-    # events_429 answer 429, the next events_503 answer 503, both with Retry-After.
-    events_429: int = 0
-    events_503: int = 0
-    events_400: int = 0  # after those, this many answer 400 (no Retry-After)
 
 
 @dataclass(frozen=True, slots=True)

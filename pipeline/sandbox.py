@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from pipeline.config import RunConfig
-from pipeline.emulator import Emulator, EmulatorOptions, Faults
+from pipeline.emulator import Emulator, EmulatorOptions
 from pipeline.errors import ConfigError
 from pipeline.events import SinkFile
 from pipeline.ledger import Ledger
@@ -74,7 +74,7 @@ def emulator_options(config: RunConfig, webhook_url: str) -> EmulatorOptions:
         webhook_url=webhook_url, webhook_secret=secrets[0].decode(),
         latency_ms=e.latency_ms, outcome_delay_ms=e.outcome_delay_ms, fail_rate=e.fail_rate,
         missing_tasks=frozenset(e.missing_tasks), seed=e.seed, rate_limit=e.rate_limit,
-        faults=Faults(**e.faults.model_dump()), events_shape=e.events_shape,
+        faults=e.faults, events_shape=e.events_shape,
     )
 
 
