@@ -30,7 +30,7 @@ class GroupCommit(Generic[T]):
     """Collects items and hands each batch to ``commit`` in a worker thread.
 
     ``await put(item)`` returns once the batch holding the item is committed,
-    or raises the commit's exception. ``put_nowait`` queues without waiting.
+    or raises the commit's exception.
     ``run()`` is the loop (start it in a task group); after ``close()`` it
     commits what is queued and returns. With ``stop_on_error`` a failed commit
     also ends ``run()`` with that exception.
@@ -50,10 +50,6 @@ class GroupCommit(Generic[T]):
         await batch.done.wait()
         if batch.error is not None:
             raise batch.error
-
-    def put_nowait(self, item: T) -> None:
-        self._batch.items.append(item)
-        self._wake.set()
 
     def close(self) -> None:
         self._closed = True

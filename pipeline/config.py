@@ -33,11 +33,12 @@ from pipeline.errors import ConfigError
 from pipeline.faults import Faults, Fraction, config_keys
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Columns results.csv writes itself: a passthrough column may not shadow one of them.
+# Columns results.csv writes itself (report.py): these, then the passthrough columns, then
+# "detail". A passthrough column may not shadow one of them.
 RESULT_COLUMNS = (
     "source_file", "line", "emr_task_id", "final_status", "submit_status", "http_status",
     "task_note_id", "job_id", "outcome", "emr_note_id", "failure_reason", "event_id",
-    "submitted_at", "outcome_at", "error", "detail",
+    "submitted_at", "outcome_at", "error",
 )  # fmt: skip
 
 
@@ -83,7 +84,7 @@ class InputConfig(_Section):
     @field_validator("passthrough")
     @classmethod
     def _no_shadowing(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        clash = sorted(set(value) & set(RESULT_COLUMNS))
+        clash = sorted(set(value) & {*RESULT_COLUMNS, "detail"})
         if clash:
             raise ValueError(f"{', '.join(clash)} would shadow a results.csv column")
         if len(set(value)) != len(value):

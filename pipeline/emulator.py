@@ -55,6 +55,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.events import compact_json
 from pipeline.faults import Faults  # the knobs, defined once
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,6 @@ def note_key(emr_task_id: str, note: str) -> str:
 def sign(body: bytes, secret: str) -> str:
     """``cobalt-verification``: hex HMAC-SHA256 of the payload, keyed with the webhook secret."""
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def compact(payload: dict[str, Any]) -> bytes:
-    """The bytes Cobalt signs and sends: ``JSON.stringify`` (compact, non-ASCII as is)."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +389,7 @@ class Emulator:
             self.deliveries["dropped" if url else "no_url"] += 1
             self._changed()
             return
-        body = compact(event)
+        body = compact_json(event)  # the bytes Cobalt signs and sends
         async with limiter:
             delivered = await self._post(client, url, body, event["id"], attempt=1, limit_s=5.0,
                                          facts=facts)

@@ -259,9 +259,6 @@ class SinkFile:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def seen(self, event_id: str) -> bool:
-        return event_id in self._ids
-
     async def run(self) -> None:
         """The group-commit loop; run it in a task group while appending."""
         await self._group.run()

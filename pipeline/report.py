@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import __version__
-from pipeline.config import InputConfig, ReportConfig
+from pipeline.config import RESULT_COLUMNS, InputConfig, ReportConfig
 from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
 from pipeline.rejects import copy_encoding, private_file
@@ -43,14 +43,8 @@ from pipeline.source import CsvFile, clean_name
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS: Final = (
-    "source_file", "line", "emr_task_id", "final_status", "submit_status", "http_status",
-    "task_note_id", "job_id", "outcome", "emr_note_id", "failure_reason", "event_id",
-    "submitted_at", "outcome_at", "error",
-)  # fmt: skip
 ERROR_STATUSES: Final = frozenset({"rejected", "api_rejected", "ambiguous", "failed", "sending",
                                    "pending"})
-REDRIVE_STATUSES: Final = frozenset({"send_failed"})
 
 
 @dataclass(frozen=True, slots=True)

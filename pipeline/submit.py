@@ -85,7 +85,6 @@ class Progress(Protocol):
 class SubmitStats:
     """What one submit stage did."""
 
-    sent: int = 0  # rows that reached a final status
     requests: int = 0
     retries: int = 0
     commits: int = 0
@@ -354,6 +353,5 @@ class Submitter:
                                      utcnow()))
 
     def _done(self) -> None:
-        self.stats.sent += 1
         if self._progress is not None:
             self._progress.update(1)
