@@ -265,3 +265,24 @@ def test_a_non_2xx_answer_is_a_warning_naming_the_status_not_the_url() -> None:
     assert problems == ["notify.url: answered HTTP 500; no notification sent there"]
     assert hook.bodies == [{"text": "tasknotes run r1: ok (exit 0)\n2 rows: 2 confirmed\n"
                                     "report: reports/r1"}]
+
+
+def test_a_metrics_file_that_cannot_be_written_is_a_warning_not_a_failure(
+        tmp_path: Path) -> None:
+    (tmp_path / "not-a-directory").write_text("")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"path": "in.csv"}, "state": {"ledger": "state/ledger.sqlite"},
+        "report": {"metrics_file": "not-a-directory/tasknotes.prom"}}))
+    done = tasknotes("status", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr  # nothing open: as without a metrics file
+    [warning] = done.stderr.splitlines()
+    assert warning.startswith("tasknotes: WARNING: metrics file not-a-directory/tasknotes.prom")
+    empty = tmp_path / "textfile" / "m.prom"  # and where it can: open items, no run yet
+    config.write_text(config.read_text().replace("not-a-directory/tasknotes.prom", str(empty)))
+    assert tasknotes("status", str(config), cwd=tmp_path).returncode == 0
+    found = metrics(empty)
+    assert {lb["kind"]: v for lb, v in found["tasknotes_open_items"]} == dict.fromkeys(
+        ["awaiting_outcome", "ambiguous", "send_failed", "failed_retryable", "in_progress",
+         "not_read"], 0.0)
+    assert "tasknotes_last_run_rows" not in found
