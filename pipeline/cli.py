@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import __version__
+from pipeline import __version__, logs, ops
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, RunAborted
 from pipeline.faults import add_fault_options, faults_from_args
@@ -49,13 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:  # bare `tasknotes`: the help, not an error message
             parser.print_help()
             return 2
-        _logging(args.verbose, args.quiet)
+        _logging(args.verbose, args.quiet, args.log_format, getattr(args, "config", None))
         return int(args.handler(args))
     except (PipelineError, KeyboardInterrupt, BaseExceptionGroup) as exc:
         error = _user_error(exc)
         if error is None:
             raise
-        print(f"tasknotes: {error}", file=sys.stderr)
+        if not logs.error_as_json(str(error), error.exit_code):  # else every line is JSON
+            print(f"tasknotes: {error}", file=sys.stderr)
         return error.exit_code
     finally:
         os.umask(umask)  # for a caller that runs main() in its own process (the tests)
@@ -74,12 +75,13 @@ def _user_error(exc: BaseException) -> PipelineError | None:
     return exc if isinstance(exc, PipelineError) else None
 
 
-def _logging(verbose: int, quiet: bool) -> None:
+def _logging(verbose: int, quiet: bool, log_format: str | None = None,
+             config: Path | None = None) -> None:
     """stderr logging: INFO by default (a handful of lines a run), DEBUG with -v (a line per
-    webhook and event), WARNING with -q; the HTTP libraries at WARNING below -vv."""
+    webhook and event), WARNING with -q; the HTTP libraries at WARNING below -vv. Text or
+    JSON lines (--log-format, else the config's logging.format: pipeline/logs.py)."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="tasknotes: %(levelname)s: %(message)s")
+    logs.configure(level, log_format, config)
     for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
 
@@ -150,6 +152,10 @@ def _verbosity(parser: argparse.ArgumentParser, *, default: object) -> None:
                              "(-vv: the HTTP libraries too) (default: off)")
     parser.add_argument("-q", "--quiet", action="store_true", default=default,
                         help="warnings and errors only on stderr (default: off)")
+    parser.add_argument("--log-format", choices=logs.FORMATS,
+                        default=None if default == 0 else default,
+                        help="stderr as text lines, or one JSON object a line (default: the "
+                             "config's logging.format, else text)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -313,6 +319,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.force:
         log.warning("--force: rows already sent in earlier runs will be sent again")
     outcome = Run(config, options).execute()
+    if not args.dry_run:
+        ops.run_ended(config, run_id=outcome.run_id, exit_code=outcome.exit_code,
+                      counts=outcome.report.counts if outcome.report else None,
+                      report_dir=outcome.report.directory if outcome.report else None,
+                      stop_reason=outcome.stop_reason)
     if args.dry_run:
         _print_scan(outcome, dry_run=True, limit=args.limit)
         return outcome.exit_code
@@ -348,9 +359,9 @@ def _validate(args: argparse.Namespace) -> int:
 def _config_for_sending(path: Path) -> RunConfig:
     """The config as ``run`` needs it: the api section's ``${VAR}`` references resolved, and
     in a sandbox the webhooks section's too (the emulator signs with that secret)."""
-    config = load_config(path, needs=("api",))
+    config = load_config(path, needs=("api", "notify"))
     if config.sandbox.enabled:
-        config = load_config(path, needs=("api", "webhooks"))
+        config = load_config(path, needs=("api", "webhooks", "notify"))
     return config
 
 
@@ -568,6 +579,7 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
             print(f"{written.stale:,} awaiting an outcome longer than report.stale_after "
                   f"({config.report.stale_after:g} s): they need attention")
         code = max(code, written.exit_code)
+    ops.reconciled(config)
     return code
 
 
@@ -578,6 +590,7 @@ def _status(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     found = ledger_status(config, config_path=str(args.config))
+    ops.status_read(config, found)
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))  # in the documented order
         return found.exit_code

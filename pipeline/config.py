@@ -213,6 +213,9 @@ class ReportConfig(_Section):
         "session expired", "locked", "timed out", "timeout", "temporarily",
     )
     attention_rows: Annotated[int, Field(ge=1)] = 5000  # table size cap in report.html
+    # Prometheus text-format metrics, rewritten atomically after run, reconcile and status
+    # (node_exporter's textfile collector reads them; pipeline/metrics.py). None: none.
+    metrics_file: Path | None = None
 
 
 class EmulatorSettings(_Section):
@@ -239,6 +242,31 @@ class EmulatorSettings(_Section):
     events_shape: Literal["event_id", "envelope"] = "event_id"
 
 
+class LoggingConfig(_Section):
+    """stderr logging: ``text`` lines for people, or ``json`` (one object a line, for a log
+    shipper: pipeline/logs.py). ``--log-format`` on the command line wins over it."""
+
+    format: Literal["text", "json"] = "text"
+
+
+class NotifyConfig(_Section):
+    """Who hears that a run ended (pipeline/notify.py): a Slack-compatible incoming-webhook
+    URL (a secret: give it as ``${VAR}``), and/or a command (an argv list) that reads the
+    summary JSON on stdin. A notification that fails is a warning, never a failed run."""
+
+    url: SecretStr | None = None
+    command: tuple[str, ...] = ()
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The value is a secret: the message says what is wrong, never what it is.
+        if value is not None and not re.match(r"^https?://[^/\s]+", value.get_secret_value()):
+            raise ValueError("must be an http(s) URL (an incoming-webhook URL)")
+        return value
+
+
 class SandboxConfig(_Section):
     enabled: bool = False
     wait_s: Annotated[float, Field(ge=0)] = 30.0
@@ -257,6 +285,8 @@ class RunConfig(_Section):
     poll: PollConfig = PollConfig()
     report: ReportConfig = ReportConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    logging: LoggingConfig = LoggingConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     @model_validator(mode="after")
     def _backoff_order(self) -> RunConfig:
@@ -266,9 +296,13 @@ class RunConfig(_Section):
 
     def fingerprint(self) -> str:
         """A hash of the effective config with every secret left out."""
+        # Logging, metrics and notification settings change nothing sent: left out, so a
+        # config gains them without a new fingerprint.
         data = self.model_dump(mode="json", exclude={"api": {"client_id", "client_secret",
                                                               "access_token"},
-                                                     "webhooks": {"secret", "secrets"}})
+                                                     "webhooks": {"secret", "secrets"},
+                                                     "report": {"metrics_file"},
+                                                     "logging": True, "notify": True})
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -555,6 +555,10 @@ class Ledger:
             (run_id,))}
         return [r for r in self._runs_in_order() if r in found]
 
+    def run_ids(self) -> list[str]:
+        """Every run's id, oldest first (by start time)."""
+        return self._runs_in_order()
+
     def _runs_in_order(self) -> list[str]:
         return [r[0] for r in self._db.execute(
             "SELECT run_id FROM runs ORDER BY started_at, run_id")]

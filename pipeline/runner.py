@@ -46,6 +46,7 @@ import anyio
 import anyio.lowlevel
 from tqdm import tqdm
 
+from pipeline import logs
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, StateError, StorageFull
 from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
@@ -508,6 +509,7 @@ class Run:
         self.options = options
         self.control = Control()
         self.run_id = new_run_id()
+        logs.set_run_id(self.run_id)  # on every JSON log line from here on
         self.timings: dict[str, float] = {}
         self.scan_stopped: dict[str, Any] = {}
 

@@ -1,0 +1,150 @@
+"""Airflow DAGs for tasknotes: send at night, settle and check the next morning.
+
+Three DAGs (copy this file into the DAGs folder; set TASKNOTES_CONFIG and, for the
+CLI variant, TASKNOTES_BIN in the worker's environment or edit the constants):
+
+    tasknotes_nightly       02:15  PythonOperator on the Python API: ``pipeline.run``
+    tasknotes_nightly_cli   02:15  the same with BashOperator and the ``tasknotes``
+                                   command, for workers without tasknotes' Python
+                                   environment (enable one of the two, not both)
+    tasknotes_morning       07:00  a sensor on ``tasknotes status --json`` until no
+                                   note awaits an outcome (or 3 hours pass), then
+                                   ``poll``, ``reconcile`` and a last ``status``
+
+Exit codes in Airflow terms (README, "Operating it"): 0 success; 1 the command
+finished but some rows need a person (rejected, failed in the EMR, ambiguous,
+stale): the task SUCCEEDS and logs a warning, since retrying cannot fix a row and
+the report says which; 2 bad config or input, nothing sent: the task FAILS, no
+retry (it fails the same way until someone edits the config or the file); 3 the
+run was aborted (credentials refused, Cobalt kept failing, disk full, killed): the
+task FAILS, and a retry is safe (the ledger never sends a note twice).
+
+``pipeline.run(config) -> RunResult`` is the Python API issue 18 plans (a frozen
+result with ``exit_code``, ``run_id``, ``report_dir``, ``counts``, ``stop_reason``;
+``ConfigError`` and other ``PipelineError`` raised for exit 2): this file is
+written against that plan. Until it lands, use ``tasknotes_nightly_cli``. The
+module imports ``pipeline`` only inside the task, so the scheduler parses it
+where tasknotes is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow import DAG
+from airflow.exceptions import AirflowException
+
+try:  # Airflow 3: the standard provider
+    from airflow.providers.standard.operators.bash import BashOperator
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.providers.standard.sensors.python import PythonSensor
+except ImportError:  # Airflow 2
+    from airflow.operators.bash import BashOperator  # type: ignore[no-redef]
+    from airflow.operators.python import PythonOperator  # type: ignore[no-redef]
+    from airflow.sensors.python import PythonSensor  # type: ignore[no-redef]
+
+CONFIG = os.environ.get("TASKNOTES_CONFIG", "/srv/tasknotes/configs/production.yaml")
+TASKNOTES = os.environ.get("TASKNOTES_BIN", "/srv/tasknotes/.venv/bin/tasknotes")
+WORKDIR = os.path.dirname(os.path.dirname(CONFIG))  # paths in the config are relative to it
+
+log = logging.getLogger(__name__)
+
+# A run that ended with exit 1 succeeds with a warning; 2 and 3 fail the task.
+_WARN_ON_1 = """
+cd {workdir} && {bin} --log-format json {command} {config} {extra}
+code=$?
+if [ "$code" -eq 1 ]; then
+  echo "tasknotes {command}: exit 1: some rows need attention; see the report"
+  exit 0
+fi
+exit "$code"
+"""
+
+
+def _cli(command: str, extra: str = "") -> str:
+    return _WARN_ON_1.format(workdir=WORKDIR, bin=TASKNOTES, command=command, config=CONFIG,
+                             extra=extra)
+
+
+def send_notes(config_path: str) -> dict[str, Any]:
+    """The nightly run through the Python API; its result goes to XCom (no note text)."""
+    import pipeline  # noqa: PLC0415 - on the worker only
+
+    result = pipeline.run(config_path)  # raises ConfigError etc. (exit 2): the task fails
+    summary = {"run_id": result.run_id, "exit_code": result.exit_code,
+               "report_dir": str(result.report_dir), "counts": dict(result.counts),
+               "stop_reason": result.stop_reason}
+    if result.exit_code == 3:
+        raise AirflowException(f"tasknotes run aborted: {result.stop_reason}")
+    if result.exit_code == 1:
+        log.warning("tasknotes run %s: some rows need attention; see %s", result.run_id,
+                    result.report_dir)
+    return summary
+
+
+def outcomes_settled(config_path: str) -> bool:
+    """The sensor's test: nothing awaits an outcome and no run is in progress (``status
+    --json``, README: its shape is stable). Exit 2 (bad config) fails the sensor."""
+    done = subprocess.run([TASKNOTES, "status", config_path, "--json"], cwd=WORKDIR,  # noqa: S603
+                          capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode not in (0, 1):
+        raise AirflowException(f"tasknotes status exited {done.returncode}: {done.stderr}")
+    kinds = json.loads(done.stdout)["kinds"]
+    return kinds["awaiting_outcome"]["count"] == 0 and kinds["in_progress"]["count"] == 0
+
+
+_DEFAULTS = {"owner": "emr-integrations", "retries": 0}
+
+with DAG(
+    dag_id="tasknotes_nightly",
+    description="Append the night's notes to EMR tasks through Cobalt (Python API)",
+    schedule="15 2 * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,  # the ledger's run lock would refuse a second one anyway
+    default_args=_DEFAULTS,
+    tags=["tasknotes"],
+) as nightly:
+    PythonOperator(task_id="run", python_callable=send_notes, op_args=[CONFIG],
+                   retries=1, retry_delay=timedelta(minutes=20))  # a retry after exit 3
+
+with DAG(
+    dag_id="tasknotes_nightly_cli",
+    description="Append the night's notes to EMR tasks through Cobalt (the command)",
+    schedule="15 2 * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=_DEFAULTS,
+    tags=["tasknotes"],
+) as nightly_cli:
+    BashOperator(task_id="run", bash_command=_cli("run", "--no-progress"),
+                 retries=1, retry_delay=timedelta(minutes=20))
+
+with DAG(
+    dag_id="tasknotes_morning",
+    description="Settle last night's notes: wait for outcomes, poll, reconcile, status",
+    schedule="0 7 * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=_DEFAULTS,
+    tags=["tasknotes"],
+) as morning:
+    settled = PythonSensor(
+        task_id="wait_for_outcomes", python_callable=outcomes_settled, op_args=[CONFIG],
+        mode="reschedule", poke_interval=15 * 60, timeout=3 * 3600,
+        soft_fail=True,  # still waiting after 3 h: skip ahead to poll, which asks Cobalt
+    )
+    poll = BashOperator(task_id="poll", bash_command=_cli("poll"), trigger_rule="all_done")
+    reconcile = BashOperator(task_id="reconcile", bash_command=_cli("reconcile"))
+    # The last word: exit 1 (something open) FAILS this task on purpose, so the DAG run
+    # is red while a person has something to do; `tasknotes status` says what.
+    status = BashOperator(task_id="status",
+                          bash_command=f"cd {WORKDIR} && {TASKNOTES} status {CONFIG}")
+    settled >> poll >> reconcile >> status
