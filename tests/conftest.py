@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import stamina
 
+from pg import PgCluster, why_no_cluster
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -33,3 +35,28 @@ def _retries_do_not_wait() -> Iterator[None]:
     real waits turns it off with ``stamina.set_testing(False)``)."""
     with stamina.set_testing(True, attempts=1000, cap=True):
         yield
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL server for the session (tests/pg.py); skipped with the reason
+    when none can be started here."""
+    reason = why_no_cluster()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh database on ``pg_cluster`` for one test (dropped after): its URL."""
+    name = pg_cluster.create_database()
+    try:
+        yield pg_cluster.url(name)
+    finally:
+        pg_cluster.drop_database(name)
