@@ -389,7 +389,16 @@ def _config_for_sending(path: Path) -> RunConfig:
     config = load_config(path, needs=("api",))
     if config.sandbox.enabled:
         config = load_config(path, needs=("api", "webhooks"))
+    _warn_local_state(config)
     return config
+
+
+def _warn_local_state(config: RunConfig) -> None:
+    """With ``state.url``, only the sink and export-events use PostgreSQL so far: say so."""
+    if config.state.url is not None:
+        log.warning("state.url is set, but this command still keeps its state in %s and reads "
+                    "events from %s (only `sink` and `export-events` use PostgreSQL so far)",
+                    config.state.ledger, config.webhooks.sink)
 
 
 def _print_limit(scan: ScanCounts, limit: int | None) -> None:
@@ -524,6 +533,7 @@ def _poll(args: argparse.Namespace) -> int:
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
+    _warn_local_state(config)
     if config.sandbox.enabled:
         print("nothing to poll: the sandbox's Cobalt emulator lives only while `tasknotes run` "
               "runs (outcomes it never delivered ended with it); `tasknotes reconcile "
@@ -594,6 +604,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config)
+    _warn_local_state(config)
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
     try:
@@ -654,6 +665,7 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.status import describe_age, ledger_status
 
     config = load_config(args.config)
+    _warn_local_state(config)
     found = ledger_status(config, config_path=str(args.config))
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))  # in the documented order

@@ -70,6 +70,15 @@ def test_state_url_from_the_environment_is_required_once_named(tmp_path: Path) -
     assert "pw-x" not in repr(loaded)
 
 
+def test_commands_not_on_postgres_yet_say_where_their_state_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path, state={"url": "postgresql://u:pw-9c1d@127.0.0.1:9/x"})
+    main(["status", str(config)])
+    err = caplog.text
+    assert "state.url is set, but this command still keeps its state in" in err
+    assert "pw-9c1d" not in err
+
+
 # -- schema ------------------------------------------------------------------------------------
 
 
@@ -132,12 +141,23 @@ async def test_store_dedupes_by_id_and_by_body_and_keeps_the_body(pg_url: str) -
             assert await store.append(other, "evt_1") == "duplicate"         # same id
             assert await store.append(first, "another-id") == "duplicate"    # same body
             assert await store.append(pretty, "evt_3") == "stored"
+            verdicts: list[str] = []
+            same = compact(event(4))
+
+            async def append_same() -> None:
+                verdicts.append(await store.append(same, "evt_4"))
+
+            async with anyio.create_task_group() as both:  # one batch: one row, one "stored"
+                both.start_soon(append_same)
+                both.start_soon(append_same)
+            assert sorted(verdicts) == ["duplicate", "stored"]
             store.stop()
     finally:
         store.close()
     stored = rows(pg_url)
     assert [(r[0], bytes(r[1]), r[3]) for r in stored] == [
-        ("evt_1", first, "signature-verified"), ("evt_3", pretty, "signature-verified")]
+        ("evt_1", first, "signature-verified"), ("evt_3", pretty, "signature-verified"),
+        ("evt_4", compact(event(4)), "signature-verified")]
     assert all(r[4].microsecond % 1000 == 0 and r[4].tzinfo is not None for r in stored)
 
 
