@@ -70,7 +70,11 @@ class PgCluster:
             entry = pwd.getpwnam("postgres")
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self._names = itertools.count(1)
-        self._initdb()
+        try:
+            self._initdb()
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     def _cmd(self, name: str, *args: str) -> list[str]:
         command = [str(self.bin / name), *args]
