@@ -110,6 +110,10 @@ exit codes:
 exit codes:
   0  stopped by Ctrl-C (SIGINT) or SIGTERM, after a graceful shutdown
   2  bad usage or config (no webhook secret), or host:port cannot be listened on""",
+    "export-events": """\
+exit codes:
+  0  every stored event was written
+  2  bad usage or config (no state.url), or the database cannot be read""",
     "poll": f"""\
 exit codes (of the reconcile that follows the poll):
 {_RECONCILED}
@@ -202,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sink.add_argument("--port", type=int, default=8787, help="port to listen on")
     sink.set_defaults(handler=_sink)
+
+    export = command("export-events", "write the sink's events stored in PostgreSQL "
+                                      "(state.url) as JSON Lines, as received")
+    _config_arg(export)
+    export.add_argument("--out", type=Path, metavar="FILE",
+                        help="write to FILE (replaced whole, 0600) instead of stdout")
+    export.set_defaults(handler=_export_events)
 
     poll = command("poll", "fetch outcomes of unresolved jobs and ambiguous rows from Cobalt, "
                            "then reconcile as `reconcile` does")
@@ -362,7 +373,16 @@ def _config_for_sending(path: Path) -> RunConfig:
     config = load_config(path, needs=("api", "notify"))
     if config.sandbox.enabled:
         config = load_config(path, needs=("api", "webhooks", "notify"))
+    _warn_local_state(config)
     return config
+
+
+def _warn_local_state(config: RunConfig) -> None:
+    """With ``state.url``, only the sink and export-events use PostgreSQL so far: say so."""
+    if config.state.url is not None:
+        log.warning("state.url is set, but this command still keeps its state in %s and reads "
+                    "events from %s (only `sink` and `export-events` use PostgreSQL so far)",
+                    config.state.ledger, config.webhooks.sink)
 
 
 def _print_limit(scan: ScanCounts, limit: int | None) -> None:
@@ -432,20 +452,30 @@ def _one_line(counts: dict[str, int]) -> str:
 def _sink(args: argparse.Namespace) -> int:
     from pipeline.events import SinkFile
     from pipeline.servers import bind, serve_foreground
-    from pipeline.sink import WebhookReceiver
+    from pipeline.sink import EventStore, WebhookReceiver
+    from pipeline.state.pg_events import PgEventStore
 
     config = load_config(args.config, needs=("webhooks",))
     secrets = config.webhooks.all_secrets()
     if not secrets:
         raise PipelineError("webhooks.secret: the sink needs at least one webhook secret")
     sock = bind(args.host, args.port)  # before anything is created or said: one line if not
-    sink = SinkFile(config.webhooks.sink)
+    sink: PgEventStore | SinkFile
+    if config.state.url is not None:
+        sink = PgEventStore(config.state.url.get_secret_value())
+    else:
+        sink = SinkFile(config.webhooks.sink)
     try:
         sink.open()
-        receiver = WebhookReceiver(sink, secrets, path=config.webhooks.path,
+        store: EventStore = sink
+        receiver = WebhookReceiver(store, secrets, path=config.webhooks.path,
                                    max_body_bytes=config.webhooks.max_body_bytes)
-        log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
-                 config.webhooks.sink, len(sink))
+        if isinstance(sink, PgEventStore):
+            log.info("sink: POST %s -> PostgreSQL at %s (%d events stored)",
+                     config.webhooks.path, sink.where, sink.count())
+        else:
+            log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
+                     config.webhooks.sink, len(sink))
         serve_foreground(receiver.app(), host=args.host, port=args.port, sock=sock,
                          **receiver.serve_options())
     finally:
@@ -454,10 +484,40 @@ def _sink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_events(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.state.pg_events import export_jsonl
+
+    config = load_config(args.config)
+    if config.state.url is None:
+        raise PipelineError(f"state.url: not set; without it the events are in "
+                            f"{config.webhooks.sink} already (JSON Lines)")
+    url = config.state.url.get_secret_value()
+    if args.out is None:
+        n = export_jsonl(url, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:  # whole or not at all: a temporary file beside it, then one rename
+        target: Path = args.out
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                n = export_jsonl(url, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    log.info("export-events: %d events from the database", n)
+    return 0
+
+
 def _poll(args: argparse.Namespace) -> int:
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config, needs=("api",))
+    _warn_local_state(config)
     if config.sandbox.enabled:
         print("nothing to poll: the sandbox's Cobalt emulator lives only while `tasknotes run` "
               "runs (outcomes it never delivered ended with it); `tasknotes reconcile "
@@ -528,6 +588,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     from pipeline.reconcile import Reconciler
 
     config = load_config(args.config)
+    _warn_local_state(config)
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
     try:
@@ -589,6 +650,7 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.status import describe_age, ledger_status
 
     config = load_config(args.config)
+    _warn_local_state(config)
     found = ledger_status(config, config_path=str(args.config))
     ops.status_read(config, found)
     if args.json:

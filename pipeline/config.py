@@ -172,6 +172,19 @@ class StateConfig(_Section):
     ledger: Path = Path("state/ledger.sqlite")
     # full: a commit survives power loss (the `sending` mark must); normal: process crash only.
     synchronous: Literal["full", "normal"] = "full"
+    # postgresql://user:pass@host:5432/db (from the environment: ${TASKNOTES_STATE_URL}):
+    # the sink's events live in PostgreSQL (state/pg_events.py), not in webhooks.sink.
+    url: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        from pipeline.state.postgres import check_url  # noqa: PLC0415 - no psycopg needed
+
+        check_url(value.get_secret_value())
+        return value
 
 
 class WebhooksConfig(_Section):
@@ -302,6 +315,7 @@ class RunConfig(_Section):
                                                               "access_token"},
                                                      "webhooks": {"secret", "secrets"},
                                                      "report": {"metrics_file"},
+                                                     "state": {"url"},
                                                      "logging": True, "notify": True})
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -369,7 +383,8 @@ def _resolve_env(
         return node
     names = _ENV_REF.findall(node)
     missing = [name for name in names if name not in env]
-    if where[:1] and where[0] in needs:
+    # state.url always: unresolved, it would silently mean "state in local files"
+    if (where[:1] and where[0] in needs) or where == ("state", "url"):
         key = ".".join(where)
         problems.extend(f"{key}: environment variable {name} is not set" for name in missing)
         if where[:2] != ("webhooks", "secrets"):

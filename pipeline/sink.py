@@ -42,7 +42,7 @@ import re
 import resource
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import anyio
 import h11
@@ -52,7 +52,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pipeline.events import SinkFile, SinkWriteError, UnreadableEvent, decode_event
+from pipeline.events import SinkWriteError, UnreadableEvent, Verdict, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,25 @@ SIGNATURE_HEADER = "cobalt-verification"
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 EventListener = Callable[[dict[str, Any]], None]
+
+
+class EventStore(Protocol):
+    """Where the receiver stores events: ``events.SinkFile`` (the default) or
+    ``state.pg_events.PgEventStore`` (with ``state.url``).
+
+    ``run()``: the group-commit loop, run in the app's task group until ``stop()``;
+    ``append(body, event_id)``: "stored" once durable, "duplicate" if that id or body
+    is stored already, SinkWriteError (the sink's 503) if it cannot be stored now;
+    ``probe()``: None if an event could be stored now, else why not (``/healthz``).
+    """
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def append(self, body: bytes, event_id: str) -> Verdict: ...
+
+    def probe(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +126,7 @@ class WebhookReceiver:
 
     def __init__(
         self,
-        sink: SinkFile,
+        sink: EventStore,
         secrets: Sequence[bytes],
         *,
         path: str = "/webhooks/cobalt",

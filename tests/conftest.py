@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pg import PgCluster, why_no_cluster
 
 DATA = Path(__file__).parent / "data"
 
@@ -23,3 +26,28 @@ def data() -> Path:
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own directory: state/ and reports/ land in tmp_path."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL server for the session (tests/pg.py); skipped with the reason
+    when none can be started here."""
+    reason = why_no_cluster()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh database on ``pg_cluster`` for one test (dropped after): its URL."""
+    name = pg_cluster.create_database()
+    try:
+        yield pg_cluster.url(name)
+    finally:
+        pg_cluster.drop_database(name)

@@ -1,0 +1,231 @@
+"""The sink's event store on PostgreSQL (``state.url``): table ``sink_events``.
+
+The same contract as the sink file (``events.SinkFile``), so the receiver
+(``sink.WebhookReceiver``) treats both alike through ``sink.EventStore``:
+
+- ``append`` returns ``"stored"`` only after the transaction holding the event
+  has committed (``synchronous_commit=on``: the WAL is flushed), so a 2xx is
+  never given for an event the database can lose;
+- group commit (``_group.GroupCommit``): the events arriving while one batch
+  commits form the next batch, one INSERT and one commit for all of them;
+- de-duplicated by event id and by the SHA-256 of the body, by the table's
+  unique constraints (``ON CONFLICT DO NOTHING``), so several sinks on one
+  database share one truth; a duplicate is ``"duplicate"`` (the sink's 200);
+- when the database cannot be reached or the commit fails, every caller of
+  the batch gets ``SinkWriteError`` (the sink's 503); the connection is dropped
+  and the next batch connects again, so the sink heals when the database returns.
+
+Each row keeps the body exactly as received (``bytea``), its id, its hash, the
+verdict under which the sink accepted it (``signature-verified``: only
+signed events reach the store) and the receive time to the millisecond.
+``export_jsonl`` writes them back as JSON Lines in commit order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+from pipeline._group import GroupCommit
+from pipeline.errors import StateError
+from pipeline.events import SinkWriteError, Verdict, decode_event, encode_event
+from pipeline.state.postgres import connect, describe_failure, open_state, where
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+SIGNED: Final = "signature-verified"
+
+_INSERT: Final = b"""
+    INSERT INTO sink_events (event_id, body_sha256, body, verdict, received_at)
+    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::text[], %s::timestamptz[])
+    ON CONFLICT DO NOTHING
+    RETURNING event_id, body_sha256
+"""
+
+
+@dataclass(slots=True)
+class _Row:
+    body: bytes
+    event_id: str
+    digest: bytes
+    received_at: datetime
+    verdict: Verdict = field(default="stored")
+
+
+class PgEventStore:
+    """Durable, de-duplicated event store in PostgreSQL (module docstring).
+
+    ``open()`` connects and migrates the schema (StateError, exit 2, naming
+    host:port/database if it cannot); ``run()`` is the group-commit loop (start it
+    in a task group); ``append(body, event_id)`` as ``SinkFile.append``;
+    ``probe()`` for ``/healthz``; ``close()`` drops the connection.
+    """
+
+    def __init__(self, url: str, *, verdict: str = SIGNED) -> None:
+        self._url = url
+        self._verdict = verdict
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._group: GroupCommit[_Row] = GroupCommit(self._commit, stop_on_error=False)
+        self.broken: str | None = None
+
+    @property
+    def where(self) -> str:
+        """host:port/database (never the password)."""
+        return where(self._url)
+
+    def open(self) -> None:
+        self._conn = open_state(self._url, application="tasknotes sink")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def count(self) -> int:
+        """Events stored (all sinks on this database). Raises StateError if unreachable."""
+        import psycopg  # noqa: PLC0415 - optional dependency
+
+        try:
+            row = self._connection().execute("SELECT count(*) FROM sink_events").fetchone()
+        except psycopg.Error as exc:
+            self.close()
+            raise SinkWriteError(f"PostgreSQL at {self.where}: "
+                                 f"{describe_failure(self._url, exc)}") from None
+        return int(row[0]) if row else 0  # type: ignore[call-overload]
+
+    async def run(self) -> None:
+        await self._group.run()
+
+    def stop(self) -> None:
+        self._group.close()
+
+    async def append(self, body: bytes, event_id: str) -> Verdict:
+        """Store ``body`` (a request body ``events.decode_event`` accepts) unless an event
+        with this id or this exact body is stored already.
+
+        Returns "stored" once committed, "duplicate" if it was there already.
+        Raises SinkWriteError if it could not be stored (the next call tries again).
+        """
+        now = datetime.now(UTC)
+        received = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        row = _Row(body, event_id, hashlib.sha256(body).digest(), received)
+        try:
+            await self._group.put(row)
+        except SinkWriteError as exc:
+            if self.broken is None:
+                log.error("%s; answering 503 and trying again with each delivery", exc)  # noqa: TRY400 - no traceback: the cause is the database
+            self.broken = str(exc)
+            raise
+        if self.broken is not None:
+            log.warning("PostgreSQL at %s stores events again", self.where)
+            self.broken = None
+        return row.verdict
+
+    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self._url, application="tasknotes sink")
+        return self._conn
+
+    def _commit(self, rows: list[_Row]) -> None:
+        """Runs in a worker thread: one INSERT and one commit for the batch.
+
+        Rows repeating an id or a body of an earlier row in the batch are marked
+        duplicates first; the INSERT skips those already in the table. Raises
+        SinkWriteError (and drops the connection) when the database fails.
+        """
+        import psycopg  # noqa: PLC0415 - optional dependency
+
+        fresh: list[_Row] = []
+        ids: set[str] = set()
+        digests: set[bytes] = set()
+        for row in rows:
+            row.verdict = "stored"
+            if row.event_id in ids or row.digest in digests:
+                row.verdict = "duplicate"
+                continue
+            ids.add(row.event_id)
+            digests.add(row.digest)
+            fresh.append(row)
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                inserted = {(str(i), bytes(d)) for i, d in conn.execute(  # type: ignore[call-overload]
+                    _INSERT, ([r.event_id for r in fresh], [r.digest for r in fresh],
+                              [r.body for r in fresh], [self._verdict] * len(fresh),
+                              [r.received_at for r in fresh])).fetchall()}
+        except StateError as exc:  # from connect(): names host:port/database already
+            self.close()
+            raise SinkWriteError(str(exc)) from None
+        except (psycopg.Error, OSError) as exc:
+            self.close()
+            reason = describe_failure(self._url, exc)
+            raise SinkWriteError(f"PostgreSQL at {self.where} cannot store events: "
+                                 f"{reason}") from None
+        for row in fresh:
+            if (row.event_id, row.digest) not in inserted:
+                row.verdict = "duplicate"
+
+    def probe(self) -> str | None:
+        """None if events can be stored now, else why not (for ``/healthz``); after a
+        failure, a fresh connection and ``SELECT 1`` decide."""
+        if self.broken is None:
+            return None
+        try:
+            conn = connect(self._url, application="tasknotes sink probe")
+        except Exception as exc:  # noqa: BLE001 - StateError; its message is the answer
+            return str(exc)
+        try:
+            conn.execute("SELECT 1")
+        except Exception as exc:  # noqa: BLE001 - any driver failure means not healthy
+            return f"PostgreSQL at {self.where}: {describe_failure(self._url, exc)}"
+        finally:
+            conn.close()
+        return None
+
+
+def exported_line(body: bytes) -> bytes:
+    """One JSON Lines line for a stored body: the body as received when it holds no line
+    break, else re-encoded compactly (as the sink file stores such a body)."""
+    if b"\n" in body or b"\r" in body:
+        body = encode_event(decode_event(body))
+    return body + b"\n"
+
+
+def iter_events(url: str, *, batch: int = 1000) -> Iterator[bytes]:
+    """The stored bodies in commit order (``seq``), read through a server-side cursor.
+
+    Raises StateError (one line, no password) when the database cannot be read.
+    """
+    import psycopg  # noqa: PLC0415 - optional dependency
+
+    conn = open_state(url, application="tasknotes export-events")
+    try:
+        with conn.transaction(), conn.cursor(name="tasknotes_export") as cur:
+            cur.itersize = batch
+            cur.execute("SELECT body FROM sink_events ORDER BY seq")
+            for (body,) in cur:
+                assert isinstance(body, bytes | memoryview)
+                yield bytes(body)
+    except psycopg.Error as exc:
+        raise StateError(f"state.url: cannot read events from PostgreSQL at {where(url)}: "
+                         f"{describe_failure(url, exc)}") from None
+    finally:
+        conn.close()
+
+
+def export_jsonl(url: str, out: BinaryIO) -> int:
+    """Write every stored event to ``out`` as JSON Lines (``exported_line``); return the count."""
+    n = 0
+    for body in iter_events(url):
+        out.write(exported_line(body))
+        n += 1
+    return n
+
+

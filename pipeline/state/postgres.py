@@ -1,0 +1,197 @@
+"""PostgreSQL as tasknotes' shared state (``state.url``): connecting, the schema, migrations.
+
+- ``connect(url)`` opens one psycopg 3 connection (autocommit; each write is an
+  explicit transaction) with ``synchronous_commit=on`` for the session, so a
+  commit is on the server's disk (WAL flushed) before it returns, whatever the
+  server's default: an event acknowledged after a commit survives a crash of
+  the database server. A failure to connect is a ``StateError`` (exit 2) of one
+  line naming host:port and database, never the password.
+- ``migrate(conn)`` creates and upgrades the schema. ``tasknotes_schema``
+  holds one row per applied migration (version, description, applied_at); the
+  migrations in ``MIGRATIONS`` whose version is not there are applied in order,
+  each in its own transaction with its row, under a transaction-level advisory
+  lock so two processes starting at once do not both apply one. A rerun applies
+  nothing.
+
+psycopg is an optional dependency (``pip install -e '.[postgres]'``); this module
+imports it only when called, so SQLite users never need it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote, urlsplit
+
+from pipeline.errors import StateError
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+SCHEMES: Final = ("postgresql", "postgres")
+# Any constant shared by every tasknotes process: the key of the migration lock.
+_MIGRATION_LOCK: Final = 0x7461736B6E6F7465  # "tasknote"
+CONNECT_TIMEOUT_S: Final = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema: ``version`` (1, 2, ...), a one-line ``description``,
+    and the SQL run in the step's transaction."""
+
+    version: int
+    description: str
+    sql: str
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "the sink's event store", """
+        CREATE TABLE sink_events (
+            seq          bigserial PRIMARY KEY,     -- commit order of the sink's stores
+            event_id     text NOT NULL,             -- the envelope's id
+            body_sha256  bytea NOT NULL,            -- SHA-256 of body: the same body, once
+            body         bytea NOT NULL,            -- the request body, byte for byte
+            verdict      text NOT NULL,             -- how the sink accepted it
+            received_at  timestamptz(3) NOT NULL,   -- when the sink read it, to the ms
+            CONSTRAINT sink_events_event_id_key UNIQUE (event_id),
+            CONSTRAINT sink_events_body_sha256_key UNIQUE (body_sha256)
+        )
+    """),
+)
+
+
+def where(url: str) -> str:
+    """``host:port/database`` of a ``postgresql://`` URL, for messages (no user, no password).
+
+    A missing host is ``localhost`` and a missing port 5432, as libpq assumes.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        port = "?"  # type: ignore[assignment]
+    database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "?")
+    return f"{host}:{port}/{database}"
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError (message without the URL) unless ``url`` is postgresql:// or
+    postgres:// with a host."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.netloc:
+        raise ValueError("must be a postgresql:// (or postgres://) URL, "
+                         "such as postgresql://user:password@host:5432/tasknotes")
+
+
+def _password(url: str) -> str | None:
+    password = urlsplit(url).password
+    return unquote(password) if password else None
+
+
+def describe_failure(url: str, exc: BaseException) -> str:
+    """One line saying why a connection to ``url`` failed: libpq's first line, with
+    the server address libpq repeats cut off and the password (if any) withheld."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[-1] if lines else text
+    if "failed:" in reason:
+        reason = reason.split("failed:", 1)[1].strip()
+    reason = reason.removeprefix("FATAL:").strip()
+    password = _password(url)
+    if password and password in reason:
+        reason = reason.replace(password, "***")
+    return reason[:200]
+
+
+def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[tuple[object, ...]]:
+    """An autocommit connection to ``url`` with ``synchronous_commit=on``.
+
+    Raises StateError (exit 2) naming host:port/database on any failure, and
+    StateError as well when psycopg is not installed (``pip install -e '.[postgres]'``).
+    TCP keepalives make a silently dead server a failed call within about 20 s.
+    """
+    try:
+        import psycopg  # noqa: PLC0415 - optional dependency, loaded only with state.url
+    except ImportError:
+        raise StateError("state.url: PostgreSQL needs psycopg 3: "
+                         "pip install 'tasknotes[postgres]'") from None
+    try:
+        return psycopg.connect(
+            url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+            application_name=application, options="-c synchronous_commit=on",
+            keepalives=1, keepalives_idle=10, keepalives_interval=3, keepalives_count=3,
+        )
+    except psycopg.Error as exc:
+        raise StateError(f"state.url: cannot connect to PostgreSQL at {where(url)}: "
+                         f"{describe_failure(url, exc)}") from None
+
+
+def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
+    """The schema versions recorded in ``tasknotes_schema`` (empty before the first run)."""
+    row = conn.execute("SELECT to_regclass('tasknotes_schema') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return []
+    return [int(v) for (v,) in conn.execute(  # type: ignore[call-overload]
+        "SELECT version FROM tasknotes_schema ORDER BY version").fetchall()]
+
+
+def migrate(conn: psycopg.Connection[tuple[object, ...]],
+            migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Apply the migrations not yet recorded, in order; return their versions.
+
+    Each runs in one transaction with its ``tasknotes_schema`` row, under
+    ``pg_advisory_xact_lock`` (so concurrent starters wait, then find it done).
+    Raises StateError when the database is at a version newer than this
+    tasknotes knows (an older tasknotes must not write to a newer schema).
+    """
+    applied: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("""CREATE TABLE IF NOT EXISTS tasknotes_schema (
+                            version      integer PRIMARY KEY,
+                            description  text NOT NULL,
+                            applied_at   timestamptz NOT NULL DEFAULT now())""")
+    known = {m.version for m in migrations}
+    for migration in sorted(migrations, key=lambda m: m.version):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            done = set(applied_versions(conn))
+            newer = sorted(done - known)
+            if newer:
+                raise StateError(f"state.url: the database's schema is at version {newer[-1]},"
+                                 f" newer than this tasknotes knows ({max(known)}); upgrade "
+                                 "tasknotes")
+            if migration.version in done:
+                continue
+            conn.execute(migration.sql.encode())
+            conn.execute("INSERT INTO tasknotes_schema (version, description) VALUES (%s, %s)",
+                         (migration.version, migration.description))
+            applied.append(migration.version)
+            log.info("state: schema migrated to version %d (%s)", migration.version,
+                     migration.description)
+    return applied
+
+
+def open_state(url: str, *, application: str = "tasknotes") -> psycopg.Connection[
+        tuple[object, ...]]:
+    """``connect`` then ``migrate``: a connection to a database whose schema is current.
+
+    Raises StateError (one line, no password) if either fails.
+    """
+    import psycopg  # noqa: PLC0415 - connect() has checked it is installed
+
+    conn = connect(url, application=application)
+    try:
+        migrate(conn)
+    except psycopg.Error as exc:
+        conn.close()
+        raise StateError(f"state.url: cannot prepare the schema at {where(url)}: "
+                         f"{describe_failure(url, exc)}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -1,0 +1,295 @@
+"""State on PostgreSQL (``state.url``) against a real server (tests/pg.py): the schema and its
+migrations, connection errors, and the sink's event store behind a real ``tasknotes sink``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.emulator import compact, sign
+from pipeline.errors import ConfigError
+from pipeline.state.pg_events import PgEventStore
+from pipeline.state.postgres import MIGRATIONS, connect, migrate
+
+pytestmark = pytest.mark.slow
+
+
+def event(n: int, note: str = "café 🙂 “quoted”") -> dict[str, Any]:
+    return {"id": f"evt_{n:024d}", "object": "event", "type": "task_note.created",
+            "created": "2026-06-15T12:02:40Z", "job_id": str(10000 + n),
+            "data": {"task_note_id": f"{n:024x}", "emr_task_id": f"T{n}", "note": note}}
+
+
+def headers(body: bytes) -> dict[str, str]:
+    return {"content-type": "application/json", "cobalt-verification": sign(body, WEBHOOK_SECRET),
+            "webhook-attempt": "1"}
+
+
+def rows(url: str) -> list[tuple[Any, ...]]:
+    with connect(url) as conn:
+        return conn.execute("SELECT event_id, body, body_sha256, verdict, received_at, xmin::text"
+                            " FROM sink_events ORDER BY seq").fetchall()
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
+    bad = write_config(tmp_path, state={"url": "mysql://u:secret-pw@db/x"})
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert "state.url" in str(caught.value)
+    assert "secret-pw" not in str(caught.value)
+    for scheme in ("postgresql", "postgres"):
+        good = write_config(tmp_path, state={"url": f"{scheme}://u:pw@db:5432/x"})
+        assert load_config(good).state.url is not None
+
+
+def test_state_url_from_the_environment_is_required_once_named(tmp_path: Path) -> None:
+    """An unset ${VAR} would otherwise fall back silently to local files."""
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    with pytest.raises(ConfigError, match=r"state\.url: environment variable "
+                                          r"TASKNOTES_STATE_URL is not set"):
+        load_config(config, env={})
+    loaded = load_config(config, env={"TASKNOTES_STATE_URL": "postgresql://u:pw-x@h/db"})
+    assert loaded.state.url is not None
+    assert loaded.state.url.get_secret_value() == "postgresql://u:pw-x@h/db"
+    assert "pw-x" not in repr(loaded)
+
+
+def test_commands_not_on_postgres_yet_say_where_their_state_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path, state={"url": "postgresql://u:pw-9c1d@127.0.0.1:9/x"})
+    main(["status", str(config)])
+    err = caplog.text
+    assert "state.url is set, but this command still keeps its state in" in err
+    assert "pw-9c1d" not in err
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+def test_schema_is_created_with_its_version_and_a_rerun_migrates_nothing(pg_url: str) -> None:
+    with connect(pg_url) as conn:
+        assert migrate(conn) == [m.version for m in MIGRATIONS]
+        versions = conn.execute("SELECT version, description FROM tasknotes_schema"
+                                " ORDER BY version").fetchall()
+        assert [v for v, _ in versions] == [m.version for m in MIGRATIONS]
+        assert migrate(conn) == []
+        assert conn.execute("SELECT count(*) FROM tasknotes_schema").fetchone() == (
+            len(MIGRATIONS),)
+        constraints = {name for (name,) in conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'sink_events'::regclass"
+            " AND contype = 'u'")}
+        assert constraints == {"sink_events_event_id_key", "sink_events_body_sha256_key"}
+
+
+# -- connection errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sink", "export-events"])
+@pytest.mark.parametrize("fault", ["wrong-password", "dead-port"])
+def test_a_connection_error_is_one_line_without_the_password(
+        pg_cluster: Any, pg_url: str, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, command: str, fault: str) -> None:
+    database = pg_url.rsplit("/", 1)[1]
+    password = "Wr0ng-pa55word-7f3a"
+    if fault == "wrong-password":
+        port, url = pg_cluster.port, pg_cluster.url(database, password=password)
+    else:
+        port = free_port()
+        url = pg_cluster.url(database, password=password, port=port)
+    monkeypatch.setenv("TASKNOTES_STATE_URL", url)
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    args = [command, str(config)] + (["--port", str(free_port())] if command == "sink" else [])
+    assert main(args) == 2
+    out, err = capfd.readouterr()
+    assert password not in out + err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"127.0.0.1:{port}/{database}" in lines[0]
+    assert lines[0].startswith("tasknotes: state.url: cannot connect to PostgreSQL")
+
+
+# -- the event store ---------------------------------------------------------------------------
+
+
+async def test_store_dedupes_by_id_and_by_body_and_keeps_the_body(pg_url: str) -> None:
+    store = PgEventStore(pg_url)
+    store.open()
+    first, other = compact(event(1)), compact(event(2))
+    pretty = json.dumps(event(3), indent=2, ensure_ascii=False).encode()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run)
+            assert await store.append(first, "evt_1") == "stored"
+            assert await store.append(first, "evt_1") == "duplicate"         # same id and body
+            assert await store.append(other, "evt_1") == "duplicate"         # same id
+            assert await store.append(first, "another-id") == "duplicate"    # same body
+            assert await store.append(pretty, "evt_3") == "stored"
+            verdicts: list[str] = []
+            same = compact(event(4))
+
+            async def append_same() -> None:
+                verdicts.append(await store.append(same, "evt_4"))
+
+            async with anyio.create_task_group() as both:  # one batch: one row, one "stored"
+                both.start_soon(append_same)
+                both.start_soon(append_same)
+            assert sorted(verdicts) == ["duplicate", "stored"]
+            store.stop()
+    finally:
+        store.close()
+    stored = rows(pg_url)
+    assert [(r[0], bytes(r[1]), r[3]) for r in stored] == [
+        ("evt_1", first, "signature-verified"), ("evt_3", pretty, "signature-verified"),
+        ("evt_4", compact(event(4)), "signature-verified")]
+    assert all(r[4].microsecond % 1000 == 0 and r[4].tzinfo is not None for r in stored)
+
+
+@pytest.fixture
+def sink_on_pg(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """``tasknotes sink`` in its own process, its events in ``pg_url``; (sink URL, pg_url)."""
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    port = free_port()
+    log = tmp_path / "sink.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "-q", "sink", str(config), "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=out,
+            env={**os.environ, "TASKNOTES_STATE_URL": pg_url})
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, what="the sink to listen")
+        yield url, pg_url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert not (tmp_path / "state" / "webhooks.jsonl").exists()  # nothing went to a file
+
+
+async def test_signed_events_land_once_each_and_export_as_sent(
+        sink_on_pg: tuple[str, str], tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, pg_url = sink_on_pg
+    bodies = [compact(event(n)) for n in range(1, 65)]
+    pretty = json.dumps(event(99), indent=1, ensure_ascii=False).encode()
+    answers: list[int] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def post(body: bytes) -> None:
+            response = await client.post("/webhooks/cobalt", content=body, headers=headers(body))
+            answers.append(response.status_code)
+
+        async with anyio.create_task_group() as tg:  # all at once: group commit
+            for body in bodies:
+                tg.start_soon(post, body)
+        async with anyio.create_task_group() as tg:  # every one again, and a new body per id
+            for n, body in enumerate(bodies, 1):
+                tg.start_soon(post, body)
+                tg.start_soon(post, compact({**event(n), "type": "task_note.failed"}))
+        await post(pretty)
+        bad = await client.post("/webhooks/cobalt", content=compact(event(500)),
+                                headers={"cobalt-verification": "0" * 64})
+    assert answers == [200] * (64 * 3 + 1)
+    assert bad.status_code == 401
+    stored = rows(pg_url)
+    assert sorted(r[0] for r in stored) == sorted([f"evt_{n:024d}" for n in range(1, 65)]
+                                                  + [f"evt_{99:024d}"])
+    assert {bytes(r[1]) for r in stored} == {*bodies, pretty}
+    # group commit: the 64 concurrent events took fewer transactions than events
+    assert len({r[5] for r in stored[:64]}) < 64
+
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = write_config(tmp_path, "export.yaml", state={"url": "${TASKNOTES_STATE_URL}"})
+    capfdbinary.readouterr()
+    assert main(["-q", "export-events", str(config)]) == 0
+    exported = capfdbinary.readouterr().out
+    lines = exported.splitlines(keepends=True)
+    assert sorted(lines[:64]) == sorted(b + b"\n" for b in bodies)  # byte for byte
+    assert lines[64] == compact(json.loads(pretty)) + b"\n"  # a multi-line body: one line
+    assert len(lines) == 65
+    assert main(["-q", "export-events", str(config), "--out", str(tmp_path / "ev.jsonl")]) == 0
+    assert (tmp_path / "ev.jsonl").read_bytes() == exported
+    assert (tmp_path / "ev.jsonl").stat().st_mode & 0o077 == 0
+
+
+def test_database_down_mid_stream_is_503_then_heals_and_loses_no_acknowledged_event(
+        pg_cluster: Any, sink_on_pg: tuple[str, str]) -> None:
+    url, pg_url = sink_on_pg
+    acked: set[str] = set()
+    refused: list[str] = []
+    others: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    counter = iter(range(1, 1_000_000))
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                with lock:
+                    n = next(counter)
+                body = compact(event(n))
+                status = client.post("/webhooks/cobalt", content=body,
+                                     headers=headers(body)).status_code
+                with lock:
+                    if status == 200:
+                        acked.add(f"evt_{n:024d}")
+                    elif status == 503:
+                        refused.append(f"evt_{n:024d}")
+                    else:
+                        others.append(status)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(acked) >= 50, timeout=60, what="50 acknowledged events")
+        pg_cluster.stop("immediate")  # as if the database crashed, requests in flight
+        wait_until(lambda: len(refused) >= 10, timeout=60, what="503s while the database is down")
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 503
+        after_down = len(acked)
+        pg_cluster.start()
+        wait_until(lambda: len(acked) >= after_down + 50, timeout=60,
+                   what="acknowledgements once the database is back")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        if not pg_cluster.ready():
+            pg_cluster.start()
+    assert others == []
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    stored = {r[0] for r in rows(pg_url)}
+    assert acked <= stored  # every 2xx survived the crash
+    # a refused event was never acknowledged; Cobalt's retry of it is stored once
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for event_id in refused:
+            body = compact(event(int(event_id.removeprefix("evt_"))))
+            assert client.post("/webhooks/cobalt", content=body,
+                               headers=headers(body)).status_code == 200
+    ids = [r[0] for r in rows(pg_url)]
+    assert set(refused) <= set(ids)
+    assert len(ids) == len(set(ids))
