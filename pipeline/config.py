@@ -36,7 +36,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 RESULT_COLUMNS = (
     "source_file", "line", "emr_task_id", "final_status", "submit_status", "http_status",
     "task_note_id", "job_id", "outcome", "emr_note_id", "failure_reason", "event_id",
-    "submitted_at", "outcome_at", "error", "detail",
+    "submitted_at", "outcome_at", "error", "detail", "outcome_clock",
 )  # fmt: skip
 
 
