@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 RESULT_COLUMNS: Final = (
     "source_file", "line", "emr_task_id", "final_status", "submit_status", "http_status",
     "task_note_id", "job_id", "outcome", "emr_note_id", "failure_reason", "event_id",
-    "submitted_at", "outcome_at", "error", "outcome_clock",
+    "submitted_at", "outcome_at", "error",
 )  # fmt: skip
 ERROR_STATUSES: Final = frozenset({"rejected", "api_rejected", "ambiguous", "failed", "sending",
                                    "pending"})
@@ -150,7 +150,8 @@ def _write_results(result: RunResult, path: Path, settings: ReportConfig,
             header = False
             tally.add(chunk, table)
         if header:  # a run with no rows still gets the columns
-            shareable(pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough, "detail"])).to_csv(
+            shareable(pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough, "detail",
+                                            "outcome_clock"])).to_csv(
                 fh, index=False, lineterminator="\n")
     os.replace(tmp, path)
     return tally
@@ -182,7 +183,8 @@ def known_counts(ledger_path: Path, run_id: str) -> dict[str, int]:
 
 
 def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
-    """results.csv rows: the README's columns, then the passthrough columns, then detail."""
+    """results.csv rows: the README's columns, then the passthrough columns, then detail and
+    outcome_clock."""
     out = pd.DataFrame(index=rows.index)
     for column in RESULT_COLUMNS:
         out[column] = rows.get(column, "")
@@ -193,6 +195,8 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
     # detail says what error does not: for a rejected row they were the same sentence twice.
     repeats = rows["detail"].fillna("") == out["error"].fillna("")
     out["detail"] = rows["detail"].where(~repeats, "")
+    # What outcome_at is (ledger.OUTCOME_CLOCKS): last, so no earlier column moves.
+    out["outcome_clock"] = rows.get("outcome_clock")
     return out.fillna("").reset_index(drop=True)
 
 

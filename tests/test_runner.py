@@ -39,8 +39,8 @@ def test_passthrough_columns_travel_into_results(tmp_path: Path) -> None:
         outcome = run_pipeline(config)
     with (outcome.report.directory / "results.csv").open(newline="") as fh:
         header, row = list(csv.reader(fh))
-    assert header[-3:] == ["clinic", "mrn", "detail"]
-    assert row[-3:-1] == ["Northside", "0042"]
+    assert header[-4:] == ["clinic", "mrn", "detail", "outcome_clock"]
+    assert row[-4:-2] == ["Northside", "0042"]
 
 
 def test_rejects_can_be_fixed_and_fed_back(tmp_path: Path) -> None:
