@@ -232,6 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true",
                         help="print the documented JSON shape (README) instead of text")
+    status.add_argument("--write-off", metavar="RUN_ID",
+                        help="close this run's unsent (send_failed) rows without sending them,"
+                             " recorded in the ledger, and rewrite its report (default: none)")
     status.set_defaults(handler=_status)
 
     emulator = command("emulator", "a local Cobalt look-alike, with faults")
@@ -343,6 +346,8 @@ def _run(args: argparse.Namespace) -> int:
     if outcome.report is not None:
         _print_result(outcome.report.counts, str(outcome.report.directory),
                       outcome.report.files)
+    else:  # no report (a full disk): what the ledger knows, which needs no writing
+        _print_unwritten(config, outcome.run_id)
     _print_limit(outcome.scan, args.limit)
     if outcome.stop_reason:
         print(f"stopped: {outcome.stop_reason}")
@@ -432,6 +437,25 @@ def _print_result(counts: dict[str, int], directory: str, files: Sequence[str]) 
         for status, n in shown.items():
             print(f"{status:<{width}}  {n:>7,}")
     print(f"report: {directory}/ ({', '.join(files)})")
+    print(_one_line(counts))
+
+
+def _print_unwritten(config: RunConfig, run_id: str) -> None:
+    from pipeline.report import known_counts
+
+    try:
+        counts = known_counts(config.state.ledger, run_id)
+    except PipelineError as exc:
+        print(f"run {run_id}: no report, and the ledger cannot be read: {exc}")
+        return
+    shown = {k: v for k, v in counts.items() if v}
+    if shown:
+        width = max(len(k) for k in shown)
+        print(f"{'final status':<{width}}  {'rows':>7}")
+        for status, n in shown.items():
+            print(f"{status:<{width}}  {n:>7,}")
+    print(f"report: not written (run {run_id}); `tasknotes reconcile` writes it once "
+          "there is room")
     print(_one_line(counts))
 
 
@@ -570,7 +594,8 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
         sink.close()
     print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')} "
           f"with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} stored, "
-          f"{stats.duplicates:,} already there, {_n(stats.still_missing, 'job')} still "
+          f"{stats.duplicates:,} the sink file already held (not stored again), "
+          f"{_n(stats.still_missing, 'job')} still "
           f"without an outcome, {stats.ambiguous_found:,} ambiguous "
           f"{'note' if stats.ambiguous_found == 1 else 'notes'} found in a "
           "task_note.created event")
@@ -651,6 +676,8 @@ def _status(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _warn_local_state(config)
+    if args.write_off:
+        return _write_off(config, args.write_off)
     found = ledger_status(config, config_path=str(args.config))
     ops.status_read(config, found)
     if args.json:
@@ -675,8 +702,26 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  runs: {', '.join(kind.run_ids)}")
         if kind.redrive_files:
             print(f"  redrive: {', '.join(kind.redrive_files)}")
+        for row in kind.rows:
+            source = row["source_file"] or "(input file not recorded)"
+            print(f"  row: run {row['run_id']}, {source} line {row['line']}")
+        if kind.rows_total > len(kind.rows):
+            print(f"  ... {kind.rows_total - len(kind.rows):,} more rows (--json, or the "
+                  "runs' reports)")
         print(f"  settle: {kind.settle}")
     return found.exit_code
+
+
+def _write_off(config: RunConfig, run_id: str) -> int:
+    from pipeline.status import write_off
+
+    closed = write_off(config, run_id)
+    print(f"run {run_id}: {_n(closed, 'unsent row')} written off (not sent)")
+    ledger = _open_ledger(config)
+    try:
+        return _reconcile_runs(config, ledger, [run_id])
+    finally:
+        ledger.close()
 
 
 def _emulator(args: argparse.Namespace) -> int:

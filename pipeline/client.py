@@ -45,7 +45,7 @@ from pipeline.errors import (
     ServerError,
     Unavailable,
 )
-from pipeline.redaction import MAX_MESSAGE, SCAN_LIMIT, redact
+from pipeline.redaction import ID_PATTERN, MAX_MESSAGE, SCAN_LIMIT, redact
 
 _json_string = json.encoder.encode_basestring
 NOTES_PATH = "/v1/tasks/notes"
@@ -226,6 +226,10 @@ def _accepted(response: httpx.Response) -> NoteAccepted:
                           http_status=response.status_code)
     if isinstance(job_id, bool) or not isinstance(job_id, int | str) or not str(job_id).strip():
         raise BadResponse("a success status without a job_id", http_status=response.status_code)
+    if not (ID_PATTERN.fullmatch(task_note_id) and ID_PATTERN.fullmatch(str(job_id).strip())):
+        # Never kept or shown: an upstream that puts text there might put a note there.
+        raise BadResponse("a success status with a task_note_id or job_id that does not look"
+                          " like an id", http_status=response.status_code)
     return NoteAccepted(task_note_id, str(job_id).strip(), response.status_code,
                         str(data.get("message", ""))[:_MAX_MESSAGE])
 

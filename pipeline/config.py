@@ -34,12 +34,13 @@ from pipeline.faults import Faults, Fraction, config_keys
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Columns results.csv writes itself (report.py): these, then the passthrough columns, then
-# "detail". A passthrough column may not shadow one of them.
+# "detail" and "outcome_clock" (TRAILING_COLUMNS). A passthrough column may not shadow any.
 RESULT_COLUMNS = (
     "source_file", "line", "emr_task_id", "final_status", "submit_status", "http_status",
     "task_note_id", "job_id", "outcome", "emr_note_id", "failure_reason", "event_id",
     "submitted_at", "outcome_at", "error",
 )  # fmt: skip
+TRAILING_COLUMNS = ("detail", "outcome_clock")
 
 
 class _Section(BaseModel):
@@ -84,7 +85,7 @@ class InputConfig(_Section):
     @field_validator("passthrough")
     @classmethod
     def _no_shadowing(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        clash = sorted(set(value) & {*RESULT_COLUMNS, "detail"})
+        clash = sorted(set(value) & {*RESULT_COLUMNS, *TRAILING_COLUMNS})
         if clash:
             raise ValueError(f"{', '.join(clash)} would shadow a results.csv column")
         if len(set(value)) != len(value):

@@ -14,7 +14,13 @@ Writing (``SinkFile``, used by the webhook receiver and by ``poll``):
   (0600: a fragment may hold note text), so the next line starts on a fresh line;
 - a failed write (disk full, I/O error) is undone (the file is cut back to
   its last whole line) and reported to every caller of the batch; the next
-  append tries again, so storage resumes as soon as the disk has room.
+  append tries again, so storage resumes as soon as the disk has room;
+- each stored line gets a receipt in ``<file>.received`` (``receipts_path``),
+  written and fsync'ed in the same group commit, before the caller hears
+  "stored": the sink file itself stays exactly the bytes Cobalt sent, so the
+  time the sink received an event (UTC, milliseconds) lives beside it, keyed
+  by event id (``read_receipts``). An event ``poll`` fetched has a receipt
+  saying so (``via: poll``) and when it was fetched, not a receive time.
 
 Reading (``read_sink``, ``read_sink_from``): a torn last line is skipped with a
 warning; any other line the codec refuses is set aside (``SetAside``: its byte
@@ -44,6 +50,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -172,6 +179,7 @@ class _Line:
     data: bytes
     event_id: str
     digest: bytes
+    received_at: str | None = None  # None: fetched by poll
     verdict: Verdict = "stored"
 
 
@@ -182,6 +190,7 @@ class SinkFile:
         self.path = path
         self._fsync = fsync
         self._fd = -1
+        self._receipts = -1
         self._known = 0
         self._ids: set[str] = set()
         self._digests: set[bytes] = set()
@@ -198,6 +207,7 @@ class SinkFile:
             created = self._create()
             with self._locked():
                 self._repair_tail()
+                _drop_torn_tail(self._receipts)
                 self._catch_up()
         except OSError as exc:
             raise StateError(f"sink file {self.path} cannot be opened: {exc.strerror}") from None
@@ -211,15 +221,20 @@ class SinkFile:
             _fsync_dir(directory.parent)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        if created:
+        receipts = receipts_path(self.path)
+        new_receipts = not receipts.exists()
+        self._receipts = os.open(receipts, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        if created or new_receipts:
             os.fsync(self._fd)
+            os.fsync(self._receipts)
             _fsync_dir(directory)
         return created
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._receipts):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._receipts = -1
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -266,11 +281,15 @@ class SinkFile:
     def stop(self) -> None:
         self._group.close()
 
-    async def append(self, body: bytes, event_id: str) -> Verdict:
+    async def append(self, body: bytes, event_id: str, *, received_at: str | None = None
+                     ) -> Verdict:
         """Store one event body durably, unless it is already stored.
 
         ``body`` must be one that ``decode_event`` accepts (the receiver checks it).
-        Raises SinkWriteError when it cannot be stored now (the next call tries again).
+        ``received_at`` (ISO 8601, UTC, milliseconds) is when the receiver got the
+        delivery; None means ``poll`` fetched the event (its receipt then says so, with
+        the time of the fetch). Raises SinkWriteError when it cannot be stored now
+        (the next call tries again).
         """
         if b"\n" in body or b"\r" in body:  # one event per line, content unchanged
             body = encode_event(decode_event(body))
@@ -283,7 +302,7 @@ class SinkFile:
             if event_id in self._ids or digest in self._digests:
                 return "duplicate"
             raise SinkWriteError("the same event, arriving at the same time, was not stored")
-        return await self._append_new(_Line(body + b"\n", event_id, digest))
+        return await self._append_new(_Line(body + b"\n", event_id, digest, received_at))
 
     async def _append_new(self, line: _Line) -> Verdict:
         done = anyio.Event()
@@ -316,10 +335,12 @@ class SinkFile:
                 self._cut_back(self._cut_to)
             self._catch_up()
             start = self._known
+            receipts_start = os.fstat(self._receipts).st_size
             try:
                 self._write_batch(lines)
             except OSError:
                 self._known = start
+                _cut_receipts(self._receipts, receipts_start)
                 try:
                     self._cut_back(start)
                 except OSError as exc:
@@ -329,14 +350,28 @@ class SinkFile:
                 raise
 
     def _write_batch(self, lines: list[_Line]) -> None:
+        receipts: list[bytes] = []
+        fetched_at = None
         for line in lines:
             if line.event_id in self._ids or line.digest in self._digests:
                 line.verdict = "duplicate"
                 continue
+            receipt: dict[str, Any] = {"id": line.event_id, "offset": self._known}
+            if line.received_at is not None:
+                receipt["received_at"] = line.received_at
+            else:
+                fetched_at = fetched_at or receive_time()
+                receipt |= {"via": "poll", "fetched_at": fetched_at}
+            receipts.append(compact_json(receipt) + b"\n")
             written = os.write(self._fd, line.data)
             if written != len(line.data):
                 raise OSError(errno.ENOSPC, "short write (disk full?)")
             self._known += written
+        if receipts:  # receipts first: a receipt without its line is harmless, not the reverse
+            data = b"".join(receipts)
+            if os.write(self._receipts, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
+            self._fsync(self._receipts)
         self._fsync(self._fd)
         for line in lines:
             if line.verdict == "stored":
@@ -376,6 +411,77 @@ class SinkFile:
         except OSError as exc:
             return f"sink file {self.path} cannot be written: {exc.strerror or exc}"
         return None
+
+
+def receive_time() -> str:
+    """Now as ISO 8601 UTC with milliseconds, as the ledger writes ``submitted_at``."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def _cut_receipts(fd: int, size: int) -> None:
+    """Cut the receipts file back to ``size`` after a failed batch (see ``_cut_back``).
+
+    Best effort: a receipt left behind names an event that is not in the sink file (or
+    is stored later, by a retry, under an earlier receive time), which no reader
+    mistakes for a stored event.
+    """
+    with contextlib.suppress(OSError):
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+
+
+def _drop_torn_tail(fd: int) -> None:
+    """Cut a receipts file's torn last line (a crash mid-write: never acknowledged).
+
+    A receipt holds no note text, so the fragment is dropped, not kept.
+    """
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.ftruncate(fd, _last_line_end(fd, size))
+        os.fsync(fd)
+
+
+def receipts_path(sink: Path) -> Path:
+    """Where the sink keeps its receipts (receive times): ``<sink>.received``."""
+    return sink.with_name(sink.name + ".received")
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """When the sink got an event: ``received_at`` (UTC, ms) for a webhook delivery, or
+    ``fetched_at`` with ``polled`` True for an event ``poll`` fetched."""
+
+    received_at: str | None
+    polled: bool
+    fetched_at: str | None = None
+
+
+def read_receipts(sink: Path, since: int = 0) -> dict[str, Receipt] | None:
+    """Receipts of the events stored at byte ``since`` of ``sink`` or later, by event id.
+
+    The first receipt of an id wins. None when the receipts file does not exist (a
+    sink file written before receipts were kept). Unreadable lines are skipped; a
+    receipt whose sink line is not there (a crash between the two writes) is harmless.
+    Only receipts at ``since`` or later are kept, so memory follows what is new.
+    """
+    path = receipts_path(sink)
+    if not path.exists():
+        return None
+    found: dict[str, Receipt] = {}
+    for record in _side_records(path):
+        event_id, offset = record.get("id"), record.get("offset")
+        if not isinstance(event_id, str) or event_id in found:
+            continue
+        if isinstance(offset, int) and offset < since:
+            continue
+        received, fetched = record.get("received_at"), record.get("fetched_at")
+        if record.get("via") == "poll":
+            found[event_id] = Receipt(None, True, fetched if isinstance(fetched, str) else None)
+        elif isinstance(received, str):
+            found[event_id] = Receipt(received, False)
+    return found
 
 
 def _append_private(path: Path, data: bytes) -> None:

@@ -95,7 +95,9 @@ CREATE TABLE IF NOT EXISTS rows (
     outcome_at TEXT,
     settled_by TEXT,                -- job_id | task_note_id | evidence
     passthrough TEXT,               -- JSON list, when input.passthrough names columns
-    reason_codes TEXT               -- Cobalt's failure reason codes, ';'-separated
+    reason_codes TEXT,              -- Cobalt's failure reason codes, ';'-separated
+    outcome_clock TEXT,             -- what outcome_at is: see OUTCOME_CLOCKS
+    written_off_at TEXT             -- a human closed this unsent row without sending it
 );
 -- A mirror of the sink file's task_note.* events (never a note's text: ekey is the hash a
 -- ledger key would have), so join rules run in SQL on indexes, not on frames in memory.
@@ -109,7 +111,9 @@ CREATE TABLE IF NOT EXISTS events (
     failure_reason TEXT,
     reason_codes TEXT,
     ekey BLOB,
-    line INTEGER
+    line INTEGER,
+    outcome_at TEXT,                -- the receipt's time, else the event's created
+    outcome_clock TEXT              -- see OUTCOME_CLOCKS
 );
 -- task_note events no row owns (the first few, and how many), as of the last match.
 CREATE TABLE IF NOT EXISTS orphans (event_id TEXT PRIMARY KEY, kind TEXT, job_id TEXT,
@@ -316,6 +320,12 @@ class Ledger:
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
             if "reason_codes" not in columns:
                 self._db.execute("ALTER TABLE rows ADD COLUMN reason_codes TEXT")
+        for table, added in _ADDED_COLUMNS.items():  # additive, so still schema 2
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for column in added:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        self._db.execute(_OLD_EVENTS_SQL)
         if found is None or int(found[0]) == 1:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                              (SCHEMA_VERSION,))
@@ -629,7 +639,7 @@ class Ledger:
                 f"""SELECT r.run_id, r.key, COALESCE(r.answered_at, u.finished_at, u.started_at)
                       FROM rows r JOIN runs u ON u.run_id = r.run_id
                      WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')}
-                       AND r.key IS NOT NULL
+                       AND r.key IS NOT NULL AND r.written_off_at IS NULL
                        AND r.key NOT IN ({_DELIVERED_KEYS})""",  # noqa: S608
                 params).fetchall(),
         }
@@ -642,13 +652,45 @@ class Ledger:
         return self._db.execute(
             """SELECT id, status, failure_reason, reason_codes FROM rows
                  WHERE run_id = ? AND key IS NOT NULL
-                   AND (status IN ('pending', 'failed')
+                   AND ((status IN ('pending', 'failed') AND written_off_at IS NULL)
                         OR (status = 'accepted' AND outcome = 'failed'))
                    AND NOT EXISTS (SELECT 1 FROM rows o INDEXED BY rows_key
                         WHERE o.key = rows.key AND o.run_id != rows.run_id
                           AND (o.outcome = 'created'
                                OR (o.status = 'accepted' AND o.outcome IS NULL)))""",
             (run_id,)).fetchall()
+
+    def send_failed_rows(self, running: Sequence[str], limit: int = 20
+                         ) -> tuple[int, list[tuple[str, str | None, int]]]:
+        """Rows behind ``send_failed`` in ``open_rows`` (not sent, not written off, their note
+        delivered by no run, their run not in ``running``): how many, and the first ``limit``
+        as (run_id, source file path or None, line), oldest run first."""
+        marks = ",".join("?" * len(running))
+        live = f"AND r.run_id NOT IN ({marks})" if running else ""
+        where = f"""FROM rows r LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+                   WHERE r.status IN ('pending', 'failed') {live} AND r.key IS NOT NULL
+                     AND r.written_off_at IS NULL AND r.key NOT IN ({_DELIVERED_KEYS})"""
+        count = self._db.execute(f"SELECT COUNT(*) {where}", tuple(running)).fetchone()[0]
+        found = self._db.execute(f"SELECT r.run_id, f.path, r.line {where} ORDER BY r.id"
+                                 " LIMIT ?", (*running, limit)).fetchall()
+        return int(count), [(str(a), b, int(c)) for a, b, c in found]
+
+    def write_off(self, run_id: str, at: str) -> int:
+        """Close ``run_id``'s unsent rows (``send_failed`` in ``open_rows``) without sending
+        them: ``written_off_at`` = ``at`` (ISO 8601 UTC). Returns how many; a row whose note
+        a run delivered, or already written off, is left as it is. The run's report must be
+        written again (``report_final`` is cleared). The caller checks the run is not in
+        progress."""
+        with self._transaction():
+            changed = self._db.execute(
+                f"""UPDATE rows SET written_off_at = ?
+                    WHERE run_id = ? AND status IN ('pending', 'failed') AND key IS NOT NULL
+                      AND written_off_at IS NULL
+                      AND key NOT IN ({_DELIVERED_KEYS})""",  # noqa: S608
+                (at, run_id)).rowcount
+        if changed:
+            self.update_run_info(run_id, {"report_final": False})
+        return int(changed)
 
     def emr_failures(self) -> list[tuple[str, bytes, str | None, str | None, str | None]]:
         """(run_id, key, failure_reason, reason_codes, outcome_at) of notes that failed in the
@@ -814,8 +856,8 @@ class Ledger:
             before = self._db.total_changes
             self._db.executemany(
                 "INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,"
-                " emr_note_id, failure_reason, reason_codes, ekey, line)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+                " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
+                " outcome_clock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
             added = self._db.total_changes - before
             tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._db.executemany(
@@ -941,7 +983,16 @@ class Ledger:
 
 # One row per task_note event, as stored in the events table (see the schema).
 EventRecord = tuple[str, str, str | None, str | None, str | None, str | None, str | None,
-                    str | None, bytes | None, int]
+                    str | None, bytes | None, int, str | None, str]
+# What a row's outcome_at means: the time the sink received the webhook (UTC, ms); or,
+# for an event poll fetched or one stored before the sink kept receipts, the event's own
+# ``created`` time (Cobalt's clock, whole seconds). Only the first is a latency.
+OUTCOME_CLOCKS: Final = ("sink_received", "event_created_polled", "event_created_no_receipt")
+_ADDED_COLUMNS: Final = {"rows": ("outcome_clock", "written_off_at"),
+                         "events": ("outcome_at", "outcome_clock")}
+_OLD_EVENTS_SQL: Final = """
+UPDATE events SET outcome_at = created, outcome_clock = 'event_created_no_receipt'
+ WHERE outcome_clock IS NULL"""
 
 # The join rules, in the order reconcile.py documents them. `claimed`: every (row, event) pair
 # matched by job_id, or, for a row with no job_id match, by task_note_id.
@@ -959,7 +1010,7 @@ _MATCH_SQL: Final = (
     # Most rows have one event: taken as it is, grouped on the row index, no sorting.
     """CREATE TEMP TABLE matched AS
     SELECT row_id, kind AS outcome, event_id, emr_note_id, failure_reason, reason_codes,
-           created AS outcome_at, settled_by
+           outcome_at, settled_by, outcome_clock
       FROM claimed GROUP BY row_id HAVING COUNT(*) = 1""",
     """CREATE UNIQUE INDEX temp.matched_row ON matched (row_id)""",
     # Rows with several events: the earliest of each kind; created and failed: a conflict.
@@ -974,11 +1025,12 @@ _MATCH_SQL: Final = (
     f AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'failed')
     SELECT c.row_id, CASE WHEN f.row_id IS NULL THEN 'created' ELSE 'conflict' END,
            CASE WHEN f.row_id IS NULL THEN c.event_id ELSE c.event_id || ';' || f.event_id END,
-           c.emr_note_id, f.failure_reason, f.reason_codes, c.created, c.settled_by
+           c.emr_note_id, f.failure_reason, f.reason_codes, c.outcome_at, c.settled_by,
+           c.outcome_clock
       FROM c LEFT JOIN f ON f.row_id = c.row_id
     UNION ALL
-    SELECT f.row_id, 'failed', f.event_id, NULL, f.failure_reason, f.reason_codes, f.created,
-           f.settled_by
+    SELECT f.row_id, 'failed', f.event_id, NULL, f.failure_reason, f.reason_codes,
+           f.outcome_at, f.settled_by, f.outcome_clock
       FROM f WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.row_id = f.row_id)""",
 )
 _ANY_DOUBTFUL_SQL: Final = """
@@ -999,7 +1051,8 @@ spare AS (
       FROM events e
      WHERE kind = 'created' AND ekey IN (SELECT key FROM doubtful)
        AND event_id NOT IN (SELECT event_id FROM claimed))
-SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.created, 'evidence'
+SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.outcome_at, 'evidence',
+       s.outcome_clock
   FROM doubtful d JOIN spare s ON s.ekey = d.key AND s.n = d.n"""
 _ORPHANS_SQL: Final = (
     "DELETE FROM orphans",
@@ -1015,17 +1068,18 @@ _ORPHANS_SQL: Final = (
 )
 _CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
-       outcome_at = NULL, settled_by = NULL
+       outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
  WHERE outcome IS NOT NULL AND id NOT IN (SELECT row_id FROM matched)"""
 _WRITE_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_note_id,
        failure_reason = m.failure_reason, outcome_at = m.outcome_at, settled_by = m.settled_by,
-       reason_codes = m.reason_codes
+       reason_codes = m.reason_codes, outcome_clock = m.outcome_clock
   FROM matched m
  WHERE m.row_id = rows.id
    AND (rows.outcome IS NOT m.outcome OR rows.event_id IS NOT m.event_id
         OR rows.failure_reason IS NOT m.failure_reason OR rows.settled_by IS NOT m.settled_by
-        OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at)"""
+        OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at
+        OR rows.outcome_clock IS NOT m.outcome_clock)"""
 # Keys some run delivered: Cobalt has the note (created), or took it and no outcome is in.
 _DELIVERED_KEYS: Final = """
 SELECT key FROM rows INDEXED BY rows_key WHERE key IS NOT NULL
@@ -1046,10 +1100,10 @@ SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_j
 # A row's "via": the send of the same note by another run that delivered it (Cobalt has it,
 # or took it and no outcome is in): a confirmed send first, then the earliest.
 _VIA_COLUMNS: Final = ("run_id", "job_id", "outcome", "task_note_id", "submitted_at",
-                       "outcome_at", "event_id", "emr_note_id")
+                       "outcome_at", "event_id", "emr_note_id", "outcome_clock")
 _VIA_SQL: Final = """
 SELECT r.id, via.run_id, via.job_id, via.outcome, via.task_note_id, via.submitted_at,
-       via.outcome_at, via.event_id, via.emr_note_id
+       via.outcome_at, via.event_id, via.emr_note_id, via.outcome_clock
   FROM rows r JOIN rows via ON via.id = (
        SELECT o.id FROM rows o INDEXED BY rows_key
         WHERE o.key = r.key AND o.run_id != r.run_id
@@ -1063,7 +1117,7 @@ SELECT run_id FROM runs u WHERE EXISTS (
     SELECT 1 FROM rows r LEFT JOIN rows ref ON ref.id = r.ref_id
      WHERE r.run_id = u.run_id AND (
            (r.status IN ('pending', 'failed', 'sending', 'ambiguous', 'accepted')
-            AND r.outcome IS NOT 'created')
+            AND r.outcome IS NOT 'created' AND r.written_off_at IS NULL)
         OR (r.status IN ('already_sent', 'held') AND ref.outcome IS NOT 'created'))
        AND NOT ((r.status IN ('pending', 'failed', 'already_sent', 'held')
                  OR (r.status = 'accepted' AND r.outcome = 'failed'))

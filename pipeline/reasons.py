@@ -33,7 +33,7 @@ from typing import Any, Final
 from pipeline.config import InputConfig
 from pipeline.errors import PipelineError
 from pipeline.ledger import EventRecord, Ledger, row_key
-from pipeline.redaction import MAX_MESSAGE, quotes, redact
+from pipeline.redaction import MAX_MESSAGE, quotes, redact, safe_id
 from pipeline.source import CsvFile, clean_name
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 CODE_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 QUOTED: Final = "[reason withheld: it quoted the note]"
 UNCHECKED: Final = "[reason withheld: the note was not read back to check it]"
-_ID_LIKE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_TEXT: Final = 8192  # longer free text is withheld unread (a reason is a sentence)
 _FAILURE: Final = 6  # failure_reason's position in an EventRecord
 _PREPARE_MAX: Final = 100_000  # failed events whose notes ``prepare`` holds at once, at most
@@ -65,13 +64,9 @@ def codes_of(reasons: object) -> list[str]:
 
 def safe_emr_note_id(value: object, note: object) -> str | None:
     """A created event's ``emr_note_id`` as kept: as given when it looks like an id, else
-    redacted against the note the same event carries."""
-    if value is None:
-        return None
-    text = str(value)
-    if _ID_LIKE.fullmatch(text):
-        return text
-    return redact(text, [note] if isinstance(note, str) else [], withheld=QUOTED)
+    withheld (``redaction.safe_id``; ``note`` is no longer needed: nothing of it is kept)."""
+    del note
+    return safe_id(value)
 
 
 @dataclass
@@ -127,7 +122,7 @@ class ReasonRedactor:
         out = list(records)
         for i in wanted:
             (event_id, kind, job_id, task_note_id, created, emr_note_id, failure, listed,
-             ekey, end) = records[i]
+             ekey, end, outcome_at, clock) = records[i]
             private = self._known[keys[i]]
             codes = [c for c in (listed or "").split(";") if c]
             if private:
@@ -143,7 +138,7 @@ class ReasonRedactor:
                 reason = redact(text, [*private, *self.secrets],
                                 withheld=f"{shown} {QUOTED}".strip(), limit=MAX_MESSAGE)
             out[i] = (event_id, kind, job_id, task_note_id, created, emr_note_id, reason,
-                      shown or None, ekey, end)
+                      shown or None, ekey, end, outcome_at, clock)
         return out
 
     def _resolve(self, keys: set[tuple[str, str]]) -> None:

@@ -29,6 +29,9 @@ Join rules, in this order:
    ("sent in run X as job J: confirmed") once confirmed, ``awaiting_outcome``
    while pending (never counted as ended well before it is confirmed). A row
    so followed is not open and goes into no redrive.csv.
+   A row not sent that a human wrote off (``tasknotes status --write-off``)
+   stays ``send_failed`` ("never sent; written off by operator at T"), and is
+   neither open nor offered again.
 6. ``task_note.*`` events that match no row of any run are orphans.
 
 The same ledger and sink file always give the same result (no clock is read
@@ -51,9 +54,17 @@ import pandas as pd
 
 from pipeline.config import InputConfig, RunConfig
 from pipeline.errors import PipelineError
-from pipeline.events import SetAside, keep_set_aside, read_sink_from, set_aside_path
+from pipeline.events import (
+    Receipt,
+    SetAside,
+    keep_set_aside,
+    read_receipts,
+    read_sink_from,
+    set_aside_path,
+)
 from pipeline.ledger import EventRecord, Ledger, row_key
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
+from pipeline.redaction import safe_id
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,13 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     from its start; events already mirrored are not stored twice. A line the
     event codec refuses is kept in ``<sink>.set-aside`` (with its byte offset),
     counted as ``(set aside)`` in the event tally, and reading goes on.
+
+    Each event's ``outcome_at`` is the time the sink received it, from the sink's
+    receipts (``events.read_receipts``), clock ``sink_received``. An event ``poll``
+    fetched, or one with no receipt (a sink file older than receipts), takes the
+    event's own ``created`` time instead, clock ``event_created_polled`` or
+    ``event_created_no_receipt`` (``ledger.OUTCOME_CLOCKS``): reports measure
+    latency on the first clock only, and count the others.
     """
     redactor = redactor or ReasonRedactor(ledger, None)
     offset, head = ledger.sink_position()
@@ -91,6 +109,10 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     if current != head or offset > _size(sink):
         offset = 0
     redactor.prepare(sink, offset)
+    receipts = read_receipts(sink, offset)
+    if receipts is None and _size(sink) > offset:
+        log.info("%s has no receipts file: outcome times are the events' own created times",
+                 sink)
     added = 0
     batch: list[EventRecord] = []
     tally: Counter[str] = Counter()
@@ -100,7 +122,7 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
-        elif (record := _record(event, end, account, tally)) is not None:
+        elif (record := _record(event, end, account, tally, receipts or {})) is not None:
             batch.append(record)
         if len(batch) + len(aside) >= _BATCH:
             if aside:
@@ -134,8 +156,8 @@ def _set_aside(sink: Path, lines: list[SetAside]) -> None:
                 len(lines), set_aside_path(sink), first.offset, first.code)
 
 
-def _record(event: dict[str, Any], end: int, account: str,
-            tally: Counter[str]) -> EventRecord | None:
+def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
+            receipts: dict[str, Receipt]) -> EventRecord | None:
     kind = _KINDS.get(str(event.get("type")))
     event_id = event.get("id")
     if not isinstance(event_id, str) or not event_id:
@@ -156,10 +178,19 @@ def _record(event: dict[str, Any], end: int, account: str,
     reason = data.get("failure_reason")
     if reason is None and kind == "failed" and isinstance(data.get("reasons"), list):
         reason = ""  # the descriptions are free text too: codes only, checked the same way
-    return (event_id, kind, None if job_id is None else str(job_id).strip(),
-            _text(data.get("task_note_id")), _text(event.get("created")),
+    created = _text(event.get("created"))
+    receipt = receipts.get(event_id)
+    outcome_at: str | None
+    if receipt is not None and receipt.received_at is not None:
+        outcome_at, clock = receipt.received_at, "sink_received"
+    else:
+        clock = "event_created_polled" if receipt is not None else "event_created_no_receipt"
+        outcome_at = created
+    # Ids are untrusted too: one that does not look like an id is withheld (safe_id).
+    return (str(safe_id(event_id)), kind, None if job_id is None else safe_id(str(job_id).strip()),
+            safe_id(data.get("task_note_id")), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
-            ekey, end)
+            ekey, end, outcome_at, clock)
 
 
 def _text(value: object) -> str | None:
@@ -278,7 +309,7 @@ def _finalise(rows: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     # A row that sent nothing itself shows the send that speaks for it: run, job, outcome.
     follows = out["via_run_id"].notna() & (out["status"] != "accepted")
     for column in ("job_id", "task_note_id", "submitted_at", "outcome_at", "event_id",
-                   "emr_note_id"):
+                   "emr_note_id", "outcome_clock"):
         out.loc[follows, column] = out.loc[follows, f"via_{column}"]
     out.loc[follows, "outcome"] = out.loc[follows, "via_outcome"].fillna("pending")
     already = (out["status"] == "already_sent") & ~follows
@@ -297,6 +328,7 @@ def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series,
                      lead="failed in the EMR; sent again in run ")
     earlier = _sent_in(out, status == "already_sent", "ref")
     mine = status.isin(["pending", "failed", "already_sent", "held"])
+    written_off = out.get("written_off_at", pd.Series(None, index=out.index, dtype=object))
     rules: list[tuple[pd.Series, str, pd.Series | str]] = [
         (status == "rejected", "rejected_invalid", out["error"].fillna("")),
         (status == "duplicate", "skipped_duplicate", out["error"].fillna("")),
@@ -322,6 +354,8 @@ def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series,
          "settled by evidence: a task_note.created event carries this note"),
         (status.isin(["ambiguous", "sending"]), "ambiguous",
          "the request may have reached Cobalt; check the chart before sending again"),
+        (status.isin(["failed", "pending"]) & written_off.notna(), "send_failed",
+         "never sent; written off by operator at " + written_off.fillna("")),
         (status == "failed", "send_failed", ""),
         (status == "pending", "send_failed", f"not sent: {stopped}; the next run sends it"),
     ]

@@ -26,6 +26,7 @@ The full upstream text is kept nowhere.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import itertools
 import re
@@ -38,6 +39,11 @@ REDACT_RUN: Final = 16  # this many consecutive characters of a note or secret a
 REDACTED: Final = "[redacted]"
 MESSAGE_WITHHELD: Final = "[message withheld: it quoted the request]"
 MAX_MESSAGE: Final = 300
+# An id from upstream (task_note_id, job_id, emr_note_id, an event's id) as kept: letters,
+# digits and ``_ . : -``, at most 128 characters. Cobalt's ids fit (24 hex digits, integers,
+# UUIDs, ``evt_...``); text with a space, other punctuation or beyond the cap does not.
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+ID_WITHHELD: Final = "withheld-"
 SCAN_LIMIT: Final = 65_536  # characters of an upstream message looked at, at most
 _NEIGHBOUR: Final = 6  # letters next to a cut that, found in the note, mean it was cut short
 _SHORT_SKELETON: Final = 8  # a short private string is also looked for without its spacing
@@ -45,6 +51,24 @@ _ROUNDS: Final = 4  # decoding rounds: a quote escaped up to this many times is 
 _ESCAPE: Final = re.compile(
     r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|x([0-9a-fA-F]{2})|(.))", re.DOTALL)
 _CONTROL_ESCAPES: Final = frozenset("nrtbfva0")
+
+
+def safe_id(value: object) -> str | None:
+    """An id that came from upstream, as tasknotes keeps and reports it.
+
+    As given when it looks like an id (``ID_PATTERN``); else withheld: ``withheld-``
+    and 16 hex digits of its SHA-256, so the same value always gives the same text
+    (events still de-duplicate) and nothing of it is shown, since a buggy or hostile
+    upstream could put note text there (OWASP: treat upstream data as untrusted).
+    None stays None.
+    """
+    if value is None:
+        return None
+    text = str(value)
+    if ID_PATTERN.fullmatch(text):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return ID_WITHHELD + digest
 
 
 def redact(text: str, private: Iterable[str], *, limit: int = MAX_MESSAGE,

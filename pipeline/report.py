@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import __version__
-from pipeline.config import RESULT_COLUMNS, InputConfig, ReportConfig
+from pipeline.config import RESULT_COLUMNS, TRAILING_COLUMNS, InputConfig, ReportConfig
 from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
 from pipeline.rejects import copy_encoding, private_file
@@ -144,14 +144,41 @@ def _write_results(result: RunResult, path: Path, settings: ReportConfig,
             header = False
             tally.add(chunk, table)
         if header:  # a run with no rows still gets the columns
-            shareable(pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough, "detail"])).to_csv(
+            shareable(pd.DataFrame(columns=[*RESULT_COLUMNS, *passthrough,
+                                            *TRAILING_COLUMNS])).to_csv(
                 fh, index=False, lineterminator="\n")
     os.replace(tmp, path)
     return tally
 
 
+def known_counts(ledger_path: Path, run_id: str) -> dict[str, int]:
+    """Rows of ``run_id`` per final status (every status of FINAL_STATUSES), as the
+    ledger at ``ledger_path`` has them now, read only: what a run prints when its
+    report could not be written (a full disk), where nothing may be written.
+
+    Outcomes are those the ledger learned last (nothing is read from the sink file).
+    Raises StateError if the ledger cannot be read.
+    """
+    from pipeline.ledger import Ledger  # noqa: PLC0415 - the read-only opener
+
+    ledger = Ledger.existing(ledger_path)
+    counts: Counter[str] = Counter()
+    if ledger is None:
+        return dict.fromkeys(FINAL_STATUSES, 0)
+    try:
+        record = ledger.run(run_id)
+        record["state"] = ledger.effective_state(record)
+        result = RunResult(record, [], 0, [], {}, ledger)
+        for chunk in result.chunks():
+            counts.update(chunk["final_status"])
+    finally:
+        ledger.close()
+    return {status: int(counts[status]) for status in FINAL_STATUSES}
+
+
 def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
-    """results.csv rows: the README's columns, then the passthrough columns, then detail."""
+    """results.csv rows: the README's columns, then the passthrough columns, then detail and
+    outcome_clock."""
     out = pd.DataFrame(index=rows.index)
     for column in RESULT_COLUMNS:
         out[column] = rows.get(column, "")
@@ -162,6 +189,8 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
     # detail says what error does not: for a rejected row they were the same sentence twice.
     repeats = rows["detail"].fillna("") == out["error"].fillna("")
     out["detail"] = rows["detail"].where(~repeats, "")
+    # What outcome_at is (ledger.OUTCOME_CLOCKS): last, so no earlier column moves.
+    out["outcome_clock"] = rows.get("outcome_clock")
     return out.fillna("").reset_index(drop=True)
 
 
@@ -268,9 +297,12 @@ class _Tally:
         self.stale = 0
         self.oldest_waiting: float | None = None
         self.latencies: list[np.ndarray] = []
-        self.coarse = 0  # outcomes whose time has whole seconds only: not measured
+        # Rows with an outcome time, by what it is (ledger.OUTCOME_CLOCKS): only the time
+        # the sink received the event is a latency; the events' own times are counted.
+        self.clocks: Counter[str] = Counter()
         self.attention: list[dict[str, Any]] = []
         self.attention_total = 0
+        self.written_off = 0  # send_failed rows a human closed without sending them
         self.redrive: dict[int, set[int]] = {}
         self.redrive_ids: list[int] = []  # their ledger row ids (redrive_digest)
 
@@ -282,17 +314,23 @@ class _Tally:
         self.reasons.update(r or "(no reason given)" for r in table.loc[failed, "failure_reason"])
         self.evidence += int((rows["settled_by"] == "evidence").sum())
         self.conflicts += int((table["outcome"] == "conflict").sum())
-        # A whole-second outcome time is up to 1 s early against a submission time with
-        # milliseconds: such rows are counted, not measured.
+        # Only the sink's receive time (UTC, ms) measures a latency: an event's own created
+        # time (polled, or an older sink file without receipts) is Cobalt's clock in whole
+        # seconds, up to 1 s early against a submission time; such rows are counted apart.
         seconds = _seconds_between(table["submitted_at"], table["outcome_at"])
-        fine = table["outcome_at"].str.contains(_SUBSECOND, regex=True, na=False)
-        self.coarse += int((seconds.notna() & ~fine).sum())
-        seconds = seconds[fine].dropna()
+        clock = table["outcome_clock"].replace("", "event_created_no_receipt")
+        self.clocks.update(clock[table["outcome_at"] != ""])
+        seconds = seconds[(clock == "sink_received").to_numpy()].dropna()
         self.latencies.append(seconds.clip(lower=0).to_numpy(dtype=np.float32))
-        self._waiting_and_attention(table, waiting_since(rows))
-        self._redrive(rows, table, failed)
+        # send_failed rows a human wrote off: closed, so neither attention nor redrive.
+        off = rows.get("written_off_at", pd.Series(None, index=rows.index, dtype=object))
+        closed = off.notna().reset_index(drop=True) & (table["final_status"] == "send_failed")
+        self.written_off += int(closed.sum())
+        self._waiting_and_attention(table, waiting_since(rows), closed)
+        self._redrive(rows, table, failed, closed)
 
-    def _waiting_and_attention(self, table: pd.DataFrame, since: pd.Series) -> None:
+    def _waiting_and_attention(self, table: pd.DataFrame, since: pd.Series,
+                               closed: pd.Series) -> None:
         age = (self._now - since).dt.total_seconds()
         waiting = table["final_status"] == "awaiting_outcome"
         stale = waiting & (age > self._settings.stale_after)
@@ -300,7 +338,7 @@ class _Tally:
         if waiting.any():
             oldest = float(age[waiting].max())
             self.oldest_waiting = max(self.oldest_waiting or oldest, oldest)
-        mask = ~table["final_status"].isin(GOOD_STATUSES) | stale
+        mask = (~table["final_status"].isin(GOOD_STATUSES) & ~closed) | stale
         self.attention_total += int(mask.sum())
         room = max(self._settings.attention_rows - len(self.attention), 0)
         picked = table[mask].head(room)
@@ -312,25 +350,32 @@ class _Tally:
                 "reason": r["failure_reason"] or r["error"] or r["detail"],
                 "age": _age(seconds), "stale": bool(late), "job_id": r["job_id"]})
 
-    def _redrive(self, rows: pd.DataFrame, table: pd.DataFrame, failed: pd.Series) -> None:
+    def _redrive(self, rows: pd.DataFrame, table: pd.DataFrame, failed: pd.Series,
+                 closed: pd.Series) -> None:
         """Send failures, and EMR failures whose reason (a code or a phrase) is retryable."""
         codes = rows["reason_codes"].fillna("").reset_index(drop=True)
         text = (table["failure_reason"] + ";" + codes).str.lower()
         retryable = failed & text.map(lambda r: any(p in r for p in self._retryable))
-        wanted = (table["final_status"] == "send_failed") | retryable
+        wanted = ((table["final_status"] == "send_failed") & ~closed) | retryable
         for file_no, line in zip(rows["file_no"].reset_index(drop=True)[wanted],
                                  table.loc[wanted, "line"], strict=True):
             self.redrive.setdefault(int(file_no), set()).add(int(line))
         self.redrive_ids.extend(int(i) for i in rows["id"].reset_index(drop=True)[wanted])
 
-    def latency(self) -> dict[str, float | None]:
+    def latency(self) -> dict[str, Any]:
+        """summary.json's ``latency_s``: seconds from submission to the sink receiving the
+        outcome (``count``, ``p50``, ``p90``, ``max``), and ``outcome_clocks``: rows with an
+        outcome time by what that time is (``ledger.OUTCOME_CLOCKS``); ``not_measured``
+        counts those whose time is the event's own (polled, or no receipt: an older sink).
+        """
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
+        clocks = {"outcome_clocks": dict(sorted(self.clocks.items())),
+                  "not_measured": sum(n for c, n in self.clocks.items() if c != "sink_received")}
         if not len(seconds):
-            return {"count": 0, "p50": None, "p90": None, "max": None,
-                    "whole_second_times": self.coarse}
+            return {"count": 0, "p50": None, "p90": None, "max": None, **clocks}
         return {"count": len(seconds), "p50": round(float(np.quantile(seconds, 0.5)), 1),
                 "p90": round(float(np.quantile(seconds, 0.9)), 1),
-                "max": round(float(seconds.max()), 1), "whole_second_times": self.coarse}
+                "max": round(float(seconds.max()), 1), **clocks}
 
     def histogram(self) -> dict[str, Any]:
         """The latency chart: bins of an even, round width ("nice" steps of 1, 2, 2.5 or 5
@@ -423,7 +468,8 @@ def summarise(
     counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     not_read = unread_input(result)
-    now_code = 1 if tally.attention_total or exit_code(counts) or not_read else 0
+    still_open = {**counts, "send_failed": counts["send_failed"] - tally.written_off}
+    now_code = 1 if tally.attention_total or exit_code(still_open) or not_read else 0
     exited = (process_exit_code if process_exit_code is not None
               else recorded_exit_code(run, now_code))
     awaiting = counts["awaiting_outcome"]
@@ -452,6 +498,8 @@ def summarise(
         "ended_well": int(sum(counts[s] for s in ENDED_WELL)),
         "awaiting": awaiting,
         "needs_attention": tally.attention_total,
+        # send_failed rows a human closed without sending (tasknotes status --write-off)
+        "written_off": tally.written_off,
         "verdict": verdict,
         "submit_status": dict(sorted(tally.submit.items())),
         "problems": info.get("problems", {}),
@@ -498,7 +546,6 @@ def unread_input(result: RunResult) -> dict[str, Any] | None:
     return {"stopped": where, "path": stopped["path"], "after_line": line, "files": left}
 
 
-_SUBSECOND: Final = r"T\d\d:\d\d:\d\d\.\d"  # an ISO 8601 time with a fraction of a second
 
 
 def _seconds_between(start: pd.Series, end: pd.Series) -> pd.Series:

@@ -778,8 +778,14 @@ def _pipeline_error(group: BaseExceptionGroup[Any]) -> PipelineError | None:
 
 
 def _log_scan(c: ScanCounts) -> None:
-    log.info("%d rows: %d to send, %d rejected, %d duplicates, %d already sent, %d held",
-             c.rows, c.to_send, c.rejected, c.duplicates, c.already_sent, c.held)
+    log.info("%s: %d to send, %d rejected, %s, %d already sent, %d held",
+             _n(c.rows, "row"), c.to_send, c.rejected, _n(c.duplicates, "duplicate"),
+             c.already_sent, c.held)
+
+
+def _n(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless the count is one: "1 duplicate", "2 rows"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def validate_only(config: RunConfig, inputs: Sequence[str]) -> RunOutcome:

@@ -11,9 +11,10 @@ The one part of tasknotes exposed to a network, so it trusts nothing:
   line: not strict UTF-8 (a UTF-16 body), a lone surrogate escape, nesting
   deeper than ``events.MAX_DEPTH``, NaN/Infinity, not an object, no id. A bad
   request never gets a 5xx (Cobalt would retry it);
-- an event is acknowledged only once its line is fsync'ed (group commit in
-  ``events.SinkFile``); if it cannot be stored the answer is a 503, which
-  Cobalt retries once, and ``tasknotes poll`` can fetch it later. The next
+- an event is acknowledged only once its line, and its receipt (the time the
+  whole delivery was in, UTC with milliseconds: the row's ``outcome_at``), are
+  fsync'ed (group commit in ``events.SinkFile``); if it cannot be stored the
+  answer is a 503, which Cobalt retries once, and ``tasknotes poll`` can fetch it later. The next
   delivery tries storage again, so the sink heals when the disk has room;
   ``/healthz`` answers 503 until a write (or its own probe write) succeeds;
 - a repeated delivery (same ``webhook-id``, or the same body under a new id)
@@ -52,7 +53,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pipeline.events import SinkWriteError, UnreadableEvent, Verdict, decode_event
+from pipeline.events import (
+    SinkWriteError,
+    UnreadableEvent,
+    Verdict,
+    decode_event,
+    receive_time,
+)
+from pipeline.redaction import safe_id
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,8 @@ class EventStore(Protocol):
 
     def stop(self) -> None: ...
 
-    async def append(self, body: bytes, event_id: str) -> Verdict: ...
+    async def append(self, body: bytes, event_id: str, *, received_at: str | None = None
+                     ) -> Verdict: ...
 
     def probe(self) -> str | None: ...
 
@@ -192,6 +201,7 @@ class WebhookReceiver:
                 or sum(len(k) + len(v) for k, v in raw_headers) > self.limits.max_header_bytes):
             return _answer(431, "header fields too many or too large", None, "-", attempt)
         body = await self._read_body(request)
+        received_at = receive_time()  # the whole delivery is in: the event's receive time
         if body is None:
             return _answer(413, "body too large", None, "-", attempt)
         if not verify_signature(body, request.headers.get(SIGNATURE_HEADER), self._secrets):
@@ -200,11 +210,12 @@ class WebhookReceiver:
             event = _parse(body)
         except UnreadableEvent as exc:
             return _answer(400, f"not an event: {exc.code}", None, len(body), attempt)
-        return await self._store(body, event, attempt)
+        return await self._store(body, event, attempt, received_at)
 
-    async def _store(self, body: bytes, event: dict[str, Any], attempt: str) -> JSONResponse:
+    async def _store(self, body: bytes, event: dict[str, Any], attempt: str,
+                     received_at: str) -> JSONResponse:
         try:
-            verdict = await self.sink.append(body, event["id"])
+            verdict = await self.sink.append(body, event["id"], received_at=received_at)
         except SinkWriteError:
             return _answer(503, "event not stored, retry", event, len(body), attempt)
         except UnreadableEvent as exc:  # re-encoded to one line, it no longer fits the codec
@@ -242,8 +253,8 @@ def _parse(body: bytes) -> dict[str, Any]:
 def _answer(
     status: int, verdict: str, event: dict[str, Any] | None, size: int | str, attempt: str
 ) -> JSONResponse:
-    event_id = str(event.get("id"))[:64] if event else "-"
-    event_type = str(event.get("type"))[:64] if event else "-"
+    event_id = str(safe_id(event.get("id")))[:64] if event else "-"
+    event_type = str(safe_id(event.get("type")))[:64] if event else "-"
     # A line per delivery only with -v (DEBUG): thousands of rows make thousands of webhooks.
     level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     log.log(level, "webhook %s type=%s bytes=%s attempt=%s -> %d %s",

@@ -13,8 +13,12 @@ notes open; a run is listed under a kind only for the notes counted there:
     ambiguous         a request may have reached Cobalt and nothing settles it
                       (held rows wait on these). Settled by review in the chart, or
                       by a ``task_note.created`` event ``poll`` brings back.
-    send_failed       not sent (retries ran out, or the run stopped) and not sent
-                      by any run since. Settled by running again.
+    send_failed       not sent (retries ran out, or the run stopped), not sent by
+                      any run since, and not written off. Settled only by a run
+                      whose input holds the row again (its run's redrive.csv, or
+                      its source file: ``rows`` names run, file and line); a row
+                      no input holds any more is closed without sending it by
+                      ``tasknotes status CONFIG --write-off RUN_ID`` (``write_off``).
     failed_retryable  failed in the EMR with a reason in ``report.retryable_failures``
                       and not delivered by any run since. Settled by running the
                       run's redrive.csv.
@@ -41,9 +45,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from pipeline.config import RunConfig
+from pipeline.errors import StateError
 from pipeline.ledger import Ledger, OpenGroup, OpenRow
 
 SCHEMA: Final = 1
+ROWS_SHOWN: Final = 20  # send_failed rows named (run, file, line) by status
 KINDS: Final = ("awaiting_outcome", "ambiguous", "send_failed", "failed_retryable",
                 "in_progress", "not_read")
 # Which kind counts a note open in several ways (module docstring).
@@ -60,7 +66,10 @@ class OpenKind:
     ``oldest_age_s``: seconds since the oldest was submitted (or its run ended),
     None when there is none; ``run_ids``: the runs whose reports list them;
     ``redrive_files``: existing ``reports/<run_id>/redrive.csv`` files of those
-    runs; ``settle``: the command (or action) that settles this kind.
+    runs; ``settle``: the command (or action) that settles this kind; ``rows``
+    (``send_failed`` only, else empty): the first ``ROWS_SHOWN`` rows behind it as
+    ``{"run_id", "source_file", "line"}`` (``rows_total`` counts them all: rows, where
+    ``count`` counts notes).
     """
 
     kind: str
@@ -70,11 +79,13 @@ class OpenKind:
     run_ids: tuple[str, ...]
     redrive_files: tuple[str, ...]
     settle: str
+    rows: tuple[dict[str, Any], ...] = ()
+    rows_total: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": self.count, "stale": self.stale, "oldest_age_s": self.oldest_age_s,
                 "run_ids": list(self.run_ids), "redrive_files": list(self.redrive_files),
-                "settle": self.settle}
+                "settle": self.settle, "rows": list(self.rows), "rows_total": self.rows_total}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +159,40 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
         groups = _by_precedence(rows, stale_before)
         groups["not_read"] = _not_read(ledger)
         redrive = _current_redrive(ledger, config, groups)
+        unsent = ledger.send_failed_rows(running, ROWS_SHOWN)
         holder = ledger.lock_holder() if running else None
     finally:
         ledger.close()
     return _assemble(config, config_path, now, groups,
-                     {} if holder is None else {"pid": str(holder)}, redrive=redrive)
+                     {} if holder is None else {"pid": str(holder)}, redrive=redrive,
+                     unsent=unsent)
+
+
+def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) -> int:
+    """Close the ``send_failed`` rows of ``run_id`` without sending them; returns how many.
+
+    For a row no input holds any more (its redrive.csv removed, a later export without
+    it), which no run can settle. Recorded in the ledger with the time (ISO 8601 UTC):
+    the row's final status stays ``send_failed`` and its detail says it was written
+    off by the operator at that time; it is never shown as sent. Outcomes in the sink
+    file are learned first, so a note some run delivered is not touched. Raises
+    StateError for an unknown run, a run in progress, or no ledger.
+    """
+    from pipeline.reconcile import Reconciler  # noqa: PLC0415 - pandas only when needed
+
+    path = config.state.ledger
+    if not path.exists():
+        raise StateError(f"no ledger at {path}: nothing has been run yet")
+    ledger = Ledger(path, synchronous=config.state.synchronous)
+    try:
+        record = ledger.run(run_id)
+        if run_id in ledger.runs_in_progress():
+            raise StateError(f"run {run_id} is in progress: its unsent rows are not failures "
+                             "yet; write off after it ends")
+        Reconciler.of(ledger, config).refresh(record["account"])
+        return ledger.write_off(run_id, _iso(now or datetime.now(UTC)))
+    finally:
+        ledger.close()
 
 
 def _by_precedence(rows: dict[str, list[OpenRow]], stale_before: str) -> dict[str, OpenGroup]:
@@ -224,14 +264,19 @@ def _current_redrive(ledger: Ledger, config: RunConfig,
 
 def _assemble(config: RunConfig, config_path: str, now: datetime,
               groups: dict[str, OpenGroup], extra: dict[str, str], *,
-              redrive: dict[str, str] | None = None) -> LedgerStatus:
+              redrive: dict[str, str] | None = None,
+              unsent: tuple[int, list[tuple[str, str | None, int]]] = (0, [])) -> LedgerStatus:
     pid = f" (pid {extra['pid']})" if "pid" in extra else ""
     settle = {
         "awaiting_outcome": f"tasknotes poll {config_path}",
         "ambiguous": ("review: check each listed task in the EMR (report.html, 'Rows that "
                       f"need attention'); tasknotes poll {config_path} settles those an "
                       "event shows landed"),
-        "send_failed": f"tasknotes run {config_path} (rows already sent are skipped)",
+        "send_failed": (f"tasknotes run {config_path} --input FILE, with an input that holds "
+                        "these rows (the run's redrive.csv, or the source file named below; "
+                        "rows already sent are skipped). A row no input holds any more: "
+                        f"tasknotes status {config_path} --write-off RUN_ID closes the run's "
+                        "unsent rows without sending them (recorded; its report says so)"),
         "failed_retryable": f"tasknotes run {config_path} --input <redrive.csv>",
         "in_progress": f"wait for the run to end{pid}",
         "not_read": f"tasknotes run {config_path} (reads the input again; rows already "
@@ -251,8 +296,12 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         if name in ("send_failed", "failed_retryable"):
             files = redrive or {}
             offered = tuple(files[r] for r in group.run_ids if r in files)
+        rows: tuple[dict[str, Any], ...] = ()
+        if name == "send_failed":
+            rows = tuple({"run_id": r, "source_file": f, "line": n} for r, f, n in unsent[1])
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
-                              group.run_ids, offered, settle[name]))
+                              group.run_ids, offered, settle[name], rows,
+                              unsent[0] if name == "send_failed" else 0))
     return LedgerStatus(_iso(now), str(config.state.ledger), config.report.stale_after,
                         tuple(kinds))
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.ledger import SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
+from pipeline.ledger import _SCHEMA, SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
 from pipeline.reconcile import Reconciler, ingest
 
 ACCOUNT = "test_clinic"
@@ -113,3 +114,33 @@ def test_apply_records_results_before_marking_rows_sending(tmp_path: Path) -> No
     assert list(ledger.rows_to_send("r")) == []
     ledger.close()
     assert (row["status"], row["attempts"], row["http_status"]) == ("sending", 2, 429)
+
+
+def test_a_ledger_without_the_added_columns_gains_them_and_keeps_its_outcome_times(
+        tmp_path: Path) -> None:
+    """A ledger written before outcome_clock and written_off_at existed opens: the columns
+    are added (still schema 2), and events mirrored back then take their created time as
+    outcome_at, marked event_created_no_receipt (what their time meant then)."""
+    path = tmp_path / "ledger.sqlite"
+    old = re.sub(r"\n +(outcome_clock|written_off_at) TEXT[^\n]*|\n +outcome_at TEXT, +--[^\n]*",
+                 "", _SCHEMA)
+    old = old.replace("reason_codes TEXT, ", "reason_codes TEXT  ").replace(
+        "line INTEGER,", "line INTEGER")
+    assert "outcome_clock" not in old
+    assert "written_off_at" not in old
+    db = sqlite3.connect(path)
+    db.executescript(old)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.execute("INSERT INTO events (event_id, kind, job_id, created) VALUES"
+               " ('evt_1', 'created', '1', '2026-06-15T12:02:40Z')")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    try:
+        found = ledger._db.execute(
+            "SELECT outcome_at, outcome_clock FROM events WHERE event_id = 'evt_1'").fetchone()
+        columns = {r[1] for r in ledger._db.execute("PRAGMA table_info(rows)")}
+    finally:
+        ledger.close()
+    assert found == ("2026-06-15T12:02:40Z", "event_created_no_receipt")
+    assert {"outcome_clock", "written_off_at"} <= columns

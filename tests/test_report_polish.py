@@ -3,8 +3,6 @@ no column repeating another."""
 
 from __future__ import annotations
 
-import json
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,15 +16,10 @@ from helpers import (
     make_config,
     notes,
     read_results,
-    read_summary,
     run_pipeline,
-    wait_until,
-    write_config,
     write_csv,
 )
-from pipeline.cli import main
 from pipeline.config import ReportConfig
-from pipeline.emulator import Faults
 from pipeline.ledger import Ledger
 from pipeline.reconcile import Reconciler
 from pipeline.report import _Tally, _write_results, nice_step, render_html, summarise
@@ -111,33 +104,6 @@ def test_no_chart_label_is_clipped_in_chromium(tmp_path: Path) -> None:
         assert seen.errors == []
         assert seen.values["texts"] > 2, name
         assert seen.values["outside"] == [], name
-
-
-def test_latency_is_measured_only_from_outcome_times_with_milliseconds(tmp_path: Path) -> None:
-    """Outcome times with milliseconds give latencies; whole-second ones (up to 1 s early
-    against a submission time with milliseconds) are counted apart, never measured."""
-    rows = 6
-    write_csv(tmp_path / "input.csv", notes(rows))
-    with EmulatorThread(faults=Faults(drop_webhooks=1.0)) as api:
-        config = make_config(tmp_path, api={"base_url": api.url})
-        run = run_pipeline(config)
-        wait_until(lambda: len(api.emulator.events) == rows, what="the outcomes")
-        listed = list(api.emulator.events)
-    assert all(re.fullmatch(r".*T\d\d:\d\d:\d\d\.\d{3}Z", e["created_at"]) for e in listed)
-    with (tmp_path / "state" / "webhooks.jsonl").open("a", encoding="utf-8") as sink:
-        for i, item in enumerate(listed):  # half of them as a source with whole seconds
-            created = item["created_at"] if i % 2 else item["created_at"][:19] + "Z"
-            sink.write(json.dumps({"id": item["event_id"], "access_token_reference_id": "u",
-                                   "object": "event", "created": created,
-                                   "type": item["event_type"], "job_id": item["job_id"],
-                                   "data": item["data"]}) + "\n")
-    assert main(["-q", "reconcile", str(write_config(tmp_path, api={"base_url": api.url}))]) == 0
-    report = config.report.dir / run.run_id
-    latency = read_summary(report)["latency_s"]
-    assert (latency["count"], latency["whole_second_times"]) == (rows // 2, rows // 2)
-    results = read_results(report)
-    assert {r["final_status"] for r in results} == {"confirmed"}
-    assert "whole seconds only: not measured" in (report / "report.html").read_text()
 
 
 def test_results_csv_does_not_repeat_the_error_in_detail(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,8 @@ def test_passthrough_columns_travel_into_results(tmp_path: Path) -> None:
         outcome = run_pipeline(config)
     with (outcome.report.directory / "results.csv").open(newline="") as fh:
         header, row = list(csv.reader(fh))
-    assert header[-3:] == ["clinic", "mrn", "detail"]
-    assert row[-3:-1] == ["Northside", "0042"]
+    assert header[-4:] == ["clinic", "mrn", "detail", "outcome_clock"]
+    assert row[-4:-2] == ["Northside", "0042"]
 
 
 def test_rejects_can_be_fixed_and_fed_back(tmp_path: Path) -> None:
@@ -86,3 +87,17 @@ def test_nothing_is_sent_when_any_file_cannot_be_read(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=r"b.csv line 1: column 'emr_task_id'"):
             run_pipeline(config, str(tmp_path / "a.csv"), str(tmp_path / "b.csv"))
     assert api.emulator.requests == 0
+
+
+def test_the_scan_line_counts_in_the_singular_and_plural(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One duplicate is "1 duplicate", one row "1 row"; other counts take the plural."""
+    from pipeline.runner import ScanCounts, _log_scan  # noqa: PLC0415 - the one line tested
+
+    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+        _log_scan(ScanCounts(rows=1, to_send=0, duplicates=1))
+        _log_scan(ScanCounts(rows=3, to_send=1, duplicates=2))
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 row: 0 to send, 0 rejected, 1 duplicate, 0 already sent, 0 held",
+        "3 rows: 1 to send, 0 rejected, 2 duplicates, 0 already sent, 0 held",
+    ]

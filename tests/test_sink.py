@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,11 +23,12 @@ import pytest
 
 from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
 from pipeline.emulator import sign
-from pipeline.events import MAX_DEPTH, SinkFile, read_sink
+from pipeline.events import MAX_DEPTH, SinkFile, read_sink, receipts_path
 from pipeline.events import compact_json as compact  # the bytes Cobalt signs and sends
 from pipeline.servers import serve_embedded
 from pipeline.sink import SinkLimits, WebhookReceiver
 
+MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 NOTE = "Patient called — café au lait spots 🙂 “quoted”"
 
 
@@ -240,6 +242,12 @@ async def test_after_failed_fsyncs_the_sink_heals_and_the_file_holds_whole_lines
         assert await post(client, bodies[2], signed(bodies[2])) == 200
         assert await post(client, bodies[1], signed(bodies[1])) == 200  # Cobalt's retry
     assert path.read_bytes() == bodies[0] + b"\n" + bodies[2] + b"\n" + bodies[1] + b"\n"
+    # One receipt per stored line, none for the failed batch (cut back with it), in order.
+    receipts = [json.loads(line) for line in receipts_path(path).read_bytes().splitlines()]
+    assert [(r["id"], r["offset"]) for r in receipts] == [
+        (event(0)["id"], 0), (event(2)["id"], len(bodies[0]) + 1),
+        (event(1)["id"], len(bodies[0]) + len(bodies[2]) + 2)]
+    assert all(MS.fullmatch(r["received_at"]) for r in receipts)
 
 
 async def test_200_concurrent_deliveries_are_200_intact_lines(tmp_path: Path) -> None:

@@ -4,13 +4,14 @@ text, JSON and exit codes."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from test_reconcile import ACCOUNT, Book
 
-from helpers import make_config, write_config
+from helpers import make_config, read_results, read_summary, write_config
 from pipeline.cli import main
 from pipeline.report import redrive_digest
 from pipeline.status import KINDS, LedgerStatus, ledger_status
@@ -93,10 +94,10 @@ def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: P
     assert shape["generated_at"] == "2026-06-16T12:00:00.000Z"
     for kind in shape["kinds"].values():
         assert set(kind) == {"count", "stale", "oldest_age_s", "run_ids", "redrive_files",
-                             "settle"}
+                             "settle", "rows", "rows_total"}
     assert shape["kinds"]["awaiting_outcome"] == {
         "count": 1, "stale": 1, "oldest_age_s": 86400, "run_ids": ["run-1"],
-        "redrive_files": [], "settle": "tasknotes poll my.yaml"}
+        "redrive_files": [], "settle": "tasknotes poll my.yaml", "rows": [], "rows_total": 0}
     assert "SECRET-NOTE-TEXT" not in json.dumps(shape)
 
 
@@ -183,3 +184,50 @@ def test_a_run_in_progress_alone_is_open_and_exits_1(book: Book, tmp_path: Path)
     book.ledger.finish_run("run-1", "finished", {})
     ended = status_of(book, tmp_path)
     assert (ended.open, ended.exit_code) == (False, 0)
+
+
+def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row left send_failed whose redrive.csv is gone: status names its run, source file
+    and line and says that only an input holding it settles it (not a bare `run`), or that
+    --write-off closes it. Written off, it is recorded with the time: status exits 0, and
+    its run's report keeps it send_failed ("never sent; written off by operator at ..."),
+    with no redrive.csv offering it and nothing needing attention."""
+    book = Book(tmp_path / "state")
+    book.row("failed", task="C1")
+    book.row("accepted", task="A1", job_id="1")
+    book.event("task_note.created", "1", n=1, task="A1")
+    book.ledger.finish_run("run-1", "finished", {})
+    book.ledger.close()
+    config = write_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                          webhooks={"sink": str(book.sink)})
+    assert main(["status", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "row: run run-1, in.csv line 2" in out
+    assert f"tasknotes run {config} --input FILE, with an input that holds these rows" in out
+    assert f"tasknotes status {config} --write-off RUN_ID" in out
+    assert main(["status", str(config), "--json"]) == 1
+    send_failed = json.loads(capsys.readouterr().out)["kinds"]["send_failed"]
+    assert (send_failed["rows"], send_failed["rows_total"]) == (
+        [{"run_id": "run-1", "source_file": "in.csv", "line": 2}], 1)
+
+    assert main(["status", str(config), "--write-off", "run-1"]) == 0
+    out = capsys.readouterr().out
+    assert "run run-1: 1 unsent row written off (not sent)" in out
+    assert main(["status", str(config)]) == 0
+    report = tmp_path / "reports" / "run-1"
+    rows = {r["line"]: r for r in read_results(report)}
+    assert rows["2"]["final_status"] == "send_failed"
+    assert re.fullmatch(r"never sent; written off by operator at "
+                        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rows["2"]["detail"])
+    assert rows["3"]["final_status"] == "confirmed"
+    summary = read_summary(report)
+    assert (summary["written_off"], summary["needs_attention"], summary["exit_code_now"]) == (
+        1, 0, 0)
+    assert summary["final_status"]["send_failed"] == 1
+    assert not (report / "redrive.csv").exists()
+    assert main(["status", str(config), "--write-off", "run-1"]) == 0  # nothing left: a no-op
+    assert "0 unsent rows written off" in capsys.readouterr().out
+    assert main(["status", str(config), "--write-off", "no-such-run"]) != 0
+    assert "no run 'no-such-run'" in capsys.readouterr().err

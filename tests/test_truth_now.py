@@ -242,6 +242,10 @@ def test_a_full_report_disk_is_one_line_and_exit_3_for_reconcile_and_run(
     assert "Traceback" not in again.stderr
     assert "None" not in again.stderr
     assert "report not written: disk full: the report file" in again.stderr
+    # What is known is printed all the same: the final statuses, as the ledger has them.
+    assert "final status" in again.stdout
+    assert "awaiting_outcome" in again.stdout
+    assert "report: not written" in again.stdout
 
 
 # -- a scan that stopped never looks green -------------------------------------------------

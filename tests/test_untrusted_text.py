@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from pipeline.config import load_config
 from pipeline.ledger import Ledger
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.reconcile import ingest
-from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact
+from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact, safe_id
 from pipeline.report import FORMULA_STARTS, one_line, shareable
 
 WITHHELD = f"HTTP 400 request-rejected: {MESSAGE_WITHHELD}"
@@ -186,7 +187,7 @@ def test_results_csv_has_no_line_break_in_a_cell_so_no_row_splits(tmp_path: Path
     assert [r[table[0].index("emr_task_id")] for r in table[1:]] == ["T1", "T2", "T3"]
     rows = {r["emr_task_id"]: r for r in read_results(report)}
     assert rows["T1"]["clinic"] == "Northside " + CALC
-    assert rows["T1"]["emr_note_id"] == "n-1 @SUM(1)"  # not id-like: one line, redacted
+    assert rows["T1"]["emr_note_id"].startswith("withheld-")  # not id-like: withheld
     assert rows["T2"]["clinic"] == "line one line two"
     assert rows["T2"]["failure_reason"] == (
         'Could not append =HYPERLINK("http://x","y") retry')
@@ -344,10 +345,24 @@ def test_a_re_encoded_quote_in_a_failure_reason_is_withheld_with_its_codes(
             "orphan [reason withheld: the note was not read back to check it]", "orphan")
 
 
-def test_an_emr_note_id_is_kept_when_id_like_else_redacted_against_the_events_note() -> None:
+def test_an_upstream_id_is_kept_when_id_like_else_withheld() -> None:
+    """Ids from Cobalt (task_note_id, job_id, emr_note_id, an event's id) are kept as given
+    when they look like ids; text (a space, other punctuation, longer than 128) is withheld
+    the same way every time (a digest), so nothing of it shows and duplicates still match."""
     assert safe_emr_note_id("emr-123_A.9", PHI) == "emr-123_A.9"
-    assert safe_emr_note_id(f"appended: {PHI}", PHI) == "appended: [redacted]"
+    assert safe_emr_note_id(f"appended: {PHI}", PHI) == safe_id(f"appended: {PHI}")
     assert safe_emr_note_id(None, PHI) is None
+    for kept in ("12345", "65f0c0ffee0123456789abcd", "evt_AbC123", "5b2e-4c1a:9.x", "a" * 128):
+        assert safe_id(kept) == kept
+    for text in (PHI, "CANARYPHI", "a" * 129, "n-1\r\n@SUM(1)", "x/y", "note\u00e9", ""):
+        if text == "CANARYPHI":  # one word is indistinguishable from an id: kept (documented)
+            assert safe_id(text) == text
+            continue
+        shown = safe_id(text)
+        assert shown is not None
+        assert re.fullmatch(r"withheld-[0-9a-f]{16}", shown), shown
+        assert shown == safe_id(text)
+    assert safe_id(12345) == "12345"
     assert codes_of([{"code": "task_closed"}, {"code": "has space"}, {"code": "=1+2"},
                      "task_locked", {"description": "x"}]) == ["task_closed"]
 
@@ -383,3 +398,40 @@ def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
         ledger.close()
     assert CountingRedactor.reads == 1
     assert stored == [("Could not append [redacted]",)] * 6
+
+
+def test_ids_from_cobalt_that_are_not_ids_reach_no_file_or_ledger(tmp_path: Path) -> None:
+    """A 200 whose task_note_id is the note is not believed (the row is ambiguous, its id
+    kept nowhere); an event whose id, task_note_id and emr_note_id carry the note still
+    settles its row by job_id, with those ids withheld: the note is in no report file and
+    nowhere in the ledger."""
+    write_csv(tmp_path / "input.csv", [["T1", PHI], ["T2", LOUD]])
+    fake = FakeCobalt(answers={"T2": (200, lambda note: {
+        "success": True, "message": "ok", "task_note_id": note, "job_id": 77})})
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, api={"base_url": api.url})
+        done = run_cli("run", str(config), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    append_events(tmp_path / "state" / "webhooks.jsonl", [
+        envelope(f"evt {PHI}", "created", fake.jobs["T1"], task_note_id=PHI,
+                 emr_note_id=f"{PHI} (appended)", emr_task_id="T1", note=PHI)])
+    done = run_cli("reconcile", str(config), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    report = next((tmp_path / "reports").iterdir())
+    rows = {r["emr_task_id"]: r for r in read_results(report)}
+    assert rows["T1"]["final_status"] == "confirmed"
+    for column in ("event_id", "emr_note_id"):
+        assert rows["T1"][column].startswith("withheld-"), column
+    assert rows["T2"]["final_status"] == "ambiguous"
+    assert rows["T2"]["task_note_id"] == ""
+    assert rows["T2"]["job_id"] == ""
+    for path in report.iterdir():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert "CANARY" not in text, path.name
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    try:
+        dumped = "\n".join(db.iterdump())
+    finally:
+        db.close()
+    assert "CANARY" not in dumped
+    assert "CANARY" not in done.stdout + done.stderr

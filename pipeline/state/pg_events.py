@@ -106,14 +106,18 @@ class PgEventStore:
     def stop(self) -> None:
         self._group.close()
 
-    async def append(self, body: bytes, event_id: str) -> Verdict:
+    async def append(self, body: bytes, event_id: str, *, received_at: str | None = None
+                     ) -> Verdict:
         """Store ``body`` (a request body ``events.decode_event`` accepts) unless an event
-        with this id or this exact body is stored already.
+        with this id or this exact body is stored already. ``received_at``: when the sink
+        had the whole delivery (ISO 8601 UTC with milliseconds, ``events.receive_time``);
+        now if not given.
 
         Returns "stored" once committed, "duplicate" if it was there already.
         Raises SinkWriteError if it could not be stored (the next call tries again).
         """
-        now = datetime.now(UTC)
+        now = (datetime.fromisoformat(received_at) if received_at is not None
+               else datetime.now(UTC))
         received = now.replace(microsecond=now.microsecond // 1000 * 1000)
         row = _Row(body, event_id, hashlib.sha256(body).digest(), received)
         try:
