@@ -26,8 +26,9 @@ from helpers import (
     write_csv,
 )
 from pipeline.cli import main
-from pipeline.emulator import Faults, compact, sign
+from pipeline.emulator import Faults, sign
 from pipeline.events import SinkFile, read_receipts, receipts_path, receive_time
+from pipeline.events import compact_json as compact
 from pipeline.sink import WebhookReceiver
 
 MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -19,8 +19,9 @@ import pytest
 from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.emulator import compact, sign
+from pipeline.emulator import sign
 from pipeline.errors import ConfigError
+from pipeline.events import compact_json as compact
 from pipeline.state.pg_events import PgEventStore
 from pipeline.state.postgres import MIGRATIONS, connect, migrate
 
