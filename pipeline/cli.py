@@ -24,10 +24,10 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, RunAborted
 
 if TYPE_CHECKING:
-    from pipeline.ledger import Ledger
     from pipeline.poll import PollStats
     from pipeline.reconcile import Reconciler
     from pipeline.runner import RunOutcome, ScanCounts
+    from pipeline.state import Ledger
 
 log = logging.getLogger("pipeline")
 
@@ -566,7 +566,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _open_ledger(config: RunConfig) -> Ledger:
-    from pipeline.ledger import Ledger
+    from pipeline.state import Ledger
 
     if not config.state.ledger.exists():
         raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")

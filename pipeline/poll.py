@@ -46,7 +46,7 @@ from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
 from pipeline.events import SinkFile, UnreadableEvent, encode_event
-from pipeline.ledger import row_key
+from pipeline.state import row_key
 from pipeline.submit import Pacer
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ from typing import Any, Final
 
 from pipeline.config import InputConfig
 from pipeline.errors import PipelineError
-from pipeline.ledger import EventRecord, Ledger, row_key
 from pipeline.redaction import MAX_MESSAGE, quotes, redact
 from pipeline.source import CsvFile, clean_name
+from pipeline.state import EventRecord, Ledger, row_key
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ import pandas as pd
 from pipeline.config import InputConfig, RunConfig
 from pipeline.errors import PipelineError
 from pipeline.events import SetAside, keep_set_aside, read_sink_from, set_aside_path
-from pipeline.ledger import EventRecord, Ledger, row_key
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
+from pipeline.state import EventRecord, Ledger, row_key
 
 log = logging.getLogger(__name__)
 

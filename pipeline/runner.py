@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, StateError, StorageFull
-from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
 from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
+from pipeline.state import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.submit import Control, Job, SubmitStats, Submitter
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 

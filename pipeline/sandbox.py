@@ -20,9 +20,9 @@ from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions, Faults
 from pipeline.errors import ConfigError
 from pipeline.events import SinkFile
-from pipeline.ledger import Ledger
 from pipeline.servers import serve_embedded
 from pipeline.sink import WebhookReceiver
+from pipeline.state import Ledger
 from pipeline.submit import Control
 
 log = logging.getLogger(__name__)

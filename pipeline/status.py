@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from pipeline.config import RunConfig
-from pipeline.ledger import Ledger, OpenGroup, OpenRow
+from pipeline.state import Ledger, OpenGroup, OpenRow
 
 SCHEMA: Final = 1
 KINDS: Final = ("awaiting_outcome", "ambiguous", "send_failed", "failed_retryable",

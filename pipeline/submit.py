@@ -48,7 +48,7 @@ from pipeline.errors import (
     RequestRejected,
     StorageFull,
 )
-from pipeline.ledger import Attempt, Status, utcnow
+from pipeline.state import Attempt, Status, utcnow
 
 if TYPE_CHECKING:
     from pipeline.client import NoteAccepted

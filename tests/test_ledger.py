@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.ledger import SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
 from pipeline.reconcile import Reconciler, ingest
+from pipeline.state import SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
 
 ACCOUNT = "test_clinic"
 

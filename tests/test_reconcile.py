@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.ledger import Attempt, Ledger, NewRow, row_key
 from pipeline.reconcile import Reconciler
+from pipeline.state import Attempt, Ledger, NewRow, row_key
 
 ACCOUNT = "test_clinic"
 

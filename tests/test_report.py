@@ -28,9 +28,9 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
-from pipeline.ledger import Ledger
 from pipeline.report import PAGE_SCRIPT_HASH
 from pipeline.sink import WebhookReceiver
+from pipeline.state import Ledger
 
 ROOT = Path(__file__).parent.parent
 CANARY = "CANARY-7f3e9c-PHI"

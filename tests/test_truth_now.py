@@ -258,7 +258,7 @@ def test_a_disk_full_scan_names_its_input_and_stays_open_until_a_run_reads_it(
     with ThreadedServer(fake.app()) as api:
         config = write_config(tmp_path, api={"base_url": api.url},
                               webhooks={"sink": str(tmp_path / "hooks" / "webhooks.jsonl")})
-        from pipeline.ledger import Ledger  # noqa: PLC0415
+        from pipeline.state import Ledger  # noqa: PLC0415
 
         Ledger(small_disk / "ledger.sqlite").close()  # its reserve taken
         filler = fill(small_disk, leave=160 * 1024)

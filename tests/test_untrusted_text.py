@@ -33,11 +33,11 @@ from test_shared_files import FakeCobalt, append_events, envelope
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
 from pipeline import reconcile
 from pipeline.config import load_config
-from pipeline.ledger import Ledger
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.reconcile import ingest
 from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact
 from pipeline.report import FORMULA_STARTS, one_line, shareable
+from pipeline.state import Ledger
 
 WITHHELD = f"HTTP 400 request-rejected: {MESSAGE_WITHHELD}"
 
