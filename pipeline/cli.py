@@ -555,7 +555,7 @@ def _reconcile(args: argparse.Namespace) -> int:
             # now, whoever refreshed the ledger since it was written (a run, status, poll).
             latest = ledger.latest_run()
             if latest is not None:
-                reconciler.refresh(ledger.run(latest)["account"])
+                reconciler.refresh(ledger.run(latest).account)
             runs = ledger.reports_to_rewrite() or [r for r in [latest] if r]
         if not runs:
             print("nothing to reconcile: the ledger has no runs")

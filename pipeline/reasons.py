@@ -43,7 +43,6 @@ QUOTED: Final = "[reason withheld: it quoted the note]"
 UNCHECKED: Final = "[reason withheld: the note was not read back to check it]"
 _ID_LIKE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_TEXT: Final = 8192  # longer free text is withheld unread (a reason is a sentence)
-_FAILURE: Final = 6  # failure_reason's position in an EventRecord
 _PREPARE_MAX: Final = 100_000  # failed events whose notes ``prepare`` holds at once, at most
 
 
@@ -119,15 +118,15 @@ class ReasonRedactor:
     def clean(self, records: list[EventRecord]) -> list[EventRecord]:
         """``records`` with every ``failure_reason`` made safe (see the module docstring),
         in the same order. Reads each input file it needs at most once per call."""
-        wanted = [i for i, r in enumerate(records) if r[_FAILURE] is not None]
+        wanted = [i for i, r in enumerate(records) if r.failure_reason is not None]
         if not wanted:
             return records
-        keys = {i: (records[i][2] or "", records[i][3] or "") for i in wanted}
+        keys = {i: (records[i].job_id or "", records[i].task_note_id or "") for i in wanted}
         self._resolve({k for k in keys.values() if k not in self._known})
         out = list(records)
         for i in wanted:
-            (event_id, kind, job_id, task_note_id, created, emr_note_id, failure, listed,
-             ekey, end) = records[i]
+            record = records[i]
+            failure, listed = record.failure_reason, record.reason_codes
             private = self._known[keys[i]]
             codes = [c for c in (listed or "").split(";") if c]
             if private:
@@ -142,8 +141,7 @@ class ReasonRedactor:
             else:
                 reason = redact(text, [*private, *self.secrets],
                                 withheld=f"{shown} {QUOTED}".strip(), limit=MAX_MESSAGE)
-            out[i] = (event_id, kind, job_id, task_note_id, created, emr_note_id, reason,
-                      shown or None, ekey, end)
+            out[i] = record._replace(failure_reason=reason, reason_codes=shown or None)
         return out
 
     def _resolve(self, keys: set[tuple[str, str]]) -> None:

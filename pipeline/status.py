@@ -140,7 +140,7 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
     try:
         latest = ledger.latest_run()
         if latest is not None:  # learn what the sink file gained: outcomes settle rows
-            Reconciler.of(ledger, config).refresh(ledger.run(latest)["account"])
+            Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
         running = ledger.runs_in_progress()
         stale_before = _iso(now - timedelta(seconds=config.report.stale_after))
         rows = ledger.open_rows(running)
@@ -184,7 +184,7 @@ def _by_precedence(rows: dict[str, list[OpenRow]], stale_before: str) -> dict[st
 
 def _not_read(ledger: Ledger) -> OpenGroup:
     found = ledger.not_read()
-    starts = [ledger.run(run_id)["started_at"] for run_id, _ in found]
+    starts = [ledger.run(run_id).started_at for run_id, _ in found]
     return OpenGroup(sum(len(paths) for _, paths in found), 0, min(starts, default=None),
                      tuple(run_id for run_id, _ in found))
 
@@ -212,7 +212,7 @@ def _current_redrive(ledger: Ledger, config: RunConfig,
     out: dict[str, str] = {}
     for run_id in {*groups["send_failed"].run_ids, *groups["failed_retryable"].run_ids}:
         path = config.report.dir / run_id / "redrive.csv"
-        recorded = ledger.run(run_id)["info"].get("redrive_digest")
+        recorded = ledger.run(run_id).info.redrive_digest
         if recorded is None or not path.exists():
             continue
         ids = [row_id for row_id, status, reason, codes in ledger.redrive_row_ids(run_id)

@@ -46,7 +46,7 @@ def test_the_ledger_fsyncs_every_commit_by_default(tmp_path: Path) -> None:
     which can lose the last commits (a `sending` mark) on power loss."""
     ledger = Ledger(tmp_path / "ledger.sqlite")
     try:
-        assert ledger._db.execute("PRAGMA synchronous").fetchone() == (2,)
+        assert ledger.synchronous() == "full"
     finally:
         ledger.close()
 

@@ -378,8 +378,8 @@ def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
         redactor = CountingRedactor(ledger, config.input)
         assert ingest(ledger, config.webhooks.sink, config.api.account_id(),
                       redactor=redactor) == 6
-        stored = ledger._db.execute("SELECT failure_reason FROM events").fetchall()
+        stored = [e.failure_reason for e in ledger.events()]
     finally:
         ledger.close()
     assert CountingRedactor.reads == 1
-    assert stored == [("Could not append [redacted]",)] * 6
+    assert stored == ["Could not append [redacted]"] * 6

@@ -1,24 +1,32 @@
-"""State: the ledger (every input row of every run, what was sent, what came back).
+"""State: every input row of every run, what was sent, what came back.
 
-The only package that speaks SQL. ``sqlite.py`` is the embedded store.
+The only package that speaks SQL. ``records`` holds the values handed to and from
+the stages, ``protocol`` the operations they call (``StateStore``), ``sqlite`` the
+embedded store (``Ledger``), ``schema`` its tables and ``rules`` the join rules.
 """
 
-from pipeline.state.sqlite import (
-    RESERVE_BYTES,
-    SCHEMA_VERSION,
+from pipeline.state.protocol import StateStore
+from pipeline.state.records import (
     Attempt,
     Earlier,
     EventRecord,
-    Ledger,
+    InputFile,
     NewRow,
     OpenGroup,
     OpenRow,
+    Orphan,
+    RunInfo,
+    RunInfoChanges,
+    RunRecord,
     Status,
     row_key,
     utcnow,
 )
+from pipeline.state.schema import SCHEMA_VERSION
+from pipeline.state.sqlite import RESERVE_BYTES, Ledger
 
 __all__ = [
-    "RESERVE_BYTES", "SCHEMA_VERSION", "Attempt", "Earlier", "EventRecord", "Ledger", "NewRow",
-    "OpenGroup", "OpenRow", "Status", "row_key", "utcnow",
+    "RESERVE_BYTES", "SCHEMA_VERSION", "Attempt", "Earlier", "EventRecord", "InputFile",
+    "Ledger", "NewRow", "OpenGroup", "OpenRow", "Orphan", "RunInfo", "RunInfoChanges",
+    "RunRecord", "StateStore", "Status", "row_key", "utcnow",
 ]
