@@ -375,7 +375,7 @@ def test_a_looser_state_directory_made_beforehand_is_named_in_a_warning(
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)
-    with caplog.at_level(logging.WARNING, logger="pipeline.state.sqlite"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.state.connection"):
         Ledger(state / "ledger.sqlite").close()
     assert [r.getMessage() for r in caplog.records] == [
         f"state directory {state} is mode 0755: others may read the ledger's neighbours; "

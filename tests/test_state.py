@@ -1,4 +1,5 @@
-"""The ledger's own promises: each pending row handed out once, private files, its schema."""
+"""The state store's own promises, through its public operations: each pending row handed
+out once, private files, its schema, run records and what it mirrors read back typed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import pytest
 
 from pipeline.errors import StateError
 from pipeline.reconcile import Reconciler, ingest
-from pipeline.state import SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
+from pipeline.state import (
+    SCHEMA_VERSION,
+    Attempt,
+    InputFile,
+    Ledger,
+    NewRow,
+    RunInfo,
+    RunRecord,
+    row_key,
+)
 
 ACCOUNT = "test_clinic"
 
@@ -113,3 +123,74 @@ def test_apply_records_results_before_marking_rows_sending(tmp_path: Path) -> No
     assert list(ledger.rows_to_send("r")) == []
     ledger.close()
     assert (row["status"], row["attempts"], row["http_status"]) == ("sending", 2, 429)
+
+
+def test_a_ledger_opened_normal_does_not_fsync_every_commit(tmp_path: Path) -> None:
+    """state.synchronous: normal is what the connection uses (the faster, WAL-safe level)."""
+    ledger = Ledger(tmp_path / "ledger.sqlite", synchronous="normal")
+    try:
+        assert ledger.synchronous() == "normal"
+    finally:
+        ledger.close()
+
+
+def test_a_run_record_reads_back_typed_with_its_info_merged(tmp_path: Path) -> None:
+    """start_run's info, finish_run's and update_run_info's are merged in the stored record:
+    run() gives them back as RunInfo fields, times from the ledger's clock."""
+    times = iter(["2026-06-15T12:00:00.000Z", "2026-06-15T12:05:00.000Z"])
+    ledger = Ledger(tmp_path / "ledger.sqlite", clock=lambda: next(times))
+    try:
+        ledger.start_run("r", ACCOUNT, "fp", {"argv": ["run", "x.csv"], "limit": 5})
+        ledger.finish_run("r", "finished", {"throughput_per_s": 12.5, "stop_reason": None,
+                                            "send": {"requests": 3}})
+        ledger.update_run_info("r", {"exit_code": 1})
+        record = ledger.run("r")
+    finally:
+        ledger.close()
+    assert record == RunRecord(
+        "r", "2026-06-15T12:00:00.000Z", "2026-06-15T12:05:00.000Z", "finished", ACCOUNT, "fp",
+        RunInfo(argv=("run", "x.csv"), limit=5, throughput_per_s=12.5,
+                send={"requests": 3}, exit_code=1))
+
+
+def test_a_run_left_running_reads_as_crashed_once_no_process_holds_the_lock(
+        tmp_path: Path) -> None:
+    """effective_state: ``running`` while the run lock is held, ``crashed`` once it is free
+    (the process is gone), and recover() under the next lock records it as crashed."""
+    path = tmp_path / "ledger.sqlite"
+    live = Ledger(path)
+    live.lock()
+    live.start_run("r", ACCOUNT, "fp", {})
+    reader = Ledger(path, readonly=True)
+    try:
+        assert reader.effective_state(reader.run("r")) == "running"
+        live.close()  # the lock goes with it, as with a killed process
+        assert reader.effective_state(reader.run("r")) == "crashed"
+        assert reader.run("r").state == "running"  # as stored, until a run recovers it
+        nxt = Ledger(path)
+        nxt.lock()
+        nxt.recover()
+        assert nxt.run("r").state == "crashed"
+        nxt.close()
+    finally:
+        reader.close()
+
+
+def test_input_files_and_mirrored_events_read_back_as_records(tmp_path: Path) -> None:
+    """files() gives InputFile records in file order; events() the mirrored events."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    sink = tmp_path / "webhooks.jsonl"
+    sink.write_text('{"id":"evt_1","object":"event","created":"2026-06-15T12:02:40Z",'
+                    '"type":"task_note.created","job_id":" 5","data":{"task_note_id":"a"}}\n')
+    try:
+        ledger.start_run("r", ACCOUNT, "fp", {})
+        ledger.add_file("r", 1, "b.csv", ["emr_task_id", "note"])
+        ledger.add_file("r", 0, "a.csv", ["emr_task_id", "note", "x"], sha256="ab", size=9)
+        assert ingest(ledger, sink, ACCOUNT) == 1
+        files, events = ledger.files("r"), ledger.events()
+    finally:
+        ledger.close()
+    assert files == [InputFile(0, "a.csv", "ab", 9, ("emr_task_id", "note", "x")),
+                     InputFile(1, "b.csv", None, None, ("emr_task_id", "note"))]
+    assert [(e.event_id, e.kind, e.job_id, e.task_note_id) for e in events] == [
+        ("evt_1", "created", "5", "a")]
