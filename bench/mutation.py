@@ -2,9 +2,9 @@
 
     python bench/mutation.py [--sample 8] [--report-only]
 
-mutmut (configured under [tool.mutmut] in pyproject.toml) mutates ledger.py,
-submit.py, client.py, events.py and reconcile.py and runs, for each mutant, the
-in-process tests that cover the mutated function. A full run is ~2,200 mutants
+mutmut (configured under [tool.mutmut] in pyproject.toml) mutates the state
+store (pipeline/state/), submit.py, client.py, events.py and reconcile.py and runs,
+for each mutant, the in-process tests that cover the mutated function. A full run is ~2,200 mutants
 (hours on two shared cores), so this script runs a fixed sample: the mutants
 whose name hashes (SHA-256) to 0 modulo --sample, the same set every time for
 the same code. It runs mutmut under `nice -n 19` with one worker, then prints

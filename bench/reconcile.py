@@ -42,7 +42,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import Measured, machine, median, python, run_measured, table
-from pipeline.ledger import Attempt, Ledger, NewRow, row_key
+from pipeline.state import Attempt, Ledger, NewRow, row_key
 
 RUN_ID = "bench-run"
 ACCOUNT = "bench"
@@ -51,7 +51,7 @@ NOTE = "Patient called back, scheduled for next week; café, “quoted”. " * 3
 RECONCILE_STAGE = """
 import sys
 from pathlib import Path
-from pipeline.ledger import Ledger
+from pipeline.state import Ledger
 from pipeline.reconcile import Reconciler
 ledger = Ledger(Path(sys.argv[1]))
 result = Reconciler(ledger, Path(sys.argv[2])).run(sys.argv[3])

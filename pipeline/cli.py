@@ -25,10 +25,10 @@ from pipeline.errors import PipelineError, RunAborted
 from pipeline.faults import add_fault_options, faults_from_args
 
 if TYPE_CHECKING:
-    from pipeline.ledger import Ledger
     from pipeline.poll import PollStats
     from pipeline.reconcile import Reconciler
     from pipeline.runner import RunOutcome, ScanCounts
+    from pipeline.state import Ledger
 
 log = logging.getLogger("pipeline")
 
@@ -625,7 +625,7 @@ def _reconcile(args: argparse.Namespace) -> int:
             # now, whoever refreshed the ledger since it was written (a run, status, poll).
             latest = ledger.latest_run()
             if latest is not None:
-                reconciler.refresh(ledger.run(latest)["account"])
+                reconciler.refresh(ledger.run(latest).account)
             runs = ledger.reports_to_rewrite() or [r for r in [latest] if r]
         if not runs:
             print("nothing to reconcile: the ledger has no runs")
@@ -636,7 +636,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _open_ledger(config: RunConfig) -> Ledger:
-    from pipeline.ledger import Ledger
+    from pipeline.state import Ledger
 
     if not config.state.ledger.exists():
         raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")

@@ -40,8 +40,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from pipeline.config import RunConfig
-from pipeline.ledger import Ledger
 from pipeline.reconcile import FINAL_STATUSES
+from pipeline.state import Ledger, RunRecord
 from pipeline.status import KINDS, LedgerStatus
 
 log = logging.getLogger(__name__)
@@ -87,35 +87,34 @@ def collect(config: RunConfig, open_items: LedgerStatus | None) -> CollectorRegi
         live = set(ledger.runs_in_progress())
     finally:
         ledger.close()
-    ended = [r for r in runs if r["run_id"] not in live and r["finished_at"]]
+    ended = [r for r in runs if r.run_id not in live and r.finished_at]
     succeeded = [r for r in ended if _exit_code(r) in (0, 1)]
     if succeeded:
         gauge("tasknotes_last_success_timestamp_seconds",
               "When the latest run that ran to its end (exit 0 or 1) ended, Unix time").set(
-            _unix(succeeded[-1]["finished_at"]))
+            _unix(str(succeeded[-1].finished_at)))
     if ended:
         _last_run(gauge, ended[-1], config.report.dir)
     return registry
 
 
-def _last_run(gauge: Any, run: dict[str, Any], reports: Path) -> None:
-    info = run["info"]
+def _last_run(gauge: Any, run: RunRecord, reports: Path) -> None:
     gauge("tasknotes_last_run_info", "The run the tasknotes_last_run_* figures are of",
-          ("run_id",)).labels(run_id=run["run_id"]).set(1)
-    send = info.get("send") or {}
+          ("run_id",)).labels(run_id=run.run_id).set(1)
+    send = run.info.send
     gauge("tasknotes_last_run_requests",
           "HTTP requests the last run sent to Cobalt, retries included").set(
         send.get("requests", 0))
     gauge("tasknotes_last_run_retries", "Of those requests, retries").set(
         send.get("retries", 0))
     gauge("tasknotes_last_run_duration_seconds", "From the last run's start to its end").set(
-        _unix(run["finished_at"]) - _unix(run["started_at"]))
+        _unix(str(run.finished_at)) - _unix(run.started_at))
     gauge("tasknotes_last_run_end_timestamp_seconds", "When the last run ended, Unix time").set(
-        _unix(run["finished_at"]))
+        _unix(str(run.finished_at)))
     code = _exit_code(run)
     if code is not None:
         gauge("tasknotes_last_run_exit_code", "The last run process's exit code").set(code)
-    counts = _summary_counts(reports / run["run_id"] / "summary.json")
+    counts = _summary_counts(reports / run.run_id / "summary.json")
     if counts is not None:
         rows = gauge("tasknotes_last_run_rows",
                      "Rows of the last run by final status, as its summary.json says now",
@@ -124,9 +123,9 @@ def _last_run(gauge: Any, run: dict[str, Any], reports: Path) -> None:
             rows.labels(final_status=status).set(counts.get(status, 0))
 
 
-def _exit_code(run: dict[str, Any]) -> int | None:
-    code = run["info"].get("exit_code")
-    if code is None and run["state"] == "aborted":
+def _exit_code(run: RunRecord) -> int | None:
+    code = run.info.exit_code
+    if code is None and run.state == "aborted":
         return 3
     return None if code is None else int(code)
 

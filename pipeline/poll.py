@@ -46,8 +46,8 @@ from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
 from pipeline.events import SinkFile, UnreadableEvent, encode_event
-from pipeline.ledger import row_key
 from pipeline.retry import Pacer, RetryPolicy, retry_delay
+from pipeline.state import row_key
 
 log = logging.getLogger(__name__)
 

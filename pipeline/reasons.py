@@ -32,9 +32,9 @@ from typing import Any, Final
 
 from pipeline.config import InputConfig
 from pipeline.errors import PipelineError
-from pipeline.ledger import EventRecord, Ledger, row_key
 from pipeline.redaction import MAX_MESSAGE, quotes, redact, safe_id
 from pipeline.source import CsvFile, clean_name
+from pipeline.state import EventRecord, Ledger, row_key
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ CODE_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 QUOTED: Final = "[reason withheld: it quoted the note]"
 UNCHECKED: Final = "[reason withheld: the note was not read back to check it]"
 _MAX_TEXT: Final = 8192  # longer free text is withheld unread (a reason is a sentence)
-_FAILURE: Final = 6  # failure_reason's position in an EventRecord
 _PREPARE_MAX: Final = 100_000  # failed events whose notes ``prepare`` holds at once, at most
 
 
@@ -114,15 +113,15 @@ class ReasonRedactor:
     def clean(self, records: list[EventRecord]) -> list[EventRecord]:
         """``records`` with every ``failure_reason`` made safe (see the module docstring),
         in the same order. Reads each input file it needs at most once per call."""
-        wanted = [i for i, r in enumerate(records) if r[_FAILURE] is not None]
+        wanted = [i for i, r in enumerate(records) if r.failure_reason is not None]
         if not wanted:
             return records
-        keys = {i: (records[i][2] or "", records[i][3] or "") for i in wanted}
+        keys = {i: (records[i].job_id or "", records[i].task_note_id or "") for i in wanted}
         self._resolve({k for k in keys.values() if k not in self._known})
         out = list(records)
         for i in wanted:
-            (event_id, kind, job_id, task_note_id, created, emr_note_id, failure, listed,
-             ekey, end, outcome_at, clock) = records[i]
+            record = records[i]
+            failure, listed = record.failure_reason, record.reason_codes
             private = self._known[keys[i]]
             codes = [c for c in (listed or "").split(";") if c]
             if private:
@@ -137,8 +136,7 @@ class ReasonRedactor:
             else:
                 reason = redact(text, [*private, *self.secrets],
                                 withheld=f"{shown} {QUOTED}".strip(), limit=MAX_MESSAGE)
-            out[i] = (event_id, kind, job_id, task_note_id, created, emr_note_id, reason,
-                      shown or None, ekey, end, outcome_at, clock)
+            out[i] = record._replace(failure_reason=reason, reason_codes=shown or None)
         return out
 
     def _resolve(self, keys: set[tuple[str, str]]) -> None:

@@ -6,33 +6,9 @@ reading only what the file gained since the last time. The join rules then
 run in SQL over indexed columns (``Ledger.match_outcomes``), and a run's rows
 are read back a chunk at a time, so memory does not grow with the run.
 
-Join rules, in this order:
-
-1. Events collapse by event id; only ``task_note.*`` events take part, other
-   types are counted and left alone.
-2. A row is matched to events by ``job_id`` compared as text (an integer in
-   Cobalt's response, a string in its webhooks), and, for a row with no
-   ``job_id`` match, by ``task_note_id``. Matching covers the rows of every
-   run, so an event that belongs to another run is not an orphan.
-3. A row with ``created`` events only is ``created``; ``failed`` only is
-   ``failed``; both is a ``conflict`` (shown with both event ids).
-4. Evidence: an ``ambiguous`` row (no answer came back) is settled when a
-   ``task_note.created`` event that no row claims carries the same note for
-   the same task (their ledger keys are equal). Rows and events sharing a key
-   pair up in order (rows by id, events by time): one event settles one row.
-5. A note's evidence follows it. A row whose own attempt did not deliver its
-   note (never sent, send failed, skipped as already sent, held, or failed in
-   the EMR) follows the send of the same note (same ledger key) by another run,
-   earlier or later, that delivered it: a confirmed send first, else one still
-   awaiting its outcome. The row then shows that run's id, job id and outcome,
-   and its final status is that send's as known now: ``skipped_already_sent``
-   ("sent in run X as job J: confirmed") once confirmed, ``awaiting_outcome``
-   while pending (never counted as ended well before it is confirmed). A row
-   so followed is not open and goes into no redrive.csv.
-   A row not sent that a human wrote off (``tasknotes status --write-off``)
-   stays ``send_failed`` ("never sent; written off by operator at T"), and is
-   neither open nor offered again.
-6. ``task_note.*`` events that match no row of any run are orphans.
+The join rules, numbered, sit with the SQL that applies them in
+pipeline/state/rules.py; this module turns what they matched into each row's
+final status and detail (``_final_status``).
 
 The same ledger and sink file always give the same result (no clock is read
 here; staleness is the report's business).
@@ -45,7 +21,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
@@ -62,9 +38,9 @@ from pipeline.events import (
     read_sink_from,
     set_aside_path,
 )
-from pipeline.ledger import EventRecord, Ledger, row_key
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.redaction import safe_id
+from pipeline.state import EventRecord, InputFile, Ledger, Orphan, RunRecord, row_key
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +76,7 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     receipts (``events.read_receipts``), clock ``sink_received``. An event ``poll``
     fetched, or one with no receipt (a sink file older than receipts), takes the
     event's own ``created`` time instead, clock ``event_created_polled`` or
-    ``event_created_no_receipt`` (``ledger.OUTCOME_CLOCKS``): reports measure
+    ``event_created_no_receipt`` (``state.schema.OUTCOME_CLOCKS``): reports measure
     latency on the first clock only, and count the others.
     """
     redactor = redactor or ReasonRedactor(ledger, None)
@@ -187,7 +163,8 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
         clock = "event_created_polled" if receipt is not None else "event_created_no_receipt"
         outcome_at = created
     # Ids are untrusted too: one that does not look like an id is withheld (safe_id).
-    return (str(safe_id(event_id)), kind, None if job_id is None else safe_id(str(job_id).strip()),
+    return EventRecord(str(safe_id(event_id)), kind,
+            None if job_id is None else safe_id(str(job_id).strip()),
             safe_id(data.get("task_note_id")), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
             ekey, end, outcome_at, clock)
@@ -217,16 +194,16 @@ def _size(path: Path) -> int:
 class RunResult:
     """One run, reconciled: its rows come a chunk at a time, each with its final status."""
 
-    run: dict[str, Any]
-    files: list[dict[str, Any]]
+    run: RunRecord
+    files: list[InputFile]
     orphan_count: int
-    orphans: list[dict[str, Any]]
+    orphans: list[Orphan]
     tally: dict[str, int]
     ledger: Ledger = field(repr=False)
 
     def chunks(self, size: int = 20_000) -> Iterator[pd.DataFrame]:
         """The run's rows in input order, with final_status, detail and outcome columns."""
-        for frame in self.ledger.run_chunks(self.run["run_id"], size):
+        for frame in self.ledger.run_chunks(self.run.run_id, size):
             yield _finalise(frame, self.run)
 
     def frame(self) -> pd.DataFrame:
@@ -292,14 +269,14 @@ class Reconciler:
         A run left ``running`` by a process that is gone reads as ``crashed``.
         """
         record = self._ledger.run(run_id)
-        record["state"] = self._ledger.effective_state(record)
-        self.refresh(record["account"])
+        record = replace(record, state=self._ledger.effective_state(record))
+        self.refresh(record.account)
         count, orphans = self._ledger.orphans()
         return RunResult(record, self._ledger.files(run_id), count, orphans,
                          self._ledger.event_tally(), self._ledger)
 
 
-def _finalise(rows: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
+def _finalise(rows: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
     out = rows
     final, detail = _final_status(out, record)
     out["final_status"] = final
@@ -317,9 +294,9 @@ def _finalise(rows: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     return out
 
 
-def _final_status(out: pd.DataFrame, record: dict[str, Any]) -> tuple[pd.Series, pd.Series]:
+def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.Series]:
     status, outcome = out["status"], out["outcome"]
-    stopped = record["info"].get("stop_reason") or f"the run {record['state']}"
+    stopped = record.info.stop_reason or f"the run {record.state}"
     via = out["via_run_id"].notna()
     landed = via & (out["via_outcome"] == "created")
     waiting = via & ~landed

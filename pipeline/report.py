@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import dataclasses
 import errno
 import hashlib
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
+from pipeline.state import InputFile, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def write_report(
     the one the ledger recorded (summary.json's ``exit_code``).
     """
     now = now or datetime.now(UTC)
-    directory = settings.dir / result.run["run_id"]
+    directory = settings.dir / result.run.run_id
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -133,7 +135,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _write_results(result: RunResult, path: Path, settings: ReportConfig,
                    now: datetime) -> _Tally:
-    passthrough = list(result.run["info"].get("passthrough", []))
+    passthrough = list(result.run.info.passthrough)
     tally = _Tally(settings, now)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as fh:
@@ -159,7 +161,7 @@ def known_counts(ledger_path: Path, run_id: str) -> dict[str, int]:
     Outcomes are those the ledger learned last (nothing is read from the sink file).
     Raises StateError if the ledger cannot be read.
     """
-    from pipeline.ledger import Ledger  # noqa: PLC0415 - the read-only opener
+    from pipeline.state import Ledger  # noqa: PLC0415 - the read-only opener
 
     ledger = Ledger.existing(ledger_path)
     counts: Counter[str] = Counter()
@@ -167,7 +169,7 @@ def known_counts(ledger_path: Path, run_id: str) -> dict[str, int]:
         return dict.fromkeys(FINAL_STATUSES, 0)
     try:
         record = ledger.run(run_id)
-        record["state"] = ledger.effective_state(record)
+        record = dataclasses.replace(record, state=ledger.effective_state(record))
         result = RunResult(record, [], 0, [], {}, ledger)
         for chunk in result.chunks():
             counts.update(chunk["final_status"])
@@ -189,7 +191,7 @@ def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
     # detail says what error does not: for a rejected row they were the same sentence twice.
     repeats = rows["detail"].fillna("") == out["error"].fillna("")
     out["detail"] = rows["detail"].where(~repeats, "")
-    # What outcome_at is (ledger.OUTCOME_CLOCKS): last, so no earlier column moves.
+    # What outcome_at is (state.schema.OUTCOME_CLOCKS): last, so no earlier column moves.
     out["outcome_clock"] = rows.get("outcome_clock")
     return out.fillna("").reset_index(drop=True)
 
@@ -297,7 +299,7 @@ class _Tally:
         self.stale = 0
         self.oldest_waiting: float | None = None
         self.latencies: list[np.ndarray] = []
-        # Rows with an outcome time, by what it is (ledger.OUTCOME_CLOCKS): only the time
+        # Rows with an outcome time, by what it is (state.schema.OUTCOME_CLOCKS): only the time
         # the sink received the event is a latency; the events' own times are counted.
         self.clocks: Counter[str] = Counter()
         self.attention: list[dict[str, Any]] = []
@@ -365,7 +367,7 @@ class _Tally:
     def latency(self) -> dict[str, Any]:
         """summary.json's ``latency_s``: seconds from submission to the sink receiving the
         outcome (``count``, ``p50``, ``p90``, ``max``), and ``outcome_clocks``: rows with an
-        outcome time by what that time is (``ledger.OUTCOME_CLOCKS``); ``not_measured``
+        outcome time by what that time is (``state.schema.OUTCOME_CLOCKS``); ``not_measured``
         counts those whose time is the event's own (polled, or no receipt: an older sink).
         """
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
@@ -442,18 +444,18 @@ def _decimals(step: float) -> int:
 ENDED_WELL: Final = frozenset(GOOD_STATUSES - {"awaiting_outcome"})
 
 
-def recorded_exit_code(run: dict[str, Any], now_code: int) -> int | None:
+def recorded_exit_code(run: RunRecord, now_code: int) -> int | None:
     """The exit code the run's own process ended with, as the ledger recorded it.
 
     For runs recorded before it was kept: 3 for an aborted run, else ``now_code``;
     None while the run is in progress or after it crashed (no process exit).
     """
-    recorded = run["info"].get("exit_code")
+    recorded = run.info.exit_code
     if recorded is not None:
         return int(recorded)
-    if run["state"] in ("running", "crashed"):
+    if run.state in ("running", "crashed"):
         return None
-    return 3 if run["state"] == "aborted" else now_code
+    return 3 if run.state == "aborted" else now_code
 
 
 def summarise(
@@ -464,7 +466,7 @@ def summarise(
     ``exit_code_now``: 1 while any row needs attention (stale awaiting rows included),
     else 0; ``verdict``: ``ok`` (nothing awaits, nothing needs attention), ``waiting``
     (rows await outcomes, none stale) or ``attention``."""
-    run, info = result.run, result.run["info"]
+    run, info = result.run, result.run.info
     counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     not_read = unread_input(result)
@@ -476,24 +478,24 @@ def summarise(
     verdict = "attention" if now_code else "waiting" if awaiting else "ok"
     return {
         "tool": f"tasknotes {__version__}",
-        "run_id": run["run_id"],
-        "state": run["state"],
-        "stop_reason": info.get("stop_reason"),
-        "account": run["account"],
-        "config_fingerprint": run["fingerprint"],
-        "dry_run": bool(info.get("dry_run")),
-        "limit": info.get("limit"),
-        "started_at": run["started_at"],
-        "finished_at": run["finished_at"],
-        "timings_s": info.get("timings_s", {}),
-        "throughput_per_s": info.get("throughput_per_s"),
-        "send": info.get("send", {}),
-        "inputs": [{"path": f["path"], "sha256": f["sha256"], "bytes": f["size"]}
+        "run_id": run.run_id,
+        "state": run.state,
+        "stop_reason": info.stop_reason,
+        "account": run.account,
+        "config_fingerprint": run.fingerprint,
+        "dry_run": info.dry_run,
+        "limit": info.limit,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "timings_s": info.timings_s,
+        "throughput_per_s": info.throughput_per_s,
+        "send": info.send,
+        "inputs": [{"path": f.path, "sha256": f.sha256, "bytes": f.size}
                    for f in result.files],
         "rows": tally.rows,
-        "blank_rows_skipped": info.get("blank_rows", 0),
+        "blank_rows_skipped": info.blank_rows,
         # Per input file: to_send + rejected + skipped + blank + beyond_limit == records.
-        "input_records": info.get("input_records", []),
+        "input_records": list(info.input_records),
         "final_status": counts,
         "ended_well": int(sum(counts[s] for s in ENDED_WELL)),
         "awaiting": awaiting,
@@ -502,7 +504,7 @@ def summarise(
         "written_off": tally.written_off,
         "verdict": verdict,
         "submit_status": dict(sorted(tally.submit.items())),
-        "problems": info.get("problems", {}),
+        "problems": info.problems,
         "failure_reasons": [{"reason": r, "count": n} for r, n in ranked],
         "settled_by_evidence": tally.evidence,
         "conflicts": tally.conflicts,
@@ -534,10 +536,10 @@ def unread_input(result: RunResult) -> dict[str, Any] | None:
     """Where the run's scan stopped (a full disk, a signal, an input error) and the input
     files whose rest it did not read, while no later run has read them to the end
     (``Ledger.not_read``); None when nothing is left unread."""
-    stopped = result.run["info"].get("scan_stopped")
+    stopped = result.run.info.scan_stopped
     if not stopped:
         return None
-    left = dict(result.ledger.not_read()).get(result.run["run_id"])
+    left = dict(result.ledger.not_read()).get(result.run.run_id)
     if not left:
         return None
     line = stopped.get("after_line")
@@ -649,7 +651,7 @@ def write_redrive(result: RunResult, wanted: dict[int, set[int]], input_settings
         path.unlink(missing_ok=True)
         return False
     found = read_input_rows(result.files, wanted, input_settings)
-    headers = ({tuple(f["header"]) for f in result.files if f["file_no"] in found.files}
+    headers = ({f.header for f in result.files if f.file_no in found.files}
                if found is not None else set())
     if found is None or len(headers) != 1:
         if found is not None:
@@ -683,7 +685,7 @@ class InputRows:
 
 
 def read_input_rows(
-    files: list[dict[str, Any]], wanted: dict[int, set[int]], settings: InputConfig
+    files: list[InputFile], wanted: dict[int, set[int]], settings: InputConfig
 ) -> InputRows | None:
     """The cells of the wanted lines, or None (with a warning) if a file is gone or changed.
 
@@ -694,21 +696,21 @@ def read_input_rows(
     rows: dict[tuple[int, int], list[str]] = {}
     headers = []
     for f in files:
-        lines = wanted.get(f["file_no"])
+        lines = wanted.get(f.file_no)
         if not lines:
             continue
         try:
-            with CsvFile(Path(f["path"]), settings, file_no=f["file_no"]) as reader:
+            with CsvFile(Path(f.path), settings, file_no=f.file_no) as reader:
                 for batch in reader.batches():
-                    rows.update({(f["file_no"], line): r for line, r
+                    rows.update({(f.file_no, line): r for line, r
                                  in zip(batch.lines, batch.rows, strict=True) if line in lines})
-                changed = reader.sha256 != f["sha256"]
+                changed = reader.sha256 != f.sha256
                 headers.append(reader.header)
         except PipelineError as exc:
             log.warning("input rows not read back: %s", exc)
             return None
         if changed:
-            log.warning("input rows not read back: %s changed since the run", f["path"])
+            log.warning("input rows not read back: %s changed since the run", f.path)
             return None
     return InputRows(rows, frozenset(wanted), copy_encoding(headers))
 
@@ -718,15 +720,15 @@ def note_previews(
     input_settings: InputConfig,
 ) -> dict[tuple[str, int], str]:
     """The first ``preview_chars`` of each row's note, for reviewers allowed to see them."""
-    numbers = {f["path"]: f["file_no"] for f in result.files}
+    numbers = {f.path: f.file_no for f in result.files}
     wanted: dict[int, set[int]] = {}
     for row in rows:
         wanted.setdefault(numbers[row["source_file"]], set()).add(row["line"])
     found = read_input_rows(result.files, wanted, input_settings)
     if found is None:
         return {}
-    names = {f["file_no"]: f["path"] for f in result.files}
-    notes = {f["file_no"]: _note_column(f["header"], input_settings) for f in result.files}
+    names = {f.file_no: f.path for f in result.files}
+    notes = {f.file_no: _note_column(f.header, input_settings) for f in result.files}
     previews = {}
     for (file_no, line), cells in found.rows.items():
         column = notes[file_no]
@@ -737,6 +739,6 @@ def note_previews(
     return previews
 
 
-def _note_column(header: list[str], settings: InputConfig) -> int | None:
+def _note_column(header: Sequence[str], settings: InputConfig) -> int | None:
     clean = [clean_name(n) for n in header]
     return clean.index(settings.columns.note) if settings.columns.note in clean else None

@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,10 +49,10 @@ from tqdm import tqdm
 from pipeline import logs
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, StateError, StorageFull
-from pipeline.ledger import Earlier, Ledger, NewRow, Status, row_key
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
 from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
+from pipeline.state import Earlier, Ledger, NewRow, RunInfoChanges, Status, row_key
 from pipeline.submit import Job, SubmitStats, Submitter
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
@@ -511,7 +511,7 @@ class Run:
         self.run_id = new_run_id()
         logs.set_run_id(self.run_id)  # on every JSON log line from here on
         self.timings: dict[str, float] = {}
-        self.scan_stopped: dict[str, Any] = {}
+        self.scan_stopped: RunInfoChanges = {}
 
     def execute(self) -> RunOutcome:
         preflight(self.config)  # a missing secret stops us before the ledger is touched
@@ -594,7 +594,7 @@ class Run:
         stats = await self._send(ledger, inputs, counts)
         return self._finish(ledger, counts, stats, rejects)
 
-    def _scan_stopped(self, ledger: Ledger, scan: _Scan) -> dict[str, Any]:
+    def _scan_stopped(self, ledger: Ledger, scan: _Scan) -> RunInfoChanges:
         """Run info for a scan that stopped early (else nothing): where, and which files
         were not read to the end. The file it stopped in is fingerprinted whole, so
         its report can read its rows back (redrive.csv) while it stays unchanged."""
@@ -643,7 +643,7 @@ class Run:
         finally:
             self.timings[stage] = round(time.monotonic() - start, 3)
 
-    def _info(self) -> dict[str, Any]:
+    def _info(self) -> RunInfoChanges:
         return {"argv": list(self.options.argv), "limit": self.options.limit,
                 "force": self.options.force, "passthrough": list(self.config.input.passthrough)}
 
@@ -656,7 +656,7 @@ class Run:
         state = "aborted" if reason else "finished"
         throughput = (round(stats.requests / stats.seconds, 1)
                       if stats is not None and stats.seconds > 0 else None)
-        info = {
+        info: RunInfoChanges = {
             "stop_reason": reason, "timings_s": self.timings, "throughput_per_s": throughput,
             "send": ({"requests": stats.requests, "retries": stats.retries,
                       "ledger_commits": stats.commits} if stats is not None else {}),
@@ -704,7 +704,7 @@ class Run:
         stale = ledger.reports_to_rewrite()
         # and runs whose scan stopped: this run may have read the rest of their input
         wanted = {*ledger.runs_following(self.run_id),
-                  *(r for r in stale if ledger.run(r)["info"].get("scan_stopped"))}
+                  *(r for r in stale if ledger.run(r).info.scan_stopped)}
         reconciler = Reconciler.of(ledger, self.config)
         for run_id in stale:
             if run_id not in wanted or run_id == self.run_id:
@@ -729,7 +729,7 @@ class Run:
         return (f"{exc}; {sent:,} rows were sent before it, "
                 f"{by_status.get('pending', 0):,} are left pending for the next run")
 
-    def _result(self, ledger: Ledger, state: str, info: dict[str, Any], *,
+    def _result(self, ledger: Ledger, state: str, info: RunInfoChanges, *,
                 refresh: bool) -> RunResult:
         """The run reconciled; with no room to write, the ledger as it stands, read only."""
         from pipeline.reconcile import Reconciler, RunResult  # noqa: PLC0415
@@ -738,7 +738,7 @@ class Run:
             with contextlib.suppress(StorageFull):
                 return Reconciler.of(ledger, self.config).run(self.run_id)
         record = ledger.run(self.run_id)
-        record.update(state=state, info={**record["info"], **info})
+        record = replace(record, state=state, info=record.info.merged(info))
         count, orphans = ledger.orphans()
         return RunResult(record, ledger.files(self.run_id), count, orphans,
                          ledger.event_tally(), ledger)

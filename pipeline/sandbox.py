@@ -20,10 +20,10 @@ from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions
 from pipeline.errors import ConfigError
 from pipeline.events import SinkFile
-from pipeline.ledger import Ledger
 from pipeline.retry import Control
 from pipeline.servers import serve_embedded
 from pipeline.sink import WebhookReceiver
+from pipeline.state import Ledger
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from typing import Any, Final
 
 from pipeline.config import RunConfig
 from pipeline.errors import StateError
-from pipeline.ledger import Ledger, OpenGroup, OpenRow
+from pipeline.state import Ledger, OpenGroup, OpenRow
 
 SCHEMA: Final = 1
 ROWS_SHOWN: Final = 20  # send_failed rows named (run, file, line) by status
@@ -151,7 +151,7 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
     try:
         latest = ledger.latest_run()
         if latest is not None:  # learn what the sink file gained: outcomes settle rows
-            Reconciler.of(ledger, config).refresh(ledger.run(latest)["account"])
+            Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
         running = ledger.runs_in_progress()
         stale_before = _iso(now - timedelta(seconds=config.report.stale_after))
         rows = ledger.open_rows(running)
@@ -189,7 +189,7 @@ def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) ->
         if run_id in ledger.runs_in_progress():
             raise StateError(f"run {run_id} is in progress: its unsent rows are not failures "
                              "yet; write off after it ends")
-        Reconciler.of(ledger, config).refresh(record["account"])
+        Reconciler.of(ledger, config).refresh(record.account)
         return ledger.write_off(run_id, _iso(now or datetime.now(UTC)))
     finally:
         ledger.close()
@@ -224,7 +224,7 @@ def _by_precedence(rows: dict[str, list[OpenRow]], stale_before: str) -> dict[st
 
 def _not_read(ledger: Ledger) -> OpenGroup:
     found = ledger.not_read()
-    starts = [ledger.run(run_id)["started_at"] for run_id, _ in found]
+    starts = [ledger.run(run_id).started_at for run_id, _ in found]
     return OpenGroup(sum(len(paths) for _, paths in found), 0, min(starts, default=None),
                      tuple(run_id for run_id, _ in found))
 
@@ -252,7 +252,7 @@ def _current_redrive(ledger: Ledger, config: RunConfig,
     out: dict[str, str] = {}
     for run_id in {*groups["send_failed"].run_ids, *groups["failed_retryable"].run_ids}:
         path = config.report.dir / run_id / "redrive.csv"
-        recorded = ledger.run(run_id)["info"].get("redrive_digest")
+        recorded = ledger.run(run_id).info.redrive_digest
         if recorded is None or not path.exists():
             continue
         ids = [row_id for row_id, status, reason, codes in ledger.redrive_row_ids(run_id)

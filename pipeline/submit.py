@@ -46,8 +46,8 @@ from pipeline.errors import (
     RequestRejected,
     StorageFull,
 )
-from pipeline.ledger import Attempt, Status, utcnow
 from pipeline.retry import Backoff, Control, Pacer, RetryPolicy, retry_delay
+from pipeline.state import Attempt, Status, utcnow
 
 if TYPE_CHECKING:
     from pipeline.client import NoteAccepted

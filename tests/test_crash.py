@@ -22,7 +22,7 @@ from helpers import (
     write_csv,
 )
 from pipeline.emulator import Faults
-from pipeline.ledger import Ledger
+from pipeline.state import Ledger
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from helpers import (
 from pipeline.config import RunConfig
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
-from pipeline.ledger import Ledger, NewRow, row_key
 from pipeline.sink import WebhookReceiver
+from pipeline.state import Ledger, NewRow, row_key
 
 
 def ledger_rows(config: RunConfig, run_id: str) -> list[dict[str, Any]]:

@@ -29,9 +29,9 @@ from pipeline.events import (
     read_sink_from,
     set_aside_path,
 )
-from pipeline.ledger import Ledger
 from pipeline.poll import Poller, read_list_item
 from pipeline.reconcile import Reconciler
+from pipeline.state import Ledger
 
 GOOD = {"id": "evt_1", "type": "task_note.failed", "job_id": "1",
         "data": {"task_note_id": "a", "failure_reason": "locked 🙂"}}

@@ -32,8 +32,8 @@ from helpers import (
     write_config,
 )
 from pipeline.errors import InputError
-from pipeline.ledger import Ledger, NewRow, row_key
 from pipeline.runner import RunOutcome
+from pipeline.state import Ledger, NewRow, row_key
 from pipeline.submit import Attempt
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.ledger import Attempt, Ledger, NewRow, row_key
 from pipeline.reconcile import Reconciler
+from pipeline.state import Attempt, Ledger, NewRow, row_key, utcnow
 
 ACCOUNT = "test_clinic"
 
@@ -18,7 +18,8 @@ class Book:
     """A ledger with one run, rows added by hand, and a sink file written by hand."""
 
     def __init__(self, tmp: Path, run_id: str = "run-1") -> None:
-        self.ledger = Ledger(tmp / "ledger.sqlite")
+        self.when: str | None = None  # what the ledger's clock reads while a test sets it
+        self.ledger = Ledger(tmp / "ledger.sqlite", clock=lambda: self.when or utcnow())
         self.sink = tmp / "webhooks.jsonl"
         self.sink.write_text("")
         self.run_id = run_id
@@ -36,12 +37,11 @@ class Book:
         self.next_line += 1
         row_id = int(self.ledger.frame(run)["id"].max())
         if status in ("accepted", "ambiguous", "api_rejected", "failed"):
+            self.when = submitted_at  # the row is submitted then (None: now)
             self.ledger.apply([row_id], [])
+            self.when = None
         self.ledger.apply([], [Attempt(row_id, status, 200 if job_id else None,  # type: ignore[arg-type]
                                        task_note_id, job_id, None, submitted_at)])
-        if submitted_at:
-            self.ledger._db.execute("UPDATE rows SET submitted_at=? WHERE id=?",
-                                    (submitted_at, row_id))
         return row_id
 
     def event(self, kind: str, job_id: object, *, n: int, task_note_id: str = "",
@@ -141,7 +141,7 @@ def test_events_matching_no_row_are_orphans(book: Book) -> None:
     book.event("task_note.failed", "404", n=3)
     result = book.result()
     assert result.orphan_count == 1
-    assert [o["event_id"] for o in result.orphans] == ["evt_3"]
+    assert [o.event_id for o in result.orphans] == ["evt_3"]
 
 
 def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:

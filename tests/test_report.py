@@ -25,12 +25,12 @@ from helpers import (
     write_csv,
 )
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.config import RunConfig, load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
-from pipeline.ledger import Ledger
 from pipeline.report import PAGE_SCRIPT_HASH
 from pipeline.sink import WebhookReceiver
+from pipeline.state import Attempt, Ledger, NewRow, row_key
 
 ROOT = Path(__file__).parent.parent
 CANARY = "CANARY-7f3e9c-PHI"
@@ -175,15 +175,14 @@ def test_stale_rows_are_counted_and_shown_with_their_age(tmp_path: Path) -> None
     html = (outcome.report.directory / "report.html").read_text()
     assert 'data-verdict="waiting"' in html
     assert "every row ended well" not in html
-    ledger = Ledger(config.state.ledger)
-    ledger._db.execute("UPDATE rows SET submitted_at='2026-01-01T00:00:00.000Z'")
-    ledger.close()
+    # A run that sent its note on New Year's Day and exited 0, no outcome since.
+    old = _sent_at(config, "run-old", {"T9": datetime(2026, 1, 1, tzinfo=UTC)})
     assert main(["-q", "reconcile", str(path)]) == 1
-    summary = json.loads((outcome.report.directory / "summary.json").read_text())
+    summary = json.loads((old / "summary.json").read_text())
     assert summary["report"]["stale"] == 1
     assert (summary["needs_attention"], summary["verdict"]) == (1, "attention")
     assert (summary["exit_code"], summary["exit_code_now"]) == (0, 1)  # the run exited 0
-    html = (outcome.report.directory / "report.html").read_text()
+    html = (old / "report.html").read_text()
     assert "1 stale" in html
     assert "days (stale)" in html
     assert 'data-verdict="attention"' in html
@@ -210,16 +209,37 @@ def test_stale_is_measured_in_seconds_of_report_stale_after(tmp_path: Path) -> N
     hours ago is stale and one sent half an hour ago is not (an hour of margin each side,
     so a slow machine cannot move either across)."""
     write_csv(tmp_path / "input.csv", [["T1", "n"], ["T2", "n"]])
-    with EmulatorThread() as api:  # no webhook_url: no outcome arrives
-        path = write_config(tmp_path, api={"base_url": api.url}, report={"stale_after": 3600})
-        config = load_config(path, needs=("api",))
-        outcome = run_pipeline(config)
+    path = write_config(tmp_path, api={"base_url": "http://127.0.0.1:9"},
+                        report={"stale_after": 3600})
+    config = load_config(path, needs=("api",))
     now = datetime.now(UTC)
-    ledger = Ledger(config.state.ledger)
-    for task, age in (("T1", timedelta(hours=2)), ("T2", timedelta(minutes=30))):
-        when = (now - age).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        ledger._db.execute("UPDATE rows SET submitted_at=? WHERE emr_task_id=?", (when, task))
-    ledger.close()
+    report = _sent_at(config, "run-1", {"T1": now - timedelta(hours=2),
+                                        "T2": now - timedelta(minutes=30)})
     assert main(["-q", "reconcile", str(path)]) == 1
-    summary = json.loads((outcome.report.directory / "summary.json").read_text())
+    summary = json.loads((report / "summary.json").read_text())
     assert (summary["report"]["stale"], summary["awaiting"]) == (1, 2)
+
+
+def _sent_at(config: RunConfig, run_id: str, sent: dict[str, datetime]) -> Path:
+    """Record in the config's ledger a finished run (exit 0) that sent each task's note
+    ``n`` (input.csv) at the given time and was accepted, no outcome since, through the
+    ledger's own operations, its clock set to each time; returns its report directory."""
+    clock = [min(sent.values())]
+    ledger = Ledger(config.state.ledger, clock=lambda: clock[0].strftime(
+        "%Y-%m-%dT%H:%M:%S.000Z"))
+    config.webhooks.sink.touch()
+    account = config.api.account_id()
+    try:
+        ledger.start_run(run_id, account, "fp", {})
+        ledger.add_file(run_id, 0, str(config.report.dir.parent / "input.csv"),
+                        ["emr_task_id", "note"])
+        ledger.add_rows(run_id, [NewRow(0, line, task, row_key(account, task, "n"), "pending")
+                                 for line, task in enumerate(sent, start=2)])
+        for row_id, _, _, task, _ in list(ledger.rows_to_send(run_id)):
+            clock[0] = sent[task]
+            ledger.apply([row_id], [])
+            ledger.apply([], [Attempt(row_id, "accepted", 202, f"tn-{task}", f"job-{task}")])
+        ledger.finish_run(run_id, "finished", {"exit_code": 0})
+    finally:
+        ledger.close()
+    return config.report.dir / run_id

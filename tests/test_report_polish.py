@@ -20,9 +20,9 @@ from helpers import (
     write_csv,
 )
 from pipeline.config import ReportConfig
-from pipeline.ledger import Ledger
 from pipeline.reconcile import Reconciler
 from pipeline.report import _Tally, _write_results, nice_step, render_html, summarise
+from pipeline.state import Ledger
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

@@ -51,9 +51,9 @@ from pipeline.cli import main
 from pipeline.client import CobaltClient, redact
 from pipeline.config import ApiConfig, load_config
 from pipeline.errors import CredentialsRefused, NotSent, RequestRejected
-from pipeline.ledger import Ledger
 from pipeline.redaction import MESSAGE_WITHHELD
 from pipeline.report import FORMULA_STARTS, neutralise_formula, shareable
+from pipeline.state import Ledger
 
 PLAIN_NUMBER_CELLS = ("-3", "+1.5", "-2e5", "12", "+0.25")
 
@@ -375,7 +375,7 @@ def test_a_looser_state_directory_made_beforehand_is_named_in_a_warning(
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)
-    with caplog.at_level(logging.WARNING, logger="pipeline.ledger"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.state.connection"):
         Ledger(state / "ledger.sqlite").close()
     assert [r.getMessage() for r in caplog.records] == [
         f"state directory {state} is mode 0755: others may read the ledger's neighbours; "

@@ -72,11 +72,11 @@ def test_status_counts_each_note_once_under_the_first_kind_that_holds_it(
     book.ledger.start_run("run-3", ACCOUNT, "fp", {})  # crashed with two notes unsent
     book.row("pending", task="P1", run_id="run-3")
     book.row("pending", task="P2", run_id="run-3")
-    book.ledger.lock()  # run-4 is live: the lock is held
+    book.ledger.lock()  # run-4 is live: the lock is held, and run-3 recovered as crashed
+    assert book.ledger.recover() == 0  # run-3 had nothing in flight
     book.ledger.start_run("run-4", ACCOUNT, "fp", {})
     book.row("pending", task="P1", run_id="run-4")
     book.row("pending", task="P2", run_id="run-4")
-    book.ledger._db.execute("UPDATE runs SET state='crashed' WHERE run_id='run-3'")
 
     config = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
                          webhooks={"sink": str(book.sink)})
@@ -262,7 +262,7 @@ def test_a_disk_full_scan_names_its_input_and_stays_open_until_a_run_reads_it(
     with ThreadedServer(fake.app()) as api:
         config = write_config(tmp_path, api={"base_url": api.url},
                               webhooks={"sink": str(tmp_path / "hooks" / "webhooks.jsonl")})
-        from pipeline.ledger import Ledger  # noqa: PLC0415
+        from pipeline.state import Ledger  # noqa: PLC0415
 
         Ledger(small_disk / "ledger.sqlite").close()  # its reserve taken
         filler = fill(small_disk, leave=160 * 1024)

@@ -34,11 +34,11 @@ from test_shared_files import FakeCobalt, append_events, envelope
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
 from pipeline import reconcile
 from pipeline.config import load_config
-from pipeline.ledger import Ledger
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.reconcile import ingest
 from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact, safe_id
 from pipeline.report import FORMULA_STARTS, one_line, shareable
+from pipeline.state import Ledger
 
 WITHHELD = f"HTTP 400 request-rejected: {MESSAGE_WITHHELD}"
 
@@ -393,11 +393,11 @@ def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
         redactor = CountingRedactor(ledger, config.input)
         assert ingest(ledger, config.webhooks.sink, config.api.account_id(),
                       redactor=redactor) == 6
-        stored = ledger._db.execute("SELECT failure_reason FROM events").fetchall()
+        stored = [e.failure_reason for e in ledger.events()]
     finally:
         ledger.close()
     assert CountingRedactor.reads == 1
-    assert stored == [("Could not append [redacted]",)] * 6
+    assert stored == ["Could not append [redacted]"] * 6
 
 
 def test_ids_from_cobalt_that_are_not_ids_reach_no_file_or_ledger(tmp_path: Path) -> None:

@@ -1,1 +1,34 @@
-"""Where tasknotes keeps what must outlive a run: the ledger and the sink's events."""
+"""State: every input row of every run, what was sent, what came back.
+
+The only package that speaks SQL. ``records`` holds the values handed to and from
+the stages, ``protocol`` the operations they call (``StateStore``), ``sqlite`` the
+embedded store (``Ledger``), ``schema`` its tables and ``rules`` the join rules.
+With ``state.url``: ``postgres`` (connection, schema versions) and ``pg_events`` (the
+sink's event store in PostgreSQL); psycopg is imported only there.
+"""
+
+from pipeline.state.protocol import StateStore
+from pipeline.state.records import (
+    Attempt,
+    Earlier,
+    EventRecord,
+    InputFile,
+    NewRow,
+    OpenGroup,
+    OpenRow,
+    Orphan,
+    RunInfo,
+    RunInfoChanges,
+    RunRecord,
+    Status,
+    row_key,
+    utcnow,
+)
+from pipeline.state.schema import SCHEMA_VERSION
+from pipeline.state.sqlite import RESERVE_BYTES, Ledger
+
+__all__ = [
+    "RESERVE_BYTES", "SCHEMA_VERSION", "Attempt", "Earlier", "EventRecord", "InputFile",
+    "Ledger", "NewRow", "OpenGroup", "OpenRow", "Orphan", "RunInfo", "RunInfoChanges",
+    "RunRecord", "StateStore", "Status", "row_key", "utcnow",
+]

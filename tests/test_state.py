@@ -1,4 +1,5 @@
-"""The ledger's own promises: each pending row handed out once, private files, its schema."""
+"""The state store's own promises, through its public operations: each pending row handed
+out once, private files, its schema, run records and what it mirrors read back typed."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.ledger import _SCHEMA, SCHEMA_VERSION, Attempt, Ledger, NewRow, row_key
 from pipeline.reconcile import Reconciler, ingest
+from pipeline.state import (
+    SCHEMA_VERSION,
+    Attempt,
+    InputFile,
+    Ledger,
+    NewRow,
+    RunInfo,
+    RunRecord,
+    row_key,
+)
+from pipeline.state.schema import SCHEMA
 
 ACCOUNT = "test_clinic"
 
@@ -47,7 +58,7 @@ def test_the_ledger_fsyncs_every_commit_by_default(tmp_path: Path) -> None:
     which can lose the last commits (a `sending` mark) on power loss."""
     ledger = Ledger(tmp_path / "ledger.sqlite")
     try:
-        assert ledger._db.execute("PRAGMA synchronous").fetchone() == (2,)
+        assert ledger.synchronous() == "full"
     finally:
         ledger.close()
 
@@ -123,7 +134,7 @@ def test_a_ledger_without_the_added_columns_gains_them_and_keeps_its_outcome_tim
     outcome_at, marked event_created_no_receipt (what their time meant then)."""
     path = tmp_path / "ledger.sqlite"
     old = re.sub(r"\n +(outcome_clock|written_off_at) TEXT[^\n]*|\n +outcome_at TEXT, +--[^\n]*",
-                 "", _SCHEMA)
+                 "", SCHEMA)
     old = old.replace("reason_codes TEXT, ", "reason_codes TEXT  ").replace(
         "line INTEGER,", "line INTEGER")
     assert "outcome_clock" not in old
@@ -137,10 +148,85 @@ def test_a_ledger_without_the_added_columns_gains_them_and_keeps_its_outcome_tim
     db.close()
     ledger = Ledger(path)
     try:
-        found = ledger._db.execute(
-            "SELECT outcome_at, outcome_clock FROM events WHERE event_id = 'evt_1'").fetchone()
-        columns = {r[1] for r in ledger._db.execute("PRAGMA table_info(rows)")}
+        [event] = ledger.events()
     finally:
         ledger.close()
-    assert found == ("2026-06-15T12:02:40Z", "event_created_no_receipt")
+    assert (event.outcome_at, event.outcome_clock) == ("2026-06-15T12:02:40Z",
+                                                       "event_created_no_receipt")
+    db = sqlite3.connect(path)  # the file as another reader sees it, once the ledger closed
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(rows)")}
+    finally:
+        db.close()
     assert {"outcome_clock", "written_off_at"} <= columns
+
+
+def test_a_ledger_opened_normal_does_not_fsync_every_commit(tmp_path: Path) -> None:
+    """state.synchronous: normal is what the connection uses (the faster, WAL-safe level)."""
+    ledger = Ledger(tmp_path / "ledger.sqlite", synchronous="normal")
+    try:
+        assert ledger.synchronous() == "normal"
+    finally:
+        ledger.close()
+
+
+def test_a_run_record_reads_back_typed_with_its_info_merged(tmp_path: Path) -> None:
+    """start_run's info, finish_run's and update_run_info's are merged in the stored record:
+    run() gives them back as RunInfo fields, times from the ledger's clock."""
+    times = iter(["2026-06-15T12:00:00.000Z", "2026-06-15T12:05:00.000Z"])
+    ledger = Ledger(tmp_path / "ledger.sqlite", clock=lambda: next(times))
+    try:
+        ledger.start_run("r", ACCOUNT, "fp", {"argv": ["run", "x.csv"], "limit": 5})
+        ledger.finish_run("r", "finished", {"throughput_per_s": 12.5, "stop_reason": None,
+                                            "send": {"requests": 3}})
+        ledger.update_run_info("r", {"exit_code": 1})
+        record = ledger.run("r")
+    finally:
+        ledger.close()
+    assert record == RunRecord(
+        "r", "2026-06-15T12:00:00.000Z", "2026-06-15T12:05:00.000Z", "finished", ACCOUNT, "fp",
+        RunInfo(argv=("run", "x.csv"), limit=5, throughput_per_s=12.5,
+                send={"requests": 3}, exit_code=1))
+
+
+def test_a_run_left_running_reads_as_crashed_once_no_process_holds_the_lock(
+        tmp_path: Path) -> None:
+    """effective_state: ``running`` while the run lock is held, ``crashed`` once it is free
+    (the process is gone), and recover() under the next lock records it as crashed."""
+    path = tmp_path / "ledger.sqlite"
+    live = Ledger(path)
+    live.lock()
+    live.start_run("r", ACCOUNT, "fp", {})
+    reader = Ledger(path, readonly=True)
+    try:
+        assert reader.effective_state(reader.run("r")) == "running"
+        live.close()  # the lock goes with it, as with a killed process
+        assert reader.effective_state(reader.run("r")) == "crashed"
+        assert reader.run("r").state == "running"  # as stored, until a run recovers it
+        nxt = Ledger(path)
+        nxt.lock()
+        nxt.recover()
+        assert nxt.run("r").state == "crashed"
+        nxt.close()
+    finally:
+        reader.close()
+
+
+def test_input_files_and_mirrored_events_read_back_as_records(tmp_path: Path) -> None:
+    """files() gives InputFile records in file order; events() the mirrored events."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    sink = tmp_path / "webhooks.jsonl"
+    sink.write_text('{"id":"evt_1","object":"event","created":"2026-06-15T12:02:40Z",'
+                    '"type":"task_note.created","job_id":" 5","data":{"task_note_id":"a"}}\n')
+    try:
+        ledger.start_run("r", ACCOUNT, "fp", {})
+        ledger.add_file("r", 1, "b.csv", ["emr_task_id", "note"])
+        ledger.add_file("r", 0, "a.csv", ["emr_task_id", "note", "x"], sha256="ab", size=9)
+        assert ingest(ledger, sink, ACCOUNT) == 1
+        files, events = ledger.files("r"), ledger.events()
+    finally:
+        ledger.close()
+    assert files == [InputFile(0, "a.csv", "ab", 9, ("emr_task_id", "note", "x")),
+                     InputFile(1, "b.csv", None, None, ("emr_task_id", "note"))]
+    assert [(e.event_id, e.kind, e.job_id, e.task_note_id) for e in events] == [
+        ("evt_1", "created", "5", "a")]

@@ -1,0 +1,167 @@
+"""The events mirror and the join rules (rules.py) on the ledger, and a run's rows read
+back for reconcile and the report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pipeline.state import rules
+from pipeline.state.records import (
+    EventRecord,
+    Orphan,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+from pipeline.state.runs import SQLiteRuns
+
+
+class SQLiteOutcomes(SQLiteRuns):
+    """Outcomes: events mirrored from the sink file, matched to rows by the join rules."""
+
+    def sink_position(self) -> tuple[int, str]:
+        """How far the sink file has been read: (byte offset, hash of its first line)."""
+        found = dict(self._db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('sink_offset', 'sink_head')").fetchall())
+        return int(found.get("sink_offset", 0)), str(found.get("sink_head", ""))
+
+    def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
+                   offset: int, head: str) -> int:
+        """Store newly read events and where reading stopped, in one transaction.
+
+        Returns how many events were new (an event already stored is left as it is).
+        """
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,"
+                " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
+                " outcome_clock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+            added = self._db.total_changes - before
+            tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
+            self._db.executemany(
+                "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET count = count + excluded.count", [(k, v) for k, v in tally.items() if v])
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 [("sink_offset", str(offset)), ("sink_head", head)])
+        return added
+
+    def rows_of_jobs(self, job_ids: Iterable[str],
+                     task_note_ids: Iterable[str]) -> list[tuple[Any, ...]]:
+        """Sent rows with one of these job ids or task note ids, with what reading their note
+        back needs: (id, job_id, task_note_id, line, emr_task_id, key, account, input path,
+        input header as JSON; both None if the run never recorded its file), rows of every
+        run (pipeline/reasons.py)."""
+        found: dict[int, tuple[Any, ...]] = {}
+        select = ("SELECT r.id, r.job_id, r.task_note_id, r.line, r.emr_task_id, r.key,"
+                  " u.account, f.path, f.header FROM rows r JOIN runs u ON u.run_id = r.run_id"
+                  " LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no"
+                  " WHERE r.key IS NOT NULL AND ")
+        for column, wanted in (("job_id", job_ids), ("task_note_id", task_note_ids)):
+            values = sorted(wanted)
+            for start in range(0, len(values), 500):
+                chunk = values[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                sql = f"{select} r.{column} IN ({marks})"
+                found.update((r[0], r) for r in self._db.execute(sql, chunk))
+        return list(found.values())
+
+    def events(self) -> list[EventRecord]:
+        """The mirrored task_note events, by event id, as stored (reasons redacted)."""
+        return [EventRecord(*r) for r in self._db.execute(
+            "SELECT event_id, kind, job_id, task_note_id, created, emr_note_id, failure_reason,"
+            " reason_codes, ekey, line, outcome_at, outcome_clock FROM events"
+            " ORDER BY event_id")]
+
+    def event_tally(self) -> dict[str, int]:
+        """Counts of what the sink held besides new task_note events (other types, repeats)."""
+        return dict(self._db.execute("SELECT name, count FROM event_tally ORDER BY name"))
+
+    def match_outcomes(self) -> int:
+        """Apply the join rules (rules.py) to every row; returns rows changed.
+
+        Computed from scratch into a temporary table, then written where it differs,
+        so the same events always give the same outcomes, and a rerun writes nothing.
+        """
+        db = self._db
+        try:
+            with self._transaction():
+                for statement in rules.MATCH_SQL:
+                    db.execute(statement)
+                if db.execute(rules.ANY_DOUBTFUL_SQL).fetchone() is not None:
+                    db.execute(rules.EVIDENCE_SQL)
+                before = db.total_changes
+                db.execute(rules.CLEAR_OUTCOMES_SQL)
+                db.execute(rules.WRITE_OUTCOMES_SQL)
+                changed = db.total_changes - before
+                for statement in rules.ORPHANS_SQL:
+                    db.execute(statement)
+                return changed
+        finally:
+            db.execute("DROP TABLE IF EXISTS temp.matched")
+            db.execute("DROP TABLE IF EXISTS temp.claimed")
+
+    def orphans(self, limit: int = 50) -> tuple[int, list[Orphan]]:
+        """task_note events that no row of any run owns: how many, and the first few."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'orphans'").fetchone()
+        rows = self._db.execute("SELECT event_id, kind, job_id, created FROM orphans"
+                                " ORDER BY created, event_id LIMIT ?", (limit,)).fetchall()
+        return int(found[0]) if found else 0, [Orphan(*r) for r in rows]
+
+    def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time, with their file, the row they
+        refer to (the earlier attempt of a held or already-sent row), and ``via_*``: the
+        send of the same note by another run that speaks for a row whose own attempt did
+        not deliver it (rule 5 in rules.py), or None."""
+        import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
+
+        last = 0
+        while True:
+            frame = pd.read_sql_query(rules.RUN_CHUNK_SQL, self._db, params=(run_id, last, size))
+            if frame.empty:
+                return
+            self._add_via(frame)
+            yield frame
+            last = int(frame["id"].iloc[-1])
+            if len(frame) < size:
+                return
+
+    def _add_via(self, frame: pd.DataFrame) -> None:
+        """Fill the ``via_*`` columns; looked up only for the rows that may follow a send
+        (usually few: a run's rows mostly speak for themselves)."""
+        for column in rules.VIA_COLUMNS:
+            frame[f"via_{column}"] = None
+        status = frame["status"]
+        wanted = frame["key"].notna() & (
+            status.isin(["pending", "failed", "already_sent", "held"])
+            | ((status == "accepted") & (frame["outcome"] == "failed")))
+        if not wanted.any():
+            return
+        ids = frame.loc[wanted, "id"].tolist()
+        found: dict[int, tuple[Any, ...]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row_id, *values in self._db.execute(
+                    rules.VIA_SQL.format(marks=marks), chunk):
+                found[row_id] = tuple(values)
+        if not found:
+            return
+        position = frame["id"].map(lambda i: i in found)
+        values = [found[i] for i in frame.loc[position, "id"]]
+        for n, column in enumerate(rules.VIA_COLUMNS):
+            frame.loc[position, f"via_{column}"] = [v[n] for v in values]
+
+    # -- frames for reconcile and report -------------------------------------------------
+
+    def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
+        """Rows (of one run, or of every run) as a DataFrame, in input order."""
+        import pandas as pd  # noqa: PLC0415 - only reports need pandas; sending does not
+
+        where, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
+        return pd.read_sql_query(
+            f"SELECT {columns} FROM rows {where} ORDER BY id",  # noqa: S608
+            self._db, params=params,
+        )

@@ -1,0 +1,167 @@
+"""The scan's and the send's operations on the ledger: input files, rows, attempts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from pipeline.errors import StateError
+from pipeline.state import rules
+from pipeline.state.records import (
+    Attempt,
+    Earlier,
+    InputFile,
+    NewRow,
+)
+
+if TYPE_CHECKING:
+    pass
+
+from pipeline.state.connection import SQLiteConnection
+
+
+class SQLiteRows(SQLiteConnection):
+    """Input files and rows: written by the scan, sent and answered by the send."""
+
+    def add_file(
+        self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
+        sha256: str | None = None, size: int | None = None,
+    ) -> None:
+        """Record input file ``file_no`` of a run (replacing what was recorded): its path,
+        header names, and its SHA-256 and size in bytes if known. Raises StorageFull."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, file_no, path, sha256, size, json.dumps(list(header))),
+            )
+
+    def status_counts(self, run_id: str) -> dict[str, int]:
+        """How many of the run's rows are in each ledger status (statuses absent: none)."""
+        return dict(self._db.execute(
+            "SELECT status, COUNT(*) FROM rows WHERE run_id=? GROUP BY status", (run_id,)))
+
+    def files(self, run_id: str) -> list[InputFile]:
+        """The input files a run recorded, by file number."""
+        return [InputFile(file_no, path, sha, size, tuple(json.loads(header)))
+                for file_no, path, sha, size, header in self._db.execute(
+                    "SELECT file_no, path, sha256, size, header FROM files WHERE run_id=?"
+                    " ORDER BY file_no", (run_id,))]
+
+    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
+        """Write a batch of a run's rows, in input order, in one transaction."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO rows (run_id, file_no, line, emr_task_id, key, status, error,"
+                " ref_id, passthrough) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ((run_id, r.file_no, r.line, r.emr_task_id, r.key, r.status, r.error, r.ref_id,
+                  json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None)
+                 for r in rows),
+            )
+
+    def earlier(self, run_id: str, keys: Sequence[bytes]) -> dict[bytes, Earlier]:
+        """For each key, the most telling row of another run (delivered first, then in doubt)."""
+        found: dict[bytes, Earlier] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, *rest in self._db.execute(
+                f"SELECT key, id, run_id, status, job_id, outcome FROM rows"  # noqa: S608
+                f" WHERE key IN ({marks}) AND run_id != ? ORDER BY id", (*chunk, run_id),
+            ):
+                candidate = Earlier(*rest)
+                if rules.rank(candidate) > rules.rank(found.get(key)):
+                    found[key] = candidate
+        return found
+
+    def rows_to_send(self, run_id: str) -> Iterator[tuple[int, int, int, str, bytes]]:
+        """(id, file_no, line, emr_task_id, key) of the run's pending rows, in input order."""
+        last = 0
+        while True:
+            batch = self._db.execute(
+                "SELECT id, file_no, line, emr_task_id, key FROM rows WHERE run_id=? AND id>?"
+                " AND status='pending' ORDER BY id LIMIT 5000", (run_id, last),
+            ).fetchall()
+            yield from batch
+            if len(batch) < 5000:
+                return
+            last = batch[-1][0]
+
+    def mark_sending(self, row_ids: Sequence[int]) -> None:
+        """Mark rows ``sending`` (one more attempt, submitted now), in the caller's
+        transaction."""
+        now = self._clock()  # one commit, one moment
+        self._db.executemany(
+            "UPDATE rows SET status='sending', attempts=attempts+1, submitted_at=? WHERE id=?",
+            ((now, i) for i in row_ids),
+        )
+
+    def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        """Record what sending rows gave, in the caller's transaction."""
+        self._db.executemany(
+            "UPDATE rows SET status=?, http_status=?, task_note_id=?, job_id=?,"
+            " error=?, answered_at=? WHERE id=?",
+            ((a.status, a.http_status, a.task_note_id, a.job_id, a.error,
+              a.answered_at, a.row_id) for a in attempts),
+        )
+
+    def apply(self, sending: Sequence[int], attempts: Sequence[Attempt]) -> None:
+        """One group commit: results first, then the rows about to be sent.
+
+        In that order because a row's "back to pending" (a retryable failure)
+        and its next "sending" may share a batch; the reverse never can, as a
+        row's request leaves only after its "sending" is committed.
+        """
+        try:
+            with self._transaction():
+                if attempts:
+                    self.record_attempts(attempts)
+                if sending:
+                    self.mark_sending(sending)
+        except sqlite3.Error as exc:
+            raise StateError(f"ledger {self.path} cannot be written: {exc}") from None
+
+    def job_ids(self, run_id: str | None = None, *, unresolved: bool = False) -> set[str]:
+        """job ids of accepted rows (of one run, or all); ``unresolved``: only without outcome."""
+        sql = "SELECT job_id FROM rows WHERE status='accepted' AND job_id IS NOT NULL"
+        params: tuple[str, ...] = ()
+        if run_id is not None:
+            sql += " AND run_id=?"
+            params = (run_id,)
+        if unresolved:
+            sql += " AND outcome IS NULL"
+        return {r[0] for r in self._db.execute(sql, params)}
+
+    def earliest_submission(self, job_ids: Iterable[str]) -> str | None:
+        """The earliest submitted_at among rows with these job ids."""
+        ids = list(job_ids)
+        earliest: str | None = None
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found = self._db.execute(
+                f"SELECT MIN(submitted_at) FROM rows WHERE job_id IN ({marks})",  # noqa: S608
+                chunk,
+            ).fetchone()[0]
+            if found is not None and (earliest is None or found < earliest):
+                earliest = found
+        return earliest
+
+    def ambiguous_keys(self, run_ids: Iterable[str]) -> tuple[frozenset[bytes], str | None]:
+        """Keys of the ambiguous rows of ``run_ids`` that no outcome settles yet, and the
+        earliest ``submitted_at`` among them (ISO 8601 UTC; None when there are none).
+
+        Such a row has no job id: only a ``task_note.created`` event carrying the same
+        note for the same task (rule 4 in rules.py) can settle it.
+        """
+        keys: set[bytes] = set()
+        earliest: str | None = None
+        for run_id in run_ids:
+            for key, at in self._db.execute(
+                    "SELECT key, submitted_at FROM rows WHERE run_id=? AND status='ambiguous'"
+                    " AND key IS NOT NULL AND outcome IS NULL", (run_id,)):
+                keys.add(bytes(key))
+                if at is not None and (earliest is None or at < earliest):
+                    earliest = at
+        return frozenset(keys), earliest

@@ -1,0 +1,182 @@
+"""The reconciliation join rules: what they say, and the SQL that applies them.
+
+Ledger rows are joined with the mirrored sink events (``Ledger.match_outcomes``),
+in this order:
+
+1. Events collapse by event id; only ``task_note.*`` events take part, other
+   types are counted and left alone.
+2. A row is matched to events by ``job_id`` compared as text (an integer in
+   Cobalt's response, a string in its webhooks), and, for a row with no
+   ``job_id`` match, by ``task_note_id``. Matching covers the rows of every
+   run, so an event that belongs to another run is not an orphan.
+3. A row with ``created`` events only is ``created``; ``failed`` only is
+   ``failed``; both is a ``conflict`` (shown with both event ids).
+4. Evidence: an ``ambiguous`` row (no answer came back) is settled when a
+   ``task_note.created`` event that no row claims carries the same note for
+   the same task (their ledger keys are equal). Rows and events sharing a key
+   pair up in order (rows by id, events by time): one event settles one row.
+5. A note's evidence follows it. A row whose own attempt did not deliver its
+   note (never sent, send failed, skipped as already sent, held, or failed in
+   the EMR) follows the send of the same note (same ledger key) by another run,
+   earlier or later, that delivered it: a confirmed send first, else one still
+   awaiting its outcome. The row then shows that run's id, job id and outcome,
+   and its final status is that send's as known now: ``skipped_already_sent``
+   ("sent in run X as job J: confirmed") once confirmed, ``awaiting_outcome``
+   while pending (never counted as ended well before it is confirmed). A row
+   so followed is not open and goes into no redrive.csv.
+6. ``task_note.*`` events that match no row of any run are orphans.
+
+Rules 1-4 and 6 are the statements below; rule 5 is ``VIA_SQL`` (read with a
+run's rows) and ``UNSETTLED_RUNS_SQL``; the final status each row takes from
+them is decided in pipeline/reconcile.py. SQLite dialect (``UPDATE ... FROM``,
+``INDEXED BY``, window functions).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pipeline.state.records import Earlier
+
+# matched by job_id, or, for a row with no job_id match, by task_note_id.
+MATCH_SQL: Final = (
+    """CREATE TEMP TABLE claimed AS
+    SELECT r.id AS row_id, e.*, 'job_id' AS settled_by
+      FROM events e JOIN rows r INDEXED BY rows_job ON r.job_id = e.job_id
+     WHERE e.job_id IS NOT NULL""",
+    """CREATE INDEX temp.claimed_row ON claimed (row_id)""",
+    """INSERT INTO claimed
+    SELECT r.id, e.*, 'task_note_id'
+      FROM events e JOIN rows r INDEXED BY rows_task_note ON r.task_note_id = e.task_note_id
+     WHERE e.task_note_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.row_id = r.id)""",
+    # Most rows have one event: taken as it is, grouped on the row index, no sorting.
+    """CREATE TEMP TABLE matched AS
+    SELECT row_id, kind AS outcome, event_id, emr_note_id, failure_reason, reason_codes,
+           outcome_at, settled_by, outcome_clock
+      FROM claimed GROUP BY row_id HAVING COUNT(*) = 1""",
+    """CREATE UNIQUE INDEX temp.matched_row ON matched (row_id)""",
+    # Rows with several events: the earliest of each kind; created and failed: a conflict.
+    """INSERT INTO matched
+    WITH several AS (
+        SELECT * FROM claimed
+         WHERE row_id IN (SELECT row_id FROM claimed GROUP BY row_id HAVING COUNT(*) > 1)),
+    firsts AS (
+        SELECT *, ROW_NUMBER() OVER (PARTITION BY row_id, kind ORDER BY created, event_id) AS n
+          FROM several),
+    c AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'created'),
+    f AS (SELECT * FROM firsts WHERE n = 1 AND kind = 'failed')
+    SELECT c.row_id, CASE WHEN f.row_id IS NULL THEN 'created' ELSE 'conflict' END,
+           CASE WHEN f.row_id IS NULL THEN c.event_id ELSE c.event_id || ';' || f.event_id END,
+           c.emr_note_id, f.failure_reason, f.reason_codes, c.outcome_at, c.settled_by,
+           c.outcome_clock
+      FROM c LEFT JOIN f ON f.row_id = c.row_id
+    UNION ALL
+    SELECT f.row_id, 'failed', f.event_id, NULL, f.failure_reason, f.reason_codes,
+           f.outcome_at, f.settled_by, f.outcome_clock
+      FROM f WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.row_id = f.row_id)""",
+)
+ANY_DOUBTFUL_SQL: Final = """
+SELECT 1 FROM rows INDEXED BY rows_ambiguous
+ WHERE status = 'ambiguous' AND key IS NOT NULL AND id NOT IN (SELECT row_id FROM matched)
+ LIMIT 1"""
+# Evidence: ambiguous rows and unclaimed created events with the same key, paired in
+# order (rows by id, events by time), so one event settles at most one row.
+EVIDENCE_SQL: Final = """
+INSERT INTO matched
+WITH doubtful AS (
+    SELECT id AS row_id, key, ROW_NUMBER() OVER (PARTITION BY key ORDER BY id) AS n
+      FROM rows INDEXED BY rows_ambiguous
+     WHERE status = 'ambiguous' AND key IS NOT NULL
+       AND id NOT IN (SELECT row_id FROM matched)),
+spare AS (
+    SELECT e.*, ROW_NUMBER() OVER (PARTITION BY ekey ORDER BY created, event_id) AS n
+      FROM events e
+     WHERE kind = 'created' AND ekey IN (SELECT key FROM doubtful)
+       AND event_id NOT IN (SELECT event_id FROM claimed))
+SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.outcome_at, 'evidence',
+       s.outcome_clock
+  FROM doubtful d JOIN spare s ON s.ekey = d.key AND s.n = d.n"""
+ORPHANS_SQL: Final = (
+    "DELETE FROM orphans",
+    """CREATE TEMP TABLE owned AS
+    SELECT event_id FROM claimed UNION SELECT event_id FROM matched WHERE settled_by = 'evidence'
+    """,
+    """INSERT OR REPLACE INTO meta
+    SELECT 'orphans', COUNT(*) FROM events WHERE event_id NOT IN (SELECT event_id FROM owned)""",
+    """INSERT INTO orphans
+    SELECT event_id, kind, job_id, created FROM events
+     WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50""",
+    "DROP TABLE temp.owned",
+)
+CLEAR_OUTCOMES_SQL: Final = """
+UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
+       outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
+ WHERE outcome IS NOT NULL AND id NOT IN (SELECT row_id FROM matched)"""
+WRITE_OUTCOMES_SQL: Final = """
+UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_note_id,
+       failure_reason = m.failure_reason, outcome_at = m.outcome_at, settled_by = m.settled_by,
+       reason_codes = m.reason_codes, outcome_clock = m.outcome_clock
+  FROM matched m
+ WHERE m.row_id = rows.id
+   AND (rows.outcome IS NOT m.outcome OR rows.event_id IS NOT m.event_id
+        OR rows.failure_reason IS NOT m.failure_reason OR rows.settled_by IS NOT m.settled_by
+        OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at
+        OR rows.outcome_clock IS NOT m.outcome_clock)"""
+# Keys some run delivered: Cobalt has the note (created), or took it and no outcome is in.
+DELIVERED_KEYS: Final = """
+SELECT key FROM rows INDEXED BY rows_key WHERE key IS NOT NULL
+   AND (outcome = 'created' OR (status = 'accepted' AND outcome IS NULL))"""
+EMR_FAILURES_SQL: Final = f"""
+SELECT run_id, key, failure_reason, reason_codes, outcome_at FROM rows
+ WHERE status IN ('accepted', 'ambiguous') AND outcome = 'failed'
+   AND key IS NOT NULL AND key NOT IN ({DELIVERED_KEYS}) ORDER BY id"""  # noqa: S608
+RUN_CHUNK_SQL: Final = """
+SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_job_id,
+       ref.outcome AS ref_outcome
+  FROM rows r
+  LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+  LEFT JOIN rows ref ON ref.id = r.ref_id
+ WHERE r.run_id = ? AND r.id > ?
+ ORDER BY r.id
+ LIMIT ?"""
+# A row's "via": the send of the same note by another run that delivered it (Cobalt has it,
+# or took it and no outcome is in): a confirmed send first, then the earliest.
+VIA_COLUMNS: Final = ("run_id", "job_id", "outcome", "task_note_id", "submitted_at",
+                       "outcome_at", "event_id", "emr_note_id", "outcome_clock")
+VIA_SQL: Final = """
+SELECT r.id, via.run_id, via.job_id, via.outcome, via.task_note_id, via.submitted_at,
+       via.outcome_at, via.event_id, via.emr_note_id, via.outcome_clock
+  FROM rows r JOIN rows via ON via.id = (
+       SELECT o.id FROM rows o INDEXED BY rows_key
+        WHERE o.key = r.key AND o.run_id != r.run_id
+          AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL))
+        ORDER BY o.outcome IS NULL, o.id LIMIT 1)
+ WHERE r.id IN ({marks})"""
+# A row whose own attempt did not deliver its note follows a confirmed send of that note by
+# another run (rule 5 above): settled, even though the row itself has no outcome.
+UNSETTLED_RUNS_SQL: Final = """
+SELECT run_id FROM runs u WHERE EXISTS (
+    SELECT 1 FROM rows r LEFT JOIN rows ref ON ref.id = r.ref_id
+     WHERE r.run_id = u.run_id AND (
+           (r.status IN ('pending', 'failed', 'sending', 'ambiguous', 'accepted')
+            AND r.outcome IS NOT 'created' AND r.written_off_at IS NULL)
+        OR (r.status IN ('already_sent', 'held') AND ref.outcome IS NOT 'created'))
+       AND NOT ((r.status IN ('pending', 'failed', 'already_sent', 'held')
+                 OR (r.status = 'accepted' AND r.outcome = 'failed'))
+                AND EXISTS (SELECT 1 FROM rows o INDEXED BY rows_key
+                             WHERE o.key = r.key AND o.run_id != r.run_id
+                               AND o.outcome = 'created')))
+ {where}"""
+
+
+def rank(row: Earlier | None) -> int:
+    """How telling an earlier row of a key is: delivered 3, maybe delivered 2, other 1,
+    none 0 (``Ledger.earlier`` keeps the most telling)."""
+    if row is None:
+        return 0
+    if row.delivered:
+        return 3
+    if row.maybe_delivered:
+        return 2
+    return 1

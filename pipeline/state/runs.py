@@ -1,0 +1,308 @@
+"""Run bookkeeping on the ledger: a run's record, its end, and what is still open."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import StateError
+from pipeline.state import rules
+from pipeline.state.records import (
+    OpenRow,
+    RunInfo,
+    RunInfoChanges,
+    RunRecord,
+)
+
+if TYPE_CHECKING:
+    pass
+
+from pipeline.state.rows import SQLiteRows
+
+
+class SQLiteRuns(SQLiteRows):
+    """Runs: their records, and which runs (and reports) are still open."""
+
+    def runs_in_progress(self) -> list[str]:
+        """Runs being written by a live process right now (state ``running``, lock held).
+
+        A run left ``running`` with the lock free has crashed: see ``effective_state``.
+        """
+        if self.lock_holder() is None:
+            return []
+        return [r[0] for r in self._db.execute(
+            "SELECT run_id FROM runs WHERE state='running' ORDER BY started_at, run_id")]
+
+    def effective_state(self, record: RunRecord) -> str:
+        """A run record's state as it is now: ``running`` only while its process lives."""
+        if record.state == "running" and self.lock_holder() is None:
+            return "crashed"
+        return record.state
+
+    def update_run_info(self, run_id: str, info: RunInfoChanges) -> None:
+        """Merge ``info`` into a run's recorded info (e.g. the exit code it ended with)."""
+        merged = {**self._stored_info(run_id), **info}
+        with self._transaction():
+            self._db.execute("UPDATE runs SET info=? WHERE run_id=?",
+                             (json.dumps(merged, sort_keys=True), run_id))
+
+    def recover(self) -> int:
+        """After a crash: rows left ``sending`` become ``ambiguous``; returns how many."""
+        assert self._lock_fd is not None, "recover() only under the run lock"
+        with self._transaction():
+            cur = self._db.execute(
+                "UPDATE rows SET status='ambiguous', error=? WHERE status='sending'",
+                ("the process stopped while this request was in flight",),
+            )
+            self._db.execute("UPDATE runs SET state='crashed' WHERE state='running'")
+        return cur.rowcount
+
+    def start_run(self, run_id: str, account: str, fingerprint: str,
+                  info: RunInfoChanges) -> None:
+        """Record a run as ``running`` from now, with its account, config fingerprint and
+        info. Raises StorageFull."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO runs (run_id, started_at, state, account, config_fingerprint, info)"
+                " VALUES (?, ?, 'running', ?, ?, ?)",
+                (run_id, self._clock(), account, fingerprint, json.dumps(info, sort_keys=True)),
+            )
+
+    def finish_run(self, run_id: str, state: str, info: RunInfoChanges) -> None:
+        """Record a run's end now: its final ``state`` and ``info`` merged into what it
+        recorded. Raises StateError if there is no such run, StorageFull."""
+        merged = {**self._stored_info(run_id), **info}
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET finished_at=?, state=?, info=? WHERE run_id=?",
+                (self._clock(), state, json.dumps(merged, sort_keys=True), run_id),
+            )
+
+    def refuse_run(self, run_id: str, info: RunInfoChanges) -> int:
+        """End a run whose input was refused before anything was sent (exit 2): its rows,
+        scanned from an input the tool would not trust, are forgotten, so no later count
+        (``status``, a report) offers them as unsent notes; the run stays, ``aborted``,
+        with ``info``. Returns how many rows were forgotten. Raises StorageFull."""
+        with self._transaction():
+            forgotten = self._db.execute(
+                "DELETE FROM rows WHERE run_id=? AND status IN "
+                "('pending','rejected','duplicate','already_sent','held')", (run_id,),
+            ).rowcount
+        self.finish_run(run_id, "aborted", info)
+        return forgotten
+
+    def run(self, run_id: str) -> RunRecord:
+        """One run's record; StateError if there is no such run."""
+        found = self._db.execute(
+            "SELECT run_id, started_at, finished_at, state, account, config_fingerprint, info"
+            " FROM runs WHERE run_id=?", (run_id,),
+        ).fetchone()
+        if found is None:
+            raise StateError(f"no run {run_id!r} in the ledger {self.path}")
+        run, started, finished, state, account, fingerprint, info = found
+        return RunRecord(run, started, finished, state, account, fingerprint,
+                         RunInfo.from_json(json.loads(info)))
+
+    def _stored_info(self, run_id: str) -> dict[str, Any]:
+        """A run's info as stored (keys a newer version wrote included)."""
+        found = self._db.execute("SELECT info FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if found is None:
+            raise StateError(f"no run {run_id!r} in the ledger {self.path}")
+        stored: dict[str, Any] = json.loads(found[0])
+        return stored
+
+    def latest_run(self) -> str | None:
+        """The id of the run started last, or None if there is none."""
+        found = self._db.execute(
+            "SELECT run_id FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
+        ).fetchone()
+        return None if found is None else str(found[0])
+
+    def unresolved_runs(self) -> list[str]:
+        """Runs with rows still waiting for an outcome or held as ambiguous."""
+        return [r[0] for r in self._db.execute(
+            "SELECT DISTINCT run_id FROM rows WHERE outcome IS NULL"
+            " AND status IN ('accepted', 'ambiguous', 'held', 'sending') ORDER BY run_id"
+        )]
+
+    def unsettled_runs(self) -> list[str]:
+        """Runs whose report can still change: some row's truth waits on an outcome,
+        a review, another run's send or a send that did not happen, or the run's scan
+        stopped before the end of an input no later run has read (oldest first).
+
+        A run whose every row is settled (confirmed, rejected, skipped as a duplicate,
+        or following a confirmed send of its note by any run) is not listed.
+        """
+        found = {r[0] for r in self._db.execute(rules.UNSETTLED_RUNS_SQL.format(where=""))}
+        found.update(run_id for run_id, _ in self.not_read())
+        return [r for r in self._runs_in_order() if r in found]
+
+    def run_settled(self, run_id: str) -> bool:
+        """Whether nothing can change ``run_id``'s report any more (see ``unsettled_runs``)."""
+        if self._db.execute(rules.UNSETTLED_RUNS_SQL.format(where="AND u.run_id = ?"),
+                            (run_id,)).fetchone() is not None:
+            return False
+        return all(r != run_id for r, _ in self.not_read())
+
+    def reports_to_rewrite(self) -> list[str]:
+        """Runs whose written report may no longer say what is true now (oldest first):
+        the unsettled ones, and every run whose last report was written while it was
+        unsettled (``report_final`` not recorded, see ``report_written``), whoever
+        refreshed the ledger since (a later run, ``status``, ``poll``)."""
+        unsettled = set(self.unsettled_runs())
+        out = []
+        for run_id, info in self._db.execute(
+                "SELECT run_id, info FROM runs ORDER BY started_at, run_id"):
+            if run_id in unsettled or not json.loads(info).get("report_final"):
+                out.append(run_id)
+        return out
+
+    def report_written(self, run_id: str, *, redrive_digest: str | None) -> None:
+        """Record that ``run_id``'s report was just written: whether it is final (the run
+        was settled, so no later change can make it wrong) and the fingerprint of the rows
+        its redrive.csv offers (None: it has none)."""
+        self.update_run_info(run_id, {"report_final": self.run_settled(run_id),
+                                      "redrive_digest": redrive_digest})
+
+    def runs_following(self, run_id: str) -> list[str]:
+        """Other runs with a row whose note (ledger key) ``run_id`` sent and Cobalt took:
+        their reports (and redrive.csv) change when this run ends (oldest first)."""
+        found = {r[0] for r in self._db.execute(
+            """SELECT DISTINCT o.run_id FROM rows r JOIN rows o INDEXED BY rows_key
+                    ON o.key = r.key AND o.run_id != r.run_id
+                 WHERE r.run_id = ? AND r.status = 'accepted' AND r.key IS NOT NULL""",
+            (run_id,))}
+        return [r for r in self._runs_in_order() if r in found]
+
+    def run_ids(self) -> list[str]:
+        """Every run's id, oldest first (by start time)."""
+        return self._runs_in_order()
+
+    def _runs_in_order(self) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT run_id FROM runs ORDER BY started_at, run_id")]
+
+    def not_read(self) -> list[tuple[str, list[str]]]:
+        """Runs whose scan stopped before the end of some input file (a full disk, a
+        signal, an input error), with those files, while no later run read each to its
+        end: (run_id, paths), oldest first. ``--limit`` is not a stop: it says what it
+        left unread."""
+        runs = [(r, s, json.loads(i)) for r, s, i in self._db.execute(
+            "SELECT run_id, started_at, info FROM runs ORDER BY started_at, run_id")]
+        out = []
+        for n, (run_id, _, info) in enumerate(runs):
+            stopped = info.get("scan_stopped")
+            if not stopped:
+                continue
+            left = [p for p in stopped.get("unread_files", [])
+                    if not any(self._read_whole(p, later_info)
+                               for _, _, later_info in runs[n + 1:])]
+            if left:
+                out.append((run_id, left))
+        return out
+
+    @staticmethod
+    def _read_whole(path: str, info: dict[str, Any]) -> bool:
+        """Whether a run (by its recorded info) read ``path`` to its end: its scan counted
+        the file's every record, none left beyond ``--limit``."""
+        return any(f.get("path") == path and not f.get("beyond_limit")
+                   for f in info.get("input_records") or [])
+
+    def open_rows(self, running: Sequence[str]) -> dict[str, list[OpenRow]]:
+        """The rows behind each kind of open item over every run (status.py documents the
+        kinds and counts each note once), as (run_id, key, since) tuples.
+
+        ``running``: the runs in progress; their unsent rows are ``in_progress``, never
+        ``send_failed``. ``since`` (ISO 8601 UTC, or None): when the row was submitted
+        (``awaiting_outcome``: its latest send, which staleness is measured from), or
+        when its run ended (``send_failed``). ``failed_retryable`` is not here: its
+        reasons are matched in Python (``emr_failures``).
+        """
+        marks = ",".join("?" * len(running))
+
+        def live(alias: str) -> str:
+            return f"{alias}run_id IN ({marks})" if running else "0"
+
+        params = tuple(running)
+        return {
+            "in_progress": self._db.execute(
+                f"SELECT run_id, key, submitted_at FROM rows WHERE {live('')}"  # noqa: S608
+                " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall(),
+            "awaiting_outcome": self._db.execute(
+                "SELECT run_id, key, submitted_at FROM rows"
+                " WHERE status = 'accepted' AND outcome IS NULL AND key IS NOT NULL").fetchall(),
+            "ambiguous": self._db.execute(
+                f"""WITH doubt AS (
+                    SELECT r.run_id, r.key, r.submitted_at FROM rows r
+                     WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
+                           OR (r.status = 'sending' AND NOT {live('r.')}))
+                    UNION ALL
+                    SELECT h.run_id, h.key, ref.submitted_at
+                      FROM rows h JOIN rows ref ON ref.id = h.ref_id
+                     WHERE h.status = 'held' AND ref.outcome IS NULL
+                       AND ref.status IN ('ambiguous', 'sending'))
+                SELECT run_id, key, submitted_at FROM doubt
+                 WHERE key IS NOT NULL AND key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                params).fetchall(),
+            "send_failed": self._db.execute(
+                f"""SELECT r.run_id, r.key, COALESCE(r.answered_at, u.finished_at, u.started_at)
+                      FROM rows r JOIN runs u ON u.run_id = r.run_id
+                     WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')}
+                       AND r.key IS NOT NULL AND r.written_off_at IS NULL
+                       AND r.key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                params).fetchall(),
+        }
+
+    def redrive_row_ids(self, run_id: str) -> list[tuple[int, str, str | None, str | None]]:
+        """The rows of ``run_id`` its redrive.csv should offer now, before the reason
+        check: (id, status, failure_reason, reason_codes) of rows not sent (``pending``,
+        ``failed``) and of rows that failed in the EMR, whose note no run delivered
+        since (reconcile.py's ``send_failed`` and ``failed_in_emr``)."""
+        return self._db.execute(
+            """SELECT id, status, failure_reason, reason_codes FROM rows
+                 WHERE run_id = ? AND key IS NOT NULL
+                   AND ((status IN ('pending', 'failed') AND written_off_at IS NULL)
+                        OR (status = 'accepted' AND outcome = 'failed'))
+                   AND NOT EXISTS (SELECT 1 FROM rows o INDEXED BY rows_key
+                        WHERE o.key = rows.key AND o.run_id != rows.run_id
+                          AND (o.outcome = 'created'
+                               OR (o.status = 'accepted' AND o.outcome IS NULL)))""",
+            (run_id,)).fetchall()
+
+    def send_failed_rows(self, running: Sequence[str], limit: int = 20
+                         ) -> tuple[int, list[tuple[str, str | None, int]]]:
+        """Rows behind ``send_failed`` in ``open_rows`` (not sent, not written off, their note
+        delivered by no run, their run not in ``running``): how many, and the first ``limit``
+        as (run_id, source file path or None, line), oldest run first."""
+        marks = ",".join("?" * len(running))
+        live = f"AND r.run_id NOT IN ({marks})" if running else ""
+        where = f"""FROM rows r LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+                   WHERE r.status IN ('pending', 'failed') {live} AND r.key IS NOT NULL
+                     AND r.written_off_at IS NULL AND r.key NOT IN ({rules.DELIVERED_KEYS})"""
+        count = self._db.execute(f"SELECT COUNT(*) {where}", tuple(running)).fetchone()[0]
+        found = self._db.execute(f"SELECT r.run_id, f.path, r.line {where} ORDER BY r.id"
+                                 " LIMIT ?", (*running, limit)).fetchall()
+        return int(count), [(str(a), b, int(c)) for a, b, c in found]
+
+    def write_off(self, run_id: str, at: str) -> int:
+        """Close ``run_id``'s unsent rows (``send_failed`` in ``open_rows``) without sending
+        them: ``written_off_at`` = ``at`` (ISO 8601 UTC). Returns how many; a row whose note
+        a run delivered, or already written off, is left as it is. The run's report must be
+        written again (``report_final`` is cleared). The caller checks the run is not in
+        progress."""
+        with self._transaction():
+            changed = self._db.execute(
+                f"""UPDATE rows SET written_off_at = ?
+                    WHERE run_id = ? AND status IN ('pending', 'failed') AND key IS NOT NULL
+                      AND written_off_at IS NULL
+                      AND key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                (at, run_id)).rowcount
+        if changed:
+            self.update_run_info(run_id, {"report_final": False})
+        return int(changed)
+
+    def emr_failures(self) -> list[tuple[str, bytes, str | None, str | None, str | None]]:
+        """(run_id, key, failure_reason, reason_codes, outcome_at) of notes that failed in the
+        EMR and that no run has delivered since."""
+        return self._db.execute(rules.EMR_FAILURES_SQL).fetchall()

@@ -1,0 +1,133 @@
+"""The ledger's tables, and the migrations from older versions of them.
+
+``SCHEMA`` is SQLite DDL, applied idempotently on every open; ``meta`` holds
+``schema_version``. Version 2 added the events mirror and ``rows.reason_codes``;
+a version-1 ledger is migrated in place, a newer one is refused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Final
+
+from pipeline.errors import StateError
+
+SCHEMA_VERSION: Final = 2
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    state TEXT NOT NULL,            -- running | finished | aborted | crashed | dry_run
+    account TEXT NOT NULL,
+    config_fingerprint TEXT NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}' -- JSON: argv, limit, abort reason, counts, timings
+);
+CREATE TABLE IF NOT EXISTS files (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    file_no INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT,
+    size INTEGER,
+    header TEXT NOT NULL,           -- JSON list of the header names as written
+    PRIMARY KEY (run_id, file_no)
+);
+CREATE TABLE IF NOT EXISTS rows (
+    id INTEGER PRIMARY KEY,         -- input order within a run
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    file_no INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    emr_task_id TEXT NOT NULL,
+    key BLOB,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    task_note_id TEXT,
+    job_id TEXT,
+    error TEXT,
+    ref_id INTEGER,
+    submitted_at TEXT,
+    answered_at TEXT,
+    outcome TEXT,                   -- created | failed | conflict (from reconcile)
+    event_id TEXT,
+    emr_note_id TEXT,
+    failure_reason TEXT,
+    outcome_at TEXT,
+    settled_by TEXT,                -- job_id | task_note_id | evidence
+    passthrough TEXT,               -- JSON list, when input.passthrough names columns
+    reason_codes TEXT,              -- Cobalt's failure reason codes, ';'-separated
+    outcome_clock TEXT,             -- what outcome_at is: see OUTCOME_CLOCKS
+    written_off_at TEXT             -- a human closed this unsent row without sending it
+);
+-- A mirror of the sink file's task_note.* events (never a note's text: ekey is the hash a
+-- ledger key would have), so join rules run in SQL on indexes, not on frames in memory.
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,             -- created | failed
+    job_id TEXT,
+    task_note_id TEXT,
+    created TEXT,
+    emr_note_id TEXT,
+    failure_reason TEXT,
+    reason_codes TEXT,
+    ekey BLOB,
+    line INTEGER,
+    outcome_at TEXT,                -- the receipt's time, else the event's created
+    outcome_clock TEXT              -- see OUTCOME_CLOCKS
+);
+-- task_note events no row owns (the first few, and how many), as of the last match.
+CREATE TABLE IF NOT EXISTS orphans (event_id TEXT PRIMARY KEY, kind TEXT, job_id TEXT,
+                                    created TEXT);
+-- No secondary indexes on events: the joins scan it and probe the rows indexes (random
+-- keys in three more B-trees made reading a million events three times slower).
+DROP INDEX IF EXISTS events_job;
+DROP INDEX IF EXISTS events_task_note;
+DROP INDEX IF EXISTS events_ekey;
+CREATE TABLE IF NOT EXISTS event_tally (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
+CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
+CREATE INDEX IF NOT EXISTS rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rows_ambiguous ON rows (id) WHERE status = 'ambiguous';
+"""
+
+
+def check_version(db: sqlite3.Connection, path: Path) -> None:
+    """Migrate the ledger at ``path`` to SCHEMA_VERSION, inside the caller's transaction.
+
+    Raises StateError if SQLite is older than 3.33 (``UPDATE ... FROM``) or the
+    ledger was written by a newer schema.
+    """
+    if sqlite3.sqlite_version_info < (3, 33):
+        raise StateError(f"SQLite {sqlite3.sqlite_version} is too old: 3.33 or newer is needed")
+    found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if found is not None and int(found[0]) == 1:  # v2 added the events mirror and this:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(rows)")}
+        if "reason_codes" not in columns:
+            db.execute("ALTER TABLE rows ADD COLUMN reason_codes TEXT")
+    for table, added in ADDED_COLUMNS.items():  # additive, so still schema 2
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for column in added:
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+    db.execute(OLD_EVENTS_SQL)
+    if found is None or int(found[0]) == 1:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                   (SCHEMA_VERSION,))
+    elif int(found[0]) != SCHEMA_VERSION:
+        raise StateError(f"ledger {path} has schema {found[0]}, expected {SCHEMA_VERSION}")
+
+
+# What a row's outcome_at means: the time the sink received the webhook (UTC, ms); or,
+# for an event poll fetched or one stored before the sink kept receipts, the event's own
+# ``created`` time (Cobalt's clock, whole seconds). Only the first is a latency.
+OUTCOME_CLOCKS: Final = ("sink_received", "event_created_polled", "event_created_no_receipt")
+# Columns added after schema 2 shipped (additive: a ledger gains them when opened).
+ADDED_COLUMNS: Final = {"rows": ("outcome_clock", "written_off_at"),
+                        "events": ("outcome_at", "outcome_clock")}
+OLD_EVENTS_SQL: Final = """
+UPDATE events SET outcome_at = created, outcome_clock = 'event_created_no_receipt'
+ WHERE outcome_clock IS NULL"""
