@@ -232,7 +232,7 @@ def _open_ledger(config: RunConfig) -> Ledger:
 
 def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
                     reconciler: Reconciler) -> ReconcileResult:
-    from pipeline.report import write_report  # noqa: PLC0415
+    from pipeline.report import rewrite_report  # noqa: PLC0415
 
     live = set(ledger.runs_in_progress())
     done: list[ReconciledRun] = []
@@ -240,9 +240,6 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
         if run_id in live:  # its unsent rows are not failures: it writes its report at the end
             done.append(ReconciledRun(run_id, None, ledger.lock_holder()))
             continue
-        written = write_report(reconciler.run(run_id), config.report,
-                               input_settings=config.input)
-        ledger.report_written(run_id, redrive_digest=written.redrive_digest)
-        done.append(ReconciledRun(run_id, written))
+        done.append(ReconciledRun(run_id, rewrite_report(ledger, reconciler, run_id, config)))
     code = exits.worst(r.report.exit_code for r in done if r.report is not None)
     return ReconcileResult(code, tuple(done), config.report.stale_after)

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jinja2
 import markupsafe
@@ -39,11 +39,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import __version__, exits
-from pipeline.config import InputConfig, ReportConfig
+from pipeline.config import InputConfig, ReportConfig, RunConfig
 from pipeline.errors import PipelineError, StateError, StorageFull
-from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
+from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult, exit_code
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
+
+if TYPE_CHECKING:
+    from pipeline.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,17 @@ def write_report(
     return Written(directory, tuple(written), counts, summary.exit_code_now,
                    tally.attention_total, tally.stale,
                    redrive_digest(tally.redrive_ids) if offered else None)
+
+
+def rewrite_report(ledger: Ledger, reconciler: Reconciler, run_id: str,
+                   config: RunConfig) -> Written:
+    """Reconcile ``run_id`` now and (re)write its report, then record in ``ledger`` that it
+    was written (``Ledger.report_written``): what ``tasknotes reconcile`` does per run, and
+    a run for earlier runs its sends changed. Raises StorageFull (a disk full) and
+    StateError (a run the ledger does not hold, a report directory not creatable)."""
+    written = write_report(reconciler.run(run_id), config.report, input_settings=config.input)
+    ledger.report_written(run_id, redrive_digest=written.redrive_digest)
+    return written
 
 
 @contextlib.contextmanager

@@ -346,7 +346,7 @@ class Run:
         read. Runs whose report is final are left alone; a full disk stops the rewrites
         (``tasknotes reconcile`` does them later)."""
         from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
-        from pipeline.report import write_report  # noqa: PLC0415
+        from pipeline.report import rewrite_report  # noqa: PLC0415
 
         stale = ledger.reports_to_rewrite()
         # and runs whose scan stopped: this run may have read the rest of their input
@@ -357,9 +357,7 @@ class Run:
             if run_id not in wanted or run_id == self.run_id:
                 continue
             try:
-                written = write_report(reconciler.run(run_id), self.config.report,
-                                       input_settings=self.config.input)
-                ledger.report_written(run_id, redrive_digest=written.redrive_digest)
+                written = rewrite_report(ledger, reconciler, run_id, self.config)
             except (StorageFull, StateError) as exc:
                 log.warning("report of run %s not rewritten: %s; tasknotes reconcile "
                             "rewrites it", run_id, exc)
