@@ -12,6 +12,7 @@ row with its note, checked against its ledger key.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,8 @@ class Scan:
         self._account = config.api.account_id()
         # A key is a row's identity in the ledger: needed to look earlier rows up or to
         # record the row; a dry run with no ledger to consult needs none.
-        self._keyed = self._lookup is not None or not isinstance(recorder, Discard)
+        self._records = not isinstance(recorder, Discard)
+        self._keyed = self._lookup is not None or self._records
         self.validator = Validator(config.input, config.validation)
         self.counts = ScanCounts()
         self.completed = False  # every input read to its end (or to the --limit cut)
@@ -254,25 +256,36 @@ class Scan:
         return complete
 
     def _classify_batch(self, batch: CheckedBatch, name: str) -> bool:
-        sendable = batch.sendable()
-        keys = ([row_key(self._account, batch.task_ids[i], batch.notes[i]) for i in sendable]
-                if self._keyed else [b""] * len(sendable))
-        earlier = self._lookup.earlier(self._run_id, keys) if self._lookup is not None else {}
-        key_of = dict(zip(sendable, keys, strict=True))
-        if batch.as_written and self._lookup is not None:
-            self._earlier_as_written(batch, key_of, earlier)
-        rows: list[NewRow] = []
+        """Every row's status (and, when recorded, its ledger row) up to the --limit cut."""
+        key_of: dict[int, bytes] = {}
+        earlier: dict[bytes, Earlier] = {}
+        if self._keyed:
+            key_of = {i: row_key(self._account, batch.task_ids[i], batch.notes[i])
+                      for i in batch.sendable()}
+            if self._lookup is not None:
+                earlier = self._lookup.earlier(self._run_id, list(key_of.values()))
+                if batch.as_written:
+                    self._earlier_as_written(batch, key_of, earlier)
+        limit = self._options.limit
+        room = None if limit is None else limit - self.counts.to_send
+        statuses: list[Status] = []
         for i in range(len(batch)):
-            row = self._classify(batch, i, key_of.get(i), earlier)
-            if row.status == "pending" and self._limit_reached():
-                self.counts.truncated_at = (name, batch.lines[i])
-                self.counts.unread += len(batch) - i
-                break
-            rows.append(row)
-            self._count(row.status)
-        self._recorder.add_rows(self._run_id, rows)
-        if rows:
-            self.last_line = rows[-1].line
+            found = earlier.get(key_of[i]) if earlier and i in key_of else None
+            status = self._status(batch, i, found)
+            if status == "pending" and room is not None:
+                if room <= 0:
+                    self.counts.truncated_at = (name, batch.lines[i])
+                    self.counts.unread += len(batch) - i
+                    break
+                room -= 1
+            statuses.append(status)
+        self._count(statuses)
+        if self._records:
+            self._recorder.add_rows(self._run_id, [
+                self._row(batch, i, status, key_of.get(i), earlier)
+                for i, status in enumerate(statuses)])
+        if statuses:
+            self.last_line = batch.lines[len(statuses) - 1]
         return self.counts.truncated_at is None
 
     def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
@@ -287,48 +300,52 @@ class Scan:
             if key in found and key_of[i] not in earlier:
                 earlier[key_of[i]] = found[key]
 
-    def _limit_reached(self) -> bool:
-        return self._options.limit is not None and self.counts.to_send >= self._options.limit
+    def _status(self, batch: CheckedBatch, i: int, found: Earlier | None) -> Status:
+        """Row ``i``'s status in the ledger; ``found``: an earlier row with its key."""
+        if i in batch.problems:
+            return "rejected"
+        if i in batch.duplicate_of:
+            return "duplicate"
+        if found is not None and found.delivered:
+            return "already_sent"
+        if (found is not None and found.maybe_delivered
+                and self._config.submit.on_ambiguous == "hold"):
+            return "held"
+        return "pending"
 
-    def _classify(self, batch: CheckedBatch, i: int, key: bytes | None,
-                  earlier: dict[bytes, Earlier]) -> NewRow:
-        status, error, ref_id = self._decide(batch, i, key, earlier)
+    def _row(self, batch: CheckedBatch, i: int, status: Status, key: bytes | None,
+             earlier: dict[bytes, Earlier]) -> NewRow:
+        """Row ``i`` as the ledger records it: its status, why, and the earlier row it
+        refers to (already sent, or held while that one's outcome is unknown)."""
+        error: str | None = None
+        ref_id: int | None = None
+        found = earlier.get(key) if key is not None else None
+        if status == "rejected":
+            error = "; ".join(f"{p.code}: {p.message}" for p in batch.problems[i])
+        elif status == "duplicate":
+            first_file, first_line = batch.duplicate_of[i]
+            where = "" if first_file == batch.file_no else f" of {self._inputs.name(first_file)}"
+            error = f"duplicate of line {first_line}{where}"
+        elif status == "already_sent" and found is not None:
+            job = f" as job {found.job_id}" if found.job_id else ""
+            error, ref_id = f"already sent in run {found.run_id}{job}", found.row_id
+        elif status == "held" and found is not None:
+            error = (f"an earlier attempt (run {found.run_id}) may have reached Cobalt; "
+                     "held until its outcome is known")
+            ref_id = found.row_id
         return NewRow(batch.file_no, batch.lines[i], batch.task_ids[i][:200],
                       None if status == "rejected" else key, status, error, ref_id,
                       batch.passthrough[i])
 
-    def _decide(self, batch: CheckedBatch, i: int, key: bytes | None,
-                earlier: dict[bytes, Earlier]) -> tuple[Status, str | None, int | None]:
-        """The row's status in the ledger, why, and the earlier row it refers to."""
-        if i in batch.problems:
-            return "rejected", "; ".join(f"{p.code}: {p.message}" for p in batch.problems[i]), None
-        if i in batch.duplicate_of:
-            first_file, first_line = batch.duplicate_of[i]
-            where = "" if first_file == batch.file_no else f" of {self._inputs.name(first_file)}"
-            return "duplicate", f"duplicate of line {first_line}{where}", None
-        found = earlier.get(key) if key is not None else None
-        if found is not None and found.delivered:
-            job = f" as job {found.job_id}" if found.job_id else ""
-            return "already_sent", f"already sent in run {found.run_id}{job}", found.row_id
-        if (found is not None and found.maybe_delivered
-                and self._config.submit.on_ambiguous == "hold"):
-            return "held", (f"an earlier attempt (run {found.run_id}) may have reached Cobalt; "
-                            "held until its outcome is known"), found.row_id
-        return "pending", None, None
-
-    def _count(self, status: str) -> None:
+    def _count(self, statuses: list[Status]) -> None:
         c = self.counts
-        c.rows += 1
-        if status == "pending":
-            c.to_send += 1
-        elif status == "rejected":
-            c.rejected += 1
-        elif status == "duplicate":
-            c.duplicates += 1
-        elif status == "already_sent":
-            c.already_sent += 1
-        elif status == "held":
-            c.held += 1
+        found = Counter(statuses)
+        c.rows += len(statuses)
+        c.to_send += found["pending"]
+        c.rejected += found["rejected"]
+        c.duplicates += found["duplicate"]
+        c.already_sent += found["already_sent"]
+        c.held += found["held"]
 
 
 def pending_jobs(config: RunConfig, inputs: Inputs, reader: Ledger, run_id: str,
