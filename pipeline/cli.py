@@ -1,4 +1,4 @@
-"""The ``tasknotes`` command: parse, call, print, map errors to exit codes.
+"""The ``tasknotes`` command: parse, load the config, call one front door (jobs.py), print.
 
 Exit codes (the README's contract): 0 every row ended well; 1 the run finished but some
 rows were rejected, failed or are ambiguous; 2 bad usage, config or input
@@ -6,7 +6,9 @@ rows were rejected, failed or are ambiguous; 2 bad usage, config or input
 interrupted, disk full). ``status``: 0 nothing open, 1 something open, 2 bad
 config; every command's own codes are in ``COMMAND_EXIT_CODES`` (its --help).
 A user error is one line on stderr, never a traceback. This is the one
-module that prints; nothing it prints holds a note's text.
+module that prints; nothing it prints holds a note's text. Every code is decided
+by exits.py. Over 400 lines because every command's flags, help and printed
+tables live here, and nothing else does.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import __version__, logs, ops
+from pipeline import __version__, exits, logs
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, RunAborted
 from pipeline.faults import add_fault_options, faults_from_args
 
 if TYPE_CHECKING:
+    from pipeline.jobs import ReconcileResult, RunResult
+    from pipeline.plan import ScanCounts
     from pipeline.poll import PollStats
-    from pipeline.reconcile import Reconciler
-    from pipeline.runner import RunOutcome, ScanCounts
-    from pipeline.state import Ledger
 
 log = logging.getLogger("pipeline")
 
@@ -48,16 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:  # bare `tasknotes`: the help, not an error message
             parser.print_help()
-            return 2
+            return exits.USAGE
         _logging(args.verbose, args.quiet, args.log_format, getattr(args, "config", None))
         return int(args.handler(args))
     except (PipelineError, KeyboardInterrupt, BaseExceptionGroup) as exc:
         error = _user_error(exc)
         if error is None:
             raise
-        if not logs.error_as_json(str(error), error.exit_code):  # else every line is JSON
+        code = exits.for_error(error) or exits.USAGE
+        if not logs.error_as_json(str(error), code):  # else every line is JSON
             print(f"tasknotes: {error}", file=sys.stderr)
-        return error.exit_code
+        return code
     finally:
         os.umask(umask)  # for a caller that runs main() in its own process (the tests)
 
@@ -324,42 +326,33 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.runner import Run, RunOptions
+    from pipeline import jobs
 
     config = _config_for_sending(args.config)
-    options = RunOptions(inputs=tuple(args.input), dry_run=args.dry_run, limit=args.limit,
-                         progress=not args.no_progress, force=args.force,
-                         argv=tuple(sys.argv[1:]))
-    if args.force:
-        log.warning("--force: rows already sent in earlier runs will be sent again")
-    outcome = Run(config, options).execute()
-    if not args.dry_run:
-        ops.run_ended(config, run_id=outcome.run_id, exit_code=outcome.exit_code,
-                      counts=outcome.report.counts if outcome.report else None,
-                      report_dir=outcome.report.directory if outcome.report else None,
-                      stop_reason=outcome.stop_reason)
+    result = jobs.run(config, inputs=args.input, dry_run=args.dry_run, limit=args.limit,
+                      progress=not args.no_progress, force=args.force, argv=sys.argv[1:])
     if args.dry_run:
-        _print_scan(outcome, dry_run=True, limit=args.limit)
-        return outcome.exit_code
-    if outcome.scan.problems.counts:
-        _print_problems(outcome)
-    if outcome.report is not None:
-        _print_result(outcome.report.counts, str(outcome.report.directory),
-                      outcome.report.files)
+        _print_scan(result, dry_run=True, limit=args.limit)
+        return result.exit_code
+    if result.scan.problems.counts:
+        _print_problems(result)
+    if result.report is not None:
+        _print_result(result.report.counts, str(result.report.directory),
+                      result.report.files)
     else:  # no report (a full disk): what the ledger knows, which needs no writing
-        _print_unwritten(config, outcome.run_id)
-    _print_limit(outcome.scan, args.limit)
-    if outcome.stop_reason:
-        print(f"stopped: {outcome.stop_reason}")
-    return outcome.exit_code
+        _print_unwritten(config, result.run_id)
+    _print_limit(result.scan, args.limit)
+    if result.stop_reason:
+        print(f"stopped: {result.stop_reason}")
+    return result.exit_code
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.runner import validate_only
+    from pipeline import jobs
 
     config = _config_for_sending(args.config)  # the secrets run would need, resolved
-    outcome = validate_only(config, args.input)
-    _print_scan(outcome, dry_run=False)
+    result = jobs.validate(config, args.input)
+    _print_scan(result, dry_run=False)
     if not config.sandbox.enabled:  # the sink runs apart, but refuses to start without it
         try:
             missing = not load_config(args.config, needs=("webhooks",)).webhooks.all_secrets()
@@ -369,7 +362,7 @@ def _validate(args: argparse.Namespace) -> int:
         if missing:
             print(f"warning: {problem}; `tasknotes sink` will refuse to start without a "
                   "webhook secret (run itself does not need it)")
-    return outcome.exit_code
+    return result.exit_code
 
 
 def _config_for_sending(path: Path) -> RunConfig:
@@ -378,16 +371,7 @@ def _config_for_sending(path: Path) -> RunConfig:
     config = load_config(path, needs=("api", "notify"))
     if config.sandbox.enabled:
         config = load_config(path, needs=("api", "webhooks", "notify"))
-    _warn_local_state(config)
     return config
-
-
-def _warn_local_state(config: RunConfig) -> None:
-    """With ``state.url``, only the sink and export-events use PostgreSQL so far: say so."""
-    if config.state.url is not None:
-        log.warning("state.url is set, but this command still keeps its state in %s and reads "
-                    "events from %s (only `sink` and `export-events` use PostgreSQL so far)",
-                    config.state.ledger, config.webhooks.sink)
 
 
 def _print_limit(scan: ScanCounts, limit: int | None) -> None:
@@ -400,9 +384,9 @@ def _print_limit(scan: ScanCounts, limit: int | None) -> None:
           "left unread (not checked, not sent, not in this report)")
 
 
-def _print_scan(outcome: RunOutcome, *, dry_run: bool, limit: int | None = None) -> None:
-    c = outcome.scan
-    _print_problems(outcome)
+def _print_scan(result: RunResult, *, dry_run: bool, limit: int | None = None) -> None:
+    c = result.scan
+    _print_problems(result)
     valid = c.rows - c.rejected
     if c.rows == 0:
         print("0 rows: the input has a header and no data")
@@ -413,12 +397,12 @@ def _print_scan(outcome: RunOutcome, *, dry_run: bool, limit: int | None = None)
           f"{c.already_sent:,} already sent; hold {c.held:,}"
           + (" (dry run: nothing sent, ledger untouched)" if dry_run else ""))
     _print_limit(c, limit)
-    if outcome.rejects is not None:
-        print(f"rejects: {outcome.rejects}")
+    if result.rejects is not None:
+        print(f"rejects: {result.rejects}")
 
 
-def _print_problems(outcome: RunOutcome) -> None:
-    tally = outcome.scan.problems
+def _print_problems(result: RunResult) -> None:
+    tally = result.scan.problems
     if not tally.counts:
         return
     width = max(len(code) for code in tally.counts)
@@ -505,7 +489,7 @@ def _sink(args: argparse.Namespace) -> int:
     finally:
         sock.close()
         sink.close()
-    return 0
+    return exits.OK
 
 
 def _export_events(args: argparse.Namespace) -> int:
@@ -534,64 +518,28 @@ def _export_events(args: argparse.Namespace) -> int:
             Path(tmp).unlink(missing_ok=True)
             raise
     log.info("export-events: %d events from the database", n)
-    return 0
+    return exits.OK
 
 
 def _poll(args: argparse.Namespace) -> int:
-    from pipeline.reconcile import Reconciler
+    from pipeline import jobs
 
-    config = load_config(args.config, needs=("api",))
-    _warn_local_state(config)
-    if config.sandbox.enabled:
+    result = jobs.poll(load_config(args.config, needs=("api",)), args.run_id)
+    if result.sandbox:
         print("nothing to poll: the sandbox's Cobalt emulator lives only while `tasknotes run` "
               "runs (outcomes it never delivered ended with it); `tasknotes reconcile "
               f"{args.config}` re-reads the sink")
-        return 0
-    ledger = _open_ledger(config)
-    try:
-        runs = [args.run_id] if args.run_id else ledger.unresolved_runs()
-        Reconciler.of(ledger, config).refresh(config.api.account_id())
-        wanted: set[str] = set()
-        for run_id in runs:
-            ledger.run(run_id)
-            wanted |= ledger.job_ids(run_id, unresolved=True)
-        ambiguous, sent_since = ledger.ambiguous_keys(runs)
-        if not wanted and not ambiguous:
-            print("nothing to poll: every accepted row has an outcome event in the sink, and "
-                  "no ambiguous row waits for one")
-        else:
-            since = min((t for t in (ledger.earliest_submission(wanted), sent_since) if t),
-                        default=None)
-            _poll_events(config, wanted, ambiguous, since)
-    finally:
-        ledger.close()
-    # What the polled events settle can change any run (a note's evidence follows it):
-    # reconcile as `tasknotes reconcile CONFIG` does, choosing the runs the same way.
-    return _reconcile(argparse.Namespace(config=args.config, run_id=None))
+    elif result.stats is None:
+        print("nothing to poll: every accepted row has an outcome event in the sink, and "
+              "no ambiguous row waits for one")
+    else:
+        _print_poll(result.stats)
+    if result.reconciled is not None:
+        _print_reconciled(result.reconciled)
+    return result.exit_code
 
 
-def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
-                 since: str | None) -> None:
-    """Fetch the outcome events of ``wanted`` jobs and ``ambiguous`` notes into the sink."""
-    import anyio
-
-    from pipeline.client import CobaltClient
-    from pipeline.events import SinkFile
-    from pipeline.poll import Poller
-
-    sink = SinkFile(config.webhooks.sink)
-    sink.open()
-
-    async def fetch() -> PollStats:
-        webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
-        async with CobaltClient(config.api, max_connections=2,
-                                more_secrets=webhook_secrets) as client:
-            return await Poller(config, client, sink).run(wanted, since, ambiguous)
-
-    try:
-        stats = anyio.run(fetch, backend_options=config.submit.backend_options())
-    finally:
-        sink.close()
+def _print_poll(stats: PollStats) -> None:
     print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')} "
           f"with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} stored, "
           f"{stats.duplicates:,} the sink file already held (not stored again), "
@@ -610,82 +558,45 @@ def _n(count: int, noun: str) -> str:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from pipeline.reconcile import Reconciler
+    from pipeline import jobs
 
-    config = load_config(args.config)
-    _warn_local_state(config)
-    ledger = _open_ledger(config)
-    reconciler = Reconciler.of(ledger, config)
-    try:
-        if args.run_id:
-            ledger.run(args.run_id)
-            runs = [args.run_id]
-        else:
-            # Learn the outcomes first, then choose: every run whose report may be wrong
-            # now, whoever refreshed the ledger since it was written (a run, status, poll).
-            latest = ledger.latest_run()
-            if latest is not None:
-                reconciler.refresh(ledger.run(latest).account)
-            runs = ledger.reports_to_rewrite() or [r for r in [latest] if r]
-        if not runs:
-            print("nothing to reconcile: the ledger has no runs")
-            return 0
-        return _reconcile_runs(config, ledger, runs, reconciler)
-    finally:
-        ledger.close()
+    result = jobs.reconcile(load_config(args.config), args.run_id)
+    _print_reconciled(result)
+    return result.exit_code
 
 
-def _open_ledger(config: RunConfig) -> Ledger:
-    from pipeline.state import Ledger
-
-    if not config.state.ledger.exists():
-        raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")
-    return Ledger(config.state.ledger, synchronous=config.state.synchronous)
-
-
-def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
-                    reconciler: Reconciler | None = None) -> int:
-    from pipeline.reconcile import Reconciler
-    from pipeline.report import write_report
-
-    reconciler = reconciler or Reconciler.of(ledger, config)
-    live = set(ledger.runs_in_progress())
-    code = 0
-    for run_id in runs:
-        if run_id in live:  # its unsent rows are not failures: it writes its report at the end
-            print(f"run {run_id}: in progress (pid {ledger.lock_holder()}); not reconciled, "
+def _print_reconciled(result: ReconcileResult) -> None:
+    if not result.runs:
+        print("nothing to reconcile: the ledger has no runs")
+    for run in result.runs:
+        written = run.report
+        if written is None:
+            print(f"run {run.run_id}: in progress (pid {run.holder_pid}); not reconciled, "
                   "it writes its own report when it ends")
             continue
-        written = write_report(reconciler.run(run_id), config.report,
-                               input_settings=config.input)
-        ledger.report_written(run_id, redrive_digest=written.redrive_digest)
-        print(f"run {run_id}:")
+        print(f"run {run.run_id}:")
         _print_result(written.counts, str(written.directory), written.files)
         if written.stale:
             print(f"{written.stale:,} awaiting an outcome longer than report.stale_after "
-                  f"({config.report.stale_after:g} s): they need attention")
-        code = max(code, written.exit_code)
-    ops.reconciled(config)
-    return code
+                  f"({result.stale_after_s:g} s): they need attention")
 
 
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.status import describe_age, ledger_status
+    from pipeline import jobs
+    from pipeline.status import describe_age
 
     config = load_config(args.config)
-    _warn_local_state(config)
     if args.write_off:
         return _write_off(config, args.write_off)
-    found = ledger_status(config, config_path=str(args.config))
-    ops.status_read(config, found)
+    found = jobs.status(config, config_path=str(args.config))
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))  # in the documented order
         return found.exit_code
     if not found.open:
         print(f"nothing open: every note in {found.ledger} is settled")
-        return 0
+        return found.exit_code
     labels = {"awaiting_outcome": "awaiting an outcome", "ambiguous": "ambiguous (held)",
               "send_failed": "send_failed, not sent since",
               "failed_retryable": "failed in the EMR, retryable",
@@ -713,15 +624,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _write_off(config: RunConfig, run_id: str) -> int:
-    from pipeline.status import write_off
+    from pipeline import jobs
 
-    closed = write_off(config, run_id)
+    closed, result = jobs.write_off(config, run_id)
     print(f"run {run_id}: {_n(closed, 'unsent row')} written off (not sent)")
-    ledger = _open_ledger(config)
-    try:
-        return _reconcile_runs(config, ledger, [run_id])
-    finally:
-        ledger.close()
+    _print_reconciled(result)
+    return result.exit_code
 
 
 def _emulator(args: argparse.Namespace) -> int:

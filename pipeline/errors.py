@@ -29,7 +29,14 @@ from __future__ import annotations
 class PipelineError(Exception):
     """Root of every error tasknotes raises on purpose."""
 
-    exit_code = 2
+    @property
+    def exit_code(self) -> int:
+        """The process's exit code for this error (2, or 3 for RunAborted): exits.py."""
+        from pipeline.exits import for_error  # noqa: PLC0415 - exits.py imports this module
+
+        code = for_error(self)
+        assert code is not None  # every PipelineError has one
+        return code
 
 
 class ConfigError(PipelineError):
@@ -46,8 +53,6 @@ class StateError(PipelineError):
 
 class RunAborted(PipelineError):
     """The run stopped early; rows not started stay pending for the next run."""
-
-    exit_code = 3
 
 
 class StorageFull(RunAborted):

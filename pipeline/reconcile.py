@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import pandas as pd
 
+from pipeline import exits
 from pipeline.config import InputConfig, RunConfig
 from pipeline.errors import PipelineError
 from pipeline.events import (
@@ -225,7 +226,8 @@ class RunResult:
 
 
 def exit_code(counts: dict[str, int]) -> int:
-    return 0 if all(status in GOOD_STATUSES for status, n in counts.items() if n) else 1
+    """0 when every counted final status is a good one, else 1 (exits.py)."""
+    return exits.for_rows(any(n and status not in GOOD_STATUSES for status, n in counts.items()))
 
 
 class Reconciler:

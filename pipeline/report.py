@@ -8,6 +8,9 @@ byte-for-byte the same for the same ledger and sink file; only what the clock
 decides in summary.json moves: the ``report`` block (when it was made, what was
 stale then) and what staleness decides (``needs_attention``, ``verdict``,
 ``exit_code_now``).
+
+Over 400 lines: the five files share one pass over the run's rows (``_Tally``), and
+splitting them apart would mean passing that pass's state between modules.
 """
 
 from __future__ import annotations
@@ -28,20 +31,29 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jinja2
 import markupsafe
 import numpy as np
 import pandas as pd
 
-from pipeline import __version__
-from pipeline.config import RESULT_COLUMNS, TRAILING_COLUMNS, InputConfig, ReportConfig
+from pipeline import __version__, exits
+from pipeline.config import (
+    RESULT_COLUMNS,
+    TRAILING_COLUMNS,
+    InputConfig,
+    ReportConfig,
+    RunConfig,
+)
 from pipeline.errors import PipelineError, StateError, StorageFull
-from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, RunResult, exit_code
+from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult, exit_code
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
 from pipeline.state import InputFile, RunRecord
+
+if TYPE_CHECKING:
+    from pipeline.state import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +97,7 @@ def write_report(
     summary = summarise(result, tally, settings, now, process_exit_code=process_exit_code)
     with _full_disk(directory / "summary.json"):
         _atomic_write(directory / "summary.json",
-                      json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                      json.dumps(summary.as_json(), indent=2, sort_keys=True) + "\n")
     previews = None
     if settings.show_note_preview:
         previews = note_previews(result, tally.attention, settings, input_settings)
@@ -100,9 +112,20 @@ def write_report(
     if (directory / "rejects.csv").exists():
         written.append("rejects.csv")
     counts = {status: tally.counts[status] for status in FINAL_STATUSES}
-    return Written(directory, tuple(written), counts, summary["exit_code_now"],
+    return Written(directory, tuple(written), counts, summary.exit_code_now,
                    tally.attention_total, tally.stale,
                    redrive_digest(tally.redrive_ids) if offered else None)
+
+
+def rewrite_report(ledger: Ledger, reconciler: Reconciler, run_id: str,
+                   config: RunConfig) -> Written:
+    """Reconcile ``run_id`` now and (re)write its report, then record in ``ledger`` that it
+    was written (``Ledger.report_written``): what ``tasknotes reconcile`` does per run, and
+    a run for earlier runs its sends changed. Raises StorageFull (a disk full) and
+    StateError (a run the ledger does not hold, a report directory not creatable)."""
+    written = write_report(reconciler.run(run_id), config.report, input_settings=config.input)
+    ledger.report_written(run_id, redrive_digest=written.redrive_digest)
+    return written
 
 
 @contextlib.contextmanager
@@ -455,81 +478,169 @@ def recorded_exit_code(run: RunRecord, now_code: int) -> int | None:
         return int(recorded)
     if run.state in ("running", "crashed"):
         return None
-    return 3 if run.state == "aborted" else now_code
+    return exits.ABORTED if run.state == "aborted" else now_code
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryInput:
+    """One input file as summary.json names it: its path, SHA-256 (hex) and size in bytes
+    (None while the file was not read to the end)."""
+
+    path: str
+    sha256: str | None
+    bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureReason:
+    """One failure reason (reason codes, never note text) and how many rows gave it."""
+
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryEvents:
+    """The sink file's events around the run: repeated deliveries collapsed, other event
+    types by count, events without an id, orphans (no row of any run), set-aside lines."""
+
+    repeated_deliveries: int
+    other_types: dict[str, int]
+    without_id: int
+    orphans: int
+    set_aside: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportStamp:
+    """When summary.json was made (ISO 8601 UTC) and what was stale then (seconds)."""
+
+    generated_at: str
+    stale_after_s: float
+    stale: int
+    oldest_waiting_s: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """summary.json, typed; ``as_json()`` gives the JSON object written (same keys).
+
+    ``exit_code``: the run process's (see ``write_report``; None while it runs or after
+    it crashed); ``exit_code_now``: 1 while any row needs attention (stale awaiting rows
+    included), else 0; ``verdict``: ``ok`` (nothing awaits, nothing needs attention),
+    ``waiting`` (rows await outcomes, none stale) or ``attention``. Times are ISO 8601
+    UTC text; ``timings_s``, ``throughput_per_s``, ``latency_s`` in seconds and per second.
+    """
+
+    tool: str
+    run_id: str
+    state: str
+    stop_reason: str | None
+    account: str
+    config_fingerprint: str
+    dry_run: bool
+    limit: int | None
+    started_at: str
+    finished_at: str | None
+    timings_s: dict[str, float]
+    throughput_per_s: float | None
+    send: dict[str, int]
+    inputs: tuple[SummaryInput, ...]
+    rows: int
+    blank_rows_skipped: int
+    # Per input file: to_send + rejected + skipped + blank + beyond_limit == records.
+    input_records: list[dict[str, Any]]
+    final_status: dict[str, int]
+    ended_well: int
+    awaiting: int
+    needs_attention: int
+    # send_failed rows a human closed without sending (tasknotes status --write-off)
+    written_off: int
+    verdict: str
+    submit_status: dict[str, int]
+    problems: dict[str, int]
+    failure_reasons: tuple[FailureReason, ...]
+    settled_by_evidence: int
+    conflicts: int
+    latency_s: dict[str, Any]
+    events: SummaryEvents
+    # The scan stopped before the end of an input no later run has read: where, and
+    # the files whose rest was not read (None when every input was read).
+    not_read: dict[str, Any] | None
+    exit_code: int | None
+    exit_code_now: int
+    report: ReportStamp
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON object summary.json holds (nested records as objects)."""
+        return dataclasses.asdict(self)
 
 
 def summarise(
     result: RunResult, tally: _Tally, settings: ReportConfig, now: datetime, *,
     process_exit_code: int | None = None,
-) -> dict[str, Any]:
-    """summary.json's content. ``exit_code``: the run process's (see ``write_report``);
-    ``exit_code_now``: 1 while any row needs attention (stale awaiting rows included),
-    else 0; ``verdict``: ``ok`` (nothing awaits, nothing needs attention), ``waiting``
-    (rows await outcomes, none stale) or ``attention``."""
+) -> Summary:
+    """summary.json's content (``Summary``); ``process_exit_code`` as ``write_report``."""
     run, info = result.run, result.run.info
     counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     not_read = unread_input(result)
     still_open = {**counts, "send_failed": counts["send_failed"] - tally.written_off}
-    now_code = 1 if tally.attention_total or exit_code(still_open) or not_read else 0
+    now_code = exits.for_rows(bool(tally.attention_total or exit_code(still_open)
+                                   or not_read))
     exited = (process_exit_code if process_exit_code is not None
               else recorded_exit_code(run, now_code))
     awaiting = counts["awaiting_outcome"]
     verdict = "attention" if now_code else "waiting" if awaiting else "ok"
-    return {
-        "tool": f"tasknotes {__version__}",
-        "run_id": run.run_id,
-        "state": run.state,
-        "stop_reason": info.stop_reason,
-        "account": run.account,
-        "config_fingerprint": run.fingerprint,
-        "dry_run": info.dry_run,
-        "limit": info.limit,
-        "started_at": run.started_at,
-        "finished_at": run.finished_at,
-        "timings_s": info.timings_s,
-        "throughput_per_s": info.throughput_per_s,
-        "send": info.send,
-        "inputs": [{"path": f.path, "sha256": f.sha256, "bytes": f.size}
-                   for f in result.files],
-        "rows": tally.rows,
-        "blank_rows_skipped": info.blank_rows,
-        # Per input file: to_send + rejected + skipped + blank + beyond_limit == records.
-        "input_records": list(info.input_records),
-        "final_status": counts,
-        "ended_well": int(sum(counts[s] for s in ENDED_WELL)),
-        "awaiting": awaiting,
-        "needs_attention": tally.attention_total,
-        # send_failed rows a human closed without sending (tasknotes status --write-off)
-        "written_off": tally.written_off,
-        "verdict": verdict,
-        "submit_status": dict(sorted(tally.submit.items())),
-        "problems": info.problems,
-        "failure_reasons": [{"reason": r, "count": n} for r, n in ranked],
-        "settled_by_evidence": tally.evidence,
-        "conflicts": tally.conflicts,
-        "latency_s": tally.latency(),
-        "events": {
-            "repeated_deliveries": result.tally.get("(repeated)", 0),
-            "other_types": {k: v for k, v in result.tally.items() if not k.startswith("(")},
-            "without_id": result.tally.get("(no id)", 0),
-            "orphans": result.orphan_count,
+    return Summary(
+        tool=f"tasknotes {__version__}",
+        run_id=run.run_id,
+        state=run.state,
+        stop_reason=info.stop_reason,
+        account=run.account,
+        config_fingerprint=run.fingerprint,
+        dry_run=info.dry_run,
+        limit=info.limit,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        timings_s=info.timings_s,
+        throughput_per_s=info.throughput_per_s,
+        send=info.send,
+        inputs=tuple(SummaryInput(f.path, f.sha256, f.size) for f in result.files),
+        rows=tally.rows,
+        blank_rows_skipped=info.blank_rows,
+        input_records=list(info.input_records),
+        final_status=counts,
+        ended_well=int(sum(counts[s] for s in ENDED_WELL)),
+        awaiting=awaiting,
+        needs_attention=tally.attention_total,
+        written_off=tally.written_off,
+        verdict=verdict,
+        submit_status=dict(sorted(tally.submit.items())),
+        problems=info.problems,
+        failure_reasons=tuple(FailureReason(r, n) for r, n in ranked),
+        settled_by_evidence=tally.evidence,
+        conflicts=tally.conflicts,
+        latency_s=tally.latency(),
+        events=SummaryEvents(
+            repeated_deliveries=result.tally.get("(repeated)", 0),
+            other_types={k: v for k, v in result.tally.items() if not k.startswith("(")},
+            without_id=result.tally.get("(no id)", 0),
+            orphans=result.orphan_count,
             # lines of the sink file the event codec refuses, kept in <sink>.set-aside
-            "set_aside": result.tally.get("(set aside)", 0),
-        },
-        # The scan stopped before the end of an input no later run has read: where, and
-        # the files whose rest was not read (None when every input was read).
-        "not_read": not_read,
-        "exit_code": exited,
-        "exit_code_now": now_code,
-        "report": {
-            "generated_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "stale_after_s": settings.stale_after,
-            "stale": tally.stale,
-            "oldest_waiting_s": (int(tally.oldest_waiting)
-                                 if tally.oldest_waiting is not None else None),
-        },
-    }
+            set_aside=result.tally.get("(set aside)", 0),
+        ),
+        not_read=not_read,
+        exit_code=exited,
+        exit_code_now=now_code,
+        report=ReportStamp(
+            generated_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            stale_after_s=settings.stale_after,
+            stale=tally.stale,
+            oldest_waiting_s=(int(tally.oldest_waiting)
+                              if tally.oldest_waiting is not None else None),
+        ),
+    )
 
 
 def unread_input(result: RunResult) -> dict[str, Any] | None:
@@ -588,7 +699,7 @@ PAGE_SCRIPT, PAGE_SCRIPT_HASH = _page_script()
 
 
 def render_html(
-    result: RunResult, tally: _Tally, summary: dict[str, Any], now: datetime, *,
+    result: RunResult, tally: _Tally, summary: Summary, now: datetime, *,
     previews: dict[tuple[str, int], str] | None = None,
 ) -> str:
     """One self-contained page: no network, no external scripts, fonts or images."""
@@ -596,9 +707,9 @@ def render_html(
     return _ENV.get_template("report.html.j2").render(
         summary=summary,
         total=total,
-        confirmed=summary["final_status"]["confirmed"],
-        bars=_bars(summary["final_status"], total),
-        reasons=summary["failure_reasons"][:20],
+        confirmed=summary.final_status["confirmed"],
+        bars=_bars(summary.final_status, total),
+        reasons=summary.failure_reasons[:20],
         histogram=tally.histogram(),
         attention=[{**r, "preview": (previews or {}).get((r["source_file"], r["line"]), "")}
                    for r in tally.attention],

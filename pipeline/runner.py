@@ -1,8 +1,9 @@
 """``tasknotes run`` and ``validate``: the stages of docs/architecture.md, in order, for one run.
 
-    1. scan      read and validate every input file; every row goes into the
-                 ledger (pending / rejected / duplicate / already_sent / held)
-                 and rejected rows into rejects.csv, before anything is sent
+    1. scan      (plan.py) read and validate every input file; every row goes
+                 into the ledger (pending / rejected / duplicate / already_sent /
+                 held) and rejected rows into rejects.csv, before anything is
+                 sent; a dry run takes the same scan and records nothing
     2. send      read the files again and send the pending rows (the ledger
                  holds no note text, so the notes come from the files, each one
                  checked against its ledger key: a file changed in between is
@@ -24,6 +25,10 @@ that stops (a full disk, a signal, an input error) records where (run info
 stays open (``tasknotes status``: ``not_read``) until a later run reads them.
 When a run ends it also rewrites the reports of earlier runs holding notes it
 sent, so no redrive.csv goes on offering them.
+
+The front door is ``jobs.run``; exit codes come from exits.py. Just over 400 lines:
+the stop paths (signal, full disk, refused input) each need their say in the
+finish, and split across modules they would be harder to follow than here.
 """
 
 from __future__ import annotations
@@ -36,25 +41,32 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 from tqdm import tqdm
 
-from pipeline import logs
+from pipeline import exits, logs
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, StateError, StorageFull
+from pipeline.plan import (
+    Discard,
+    Inputs,
+    RunOptions,
+    Scan,
+    ScanCounts,
+    open_inputs,
+    pending_jobs,
+)
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
-from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
-from pipeline.state import Earlier, Ledger, NewRow, RunInfoChanges, Status, row_key
+from pipeline.state import Ledger, RunInfoChanges
 from pipeline.submit import Job, SubmitStats, Submitter
-from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
 if TYPE_CHECKING:
     from pipeline.reconcile import RunResult
@@ -67,66 +79,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class RunOptions:
-    """The command line's say over one run."""
-
-    inputs: tuple[str, ...] = ()
-    dry_run: bool = False
-    limit: int | None = None
-    progress: bool = True
-    force: bool = False
-    argv: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class ScanCounts:
-    """What the scan found, row by row, before anything was sent."""
-
-    rows: int = 0
-    to_send: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    already_sent: int = 0
-    held: int = 0
-    blank: int = 0
-    truncated_at: tuple[str, int] | None = None
-    unread: int = 0  # records left unread after --limit (at least this many if not exact)
-    unread_exact: bool = True
-    problems: ProblemTally = field(default_factory=ProblemTally)
-    files: list[FileCounts] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class FileCounts:
-    """Every physical record of one file after its header, and where it went.
-
-    ``to_send + rejected + skipped + blank + beyond_limit == records`` once the
-    file is read (``accounted``); ``skipped`` holds duplicates, rows an earlier
-    run sent and rows held because an earlier attempt may have landed.
-    """
-
-    path: str
-    records: int = 0
-    to_send: int = 0
-    rejected: int = 0
-    skipped: int = 0
-    blank: int = 0
-    beyond_limit: int = 0
-
-    @property
-    def accounted(self) -> bool:
-        return (self.to_send + self.rejected + self.skipped + self.blank
-                + self.beyond_limit) == self.records
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "records": self.records, "to_send": self.to_send,
-                "rejected": self.rejected, "skipped": self.skipped, "blank": self.blank,
-                "beyond_limit": self.beyond_limit, "accounted": self.accounted}
-
-
-@dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """What the CLI reports at the end of a run."""
+    """What ``Run.execute`` returns (``jobs.run`` turns it into a ``jobs.RunResult``)."""
 
     run_id: str
     scan: ScanCounts
@@ -142,313 +96,7 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
 
 
-@dataclass(slots=True)
-class _Inputs:
-    paths: list[Path]
-    headers: list[Header]
-
-    def name(self, file_no: int) -> str:
-        return str(self.paths[file_no])
-
-
-def open_inputs(config: RunConfig, options: RunOptions) -> _Inputs:
-    """Every input file, its header checked, before a single row is read (exit 2 if not)."""
-    paths = expand_inputs(options.inputs or (config.input.path,))
-    headers = []
-    for file_no, path in enumerate(paths):
-        with CsvFile(path, config.input, file_no=file_no) as f:
-            headers.append(f.header)
-    return _Inputs(paths, headers)
-
-
-# -- 1. scan -------------------------------------------------------------------------------
-
-
-class RowRecorder(Protocol):
-    """Where the scan writes the rows and files it read: the ledger, or nowhere (a dry run)."""
-
-    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None: ...
-
-    def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
-                 sha256: str | None = None, size: int | None = None) -> None: ...
-
-
-class _Discard:
-    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
-        return None
-
-    def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
-                 sha256: str | None = None, size: int | None = None) -> None:
-        return None
-
-
-class _Scan:
-    """Reads and validates the inputs; decides, per valid row, whether it is to be sent."""
-
-    def __init__(self, config: RunConfig, options: RunOptions, inputs: _Inputs, run_id: str, *,
-                 lookup: Ledger | None, recorder: RowRecorder, rejects: RejectsWriter,
-                 control: Control | None = None) -> None:
-        self._config = config
-        self._options = options
-        self._inputs = inputs
-        self._lookup = None if options.force else lookup
-        self._recorder = recorder
-        self._run_id = run_id
-        self._rejects = rejects
-        self._control = control
-        self._account = config.api.account_id()
-        self.validator = Validator(config.input, config.validation)
-        self.counts = ScanCounts()
-        self.completed = False  # every input read to its end (or to the --limit cut)
-        self.file_no = 0  # the file being read
-        self.last_line: int | None = None  # the last line of it recorded in the ledger
-
-    def run(self) -> ScanCounts:
-        """Read every input; the files are recorded (path, header) before a row is read,
-        so a scan that stops (a full disk, a signal, an input error) still names them."""
-        for file_no, path in enumerate(self._inputs.paths):
-            self.validator.name_file(file_no, str(path))
-            self._recorder.add_file(self._run_id, file_no, str(path),
-                                    self._inputs.headers[file_no].names)
-        for file_no, path in enumerate(self._inputs.paths):
-            self.file_no, self.last_line = file_no, None
-            if not self._scan_file(file_no, path):
-                if self.counts.truncated_at is not None:
-                    self._count_later_files(file_no + 1)
-                    self.completed = True
-                break
-        else:
-            self.completed = True
-        self.counts.blank += self.validator.blank_rows
-        return self.counts
-
-    def header_names(self, file_no: int) -> list[str]:
-        return list(self._inputs.headers[file_no].names)
-
-    def stopped(self) -> dict[str, Any] | None:
-        """Where reading stopped, if the scan did not complete: the file, its last line
-        recorded, and every file whose rest was not read (run info ``scan_stopped``)."""
-        if self.completed:
-            return None
-        paths = [str(p) for p in self._inputs.paths]
-        return {"path": paths[self.file_no], "after_line": self.last_line,
-                "unread_files": paths[self.file_no:]}
-
-    def _count_later_files(self, start: int) -> None:
-        """The files after the --limit cut: counted as unread, record by record."""
-        for file_no, path in enumerate(self._inputs.paths[start:], start):
-            with CsvFile(path, self._config.input, file_no=file_no) as f:
-                unread = self.counts.unread
-                self._count_unread(f.batches())
-                self.counts.files.append(FileCounts(
-                    str(path), records=f.records, blank=f.blank_lines,
-                    beyond_limit=self.counts.unread - unread))
-
-    def _count_unread(self, batches: Iterator[RawBatch]) -> None:
-        """Count the records --limit left unread (not validated, not in the ledger)."""
-        if not self.counts.unread_exact:
-            return
-        try:
-            for raw in batches:
-                self.counts.unread += len(raw.rows)
-        except PipelineError as exc:  # e.g. undecodable bytes further on: a lower bound
-            log.warning("rows left unread by --limit not all counted: %s", exc)
-            self.counts.unread_exact = False
-
-    def _scan_file(self, file_no: int, path: Path) -> bool:
-        with CsvFile(path, self._config.input, file_no=file_no) as f:
-            complete = True
-            before = self._snapshot()
-            blank_rows, unread = self.validator.blank_rows, self.counts.unread
-            batches = f.batches()
-            for raw in batches:
-                if self._control is not None and self._control.stopped:
-                    return False
-                batch = self.validator.check(raw, f.header)
-                complete = self._take(batch, str(path))
-                if not complete:
-                    break
-            blank = f.blank_lines  # the lines read: those counted unread are not skipped
-            if self.counts.truncated_at is not None:
-                self._count_unread(batches)  # reads (so checks) the rest of the file too
-            f.check_structure()
-            self.counts.blank += blank
-            self._file_counts(str(path), f, before, self.validator.blank_rows - blank_rows,
-                              self.counts.unread - unread)
-            self._recorder.add_file(self._run_id, file_no, str(path), f.header.names,
-                                    sha256=f.sha256, size=f.size)
-        return complete
-
-    def _snapshot(self) -> tuple[int, int, int]:
-        c = self.counts
-        return c.to_send, c.rejected, c.duplicates + c.already_sent + c.held
-
-    def _file_counts(self, path: str, f: CsvFile, before: tuple[int, int, int],
-                     blank_rows: int, beyond: int) -> None:
-        after = self._snapshot()
-        self.counts.files.append(FileCounts(
-            path, records=f.records, to_send=after[0] - before[0],
-            rejected=after[1] - before[1], skipped=after[2] - before[2],
-            blank=f.blank_lines + blank_rows, beyond_limit=beyond))
-
-    def _take(self, batch: CheckedBatch, name: str) -> bool:
-        """Classify and record one batch; False once --limit rows are to be sent.
-
-        Rows after the --limit cut are not read: they reach neither rejects.csv nor the
-        problem table nor the ledger (the CLI says how many were left unread).
-        """
-        if self._lookup is None and isinstance(self._recorder, _Discard):
-            complete = self._count_only(batch, name)
-        else:
-            complete = self._classify_batch(batch, name)
-        if not complete:
-            batch = _head(batch, len(batch) - self.counts.unread)
-        self._rejects.write(batch, name)
-        self.counts.problems.add(batch)
-        return complete
-
-    def _classify_batch(self, batch: CheckedBatch, name: str) -> bool:
-        sendable = batch.sendable()
-        keys = [row_key(self._account, batch.task_ids[i], batch.notes[i]) for i in sendable]
-        earlier = self._lookup.earlier(self._run_id, keys) if self._lookup is not None else {}
-        key_of = dict(zip(sendable, keys, strict=True))
-        if batch.as_written and self._lookup is not None:
-            self._earlier_as_written(batch, key_of, earlier)
-        rows: list[NewRow] = []
-        for i in range(len(batch)):
-            row = self._classify(batch, i, key_of.get(i), earlier)
-            if row.status == "pending" and self._limit_reached():
-                self.counts.truncated_at = (name, batch.lines[i])
-                self.counts.unread += len(batch) - i
-                break
-            rows.append(row)
-            self._count(row.status)
-        self._recorder.add_rows(self._run_id, rows)
-        if rows:
-            self.last_line = rows[-1].line
-        return self.counts.truncated_at is None
-
-    def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
-                            earlier: dict[bytes, Earlier]) -> None:
-        """Rows NFC changed: also look up the key a version before NFC gave them, so a note
-        it sent is not sent again in its other form."""
-        assert self._lookup is not None
-        old = {i: row_key(self._account, task, note, nfc=False)
-               for i, (task, note) in batch.as_written.items() if i in key_of}
-        found = self._lookup.earlier(self._run_id, list(old.values()))
-        for i, key in old.items():
-            if key in found and key_of[i] not in earlier:
-                earlier[key_of[i]] = found[key]
-
-    def _count_only(self, batch: CheckedBatch, name: str) -> bool:
-        """A dry run with no ledger to consult: the counts, without a key or row object per row."""
-        c = self.counts
-        sendable = batch.sendable()
-        rejected = len(batch.problems)
-        room = (self._options.limit - c.to_send) if self._options.limit is not None else None
-        if room is not None and len(sendable) > room:
-            cut = sendable[room]  # the first row beyond --limit: reading stops before it
-            c.truncated_at = (name, batch.lines[cut])
-            sendable = sendable[:room]
-            c.unread += len(batch) - cut
-            rejected = sum(1 for i in batch.problems if i < cut)
-            c.duplicates += sum(1 for i in batch.duplicate_of if i < cut
-                                and i not in batch.problems)
-            c.rows += cut
-        else:
-            c.duplicates += len(batch.duplicate_of) - sum(
-                1 for i in batch.duplicate_of if i in batch.problems)
-            c.rows += len(batch)
-        c.to_send += len(sendable)
-        c.rejected += rejected
-        return c.truncated_at is None
-
-    def _limit_reached(self) -> bool:
-        return self._options.limit is not None and self.counts.to_send >= self._options.limit
-
-    def _classify(self, batch: CheckedBatch, i: int, key: bytes | None,
-                  earlier: dict[bytes, Earlier]) -> NewRow:
-        status, error, ref_id = self._decide(batch, i, key, earlier)
-        return NewRow(batch.file_no, batch.lines[i], batch.task_ids[i][:200],
-                      None if status == "rejected" else key, status, error, ref_id,
-                      batch.passthrough[i])
-
-    def _decide(self, batch: CheckedBatch, i: int, key: bytes | None,
-                earlier: dict[bytes, Earlier]) -> tuple[Status, str | None, int | None]:
-        """The row's status in the ledger, why, and the earlier row it refers to."""
-        if i in batch.problems:
-            return "rejected", "; ".join(f"{p.code}: {p.message}" for p in batch.problems[i]), None
-        if i in batch.duplicate_of:
-            first_file, first_line = batch.duplicate_of[i]
-            where = "" if first_file == batch.file_no else f" of {self._inputs.name(first_file)}"
-            return "duplicate", f"duplicate of line {first_line}{where}", None
-        found = earlier.get(key) if key is not None else None
-        if found is not None and found.delivered:
-            job = f" as job {found.job_id}" if found.job_id else ""
-            return "already_sent", f"already sent in run {found.run_id}{job}", found.row_id
-        if (found is not None and found.maybe_delivered
-                and self._config.submit.on_ambiguous == "hold"):
-            return "held", (f"an earlier attempt (run {found.run_id}) may have reached Cobalt; "
-                            "held until its outcome is known"), found.row_id
-        return "pending", None, None
-
-    def _count(self, status: str) -> None:
-        c = self.counts
-        c.rows += 1
-        if status == "pending":
-            c.to_send += 1
-        elif status == "rejected":
-            c.rejected += 1
-        elif status == "duplicate":
-            c.duplicates += 1
-        elif status == "already_sent":
-            c.already_sent += 1
-        elif status == "held":
-            c.held += 1
-
-
-# -- 2. send -------------------------------------------------------------------------------
-
-
-def pending_jobs(config: RunConfig, inputs: _Inputs, reader: Ledger, run_id: str,
-                 read_size: int = 256) -> Iterator[list[Job]]:
-    """Pending rows of the run, with their notes read again from the input files.
-
-    A row whose note no longer hashes to its ledger key (the file changed
-    since the scan) becomes a Job with ``skip`` set: recorded, not sent.
-    Reads ``read_size`` records at a time: this runs on the event loop while
-    requests are in flight, so each step must be short (~2 ms).
-    """
-    account = config.api.account_id()
-    pending = reader.rows_to_send(run_id)
-    head = next(pending, None)
-    validator = Validator(config.input, config.validation)
-    out: list[Job] = []
-    for file_no, path in enumerate(inputs.paths):
-        if head is None:
-            break
-        with CsvFile(path, config.input, file_no=file_no) as f:
-            for raw in f.batches(read_size):
-                if head is None or head[1] > file_no:
-                    break
-                batch = validator.check(raw, f.header)
-                for i in batch.sendable():
-                    if head is None or (head[1], head[2]) != (file_no, batch.lines[i]):
-                        continue
-                    row_id, _, _, task_id, key = head
-                    note = batch.notes[i]
-                    same = row_key(account, batch.task_ids[i], note) == key
-                    out.append(Job(row_id, task_id, note) if same else Job(
-                        row_id, task_id, "", skip="the input file changed since it was read"))
-                    head = next(pending, None)
-                if out:
-                    yield out
-                    out = []
-    while head is not None:
-        out.append(Job(head[0], head[3], "", skip="row not found when the input was read again"))
-        head = next(pending, None)
-    if out:
-        yield out
+# -- 2. send (1. scan is plan.py) ---------------------------------------------------------
 
 
 async def _stepwise(jobs: Iterator[list[Job]]) -> AsyncGenerator[list[Job], None]:
@@ -464,7 +112,7 @@ async def _stepwise(jobs: Iterator[list[Job]]) -> AsyncGenerator[list[Job], None
 
 
 async def send_pending(
-    config: RunConfig, inputs: _Inputs, ledger: Ledger, run_id: str, *, to_send: int,
+    config: RunConfig, inputs: Inputs, ledger: Ledger, run_id: str, *, to_send: int,
     control: Control, progress: bool, base_url: str | None = None,
 ) -> SubmitStats:
     """Stage 2: send the run's pending rows (every change recorded in the ledger)."""
@@ -497,7 +145,7 @@ async def _watch_signals(control: Control) -> None:
             if control.stopped and control.reason and control.reason.startswith("interrupted"):
                 log.error("second %s: exiting now; the ledger is consistent",
                           signal.Signals(signum).name)
-                os._exit(3)
+                os._exit(exits.ABORTED)
             control.stop(f"interrupted by {signal.Signals(signum).name}")
 
 
@@ -527,26 +175,26 @@ class Run:
                 raise
             raise inner from None
 
-    def _dry_run(self, inputs: _Inputs) -> RunOutcome:
+    def _dry_run(self, inputs: Inputs) -> RunOutcome:
         """Scan only: earlier runs are read from the ledger (if there is one), nothing written."""
         ledger = Ledger.existing(self.config.state.ledger)
         rejects = RejectsWriter(self._report_dir() / "rejects.csv", self.config.input,
                                 inputs.headers)
         try:
-            scan = _Scan(self.config, self.options, inputs, self.run_id, lookup=ledger,
-                         recorder=_Discard(), rejects=rejects)
+            scan = Scan(self.config, self.options, inputs, self.run_id, lookup=ledger,
+                         recorder=Discard(), rejects=rejects)
             counts = scan.run()
         finally:
             rejects.close()
             if ledger is not None:
                 ledger.close()
-        return RunOutcome(self.run_id, counts, None, 1 if counts.rejected else 0,
+        return RunOutcome(self.run_id, counts, None, exits.for_rows(counts.rejected > 0),
                           rejects=rejects.path if rejects.rows else None)
 
     def _report_dir(self) -> Path:
         return self.config.report.dir / self.run_id
 
-    async def _run(self, inputs: _Inputs) -> RunOutcome:
+    async def _run(self, inputs: Inputs) -> RunOutcome:
         ledger = Ledger(self.config.state.ledger, synchronous=self.config.state.synchronous)
         try:
             ledger.lock()
@@ -566,12 +214,12 @@ class Run:
         finally:
             ledger.close()
 
-    async def _stages(self, ledger: Ledger, inputs: _Inputs) -> RunOutcome:
+    async def _stages(self, ledger: Ledger, inputs: Inputs) -> RunOutcome:
         ledger.start_run(self.run_id, self.config.api.account_id(), self.config.fingerprint(),
                          self._info())
         rejects = RejectsWriter(self._report_dir() / "rejects.csv", self.config.input,
                                 inputs.headers)
-        scan = _Scan(self.config, self.options, inputs, self.run_id, lookup=ledger,
+        scan = Scan(self.config, self.options, inputs, self.run_id, lookup=ledger,
                      recorder=ledger, rejects=rejects, control=self.control)
         try:
             with self._timer("scan"):
@@ -594,7 +242,7 @@ class Run:
         stats = await self._send(ledger, inputs, counts)
         return self._finish(ledger, counts, stats, rejects)
 
-    def _scan_stopped(self, ledger: Ledger, scan: _Scan) -> RunInfoChanges:
+    def _scan_stopped(self, ledger: Ledger, scan: Scan) -> RunInfoChanges:
         """Run info for a scan that stopped early (else nothing): where, and which files
         were not read to the end. The file it stopped in is fingerprinted whole, so
         its report can read its rows back (redrive.csv) while it stays unchanged."""
@@ -617,7 +265,7 @@ class Run:
                     "was not read", path, where)
         return {"scan_stopped": stopped}
 
-    async def _send(self, ledger: Ledger, inputs: _Inputs, counts: ScanCounts
+    async def _send(self, ledger: Ledger, inputs: Inputs, counts: ScanCounts
                     ) -> SubmitStats | None:
         if not counts.to_send or self.control.stopped:
             return None
@@ -677,11 +325,12 @@ class Run:
         try:
             written = write_report(self._result(ledger, state, info, refresh=recorded),
                                    self.config.report, input_settings=self.config.input,
-                                   process_exit_code=3 if reason else None)
+                                   process_exit_code=exits.ABORTED if reason else None)
         except StorageFull as exc:  # names the report file; the ledger has the truth
             log.warning("report not written: %s", exc)
             reason = reason or str(exc)
-        code = 3 if reason or written is None else written.exit_code
+        code = exits.for_run(stopped=bool(reason),
+                             report_code=None if written is None else written.exit_code)
         if recorded:
             with contextlib.suppress(StorageFull):  # summary.json's exit code, on rewrites
                 ledger.update_run_info(self.run_id, {"exit_code": code})
@@ -699,7 +348,7 @@ class Run:
         read. Runs whose report is final are left alone; a full disk stops the rewrites
         (``tasknotes reconcile`` does them later)."""
         from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
-        from pipeline.report import write_report  # noqa: PLC0415
+        from pipeline.report import rewrite_report  # noqa: PLC0415
 
         stale = ledger.reports_to_rewrite()
         # and runs whose scan stopped: this run may have read the rest of their input
@@ -710,9 +359,7 @@ class Run:
             if run_id not in wanted or run_id == self.run_id:
                 continue
             try:
-                written = write_report(reconciler.run(run_id), self.config.report,
-                                       input_settings=self.config.input)
-                ledger.report_written(run_id, redrive_digest=written.redrive_digest)
+                written = rewrite_report(ledger, reconciler, run_id, self.config)
             except (StorageFull, StateError) as exc:
                 log.warning("report of run %s not rewritten: %s; tasknotes reconcile "
                             "rewrites it", run_id, exc)
@@ -755,16 +402,6 @@ def preflight(config: RunConfig) -> None:
         raise ConfigError("webhooks.secret: a sandbox run needs a webhook secret")
 
 
-def _head(batch: CheckedBatch, n: int) -> CheckedBatch:
-    """The first ``n`` rows of ``batch`` (problems and duplicates of those rows only)."""
-    return CheckedBatch(
-        batch.file_no, batch.lines[:n], batch.task_ids[:n], batch.notes[:n],
-        batch.passthrough[:n], batch.cells[:n],
-        {i: p for i, p in batch.problems.items() if i < n},
-        {i: d for i, d in batch.duplicate_of.items() if i < n},
-        raw={i: r for i, r in batch.raw.items() if i < n})
-
-
 def _pipeline_error(group: BaseExceptionGroup[Any]) -> PipelineError | None:
     """The first PipelineError inside task-group wrappers (e.g. InputError from the scan)."""
     for inner in group.exceptions:
@@ -786,9 +423,3 @@ def _log_scan(c: ScanCounts) -> None:
 def _n(count: int, noun: str) -> str:
     """``count`` and ``noun``, plural unless the count is one: "1 duplicate", "2 rows"."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
-def validate_only(config: RunConfig, inputs: Sequence[str]) -> RunOutcome:
-    """``tasknotes validate``: the scan alone; nothing sent, nothing written to the ledger."""
-    return Run(config, RunOptions(inputs=tuple(inputs), dry_run=True)).execute()
-

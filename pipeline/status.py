@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from pipeline import exits
 from pipeline.config import RunConfig
 from pipeline.errors import StateError
 from pipeline.state import Ledger, OpenGroup, OpenRow
@@ -108,7 +109,7 @@ class LedgerStatus:
     @property
     def exit_code(self) -> int:
         """``tasknotes status``'s exit code: 0 nothing open, 1 something open."""
-        return 1 if self.open else 0
+        return exits.for_rows(self.open)
 
     def kind(self, name: str) -> OpenKind:
         """The entry for one kind of ``KINDS``; KeyError for another name."""

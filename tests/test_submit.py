@@ -21,8 +21,8 @@ from helpers import (
 )
 from pipeline.client import CobaltClient
 from pipeline.emulator import Faults
+from pipeline.plan import RunOptions, open_inputs, pending_jobs
 from pipeline.retry import Backoff, Control, Pacer
-from pipeline.runner import RunOptions, open_inputs, pending_jobs
 from pipeline.state import Ledger, NewRow, row_key
 from pipeline.submit import Job, Submitter
 

@@ -1,0 +1,286 @@
+"""One front door per command: ``run``, ``validate``, ``reconcile``, ``poll``, ``status``.
+
+Each takes a loaded ``RunConfig`` (``config.load_config``) and the command's options,
+does the work, and returns a frozen result holding what happened and the exit code
+(decided by exits.py). None of them prints or configures logging (they log through
+the ``pipeline`` loggers); errors are the package's own exception tree (errors.py).
+cli.py parses the arguments, loads the config, calls one of these and prints the
+result; a Python caller can do the same without the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline import exits, ops
+from pipeline.config import RunConfig
+from pipeline.errors import PipelineError
+from pipeline.plan import RunOptions, ScanCounts
+from pipeline.status import LedgerStatus
+
+if TYPE_CHECKING:
+    from pipeline.poll import PollStats
+    from pipeline.reconcile import Reconciler
+    from pipeline.report import Written
+    from pipeline.state import Ledger
+
+# The modules only one command needs (HTTP client, pandas for reports) are imported by
+# that command's function: `tasknotes validate` starts in a fifth of the time.
+
+log = logging.getLogger(__name__)
+
+StatusResult = LedgerStatus  # ``status``'s result: what is open over every run
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What one ``run`` (or ``run --dry-run``, or ``validate``) did.
+
+    ``counts``: rows per final status (reconcile.FINAL_STATUSES) as its report says;
+    empty when no report was written (a dry run, or no room to write it).
+    ``report_dir``: ``report.dir/<run_id>``, where the report and rejects.csv go.
+    ``scan``: what the scan found, row by row; ``report``: the report written, if
+    one was; ``rejects``: rejects.csv when some row was rejected.
+    """
+
+    exit_code: int
+    run_id: str
+    report_dir: Path
+    counts: Mapping[str, int]
+    stop_reason: str | None
+    dry_run: bool
+    scan: ScanCounts
+    report: Written | None = None
+    rejects: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconciledRun:
+    """One run that ``reconcile`` met: its report rewritten, or (``report`` None) left
+    alone because the run is in progress in process ``holder_pid``."""
+
+    run_id: str
+    report: Written | None
+    holder_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    """The runs reconciled, in order (empty: the ledger has no runs), and the worst of
+    their exit codes; ``stale_after_s`` is the config's ``report.stale_after``."""
+
+    exit_code: int
+    runs: tuple[ReconciledRun, ...]
+    stale_after_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """What ``poll`` did: nothing in a sandbox (``sandbox``; exit 0, no reconcile); else
+    the fetch (``stats``, None when nothing was waiting for an outcome) followed by a
+    reconcile of every run whose report can change (``reconciled``, whose code it takes)."""
+
+    exit_code: int
+    sandbox: bool = False
+    stats: PollStats | None = None
+    reconciled: ReconcileResult | None = None
+
+
+def run(config: RunConfig, *, inputs: Sequence[str] = (), dry_run: bool = False,
+        limit: int | None = None, force: bool = False, progress: bool = False,
+        argv: Sequence[str] = ()) -> RunResult:
+    """``tasknotes run``: scan, send, wait (sandbox), settle and report one run.
+
+    ``inputs``: CSV paths or globs (default: the config's ``input.path``); ``dry_run``:
+    the scan alone, nothing sent nor recorded; ``limit``: send at most this many rows;
+    ``force``: send rows the ledger says were already sent; ``progress``: a progress
+    bar on a terminal's stderr; ``argv``: the command line, kept in the run record.
+
+    Raises ConfigError (a credential not set), InputError (an input unusable: nothing
+    sent), StateError (the ledger unusable or locked by another run) and RunAborted
+    where the run cannot even record that it stopped; a stop it can record (signal,
+    credentials refused, disk full) is ``stop_reason`` with exit code 3.
+    """
+    from pipeline.runner import Run  # noqa: PLC0415 - see the imports above
+
+    options = RunOptions(inputs=tuple(inputs), dry_run=dry_run, limit=limit,
+                         progress=progress, force=force, argv=tuple(argv))
+    if options.force:
+        log.warning("--force: rows already sent in earlier runs will be sent again")
+    _warn_local_state(config)
+    outcome = Run(config, options).execute()
+    report = outcome.report
+    if not options.dry_run:
+        ops.run_ended(config, run_id=outcome.run_id, exit_code=outcome.exit_code,
+                      counts=report.counts if report is not None else None,
+                      report_dir=report.directory if report is not None else None,
+                      stop_reason=outcome.stop_reason)
+    return RunResult(
+        exit_code=outcome.exit_code, run_id=outcome.run_id,
+        report_dir=config.report.dir / outcome.run_id,
+        counts=dict(report.counts) if report is not None else {},
+        stop_reason=outcome.stop_reason, dry_run=options.dry_run, scan=outcome.scan,
+        report=report, rejects=outcome.rejects)
+
+
+def validate(config: RunConfig, inputs: Sequence[str] = ()) -> RunResult:
+    """``tasknotes validate``: the scan alone (as ``run --dry-run``); nothing sent and
+    nothing written to the ledger. Exit code 0, or 1 when some row would be rejected.
+    Raises ConfigError and InputError as ``run`` does."""
+    return run(config, inputs=inputs, dry_run=True)
+
+
+def reconcile(config: RunConfig, run_id: str | None = None) -> ReconcileResult:
+    """``tasknotes reconcile``: re-join ledger and sink file and rewrite the reports of
+    ``run_id``, or (None) of every run whose report may be wrong now.
+
+    Raises PipelineError when there is no ledger yet, StateError for an unknown run id.
+    """
+    from pipeline.reconcile import Reconciler  # noqa: PLC0415
+
+    _warn_local_state(config)
+    ledger = _open_ledger(config)
+    reconciler = Reconciler.of(ledger, config)
+    try:
+        if run_id:
+            ledger.run(run_id)
+            runs = [run_id]
+        else:
+            # Learn the outcomes first, then choose: every run whose report may be wrong
+            # now, whoever refreshed the ledger since it was written (a run, status, poll).
+            latest = ledger.latest_run()
+            if latest is not None:
+                reconciler.refresh(ledger.run(latest).account)
+            runs = ledger.reports_to_rewrite() or [r for r in [latest] if r]
+        result = _reconcile_runs(config, ledger, runs, reconciler)
+    finally:
+        ledger.close()
+    ops.reconciled(config)  # report.metrics_file, if set
+    return result
+
+
+def write_off(config: RunConfig, run_id: str) -> tuple[int, ReconcileResult]:
+    """``tasknotes status --write-off RUN_ID``: close ``run_id``'s unsent rows without
+    sending them (recorded in the ledger with the time; status.write_off), then rewrite
+    that run's report. Returns (rows written off, the reconcile of that run).
+
+    Raises StateError for an unknown run, a run in progress, or no ledger.
+    """
+    from pipeline.reconcile import Reconciler  # noqa: PLC0415
+    from pipeline.status import write_off as close_unsent  # noqa: PLC0415
+
+    closed = close_unsent(config, run_id)
+    ledger = _open_ledger(config)
+    try:
+        result = _reconcile_runs(config, ledger, [run_id], Reconciler.of(ledger, config))
+    finally:
+        ledger.close()
+    ops.reconciled(config)
+    return closed, result
+
+
+def poll(config: RunConfig, run_id: str | None = None) -> PollResult:
+    """``tasknotes poll``: fetch from Cobalt the outcome events of unresolved jobs and
+    ambiguous rows (of ``run_id``, or of every run) into the sink file, then reconcile
+    as ``reconcile(config)`` does. In a sandbox there is nothing to poll (the emulator
+    lived only while its run ran).
+
+    Raises what ``reconcile`` raises, and RunAborted when Cobalt refuses the
+    credentials or keeps failing.
+    """
+    from pipeline.reconcile import Reconciler  # noqa: PLC0415
+
+    if config.sandbox.enabled:
+        return PollResult(exits.OK, sandbox=True)
+    _warn_local_state(config)
+    ledger = _open_ledger(config)
+    stats = None
+    try:
+        runs = [run_id] if run_id else ledger.unresolved_runs()
+        Reconciler.of(ledger, config).refresh(config.api.account_id())
+        wanted: set[str] = set()
+        for each in runs:
+            ledger.run(each)
+            wanted |= ledger.job_ids(each, unresolved=True)
+        ambiguous, sent_since = ledger.ambiguous_keys(runs)
+        if wanted or ambiguous:
+            since = min((t for t in (ledger.earliest_submission(wanted), sent_since) if t),
+                        default=None)
+            stats = _poll_events(config, wanted, ambiguous, since)
+    finally:
+        ledger.close()
+    # What the polled events settle can change any run (a note's evidence follows it):
+    # reconcile as `tasknotes reconcile CONFIG` does, choosing the runs the same way.
+    reconciled = reconcile(config)
+    return PollResult(reconciled.exit_code, stats=stats, reconciled=reconciled)
+
+
+def status(config: RunConfig, *, config_path: str = "CONFIG") -> StatusResult:
+    """``tasknotes status``: what is open over every run (status.ledger_status; its
+    ``exit_code``: 0 nothing open, 1 something open). ``config_path`` is only written
+    into the ``settle`` commands. Raises StateError if the ledger cannot be read."""
+    from pipeline.status import ledger_status  # noqa: PLC0415
+
+    _warn_local_state(config)
+    found = ledger_status(config, config_path=config_path)
+    ops.status_read(config, found)  # report.metrics_file, if set
+    return found
+
+
+def _warn_local_state(config: RunConfig) -> None:
+    """With ``state.url``, only the sink and export-events use PostgreSQL so far: say so."""
+    if config.state.url is not None:
+        log.warning("state.url is set, but this command still keeps its state in %s and reads "
+                    "events from %s (only `sink` and `export-events` use PostgreSQL so far)",
+                    config.state.ledger, config.webhooks.sink)
+
+
+def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
+                 since: str | None) -> PollStats:
+    """Fetch the outcome events of ``wanted`` jobs and ``ambiguous`` notes into the sink."""
+    import anyio  # noqa: PLC0415
+
+    from pipeline.client import CobaltClient  # noqa: PLC0415
+    from pipeline.events import SinkFile  # noqa: PLC0415
+    from pipeline.poll import Poller  # noqa: PLC0415
+
+    sink = SinkFile(config.webhooks.sink)
+    sink.open()
+
+    async def fetch() -> PollStats:
+        webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
+        async with CobaltClient(config.api, max_connections=2,
+                                more_secrets=webhook_secrets) as client:
+            return await Poller(config, client, sink).run(wanted, since, ambiguous)
+
+    try:
+        return anyio.run(fetch, backend_options=config.submit.backend_options())
+    finally:
+        sink.close()
+
+
+def _open_ledger(config: RunConfig) -> Ledger:
+    from pipeline.state import Ledger  # noqa: PLC0415
+
+    if not config.state.ledger.exists():
+        raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")
+    return Ledger(config.state.ledger, synchronous=config.state.synchronous)
+
+
+def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
+                    reconciler: Reconciler) -> ReconcileResult:
+    from pipeline.report import rewrite_report  # noqa: PLC0415
+
+    live = set(ledger.runs_in_progress())
+    done: list[ReconciledRun] = []
+    for run_id in runs:
+        if run_id in live:  # its unsent rows are not failures: it writes its report at the end
+            done.append(ReconciledRun(run_id, None, ledger.lock_holder()))
+            continue
+        done.append(ReconciledRun(run_id, rewrite_report(ledger, reconciler, run_id, config)))
+    code = exits.worst(r.report.exit_code for r in done if r.report is not None)
+    return ReconcileResult(code, tuple(done), config.report.stale_after)
