@@ -170,6 +170,9 @@ class StateConfig(_Section):
     ledger: Path = Path("state/ledger.sqlite")
     # full: a commit survives power loss (the `sending` mark must); normal: process crash only.
     synchronous: Literal["full", "normal"] = "full"
+    # `tasknotes prune` removes note text kept at rest (sink events, input copies) older
+    # than this many days; None: only when told (--older-than).
+    retention_days: Annotated[float, Field(gt=0)] | None = None
 
 
 class WebhooksConfig(_Section):

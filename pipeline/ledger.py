@@ -934,6 +934,30 @@ class Ledger:
             self._db, params=params,
         )
 
+    # -- retention (tasknotes prune) ---------------------------------------------------------
+
+    def runs_started_before(self, cutoff: str) -> list[str]:
+        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC, as ``utcnow`` writes)."""
+        return [r[0] for r in self._db.execute(
+            "SELECT run_id FROM runs WHERE started_at < ? ORDER BY started_at", (cutoff,))]
+
+    def vacuum(self) -> int:
+        """Give the ledger file's free pages back (SQLite ``VACUUM``) when it has any;
+        returns the bytes the file shrank by (0: nothing to give back). Raises StorageFull
+        (VACUUM needs room for a copy of the database)."""
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        if not free:
+            return 0
+        before = self.path.stat().st_size
+        try:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc, self.path):
+                raise self._full(exc) from None
+            raise
+        return max(0, before - self.path.stat().st_size)
+
 
 # One row per task_note event, as stored in the events table (see the schema).
 EventRecord = tuple[str, str, str | None, str | None, str | None, str | None, str | None,
