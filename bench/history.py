@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def main() -> None:
         args.nights, args.rows = 3, 300
     lost_every = round(1 / args.lost) if args.lost > 0 else 0
     print(f"bench/history.py on {machine()}; {args.nights} nights of {args.rows:,} rows on "
-          f"one ledger, {args.lost:.0%} of webhooks lost")
+          f"one ledger, {args.lost:.0%} of webhooks lost; load average {os.getloadavg()[0]:.1f}")
     results: list[list[float]] = []
     with tempfile.TemporaryDirectory() as tmp, Server(0) as server:
         work = Path(tmp)
@@ -134,6 +135,8 @@ def main() -> None:
                                                               strict=True)), flush=True)
     print(table(COLUMNS, [[int(r[0]), f"{int(r[1]):,}", *(f"{v:.2f}" for v in r[2:7]),
                            f"{r[7]:.0f}", f"{r[8]:.1f}"] for r in results]))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (figures from a loaded machine"
+          " are not comparable night to night)")
     first, last = results[0], results[-1]
     ratios = {name: last[i] / first[i] if first[i] else float("nan")
               for i, name in enumerate(COLUMNS) if i >= 2}
