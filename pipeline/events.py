@@ -261,12 +261,14 @@ class SinkFile:
         it from its start (the ids and digests already known stay: the rewrite keeps every
         event id)."""
         while not _same_file(self.path, self._fd):
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+            # O_CREAT: moved away (a rotation by hand), the path starts afresh, 0600
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd, self._known = fd, 0
-            log.info("sink file %s was replaced (pruned): writing to the new file", self.path)
+            log.info("sink file %s was replaced (pruned, or moved away): writing to the file"
+                     " now at that path", self.path)
 
     def _repair_tail(self) -> None:
         size = os.fstat(self._fd).st_size
@@ -453,7 +455,11 @@ def _event_id(raw: bytes) -> str | None:
 
 def _same_file(path: Path, fd: int) -> bool:
     """True if ``path`` names the file open as ``fd`` (same device and inode)."""
-    named, opened = os.stat(path), os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 

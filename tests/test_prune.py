@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -30,7 +31,7 @@ from helpers import (
     write_csv,
 )
 from pipeline.emulator import compact, sign
-from pipeline.events import SetAside, is_pruned, read_sink_from
+from pipeline.events import SetAside, SinkFile, is_pruned, read_sink_from
 from pipeline.ledger import Attempt, Ledger, NewRow, row_key
 from pipeline.prune import KILL_AT_ENV
 from pipeline.reconcile import ingest
@@ -373,3 +374,33 @@ def test_a_position_kept_before_heads_named_the_inode_is_still_trusted(tmp_path:
     assert ingest(ledger, sink, "test_clinic") == 1  # and the head takes the new form
     assert ledger.sink_position() == (sink.stat().st_size, head)
     ledger.close()
+
+
+@pytest.mark.anyio
+async def test_the_sink_writes_to_whatever_file_its_path_names_now(tmp_path: Path) -> None:
+    """The sink's writer follows its path: after a rename over it (as prune does) the next
+    event goes to the new file, after its de-duplication index took the new file in; after
+    the file is moved away, to a new file created at the path."""
+    path = tmp_path / "state" / "webhooks.jsonl"
+    sink = SinkFile(path)
+    sink.open()
+
+    def body(n: int) -> bytes:
+        return compact(created(f"evt_{n}", str(n), f"T{n}", "n"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sink.run)
+        assert await sink.append(body(1), "evt_1") == "stored"
+        copy = path.with_name("copy.jsonl")
+        copy.write_bytes(path.read_bytes() + body(2) + b"\n")  # written by another writer
+        copy.rename(path)
+        assert await sink.append(body(2), "evt_2") == "duplicate"
+        assert await sink.append(body(3), "evt_3") == "stored"
+        path.rename(path.with_name("rotated.jsonl"))
+        assert await sink.append(body(4), "evt_4") == "stored"
+        sink.stop()
+    sink.close()
+    assert [e["id"] for e in events_in(path.with_name("rotated.jsonl"))] == [
+        "evt_1", "evt_2", "evt_3"]
+    assert [e["id"] for e in events_in(path)] == ["evt_4"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
