@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import CLIENT_CPU, ROOT, Server, machine, python, table
+from bench._common import CLIENT_CPU, ROOT, Server, machine, median, python, table
 from bench.make_input import write_csv
 
 COLUMNS = ("night", "ledger rows", "run s", "scan s", "send s", "reconcile s (nothing new)",
@@ -142,6 +142,11 @@ def main() -> None:
               for i, name in enumerate(COLUMNS) if i >= 2}
     print(f"night {int(last[0])} / night 1: " + ", ".join(
         f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
+    if len(results) >= 6:  # one night is one sample: on a shared machine, also medians of 3
+        steady = {name: median([r[i] for r in results[-3:]]) / median([r[i] for r in results[:3]])
+                  for i, name in enumerate(COLUMNS) if i >= 2}
+        print("median of the last 3 nights / median of the first 3: " + ", ".join(
+            f"{name} {ratio:.2f}x" for name, ratio in steady.items()))
     goals = {"reconcile s (nothing new)": 1.2, "status s": 1.2, "scan s": 1.3}
     print("goals (issue #19, at >= 20 nights): " + "; ".join(
         f"{name} <= {goal}x: {'met' if ratios[name] <= goal else 'not met'}"
