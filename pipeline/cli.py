@@ -17,7 +17,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +131,12 @@ exit codes:
   1  something is open: awaiting an outcome (stale or not), ambiguous, not sent,
      failed in the EMR with a retryable reason, or a run in progress
   2  bad usage or config""",
+    "prune": """\
+exit codes:
+  0  pruned (or, with --dry-run, counted) what is older than the limit
+  2  bad usage or config (no limit: neither --older-than nor state.retention_days),
+     or another prune is running
+  3  stopped: the disk has no room for the sink file's copy""",
     "emulator": """\
 exit codes:
   0  stopped by Ctrl-C (SIGINT) or SIGTERM
@@ -209,13 +215,6 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=8787, help="port to listen on")
     sink.set_defaults(handler=_sink)
 
-    export = command("export-events", "write the sink's events stored in PostgreSQL "
-                                      "(state.url) as JSON Lines, as received")
-    _config_arg(export)
-    export.add_argument("--out", type=Path, metavar="FILE",
-                        help="write to FILE (replaced whole, 0600) instead of stdout")
-    export.set_defaults(handler=_export_events)
-
     poll = command("poll", "fetch outcomes of unresolved jobs and ambiguous rows from Cobalt, "
                            "then reconcile as `reconcile` does")
     _config_arg(poll)
@@ -239,10 +238,31 @@ def _parser() -> argparse.ArgumentParser:
                              " recorded in the ledger, and rewrite its report (default: none)")
     status.set_defaults(handler=_status)
 
+    _state_commands(command)
+
     emulator = command("emulator", "a local Cobalt look-alike, with faults")
     _emulator_args(emulator)
     emulator.set_defaults(handler=_emulator)
     return parser
+
+
+def _state_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The commands that look after stored state: export-events and prune."""
+    export = command("export-events", "write the sink's events stored in PostgreSQL "
+                                      "(state.url) as JSON Lines, as received")
+    _config_arg(export)
+    export.add_argument("--out", type=Path, metavar="FILE",
+                        help="write to FILE (replaced whole, 0600) instead of stdout")
+    export.set_defaults(handler=_export_events)
+
+    prune = command("prune", "remove note text kept at rest past the retention limit "
+                             "(sink events, input copies); never what was sent")
+    _config_arg(prune)
+    prune.add_argument("--older-than", type=_days, metavar="DAYS",
+                       help="prune what is older than DAYS days (default: state.retention_days)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="say what would be removed; remove nothing")
+    prune.set_defaults(handler=_prune)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -630,6 +650,50 @@ def _write_off(config: RunConfig, run_id: str) -> int:
     print(f"run {run_id}: {_n(closed, 'unsent row')} written off (not sent)")
     _print_reconciled(result)
     return result.exit_code
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more days: {text!r}")
+    return value
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from pipeline.prune import prune
+
+    config = load_config(args.config)
+    days = args.older_than if args.older_than is not None else config.state.retention_days
+    if days is None:
+        raise PipelineError("state.retention_days: not set, and no --older-than DAYS given: "
+                            "nothing says what is old enough to prune")
+    done = prune(config, days, dry_run=args.dry_run)
+    verb = "would remove" if done.dry_run else "removed"
+    print(f"prune of what is older than {days:g} days (before {done.cutoff})"
+          f"{': dry run, nothing removed' if done.dry_run else ''}")
+    before, after = done.sink_bytes
+    print(f"sink file {config.webhooks.sink}: {verb} the note text of "
+          f"{_n(done.events_pruned, 'event')}"
+          + (f" ({before:,} -> {after:,} bytes)" if not done.dry_run and before else ""))
+    kept = [f"{_n(n, what)}" for n, what in (
+        (done.already_pruned, "event pruned before"),
+        (done.not_mirrored, "event not yet in the ledger (reconcile, then prune again)"),
+        (done.undated, "event with no readable 'created' time, kept whole"),
+        (done.unreadable, "unreadable line, copied as it is")) if n]
+    if kept:
+        print(f"  left: {'; '.join(kept)}")
+    print(f"input copies of {_n(done.old_runs, 'run')} started before the limit: {verb} "
+          f"{_n(len(done.files), 'file')}")
+    for path in done.files:
+        print(f"  {path}")
+    if done.ledger_freed:
+        print(f"ledger {config.state.ledger}: {done.ledger_freed:,} bytes given back (VACUUM)")
+    print("kept: every ledger row (key, status, run, job id, outcome): a note sent stays "
+          "sent")
+    return 0
 
 
 def _emulator(args: argparse.Namespace) -> int:

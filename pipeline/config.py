@@ -176,6 +176,9 @@ class StateConfig(_Section):
     # postgresql://user:pass@host:5432/db (from the environment: ${TASKNOTES_STATE_URL}):
     # the sink's events live in PostgreSQL (state/pg_events.py), not in webhooks.sink.
     url: SecretStr | None = None
+    # `tasknotes prune` removes note text kept at rest (sink events, input copies) older
+    # than this many days; None: only when told (--older-than).
+    retention_days: Annotated[float, Field(gt=0)] | None = None
 
     @field_validator("url")
     @classmethod

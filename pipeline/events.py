@@ -26,6 +26,17 @@ Reading (``read_sink``, ``read_sink_from``): a torn last line is skipped with a
 warning; any other line the codec refuses is set aside (``SetAside``: its byte
 offset, a code, its bytes), so one bad line never stops a reader.
 
+Pruned events (``tasknotes prune``, pipeline/prune.py): past the retention limit a
+``task_note.*`` event keeps its line, its id and every field but the ones that
+can hold note text, and gains a top-level ``"pruned_at"`` (ISO 8601 UTC):
+``data.note`` becomes ``null`` in a ``task_note.created`` event (``data.emr_note_id``
+is kept when it looks like an id, else redacted), and ``data.failure_reason`` and
+each ``data.reasons[].description`` become ``null`` in a ``task_note.failed`` one
+(the reason codes stay). A pruned event is an ordinary event to the codec and to
+every reader (``is_pruned`` tells it apart); it still matches its row by job id,
+but no longer carries the note text that settles an ambiguous row (the ledger
+keeps the hash it took of it before the prune).
+
 The event codec (``decode_event``) is the one parse used by the receiver, the
 sink file's own index and every reader, so the sink never acknowledges a body
 a reader would refuse. It accepts exactly: strict UTF-8 (RFC 8259 section 8.1:
@@ -136,6 +147,14 @@ def encode_event(event: dict[str, Any]) -> bytes:
     return line
 
 
+PRUNED_AT: Final = "pruned_at"
+
+
+def is_pruned(event: dict[str, Any]) -> bool:
+    """True if ``tasknotes prune`` removed the note text from ``event`` (module docstring)."""
+    return isinstance(event.get(PRUNED_AT), str)
+
+
 class _NotFinite(ValueError):
     pass
 
@@ -238,11 +257,33 @@ class SinkFile:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        """Hold the exclusive ``flock`` on the sink file, following a replacement first.
+
+        ``tasknotes prune`` (pipeline/prune.py) replaces the file by a rename while it
+        holds this same lock on the file it replaces; whoever takes the lock next finds
+        the path naming another file, and moves to it before writing a line.
+        """
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
+            self._follow_replacement()
             yield
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _follow_replacement(self) -> None:
+        """Called under the lock: if the path now names another file (a prune renamed its
+        rewrite over it), lock and use that file; the caller's ``_catch_up`` then indexes
+        it from its start (the ids and digests already known stay: the rewrite keeps every
+        event id)."""
+        while not _same_file(self.path, self._fd):
+            # O_CREAT: moved away (a rotation by hand), the path starts afresh, 0600
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd, self._known = fd, 0
+            log.info("sink file %s was replaced (pruned, or moved away): writing to the file"
+                     " now at that path", self.path)
 
     def _repair_tail(self) -> None:
         size = os.fstat(self._fd).st_size
@@ -513,6 +554,16 @@ def _event_id(raw: bytes) -> str | None:
     except UnreadableEvent:
         return None
     return event_id if isinstance(event_id, str) else None
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """True if ``path`` names the file open as ``fd`` (same device and inode)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _fsync_dir(directory: Path) -> None:

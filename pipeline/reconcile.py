@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.events import (
     Receipt,
     SetAside,
+    is_pruned,
     keep_set_aside,
     read_receipts,
     read_sink_from,
@@ -83,7 +85,7 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     redactor = redactor or ReasonRedactor(ledger, None)
     offset, head = ledger.sink_position()
     current = _head(sink)
-    if current != head or offset > _size(sink):
+    if not _same_head(head, current) or offset > _size(sink):
         offset = 0
     redactor.prepare(sink, offset)
     receipts = read_receipts(sink, offset)
@@ -95,12 +97,14 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     tally: Counter[str] = Counter()
     end = offset
     aside: list[SetAside] = []
+    pruned = 0
     for _, end, event in read_sink_from(sink, offset):
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
         elif (record := _record(event, end, account, tally, receipts or {})) is not None:
             batch.append(record)
+            pruned += record[1] == "created" and record[8] is None and is_pruned(event)
         if len(batch) + len(aside) >= _BATCH:
             if aside:
                 _set_aside(sink, aside)
@@ -112,6 +116,11 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     if batch or tally or end != offset:
         added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current)
     redactor.warn()
+    if pruned:
+        log.warning("%s: %d task_note.created events read here have had their note text pruned"
+                    " (tasknotes prune): one this ledger had not mirrored before the prune"
+                    " cannot settle an ambiguous row by note text; matching by job id still"
+                    " works", sink, pruned)
     if added:
         log.info("%d new task_note events from %s", added, sink)
     return added
@@ -176,12 +185,27 @@ def _text(value: object) -> str | None:
 
 
 def _head(path: Path) -> str:
-    """A fingerprint of the sink file's first line: tells one file from its replacement."""
+    """A fingerprint of the sink file, ``<inode>:<hash of its first line>``: tells one file
+    from its replacement (a rotation, or ``tasknotes prune``'s rewrite, whose first line
+    may be the same)."""
     try:
         with path.open("rb") as fh:
-            return hashlib.sha256(fh.readline()).hexdigest()[:16]
+            inode = os.fstat(fh.fileno()).st_ino
+            return f"{inode}:{hashlib.sha256(fh.readline()).hexdigest()[:16]}"
     except OSError:
         return ""
+
+
+def sink_head(path: Path) -> str:
+    """The fingerprint ``ingest`` keeps with its position in the sink file (``_head``)."""
+    return _head(path)
+
+
+def _same_head(stored: str, current: str) -> bool:
+    """``current`` fingerprints the file ``stored`` was taken of; a ``stored`` one kept
+    before fingerprints named the inode is compared by its first line only."""
+    return stored == current or (":" not in stored and bool(stored)
+                                 and current.partition(":")[2] == stored)
 
 
 def _size(path: Path) -> int:

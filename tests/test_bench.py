@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
         pytest.param("validate.py", "tasknotes validate / pandas.read_csv =", id="validate"),
         pytest.param("memory.py", "validate: 10,000 rows / 2,000 rows =", id="memory"),
         pytest.param("reconcile.py", "reconcile / pandas.merge =", id="reconcile"),
+        pytest.param("history.py", "night 3 / night 1:", id="history"),
     ],
 )
 def test_the_benchmark_runs_and_prints_its_ratio(script: str, verdict: str) -> None:

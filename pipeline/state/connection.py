@@ -222,6 +222,23 @@ class SQLiteConnection:
         finally:
             os.close(fd)
 
+    def vacuum(self) -> int:
+        """Give the ledger file's free pages back (SQLite ``VACUUM``) when it has any;
+        returns the bytes the file shrank by (0: nothing to give back). Raises StorageFull
+        (VACUUM needs room for a copy of the database)."""
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        if not free:
+            return 0
+        before = self.path.stat().st_size
+        try:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc, self.path):
+                raise self._full(exc) from None
+            raise
+        return max(0, before - self.path.stat().st_size)
+
     def synchronous(self) -> str:
         """The connection's effective ``PRAGMA synchronous``: "off", "normal", "full" or
         "extra" (what a commit waits for before it counts as durable)."""

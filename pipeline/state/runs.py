@@ -175,6 +175,11 @@ class SQLiteRuns(SQLiteRows):
             (run_id,))}
         return [r for r in self._runs_in_order() if r in found]
 
+    def runs_started_before(self, cutoff: str) -> list[str]:
+        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC, as ``utcnow`` writes)."""
+        return [r[0] for r in self._db.execute(
+            "SELECT run_id FROM runs WHERE started_at < ? ORDER BY started_at", (cutoff,))]
+
     def run_ids(self) -> list[str]:
         """Every run's id, oldest first (by start time)."""
         return self._runs_in_order()

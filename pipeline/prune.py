@@ -1,0 +1,343 @@
+"""Retention: ``tasknotes prune`` removes note text kept at rest past ``state.retention_days``.
+
+What goes (for events and runs older than the limit):
+
+- the note text in the sink file's ``task_note.*`` events (the pruned-event
+  format is in pipeline/events.py): an event's age is its envelope's ``created``
+  time; an event with no readable ``created`` is kept whole, and counted;
+- the run's 0600 input copies, ``reports/<run_id>/rejects.csv`` and
+  ``redrive.csv`` (a run's age is its start).
+
+What stays: every ledger row (key, status, run id, job id, outcome), so a rerun of
+an old input still finds each note sent and sends nothing; every event's id,
+type, job id and outcome, so reports still match rows to outcomes. Before it
+rewrites anything, prune mirrors the sink file into the ledger (as ``reconcile``
+does), so the hash the ledger keeps of each event's note still settles an
+ambiguous row after the text is gone; lines appended after that mirroring are
+copied as they are.
+
+Safe while the sink runs. The sink file is rewritten into
+``.<name>.prune.tmp`` beside it and renamed over it. The sink (``events.SinkFile``)
+writes each group commit under an exclusive ``flock`` on the sink file, and
+under that lock first checks that the path still names the file it has open,
+moving to the new one if not. Prune copies the lines present when it starts
+without the lock, then takes the same lock on the file it replaces, copies
+what was appended meanwhile, fsyncs the copy, renames it over the path and
+fsyncs the directory before letting go. An event acknowledged before the lock
+is in the copy; one arriving after waits for the lock and is written to the
+new file. Two prunes at once are kept apart by ``<sink>.prune.lock``.
+
+Safe to interrupt. Until the rename the sink file is untouched (a stale
+``.prune.tmp``, which may hold note text, is removed by the next prune); the
+rename replaces it whole. The ledger's reading position in the sink file is
+fingerprinted with the file's inode (reconcile.py), so a prune killed between
+the rename and recording the new position only makes the next reconcile read
+the new file from its start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pipeline.config import RunConfig
+from pipeline.errors import StateError, StorageFull
+from pipeline.events import PRUNED_AT, UnreadableEvent, decode_event, encode_event, is_pruned
+from pipeline.reasons import safe_emr_note_id
+from pipeline.state import Ledger
+
+log = logging.getLogger(__name__)
+
+INPUT_COPIES = ("rejects.csv", "redrive.csv")
+# A test hook: the step named here kills the process (SIGKILL), to prove it is safe to.
+KILL_AT_ENV = "TASKNOTES_PRUNE_KILL_AT"
+
+
+@dataclass
+class PruneResult:
+    """What a prune removed (or, with ``dry_run``, would remove); never any note text.
+
+    ``cutoff``: ISO 8601 UTC, events and runs older than it were pruned;
+    ``events_pruned``: events whose note text was removed; ``already_pruned``:
+    old events pruned before; ``undated``: ``task_note.*`` events kept whole for
+    want of a readable ``created``; ``not_mirrored``: old events kept whole because
+    the ledger had not read them yet; ``unreadable``: lines the codec refuses,
+    copied as they are; ``sink_bytes``: the sink file's size before and after;
+    ``files``: input copies removed; ``ledger_freed``: bytes VACUUM gave back.
+    """
+
+    cutoff: str
+    dry_run: bool
+    events_pruned: int = 0
+    already_pruned: int = 0
+    undated: int = 0
+    not_mirrored: int = 0
+    unreadable: int = 0
+    sink_bytes: tuple[int, int] = (0, 0)
+    old_runs: int = 0
+    files: list[Path] = field(default_factory=list)
+    ledger_freed: int = 0
+
+
+def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
+          now: datetime | None = None) -> PruneResult:
+    """Prune note text older than ``older_than_days`` days (module docstring).
+
+    Raises StateError when another prune holds the sink file, or the sink file is
+    replaced by something else while it is rewritten (nothing is lost: run it again);
+    StorageFull when the disk has no room for the copy.
+    """
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
+    result = PruneResult(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run)
+    sink = config.webhooks.sink
+    ledger = None
+    if config.state.ledger.exists():
+        ledger = (Ledger(config.state.ledger, readonly=True) if dry_run
+                  else Ledger(config.state.ledger, synchronous=config.state.synchronous))
+    try:
+        with _prune_lock(sink, dry_run=dry_run):
+            limit = _mirror(config, ledger, sink, dry_run=dry_run)
+            if sink.exists():
+                _SinkPruner(sink, cutoff, limit, result, ledger).run()
+            if ledger is not None:
+                runs = ledger.runs_started_before(result.cutoff)
+                result.old_runs = len(runs)
+                result.files = _input_copies(config.report.dir, runs, dry_run=dry_run)
+                if not dry_run:
+                    result.ledger_freed = ledger.vacuum()
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return result
+
+
+def _mirror(config: RunConfig, ledger: Ledger | None, sink: Path, *, dry_run: bool) -> int:
+    """Read what the sink file gained into the ledger; returns the byte offset up to which
+    the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess)."""
+    from pipeline.reconcile import Reconciler, sink_head  # noqa: PLC0415 - pandas, lazily
+
+    if dry_run:
+        return -1
+    if ledger is None:
+        return 0  # no ledger: nothing mirrored, nothing of the text may go
+    latest = ledger.latest_run()
+    if latest is not None:
+        Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
+    offset, head = ledger.sink_position()
+    return offset if head and head == sink_head(sink) else 0
+
+
+@contextlib.contextmanager
+def _prune_lock(sink: Path, *, dry_run: bool) -> Iterator[None]:
+    if dry_run or not sink.parent.exists():
+        yield
+        return
+    fd = os.open(sink.with_name(sink.name + ".prune.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(f"another tasknotes prune is rewriting {sink}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _kill_point(step: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _SinkPruner:
+    """One rewrite of the sink file (the protocol is in the module docstring)."""
+
+    def __init__(self, sink: Path, cutoff: datetime, limit: int, result: PruneResult,
+                 ledger: Ledger | None) -> None:
+        self.sink, self.cutoff, self.limit = sink, cutoff, limit
+        self.result, self.ledger = result, ledger
+        self.temp = sink.with_name(f".{sink.name}.prune.tmp")
+        self.stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.mapped: int | None = None  # the ledger's position, in the new file
+
+    def run(self) -> None:
+        dry = self.result.dry_run
+        if not dry:
+            self.temp.unlink(missing_ok=True)  # a killed prune's copy (it may hold notes)
+        fd = os.open(self.sink, os.O_RDONLY if dry else os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            start_size = _whole_lines(fd)  # no lock needed below: the sink only appends
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if dry:
+                self._copy(fd, 0, start_size, None)
+                self.result.sink_bytes = (start_size, start_size)
+                return
+            out = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(out, "wb", closefd=False) as fh:
+                    written = self._copy(fd, 0, start_size, fh)
+                    if not self.result.events_pruned:
+                        return  # nothing to remove: the sink file is left as it is
+                    _kill_point("copied")
+                    self._swap(fd, fh, start_size, written)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageFull(f"disk full: the pruned copy {self.temp} cannot be "
+                                      f"written; {self.sink} is unchanged") from None
+                raise
+            finally:
+                os.close(out)
+                self.temp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def _swap(self, fd: int, fh: BinaryIO, start_size: int, written: int) -> None:
+        """Under the sink's lock: the lines appended since the copy began, fsync, rename."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            named, opened = os.stat(self.sink), os.fstat(fd)
+            if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+                raise StateError(f"{self.sink} was replaced while it was pruned; "
+                                 "nothing was changed: run tasknotes prune again")
+            end = opened.st_size
+            tail = os.pread(fd, end - start_size, start_size)
+            fh.write(tail)  # appended meanwhile: copied as is (newer than any limit)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if self.mapped is None and self.limit > start_size:
+                self.mapped = written + self.limit - start_size
+            _kill_point("synced")
+            os.rename(self.temp, self.sink)
+            _fsync_dir(self.sink.parent)
+            _kill_point("renamed")
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self.result.sink_bytes = (end, written + len(tail))
+        if self.ledger is not None and self.mapped is not None:
+            from pipeline.reconcile import sink_head  # noqa: PLC0415 - pandas, lazily
+
+            self.ledger.add_events([], {}, offset=self.mapped, head=sink_head(self.sink))
+
+    def _copy(self, fd: int, start: int, end: int, out: BinaryIO | None) -> int:
+        """Copy lines [start, end) to ``out`` (None: only count), pruning old events;
+        returns the bytes written. Records where the ledger's position falls."""
+        written = 0
+        offset = start
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            fh.seek(start)
+            while offset < end:
+                raw = fh.readline(end - offset)
+                if not raw:
+                    break
+                offset += len(raw)
+                line = self._line(raw, mirrored=self.limit < 0 or offset <= self.limit)
+                if out is not None:
+                    out.write(line)
+                written += len(line)
+                if offset == self.limit:
+                    self.mapped = written
+        return written
+
+    def _line(self, raw: bytes, *, mirrored: bool) -> bytes:
+        """The line as the new file holds it: pruned, or ``raw`` (each kind counted)."""
+        try:
+            event = decode_event(raw.rstrip(b"\n"))
+        except UnreadableEvent:
+            self.result.unreadable += 1
+            return raw
+        created = _when(event.get("created"))
+        if not str(event.get("type", "")).startswith("task_note."):
+            kept = None
+        elif created is None:
+            kept = "undated"
+        elif created >= self.cutoff:
+            kept = None
+        elif is_pruned(event):
+            kept = "already_pruned"
+        elif not mirrored:
+            kept = "not_mirrored"
+        else:
+            pruned = pruned_event(event, self.stamp)
+            if pruned is not None:
+                self.result.events_pruned += 1
+                return encode_event(pruned) + b"\n"
+            kept = None
+        if kept is not None:
+            setattr(self.result, kept, getattr(self.result, kept) + 1)
+        return raw
+
+
+def pruned_event(event: dict[str, Any], stamp: str) -> dict[str, Any] | None:
+    """``event`` with every field that can hold note text removed, marked ``pruned_at``
+    (the format is in pipeline/events.py); None if it is no ``task_note.*`` event."""
+    data = event.get("data")
+    data = dict(data) if isinstance(data, dict) else {}
+    kind = event.get("type")
+    if kind == "task_note.created":
+        note = data.get("note")
+        if "emr_note_id" in data:
+            data["emr_note_id"] = safe_emr_note_id(data["emr_note_id"], note)
+        data["note"] = None
+    elif kind == "task_note.failed":
+        if "failure_reason" in data:
+            data["failure_reason"] = None
+        if isinstance(data.get("reasons"), list):
+            data["reasons"] = [{**r, "description": None} if isinstance(r, dict) else None
+                               for r in data["reasons"]]
+    else:
+        return None
+    return {**event, "data": data, PRUNED_AT: stamp}
+
+
+def _when(value: object) -> datetime | None:
+    """An event's ``created`` (ISO 8601) as an aware UTC datetime, or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _whole_lines(fd: int) -> int:
+    """The offset just past the file's last newline (a torn tail is left to the sink)."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        begin = max(0, end - (1 << 16))
+        found = os.pread(fd, end - begin, begin).rfind(b"\n")
+        if found >= 0:
+            return begin + found + 1
+        end = begin
+    return 0
+
+
+def _input_copies(reports: Path, run_ids: list[str], *, dry_run: bool) -> list[Path]:
+    """Remove (or, dry, list) the input copies of ``run_ids``' report directories."""
+    found = []
+    for run_id in run_ids:
+        for name in INPUT_COPIES:
+            path = reports / run_id / name
+            if path.is_file():
+                found.append(path)
+                if not dry_run:
+                    path.unlink()
+    return found
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
