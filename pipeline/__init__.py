@@ -1,3 +1,131 @@
-"""tasknotes: append notes to EMR tasks through Cobalt, and prove what happened to every row."""
+"""tasknotes: append notes to EMR tasks through Cobalt, and prove what happened to every row.
+
+The Python API (the README's "Use from Python"), the same front doors the ``tasknotes``
+command calls (jobs.py)::
+
+    import pipeline
+
+    result = pipeline.run("configs/sandbox.yaml")   # -> pipeline.RunResult
+    result.exit_code, result.run_id, result.report_dir, result.counts, result.stop_reason
+
+    pipeline.validate(config, inputs=())            # -> RunResult (a dry run's scan)
+    pipeline.reconcile(config, run_id=None)         # -> ReconcileResult
+    pipeline.poll(config, run_id=None)              # -> PollResult
+    pipeline.status(config)                         # -> StatusResult
+    await pipeline.aio.run(config)                  # the same, inside an event loop
+
+``config`` is a path to the YAML file or a ``RunConfig`` (``pipeline.load_config``).
+Errors are the ``PipelineError`` tree (``ConfigError``, ``InputError``, ``StateError``,
+``RunAborted``...; errors.py), each with its ``exit_code``; never SystemExit. Nothing
+here prints or configures logging: records go to the ``pipeline`` loggers (which have
+a NullHandler) for the host's own logging to handle.
+
+``pipeline.status``, ``poll``, ``reconcile`` and ``validate`` are these functions even
+though modules of the same names exist (pipeline/status.py...): importing such a module
+does not replace the function here. Reach a module with ``from pipeline.status import``
+or ``importlib.import_module("pipeline.status")``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import (
+    ApiError,
+    ConfigError,
+    CredentialsRefused,
+    InputError,
+    PipelineError,
+    RunAborted,
+    StateError,
+    StorageFull,
+)
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pipeline import aio as aio
+    from pipeline.config import RunConfig as RunConfig
+    from pipeline.config import load_config as load_config
+    from pipeline.jobs import ConfigSource as ConfigSource
+    from pipeline.jobs import PollResult as PollResult
+    from pipeline.jobs import ReconciledRun as ReconciledRun
+    from pipeline.jobs import ReconcileResult as ReconcileResult
+    from pipeline.jobs import RunResult as RunResult
+    from pipeline.jobs import StatusResult as StatusResult
+    from pipeline.jobs import poll as poll
+    from pipeline.jobs import reconcile as reconcile
+    from pipeline.jobs import run as run
+    from pipeline.jobs import status as status
+    from pipeline.jobs import validate as validate
+    from pipeline.jobs import write_off as write_off
+
+__all__ = [
+    "ApiError",
+    "ConfigError",
+    "ConfigSource",
+    "CredentialsRefused",
+    "InputError",
+    "PipelineError",
+    "PollResult",
+    "ReconcileResult",
+    "ReconciledRun",
+    "RunAborted",
+    "RunConfig",
+    "RunResult",
+    "StateError",
+    "StatusResult",
+    "StorageFull",
+    "__version__",
+    "aio",
+    "load_config",
+    "poll",
+    "reconcile",
+    "run",
+    "status",
+    "validate",
+    "write_off",
+]
+
+# Where each lazily loaded name lives: `import pipeline` (and so every `tasknotes`
+# command, `sink` and `emulator` included) does not pay for importing every stage.
+_LAZY = {
+    "aio": ("pipeline.aio", None),
+    "RunConfig": ("pipeline.config", "RunConfig"),
+    "load_config": ("pipeline.config", "load_config"),
+    **{name: ("pipeline.jobs", name) for name in (
+        "ConfigSource", "PollResult", "ReconciledRun", "ReconcileResult", "RunResult",
+        "StatusResult", "poll", "reconcile", "run", "status", "validate", "write_off")},
+}
+# Front doors named like a module of this package: the import system sets a submodule as
+# an attribute of its package when it first loads it, which would hide the function.
+_SHADOWED = frozenset({"poll", "reconcile", "status", "validate"})
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported on first use (PEP 562)."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    module = importlib.import_module(where[0])
+    value = module if where[1] is None else getattr(module, where[1])
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """This package's module type: keeps ``pipeline.status`` (and the other front doors in
+    ``_SHADOWED``) the function when the module of the same name is imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return  # the module stays reachable as sys.modules["pipeline.status"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # the host decides the rest

@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return exits.USAGE
         _logging(args.verbose, args.quiet, args.log_format, getattr(args, "config", None))
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the run record's argv
         return int(args.handler(args))
     except (PipelineError, KeyboardInterrupt, BaseExceptionGroup) as exc:
         error = _user_error(exc)
@@ -348,9 +349,9 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    config = _config_for_sending(args.config)
+    config = jobs.load(args.config, "run")
     result = jobs.run(config, inputs=args.input, dry_run=args.dry_run, limit=args.limit,
-                      progress=not args.no_progress, force=args.force, argv=sys.argv[1:])
+                      progress=not args.no_progress, force=args.force, argv=args.argv)
     if args.dry_run:
         _print_scan(result, dry_run=True, limit=args.limit)
         return result.exit_code
@@ -370,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    config = _config_for_sending(args.config)  # the secrets run would need, resolved
+    config = jobs.load(args.config, "validate")  # the secrets run would need, resolved
     result = jobs.validate(config, args.input)
     _print_scan(result, dry_run=False)
     if not config.sandbox.enabled:  # the sink runs apart, but refuses to start without it
@@ -383,15 +384,6 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"warning: {problem}; `tasknotes sink` will refuse to start without a "
                   "webhook secret (run itself does not need it)")
     return result.exit_code
-
-
-def _config_for_sending(path: Path) -> RunConfig:
-    """The config as ``run`` needs it: the api section's ``${VAR}`` references resolved, and
-    in a sandbox the webhooks section's too (the emulator signs with that secret)."""
-    config = load_config(path, needs=("api", "notify"))
-    if config.sandbox.enabled:
-        config = load_config(path, needs=("api", "webhooks", "notify"))
-    return config
 
 
 def _print_limit(scan: ScanCounts, limit: int | None) -> None:
@@ -544,7 +536,7 @@ def _export_events(args: argparse.Namespace) -> int:
 def _poll(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    result = jobs.poll(load_config(args.config, needs=("api",)), args.run_id)
+    result = jobs.poll(args.config, args.run_id)
     if result.sandbox:
         print("nothing to poll: the sandbox's Cobalt emulator lives only while `tasknotes run` "
               "runs (outcomes it never delivered ended with it); `tasknotes reconcile "
@@ -580,7 +572,7 @@ def _n(count: int, noun: str) -> str:
 def _reconcile(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    result = jobs.reconcile(load_config(args.config), args.run_id)
+    result = jobs.reconcile(args.config, args.run_id)
     _print_reconciled(result)
     return result.exit_code
 
@@ -607,7 +599,7 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline import jobs
     from pipeline.status import describe_age
 
-    config = load_config(args.config)
+    config = jobs.load(args.config, "status")
     if args.write_off:
         return _write_off(config, args.write_off)
     found = jobs.status(config, config_path=str(args.config))

@@ -1,23 +1,28 @@
 """One front door per command: ``run``, ``validate``, ``reconcile``, ``poll``, ``status``.
 
-Each takes a loaded ``RunConfig`` (``config.load_config``) and the command's options,
-does the work, and returns a frozen result holding what happened and the exit code
-(decided by exits.py). None of them prints or configures logging (they log through
-the ``pipeline`` loggers); errors are the package's own exception tree (errors.py).
-cli.py parses the arguments, loads the config, calls one of these and prints the
-result; a Python caller can do the same without the command line.
+Each takes a config (a path to the YAML file, or a ``RunConfig`` already loaded) and the
+command's options, does the work, and returns a frozen result holding what happened and
+the exit code (decided by exits.py). These are the Python API (``import pipeline``
+re-exports them; the README's "Use from Python") and what cli.py calls after parsing
+the arguments: one front door for both. None of them prints or configures logging
+(they log through the ``pipeline`` loggers); errors are the package's own exception tree
+(errors.py), never SystemExit. They block the calling thread; from any thread but one
+running an event loop (there: ``pipeline.aio``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+import sniffio
 
 from pipeline import exits, ops
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.plan import RunOptions, ScanCounts
 from pipeline.status import LedgerStatus
@@ -34,6 +39,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StatusResult = LedgerStatus  # ``status``'s result: what is open over every run
+
+ConfigSource: TypeAlias = "RunConfig | str | os.PathLike[str]"
+"""A config: the path of its YAML file (read by ``load``), or a ``RunConfig`` as loaded."""
+
+Command = Literal["run", "validate", "poll", "reconcile", "status"]
+
+
+def load(config: ConfigSource, command: Command) -> RunConfig:
+    """The config as ``command`` needs it: a ``RunConfig`` is used as given; a path is read
+    with the ``${VAR}`` references that command needs resolved from the environment.
+
+    ``run`` and ``validate``: the ``api`` and ``notify`` sections, and in a sandbox the
+    ``webhooks`` section too (the emulator signs with that secret); ``poll``: ``api``;
+    ``reconcile`` and ``status``: none (they send nothing). Raises ConfigError naming
+    the key (a file not found or unreadable, bad YAML, an unknown key, a variable that
+    is not set).
+    """
+    if isinstance(config, RunConfig):
+        return config
+    path = Path(config)
+    if command in ("run", "validate"):
+        loaded = load_config(path, needs=("api", "notify"))
+        if loaded.sandbox.enabled:
+            loaded = load_config(path, needs=("api", "webhooks", "notify"))
+        return loaded
+    return load_config(path, needs=("api",) if command == "poll" else ())
+
+
+def _blocking(name: str) -> None:
+    """Refuse to block a running event loop: the front doors wait for files, the ledger and
+    HTTP, and ``run`` runs an event loop of its own (RuntimeError, naming the async form)."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return
+    raise RuntimeError(f"pipeline.{name}() blocks, and this thread runs an event loop "
+                       f"({library}): use `await pipeline.aio.{name}(...)` instead")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,25 +132,38 @@ class PollResult:
     reconciled: ReconcileResult | None = None
 
 
-def run(config: RunConfig, *, inputs: Sequence[str] = (), dry_run: bool = False,
-        limit: int | None = None, force: bool = False, progress: bool = False,
-        argv: Sequence[str] = ()) -> RunResult:
+def run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
+        dry_run: bool = False, limit: int | None = None, force: bool = False,
+        progress: bool = False, argv: Sequence[str] = ()) -> RunResult:
     """``tasknotes run``: scan, send, wait (sandbox), settle and report one run.
 
-    ``inputs``: CSV paths or globs (default: the config's ``input.path``); ``dry_run``:
-    the scan alone, nothing sent nor recorded; ``limit``: send at most this many rows;
-    ``force``: send rows the ledger says were already sent; ``progress``: a progress
-    bar on a terminal's stderr; ``argv``: the command line, kept in the run record.
+    ``config``: a path or a ``RunConfig`` (``load``); ``inputs``: CSV paths or globs
+    (default: the config's ``input.path``); ``dry_run``: the scan alone, nothing sent nor
+    recorded; ``limit``: send at most this many rows (>= 1; None: all); ``force``: send
+    rows the ledger says were already sent; ``progress``: a progress bar on stderr, only
+    when stderr is a terminal; ``argv``: kept in the run record as the command line
+    (nothing else is: never the host process's ``sys.argv``).
 
-    Raises ConfigError (a credential not set), InputError (an input unusable: nothing
-    sent), StateError (the ledger unusable or locked by another run) and RunAborted
-    where the run cannot even record that it stopped; a stop it can record (signal,
-    credentials refused, disk full) is ``stop_reason`` with exit code 3.
+    Relative paths in the config are relative to the current directory. Signals: run
+    from the main thread, the first SIGINT/SIGTERM stops the run gracefully (exit code
+    3) and a second one exits the process at once; the host's own handlers are put
+    back when the run ends. From any other thread no signal handler is installed.
+
+    Raises ConfigError (a credential not set, a config file that cannot be used),
+    InputError (an input unusable: nothing sent), StateError (the ledger unusable or
+    locked by another run) and RunAborted where the run cannot even record that it
+    stopped; a stop it can record (signal, credentials refused, disk full) is
+    ``stop_reason`` with exit code 3. ValueError for ``limit`` < 1; RuntimeError when
+    called from a thread that runs an event loop (use ``pipeline.aio.run``).
     """
     from pipeline.runner import Run  # noqa: PLC0415 - see the imports above
 
-    options = RunOptions(inputs=tuple(inputs), dry_run=dry_run, limit=limit,
-                         progress=progress, force=force, argv=tuple(argv))
+    _blocking("run")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (None: no limit), not {limit}")
+    config = load(config, "run")
+    options = RunOptions(inputs=tuple(os.fspath(i) for i in inputs), dry_run=dry_run,
+                         limit=limit, progress=progress, force=force, argv=tuple(argv))
     if options.force:
         log.warning("--force: rows already sent in earlier runs will be sent again")
     _warn_local_state(config)
@@ -127,21 +182,27 @@ def run(config: RunConfig, *, inputs: Sequence[str] = (), dry_run: bool = False,
         report=report, rejects=outcome.rejects)
 
 
-def validate(config: RunConfig, inputs: Sequence[str] = ()) -> RunResult:
+def validate(config: ConfigSource, inputs: Sequence[str | os.PathLike[str]] = ()
+             ) -> RunResult:
     """``tasknotes validate``: the scan alone (as ``run --dry-run``); nothing sent and
-    nothing written to the ledger. Exit code 0, or 1 when some row would be rejected.
-    Raises ConfigError and InputError as ``run`` does."""
-    return run(config, inputs=inputs, dry_run=True)
+    nothing written to the ledger (only rejects.csv, under ``RunResult.report_dir``).
+    Exit code 0, or 1 when some row would be rejected. Raises ConfigError and InputError
+    as ``run`` does (the secrets ``run`` needs are checked too)."""
+    _blocking("validate")
+    return run(load(config, "validate"), inputs=inputs, dry_run=True)
 
 
-def reconcile(config: RunConfig, run_id: str | None = None) -> ReconcileResult:
+def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResult:
     """``tasknotes reconcile``: re-join ledger and sink file and rewrite the reports of
     ``run_id``, or (None) of every run whose report may be wrong now.
 
-    Raises PipelineError when there is no ledger yet, StateError for an unknown run id.
+    Raises ConfigError (the config), PipelineError when there is no ledger yet,
+    StateError for an unknown run id; RuntimeError as ``run`` does.
     """
     from pipeline.reconcile import Reconciler  # noqa: PLC0415
 
+    _blocking("reconcile")
+    config = load(config, "reconcile")
     _warn_local_state(config)
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
@@ -163,16 +224,19 @@ def reconcile(config: RunConfig, run_id: str | None = None) -> ReconcileResult:
     return result
 
 
-def write_off(config: RunConfig, run_id: str) -> tuple[int, ReconcileResult]:
+def write_off(config: ConfigSource, run_id: str) -> tuple[int, ReconcileResult]:
     """``tasknotes status --write-off RUN_ID``: close ``run_id``'s unsent rows without
     sending them (recorded in the ledger with the time; status.write_off), then rewrite
     that run's report. Returns (rows written off, the reconcile of that run).
 
-    Raises StateError for an unknown run, a run in progress, or no ledger.
+    Raises StateError for an unknown run, a run in progress, or no ledger; ConfigError
+    and RuntimeError as ``reconcile`` does.
     """
     from pipeline.reconcile import Reconciler  # noqa: PLC0415
     from pipeline.status import write_off as close_unsent  # noqa: PLC0415
 
+    _blocking("write_off")
+    config = load(config, "reconcile")
     closed = close_unsent(config, run_id)
     ledger = _open_ledger(config)
     try:
@@ -183,17 +247,19 @@ def write_off(config: RunConfig, run_id: str) -> tuple[int, ReconcileResult]:
     return closed, result
 
 
-def poll(config: RunConfig, run_id: str | None = None) -> PollResult:
+def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
     """``tasknotes poll``: fetch from Cobalt the outcome events of unresolved jobs and
     ambiguous rows (of ``run_id``, or of every run) into the sink file, then reconcile
     as ``reconcile(config)`` does. In a sandbox there is nothing to poll (the emulator
     lived only while its run ran).
 
-    Raises what ``reconcile`` raises, and RunAborted when Cobalt refuses the
-    credentials or keeps failing.
+    Raises what ``reconcile`` raises, ConfigError when a credential is not set, and
+    RunAborted when Cobalt refuses the credentials or keeps failing.
     """
     from pipeline.reconcile import Reconciler  # noqa: PLC0415
 
+    _blocking("poll")
+    config = load(config, "poll")
     if config.sandbox.enabled:
         return PollResult(exits.OK, sandbox=True)
     _warn_local_state(config)
@@ -219,12 +285,19 @@ def poll(config: RunConfig, run_id: str | None = None) -> PollResult:
     return PollResult(reconciled.exit_code, stats=stats, reconciled=reconciled)
 
 
-def status(config: RunConfig, *, config_path: str = "CONFIG") -> StatusResult:
+def status(config: ConfigSource, *, config_path: str | None = None) -> StatusResult:
     """``tasknotes status``: what is open over every run (status.ledger_status; its
-    ``exit_code``: 0 nothing open, 1 something open). ``config_path`` is only written
-    into the ``settle`` commands. Raises StateError if the ledger cannot be read."""
+    ``exit_code``: 0 nothing open, 1 something open; ``to_dict()``: the documented
+    ``status --json`` shape). ``config_path`` is only written into the ``settle``
+    commands (default: ``config`` when it is a path, else ``CONFIG``). Raises
+    ConfigError (the config), StateError if the ledger cannot be read; RuntimeError as
+    ``run`` does."""
     from pipeline.status import ledger_status  # noqa: PLC0415
 
+    _blocking("status")
+    if config_path is None:
+        config_path = "CONFIG" if isinstance(config, RunConfig) else os.fspath(config)
+    config = load(config, "status")
     _warn_local_state(config)
     found = ledger_status(config, config_path=config_path)
     ops.status_read(config, found)  # report.metrics_file, if set

@@ -87,15 +87,28 @@ def configure(level: int, log_format: str | None, config_path: Path | None = Non
         return chosen
     for old in ours:
         root.removeHandler(old)
-    handler = _Handler(stream or sys.stderr)
-    if chosen == "json":
-        handler.setFormatter(json_formatter())
-    else:
-        handler.setFormatter(logging.Formatter("tasknotes: %(levelname)s: %(message)s"))
-    handler.addFilter(_RunId())
-    root.addHandler(handler)
+    root.addHandler(_formatted(_Handler(stream or sys.stderr), chosen))
     root.setLevel(level)
     return chosen
+
+
+def handler(log_format: str = "json", stream: TextIO | None = None) -> logging.Handler:
+    """A handler writing to ``stream`` (default: stderr) in ``log_format`` (``text`` or
+    ``json``) as the command does, ``run_id`` included: for a host of the Python API
+    to add where it likes (``logging.getLogger("pipeline").addHandler(...)``); nothing
+    here installs it. ValueError for another format."""
+    if log_format not in FORMATS:
+        raise ValueError(f"log_format: one of {', '.join(FORMATS)}, not {log_format!r}")
+    return _formatted(logging.StreamHandler(stream or sys.stderr), log_format)
+
+
+def _formatted(made: logging.StreamHandler[TextIO], log_format: str) -> logging.Handler:
+    if log_format == "json":
+        made.setFormatter(json_formatter())
+    else:
+        made.setFormatter(logging.Formatter("tasknotes: %(levelname)s: %(message)s"))
+    made.addFilter(_RunId())
+    return made
 
 
 def json_enabled() -> bool:

@@ -14,6 +14,10 @@
 Signals: the first SIGINT/SIGTERM stops new requests and lets in-flight ones
 finish (submit.drain_timeout_s), then the report is written and the exit code
 is 3; a second one exits at once (the ledger is consistent at every commit).
+Only a run in the main thread handles signals (Python delivers them there, and
+only there can a handler be set); the handlers it replaced are put back when it
+ends. A run in any other thread (``pipeline.run`` from a worker, ``pipeline.aio``)
+installs none.
 
 A full disk under the ledger (StorageFull) during the scan or the send is a
 stop too: nothing more is sent, rows not sent stay ``pending``, the run record
@@ -26,7 +30,7 @@ stays open (``tasknotes status``: ``not_read``) until a later run reads them.
 When a run ends it also rewrites the reports of earlier runs holding notes it
 sent, so no redrive.csv goes on offering them.
 
-The front door is ``jobs.run``; exit codes come from exits.py. Just over 400 lines:
+The front door is ``jobs.run``; exit codes come from exits.py. About 450 lines:
 the stop paths (signal, full disk, refused input) each need their say in the
 finish, and split across modules they would be harder to follow than here.
 """
@@ -40,6 +44,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, replace
@@ -139,6 +144,27 @@ async def send_pending(
 # -- the whole run -------------------------------------------------------------------------
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _host_handlers_kept() -> Iterator[None]:
+    """Put back the SIGINT/SIGTERM handlers found on entry (a host's own, e.g. Airflow's
+    SIGTERM handler): the event loop's signal receiver leaves the defaults behind."""
+    saved = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: set from C, cannot be put back from Python
+                signal.signal(signum, handler)
+
+
+def handles_signals() -> bool:
+    """Whether a run in this thread handles SIGINT/SIGTERM: only in the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
 async def _watch_signals(control: Control) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
         async for signum in received:
@@ -167,8 +193,9 @@ class Run:
         if self.options.dry_run:
             return self._dry_run(inputs)
         try:
-            return anyio.run(self._run, inputs,
-                             backend_options=self.config.submit.backend_options())
+            with _host_handlers_kept() if handles_signals() else contextlib.nullcontext():
+                return anyio.run(self._run, inputs,
+                                 backend_options=self.config.submit.backend_options())
         except BaseExceptionGroup as group:  # the API raises the package's own errors
             inner = _pipeline_error(group)
             if inner is None:
@@ -207,7 +234,8 @@ class Run:
 
             Reconciler.of(ledger, self.config).refresh(self.config.api.account_id())
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_signals, self.control)
+                if handles_signals():
+                    tg.start_soon(_watch_signals, self.control)
                 outcome = await self._stages(ledger, inputs)
                 tg.cancel_scope.cancel()
             return outcome

@@ -88,8 +88,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _config(app: Any, **options: Any) -> uvicorn.Config:
+    # log_config None: uvicorn's default would dictConfig handlers onto its loggers, which
+    # in a host process (pipeline.run from Airflow) are the host's to set up.
     return uvicorn.Config(
         app, log_level=options.pop("log_level", "warning"), access_log=False,
+        log_config=options.pop("log_config", None),
         lifespan="on", timeout_graceful_shutdown=options.pop("grace_s", 2.0),
         timeout_keep_alive=options.pop("timeout_keep_alive", 5), **options,
     )

@@ -29,3 +29,23 @@ def test_airflow_loads_the_three_dags() -> None:
     morning = bag.get_dag("tasknotes_morning")
     assert [t.task_id for t in morning.topological_sort()] == [
         "wait_for_outcomes", "poll", "reconcile", "status"]
+
+
+def test_the_dag_file_uses_the_python_api_as_it_is() -> None:
+    """Without Airflow too: every ``pipeline.X`` the DAG file calls is in the API, and every
+    field it reads off the RunResult exists (the file was once written against a plan)."""
+    import dataclasses  # noqa: PLC0415
+
+    import pipeline  # noqa: PLC0415
+
+    tree = ast.parse(DAG_FILE.read_text(encoding="utf-8"), filename=str(DAG_FILE))
+    used: dict[str, set[str]] = {"pipeline": set(), "result": set()}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in used):
+            used[node.value.id].add(node.attr)
+    assert used["pipeline"] == {"run"}
+    assert set(pipeline.__all__) >= used["pipeline"]
+    fields = {f.name for f in dataclasses.fields(pipeline.RunResult)}
+    assert used["result"] >= {"exit_code", "run_id", "report_dir", "counts", "stop_reason"}
+    assert fields >= used["result"]

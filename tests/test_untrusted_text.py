@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import html
+import importlib
 import json
 import re
 import sqlite3
@@ -32,7 +33,6 @@ import pytest
 from test_shared_files import FakeCobalt, append_events, envelope
 
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
-from pipeline import reconcile
 from pipeline.config import load_config
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.reconcile import ingest
@@ -386,7 +386,7 @@ def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
     append_events(tmp_path / "state" / "webhooks.jsonl", [
         _failed(fake, f"fq-{i}", i, f"Could not append {PHI} number {i}", "task_closed")
         for i in range(6)])
-    monkeypatch.setattr(reconcile, "_BATCH", 2)
+    monkeypatch.setattr(importlib.import_module("pipeline.reconcile"), "_BATCH", 2)
     config = load_config(config_path)
     ledger = Ledger(config.state.ledger)
     try:

@@ -19,12 +19,16 @@ retry (it fails the same way until someone edits the config or the file); 3 the
 run was aborted (credentials refused, Cobalt kept failing, disk full, killed): the
 task FAILS, and a retry is safe (the ledger never sends a note twice).
 
-``pipeline.run(config) -> RunResult`` is the Python API issue 18 plans (a frozen
-result with ``exit_code``, ``run_id``, ``report_dir``, ``counts``, ``stop_reason``;
-``ConfigError`` and other ``PipelineError`` raised for exit 2): this file is
-written against that plan. Until it lands, use ``tasknotes_nightly_cli``. The
-module imports ``pipeline`` only inside the task, so the scheduler parses it
-where tasknotes is not installed.
+``pipeline.run(config) -> RunResult`` is tasknotes' Python API (README, "Use from
+Python"): a frozen result with ``exit_code``, ``run_id``, ``report_dir``, ``counts``
+and ``stop_reason``; exit 2 is raised instead (``ConfigError``, ``InputError``,
+``StateError``: each a ``PipelineError`` with its ``exit_code``), which fails the
+task. It runs in whatever thread the worker calls it from: in the main thread it
+handles SIGTERM (Airflow's kill) as the command does, a graceful stop with exit 3,
+and puts Airflow's own handler back afterwards; in another thread it installs none.
+It never configures logging: its records reach the task log through Airflow's own
+handlers. The module imports ``pipeline`` only inside the task, so the scheduler
+parses it where tasknotes is not installed.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def send_notes(config_path: str) -> dict[str, Any]:
     """The nightly run through the Python API; its result goes to XCom (no note text)."""
     import pipeline  # noqa: PLC0415 - on the worker only
 
+    # Relative paths in the config are relative to the current directory, as for the
+    # command (cd WORKDIR above); a task runs in a process of its own, so it may chdir.
+    os.chdir(WORKDIR)
     result = pipeline.run(config_path)  # raises ConfigError etc. (exit 2): the task fails
     summary = {"run_id": result.run_id, "exit_code": result.exit_code,
                "report_dir": str(result.report_dir), "counts": dict(result.counts),
