@@ -428,7 +428,7 @@ def _print_unwritten(config: RunConfig, run_id: str) -> None:
     from pipeline.report import known_counts
 
     try:
-        counts = known_counts(config.state.ledger, run_id)
+        counts = known_counts(config, run_id)
     except PipelineError as exc:
         print(f"run {run_id}: no report, and the ledger cannot be read: {exc}")
         return

@@ -111,7 +111,6 @@ def run(config: RunConfig, *, inputs: Sequence[str] = (), dry_run: bool = False,
                          progress=progress, force=force, argv=tuple(argv))
     if options.force:
         log.warning("--force: rows already sent in earlier runs will be sent again")
-    _warn_local_state(config)
     outcome = Run(config, options).execute()
     report = outcome.report
     if not options.dry_run:
@@ -142,7 +141,6 @@ def reconcile(config: RunConfig, run_id: str | None = None) -> ReconcileResult:
     """
     from pipeline.reconcile import Reconciler  # noqa: PLC0415
 
-    _warn_local_state(config)
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
     try:
@@ -196,7 +194,6 @@ def poll(config: RunConfig, run_id: str | None = None) -> PollResult:
 
     if config.sandbox.enabled:
         return PollResult(exits.OK, sandbox=True)
-    _warn_local_state(config)
     ledger = _open_ledger(config)
     stats = None
     try:
@@ -225,18 +222,9 @@ def status(config: RunConfig, *, config_path: str = "CONFIG") -> StatusResult:
     into the ``settle`` commands. Raises StateError if the ledger cannot be read."""
     from pipeline.status import ledger_status  # noqa: PLC0415
 
-    _warn_local_state(config)
     found = ledger_status(config, config_path=config_path)
     ops.status_read(config, found)  # report.metrics_file, if set
     return found
-
-
-def _warn_local_state(config: RunConfig) -> None:
-    """With ``state.url``, only the sink and export-events use PostgreSQL so far: say so."""
-    if config.state.url is not None:
-        log.warning("state.url is set, but this command still keeps its state in %s and reads "
-                    "events from %s (only `sink` and `export-events` use PostgreSQL so far)",
-                    config.state.ledger, config.webhooks.sink)
 
 
 def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
@@ -247,8 +235,13 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
     from pipeline.client import CobaltClient  # noqa: PLC0415
     from pipeline.events import SinkFile  # noqa: PLC0415
     from pipeline.poll import Poller  # noqa: PLC0415
+    from pipeline.state.pg_events import PgEventStore  # noqa: PLC0415
 
-    sink = SinkFile(config.webhooks.sink)
+    sink: SinkFile | PgEventStore
+    if config.state.url is not None:  # polled events go where the sink stores them
+        sink = PgEventStore(config.state.url.get_secret_value(), verdict="polled")
+    else:
+        sink = SinkFile(config.webhooks.sink)
     sink.open()
 
     async def fetch() -> PollStats:
@@ -264,11 +257,11 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
 
 
 def _open_ledger(config: RunConfig) -> Ledger:
-    from pipeline.state import Ledger  # noqa: PLC0415
+    from pipeline.state.store import has_store, open_store  # noqa: PLC0415
 
-    if not config.state.ledger.exists():
+    if not has_store(config):
         raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")
-    return Ledger(config.state.ledger, synchronous=config.state.synchronous)
+    return open_store(config)
 
 
 def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
