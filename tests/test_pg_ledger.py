@@ -5,11 +5,13 @@ state, the per-account run lock, a crash's in-flight rows, a lost database."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,7 +31,7 @@ from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.state.pg_ledger import PgLedger
-from pipeline.state.postgres import connect
+from pipeline.state.postgres import connect, open_state
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +75,13 @@ def worker(tmp_path: Path, name: str, pg_url: str, api: str, **sections: Any) ->
         home / "state" / "ledger.sqlite")}, **sections)
 
 
+def password(url: str) -> str:
+    """The password in a postgresql:// URL (it must never be printed)."""
+    secret = urlsplit(url).password
+    assert secret
+    return secret
+
+
 def sink_count(pg_url: str) -> int:
     with connect(pg_url) as conn:
         row = conn.execute("SELECT count(*) FROM sink_events").fetchone()
@@ -101,3 +110,130 @@ def test_a_fresh_worker_rerunning_the_input_sends_nothing(
         assert again.exit_code == 0
     for home in ("worker-a", "worker-b"):
         assert not (tmp_path / home / "state").exists()  # no local state at all
+
+
+def worker_file(tmp_path: Path, name: str, api: str, account: str = "test_clinic") -> Path:
+    """A worker's config file in its own directory, state.url from the environment."""
+    home = tmp_path / name
+    home.mkdir(exist_ok=True)
+    return write_config(home, api={"base_url": api, "account": account},
+                        state={"url": "${TASKNOTES_STATE_URL}"})
+
+
+def start_run(config: Path, source: Path, pg_url: str) -> subprocess.Popen[bytes]:
+    """``tasknotes run`` as its own process, from the config's directory."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "-q", "run", str(config), "--input", str(source)],
+        cwd=config.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "TASKNOTES_STATE_URL": pg_url})
+
+
+def statuses(pg_url: str) -> dict[str, int]:
+    with open_state(pg_url) as conn:
+        return {str(s): int(n) for s, n in conn.execute(  # type: ignore[misc]
+            "SELECT status, count(*) FROM rows GROUP BY status").fetchall()}
+
+
+def test_a_second_run_on_the_account_is_refused_naming_the_holder(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    holder = PgLedger(pg_url, "test_clinic")
+    holder.lock()
+    holder.start_run("run-of-the-holder", "test_clinic", "fp", {})
+    try:
+        with EmulatorThread() as api:
+            config = worker_file(tmp_path, "worker-b", api.url)
+            assert main(["-q", "run", str(config), "--input", str(source)]) == 2
+            err = capsys.readouterr().err
+            assert "holds the run lock of account test_clinic" in err
+            assert f"pid {os.getpid()} on host {socket.gethostname()}" in err
+            assert "run run-of-the-holder" in err
+            assert password(pg_url) not in err  # never the password
+            assert api.emulator.requests == 0
+            other = worker_file(tmp_path, "worker-c", api.url, account="other_clinic")
+            assert main(["-q", "run", str(other), "--input", str(source)]) in (0, 1)
+            assert api.emulator.requests == 3
+    finally:
+        holder.close()
+    with EmulatorThread() as api:  # the holder's session ended: the lock is free
+        config = worker_file(tmp_path, "worker-b", api.url)
+        assert main(["-q", "run", str(config), "--input", str(source)]) in (0, 1)
+        assert api.emulator.requests == 3
+
+
+def test_kill_9_leaves_the_in_flight_rows_ambiguous_for_a_run_on_another_host(
+        pg_url: str, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(20))
+    with EmulatorThread(latency_ms=(60_000.0, 60_000.0)) as slow:
+        config = worker_file(tmp_path, "worker-a", slow.url)
+        proc = start_run(config, source, pg_url)
+        try:
+            wait_until(lambda: statuses(pg_url).get("sending", 0) == 4, timeout=60,
+                       what="4 requests in flight")
+        finally:
+            proc.kill()  # SIGKILL: no chance to record anything
+            proc.communicate(timeout=30)
+    assert statuses(pg_url) == {"sending": 4, "pending": 16}
+    with EmulatorThread() as api:
+        config = worker(tmp_path, "worker-b", pg_url, api.url)
+        outcome = run_pipeline(config, str(source))
+        assert api.emulator.requests == 16  # the 4 in doubt are held, not sent blind
+    found = statuses(pg_url)
+    assert found["ambiguous"] == 4
+    assert found["held"] == 4
+    with connect(pg_url) as conn:
+        states = dict(conn.execute("SELECT run_id, state FROM runs").fetchall())
+    assert sorted(states.values()) == ["crashed", "finished"]
+    assert states[outcome.run_id] == "finished"
+
+
+def test_losing_the_database_mid_run_is_exit_3_and_the_in_flight_rows_ambiguous(
+        pg_url: str, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(20))
+    with EmulatorThread(latency_ms=(1500.0, 1500.0)) as slow:
+        config = worker_file(tmp_path, "worker-a", slow.url)
+        proc = start_run(config, source, pg_url)
+        try:
+            wait_until(lambda: statuses(pg_url).get("sending", 0) == 4, timeout=60,
+                       what="4 requests in flight")
+            with connect(pg_url) as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    assert proc.returncode == 3, err.decode()
+    text = err.decode()
+    assert "lost the connection to PostgreSQL" in text
+    assert "Traceback" not in text
+    assert password(pg_url) not in text
+    with EmulatorThread() as api:
+        run_pipeline(worker(tmp_path, "worker-b", pg_url, api.url), str(source))
+        assert api.emulator.requests == 16
+    assert statuses(pg_url)["ambiguous"] == 4
+
+
+def test_two_workers_started_together_store_every_note_once(
+        pg_url: str, sink: str, tmp_path: Path) -> None:
+    rows = notes(40)
+    source = write_csv(tmp_path / "input.csv", rows)
+    with EmulatorThread(webhook_url=sink, latency_ms=(100.0, 100.0)) as api:
+        procs = [start_run(worker_file(tmp_path, name, api.url), source, pg_url)
+                 for name in ("worker-a", "worker-b")]
+        codes, errs = [], []
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            codes.append(proc.returncode)
+            errs.append(err.decode())
+        assert api.emulator.requests == 40
+        assert all(api.stored(task, note) == 1 for task, note in rows)
+    assert 3 not in codes
+    refused = [e for c, e in zip(codes, errs, strict=True) if c == 2]
+    assert len(refused) <= 1
+    assert all("holds the run lock of account test_clinic" in e for e in refused)
+    for name in ("worker-a", "worker-b"):
+        assert not (tmp_path / name / "state").exists()
