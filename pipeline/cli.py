@@ -116,6 +116,11 @@ exit codes:
 exit codes:
   0  every stored event was written
   2  bad usage or config (no state.url), or the database cannot be read""",
+    "migrate-state": """\
+exit codes:
+  0  copied (runs and events already in the database are left as they are)
+  2  bad usage or config (no state.url), the ledger or sink file cannot be read,
+     or the database cannot be used or already has rows with the ledger's row ids""",
     "poll": f"""\
 exit codes (of the reconcile that follows the poll):
 {_RECONCILED}
@@ -215,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, metavar="FILE",
                         help="write to FILE (replaced whole, 0600) instead of stdout")
     export.set_defaults(handler=_export_events)
+
+    _migrate_args(command("migrate-state", "copy a SQLite ledger (and a sink file's events) "
+                                           "into PostgreSQL (state.url); safe to repeat"))
 
     poll = command("poll", "fetch outcomes of unresolved jobs and ambiguous rows from Cobalt, "
                            "then reconcile as `reconcile` does")
@@ -518,6 +526,29 @@ def _export_events(args: argparse.Namespace) -> int:
             Path(tmp).unlink(missing_ok=True)
             raise
     log.info("export-events: %d events from the database", n)
+    return exits.OK
+
+
+def _migrate_args(migrate: argparse.ArgumentParser) -> None:
+    _config_arg(migrate)
+    migrate.add_argument("--from-sqlite", type=Path, metavar="LEDGER", required=True,
+                         help="the SQLite ledger to copy (state.ledger of the old install)")
+    migrate.add_argument("--sink", type=Path, metavar="FILE",
+                         help="also copy this sink file's events, with their receipts "
+                              "(default: none)")
+    migrate.set_defaults(handler=_migrate_state)
+
+
+def _migrate_state(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    ledger, sink = jobs.migrate_state(load_config(args.config), args.from_sqlite, args.sink)
+    print(f"ledger {args.from_sqlite}: {ledger.runs:,} runs ({ledger.rows:,} rows) and "
+          f"{ledger.events:,} mirrored events copied; {ledger.runs_there:,} runs were in "
+          "the database already")
+    if sink is not None:
+        print(f"sink {args.sink}: {sink.sink_events:,} events copied; {sink.sink_there:,} "
+              "were in the database already")
     return exits.OK
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.reconcile import Reconciler
     from pipeline.report import Written
     from pipeline.state import Ledger
+    from pipeline.state.pg_migrate import Copied
 
 # The modules only one command needs (HTTP client, pandas for reports) are imported by
 # that command's function: `tasknotes validate` starts in a fifth of the time.
@@ -277,3 +278,22 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
         done.append(ReconciledRun(run_id, rewrite_report(ledger, reconciler, run_id, config)))
     code = exits.worst(r.report.exit_code for r in done if r.report is not None)
     return ReconcileResult(code, tuple(done), config.report.stale_after)
+
+
+def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
+                  ) -> tuple[Copied, Copied | None]:
+    """``tasknotes migrate-state``: copy the SQLite ledger at ``ledger`` (and the events of
+    the sink file ``sink``, if given) into the database of ``state.url``; idempotent
+    (state/pg_migrate.py). Returns what each copy added.
+
+    Raises PipelineError when state.url is not set, StateError when the ledger, the
+    file or the database cannot be used (nothing is copied then).
+    """
+    from pipeline.state.pg_migrate import copy_ledger, copy_sink  # noqa: PLC0415
+
+    if config.state.url is None:
+        raise PipelineError("state.url: not set; migrate-state copies into the database "
+                            "it names")
+    url = config.state.url.get_secret_value()
+    copied = copy_ledger(url, ledger)
+    return copied, None if sink is None else copy_sink(url, sink)

@@ -46,6 +46,7 @@ from pipeline.redaction import safe_id
 from pipeline.state import EventRecord, InputFile, Ledger, Orphan, RunRecord, row_key
 from pipeline.state.pg_events import SIGNED
 from pipeline.state.pg_ledger import PgLedger
+from pipeline.state.pg_migrate import NO_RECEIPT
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def ingest_postgres(ledger: PgLedger, account: str, *,
 
     The same records as from the sink file: ``outcome_at`` is the receive time of a
     webhook the sink verified (clock ``sink_received``), else (an event ``poll``
-    stored) the event's ``created`` (``event_created_polled``). A body the event codec
+    stored) the event's ``created`` (``event_created_polled``; ``event_created_no_receipt``
+    for one copied from a sink file without receipts: pg_migrate.py). A body the event codec
     refuses is counted as ``(set aside)`` and stays in the table.
     """
     redactor = redactor or ReasonRedactor(ledger, None)
@@ -149,7 +151,8 @@ def ingest_postgres(ledger: PgLedger, account: str, *,
             receipt = (Receipt(received_at, polled=False) if verdict == SIGNED
                        else Receipt(None, polled=True, fetched_at=received_at))
             event_id = event.get("id")
-            receipts = {event_id: receipt} if isinstance(event_id, str) else {}
+            receipts = ({event_id: receipt} if isinstance(event_id, str)
+                        and verdict != NO_RECEIPT else {})
             if (record := _record(event, seq, account, tally, receipts)) is not None:
                 batch.append(record)
         position = found[-1][0]

@@ -4,6 +4,7 @@ state, the per-account run lock, a crash's in-flight rows, a lost database."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -36,20 +37,19 @@ from pipeline.state.postgres import connect, open_state
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def sink(pg_url: str, tmp_path: Path) -> Iterator[str]:
-    """``tasknotes sink`` in its own process and directory, its events in ``pg_url``;
-    yields the webhook URL."""
-    home = tmp_path / "sink-host"
-    home.mkdir()
-    config = write_config(home, state={"url": "${TASKNOTES_STATE_URL}"})
+@contextlib.contextmanager
+def sink_process(home: Path, pg_url: str | None) -> Iterator[str]:
+    """``tasknotes sink`` in its own process, from ``home``: its events in ``pg_url``, or
+    (None) in its sink file under ``home``; yields the webhook URL."""
+    home.mkdir(exist_ok=True)
+    config = write_config(home, state={"url": "${TASKNOTES_STATE_URL}"} if pg_url else {})
     port = free_port()
     log = home / "sink.log"
+    env = {**os.environ, **({"TASKNOTES_STATE_URL": pg_url} if pg_url else {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "-q", "sink", str(config), "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=out, cwd=home,
-            env={**os.environ, "TASKNOTES_STATE_URL": pg_url})
+            stdout=subprocess.DEVNULL, stderr=out, cwd=home, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -67,12 +67,21 @@ def sink(pg_url: str, tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def worker(tmp_path: Path, name: str, pg_url: str, api: str, **sections: Any) -> RunConfig:
+@pytest.fixture
+def sink(pg_url: str, tmp_path: Path) -> Iterator[str]:
+    """A sink process in its own directory, its events in ``pg_url``: the webhook URL."""
+    with sink_process(tmp_path / "sink-host", pg_url) as url:
+        yield url
+
+
+def worker(tmp_path: Path, name: str, pg_url: str, api: str, account: str = "test_clinic",
+           **sections: Any) -> RunConfig:
     """A worker's config in its own directory: state in ``pg_url``, no ledger or sink file."""
     home = tmp_path / name
     home.mkdir(exist_ok=True)
-    return make_config(home, api={"base_url": api}, state={"url": pg_url, "ledger": str(
-        home / "state" / "ledger.sqlite")}, **sections)
+    return make_config(home, api={"base_url": api, "account": account},
+                       state={"url": pg_url, "ledger": str(home / "state" / "ledger.sqlite")},
+                       **sections)
 
 
 def password(url: str) -> str:
@@ -237,3 +246,66 @@ def test_two_workers_started_together_store_every_note_once(
     assert all("holds the run lock of account test_clinic" in e for e in refused)
     for name in ("worker-a", "worker-b"):
         assert not (tmp_path / name / "state").exists()
+
+
+def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing_sent(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = notes(10)
+    source = write_csv(tmp_path / "input.csv", rows)
+    old = tmp_path / "old-install"  # SQLite ledger and sink file, as before state.url
+    with sink_process(old, None) as webhooks, EmulatorThread(
+            webhook_url=webhooks, missing_tasks=frozenset({"task-00003"})) as api:
+        embedded = make_config(old)
+        first = run_pipeline(embedded.model_copy(update={"api": embedded.api.model_copy(
+            update={"base_url": api.url})}), str(source))
+        assert api.emulator.requests == 10
+        sink_file = embedded.webhooks.sink
+        wait_until(lambda: sink_file.exists() and len(sink_file.read_bytes().splitlines()) == 10,
+                   timeout=30, what="10 outcome events in the sink file")
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(embedded.state.ledger),
+            "--sink", str(sink_file)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 runs (10 rows)" in out
+    assert "sink " in out
+    assert ": 10 events copied; 0 were" in out
+    assert main(argv) == 0  # again: nothing twice
+    out = capsys.readouterr().out
+    assert "0 runs (0 rows)" in out
+    assert "1 runs were in the database already" in out
+    assert ": 0 events copied; 10 were" in out
+    assert statuses(pg_url) == {"accepted": 10}
+
+    with EmulatorThread() as api:  # task-00003 exists now
+        again = run_pipeline(worker(tmp_path, "worker-a", pg_url, api.url), str(source))
+        # only the note that failed in the EMR (its event came from the copied sink file)
+        assert api.emulator.requests == 1
+        assert api.stored("task-00003", rows[3][1]) == 1
+    results = read_results(tmp_path / "worker-a" / "reports" / again.run_id)
+    assert sorted(r["final_status"] for r in results) == sorted(
+        ["skipped_already_sent"] * 9 + ["awaiting_outcome"])
+    earlier = jobs.reconcile(worker(tmp_path, "worker-a", pg_url, "http://127.0.0.1:9"),
+                             first.run_id)
+    assert earlier.runs[0].report is not None
+    statuses_of_first = {r["emr_task_id"]: r["final_status"] for r in read_results(
+        tmp_path / "worker-a" / "reports" / first.run_id)}
+    assert statuses_of_first["task-00000"] == "confirmed"  # the copied sink events count
+
+
+def test_migrate_state_refuses_a_database_whose_rows_use_the_same_ids(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(2))
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+        run_pipeline(worker(tmp_path, "worker-a", pg_url, api.url, "other_clinic"),
+                     str(source))
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-b", "http://127.0.0.1:9")
+    ledger = tmp_path / "old" / "state" / "ledger.sqlite"
+    assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(ledger)]) == 2
+    assert "already has rows with the ids of the ledger's rows" in capsys.readouterr().err
+    assert statuses(pg_url) == {"accepted": 2}  # nothing copied
