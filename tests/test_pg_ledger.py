@@ -164,8 +164,16 @@ def test_a_second_run_on_the_account_is_refused_naming_the_holder(
             other = worker_file(tmp_path, "worker-c", api.url, account="other_clinic")
             assert main(["-q", "run", str(other), "--input", str(source)]) in (0, 1)
             assert api.emulator.requests == 3
+        # any worker, of any account, sees the run live while its session holds the lock
+        onlooker = PgLedger(pg_url, "other_clinic")
+        assert onlooker.runs_in_progress() == ["run-of-the-holder"]
+        assert onlooker.effective_state(onlooker.run("run-of-the-holder")) == "running"
+        assert onlooker.lock_holder() is None  # other_clinic's own lock is free
     finally:
         holder.close()
+    assert onlooker.runs_in_progress() == []
+    assert onlooker.effective_state(onlooker.run("run-of-the-holder")) == "crashed"
+    onlooker.close()
     with EmulatorThread() as api:  # the holder's session ended: the lock is free
         config = worker_file(tmp_path, "worker-b", api.url)
         assert main(["-q", "run", str(config), "--input", str(source)]) in (0, 1)
