@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from helpers import (
+    CREDENTIALS,
+    WEBHOOK_SECRET,
     EmulatorThread,
     free_port,
     make_config,
@@ -95,30 +97,6 @@ def sink_count(pg_url: str) -> int:
     with connect(pg_url) as conn:
         row = conn.execute("SELECT count(*) FROM sink_events").fetchone()
     return int(row[0]) if row else 0
-
-
-def test_a_fresh_worker_rerunning_the_input_sends_nothing(
-        pg_url: str, sink: str, tmp_path: Path) -> None:
-    source = write_csv(tmp_path / "input.csv", notes(30))
-    with EmulatorThread(webhook_url=sink) as api:
-        first = worker(tmp_path, "worker-a", pg_url, api.url)
-        outcome = run_pipeline(first, str(source))
-        assert outcome.exit_code in (0, 1)
-        assert api.emulator.requests == 30
-        wait_until(lambda: sink_count(pg_url) == 30, timeout=30, what="30 webhooks stored")
-        done = jobs.reconcile(first, outcome.run_id)
-        assert done.exit_code == 0
-        statuses = {r["final_status"] for r in read_results(first.report.dir / outcome.run_id)}
-        assert statuses == {"confirmed"}
-
-        second = worker(tmp_path, "worker-b", pg_url, api.url)
-        again = run_pipeline(second, str(source))
-        assert api.emulator.requests == 30  # nothing sent again
-        rows = read_results(second.report.dir / again.run_id)
-        assert {r["final_status"] for r in rows} == {"skipped_already_sent"}
-        assert again.exit_code == 0
-    for home in ("worker-a", "worker-b"):
-        assert not (tmp_path / home / "state").exists()  # no local state at all
 
 
 def worker_file(tmp_path: Path, name: str, api: str, account: str = "test_clinic") -> Path:
@@ -234,26 +212,91 @@ def test_losing_the_database_mid_run_is_exit_3_and_the_in_flight_rows_ambiguous(
     assert statuses(pg_url)["ambiguous"] == 4
 
 
-def test_two_workers_started_together_store_every_note_once(
+@contextlib.contextmanager
+def emulator_process(home: Path, webhooks: str, *extra: str) -> Iterator[str]:
+    """``tasknotes emulator`` in its own process, delivering webhooks to ``webhooks``;
+    yields its base URL (``/_emulator/stats`` counts what it was sent)."""
+    home.mkdir(exist_ok=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "pipeline", "-q", "emulator", "--port", str(port),
+            "--webhook-url", webhooks, "--webhook-secret", WEBHOOK_SECRET,
+            "--client-id", CREDENTIALS["client_id"],
+            "--client-secret", CREDENTIALS["client_secret"],
+            "--access-token", CREDENTIALS["access_token"], "--outcome-delay-ms", "5,30", *extra]
+    with (home / "emulator.log").open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=home, stdout=subprocess.DEVNULL, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, (home / "emulator.log").read_text()
+        try:
+            return httpx.get(f"{url}/_emulator/stats", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, what="the emulator to listen")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_done_means_one_database_for_a_sink_host_and_fresh_workers(
         pg_url: str, sink: str, tmp_path: Path) -> None:
-    rows = notes(40)
-    source = write_csv(tmp_path / "input.csv", rows)
-    with EmulatorThread(webhook_url=sink, latency_ms=(100.0, 100.0)) as api:
-        procs = [start_run(worker_file(tmp_path, name, api.url), source, pg_url)
-                 for name in ("worker-a", "worker-b")]
+    """The issue's acceptance test: ``tasknotes sink``, ``tasknotes emulator`` and every
+    ``tasknotes run`` are processes of their own, each worker in a directory of its own
+    with no local state, all pointed at one database."""
+    first_input = write_csv(tmp_path / "first.csv", notes(30, "first"))
+    second_rows = notes(40, "second")
+    second_input = write_csv(tmp_path / "second.csv", second_rows)
+
+    def stats() -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(f"{api}/_emulator/stats", timeout=5).json()
+        return found
+
+    with emulator_process(tmp_path / "emulator-host", sink, "--latency-ms", "50") as api:
+        # the first worker sends and confirms
+        config = worker_file(tmp_path, "worker-a", api)
+        proc = start_run(config, first_input, pg_url)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 1), err.decode()
+        assert stats()["requests"] == 30
+        wait_until(lambda: sink_count(pg_url) == 30, timeout=60, what="30 webhooks stored")
+        env = {**os.environ, "TASKNOTES_STATE_URL": pg_url}
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-q", "reconcile", str(config)],
+                              cwd=config.parent, env=env, capture_output=True, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        assert statuses(pg_url) == {"accepted": 30}
+        with open_state(pg_url) as conn:
+            outcomes = conn.execute("SELECT outcome, count(*) FROM rows GROUP BY outcome")
+            assert dict(outcomes.fetchall()) == {"created": 30}
+
+        # a fresh worker rerunning the same input sends nothing
+        proc = start_run(worker_file(tmp_path, "worker-b", api), first_input, pg_url)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert stats()["requests"] == 30
+        assert statuses(pg_url) == {"accepted": 30, "already_sent": 30}
+
+        # two workers started together on a new input store every note exactly once
+        procs = [start_run(worker_file(tmp_path, name, api), second_input, pg_url)
+                 for name in ("worker-c", "worker-d")]
         codes, errs = [], []
         for proc in procs:
             _, err = proc.communicate(timeout=120)
             codes.append(proc.returncode)
             errs.append(err.decode())
-        assert api.emulator.requests == 40
-        assert all(api.stored(task, note) == 1 for task, note in rows)
-    assert 3 not in codes
+        found = stats()
+    assert found["requests"] == 70
+    assert found["stored_total"] == 70
+    assert all(n == 1 for n in found["stored"].values())
+    assert 3 not in codes, errs
     refused = [e for c, e in zip(codes, errs, strict=True) if c == 2]
-    assert len(refused) <= 1
+    assert len(refused) <= 1, errs
     assert all("holds the run lock of account test_clinic" in e for e in refused)
-    for name in ("worker-a", "worker-b"):
-        assert not (tmp_path / name / "state").exists()
+    for name in ("worker-a", "worker-b", "worker-c", "worker-d"):
+        assert not (tmp_path / name / "state").exists()  # no local state at all
 
 
 def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing_sent(
