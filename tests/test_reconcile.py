@@ -28,7 +28,7 @@ class Book:
             self.ledger = Ledger(tmp / "ledger.sqlite", clock=lambda: self.when or utcnow())
         else:
             self.ledger = PgLedger(pg_url, ACCOUNT)
-            self.ledger._clock = lambda: self.when or utcnow()  # noqa: SLF001 - as above
+            self.ledger._clock = lambda: self.when or utcnow()  # the clock, as above
         self.sink = tmp / "webhooks.jsonl"
         self.sink.write_text("")
         self.run_id = run_id
