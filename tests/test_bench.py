@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
         pytest.param("validate.py", "tasknotes validate / pandas.read_csv =", id="validate"),
         pytest.param("memory.py", "validate: 10,000 rows / 2,000 rows =", id="memory"),
         pytest.param("reconcile.py", "reconcile / pandas.merge =", id="reconcile"),
+        pytest.param("state.py", "whole run: PostgreSQL/SQLite =", id="state"),
     ],
 )
 def test_the_benchmark_runs_and_prints_its_ratio(script: str, verdict: str) -> None:
