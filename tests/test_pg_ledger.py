@@ -360,3 +360,16 @@ def test_migrate_state_refuses_a_database_whose_rows_use_the_same_ids(
     assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(ledger)]) == 2
     assert "already has rows with the ids of the ledger's rows" in capsys.readouterr().err
     assert statuses(pg_url) == {"accepted": 2}  # nothing copied
+
+
+def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Path) -> None:
+    """The sandbox's sink stores into the database the run reads its outcomes from."""
+    source = write_csv(tmp_path / "input.csv", notes(5))
+    config = worker(tmp_path, "worker-a", pg_url, "http://127.0.0.1:9",
+                    sandbox={"enabled": True, "wait_s": 30,
+                             "emulator": {"outcome_delay_ms": [5, 20]}})
+    outcome = run_pipeline(config, str(source))
+    results = read_results(config.report.dir / outcome.run_id)
+    assert [r["final_status"] for r in results] == ["confirmed"] * 5
+    assert sink_count(pg_url) == 5
+    assert not (tmp_path / "worker-a" / "state").exists()
