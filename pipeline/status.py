@@ -48,7 +48,7 @@ from pipeline import exits
 from pipeline.config import RunConfig
 from pipeline.errors import StateError
 from pipeline.state import Ledger, OpenGroup, OpenRow
-from pipeline.state.store import has_store, open_store
+from pipeline.state.store import has_store, open_store, state_location
 
 SCHEMA: Final = 1
 ROWS_SHOWN: Final = 20  # send_failed rows named (run, file, line) by status
@@ -302,7 +302,7 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
                               group.run_ids, offered, settle[name], rows,
                               unsent[0] if name == "send_failed" else 0))
-    return LedgerStatus(_iso(now), str(config.state.ledger), config.report.stale_after,
+    return LedgerStatus(_iso(now), state_location(config), config.report.stale_after,
                         tuple(kinds))
 
 

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from test_reconcile import ACCOUNT, Book
@@ -104,6 +105,11 @@ def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: P
     assert (shape["schema"], shape["open"], shape["exit_code"], shape["open_total"]) == (
         1, True, 1, 1)
     assert shape["generated_at"] == "2026-06-16T12:00:00.000Z"
+    if book.pg_url is None:
+        assert shape["ledger"] == str(book.ledger.path)
+    else:  # where the state is, never the password
+        assert shape["ledger"].startswith("PostgreSQL 127.0.0.1:")
+        assert str(urlsplit(book.pg_url).password) not in json.dumps(shape)
     for kind in shape["kinds"].values():
         assert set(kind) == {"count", "stale", "oldest_age_s", "run_ids", "redrive_files",
                              "settle", "rows", "rows_total"}

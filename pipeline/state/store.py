@@ -20,6 +20,16 @@ def uses_postgres(config: RunConfig) -> bool:
     return config.state.url is not None
 
 
+def state_location(config: RunConfig) -> str:
+    """Where the state is, for people: the ledger's path, or ``PostgreSQL host:port/db``
+    (never the password)."""
+    if config.state.url is not None:
+        from pipeline.state.postgres import where  # noqa: PLC0415 - no psycopg needed
+
+        return f"PostgreSQL {where(config.state.url.get_secret_value())}"
+    return str(config.state.ledger)
+
+
 def open_store(config: RunConfig) -> Ledger:
     """The config's store, created if need be (SQLite: the file; PostgreSQL: the schema).
 
