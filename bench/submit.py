@@ -59,14 +59,17 @@ def rows_for(rows: int, concurrency: int, latency_ms: float) -> int:
 
 
 def run_tasknotes(workdir: Path, data: Path, url: str, concurrency: int,
-                  rows: int) -> dict[str, float]:
+                  rows: int, state_url: str | None = None) -> dict[str, float]:
+    """One ``tasknotes run`` in a fresh directory (``state_url``: state in that database,
+    which must be empty); its send phase's req/s and the process's wall time in s."""
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     config = {
         "input": {"path": str(data)},
         "api": {"base_url": url, "account": "bench", "client_id": "c", "client_secret": "s",
                 "access_token": "t", "timeout_s": 30},
         "submit": {"concurrency": concurrency, "rate_per_second": None, "max_attempts": 3},
-        "state": {"ledger": str(run_dir / "ledger.sqlite")},
+        "state": {"ledger": str(run_dir / "ledger.sqlite"),
+                  **({"url": state_url} if state_url else {})},
         "webhooks": {"sink": str(run_dir / "webhooks.jsonl")},
         "report": {"dir": str(run_dir / "reports")},
     }

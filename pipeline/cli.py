@@ -117,6 +117,11 @@ exit codes:
 exit codes:
   0  every stored event was written
   2  bad usage or config (no state.url), or the database cannot be read""",
+    "migrate-state": """\
+exit codes:
+  0  copied (runs and events already in the database are left as they are)
+  2  bad usage or config (no state.url), the ledger or sink file cannot be read,
+     or the database cannot be used or already has rows with the ledger's row ids""",
     "poll": f"""\
 exit codes (of the reconcile that follows the poll):
 {_RECONCILED}
@@ -248,13 +253,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _state_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    """The commands that look after stored state: export-events and prune."""
+    """The commands that look after stored state: export-events, migrate-state, prune."""
     export = command("export-events", "write the sink's events stored in PostgreSQL "
                                       "(state.url) as JSON Lines, as received")
     _config_arg(export)
     export.add_argument("--out", type=Path, metavar="FILE",
                         help="write to FILE (replaced whole, 0600) instead of stdout")
     export.set_defaults(handler=_export_events)
+
+    _migrate_args(command("migrate-state", "copy a SQLite ledger (and a sink file's events) "
+                                           "into PostgreSQL (state.url); safe to repeat"))
 
     prune = command("prune", "remove note text kept at rest past the retention limit "
                              "(sink events, input copies); never what was sent")
@@ -440,7 +448,7 @@ def _print_unwritten(config: RunConfig, run_id: str) -> None:
     from pipeline.report import known_counts
 
     try:
-        counts = known_counts(config.state.ledger, run_id)
+        counts = known_counts(config, run_id)
     except PipelineError as exc:
         print(f"run {run_id}: no report, and the ledger cannot be read: {exc}")
         return
@@ -530,6 +538,29 @@ def _export_events(args: argparse.Namespace) -> int:
             Path(tmp).unlink(missing_ok=True)
             raise
     log.info("export-events: %d events from the database", n)
+    return exits.OK
+
+
+def _migrate_args(migrate: argparse.ArgumentParser) -> None:
+    _config_arg(migrate)
+    migrate.add_argument("--from-sqlite", type=Path, metavar="LEDGER", required=True,
+                         help="the SQLite ledger to copy (state.ledger of the old install)")
+    migrate.add_argument("--sink", type=Path, metavar="FILE",
+                         help="also copy this sink file's events, with their receipts "
+                              "(default: none)")
+    migrate.set_defaults(handler=_migrate_state)
+
+
+def _migrate_state(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    ledger, sink = jobs.migrate_state(load_config(args.config), args.from_sqlite, args.sink)
+    print(f"ledger {args.from_sqlite}: {ledger.runs:,} runs ({ledger.rows:,} rows) and "
+          f"{ledger.events:,} mirrored events copied; {ledger.runs_there:,} runs were in "
+          "the database already")
+    if sink is not None:
+        print(f"sink {args.sink}: {sink.sink_events:,} events copied; {sink.sink_there:,} "
+              "were in the database already")
     return exits.OK
 
 
@@ -662,6 +693,9 @@ def _prune(args: argparse.Namespace) -> int:
     if days is None:
         raise PipelineError("state.retention_days: not set, and no --older-than DAYS given: "
                             "nothing says what is old enough to prune")
+    if config.state.url is not None:
+        raise PipelineError("state.url: prune works on the sink file and the SQLite ledger "
+                            "only so far; events stored in PostgreSQL are not pruned yet")
     done = prune(config, days, dry_run=args.dry_run)
     verb = "would remove" if done.dry_run else "removed"
     print(f"prune of what is older than {days:g} days (before {done.cutoff})"

@@ -174,7 +174,8 @@ class StateConfig(_Section):
     # full: a commit survives power loss (the `sending` mark must); normal: process crash only.
     synchronous: Literal["full", "normal"] = "full"
     # postgresql://user:pass@host:5432/db (from the environment: ${TASKNOTES_STATE_URL}):
-    # the sink's events live in PostgreSQL (state/pg_events.py), not in webhooks.sink.
+    # the ledger and the sink's events live in PostgreSQL (state/store.py), not in the
+    # files state.ledger and webhooks.sink.
     url: SecretStr | None = None
     # `tasknotes prune` removes note text kept at rest (sink events, input copies) older
     # than this many days; None: only when told (--older-than).

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pipeline.reconcile import Reconciler
     from pipeline.report import Written
     from pipeline.state import Ledger
+    from pipeline.state.pg_migrate import Copied
 
 # The modules only one command needs (HTTP client, pandas for reports) are imported by
 # that command's function: `tasknotes validate` starts in a fifth of the time.
@@ -166,7 +167,6 @@ def run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
                          limit=limit, progress=progress, force=force, argv=tuple(argv))
     if options.force:
         log.warning("--force: rows already sent in earlier runs will be sent again")
-    _warn_local_state(config)
     outcome = Run(config, options).execute()
     report = outcome.report
     if not options.dry_run:
@@ -203,7 +203,6 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
 
     _blocking("reconcile")
     config = load(config, "reconcile")
-    _warn_local_state(config)
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
     try:
@@ -262,7 +261,6 @@ def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
     config = load(config, "poll")
     if config.sandbox.enabled:
         return PollResult(exits.OK, sandbox=True)
-    _warn_local_state(config)
     ledger = _open_ledger(config)
     stats = None
     try:
@@ -298,18 +296,9 @@ def status(config: ConfigSource, *, config_path: str | None = None) -> StatusRes
     if config_path is None:
         config_path = "CONFIG" if isinstance(config, RunConfig) else os.fspath(config)
     config = load(config, "status")
-    _warn_local_state(config)
     found = ledger_status(config, config_path=config_path)
     ops.status_read(config, found)  # report.metrics_file, if set
     return found
-
-
-def _warn_local_state(config: RunConfig) -> None:
-    """With ``state.url``, only the sink and export-events use PostgreSQL so far: say so."""
-    if config.state.url is not None:
-        log.warning("state.url is set, but this command still keeps its state in %s and reads "
-                    "events from %s (only `sink` and `export-events` use PostgreSQL so far)",
-                    config.state.ledger, config.webhooks.sink)
 
 
 def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
@@ -320,8 +309,13 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
     from pipeline.client import CobaltClient  # noqa: PLC0415
     from pipeline.events import SinkFile  # noqa: PLC0415
     from pipeline.poll import Poller  # noqa: PLC0415
+    from pipeline.state.pg_events import PgEventStore  # noqa: PLC0415
 
-    sink = SinkFile(config.webhooks.sink)
+    sink: SinkFile | PgEventStore
+    if config.state.url is not None:  # polled events go where the sink stores them
+        sink = PgEventStore(config.state.url.get_secret_value(), verdict="polled")
+    else:
+        sink = SinkFile(config.webhooks.sink)
     sink.open()
 
     async def fetch() -> PollStats:
@@ -337,11 +331,11 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
 
 
 def _open_ledger(config: RunConfig) -> Ledger:
-    from pipeline.state import Ledger  # noqa: PLC0415
+    from pipeline.state.store import has_store, open_store  # noqa: PLC0415
 
-    if not config.state.ledger.exists():
+    if not has_store(config):
         raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")
-    return Ledger(config.state.ledger, synchronous=config.state.synchronous)
+    return open_store(config)
 
 
 def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
@@ -357,3 +351,22 @@ def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
         done.append(ReconciledRun(run_id, rewrite_report(ledger, reconciler, run_id, config)))
     code = exits.worst(r.report.exit_code for r in done if r.report is not None)
     return ReconcileResult(code, tuple(done), config.report.stale_after)
+
+
+def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
+                  ) -> tuple[Copied, Copied | None]:
+    """``tasknotes migrate-state``: copy the SQLite ledger at ``ledger`` (and the events of
+    the sink file ``sink``, if given) into the database of ``state.url``; idempotent
+    (state/pg_migrate.py). Returns what each copy added.
+
+    Raises PipelineError when state.url is not set, StateError when the ledger, the
+    file or the database cannot be used (nothing is copied then).
+    """
+    from pipeline.state.pg_migrate import copy_ledger, copy_sink  # noqa: PLC0415
+
+    if config.state.url is None:
+        raise PipelineError("state.url: not set; migrate-state copies into the database "
+                            "it names")
+    url = config.state.url.get_secret_value()
+    copied = copy_ledger(url, ledger)
+    return copied, None if sink is None else copy_sink(url, sink)

@@ -41,7 +41,8 @@ from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from pipeline.config import RunConfig
 from pipeline.reconcile import FINAL_STATUSES
-from pipeline.state import Ledger, RunRecord
+from pipeline.state import RunRecord
+from pipeline.state.store import existing_store
 from pipeline.status import KINDS, LedgerStatus
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def collect(config: RunConfig, open_items: LedgerStatus | None) -> CollectorRegi
         gauge("tasknotes_open_items_stale",
               "Notes awaiting an outcome longer than report.stale_after").set(
             open_items.kind("awaiting_outcome").stale)
-    ledger = Ledger.existing(config.state.ledger)
+    ledger = existing_store(config)
     if ledger is None:
         return registry
     try:

@@ -38,16 +38,19 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
-from pipeline.events import SinkFile, UnreadableEvent, encode_event
+from pipeline.events import UnreadableEvent, encode_event
 from pipeline.retry import Pacer, RetryPolicy, retry_delay
 from pipeline.state import row_key
+
+if TYPE_CHECKING:
+    from pipeline.sink import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +180,7 @@ class PollStats:
 class Poller:
     """Fetches the outcome events of ``job_ids`` and appends the missing ones to ``sink``."""
 
-    def __init__(self, config: RunConfig, client: CobaltClient, sink: SinkFile) -> None:
+    def __init__(self, config: RunConfig, client: CobaltClient, sink: EventStore) -> None:
         self._config = config
         self._client = client
         self._sink = sink

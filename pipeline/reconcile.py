@@ -35,6 +35,8 @@ from pipeline.errors import PipelineError
 from pipeline.events import (
     Receipt,
     SetAside,
+    UnreadableEvent,
+    decode_event,
     is_pruned,
     keep_set_aside,
     read_receipts,
@@ -44,6 +46,9 @@ from pipeline.events import (
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.redaction import safe_id
 from pipeline.state import EventRecord, InputFile, Ledger, Orphan, RunRecord, row_key
+from pipeline.state.pg_events import SIGNED
+from pipeline.state.pg_ledger import PgLedger
+from pipeline.state.pg_migrate import NO_RECEIPT
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +128,50 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
                     " works", sink, pruned)
     if added:
         log.info("%d new task_note events from %s", added, sink)
+    return added
+
+
+def ingest_postgres(ledger: PgLedger, account: str, *,
+                    redactor: ReasonRedactor | None = None) -> int:
+    """``ingest`` with ``state.url``: mirror what the sink table (``sink_events``) gained
+    since last time, in commit order (``seq`` is the position); returns new events.
+
+    The same records as from the sink file: ``outcome_at`` is the receive time of a
+    webhook the sink verified (clock ``sink_received``), else (an event ``poll``
+    stored) the event's ``created`` (``event_created_polled``; ``event_created_no_receipt``
+    for one copied from a sink file without receipts: pg_migrate.py). A body the event codec
+    refuses is counted as ``(set aside)`` and stays in the table.
+    """
+    redactor = redactor or ReasonRedactor(ledger, None)
+    position, _ = ledger.sink_position()
+    added = 0
+    while True:
+        found = ledger.sink_events_after(position, _BATCH)
+        if not found:
+            break
+        batch: list[EventRecord] = []
+        tally: Counter[str] = Counter()
+        for seq, body, verdict, received_at in found:
+            try:
+                event = decode_event(body)
+            except UnreadableEvent:
+                tally["(set aside)"] += 1
+                continue
+            receipt = (Receipt(received_at, polled=False) if verdict == SIGNED
+                       else Receipt(None, polled=True, fetched_at=received_at))
+            event_id = event.get("id")
+            receipts = ({event_id: receipt} if isinstance(event_id, str)
+                        and verdict != NO_RECEIPT else {})
+            if (record := _record(event, seq, account, tally, receipts)) is not None:
+                batch.append(record)
+        position = found[-1][0]
+        added += ledger.add_events(redactor.clean(batch), dict(tally), offset=position,
+                                   head="")
+        if len(found) < _BATCH:
+            break
+    redactor.warn()
+    if added:
+        log.info("%d new task_note events from %s", added, ledger.path)
     return added
 
 
@@ -283,7 +332,10 @@ class Reconciler:
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
-            ingest(self._ledger, self._sink, account, redactor=self._redactor)
+            if isinstance(self._ledger, PgLedger):
+                ingest_postgres(self._ledger, account, redactor=self._redactor)
+            else:
+                ingest(self._ledger, self._sink, account, redactor=self._redactor)
             changed = self._ledger.match_outcomes()
             if changed:
                 log.info("%d rows have a new outcome", changed)

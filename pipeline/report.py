@@ -176,17 +176,17 @@ def _write_results(result: RunResult, path: Path, settings: ReportConfig,
     return tally
 
 
-def known_counts(ledger_path: Path, run_id: str) -> dict[str, int]:
+def known_counts(config: RunConfig, run_id: str) -> dict[str, int]:
     """Rows of ``run_id`` per final status (every status of FINAL_STATUSES), as the
-    ledger at ``ledger_path`` has them now, read only: what a run prints when its
+    config's ledger (state.store) has them now, read only: what a run prints when its
     report could not be written (a full disk), where nothing may be written.
 
     Outcomes are those the ledger learned last (nothing is read from the sink file).
     Raises StateError if the ledger cannot be read.
     """
-    from pipeline.state import Ledger  # noqa: PLC0415 - the read-only opener
+    from pipeline.state.store import existing_store  # noqa: PLC0415
 
-    ledger = Ledger.existing(ledger_path)
+    ledger = existing_store(config)
     counts: Counter[str] = Counter()
     if ledger is None:
         return dict.fromkeys(FINAL_STATUSES, 0)

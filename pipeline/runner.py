@@ -71,6 +71,7 @@ from pipeline.plan import (
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
 from pipeline.state import Ledger, RunInfoChanges
+from pipeline.state import store as state_store
 from pipeline.submit import Job, SubmitStats, Submitter
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ async def send_pending(
     from pipeline.client import CobaltClient  # noqa: PLC0415 - see the imports above
 
     api = config.api if base_url is None else config.api.model_copy(update={"base_url": base_url})
-    reader = Ledger(ledger.path, readonly=True)
+    reader = state_store.reader(ledger)
     bar = tqdm(total=to_send, unit="note", file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()), desc="sending")
     try:
@@ -204,7 +205,7 @@ class Run:
 
     def _dry_run(self, inputs: Inputs) -> RunOutcome:
         """Scan only: earlier runs are read from the ledger (if there is one), nothing written."""
-        ledger = Ledger.existing(self.config.state.ledger)
+        ledger = state_store.existing_store(self.config)
         rejects = RejectsWriter(self._report_dir() / "rejects.csv", self.config.input,
                                 inputs.headers)
         try:
@@ -222,7 +223,7 @@ class Run:
         return self.config.report.dir / self.run_id
 
     async def _run(self, inputs: Inputs) -> RunOutcome:
-        ledger = Ledger(self.config.state.ledger, synchronous=self.config.state.synchronous)
+        ledger = state_store.open_store(self.config)
         try:
             ledger.lock()
             recovered = ledger.recover()

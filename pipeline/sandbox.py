@@ -24,6 +24,7 @@ from pipeline.retry import Control
 from pipeline.servers import serve_embedded
 from pipeline.sink import WebhookReceiver
 from pipeline.state import Ledger
+from pipeline.state.pg_events import PgEventStore
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,11 @@ async def sandboxed(config: RunConfig, ledger: Ledger, run_id: str
     if not config.sandbox.enabled:
         yield None
         return
-    sink = SinkFile(config.webhooks.sink)
+    sink: SinkFile | PgEventStore
+    if config.state.url is not None:  # the sandbox's outcomes go where runs read them
+        sink = PgEventStore(config.state.url.get_secret_value())
+    else:
+        sink = SinkFile(config.webhooks.sink)
     sink.open()
     holder: list[Sandbox] = []
     receiver = WebhookReceiver(

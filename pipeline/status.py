@@ -48,6 +48,7 @@ from pipeline import exits
 from pipeline.config import RunConfig
 from pipeline.errors import StateError
 from pipeline.state import Ledger, OpenGroup, OpenRow
+from pipeline.state.store import has_store, open_store, state_location
 
 SCHEMA: Final = 1
 ROWS_SHOWN: Final = 20  # send_failed rows named (run, file, line) by status
@@ -141,14 +142,13 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
     cannot be read.
     """
     now = now or datetime.now(UTC)
-    path = config.state.ledger
-    if not path.exists():
+    if not has_store(config):
         empty = OpenGroup(0, 0, None, ())
         groups = dict.fromkeys(KINDS, empty)
         return _assemble(config, config_path, now, groups, {})
     from pipeline.reconcile import Reconciler  # noqa: PLC0415 - pandas only when needed
 
-    ledger = Ledger(path, synchronous=config.state.synchronous)
+    ledger = open_store(config)
     try:
         latest = ledger.latest_run()
         if latest is not None:  # learn what the sink file gained: outcomes settle rows
@@ -181,10 +181,9 @@ def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) ->
     """
     from pipeline.reconcile import Reconciler  # noqa: PLC0415 - pandas only when needed
 
-    path = config.state.ledger
-    if not path.exists():
-        raise StateError(f"no ledger at {path}: nothing has been run yet")
-    ledger = Ledger(path, synchronous=config.state.synchronous)
+    if not has_store(config):
+        raise StateError(f"no ledger at {config.state.ledger}: nothing has been run yet")
+    ledger = open_store(config)
     try:
         record = ledger.run(run_id)
         if run_id in ledger.runs_in_progress():
@@ -303,7 +302,7 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
                               group.run_ids, offered, settle[name], rows,
                               unsent[0] if name == "send_failed" else 0))
-    return LedgerStatus(_iso(now), str(config.state.ledger), config.report.stale_after,
+    return LedgerStatus(_iso(now), state_location(config), config.report.stale_after,
                         tuple(kinds))
 
 

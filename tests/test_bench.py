@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pg import why_no_cluster
+
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
 
@@ -23,10 +25,13 @@ pytestmark = pytest.mark.slow
         pytest.param("memory.py", "validate: 10,000 rows / 2,000 rows =", id="memory"),
         pytest.param("reconcile.py", "reconcile / pandas.merge =", id="reconcile"),
         pytest.param("history.py", "night 3 / night 1:", id="history"),
+        pytest.param("state.py", "whole run: PostgreSQL/SQLite =", id="state"),
     ],
 )
 def test_the_benchmark_runs_and_prints_its_ratio(script: str, verdict: str) -> None:
     """`python bench/<script> --quick` exits 0 and prints the table and the ratio it is for."""
+    if script == "state.py" and (reason := why_no_cluster()) is not None:
+        pytest.skip(reason)
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

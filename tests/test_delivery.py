@@ -26,10 +26,12 @@ from pipeline.emulator import Faults
 from pipeline.events import SinkFile
 from pipeline.sink import WebhookReceiver
 from pipeline.state import Ledger, NewRow, row_key
+from pipeline.state.store import existing_store
 
 
 def ledger_rows(config: RunConfig, run_id: str) -> list[dict[str, Any]]:
-    ledger = Ledger(config.state.ledger, readonly=True)
+    ledger = existing_store(config)
+    assert ledger is not None
     try:
         return ledger.frame(run_id).to_dict("records")
     finally:
@@ -57,6 +59,12 @@ def last_answer(faults: Faults, status: str) -> int | None:
         status, 500 if faults.rate_500_after_store else None)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def state(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The config's state section on each backend: the local ledger, or state.url."""
+    return {} if request.param == "sqlite" else {"url": request.getfixturevalue("pg_url")}
+
+
 @pytest.mark.parametrize(
     ("faults", "status", "stored", "attempts"),
     [
@@ -77,14 +85,15 @@ def last_answer(faults: Faults, status: str) -> int | None:
     ],
 )
 def test_each_failure_class_ends_as_it_must(tmp_path: Path, faults: Faults, status: str,
-                                            stored: int, attempts: int) -> None:
+                                            stored: int, attempts: int,
+                                            state: dict[str, Any]) -> None:
     """Retried only when provably not applied; ambiguous never resent; 4xx final."""
     # Only the slow case is about the timeout; elsewhere a generous one keeps a slow answer
     # on a loaded machine from turning ok/429/400 into ambiguous.
     timeout_s = 0.5 if faults.slow_after_store else 30.0
     with EmulatorThread(faults=faults) as api:
         config = setup(tmp_path, api, [["T1", "a note"]], api={"timeout_s": timeout_s},
-                       submit={"max_attempts": 4, "max_consecutive_failures": 5})
+                       submit={"max_attempts": 4, "max_consecutive_failures": 5}, state=state)
         outcome = run_pipeline(config)
         (row,) = ledger_rows(config, outcome.run_id)
         assert (row["status"], row["attempts"]) == (status, attempts)

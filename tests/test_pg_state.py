@@ -71,13 +71,19 @@ def test_state_url_from_the_environment_is_required_once_named(tmp_path: Path) -
     assert "pw-x" not in repr(loaded)
 
 
-def test_commands_not_on_postgres_yet_say_where_their_state_is(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_every_command_keeps_its_state_in_postgres_and_says_so_when_it_cannot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """status, reconcile, poll and run open the database, never a local ledger instead."""
     config = write_config(tmp_path, state={"url": "postgresql://u:pw-9c1d@127.0.0.1:9/x"})
-    main(["status", str(config)])
-    err = caplog.text
-    assert "state.url is set, but this command still keeps its state in" in err
-    assert "pw-9c1d" not in err
+    write_csv = tmp_path / "input.csv"
+    write_csv.write_text("emr_task_id,note\nT1,hello\n")
+    for argv in (["status"], ["reconcile"], ["poll"], ["run", "--input", str(write_csv)]):
+        assert main([argv[0], str(config), *argv[1:]]) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot connect to PostgreSQL at 127.0.0.1:9/x" in err, argv
+        assert "pw-9c1d" not in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "state").exists()
 
 
 # -- schema ------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from test_reconcile import ACCOUNT, Book
@@ -21,13 +23,24 @@ OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
 RECENT = "2026-06-16T11:59:00.000Z"  # a minute before NOW
 
 
-@pytest.fixture
-def book(tmp_path: Path) -> Book:
-    return Book(tmp_path)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def book(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Book]:
+    """A Book on each backend (test_reconcile.py): status must say the same on both."""
+    pg_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    made = Book(tmp_path, pg_url=pg_url)
+    yield made
+    made.ledger.close()
+
+
+def state_of(book: Book) -> dict[str, str]:
+    """The config's state section for ``book``'s ledger (state.url on PostgreSQL)."""
+    if book.pg_url is None:
+        return {"ledger": str(book.ledger.path)}
+    return {"url": book.pg_url}
 
 
 def status_of(book: Book, tmp_path: Path) -> LedgerStatus:
-    config = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+    config = make_config(tmp_path, state=state_of(book),
                          webhooks={"sink": str(book.sink)})
     return ledger_status(config, config_path="my.yaml", now=NOW)
 
@@ -92,6 +105,11 @@ def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: P
     assert (shape["schema"], shape["open"], shape["exit_code"], shape["open_total"]) == (
         1, True, 1, 1)
     assert shape["generated_at"] == "2026-06-16T12:00:00.000Z"
+    if book.pg_url is None:
+        assert shape["ledger"] == str(book.ledger.path)
+    else:  # where the state is, never the password
+        assert shape["ledger"].startswith("PostgreSQL 127.0.0.1:")
+        assert str(urlsplit(book.pg_url).password) not in json.dumps(shape)
     for kind in shape["kinds"].values():
         assert set(kind) == {"count", "stale", "oldest_age_s", "run_ids", "redrive_files",
                              "settle", "rows", "rows_total"}
@@ -136,7 +154,7 @@ def test_the_command_exits_0_1_2_and_prints_counts(
     book = Book(tmp_path / "state")
     book.row("accepted", task="A1", job_id="1", submitted_at=OLD)
     book.ledger.close()
-    config = write_config(tmp_path, "c.yaml", state={"ledger": str(book.ledger.path)},
+    config = write_config(tmp_path, "c.yaml", state=state_of(book),
                           webhooks={"sink": str(book.sink)})
     assert main(["status", str(config)]) == 1
     out = capsys.readouterr().out
@@ -160,7 +178,7 @@ def test_settle_texts_say_what_settles_in_a_sandbox_and_no_unknown_pid(
     plain = status_of(book, tmp_path).to_dict()["kinds"]
     assert plain["in_progress"]["settle"] == "wait for the run to end"
     assert plain["awaiting_outcome"]["settle"] == "tasknotes poll my.yaml"
-    sandbox = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+    sandbox = make_config(tmp_path, state=state_of(book),
                           webhooks={"sink": str(book.sink)}, sandbox={"enabled": True})
     kinds = ledger_status(sandbox, config_path="my.yaml", now=NOW).to_dict()["kinds"]
     assert (kinds["awaiting_outcome"]["count"], kinds["ambiguous"]["count"]) == (1, 1)
@@ -200,7 +218,7 @@ def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(
     book.event("task_note.created", "1", n=1, task="A1")
     book.ledger.finish_run("run-1", "finished", {})
     book.ledger.close()
-    config = write_config(tmp_path, state={"ledger": str(book.ledger.path)},
+    config = write_config(tmp_path, state=state_of(book),
                           webhooks={"sink": str(book.sink)})
     assert main(["status", str(config)]) == 1
     out = capsys.readouterr().out

@@ -3,8 +3,9 @@
 The only package that speaks SQL. ``records`` holds the values handed to and from
 the stages, ``protocol`` the operations they call (``StateStore``), ``sqlite`` the
 embedded store (``Ledger``), ``schema`` its tables and ``rules`` the join rules.
-With ``state.url``: ``postgres`` (connection, schema versions) and ``pg_events`` (the
-sink's event store in PostgreSQL); psycopg is imported only there.
+With ``state.url``: ``postgres`` (connection, schema versions), ``pg_ledger`` (the
+ledger, ``PgLedger``), ``pg_events`` (the sink's event store) and ``pg_migrate`` (copying
+a SQLite install in); psycopg is imported only there. ``store.open_store`` chooses.
 """
 
 from pipeline.state.protocol import StateStore

@@ -60,6 +60,49 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             CONSTRAINT sink_events_body_sha256_key UNIQUE (body_sha256)
         )
     """),
+    Migration(2, "the ledger: runs, files, rows, the events mirror, the run locks", """
+        CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+        CREATE TABLE runs (
+            run_id text PRIMARY KEY, started_at text NOT NULL, finished_at text,
+            state text NOT NULL, account text NOT NULL, config_fingerprint text NOT NULL,
+            info text NOT NULL DEFAULT '{}',
+            seq bigserial NOT NULL                  -- insertion order (SQLite's rowid)
+        );
+        CREATE TABLE files (
+            run_id text NOT NULL REFERENCES runs(run_id), file_no bigint NOT NULL,
+            path text NOT NULL, sha256 text, size bigint, header text NOT NULL,
+            PRIMARY KEY (run_id, file_no)
+        );
+        CREATE TABLE rows (
+            id bigserial PRIMARY KEY, run_id text NOT NULL REFERENCES runs(run_id),
+            file_no bigint NOT NULL, line bigint NOT NULL, emr_task_id text NOT NULL,
+            key bytea, status text NOT NULL, attempts bigint NOT NULL DEFAULT 0,
+            http_status bigint, task_note_id text, job_id text, error text, ref_id bigint,
+            submitted_at text, answered_at text, outcome text, event_id text,
+            emr_note_id text, failure_reason text, outcome_at text, settled_by text,
+            passthrough text, reason_codes text, outcome_clock text, written_off_at text
+        );
+        CREATE TABLE events (
+            event_id text PRIMARY KEY, kind text NOT NULL, job_id text, task_note_id text,
+            created text, emr_note_id text, failure_reason text, reason_codes text,
+            ekey bytea, line bigint, outcome_at text, outcome_clock text
+        );
+        CREATE TABLE orphans (event_id text PRIMARY KEY, kind text, job_id text, created text);
+        CREATE TABLE event_tally (name text PRIMARY KEY, count bigint NOT NULL);
+        CREATE INDEX rows_run ON rows (run_id, id);
+        CREATE INDEX rows_key ON rows (key) WHERE key IS NOT NULL;
+        CREATE INDEX rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
+        CREATE INDEX rows_sending ON rows (status) WHERE status = 'sending';
+        CREATE INDEX rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
+        CREATE INDEX rows_ambiguous ON rows (id) WHERE status = 'ambiguous';
+        CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL;
+        CREATE INDEX events_ekey ON events (ekey) WHERE ekey IS NOT NULL;
+        -- Who holds an account's run lock (a session-level advisory lock): for messages.
+        CREATE TABLE run_locks (
+            account text PRIMARY KEY, backend_pid integer NOT NULL, host text NOT NULL,
+            pid integer NOT NULL, run_id text, since timestamptz NOT NULL DEFAULT now()
+        );
+    """),
 )
 
 

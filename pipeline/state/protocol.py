@@ -1,9 +1,10 @@
 """The seam between the stages and where state is kept: the operations they call.
 
-``Ledger`` (sqlite.py) implements ``StateStore``, checked by mypy; a PostgreSQL store
-is to implement the same. Grouped by who calls them: the run's bookkeeping, the scan,
-the send, outcomes (the events mirror and the join rules), and what is open. Every
-write raises StorageFull when the store has no room, StateError when it cannot be used.
+``Ledger`` (sqlite.py) implements ``StateStore``, checked by mypy; ``PgLedger``
+(pg_ledger.py) is a ``Ledger`` on PostgreSQL, so implements the same. Grouped by who
+calls them: the run's bookkeeping, the scan, the send, outcomes (the events mirror and
+the join rules), and what is open. Every write raises StorageFull when the store has
+no room, StateError when it cannot be used.
 """
 
 from __future__ import annotations

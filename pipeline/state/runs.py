@@ -227,7 +227,7 @@ class SQLiteRuns(SQLiteRows):
         marks = ",".join("?" * len(running))
 
         def live(alias: str) -> str:
-            return f"{alias}run_id IN ({marks})" if running else "0"
+            return f"{alias}run_id IN ({marks})" if running else "(1 = 0)"
 
         params = tuple(running)
         return {

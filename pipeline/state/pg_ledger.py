@@ -1,0 +1,360 @@
+"""The ledger on PostgreSQL (``state.url``): the same ``StateStore`` as the SQLite ``Ledger``.
+
+``PgLedger`` runs the SQLite ledger's own statements (rows.py, runs.py, outcomes.py,
+rules.py) through ``PgSession`` (pg_session.py), which gives a psycopg 3 connection the call surface
+the ledger uses (``execute``, ``executemany``) and rewrites SQLite's dialect where it
+differs (``?`` placeholders, ``INDEXED BY`` hints, ``IS NOT`` between values, ``temp.``
+names); the few statements PostgreSQL needs written differently (upserts, a grouping
+SQLite allows with bare columns, the insertion order of runs) are methods here. So the
+two backends cannot drift apart: one set of rules, checked by the same tests.
+
+Guarantees, as with SQLite:
+
+- a row is ``sending`` in a committed transaction before its request leaves: the
+  session runs with ``synchronous_commit=on`` (postgres.connect), so COMMIT returns
+  only when the WAL is flushed on the server;
+- one sending run per account: ``lock`` takes a session-level advisory lock keyed by
+  the account (``pg_try_advisory_lock``). A second run on the same account, on any
+  host, is refused (StateError, exit 2) naming the holder from ``run_locks`` (host,
+  pid, run id). A lock rather than row claims: the scan decides ``already_sent`` and
+  ``held`` from what earlier runs did, and that decision is only sound if no other run
+  of the account is sending meanwhile; a lock keeps the SQLite semantics exactly and
+  costs nothing per row. The lock belongs to the database session, so a worker killed
+  with ``kill -9`` (or a lost network) loses it when the server drops the session;
+  the next run of the account, on any host, takes it and ``recover`` turns that
+  worker's ``sending`` rows into ``ambiguous``;
+- the database going away mid-run is RunAborted (exit 3): the requests in flight stay
+  ``sending`` in the database, and the next run recovers them as ambiguous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from pipeline.errors import StateError
+from pipeline.state import rules
+from pipeline.state.pg_session import PgSession, lock_key
+from pipeline.state.postgres import open_state, where
+from pipeline.state.records import (
+    Attempt,
+    EventRecord,
+    NewRow,
+    RunInfoChanges,
+    RunRecord,
+    utcnow,
+)
+from pipeline.state.sqlite import Ledger
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    import pandas as pd
+
+# Key of the transaction lock that serialises match_outcomes across processes.
+_MATCH_LOCK: Final = 0x746E6D6174636800  # "tnmatch"
+
+
+class PgLedger(Ledger):
+    """The ledger in the PostgreSQL database at ``url`` (module docstring), for the runs
+    of ``account`` (whose run lock ``lock`` takes). Not thread-safe: one caller at a time.
+
+    Raises StateError (exit 2, one line, never the password) if the database cannot be
+    reached or its schema is newer than this tasknotes.
+    """
+
+    def __init__(self, url: str, account: str) -> None:
+        self.url = url
+        self.account = account
+        self.path = Path(f"PostgreSQL {where(url)}")
+        self._clock = utcnow
+        self._lock_fd = None
+        self._locked = False
+        self._conn = open_state(url, application="tasknotes")
+        self._pg = PgSession(self._conn, url)
+        self._db = cast("sqlite3.Connection", self._pg)  # the surface the statements use
+
+    def reader(self) -> PgLedger:
+        """A second connection to the same database (the send reads pending rows on it)."""
+        return PgLedger(self.url, self.account)
+
+    def close(self) -> None:
+        """Close the session; the run lock (held by the session) goes with it."""
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._locked = False
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._pg.errors(), self._conn.transaction():
+            yield
+
+    def synchronous(self) -> str:
+        """The session's ``synchronous_commit`` ("on": a commit waits for the WAL flush)."""
+        row = self._pg.execute("SHOW synchronous_commit").fetchone()
+        return str(row[0]) if row else "?"
+
+    # -- the run lock --------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the run lock of this store's account, or StateError naming its holder."""
+        got = self._pg.execute("SELECT pg_try_advisory_lock(?)",
+                               (lock_key(self.account),)).fetchone()
+        if not (got and got[0]):
+            held = self._pg.execute(
+                "SELECT host, pid, run_id, since FROM run_locks WHERE account = ?",
+                (self.account,)).fetchone()
+            who = ("pid ?" if held is None else
+                   f"pid {held[1]} on host {held[0]}, run {held[2] or '(starting)'}, "
+                   f"since {held[3]:%Y-%m-%dT%H:%M:%SZ}")
+            raise StateError(f"another tasknotes run ({who}) holds the run lock of account "
+                             f"{self.account} in {self.path}")
+        self._locked = True
+        with self._transaction():
+            self._pg.execute(
+                "INSERT INTO run_locks (account, backend_pid, host, pid, run_id, since)"
+                " VALUES (?, pg_backend_pid(), ?, ?, NULL, now()) ON CONFLICT (account) DO"
+                " UPDATE SET backend_pid = excluded.backend_pid, host = excluded.host,"
+                " pid = excluded.pid, run_id = NULL, since = now()",
+                (self.account, socket.gethostname(), os.getpid()))
+
+    def _holder_backend(self, account: str) -> int | None:
+        """The server pid of the session holding ``account``'s run lock, or None."""
+        key = lock_key(account) & 0xFFFFFFFFFFFFFFFF
+        row = self._pg.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = ?::bigint::oid AND objid = ?::bigint::oid AND objsubid = 1",
+            (key >> 32, key & 0xFFFFFFFF)).fetchone()
+        return None if row is None else int(row[0])
+
+    def lock_holder(self) -> int | None:
+        """The pid (on its host) of the run holding this account's run lock, or None if no
+        run is; -1 when the holder has not recorded itself yet."""
+        if self._locked:
+            return os.getpid()
+        backend = self._holder_backend(self.account)
+        if backend is None:
+            return None
+        row = self._pg.execute("SELECT pid FROM run_locks WHERE account = ? AND backend_pid = ?",
+                               (self.account, backend)).fetchone()
+        return -1 if row is None else int(row[0])
+
+    def recover(self) -> int:
+        """After a crash: this account's rows left ``sending`` become ``ambiguous``, its
+        runs left ``running`` ``crashed``; returns how many rows."""
+        assert self._locked, "recover() only under the run lock"
+        with self._transaction():
+            cur = self._pg.execute(
+                "UPDATE rows SET status='ambiguous', error=? WHERE status='sending'"
+                " AND run_id IN (SELECT run_id FROM runs WHERE account = ?)",
+                ("the process stopped while this request was in flight", self.account))
+            self._pg.execute("UPDATE runs SET state='crashed' WHERE state='running'"
+                             " AND account = ?", (self.account,))
+        return int(cur.rowcount)
+
+    def start_run(self, run_id: str, account: str, fingerprint: str,
+                  info: RunInfoChanges) -> None:
+        """As ``Ledger.start_run``; the run lock's record names the run from now on."""
+        super().start_run(run_id, account, fingerprint, info)
+        if self._locked:
+            with self._transaction():
+                self._pg.execute("UPDATE run_locks SET run_id = ? WHERE account = ?"
+                                 " AND backend_pid = pg_backend_pid()", (run_id, self.account))
+
+    def runs_in_progress(self) -> list[str]:
+        """Runs (of any account) left ``running`` whose account's run lock is held now."""
+        found = self._pg.execute("SELECT run_id, account FROM runs WHERE state='running'"
+                                 " ORDER BY started_at, run_id").fetchall()
+        live = {a for a in {a for _, a in found} if self._live(a)}
+        return [r for r, a in found if a in live]
+
+    def _live(self, account: str) -> bool:
+        return (self._locked and account == self.account) or \
+            self._holder_backend(account) is not None
+
+    def effective_state(self, record: RunRecord) -> str:
+        """A run record's state as it is now: ``running`` only while its account's run lock
+        is held (the holder's session lives)."""
+        if record.state == "running" and not self._live(record.account):
+            return "crashed"
+        return record.state
+
+    # -- statements PostgreSQL needs written its own way ----------------------------------
+
+    def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
+                 sha256: str | None = None, size: int | None = None) -> None:
+        """As ``Ledger.add_file``."""
+        with self._transaction():
+            self._pg.execute(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, file_no)"
+                " DO UPDATE SET path = excluded.path, sha256 = excluded.sha256,"
+                " size = excluded.size, header = excluded.header",
+                (run_id, file_no, path, sha256, size, json.dumps(list(header))))
+
+    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
+        """As ``Ledger.add_rows``: one INSERT from arrays (one round trip a batch)."""
+        batch = list(rows)
+        if not batch:
+            return
+        with self._transaction():
+            self._pg.execute(
+                "INSERT INTO rows (run_id, file_no, line, emr_task_id, key, status, error,"
+                " ref_id, passthrough) SELECT ?, file_no, line, emr_task_id, key, status, error,"
+                " ref_id, passthrough FROM unnest(?::bigint[], ?::bigint[],"
+                " ?::text[], ?::bytea[], ?::text[], ?::text[], ?::bigint[], ?::text[])"
+                " WITH ORDINALITY AS u(file_no, line, emr_task_id, key, status, error, ref_id,"
+                " passthrough, n) ORDER BY n",
+                (run_id, [r.file_no for r in batch], [r.line for r in batch],
+                 [r.emr_task_id for r in batch], [r.key for r in batch],
+                 [r.status for r in batch], [r.error for r in batch],
+                 [r.ref_id for r in batch],
+                 [json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None
+                  for r in batch]))
+
+    def mark_sending(self, row_ids: Sequence[int]) -> None:
+        """As ``Ledger.mark_sending``, in one statement."""
+        self._pg.execute("UPDATE rows SET status='sending', attempts=attempts+1,"
+                         " submitted_at=? WHERE id = ANY(?::bigint[])",
+                         (self._clock(), list(row_ids)))
+
+    def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        """As ``Ledger.record_attempts``, in one statement."""
+        self._pg.execute(
+            "UPDATE rows SET status=u.status, http_status=u.http_status,"
+            " task_note_id=u.task_note_id, job_id=u.job_id, error=u.error,"
+            " answered_at=u.answered_at FROM unnest(?::bigint[], ?::text[], ?::bigint[],"
+            " ?::text[], ?::text[], ?::text[], ?::text[]) AS u(id, status, http_status,"
+            " task_note_id, job_id, error, answered_at) WHERE rows.id = u.id",
+            [[getattr(a, f) for a in attempts] for f in (
+                "row_id", "status", "http_status", "task_note_id", "job_id", "error",
+                "answered_at")])
+
+    def latest_run(self) -> str | None:
+        """The id of the run started last, or None if there is none."""
+        found = self._pg.execute(
+            "SELECT run_id FROM runs ORDER BY started_at DESC, seq DESC LIMIT 1").fetchone()
+        return None if found is None else str(found[0])
+
+    def sink_position(self) -> tuple[int, str]:
+        """How far ``sink_events`` has been mirrored: (its last ``seq`` read, "")."""
+        found = self._pg.execute("SELECT value FROM meta WHERE key = 'sink_seq'").fetchone()
+        return (int(found[0]) if found else 0), ""
+
+    def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
+                   offset: int, head: str) -> int:
+        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read."""
+        with self._transaction():
+            added = 0
+            for start in range(0, len(events), 1000):
+                chunk = events[start:start + 1000]
+                cur = self._pg.execute(
+                    "INSERT INTO events SELECT * FROM unnest(?::text[], ?::text[], ?::text[],"
+                    " ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bytea[],"
+                    " ?::bigint[], ?::text[], ?::text[]) ON CONFLICT DO NOTHING",
+                    [list(column) for column in zip(*chunk, strict=True)])
+                added += max(cur.rowcount, 0)
+            tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
+            self._pg.executemany(
+                "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET count = event_tally.count + excluded.count",
+                [(k, v) for k, v in tally.items() if v])
+            self._pg.execute(
+                "INSERT INTO meta VALUES ('sink_seq', ?) ON CONFLICT (key) DO UPDATE"
+                " SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
+                (str(offset),))
+        return added
+
+    def sink_events_after(self, seq: int, limit: int
+                          ) -> list[tuple[int, bytes, str, str]]:
+        """Up to ``limit`` stored sink events after ``seq``, in ``seq`` order, every one of
+        them committed: (seq, body, verdict, received_at as ISO 8601 UTC with ms).
+
+        Waits for the inserts in progress first (a SHARE lock, released at once), so no
+        event with a smaller ``seq`` can still commit after this read: nothing is skipped.
+        """
+        with self._transaction():
+            self._pg.execute("LOCK TABLE sink_events IN SHARE MODE")
+            top = self._pg.execute("SELECT max(seq) FROM sink_events").fetchone()
+        upper = int(top[0]) if top and top[0] is not None else 0
+        return [(int(s), bytes(b), str(v),
+                 at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z")
+                for s, b, v, at in self._pg.execute(
+                    "SELECT seq, body, verdict, received_at AT TIME ZONE 'UTC' FROM sink_events"
+                    " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (seq, upper, limit))]
+
+    def match_outcomes(self) -> int:
+        """As ``Ledger.match_outcomes`` (the join rules of rules.py), one process at a time."""
+        pg = self._pg
+        with self._transaction():
+            pg.execute("SELECT pg_advisory_xact_lock(?)", (_MATCH_LOCK,))
+            for statement in _match_sql():
+                pg.execute(statement)
+            if pg.execute(rules.ANY_DOUBTFUL_SQL).fetchone() is not None:
+                pg.execute(rules.EVIDENCE_SQL)
+            changed = max(pg.execute(rules.CLEAR_OUTCOMES_SQL).rowcount, 0)
+            changed += max(pg.execute(rules.WRITE_OUTCOMES_SQL).rowcount, 0)
+            for statement in _ORPHANS_SQL:
+                pg.execute(statement)
+            pg.execute("DROP TABLE pg_temp.matched")
+            pg.execute("DROP TABLE pg_temp.claimed")
+        return changed
+
+    def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
+        """As ``Ledger.run_chunks``."""
+        last = 0
+        while True:
+            frame = self._frame(rules.RUN_CHUNK_SQL, (run_id, last, size))
+            if frame.empty:
+                return
+            self._add_via(frame)
+            yield frame
+            last = int(frame["id"].iloc[-1])
+            if len(frame) < size:
+                return
+
+    def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
+        """Rows (of one run, or of every run) as a DataFrame, in input order."""
+        where_, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
+        return self._frame(f"SELECT {columns} FROM rows {where_} ORDER BY id",  # noqa: S608
+                           params)
+
+    def _frame(self, sql: str, params: Sequence[Any]) -> pd.DataFrame:
+        import pandas as pd  # noqa: PLC0415 - only reports need pandas
+
+        cur = self._pg.execute(sql, params)
+        names = [c.name for c in cur.description or ()]
+        return pd.DataFrame.from_records(cur.fetchall(), columns=names, coerce_float=True)
+
+
+def _match_sql() -> tuple[str, ...]:
+    """rules.MATCH_SQL, with the one-event rows chosen without SQLite's bare columns."""
+    one = """CREATE TEMP TABLE matched AS
+    SELECT row_id, kind AS outcome, event_id, emr_note_id, failure_reason, reason_codes,
+           outcome_at, settled_by, outcome_clock
+      FROM claimed
+     WHERE row_id IN (SELECT row_id FROM claimed GROUP BY row_id HAVING COUNT(*) = 1)"""
+    statements = list(rules.MATCH_SQL)
+    assert "HAVING COUNT(*) = 1" in statements[3]
+    statements[3] = one
+    return tuple(statements)
+
+
+_ORPHANS_SQL: Final = (
+    "DELETE FROM orphans",
+    """CREATE TEMP TABLE owned AS
+    SELECT event_id FROM claimed UNION SELECT event_id FROM matched WHERE settled_by = 'evidence'
+    """,
+    """INSERT INTO meta
+    SELECT 'orphans', COUNT(*)::text FROM events WHERE event_id NOT IN (SELECT event_id FROM owned)
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+    """INSERT INTO orphans
+    SELECT event_id, kind, job_id, created FROM events
+     WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50""",
+    "DROP TABLE pg_temp.owned",
+)

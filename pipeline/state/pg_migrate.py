@@ -1,0 +1,183 @@
+"""Moving an embedded install's state into PostgreSQL (``tasknotes migrate-state``).
+
+``copy_ledger`` copies a SQLite ledger (runs, input files, rows with every attempt and
+outcome, the events mirror and its tally) into the database of ``state.url``, so the
+history of what was sent moves with it: a run on PostgreSQL afterwards sends nothing
+the SQLite ledger had sent. ``copy_sink`` copies the sink file's events (with their
+receipts: when the sink received each) into ``sink_events``.
+
+Both are idempotent: a run already in the database is left as it is with its rows
+(runs are copied whole, each in the one transaction of the copy), and an event already
+stored is skipped by its id or body hash. Row ids are kept (a row's ``ref_id`` names
+the earlier row it follows), so rows are copied only into a database whose rows do not
+use those ids already: migrate before the first run on PostgreSQL, or the copy stops
+with StateError before writing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from pipeline.errors import StateError
+from pipeline.state.postgres import open_state, where
+from pipeline.state.sqlite import Ledger
+
+# The verdict of a sink-file event stored without a receipt (a file older than
+# receipts): its outcome time is the event's own ``created`` (reconcile.ingest_postgres).
+NO_RECEIPT: Final = "migrated-no-receipt"
+POLLED: Final = "polled"
+_CHUNK: Final = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Copied:
+    """What a copy added (``runs``, ``rows``, ``events``: the mirror; ``sink_events``)
+    and how many runs / sink events were in the database already (``runs_there``,
+    ``sink_there``)."""
+
+    runs: int = 0
+    rows: int = 0
+    events: int = 0
+    runs_there: int = 0
+    sink_events: int = 0
+    sink_there: int = 0
+
+
+def copy_ledger(url: str, path: Path) -> Copied:
+    """Copy the SQLite ledger at ``path`` into the database at ``url`` (module docstring).
+
+    Raises StateError if the ledger cannot be read, the database cannot be used, or
+    rows of other runs in the database already use the ids of rows to copy.
+    """
+    import psycopg  # noqa: PLC0415 - optional dependency
+
+    ledger = Ledger.existing(path)
+    if ledger is None:
+        raise StateError(f"--from-sqlite: no ledger at {path}")
+    source = ledger._db
+    conn = open_state(url, application="tasknotes migrate-state")
+    try:
+        with conn.transaction():
+            there = {str(r[0]) for r in conn.execute("SELECT run_id FROM runs").fetchall()}
+            every = source.execute(
+                "SELECT run_id, started_at, finished_at, state, account, config_fingerprint,"
+                " info FROM runs ORDER BY started_at, rowid").fetchall()
+            total = len(every)
+            runs = [r for r in every if r[0] not in there]
+            new = [r[0] for r in runs]
+            _refuse_id_clash(conn, source, new, url)
+            conn.cursor().executemany(
+                "INSERT INTO runs (run_id, started_at, finished_at, state, account,"
+                " config_fingerprint, info) VALUES (%s, %s, %s, %s, %s, %s, %s)", runs)
+            copied_rows = 0
+            for run_id in new:
+                files = source.execute("SELECT * FROM files WHERE run_id=?", (run_id,))
+                conn.cursor().executemany("INSERT INTO files VALUES (%s, %s, %s, %s, %s, %s)",
+                                          files.fetchall())
+                copied_rows += _copy_rows(conn, source, run_id)
+            conn.execute("SELECT setval(pg_get_serial_sequence('rows', 'id'),"
+                         " GREATEST((SELECT max(id) FROM rows), 1))")
+            events = 0
+            cursor = source.execute("SELECT * FROM events ORDER BY event_id")
+            while batch := cursor.fetchmany(_CHUNK):
+                cur = conn.cursor()
+                cur.executemany(
+                    "INSERT INTO events VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT DO NOTHING", [tuple(r) for r in batch])
+                events += max(cur.rowcount, 0)
+            conn.cursor().executemany(
+                "INSERT INTO event_tally VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                source.execute("SELECT name, count FROM event_tally").fetchall())
+    except psycopg.Error as exc:
+        raise StateError(f"state.url: cannot copy into PostgreSQL at {where(url)}: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    finally:
+        conn.close()
+        ledger.close()
+    return Copied(runs=len(new), rows=copied_rows, events=events, runs_there=total - len(new))
+
+
+def _refuse_id_clash(conn: Any, source: Any, runs: list[str], url: str) -> None:
+    """StateError if a row to copy has an id some row in the database has already."""
+    if not runs:
+        return
+    marks = ",".join("?" * len(runs))
+    low, high = source.execute(
+        f"SELECT min(id), max(id) FROM rows WHERE run_id IN ({marks})", runs).fetchone()  # noqa: S608
+    if low is None:
+        return
+    clash = conn.execute("SELECT count(*) FROM rows WHERE id BETWEEN %s AND %s",
+                         (low, high)).fetchone()[0]
+    if clash:
+        raise StateError(f"state.url: the database at {where(url)} already has rows with the "
+                         f"ids of the ledger's rows ({clash:,} of them): migrate-state into a "
+                         "database no run has written to yet; nothing was copied")
+
+
+def _copy_rows(conn: Any, source: Any, run_id: str) -> int:
+    """Copy one run's rows with their ids; returns how many."""
+    cursor = source.execute("SELECT * FROM rows WHERE run_id=? ORDER BY id", (run_id,))
+    names = [d[0] for d in cursor.description]
+    sql = (f"INSERT INTO rows ({', '.join(names)}) VALUES "  # noqa: S608 - the ledger's names
+           f"({', '.join(['%s'] * len(names))})")
+    n = 0
+    while batch := cursor.fetchmany(_CHUNK):
+        conn.cursor().executemany(sql, [tuple(r) for r in batch])
+        n += len(batch)
+    return n
+
+
+def copy_sink(url: str, sink: Path) -> Copied:
+    """Copy the events of the sink file ``sink`` into ``sink_events`` (module docstring),
+    each with the verdict and receive time its receipt gives: ``signature-verified`` and
+    the time the sink received it; ``polled`` and the time poll fetched it; or
+    ``migrated-no-receipt`` (no receipt: its outcome time will be its ``created``).
+    Lines the event codec refuses are not copied (they stay in the file).
+
+    Raises StateError if the file or the database cannot be used.
+    """
+    import psycopg  # noqa: PLC0415 - optional dependency
+
+    from pipeline.events import SetAside, encode_event, read_receipts, read_sink_from  # noqa: PLC0415
+    from pipeline.state.pg_events import SIGNED  # noqa: PLC0415
+
+    if not sink.exists():
+        raise StateError(f"--sink: no sink file at {sink}")
+    receipts = read_receipts(sink) or {}
+    now = datetime.now(UTC)
+    found: list[tuple[str, bytes, bytes, str, datetime]] = []
+    for _, _, event in read_sink_from(sink, 0):
+        if isinstance(event, SetAside) or not isinstance(event.get("id"), str):
+            continue
+        body = encode_event(event)
+        receipt = receipts.get(event["id"])
+        if receipt is not None and receipt.received_at is not None:
+            verdict, at = SIGNED, receipt.received_at
+        elif receipt is not None and receipt.fetched_at is not None:
+            verdict, at = POLLED, receipt.fetched_at
+        else:
+            verdict, at = NO_RECEIPT, None
+        when = datetime.fromisoformat(at) if at else now
+        found.append((event["id"], hashlib.sha256(body).digest(), body, verdict, when))
+    conn = open_state(url, application="tasknotes migrate-state")
+    added = 0
+    try:
+        with conn.transaction():
+            for start in range(0, len(found), _CHUNK):
+                chunk = found[start:start + _CHUNK]
+                rows = conn.execute(
+                    "INSERT INTO sink_events (event_id, body_sha256, body, verdict, received_at)"
+                    " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::text[],"
+                    " %s::timestamptz[]) ON CONFLICT DO NOTHING RETURNING seq",
+                    [list(c) for c in zip(*chunk, strict=True)]).fetchall()
+                added += len(rows)
+    except psycopg.Error as exc:
+        raise StateError(f"state.url: cannot copy events into PostgreSQL at {where(url)}: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    finally:
+        conn.close()
+    return Copied(sink_events=added, sink_there=len(found) - added)

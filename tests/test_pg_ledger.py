@@ -1,0 +1,376 @@
+"""The ledger on PostgreSQL (``state.url``), against a real server (tests/pg.py), a real
+``tasknotes sink`` process and the Cobalt emulator: runs from directories with no local
+state, the per-account run lock, a crash's in-flight rows, a lost database."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from helpers import (
+    CREDENTIALS,
+    WEBHOOK_SECRET,
+    EmulatorThread,
+    free_port,
+    make_config,
+    notes,
+    read_results,
+    run_pipeline,
+    wait_until,
+    write_config,
+    write_csv,
+)
+from pipeline import jobs
+from pipeline.cli import main
+from pipeline.config import RunConfig
+from pipeline.state.pg_ledger import PgLedger
+from pipeline.state.postgres import connect, open_state
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def sink_process(home: Path, pg_url: str | None) -> Iterator[str]:
+    """``tasknotes sink`` in its own process, from ``home``: its events in ``pg_url``, or
+    (None) in its sink file under ``home``; yields the webhook URL."""
+    home.mkdir(exist_ok=True)
+    config = write_config(home, state={"url": "${TASKNOTES_STATE_URL}"} if pg_url else {})
+    port = free_port()
+    log = home / "sink.log"
+    env = {**os.environ, **({"TASKNOTES_STATE_URL": pg_url} if pg_url else {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "-q", "sink", str(config), "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=out, cwd=home, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, what="the sink to listen")
+        yield f"{url}/webhooks/cobalt"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def sink(pg_url: str, tmp_path: Path) -> Iterator[str]:
+    """A sink process in its own directory, its events in ``pg_url``: the webhook URL."""
+    with sink_process(tmp_path / "sink-host", pg_url) as url:
+        yield url
+
+
+def worker(tmp_path: Path, name: str, pg_url: str, api: str, account: str = "test_clinic",
+           **sections: Any) -> RunConfig:
+    """A worker's config in its own directory: state in ``pg_url``, no ledger or sink file."""
+    home = tmp_path / name
+    home.mkdir(exist_ok=True)
+    return make_config(home, api={"base_url": api, "account": account},
+                       state={"url": pg_url, "ledger": str(home / "state" / "ledger.sqlite")},
+                       **sections)
+
+
+def password(url: str) -> str:
+    """The password in a postgresql:// URL (it must never be printed)."""
+    secret = urlsplit(url).password
+    assert secret
+    return secret
+
+
+def sink_count(pg_url: str) -> int:
+    with connect(pg_url) as conn:
+        row = conn.execute("SELECT count(*) FROM sink_events").fetchone()
+    return int(row[0]) if row else 0
+
+
+def worker_file(tmp_path: Path, name: str, api: str, account: str = "test_clinic") -> Path:
+    """A worker's config file in its own directory, state.url from the environment."""
+    home = tmp_path / name
+    home.mkdir(exist_ok=True)
+    return write_config(home, api={"base_url": api, "account": account},
+                        state={"url": "${TASKNOTES_STATE_URL}"})
+
+
+def start_run(config: Path, source: Path, pg_url: str) -> subprocess.Popen[bytes]:
+    """``tasknotes run`` as its own process, from the config's directory."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "-q", "run", str(config), "--input", str(source)],
+        cwd=config.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "TASKNOTES_STATE_URL": pg_url})
+
+
+def statuses(pg_url: str) -> dict[str, int]:
+    with open_state(pg_url) as conn:
+        return {str(s): int(n) for s, n in conn.execute(  # type: ignore[misc]
+            "SELECT status, count(*) FROM rows GROUP BY status").fetchall()}
+
+
+def test_a_second_run_on_the_account_is_refused_naming_the_holder(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    holder = PgLedger(pg_url, "test_clinic")
+    holder.lock()
+    holder.start_run("run-of-the-holder", "test_clinic", "fp", {})
+    try:
+        with EmulatorThread() as api:
+            config = worker_file(tmp_path, "worker-b", api.url)
+            assert main(["-q", "run", str(config), "--input", str(source)]) == 2
+            err = capsys.readouterr().err
+            assert "holds the run lock of account test_clinic" in err
+            assert f"pid {os.getpid()} on host {socket.gethostname()}" in err
+            assert "run run-of-the-holder" in err
+            assert password(pg_url) not in err  # never the password
+            assert api.emulator.requests == 0
+            other = worker_file(tmp_path, "worker-c", api.url, account="other_clinic")
+            assert main(["-q", "run", str(other), "--input", str(source)]) in (0, 1)
+            assert api.emulator.requests == 3
+        # any worker, of any account, sees the run live while its session holds the lock
+        onlooker = PgLedger(pg_url, "other_clinic")
+        assert onlooker.runs_in_progress() == ["run-of-the-holder"]
+        assert onlooker.effective_state(onlooker.run("run-of-the-holder")) == "running"
+        assert onlooker.lock_holder() is None  # other_clinic's own lock is free
+    finally:
+        holder.close()
+    # the server ends the holder's session (and lets go of its lock) just after the close
+    wait_until(lambda: onlooker.runs_in_progress() == [], what="the holder's session to end")
+    assert onlooker.effective_state(onlooker.run("run-of-the-holder")) == "crashed"
+    onlooker.close()
+    with EmulatorThread() as api:  # the holder's session ended: the lock is free
+        config = worker_file(tmp_path, "worker-b", api.url)
+        assert main(["-q", "run", str(config), "--input", str(source)]) in (0, 1)
+        assert api.emulator.requests == 3
+
+
+def test_kill_9_leaves_the_in_flight_rows_ambiguous_for_a_run_on_another_host(
+        pg_url: str, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(20))
+    with EmulatorThread(latency_ms=(60_000.0, 60_000.0)) as slow:
+        config = worker_file(tmp_path, "worker-a", slow.url)
+        proc = start_run(config, source, pg_url)
+        try:
+            wait_until(lambda: statuses(pg_url).get("sending", 0) == 4, timeout=60,
+                       what="4 requests in flight")
+        finally:
+            proc.kill()  # SIGKILL: no chance to record anything
+            proc.communicate(timeout=30)
+    assert statuses(pg_url) == {"sending": 4, "pending": 16}
+    with EmulatorThread() as api:
+        config = worker(tmp_path, "worker-b", pg_url, api.url)
+        outcome = run_pipeline(config, str(source))
+        assert api.emulator.requests == 16  # the 4 in doubt are held, not sent blind
+    found = statuses(pg_url)
+    assert found["ambiguous"] == 4
+    assert found["held"] == 4
+    with connect(pg_url) as conn:
+        states = dict(conn.execute("SELECT run_id, state FROM runs").fetchall())
+    assert sorted(states.values()) == ["crashed", "finished"]
+    assert states[outcome.run_id] == "finished"
+
+
+def test_losing_the_database_mid_run_is_exit_3_and_the_in_flight_rows_ambiguous(
+        pg_url: str, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(20))
+    with EmulatorThread(latency_ms=(1500.0, 1500.0)) as slow:
+        config = worker_file(tmp_path, "worker-a", slow.url)
+        proc = start_run(config, source, pg_url)
+        try:
+            wait_until(lambda: statuses(pg_url).get("sending", 0) == 4, timeout=60,
+                       what="4 requests in flight")
+            with connect(pg_url) as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    assert proc.returncode == 3, err.decode()
+    text = err.decode()
+    assert "lost the connection to PostgreSQL" in text
+    assert "Traceback" not in text
+    assert password(pg_url) not in text
+    with EmulatorThread() as api:
+        run_pipeline(worker(tmp_path, "worker-b", pg_url, api.url), str(source))
+        assert api.emulator.requests == 16
+    assert statuses(pg_url)["ambiguous"] == 4
+
+
+@contextlib.contextmanager
+def emulator_process(home: Path, webhooks: str, *extra: str) -> Iterator[str]:
+    """``tasknotes emulator`` in its own process, delivering webhooks to ``webhooks``;
+    yields its base URL (``/_emulator/stats`` counts what it was sent)."""
+    home.mkdir(exist_ok=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "pipeline", "-q", "emulator", "--port", str(port),
+            "--webhook-url", webhooks, "--webhook-secret", WEBHOOK_SECRET,
+            "--client-id", CREDENTIALS["client_id"],
+            "--client-secret", CREDENTIALS["client_secret"],
+            "--access-token", CREDENTIALS["access_token"], "--outcome-delay-ms", "5,30", *extra]
+    with (home / "emulator.log").open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=home, stdout=subprocess.DEVNULL, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, (home / "emulator.log").read_text()
+        try:
+            return httpx.get(f"{url}/_emulator/stats", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, what="the emulator to listen")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_done_means_one_database_for_a_sink_host_and_fresh_workers(
+        pg_url: str, sink: str, tmp_path: Path) -> None:
+    """The issue's acceptance test: ``tasknotes sink``, ``tasknotes emulator`` and every
+    ``tasknotes run`` are processes of their own, each worker in a directory of its own
+    with no local state, all pointed at one database."""
+    first_input = write_csv(tmp_path / "first.csv", notes(30, "first"))
+    second_rows = notes(40, "second")
+    second_input = write_csv(tmp_path / "second.csv", second_rows)
+
+    def stats() -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(f"{api}/_emulator/stats", timeout=5).json()
+        return found
+
+    with emulator_process(tmp_path / "emulator-host", sink, "--latency-ms", "50") as api:
+        # the first worker sends and confirms
+        config = worker_file(tmp_path, "worker-a", api)
+        proc = start_run(config, first_input, pg_url)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 1), err.decode()
+        assert stats()["requests"] == 30
+        wait_until(lambda: sink_count(pg_url) == 30, timeout=60, what="30 webhooks stored")
+        env = {**os.environ, "TASKNOTES_STATE_URL": pg_url}
+        done = subprocess.run([sys.executable, "-m", "pipeline", "-q", "reconcile", str(config)],
+                              cwd=config.parent, env=env, capture_output=True, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        assert statuses(pg_url) == {"accepted": 30}
+        with open_state(pg_url) as conn:
+            outcomes = conn.execute("SELECT outcome, count(*) FROM rows GROUP BY outcome")
+            assert dict(outcomes.fetchall()) == {"created": 30}
+
+        # a fresh worker rerunning the same input sends nothing
+        proc = start_run(worker_file(tmp_path, "worker-b", api), first_input, pg_url)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert stats()["requests"] == 30
+        assert statuses(pg_url) == {"accepted": 30, "already_sent": 30}
+
+        # two workers started together on a new input store every note exactly once
+        procs = [start_run(worker_file(tmp_path, name, api), second_input, pg_url)
+                 for name in ("worker-c", "worker-d")]
+        codes, errs = [], []
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            codes.append(proc.returncode)
+            errs.append(err.decode())
+        found = stats()
+    assert found["requests"] == 70
+    assert found["stored_total"] == 70
+    assert all(n == 1 for n in found["stored"].values())
+    assert 3 not in codes, errs
+    refused = [e for c, e in zip(codes, errs, strict=True) if c == 2]
+    assert len(refused) <= 1, errs
+    assert all("holds the run lock of account test_clinic" in e for e in refused)
+    for name in ("worker-a", "worker-b", "worker-c", "worker-d"):
+        assert not (tmp_path / name / "state").exists()  # no local state at all
+
+
+def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing_sent(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = notes(10)
+    source = write_csv(tmp_path / "input.csv", rows)
+    old = tmp_path / "old-install"  # SQLite ledger and sink file, as before state.url
+    with sink_process(old, None) as webhooks, EmulatorThread(
+            webhook_url=webhooks, missing_tasks=frozenset({"task-00003"})) as api:
+        embedded = make_config(old)
+        first = run_pipeline(embedded.model_copy(update={"api": embedded.api.model_copy(
+            update={"base_url": api.url})}), str(source))
+        assert api.emulator.requests == 10
+        sink_file = embedded.webhooks.sink
+        wait_until(lambda: sink_file.exists() and len(sink_file.read_bytes().splitlines()) == 10,
+                   timeout=30, what="10 outcome events in the sink file")
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(embedded.state.ledger),
+            "--sink", str(sink_file)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 runs (10 rows)" in out
+    assert "sink " in out
+    assert ": 10 events copied; 0 were" in out
+    assert main(argv) == 0  # again: nothing twice
+    out = capsys.readouterr().out
+    assert "0 runs (0 rows)" in out
+    assert "1 runs were in the database already" in out
+    assert ": 0 events copied; 10 were" in out
+    assert statuses(pg_url) == {"accepted": 10}
+
+    with EmulatorThread() as api:  # task-00003 exists now
+        again = run_pipeline(worker(tmp_path, "worker-a", pg_url, api.url), str(source))
+        # only the note that failed in the EMR (its event came from the copied sink file)
+        assert api.emulator.requests == 1
+        assert api.stored("task-00003", rows[3][1]) == 1
+    results = read_results(tmp_path / "worker-a" / "reports" / again.run_id)
+    assert sorted(r["final_status"] for r in results) == sorted(
+        ["skipped_already_sent"] * 9 + ["awaiting_outcome"])
+    earlier = jobs.reconcile(worker(tmp_path, "worker-a", pg_url, "http://127.0.0.1:9"),
+                             first.run_id)
+    assert earlier.runs[0].report is not None
+    statuses_of_first = {r["emr_task_id"]: r["final_status"] for r in read_results(
+        tmp_path / "worker-a" / "reports" / first.run_id)}
+    assert statuses_of_first["task-00000"] == "confirmed"  # the copied sink events count
+
+
+def test_migrate_state_refuses_a_database_whose_rows_use_the_same_ids(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_csv(tmp_path / "input.csv", notes(2))
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+        run_pipeline(worker(tmp_path, "worker-a", pg_url, api.url, "other_clinic"),
+                     str(source))
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-b", "http://127.0.0.1:9")
+    ledger = tmp_path / "old" / "state" / "ledger.sqlite"
+    assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(ledger)]) == 2
+    assert "already has rows with the ids of the ledger's rows" in capsys.readouterr().err
+    assert statuses(pg_url) == {"accepted": 2}  # nothing copied
+
+
+def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Path) -> None:
+    """The sandbox's sink stores into the database the run reads its outcomes from."""
+    source = write_csv(tmp_path / "input.csv", notes(5))
+    config = worker(tmp_path, "worker-a", pg_url, "http://127.0.0.1:9",
+                    sandbox={"enabled": True, "wait_s": 30,
+                             "emulator": {"outcome_delay_ms": [5, 20]}})
+    outcome = run_pipeline(config, str(source))
+    results = read_results(config.report.dir / outcome.run_id)
+    assert [r["final_status"] for r in results] == ["confirmed"] * 5
+    assert sink_count(pg_url) == 5
+    assert not (tmp_path / "worker-a" / "state").exists()
