@@ -18,6 +18,7 @@ from starlette.routing import Route
 from helpers import (
     EmulatorThread,
     ThreadedServer,
+    read_results,
     read_summary,
     run_pipeline,
     wait_until,
@@ -106,3 +107,31 @@ def test_a_stop_reason_keeps_our_words_only(tmp_path: Path,
         assert NAME not in where
         assert TASK not in where
         assert "55512" not in where
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param(lambda note: "-" + note.replace(" ", "-"), id="dashed-leading-dash"),
+    pytest.param(lambda note: "tn_" + note.replace(" ", "_"), id="underscored"),
+    pytest.param(lambda note: "tn_" + note.replace(" ", ""), id="run-together"),  # the note rule
+])
+def test_a_200_whose_id_is_the_note_is_not_believed(tmp_path: Path, shape: Any) -> None:
+    """A 200 whose task_note_id is the note joined by separators: the row is ambiguous and
+    the value is kept nowhere (results.csv, the ledger), as for any id that is not one."""
+    write_csv(tmp_path / "input.csv", [["T1", NOTE]])
+
+    async def accept(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse({"success": True, "task_note_id": shape(body["note"]),
+                             "job_id": 1001, "message": "queued"})
+
+    with ThreadedServer(Starlette(routes=[Route("/v1/tasks/notes", accept,
+                                                methods=["POST"])])) as api:
+        path = write_config(tmp_path, api={"base_url": api.url})
+        outcome = run_pipeline(load_config(path, needs=("api",)))
+    [row] = read_results(outcome.report.directory)
+    assert row["final_status"] == "ambiguous"
+    assert "does not look like an id" in row["error"]
+    ledger = (tmp_path / "state" / "ledger.sqlite").read_bytes()
+    for where in (json.dumps(row), ledger.decode("latin-1")):
+        assert "diagnosis" not in where.lower()
+        assert "Patient" not in where
