@@ -433,7 +433,8 @@ def _print_problems(result: RunResult) -> None:
         print(f"{code:<{width}}  {n:>7,}  {lines}{more}")
 
 
-def _print_result(counts: dict[str, int], directory: str, files: Sequence[str]) -> None:
+def _print_result(counts: dict[str, int], directory: str, files: Sequence[str],
+                  written_off: int = 0) -> None:
     shown = {k: v for k, v in counts.items() if v}
     if shown:
         width = max(len(k) for k in shown)
@@ -441,7 +442,7 @@ def _print_result(counts: dict[str, int], directory: str, files: Sequence[str]) 
         for status, n in shown.items():
             print(f"{status:<{width}}  {n:>7,}")
     print(f"report: {directory}/ ({', '.join(files)})")
-    print(_one_line(counts))
+    print(_one_line(counts, written_off))
 
 
 def _print_unwritten(config: RunConfig, run_id: str) -> None:
@@ -463,7 +464,7 @@ def _print_unwritten(config: RunConfig, run_id: str) -> None:
     print(_one_line(counts))
 
 
-def _one_line(counts: dict[str, int]) -> str:
+def _one_line(counts: dict[str, int], written_off: int = 0) -> str:
     total = sum(counts.values())
     parts = [f"{counts['confirmed']:,} of {_n(total, 'note')} confirmed"]
     labels = {
@@ -474,6 +475,8 @@ def _one_line(counts: dict[str, int]) -> str:
     }
     parts += [f"{_n(counts[k], 'duplicate')} skipped" if k == "skipped_duplicate"
               else f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
+    if written_off:
+        parts.append(f"{written_off:,} of them written off by the operator, never sent")
     return "; ".join(parts)
 
 
@@ -618,7 +621,8 @@ def _print_reconciled(result: ReconcileResult) -> None:
                   "it writes its own report when it ends")
             continue
         print(f"run {run.run_id}:")
-        _print_result(written.counts, str(written.directory), written.files)
+        _print_result(written.counts, str(written.directory), written.files,
+                      written.written_off)
         if written.stale:
             print(f"{written.stale:,} awaiting an outcome longer than report.stale_after "
                   f"({result.stale_after_s:g} s): they need attention")
@@ -631,8 +635,8 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.status import describe_age
 
     config = jobs.load(args.config, "status")
-    if args.write_off:
-        return _write_off(config, args.write_off)
+    if args.write_off is not None:
+        return _write_off(config, args.write_off, as_json=args.json)
     found = jobs.status(config, config_path=str(args.config))
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))  # in the documented order
@@ -666,10 +670,23 @@ def _status(args: argparse.Namespace) -> int:
     return found.exit_code
 
 
-def _write_off(config: RunConfig, run_id: str) -> int:
+def _write_off(config: RunConfig, run_id: str, *, as_json: bool = False) -> int:
+    import json
+
     from pipeline import jobs
 
+    if not run_id.strip():
+        raise PipelineError("--write-off: the run id is empty (give the RUN_ID to write off)")
     closed, result = jobs.write_off(config, run_id)
+    if as_json:  # a sensor parses stdout: the outcome as one JSON object
+        print(json.dumps({
+            "run_id": run_id, "written_off": closed, "exit_code": result.exit_code,
+            "reports": [{"run_id": r.run_id,
+                         "report_dir": None if r.report is None else str(r.report.directory),
+                         "counts": None if r.report is None else r.report.counts,
+                         "written_off": 0 if r.report is None else r.report.written_off}
+                        for r in result.runs]}, indent=2))
+        return result.exit_code
     print(f"run {run_id}: {_n(closed, 'unsent row')} written off (not sent)")
     _print_reconciled(result)
     return result.exit_code

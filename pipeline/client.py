@@ -45,7 +45,7 @@ from pipeline.errors import (
     ServerError,
     Unavailable,
 )
-from pipeline.redaction import ID_PATTERN, MAX_MESSAGE, SCAN_LIMIT, redact
+from pipeline.redaction import MAX_MESSAGE, SCAN_LIMIT, looks_like_id, redact
 
 _json_string = json.encoder.encode_basestring
 NOTES_PATH = "/v1/tasks/notes"
@@ -142,7 +142,7 @@ class CobaltClient:
         request = httpx.Request("POST", self._notes_url, headers=headers,
                                 stream=httpx.ByteStream(body), extensions=self._extensions)
         try:
-            return _accepted(await self._send(request))
+            return _accepted(await self._send(request), note)
         except ApiError as exc:
             _redact_error(exc, (note, *self._secrets))
             raise
@@ -216,7 +216,7 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE] if str(exc) else type(exc).__name__
 
 
-def _accepted(response: httpx.Response) -> NoteAccepted:
+def _accepted(response: httpx.Response, note: str) -> NoteAccepted:
     if not response.is_success:
         _raise_for_status(response)
     data = _json_object(response)
@@ -226,7 +226,7 @@ def _accepted(response: httpx.Response) -> NoteAccepted:
                           http_status=response.status_code)
     if isinstance(job_id, bool) or not isinstance(job_id, int | str) or not str(job_id).strip():
         raise BadResponse("a success status without a job_id", http_status=response.status_code)
-    if not (ID_PATTERN.fullmatch(task_note_id) and ID_PATTERN.fullmatch(str(job_id).strip())):
+    if not (looks_like_id(task_note_id, [note]) and looks_like_id(str(job_id).strip(), [note])):
         # Never kept or shown: an upstream that puts text there might put a note there.
         raise BadResponse("a success status with a task_note_id or job_id that does not look"
                           " like an id", http_status=response.status_code)
@@ -289,10 +289,11 @@ def _raise_for_status(response: httpx.Response) -> None:
         kind = ServerError
     else:  # 1xx/3xx to a POST: we cannot tell what happened
         kind = BadResponse
-    message = f"HTTP {status} {kind.code}: {_message(response)}"
+    own = f"HTTP {status} {kind.code}"  # ours; Cobalt's message after it is not (ApiError.own)
+    message = f"{own}: {_message(response)}"
     if kind is RateLimited or kind is Unavailable:
-        raise kind(message, http_status=status, retry_after=retry_after(response))
-    raise kind(message, http_status=status)
+        raise kind(message, http_status=status, retry_after=retry_after(response), own=own)
+    raise kind(message, http_status=status, own=own)
 
 
 def _message(response: httpx.Response) -> str:

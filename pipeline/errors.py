@@ -74,11 +74,22 @@ class ApiError(PipelineError):
     code = "api-error"
 
     def __init__(self, message: str, *, http_status: int | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, own: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.http_status = http_status
         self.retry_after = retry_after
+        self._own = own
+
+    @property
+    def own(self) -> str:
+        """Our own words for this failure, with nothing upstream wrote: for an error that
+        quotes Cobalt's message, the ``own`` it was raised with (``HTTP <status> <code>``,
+        e.g. ``HTTP 400 request-rejected``); for any other, its whole message (tasknotes'
+        own text). For text that travels further than the ledger's row (a stop reason, a
+        log line, a notification): Cobalt's message may name a task or a patient even once
+        the note and the secrets are redacted out of it."""
+        return self.message if self._own is None else self._own
 
 
 class CredentialsRefused(ApiError):

@@ -16,15 +16,19 @@ Writing (``SinkFile``, used by the webhook receiver and by ``poll``):
   its last whole line) and reported to every caller of the batch; the next
   append tries again, so storage resumes as soon as the disk has room;
 - each stored line gets a receipt in ``<file>.received`` (``receipts_path``),
-  written and fsync'ed in the same group commit, before the caller hears
-  "stored": the sink file itself stays exactly the bytes Cobalt sent, so the
-  time the sink received an event (UTC, milliseconds) lives beside it, keyed
-  by event id (``read_receipts``). An event ``poll`` fetched has a receipt
-  saying so (``via: poll``) and when it was fetched, not a receive time.
+  written and fsync'ed in the same group commit BEFORE its line is written, so
+  a line a reader can see always has its receipt: the sink file itself stays
+  exactly the bytes Cobalt sent, so the time the sink received an event (UTC,
+  milliseconds) lives beside it, keyed by event id as ``safe_id`` keeps it
+  (``read_receipts``). An event ``poll`` fetched has a receipt saying so
+  (``via: poll``) and when it was fetched, not a receive time.
 
 Reading (``read_sink``, ``read_sink_from``): a torn last line is skipped with a
 warning; any other line the codec refuses is set aside (``SetAside``: its byte
-offset, a code, its bytes), so one bad line never stops a reader.
+offset, a code, its bytes), so one bad line never stops a reader. A reader that
+wants receive times measures the sink file first, then reads the receipts, then
+the lines up to that size only (``read_sink_from``'s ``stop``): every such line's
+receipt was on disk before the line was, so none is missed to a race.
 
 Pruned events (``tasknotes prune``, pipeline/prune.py): past the retention limit a
 ``task_note.*`` event keeps its line, its id and every field but the ones that
@@ -61,7 +65,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -69,6 +73,7 @@ import anyio
 
 from pipeline._group import GroupCommit
 from pipeline.errors import StateError
+from pipeline.redaction import safe_id
 
 log = logging.getLogger(__name__)
 
@@ -391,28 +396,39 @@ class SinkFile:
                 raise
 
     def _write_batch(self, lines: list[_Line]) -> None:
+        """Receipts first, made durable, then the lines: a reader (reconcile, without the
+        lock) that sees a line always finds its receipt, since it reads the receipts
+        after measuring the sink file (``ingest``). A receipt without its line (a batch
+        cut back) is harmless; a line without its receipt would lose its receive time.
+        A receipt names its event by ``safe_id``: an id that does not look like one is
+        kept withheld, as everywhere else."""
         receipts: list[bytes] = []
         fetched_at = None
+        offset = self._known
         for line in lines:
             if line.event_id in self._ids or line.digest in self._digests:
                 line.verdict = "duplicate"
                 continue
-            receipt: dict[str, Any] = {"id": line.event_id, "offset": self._known}
+            receipt: dict[str, Any] = {"id": safe_id(line.event_id), "offset": offset}
             if line.received_at is not None:
                 receipt["received_at"] = line.received_at
             else:
                 fetched_at = fetched_at or receive_time()
                 receipt |= {"via": "poll", "fetched_at": fetched_at}
             receipts.append(compact_json(receipt) + b"\n")
-            written = os.write(self._fd, line.data)
-            if written != len(line.data):
-                raise OSError(errno.ENOSPC, "short write (disk full?)")
-            self._known += written
-        if receipts:  # receipts first: a receipt without its line is harmless, not the reverse
+            offset += len(line.data)
+        if receipts:
             data = b"".join(receipts)
             if os.write(self._receipts, data) != len(data):
                 raise OSError(errno.ENOSPC, "short write (disk full?)")
             self._fsync(self._receipts)
+        for line in lines:
+            if line.verdict != "stored":
+                continue
+            written = os.write(self._fd, line.data)
+            if written != len(line.data):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
+            self._known += written
         self._fsync(self._fd)
         for line in lines:
             if line.verdict == "stored":
@@ -433,17 +449,20 @@ class SinkFile:
     def probe(self) -> str | None:
         """None if an event could be stored now, else why not (for ``/healthz``).
 
-        After a failed write this writes and fsyncs a 4 KiB scratch file beside the
-        sink file (0600, removed at once), so health turns good when the disk has
-        room again, before the next delivery proves it.
+        After a failed write this writes and fsyncs 4 KiB into a scratch file beside
+        the sink file (0600, removed at once), at the sink file's own end offset (a
+        sparse file): so a per-file size limit (RLIMIT_FSIZE, EFBIG) that stops the sink
+        file stops the probe too, and health turns good when the disk has room again,
+        before the next delivery proves it.
         """
         if self.broken is None:
             return None
         scratch = self.path.with_name(f".{self.path.name}.probe")
         try:
+            end = os.fstat(self._fd).st_size if self._fd >= 0 else 0
             fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                if os.write(fd, b"\0" * 4096) != 4096:
+                if os.pwrite(fd, b"\0" * 4096, end) != 4096:
                     raise OSError(errno.ENOSPC, "short write")
                 self._fsync(fd)
             finally:
@@ -499,29 +518,56 @@ class Receipt:
     fetched_at: str | None = None
 
 
+_RECEIPT_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+_EARLIEST: Final = "2000-01-01T00:00:00.000Z"  # a receive time before this is not one
+
+
+def receipt_time(value: object) -> str | None:
+    """``value`` if it is a receive time as the sink writes it (``receive_time``: UTC,
+    ``YYYY-MM-DDTHH:MM:SS.mmmZ``, a real date, not before 2000 nor more than a day
+    ahead of now), else None: a receipt edited by hand or garbled on disk is no time."""
+    if not isinstance(value, str) or not _RECEIPT_TIME.fullmatch(value):
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if value < _EARLIEST or when > datetime.now(UTC) + timedelta(days=1):
+        return None
+    return value
+
+
 def read_receipts(sink: Path, since: int = 0) -> dict[str, Receipt] | None:
-    """Receipts of the events stored at byte ``since`` of ``sink`` or later, by event id.
+    """Receipts of the events stored at byte ``since`` of ``sink`` or later, by event id
+    (as ``safe_id`` keeps it: the sink writes them so).
 
     The first receipt of an id wins. None when the receipts file does not exist (a
-    sink file written before receipts were kept). Unreadable lines are skipped; a
-    receipt whose sink line is not there (a crash between the two writes) is harmless.
-    Only receipts at ``since`` or later are kept, so memory follows what is new.
+    sink file written before receipts were kept). Unreadable lines are skipped, and so is
+    a receipt whose time is not one (``receipt_time``): its event has no usable receive
+    time, and a warning counts them. A receipt whose sink line is not there (a batch cut
+    back) is harmless. Only receipts at ``since`` or later are kept, so memory follows
+    what is new.
     """
     path = receipts_path(sink)
     if not path.exists():
         return None
     found: dict[str, Receipt] = {}
+    bad = 0
     for record in _side_records(path):
         event_id, offset = record.get("id"), record.get("offset")
         if not isinstance(event_id, str) or event_id in found:
             continue
         if isinstance(offset, int) and offset < since:
             continue
-        received, fetched = record.get("received_at"), record.get("fetched_at")
         if record.get("via") == "poll":
-            found[event_id] = Receipt(None, True, fetched if isinstance(fetched, str) else None)
-        elif isinstance(received, str):
+            found[event_id] = Receipt(None, True, receipt_time(record.get("fetched_at")))
+        elif (received := receipt_time(record.get("received_at"))) is not None:
             found[event_id] = Receipt(received, False)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: %d receipt(s) with no readable receive time ignored: those events'"
+                    " outcome times are their own created times", path, bad)
     return found
 
 
@@ -639,9 +685,11 @@ def read_sink(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, event
 
 
-def read_sink_from(path: Path, start: int
+def read_sink_from(path: Path, start: int, stop: int | None = None
                    ) -> Iterator[tuple[int, int, dict[str, Any] | SetAside]]:
-    """(line number, offset after the line, envelope or SetAside) for each line from ``start``.
+    """(line number, offset after the line, envelope or SetAside) for each line from ``start``
+    (bytes), up to byte ``stop`` (a line that would end past it is left for the next read;
+    None: to the end).
 
     Every line goes through ``decode_event``; one it refuses comes back as a
     SetAside, and reading goes on. Line numbers count from ``start`` (1 is its
@@ -658,6 +706,8 @@ def read_sink_from(path: Path, start: int
         fh.seek(start)
         offset = start
         for number, raw in enumerate(fh, start=1):
+            if stop is not None and offset + len(raw) > stop:
+                return
             begin, offset = offset, offset + len(raw)
             line = raw.rstrip(b"\n")
             if not line.strip():

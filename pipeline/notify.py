@@ -36,6 +36,9 @@ _LABELS = {
 }
 
 
+_VERDICTS = {"ok": "ok", "waiting": "waiting for outcomes", "attention": "needs attention"}
+
+
 @dataclass(frozen=True, slots=True)
 class RunSummary:
     """What a notification says about one ended run.
@@ -51,17 +54,25 @@ class RunSummary:
     report_dir: str | None
     stop_reason: str | None = None
     open_items: dict[str, int] = field(default_factory=dict)
+    verdict: str | None = None  # summary.json's: ok | waiting | attention (None: no report)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON ``notify.command`` reads on stdin (fields only ever added)."""
         return {"event": "run_ended", "run_id": self.run_id, "exit_code": self.exit_code,
+                "verdict": self.verdict,
                 "counts": dict(self.counts), "rows": sum(self.counts.values()),
                 "report_dir": self.report_dir, "stop_reason": self.stop_reason,
                 "open_items": dict(self.open_items), "text": self.text()}
 
     def text(self) -> str:
-        """One chat message: verdict, counts, open items, report."""
-        verdict = {0: "ok", 1: "needs attention", 3: "aborted"}.get(self.exit_code, "failed")
+        """One chat message: verdict (the report's, as summary.json has it), counts, open
+        items, report."""
+        if self.exit_code == 3:
+            verdict = "aborted"
+        elif self.verdict is not None:
+            verdict = _VERDICTS.get(self.verdict, self.verdict)
+        else:
+            verdict = {0: "ok", 1: "needs attention"}.get(self.exit_code, "failed")
         lines = [f"tasknotes run {self.run_id}: {verdict} (exit {self.exit_code})"]
         shown = [f"{n:,} {_LABELS.get(k, k)}" for k, n in self.counts.items() if n]
         lines.append(f"{sum(self.counts.values()):,} rows: " + ("; ".join(shown) or "none"))

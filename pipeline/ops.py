@@ -10,6 +10,7 @@ failed metrics file or notification, and none changes an exit code.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +49,20 @@ def run_ended(config: RunConfig, *, run_id: str, exit_code: int,
         notify(config.notify, RunSummary(
             run_id=run_id, exit_code=exit_code, counts=rows,
             report_dir=None if report_dir is None else str(report_dir),
-            stop_reason=stop_reason, open_items=open_items))
+            stop_reason=stop_reason, open_items=open_items, verdict=_verdict(report_dir)))
+
+
+def _verdict(report_dir: Path | None) -> str | None:
+    """summary.json's verdict, so the notification says what the report says (None: no
+    report, or one that cannot be read)."""
+    if report_dir is None:
+        return None
+    try:
+        found = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    verdict = found.get("verdict") if isinstance(found, dict) else None
+    return verdict if isinstance(verdict, str) else None
 
 
 def reconciled(config: RunConfig) -> None:

@@ -46,6 +46,7 @@ from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
 from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
 from pipeline.events import UnreadableEvent, encode_event
+from pipeline.redaction import safe_id
 from pipeline.retry import Pacer, RetryPolicy, retry_delay
 from pipeline.state import row_key
 
@@ -255,16 +256,16 @@ class Poller:
             try:
                 return await self._client.webhook_events(**query)
             except CredentialsRefused as exc:
-                raise RunAborted(f"credentials refused by Cobalt ({exc.message})") from None
+                raise RunAborted(f"credentials refused by Cobalt ({exc.own})") from None
             except RequestRejected as exc:
-                raise RunAborted(f"Cobalt refused the events query ({exc.message})") from None
+                raise RunAborted(f"Cobalt refused the events query ({exc.own})") from None
             except ApiError as exc:
                 delay = retry_delay(exc, attempt, self._policy)
                 if delay is None:
                     raise RunAborted(f"polling failed after {attempt} attempt"
-                                     f"{'s' * (attempt != 1)}: {exc.message}") from None
+                                     f"{'s' * (attempt != 1)}: {exc.own}") from None
                 log.info("GET /v1/webhook-events (%s): %s; attempt %d of %d, asking again in "
-                         "%.2f s", _where(query), exc.message, attempt,
+                         "%.2f s", _where(query), exc.own, attempt,
                          self._policy.max_attempts, delay)
             await anyio.sleep(delay)
 
@@ -280,7 +281,9 @@ class Poller:
         try:  # the same codec as the receiver: never store what a reader would refuse
             line = encode_event(envelope)
         except UnreadableEvent as exc:
-            log.warning("event %s (job %s) not stored: %s", envelope["id"][:64], job_id, exc.code)
+            # Ids from Cobalt are untrusted: never logged as given (note text, a forged line).
+            log.warning("event %s (job %s) not stored: %s", safe_id(envelope["id"]),
+                        safe_id(job_id), exc.code)
             return
         if job_id in job_ids:
             found.add(job_id)

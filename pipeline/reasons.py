@@ -62,10 +62,10 @@ def codes_of(reasons: object) -> list[str]:
 
 
 def safe_emr_note_id(value: object, note: object) -> str | None:
-    """A created event's ``emr_note_id`` as kept: as given when it looks like an id, else
-    withheld (``redaction.safe_id``; ``note`` is no longer needed: nothing of it is kept)."""
-    del note
-    return safe_id(value)
+    """A created event's ``emr_note_id`` as kept: as given when it looks like an id and
+    does not show ``note`` (the event's own note, when it is a string), else withheld
+    (``redaction.safe_id``)."""
+    return safe_id(value, [note] if isinstance(note, str) else [])
 
 
 @dataclass

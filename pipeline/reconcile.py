@@ -92,9 +92,12 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     current = _head(sink)
     if not _same_head(head, current) or offset > _size(sink):
         offset = 0
+    # Measure first, then the receipts, then the lines up to that size only: the sink
+    # writes a receipt before its line, so no line read here lacks its receipt to a race.
+    stop = _size(sink)
     redactor.prepare(sink, offset)
     receipts = read_receipts(sink, offset)
-    if receipts is None and _size(sink) > offset:
+    if receipts is None and stop > offset:
         log.info("%s has no receipts file: outcome times are the events' own created times",
                  sink)
     added = 0
@@ -103,7 +106,7 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     end = offset
     aside: list[SetAside] = []
     pruned = 0
-    for _, end, event in read_sink_from(sink, offset):
+    for _, end, event in read_sink_from(sink, offset, stop):
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
@@ -199,7 +202,7 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
         tally["(no id)"] += 1
         return None
     if kind is None:
-        tally[str(event.get("type"))] += 1
+        tally[str(safe_id(event.get("type")))] += 1  # upstream text: as an id, or withheld
         return None
     found = event.get("data")
     data: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -214,17 +217,19 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     if reason is None and kind == "failed" and isinstance(data.get("reasons"), list):
         reason = ""  # the descriptions are free text too: codes only, checked the same way
     created = _text(event.get("created"))
-    receipt = receipts.get(event_id)
+    receipt = receipts.get(str(safe_id(event_id))) or receipts.get(event_id)
     outcome_at: str | None
     if receipt is not None and receipt.received_at is not None:
         outcome_at, clock = receipt.received_at, "sink_received"
     else:
         clock = "event_created_polled" if receipt is not None else "event_created_no_receipt"
         outcome_at = created
-    # Ids are untrusted too: one that does not look like an id is withheld (safe_id).
-    return EventRecord(str(safe_id(event_id)), kind,
-            None if job_id is None else safe_id(str(job_id).strip()),
-            safe_id(data.get("task_note_id")), created,
+    # Ids are untrusted too: one that does not look like an id, or shows the event's own
+    # note, is withheld (safe_id). The note of a failed event is not in it: the shape rule.
+    own = [note] if isinstance(note, str) else []
+    return EventRecord(str(safe_id(event_id, own)), kind,
+            None if job_id is None else safe_id(str(job_id).strip(), own),
+            safe_id(data.get("task_note_id"), own), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
             ekey, end, outcome_at, clock)
 

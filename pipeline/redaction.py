@@ -39,10 +39,16 @@ REDACT_RUN: Final = 16  # this many consecutive characters of a note or secret a
 REDACTED: Final = "[redacted]"
 MESSAGE_WITHHELD: Final = "[message withheld: it quoted the request]"
 MAX_MESSAGE: Final = 300
-# An id from upstream (task_note_id, job_id, emr_note_id, an event's id) as kept: letters,
-# digits and ``_ . : -``, at most 128 characters. Cobalt's ids fit (24 hex digits, integers,
-# UUIDs, ``evt_...``); text with a space, other punctuation or beyond the cap does not.
-ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# An id from upstream (task_note_id, job_id, emr_note_id, an event's id) as kept: a letter
+# or digit, then letters, digits and ``_ . : -``, at most 128 characters. Cobalt's ids fit
+# (24 hex digits, integers, UUIDs, ``evt_...``); text with a space, other punctuation, a
+# leading separator or beyond the cap does not. See ``looks_like_id`` for the whole rule.
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_ID_PARTS: Final = re.compile(r"[_.:-]")
+# A part of an id that reads as a word: letters only, at least one beyond hex digits (so
+# "cafe" in a UUID is not one). An id has at most MAX_ID_WORDS of them: "evt_..." has one.
+_WORD: Final = re.compile(r"[A-Za-z]*[G-Zg-z][A-Za-z]*")
+MAX_ID_WORDS: Final = 2
 ID_WITHHELD: Final = "withheld-"
 SCAN_LIMIT: Final = 65_536  # characters of an upstream message looked at, at most
 _NEIGHBOUR: Final = 6  # letters next to a cut that, found in the note, mean it was cut short
@@ -53,19 +59,38 @@ _ESCAPE: Final = re.compile(
 _CONTROL_ESCAPES: Final = frozenset("nrtbfva0")
 
 
-def safe_id(value: object) -> str | None:
+def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
+    """Whether upstream ``text`` may be kept and shown as an id.
+
+    The rule: it matches ``ID_PATTERN`` (a letter or digit first; letters, digits and
+    ``_ . : -``; 1 to 128 characters); at most ``MAX_ID_WORDS`` (2) of its parts between
+    those separators are words (letters only, not all hex digits), so prose joined by
+    separators ("Patient-has-HIV-diagnosis") is not an id while ``evt_5eQX92s``, UUIDs,
+    24 hex digits and integers are; and it does not show any ``private`` string (the
+    row's note, compared as ``quotes`` does: canonical letters and digits).
+    """
+    if not ID_PATTERN.fullmatch(text):
+        return False
+    if sum(1 for part in _ID_PARTS.split(text) if _WORD.fullmatch(part)) > MAX_ID_WORDS:
+        return False
+    notes = [p for p in private if p]
+    return not (notes and quotes(text, notes))
+
+
+def safe_id(value: object, private: Iterable[str] = ()) -> str | None:
     """An id that came from upstream, as tasknotes keeps and reports it.
 
-    As given when it looks like an id (``ID_PATTERN``); else withheld: ``withheld-``
-    and 16 hex digits of its SHA-256, so the same value always gives the same text
-    (events still de-duplicate) and nothing of it is shown, since a buggy or hostile
-    upstream could put note text there (OWASP: treat upstream data as untrusted).
-    None stays None.
+    As given when it looks like an id (``looks_like_id``, against the ``private``
+    strings given: the note of the row it belongs to, when known); else withheld:
+    ``withheld-`` and 16 hex digits of its SHA-256, so the same value always gives the
+    same text (events still de-duplicate) and nothing of it is shown, since a buggy or
+    hostile upstream could put note text there (OWASP: treat upstream data as
+    untrusted). None stays None.
     """
     if value is None:
         return None
     text = str(value)
-    if ID_PATTERN.fullmatch(text):
+    if looks_like_id(text, private):
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return ID_WITHHELD + digest

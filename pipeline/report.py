@@ -72,6 +72,7 @@ class Written:
     needs_attention: int = 0
     stale: int = 0
     redrive_digest: str | None = None  # of the rows redrive.csv offers; None: no redrive.csv
+    written_off: int = 0  # send_failed rows an operator closed unsent (status --write-off)
 
 
 def write_report(
@@ -114,7 +115,7 @@ def write_report(
     counts = {status: tally.counts[status] for status in FINAL_STATUSES}
     return Written(directory, tuple(written), counts, summary.exit_code_now,
                    tally.attention_total, tally.stale,
-                   redrive_digest(tally.redrive_ids) if offered else None)
+                   redrive_digest(tally.redrive_ids) if offered else None, tally.written_off)
 
 
 def rewrite_report(ledger: Ledger, reconciler: Reconciler, run_id: str,
@@ -325,9 +326,11 @@ class _Tally:
         # Rows with an outcome time, by what it is (state.schema.OUTCOME_CLOCKS): only the time
         # the sink received the event is a latency; the events' own times are counted.
         self.clocks: Counter[str] = Counter()
+        self.before_submission = 0
         self.attention: list[dict[str, Any]] = []
         self.attention_total = 0
         self.written_off = 0  # send_failed rows a human closed without sending them
+        self.written_off_at: str | None = None
         self.redrive: dict[int, set[int]] = {}
         self.redrive_ids: list[int] = []  # their ledger row ids (redrive_digest)
 
@@ -342,15 +345,24 @@ class _Tally:
         # Only the sink's receive time (UTC, ms) measures a latency: an event's own created
         # time (polled, or an older sink file without receipts) is Cobalt's clock in whole
         # seconds, up to 1 s early against a submission time; such rows are counted apart.
+        # A run measures its own sends only: a row another run sent (skipped_already_sent)
+        # shows that run's times, counted in that run's report, never twice over runs.
         seconds = _seconds_between(table["submitted_at"], table["outcome_at"])
         clock = table["outcome_clock"].replace("", "event_created_no_receipt")
-        self.clocks.update(clock[table["outcome_at"] != ""])
-        seconds = seconds[(clock == "sink_received").to_numpy()].dropna()
-        self.latencies.append(seconds.clip(lower=0).to_numpy(dtype=np.float32))
+        own = table["final_status"] != "skipped_already_sent"
+        self.clocks.update(clock[(table["outcome_at"] != "") & own])
+        seconds = seconds[((clock == "sink_received") & own).to_numpy()].dropna()
+        # A receive time before the submission is not a latency (a clock stepped back, a
+        # receipt edited): counted apart, never clipped into the statistics as 0.
+        self.before_submission += int((seconds < 0).sum())
+        self.latencies.append(seconds[seconds >= 0].to_numpy(dtype=np.float32))
         # send_failed rows a human wrote off: closed, so neither attention nor redrive.
         off = rows.get("written_off_at", pd.Series(None, index=rows.index, dtype=object))
         closed = off.notna().reset_index(drop=True) & (table["final_status"] == "send_failed")
         self.written_off += int(closed.sum())
+        if closed.any():  # when the operator closed them (the latest write-off)
+            latest = str(off.reset_index(drop=True)[closed].max())
+            self.written_off_at = max(self.written_off_at or latest, latest)
         self._waiting_and_attention(table, waiting_since(rows), closed)
         self._redrive(rows, table, failed, closed)
 
@@ -391,11 +403,14 @@ class _Tally:
         """summary.json's ``latency_s``: seconds from submission to the sink receiving the
         outcome (``count``, ``p50``, ``p90``, ``max``), and ``outcome_clocks``: rows with an
         outcome time by what that time is (``state.schema.OUTCOME_CLOCKS``); ``not_measured``
-        counts those whose time is the event's own (polled, or no receipt: an older sink).
+        counts those whose time is the event's own (polled, or no usable receipt: an older
+        sink file, or a receipt whose time could not be read), and ``before_submission``
+        the receive times earlier than their submission (not measured either).
         """
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
         clocks = {"outcome_clocks": dict(sorted(self.clocks.items())),
-                  "not_measured": sum(n for c, n in self.clocks.items() if c != "sink_received")}
+                  "not_measured": sum(n for c, n in self.clocks.items() if c != "sink_received"),
+                  "before_submission": self.before_submission}
         if not len(seconds):
             return {"count": 0, "p50": None, "p90": None, "max": None, **clocks}
         return {"count": len(seconds), "p50": round(float(np.quantile(seconds, 0.5)), 1),
@@ -556,6 +571,7 @@ class Summary:
     needs_attention: int
     # send_failed rows a human closed without sending (tasknotes status --write-off)
     written_off: int
+    written_off_at: str | None  # the latest write-off of this run's rows (None: none)
     verdict: str
     submit_status: dict[str, int]
     problems: dict[str, int]
@@ -615,6 +631,7 @@ def summarise(
         awaiting=awaiting,
         needs_attention=tally.attention_total,
         written_off=tally.written_off,
+        written_off_at=tally.written_off_at,
         verdict=verdict,
         submit_status=dict(sorted(tally.submit.items())),
         problems=info.problems,

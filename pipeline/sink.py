@@ -43,7 +43,7 @@ import re
 import resource
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import anyio
 import h11
@@ -61,6 +61,8 @@ from pipeline.events import (
     receive_time,
 )
 from pipeline.redaction import safe_id
+
+_TYPES_READ: Final = ("task_note.created", "task_note.failed")  # as poll.EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +256,10 @@ def _answer(
     status: int, verdict: str, event: dict[str, Any] | None, size: int | str, attempt: str
 ) -> JSONResponse:
     event_id = str(safe_id(event.get("id")))[:64] if event else "-"
-    event_type = str(safe_id(event.get("type")))[:64] if event else "-"
+    # The types read are named as they are (three words: beyond what an id may hold); any
+    # other type is upstream text, shown as an id or withheld.
+    kind = event.get("type") if event else None
+    event_type = kind if kind in _TYPES_READ else str(safe_id(kind))[:64] if event else "-"
     # A line per delivery only with -v (DEBUG): thousands of rows make thousands of webhooks.
     level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     log.log(level, "webhook %s type=%s bytes=%s attempt=%s -> %d %s",

@@ -273,8 +273,9 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
                       f"need attention'); tasknotes poll {config_path} settles those an "
                       "event shows landed"),
         "send_failed": (f"tasknotes run {config_path} --input FILE, with an input that holds "
-                        "these rows (the run's redrive.csv, or the source file named below; "
-                        "rows already sent are skipped). A row no input holds any more: "
+                        "these rows (the source file each row above names, or the run's "
+                        "redrive.csv where one is listed; rows already sent are skipped). "
+                        "A row no input holds any more: "
                         f"tasknotes status {config_path} --write-off RUN_ID closes the run's "
                         "unsent rows without sending them (recorded; its report says so)"),
         "failed_retryable": f"tasknotes run {config_path} --input <redrive.csv>",

@@ -32,7 +32,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from pipeline.client import NoteAccepted
 
 log = logging.getLogger(__name__)
+
+
+_UNSURE: Final = "; an earlier attempt's outcome is unknown (the note may be stored)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,9 @@ class Submitter:
         self._changed = anyio.Event()
         self._source_done = False
         self._consecutive_failures = 0
+        # Rows an attempt of which may have stored the note (on_ambiguous: resend): never
+        # "provably not sent" again, whatever a later attempt says.
+        self._unsure: set[int] = set()
         self.stats = SubmitStats()
 
     async def run(self, jobs: AsyncIterator[list[Job]]) -> SubmitStats:
@@ -283,8 +289,9 @@ class Submitter:
             return
         delay = retry_delay(error, attempt, self._policy)
         if delay is None:
-            self._finish(job, "failed", error, f"gave up after {attempt} attempts: "
-                         f"{error.message}")
+            self._finish(job, "ambiguous" if job.row_id in self._unsure else "failed", error,
+                         f"gave up after {attempt} attempts: {error.message}"
+                         + (_UNSURE if job.row_id in self._unsure else ""))
             return
         self._schedule_retry(job, attempt + 1, error, delay)
 
@@ -299,18 +306,24 @@ class Submitter:
             raise
         except CredentialsRefused as exc:
             self._record(job, "pending", exc.http_status, exc.message)
-            self.control.stop(f"credentials refused by Cobalt ({exc.message}); check "
+            self.control.stop(f"credentials refused by Cobalt ({exc.own}); check "
                               "api.client_id, api.client_secret and api.access_token")
             return None
         except RequestRejected as exc:
-            self._finish(job, "api_rejected", exc, exc.message)
+            if job.row_id in self._unsure:  # refused now; an earlier attempt may have landed
+                self._finish(job, "ambiguous", exc, exc.message + _UNSURE)
+            else:
+                self._finish(job, "api_rejected", exc, exc.message)
             return None
         except NotApplied as exc:
             self._record(job, "pending", exc.http_status, exc.message)
             return exc
         except OutcomeUnknown as exc:
             if self._settings.on_ambiguous == "resend":
-                self._record(job, "pending", exc.http_status, exc.message)
+                # Recorded ambiguous, not pending: if the run stops before the resend, or
+                # every resend fails, the note may still be in the chart (evidence settles it).
+                self._unsure.add(job.row_id)
+                self._record(job, "ambiguous", exc.http_status, exc.message)
                 return exc
             self._finish(job, "ambiguous", exc, exc.message)
             return None
@@ -345,7 +358,9 @@ class Submitter:
         self._done()
         limit = self._settings.max_consecutive_failures
         if self._consecutive_failures >= limit:
-            self.control.stop(f"{limit} rows in a row did not go through (last: {message}); "
+            # A stop reason travels far (summary.json, the run_ended log line, the
+            # notification): our own words only, never Cobalt's text (a task id, a name).
+            self.control.stop(f"{limit} rows in a row did not go through (last: {error.own}); "
                               "submit.max_consecutive_failures")
 
     def _record(self, job: Job, status: Status, http_status: int | None, error: str) -> None:

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -172,7 +173,8 @@ def test_results_csv_carries_no_formula_from_ids_passthrough_webhooks_or_the_api
     assert rows[4]["'=ref"] == "+1.5"
     assert rows[4]["error"] == "HTTP 400 request-rejected: @SUM(1) is not a task"
     assert rows[5]["'=ref"] == "' =1+2"  # the tab is a space in a shared file (one line)
-    assert rows[5]["emr_note_id"] == "-7"
+    # No Cobalt id starts with "-": withheld (redaction.looks_like_id), never a formula.
+    assert re.fullmatch(r"withheld-[0-9a-f]{16}", rows[5]["emr_note_id"])
     assert rows[6]["'=ref"] == "-2e5"
     with (report / "results.csv").open(encoding="utf-8", newline="") as fh:
         for cells in csv.reader(fh):
@@ -300,15 +302,16 @@ def test_an_error_quoting_the_note_or_the_token_reaches_no_file_ledger_or_consol
     assert done.returncode == 3, done.stderr
     for output in (done.stdout, done.stderr):
         assert "CANARY" not in output
-    assert "HTTP 401 credentials-refused: access_token [redacted] is not valid" in done.stdout
+    # The stop reason keeps our own words only (ApiError.own): Cobalt's text stays out.
+    assert "credentials refused by Cobalt (HTTP 401 credentials-refused); check" in done.stdout
     assert _canary_holders(tmp_path, ("CANARY",)) == set()
     report = next((tmp_path / "reports").iterdir())
     rows = {r["emr_task_id"]: r for r in read_results(report)}
     assert rows["T1"]["error"] == "HTTP 400 request-rejected: Invalid note: [redacted]"
     assert rows["T2"]["error"] == "HTTP 422 request-rejected: Unprocessable: '[redacted]'"
     assert rows["T3"]["final_status"] == "send_failed"
-    assert "HTTP 401 credentials-refused: access_token [redacted]" in (
-        read_summary(report)["stop_reason"])
+    assert read_summary(report)["stop_reason"].startswith(
+        "credentials refused by Cobalt (HTTP 401 credentials-refused); check")
 
 
 def test_a_run_redacts_the_webhook_secrets_from_cobalts_errors(tmp_path: Path) -> None:

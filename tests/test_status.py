@@ -225,6 +225,9 @@ def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(
     assert "row: run run-1, in.csv line 2" in out
     assert f"tasknotes run {config} --input FILE, with an input that holds these rows" in out
     assert f"tasknotes status {config} --write-off RUN_ID" in out
+    assert "named below" not in out  # the rows are named above the settle line
+    assert main(["status", str(config), "--write-off", ""]) == 2  # not a plain status
+    assert "--write-off: the run id is empty" in capsys.readouterr().err
     assert main(["status", str(config), "--json"]) == 1
     send_failed = json.loads(capsys.readouterr().out)["kinds"]["send_failed"]
     assert (send_failed["rows"], send_failed["rows_total"]) == (
@@ -233,8 +236,13 @@ def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(
     assert main(["status", str(config), "--write-off", "run-1"]) == 0
     out = capsys.readouterr().out
     assert "run run-1: 1 unsent row written off (not sent)" in out
+    assert "1 of them written off by the operator, never sent" in out
     assert main(["status", str(config)]) == 0
     report = tmp_path / "reports" / "run-1"
+    page = (report / "report.html").read_text()
+    assert "every row ended well." not in page.replace("ended well, except", "")
+    assert re.search(r"1 rows were never sent: written off by the operator at "
+                     r"\d{4}-\d\d-\d\dT[\d:.]+Z", page)
     rows = {r["line"]: r for r in read_results(report)}
     assert rows["2"]["final_status"] == "send_failed"
     assert re.fullmatch(r"never sent; written off by operator at "
@@ -247,5 +255,9 @@ def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(
     assert not (report / "redrive.csv").exists()
     assert main(["status", str(config), "--write-off", "run-1"]) == 0  # nothing left: a no-op
     assert "0 unsent rows written off" in capsys.readouterr().out
+    assert main(["status", str(config), "--json", "--write-off", "run-1"]) == 0
+    answer = json.loads(capsys.readouterr().out)  # JSON, as --json promises
+    assert (answer["run_id"], answer["written_off"], answer["exit_code"]) == ("run-1", 0, 0)
+    assert answer["reports"][0]["written_off"] == 1
     assert main(["status", str(config), "--write-off", "no-such-run"]) != 0
     assert "no run 'no-such-run'" in capsys.readouterr().err
