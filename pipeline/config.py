@@ -5,6 +5,9 @@ string value is replaced by the variable's value. A problem is reported as
 ``ConfigError`` naming the YAML key (``submit.concurrency: must be >= 1``);
 unknown keys are errors. Secrets are ``SecretStr`` and never printed, not even
 in error messages (pydantic's echo of the input value is dropped).
+
+Over 400 lines because every config section's model and its validators live here, and
+only here (the one module that reads the environment).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ Faults are drawn from a hash of (seed, note, attempt number), so which
 request fails does not depend on the order concurrent requests arrive in.
 ``GET /_emulator/stats`` reports how many times each (task id, note) was
 stored, so tests can prove "exactly once".
+
+Over 400 lines on purpose: one module holds the whole look-alike (both endpoints, the
+webhook delivery loop and every fault), so a test or a sandbox reader checks Cobalt's
+documented behaviour in one place; the fault knobs themselves are defined in faults.py.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@
     ├── ConfigError                 bad YAML, key or value; missing ${VAR}     -> exit 2
     ├── InputError                  input missing, empty, unreadable, bad header -> exit 2
     ├── StateError                  ledger or sink file unusable, run lock held  -> exit 2
+    │   └── SinkWriteError          an event could not be stored (events.py): the sink's 503
+    ├── CannotListen                host:port cannot be listened on (servers.py) -> exit 2
     ├── RunAborted                  credentials refused, too many failures, signal -> exit 3
-    │   └── StorageFull             no space left where the ledger is: nothing more recorded
+    │   ├── StorageFull             no space left where the ledger is: nothing more recorded
+    │   └── UnreadableEvents        a page of GET /v1/webhook-events poll cannot read (poll.py)
     └── ApiError                    one Cobalt request went wrong (retry.py decides what next)
         ├── CredentialsRefused      401/403: every further request would fail too
         ├── RequestRejected         other 4xx: Cobalt read the request and refused this row

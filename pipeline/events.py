@@ -50,6 +50,9 @@ most ``MAX_DEPTH`` levels deep and ``MAX_EVENT_BYTES`` long, finite numbers only
 no string holding a lone surrogate escape such as ``"\\ud83d"`` (RFC 8259
 section 8.2 leaves those undefined; they cannot be encoded as UTF-8, so the
 ledger could not store them).
+
+Over 400 lines because the sink file's writer (group commit, flock, receipts) and its
+reader (offsets, set-aside lines, the codec) must agree byte for byte on the format.
 """
 
 from __future__ import annotations
