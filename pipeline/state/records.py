@@ -61,6 +61,7 @@ class NewRow:
     error: str | None = None
     ref_id: int | None = None
     passthrough: tuple[str, ...] = ()
+    account: str | None = None  # the row's own account (api.accounts), else None
 
 
 @dataclass(frozen=True, slots=True)

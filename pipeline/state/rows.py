@@ -54,9 +54,10 @@ class SQLiteRows(SQLiteConnection):
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO rows (run_id, file_no, line, emr_task_id, key, status, error,"
-                " ref_id, passthrough) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " ref_id, passthrough, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 ((run_id, r.file_no, r.line, r.emr_task_id, r.key, r.status, r.error, r.ref_id,
-                  json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None)
+                  json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None,
+                  r.account)
                  for r in rows),
             )
 
