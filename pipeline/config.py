@@ -122,7 +122,9 @@ class AccountConfig(_Section):
     reference_id: str | None = None
 
 
-_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# An account name as the CSV's account column writes it ("Northside Family Medicine"):
+# no control characters, no outer spaces, no spreadsheet formula start (it goes to reports).
+_ACCOUNT_NAME = re.compile(r"^[^\x00-\x1f\x7f-\x9f\s=+\-@]([^\x00-\x1f\x7f-\x9f]{0,98}\S)?$")
 
 
 class ApiConfig(_Section):
@@ -156,8 +158,9 @@ class ApiConfig(_Section):
             raise ValueError("names no account (give at least one, or leave it out)")
         bad = sorted(n for n in value if not _ACCOUNT_NAME.match(n))
         if bad:
-            raise ValueError(f"{', '.join(map(repr, bad))}: an account name is 1-64 letters, "
-                             "digits or ._:- (it is written to reports and the ledger)")
+            raise ValueError(f"{', '.join(map(repr, bad))}: an account name is 1-100 "
+                             "characters, no control characters, no outer spaces, not "
+                             "starting with = + - @ (it is written to reports)")
         return value
 
     @model_validator(mode="after")
@@ -317,6 +320,8 @@ class EmulatorSettings(_Section):
     rate_limit: Annotated[float, Field(gt=0)] | None = None
     seed: int = 1
     faults: Faults = Faults()  # the knobs of faults.py marked for the config
+    # api.accounts whose token the emulator refuses (401), as if the clinic revoked it
+    revoked_accounts: tuple[str, ...] = ()
 
     @field_validator("faults", mode="before")
     @classmethod
