@@ -626,6 +626,9 @@ def _status(args: argparse.Namespace) -> int:
                   else f"; oldest {describe_age(kind.oldest_age_s)}")
         print(f"{labels[kind.kind]}: {kind.count:,}{stale}{oldest}")
         print(f"  runs: {', '.join(kind.run_ids)}")
+        if kind.by_account:
+            print("  accounts: " + ", ".join(f"{name} {n:,}"
+                                             for name, n in kind.by_account.items()))
         if kind.redrive_files:
             print(f"  redrive: {', '.join(kind.redrive_files)}")
         for row in kind.rows:

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -61,10 +61,13 @@ _BATCH: Final = 10_000
 
 
 def ingest(ledger: Ledger, sink: Path, account: str, *,
-           redactor: ReasonRedactor | None = None) -> int:
+           redactor: ReasonRedactor | None = None,
+           accounts: Mapping[str, str] | None = None) -> int:
     """Mirror what the sink file gained since last time into the ledger; returns new events.
 
-    ``account`` keys the note hash of each created event, as ``row_key`` keys rows.
+    ``account`` keys the note hash of each created event, as ``row_key`` keys rows;
+    ``accounts`` (api.accounts: access_token_reference_id -> account) the hash of an
+    event of a known connection.
     Free text is untrusted: each ``failure_reason`` is redacted against its rows'
     notes, read back from the input by ``redactor``, or withheld (reason codes kept)
     where they cannot be (pipeline/reasons.py); without a ``redactor`` it is withheld.
@@ -99,7 +102,9 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
-        elif (record := _record(event, end, account, tally, receipts or {})) is not None:
+        elif (record := _record(event, end, (accounts or {}).get(
+                str(event.get("access_token_reference_id")), account), tally,
+                receipts or {})) is not None:
             batch.append(record)
         if len(batch) + len(aside) >= _BATCH:
             if aside:
@@ -234,10 +239,13 @@ class Reconciler:
     """Reconciles runs of one ledger against one sink file, reading the file once."""
 
     def __init__(self, ledger: Ledger, sink: Path, *, inputs: InputConfig | None = None,
-                 secrets: Sequence[str] = ()) -> None:
+                 secrets: Sequence[str] = (), references: Mapping[str, str] | None = None
+                 ) -> None:
         """``inputs`` (the config's ``input``) lets a webhook's ``failure_reason`` be redacted
         against its row's note read back from the input; without it the text is withheld
-        and only reason codes are kept. ``secrets``: credentials also kept out of it."""
+        and only reason codes are kept. ``secrets``: credentials also kept out of it.
+        ``references``: access_token_reference_id -> account (api.accounts)."""
+        self._references = dict(references or {})
         self._ledger = ledger
         self._sink = sink
         self._redactor = ReasonRedactor(ledger, inputs, tuple(secrets))
@@ -252,14 +260,21 @@ class Reconciler:
         for value in (api.client_id, api.client_secret, api.access_token):
             if value is not None and value.get_secret_value():
                 secrets.append(value.get_secret_value())
+        for settings in (api.accounts or {}).values():
+            if settings.access_token is not None and settings.access_token.get_secret_value():
+                secrets.append(settings.access_token.get_secret_value())
         with contextlib.suppress(PipelineError):
             secrets += [s.decode() for s in config.webhooks.all_secrets()]
-        return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets)
+        # an event's connection -> its account (reference_id; the name in a sandbox's emulator)
+        references = {a.reference_id or name: name for name, a in (api.accounts or {}).items()}
+        return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets,
+                   references=references)
 
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
-            ingest(self._ledger, self._sink, account, redactor=self._redactor)
+            ingest(self._ledger, self._sink, account, redactor=self._redactor,
+                   accounts=self._references)
             changed = self._ledger.match_outcomes()
             if changed:
                 log.info("%d rows have a new outcome", changed)

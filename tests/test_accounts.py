@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
+from pipeline.cli import _parser
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.faults import Faults
+from pipeline.faults import Faults, faults_from_args
 from pipeline.state import row_key
+from pipeline.status import ledger_status
 from tests.helpers import (
     CREDENTIALS,
     EmulatorThread,
@@ -105,6 +107,9 @@ def test_a_revoked_token_stops_only_its_own_account(tmp_path: Path) -> None:
     for row in results:
         if row["account"] == "south":
             assert "account south: credentials refused" in row["error"] + row["detail"]
+    summary = read_summary(outcome.report.directory)
+    assert summary["accounts"]["south"] == {"rows": 6, "send_failed": 6}
+    assert ledger_status(config).kind("send_failed").by_account == {"south": 6}
 
 
 def test_a_429_storm_on_one_account_does_not_hold_up_the_others(tmp_path: Path) -> None:
@@ -204,3 +209,26 @@ def test_the_account_column_is_required_with_accounts(tmp_path: Path) -> None:
                                        "accounts": {"north": {"access_token": "x"}}})
     with pytest.raises(ConfigError, match=r"input\.columns\.account: required"):
         load_config(path)
+
+
+def test_the_shipped_clinic_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/clinics.example.yaml and sandbox-clinics.yaml are valid as shipped."""
+    root = Path(__file__).parent.parent / "configs"
+    for var in ("COBALT_CLIENT_ID", "COBALT_CLIENT_SECRET", "COBALT_TOKEN_NORTHSIDE",
+                "COBALT_TOKEN_RIVERSIDE", "COBALT_TOKEN_EASTGATE", "COBALT_WEBHOOK_SECRET"):
+        monkeypatch.setenv(var, f"value-of-{var}")
+    example = load_config(root / "clinics.example.yaml", needs=("api", "webhooks"))
+    assert example.api.credentials("Riverside Cardiology")[2] == (
+        "value-of-COBALT_TOKEN_RIVERSIDE")
+    sandbox = load_config(root / "sandbox-clinics.yaml", needs=("api",))
+    assert sandbox.sandbox.emulator.revoked_accounts == ("Eastgate Pediatrics",)
+
+
+def test_the_emulator_takes_tokens_revocations_and_faults_for_one_connection() -> None:
+    """tasknotes emulator: --token TOKEN=REF, --revoked-token, --faults-only-reference."""
+    args = _parser().parse_args(["emulator", "--token", "tok-s=ref-s", "--token", "tok-w=ref-w",
+                                 "--revoked-token", "tok-w", "--faults-only-reference",
+                                 "ref-s,ref-x"])
+    assert args.token == [("tok-s", "ref-s"), ("tok-w", "ref-w")]
+    assert args.revoked_token == ["tok-w"]
+    assert faults_from_args(args).only_references == frozenset({"ref-s", "ref-x"})

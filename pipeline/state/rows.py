@@ -76,6 +76,12 @@ class SQLiteRows(SQLiteConnection):
                     found[key] = candidate
         return found
 
+    def key_accounts(self) -> dict[bytes, str]:
+        """Ledger key -> the account its rows named (rows of api.accounts runs only)."""
+        return {bytes(key): account for key, account in self._db.execute(
+            "SELECT key, account FROM rows WHERE key IS NOT NULL AND account IS NOT NULL"
+            " AND account != ''")}
+
     def rows_to_send(self, run_id: str) -> Iterator[tuple[int, int, int, str, bytes]]:
         """(id, file_no, line, emr_task_id, key) of the run's pending rows, in input order."""
         last = 0
