@@ -284,21 +284,31 @@ class Submitter:
         return buffered < READ_AHEAD
 
     async def _refill(self, jobs: AsyncIterator[list[Job]]) -> bool:
-        try:
-            batch = await anext(jobs)
-        except StopAsyncIteration:
-            return False
-        for job in batch:
-            lane = self._lane(job)
-            if job.skip is not None:
-                self._record(job, "failed", None, job.skip)
-                self._done()
-            elif lane.refused is not None:
-                self._record(job, "failed", None, lane.refused)
-                self._done()
-            else:
-                lane.fresh.append(job)
-        return True
+        """Read batches until one queues a job to send; False once the source is done.
+
+        A batch whose jobs are all recorded without sending (skipped, or of a refused
+        account) queues nothing: reading on, rather than waiting for a change that
+        nothing in flight would bring, is what keeps the stage from waiting forever.
+        """
+        while True:
+            try:
+                batch = await anext(jobs)
+            except StopAsyncIteration:
+                return False
+            queued = False
+            for job in batch:
+                lane = self._lane(job)
+                if job.skip is not None:
+                    self._record(job, "failed", None, job.skip)
+                    self._done()
+                elif lane.refused is not None:
+                    self._record(job, "failed", None, lane.refused)
+                    self._done()
+                else:
+                    lane.fresh.append(job)
+                    queued = True
+            if queued:
+                return True
 
     def _launch(self, wave: list[tuple[Job, int]],
                 workers: MemoryObjectSendStream[tuple[Job, int]]) -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from pipeline.cli import _parser
+from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.faults import Faults, faults_from_args
-from pipeline.state import row_key
+from pipeline.state import Ledger, NewRow, row_key
 from pipeline.status import ledger_status
+from pipeline.submit import Job, Submitter
 from tests.helpers import (
     CREDENTIALS,
     EmulatorThread,
@@ -232,3 +236,35 @@ def test_the_emulator_takes_tokens_revocations_and_faults_for_one_connection() -
     assert args.token == [("tok-s", "ref-s"), ("tok-w", "ref-w")]
     assert args.revoked_token == ["tok-w"]
     assert faults_from_args(args).only_references == frozenset({"ref-s", "ref-x"})
+
+
+async def test_a_batch_of_skipped_jobs_only_does_not_stall_the_send(tmp_path: Path) -> None:
+    """Every job of a batch skipped (its input changed since the scan): recorded failed,
+    and the stage goes on to the next batch and ends, rather than waiting forever."""
+    config = RunConfig.model_validate(config_dict(tmp_path))
+    ledger = Ledger(config.state.ledger)
+    ledger.start_run("r", "test_clinic", "fp", {})
+    tasks = ["t-1", "t-2", "t-3"]
+    ledger.add_rows("r", [NewRow(0, i + 2, t, row_key("test_clinic", t, "n"), "pending")
+                          for i, t in enumerate(tasks)])
+    ids = [row_id for row_id, *_ in ledger.rows_to_send("r")]
+
+    async def jobs() -> AsyncIterator[list[Job]]:
+        yield [Job(ids[0], "t-1", "", skip="the input file changed since it was read")]
+        yield [Job(ids[1], "t-2", "", skip="the input file changed since it was read"),
+               Job(ids[2], "t-3", "", skip="the input file changed since it was read")]
+
+    try:
+        with anyio.fail_after(30):
+            stats = await Submitter(NeverCalled(), ledger, config.submit).run(jobs())
+        assert stats.requests == 0
+        assert ledger.status_counts("r") == {"failed": 3}
+    finally:
+        ledger.close()
+
+
+class NeverCalled:
+    """A NoteSender for a stage that must send nothing."""
+
+    async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted:
+        raise AssertionError("nothing was to be sent")
