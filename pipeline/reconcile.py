@@ -102,9 +102,9 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
-        elif (record := _record(event, end, (accounts or {}).get(
-                str(event.get("access_token_reference_id")), account), tally,
-                receipts or {})) is not None:
+        elif (record := _record(event, end, account, tally, receipts or {},
+                                event_account=(accounts or {}).get(
+                                    str(event.get("access_token_reference_id"))))) is not None:
             batch.append(record)
         if len(batch) + len(aside) >= _BATCH:
             if aside:
@@ -139,7 +139,11 @@ def _set_aside(sink: Path, lines: list[SetAside]) -> None:
 
 
 def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
-            receipts: dict[str, Receipt]) -> EventRecord | None:
+            receipts: dict[str, Receipt], *, event_account: str | None = None
+            ) -> EventRecord | None:
+    """The event as the mirror stores it; ``event_account``: the account its
+    access_token_reference_id names (api.accounts), which keys its note hash and which a
+    matched row's own account must agree with (rules.py)."""
     kind = _KINDS.get(str(event.get("type")))
     event_id = event.get("id")
     if not isinstance(event_id, str) or not event_id:
@@ -154,7 +158,7 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     ekey = None
     task_id, note = data.get("emr_task_id"), data.get("note")
     if kind == "created" and isinstance(task_id, str) and isinstance(note, str):
-        ekey = row_key(account, task_id, note)
+        ekey = row_key(event_account or account, task_id, note)
     job_id = event.get("job_id")
     # failure_reason is untrusted free text: ReasonRedactor.clean makes it safe before storing.
     reason = data.get("failure_reason")
@@ -173,7 +177,7 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
             None if job_id is None else safe_id(str(job_id).strip()),
             safe_id(data.get("task_note_id")), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
-            ekey, end, outcome_at, clock)
+            ekey, end, outcome_at, clock, event_account)
 
 
 def _text(value: object) -> str | None:
@@ -340,8 +344,12 @@ def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.S
         (status == "held", "ambiguous", out["error"].fillna("")),
         ((status == "accepted") & (outcome == "created"), "confirmed", ""),
         ((status == "accepted") & (outcome == "failed"), "failed_in_emr", ""),
-        ((status == "accepted") & (outcome == "conflict"), "ambiguous",
+        ((status == "accepted") & (outcome == "conflict")
+         & out["event_id"].fillna("").str.contains(";", regex=False), "ambiguous",
          "conflict: both task_note.created and task_note.failed for this job"),
+        ((status == "accepted") & (outcome == "conflict"), "ambiguous",
+         "conflict: the event came from another account's connection "
+         "(its access_token_reference_id is not this row's account's reference_id)"),
         (status == "accepted", "awaiting_outcome", "no outcome event yet"),
         (status == "api_rejected", "rejected_by_api", ""),
         ((status == "ambiguous") & (outcome == "created"), "confirmed",

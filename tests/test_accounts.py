@@ -12,10 +12,12 @@ from typing import Any
 import anyio
 import pytest
 
+from pipeline import jobs
 from pipeline.cli import _parser
 from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
+from pipeline.events import compact_json
 from pipeline.faults import Faults, faults_from_args
 from pipeline.state import Ledger, NewRow, row_key
 from pipeline.status import ledger_status
@@ -268,3 +270,36 @@ class NeverCalled:
 
     async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted:
         raise AssertionError("nothing was to be sent")
+
+
+def test_an_event_from_another_accounts_connection_is_a_conflict(tmp_path: Path) -> None:
+    """South's note confirmed by an event of north's connection (reference ids configured):
+    a conflict, not confirmed; north's own event confirms north's note."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 1) + rows_for("south", 1),
+                         header=HEADER)
+    config = accounts_config(tmp_path, "http://127.0.0.1:9")
+    accounts = {name: a.model_copy(update={"reference_id": f"ref-{name}"})
+                for name, a in (config.api.accounts or {}).items()}
+    with emulator() as server:
+        config = config.model_copy(update={"api": config.api.model_copy(
+            update={"base_url": server.url, "accounts": accounts})})
+        outcome = run_pipeline(config, str(csv_path))
+    assert outcome.report is not None
+    sent = read_results(outcome.report.directory)
+    config.webhooks.sink.parent.mkdir(parents=True, exist_ok=True)
+    with config.webhooks.sink.open("ab") as fh:
+        for i, row in enumerate(sent):
+            fh.write(compact_json({
+                "id": f"evt_{i:024d}", "access_token_reference_id": "ref-north",
+                "object": "event", "created": "2026-01-01T00:00:00.000Z",
+                "type": "task_note.created", "job_id": row["job_id"],
+                "data": {"task_note_id": row["task_note_id"], "emr_note_id": f"n-{i}",
+                         "emr_task_id": row["emr_task_id"], "note": "(not compared)"}})
+                     + b"\n")
+    reconciled = jobs.reconcile(config, outcome.run_id)
+    report = reconciled.runs[0].report
+    assert report is not None
+    results = read_results(report.directory)
+    assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
+        ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
+    assert "another account's connection" in results[1]["detail"]

@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS events (
     ekey BLOB,
     line INTEGER,
     outcome_at TEXT,                -- the receipt's time, else the event's created
-    outcome_clock TEXT              -- see OUTCOME_CLOCKS
+    outcome_clock TEXT,             -- see OUTCOME_CLOCKS
+    account TEXT                    -- api.accounts: the account its reference id names
 );
 -- task_note events no row owns (the first few, and how many), as of the last match.
 CREATE TABLE IF NOT EXISTS orphans (event_id TEXT PRIMARY KEY, kind TEXT, job_id TEXT,
@@ -128,7 +129,7 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
 OUTCOME_CLOCKS: Final = ("sink_received", "event_created_polled", "event_created_no_receipt")
 # Columns added after schema 2 shipped (additive: a ledger gains them when opened).
 ADDED_COLUMNS: Final = {"rows": ("outcome_clock", "written_off_at", "account"),
-                        "events": ("outcome_at", "outcome_clock")}
+                        "events": ("outcome_at", "outcome_clock", "account")}
 OLD_EVENTS_SQL: Final = """
 UPDATE events SET outcome_at = created, outcome_clock = 'event_created_no_receipt'
  WHERE outcome_clock IS NULL"""
