@@ -313,9 +313,11 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", action="append", default=[], metavar="TOKEN=REF",
                    type=_token_pair,
                    help="one more accepted access token and its connection's "
-                        "access_token_reference_id (several clinics); repeatable")
+                        "access_token_reference_id (several clinics); repeatable "
+                        "(default: none)")
     p.add_argument("--revoked-token", action="append", default=[], metavar="TOKEN",
-                   help="an access token answered 401 (a revoked connection); repeatable")
+                   help="an access token answered 401 (a revoked connection); repeatable "
+                        "(default: none)")
     p.add_argument("--latency-ms", type=_range, default=(0.0, 0.0), metavar="A[,B]",
                    help="delay before answering each request, uniform in [A, B] ms")
     p.add_argument("--outcome-delay-ms", type=_range, default=(200.0, 1500.0), metavar="A[,B]",
