@@ -135,6 +135,8 @@ class Emulator:
         self.stored_by: Counter[str] = Counter()  # notes stored per reference id
         self.refused: Counter[str] = Counter()  # 401s per reference id (revoked tokens)
         self.answered_by: list[tuple[str, int]] = []  # (reference id, status), in order
+        self._in_flight_by: Counter[str] = Counter()
+        self.max_in_flight_by: Counter[str] = Counter()  # most requests at once, per reference
         self._references = {options.access_token: options.account_reference,
                             **dict(options.tokens)}
         self.responses: Counter[int] = Counter()
@@ -190,14 +192,18 @@ class Emulator:
         self.arrivals.append(time.monotonic())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        reference = self._references.get(request.headers.get("access_token", ""), "")
+        self._in_flight_by[reference] += 1
+        self.max_in_flight_by[reference] = max(self.max_in_flight_by[reference],
+                                               self._in_flight_by[reference])
         try:
             response = await self._handle_note(request)
         finally:
             self.in_flight -= 1
+            self._in_flight_by[reference] -= 1
         self.responses[response.status_code] += 1
         self.answers.append((time.monotonic(), response.status_code))
-        self.answered_by.append((self._references.get(request.headers.get("access_token", ""),
-                                                      ""), response.status_code))
+        self.answered_by.append((reference, response.status_code))
         return response
 
     async def _handle_note(self, request: Request) -> Response:

@@ -303,3 +303,18 @@ def test_an_event_from_another_accounts_connection_is_a_conflict(tmp_path: Path)
     assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
         ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
     assert "another account's connection" in results[1]["detail"]
+
+
+def test_an_accounts_concurrency_holds_under_the_global_one(tmp_path: Path) -> None:
+    """South (concurrency 1) never has two requests in flight, while north, under the
+    global bound of 4, has several at once."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 6) + rows_for("north", 9),
+                         header=HEADER)
+    with emulator(latency_ms=(200.0, 200.0)) as server:
+        run_pipeline(accounts_config(tmp_path, server.url, south={"concurrency": 1},
+                                     submit={"concurrency": 4}), str(csv_path))
+        most = server.emulator.max_in_flight_by
+        assert server.emulator.stored_by == {"ref-south": 6, "ref-north": 9}
+    assert most["ref-south"] == 1
+    assert most["ref-north"] >= 2
+    assert server.emulator.max_in_flight <= 4
