@@ -125,11 +125,13 @@ async def send_pending(
     try:
         webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
         async with contextlib.AsyncExitStack() as stack:
-            clients = {  # api.accounts: a client (a token, a pool) per account
+            # api.accounts: a client (a token, a pool) per account; the Submitter alone
+            # bounds each account's requests in flight (a pool wait would count as sending)
+            clients = {
                 name: await stack.enter_async_context(CobaltClient(
-                    api, max_connections=a.concurrency or config.submit.concurrency,
+                    api, max_connections=config.submit.concurrency,
                     more_secrets=webhook_secrets, account=name))
-                for name, a in (api.accounts or {}).items()}
+                for name in api.accounts or ()}
             if clients:
                 client = next(iter(clients.values()))
             else:
