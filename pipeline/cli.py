@@ -317,6 +317,13 @@ def _range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _token_pair(text: str) -> tuple[str, str]:
+    token, sep, reference = text.partition("=")
+    if not (sep and token and reference):
+        raise argparse.ArgumentTypeError("TOKEN=REF: an access token and its reference id")
+    return token, reference
+
+
 def _emulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8788, help="port to listen on")
@@ -330,6 +337,16 @@ def _emulator_args(p: argparse.ArgumentParser) -> None:
                    help="accepted client_secret")
     p.add_argument("--access-token", default="sandbox-access-token",
                    help="accepted access_token")
+    p.add_argument("--reference-id", default="user_sandbox",
+                   help="the access_token_reference_id of --access-token's connection")
+    p.add_argument("--token", action="append", default=[], metavar="TOKEN=REF",
+                   type=_token_pair,
+                   help="one more accepted access token and its connection's "
+                        "access_token_reference_id (several clinics); repeatable "
+                        "(default: none)")
+    p.add_argument("--revoked-token", action="append", default=[], metavar="TOKEN",
+                   help="an access token answered 401 (a revoked connection); repeatable "
+                        "(default: none)")
     p.add_argument("--latency-ms", type=_range, default=(0.0, 0.0), metavar="A[,B]",
                    help="delay before answering each request, uniform in [A, B] ms")
     p.add_argument("--outcome-delay-ms", type=_range, default=(200.0, 1500.0), metavar="A[,B]",
@@ -658,6 +675,9 @@ def _status(args: argparse.Namespace) -> int:
                   else f"; oldest {describe_age(kind.oldest_age_s)}")
         print(f"{labels[kind.kind]}: {kind.count:,}{stale}{oldest}")
         print(f"  runs: {', '.join(kind.run_ids)}")
+        if kind.by_account:
+            print("  accounts: " + ", ".join(f"{name} {n:,}"
+                                             for name, n in kind.by_account.items()))
         if kind.redrive_files:
             print(f"  redrive: {', '.join(kind.redrive_files)}")
         for row in kind.rows:
@@ -751,7 +771,8 @@ def _emulator(args: argparse.Namespace) -> int:
         outcome_delay_ms=args.outcome_delay_ms, fail_rate=args.fail_rate,
         error_rate=args.error_rate, missing_tasks=frozenset(args.missing_task),
         rate_limit=args.rate_limit, seed=args.seed, faults=faults,
-        events_shape=args.events_shape,
+        events_shape=args.events_shape, account_reference=args.reference_id,
+        tokens=tuple(args.token), revoked=frozenset(args.revoked_token),
     ))
     serve_foreground(emulator.app(), host=args.host, port=args.port,
                      attach=lambda server: setattr(emulator, "server", server))

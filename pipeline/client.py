@@ -95,10 +95,14 @@ class CobaltClient:
         max_connections: int = 8,
         transport: httpx.AsyncBaseTransport | None = None,
         more_secrets: Iterable[str] = (),
+        account: str | None = None,
     ) -> None:
-        """``more_secrets``: other secrets (the webhook secrets) also kept out of messages."""
-        client_id, client_secret, access_token = api.credentials()
-        self._secrets = tuple(s for s in (client_id, client_secret, access_token,
+        """``more_secrets``: other secrets (the webhook secrets) also kept out of messages.
+        ``account``: with api.accounts, whose access token to send (every account's token is
+        kept out of messages)."""
+        client_id, client_secret, access_token = api.credentials(account)
+        tokens = [api.credentials(name)[2] for name in api.accounts or ()]
+        self._secrets = tuple(s for s in (client_id, client_secret, access_token, *tokens,
                                           *more_secrets) if s)
         self._transport = transport or _make_transport(api, max_connections)
         self._notes_url = httpx.URL(api.base_url + NOTES_PATH)

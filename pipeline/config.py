@@ -53,6 +53,7 @@ class _Section(BaseModel):
 class ColumnsConfig(_Section):
     emr_task_id: str = "emr_task_id"
     note: str = "note"
+    account: str | None = None  # the CSV column naming each row's account (api.accounts)
 
 
 class InputConfig(_Section):
@@ -111,12 +112,32 @@ class ValidationConfig(_Section):
         return value
 
 
+class AccountConfig(_Section):
+    """One EHR connection (a clinic) of ``api.accounts``: its access token, and limits of
+    its own under the global ``submit`` ones. ``reference_id``: the
+    ``access_token_reference_id`` Cobalt puts on this connection's webhooks (GET
+    /v1/settings names it); set, an event of another connection matched to one of this
+    account's rows is a conflict."""
+
+    access_token: SecretStr | None = None
+    rate_per_second: Annotated[float, Field(gt=0)] | None = None
+    concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
+    reference_id: str | None = None
+
+
+# An account name as the CSV's account column writes it ("Northside Family Medicine"):
+# no control characters, no outer spaces, no spreadsheet formula start (it goes to reports).
+_ACCOUNT_NAME = re.compile(r"^[^\x00-\x1f\x7f-\x9f\s=+\-@]([^\x00-\x1f\x7f-\x9f]{0,98}\S)?$")
+
+
 class ApiConfig(_Section):
     base_url: str = "https://api.usecobalt.com"
     account: str | None = None
     client_id: SecretStr | None = None
     client_secret: SecretStr | None = None
     access_token: SecretStr | None = None
+    # Several clinics in one run: account name -> its token (instead of account+access_token).
+    accounts: dict[str, AccountConfig] | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # aiohttp: httpx's API over aiohttp's connection pool (default; bench/submit.py measures both);
@@ -130,18 +151,75 @@ class ApiConfig(_Section):
             raise ValueError("must be an http(s) URL such as https://api.usecobalt.com")
         return value.rstrip("/")
 
-    def credentials(self) -> tuple[str, str, str]:
-        """The three header values, or ConfigError naming the first one missing."""
+    @field_validator("accounts")
+    @classmethod
+    def _named_accounts(cls, value: dict[str, AccountConfig] | None
+                        ) -> dict[str, AccountConfig] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("names no account (give at least one, or leave it out)")
+        bad = sorted(n for n in value if not _ACCOUNT_NAME.match(n))
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: an account name is 1-100 "
+                             "characters, no control characters, no outer spaces, not "
+                             "starting with = + - @ (it is written to reports)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ApiConfig:
+        both = [k for k in ("account", "access_token") if getattr(self, k) is not None]
+        if self.accounts is not None and both:
+            keys = " and ".join(f"api.{k}" for k in both)
+            raise ValueError(f"api.accounts: replaces {keys}; give one form, not both")
+        return self
+
+    @property
+    def multi(self) -> bool:
+        """Several accounts (``api.accounts``): each row names its own."""
+        return self.accounts is not None
+
+    def account_names(self) -> tuple[str, ...]:
+        """The configured account names (``api.accounts``), or ``(account_id(),)``."""
+        return tuple(self.accounts) if self.accounts is not None else (self.account_id(),)
+
+    def credentials(self, account: str | None = None) -> tuple[str, str, str]:
+        """The three header values, or ConfigError naming the first one missing.
+
+        With ``api.accounts``, ``account`` names whose token (every account's is checked
+        when it is None, and the first one's returned)."""
         values = []
-        for key in ("client_id", "client_secret", "access_token"):
+        for key in ("client_id", "client_secret"):
             secret = getattr(self, key)
             if secret is None or not secret.get_secret_value():
                 raise ConfigError(f"api.{key}: required to send requests, but not set")
             values.append(secret.get_secret_value())
-        return values[0], values[1], values[2]
+        return values[0], values[1], self._token(account)
+
+    def _token(self, account: str | None) -> str:
+        if self.accounts is None:
+            if self.access_token is None or not self.access_token.get_secret_value():
+                raise ConfigError("api.access_token: required to send requests, but not set")
+            return self.access_token.get_secret_value()
+        tokens = []
+        for name, settings in self.accounts.items():
+            token = settings.access_token
+            if token is None or not token.get_secret_value():
+                raise ConfigError(f"api.accounts.{name}.access_token: required to send "
+                                  "requests, but not set")
+            if account in (None, name):
+                tokens.append(token.get_secret_value())
+        if not tokens:
+            raise ConfigError(f"api.accounts: no account named {account!r}")
+        return tokens[0]
 
     def account_id(self) -> str:
-        """``account`` if set, else a fingerprint of the access token (never the token)."""
+        """``account`` if set, else a fingerprint of the access token (never the token).
+
+        With ``api.accounts`` each row carries its own account; this is then the run's
+        label (the names joined with ``,``), not a ledger key part."""
+        if self.accounts is not None:
+            return ",".join(self.accounts)
         if self.account:
             return self.account
         token = self.access_token.get_secret_value() if self.access_token else ""
@@ -249,6 +327,8 @@ class EmulatorSettings(_Section):
     rate_limit: Annotated[float, Field(gt=0)] | None = None
     seed: int = 1
     faults: Faults = Faults()  # the knobs of faults.py marked for the config
+    # api.accounts whose token the emulator refuses (401), as if the clinic revoked it
+    revoked_accounts: tuple[str, ...] = ()
 
     @field_validator("faults", mode="before")
     @classmethod
@@ -315,16 +395,33 @@ class RunConfig(_Section):
             raise ValueError("submit.backoff_max_s: must be >= submit.backoff_base_s")
         return self
 
+    @model_validator(mode="after")
+    def _account_column(self) -> RunConfig:
+        column = self.input.columns.account
+        if self.api.accounts is not None and not column:
+            raise ValueError("input.columns.account: required with api.accounts (the CSV "
+                             "column naming each row's account)")
+        if self.api.accounts is None and column:
+            raise ValueError("input.columns.account: only with api.accounts")
+        if column and {column, "account"} & set(self.input.passthrough):
+            raise ValueError("input.passthrough: names the account column, or one called "
+                             "account (results.csv has an account column of its own)")
+        return self
+
     def fingerprint(self) -> str:
         """A hash of the effective config with every secret left out."""
         # Logging, metrics and notification settings change nothing sent: left out, so a
         # config gains them without a new fingerprint.
         data = self.model_dump(mode="json", exclude={"api": {"client_id", "client_secret",
-                                                              "access_token"},
+                                                              "access_token", "accounts"},
                                                      "webhooks": {"secret", "secrets"},
                                                      "report": {"metrics_file"},
                                                      "state": {"url"},
                                                      "logging": True, "notify": True})
+        if self.api.accounts is not None:  # the accounts without their tokens
+            data["api"]["accounts"] = {
+                name: a.model_dump(mode="json", exclude={"access_token"})
+                for name, a in self.api.accounts.items()}
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -403,6 +500,7 @@ def _resolve_env(
     return _ENV_REF.sub(lambda m: env[m.group(1)], node)
 
 
+_KEYED = re.compile(r"^[a-z_]+(\.[A-Za-z0-9_.:-]+)*: ")
 _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required",
@@ -434,8 +532,10 @@ def _describe(exc: ValidationError, path: Path) -> str:
             message = template.format(**(err.get("ctx") or {}))
         else:
             message = str(err["msg"]).removeprefix("Value error, ")
-        if message.startswith(key + ": "):
-            lines.append(message)
+        if message.startswith(key + ": ") or (
+                _KEYED.match(message) and (key == "(top level)"
+                                            or message.startswith(key + "."))):
+            lines.append(message)  # a check across keys names its own key
         else:
             lines.append(f"{key}: {message}")
     return f"{path}: " + "; ".join(lines)

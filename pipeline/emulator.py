@@ -25,6 +25,12 @@ request fails does not depend on the order concurrent requests arrive in.
 ``GET /_emulator/stats`` reports how many times each (task id, note) was
 stored, so tests can prove "exactly once".
 
+Several EHR connections (``tokens``): each access token has its
+``access_token_reference_id``, which its notes' webhooks carry; a token in
+``revoked`` is answered 401; faults can be limited to some connections
+(``Faults.only_references``), e.g. a 429 storm on one clinic. ``stored_by``
+counts the notes stored per reference id.
+
 Over 400 lines on purpose: one module holds the whole look-alike (both endpoints, the
 webhook delivery loop and every fault), so a test or a sandbox reader checks Cobalt's
 documented behaviour in one place; the fault knobs themselves are defined in faults.py.
@@ -104,7 +110,9 @@ class EmulatorOptions:
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
     other_event_every: int = 0  # every Nth note also makes an unrelated account event
-    account_reference: str = "user_sandbox"
+    account_reference: str = "user_sandbox"  # the reference id of ``access_token``
+    tokens: tuple[tuple[str, str], ...] = ()  # more (access_token, reference id) pairs
+    revoked: frozenset[str] = frozenset()  # access tokens answered 401 (revoked connections)
     events_shape: EventsShape = "event_id"  # which documented GET /v1/webhook-events shape
 
 
@@ -115,6 +123,7 @@ class _Job:
     emr_task_id: str
     note: str
     key: bytes
+    reference: str = "user_sandbox"  # access_token_reference_id of the token that sent it
 
 
 class Emulator:
@@ -127,6 +136,13 @@ class Emulator:
         # sink file outlives it): a seeded generator would hand out the same ids again.
         self._ids = random.SystemRandom()
         self.stored: Counter[str] = Counter()
+        self.stored_by: Counter[str] = Counter()  # notes stored per reference id
+        self.refused: Counter[str] = Counter()  # 401s per reference id (revoked tokens)
+        self.answered_by: list[tuple[str, int]] = []  # (reference id, status), in order
+        self._in_flight_by: Counter[str] = Counter()
+        self.max_in_flight_by: Counter[str] = Counter()  # most requests at once, per reference
+        self._references = {options.access_token: options.account_reference,
+                            **dict(options.tokens)}
         self.responses: Counter[int] = Counter()
         self.requests = 0
         self.in_flight = 0
@@ -180,12 +196,18 @@ class Emulator:
         self.arrivals.append(time.monotonic())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        reference = self._references.get(request.headers.get("access_token", ""), "")
+        self._in_flight_by[reference] += 1
+        self.max_in_flight_by[reference] = max(self.max_in_flight_by[reference],
+                                               self._in_flight_by[reference])
         try:
             response = await self._handle_note(request)
         finally:
             self.in_flight -= 1
+            self._in_flight_by[reference] -= 1
         self.responses[response.status_code] += 1
         self.answers.append((time.monotonic(), response.status_code))
+        self.answered_by.append((reference, response.status_code))
         return response
 
     async def _handle_note(self, request: Request) -> Response:
@@ -194,6 +216,10 @@ class Emulator:
             await anyio.sleep(self._random.uniform(low, high) / 1000)
         if not self._authorised(request):
             return _error(401, "Unauthorized: invalid client_id, client_secret or access_token")
+        reference = self._references[request.headers["access_token"]]
+        if request.headers["access_token"] in self.options.revoked:
+            self.refused[reference] += 1
+            return _error(401, "Unauthorized: access token revoked")
         body = await request.body()
         shape = _check_body(body)
         if isinstance(shape, Response):
@@ -202,24 +228,26 @@ class Emulator:
         key = bytes.fromhex(note_key(emr_task_id, note))
         attempt = self._attempts[key]
         self._attempts[key] += 1
-        before = self._fault_before_store(key, attempt, emr_task_id, request)
+        before = self._fault_before_store(key, attempt, emr_task_id, request, reference)
         if before is not None:
             return before
-        job = self._store(emr_task_id, note, key)
+        job = self._store(emr_task_id, note, key, reference)
         return await self._answer_after_store(job, attempt, request)
 
     def _authorised(self, request: Request) -> bool:
         o, h = self.options, request.headers
         return (h.get("client_id") == o.client_id and h.get("client_secret") == o.client_secret
-                and h.get("access_token") == o.access_token)
+                and h.get("access_token") in self._references)
 
     def _fault_before_store(
-        self, key: bytes, attempt: int, task_id: str, request: Request
+        self, key: bytes, attempt: int, task_id: str, request: Request, reference: str
     ) -> Response | None:
         f = self.options.faults
         if self.options.rate_limit and not self._take_token():
             return self._busy(429, "Too many requests", max(f.retry_after_s,
                                                               1 / self.options.rate_limit))
+        if f.only_references and reference not in f.only_references:
+            return None
         fault = self._fault("before", key, attempt, task_id, (
             (f.rate_429, "429"), (f.rate_503 + self.options.error_rate, "503"),
             (f.rate_400, "400"), (f.drop_before_store, "drop"),
@@ -234,11 +262,12 @@ class Emulator:
 
     async def _answer_after_store(self, job: _Job, attempt: int, request: Request) -> Response:
         f = self.options.faults
-        fault = self._fault("after", job.key, attempt, job.emr_task_id, (
+        fault = None if f.only_references and job.reference not in f.only_references else (
+            self._fault("after", job.key, attempt, job.emr_task_id, (
             (f.rate_500_after_store, "500"), (f.garbage_after_store, "garbage"),
             (f.slow_after_store, "slow"), (f.drop_after_store, "drop"),
             (f.reset_after_store, "reset"),
-        ))
+        )))
         if fault == "500":
             return _error(500, "Internal server error")
         if fault == "garbage":
@@ -308,10 +337,12 @@ class Emulator:
                                  digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
 
-    def _store(self, emr_task_id: str, note: str, key: bytes) -> _Job:
+    def _store(self, emr_task_id: str, note: str, key: bytes, reference: str) -> _Job:
         self._next_job += 1
-        job = _Job(self._next_job, f"{self._ids.getrandbits(96):024x}", emr_task_id, note, key)
+        job = _Job(self._next_job, f"{self._ids.getrandbits(96):024x}", emr_task_id, note, key,
+                   reference)
         self.stored[key.hex()] += 1
+        self.stored_by[reference] += 1
         low, high = self.options.outcome_delay_ms
         due = time.monotonic() + self._random.uniform(low, high) / 1000
         heapq.heappush(self._due, (due, job.job_id, job))
@@ -335,7 +366,7 @@ class Emulator:
                 await self._wake.wait()
 
     def _outcome_events(self, job: _Job) -> list[dict[str, Any]]:
-        events = [self._envelope(job, self._outcome(job))]
+        events = [self._envelope(job, self._outcome(job), job.reference)]
         every = self.options.other_event_every
         if every and job.job_id % every == 0:
             events.append(self._other_event(job))
@@ -361,11 +392,12 @@ class Emulator:
             "reasons": [{"code": failure[0], "description": failure[1]}],
         }
 
-    def _envelope(self, job: _Job | None, typed: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    def _envelope(self, job: _Job | None, typed: tuple[str, dict[str, Any]],
+                  reference: str | None = None) -> dict[str, Any]:
         event_type, data = typed
         return {
             "id": "evt_" + "".join(self._ids.choices(_ALNUM, k=24)),
-            "access_token_reference_id": self.options.account_reference,
+            "access_token_reference_id": reference or self.options.account_reference,
             "object": "event",
             "created": _iso(datetime.now(UTC)),
             "type": event_type,
@@ -374,7 +406,8 @@ class Emulator:
         }
 
     def _other_event(self, job: _Job) -> dict[str, Any]:
-        return self._envelope(None, ("patient.updated", {"patient_id": f"pat_{job.job_id}"}))
+        return self._envelope(None, ("patient.updated", {"patient_id": f"pat_{job.job_id}"}),
+                              job.reference)
 
     async def _deliver(
         self, client: httpx.AsyncClient, limiter: anyio.CapacityLimiter, event: dict[str, Any],
@@ -489,6 +522,8 @@ class Emulator:
             "responses": {str(k): v for k, v in sorted(self.responses.items())},
             "stored": dict(self.stored),
             "stored_total": sum(self.stored.values()),
+            "stored_by": dict(self.stored_by),
+            "refused": dict(self.refused),
             "max_in_flight": self.max_in_flight,
             "deliveries": dict(self.deliveries),
             "events": len(self.events),

@@ -67,6 +67,10 @@ class Faults:
         flag="--faults-only-first", metavar="N", config=False))
     only_tasks: frozenset[str] = field(default=frozenset(), metadata=knob(
         "not empty: faults hit only these task ids", config=False))
+    only_references: frozenset[str] = field(default=frozenset(), metadata=knob(
+        "not empty: faults hit only the notes of these connections "
+        "(access_token_reference_id), e.g. a 429 storm on one clinic",
+        flag="--faults-only-reference", metavar="REF[,REF...]"))
     retry_after_s: Seconds = field(default=1.0, metadata=knob(
         "Retry-After of a 429/503, in seconds", flag="--retry-after", metavar="S"))
     retry_after_as_date: bool = field(default=False, metadata=knob(
@@ -113,6 +117,8 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
 def _parser(annotation: Any) -> Any:
     """An argparse ``type=`` that checks a value against ``annotation``'s bounds."""
     adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+    if typing.get_origin(annotation) is frozenset:  # a set of names: comma-separated
+        return lambda text: frozenset(t.strip() for t in text.split(",") if t.strip())
 
     def parse(text: str) -> Any:
         try:

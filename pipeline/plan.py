@@ -149,7 +149,8 @@ class Scan:
         # record the row; a dry run with no ledger to consult needs none.
         self._records = not isinstance(recorder, Discard)
         self._keyed = self._lookup is not None or self._records
-        self.validator = Validator(config.input, config.validation)
+        self.validator = Validator(config.input, config.validation,
+                                   accounts=config.api.accounts or ())
         self.counts = ScanCounts()
         self.completed = False  # every input read to its end (or to the --limit cut)
         self.file_no = 0  # the file being read
@@ -261,7 +262,8 @@ class Scan:
         key_of: dict[int, bytes] = {}
         earlier: dict[bytes, Earlier] = {}
         if self._keyed:
-            key_of = {i: row_key(self._account, batch.task_ids[i], batch.notes[i])
+            key_of = {i: row_key(batch.account(i, self._account), batch.task_ids[i],
+                                 batch.notes[i])
                       for i in batch.sendable()}
             if self._lookup is not None:
                 earlier = self._lookup.earlier(self._run_id, list(key_of.values()))
@@ -294,7 +296,7 @@ class Scan:
         """Rows NFC changed: also look up the key a version before NFC gave them, so a note
         it sent is not sent again in its other form."""
         assert self._lookup is not None
-        old = {i: row_key(self._account, task, note, nfc=False)
+        old = {i: row_key(batch.account(i, self._account), task, note, nfc=False)
                for i, (task, note) in batch.as_written.items() if i in key_of}
         found = self._lookup.earlier(self._run_id, list(old.values()))
         for i, key in old.items():
@@ -336,7 +338,7 @@ class Scan:
             ref_id = found.row_id
         return NewRow(batch.file_no, batch.lines[i], batch.task_ids[i][:200],
                       None if status == "rejected" else key, status, error, ref_id,
-                      batch.passthrough[i])
+                      batch.passthrough[i], account=batch.accounts[i] if batch.accounts else None)
 
     def _count(self, statuses: list[Status]) -> None:
         c = self.counts
@@ -361,7 +363,7 @@ def pending_jobs(config: RunConfig, inputs: Inputs, reader: Ledger, run_id: str,
     account = config.api.account_id()
     pending = reader.rows_to_send(run_id)
     head = next(pending, None)
-    validator = Validator(config.input, config.validation)
+    validator = Validator(config.input, config.validation, accounts=config.api.accounts or ())
     out: list[Job] = []
     for file_no, path in enumerate(inputs.paths):
         if head is None:
@@ -376,9 +378,11 @@ def pending_jobs(config: RunConfig, inputs: Inputs, reader: Ledger, run_id: str,
                         continue
                     row_id, _, _, task_id, key = head
                     note = batch.notes[i]
-                    same = row_key(account, batch.task_ids[i], note) == key
-                    out.append(Job(row_id, task_id, note) if same else Job(
-                        row_id, task_id, "", skip="the input file changed since it was read"))
+                    row_account = batch.account(i, account)
+                    same = row_key(row_account, batch.task_ids[i], note) == key
+                    out.append(Job(row_id, task_id, note, account=row_account) if same else Job(
+                        row_id, task_id, "", skip="the input file changed since it was read",
+                        account=row_account))
                     head = next(pending, None)
                 if out:
                     yield out
@@ -397,5 +401,5 @@ def head(batch: CheckedBatch, n: int) -> CheckedBatch:
         batch.passthrough[:n], batch.cells[:n],
         {i: p for i, p in batch.problems.items() if i < n},
         {i: d for i, d in batch.duplicate_of.items() if i < n},
-        raw={i: r for i, r in batch.raw.items() if i < n})
+        raw={i: r for i, r in batch.raw.items() if i < n}, accounts=batch.accounts[:n])
 

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -68,10 +68,13 @@ _BATCH: Final = 10_000
 
 
 def ingest(ledger: Ledger, sink: Path, account: str, *,
-           redactor: ReasonRedactor | None = None) -> int:
+           redactor: ReasonRedactor | None = None,
+           accounts: Mapping[str, str] | None = None) -> int:
     """Mirror what the sink file gained since last time into the ledger; returns new events.
 
-    ``account`` keys the note hash of each created event, as ``row_key`` keys rows.
+    ``account`` keys the note hash of each created event, as ``row_key`` keys rows;
+    ``accounts`` (api.accounts: access_token_reference_id -> account) the hash of an
+    event of a known connection.
     Free text is untrusted: each ``failure_reason`` is redacted against its rows'
     notes, read back from the input by ``redactor``, or withheld (reason codes kept)
     where they cannot be (pipeline/reasons.py); without a ``redactor`` it is withheld.
@@ -110,7 +113,9 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
-        elif (record := _record(event, end, account, tally, receipts or {})) is not None:
+        elif (record := _record(event, end, account, tally, receipts or {},
+                                event_account=(accounts or {}).get(
+                                    str(event.get("access_token_reference_id"))))) is not None:
             batch.append(record)
             pruned += record[1] == "created" and record[8] is None and is_pruned(event)
         if len(batch) + len(aside) >= _BATCH:
@@ -135,7 +140,8 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
 
 
 def ingest_postgres(ledger: PgLedger, account: str, *,
-                    redactor: ReasonRedactor | None = None) -> int:
+                    redactor: ReasonRedactor | None = None,
+                    accounts: Mapping[str, str] | None = None) -> int:
     """``ingest`` with ``state.url``: mirror what the sink table (``sink_events``) gained
     since last time, in commit order (``seq`` is the position); returns new events.
 
@@ -165,7 +171,9 @@ def ingest_postgres(ledger: PgLedger, account: str, *,
             event_id = event.get("id")
             receipts = ({event_id: receipt} if isinstance(event_id, str)
                         and verdict != NO_RECEIPT else {})
-            if (record := _record(event, seq, account, tally, receipts)) is not None:
+            if (record := _record(event, seq, account, tally, receipts,
+                                  event_account=(accounts or {}).get(
+                                      str(event.get("access_token_reference_id"))))) is not None:
                 batch.append(record)
         position = found[-1][0]
         added += ledger.add_events(redactor.clean(batch), dict(tally), offset=position,
@@ -195,7 +203,11 @@ def _set_aside(sink: Path, lines: list[SetAside]) -> None:
 
 
 def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
-            receipts: dict[str, Receipt]) -> EventRecord | None:
+            receipts: dict[str, Receipt], *, event_account: str | None = None
+            ) -> EventRecord | None:
+    """The event as the mirror stores it; ``event_account``: the account its
+    access_token_reference_id names (api.accounts), which keys its note hash and which a
+    matched row's own account must agree with (rules.py)."""
     kind = _KINDS.get(str(event.get("type")))
     event_id = event.get("id")
     if not isinstance(event_id, str) or not event_id:
@@ -210,7 +222,7 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     ekey = None
     task_id, note = data.get("emr_task_id"), data.get("note")
     if kind == "created" and isinstance(task_id, str) and isinstance(note, str):
-        ekey = row_key(account, task_id, note)
+        ekey = row_key(event_account or account, task_id, note)
     job_id = event.get("job_id")
     # failure_reason is untrusted free text: ReasonRedactor.clean makes it safe before storing.
     reason = data.get("failure_reason")
@@ -231,7 +243,7 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
             None if job_id is None else safe_id(str(job_id).strip(), own),
             safe_id(data.get("task_note_id"), own), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
-            ekey, end, outcome_at, clock)
+            ekey, end, outcome_at, clock, event_account)
 
 
 def _text(value: object) -> str | None:
@@ -312,10 +324,13 @@ class Reconciler:
     """Reconciles runs of one ledger against one sink file, reading the file once."""
 
     def __init__(self, ledger: Ledger, sink: Path, *, inputs: InputConfig | None = None,
-                 secrets: Sequence[str] = ()) -> None:
+                 secrets: Sequence[str] = (), references: Mapping[str, str] | None = None
+                 ) -> None:
         """``inputs`` (the config's ``input``) lets a webhook's ``failure_reason`` be redacted
         against its row's note read back from the input; without it the text is withheld
-        and only reason codes are kept. ``secrets``: credentials also kept out of it."""
+        and only reason codes are kept. ``secrets``: credentials also kept out of it.
+        ``references``: access_token_reference_id -> account (api.accounts)."""
+        self._references = dict(references or {})
         self._ledger = ledger
         self._sink = sink
         self._redactor = ReasonRedactor(ledger, inputs, tuple(secrets))
@@ -330,17 +345,25 @@ class Reconciler:
         for value in (api.client_id, api.client_secret, api.access_token):
             if value is not None and value.get_secret_value():
                 secrets.append(value.get_secret_value())
+        for settings in (api.accounts or {}).values():
+            if settings.access_token is not None and settings.access_token.get_secret_value():
+                secrets.append(settings.access_token.get_secret_value())
         with contextlib.suppress(PipelineError):
             secrets += [s.decode() for s in config.webhooks.all_secrets()]
-        return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets)
+        # an event's connection -> its account (reference_id; the name in a sandbox's emulator)
+        references = {a.reference_id or name: name for name, a in (api.accounts or {}).items()}
+        return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets,
+                   references=references)
 
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
             if isinstance(self._ledger, PgLedger):
-                ingest_postgres(self._ledger, account, redactor=self._redactor)
+                ingest_postgres(self._ledger, account, redactor=self._redactor,
+                                accounts=self._references)
             else:
-                ingest(self._ledger, self._sink, account, redactor=self._redactor)
+                ingest(self._ledger, self._sink, account, redactor=self._redactor,
+                       accounts=self._references)
             changed = self._ledger.match_outcomes()
             if changed:
                 log.info("%d rows have a new outcome", changed)
@@ -406,8 +429,12 @@ def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.S
         (status == "held", "ambiguous", out["error"].fillna("")),
         ((status == "accepted") & (outcome == "created"), "confirmed", ""),
         ((status == "accepted") & (outcome == "failed"), "failed_in_emr", ""),
-        ((status == "accepted") & (outcome == "conflict"), "ambiguous",
+        ((status == "accepted") & (outcome == "conflict")
+         & out["event_id"].fillna("").str.contains(";", regex=False), "ambiguous",
          "conflict: both task_note.created and task_note.failed for this job"),
+        ((status == "accepted") & (outcome == "conflict"), "ambiguous",
+         "conflict: the event came from another account's connection "
+         "(its access_token_reference_id is not this row's account's reference_id)"),
         (status == "accepted", "awaiting_outcome", "no outcome event yet"),
         (status == "api_rejected", "rejected_by_api", ""),
         ((status == "ambiguous") & (outcome == "created"), "confirmed",

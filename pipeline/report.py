@@ -164,8 +164,11 @@ def _write_results(result: RunResult, path: Path, settings: ReportConfig,
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as fh:
         header = True
+        accounts: bool | None = None  # the run's rows name their accounts (api.accounts)
         for chunk in result.chunks():
-            table = results_table(chunk, passthrough)
+            if accounts is None:
+                accounts = bool("account" in chunk and chunk["account"].notna().any())
+            table = results_table(chunk, passthrough, accounts=accounts)
             shareable(table).to_csv(fh, index=False, header=header, lineterminator="\n")
             header = False
             tally.add(chunk, table)
@@ -202,12 +205,15 @@ def known_counts(config: RunConfig, run_id: str) -> dict[str, int]:
     return {status: int(counts[status]) for status in FINAL_STATUSES}
 
 
-def results_table(rows: pd.DataFrame, passthrough: list[str]) -> pd.DataFrame:
-    """results.csv rows: the README's columns, then the passthrough columns, then detail and
-    outcome_clock."""
+def results_table(rows: pd.DataFrame, passthrough: list[str], *,
+                  accounts: bool = False) -> pd.DataFrame:
+    """results.csv rows: the README's columns, ``account`` (``accounts``: a run of
+    api.accounts), then the passthrough columns, then detail and outcome_clock."""
     out = pd.DataFrame(index=rows.index)
     for column in RESULT_COLUMNS:
         out[column] = rows.get(column, "")
+    if accounts:
+        out["account"] = rows["account"]
     out["error"] = rows["error"].where(rows["status"].isin(ERROR_STATUSES), None)
     out["http_status"] = rows["http_status"].astype("Int64").astype("string")
     for i, name in enumerate(passthrough):
@@ -316,6 +322,7 @@ class _Tally:
         self._retryable = tuple(p.lower() for p in settings.retryable_failures)
         self.rows = 0
         self.counts: Counter[str] = Counter()
+        self.by_account: dict[str, Counter[str]] = {}  # api.accounts: counts per account
         self.submit: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.evidence = 0
@@ -337,6 +344,9 @@ class _Tally:
     def add(self, rows: pd.DataFrame, table: pd.DataFrame) -> None:
         self.rows += len(table)
         self.counts.update(table["final_status"])
+        if "account" in table:
+            for account, status in zip(table["account"], table["final_status"], strict=True):
+                self.by_account.setdefault(str(account) or "(unknown)", Counter())[status] += 1
         self.submit.update(s for s in table["submit_status"] if s)
         failed = table["final_status"] == "failed_in_emr"
         self.reasons.update(r or "(no reason given)" for r in table.loc[failed, "failure_reason"])
@@ -586,6 +596,9 @@ class Summary:
     exit_code: int | None
     exit_code_now: int
     report: ReportStamp
+    # api.accounts: rows per final status of each account ("(unknown)": unknown-account
+    # rejects); None for a single-account run.
+    accounts: dict[str, dict[str, int]] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON object summary.json holds (nested records as objects)."""
@@ -657,6 +670,9 @@ def summarise(
             oldest_waiting_s=(int(tally.oldest_waiting)
                               if tally.oldest_waiting is not None else None),
         ),
+        accounts={name: {"rows": sum(c.values()),
+                         **{s: int(c[s]) for s in FINAL_STATUSES if c[s]}}
+                  for name, c in sorted(tally.by_account.items())} or None,
     )
 
 
@@ -726,6 +742,8 @@ def render_html(
         total=total,
         confirmed=summary.final_status["confirmed"],
         bars=_bars(summary.final_status, total),
+        account_statuses=[s for s in FINAL_STATUSES
+                          if any(c.get(s) for c in (summary.accounts or {}).values())],
         reasons=summary.failure_reasons[:20],
         histogram=tally.histogram(),
         attention=[{**r, "preview": (previews or {}).get((r["source_file"], r["line"]), "")}

@@ -115,20 +115,34 @@ class Pacer:
     async def wait_turn(self, wanted: int = 1) -> int:
         """Wait for the next slot; returns how many starts may go now (1 to ``wanted``)."""
         while True:
-            now = self._clock()
-            if self.resume_at > now:
-                await anyio.sleep(self.resume_at - now)
-                continue
-            if not self._interval:
-                return wanted
-            earliest = now - (self._burst - 1) * self._interval  # missed slots still usable
-            self._next = max(self._next, earliest)
-            if self._next > now:
-                await anyio.sleep(self._next - now)
-                continue
-            granted = min(wanted, int((now - self._next) / self._interval) + 1)
-            self._next += granted * self._interval
-            return granted
+            granted = self.take(wanted)
+            if granted:
+                return granted
+            await anyio.sleep(max(0.0, self.next_at() - self._clock()))
+
+    def take(self, wanted: int = 1) -> int:
+        """The starts that may go now (0 to ``wanted``), without waiting; 0 while paused."""
+        now = self._clock()
+        if self.resume_at > now:
+            return 0
+        if not self._interval:
+            return wanted
+        earliest = now - (self._burst - 1) * self._interval  # missed slots still usable
+        self._next = max(self._next, earliest)
+        if self._next > now:
+            return 0
+        granted = min(wanted, int((now - self._next) / self._interval) + 1)
+        self._next += granted * self._interval
+        return granted
+
+    def give_back(self, n: int) -> None:
+        """Return ``n`` starts ``take`` granted but that were not used."""
+        if n > 0 and self._interval:
+            self._next -= n * self._interval
+
+    def next_at(self) -> float:
+        """When (clock seconds) ``take`` may next grant a start."""
+        return max(self.resume_at, self._next)
 
 
 class Backoff:

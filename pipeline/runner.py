@@ -130,10 +130,22 @@ async def send_pending(
                disable=not (progress and sys.stderr.isatty()), desc="sending")
     try:
         webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
-        async with CobaltClient(api, max_connections=config.submit.concurrency,
-                                more_secrets=webhook_secrets) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            # api.accounts: a client (a token, a pool) per account; the Submitter alone
+            # bounds each account's requests in flight (a pool wait would count as sending)
+            clients = {
+                name: await stack.enter_async_context(CobaltClient(
+                    api, max_connections=config.submit.concurrency,
+                    more_secrets=webhook_secrets, account=name))
+                for name in api.accounts or ()}
+            if clients:
+                client = next(iter(clients.values()))
+            else:
+                client = await stack.enter_async_context(CobaltClient(
+                    api, max_connections=config.submit.concurrency,
+                    more_secrets=webhook_secrets))
             submitter = Submitter(client, ledger, config.submit, control=control,
-                                  progress=bar)
+                                  progress=bar, accounts=api.accounts, clients=clients)
             jobs = pending_jobs(config, inputs, reader, run_id)
             async with contextlib.aclosing(_stepwise(jobs)) as batches:
                 return await submitter.run(batches)
@@ -310,6 +322,11 @@ class Run:
             if sandbox is not None and not self.control.stopped:
                 with self._timer("wait"):
                     await sandbox.wait_for_outcomes(self.control)
+        if stats.refused:  # the other accounts ran to the end; the run still says so: exit 3
+            self.control.stop("credentials refused by Cobalt for account"
+                              f"{'s' if len(stats.refused) > 1 else ''} "
+                              f"{', '.join(sorted(stats.refused))}; their unsent rows are "
+                              "send_failed; check api.accounts.<name>.access_token")
         return stats
 
     @contextlib.contextmanager

@@ -66,16 +66,20 @@ class Sandbox:
 def emulator_options(config: RunConfig, webhook_url: str) -> EmulatorOptions:
     """The emulator, told the same credentials and webhook secret as the config."""
     client_id, client_secret, access_token = config.api.credentials()
+    # api.accounts: every account's token, its reference id reference_id (else its name)
+    tokens = tuple((config.api.credentials(name)[2], a.reference_id or name)
+                   for name, a in (config.api.accounts or {}).items())
+    e = config.sandbox.emulator
     secrets = config.webhooks.all_secrets()
     if not secrets:
         raise ConfigError("webhooks.secret: a sandbox run needs a webhook secret")
-    e = config.sandbox.emulator
     return EmulatorOptions(
         client_id=client_id, client_secret=client_secret, access_token=access_token,
         webhook_url=webhook_url, webhook_secret=secrets[0].decode(),
         latency_ms=e.latency_ms, outcome_delay_ms=e.outcome_delay_ms, fail_rate=e.fail_rate,
         missing_tasks=frozenset(e.missing_tasks), seed=e.seed, rate_limit=e.rate_limit,
-        faults=e.faults, events_shape=e.events_shape,
+        faults=e.faults, events_shape=e.events_shape, tokens=tokens,
+        revoked=frozenset(config.api.credentials(name)[2] for name in e.revoked_accounts),
     )
 
 

@@ -115,6 +115,7 @@ class Header:
     task_col: int
     note_col: int
     passthrough_cols: tuple[int, ...]
+    account_col: int | None = None  # input.columns.account's field (with api.accounts)
     # The file's effective encoding (a byte-order mark decides) and its mark, if any: the
     # encoding in which a copy of its rows (rejects.csv) can always be written.
     encoding: str = "utf-8"
@@ -711,6 +712,8 @@ def make_header(path: Path, names: list[str], line: int, settings: InputConfig) 
     wanted = {
         "input.columns.emr_task_id": settings.columns.emr_task_id,
         "input.columns.note": settings.columns.note,
+        **({"input.columns.account": settings.columns.account}
+           if settings.columns.account else {}),
         **{f"input.passthrough ({p})": p for p in settings.passthrough},
     }
     seen: dict[str, int] = {}
@@ -736,6 +739,8 @@ def make_header(path: Path, names: list[str], line: int, settings: InputConfig) 
         task_col=clean.index(settings.columns.emr_task_id),
         note_col=clean.index(settings.columns.note),
         passthrough_cols=tuple(clean.index(p) for p in settings.passthrough),
+        account_col=(clean.index(settings.columns.account) if settings.columns.account
+                     else None),
     )
 
 

@@ -40,6 +40,7 @@ as ``reconcile`` does; no report is written and no note text is read.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -83,11 +84,16 @@ class OpenKind:
     settle: str
     rows: tuple[dict[str, Any], ...] = ()
     rows_total: int = 0
+    by_account: dict[str, int] | None = None  # api.accounts: ``count`` per account
 
     def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "stale": self.stale, "oldest_age_s": self.oldest_age_s,
-                "run_ids": list(self.run_ids), "redrive_files": list(self.redrive_files),
-                "settle": self.settle, "rows": list(self.rows), "rows_total": self.rows_total}
+        found: dict[str, Any] = {
+            "count": self.count, "stale": self.stale, "oldest_age_s": self.oldest_age_s,
+            "run_ids": list(self.run_ids), "redrive_files": list(self.redrive_files),
+            "settle": self.settle, "rows": list(self.rows), "rows_total": self.rows_total}
+        if self.by_account is not None:
+            found["by_account"] = dict(self.by_account)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +164,8 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
         rows = ledger.open_rows(running)
         rows["failed_retryable"] = _retryable(ledger, config.report.retryable_failures)
         groups = _by_precedence(rows, stale_before)
+        per_account = (_per_account(rows, ledger.key_accounts()) if config.api.multi
+                       else None)
         groups["not_read"] = _not_read(ledger)
         redrive = _current_redrive(ledger, config, groups)
         unsent = ledger.send_failed_rows(running, ROWS_SHOWN)
@@ -166,7 +174,7 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
         ledger.close()
     return _assemble(config, config_path, now, groups,
                      {} if holder is None else {"pid": str(holder)}, redrive=redrive,
-                     unsent=unsent)
+                     unsent=unsent, per_account=per_account)
 
 
 def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) -> int:
@@ -222,6 +230,20 @@ def _by_precedence(rows: dict[str, list[OpenRow]], stale_before: str) -> dict[st
     return out
 
 
+def _per_account(rows: dict[str, list[OpenRow]], accounts: dict[bytes, str]
+                 ) -> dict[str, dict[str, int]]:
+    """kind -> account -> notes, each note under the first kind that holds it (as
+    ``_by_precedence`` counts them); a note of a single-account run is not counted."""
+    taken: set[bytes] = set()
+    out: dict[str, dict[str, int]] = {}
+    for kind in PRECEDENCE:
+        keys = {key for _, key, _ in rows[kind] if key not in taken}
+        taken |= keys
+        counts = Counter(accounts[k] for k in keys if k in accounts)
+        out[kind] = dict(sorted(counts.items()))
+    return out
+
+
 def _not_read(ledger: Ledger) -> OpenGroup:
     found = ledger.not_read()
     starts = [ledger.run(run_id).started_at for run_id, _ in found]
@@ -265,7 +287,8 @@ def _current_redrive(ledger: Ledger, config: RunConfig,
 def _assemble(config: RunConfig, config_path: str, now: datetime,
               groups: dict[str, OpenGroup], extra: dict[str, str], *,
               redrive: dict[str, str] | None = None,
-              unsent: tuple[int, list[tuple[str, str | None, int]]] = (0, [])) -> LedgerStatus:
+              unsent: tuple[int, list[tuple[str, str | None, int]]] = (0, []),
+              per_account: dict[str, dict[str, int]] | None = None) -> LedgerStatus:
     pid = f" (pid {extra['pid']})" if "pid" in extra else ""
     settle = {
         "awaiting_outcome": f"tasknotes poll {config_path}",
@@ -302,7 +325,8 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
             rows = tuple({"run_id": r, "source_file": f, "line": n} for r, f, n in unsent[1])
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
                               group.run_ids, offered, settle[name], rows,
-                              unsent[0] if name == "send_failed" else 0))
+                              unsent[0] if name == "send_failed" else 0,
+                              None if per_account is None else per_account.get(name, {})))
     return LedgerStatus(_iso(now), state_location(config), config.report.stale_after,
                         tuple(kinds))
 

@@ -21,6 +21,14 @@ requests in flight finish, for at most submit.drain_timeout_s; rows not
 started stay ``pending`` for the next run. A commit that fails for want of
 disk space (StorageFull) is such a stop: the wave it would have marked
 ``sending`` is not started, and the results it held are tried once more at the end.
+
+Several accounts (``api.accounts``): each account is a lane with its own client
+(its token), its own ``rate_per_second`` and ``concurrency`` under the global
+ones, and its own pause: a 429/503 Retry-After pauses that account only. A
+401/403 refuses that account only: its rows not yet answered end ``failed``
+("account X: credentials refused ..."), the other accounts run to the end, and
+``SubmitStats.refused`` names the refused accounts (the run then exits 3).
+With one account there is one lane, and a 401/403 stops the run as above.
 """
 
 from __future__ import annotations
@@ -30,14 +38,14 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.config import SubmitConfig
+from pipeline.config import AccountConfig, SubmitConfig
 from pipeline.errors import (
     ApiError,
     CredentialsRefused,
@@ -66,6 +74,7 @@ class Job:
     emr_task_id: str
     note: str
     skip: str | None = None  # set: record the row as failed with this reason, do not send
+    account: str = ""  # api.accounts: whose token sends it ('' with a single account)
 
 
 class NoteSender(Protocol):
@@ -93,6 +102,7 @@ class SubmitStats:
     commits: int = 0
     started: float = 0.0
     finished: float = 0.0
+    refused: dict[str, str] = field(default_factory=dict)  # account -> why (api.accounts)
 
     @property
     def seconds(self) -> float:
@@ -107,6 +117,28 @@ class _Retry:
     attempt: int = field(compare=False)
 
 
+# Jobs read ahead of sending at most (all lanes): a paused account's rows wait here while
+# the others' are read past them; beyond this, reading waits for the pause to end.
+READ_AHEAD = 10_000
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One account's queue: its jobs, retries, requests in flight, pace and refusal."""
+
+    name: str
+    pacer: Pacer
+    concurrency: int
+    fresh: deque[Job] = field(default_factory=deque)
+    retries: list[_Retry] = field(default_factory=list)  # a heap, by due time
+    in_flight: int = 0
+    refused: str | None = None  # set: its credentials were refused; nothing more is sent
+
+    def due(self, now: float) -> int:
+        """Jobs that could start now, pace aside (fresh ones and retries fallen due)."""
+        return len(self.fresh) + sum(1 for r in self.retries if r.due <= now)
+
+
 class Submitter:
     """Sends jobs; every state change goes to the ledger in the dispatcher's wave commits."""
 
@@ -119,8 +151,13 @@ class Submitter:
         control: Control | None = None,
         progress: Progress | None = None,
         backoff: Backoff | None = None,
+        accounts: Mapping[str, AccountConfig] | None = None,
+        clients: Mapping[str, NoteSender] | None = None,
     ) -> None:
+        """``accounts`` (api.accounts): a lane per account, each job sent through
+        ``clients[job.account]`` (``client`` for an account not in it)."""
         self._client = client
+        self._clients = dict(clients or {})
         self._ledger = ledger
         self._settings = settings
         self.control = control or Control()
@@ -131,8 +168,13 @@ class Submitter:
         self._policy = RetryPolicy.of(settings, backoff=backoff,
                                       repeat_unknown=settings.on_ambiguous == "resend")
         self._results: list[Attempt] = []
-        self._fresh: deque[Job] = deque()
-        self._retries: list[_Retry] = []
+        self._isolated = accounts is not None
+        self._lanes: dict[str, _Lane] = {}
+        if accounts is None:
+            self._lanes[""] = _Lane("", self._pacer, settings.concurrency)
+        for name, limits in (accounts or {}).items():
+            self._lanes[name] = self._new_lane(name, limits)
+        self._turn = 0  # which lane the next wave starts with: no account goes first always
         self._tiebreak = itertools.count()
         self._in_flight = 0
         self._changed = anyio.Event()
@@ -142,6 +184,21 @@ class Submitter:
         # "provably not sent" again, whatever a later attempt says.
         self._unsure: set[int] = set()
         self.stats = SubmitStats()
+
+    def _new_lane(self, name: str, limits: AccountConfig | None) -> _Lane:
+        """An account's lane: its limits capped by the global ones."""
+        rate = limits.rate_per_second if limits is not None else None
+        concurrency = min(self._settings.concurrency,
+                          (limits.concurrency if limits is not None else None)
+                          or self._settings.concurrency)
+        burst = min(concurrency, math.ceil(rate * 0.05)) if rate else 1
+        return _Lane(name, Pacer(rate, burst=burst), concurrency)
+
+    def _lane(self, job: Job) -> _Lane:
+        lane = self._lanes.get(job.account) or self._lanes.get("")
+        if lane is None:  # an account the settings did not name: the global limits only
+            lane = self._lanes[job.account] = self._new_lane(job.account, None)
+        return lane
 
     async def run(self, jobs: AsyncIterator[list[Job]]) -> SubmitStats:
         """Send every job (batches from ``jobs``) unless stopped; returns what happened."""
@@ -185,42 +242,79 @@ class Submitter:
         free = self._settings.concurrency - self._in_flight
         if free <= 0:
             return []
-        if not self._fresh and not self._source_done:
+        if not self._source_done and self._read_more():
             self._source_done = not await self._refill(jobs)
-        if not (self._fresh or self._retries or self._in_flight or not self._source_done):
+        lanes = list(self._lanes.values())
+        if self._source_done and not self._in_flight and not any(
+                lane.fresh or lane.retries for lane in lanes):
             return None
-        if self._pacer.resume_at > anyio.current_time():
-            return []  # paused by a 429/503: wait for it (a stop can interrupt the wait)
-        ready = self._fresh or (self._retries and self._retries[0].due <= anyio.current_time())
-        if not ready:
-            return []
-        if self._pacer.limited:
-            free = await self._pacer.wait_turn(free)  # the slots the rate limit allows now
-        wave = self._due_retries(free)
-        while self._fresh and len(wave) < free:
-            wave.append((self._fresh.popleft(), 1))
+        now = anyio.current_time()
+        self._turn = (self._turn + 1) % len(lanes)
+        wave: list[tuple[Job, int]] = []
+        for lane in lanes[self._turn:] + lanes[:self._turn]:
+            room = min(free - len(wave), lane.concurrency - lane.in_flight)
+            if room <= 0 or lane.refused is not None or lane.pacer.resume_at > now:
+                continue  # full, refused, or paused by a 429/503 (a stop interrupts the wait)
+            wanted = min(room, lane.due(now))
+            if wanted:
+                wave += self._take(lane, self._grant(lane, wanted), now)
         return wave
+
+    def _grant(self, lane: _Lane, wanted: int) -> int:
+        """How many of ``wanted`` starts the lane's pace and the global one allow now."""
+        granted = self._pacer.take(wanted)
+        if lane.pacer is self._pacer or not granted:
+            return granted
+        allowed = lane.pacer.take(granted)
+        self._pacer.give_back(granted - allowed)
+        return allowed
+
+    def _take(self, lane: _Lane, n: int, now: float) -> list[tuple[Job, int]]:
+        """Up to ``n`` of the lane's jobs: retries fallen due first, then fresh ones."""
+        wave: list[tuple[Job, int]] = []
+        while lane.retries and lane.retries[0].due <= now and len(wave) < n:
+            retry = heapq.heappop(lane.retries)
+            wave.append((retry.job, retry.attempt))
+        while lane.fresh and len(wave) < n:
+            wave.append((lane.fresh.popleft(), 1))
+        return wave
+
+    def _read_more(self) -> bool:
+        """Read more jobs: no lane that may start one has any, and the read-ahead has room."""
+        now = anyio.current_time()
+        buffered = 0
+        for lane in self._lanes.values():
+            if lane.fresh and lane.refused is None and lane.pacer.resume_at <= now:
+                return False
+            buffered += len(lane.fresh)
+        return buffered < READ_AHEAD
 
     async def _refill(self, jobs: AsyncIterator[list[Job]]) -> bool:
-        try:
-            batch = await anext(jobs)
-        except StopAsyncIteration:
-            return False
-        for job in batch:
-            if job.skip is not None:
-                self._record(job, "failed", None, job.skip)
-                self._done()
-            else:
-                self._fresh.append(job)
-        return True
+        """Read batches until one queues a job to send; False once the source is done.
 
-    def _due_retries(self, free: int) -> list[tuple[Job, int]]:
-        now = anyio.current_time()
-        wave: list[tuple[Job, int]] = []
-        while self._retries and self._retries[0].due <= now and len(wave) < free:
-            retry = heapq.heappop(self._retries)
-            wave.append((retry.job, retry.attempt))
-        return wave
+        A batch whose jobs are all recorded without sending (skipped, or of a refused
+        account) queues nothing: reading on, rather than waiting for a change that
+        nothing in flight would bring, is what keeps the stage from waiting forever.
+        """
+        while True:
+            try:
+                batch = await anext(jobs)
+            except StopAsyncIteration:
+                return False
+            queued = False
+            for job in batch:
+                lane = self._lane(job)
+                if job.skip is not None:
+                    self._record(job, "failed", None, job.skip)
+                    self._done()
+                elif lane.refused is not None:
+                    self._record(job, "failed", None, lane.refused)
+                    self._done()
+                else:
+                    lane.fresh.append(job)
+                    queued = True
+            if queued:
+                return True
 
     def _launch(self, wave: list[tuple[Job, int]],
                 workers: MemoryObjectSendStream[tuple[Job, int]]) -> None:
@@ -228,6 +322,7 @@ class Submitter:
             return  # not marked sending, so not sent: the rows stay pending in the ledger
         for started in wave:
             self._in_flight += 1
+            self._lane(started[0]).in_flight += 1
             workers.send_nowait(started)
 
     async def _worker(self, jobs: MemoryObjectReceiveStream[tuple[Job, int]]) -> None:
@@ -257,14 +352,30 @@ class Submitter:
     async def _wait_for_change(self) -> None:
         """Until a request ends, a job arrives, a retry falls due, or a stop is asked for."""
         self._commit([])  # nothing to start: make the results so far durable meanwhile
-        wait = math.inf
-        if self._retries:
-            wait = max(0.0, self._retries[0].due - anyio.current_time())
-        if self._pacer.resume_at > anyio.current_time():
-            wait = min(wait, self._pacer.resume_at - anyio.current_time())
+        wait = self._next_start() - anyio.current_time()
         self._changed = changed = anyio.Event()
         with self.control.also_setting(changed), anyio.move_on_after(wait):
             await changed.wait()
+
+    def _next_start(self) -> float:
+        """When (clock seconds) a lane may next start a job: a retry falls due, a pause or
+        a rate-limit slot ends. inf: only a request's end (or a new job) can change that."""
+        if self._in_flight >= self._settings.concurrency:
+            return math.inf
+        now = anyio.current_time()
+        wake = math.inf
+        for lane in self._lanes.values():
+            if lane.refused is not None or lane.in_flight >= lane.concurrency:
+                continue
+            if lane.fresh:
+                start = now
+            elif lane.retries:
+                start = lane.retries[0].due
+            else:
+                continue
+            start = max(start, lane.pacer.next_at(), self._pacer.next_at())
+            wake = min(wake, start)
+        return max(wake, now)
 
     async def _wait_for_in_flight(self) -> None:
         while self._in_flight:
@@ -280,12 +391,18 @@ class Submitter:
     # -- one request ----------------------------------------------------------------------
 
     async def _request(self, job: Job, attempt: int) -> None:
+        lane = self._lane(job)
         try:
             error = await self._attempt(job, attempt)
         finally:
             self._in_flight -= 1
+            lane.in_flight -= 1
             self._changed.set()
         if error is None:
+            return
+        if lane.refused is not None:  # refused while this one was in flight: not sent again
+            self._record(job, "failed", error.http_status, lane.refused)
+            self._done()
             return
         delay = retry_delay(error, attempt, self._policy)
         if delay is None:
@@ -299,15 +416,14 @@ class Submitter:
         """One request. Returns the error if the row may be tried again, else None."""
         self.stats.requests += 1
         self.stats.retries += attempt > 1
+        client = self._clients.get(job.account, self._client)
         try:
-            accepted = await self._client.create_task_note(job.emr_task_id, job.note)
+            accepted = await client.create_task_note(job.emr_task_id, job.note)
         except anyio.get_cancelled_exc_class():
             self._record(job, "ambiguous", None, "cancelled while in flight (drain timeout)")
             raise
         except CredentialsRefused as exc:
-            self._record(job, "pending", exc.http_status, exc.message)
-            self.control.stop(f"credentials refused by Cobalt ({exc.own}); check "
-                              "api.client_id, api.client_secret and api.access_token")
+            self._credentials_refused(job, exc)
             return None
         except RequestRejected as exc:
             if job.row_id in self._unsure:  # refused now; an earlier attempt may have landed
@@ -338,11 +454,40 @@ class Submitter:
         return at once.
         """
         now = anyio.current_time()
-        if error.retry_after is not None:
-            self._pacer.pause_until(now + delay)
+        lane = self._lane(job)
+        if error.retry_after is not None:  # the account's pause (everyone's with one account)
+            lane.pacer.pause_until(now + delay)
             delay = self._policy.backoff.delay(1)
-        due = max(now + delay, self._pacer.resume_at)
-        heapq.heappush(self._retries, _Retry(due, next(self._tiebreak), job, attempt))
+        due = max(now + delay, lane.pacer.resume_at)
+        heapq.heappush(lane.retries, _Retry(due, next(self._tiebreak), job, attempt))
+
+    def _credentials_refused(self, job: Job, exc: CredentialsRefused) -> None:
+        """One account: the run stops (the row stays pending). Several: that account's."""
+        if self._isolated:
+            self._refuse(self._lane(job), job, exc)
+            return
+        self._record(job, "pending", exc.http_status, exc.message)
+        self.control.stop(f"credentials refused by Cobalt ({exc.own}); check "
+                          "api.client_id, api.client_secret and api.access_token")
+
+    def _refuse(self, lane: _Lane, job: Job, exc: CredentialsRefused) -> None:
+        """Cobalt refused an account's credentials: this row and every row of the account
+        not yet sent end ``failed`` saying so; the other accounts go on."""
+        if lane.refused is None:
+            lane.refused = (f"account {lane.name}: credentials refused by Cobalt "
+                            f"({exc.own}); nothing more was sent for it; check "
+                            f"api.accounts.{lane.name}.access_token")
+            self.stats.refused[lane.name] = exc.own
+            log.warning("account %s: credentials refused (%s); its other rows are not sent",
+                        lane.name, exc.own)
+        self._record(job, "failed", exc.http_status, lane.refused)
+        self._done()
+        unsent = [*lane.fresh, *(r.job for r in lane.retries)]
+        lane.fresh.clear()
+        lane.retries.clear()
+        for other in unsent:
+            self._record(other, "failed", None, lane.refused)
+            self._done()
 
     def _accepted(self, job: Job, accepted: NoteAccepted) -> None:
         self._results.append(Attempt(

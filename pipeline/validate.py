@@ -32,7 +32,7 @@ import operator
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -56,6 +56,7 @@ TEMPLATES: Final[dict[str, str]] = {
     "note-too-long": "the note has {length} characters; the limit is {limit}",
     "control-characters": "the note contains control character {char} at position {pos}",
     "duplicate-row": "same emr_task_id and note as line {line}{where}",
+    "unknown-account": "the account{shown} is not one of api.accounts ({known})",
 }
 _nfc = unicodedata.normalize
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (less tab, LF), DEL and C1
@@ -98,6 +99,13 @@ class CheckedBatch:
     # Rejected rows: the record's physical lines exactly as read (decoded, line ends kept),
     # for rejects.csv; missing when the source could not give them.
     raw: dict[int, str] = field(default_factory=dict)
+    # With api.accounts: each row's account (input.columns.account), '' for a rejected row
+    # whose value is not a configured account. Empty without api.accounts.
+    accounts: list[str] = field(default_factory=list)
+
+    def account(self, i: int, default: str) -> str:
+        """Row ``i``'s account: its own (api.accounts), else ``default`` (the run's)."""
+        return self.accounts[i] if self.accounts else default
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -132,9 +140,12 @@ class ProblemTally:
 class Validator:
     """Checks the batches of one run; remembers every valid row to find duplicates across files."""
 
-    def __init__(self, settings: InputConfig, rules: ValidationConfig) -> None:
+    def __init__(self, settings: InputConfig, rules: ValidationConfig, *,
+                 accounts: Collection[str] = ()) -> None:
+        """``accounts``: the names of api.accounts, when rows name their account."""
         self._settings = settings
         self._rules = rules
+        self._accounts = frozenset(accounts)
         self._fullmatch = re.compile(rules.emr_task_id_pattern).fullmatch
         self._duplicates = DuplicateIndex()
         self._file_names: dict[int, str] = {}
@@ -196,6 +207,8 @@ class Validator:
             self._repeated_headers(out, header, range(len(out)))
         elif out.problems:
             self._repeated_headers(out, header, list(out.problems))
+        if header.account_col is not None:
+            self._check_accounts(out, header.account_col)
         if self._rules.duplicates != "allow":
             self._mark_duplicates(out)
         if out.problems and source is not None:
@@ -203,6 +216,27 @@ class Validator:
                 raw = source.raw_record(out.lines[i])
                 if raw is not None:
                     out.raw[i] = raw
+
+    def _check_accounts(self, out: CheckedBatch, column: int) -> None:
+        """Each row's account, and ``unknown-account`` for a value not in api.accounts (a
+        value is quoted only if it looks like an account name: never a stray note)."""
+        known = self._accounts
+        for i, cells in enumerate(out.cells):
+            value = cells[column].strip() if column < len(cells) else ""
+            problems = out.problems.get(i, ())
+            if value in known:
+                out.accounts.append(value)
+                continue
+            out.accounts.append("")
+            if any(p.code == "repeated-header" for p in problems):
+                continue
+            shown = f" {value!r}" if _NAME_LIKE.fullmatch(value) else (
+                " (empty)" if not value else "")
+            out.problems[i] = (*problems, Problem.of(
+                "unknown-account", shown=shown, known=", ".join(sorted(known))))
+            if not problems:
+                out.notes[i] = ""
+                out.passthrough[i] = ()
 
     def _careful_row(self, out: CheckedBatch, batch: RawBatch, i: int, header: Header) -> None:
         line, cells = batch.lines[i], batch.rows[i]
@@ -319,9 +353,13 @@ class Validator:
         return tuple(found)
 
     def _mark_duplicates(self, out: CheckedBatch) -> None:
-        if out.problems:
+        if out.accounts:  # the same note for two accounts is two notes
             valid = [i for i in range(len(out)) if i not in out.problems]
-            pairs: Iterable[tuple[str, str]] = ((out.task_ids[i], out.notes[i]) for i in valid)
+            pairs: Iterable[tuple[str, ...]] = (
+                (out.accounts[i], out.task_ids[i], out.notes[i]) for i in valid)
+        elif out.problems:
+            valid = [i for i in range(len(out)) if i not in out.problems]
+            pairs = ((out.task_ids[i], out.notes[i]) for i in valid)
         else:
             valid = list(range(len(out)))
             pairs = zip(out.task_ids, out.notes, strict=True)
@@ -349,6 +387,7 @@ def _quote_ended(cells: list[str]) -> bool:
 
 
 _BREAK = re.compile("\r\n|\r|\n")
+_NAME_LIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _LETTER = re.compile("[^\\W\\d_]")
 _DIGIT = re.compile("[0-9]")
 

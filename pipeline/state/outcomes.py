@@ -38,7 +38,8 @@ class SQLiteOutcomes(SQLiteRuns):
             self._db.executemany(
                 "INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,"
                 " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
-                " outcome_clock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+                " outcome_clock, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                events)
             added = self._db.total_changes - before
             tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._db.executemany(
@@ -72,7 +73,7 @@ class SQLiteOutcomes(SQLiteRuns):
         """The mirrored task_note events, by event id, as stored (reasons redacted)."""
         return [EventRecord(*r) for r in self._db.execute(
             "SELECT event_id, kind, job_id, task_note_id, created, emr_note_id, failure_reason,"
-            " reason_codes, ekey, line, outcome_at, outcome_clock FROM events"
+            " reason_codes, ekey, line, outcome_at, outcome_clock, account FROM events"
             " ORDER BY event_id")]
 
     def event_tally(self) -> dict[str, int]:

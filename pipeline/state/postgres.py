@@ -103,6 +103,10 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             pid integer NOT NULL, run_id text, since timestamptz NOT NULL DEFAULT now()
         );
     """),
+    Migration(3, "several clinics: each row's and each event's account (api.accounts)", """
+        ALTER TABLE rows ADD COLUMN IF NOT EXISTS account text;
+        ALTER TABLE events ADD COLUMN IF NOT EXISTS account text;
+    """),
 )
 
 

@@ -61,6 +61,7 @@ class NewRow:
     error: str | None = None
     ref_id: int | None = None
     passthrough: tuple[str, ...] = ()
+    account: str | None = None  # the row's own account (api.accounts), else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,7 @@ class EventRecord(NamedTuple):
     line: int
     outcome_at: str | None = None  # the sink's receive time, else ``created``
     outcome_clock: str = "event_created_no_receipt"  # see schema.OUTCOME_CLOCKS
+    account: str | None = None  # the api.accounts account its reference id names, if known
 
 
 @dataclass(frozen=True, slots=True)

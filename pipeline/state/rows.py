@@ -54,9 +54,10 @@ class SQLiteRows(SQLiteConnection):
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO rows (run_id, file_no, line, emr_task_id, key, status, error,"
-                " ref_id, passthrough) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " ref_id, passthrough, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 ((run_id, r.file_no, r.line, r.emr_task_id, r.key, r.status, r.error, r.ref_id,
-                  json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None)
+                  json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None,
+                  r.account)
                  for r in rows),
             )
 
@@ -74,6 +75,12 @@ class SQLiteRows(SQLiteConnection):
                 if rules.rank(candidate) > rules.rank(found.get(key)):
                     found[key] = candidate
         return found
+
+    def key_accounts(self) -> dict[bytes, str]:
+        """Ledger key -> the account its rows named (rows of api.accounts runs only)."""
+        return {bytes(key): account for key, account in self._db.execute(
+            "SELECT key, account FROM rows WHERE key IS NOT NULL AND account IS NOT NULL"
+            " AND account != ''")}
 
     def rows_to_send(self, run_id: str) -> Iterator[tuple[int, int, int, str, bytes]]:
         """(id, file_no, line, emr_task_id, key) of the run's pending rows, in input order."""

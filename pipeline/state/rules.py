@@ -10,7 +10,9 @@ in this order:
    ``job_id`` match, by ``task_note_id``. Matching covers the rows of every
    run, so an event that belongs to another run is not an orphan.
 3. A row with ``created`` events only is ``created``; ``failed`` only is
-   ``failed``; both is a ``conflict`` (shown with both event ids).
+   ``failed``; both is a ``conflict`` (shown with both event ids). With
+   api.accounts, an event whose ``access_token_reference_id`` names another
+   account than the row's is a ``conflict`` too.
 4. Evidence: an ``ambiguous`` row (no answer came back) is settled when a
    ``task_note.created`` event that no row claims carries the same note for
    the same task (their ledger keys are equal). Rows and events sharing a key
@@ -75,6 +77,11 @@ MATCH_SQL: Final = (
     SELECT f.row_id, 'failed', f.event_id, NULL, f.failure_reason, f.reason_codes,
            f.outcome_at, f.settled_by, f.outcome_clock
       FROM f WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.row_id = f.row_id)""",
+    # api.accounts: an event of another account's connection than its row's: a conflict.
+    """UPDATE matched SET outcome = 'conflict' WHERE row_id IN (
+    SELECT c.row_id FROM claimed c JOIN rows r ON r.id = c.row_id
+     WHERE c.account IS NOT NULL AND r.account IS NOT NULL AND r.account != ''
+       AND c.account != r.account)""",
 )
 ANY_DOUBTFUL_SQL: Final = """
 SELECT 1 FROM rows INDEXED BY rows_ambiguous

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS rows (
     passthrough TEXT,               -- JSON list, when input.passthrough names columns
     reason_codes TEXT,              -- Cobalt's failure reason codes, ';'-separated
     outcome_clock TEXT,             -- what outcome_at is: see OUTCOME_CLOCKS
-    written_off_at TEXT             -- a human closed this unsent row without sending it
+    written_off_at TEXT,            -- a human closed this unsent row without sending it
+    account TEXT                    -- the row's own account (api.accounts), else NULL
 );
 -- A mirror of the sink file's task_note.* events (never a note's text: ekey is the hash a
 -- ledger key would have), so join rules run in SQL on indexes, not on frames in memory.
@@ -75,7 +76,8 @@ CREATE TABLE IF NOT EXISTS events (
     ekey BLOB,
     line INTEGER,
     outcome_at TEXT,                -- the receipt's time, else the event's created
-    outcome_clock TEXT              -- see OUTCOME_CLOCKS
+    outcome_clock TEXT,             -- see OUTCOME_CLOCKS
+    account TEXT                    -- api.accounts: the account its reference id names
 );
 -- task_note events no row owns (the first few, and how many), as of the last match.
 CREATE TABLE IF NOT EXISTS orphans (event_id TEXT PRIMARY KEY, kind TEXT, job_id TEXT,
@@ -126,8 +128,8 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
 # ``created`` time (Cobalt's clock, whole seconds). Only the first is a latency.
 OUTCOME_CLOCKS: Final = ("sink_received", "event_created_polled", "event_created_no_receipt")
 # Columns added after schema 2 shipped (additive: a ledger gains them when opened).
-ADDED_COLUMNS: Final = {"rows": ("outcome_clock", "written_off_at"),
-                        "events": ("outcome_at", "outcome_clock")}
+ADDED_COLUMNS: Final = {"rows": ("outcome_clock", "written_off_at", "account"),
+                        "events": ("outcome_at", "outcome_clock", "account")}
 OLD_EVENTS_SQL: Final = """
 UPDATE events SET outcome_at = created, outcome_clock = 'event_created_no_receipt'
  WHERE outcome_clock IS NULL"""

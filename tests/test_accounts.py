@@ -1,0 +1,320 @@
+"""Several clinics in one run (api.accounts): a token per clinic, limits per clinic, and one
+clinic's trouble never stops the others. Real emulator on loopback, real SQLite."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from pipeline import jobs
+from pipeline.cli import _parser
+from pipeline.client import NoteAccepted
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.events import compact_json
+from pipeline.faults import Faults, faults_from_args
+from pipeline.state import Ledger, NewRow, row_key
+from pipeline.status import ledger_status
+from pipeline.submit import Job, Submitter
+from tests.helpers import (
+    CREDENTIALS,
+    EmulatorThread,
+    config_dict,
+    read_results,
+    read_summary,
+    run_pipeline,
+    write_config,
+    write_csv,
+)
+
+TOKENS = {"north": "tok-north", "south": "tok-south", "west": "tok-west"}
+HEADER = ("emr_task_id", "note", "clinic")
+
+
+def emulator(**options: Any) -> EmulatorThread:
+    """The emulator knowing the three clinics' tokens, each with its reference id."""
+    return EmulatorThread(access_token=TOKENS["north"], account_reference="ref-north",
+                          tokens=(("tok-south", "ref-south"), ("tok-west", "ref-west")),
+                          **options)
+
+
+def accounts_config(tmp: Path, base_url: str = "http://127.0.0.1:9",
+                    south: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    data = config_dict(tmp, **overrides)
+    data["api"] = {"base_url": base_url, "client_id": CREDENTIALS["client_id"],
+                   "client_secret": CREDENTIALS["client_secret"], "timeout_s": 5,
+                   "connect_timeout_s": 2,
+                   "accounts": {"north": {"access_token": TOKENS["north"]},
+                                "south": {"access_token": TOKENS["south"], **(south or {})},
+                                "west": {"access_token": TOKENS["west"]}}}
+    data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                "account": "clinic"}
+    return RunConfig.model_validate(data)
+
+
+def rows_for(account: str, n: int) -> list[list[str]]:
+    return [[f"{account}-{i}", f"Note {i} for {account}: called back, see chart.", account]
+            for i in range(n)]
+
+
+def by_account(results: list[dict[str, str]]) -> dict[str, Counter[str]]:
+    found: dict[str, Counter[str]] = {}
+    for r in results:
+        found.setdefault(r["account"], Counter())[r["final_status"]] += 1
+    return found
+
+
+def test_each_account_reaches_cobalt_with_its_own_token(tmp_path: Path) -> None:
+    """Rows of three clinics are sent with their own clinic's token, and the reports count
+    them per account."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         rows_for("north", 4) + rows_for("south", 3) + rows_for("west", 2),
+                         header=HEADER)
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 4, "ref-south": 3, "ref-west": 2}
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    assert list(results[0])[15] == "account"  # after the contract's columns
+    assert by_account(results) == {"north": {"awaiting_outcome": 4},
+                                   "south": {"awaiting_outcome": 3},
+                                   "west": {"awaiting_outcome": 2}}
+    summary = read_summary(outcome.report.directory)
+    assert summary["accounts"]["south"] == {"rows": 3, "awaiting_outcome": 3}
+    html = (outcome.report.directory / "report.html").read_text()
+    assert 'id="accounts"' in html
+
+
+def test_a_revoked_token_stops_only_its_own_account(tmp_path: Path) -> None:
+    """South's token is refused: its rows end send_failed saying so, north and west all
+    end confirmed, and the run exits 3 naming south."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         rows_for("south", 6) + rows_for("north", 5) + rows_for("west", 5),
+                         header=HEADER)
+    config = accounts_config(tmp_path, submit={"concurrency": 2},
+                             sandbox={"enabled": True, "wait_s": 30, "emulator": {
+                                 "latency_ms": [0, 0], "outcome_delay_ms": [5, 30],
+                                 "revoked_accounts": ["south"]}})
+    outcome = run_pipeline(config, str(csv_path))
+    assert outcome.exit_code == 3
+    assert outcome.stop_reason is not None
+    assert "south" in outcome.stop_reason
+    assert "north" not in outcome.stop_reason
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    assert by_account(results) == {"north": {"confirmed": 5}, "west": {"confirmed": 5},
+                                   "south": {"send_failed": 6}}
+    for row in results:
+        if row["account"] == "south":
+            assert "account south: credentials refused" in row["error"] + row["detail"]
+    summary = read_summary(outcome.report.directory)
+    assert summary["accounts"]["south"] == {"rows": 6, "send_failed": 6}
+    assert ledger_status(config).kind("send_failed").by_account == {"south": 6}
+
+
+def test_a_429_storm_on_one_account_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """South's notes all meet a 429 with a Retry-After: while south waits it out, every
+    north and west note is answered (south's second request comes after them all)."""
+    others = rows_for("north", 12) + rows_for("west", 12)
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 3) + others,
+                         header=HEADER)
+    faults = {"rate_429": 1.0, "only_references": frozenset({"ref-south"}),
+              "only_first": 1, "retry_after_s": 1.0}
+    with emulator(faults=Faults(**faults)) as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url, south={"concurrency": 1},
+                                               submit={"concurrency": 3}), str(csv_path))
+        log = list(server.emulator.answered_by)
+        assert server.emulator.stored_by == {"ref-north": 12, "ref-west": 12, "ref-south": 3}
+    south = [i for i, (ref, _) in enumerate(log) if ref == "ref-south"]
+    assert log[south[0]][1] == 429  # the storm began before the others were done
+    assert south[0] < len(others) // 2
+    last_other = max(i for i, (ref, _) in enumerate(log) if ref != "ref-south")
+    assert last_other < south[1], "the other accounts waited for south's Retry-After"
+    assert outcome.report is not None
+    assert by_account(read_results(outcome.report.directory))["south"] == {
+        "awaiting_outcome": 3}
+
+
+def test_a_row_of_an_account_not_configured_is_rejected_with_its_code(tmp_path: Path) -> None:
+    """A clinic value that names no account of api.accounts: rejected_invalid,
+    unknown-account, and nothing of it sent."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         [*rows_for("north", 1), ["t-9", "Note for east", "east"]],
+                         header=HEADER)
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 1}
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    assert results[1]["final_status"] == "rejected_invalid"
+    assert results[1]["error"].startswith("unknown-account: the account 'east' is not one")
+    assert outcome.rejects is not None
+    with outcome.rejects.open(encoding="utf-8", newline="") as fh:
+        assert [r["reasons"] for r in csv.DictReader(fh)] == ["unknown-account"]
+
+
+def test_the_same_note_for_two_accounts_is_two_notes(tmp_path: Path) -> None:
+    """The same task and note for north and south is sent once for each; repeated for
+    north, it is a duplicate, not a third send."""
+    same = ["t-1", "Called patient, left message."]
+    csv_path = write_csv(tmp_path / "input.csv",
+                         [[*same, "north"], [*same, "south"], [*same, "north"]],
+                         header=HEADER)
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 1, "ref-south": 1}
+    assert outcome.report is not None
+    assert [r["final_status"] for r in read_results(outcome.report.directory)] == [
+        "awaiting_outcome", "awaiting_outcome", "skipped_duplicate"]
+    assert row_key("north", *same) != row_key("south", *same)
+
+
+def test_a_rerun_skips_per_account(tmp_path: Path) -> None:
+    """A note north sent in an earlier run is skipped for north, and still sent for south."""
+    same = ["t-1", "Called patient, left message."]
+    first = write_csv(tmp_path / "first.csv", [[*same, "north"]], header=HEADER)
+    second = write_csv(tmp_path / "second.csv", [[*same, "north"], [*same, "south"]],
+                       header=HEADER)
+    with emulator() as server:
+        config = accounts_config(tmp_path, server.url)
+        run_pipeline(config, str(first))
+        outcome = run_pipeline(config, str(second))
+        assert server.emulator.stored_by == {"ref-north": 1, "ref-south": 1}
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    # north's row follows the first run's send (awaiting its outcome, as that send is)
+    assert [r["account"] for r in results] == ["north", "south"]
+    assert results[0]["detail"].startswith("sent in run ")
+    assert results[1]["submit_status"] == "accepted"
+
+
+@pytest.mark.parametrize("keys", [
+    pytest.param({"account": "main"}, id="account"),
+    pytest.param({"access_token": "t"}, id="access_token"),
+])
+def test_both_forms_at_once_is_a_config_error_naming_the_keys(
+        tmp_path: Path, keys: dict[str, str]) -> None:
+    """api.accounts with api.account or api.access_token: refused, naming both keys."""
+    path = write_config(tmp_path, api={"account": None, "access_token": None, **keys,
+                                       "accounts": {"north": {"access_token": "x"}}},
+                        input={"columns": {"account": "clinic"}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert f"api.accounts: replaces api.{next(iter(keys))}" in str(caught.value)
+
+
+def test_the_account_column_is_required_with_accounts(tmp_path: Path) -> None:
+    """api.accounts without input.columns.account: a config error naming that key."""
+    path = write_config(tmp_path, api={"account": None, "access_token": None,
+                                       "accounts": {"north": {"access_token": "x"}}})
+    with pytest.raises(ConfigError, match=r"input\.columns\.account: required"):
+        load_config(path)
+
+
+def test_the_shipped_clinic_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/clinics.example.yaml and sandbox-clinics.yaml are valid as shipped."""
+    root = Path(__file__).parent.parent / "configs"
+    for var in ("COBALT_CLIENT_ID", "COBALT_CLIENT_SECRET", "COBALT_TOKEN_NORTHSIDE",
+                "COBALT_TOKEN_RIVERSIDE", "COBALT_TOKEN_EASTGATE", "COBALT_WEBHOOK_SECRET"):
+        monkeypatch.setenv(var, f"value-of-{var}")
+    example = load_config(root / "clinics.example.yaml", needs=("api", "webhooks"))
+    assert example.api.credentials("Riverside Cardiology")[2] == (
+        "value-of-COBALT_TOKEN_RIVERSIDE")
+    sandbox = load_config(root / "sandbox-clinics.yaml", needs=("api",))
+    assert sandbox.sandbox.emulator.revoked_accounts == ("Eastgate Pediatrics",)
+
+
+def test_the_emulator_takes_tokens_revocations_and_faults_for_one_connection() -> None:
+    """tasknotes emulator: --token TOKEN=REF, --revoked-token, --faults-only-reference."""
+    args = _parser().parse_args(["emulator", "--token", "tok-s=ref-s", "--token", "tok-w=ref-w",
+                                 "--revoked-token", "tok-w", "--faults-only-reference",
+                                 "ref-s,ref-x"])
+    assert args.token == [("tok-s", "ref-s"), ("tok-w", "ref-w")]
+    assert args.revoked_token == ["tok-w"]
+    assert faults_from_args(args).only_references == frozenset({"ref-s", "ref-x"})
+
+
+async def test_a_batch_of_skipped_jobs_only_does_not_stall_the_send(tmp_path: Path) -> None:
+    """Every job of a batch skipped (its input changed since the scan): recorded failed,
+    and the stage goes on to the next batch and ends, rather than waiting forever."""
+    config = RunConfig.model_validate(config_dict(tmp_path))
+    ledger = Ledger(config.state.ledger)
+    ledger.start_run("r", "test_clinic", "fp", {})
+    tasks = ["t-1", "t-2", "t-3"]
+    ledger.add_rows("r", [NewRow(0, i + 2, t, row_key("test_clinic", t, "n"), "pending")
+                          for i, t in enumerate(tasks)])
+    ids = [row_id for row_id, *_ in ledger.rows_to_send("r")]
+
+    async def jobs() -> AsyncIterator[list[Job]]:
+        yield [Job(ids[0], "t-1", "", skip="the input file changed since it was read")]
+        yield [Job(ids[1], "t-2", "", skip="the input file changed since it was read"),
+               Job(ids[2], "t-3", "", skip="the input file changed since it was read")]
+
+    try:
+        with anyio.fail_after(30):
+            stats = await Submitter(NeverCalled(), ledger, config.submit).run(jobs())
+        assert stats.requests == 0
+        assert ledger.status_counts("r") == {"failed": 3}
+    finally:
+        ledger.close()
+
+
+class NeverCalled:
+    """A NoteSender for a stage that must send nothing."""
+
+    async def create_task_note(self, emr_task_id: str, note: str) -> NoteAccepted:
+        raise AssertionError("nothing was to be sent")
+
+
+def test_an_event_from_another_accounts_connection_is_a_conflict(tmp_path: Path) -> None:
+    """South's note confirmed by an event of north's connection (reference ids configured):
+    a conflict, not confirmed; north's own event confirms north's note."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 1) + rows_for("south", 1),
+                         header=HEADER)
+    config = accounts_config(tmp_path, "http://127.0.0.1:9")
+    accounts = {name: a.model_copy(update={"reference_id": f"ref-{name}"})
+                for name, a in (config.api.accounts or {}).items()}
+    with emulator() as server:
+        config = config.model_copy(update={"api": config.api.model_copy(
+            update={"base_url": server.url, "accounts": accounts})})
+        outcome = run_pipeline(config, str(csv_path))
+    assert outcome.report is not None
+    sent = read_results(outcome.report.directory)
+    config.webhooks.sink.parent.mkdir(parents=True, exist_ok=True)
+    with config.webhooks.sink.open("ab") as fh:
+        for i, row in enumerate(sent):
+            fh.write(compact_json({
+                "id": f"evt_{i:024d}", "access_token_reference_id": "ref-north",
+                "object": "event", "created": "2026-01-01T00:00:00.000Z",
+                "type": "task_note.created", "job_id": row["job_id"],
+                "data": {"task_note_id": row["task_note_id"], "emr_note_id": f"n-{i}",
+                         "emr_task_id": row["emr_task_id"], "note": "(not compared)"}})
+                     + b"\n")
+    reconciled = jobs.reconcile(config, outcome.run_id)
+    report = reconciled.runs[0].report
+    assert report is not None
+    results = read_results(report.directory)
+    assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
+        ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
+    assert "another account's connection" in results[1]["detail"]
+
+
+def test_an_accounts_concurrency_holds_under_the_global_one(tmp_path: Path) -> None:
+    """South (concurrency 1) never has two requests in flight, while north, under the
+    global bound of 4, has several at once."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 6) + rows_for("north", 9),
+                         header=HEADER)
+    with emulator(latency_ms=(200.0, 200.0)) as server:
+        run_pipeline(accounts_config(tmp_path, server.url, south={"concurrency": 1},
+                                     submit={"concurrency": 4}), str(csv_path))
+        most = server.emulator.max_in_flight_by
+        assert server.emulator.stored_by == {"ref-south": 6, "ref-north": 9}
+    assert most["ref-south"] == 1
+    assert most["ref-north"] >= 2
+    assert server.emulator.max_in_flight <= 4
