@@ -205,17 +205,19 @@ class PgLedger(Ledger):
         with self._transaction():
             self._pg.execute(
                 "INSERT INTO rows (run_id, file_no, line, emr_task_id, key, status, error,"
-                " ref_id, passthrough) SELECT ?, file_no, line, emr_task_id, key, status, error,"
-                " ref_id, passthrough FROM unnest(?::bigint[], ?::bigint[],"
-                " ?::text[], ?::bytea[], ?::text[], ?::text[], ?::bigint[], ?::text[])"
+                " ref_id, passthrough, account) SELECT ?, file_no, line, emr_task_id, key,"
+                " status, error, ref_id, passthrough, account FROM unnest(?::bigint[],"
+                " ?::bigint[], ?::text[], ?::bytea[], ?::text[], ?::text[], ?::bigint[],"
+                " ?::text[], ?::text[])"
                 " WITH ORDINALITY AS u(file_no, line, emr_task_id, key, status, error, ref_id,"
-                " passthrough, n) ORDER BY n",
+                " passthrough, account, n) ORDER BY n",
                 (run_id, [r.file_no for r in batch], [r.line for r in batch],
                  [r.emr_task_id for r in batch], [r.key for r in batch],
                  [r.status for r in batch], [r.error for r in batch],
                  [r.ref_id for r in batch],
                  [json.dumps(r.passthrough, ensure_ascii=False) if r.passthrough else None
-                  for r in batch]))
+                  for r in batch],
+                 [r.account for r in batch]))
 
     def mark_sending(self, row_ids: Sequence[int]) -> None:
         """As ``Ledger.mark_sending``, in one statement."""
@@ -254,9 +256,12 @@ class PgLedger(Ledger):
             for start in range(0, len(events), 1000):
                 chunk = events[start:start + 1000]
                 cur = self._pg.execute(
-                    "INSERT INTO events SELECT * FROM unnest(?::text[], ?::text[], ?::text[],"
-                    " ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bytea[],"
-                    " ?::bigint[], ?::text[], ?::text[]) ON CONFLICT DO NOTHING",
+                    "INSERT INTO events (event_id, kind, job_id, task_note_id, created,"
+                    " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
+                    " outcome_clock, account) SELECT * FROM unnest(?::text[], ?::text[],"
+                    " ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[],"
+                    " ?::bytea[], ?::bigint[], ?::text[], ?::text[], ?::text[])"
+                    " ON CONFLICT DO NOTHING",
                     [list(column) for column in zip(*chunk, strict=True)])
                 added += max(cur.rowcount, 0)
             tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}

@@ -83,11 +83,12 @@ def copy_ledger(url: str, path: Path) -> Copied:
                          " GREATEST((SELECT max(id) FROM rows), 1))")
             events = 0
             cursor = source.execute("SELECT * FROM events ORDER BY event_id")
+            names = [d[0] for d in cursor.description]  # older ledgers have fewer columns
+            insert = (f"INSERT INTO events ({', '.join(names)}) VALUES "  # noqa: S608
+                      f"({', '.join(['%s'] * len(names))}) ON CONFLICT DO NOTHING")
             while batch := cursor.fetchmany(_CHUNK):
                 cur = conn.cursor()
-                cur.executemany(
-                    "INSERT INTO events VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT DO NOTHING", [tuple(r) for r in batch])
+                cur.executemany(insert, [tuple(r) for r in batch])
                 events += max(cur.rowcount, 0)
             conn.cursor().executemany(
                 "INSERT INTO event_tally VALUES (%s, %s) ON CONFLICT DO NOTHING",
