@@ -127,7 +127,7 @@ class SQLiteRuns(SQLiteRows):
     def unresolved_runs(self) -> list[str]:
         """Runs with rows still waiting for an outcome or held as ambiguous."""
         return [r[0] for r in self._db.execute(
-            "SELECT DISTINCT run_id FROM rows WHERE outcome IS NULL"
+            "SELECT DISTINCT run_id FROM rows INDEXED BY rows_open WHERE outcome IS NULL"
             " AND status IN ('accepted', 'ambiguous', 'held', 'sending') ORDER BY run_id"
         )]
 
@@ -296,27 +296,27 @@ class SQLiteRuns(SQLiteRows):
                 f"SELECT run_id, key, submitted_at FROM rows WHERE {live('')}"  # noqa: S608
                 " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall(),
             "awaiting_outcome": self._db.execute(
-                "SELECT run_id, key, submitted_at FROM rows"
+                "SELECT run_id, key, submitted_at FROM rows INDEXED BY rows_open"
                 " WHERE status = 'accepted' AND outcome IS NULL AND key IS NOT NULL").fetchall(),
             "ambiguous": self._db.execute(
                 f"""WITH doubt AS (
-                    SELECT r.run_id, r.key, r.submitted_at FROM rows r
+                    SELECT r.run_id, r.key, r.submitted_at FROM rows r INDEXED BY rows_open
                      WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
                            OR (r.status = 'sending' AND NOT {live('r.')}))
                     UNION ALL
                     SELECT h.run_id, h.key, ref.submitted_at
-                      FROM rows h JOIN rows ref ON ref.id = h.ref_id
-                     WHERE h.status = 'held' AND ref.outcome IS NULL
+                      FROM rows h INDEXED BY rows_open JOIN rows ref ON ref.id = h.ref_id
+                     WHERE h.status = 'held' AND h.outcome IS NULL AND ref.outcome IS NULL
                        AND ref.status IN ('ambiguous', 'sending'))
                 SELECT run_id, key, submitted_at FROM doubt
-                 WHERE key IS NOT NULL AND key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                 WHERE key IS NOT NULL AND {rules.NOT_DELIVERED.format(row="doubt")}""",  # noqa: S608
                 params).fetchall(),
             "send_failed": self._db.execute(
                 f"""SELECT r.run_id, r.key, COALESCE(r.answered_at, u.finished_at, u.started_at)
-                      FROM rows r JOIN runs u ON u.run_id = r.run_id
+                      FROM rows r INDEXED BY rows_unsent JOIN runs u ON u.run_id = r.run_id
                      WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')}
                        AND r.key IS NOT NULL AND r.written_off_at IS NULL
-                       AND r.key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                       AND {rules.NOT_DELIVERED.format(row="r")}""",  # noqa: S608
                 params).fetchall(),
         }
 
@@ -343,9 +343,10 @@ class SQLiteRuns(SQLiteRows):
         as (run_id, source file path or None, line), oldest run first."""
         marks = ",".join("?" * len(running))
         live = f"AND r.run_id NOT IN ({marks})" if running else ""
-        where = f"""FROM rows r LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+        where = f"""FROM rows r INDEXED BY rows_unsent
+                   LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
                    WHERE r.status IN ('pending', 'failed') {live} AND r.key IS NOT NULL
-                     AND r.written_off_at IS NULL AND r.key NOT IN ({rules.DELIVERED_KEYS})"""
+                     AND r.written_off_at IS NULL AND {rules.NOT_DELIVERED.format(row="r")}"""
         count = self._db.execute(f"SELECT COUNT(*) {where}", tuple(running)).fetchone()[0]
         found = self._db.execute(f"SELECT r.run_id, f.path, r.line {where} ORDER BY r.id"
                                  " LIMIT ?", (*running, limit)).fetchall()
@@ -362,7 +363,7 @@ class SQLiteRuns(SQLiteRows):
                 f"""UPDATE rows SET written_off_at = ?
                     WHERE run_id = ? AND status IN ('pending', 'failed') AND key IS NOT NULL
                       AND written_off_at IS NULL
-                      AND key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                      AND {rules.NOT_DELIVERED.format(row="rows")}""",  # noqa: S608
                 (at, run_id)).rowcount
         if changed:
             self.update_run_info(run_id, {"report_final": False})

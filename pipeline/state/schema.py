@@ -93,6 +93,11 @@ CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_ambiguous ON rows (id) WHERE status = 'ambiguous';
+-- What `status` asks about: rows with no outcome (awaiting, ambiguous, held, unsent) and
+-- EMR failures; small beside the confirmed rows, so status does not read every row.
+CREATE INDEX IF NOT EXISTS rows_open ON rows (status) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS rows_failed ON rows (status) WHERE outcome = 'failed';
+CREATE INDEX IF NOT EXISTS rows_unsent ON rows (status) WHERE status IN ('pending', 'failed');
 """
 
 
