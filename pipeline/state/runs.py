@@ -294,7 +294,8 @@ class SQLiteRuns(SQLiteRows):
         return {
             "in_progress": self._db.execute(
                 f"SELECT run_id, key, submitted_at FROM rows WHERE {live('')}"  # noqa: S608
-                " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall(),
+                " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall()
+            if running else [],
             "awaiting_outcome": self._db.execute(
                 "SELECT run_id, key, submitted_at FROM rows INDEXED BY rows_open"
                 " WHERE status = 'accepted' AND outcome IS NULL AND key IS NOT NULL").fetchall(),
