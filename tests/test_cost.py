@@ -49,7 +49,8 @@ def test_reconcile_with_nothing_new_writes_no_report_and_a_new_event_rewrites_it
     capsys.readouterr()
     assert main(["reconcile", str(config)]) == 0  # awaiting, not stale: as before
     out = capsys.readouterr().out
-    assert "run run-1:" not in out and "run run-2:" not in out
+    assert "run run-1:" not in out
+    assert "run run-2:" not in out
     assert "2 run(s) with open rows unchanged" in out
     assert {one: files_of(one), two: files_of(two)} == before
     book = Book.__new__(Book)  # the same sink file, appended to
@@ -57,7 +58,8 @@ def test_reconcile_with_nothing_new_writes_no_report_and_a_new_event_rewrites_it
     book.event("task_note.created", "1", n=1, task="A1")
     assert main(["reconcile", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "run run-1:" in out and "run run-2:" not in out
+    assert "run run-1:" in out
+    assert "run run-2:" not in out
     assert files_of(two) == before[two]
     assert files_of(one)["results.csv"] != before[one]["results.csv"]
     assert read_summary(one)["final_status"]["confirmed"] == 1
@@ -89,7 +91,8 @@ def test_a_later_send_of_a_note_rewrites_the_earlier_run_that_failed_to_send_it(
     capsys.readouterr()
     assert main(["reconcile", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "run run-1:" in out and "run run-2:" not in out
+    assert "run run-1:" in out
+    assert "run run-2:" not in out
     assert files_of(two) == before[two]
     assert read_summary(one)["final_status"]["send_failed"] == 0
     assert read_summary(one)["final_status"]["awaiting_outcome"] == 1
@@ -179,7 +182,7 @@ def test_status_reads_no_ledger_table_whole(tmp_path: Path) -> None:
     """Every statement `status` runs once the sink is mirrored, planned by SQLite: no full
     scan of rows and no walk of a whole index over every row (only the small partial
     indexes of open rows may be read whole), so its cost follows the open rows."""
-    book, config = two_open_runs(tmp_path)
+    book, _ = two_open_runs(tmp_path)
     settings = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
                            webhooks={"sink": str(book.sink)})
     ledger_status(settings)  # mirrors the sink, matches: the nothing-new case is next
