@@ -12,7 +12,8 @@ from test_truth_now import book_config
 
 from helpers import make_config, read_summary
 from pipeline.cli import main
-from pipeline.state import Ledger
+from pipeline.reconcile import Reconciler
+from pipeline.state import Attempt, Ledger, NewRow, row_key
 from pipeline.status import ledger_status
 
 # Indexes over a small part of the rows (partial): reading one of them whole is fine.
@@ -213,3 +214,23 @@ def test_status_reads_no_ledger_table_whole(tmp_path: Path) -> None:
                 full.append((statement.split()[:12], detail))
     db.close()
     assert full == []
+
+
+def test_the_join_rules_run_again_when_a_row_changes_though_no_event_is_new(
+        tmp_path: Path) -> None:
+    """The webhook of job 7 is mirrored before the ledger records that its row got job 7
+    (the sink was faster than the run's commit): an orphan. The row's update alone (no new
+    event, no new row) must make the next refresh match it: confirmed, no orphan."""
+    book = Book(tmp_path / "b")
+    book.ledger.add_rows("run-1", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "a note"),
+                                          "pending")])
+    row_id = int(book.ledger.frame("run-1")["id"].max())
+    book.event("task_note.created", "7", n=1)
+    Reconciler(book.ledger, book.sink).refresh(ACCOUNT)
+    assert book.ledger.orphans()[0] == 1
+    book.ledger.apply([row_id], [])
+    book.ledger.apply([], [Attempt(row_id, "accepted", 200, None, "7")])
+    Reconciler(book.ledger, book.sink).refresh(ACCOUNT)
+    assert book.ledger.orphans()[0] == 0
+    assert book.ledger.frame("run-1")["outcome"].tolist() == ["created"]
+    assert book.ledger.match_outcomes() == 0  # nothing changed since: nothing to do
