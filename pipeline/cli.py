@@ -629,8 +629,11 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _print_reconciled(result: ReconcileResult) -> None:
-    if not result.runs:
+    if not result.runs and not result.unchanged:
         print("nothing to reconcile: the ledger has no runs")
+    if result.unchanged:
+        print(f"{len(result.unchanged):,} run(s) with open rows unchanged since their reports "
+              f"were written (left as they are; oldest {result.unchanged[0]})")
     for run in result.runs:
         written = run.report
         if written is None:

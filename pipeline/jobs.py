@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
@@ -119,6 +120,9 @@ class ReconcileResult:
     exit_code: int
     runs: tuple[ReconciledRun, ...]
     stale_after_s: float
+    # runs left alone: nothing their report shows changed since it was written, and it was
+    # written while rows were open; their exit codes (as those reports gave) count too
+    unchanged: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,17 +198,22 @@ def validate(config: ConfigSource, inputs: Sequence[str | os.PathLike[str]] = ()
 
 def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResult:
     """``tasknotes reconcile``: re-join ledger and sink file and rewrite the reports of
-    ``run_id``, or (None) of every run whose report may be wrong now.
+    ``run_id``, or (None) of every run whose report may be wrong now: something it shows
+    changed since it was written (``Ledger.reports_to_rewrite``). A run with open rows and
+    nothing new is left alone (its files untouched) and listed in ``unchanged``, the exit
+    code its report gave counted.
 
     Raises ConfigError (the config), PipelineError when there is no ledger yet,
     StateError for an unknown run id; RuntimeError as ``run`` does.
     """
     from pipeline.reconcile import Reconciler  # noqa: PLC0415
+    from pipeline.report import report_context  # noqa: PLC0415
 
     _blocking("reconcile")
     config = load(config, "reconcile")
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
+    unchanged: list[tuple[str, int | None]] = []
     try:
         if run_id:
             ledger.run(run_id)
@@ -215,8 +224,16 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
             latest = ledger.latest_run()
             if latest is not None:
                 reconciler.refresh(ledger.run(latest).account)
-            runs = ledger.reports_to_rewrite() or [r for r in [latest] if r]
+            context, now = report_context(config), time.time()
+            runs = ledger.reports_to_rewrite(context, now)
+            unchanged = ledger.unchanged_reports(context, now)
+            if not runs and not unchanged and latest is not None:  # all settled: the latest
+                runs = [latest]
         result = _reconcile_runs(config, ledger, runs, reconciler)
+        if unchanged:
+            codes = [code for _, code in unchanged if code is not None]
+            result = replace(result, exit_code=exits.worst([result.exit_code, *codes]),
+                             unchanged=tuple(r for r, _ in unchanged))
     finally:
         ledger.close()
     ops.reconciled(config)  # report.metrics_file, if set

@@ -73,6 +73,7 @@ class Written:
     stale: int = 0
     redrive_digest: str | None = None  # of the rows redrive.csv offers; None: no redrive.csv
     written_off: int = 0  # send_failed rows an operator closed unsent (status --write-off)
+    stale_due: float | None = None  # Unix s when an awaiting row turns stale; None: none will
 
 
 def write_report(
@@ -115,7 +116,8 @@ def write_report(
     counts = {status: tally.counts[status] for status in FINAL_STATUSES}
     return Written(directory, tuple(written), counts, summary.exit_code_now,
                    tally.attention_total, tally.stale,
-                   redrive_digest(tally.redrive_ids) if offered else None, tally.written_off)
+                   redrive_digest(tally.redrive_ids) if offered else None, tally.written_off,
+                   tally.stale_due)
 
 
 def rewrite_report(ledger: Ledger, reconciler: Reconciler, run_id: str,
@@ -124,9 +126,22 @@ def rewrite_report(ledger: Ledger, reconciler: Reconciler, run_id: str,
     was written (``Ledger.report_written``): what ``tasknotes reconcile`` does per run, and
     a run for earlier runs its sends changed. Raises StorageFull (a disk full) and
     StateError (a run the ledger does not hold, a report directory not creatable)."""
-    written = write_report(reconciler.run(run_id), config.report, input_settings=config.input)
-    ledger.report_written(run_id, redrive_digest=written.redrive_digest)
+    result = reconciler.run(run_id)
+    context = report_context(config)
+    marker = ledger.report_marker(run_id, context)  # before: a change meanwhile shows later
+    written = write_report(result, config.report, input_settings=config.input)
+    ledger.report_written(run_id, redrive_digest=written.redrive_digest, context=context,
+                          marker=marker, stale_due=written.stale_due,
+                          exit_code=written.exit_code)
     return written
+
+
+def report_context(config: RunConfig) -> str:
+    """What a report is made from besides the ledger: the tool's version and the report and
+    input settings (a digest; ``Ledger.reports_to_rewrite`` rewrites a report when it
+    changes). Holds no secret: neither section has one."""
+    text = repr((__version__, config.report, config.input))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @contextlib.contextmanager
@@ -328,6 +343,7 @@ class _Tally:
         self.evidence = 0
         self.conflicts = 0
         self.stale = 0
+        self.stale_due: float | None = None  # Unix s when the next waiting row turns stale
         self.oldest_waiting: float | None = None
         self.latencies: list[np.ndarray] = []
         # Rows with an outcome time, by what it is (state.schema.OUTCOME_CLOCKS): only the time
@@ -382,6 +398,10 @@ class _Tally:
         waiting = table["final_status"] == "awaiting_outcome"
         stale = waiting & (age > self._settings.stale_after)
         self.stale += int(stale.sum())
+        fresh = since[(waiting & ~stale).to_numpy()].dropna()
+        if not fresh.empty:
+            due = fresh.min().timestamp() + self._settings.stale_after
+            self.stale_due = min(due, self.stale_due or due)
         if waiting.any():
             oldest = float(age[waiting].max())
             self.oldest_waiting = max(self.oldest_waiting or oldest, oldest)

@@ -359,7 +359,7 @@ class Run:
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
             **self.scan_stopped,
         }
-        from pipeline.report import write_report  # noqa: PLC0415 - see the imports above
+        from pipeline.report import report_context, write_report  # noqa: PLC0415 - see the imports above
 
         recorded = True
         try:
@@ -381,7 +381,10 @@ class Run:
             with contextlib.suppress(StorageFull):  # summary.json's exit code, on rewrites
                 ledger.update_run_info(self.run_id, {"exit_code": code})
                 if written is not None:
-                    ledger.report_written(self.run_id, redrive_digest=written.redrive_digest)
+                    ledger.report_written(
+                        self.run_id, redrive_digest=written.redrive_digest,
+                        context=report_context(self.config), stale_due=written.stale_due,
+                        exit_code=written.exit_code)
             if written is not None:
                 self._rewrite_followed(ledger)
         return RunOutcome(self.run_id, counts, written, code, reason,
@@ -394,9 +397,9 @@ class Run:
         read. Runs whose report is final are left alone; a full disk stops the rewrites
         (``tasknotes reconcile`` does them later)."""
         from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
-        from pipeline.report import rewrite_report  # noqa: PLC0415
+        from pipeline.report import report_context, rewrite_report  # noqa: PLC0415
 
-        stale = ledger.reports_to_rewrite()
+        stale = ledger.reports_to_rewrite(report_context(self.config), time.time())
         # and runs whose scan stopped: this run may have read the rest of their input
         wanted = {*ledger.runs_following(self.run_id),
                   *(r for r in stale if ledger.run(r).info.scan_stopped)}

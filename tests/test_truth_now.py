@@ -230,10 +230,11 @@ def test_a_full_report_disk_is_one_line_and_exit_3_for_reconcile_and_run(
                               report={"dir": str(small_disk / "reports")})
         assert run_cli(config, tmp_path).returncode == 0
         fill(small_disk)
-        done = tasknotes("reconcile", str(config), cwd=tmp_path)
+        report = next((small_disk / "reports").iterdir())
+        # --run-id: always rewritten (without it, a run with nothing new is left alone)
+        done = tasknotes("reconcile", str(config), "--run-id", report.name, cwd=tmp_path)
         assert done.returncode == 3, done.stdout + done.stderr
         assert "Traceback" not in done.stderr
-        report = next((small_disk / "reports").iterdir())
         assert done.stderr.splitlines()[-1] == (
             f"tasknotes: disk full: the report file {report / 'results.csv'} cannot be written")
         write_csv(tmp_path / "input.csv", [["T2", "another note"]])

@@ -85,8 +85,12 @@ class SQLiteOutcomes(SQLiteRuns):
 
         Computed from scratch into a temporary table, then written where it differs,
         so the same events always give the same outcomes, and a rerun writes nothing.
+        Not run at all when no row and no event changed since the last time (the
+        ``match_stamp``: rows, events and the runs' change counters of schema.TRIGGERS).
         """
         db = self._db
+        if self._match_stamp() == self._stored_stamp():
+            return 0
         try:
             with self._transaction():
                 for statement in rules.MATCH_SQL:
@@ -99,10 +103,25 @@ class SQLiteOutcomes(SQLiteRuns):
                 changed = db.total_changes - before
                 for statement in rules.ORPHANS_SQL:
                     db.execute(statement)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('match_stamp', ?)",
+                           (self._match_stamp(),))
                 return changed
         finally:
             db.execute("DROP TABLE IF EXISTS temp.matched")
             db.execute("DROP TABLE IF EXISTS temp.claimed")
+
+    def _match_stamp(self) -> str:
+        """What the join rules read, in four numbers: the last row and event stored, how
+        many events, and the sum of the runs' change counters (any row updated or deleted
+        bumps one: schema.TRIGGERS). Indexed lookups and one pass over the runs."""
+        found = self._db.execute(
+            "SELECT (SELECT MAX(id) FROM rows), (SELECT MAX(rowid) FROM events),"
+            " (SELECT COUNT(*) FROM runs), (SELECT TOTAL(rev) FROM runs)").fetchone()
+        return ",".join(str(v) for v in found)
+
+    def _stored_stamp(self) -> str | None:
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'match_stamp'").fetchone()
+        return None if found is None else str(found[0])
 
     def orphans(self, limit: int = 50) -> tuple[int, list[Orphan]]:
         """task_note events that no row of any run owns: how many, and the first few."""

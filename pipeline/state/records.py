@@ -182,6 +182,9 @@ class RunInfoChanges(TypedDict, total=False):
     exit_code: int
     report_final: bool
     redrive_digest: str | None
+    report_marker: str
+    report_stale_due: float | None
+    report_exit_code: int | None
 
 
 @dataclass(frozen=True, slots=True)

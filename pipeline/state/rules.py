@@ -134,10 +134,15 @@ UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_
 DELIVERED_KEYS: Final = """
 SELECT key FROM rows INDEXED BY rows_key WHERE key IS NOT NULL
    AND (outcome = 'created' OR (status = 'accepted' AND outcome IS NULL))"""
+# The same, per row: "no run delivered the note of the row {row} (its key, not NULL)", one
+# probe of rows_key per row; ``key NOT IN (DELIVERED_KEYS)`` read every delivered row.
+NOT_DELIVERED: Final = """NOT EXISTS (
+    SELECT 1 FROM rows d INDEXED BY rows_key WHERE d.key = {row}.key
+       AND (d.outcome = 'created' OR (d.status = 'accepted' AND d.outcome IS NULL)))"""
 EMR_FAILURES_SQL: Final = f"""
-SELECT run_id, key, failure_reason, reason_codes, outcome_at FROM rows
+SELECT run_id, key, failure_reason, reason_codes, outcome_at FROM rows INDEXED BY rows_failed
  WHERE status IN ('accepted', 'ambiguous') AND outcome = 'failed'
-   AND key IS NOT NULL AND key NOT IN ({DELIVERED_KEYS}) ORDER BY id"""  # noqa: S608
+   AND key IS NOT NULL AND {NOT_DELIVERED.format(row="rows")} ORDER BY id"""  # noqa: S608
 RUN_CHUNK_SQL: Final = """
 SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_job_id,
        ref.outcome AS ref_outcome

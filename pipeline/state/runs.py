@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     pass
 
 from pipeline.state.rows import SQLiteRows
+
+# Keys report_written records in a run's info: not part of what the report is made from.
+_REPORT_KEYS = frozenset({"report_final", "redrive_digest", "report_marker",
+                          "report_stale_due", "report_exit_code"})
 
 
 class SQLiteRuns(SQLiteRows):
@@ -122,7 +127,7 @@ class SQLiteRuns(SQLiteRows):
     def unresolved_runs(self) -> list[str]:
         """Runs with rows still waiting for an outcome or held as ambiguous."""
         return [r[0] for r in self._db.execute(
-            "SELECT DISTINCT run_id FROM rows WHERE outcome IS NULL"
+            "SELECT DISTINCT run_id FROM rows INDEXED BY rows_open WHERE outcome IS NULL"
             " AND status IN ('accepted', 'ambiguous', 'held', 'sending') ORDER BY run_id"
         )]
 
@@ -145,25 +150,81 @@ class SQLiteRuns(SQLiteRows):
             return False
         return all(r != run_id for r, _ in self.not_read())
 
-    def reports_to_rewrite(self) -> list[str]:
+    def reports_to_rewrite(self, context: str = "", now: float | None = None) -> list[str]:
         """Runs whose written report may no longer say what is true now (oldest first):
-        the unsettled ones, and every run whose last report was written while it was
-        unsettled (``report_final`` not recorded, see ``report_written``), whoever
-        refreshed the ledger since (a later run, ``status``, ``poll``)."""
-        unsettled = set(self.unsettled_runs())
+        every run whose report was not written from what the ledger holds now for it
+        (``report_marker`` differs from the one ``report_written`` recorded: a row of
+        the run or one it follows changed, its record changed, the events' tallies
+        changed, ``context`` differs), and every run one of whose awaiting rows crossed
+        ``report.stale_after`` since (``now``: Unix seconds; None: not checked). A run
+        with open rows and nothing new is left alone. ``context``: what else the report
+        is made from (the report settings: see report.report_context)."""
+        markers = self._report_markers(context)
         out = []
         for run_id, info in self._db.execute(
                 "SELECT run_id, info FROM runs ORDER BY started_at, run_id"):
-            if run_id in unsettled or not json.loads(info).get("report_final"):
+            stored = json.loads(info)
+            due = stored.get("report_stale_due")
+            if (stored.get("report_marker") != markers[run_id]
+                    or (now is not None and due is not None and due <= now)):
                 out.append(run_id)
         return out
 
-    def report_written(self, run_id: str, *, redrive_digest: str | None) -> None:
+    def unchanged_reports(self, context: str = "", now: float | None = None
+                          ) -> list[tuple[str, int | None]]:
+        """Runs ``reports_to_rewrite`` leaves alone whose report was not final when written
+        (some row was open), with the exit code (``exit_code_now``) that report gave:
+        what ``tasknotes reconcile`` counts without rewriting them (oldest first)."""
+        wanted = set(self.reports_to_rewrite(context, now))
+        out = []
+        for run_id, info in self._db.execute(
+                "SELECT run_id, info FROM runs ORDER BY started_at, run_id"):
+            stored = json.loads(info)
+            if run_id not in wanted and not stored.get("report_final"):
+                out.append((run_id, stored.get("report_exit_code")))
+        return out
+
+    def _report_markers(self, context: str) -> dict[str, str]:
+        """Each run's ``report_marker``: a digest of what its report is made from, read from
+        the run records and small tables only (never the rows: ``runs.rev`` stands for
+        them, see schema.TRIGGERS)."""
+        unread = dict(self.not_read())
+        held = self.lock_holder() is not None
+        shared = [context,
+                  self._db.execute("SELECT name, count FROM event_tally ORDER BY name").fetchall(),
+                  self._db.execute("SELECT value FROM meta WHERE key = 'orphans'").fetchall(),
+                  self._db.execute("SELECT event_id FROM orphans ORDER BY event_id").fetchall()]
+        out = {}
+        for run_id, state, finished, rev, info in self._db.execute(
+                "SELECT run_id, state, finished_at, rev, info FROM runs"):
+            stored = {k: v for k, v in json.loads(info).items() if k not in _REPORT_KEYS}
+            now_state = "crashed" if state == "running" and not held else state
+            text = json.dumps([shared, now_state, finished, rev, stored, unread.get(run_id)],
+                              sort_keys=True, default=str)
+            out[run_id] = hashlib.sha256(text.encode()).hexdigest()[:32]
+        return out
+
+    def report_marker(self, run_id: str, context: str = "") -> str:
+        """A digest of what ``run_id``'s report is made from now (see ``reports_to_rewrite``);
+        taken before a report is written, so a change while it is written shows next time.
+        Raises KeyError for a run the ledger does not hold."""
+        return self._report_markers(context)[run_id]
+
+    def report_written(self, run_id: str, *, redrive_digest: str | None, context: str = "",
+                       marker: str | None = None, stale_due: float | None = None,
+                       exit_code: int | None = None) -> None:
         """Record that ``run_id``'s report was just written: whether it is final (the run
-        was settled, so no later change can make it wrong) and the fingerprint of the rows
-        its redrive.csv offers (None: it has none)."""
+        was settled, so no later change can make it wrong), the fingerprint of the rows
+        its redrive.csv offers (None: it has none), what it was written from (its
+        ``report_marker`` with ``context``), when its next awaiting row turns stale
+        (``stale_due``, Unix seconds; None: none will) and the exit code it gave.
+        ``marker``: ``report_marker`` as taken before the report was written (None: now)."""
+        marker = marker or self._report_markers(context)[run_id]
         self.update_run_info(run_id, {"report_final": self.run_settled(run_id),
-                                      "redrive_digest": redrive_digest})
+                                      "redrive_digest": redrive_digest,
+                                      "report_marker": marker,
+                                      "report_stale_due": stale_due,
+                                      "report_exit_code": exit_code})
 
     def runs_following(self, run_id: str) -> list[str]:
         """Other runs with a row whose note (ledger key) ``run_id`` sent and Cobalt took:
@@ -233,29 +294,30 @@ class SQLiteRuns(SQLiteRows):
         return {
             "in_progress": self._db.execute(
                 f"SELECT run_id, key, submitted_at FROM rows WHERE {live('')}"  # noqa: S608
-                " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall(),
+                " AND status IN ('pending', 'sending') AND key IS NOT NULL", params).fetchall()
+            if running else [],
             "awaiting_outcome": self._db.execute(
-                "SELECT run_id, key, submitted_at FROM rows"
+                "SELECT run_id, key, submitted_at FROM rows INDEXED BY rows_open"
                 " WHERE status = 'accepted' AND outcome IS NULL AND key IS NOT NULL").fetchall(),
             "ambiguous": self._db.execute(
                 f"""WITH doubt AS (
-                    SELECT r.run_id, r.key, r.submitted_at FROM rows r
+                    SELECT r.run_id, r.key, r.submitted_at FROM rows r INDEXED BY rows_open
                      WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
                            OR (r.status = 'sending' AND NOT {live('r.')}))
                     UNION ALL
                     SELECT h.run_id, h.key, ref.submitted_at
-                      FROM rows h JOIN rows ref ON ref.id = h.ref_id
-                     WHERE h.status = 'held' AND ref.outcome IS NULL
+                      FROM rows h INDEXED BY rows_open JOIN rows ref ON ref.id = h.ref_id
+                     WHERE h.status = 'held' AND h.outcome IS NULL AND ref.outcome IS NULL
                        AND ref.status IN ('ambiguous', 'sending'))
                 SELECT run_id, key, submitted_at FROM doubt
-                 WHERE key IS NOT NULL AND key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                 WHERE key IS NOT NULL AND {rules.NOT_DELIVERED.format(row="doubt")}""",  # noqa: S608
                 params).fetchall(),
             "send_failed": self._db.execute(
                 f"""SELECT r.run_id, r.key, COALESCE(r.answered_at, u.finished_at, u.started_at)
-                      FROM rows r JOIN runs u ON u.run_id = r.run_id
+                      FROM rows r INDEXED BY rows_unsent JOIN runs u ON u.run_id = r.run_id
                      WHERE r.status IN ('pending', 'failed') AND NOT {live('r.')}
                        AND r.key IS NOT NULL AND r.written_off_at IS NULL
-                       AND r.key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                       AND {rules.NOT_DELIVERED.format(row="r")}""",  # noqa: S608
                 params).fetchall(),
         }
 
@@ -282,9 +344,10 @@ class SQLiteRuns(SQLiteRows):
         as (run_id, source file path or None, line), oldest run first."""
         marks = ",".join("?" * len(running))
         live = f"AND r.run_id NOT IN ({marks})" if running else ""
-        where = f"""FROM rows r LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+        where = f"""FROM rows r INDEXED BY rows_unsent
+                   LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
                    WHERE r.status IN ('pending', 'failed') {live} AND r.key IS NOT NULL
-                     AND r.written_off_at IS NULL AND r.key NOT IN ({rules.DELIVERED_KEYS})"""
+                     AND r.written_off_at IS NULL AND {rules.NOT_DELIVERED.format(row="r")}"""
         count = self._db.execute(f"SELECT COUNT(*) {where}", tuple(running)).fetchone()[0]
         found = self._db.execute(f"SELECT r.run_id, f.path, r.line {where} ORDER BY r.id"
                                  " LIMIT ?", (*running, limit)).fetchall()
@@ -301,7 +364,7 @@ class SQLiteRuns(SQLiteRows):
                 f"""UPDATE rows SET written_off_at = ?
                     WHERE run_id = ? AND status IN ('pending', 'failed') AND key IS NOT NULL
                       AND written_off_at IS NULL
-                      AND key NOT IN ({rules.DELIVERED_KEYS})""",  # noqa: S608
+                      AND {rules.NOT_DELIVERED.format(row="rows")}""",  # noqa: S608
                 (at, run_id)).rowcount
         if changed:
             self.update_run_info(run_id, {"report_final": False})

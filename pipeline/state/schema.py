@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS runs (
     state TEXT NOT NULL,            -- running | finished | aborted | crashed | dry_run
     account TEXT NOT NULL,
     config_fingerprint TEXT NOT NULL,
-    info TEXT NOT NULL DEFAULT '{}' -- JSON: argv, limit, abort reason, counts, timings
+    info TEXT NOT NULL DEFAULT '{}', -- JSON: argv, limit, abort reason, counts, timings
+    rev INTEGER NOT NULL DEFAULT 0  -- bumped when a row its report shows changes (TRIGGERS)
 );
 CREATE TABLE IF NOT EXISTS files (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -94,7 +95,38 @@ CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_ambiguous ON rows (id) WHERE status = 'ambiguous';
+-- What `status` asks about: rows with no outcome (awaiting, ambiguous, held, unsent) and
+-- EMR failures; small beside the confirmed rows, so status does not read every row.
+CREATE INDEX IF NOT EXISTS rows_open ON rows (status) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS rows_failed ON rows (status) WHERE outcome = 'failed';
+CREATE INDEX IF NOT EXISTS rows_unsent ON rows (status) WHERE status IN ('pending', 'failed');
 """
+
+
+# What a run's report shows changes only through its rows, the rows of other runs with
+# the same note (rule 5 in rules.py: the send it follows; the earlier attempt a held or
+# already-sent row refers to has its key too) and its run record: each row change bumps
+# ``runs.rev`` of the runs it can show in, so reconcile rewrites only reports whose run
+# changed (``Ledger.report_marker``), and the join rules are not re-run when no row
+# and no event changed (``Ledger.match_outcomes``).
+TRIGGERS: Final = (
+    """CREATE TRIGGER IF NOT EXISTS rows_changed AFTER UPDATE ON rows BEGIN
+    UPDATE runs SET rev = rev + 1 WHERE run_id = NEW.run_id;
+END""",
+    """CREATE TRIGGER IF NOT EXISTS rows_followed AFTER UPDATE ON rows
+ WHEN NEW.key IS NOT NULL AND (OLD.status IS NOT NEW.status OR OLD.outcome IS NOT NEW.outcome
+      OR OLD.job_id IS NOT NEW.job_id OR OLD.task_note_id IS NOT NEW.task_note_id
+      OR OLD.submitted_at IS NOT NEW.submitted_at OR OLD.outcome_at IS NOT NEW.outcome_at
+      OR OLD.event_id IS NOT NEW.event_id OR OLD.emr_note_id IS NOT NEW.emr_note_id
+      OR OLD.outcome_clock IS NOT NEW.outcome_clock OR OLD.key IS NOT NEW.key)
+BEGIN
+    UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+        SELECT run_id FROM rows WHERE key = NEW.key AND run_id != NEW.run_id);
+END""",
+    """CREATE TRIGGER IF NOT EXISTS rows_gone AFTER DELETE ON rows BEGIN
+    UPDATE runs SET rev = rev + 1 WHERE run_id = OLD.run_id;
+END""",
+)
 
 
 def check_version(db: sqlite3.Connection, path: Path) -> None:
@@ -115,6 +147,11 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
         for column in added:
             if column not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+    have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    if "rev" not in have:  # additive: a report written before it is rewritten once
+        db.execute("ALTER TABLE runs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0")
+    for trigger in TRIGGERS:
+        db.execute(trigger)
     db.execute(OLD_EVENTS_SQL)
     if found is None or int(found[0]) == 1:
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",

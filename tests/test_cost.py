@@ -1,0 +1,236 @@
+"""Cost follows change: reconcile rewrites a run's report only when something it shows
+changed since it was written, and status asks the ledger small indexed questions."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_reconcile import ACCOUNT, Book
+from test_truth_now import book_config
+
+from helpers import make_config, read_summary
+from pipeline.cli import main
+from pipeline.reconcile import Reconciler
+from pipeline.state import Attempt, Ledger, NewRow, row_key
+from pipeline.status import ledger_status
+
+# Indexes over a small part of the rows (partial): reading one of them whole is fine.
+SMALL_INDEXES = ("rows_open", "rows_unsent", "rows_failed", "rows_ambiguous", "rows_sending")
+
+
+def files_of(directory: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Each report file: (inode, mtime in ns, bytes). An atomic rewrite changes the inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(directory.iterdir())}
+
+
+def two_open_runs(tmp_path: Path) -> tuple[Book, Path]:
+    """run-1 (job 1) and run-2 (job 2) each have a row awaiting its outcome."""
+    book = Book(tmp_path / "b")
+    book.row("accepted", task="A1", job_id="1")
+    book.ledger.finish_run("run-1", "finished", {"exit_code": 0})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="B1", job_id="2", run_id="run-2")
+    book.ledger.finish_run("run-2", "finished", {"exit_code": 0})
+    book.ledger.close()
+    return book, book_config(book, tmp_path)
+
+
+def test_reconcile_with_nothing_new_writes_no_report_and_a_new_event_rewrites_its_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two open runs: a second reconcile with nothing new leaves both reports byte for byte
+    (same inode, mtime, bytes) and exits as the first did; an event for run 1 rewrites
+    run 1's report only (confirmed), run 2's files stay untouched."""
+    _, config = two_open_runs(tmp_path)
+    one, two = tmp_path / "reports" / "run-1", tmp_path / "reports" / "run-2"
+    assert main(["reconcile", str(config)]) == 0
+    before = {one: files_of(one), two: files_of(two)}
+    capsys.readouterr()
+    assert main(["reconcile", str(config)]) == 0  # awaiting, not stale: as before
+    out = capsys.readouterr().out
+    assert "run run-1:" not in out
+    assert "run run-2:" not in out
+    assert "2 run(s) with open rows unchanged" in out
+    assert {one: files_of(one), two: files_of(two)} == before
+    book = Book.__new__(Book)  # the same sink file, appended to
+    book.sink = tmp_path / "b" / "webhooks.jsonl"
+    book.event("task_note.created", "1", n=1, task="A1")
+    assert main(["reconcile", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "run run-1:" in out
+    assert "run run-2:" not in out
+    assert files_of(two) == before[two]
+    assert files_of(one)["results.csv"] != before[one]["results.csv"]
+    assert read_summary(one)["final_status"]["confirmed"] == 1
+    assert read_summary(two)["awaiting"] == 1
+
+
+def test_a_later_send_of_a_note_rewrites_the_earlier_run_that_failed_to_send_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run-1 could not send note A1 (send_failed); run-2 is open and unrelated; run-3 sends
+    A1 and Cobalt takes it: run-1's report is rewritten (its row follows run-3's send,
+    no longer send_failed) although no row of run-1 changed; run-2 is left alone."""
+    book = Book(tmp_path / "b")
+    book.row("failed", task="A1")
+    book.ledger.finish_run("run-1", "finished", {"exit_code": 1})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="B1", job_id="2", run_id="run-2")
+    book.ledger.finish_run("run-2", "finished", {"exit_code": 0})
+    config = book_config(book, tmp_path)
+    one, two = tmp_path / "reports" / "run-1", tmp_path / "reports" / "run-2"
+    book.ledger.close()
+    assert main(["reconcile", str(config)]) == 1
+    assert read_summary(one)["final_status"]["send_failed"] == 1
+    before = {one: files_of(one), two: files_of(two)}
+    book.ledger = Ledger(book.ledger.path)
+    book.ledger.start_run("run-3", ACCOUNT, "fp", {})
+    book.row("accepted", task="A1", job_id="3", run_id="run-3")
+    book.ledger.finish_run("run-3", "finished", {"exit_code": 0})
+    book.ledger.close()
+    capsys.readouterr()
+    assert main(["reconcile", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "run run-1:" in out
+    assert "run run-2:" not in out
+    assert files_of(two) == before[two]
+    assert read_summary(one)["final_status"]["send_failed"] == 0
+    assert read_summary(one)["final_status"]["awaiting_outcome"] == 1
+
+
+def test_a_report_is_rewritten_once_its_next_awaiting_row_turns_stale(tmp_path: Path) -> None:
+    """The report records when its next awaiting row crosses report.stale_after
+    (submitted + stale_after); the run is left alone before that instant, rewritten at it."""
+    book, config = two_open_runs(tmp_path)
+    assert main(["reconcile", str(config)]) == 0
+    ledger = Ledger(book.ledger.path)
+    try:
+        submitted = ledger.frame("run-1")["submitted_at"].iloc[0]
+        info = ledger.run("run-1").info
+        due = sqlite3.connect(ledger.path).execute(
+            "SELECT json_extract(info, '$.report_stale_due') FROM runs WHERE run_id='run-1'"
+        ).fetchone()[0]
+        import pandas as pd  # noqa: PLC0415
+
+        stale_after = make_config(tmp_path).report.stale_after
+        assert due == pytest.approx(pd.Timestamp(submitted).timestamp() + stale_after)
+        assert info.report_final is False
+        context = _context(tmp_path, config)
+        assert "run-1" not in ledger.reports_to_rewrite(context, due - 1)
+        assert "run-1" in ledger.reports_to_rewrite(context, due)
+        assert ledger.reports_to_rewrite(context, None) == []
+    finally:
+        ledger.close()
+
+
+def _context(tmp_path: Path, config: Path) -> str:
+    from pipeline.config import load_config  # noqa: PLC0415
+    from pipeline.report import report_context  # noqa: PLC0415
+
+    return report_context(load_config(config))
+
+
+def test_a_changed_report_setting_rewrites_every_report(tmp_path: Path) -> None:
+    """What a report is made from includes its settings: another report.stale_after makes
+    every report due again; the same settings leave them alone."""
+    book, config = two_open_runs(tmp_path)
+    assert main(["reconcile", str(config)]) == 0
+    ledger = Ledger(book.ledger.path)
+    try:
+        assert ledger.reports_to_rewrite(_context(tmp_path, config), None) == []
+        text = config.read_text()
+        config.write_text(text.replace("report:", "report:\n  stale_after: 60", 1)
+                          if "report:" in text else text + "report:\n  stale_after: 60\n")
+        assert ledger.reports_to_rewrite(_context(tmp_path, config), None) == [
+            "run-1", "run-2"]
+    finally:
+        ledger.close()
+
+
+def test_an_older_ledger_gains_the_change_counter_and_rewrites_each_report_once(
+        tmp_path: Path) -> None:
+    """A ledger written before runs.rev and its triggers: opened, it gains both (the
+    triggers then count a row change), and every run's report is due once (no marker)."""
+    book = Book(tmp_path / "b")
+    row = book.row("accepted", task="A1", job_id="1")
+    book.ledger.finish_run("run-1", "finished", {"exit_code": 0})
+    path = book.ledger.path
+    book.ledger.close()
+    with sqlite3.connect(path) as db:
+        for trigger in ("rows_changed", "rows_followed", "rows_gone"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.executescript("""
+            CREATE TABLE old_runs (run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL,
+                finished_at TEXT, state TEXT NOT NULL, account TEXT NOT NULL,
+                config_fingerprint TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}');
+            INSERT INTO old_runs SELECT run_id, started_at, finished_at, state, account,
+                config_fingerprint, info FROM runs;
+            DROP TABLE runs;
+            ALTER TABLE old_runs RENAME TO runs;""")
+        assert "rev" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    ledger = Ledger(path)
+    try:
+        assert ledger.reports_to_rewrite("", None) == ["run-1"]
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE rows SET outcome='created' WHERE id=?", (row,))
+            assert db.execute("SELECT rev FROM runs").fetchone()[0] == 1
+    finally:
+        ledger.close()
+
+
+def test_status_reads_no_ledger_table_whole(tmp_path: Path) -> None:
+    """Every statement `status` runs once the sink is mirrored, planned by SQLite: no full
+    scan of rows and no walk of a whole index over every row (only the small partial
+    indexes of open rows may be read whole), so its cost follows the open rows."""
+    book, _ = two_open_runs(tmp_path)
+    settings = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                           webhooks={"sink": str(book.sink)})
+    ledger_status(settings)  # mirrors the sink, matches: the nothing-new case is next
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(statements.append)
+        return db
+
+    sqlite3.connect = traced  # type: ignore[assignment]
+    try:
+        found = ledger_status(settings)
+    finally:
+        sqlite3.connect = real_connect
+    assert found.kind("awaiting_outcome").count == 2
+    selects = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert selects
+    db = real_connect(book.ledger.path)
+    full = []
+    for statement in selects:
+        for *_, detail in db.execute("EXPLAIN QUERY PLAN " + statement):
+            words = detail.split()
+            on_rows = words[1] in ("rows", "r", "h", "d", "o", "ref", "via")
+            whole = words[0] == "SCAN" or "(key>?)" in detail  # key IS NOT NULL: every key
+            if on_rows and whole and not any(index in detail for index in SMALL_INDEXES):
+                full.append((statement.split()[:12], detail))
+    db.close()
+    assert full == []
+
+
+def test_the_join_rules_run_again_when_a_row_changes_though_no_event_is_new(
+        tmp_path: Path) -> None:
+    """The webhook of job 7 is mirrored before the ledger records that its row got job 7
+    (the sink was faster than the run's commit): an orphan. The row's update alone (no new
+    event, no new row) must make the next refresh match it: confirmed, no orphan."""
+    book = Book(tmp_path / "b")
+    book.ledger.add_rows("run-1", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "a note"),
+                                          "pending")])
+    row_id = int(book.ledger.frame("run-1")["id"].max())
+    book.event("task_note.created", "7", n=1)
+    Reconciler(book.ledger, book.sink).refresh(ACCOUNT)
+    assert book.ledger.orphans()[0] == 1
+    book.ledger.apply([row_id], [])
+    book.ledger.apply([], [Attempt(row_id, "accepted", 200, None, "7")])
+    Reconciler(book.ledger, book.sink).refresh(ACCOUNT)
+    assert book.ledger.orphans()[0] == 0
+    assert book.ledger.frame("run-1")["outcome"].tolist() == ["created"]
+    assert book.ledger.match_outcomes() == 0  # nothing changed since: nothing to do
