@@ -55,6 +55,7 @@ def test_reconcile_with_nothing_new_writes_no_report_and_a_new_event_rewrites_it
     assert "2 run(s) with open rows unchanged" in out
     assert {one: files_of(one), two: files_of(two)} == before
     book = Book.__new__(Book)  # the same sink file, appended to
+    book.pg_url = None
     book.sink = tmp_path / "b" / "webhooks.jsonl"
     book.event("task_note.created", "1", n=1, task="A1")
     assert main(["reconcile", str(config)]) == 0

@@ -243,6 +243,15 @@ class PgLedger(Ledger):
             "SELECT run_id FROM runs ORDER BY started_at DESC, seq DESC LIMIT 1").fetchone()
         return None if found is None else str(found[0])
 
+    def _match_stamp(self) -> str:
+        """As ``Ledger._match_stamp`` (PostgreSQL has no rowid: events only ever grow, so
+        their count stands for the last one stored)."""
+        found = self._pg.execute(
+            "SELECT (SELECT MAX(id) FROM rows), (SELECT COUNT(*) FROM events),"
+            " (SELECT COUNT(*) FROM runs), (SELECT COALESCE(SUM(rev), 0) FROM runs)"
+        ).fetchone()
+        return ",".join(str(v) for v in found or ())
+
     def sink_position(self) -> tuple[int, str]:
         """How far ``sink_events`` has been mirrored: (its last ``seq`` read, "")."""
         found = self._pg.execute("SELECT value FROM meta WHERE key = 'sink_seq'").fetchone()

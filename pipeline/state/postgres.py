@@ -107,6 +107,35 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         ALTER TABLE rows ADD COLUMN IF NOT EXISTS account text;
         ALTER TABLE events ADD COLUMN IF NOT EXISTS account text;
     """),
+    Migration(4, "cost follows change: runs.rev, bumped by row changes (schema.TRIGGERS)", """
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS rev bigint NOT NULL DEFAULT 0;
+        CREATE OR REPLACE FUNCTION tasknotes_rows_changed() RETURNS trigger AS $$
+        BEGIN
+            IF TG_OP = 'DELETE' THEN
+                UPDATE runs SET rev = rev + 1 WHERE run_id = OLD.run_id;
+                RETURN OLD;
+            END IF;
+            UPDATE runs SET rev = rev + 1 WHERE run_id = NEW.run_id;
+            IF NEW.key IS NOT NULL AND (
+                   OLD.status IS DISTINCT FROM NEW.status
+                OR OLD.outcome IS DISTINCT FROM NEW.outcome
+                OR OLD.job_id IS DISTINCT FROM NEW.job_id
+                OR OLD.task_note_id IS DISTINCT FROM NEW.task_note_id
+                OR OLD.submitted_at IS DISTINCT FROM NEW.submitted_at
+                OR OLD.outcome_at IS DISTINCT FROM NEW.outcome_at
+                OR OLD.event_id IS DISTINCT FROM NEW.event_id
+                OR OLD.emr_note_id IS DISTINCT FROM NEW.emr_note_id
+                OR OLD.outcome_clock IS DISTINCT FROM NEW.outcome_clock
+                OR OLD.key IS DISTINCT FROM NEW.key) THEN
+                UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+                    SELECT run_id FROM rows WHERE key = NEW.key AND run_id <> NEW.run_id);
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        DROP TRIGGER IF EXISTS rows_changed ON rows;
+        CREATE TRIGGER rows_changed AFTER UPDATE OR DELETE ON rows
+            FOR EACH ROW EXECUTE FUNCTION tasknotes_rows_changed();
+    """),
 )
 
 
