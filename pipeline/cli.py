@@ -97,7 +97,7 @@ exit codes:
   2  bad usage, bad config or unreadable input: nothing was sent
   3  aborted: credentials refused, too many consecutive failures, interrupted,
      disk full, or Cobalt's answers could not be read"""
-# Each command's own meaning of its exit codes, shown by its --help (DESIGN's contract).
+# Each command's own meaning of its exit codes, shown by its --help (the README's contract).
 _RECONCILED = """\
   0  every row of the runs reconciled ended well (awaiting rows not yet stale)
   1  some row of them needs attention: rejected, failed, ambiguous, not sent, or

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, cast
 
 from pipeline._group import GroupCommit
 from pipeline.errors import StateError
@@ -98,7 +98,7 @@ class PgEventStore:
             self.close()
             raise SinkWriteError(f"PostgreSQL at {self.where}: "
                                  f"{describe_failure(self._url, exc)}") from None
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(str(row[0])) if row else 0
 
     async def run(self) -> None:
         await self._group.run()
@@ -160,10 +160,11 @@ class PgEventStore:
         try:
             conn = self._connection()
             with conn.transaction():
-                inserted = {(str(i), bytes(d)) for i, d in conn.execute(  # type: ignore[call-overload]
+                found = conn.execute(
                     _INSERT, ([r.event_id for r in fresh], [r.digest for r in fresh],
                               [r.body for r in fresh], [self._verdict] * len(fresh),
-                              [r.received_at for r in fresh])).fetchall()}
+                              [r.received_at for r in fresh])).fetchall()
+                inserted = {(str(i), bytes(cast("bytes", d))) for i, d in found}
         except StateError as exc:  # from connect(): names host:port/database already
             self.close()
             raise SinkWriteError(str(exc)) from None

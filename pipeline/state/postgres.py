@@ -146,10 +146,11 @@ def where(url: str) -> str:
     """
     parts = urlsplit(url)
     host = parts.hostname or "localhost"
+    port: int | str
     try:
         port = parts.port or 5432
     except ValueError:
-        port = "?"  # type: ignore[assignment]
+        port = "?"
     database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "?")
     return f"{host}:{port}/{database}"
 
@@ -211,7 +212,7 @@ def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
     row = conn.execute("SELECT to_regclass('tasknotes_schema') IS NOT NULL").fetchone()
     if not row or not row[0]:
         return []
-    return [int(v) for (v,) in conn.execute(  # type: ignore[call-overload]
+    return [int(str(v)) for (v,) in conn.execute(
         "SELECT version FROM tasknotes_schema ORDER BY version").fetchall()]
 
 
