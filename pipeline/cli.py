@@ -482,14 +482,11 @@ def _print_unwritten(config: RunConfig, run_id: str) -> None:
 
 
 def _one_line(counts: dict[str, int], written_off: int = 0) -> str:
+    from pipeline.reconcile import FINAL_STATUS_LABELS
+
     total = sum(counts.values())
     parts = [f"{counts['confirmed']:,} of {_n(total, 'note')} confirmed"]
-    labels = {
-        "awaiting_outcome": "awaiting outcome", "failed_in_emr": "failed in EMR",
-        "rejected_invalid": "rejected (invalid)", "rejected_by_api": "rejected by API",
-        "ambiguous": "ambiguous", "send_failed": "not sent",
-        "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
-    }
+    labels = {k: v for k, v in FINAL_STATUS_LABELS.items() if k != "confirmed"}
     parts += [f"{_n(counts[k], 'duplicate')} skipped" if k == "skipped_duplicate"
               else f"{counts[k]:,} {label}" for k, label in labels.items() if counts[k]]
     if written_off:

@@ -25,15 +25,10 @@ from typing import Any
 import httpx
 
 from pipeline.config import NotifyConfig
+from pipeline.reconcile import FINAL_STATUS_LABELS
 
 log = logging.getLogger(__name__)
 
-_LABELS = {
-    "confirmed": "confirmed", "awaiting_outcome": "awaiting outcome",
-    "failed_in_emr": "failed in EMR", "rejected_invalid": "rejected (invalid)",
-    "rejected_by_api": "rejected by API", "ambiguous": "ambiguous", "send_failed": "not sent",
-    "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
-}
 
 
 _VERDICTS = {"ok": "ok", "waiting": "waiting for outcomes", "attention": "needs attention"}
@@ -74,7 +69,7 @@ class RunSummary:
         else:
             verdict = {0: "ok", 1: "needs attention"}.get(self.exit_code, "failed")
         lines = [f"tasknotes run {self.run_id}: {verdict} (exit {self.exit_code})"]
-        shown = [f"{n:,} {_LABELS.get(k, k)}" for k, n in self.counts.items() if n]
+        shown = [f"{n:,} {FINAL_STATUS_LABELS.get(k, k)}" for k, n in self.counts.items() if n]
         lines.append(f"{sum(self.counts.values()):,} rows: " + ("; ".join(shown) or "none"))
         if self.stop_reason:
             lines.append(f"stopped: {self.stop_reason}")

@@ -56,6 +56,13 @@ FINAL_STATUSES: Final = (
     "confirmed", "failed_in_emr", "awaiting_outcome", "rejected_invalid", "rejected_by_api",
     "ambiguous", "send_failed", "skipped_duplicate", "skipped_already_sent",
 )  # fmt: skip
+# How one-line summaries (the command's last line, a notification) name each final status.
+FINAL_STATUS_LABELS: Final = {
+    "confirmed": "confirmed", "awaiting_outcome": "awaiting outcome",
+    "failed_in_emr": "failed in EMR", "rejected_invalid": "rejected (invalid)",
+    "rejected_by_api": "rejected by API", "ambiguous": "ambiguous", "send_failed": "not sent",
+    "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
+}
 # Final statuses that end a row well (exit 0): delivered, on its way, or rightly not sent.
 GOOD_STATUSES: Final = frozenset({
     "confirmed", "awaiting_outcome", "skipped_duplicate", "skipped_already_sent",
