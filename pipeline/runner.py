@@ -46,7 +46,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.from_thread
 import anyio.lowlevel
 from tqdm import tqdm
 
@@ -225,18 +224,19 @@ class Run:
         self._early: list[int] = []  # signals caught before the event loop ran
         self._stop_lock = threading.Lock()
         self._stop_asked: str | None = None  # request_stop before the event loop ran
-        self._loop: anyio.lowlevel.EventLoopToken | None = None
+        # The run's event loop's non-blocking "call this soon" (asyncio's
+        # call_soon_threadsafe, trio's run_sync_soon) while it runs.
+        self._soon: Callable[..., object] | None = None
 
     def request_stop(self, reason: str) -> None:
         """Ask the run to stop gracefully, as a first SIGINT/SIGTERM does (no new request;
         the report written; exit code 3 with ``reason`` as its stop_reason). Safe from
         any thread; a no-op once the run has ended. (``pipeline.aio`` on cancellation.)"""
-        with self._stop_lock:
+        with self._stop_lock:  # never blocks: the caller may be an event loop itself
             self._stop_asked = self._stop_asked or reason
-            loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has just ended
-                anyio.from_thread.run_sync(self.control.stop, reason, token=loop)
+            if self._soon is not None:
+                with contextlib.suppress(RuntimeError):  # the loop has just ended
+                    self._soon(self.control.stop, reason)
 
     def execute(self) -> RunOutcome:
         """Run it: the RunOutcome, or the errors ``jobs.run`` documents. The run id is on
@@ -285,8 +285,10 @@ class Run:
         return self.config.report.dir / self.run_id
 
     async def _run(self, inputs: Inputs) -> RunOutcome:
+        native = anyio.lowlevel.current_token().native_token
         with self._stop_lock:
-            self._loop = anyio.lowlevel.current_token()
+            self._soon = (getattr(native, "call_soon_threadsafe", None)
+                          or getattr(native, "run_sync_soon", None))
             if self._stop_asked is not None:
                 self.control.stop(self._stop_asked)
         try:
@@ -298,7 +300,7 @@ class Run:
             return outcome
         finally:
             with self._stop_lock:
-                self._loop = None
+                self._soon = None
 
     async def _locked(self, inputs: Inputs) -> RunOutcome:
         ledger = Ledger(self.config.state.ledger, synchronous=self.config.state.synchronous)
