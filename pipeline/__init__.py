@@ -49,6 +49,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pipeline import aio as aio
+    from pipeline import logs as logs
     from pipeline.config import RunConfig as RunConfig
     from pipeline.config import load_config as load_config
     from pipeline.jobs import ConfigSource as ConfigSource
@@ -83,6 +84,7 @@ __all__ = [
     "__version__",
     "aio",
     "load_config",
+    "logs",
     "poll",
     "reconcile",
     "run",
@@ -95,6 +97,7 @@ __all__ = [
 # command, `sink` and `emulator` included) does not pay for importing every stage.
 _LAZY = {
     "aio": ("pipeline.aio", None),
+    "logs": ("pipeline.logs", None),
     "RunConfig": ("pipeline.config", "RunConfig"),
     "load_config": ("pipeline.config", "load_config"),
     **{name: ("pipeline.jobs", name) for name in (

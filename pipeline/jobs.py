@@ -12,10 +12,11 @@ running an event loop (there: ``pipeline.aio``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeAlias
@@ -24,7 +25,7 @@ import sniffio
 
 from pipeline import exits, ops
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import RunOptions, ScanCounts
 from pipeline.status import LedgerStatus
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from pipeline.poll import PollStats
     from pipeline.reconcile import Reconciler
     from pipeline.report import Written
+    from pipeline.runner import Run
     from pipeline.state import Ledger
     from pipeline.state.pg_migrate import Copied
 
@@ -56,10 +58,13 @@ def load(config: ConfigSource, command: Command) -> RunConfig:
     ``webhooks`` section too (the emulator signs with that secret); ``poll``: ``api``;
     ``reconcile`` and ``status``: none (they send nothing). Raises ConfigError naming
     the key (a file not found or unreadable, bad YAML, an unknown key, a variable that
-    is not set).
+    is not set), or saying what was given instead of a path or a RunConfig (None...).
     """
     if isinstance(config, RunConfig):
         return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"config: the path of a YAML file or a RunConfig, not "
+                          f"{type(config).__name__}")
     path = Path(config)
     if command in ("run", "validate"):
         loaded = load_config(path, needs=("api", "notify"))
@@ -75,7 +80,13 @@ def _blocking(name: str) -> None:
     try:
         library = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
-        return
+        # A plain callback of a running asyncio loop (loop.call_soon) has no current
+        # task, so sniffio does not see the loop: ask asyncio itself.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        library = "asyncio"
     raise RuntimeError(f"pipeline.{name}() blocks, and this thread runs an event loop "
                        f"({library}): use `await pipeline.aio.{name}(...)` instead")
 
@@ -150,9 +161,12 @@ def run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
     (nothing else is: never the host process's ``sys.argv``).
 
     Relative paths in the config are relative to the current directory. Signals: run
-    from the main thread, the first SIGINT/SIGTERM stops the run gracefully (exit code
-    3) and a second one exits the process at once; the host's own handlers are put
-    back when the run ends. From any other thread no signal handler is installed.
+    from the main thread, from the moment its config is loaded (before the secrets are
+    checked and the inputs opened) until it ends, the first SIGINT/SIGTERM stops the
+    run gracefully (exit code 3; nothing more is sent) and a second one exits the
+    process at once; the host's own handlers are put back when the run ends. From any
+    other thread no signal handler is installed. (A dry run and ``validate`` install
+    none: they send nothing.)
 
     Raises ConfigError (a credential not set, a config file that cannot be used),
     InputError (an input unusable: nothing sent), StateError (the ledger unusable or
@@ -161,6 +175,17 @@ def run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
     ``stop_reason`` with exit code 3. ValueError for ``limit`` < 1; RuntimeError when
     called from a thread that runs an event loop (use ``pipeline.aio.run``).
     """
+    return _run(config, inputs=inputs, dry_run=dry_run, limit=limit, force=force,
+                progress=progress, argv=argv)
+
+
+def _run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
+         dry_run: bool = False, limit: int | None = None, force: bool = False,
+         progress: bool = False, argv: Sequence[str] = (),
+         started: Callable[[Run], None] | None = None) -> RunResult:
+    """``run``; ``started`` is called with the Run before it executes (``pipeline.aio``
+    keeps it to ask it to stop, from another thread, when its caller is cancelled)."""
+    from pipeline import logs  # noqa: PLC0415
     from pipeline.runner import Run  # noqa: PLC0415 - see the imports above
 
     _blocking("run")
@@ -171,13 +196,20 @@ def run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
                          limit=limit, progress=progress, force=force, argv=tuple(argv))
     if options.force:
         log.warning("--force: rows already sent in earlier runs will be sent again")
-    outcome = Run(config, options).execute()
-    report = outcome.report
-    if not options.dry_run:
-        ops.run_ended(config, run_id=outcome.run_id, exit_code=outcome.exit_code,
-                      counts=report.counts if report is not None else None,
-                      report_dir=report.directory if report is not None else None,
-                      stop_reason=outcome.stop_reason)
+    runner = Run(config, options)
+    if started is not None:
+        started(runner)
+    token = logs.set_run_id(runner.run_id)  # on its lines, and the metrics' and notify's
+    try:
+        outcome = runner.execute()
+        report = outcome.report
+        if not options.dry_run:
+            ops.run_ended(config, run_id=outcome.run_id, exit_code=outcome.exit_code,
+                          counts=report.counts if report is not None else None,
+                          report_dir=report.directory if report is not None else None,
+                          stop_reason=outcome.stop_reason)
+    finally:
+        logs.reset_run_id(token)  # the caller's later lines are not this run's
     return RunResult(
         exit_code=outcome.exit_code, run_id=outcome.run_id,
         report_dir=config.report.dir / outcome.run_id,

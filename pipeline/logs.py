@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -32,10 +32,17 @@ FORMATS: Final = ("text", "json")
 _RUN_ID: ContextVar[str | None] = ContextVar("tasknotes_run_id", default=None)
 
 
-def set_run_id(run_id: str | None) -> None:
+def set_run_id(run_id: str | None) -> Token[str | None]:
     """Name the run the current context works on: every JSON line logged from it (and from
-    tasks and worker threads it starts, which copy the context) carries ``run_id``."""
-    _RUN_ID.set(run_id)
+    tasks and worker threads it starts, which copy the context) carries ``run_id``.
+    Returns the token ``reset_run_id`` takes once the run has ended."""
+    return _RUN_ID.set(run_id)
+
+
+def reset_run_id(token: Token[str | None]) -> None:
+    """Put back the run id the context had before ``set_run_id`` (a host's later lines
+    are not tagged with a run that has ended)."""
+    _RUN_ID.reset(token)
 
 
 class _RunId(logging.Filter):

@@ -1,9 +1,10 @@
 """``report.metrics_file``: what the ledger says now, as Prometheus text-format metrics.
 
 Written at the end of every ``run``, ``reconcile`` (and so ``poll``) and ``status``
-by the official client library (``prometheus_client``: its own registry, and
-``write_to_textfile``, which writes a temporary file in the same directory and
-renames it over the old one), the convention of node_exporter's textfile collector
+in the text format of the official client library (``prometheus_client``: its own
+registry, ``generate_latest``), as its ``write_to_textfile`` does it (a temporary file
+in the same directory, renamed over the old one) but created owner-only (0600) whatever
+the process's umask, the convention of node_exporter's textfile collector
 (https://github.com/prometheus/node_exporter#textfile-collector): a scrape never
 sees half a file. Every metric is a gauge of the state after the command::
 
@@ -25,19 +26,22 @@ sees half a file. Every metric is a gauge of the state after the command::
 series would make a new series a night (unbounded cardinality); the other labels
 take a fixed set of values (final statuses, open-item kinds). The file holds counts
 and run ids only, never a note or a secret, and is created readable by its owner
-only (umask 077 of the command), like every file tasknotes writes: run node_exporter
-as that user, or give the directory a group the collector is in.
+only (mode 0600, also under a Python host's umask 022; a directory it creates is
+0700), like every file tasknotes writes: run node_exporter as that user, or give
+the directory a group the collector is in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from pipeline.config import RunConfig
 from pipeline.reconcile import FINAL_STATUSES
@@ -60,9 +64,25 @@ def write_metrics(config: RunConfig, open_items: LedgerStatus | None) -> Path | 
     if path is None:
         return None
     registry = collect(config, open_items)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), registry)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_atomically(path, generate_latest(registry))
     return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` as ``prometheus_client.write_to_textfile`` does (a temporary
+    file beside it, renamed over it: a scrape never reads half a file), the temporary
+    file created 0600 by ``os.open`` so no umask widens it. Raises OSError."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older temporary file left with other bits
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def collect(config: RunConfig, open_items: LedgerStatus | None) -> CollectorRegistry:

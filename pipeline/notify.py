@@ -12,16 +12,26 @@ stop reason and the open items: never a note's text, a task id or a secret.
 A notification that fails (no answer, a non-2xx answer, a timeout, a command
 that exits non-zero or cannot be started) is one warning line in the log, and
 changes neither the run's outcome nor its exit code.
+
+The POST is bounded whatever the other end does: ``timeout_s`` is a deadline for the
+whole exchange (connect, send, the answer's status line and headers), not per read;
+the answer's body is never read (only its status counts), so an endless or huge body
+costs nothing; a redirect is not followed (its status is the answer). While it runs,
+the records of httpx and httpcore (whose INFO line quotes the URL) are dropped, in
+this thread only, so a host whose root logger is at INFO or DEBUG (an Airflow
+worker, ``tasknotes -vv``) never logs the secret.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+import anyio
 import httpx
 
 from pipeline.config import NotifyConfig
@@ -32,6 +42,23 @@ log = logging.getLogger(__name__)
 
 
 _VERDICTS = {"ok": "ok", "waiting": "waiting for outcomes", "attention": "needs attention"}
+# The loggers of the HTTP stack that may quote a request's URL: httpx's INFO
+# "HTTP Request: POST <url>" line, httpcore's DEBUG traces.
+_HTTP_LOGGERS: Final = ("httpx", "httpcore", "httpcore.connection", "httpcore.http11",
+                        "httpcore.http2", "httpcore.proxy", "httpcore.socks")
+_POSTING: contextvars.ContextVar[bool] = contextvars.ContextVar("tasknotes_notify_posting",
+                                                                default=False)
+
+
+class _QuietWhilePosting(logging.Filter):
+    """Drops the HTTP stack's records logged while a notification is being posted (in
+    that context only: other threads' and tasks' httpx records pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _POSTING.get()
+
+
+_QUIET: Final = _QuietWhilePosting()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +127,31 @@ def notify(settings: NotifyConfig, summary: RunSummary) -> list[str]:
 
 
 def _post(url: str, summary: RunSummary, timeout_s: float) -> str | None:
-    """POST the chat message; what went wrong, in words that never hold the URL."""
+    """POST the chat message within ``timeout_s`` overall; what went wrong, in words that
+    never hold the URL. Blocks the calling thread (its own event loop, ``anyio.run``)."""
+    for name in _HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+
+    async def post() -> int | None:
+        _POSTING.set(True)  # this task's context only
+        with anyio.move_on_after(timeout_s):
+            async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client, \
+                    client.stream("POST", url, json={"text": summary.text()}) as answer:
+                return answer.status_code  # the body is not read: leaving closes it
+        return None
+
     try:
-        answer = httpx.post(url, json={"text": summary.text()}, timeout=timeout_s,
-                            follow_redirects=False)
+        status = anyio.run(post)
     except httpx.TimeoutException:
-        return f"no answer within {timeout_s:g} s"
+        status = None
     except httpx.HTTPError as exc:  # its message may quote the URL: the kind of error only
         return f"could not be reached ({type(exc).__name__})"
-    if not answer.is_success:
-        return f"answered HTTP {answer.status_code}"
+    if status is None:
+        return f"no answer within {timeout_s:g} s"
+    if not 200 <= status < 300:
+        return f"answered HTTP {status}"
     return None
 
 

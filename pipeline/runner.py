@@ -46,13 +46,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 from tqdm import tqdm
 
@@ -126,8 +127,11 @@ async def send_pending(
 
     api = config.api if base_url is None else config.api.model_copy(update={"base_url": base_url})
     reader = state_store.reader(ledger)
-    bar = tqdm(total=to_send, unit="note", file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()), desc="sending")
+    # No bar at all unless one is drawn: even a disabled tqdm starts its process-wide
+    # "tqdm_monitor" thread, which would outlive the run in an API host.
+    bar = (tqdm(total=to_send, unit="note", file=sys.stderr, mininterval=0.5,
+                dynamic_ncols=True, desc="sending")
+           if progress and sys.stderr.isatty() else None)
     try:
         webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
         async with contextlib.AsyncExitStack() as stack:
@@ -150,7 +154,8 @@ async def send_pending(
             async with contextlib.aclosing(_stepwise(jobs)) as batches:
                 return await submitter.run(batches)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         reader.close()
 
 
@@ -178,14 +183,45 @@ def handles_signals() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-async def _watch_signals(control: Control) -> None:
+def _second_signal(signum: int) -> None:
+    log.error("second %s: exiting now; the ledger is consistent", signal.Signals(signum).name)
+    os._exit(exits.ABORTED)
+
+
+async def _watch_signals(control: Control, early: list[int], *,
+                         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                         ) -> None:
+    """The run's signal handling once its event loop runs. ``early``: the signals the
+    run's first handler (``_early_signals``) caught before, acted on now, once this
+    receiver is in place (so no signal falls between the two)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        task_status.started()
+        for signum in early:
+            control.stop(f"interrupted by {signal.Signals(signum).name}")
         async for signum in received:
             if control.stopped and control.reason and control.reason.startswith("interrupted"):
-                log.error("second %s: exiting now; the ledger is consistent",
-                          signal.Signals(signum).name)
-                os._exit(exits.ABORTED)
+                _second_signal(signum)
             control.stop(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def _early_signals() -> Iterator[list[int]]:
+    """From the run's start (before the secrets are checked and the inputs opened) until
+    its event loop's receiver replaces it: a handler that notes the first SIGINT/SIGTERM
+    (the run then stops as soon as it can: exit code 3) and exits at a second one. Yields
+    the signals noted. Main thread only."""
+    caught: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        if caught:
+            _second_signal(signum)
+        caught.append(signum)
+        log.warning("%s received while the run starts: it will stop before sending",
+                    signal.Signals(signum).name)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, note)
+    yield caught
 
 
 class Run:
@@ -196,19 +232,46 @@ class Run:
         self.options = options
         self.control = Control()
         self.run_id = new_run_id()
-        logs.set_run_id(self.run_id)  # on every JSON log line from here on
         self.timings: dict[str, float] = {}
         self.scan_stopped: RunInfoChanges = {}
+        self._early: list[int] = []  # signals caught before the event loop ran
+        self._stop_lock = threading.Lock()
+        self._stop_asked: str | None = None  # request_stop before the event loop ran
+        # The run's event loop's non-blocking "call this soon" (asyncio's
+        # call_soon_threadsafe, trio's run_sync_soon) while it runs.
+        self._soon: Callable[..., object] | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the run to stop gracefully, as a first SIGINT/SIGTERM does (no new request;
+        the report written; exit code 3 with ``reason`` as its stop_reason). Safe from
+        any thread; a no-op once the run has ended. (``pipeline.aio`` on cancellation.)"""
+        with self._stop_lock:  # never blocks: the caller may be an event loop itself
+            self._stop_asked = self._stop_asked or reason
+            if self._soon is not None:
+                with contextlib.suppress(RuntimeError):  # the loop has just ended
+                    self._soon(self.control.stop, reason)
 
     def execute(self) -> RunOutcome:
+        """Run it: the RunOutcome, or the errors ``jobs.run`` documents. The run id is on
+        every JSON log line of this context while it runs (and off again after)."""
+        token = logs.set_run_id(self.run_id)
+        try:
+            with contextlib.ExitStack() as stack:
+                if handles_signals() and not self.options.dry_run:
+                    stack.enter_context(_host_handlers_kept())
+                    self._early = stack.enter_context(_early_signals())
+                return self._execute()
+        finally:
+            logs.reset_run_id(token)
+
+    def _execute(self) -> RunOutcome:
         preflight(self.config)  # a missing secret stops us before the ledger is touched
         inputs = open_inputs(self.config, self.options)
         if self.options.dry_run:
             return self._dry_run(inputs)
         try:
-            with _host_handlers_kept() if handles_signals() else contextlib.nullcontext():
-                return anyio.run(self._run, inputs,
-                                 backend_options=self.config.submit.backend_options())
+            return anyio.run(self._run, inputs,
+                             backend_options=self.config.submit.backend_options())
         except BaseExceptionGroup as group:  # the API raises the package's own errors
             inner = _pipeline_error(group)
             if inner is None:
@@ -235,6 +298,24 @@ class Run:
         return self.config.report.dir / self.run_id
 
     async def _run(self, inputs: Inputs) -> RunOutcome:
+        native = anyio.lowlevel.current_token().native_token
+        with self._stop_lock:
+            self._soon = (getattr(native, "call_soon_threadsafe", None)
+                          or getattr(native, "run_sync_soon", None))
+            if self._stop_asked is not None:
+                self.control.stop(self._stop_asked)
+        try:
+            async with anyio.create_task_group() as tg:
+                if handles_signals():
+                    await tg.start(_watch_signals, self.control, self._early)
+                outcome = await self._locked(inputs)
+                tg.cancel_scope.cancel()
+            return outcome
+        finally:
+            with self._stop_lock:
+                self._soon = None
+
+    async def _locked(self, inputs: Inputs) -> RunOutcome:
         ledger = state_store.open_store(self.config)
         try:
             ledger.lock()
@@ -246,12 +327,7 @@ class Run:
             from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
 
             Reconciler.of(ledger, self.config).refresh(self.config.api.account_id())
-            async with anyio.create_task_group() as tg:
-                if handles_signals():
-                    tg.start_soon(_watch_signals, self.control)
-                outcome = await self._stages(ledger, inputs)
-                tg.cancel_scope.cancel()
-            return outcome
+            return await self._stages(ledger, inputs)
         finally:
             ledger.close()
 

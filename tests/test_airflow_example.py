@@ -4,7 +4,11 @@ and imports tasknotes only inside its tasks (so a scheduler without it can load 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,8 +48,77 @@ def test_the_dag_file_uses_the_python_api_as_it_is() -> None:
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                 and node.value.id in used):
             used[node.value.id].add(node.attr)
-    assert used["pipeline"] == {"run"}
+    assert used["pipeline"] == {"run", "status", "PipelineError"}
     assert set(pipeline.__all__) >= used["pipeline"]
     fields = {f.name for f in dataclasses.fields(pipeline.RunResult)}
     assert used["result"] >= {"exit_code", "run_id", "report_dir", "counts", "stop_reason"}
     assert fields >= used["result"]
+
+
+class _Stub:
+    """Stands for an Airflow class the DAG file only instantiates (no Airflow here)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.kwargs = kwargs
+
+    def __enter__(self) -> _Stub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __rshift__(self, other: object) -> object:
+        return other
+
+
+def _dag_module(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Any:
+    """The DAG file imported with Airflow's names stubbed (the exceptions real classes),
+    ``env`` in the environment; returns the module."""
+    exceptions = types.ModuleType("airflow.exceptions")
+
+    class AirflowException(Exception):
+        pass
+
+    class AirflowFailException(AirflowException):
+        pass
+
+    exceptions.AirflowException = AirflowException  # type: ignore[attr-defined]
+    exceptions.AirflowFailException = AirflowFailException  # type: ignore[attr-defined]
+    modules = {"airflow": types.ModuleType("airflow"), "airflow.exceptions": exceptions}
+    modules["airflow"].DAG = _Stub  # type: ignore[attr-defined]
+    for name, attrs in {"airflow.providers.standard.operators.bash": ["BashOperator"],
+                        "airflow.providers.standard.operators.python": ["PythonOperator"],
+                        "airflow.providers.standard.sensors.python": ["PythonSensor"]}.items():
+        modules[name] = types.ModuleType(name)
+        for attr in attrs:
+            setattr(modules[name], attr, _Stub)
+    for name in ("airflow.providers", "airflow.providers.standard",
+                 "airflow.providers.standard.operators", "airflow.providers.standard.sensors"):
+        modules[name] = types.ModuleType(name)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = importlib.util.spec_from_file_location("tasknotes_dags_under_test", DAG_FILE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exit_2_fails_the_task_without_retry_and_the_workdir_is_explicit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config error (exit 2) raises AirflowFailException (Airflow: fail, no retry); the
+    working directory is TASKNOTES_WORKDIR, never derived from the config's path (which
+    for /etc/tasknotes/production.yaml would be /)."""
+    monkeypatch.chdir(tmp_path)
+    dags = _dag_module(monkeypatch, {"TASKNOTES_CONFIG": "/etc/tasknotes/production.yaml",
+                                     "TASKNOTES_WORKDIR": str(tmp_path)})
+    assert str(tmp_path) == dags.WORKDIR
+    fail = sys.modules["airflow.exceptions"].AirflowFailException
+    with pytest.raises(fail, match="exit 2"):
+        dags.send_notes(str(tmp_path / "missing.yaml"))
+    with pytest.raises(fail):
+        dags.outcomes_settled(str(tmp_path / "missing.yaml"))
+    assert Path.cwd() == tmp_path

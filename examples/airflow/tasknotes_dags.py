@@ -1,7 +1,11 @@
 """Airflow DAGs for tasknotes: send at night, settle and check the next morning.
 
-Three DAGs (copy this file into the DAGs folder; set TASKNOTES_CONFIG and, for the
-CLI variant, TASKNOTES_BIN in the worker's environment or edit the constants):
+Three DAGs (copy this file into the DAGs folder; set TASKNOTES_CONFIG, TASKNOTES_WORKDIR
+and, for the CLI variant, TASKNOTES_BIN in the worker's environment or edit the
+constants). TASKNOTES_WORKDIR is the directory the commands run in: relative paths in
+the config (state.ledger, webhooks.sink, report.dir) are relative to it, so it must be
+the one cron or systemd uses, or the task would use a new, empty ledger and send again
+what was already sent. It is never guessed from the config's path (/etc/tasknotes/...).
 
     tasknotes_nightly       02:15  PythonOperator on the Python API: ``pipeline.run``
     tasknotes_nightly_cli   02:15  the same with BashOperator and the ``tasknotes``
@@ -19,6 +23,12 @@ retry (it fails the same way until someone edits the config or the file); 3 the
 run was aborted (credentials refused, Cobalt kept failing, disk full, killed): the
 task FAILS, and a retry is safe (the ledger never sends a note twice).
 
+Retries: the PythonOperator raises AirflowFailException for exit 2 (Airflow fails the
+task without retrying) and AirflowException for exit 3 (retried once, 20 minutes
+later). A BashOperator cannot retry by exit code (any non-zero exit is retried alike),
+so the CLI variant has no retry: after an exit 3, clear the task or let the next night
+send what is left.
+
 ``pipeline.run(config) -> RunResult`` is tasknotes' Python API (README, "Use from
 Python"): a frozen result with ``exit_code``, ``run_id``, ``report_dir``, ``counts``
 and ``stop_reason``; exit 2 is raised instead (``ConfigError``, ``InputError``,
@@ -26,6 +36,8 @@ and ``stop_reason``; exit 2 is raised instead (``ConfigError``, ``InputError``,
 task. It runs in whatever thread the worker calls it from: in the main thread it
 handles SIGTERM (Airflow's kill) as the command does, a graceful stop with exit 3,
 and puts Airflow's own handler back afterwards; in another thread it installs none.
+The morning sensor calls ``pipeline.status`` where tasknotes is importable, and the
+command (TASKNOTES_BIN) where it is not.
 It never configures logging: its records reach the task log through Airflow's own
 handlers. The module imports ``pipeline`` only inside the task, so the scheduler
 parses it where tasknotes is not installed.
@@ -41,7 +53,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow import DAG
-from airflow.exceptions import AirflowException
+from airflow.exceptions import AirflowException, AirflowFailException
 
 try:  # Airflow 3: the standard provider
     from airflow.providers.standard.operators.bash import BashOperator
@@ -54,7 +66,8 @@ except ImportError:  # Airflow 2
 
 CONFIG = os.environ.get("TASKNOTES_CONFIG", "/srv/tasknotes/configs/production.yaml")
 TASKNOTES = os.environ.get("TASKNOTES_BIN", "/srv/tasknotes/.venv/bin/tasknotes")
-WORKDIR = os.path.dirname(os.path.dirname(CONFIG))  # paths in the config are relative to it
+# Where the commands run: the config's relative paths are relative to it (module docstring).
+WORKDIR = os.environ.get("TASKNOTES_WORKDIR", "/srv/tasknotes")
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +95,12 @@ def send_notes(config_path: str) -> dict[str, Any]:
     # Relative paths in the config are relative to the current directory, as for the
     # command (cd WORKDIR above); a task runs in a process of its own, so it may chdir.
     os.chdir(WORKDIR)
-    result = pipeline.run(config_path)  # raises ConfigError etc. (exit 2): the task fails
+    try:
+        result = pipeline.run(config_path)
+    except pipeline.PipelineError as exc:  # ConfigError, InputError, StateError...: exit 2
+        if exc.exit_code == 2:  # retrying fails the same way: fail now, no retry
+            raise AirflowFailException(f"tasknotes run: {exc} (exit 2)") from exc
+        raise  # RunAborted (exit 3): the task fails and is retried once
     summary = {"run_id": result.run_id, "exit_code": result.exit_code,
                "report_dir": str(result.report_dir), "counts": dict(result.counts),
                "stop_reason": result.stop_reason}
@@ -96,13 +114,24 @@ def send_notes(config_path: str) -> dict[str, Any]:
 
 def outcomes_settled(config_path: str) -> bool:
     """The sensor's test: nothing awaits an outcome and no run is in progress (``status
-    --json``, README: its shape is stable). Exit 2 (bad config) fails the sensor."""
-    done = subprocess.run([TASKNOTES, "status", config_path, "--json"], cwd=WORKDIR,  # noqa: S603
-                          capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode not in (0, 1):
-        raise AirflowException(f"tasknotes status exited {done.returncode}: {done.stderr}")
-    kinds = json.loads(done.stdout)["kinds"]
-    return kinds["awaiting_outcome"]["count"] == 0 and kinds["in_progress"]["count"] == 0
+    --json``'s shape, README: it is stable): ``pipeline.status`` where tasknotes is
+    importable, else the command. Exit 2 (bad config) fails the sensor at once."""
+    try:
+        import pipeline  # noqa: PLC0415 - on the worker only
+    except ImportError:
+        done = subprocess.run([TASKNOTES, "status", config_path, "--json"], cwd=WORKDIR,  # noqa: S603
+                              capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode not in (0, 1):
+            raise AirflowFailException(
+                f"tasknotes status exited {done.returncode}: {done.stderr}") from None
+        kinds = json.loads(done.stdout)["kinds"]
+    else:
+        os.chdir(WORKDIR)
+        try:
+            kinds = pipeline.status(config_path).to_dict()["kinds"]
+        except pipeline.PipelineError as exc:
+            raise AirflowFailException(f"tasknotes status: {exc}") from exc
+    return bool(kinds["awaiting_outcome"]["count"] == 0 and kinds["in_progress"]["count"] == 0)
 
 
 _DEFAULTS = {"owner": "emr-integrations", "retries": 0}
@@ -130,8 +159,8 @@ with DAG(
     default_args=_DEFAULTS,
     tags=["tasknotes"],
 ) as nightly_cli:
-    BashOperator(task_id="run", bash_command=_cli("run", "--no-progress"),
-                 retries=1, retry_delay=timedelta(minutes=20))
+    # retries=0: a BashOperator would retry exit 2 as well (module docstring)
+    BashOperator(task_id="run", bash_command=_cli("run", "--no-progress"), retries=0)
 
 with DAG(
     dag_id="tasknotes_morning",
@@ -146,7 +175,10 @@ with DAG(
     settled = PythonSensor(
         task_id="wait_for_outcomes", python_callable=outcomes_settled, op_args=[CONFIG],
         mode="reschedule", poke_interval=15 * 60, timeout=3 * 3600,
-        soft_fail=True,  # still waiting after 3 h: skip ahead to poll, which asks Cobalt
+        # No soft_fail: Airflow would turn every failure of the sensor into SKIPPED, exit
+        # 2 included. Still waiting after 3 h, the sensor fails (red, worth a look) and
+        # poll runs anyway (trigger_rule all_done) to ask Cobalt; the DAG run's colour
+        # is the last status task's.
     )
     poll = BashOperator(task_id="poll", bash_command=_cli("poll"), trigger_rule="all_done")
     reconcile = BashOperator(task_id="reconcile", bash_command=_cli("reconcile"))
