@@ -297,7 +297,7 @@ class SinkFile:
         size = os.fstat(self._fd).st_size
         if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
             return
-        cut = _last_line_end(self._fd, size)
+        cut = last_line_end(self._fd, size)
         fragment = os.pread(self._fd, size - cut, cut)
         _append_private(self.path.with_name(self.path.name + ".torn"), fragment + b"\n")
         os.ftruncate(self._fd, cut)
@@ -502,7 +502,7 @@ def _drop_torn_tail(fd: int) -> None:
     """
     size = os.fstat(fd).st_size
     if size and os.pread(fd, 1, size - 1) != b"\n":
-        os.ftruncate(fd, _last_line_end(fd, size))
+        os.ftruncate(fd, last_line_end(fd, size))
         os.fsync(fd)
 
 
@@ -585,7 +585,7 @@ def _append_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _last_line_end(fd: int, size: int) -> int:
+def last_line_end(fd: int, size: int) -> int:
     """Offset just past the last newline before ``size`` (0 if there is none)."""
     end = size
     while end > 0:

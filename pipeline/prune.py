@@ -51,7 +51,14 @@ from typing import Any, BinaryIO
 
 from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
-from pipeline.events import PRUNED_AT, UnreadableEvent, decode_event, encode_event, is_pruned
+from pipeline.events import (
+    PRUNED_AT,
+    UnreadableEvent,
+    decode_event,
+    encode_event,
+    is_pruned,
+    last_line_end,
+)
 from pipeline.reasons import safe_emr_note_id
 from pipeline.state import Ledger
 
@@ -311,15 +318,7 @@ def _when(value: object) -> datetime | None:
 
 def _whole_lines(fd: int) -> int:
     """The offset just past the file's last newline (a torn tail is left to the sink)."""
-    size = os.fstat(fd).st_size
-    end = size
-    while end > 0:
-        begin = max(0, end - (1 << 16))
-        found = os.pread(fd, end - begin, begin).rfind(b"\n")
-        if found >= 0:
-            return begin + found + 1
-        end = begin
-    return 0
+    return last_line_end(fd, os.fstat(fd).st_size)
 
 
 def _input_copies(reports: Path, run_ids: list[str], *, dry_run: bool) -> list[Path]:
