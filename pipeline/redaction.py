@@ -67,14 +67,35 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     those separators are words (letters only, not all hex digits), so prose joined by
     separators ("Patient-has-HIV-diagnosis") is not an id while ``evt_5eQX92s``, UUIDs,
     24 hex digits and integers are; and it does not show any ``private`` string (the
-    row's note, compared as ``quotes`` does: canonical letters and digits).
+    row's note, compared as ``quotes`` does: canonical letters and digits; nor, read as
+    its letters alone, ``ID_NOTE_LETTERS`` (8) or more letters in a row of the note's,
+    nor two or more of its runs of letters (3 or more each) words of the note: note words
+    joined by digits or separators, "Patient1has2HIV3diagnosis", "x1Patient-x2has", are
+    the note).
     """
     if not ID_PATTERN.fullmatch(text):
         return False
     if sum(1 for part in _ID_PARTS.split(text) if _WORD.fullmatch(part)) > MAX_ID_WORDS:
         return False
     notes = [p for p in private if p]
-    return not (notes and quotes(text, notes))
+    if not notes:
+        return True
+    letters = _letters(text)
+    if len(letters) >= ID_NOTE_LETTERS and any(letters in _letters(n) for n in notes):
+        return False
+    runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
+    if any(len(runs & set(_LETTER_RUN.findall(n.casefold()))) >= 2 for n in notes):
+        return False
+    return not quotes(text, notes)
+
+
+ID_NOTE_LETTERS: Final = 8
+_LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
+
+
+def _letters(text: str) -> str:
+    """``text``'s letters alone, case-folded (digits, separators and spaces dropped)."""
+    return "".join(c for c in text.casefold() if c.isalpha())
 
 
 def safe_id(value: object, private: Iterable[str] = ()) -> str | None:

@@ -91,6 +91,19 @@ def test_an_id_showing_the_rows_note_is_withheld() -> None:
     assert str(safe_id("evt_call_back", ["call back"])).startswith("withheld-")
 
 
+@pytest.mark.parametrize("value", [
+    "Patient1has2HIV3diagnosis", "x1Patient-x2has-x3HIV-x4diagnosis", "HIV-diagnosis",
+    "Patient:has", "Patienthas9",
+])
+def test_note_words_joined_by_digits_are_the_note(value: str) -> None:
+    """The letters of an id, read alone, may not be 8 or more letters in a row of the row's
+    note (a re-test found note words joined by digits passing the shape rule)."""
+    note = "Patient has HIV diagnosis confirmed"
+    assert looks_like_id(value) or value.startswith("x1")  # the shape alone may pass
+    assert not looks_like_id(value, [note])
+    assert looks_like_id("5f0c3b2a9d1e4f6a7b8c9d0e", [note])  # a real id still passes
+
+
 def test_a_row_once_ambiguous_is_never_send_failed(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """on_ambiguous: resend, every answer a 500 after Cobalt stored the note: the rows end
