@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import uvicorn
 import yaml
 
@@ -116,6 +118,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         time.sleep(0.01)
+
+
+def wait_until_healthy(proc: subprocess.Popen[bytes], url: str, log: Path,
+                       timeout: float = 30.0) -> None:
+    """Wait until the server process ``proc`` answers 200 on ``url``/healthz (its stderr,
+    in ``log``, in the failure if it died first)."""
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout=timeout, what="the server to listen")
 
 
 def read_results(report_dir: Path) -> list[dict[str, str]]:

@@ -27,6 +27,7 @@ from helpers import (
     read_results,
     run_pipeline,
     wait_until,
+    wait_until_healthy,
     write_config,
     write_csv,
 )
@@ -54,15 +55,8 @@ def sink_process(home: Path, pg_url: str | None) -> Iterator[str]:
             stdout=subprocess.DEVNULL, stderr=out, cwd=home, env=env)
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(up, timeout=30, what="the sink to listen")
+        wait_until_healthy(proc, url, log)
         yield f"{url}/webhooks/cobalt"
     finally:
         proc.terminate()

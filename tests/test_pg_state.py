@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
+from helpers import WEBHOOK_SECRET, free_port, wait_until, wait_until_healthy, write_config
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import sign
@@ -181,15 +181,8 @@ def sink_on_pg(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
             env={**os.environ, "TASKNOTES_STATE_URL": pg_url})
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(up, timeout=30, what="the sink to listen")
+        wait_until_healthy(proc, url, log)
         yield url, pg_url
     finally:
         proc.terminate()

@@ -27,6 +27,7 @@ from helpers import (
     read_results,
     run_pipeline,
     wait_until,
+    wait_until_healthy,
     write_config,
     write_csv,
 )
@@ -236,13 +237,6 @@ def test_prune_while_the_sink_receives_loses_no_acknowledged_event(tmp_path: Pat
     acknowledged: list[str] = []
     stop = threading.Event()
 
-    def up() -> bool:
-        assert proc.poll() is None, (tmp_path / "sink.log").read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     def deliver(worker: int) -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
             for n in range(5000):  # bounded: stops by itself
@@ -261,7 +255,7 @@ def test_prune_while_the_sink_receives_loses_no_acknowledged_event(tmp_path: Pat
 
     workers = [threading.Thread(target=deliver, args=(w,)) for w in range(4)]
     try:
-        wait_until(up, timeout=20, what="the sink to listen")
+        wait_until_healthy(proc, url, tmp_path / "sink.log", timeout=20)
         for worker in workers:
             worker.start()
         rewrites = 0

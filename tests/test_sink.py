@@ -21,7 +21,7 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, free_port, wait_until, write_config
+from helpers import WEBHOOK_SECRET, free_port, wait_until_healthy, write_config
 from pipeline.emulator import sign
 from pipeline.events import MAX_DEPTH, SinkFile, read_sink, receipts_path
 from pipeline.events import compact_json as compact  # the bytes Cobalt signs and sends
@@ -410,14 +410,7 @@ def start_sink(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
             stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert proc.poll() is None, (tmp_path / "sink.log").read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, timeout=20, what="the sink to listen")
+    wait_until_healthy(proc, url, tmp_path / "sink.log", timeout=20)
     return proc, url, tmp_path / "state" / "webhooks.jsonl"
 
 
@@ -769,13 +762,6 @@ def test_a_flood_of_pipelined_slow_bodies_does_not_starve_deliveries(tmp_path: P
             stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert proc.poll() is None, (tmp_path / "sink.log").read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     async def flood_then_deliver() -> list[int | str]:
         held = []
         try:
@@ -797,7 +783,7 @@ def test_a_flood_of_pipelined_slow_bodies_does_not_starve_deliveries(tmp_path: P
                 await stream.aclose()
 
     try:
-        wait_until(up, timeout=20, what="the sink to listen")
+        wait_until_healthy(proc, url, tmp_path / "sink.log", timeout=20)
         assert anyio.run(flood_then_deliver) == [200] * 5
     finally:
         proc.terminate()
