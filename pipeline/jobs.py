@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pipeline.reconcile import Reconciler
     from pipeline.report import Written
     from pipeline.runner import Run
-    from pipeline.state import Ledger
+    from pipeline.state import StateStore
     from pipeline.state.pg_migrate import Copied
 
 # The modules only one command needs (HTTP client, pandas for reports) are imported by
@@ -379,7 +379,7 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
         sink.close()
 
 
-def _open_ledger(config: RunConfig) -> Ledger:
+def _open_ledger(config: RunConfig) -> StateStore:
     from pipeline.state.store import has_store, open_store  # noqa: PLC0415
 
     if not has_store(config):
@@ -387,7 +387,7 @@ def _open_ledger(config: RunConfig) -> Ledger:
     return open_store(config)
 
 
-def _reconcile_runs(config: RunConfig, ledger: Ledger, runs: Sequence[str],
+def _reconcile_runs(config: RunConfig, ledger: StateStore, runs: Sequence[str],
                     reconciler: Reconciler) -> ReconcileResult:
     from pipeline.report import rewrite_report  # noqa: PLC0415
 

@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
 from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
-from pipeline.state import Earlier, Ledger, NewRow, Status, row_key
+from pipeline.state import Earlier, NewRow, ScanStore, SendStore, Status, row_key
 from pipeline.submit import Job
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
@@ -134,7 +134,7 @@ class Scan:
     """Reads and validates the inputs; decides, per valid row, whether it is to be sent."""
 
     def __init__(self, config: RunConfig, options: RunOptions, inputs: Inputs, run_id: str, *,
-                 lookup: Ledger | None, recorder: RowRecorder, rejects: RejectsWriter,
+                 lookup: ScanStore | None, recorder: RowRecorder, rejects: RejectsWriter,
                  control: Control | None = None) -> None:
         self._config = config
         self._options = options
@@ -351,7 +351,7 @@ class Scan:
         c.held += found["held"]
 
 
-def pending_jobs(config: RunConfig, inputs: Inputs, reader: Ledger, run_id: str,
+def pending_jobs(config: RunConfig, inputs: Inputs, reader: SendStore, run_id: str,
                  read_size: int = 256) -> Iterator[list[Job]]:
     """Pending rows of the run, with their notes read again from the input files.
 

@@ -60,7 +60,8 @@ from pipeline.events import (
     last_line_end,
 )
 from pipeline.reasons import safe_emr_note_id
-from pipeline.state import Ledger
+from pipeline.state import StateStore
+from pipeline.state.store import existing_store
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
     result = PruneResult(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run)
     sink = config.webhooks.sink
-    ledger = None
-    if config.state.ledger.exists():
-        ledger = (Ledger(config.state.ledger, readonly=True) if dry_run
-                  else Ledger(config.state.ledger, synchronous=config.state.synchronous))
+    ledger = existing_store(config, readonly=dry_run)
     try:
         with _prune_lock(sink, dry_run=dry_run):
             limit = _mirror(config, ledger, sink, dry_run=dry_run)
@@ -127,7 +125,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     return result
 
 
-def _mirror(config: RunConfig, ledger: Ledger | None, sink: Path, *, dry_run: bool) -> int:
+def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool) -> int:
     """Read what the sink file gained into the ledger; returns the byte offset up to which
     the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess)."""
     from pipeline.reconcile import Reconciler, sink_head  # noqa: PLC0415 - pandas, lazily
@@ -168,7 +166,7 @@ class _SinkPruner:
     """One rewrite of the sink file (the protocol is in the module docstring)."""
 
     def __init__(self, sink: Path, cutoff: datetime, limit: int, result: PruneResult,
-                 ledger: Ledger | None) -> None:
+                 ledger: StateStore | None) -> None:
         self.sink, self.cutoff, self.limit = sink, cutoff, limit
         self.result, self.ledger = result, ledger
         self.temp = sink.with_name(f".{sink.name}.prune.tmp")

@@ -34,7 +34,7 @@ from pipeline.config import InputConfig
 from pipeline.errors import PipelineError
 from pipeline.redaction import MAX_MESSAGE, quotes, redact, safe_id
 from pipeline.source import CsvFile, clean_name
-from pipeline.state import EventRecord, Ledger, row_key
+from pipeline.state import EventRecord, OutcomeStore, row_key
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ReasonRedactor:
     also kept out. Counts what it withheld (``withheld``), for one warning.
     """
 
-    ledger: Ledger
+    ledger: OutcomeStore
     inputs: InputConfig | None
     secrets: Sequence[str] = ()
     withheld: int = 0

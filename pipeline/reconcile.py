@@ -45,9 +45,17 @@ from pipeline.events import (
 )
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
 from pipeline.redaction import safe_id
-from pipeline.state import EventRecord, InputFile, Ledger, Orphan, RunRecord, row_key
+from pipeline.state import (
+    EventRecord,
+    InputFile,
+    Orphan,
+    OutcomeStore,
+    RunRecord,
+    SinkEventsTable,
+    StateStore,
+    row_key,
+)
 from pipeline.state.pg_events import SIGNED
-from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.pg_migrate import NO_RECEIPT
 
 log = logging.getLogger(__name__)
@@ -74,7 +82,7 @@ _KINDS: Final = {"task_note.created": "created", "task_note.failed": "failed"}
 _BATCH: Final = 10_000
 
 
-def ingest(ledger: Ledger, sink: Path, account: str, *,
+def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
            redactor: ReasonRedactor | None = None,
            accounts: Mapping[str, str] | None = None) -> int:
     """Mirror what the sink file gained since last time into the ledger; returns new events.
@@ -146,7 +154,7 @@ def ingest(ledger: Ledger, sink: Path, account: str, *,
     return added
 
 
-def ingest_postgres(ledger: PgLedger, account: str, *,
+def ingest_postgres(ledger: SinkEventsTable, account: str, *,
                     redactor: ReasonRedactor | None = None,
                     accounts: Mapping[str, str] | None = None) -> int:
     """``ingest`` with ``state.url``: mirror what the sink table (``sink_events``) gained
@@ -189,7 +197,7 @@ def ingest_postgres(ledger: PgLedger, account: str, *,
             break
     redactor.warn()
     if added:
-        log.info("%d new task_note events from %s", added, ledger.path)
+        log.info("%d new task_note events from %s", added, ledger.where)
     return added
 
 
@@ -297,7 +305,7 @@ class RunResult:
     orphan_count: int
     orphans: list[Orphan]
     tally: dict[str, int]
-    ledger: Ledger = field(repr=False)
+    ledger: StateStore = field(repr=False)
 
     def chunks(self, size: int = 20_000) -> Iterator[pd.DataFrame]:
         """The run's rows in input order, with final_status, detail and outcome columns."""
@@ -330,7 +338,7 @@ def exit_code(counts: dict[str, int]) -> int:
 class Reconciler:
     """Reconciles runs of one ledger against one sink file, reading the file once."""
 
-    def __init__(self, ledger: Ledger, sink: Path, *, inputs: InputConfig | None = None,
+    def __init__(self, ledger: StateStore, sink: Path, *, inputs: InputConfig | None = None,
                  secrets: Sequence[str] = (), references: Mapping[str, str] | None = None
                  ) -> None:
         """``inputs`` (the config's ``input``) lets a webhook's ``failure_reason`` be redacted
@@ -344,7 +352,7 @@ class Reconciler:
         self._refreshed = False
 
     @classmethod
-    def of(cls, ledger: Ledger, config: RunConfig) -> Reconciler:
+    def of(cls, ledger: StateStore, config: RunConfig) -> Reconciler:
         """The reconciler a command uses: the config's sink file, its input settings (to
         read notes back) and every secret it knows (to keep them out of reasons)."""
         secrets: list[str] = []
@@ -365,7 +373,7 @@ class Reconciler:
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
-            if isinstance(self._ledger, PgLedger):
+            if isinstance(self._ledger, SinkEventsTable):
                 ingest_postgres(self._ledger, account, redactor=self._redactor,
                                 accounts=self._references)
             else:

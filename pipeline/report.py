@@ -53,7 +53,7 @@ from pipeline.source import CsvFile, clean_name
 from pipeline.state import InputFile, RunRecord
 
 if TYPE_CHECKING:
-    from pipeline.state import Ledger
+    from pipeline.state import ReportStore
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def write_report(
                    tally.stale_due)
 
 
-def rewrite_report(ledger: Ledger, reconciler: Reconciler, run_id: str,
+def rewrite_report(ledger: ReportStore, reconciler: Reconciler, run_id: str,
                    config: RunConfig) -> Written:
     """Reconcile ``run_id`` now and (re)write its report, then record in ``ledger`` that it
     was written (``Ledger.report_written``): what ``tasknotes reconcile`` does per run, and

@@ -71,7 +71,7 @@ from pipeline.plan import (
 )
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
-from pipeline.state import Ledger, RunInfoChanges
+from pipeline.state import RunInfoChanges, SendStore, StateStore
 from pipeline.state import store as state_store
 from pipeline.submit import Job, SubmitStats, Submitter
 
@@ -119,14 +119,14 @@ async def _stepwise(jobs: Iterator[list[Job]]) -> AsyncGenerator[list[Job], None
 
 
 async def send_pending(
-    config: RunConfig, inputs: Inputs, ledger: Ledger, run_id: str, *, to_send: int,
+    config: RunConfig, inputs: Inputs, ledger: SendStore, run_id: str, *, to_send: int,
     control: Control, progress: bool, base_url: str | None = None,
 ) -> SubmitStats:
     """Stage 2: send the run's pending rows (every change recorded in the ledger)."""
     from pipeline.client import CobaltClient  # noqa: PLC0415 - see the imports above
 
     api = config.api if base_url is None else config.api.model_copy(update={"base_url": base_url})
-    reader = state_store.reader(ledger)
+    reader = ledger.reader()
     # No bar at all unless one is drawn: even a disabled tqdm starts its process-wide
     # "tqdm_monitor" thread, which would outlive the run in an API host.
     bar = (tqdm(total=to_send, unit="note", file=sys.stderr, mininterval=0.5,
@@ -331,7 +331,7 @@ class Run:
         finally:
             ledger.close()
 
-    async def _stages(self, ledger: Ledger, inputs: Inputs) -> RunOutcome:
+    async def _stages(self, ledger: StateStore, inputs: Inputs) -> RunOutcome:
         ledger.start_run(self.run_id, self.config.api.account_id(), self.config.fingerprint(),
                          self._info())
         rejects = RejectsWriter(self._report_dir() / "rejects.csv", self.config.input,
@@ -359,7 +359,7 @@ class Run:
         stats = await self._send(ledger, inputs, counts)
         return self._finish(ledger, counts, stats, rejects)
 
-    def _scan_stopped(self, ledger: Ledger, scan: Scan) -> RunInfoChanges:
+    def _scan_stopped(self, ledger: StateStore, scan: Scan) -> RunInfoChanges:
         """Run info for a scan that stopped early (else nothing): where, and which files
         were not read to the end. The file it stopped in is fingerprinted whole, so
         its report can read its rows back (redrive.csv) while it stays unchanged."""
@@ -382,7 +382,7 @@ class Run:
                     "was not read", path, where)
         return {"scan_stopped": stopped}
 
-    async def _send(self, ledger: Ledger, inputs: Inputs, counts: ScanCounts
+    async def _send(self, ledger: StateStore, inputs: Inputs, counts: ScanCounts
                     ) -> SubmitStats | None:
         if not counts.to_send or self.control.stopped:
             return None
@@ -417,7 +417,7 @@ class Run:
         return {"argv": list(self.options.argv), "limit": self.options.limit,
                 "force": self.options.force, "passthrough": list(self.config.input.passthrough)}
 
-    def _finish(self, ledger: Ledger, counts: ScanCounts, stats: SubmitStats | None,
+    def _finish(self, ledger: StateStore, counts: ScanCounts, stats: SubmitStats | None,
                 rejects: RejectsWriter) -> RunOutcome:
         reason = self.control.reason
         if self.control.storage_full is not None:
@@ -466,7 +466,7 @@ class Run:
         return RunOutcome(self.run_id, counts, written, code, reason,
                           rejects.path if rejects.rows else None)
 
-    def _rewrite_followed(self, ledger: Ledger) -> None:
+    def _rewrite_followed(self, ledger: StateStore) -> None:
         """Rewrite the reports of earlier runs with notes this run sent: their rows now
         follow this run's send, so their redrive.csv must stop offering them (and their
         counts change); and of runs whose scan stopped, whose input this run may have
@@ -491,7 +491,7 @@ class Run:
                 return
             log.info("report of run %s rewritten: %s", run_id, written.directory)
 
-    def _full_disk_reason(self, ledger: Ledger, exc: StorageFull, *, scanning: bool) -> str:
+    def _full_disk_reason(self, ledger: StateStore, exc: StorageFull, *, scanning: bool) -> str:
         """The full disk, and (read back from the ledger) what was sent before it."""
         if scanning:
             return f"{exc}; nothing was sent (the disk filled before sending began)"
@@ -501,7 +501,7 @@ class Run:
         return (f"{exc}; {sent:,} rows were sent before it, "
                 f"{by_status.get('pending', 0):,} are left pending for the next run")
 
-    def _result(self, ledger: Ledger, state: str, info: RunInfoChanges, *,
+    def _result(self, ledger: StateStore, state: str, info: RunInfoChanges, *,
                 refresh: bool) -> RunResult:
         """The run reconciled; with no room to write, the ledger as it stands, read only."""
         from pipeline.reconcile import Reconciler, RunResult  # noqa: PLC0415

@@ -23,7 +23,7 @@ from pipeline.events import SinkFile
 from pipeline.retry import Control
 from pipeline.servers import serve_embedded
 from pipeline.sink import WebhookReceiver
-from pipeline.state import Ledger
+from pipeline.state import OutcomeStore
 from pipeline.state.pg_events import PgEventStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Sandbox:
 
     base_url: str
     emulator: Emulator
-    ledger: Ledger
+    ledger: OutcomeStore
     run_id: str
     wait_s: float
     _arrived: set[str] = field(default_factory=set)
@@ -84,7 +84,7 @@ def emulator_options(config: RunConfig, webhook_url: str) -> EmulatorOptions:
 
 
 @contextlib.asynccontextmanager
-async def sandboxed(config: RunConfig, ledger: Ledger, run_id: str
+async def sandboxed(config: RunConfig, ledger: OutcomeStore, run_id: str
                     ) -> AsyncIterator[Sandbox | None]:
     """Yields a running Sandbox when the config enables one, else None."""
     if not config.sandbox.enabled:

@@ -48,7 +48,7 @@ from typing import Any, Final
 from pipeline import exits
 from pipeline.config import RunConfig
 from pipeline.errors import StateError
-from pipeline.state import Ledger, OpenGroup, OpenRow
+from pipeline.state import OpenGroup, OpenItems, OpenRow, ReportStore
 from pipeline.state.store import has_store, open_store, state_location
 
 SCHEMA: Final = 1
@@ -244,14 +244,14 @@ def _per_account(rows: dict[str, list[OpenRow]], accounts: dict[bytes, str]
     return out
 
 
-def _not_read(ledger: Ledger) -> OpenGroup:
+def _not_read(ledger: ReportStore) -> OpenGroup:
     found = ledger.not_read()
     starts = [ledger.run(run_id).started_at for run_id, _ in found]
     return OpenGroup(sum(len(paths) for _, paths in found), 0, min(starts, default=None),
                      tuple(run_id for run_id, _ in found))
 
 
-def _retryable(ledger: Ledger, patterns: tuple[str, ...]) -> list[OpenRow]:
+def _retryable(ledger: OpenItems, patterns: tuple[str, ...]) -> list[OpenRow]:
     """EMR failures worth sending again: a reason code or phrase in ``patterns`` (as the
     report's redrive.csv chooses them)."""
     wanted = tuple(p.lower() for p in patterns)
@@ -264,7 +264,7 @@ def _is_retryable(reason: str | None, codes: str | None, wanted: tuple[str, ...]
     return any(p in text for p in wanted)
 
 
-def _current_redrive(ledger: Ledger, config: RunConfig,
+def _current_redrive(ledger: ReportStore, config: RunConfig,
                      groups: dict[str, OpenGroup]) -> dict[str, str]:
     """run_id -> its redrive.csv, for the runs under send_failed or failed_retryable whose
     file offers exactly the rows open now (the fingerprint its report recorded)."""

@@ -1,17 +1,25 @@
 """The seam between the stages and where state is kept: the operations they call.
 
-``Ledger`` (sqlite.py) implements ``StateStore``, checked by mypy; ``PgLedger``
-(pg_ledger.py) is a ``Ledger`` on PostgreSQL, so implements the same. Grouped by who
-calls them: the run's bookkeeping, the scan, the send, outcomes (the events mirror and
-the join rules), and what is open. Every write raises StorageFull when the store has
-no room, StateError when it cannot be used.
+Each stage names the narrow protocol it needs, never a store class: the scan
+(plan.py) ``ScanStore``, the send (runner.py, submit.py) ``SendStore``, reconcile and
+reasons.py ``OutcomeStore``, status and the report ``RunBook`` + ``OpenItems``, prune
+``RetentionStore``; a command that does several (runner.py, jobs.py) takes
+``StateStore``, all of them. Stores are made only by ``store.open_store`` /
+``store.existing_store``, typed as ``StateStore``, so mypy checks every store those
+return against it: ``Ledger`` (sqlite.py, SQLite) and ``PgLedger`` (pg_ledger.py,
+PostgreSQL; today it reuses ``Ledger``'s statements through a session that speaks
+PostgreSQL). A store that also holds the sink's events (``PgLedger``) is a
+``SinkEventsTable``; reconcile reads them there instead of the sink file.
+
+Rows cross the seam as the records of records.py, or as the tuples and DataFrame
+columns named below (``PendingRow``, ``EmrFailure``, ``RUN_CHUNK_COLUMNS``). Every
+write raises StorageFull when the store has no room, StateError when it cannot be used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from pipeline.state.records import (
     Attempt,
@@ -28,11 +36,38 @@ from pipeline.state.records import (
 if TYPE_CHECKING:
     import pandas as pd
 
+# (id, file_no, line, emr_task_id, key) of a pending row (``SendStore.rows_to_send``).
+PendingRow = tuple[int, int, int, str, bytes]
+# (run_id, key, failure_reason, reason_codes, outcome_at) of a note that failed in the EMR
+# and that no run has delivered since (``OpenItems.emr_failures``).
+EmrFailure = tuple[str, bytes, str | None, str | None, str | None]
+# The rows' own columns: one per field a row holds (schema.py's ``rows`` table: times
+# ISO 8601 UTC text, ``key`` the 32-byte ``row_key`` or None, ``passthrough`` a JSON list).
+ROW_COLUMNS: Final = (
+    "id", "run_id", "file_no", "line", "emr_task_id", "key", "status", "attempts",
+    "http_status", "task_note_id", "job_id", "error", "ref_id", "submitted_at",
+    "answered_at", "outcome", "event_id", "emr_note_id", "failure_reason", "outcome_at",
+    "settled_by", "passthrough", "reason_codes", "outcome_clock", "written_off_at", "account",
+)  # fmt: skip
+# The columns of each DataFrame ``OutcomeStore.run_chunks`` yields (reconcile.py reads
+# them by name): the row's own, its input file's path, the row it refers to (``ref_*``:
+# the earlier attempt of a held or already-sent row) and ``via_*``: the send of the same
+# note by another run that speaks for it (rule 5 in rules.py), None where there is none.
+RUN_CHUNK_COLUMNS: Final = (
+    *ROW_COLUMNS, "source_file", "ref_run_id", "ref_job_id", "ref_outcome",
+    "via_run_id", "via_job_id", "via_outcome", "via_task_note_id", "via_submitted_at",
+    "via_outcome_at", "via_event_id", "via_emr_note_id", "via_outcome_clock",
+)  # fmt: skip
+
 
 class RunBook(Protocol):
     """Runs: one sending run at a time (the run lock), its record, its end."""
 
-    path: Path
+    @property
+    def where(self) -> str:
+        """Where the state is, for people (a path, or ``PostgreSQL host:port/db``; never
+        a password)."""
+        ...
 
     def close(self) -> None: ...
     def lock(self) -> None: ...
@@ -64,7 +99,12 @@ class ScanStore(Protocol):
 class SendStore(Protocol):
     """The send: pending rows out, ``sending`` committed before a request leaves."""
 
-    def rows_to_send(self, run_id: str) -> Iterator[tuple[int, int, int, str, bytes]]: ...
+    def reader(self) -> StateStore:
+        """A second, read-only handle on the same state (the send reads pending rows on it
+        while this one records attempts); the caller closes it."""
+        ...
+
+    def rows_to_send(self, run_id: str) -> Iterator[PendingRow]: ...
     def apply(self, sending: Sequence[int], attempts: Sequence[Attempt]) -> None: ...
 
 
@@ -80,7 +120,14 @@ class OutcomeStore(Protocol):
                      task_note_ids: Iterable[str]) -> list[tuple[Any, ...]]: ...
     def match_outcomes(self) -> int: ...
     def orphans(self, limit: int = 50) -> tuple[int, list[Orphan]]: ...
-    def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]: ...
+    def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time: columns ``RUN_CHUNK_COLUMNS``."""
+        ...
+
+    def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
+        """Rows (of one run, or of every run) in input order: ``ROW_COLUMNS``, or the
+        comma-separated ``columns`` among them."""
+        ...
     def job_ids(self, run_id: str | None = None, *, unresolved: bool = False) -> set[str]: ...
     def earliest_submission(self, job_ids: Iterable[str]) -> str | None: ...
     def ambiguous_keys(self, run_ids: Iterable[str]
@@ -105,11 +152,44 @@ class OpenItems(Protocol):
     def open_rows(self, running: Sequence[str]) -> dict[str, list[OpenRow]]: ...
     def redrive_row_ids(self, run_id: str
                         ) -> list[tuple[int, str, str | None, str | None]]: ...
-    def emr_failures(self) -> list[tuple[str, bytes, str | None, str | None, str | None]]: ...
+    def emr_failures(self) -> list[EmrFailure]: ...
     def send_failed_rows(self, running: Sequence[str], limit: int = 20
                          ) -> tuple[int, list[tuple[str, str | None, int]]]: ...
     def write_off(self, run_id: str, at: str) -> int: ...
+    def key_accounts(self) -> dict[bytes, str]: ...
 
 
-class StateStore(RunBook, ScanStore, SendStore, OutcomeStore, OpenItems, Protocol):
+class ReportStore(RunBook, OpenItems, Protocol):
+    """What status and the report read: runs, and what is still open."""
+
+
+class RetentionStore(Protocol):
+    """Retention (prune): which runs are old, and giving freed room back."""
+
+    def runs_started_before(self, cutoff: str) -> list[str]:
+        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC), oldest first."""
+        ...
+
+    def vacuum(self) -> int:
+        """Give the store's free space back; returns the bytes it shrank by (0: none).
+        Raises StorageFull."""
+        ...
+
+
+@runtime_checkable
+class SinkEventsTable(OutcomeStore, Protocol):
+    """A store that also holds the sink's events (state.url): reconcile mirrors them from
+    here rather than from the sink file (reconcile.ingest_postgres)."""
+
+    @property
+    def where(self) -> str: ...
+
+    def sink_events_after(self, seq: int, limit: int
+                          ) -> list[tuple[int, bytes, str, str]]:
+        """(seq, body, verdict, received_at) of up to ``limit`` events after ``seq``."""
+        ...
+
+
+class StateStore(RunBook, ScanStore, SendStore, OutcomeStore, OpenItems, RetentionStore,
+                 Protocol):
     """Everything the stages ask of the state store."""

@@ -40,6 +40,16 @@ class Ledger(SQLiteOutcomes):
     """A SQLite ledger file: the ``StateStore`` of the embedded install. Not thread-safe:
     one caller at a time (see Committer)."""
 
+    @property
+    def where(self) -> str:
+        """The ledger file's path, for messages."""
+        return str(self.path)
+
+    def reader(self) -> Ledger:
+        """The same file opened again, read-only (the send reads pending rows on it while
+        this handle records attempts). Raises StateError if it cannot be opened."""
+        return Ledger(self.path, readonly=True)
+
 
 if TYPE_CHECKING:
     def _implements(ledger: Ledger) -> StateStore:  # mypy checks Ledger against the seam

@@ -2,7 +2,9 @@
 
 Without ``state.url`` the SQLite ``Ledger`` at ``state.ledger``; with it the
 ``PgLedger`` in that database (pg_ledger.py), for the config's account. Every command
-opens its store here, so none can keep its state somewhere else by mistake.
+opens its store here (no module outside pipeline/state/ constructs one), so none can
+keep its state somewhere else by mistake. What is returned is typed as the seam
+(protocol.py's ``StateStore``): mypy checks both stores against it here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pipeline.state.sqlite import Ledger
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.state.protocol import StateStore
 
 
 def uses_postgres(config: RunConfig) -> bool:
@@ -30,7 +33,7 @@ def state_location(config: RunConfig) -> str:
     return str(config.state.ledger)
 
 
-def open_store(config: RunConfig) -> Ledger:
+def open_store(config: RunConfig) -> StateStore:
     """The config's store, created if need be (SQLite: the file; PostgreSQL: the schema).
 
     Raises StateError (exit 2) if it cannot be used: one line, never a password.
@@ -42,25 +45,18 @@ def open_store(config: RunConfig) -> Ledger:
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
 
 
-def existing_store(config: RunConfig) -> Ledger | None:
-    """The config's store if it has been created (SQLite: the file exists; opened read
-    only), else None: for commands that must not create one. PostgreSQL: always the
-    database (its schema is created on first use)."""
+def existing_store(config: RunConfig, *, readonly: bool = True) -> StateStore | None:
+    """The config's store if it has been created (SQLite: the file exists), else None:
+    for commands that must not create one. ``readonly`` (SQLite): open it read-only,
+    else for writing (prune). PostgreSQL: always the database (its schema is created on
+    first use). Raises StateError if it cannot be used."""
     if config.state.url is not None:
         return open_store(config)
+    if not readonly:
+        return open_store(config) if config.state.ledger.exists() else None
     return Ledger.existing(config.state.ledger)
 
 
 def has_store(config: RunConfig) -> bool:
     """Whether there is a store to read (PostgreSQL: always; SQLite: the file exists)."""
     return config.state.url is not None or config.state.ledger.exists()
-
-
-def reader(store: Ledger) -> Ledger:
-    """A second, read-only handle on ``store`` (the send reads pending rows on it while
-    the store records attempts)."""
-    from pipeline.state.pg_ledger import PgLedger  # noqa: PLC0415 - no psycopg needed
-
-    if isinstance(store, PgLedger):
-        return store.reader()
-    return Ledger(store.path, readonly=True)
