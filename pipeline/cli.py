@@ -681,8 +681,8 @@ def _status(args: argparse.Namespace) -> int:
         if kind.redrive_files:
             print(f"  redrive: {', '.join(kind.redrive_files)}")
         for row in kind.rows:
-            source = row["source_file"] or "(input file not recorded)"
-            print(f"  row: run {row['run_id']}, {source} line {row['line']}")
+            source = row.source_file or "(input file not recorded)"
+            print(f"  row: run {row.run_id}, {source} line {row.line}")
         if kind.rows_total > len(kind.rows):
             print(f"  ... {kind.rows_total - len(kind.rows):,} more rows (--json, or the "
                   "runs' reports)")

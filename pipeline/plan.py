@@ -16,14 +16,23 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
 from pipeline.source import CsvFile, Header, RawBatch, expand_inputs
-from pipeline.state import Earlier, NewRow, ScanStore, SendStore, Status, row_key
+from pipeline.state import (
+    Earlier,
+    InputRecords,
+    NewRow,
+    ScanStopped,
+    ScanStore,
+    SendStore,
+    Status,
+    row_key,
+)
 from pipeline.submit import Job
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
 
@@ -82,10 +91,10 @@ class FileCounts:
         return (self.to_send + self.rejected + self.skipped + self.blank
                 + self.beyond_limit) == self.records
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "records": self.records, "to_send": self.to_send,
-                "rejected": self.rejected, "skipped": self.skipped, "blank": self.blank,
-                "beyond_limit": self.beyond_limit, "accounted": self.accounted}
+    def as_record(self) -> InputRecords:
+        """What the run records of this file (run info ``input_records``)."""
+        return InputRecords(self.path, self.records, self.to_send, self.rejected,
+                            self.skipped, self.blank, self.beyond_limit, self.accounted)
 
 
 @dataclass(slots=True)
@@ -178,14 +187,13 @@ class Scan:
     def header_names(self, file_no: int) -> list[str]:
         return list(self._inputs.headers[file_no].names)
 
-    def stopped(self) -> dict[str, Any] | None:
+    def stopped(self) -> ScanStopped | None:
         """Where reading stopped, if the scan did not complete: the file, its last line
         recorded, and every file whose rest was not read (run info ``scan_stopped``)."""
         if self.completed:
             return None
         paths = [str(p) for p in self._inputs.paths]
-        return {"path": paths[self.file_no], "after_line": self.last_line,
-                "unread_files": paths[self.file_no:]}
+        return ScanStopped(paths[self.file_no], self.last_line, tuple(paths[self.file_no:]))
 
     def _count_later_files(self, start: int) -> None:
         """The files after the --limit cut: counted as unread, record by record."""

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import pandas as pd
 
@@ -53,6 +53,7 @@ from pipeline.state import (
     RunRecord,
     SinkEventsTable,
     StateStore,
+    Status,
     row_key,
 )
 from pipeline.state.pg_events import SIGNED
@@ -60,10 +61,12 @@ from pipeline.state.pg_migrate import NO_RECEIPT
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES: Final = (
+# Each row ends in exactly one final status (docs/architecture.md), in this order in reports.
+FinalStatus = Literal[
     "confirmed", "failed_in_emr", "awaiting_outcome", "rejected_invalid", "rejected_by_api",
     "ambiguous", "send_failed", "skipped_duplicate", "skipped_already_sent",
-)  # fmt: skip
+]  # fmt: skip
+FINAL_STATUSES: Final[tuple[FinalStatus, ...]] = get_args(FinalStatus)
 # How one-line summaries (the command's last line, a notification) name each final status.
 FINAL_STATUS_LABELS: Final = {
     "confirmed": "confirmed", "awaiting_outcome": "awaiting outcome",
@@ -72,10 +75,11 @@ FINAL_STATUS_LABELS: Final = {
     "skipped_duplicate": "duplicates skipped", "skipped_already_sent": "already sent",
 }
 # Final statuses that end a row well (exit 0): delivered, on its way, or rightly not sent.
-GOOD_STATUSES: Final = frozenset({
+GOOD_STATUSES: Final[frozenset[FinalStatus]] = frozenset({
     "confirmed", "awaiting_outcome", "skipped_duplicate", "skipped_already_sent",
 })
-SUBMIT_STATUSES: Final = frozenset({
+# The submission statuses a row's ``submit_status`` column shows (the rest show "").
+SUBMIT_STATUSES: Final[frozenset[Status]] = frozenset({
     "pending", "sending", "accepted", "api_rejected", "ambiguous", "failed",
 })
 _KINDS: Final = {"task_note.created": "created", "task_note.failed": "failed"}

@@ -50,7 +50,7 @@ from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult, exit_code
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
-from pipeline.state import InputFile, RunRecord
+from pipeline.state import InputFile, InputRecords, RunRecord
 
 if TYPE_CHECKING:
     from pipeline.state import ReportStore
@@ -113,7 +113,7 @@ def write_report(
         written.append("redrive.csv")
     if (directory / "rejects.csv").exists():
         written.append("rejects.csv")
-    counts = {status: tally.counts[status] for status in FINAL_STATUSES}
+    counts: dict[str, int] = {status: tally.counts[status] for status in FINAL_STATUSES}
     return Written(directory, tuple(written), counts, summary.exit_code_now,
                    tally.attention_total, tally.stale,
                    redrive_digest(tally.redrive_ids) if offered else None, tally.written_off,
@@ -545,6 +545,18 @@ class FailureReason:
 
 
 @dataclass(frozen=True, slots=True)
+class NotRead:
+    """Where a run's scan stopped before the end of its input, while no later run has read
+    the rest: ``stopped`` says so in words, ``after_line`` is the last line of ``path``
+    recorded (None: before its first row), ``files`` the input files not read to the end."""
+
+    stopped: str
+    path: str
+    after_line: int | None
+    files: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class SummaryEvents:
     """The sink file's events around the run: repeated deliveries collapsed, other event
     types by count, events without an id, orphans (no row of any run), set-aside lines."""
@@ -594,7 +606,7 @@ class Summary:
     rows: int
     blank_rows_skipped: int
     # Per input file: to_send + rejected + skipped + blank + beyond_limit == records.
-    input_records: list[dict[str, Any]]
+    input_records: tuple[InputRecords, ...]
     final_status: dict[str, int]
     ended_well: int
     awaiting: int
@@ -612,7 +624,7 @@ class Summary:
     events: SummaryEvents
     # The scan stopped before the end of an input no later run has read: where, and
     # the files whose rest was not read (None when every input was read).
-    not_read: dict[str, Any] | None
+    not_read: NotRead | None
     exit_code: int | None
     exit_code_now: int
     report: ReportStamp
@@ -631,7 +643,7 @@ def summarise(
 ) -> Summary:
     """summary.json's content (``Summary``); ``process_exit_code`` as ``write_report``."""
     run, info = result.run, result.run.info
-    counts = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
+    counts: dict[str, int] = {status: int(tally.counts[status]) for status in FINAL_STATUSES}
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     not_read = unread_input(result)
     still_open = {**counts, "send_failed": counts["send_failed"] - tally.written_off}
@@ -658,7 +670,7 @@ def summarise(
         inputs=tuple(SummaryInput(f.path, f.sha256, f.size) for f in result.files),
         rows=tally.rows,
         blank_rows_skipped=info.blank_rows,
-        input_records=list(info.input_records),
+        input_records=info.input_records,
         final_status=counts,
         ended_well=int(sum(counts[s] for s in ENDED_WELL)),
         awaiting=awaiting,
@@ -696,7 +708,7 @@ def summarise(
     )
 
 
-def unread_input(result: RunResult) -> dict[str, Any] | None:
+def unread_input(result: RunResult) -> NotRead | None:
     """Where the run's scan stopped (a full disk, a signal, an input error) and the input
     files whose rest it did not read, while no later run has read them to the end
     (``Ledger.not_read``); None when nothing is left unread."""
@@ -706,10 +718,10 @@ def unread_input(result: RunResult) -> dict[str, Any] | None:
     left = dict(result.ledger.not_read()).get(result.run.run_id)
     if not left:
         return None
-    line = stopped.get("after_line")
-    where = (f"reading stopped after line {line:,} of {stopped['path']}" if line
-             else f"reading stopped before the first row of {stopped['path']}")
-    return {"stopped": where, "path": stopped["path"], "after_line": line, "files": left}
+    line = stopped.after_line
+    where = (f"reading stopped after line {line:,} of {stopped.path}" if line
+             else f"reading stopped before the first row of {stopped.path}")
+    return NotRead(where, stopped.path, line, left)
 
 
 

@@ -71,7 +71,7 @@ from pipeline.plan import (
 )
 from pipeline.rejects import RejectsWriter
 from pipeline.retry import Control
-from pipeline.state import RunInfoChanges, SendStore, StateStore
+from pipeline.state import RunInfoChanges, RunState, SendStore, StateStore
 from pipeline.state import store as state_store
 from pipeline.submit import Job, SubmitStats, Submitter
 
@@ -366,7 +366,7 @@ class Run:
         stopped = scan.stopped()
         if stopped is None:
             return {}
-        path = Path(stopped["path"])
+        path = Path(stopped.path)
         try:
             with path.open("rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
@@ -376,7 +376,7 @@ class Run:
                                 size=path.stat().st_size)
         except OSError as exc:
             log.warning("%s: not fingerprinted (%s)", path, exc.strerror or exc)
-        where = (f"after line {stopped['after_line']:,}" if stopped["after_line"]
+        where = (f"after line {stopped.after_line:,}" if stopped.after_line
                  else "before its first row")
         log.info("the input was not read to the end: reading %s stopped %s; the rest "
                     "was not read", path, where)
@@ -423,7 +423,7 @@ class Run:
         if self.control.storage_full is not None:
             reason = self._full_disk_reason(ledger, self.control.storage_full,
                                             scanning=stats is None)
-        state = "aborted" if reason else "finished"
+        state: RunState = "aborted" if reason else "finished"
         throughput = (round(stats.requests / stats.seconds, 1)
                       if stats is not None and stats.seconds > 0 else None)
         info: RunInfoChanges = {
@@ -431,7 +431,7 @@ class Run:
             "send": ({"requests": stats.requests, "retries": stats.retries,
                       "ledger_commits": stats.commits} if stats is not None else {}),
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
-            "input_records": [f.as_dict() for f in counts.files],
+            "input_records": tuple(f.as_record() for f in counts.files),
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
             **self.scan_stopped,
         }
@@ -501,7 +501,7 @@ class Run:
         return (f"{exc}; {sent:,} rows were sent before it, "
                 f"{by_status.get('pending', 0):,} are left pending for the next run")
 
-    def _result(self, ledger: StateStore, state: str, info: RunInfoChanges, *,
+    def _result(self, ledger: StateStore, state: RunState, info: RunInfoChanges, *,
                 refresh: bool) -> RunResult:
         """The run reconciled; with no room to write, the ledger as it stands, read only."""
         from pipeline.reconcile import Reconciler, RunResult  # noqa: PLC0415

@@ -61,6 +61,20 @@ PRECEDENCE: Final = ("in_progress", "awaiting_outcome", "ambiguous", "send_faile
 
 
 @dataclass(frozen=True, slots=True)
+class UnsentRow:
+    """One row behind ``send_failed``: its run, the path of its input file as the run
+    recorded it (None if the run never recorded its file) and its line there."""
+
+    run_id: str
+    source_file: str | None
+    line: int
+
+    def to_dict(self) -> dict[str, str | int | None]:
+        """The ``--json`` shape: ``{"run_id", "source_file", "line"}``."""
+        return {"run_id": self.run_id, "source_file": self.source_file, "line": self.line}
+
+
+@dataclass(frozen=True, slots=True)
 class OpenKind:
     """One kind of open item over every run.
 
@@ -70,9 +84,8 @@ class OpenKind:
     None when there is none; ``run_ids``: the runs whose reports list them;
     ``redrive_files``: existing ``reports/<run_id>/redrive.csv`` files of those
     runs; ``settle``: the command (or action) that settles this kind; ``rows``
-    (``send_failed`` only, else empty): the first ``ROWS_SHOWN`` rows behind it as
-    ``{"run_id", "source_file", "line"}`` (``rows_total`` counts them all: rows, where
-    ``count`` counts notes).
+    (``send_failed`` only, else empty): the first ``ROWS_SHOWN`` rows behind it
+    (``UnsentRow``; ``rows_total`` counts them all: rows, where ``count`` counts notes).
     """
 
     kind: str
@@ -82,7 +95,7 @@ class OpenKind:
     run_ids: tuple[str, ...]
     redrive_files: tuple[str, ...]
     settle: str
-    rows: tuple[dict[str, Any], ...] = ()
+    rows: tuple[UnsentRow, ...] = ()
     rows_total: int = 0
     by_account: dict[str, int] | None = None  # api.accounts: ``count`` per account
 
@@ -90,7 +103,8 @@ class OpenKind:
         found: dict[str, Any] = {
             "count": self.count, "stale": self.stale, "oldest_age_s": self.oldest_age_s,
             "run_ids": list(self.run_ids), "redrive_files": list(self.redrive_files),
-            "settle": self.settle, "rows": list(self.rows), "rows_total": self.rows_total}
+            "settle": self.settle, "rows": [r.to_dict() for r in self.rows],
+            "rows_total": self.rows_total}
         if self.by_account is not None:
             found["by_account"] = dict(self.by_account)
         return found
@@ -320,9 +334,9 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         if name in ("send_failed", "failed_retryable"):
             files = redrive or {}
             offered = tuple(files[r] for r in group.run_ids if r in files)
-        rows: tuple[dict[str, Any], ...] = ()
+        rows: tuple[UnsentRow, ...] = ()
         if name == "send_failed":
-            rows = tuple({"run_id": r, "source_file": f, "line": n} for r, f, n in unsent[1])
+            rows = tuple(UnsentRow(r, f, n) for r, f, n in unsent[1])
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
                               group.run_ids, offered, settle[name], rows,
                               unsent[0] if name == "send_failed" else 0,

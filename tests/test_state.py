@@ -6,25 +6,51 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from helpers import make_config, write_csv
 from pipeline.errors import StateError
+from pipeline.plan import RunOptions, Scan, open_inputs
 from pipeline.reconcile import Reconciler, ingest
+from pipeline.rejects import RejectsWriter
 from pipeline.state import (
     SCHEMA_VERSION,
     Attempt,
+    Earlier,
     InputFile,
+    InputRecords,
     Ledger,
     NewRow,
     RunInfo,
     RunRecord,
+    ScanStopped,
+    ScanStore,
+    StateStore,
     row_key,
 )
+from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS
 from pipeline.state.schema import SCHEMA
 
 ACCOUNT = "test_clinic"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    """A fresh store of each backend, as the stages see it (the seam, ``StateStore``):
+    the SQLite ledger, and the PostgreSQL one on a throwaway server (tests/pg.py)."""
+    if request.param == "sqlite":
+        opened: StateStore = Ledger(tmp_path / "ledger.sqlite")
+    else:
+        from pipeline.state.pg_ledger import PgLedger  # noqa: PLC0415 - psycopg only here
+
+        opened = PgLedger(request.getfixturevalue("pg_url"), ACCOUNT)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def test_every_pending_row_is_handed_out_once_across_batches(tmp_path: Path) -> None:
@@ -230,3 +256,82 @@ def test_input_files_and_mirrored_events_read_back_as_records(tmp_path: Path) ->
                      InputFile(1, "b.csv", None, None, ("emr_task_id", "note"))]
     assert [(e.event_id, e.kind, e.job_id, e.task_note_id) for e in events] == [
         ("evt_1", "created", "5", "a")]
+
+
+def test_run_info_records_read_back_as_typed_records(store: StateStore) -> None:
+    """input_records and scan_stopped are stored as JSON and read back as InputRecords and
+    ScanStopped; a later run that reads one of the unread files to its end takes it off
+    not_read, the other stays."""
+    counts = InputRecords("a.csv", records=4, to_send=2, rejected=1, skipped=1,
+                          accounted=True)
+    stopped = ScanStopped("a.csv", 3, ("a.csv", "b.csv"))
+    store.start_run("r1", ACCOUNT, "fp", {})
+    store.finish_run("r1", "aborted", {"input_records": (counts,), "scan_stopped": stopped})
+    store.start_run("r2", ACCOUNT, "fp", {})
+    store.finish_run("r2", "finished", {"input_records": (
+        InputRecords("a.csv", records=4, to_send=4, accounted=True),
+        InputRecords("b.csv", records=9, to_send=5, beyond_limit=4, accounted=True))})
+    record = store.run("r1")
+    assert (record.state, record.info.input_records, record.info.scan_stopped) == (
+        "aborted", (counts,), stopped)
+    assert store.run("r2").info.scan_stopped is None
+    assert store.not_read() == [("r1", ["b.csv"])]
+
+
+def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStore) -> None:
+    """run_chunks yields RUN_CHUNK_COLUMNS and frame ROW_COLUMNS, in that order, on every
+    backend: reconcile.py reads them by name."""
+    store.start_run("r", ACCOUNT, "fp", {})
+    store.add_file("r", 0, "a.csv", ["emr_task_id", "note"])
+    store.add_rows("r", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "n"), "pending"),
+                         NewRow(0, 3, "T1", row_key(ACCOUNT, "T1", "n"), "duplicate",
+                                ref_id=1)])
+    (chunk,) = store.run_chunks("r")
+    assert tuple(chunk.columns) == RUN_CHUNK_COLUMNS
+    assert list(chunk["source_file"]) == ["a.csv", "a.csv"]
+    assert tuple(store.frame("r").columns) == ROW_COLUMNS
+
+
+class MemoryScanStore:
+    """A whole ``ScanStore`` in memory: the scan needs nothing else of a store."""
+
+    def __init__(self, delivered: dict[bytes, Earlier]) -> None:
+        self.delivered = delivered
+        self.recorded: list[NewRow] = []
+        self.named: list[InputFile] = []
+
+    def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
+                 sha256: str | None = None, size: int | None = None) -> None:
+        self.named.append(InputFile(file_no, path, sha256, size, tuple(header)))
+
+    def files(self, run_id: str) -> list[InputFile]:
+        return list(self.named)
+
+    def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
+        self.recorded.extend(rows)
+
+    def earlier(self, run_id: str, keys: Sequence[bytes]) -> dict[bytes, Earlier]:
+        return {k: self.delivered[k] for k in keys if k in self.delivered}
+
+
+def test_the_scan_runs_on_any_scan_store(tmp_path: Path) -> None:
+    """The scan (plan.py) asks its store only what ``ScanStore`` offers: on a store kept in
+    memory, a note an earlier run delivered is already_sent (referring to that run's row),
+    a repeat is a duplicate, the rest pending; every row recorded once, in input order."""
+    write_csv(tmp_path / "in.csv", [["T1", "sent before"], ["T2", "new"], ["T2", "new"]])
+    config = make_config(tmp_path)
+    sent = row_key(ACCOUNT, "T1", "sent before")
+    memory = MemoryScanStore({sent: Earlier(41, "old-run", "accepted", "job-9", "created")})
+    store: ScanStore = memory
+    options = RunOptions(inputs=(str(tmp_path / "in.csv"),), progress=False)
+    inputs = open_inputs(config, options)
+    rejects = RejectsWriter(tmp_path / "rejects.csv", config.input, inputs.headers)
+    try:
+        counts = Scan(config, options, inputs, "r", lookup=store, recorder=store,
+                      rejects=rejects).run()
+    finally:
+        rejects.close()
+    assert (counts.to_send, counts.already_sent, counts.duplicates) == (1, 1, 1)
+    assert [(r.line, r.status, r.ref_id) for r in memory.recorded] == [
+        (2, "already_sent", 41), (3, "pending", None), (4, "duplicate", None)]
+    assert {(f.file_no, f.path) for f in store.files("r")} == {(0, str(tmp_path / "in.csv"))}

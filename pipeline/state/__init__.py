@@ -25,6 +25,7 @@ from pipeline.state.records import (
     Earlier,
     EventRecord,
     InputFile,
+    InputRecords,
     NewRow,
     OpenGroup,
     OpenRow,
@@ -32,6 +33,8 @@ from pipeline.state.records import (
     RunInfo,
     RunInfoChanges,
     RunRecord,
+    RunState,
+    ScanStopped,
     Status,
     row_key,
     utcnow,
@@ -41,7 +44,8 @@ from pipeline.state.sqlite import RESERVE_BYTES, Ledger
 
 __all__ = [
     "RESERVE_BYTES", "SCHEMA_VERSION", "Attempt", "Earlier", "EventRecord", "InputFile",
-    "Ledger", "NewRow", "OpenGroup", "OpenItems", "OpenRow", "Orphan", "OutcomeStore",
-    "ReportStore", "RetentionStore", "RunBook", "RunInfo", "RunInfoChanges", "RunRecord",
-    "ScanStore", "SendStore", "SinkEventsTable", "StateStore", "Status", "row_key", "utcnow",
+    "InputRecords", "Ledger", "NewRow", "OpenGroup", "OpenItems", "OpenRow", "Orphan",
+    "OutcomeStore", "ReportStore", "RetentionStore", "RunBook", "RunInfo", "RunInfoChanges",
+    "RunRecord", "RunState", "ScanStopped", "ScanStore", "SendStore", "SinkEventsTable",
+    "StateStore", "Status", "row_key", "utcnow",
 ]

@@ -47,6 +47,7 @@ from pipeline.state.records import (
     NewRow,
     RunInfoChanges,
     RunRecord,
+    RunState,
     utcnow,
 )
 from pipeline.state.sqlite import Ledger
@@ -178,7 +179,7 @@ class PgLedger(Ledger):
         return (self._locked and account == self.account) or \
             self._holder_backend(account) is not None
 
-    def effective_state(self, record: RunRecord) -> str:
+    def effective_state(self, record: RunRecord) -> RunState:
         """A run record's state as it is now: ``running`` only while its account's run lock
         is held (the holder's session lives)."""
         if record.state == "running" and not self._live(record.account):

@@ -162,8 +162,62 @@ class InputFile:
     header: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class InputRecords:
+    """One input file of a run: its physical records after the header, and where they went.
+
+    ``to_send + rejected + skipped + blank + beyond_limit == records`` once the file is
+    read (``accounted``); ``skipped``: duplicates, rows an earlier run sent and rows
+    held; ``beyond_limit``: records ``--limit`` left unread. Counts are records.
+    """
+
+    path: str
+    records: int = 0
+    to_send: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    blank: int = 0
+    beyond_limit: int = 0
+    accounted: bool = False
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any]) -> InputRecords:
+        """From its stored JSON object (keys this version does not know are ignored)."""
+        return cls(**{k: v for k, v in stored.items() if k in _INPUT_RECORDS_KEYS})
+
+    def as_json(self) -> dict[str, Any]:
+        """As a JSON object (run info, summary.json's ``input_records``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class ScanStopped:
+    """Where a run's scan stopped before the end of its input (a full disk, a signal, an
+    input error): the file, its last line recorded (None: before its first row), and
+    every file whose rest was not read, that one first."""
+
+    path: str
+    after_line: int | None
+    unread_files: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any]) -> ScanStopped:
+        """From its stored JSON object."""
+        return cls(str(stored["path"]), stored.get("after_line"),
+                   tuple(stored.get("unread_files") or ()))
+
+    def as_json(self) -> dict[str, Any]:
+        """As a JSON object (run info ``scan_stopped``)."""
+        return {"path": self.path, "after_line": self.after_line,
+                "unread_files": list(self.unread_files)}
+
+
+_INPUT_RECORDS_KEYS = frozenset(f.name for f in fields(InputRecords))
+
+
 class RunInfoChanges(TypedDict, total=False):
-    """Keys of a run's info a stage records (merged into what is stored); see RunInfo."""
+    """Keys of a run's info a stage records (merged into what is stored); see RunInfo.
+    The store writes them as JSON (``info_json``)."""
 
     argv: list[str]
     limit: int | None
@@ -176,9 +230,9 @@ class RunInfoChanges(TypedDict, total=False):
     send: dict[str, int]
     problems: dict[str, int]
     blank_rows: int
-    input_records: list[dict[str, Any]]
+    input_records: tuple[InputRecords, ...]
     truncated_at: list[Any] | None
-    scan_stopped: dict[str, Any]
+    scan_stopped: ScanStopped
     exit_code: int
     report_final: bool
     redrive_digest: str | None
@@ -212,9 +266,9 @@ class RunInfo:
     send: dict[str, int] = field(default_factory=dict)
     problems: dict[str, int] = field(default_factory=dict)
     blank_rows: int = 0
-    input_records: tuple[dict[str, Any], ...] = ()
+    input_records: tuple[InputRecords, ...] = ()
     truncated_at: tuple[Any, ...] | None = None
-    scan_stopped: dict[str, Any] | None = None
+    scan_stopped: ScanStopped | None = None
     exit_code: int | None = None
     report_final: bool = False
     redrive_digest: str | None = None
@@ -226,16 +280,36 @@ class RunInfo:
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                   for k, v in stored.items() if k in known and v is not None}
+        if "input_records" in values:
+            values["input_records"] = tuple(InputRecords.from_json(f)
+                                            for f in values["input_records"])
+        if values.get("scan_stopped"):
+            values["scan_stopped"] = ScanStopped.from_json(values["scan_stopped"])
+        else:
+            values.pop("scan_stopped", None)
         return cls(**values)
 
     def as_json(self) -> dict[str, Any]:
-        """The info as a JSON object (tuples as lists)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
+        """The info as a JSON object (tuples as lists, records as objects)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}
 
     def merged(self, changes: RunInfoChanges) -> RunInfo:
         """This info with ``changes`` recorded over it."""
-        return RunInfo.from_json({**self.as_json(), **changes})
+        return RunInfo.from_json({**self.as_json(), **info_json(changes)})
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, InputRecords | ScanStopped):
+        return value.as_json()
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def info_json(changes: RunInfoChanges) -> dict[str, Any]:
+    """``changes`` as the JSON object the store merges into a run's stored info (records
+    as objects, tuples as lists): the only place they become JSON."""
+    return {key: _json_value(value) for key, value in changes.items()}
 
 
 RunState = Literal["running", "finished", "aborted", "crashed", "dry_run"]
@@ -250,7 +324,7 @@ class RunRecord:
     run_id: str
     started_at: str
     finished_at: str | None
-    state: str  # a RunState
+    state: RunState
     account: str
     fingerprint: str
     info: RunInfo

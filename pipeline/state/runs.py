@@ -14,6 +14,8 @@ from pipeline.state.records import (
     RunInfo,
     RunInfoChanges,
     RunRecord,
+    RunState,
+    info_json,
 )
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ class SQLiteRuns(SQLiteRows):
         return [r[0] for r in self._db.execute(
             "SELECT run_id FROM runs WHERE state='running' ORDER BY started_at, run_id")]
 
-    def effective_state(self, record: RunRecord) -> str:
+    def effective_state(self, record: RunRecord) -> RunState:
         """A run record's state as it is now: ``running`` only while its process lives."""
         if record.state == "running" and self.lock_holder() is None:
             return "crashed"
@@ -47,7 +49,7 @@ class SQLiteRuns(SQLiteRows):
 
     def update_run_info(self, run_id: str, info: RunInfoChanges) -> None:
         """Merge ``info`` into a run's recorded info (e.g. the exit code it ended with)."""
-        merged = {**self._stored_info(run_id), **info}
+        merged = {**self._stored_info(run_id), **info_json(info)}
         with self._transaction():
             self._db.execute("UPDATE runs SET info=? WHERE run_id=?",
                              (json.dumps(merged, sort_keys=True), run_id))
@@ -71,13 +73,14 @@ class SQLiteRuns(SQLiteRows):
             self._db.execute(
                 "INSERT INTO runs (run_id, started_at, state, account, config_fingerprint, info)"
                 " VALUES (?, ?, 'running', ?, ?, ?)",
-                (run_id, self._clock(), account, fingerprint, json.dumps(info, sort_keys=True)),
+                (run_id, self._clock(), account, fingerprint,
+                 json.dumps(info_json(info), sort_keys=True)),
             )
 
-    def finish_run(self, run_id: str, state: str, info: RunInfoChanges) -> None:
+    def finish_run(self, run_id: str, state: RunState, info: RunInfoChanges) -> None:
         """Record a run's end now: its final ``state`` and ``info`` merged into what it
         recorded. Raises StateError if there is no such run, StorageFull."""
-        merged = {**self._stored_info(run_id), **info}
+        merged = {**self._stored_info(run_id), **info_json(info)}
         with self._transaction():
             self._db.execute(
                 "UPDATE runs SET finished_at=?, state=?, info=? WHERE run_id=?",
@@ -254,26 +257,25 @@ class SQLiteRuns(SQLiteRows):
         signal, an input error), with those files, while no later run read each to its
         end: (run_id, paths), oldest first. ``--limit`` is not a stop: it says what it
         left unread."""
-        runs = [(r, s, json.loads(i)) for r, s, i in self._db.execute(
-            "SELECT run_id, started_at, info FROM runs ORDER BY started_at, run_id")]
+        runs = [(r, RunInfo.from_json(json.loads(i))) for r, i in self._db.execute(
+            "SELECT run_id, info FROM runs ORDER BY started_at, run_id")]
         out = []
-        for n, (run_id, _, info) in enumerate(runs):
-            stopped = info.get("scan_stopped")
-            if not stopped:
+        for n, (run_id, info) in enumerate(runs):
+            stopped = info.scan_stopped
+            if stopped is None:
                 continue
-            left = [p for p in stopped.get("unread_files", [])
+            left = [p for p in stopped.unread_files
                     if not any(self._read_whole(p, later_info)
-                               for _, _, later_info in runs[n + 1:])]
+                               for _, later_info in runs[n + 1:])]
             if left:
                 out.append((run_id, left))
         return out
 
     @staticmethod
-    def _read_whole(path: str, info: dict[str, Any]) -> bool:
+    def _read_whole(path: str, info: RunInfo) -> bool:
         """Whether a run (by its recorded info) read ``path`` to its end: its scan counted
         the file's every record, none left beyond ``--limit``."""
-        return any(f.get("path") == path and not f.get("beyond_limit")
-                   for f in info.get("input_records") or [])
+        return any(f.path == path and not f.beyond_limit for f in info.input_records)
 
     def open_rows(self, running: Sequence[str]) -> dict[str, list[OpenRow]]:
         """The rows behind each kind of open item over every run (status.py documents the
