@@ -23,6 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions, note_key
 from pipeline.runner import Run, RunOptions, RunOutcome
 from pipeline.servers import Served, bind, serve_embedded
+from pipeline.state.store import existing_store
 
 CREDENTIALS = {
     "client_id": "test-client-id",
@@ -133,6 +134,21 @@ def wait_until_healthy(proc: subprocess.Popen[bytes], url: str, log: Path,
             return False
 
     wait_until(up, timeout=timeout, what="the server to listen")
+
+
+def ledger_rows(config: RunConfig, *columns: str) -> list[tuple[Any, ...]]:
+    """Every row of the config's store (every run, in input order) as a tuple of
+    ``columns`` (state/protocol.py ``ROW_COLUMNS``), read through the store's public
+    ``frame``, so on either backend; [] when there is no store yet."""
+    store = existing_store(config)
+    if store is None:
+        return []
+    try:
+        frame = store.frame()
+    finally:
+        store.close()
+    return [tuple(None if v != v else v for v in row)  # NaN (a NULL number) as None
+            for row in frame[list(columns)].itertuples(index=False, name=None)]
 
 
 def read_results(report_dir: Path) -> list[dict[str, str]]:

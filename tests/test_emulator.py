@@ -258,12 +258,14 @@ async def test_ids_stay_unique_across_restarts_with_the_same_seed() -> None:
     a sandbox's sink file outlives the emulator, and reused ids would match old events."""
     seen: list[dict[str, Any]] = []
     for _ in range(2):
-        emulator, client = asgi_client(seed=7)
-        async with client:
-            r = await client.post("/v1/tasks/notes", headers=CREDENTIALS,
-                                  json={"emr_task_id": "T", "note": "n"})
-        seen.append(r.json())
-        seen[-1]["event"] = emulator._envelope(None, ("task_note.created", {}))["id"]
+        emulator = Emulator(emulator_options(seed=7))
+        async with (serving(emulator.app()) as api,
+                    httpx.AsyncClient(base_url=api.url, headers=CREDENTIALS) as client):
+            r = await client.post("/v1/tasks/notes", json={"emr_task_id": "T", "note": "n"})
+            with anyio.fail_after(10):
+                await emulator.until(lambda e: len(e.events) == 1)
+            (item,) = (await client.get("/v1/webhook-events")).json()["webhook_events"]
+        seen.append({**r.json(), "event": item["event_id"]})
     assert seen[0]["job_id"] != seen[1]["job_id"]
     assert seen[0]["task_note_id"] != seen[1]["task_note_id"]
     assert seen[0]["event"] != seen[1]["event"]

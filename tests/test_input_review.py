@@ -352,10 +352,9 @@ def test_a_refused_input_leaves_no_unsent_rows_and_records_exit_2(
     # Only the fixed run's own two notes stay open, awaiting their outcomes (no webhooks here).
     assert {kind: k["count"] for kind, k in after.items() if k["count"]} == {
         "awaiting_outcome": 2}
-    with sqlite3.connect(config.state.ledger) as db:
-        (first,) = [r for (r,) in db.execute("SELECT run_id FROM runs") if r != fixed.run_id]
     ledger = Ledger(config.state.ledger)
     try:
+        (first,) = [r for r in ledger.run_ids() if r != fixed.run_id]
         written = write_report(Reconciler.of(ledger, config).run(first), config.report,
                                input_settings=config.input)
     finally:

@@ -22,6 +22,7 @@ from helpers import (
     WEBHOOK_SECRET,
     EmulatorThread,
     free_port,
+    ledger_rows,
     make_config,
     notes,
     read_results,
@@ -79,6 +80,8 @@ def ledger_with_a_run(path: Path, account: str = "test_clinic") -> None:
     ledger.start_run("run-0", account, "x", {})
     ledger.finish_run("run-0", "finished", {})
     ledger.close()
+    # No store operation backdates a run: this write is SQLite's own (prune works on the
+    # SQLite ledger only, cli.py says so).
     with sqlite3.connect(path) as db:
         db.execute("UPDATE runs SET started_at=?", ("2026-01-05T09:00:00.000Z",))
 
@@ -98,14 +101,14 @@ def test_prune_removes_old_note_text_and_a_rerun_of_the_old_input_sends_nothing(
         config = make_config(tmp_path, api={"base_url": server.url})
         first = run_pipeline(config, str(data))
         assert first.scan.to_send == 5
-        ledger = sqlite3.connect(config.state.ledger)
-        sent = ledger.execute("SELECT job_id, emr_task_id FROM rows WHERE job_id IS NOT NULL"
-                              " ORDER BY id").fetchall()
-        before = ledger.execute("SELECT key, status, run_id, job_id FROM rows ORDER BY id"
-                                ).fetchall()
-        with ledger:  # the run happened long ago
-            ledger.execute("UPDATE runs SET started_at=?", ("2026-01-05T09:00:00.000Z",))
-        ledger.close()
+        sent = [(job, task) for job, task in ledger_rows(config, "job_id", "emr_task_id")
+                if job is not None]
+        before = ledger_rows(config, "key", "status", "run_id", "job_id")
+        # The run happened long ago. No store operation backdates a run: this one write
+        # is SQLite's own (prune works on the SQLite ledger only, cli.py says so).
+        with sqlite3.connect(config.state.ledger) as db:
+            db.execute("UPDATE runs SET started_at=?", ("2026-01-05T09:00:00.000Z",))
+        db.close()
         by_task = dict(map(tuple, rows))
         append_events(config.webhooks.sink, [
             created(f"evt_{i}", job, task, by_task[task]) for i, (job, task) in enumerate(sent)])
@@ -132,9 +135,7 @@ def test_prune_removes_old_note_text_and_a_rerun_of_the_old_input_sends_nothing(
         assert not is_pruned(found["evt_new"])
         assert config.webhooks.sink.read_bytes().count(SECRET_NOTE.encode()) == 1
         assert not (report_dir / "rejects.csv").exists()
-        with sqlite3.connect(config.state.ledger) as db:
-            assert db.execute("SELECT key, status, run_id, job_id FROM rows ORDER BY id"
-                              ).fetchall() == before
+        assert ledger_rows(config, "key", "status", "run_id", "job_id") == before
 
         again = run_pipeline(config, str(data))
         assert again.scan.to_send == 0
@@ -316,8 +317,11 @@ def test_prune_killed_at_any_step_leaves_a_readable_sink_and_a_ledger_that_reads
                      when="2099-01-01T00:00:00Z") for i in range(300)]
     append_events(sink, later)  # now longer than the file the ledger last read
     assert tasknotes("reconcile", str(config_path)).returncode in (0, 1)
-    with sqlite3.connect(config.state.ledger) as db:
-        mirrored = {r[0] for r in db.execute("SELECT event_id FROM events")}
+    ledger = Ledger(config.state.ledger, readonly=True)
+    try:
+        mirrored = {e.event_id for e in ledger.events()}
+    finally:
+        ledger.close()
     assert {e["id"] for e in later} <= mirrored
     assert len(mirrored) == 501
 

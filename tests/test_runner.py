@@ -90,14 +90,20 @@ def test_nothing_is_sent_when_any_file_cannot_be_read(tmp_path: Path) -> None:
 
 
 def test_the_scan_line_counts_in_the_singular_and_plural(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """One duplicate is "1 duplicate", one row "1 row"; other counts take the plural."""
-    from pipeline.runner import ScanCounts, _log_scan  # noqa: PLC0415 - the one line tested
-
-    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
-        _log_scan(ScanCounts(rows=1, to_send=0, duplicates=1))
-        _log_scan(ScanCounts(rows=3, to_send=1, duplicates=2))
-    assert [r.getMessage() for r in caplog.records] == [
-        "1 row: 0 to send, 0 rejected, 1 duplicate, 0 already sent, 0 held",
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One duplicate is "1 duplicate", one row "1 row"; other counts take the plural: the
+    line a run logs after its scan."""
+    one = write_csv(tmp_path / "one.csv", [["T1", "a note"]])
+    two = write_csv(tmp_path / "two.csv", [["T3", "c"], ["T3", "c"]])
+    three = write_csv(tmp_path / "three.csv", [["T2", "b"], ["T2", "b"], ["T2", "b"]])
+    with EmulatorThread() as api:
+        config = make_config(tmp_path, api={"base_url": api.url})
+        with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+            run_pipeline(config, str(one))
+            run_pipeline(config, str(two))
+            run_pipeline(config, str(three))
+    assert [r.getMessage() for r in caplog.records if " to send, " in r.getMessage()] == [
+        "1 row: 1 to send, 0 rejected, 0 duplicates, 0 already sent, 0 held",
+        "2 rows: 1 to send, 0 rejected, 1 duplicate, 0 already sent, 0 held",
         "3 rows: 1 to send, 0 rejected, 2 duplicates, 0 already sent, 0 held",
     ]

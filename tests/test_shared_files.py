@@ -449,13 +449,19 @@ def fill(directory: Path, leave: int = 0) -> Path:
 
 
 def ledger_statuses(path: Path) -> tuple[str, dict[str, str]]:
-    """The ledger's integrity check, and each row's status by task id."""
+    """The ledger's integrity check (the SQLite file's own, as a full disk may break it),
+    and each row's status by task id (read through the store)."""
     db = sqlite3.connect(path)
     try:
         check = db.execute("PRAGMA integrity_check").fetchone()[0]
-        return check, dict(db.execute("SELECT emr_task_id, status FROM rows ORDER BY id"))
     finally:
         db.close()
+    ledger = Ledger(path, readonly=True)
+    try:
+        frame = ledger.frame()
+    finally:
+        ledger.close()
+    return check, dict(zip(frame["emr_task_id"], frame["status"], strict=True))
 
 
 def run_cli(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -31,9 +31,11 @@ from helpers import (
     write_csv,
 )
 from pipeline.cli import main
+from pipeline.errors import StateError
 from pipeline.events import SinkFile
 from pipeline.report import write_report
 from pipeline.sink import WebhookReceiver
+from pipeline.state import Ledger
 from pipeline.status import ledger_status
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
@@ -313,16 +315,19 @@ def test_sigint_during_the_scan_names_the_input_and_offers_the_recorded_rows(
                             text=True)
 
     def recorded() -> int:
-        if not ledger.exists():
+        try:
+            store = Ledger.existing(ledger)
+        except StateError:  # being created
+            return 0
+        if store is None:
             return 0
         try:
-            db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
-            try:
-                return int(db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
-            finally:
-                db.close()
-        except sqlite3.Error:
+            latest = store.latest_run()
+            return 0 if latest is None else sum(store.status_counts(latest).values())
+        except (StateError, sqlite3.Error):  # a schema not yet written
             return 0
+        finally:
+            store.close()
 
     wait_until(lambda: recorded() > 0, timeout=60, what="the scan to record rows")
     proc.send_signal(signal.SIGINT)

@@ -339,10 +339,13 @@ def test_a_re_encoded_quote_in_a_failure_reason_is_withheld_with_its_codes(
     report = next((tmp_path / "reports").iterdir())
     assert [r["failure_reason"] for r in read_results(report)] == [
         "rpa_error [reason withheld: it quoted the note]"]
-    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
-        assert db.execute("SELECT failure_reason, reason_codes FROM events WHERE event_id ="
-                          " 'evt-9'").fetchone() == (
-            "orphan [reason withheld: the note was not read back to check it]", "orphan")
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite", readonly=True)
+    try:
+        (orphan,) = [e for e in ledger.events() if e.event_id == "evt-9"]
+    finally:
+        ledger.close()
+    assert (orphan.failure_reason, orphan.reason_codes) == (
+        "orphan [reason withheld: the note was not read back to check it]", "orphan")
 
 
 def test_an_upstream_id_is_kept_when_id_like_else_withheld() -> None:

@@ -1,15 +1,16 @@
 """The seam between the stages and where state is kept: the operations they call.
 
 Each stage names the narrow protocol it needs, never a store class: the scan
-(plan.py) ``ScanStore``, the send (runner.py, submit.py) ``SendStore``, reconcile and
-reasons.py ``OutcomeStore``, status and the report ``RunBook`` + ``OpenItems``, prune
-``RetentionStore``; a command that does several (runner.py, jobs.py) takes
-``StateStore``, all of them. Stores are made only by ``store.open_store`` /
-``store.existing_store``, typed as ``StateStore``, so mypy checks every store those
-return against it: ``Ledger`` (sqlite.py, SQLite) and ``PgLedger`` (pg_ledger.py,
-PostgreSQL; today it reuses ``Ledger``'s statements through a session that speaks
-PostgreSQL). A store that also holds the sink's events (``PgLedger``) is a
-``SinkEventsTable``; reconcile reads them there instead of the sink file.
+(plan.py) ``ScanStore``, the send (runner.py; submit.py's ``AttemptRecorder`` is the
+part of it that records attempts) ``SendStore``, reconcile's ingest, reasons.py and
+sandbox.py ``OutcomeStore``, status and the report ``ReportStore`` (``RunBook`` +
+``OpenItems``), prune ``RetentionStore``; what does several (runner.py, jobs.py,
+prune.py, reconcile's ``Reconciler``) takes ``StateStore``, all of them. Stores are
+made only by ``store.open_store`` / ``store.existing_store``, typed as ``StateStore``,
+so mypy checks every store those return against it: ``Ledger`` (sqlite.py, SQLite)
+and ``PgLedger`` (pg_ledger.py, PostgreSQL; today it reuses ``Ledger``'s statements
+through a session that speaks PostgreSQL). A store that also holds the sink's events
+(``PgLedger``) is a ``SinkEventsTable``; reconcile reads them there, not the sink file.
 
 Rows cross the seam as the records of records.py, or as the tuples and DataFrame
 columns named below (``PendingRow``, ``EmrFailure``, ``RUN_CHUNK_COLUMNS``). Every
