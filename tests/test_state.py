@@ -31,6 +31,7 @@ from pipeline.state import (
     StateStore,
     row_key,
 )
+from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS
 from pipeline.state.schema import SCHEMA
 
@@ -44,8 +45,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore
     if request.param == "sqlite":
         opened: StateStore = Ledger(tmp_path / "ledger.sqlite")
     else:
-        from pipeline.state.pg_ledger import PgLedger  # noqa: PLC0415 - psycopg only here
-
         opened = PgLedger(request.getfixturevalue("pg_url"), ACCOUNT)
     try:
         yield opened
