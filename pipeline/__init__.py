@@ -34,6 +34,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from pipeline._version import __version__
 from pipeline.errors import (
     ApiError,
     ConfigError,
@@ -44,8 +45,6 @@ from pipeline.errors import (
     StateError,
     StorageFull,
 )
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pipeline import aio as aio

@@ -319,12 +319,7 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         """0 when every row ended well, else 1 (the README's exit codes)."""
-        return exit_code(self.counts)
-
-
-def exit_code(counts: dict[str, int]) -> int:
-    """0 when every counted final status is a good one, else 1 (exits.py)."""
-    return exits.for_rows(any(n and status not in GOOD_STATUSES for status, n in counts.items()))
+        return exits.for_counts(self.counts, GOOD_STATUSES)
 
 
 class Reconciler:

@@ -291,7 +291,7 @@ class Run:
             rejects.close()
             if ledger is not None:
                 ledger.close()
-        return RunOutcome(self.run_id, counts, None, exits.for_rows(counts.rejected > 0),
+        return RunOutcome(self.run_id, counts, None, exits.for_dry_run(counts.rejected),
                           rejects=rejects.path if rejects.rows else None)
 
     def _report_dir(self) -> Path:
