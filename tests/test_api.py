@@ -69,10 +69,10 @@ def test_import_pipeline_gives_the_api_and_modules_of_the_same_name_do_not_hide_
 import sys, importlib
 import pipeline
 assert "pipeline.jobs" not in sys.modules, "import pipeline loaded the stages"
-for name in ("status", "poll", "reconcile", "validate", "runner"):
+for name in ("status", "poll", "prune", "reconcile", "validate", "runner"):
     importlib.import_module("pipeline." + name)
 from pipeline import jobs, logs
-for name in ("run", "validate", "reconcile", "poll", "status", "write_off"):
+for name in ("run", "validate", "reconcile", "poll", "status", "write_off", "prune"):
     assert getattr(pipeline, name) is getattr(jobs, name), name
 from pipeline import status
 assert status is jobs.status

@@ -141,7 +141,7 @@ def test_exit_code_rules_of_dry_runs_counts_and_recorded_runs() -> None:
     counts exit 1 for any row outside the good statuses (zero counts do not count); a run
     recorded before its exit code was kept reads 3 when aborted, else today's code, and has
     none while running or after a crash."""
-    assert (exits.for_dry_run(0), exits.for_dry_run(2)) == (0, 1)
+    assert (exits.for_dry_run(0), exits.for_dry_run(1)) == (0, 1)
     good = frozenset({"accepted"})
     assert exits.for_counts({"accepted": 5, "send_failed": 0}, good) == 0
     assert exits.for_counts({"accepted": 5, "send_failed": 1}, good) == 1
