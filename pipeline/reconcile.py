@@ -12,6 +12,9 @@ final status and detail (``_final_status``).
 
 The same ledger and sink file always give the same result (no clock is read
 here; staleness is the report's business).
+
+Over 400 lines: mirroring the sink file (what it gained, the lines it refuses) and
+turning matches into final statuses are the two halves of one reconcile, read together.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunRes
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
 from pipeline.state import InputFile
+from pipeline.state.store import existing_store
 
 if TYPE_CHECKING:
     from pipeline.state import Ledger
@@ -204,8 +205,6 @@ def known_counts(config: RunConfig, run_id: str) -> dict[str, int]:
     Outcomes are those the ledger learned last (nothing is read from the sink file).
     Raises StateError if the ledger cannot be read.
     """
-    from pipeline.state.store import existing_store  # noqa: PLC0415
-
     ledger = existing_store(config)
     counts: Counter[str] = Counter()
     if ledger is None:
