@@ -88,6 +88,25 @@ print("ok")
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
 
 
+def test_validate_loads_no_server_client_database_or_report_library() -> None:
+    """The imports inside functions (pyproject's per-file-ignores) are there for this: a
+    fresh `tasknotes validate` loads neither uvicorn, aiohttp, httpx, psycopg, pandas nor
+    prometheus_client, and checks the rows all the same."""
+    script = f"""
+import sys
+from pipeline.cli import main
+code = main(["validate", {str(SANDBOX)!r}])
+heavy = {{"uvicorn", "aiohttp", "httpx", "psycopg", "pandas", "prometheus_client"}}
+print(code, sorted(heavy & {{name.split(".")[0] for name in sys.modules}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    code, loaded = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert (code in ("0", "1"), loaded) == (True, "[]")
+    assert "rows" in done.stdout
+
+
 def test_run_from_a_worker_thread_on_the_sandbox(
         tmp_path: Path, capfd: pytest.CaptureFixture[str], host_argv: list[str]) -> None:
     """pipeline.run(path) from a worker thread, on configs/sandbox.yaml (the emulator and
