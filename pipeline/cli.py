@@ -609,13 +609,12 @@ def _prune(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
     result = jobs.prune(args.config, args.older_than, dry_run=args.dry_run)
-    config = load_config(args.config)  # the paths it names (already read once: no error)
     done, days = result.pruned, result.older_than_days
     verb = "would remove" if done.dry_run else "removed"
     print(f"prune of what is older than {days:g} days (before {done.cutoff})"
           f"{': dry run, nothing removed' if done.dry_run else ''}")
     before, after = done.sink_bytes
-    print(f"sink file {config.webhooks.sink}: {verb} the note text of "
+    print(f"sink file {result.sink}: {verb} the note text of "
           f"{_n(done.events_pruned, 'event')}"
           + (f" ({before:,} -> {after:,} bytes)" if not done.dry_run and before else ""))
     kept = [f"{_n(n, what)}" for n, what in (
@@ -630,7 +629,7 @@ def _prune(args: argparse.Namespace) -> int:
     for path in done.files:
         print(f"  {path}")
     if done.ledger_freed:
-        print(f"ledger {config.state.ledger}: {done.ledger_freed:,} bytes given back (VACUUM)")
+        print(f"ledger {result.ledger}: {done.ledger_freed:,} bytes given back (VACUUM)")
     print("kept: every ledger row (key, status, run, job id, outcome): a note sent stays "
           "sent")
     return result.exit_code

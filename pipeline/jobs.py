@@ -434,11 +434,14 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
 class PruneOutcome:
     """What ``prune`` did: ``older_than_days`` (from the argument or state.retention_days)
     and the prune's own counts (``pruned``: prune.PruneResult; with ``dry_run``, what it
-    would remove). ``exit_code``: 0 (a prune that cannot run raises instead)."""
+    would remove) over the sink file ``sink`` and the ledger ``ledger``. ``exit_code``: 0
+    (a prune that cannot run raises instead)."""
 
     exit_code: int
     older_than_days: float
     pruned: PruneResult
+    sink: Path
+    ledger: Path
 
 
 def prune(config: ConfigSource, older_than_days: float | None = None, *,
@@ -459,7 +462,8 @@ def prune(config: ConfigSource, older_than_days: float | None = None, *,
     if loaded.state.url is not None:
         raise ConfigError("state.url: prune works on the sink file and the SQLite ledger "
                           "only so far; events stored in PostgreSQL are not pruned yet")
-    return PruneOutcome(exits.OK, days, prune_files(loaded, days, dry_run=dry_run))
+    return PruneOutcome(exits.OK, days, prune_files(loaded, days, dry_run=dry_run),
+                        loaded.webhooks.sink, loaded.state.ledger)
 
 
 @dataclass(frozen=True, slots=True)
