@@ -13,6 +13,7 @@ only here (the one module that reads the environment).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import os
@@ -357,6 +358,11 @@ class EmulatorSettings(_Section):
         return value
 
 
+# Behaviour's knobs a config cannot set (the emulator's own credentials, its other
+# tokens): not part of what a config says, so not of its fingerprint.
+_BEHAVIOUR_FLAGS_ONLY = frozenset(f.name for f in dataclasses.fields(Behaviour)) - behaviour_keys()
+
+
 class LoggingConfig(_Section):
     """stderr logging: ``text`` lines for people, or ``json`` (one object a line, for a log
     shipper: pipeline/logs.py). ``--log-format`` on the command line wins over it."""
@@ -431,7 +437,9 @@ class RunConfig(_Section):
                                                      "webhooks": {"secret", "secrets"},
                                                      "report": {"metrics_file"},
                                                      "state": {"url"},
-                                                     "logging": True, "notify": True})
+                                                     "logging": True, "notify": True,
+                                                     "sandbox": {"emulator": {
+                                                         "behaviour": set(_BEHAVIOUR_FLAGS_ONLY)}}})
         if self.api.accounts is not None:  # the accounts without their tokens
             data["api"]["accounts"] = {
                 name: a.model_dump(mode="json", exclude={"access_token"})

@@ -143,3 +143,13 @@ def test_the_emulator_command_builds_the_options_from_the_knobs() -> None:
                               faults=faults_from_args(args))
     assert (options.tokens, options.revoked, options.account_reference) == (
         (("t1", "north"), ("t2", "south")), frozenset({"t2"}), "west")
+
+
+def test_the_emulator_knobs_of_a_config_are_in_its_fingerprint(tmp_path: Path) -> None:
+    """A config's sandbox.emulator keys count in its fingerprint (a setting changed is a
+    new fingerprint); the same config read twice has the same one."""
+    def fingerprint(name: str, seed: int) -> str:
+        path = write_config(tmp_path, name, sandbox={"emulator": {"seed": seed}})
+        return load_config(path).fingerprint()
+
+    assert fingerprint("a.yaml", 1) == fingerprint("b.yaml", 1) != fingerprint("c.yaml", 2)
