@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ def _range(text: str) -> tuple[float, float]:
     parts = text.split(",")
     if len(parts) not in (1, 2):
         raise ValueError("A or A,B")
-    value: tuple[float, float] = _MILLIS.validate_python((parts[0], parts[-1]))
+    value: tuple[float, float] = _millis().validate_python((parts[0], parts[-1]))
     return value
 
 
@@ -128,7 +129,10 @@ def _token_pair(text: str) -> tuple[str, str]:
     return token, reference
 
 
-_MILLIS: TypeAdapter[tuple[float, float]] = TypeAdapter(Millis)
+@functools.cache
+def _millis() -> TypeAdapter[tuple[float, float]]:
+    """The checker of a flag's range, built on first use (not at every start-up)."""
+    return TypeAdapter(Millis)
 
 
 @dataclass(frozen=True, slots=True)
