@@ -12,6 +12,7 @@ command calls (jobs.py)::
     pipeline.reconcile(config, run_id=None)         # -> ReconcileResult
     pipeline.poll(config, run_id=None)              # -> PollResult
     pipeline.status(config)                         # -> StatusResult
+    pipeline.prune(config, older_than_days=None)    # -> PruneOutcome (dry_run=True: a preview)
     await pipeline.aio.run(config)                  # the same, inside an event loop
 
 ``config`` is a path to the YAML file or a ``RunConfig`` (``pipeline.load_config``).
@@ -20,7 +21,7 @@ Errors are the ``PipelineError`` tree (``ConfigError``, ``InputError``, ``StateE
 here prints or configures logging: records go to the ``pipeline`` loggers (which have
 a NullHandler) for the host's own logging to handle.
 
-``pipeline.status``, ``poll``, ``reconcile`` and ``validate`` are these functions even
+``pipeline.status``, ``poll``, ``prune``, ``reconcile`` and ``validate`` are these functions even
 though modules of the same names exist (pipeline/status.py...): importing such a module
 does not replace the function here. Reach a module with ``from pipeline.status import``
 or ``importlib.import_module("pipeline.status")``.
@@ -34,6 +35,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from pipeline._version import __version__
 from pipeline.errors import (
     ApiError,
     ConfigError,
@@ -45,8 +47,6 @@ from pipeline.errors import (
     StorageFull,
 )
 
-__version__ = "0.1.0"
-
 if TYPE_CHECKING:
     from pipeline import aio as aio
     from pipeline import logs as logs
@@ -54,11 +54,13 @@ if TYPE_CHECKING:
     from pipeline.config import load_config as load_config
     from pipeline.jobs import ConfigSource as ConfigSource
     from pipeline.jobs import PollResult as PollResult
+    from pipeline.jobs import PruneOutcome as PruneOutcome
     from pipeline.jobs import ReconciledRun as ReconciledRun
     from pipeline.jobs import ReconcileResult as ReconcileResult
     from pipeline.jobs import RunResult as RunResult
     from pipeline.jobs import StatusResult as StatusResult
     from pipeline.jobs import poll as poll
+    from pipeline.jobs import prune as prune
     from pipeline.jobs import reconcile as reconcile
     from pipeline.jobs import run as run
     from pipeline.jobs import status as status
@@ -73,6 +75,7 @@ __all__ = [
     "InputError",
     "PipelineError",
     "PollResult",
+    "PruneOutcome",
     "ReconcileResult",
     "ReconciledRun",
     "RunAborted",
@@ -86,6 +89,7 @@ __all__ = [
     "load_config",
     "logs",
     "poll",
+    "prune",
     "reconcile",
     "run",
     "status",
@@ -101,12 +105,13 @@ _LAZY = {
     "RunConfig": ("pipeline.config", "RunConfig"),
     "load_config": ("pipeline.config", "load_config"),
     **{name: ("pipeline.jobs", name) for name in (
-        "ConfigSource", "PollResult", "ReconciledRun", "ReconcileResult", "RunResult",
-        "StatusResult", "poll", "reconcile", "run", "status", "validate", "write_off")},
+        "ConfigSource", "PollResult", "PruneOutcome", "ReconciledRun", "ReconcileResult",
+        "RunResult", "StatusResult", "poll", "prune", "reconcile", "run", "status",
+        "validate", "write_off")},
 }
 # Front doors named like a module of this package: the import system sets a submodule as
 # an attribute of its package when it first loads it, which would hide the function.
-_SHADOWED = frozenset({"poll", "reconcile", "status", "validate"})
+_SHADOWED = frozenset({"poll", "prune", "reconcile", "status", "validate"})
 
 
 def __getattr__(name: str) -> Any:

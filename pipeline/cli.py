@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import __version__, exits, logs
+from pipeline import exits, logs
+from pipeline._version import __version__
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, RunAborted
-from pipeline.faults import add_fault_options, faults_from_args
+from pipeline.faults import Behaviour, Faults, add_knob_options, knob_values, knobs_from_args
 
 if TYPE_CHECKING:
     from pipeline.jobs import ReconcileResult, RunResult
@@ -294,78 +295,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
-
-
-def _range(text: str) -> tuple[float, float]:
-    try:
-        parts = [float(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"A or A,B (numbers), not {text!r}") from None
-    if len(parts) not in (1, 2) or min(parts) < 0:
-        raise argparse.ArgumentTypeError("A or A,B with 0 <= A <= B")
-    low, high = parts[0], parts[-1]
-    if high < low:
-        raise argparse.ArgumentTypeError("A or A,B with 0 <= A <= B")
-    return low, high
-
-
-def _token_pair(text: str) -> tuple[str, str]:
-    token, sep, reference = text.partition("=")
-    if not (sep and token and reference):
-        raise argparse.ArgumentTypeError("TOKEN=REF: an access token and its reference id")
-    return token, reference
-
-
 def _emulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8788, help="port to listen on")
-    p.add_argument("--webhook-url",
-                   help="where to deliver task_note.* webhooks (default: none; outcomes "
-                        "can only be polled)")
-    p.add_argument("--webhook-secret", default="sandbox-webhook-secret",
-                   help="key of the webhooks' HMAC-SHA256 signature")
-    p.add_argument("--client-id", default="sandbox-client-id", help="accepted client_id")
-    p.add_argument("--client-secret", default="sandbox-client-secret",
-                   help="accepted client_secret")
-    p.add_argument("--access-token", default="sandbox-access-token",
-                   help="accepted access_token")
-    p.add_argument("--reference-id", default="user_sandbox",
-                   help="the access_token_reference_id of --access-token's connection")
-    p.add_argument("--token", action="append", default=[], metavar="TOKEN=REF",
-                   type=_token_pair,
-                   help="one more accepted access token and its connection's "
-                        "access_token_reference_id (several clinics); repeatable "
-                        "(default: none)")
-    p.add_argument("--revoked-token", action="append", default=[], metavar="TOKEN",
-                   help="an access token answered 401 (a revoked connection); repeatable "
-                        "(default: none)")
-    p.add_argument("--latency-ms", type=_range, default=(0.0, 0.0), metavar="A[,B]",
-                   help="delay before answering each request, uniform in [A, B] ms")
-    p.add_argument("--outcome-delay-ms", type=_range, default=(200.0, 1500.0), metavar="A[,B]",
-                   help="time from a stored note to its outcome webhook, uniform in [A, B] ms")
-    p.add_argument("--fail-rate", type=_fraction, default=0.0,
-                   help="fraction of notes that fail in the EMR (task_note.failed)")
-    p.add_argument("--rate-limit", type=float, metavar="RPS",
-                   help="answer 429 above this many requests per second (default: no limit)")
-    p.add_argument("--error-rate", type=_fraction, default=0.0,
-                   help="fraction of requests answered 503 before storing")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the timings and of which requests meet a fault")
-    p.add_argument("--events-shape", choices=("event_id", "envelope"), default="event_id",
-                   help="which documented shape GET /v1/webhook-events answers in: event_id "
-                        "items (filter delivery_status) or envelope items (filter status)")
-    p.add_argument("--missing-task", action="append", default=[], metavar="ID",
-                   help="a task id the EMR does not have (task_note.failed); repeatable "
-                        "(default: none)")
-    add_fault_options(p.add_argument_group("faults (fractions of requests)"))
+    add_knob_options(p)  # every knob of faults.py with a flag, checked as the config is
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -495,67 +428,17 @@ def _one_line(counts: dict[str, int], written_off: int = 0) -> str:
 
 
 def _sink(args: argparse.Namespace) -> int:
-    from pipeline.events import SinkFile
-    from pipeline.servers import bind, serve_foreground
-    from pipeline.sink import EventStore, WebhookReceiver
-    from pipeline.state.pg_events import PgEventStore
+    from pipeline import jobs
 
-    config = load_config(args.config, needs=("webhooks",))
-    secrets = config.webhooks.all_secrets()
-    if not secrets:
-        raise PipelineError("webhooks.secret: the sink needs at least one webhook secret")
-    sock = bind(args.host, args.port)  # before anything is created or said: one line if not
-    sink: PgEventStore | SinkFile
-    if config.state.url is not None:
-        sink = PgEventStore(config.state.url.get_secret_value())
-    else:
-        sink = SinkFile(config.webhooks.sink)
-    try:
-        sink.open()
-        store: EventStore = sink
-        receiver = WebhookReceiver(store, secrets, path=config.webhooks.path,
-                                   max_body_bytes=config.webhooks.max_body_bytes)
-        if isinstance(sink, PgEventStore):
-            log.info("sink: POST %s -> PostgreSQL at %s (%d events stored)",
-                     config.webhooks.path, sink.where, sink.count())
-        else:
-            log.info("sink: POST %s -> %s (%d events on file)", config.webhooks.path,
-                     config.webhooks.sink, len(sink))
-        serve_foreground(receiver.app(), host=args.host, port=args.port, sock=sock,
-                         **receiver.serve_options())
-    finally:
-        sock.close()
-        sink.close()
-    return exits.OK
+    return jobs.serve_sink(args.config, host=args.host, port=args.port).exit_code
 
 
 def _export_events(args: argparse.Namespace) -> int:
-    import tempfile
+    from pipeline import jobs
 
-    from pipeline.state.pg_events import export_jsonl
-
-    config = load_config(args.config)
-    if config.state.url is None:
-        raise PipelineError(f"state.url: not set; without it the events are in "
-                            f"{config.webhooks.sink} already (JSON Lines)")
-    url = config.state.url.get_secret_value()
-    if args.out is None:
-        n = export_jsonl(url, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
-    else:  # whole or not at all: a temporary file beside it, then one rename
-        target: Path = args.out
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                n = export_jsonl(url, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    log.info("export-events: %d events from the database", n)
-    return exits.OK
+    result = jobs.export_events(args.config, sys.stdout.buffer if args.out is None
+                                else args.out)
+    return result.exit_code
 
 
 def _migrate_args(migrate: argparse.ArgumentParser) -> None:
@@ -723,22 +606,15 @@ def _days(text: str) -> float:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from pipeline.prune import prune
+    from pipeline import jobs
 
-    config = load_config(args.config)
-    days = args.older_than if args.older_than is not None else config.state.retention_days
-    if days is None:
-        raise PipelineError("state.retention_days: not set, and no --older-than DAYS given: "
-                            "nothing says what is old enough to prune")
-    if config.state.url is not None:
-        raise PipelineError("state.url: prune works on the sink file and the SQLite ledger "
-                            "only so far; events stored in PostgreSQL are not pruned yet")
-    done = prune(config, days, dry_run=args.dry_run)
+    result = jobs.prune(args.config, args.older_than, dry_run=args.dry_run)
+    done, days = result.pruned, result.older_than_days
     verb = "would remove" if done.dry_run else "removed"
     print(f"prune of what is older than {days:g} days (before {done.cutoff})"
           f"{': dry run, nothing removed' if done.dry_run else ''}")
     before, after = done.sink_bytes
-    print(f"sink file {config.webhooks.sink}: {verb} the note text of "
+    print(f"sink file {result.sink}: {verb} the note text of "
           f"{_n(done.events_pruned, 'event')}"
           + (f" ({before:,} -> {after:,} bytes)" if not done.dry_run and before else ""))
     kept = [f"{_n(n, what)}" for n, what in (
@@ -753,27 +629,19 @@ def _prune(args: argparse.Namespace) -> int:
     for path in done.files:
         print(f"  {path}")
     if done.ledger_freed:
-        print(f"ledger {config.state.ledger}: {done.ledger_freed:,} bytes given back (VACUUM)")
+        print(f"ledger {result.ledger}: {done.ledger_freed:,} bytes given back (VACUUM)")
     print("kept: every ledger row (key, status, run, job id, outcome): a note sent stays "
           "sent")
-    return 0
+    return result.exit_code
 
 
 def _emulator(args: argparse.Namespace) -> int:
     from pipeline.emulator import Emulator, EmulatorOptions
     from pipeline.servers import serve_foreground
 
-    faults = faults_from_args(args)
-    emulator = Emulator(EmulatorOptions(
-        client_id=args.client_id, client_secret=args.client_secret,
-        access_token=args.access_token, webhook_url=args.webhook_url,
-        webhook_secret=args.webhook_secret, latency_ms=args.latency_ms,
-        outcome_delay_ms=args.outcome_delay_ms, fail_rate=args.fail_rate,
-        error_rate=args.error_rate, missing_tasks=frozenset(args.missing_task),
-        rate_limit=args.rate_limit, seed=args.seed, faults=faults,
-        events_shape=args.events_shape, account_reference=args.reference_id,
-        tokens=tuple(args.token), revoked=frozenset(args.revoked_token),
-    ))
+    behaviour = knobs_from_args(Behaviour, args)
+    emulator = Emulator(EmulatorOptions(**knob_values(behaviour),
+                                        faults=knobs_from_args(Faults, args)))
     serve_foreground(emulator.app(), host=args.host, port=args.port,
                      attach=lambda server: setattr(emulator, "server", server))
-    return 0
+    return exits.OK

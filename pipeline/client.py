@@ -31,8 +31,8 @@ from typing import Any, Self
 
 import httpx
 
-from pipeline import __version__
 from pipeline._transport import AiohttpTransport
+from pipeline._version import __version__
 from pipeline.config import ApiConfig
 from pipeline.errors import (
     ApiError,

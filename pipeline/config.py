@@ -13,6 +13,7 @@ only here (the one module that reads the environment).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
-from pipeline.faults import Faults, Fraction, config_keys
+from pipeline.faults import Behaviour, Faults, behaviour_keys, config_keys
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Columns results.csv writes itself (report.py): these, then the passthrough columns, then
@@ -318,17 +319,33 @@ class ReportConfig(_Section):
 
 
 class EmulatorSettings(_Section):
-    """How the in-process emulator behaves in a sandbox run (see emulator.py)."""
+    """How the in-process emulator behaves in a sandbox run (see emulator.py): the knobs of
+    faults.py marked for the config, as flat keys (``latency_ms``, ``seed``...) and under
+    ``faults``; ``fail_rate`` here is ``faults.fail_rate``."""
 
-    latency_ms: tuple[float, float] = (5.0, 40.0)
-    outcome_delay_ms: tuple[float, float] = (200.0, 1500.0)
-    fail_rate: Fraction = 0.0
-    missing_tasks: tuple[str, ...] = ()
-    rate_limit: Annotated[float, Field(gt=0)] | None = None
-    seed: int = 1
+    behaviour: Behaviour = Behaviour()  # given as the flat keys: behaviour_keys()
     faults: Faults = Faults()  # the knobs of faults.py marked for the config
     # api.accounts whose token the emulator refuses (401), as if the clinic revoked it
     revoked_accounts: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_knobs(cls, value: object) -> object:
+        """The flat keys into ``behaviour``; ``fail_rate`` into ``faults``; knobs without a
+        config key (faults.py) are unknown keys, as before."""
+        if not isinstance(value, Mapping):
+            return value
+        value = dict(value)
+        if "behaviour" in value:
+            raise ValueError("behaviour: unknown key")
+        faults = value.get("faults")
+        if "fail_rate" in value:
+            if isinstance(faults, Mapping) and "fail_rate" in faults:
+                raise ValueError("fail_rate: give it here or as faults.fail_rate, not both")
+            if faults is None or isinstance(faults, Mapping):
+                value["faults"] = {**(faults or {}), "fail_rate": value.pop("fail_rate")}
+        value["behaviour"] = {k: value.pop(k) for k in list(value) if k in behaviour_keys()}
+        return value
 
     @field_validator("faults", mode="before")
     @classmethod
@@ -339,8 +356,11 @@ class EmulatorSettings(_Section):
             if unknown:
                 raise ValueError(f"{', '.join(unknown)}: unknown key")
         return value
-    # Which of the two documented shapes GET /v1/webhook-events answers in (emulator.py).
-    events_shape: Literal["event_id", "envelope"] = "event_id"
+
+
+# Behaviour's knobs a config cannot set (the emulator's own credentials, its other
+# tokens): not part of what a config says, so not of its fingerprint.
+_BEHAVIOUR_FLAGS_ONLY = frozenset(f.name for f in dataclasses.fields(Behaviour)) - behaviour_keys()
 
 
 class LoggingConfig(_Section):
@@ -417,7 +437,9 @@ class RunConfig(_Section):
                                                      "webhooks": {"secret", "secrets"},
                                                      "report": {"metrics_file"},
                                                      "state": {"url"},
-                                                     "logging": True, "notify": True})
+                                                     "logging": True, "notify": True,
+                                                     "sandbox": {"emulator": {
+                                                         "behaviour": set(_BEHAVIOUR_FLAGS_ONLY)}}})
         if self.api.accounts is not None:  # the accounts without their tokens
             data["api"]["accounts"] = {
                 name: a.model_dump(mode="json", exclude={"access_token"})
@@ -526,7 +548,10 @@ def _describe(exc: ValidationError, path: Path) -> str:
     """One line per problem: ``key: what is wrong`` (never the offending value)."""
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        if loc[:3] == ["sandbox", "emulator", "behaviour"]:  # its keys are flat in the YAML
+            del loc[2]
+        key = ".".join(loc) or "(top level)"
         template = _MESSAGES.get(err["type"])
         if template is not None:
             message = template.format(**(err.get("ctx") or {}))

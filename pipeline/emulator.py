@@ -55,7 +55,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import httpx
@@ -66,7 +66,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.events import compact_json
-from pipeline.faults import Faults  # the knobs, defined once
+from pipeline.faults import Behaviour, EventsShape, Faults  # the knobs, defined once
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ FAILURES = (  # (code, description): what an RPA note-writer runs into
     ("rpa_timeout", "Timed out waiting for the EMR to respond"),
 )
 NOT_FOUND = ("task_not_found", "Task not found in EMR")
-EventsShape = Literal["event_id", "envelope"]
-EVENTS_SHAPES: tuple[EventsShape, ...] = ("event_id", "envelope")
 
 
 def note_key(emr_task_id: str, note: str) -> str:
@@ -93,27 +91,12 @@ def sign(body: bytes, secret: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class EmulatorOptions:
-    """Everything the emulator can be told (``tasknotes emulator --help``)."""
+class EmulatorOptions(Behaviour):
+    """Everything the emulator can be told (``tasknotes emulator --help``): the
+    ``Behaviour`` knobs and the ``Faults`` (faults.py, where each is defined once)."""
 
-    client_id: str = "sandbox-client-id"
-    client_secret: str = "sandbox-client-secret"
-    access_token: str = "sandbox-access-token"
-    webhook_url: str | None = None
-    webhook_secret: str = "sandbox-webhook-secret"
-    latency_ms: tuple[float, float] = (0.0, 0.0)
-    outcome_delay_ms: tuple[float, float] = (200.0, 1500.0)
-    fail_rate: float = 0.0
-    error_rate: float = 0.0  # transient 503s before anything is stored, like rate_503
-    missing_tasks: frozenset[str] = frozenset()
-    rate_limit: float | None = None
-    seed: int = 0
     faults: Faults = field(default_factory=Faults)
     other_event_every: int = 0  # every Nth note also makes an unrelated account event
-    account_reference: str = "user_sandbox"  # the reference id of ``access_token``
-    tokens: tuple[tuple[str, str], ...] = ()  # more (access_token, reference id) pairs
-    revoked: frozenset[str] = frozenset()  # access tokens answered 401 (revoked connections)
-    events_shape: EventsShape = "event_id"  # which documented GET /v1/webhook-events shape
 
 
 @dataclass(slots=True)
@@ -249,7 +232,7 @@ class Emulator:
         if f.only_references and reference not in f.only_references:
             return None
         fault = self._fault("before", key, attempt, task_id, (
-            (f.rate_429, "429"), (f.rate_503 + self.options.error_rate, "503"),
+            (f.rate_429, "429"), (f.rate_503, "503"),
             (f.rate_400, "400"), (f.drop_before_store, "drop"),
         ))
         if fault == "429":
@@ -375,7 +358,7 @@ class Emulator:
     def _outcome(self, job: _Job) -> tuple[str, dict[str, Any]]:
         if job.emr_task_id in self.options.missing_tasks:
             failure: tuple[str, str] | None = NOT_FOUND
-        elif self._draw("outcome", job.key, 0) < self.options.fail_rate:
+        elif self._draw("outcome", job.key, 0) < self.options.faults.fail_rate:
             failure = FAILURES[int(self._draw("reason", job.key, 0) * len(FAILURES))]
         else:
             failure = None

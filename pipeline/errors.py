@@ -28,18 +28,19 @@ Messages never carry a note's text or a secret.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from pipeline import exits
+
 
 class PipelineError(Exception):
-    """Root of every error tasknotes raises on purpose."""
+    """Root of every error tasknotes raises on purpose.
 
-    @property
-    def exit_code(self) -> int:
-        """The process's exit code for this error (2, or 3 for RunAborted): exits.py."""
-        from pipeline.exits import for_error  # noqa: PLC0415 - exits.py imports this module
+    ``exit_code``: the process's exit code for this error, a plain class constant
+    (``exits.USAGE``; ``exits.ABORTED`` for RunAborted) that ``exits.for_error`` reads.
+    """
 
-        code = for_error(self)
-        assert code is not None  # every PipelineError has one
-        return code
+    exit_code: ClassVar[int] = exits.USAGE
 
 
 class ConfigError(PipelineError):
@@ -56,6 +57,8 @@ class StateError(PipelineError):
 
 class RunAborted(PipelineError):
     """The run stopped early; rows not started stay pending for the next run."""
+
+    exit_code: ClassVar[int] = exits.ABORTED
 
 
 class StorageFull(RunAborted):

@@ -674,20 +674,6 @@ def _side_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield decode_event(raw.rstrip(b"\n"))
 
 
-def read_sink(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, envelope) for each event in the sink file; a missing file has none.
-
-    A torn last line is skipped with a warning; so is any other line the codec
-    refuses (``read_sink_from`` hands those to its caller instead).
-    """
-    for number, _, event in read_sink_from(path, 0):
-        if isinstance(event, SetAside):
-            log.warning("%s line %d (byte %d): %s, skipped", path, number, event.offset,
-                        event.code)
-            continue
-        yield number, event
-
-
 def read_sink_from(path: Path, start: int, stop: int | None = None
                    ) -> Iterator[tuple[int, int, dict[str, Any] | SetAside]]:
     """(line number, offset after the line, envelope or SetAside) for each line from ``start``

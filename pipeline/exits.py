@@ -10,15 +10,15 @@
                   interrupted, disk full (a RunAborted, or a stop the run recorded)
 
 The other modules say what happened (counts, a stop reason, an exception); the
-functions below turn that into the number.
+functions below turn that into the number. This module imports nothing of tasknotes:
+errors.py reads its numbers (each error class's ``exit_code`` constant), not the
+other way round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 from typing import Final
-
-from pipeline.errors import PipelineError, RunAborted
 
 OK: Final = 0
 ATTENTION: Final = 1
@@ -37,15 +37,40 @@ def for_run(*, stopped: bool, report_code: int | None) -> int:
     return ABORTED if stopped or report_code is None else report_code
 
 
+def for_dry_run(rejected: int) -> int:
+    """A dry run (``validate``, ``run --dry-run``): 1 when any row was rejected, else 0."""
+    return for_rows(rejected > 0)
+
+
+def for_counts(counts: Mapping[str, int], good: Set[str]) -> int:
+    """Final-status counts (``{status: rows}``): 0 when every counted status is in
+    ``good`` (reconcile.GOOD_STATUSES), else 1."""
+    return for_rows(any(n and status not in good for status, n in counts.items()))
+
+
+def for_recorded_run(state: str, recorded: int | None, now_code: int) -> int | None:
+    """The exit code a run's own process ended with: ``recorded`` when the ledger kept it;
+    for runs recorded before it was kept, 3 for an aborted run, else ``now_code``; None
+    while the run is in progress or after it crashed (``state`` "running"/"crashed")."""
+    if recorded is not None:
+        return int(recorded)
+    if state in ("running", "crashed"):
+        return None
+    return ABORTED if state == "aborted" else now_code
+
+
 def for_error(exc: BaseException) -> int | None:
-    """The code for an exception a command raised: 3 for RunAborted (StorageFull included)
-    and for an interrupt (KeyboardInterrupt), 2 for any other PipelineError; None for an
-    exception that is not tasknotes' own (a bug: it propagates as a traceback)."""
-    if isinstance(exc, RunAborted | KeyboardInterrupt):
+    """The code for an exception a command raised: 3 for an interrupt (KeyboardInterrupt),
+    else a tasknotes error's own ``exit_code`` class constant (errors.py: 3 for RunAborted,
+    StorageFull included, 2 for any other PipelineError); None for an exception that is
+    not tasknotes' own (a bug: it propagates as a traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
         return ABORTED
-    if isinstance(exc, PipelineError):
-        return USAGE
-    return None
+    if not any(c.__module__ == "pipeline.errors" and c.__name__ == "PipelineError"
+               for c in type(exc).__mro__):  # by name: errors.py imports this module
+        return None
+    code = getattr(exc, "exit_code", None)
+    return code if isinstance(code, int) else None
 
 
 def worst(codes: Iterable[int]) -> int:

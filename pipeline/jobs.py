@@ -1,4 +1,5 @@
-"""One front door per command: ``run``, ``validate``, ``reconcile``, ``poll``, ``status``.
+"""One front door per command: ``run``, ``validate``, ``reconcile``, ``poll``, ``status``,
+``prune``, ``export_events``, ``serve_sink`` (``tasknotes sink``) and ``migrate_state``.
 
 Each takes a config (a path to the YAML file, or a ``RunConfig`` already loaded) and the
 command's options, does the work, and returns a frozen result holding what happened and
@@ -8,6 +9,9 @@ the arguments: one front door for both. None of them prints or configures loggin
 (they log through the ``pipeline`` loggers); errors are the package's own exception tree
 (errors.py), never SystemExit. They block the calling thread; from any thread but one
 running an event loop (there: ``pipeline.aio``).
+
+Over 400 lines: one short front door per command, kept in one module so the Python API
+(pipeline/__init__.py) and the CLI have one place to call.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, Literal, TypeAlias
 
 import sniffio
 
@@ -31,6 +36,7 @@ from pipeline.status import LedgerStatus
 
 if TYPE_CHECKING:
     from pipeline.poll import PollStats
+    from pipeline.prune import PruneResult
     from pipeline.reconcile import Reconciler
     from pipeline.report import Written
     from pipeline.runner import Run
@@ -47,7 +53,8 @@ StatusResult = LedgerStatus  # ``status``'s result: what is open over every run
 ConfigSource: TypeAlias = "RunConfig | str | os.PathLike[str]"
 """A config: the path of its YAML file (read by ``load``), or a ``RunConfig`` as loaded."""
 
-Command = Literal["run", "validate", "poll", "reconcile", "status"]
+Command = Literal["run", "validate", "poll", "reconcile", "status", "prune", "sink",
+                  "export-events"]
 
 
 def load(config: ConfigSource, command: Command) -> RunConfig:
@@ -56,7 +63,8 @@ def load(config: ConfigSource, command: Command) -> RunConfig:
 
     ``run`` and ``validate``: the ``api`` and ``notify`` sections, and in a sandbox the
     ``webhooks`` section too (the emulator signs with that secret); ``poll``: ``api``;
-    ``reconcile`` and ``status``: none (they send nothing). Raises ConfigError naming
+    ``sink``: ``webhooks``; the others (``reconcile``, ``status``, ``prune``,
+    ``export-events``): none (they send nothing). Raises ConfigError naming
     the key (a file not found or unreadable, bad YAML, an unknown key, a variable that
     is not set), or saying what was given instead of a path or a RunConfig (None...).
     """
@@ -71,7 +79,8 @@ def load(config: ConfigSource, command: Command) -> RunConfig:
         if loaded.sandbox.enabled:
             loaded = load_config(path, needs=("api", "webhooks", "notify"))
         return loaded
-    return load_config(path, needs=("api",) if command == "poll" else ())
+    needs = {"poll": ("api",), "sink": ("webhooks",)}.get(command, ())
+    return load_config(path, needs=needs)
 
 
 def _blocking(name: str) -> None:
@@ -185,8 +194,8 @@ def _run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
          started: Callable[[Run], None] | None = None) -> RunResult:
     """``run``; ``started`` is called with the Run before it executes (``pipeline.aio``
     keeps it to ask it to stop, from another thread, when its caller is cancelled)."""
-    from pipeline import logs  # noqa: PLC0415
-    from pipeline.runner import Run  # noqa: PLC0415 - see the imports above
+    from pipeline import logs
+    from pipeline.runner import Run
 
     _blocking("run")
     if limit is not None and limit < 1:
@@ -238,8 +247,8 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
     Raises ConfigError (the config), PipelineError when there is no ledger yet,
     StateError for an unknown run id; RuntimeError as ``run`` does.
     """
-    from pipeline.reconcile import Reconciler  # noqa: PLC0415
-    from pipeline.report import report_context  # noqa: PLC0415
+    from pipeline.reconcile import Reconciler
+    from pipeline.report import report_context
 
     _blocking("reconcile")
     config = load(config, "reconcile")
@@ -280,8 +289,8 @@ def write_off(config: ConfigSource, run_id: str) -> tuple[int, ReconcileResult]:
     Raises StateError for an unknown run, a run in progress, or no ledger; ConfigError
     and RuntimeError as ``reconcile`` does.
     """
-    from pipeline.reconcile import Reconciler  # noqa: PLC0415
-    from pipeline.status import write_off as close_unsent  # noqa: PLC0415
+    from pipeline.reconcile import Reconciler
+    from pipeline.status import write_off as close_unsent
 
     _blocking("write_off")
     config = load(config, "reconcile")
@@ -304,7 +313,7 @@ def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
     Raises what ``reconcile`` raises, ConfigError when a credential is not set, and
     RunAborted when Cobalt refuses the credentials or keeps failing.
     """
-    from pipeline.reconcile import Reconciler  # noqa: PLC0415
+    from pipeline.reconcile import Reconciler
 
     _blocking("poll")
     config = load(config, "poll")
@@ -339,7 +348,7 @@ def status(config: ConfigSource, *, config_path: str | None = None) -> StatusRes
     commands (default: ``config`` when it is a path, else ``CONFIG``). Raises
     ConfigError (the config), StateError if the ledger cannot be read; RuntimeError as
     ``run`` does."""
-    from pipeline.status import ledger_status  # noqa: PLC0415
+    from pipeline.status import ledger_status
 
     _blocking("status")
     if config_path is None:
@@ -353,12 +362,12 @@ def status(config: ConfigSource, *, config_path: str | None = None) -> StatusRes
 def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
                  since: str | None) -> PollStats:
     """Fetch the outcome events of ``wanted`` jobs and ``ambiguous`` notes into the sink."""
-    import anyio  # noqa: PLC0415
+    import anyio
 
-    from pipeline.client import CobaltClient  # noqa: PLC0415
-    from pipeline.events import SinkFile  # noqa: PLC0415
-    from pipeline.poll import Poller  # noqa: PLC0415
-    from pipeline.state.pg_events import PgEventStore  # noqa: PLC0415
+    from pipeline.client import CobaltClient
+    from pipeline.events import SinkFile
+    from pipeline.poll import Poller
+    from pipeline.state.pg_events import PgEventStore
 
     sink: SinkFile | PgEventStore
     if config.state.url is not None:  # polled events go where the sink stores them
@@ -380,7 +389,7 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
 
 
 def _open_ledger(config: RunConfig) -> StateStore:
-    from pipeline.state.store import has_store, open_store  # noqa: PLC0415
+    from pipeline.state.store import has_store, open_store
 
     if not has_store(config):
         raise PipelineError(f"no ledger at {config.state.ledger}: nothing has been run yet")
@@ -389,7 +398,7 @@ def _open_ledger(config: RunConfig) -> StateStore:
 
 def _reconcile_runs(config: RunConfig, ledger: StateStore, runs: Sequence[str],
                     reconciler: Reconciler) -> ReconcileResult:
-    from pipeline.report import rewrite_report  # noqa: PLC0415
+    from pipeline.report import rewrite_report
 
     live = set(ledger.runs_in_progress())
     done: list[ReconciledRun] = []
@@ -411,7 +420,7 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
     Raises PipelineError when state.url is not set, StateError when the ledger, the
     file or the database cannot be used (nothing is copied then).
     """
-    from pipeline.state.pg_migrate import copy_ledger, copy_sink  # noqa: PLC0415
+    from pipeline.state.pg_migrate import copy_ledger, copy_sink
 
     if config.state.url is None:
         raise PipelineError("state.url: not set; migrate-state copies into the database "
@@ -419,3 +428,138 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
     url = config.state.url.get_secret_value()
     copied = copy_ledger(url, ledger)
     return copied, None if sink is None else copy_sink(url, sink)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneOutcome:
+    """What ``prune`` did: ``older_than_days`` (from the argument or state.retention_days)
+    and the prune's own counts (``pruned``: prune.PruneResult; with ``dry_run``, what it
+    would remove) over the sink file ``sink`` and the ledger ``ledger``. ``exit_code``: 0
+    (a prune that cannot run raises instead)."""
+
+    exit_code: int
+    older_than_days: float
+    pruned: PruneResult
+    sink: Path
+    ledger: Path
+
+
+def prune(config: ConfigSource, older_than_days: float | None = None, *,
+          dry_run: bool = False) -> PruneOutcome:
+    """``tasknotes prune``: remove note text older than ``older_than_days`` days (default:
+    ``state.retention_days``) from the sink file and the run's input copies (prune.py).
+
+    Raises ConfigError when neither gives a number of days, or when state.url is set
+    (events in PostgreSQL are not pruned yet); StateError when a file cannot be used.
+    """
+    from pipeline.prune import prune as prune_files
+
+    loaded = load(config, "prune")
+    days = older_than_days if older_than_days is not None else loaded.state.retention_days
+    if days is None:
+        raise ConfigError("state.retention_days: not set, and no --older-than DAYS given: "
+                          "nothing says what is old enough to prune")
+    if loaded.state.url is not None:
+        raise ConfigError("state.url: prune works on the sink file and the SQLite ledger "
+                          "only so far; events stored in PostgreSQL are not pruned yet")
+    return PruneOutcome(exits.OK, days, prune_files(loaded, days, dry_run=dry_run),
+                        loaded.webhooks.sink, loaded.state.ledger)
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What ``export_events`` wrote: ``events`` (JSON Lines) to ``path`` (None: the
+    stream it was given). ``exit_code``: 0."""
+
+    exit_code: int
+    events: int
+    path: Path | None
+
+
+def export_events(config: ConfigSource, out: Path | BinaryIO) -> Exported:
+    """``tasknotes export-events``: the events stored in the database of ``state.url`` as
+    JSON Lines (state/pg_events.py), written to the binary stream ``out``, or to the file
+    at the path ``out`` whole or not at all (a temporary file beside it, fsync, one
+    rename). Raises ConfigError when state.url is not set (the events are then in the
+    sink file already), StateError when the database cannot be read.
+    """
+    from pipeline.state.pg_events import export_jsonl
+
+    loaded = load(config, "export-events")
+    if loaded.state.url is None:
+        raise ConfigError(f"state.url: not set; without it the events are in "
+                          f"{loaded.webhooks.sink} already (JSON Lines)")
+    url = loaded.state.url.get_secret_value()
+    if not isinstance(out, Path):
+        n = export_jsonl(url, out)
+        out.flush()
+        log.info("export-events: %d events from the database", n)
+        return Exported(exits.OK, n, None)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            n = export_jsonl(url, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("export-events: %d events from the database", n)
+    return Exported(exits.OK, n, out)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkServed:
+    """How ``serve_sink`` ended: it served until a signal stopped it. ``where``: the sink
+    file or the database it stored into; ``events_at_start``: the events stored there when
+    it started. ``exit_code``: 0."""
+
+    exit_code: int
+    where: str
+    events_at_start: int
+
+
+def serve_sink(config: ConfigSource, *, host: str = "127.0.0.1", port: int = 8787
+               ) -> SinkServed:
+    """``tasknotes sink``: receive Cobalt's webhooks on ``host``:``port`` (sink.py) into
+    the sink file, or the database of ``state.url``, until SIGINT/SIGTERM. Blocks.
+
+    Raises ConfigError when no webhook secret is set, CannotListen when ``host``:``port``
+    cannot be listened on (before anything is created), StateError when the store
+    cannot be opened.
+    """
+    from pipeline.events import SinkFile
+    from pipeline.servers import bind, serve_foreground
+    from pipeline.sink import EventStore, WebhookReceiver
+    from pipeline.state.pg_events import PgEventStore
+
+    loaded = load(config, "sink")
+    secrets = loaded.webhooks.all_secrets()
+    if not secrets:
+        raise ConfigError("webhooks.secret: the sink needs at least one webhook secret")
+    sock = bind(host, port)  # before anything is created or said: one line if not
+    sink: PgEventStore | SinkFile
+    if loaded.state.url is not None:
+        sink = PgEventStore(loaded.state.url.get_secret_value())
+    else:
+        sink = SinkFile(loaded.webhooks.sink)
+    try:
+        sink.open()
+        store: EventStore = sink
+        receiver = WebhookReceiver(store, secrets, path=loaded.webhooks.path,
+                                   max_body_bytes=loaded.webhooks.max_body_bytes)
+        if isinstance(sink, PgEventStore):
+            where, count = f"PostgreSQL at {sink.where}", sink.count()
+            log.info("sink: POST %s -> %s (%d events stored)", loaded.webhooks.path,
+                     where, count)
+        else:
+            where, count = str(loaded.webhooks.sink), len(sink)
+            log.info("sink: POST %s -> %s (%d events on file)", loaded.webhooks.path,
+                     where, count)
+        serve_foreground(receiver.app(), host=host, port=port, sock=sock,
+                         **receiver.serve_options())
+    finally:
+        sock.close()
+        sink.close()
+    return SinkServed(exits.OK, where, count)

@@ -43,7 +43,7 @@ def run_ended(config: RunConfig, *, run_id: str, exit_code: int,
     found = _open_items(config) if wanted else None
     _metrics(config, found)
     if _notify_wanted(config):
-        from pipeline.notify import RunSummary, notify  # noqa: PLC0415 - httpx only if asked
+        from pipeline.notify import RunSummary, notify
 
         open_items = {} if found is None else {k.kind: k.count for k in found.kinds if k.count}
         notify(config.notify, RunSummary(
@@ -81,7 +81,7 @@ def _notify_wanted(config: RunConfig) -> bool:
 
 
 def _open_items(config: RunConfig) -> LedgerStatus | None:
-    from pipeline.status import ledger_status  # noqa: PLC0415 - only when needed
+    from pipeline.status import ledger_status
 
     try:
         return ledger_status(config)
@@ -93,7 +93,7 @@ def _open_items(config: RunConfig) -> LedgerStatus | None:
 def _metrics(config: RunConfig, found: LedgerStatus | None) -> None:
     if config.report.metrics_file is None:
         return
-    from pipeline.metrics import write_metrics  # noqa: PLC0415 - prometheus_client if asked
+    from pipeline.metrics import write_metrics
 
     try:
         written = write_metrics(config, found)

@@ -7,6 +7,9 @@ rejects.csv. A run records the rows in the ledger; a dry run (``run --dry-run``,
 ``validate``) takes the same path with a recorder that discards them, so both count
 alike. ``pending_jobs`` reads the files again for the send stage and pairs each pending
 row with its note, checked against its ledger key.
+
+About 400 lines: the scan's rules (one path for runs and dry runs) and the second read
+that pairs pending rows with their notes.
 """
 
 from __future__ import annotations

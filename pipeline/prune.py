@@ -42,8 +42,7 @@ import errno
 import fcntl
 import logging
 import os
-import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,14 +59,17 @@ from pipeline.events import (
     last_line_end,
 )
 from pipeline.reasons import safe_emr_note_id
+from pipeline.reconcile import Reconciler, sink_head
 from pipeline.state import StateStore
 from pipeline.state.store import existing_store
 
 log = logging.getLogger(__name__)
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
-# A test hook: the step named here kills the process (SIGKILL), to prove it is safe to.
-KILL_AT_ENV = "TASKNOTES_PRUNE_KILL_AT"
+
+
+def _no_checkpoint(step: str) -> None:
+    """The default ``checkpoint`` of ``prune``: nothing happens between the steps."""
 
 
 @dataclass
@@ -97,8 +99,13 @@ class PruneResult:
 
 
 def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
-          now: datetime | None = None) -> PruneResult:
+          now: datetime | None = None,
+          checkpoint: Callable[[str], None] = _no_checkpoint) -> PruneResult:
     """Prune note text older than ``older_than_days`` days (module docstring).
+
+    ``checkpoint`` is called with the name of each step of the sink file's rewrite as it
+    is reached ("copied", "synced", "renamed"): the tests kill the process there, to
+    prove each is safe to be killed at.
 
     Raises StateError when another prune holds the sink file, or the sink file is
     replaced by something else while it is rewritten (nothing is lost: run it again);
@@ -112,7 +119,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
         with _prune_lock(sink, dry_run=dry_run):
             limit = _mirror(config, ledger, sink, dry_run=dry_run)
             if sink.exists():
-                _SinkPruner(sink, cutoff, limit, result, ledger).run()
+                _SinkPruner(sink, cutoff, limit, result, ledger, checkpoint=checkpoint).run()
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
                 result.old_runs = len(runs)
@@ -128,8 +135,6 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
 def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool) -> int:
     """Read what the sink file gained into the ledger; returns the byte offset up to which
     the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess)."""
-    from pipeline.reconcile import Reconciler, sink_head  # noqa: PLC0415 - pandas, lazily
-
     if dry_run:
         return -1
     if ledger is None:
@@ -157,17 +162,13 @@ def _prune_lock(sink: Path, *, dry_run: bool) -> Iterator[None]:
         os.close(fd)
 
 
-def _kill_point(step: str) -> None:
-    if os.environ.get(KILL_AT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _SinkPruner:
     """One rewrite of the sink file (the protocol is in the module docstring)."""
 
     def __init__(self, sink: Path, cutoff: datetime, limit: int, result: PruneResult,
-                 ledger: StateStore | None) -> None:
+                 ledger: StateStore | None, *, checkpoint: Callable[[str], None]) -> None:
         self.sink, self.cutoff, self.limit = sink, cutoff, limit
+        self.checkpoint = checkpoint
         self.result, self.ledger = result, ledger
         self.temp = sink.with_name(f".{sink.name}.prune.tmp")
         self.stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -192,7 +193,7 @@ class _SinkPruner:
                     written = self._copy(fd, 0, start_size, fh)
                     if not self.result.events_pruned:
                         return  # nothing to remove: the sink file is left as it is
-                    _kill_point("copied")
+                    self.checkpoint("copied")
                     self._swap(fd, fh, start_size, written)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -220,16 +221,14 @@ class _SinkPruner:
             os.fsync(fh.fileno())
             if self.mapped is None and self.limit > start_size:
                 self.mapped = written + self.limit - start_size
-            _kill_point("synced")
+            self.checkpoint("synced")
             os.rename(self.temp, self.sink)
             _fsync_dir(self.sink.parent)
-            _kill_point("renamed")
+            self.checkpoint("renamed")
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         self.result.sink_bytes = (end, written + len(tail))
         if self.ledger is not None and self.mapped is not None:
-            from pipeline.reconcile import sink_head  # noqa: PLC0415 - pandas, lazily
-
             self.ledger.add_events([], {}, offset=self.mapped, head=sink_head(self.sink))
 
     def _copy(self, fd: int, start: int, end: int, out: BinaryIO | None) -> int:

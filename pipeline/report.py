@@ -38,7 +38,8 @@ import markupsafe
 import numpy as np
 import pandas as pd
 
-from pipeline import __version__, exits
+from pipeline import exits
+from pipeline._version import __version__
 from pipeline.config import (
     RESULT_COLUMNS,
     TRAILING_COLUMNS,
@@ -47,10 +48,11 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.errors import PipelineError, StateError, StorageFull
-from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult, exit_code
+from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
-from pipeline.state import InputFile, InputRecords, RunRecord
+from pipeline.state import InputFile, InputRecords
+from pipeline.state.store import existing_store
 
 if TYPE_CHECKING:
     from pipeline.state import ReportStore
@@ -203,8 +205,6 @@ def known_counts(config: RunConfig, run_id: str) -> dict[str, int]:
     Outcomes are those the ledger learned last (nothing is read from the sink file).
     Raises StateError if the ledger cannot be read.
     """
-    from pipeline.state.store import existing_store  # noqa: PLC0415
-
     ledger = existing_store(config)
     counts: Counter[str] = Counter()
     if ledger is None:
@@ -512,20 +512,6 @@ def _decimals(step: float) -> int:
 ENDED_WELL: Final = frozenset(GOOD_STATUSES - {"awaiting_outcome"})
 
 
-def recorded_exit_code(run: RunRecord, now_code: int) -> int | None:
-    """The exit code the run's own process ended with, as the ledger recorded it.
-
-    For runs recorded before it was kept: 3 for an aborted run, else ``now_code``;
-    None while the run is in progress or after it crashed (no process exit).
-    """
-    recorded = run.info.exit_code
-    if recorded is not None:
-        return int(recorded)
-    if run.state in ("running", "crashed"):
-        return None
-    return exits.ABORTED if run.state == "aborted" else now_code
-
-
 @dataclass(frozen=True, slots=True)
 class SummaryInput:
     """One input file as summary.json names it: its path, SHA-256 (hex) and size in bytes
@@ -647,10 +633,11 @@ def summarise(
     ranked = sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     not_read = unread_input(result)
     still_open = {**counts, "send_failed": counts["send_failed"] - tally.written_off}
-    now_code = exits.for_rows(bool(tally.attention_total or exit_code(still_open)
+    now_code = exits.for_rows(bool(tally.attention_total
+                                   or exits.for_counts(still_open, GOOD_STATUSES)
                                    or not_read))
     exited = (process_exit_code if process_exit_code is not None
-              else recorded_exit_code(run, now_code))
+              else exits.for_recorded_run(run.state, run.info.exit_code, now_code))
     awaiting = counts["awaiting_outcome"]
     verdict = "attention" if now_code else "waiting" if awaiting else "ok"
     return Summary(

@@ -30,7 +30,7 @@ stays open (``tasknotes status``: ``not_read``) until a later run reads them.
 When a run ends it also rewrites the reports of earlier runs holding notes it
 sent, so no redrive.csv goes on offering them.
 
-The front door is ``jobs.run``; exit codes come from exits.py. About 450 lines:
+The front door is ``jobs.run``; exit codes come from exits.py. About 550 lines:
 the stop paths (signal, full disk, refused input) each need their say in the
 finish, and split across modules they would be harder to follow than here.
 """
@@ -123,7 +123,7 @@ async def send_pending(
     control: Control, progress: bool, base_url: str | None = None,
 ) -> SubmitStats:
     """Stage 2: send the run's pending rows (every change recorded in the ledger)."""
-    from pipeline.client import CobaltClient  # noqa: PLC0415 - see the imports above
+    from pipeline.client import CobaltClient
 
     api = config.api if base_url is None else config.api.model_copy(update={"base_url": base_url})
     reader = ledger.reader()
@@ -291,7 +291,7 @@ class Run:
             rejects.close()
             if ledger is not None:
                 ledger.close()
-        return RunOutcome(self.run_id, counts, None, exits.for_rows(counts.rejected > 0),
+        return RunOutcome(self.run_id, counts, None, exits.for_dry_run(counts.rejected),
                           rejects=rejects.path if rejects.rows else None)
 
     def _report_dir(self) -> Path:
@@ -324,7 +324,7 @@ class Run:
                 log.warning("%d rows were in flight when an earlier run stopped: now ambiguous",
                             recovered)
             # What landed (or failed) since the last run decides what may be sent again.
-            from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
+            from pipeline.reconcile import Reconciler
 
             Reconciler.of(ledger, self.config).refresh(self.config.api.account_id())
             return await self._stages(ledger, inputs)
@@ -386,7 +386,7 @@ class Run:
                     ) -> SubmitStats | None:
         if not counts.to_send or self.control.stopped:
             return None
-        from pipeline.sandbox import sandboxed  # noqa: PLC0415 - see the imports above
+        from pipeline.sandbox import sandboxed
 
         async with sandboxed(self.config, ledger, self.run_id) as sandbox:
             with self._timer("send"):
@@ -435,7 +435,7 @@ class Run:
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
             **self.scan_stopped,
         }
-        from pipeline.report import report_context, write_report  # noqa: PLC0415 - see the imports above
+        from pipeline.report import report_context, write_report
 
         recorded = True
         try:
@@ -472,8 +472,8 @@ class Run:
         counts change); and of runs whose scan stopped, whose input this run may have
         read. Runs whose report is final are left alone; a full disk stops the rewrites
         (``tasknotes reconcile`` does them later)."""
-        from pipeline.reconcile import Reconciler  # noqa: PLC0415 - see the imports above
-        from pipeline.report import report_context, rewrite_report  # noqa: PLC0415
+        from pipeline.reconcile import Reconciler
+        from pipeline.report import report_context, rewrite_report
 
         stale = ledger.reports_to_rewrite(report_context(self.config), time.time())
         # and runs whose scan stopped: this run may have read the rest of their input
@@ -504,7 +504,7 @@ class Run:
     def _result(self, ledger: StateStore, state: RunState, info: RunInfoChanges, *,
                 refresh: bool) -> RunResult:
         """The run reconciled; with no room to write, the ledger as it stands, read only."""
-        from pipeline.reconcile import Reconciler, RunResult  # noqa: PLC0415
+        from pipeline.reconcile import Reconciler, RunResult
 
         if refresh:
             with contextlib.suppress(StorageFull):

@@ -20,6 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions
 from pipeline.errors import ConfigError
 from pipeline.events import SinkFile
+from pipeline.faults import knob_values
 from pipeline.retry import Control
 from pipeline.servers import serve_embedded
 from pipeline.sink import WebhookReceiver
@@ -74,11 +75,10 @@ def emulator_options(config: RunConfig, webhook_url: str) -> EmulatorOptions:
     if not secrets:
         raise ConfigError("webhooks.secret: a sandbox run needs a webhook secret")
     return EmulatorOptions(
+        **knob_values(e.behaviour, config_only=True),
         client_id=client_id, client_secret=client_secret, access_token=access_token,
-        webhook_url=webhook_url, webhook_secret=secrets[0].decode(),
-        latency_ms=e.latency_ms, outcome_delay_ms=e.outcome_delay_ms, fail_rate=e.fail_rate,
-        missing_tasks=frozenset(e.missing_tasks), seed=e.seed, rate_limit=e.rate_limit,
-        faults=e.faults, events_shape=e.events_shape, tokens=tokens,
+        webhook_url=webhook_url, webhook_secret=secrets[0].decode(), faults=e.faults,
+        tokens=tokens,
         revoked=frozenset(config.api.credentials(name)[2] for name in e.revoked_accounts),
     )
 

@@ -71,7 +71,6 @@ from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
-UTF8_BOM = codecs.BOM_UTF8
 # Longest first: the UTF-16 marks are prefixes of nothing else we read.
 BOMS: Final = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
                (codecs.BOM_UTF16_BE, "utf-16-be"))
@@ -230,10 +229,6 @@ class CsvFile:
         self._bom_len = 0
         self._quote_end = _quote_end_pattern(settings.delimiter)
         self.header: Header
-
-    @property
-    def had_bom(self) -> bool:
-        return self.bom is not None
 
     @property
     def lines_read(self) -> int:

@@ -29,6 +29,9 @@ ones, and its own pause: a 429/503 Retry-After pauses that account only. A
 ("account X: credentials refused ..."), the other accounts run to the end, and
 ``SubmitStats.refused`` names the refused accounts (the run then exits 3).
 With one account there is one lane, and a 401/403 stops the run as above.
+
+Over 400 lines because the dispatcher, its lanes (one per account) and the bookkeeping
+of each wave share one loop's state; split, that state would cross modules.
 """
 
 from __future__ import annotations

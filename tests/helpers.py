@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions, note_key
+from pipeline.events import SetAside, read_sink_from
 from pipeline.runner import Run, RunOptions, RunOutcome
 from pipeline.servers import Served, bind, serve_embedded
 from pipeline.state.store import existing_store
@@ -199,3 +200,11 @@ class EmulatorThread(ThreadedServer):
 def run_pipeline(config: RunConfig, *inputs: str, **options: Any) -> RunOutcome:
     """``tasknotes run`` in-process; returns the RunOutcome."""
     return Run(config, RunOptions(inputs=tuple(inputs), progress=False, **options)).execute()
+
+
+def read_sink(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, envelope) for each event in the sink file; a missing file has none.
+    A torn last line, and any other line the codec refuses, is skipped."""
+    for number, _, event in read_sink_from(path, 0):
+        if not isinstance(event, SetAside):
+            yield number, event

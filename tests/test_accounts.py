@@ -18,7 +18,7 @@ from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.events import compact_json
-from pipeline.faults import Faults, faults_from_args
+from pipeline.faults import Behaviour, Faults, faults_from_args, knobs_from_args
 from pipeline.state import Ledger, NewRow, row_key
 from pipeline.status import ledger_status
 from pipeline.submit import Job, Submitter
@@ -235,8 +235,9 @@ def test_the_emulator_takes_tokens_revocations_and_faults_for_one_connection() -
     args = _parser().parse_args(["emulator", "--token", "tok-s=ref-s", "--token", "tok-w=ref-w",
                                  "--revoked-token", "tok-w", "--faults-only-reference",
                                  "ref-s,ref-x"])
-    assert args.token == [("tok-s", "ref-s"), ("tok-w", "ref-w")]
-    assert args.revoked_token == ["tok-w"]
+    behaviour = knobs_from_args(Behaviour, args)
+    assert behaviour.tokens == (("tok-s", "ref-s"), ("tok-w", "ref-w"))
+    assert behaviour.revoked == frozenset({"tok-w"})
     assert faults_from_args(args).only_references == frozenset({"ref-s", "ref-x"})
 
 

@@ -69,10 +69,10 @@ def test_import_pipeline_gives_the_api_and_modules_of_the_same_name_do_not_hide_
 import sys, importlib
 import pipeline
 assert "pipeline.jobs" not in sys.modules, "import pipeline loaded the stages"
-for name in ("status", "poll", "reconcile", "validate", "runner"):
+for name in ("status", "poll", "prune", "reconcile", "validate", "runner"):
     importlib.import_module("pipeline." + name)
 from pipeline import jobs, logs
-for name in ("run", "validate", "reconcile", "poll", "status", "write_off"):
+for name in ("run", "validate", "reconcile", "poll", "status", "write_off", "prune"):
     assert getattr(pipeline, name) is getattr(jobs, name), name
 from pipeline import status
 assert status is jobs.status
@@ -86,6 +86,25 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=False)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_validate_loads_no_server_client_database_or_report_library() -> None:
+    """The imports inside functions (pyproject's per-file-ignores) are there for this: a
+    fresh `tasknotes validate` loads neither uvicorn, aiohttp, httpx, psycopg, pandas nor
+    prometheus_client, and checks the rows all the same."""
+    script = f"""
+import sys
+from pipeline.cli import main
+code = main(["validate", {str(SANDBOX)!r}])
+heavy = {{"uvicorn", "aiohttp", "httpx", "psycopg", "pandas", "prometheus_client"}}
+print(code, sorted(heavy & {{name.split(".")[0] for name in sys.modules}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    code, loaded = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert (code in ("0", "1"), loaded) == (True, "[]")
+    assert "rows" in done.stdout
 
 
 def test_run_from_a_worker_thread_on_the_sandbox(

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_results, write_config, write_csv
-from pipeline.events import read_sink
+from helpers import read_results, read_sink, write_config, write_csv
 
 ROOT = Path(__file__).parent.parent
 

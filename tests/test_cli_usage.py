@@ -306,7 +306,8 @@ def test_validate_warns_that_the_sink_needs_the_webhook_secret(
                   "tasknotes run: error: argument --limit: not a whole number: 'abc'",
                   id="limit-not-a-number"),
      pytest.param(["emulator", "--fail-rate", "lots"], "usage: tasknotes emulator ",
-                  "tasknotes emulator: error: argument --fail-rate: not a number: 'lots'",
+                  "tasknotes emulator: error: argument --fail-rate: Input should be a valid "
+                  "number, unable to parse string as a number, not 'lots'",
                   id="fraction-not-a-number"),
      pytest.param(["validate", "c.yaml", "--limit", "5"], "usage: tasknotes validate ",
                   "tasknotes validate: error: unrecognized arguments: --limit 5",

@@ -18,14 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_reconcile import Book
 
-from helpers import make_config, write_config
+from helpers import make_config, read_sink, write_config
 from pipeline.events import (
     MAX_DEPTH,
     SetAside,
     SinkFile,
     UnreadableEvent,
     decode_event,
-    read_sink,
     read_sink_from,
     set_aside_path,
 )

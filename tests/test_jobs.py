@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 from pathlib import Path
@@ -133,3 +134,26 @@ def test_exit_codes_of_outcomes() -> None:
     assert exits.for_run(stopped=False, report_code=1) == 1
     assert (exits.for_rows(False), exits.for_rows(True)) == (0, 1)
     assert (exits.worst([]), exits.worst([0, 1, 0])) == (0, 1)
+
+
+def test_exit_code_rules_of_dry_runs_counts_and_recorded_runs() -> None:
+    """The rules other modules used to hold: a dry run exits 1 for any rejected row; final
+    counts exit 1 for any row outside the good statuses (zero counts do not count); a run
+    recorded before its exit code was kept reads 3 when aborted, else today's code, and has
+    none while running or after a crash."""
+    assert (exits.for_dry_run(0), exits.for_dry_run(1)) == (0, 1)
+    good = frozenset({"accepted"})
+    assert exits.for_counts({"accepted": 5, "send_failed": 0}, good) == 0
+    assert exits.for_counts({"accepted": 5, "send_failed": 1}, good) == 1
+    assert exits.for_recorded_run("completed", 0, 1) == 0
+    assert exits.for_recorded_run("aborted", None, 1) == 3
+    assert exits.for_recorded_run("completed", None, 1) == 1
+    assert (exits.for_recorded_run("running", None, 0),
+            exits.for_recorded_run("crashed", None, 0)) == (None, None)
+
+
+def test_errors_and_exits_do_not_import_each_other() -> None:
+    """exits.py imports nothing of tasknotes (errors.py reads its numbers): no cycle."""
+    tree = ast.parse(Path(exits.__file__ or "").read_text(encoding="utf-8"))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert [m for m in imported if m and m.startswith("pipeline")] == []

@@ -19,6 +19,7 @@ from helpers import (
     free_port,
     notes,
     read_results,
+    read_sink,
     read_summary,
     run_pipeline,
     wait_until,
@@ -28,7 +29,7 @@ from helpers import (
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import Faults
-from pipeline.events import SinkFile, read_sink
+from pipeline.events import SinkFile
 from pipeline.poll import read_list_item
 from pipeline.sink import WebhookReceiver
 

@@ -18,6 +18,7 @@ import anyio
 import httpx
 import pytest
 
+import pipeline
 from helpers import (
     WEBHOOK_SECRET,
     EmulatorThread,
@@ -35,7 +36,6 @@ from helpers import (
 from pipeline.emulator import sign
 from pipeline.events import SetAside, SinkFile, is_pruned, read_sink_from
 from pipeline.events import compact_json as compact
-from pipeline.prune import KILL_AT_ENV
 from pipeline.reconcile import ingest
 from pipeline.state import Attempt, Ledger, NewRow, row_key
 
@@ -218,6 +218,29 @@ def test_the_limit_comes_from_retention_days_and_one_is_needed(tmp_path: Path) -
     assert SECRET_NOTE.encode() not in config.webhooks.sink.read_bytes()
 
 
+def test_prune_from_python_is_the_command_without_the_printing(tmp_path: Path) -> None:
+    """``pipeline.prune`` (the Python API): the limit from state.retention_days, a dry run
+    that changes no byte, then the prune, each returning what it did; with no limit at
+    all, ConfigError naming the key."""
+    config = make_config(tmp_path, state={"ledger": str(tmp_path / "state" / "ledger.sqlite"),
+                                          "retention_days": 30})
+    ledger_with_a_run(config.state.ledger)
+    append_events(config.webhooks.sink, [created(f"evt_{i}", str(i), f"T{i}", SECRET_NOTE)
+                                         for i in range(2)])
+    before = config.webhooks.sink.read_bytes()
+    preview = pipeline.prune(config, dry_run=True)
+    assert (preview.exit_code, preview.older_than_days, preview.pruned.events_pruned,
+            preview.pruned.dry_run) == (0, 30, 2, True)
+    assert config.webhooks.sink.read_bytes() == before
+    done = pipeline.prune(config, older_than_days=30)
+    assert isinstance(done, pipeline.PruneOutcome)
+    assert (done.exit_code, done.pruned.events_pruned, done.sink, done.ledger) == (
+        0, 2, config.webhooks.sink, config.state.ledger)
+    assert SECRET_NOTE.encode() not in config.webhooks.sink.read_bytes()
+    with pytest.raises(pipeline.ConfigError, match=r"state\.retention_days"):
+        pipeline.prune(make_config(tmp_path))
+
+
 # -- safe while the sink runs ------------------------------------------------------------------
 
 
@@ -286,6 +309,21 @@ def test_prune_while_the_sink_receives_loses_no_acknowledged_event(tmp_path: Pat
 # -- safe to interrupt ---------------------------------------------------------------------------
 
 
+# A prune (prune.py, as `tasknotes prune --older-than 30` runs it) that kills its own
+# process (SIGKILL) when it reaches the step named by argv[2]: its checkpoint, set only here.
+KILLED_AT = """
+import os, signal, sys
+from pipeline.config import load_config
+from pipeline.prune import prune
+
+def checkpoint(step):
+    if step == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+prune(load_config(sys.argv[1]), 30, checkpoint=checkpoint)
+"""
+
+
 @pytest.mark.parametrize("step", ["copied", "synced", "renamed"])
 def test_prune_killed_at_any_step_leaves_a_readable_sink_and_a_ledger_that_reads_it(
         tmp_path: Path, step: str) -> None:
@@ -303,8 +341,8 @@ def test_prune_killed_at_any_step_leaves_a_readable_sink_and_a_ledger_that_reads
                          for i in range(200)])
     original = sink.read_bytes()
 
-    killed = tasknotes("prune", str(config_path), "--older-than", "30",
-                       env={KILL_AT_ENV: step})
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT, str(config_path), step],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     ids = [e["id"] for e in events_in(sink)]
     assert ids == ["evt_first", *(f"evt_{i}" for i in range(200))]

@@ -87,7 +87,7 @@ def test_no_note_text_reaches_reports_logs_or_the_console(tmp_path: Path) -> Non
     sink.open()
     receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
     with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
-            webhook_url=f"{hooks.url}/webhooks/cobalt", fail_rate=0.0,
+            webhook_url=f"{hooks.url}/webhooks/cobalt",
             missing_tasks=frozenset({"T2"}), faults=Faults()) as api:
         path = write_config(tmp_path, api={"base_url": api.url},
                             report={"retryable_failures": ["not found"]})
@@ -142,7 +142,7 @@ def test_redrive_holds_the_rows_worth_sending_again_in_input_format(tmp_path: Pa
     sink.open()
     receiver = WebhookReceiver(sink, [WEBHOOK_SECRET.encode()])
     with ThreadedServer(receiver.app()) as hooks, EmulatorThread(
-            webhook_url=f"{hooks.url}/webhooks/cobalt", fail_rate=0.0,
+            webhook_url=f"{hooks.url}/webhooks/cobalt",
             missing_tasks=frozenset({"T2"}), faults=Faults(rate_503=1, retry_after_s=0,
                                                             only_tasks=frozenset({"T3"}))) as api:
         path = write_config(tmp_path, api={"base_url": api.url},

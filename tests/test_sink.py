@@ -21,9 +21,9 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, free_port, wait_until_healthy, write_config
+from helpers import WEBHOOK_SECRET, free_port, read_sink, wait_until_healthy, write_config
 from pipeline.emulator import sign
-from pipeline.events import MAX_DEPTH, SinkFile, read_sink, receipts_path
+from pipeline.events import MAX_DEPTH, SetAside, SinkFile, read_sink_from, receipts_path
 from pipeline.events import compact_json as compact  # the bytes Cobalt signs and sends
 from pipeline.servers import serve_embedded
 from pipeline.sink import SinkLimits, WebhookReceiver
@@ -367,13 +367,16 @@ async def test_a_body_with_carriage_returns_is_stored_as_one_compact_line(tmp_pa
     assert path.read_bytes() == b'{"id":"evt_cr","type":"task_note.created","data":{}}\n'
 
 
-def test_a_bad_line_in_the_middle_is_skipped_with_a_warning_naming_it(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Corruption that is not a torn tail is skipped loudly (line, byte, code), never fatal."""
+def test_a_bad_line_in_the_middle_is_set_aside_naming_it(tmp_path: Path) -> None:
+    """Corruption that is not a torn tail comes back set aside (line, byte, code), never
+    fatal, and reading goes on past it."""
     path = tmp_path / "w.jsonl"
     path.write_bytes(compact(event(1)) + b"\nGARBAGE\n" + compact(event(2)) + b"\n")
-    assert [e["id"] for _, e in read_sink(path)] == [event(1)["id"], event(2)["id"]]
-    assert f"w.jsonl line 2 (byte {len(compact(event(1))) + 1}): not-json" in caplog.text
+    found = list(read_sink_from(path, 0))
+    assert [e["id"] for _, _, e in found if not isinstance(e, SetAside)] == [
+        event(1)["id"], event(2)["id"]]
+    assert [(n, e.offset, e.code) for n, _, e in found if isinstance(e, SetAside)] == [
+        (2, len(compact(event(1))) + 1, "not-json")]
 
 
 def test_the_torn_side_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def test_control_bytes_are_found_in_any_block(tmp_path: Path) -> None:
 def test_bom_and_spaces_around_header_names_are_ignored(data: Path) -> None:
     """A UTF-8 BOM and spaces around header names do not stop the columns being found."""
     with CsvFile(data / "bom_utf8.csv", InputConfig()) as f:
-        assert f.had_bom
+        assert f.bom == "utf-8"
         assert (f.header.task_col, f.header.note_col) == (0, 1)
         rows = [r for b in f.batches() for r in b.rows]
     assert rows[0] == ["TSK-2001", "Called back — no answer"]

@@ -90,7 +90,7 @@ class PgEventStore:
 
     def count(self) -> int:
         """Events stored (all sinks on this database). Raises StateError if unreachable."""
-        import psycopg  # noqa: PLC0415 - optional dependency
+        import psycopg
 
         try:
             row = self._connection().execute("SELECT count(*) FROM sink_events").fetchone()
@@ -144,7 +144,7 @@ class PgEventStore:
         duplicates first; the INSERT skips those already in the table. Raises
         SinkWriteError (and drops the connection) when the database fails.
         """
-        import psycopg  # noqa: PLC0415 - optional dependency
+        import psycopg
 
         fresh: list[_Row] = []
         ids: set[str] = set()
@@ -208,7 +208,7 @@ def iter_events(url: str, *, batch: int = 1000) -> Iterator[bytes]:
 
     Raises StateError (one line, no password) when the database cannot be read.
     """
-    import psycopg  # noqa: PLC0415 - optional dependency
+    import psycopg
 
     conn = open_state(url, application="tasknotes export-events")
     try:

@@ -340,7 +340,7 @@ class PgLedger(Ledger):
                            params)
 
     def _frame(self, sql: str, params: Sequence[Any]) -> pd.DataFrame:
-        import pandas as pd  # noqa: PLC0415 - only reports need pandas
+        import pandas as pd
 
         cur = self._pg.execute(sql, params)
         names = [c.name for c in cur.description or ()]

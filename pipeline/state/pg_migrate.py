@@ -53,7 +53,7 @@ def copy_ledger(url: str, path: Path) -> Copied:
     Raises StateError if the ledger cannot be read, the database cannot be used, or
     rows of other runs in the database already use the ids of rows to copy.
     """
-    import psycopg  # noqa: PLC0415 - optional dependency
+    import psycopg
 
     ledger = Ledger.existing(path)
     if ledger is None:
@@ -141,10 +141,10 @@ def copy_sink(url: str, sink: Path) -> Copied:
 
     Raises StateError if the file or the database cannot be used.
     """
-    import psycopg  # noqa: PLC0415 - optional dependency
+    import psycopg
 
-    from pipeline.events import SetAside, encode_event, read_receipts, read_sink_from  # noqa: PLC0415
-    from pipeline.state.pg_events import SIGNED  # noqa: PLC0415
+    from pipeline.events import SetAside, encode_event, read_receipts, read_sink_from
+    from pipeline.state.pg_events import SIGNED
 
     if not sink.exists():
         raise StateError(f"--sink: no sink file at {sink}")

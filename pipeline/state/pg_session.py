@@ -63,7 +63,7 @@ class PgSession:
     @contextlib.contextmanager
     def errors(self) -> Iterator[None]:
         """psycopg's errors as the package's (see the class docstring)."""
-        import psycopg  # noqa: PLC0415 - optional dependency
+        import psycopg
 
         try:
             yield

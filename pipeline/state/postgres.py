@@ -192,7 +192,7 @@ def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[t
     TCP keepalives make a silently dead server a failed call within about 20 s.
     """
     try:
-        import psycopg  # noqa: PLC0415 - optional dependency, loaded only with state.url
+        import psycopg
     except ImportError:
         raise StateError("state.url: PostgreSQL needs psycopg 3: "
                          "pip install 'tasknotes[postgres]'") from None
@@ -259,7 +259,7 @@ def open_state(url: str, *, application: str = "tasknotes") -> psycopg.Connectio
 
     Raises StateError (one line, no password) if either fails.
     """
-    import psycopg  # noqa: PLC0415 - connect() has checked it is installed
+    import psycopg
 
     conn = connect(url, application=application)
     try:
