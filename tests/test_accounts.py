@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from pipeline import jobs
@@ -29,11 +31,13 @@ from tests.helpers import (
     read_results,
     read_summary,
     run_pipeline,
+    wait_until,
     write_config,
     write_csv,
 )
 
 TOKENS = {"north": "tok-north", "south": "tok-south", "west": "tok-west"}
+HEADERS = {"client_id": CREDENTIALS["client_id"], "client_secret": CREDENTIALS["client_secret"]}
 HEADER = ("emr_task_id", "note", "clinic")
 
 
@@ -318,3 +322,79 @@ def test_an_accounts_concurrency_holds_under_the_global_one(tmp_path: Path) -> N
     assert most["ref-south"] == 1
     assert most["ref-north"] >= 2
     assert server.emulator.max_in_flight <= 4
+
+
+# -- poll: each account's events with its own token -------------------------------------------
+
+
+def accounts_config_file(tmp: Path, base_url: str, accounts: dict[str, dict[str, Any]],
+                         **overrides: Any) -> Path:
+    """A config file with ``api.accounts`` (tokens from TOKENS unless given)."""
+    api = {"base_url": base_url, "account": None, "access_token": None,
+           "accounts": {name: {"access_token": TOKENS[name], **extra}
+                        for name, extra in accounts.items()}}
+    return write_config(tmp, api=api, input={"columns": {
+        "emr_task_id": "emr_task_id", "note": "note", "account": "clinic"}}, **overrides)
+
+
+def sent_without_webhooks(tmp: Path, server: EmulatorThread, rows: list[list[str]],
+                          accounts: dict[str, dict[str, Any]], **overrides: Any
+                          ) -> tuple[Path, Path]:
+    """``rows`` sent through ``server`` (whose webhooks are all lost) and their outcomes
+    made; returns (the config's path, the run's report directory)."""
+    write_csv(tmp / "input.csv", rows, header=HEADER)
+    path = accounts_config_file(tmp, server.url, accounts, **overrides)
+    outcome = run_pipeline(load_config(path, needs=("api",)))
+    assert outcome.report is not None
+    wait_until(lambda: len(server.emulator.events) == len(rows), what="the outcomes")
+    return path, outcome.report.directory
+
+
+def test_the_emulator_lists_each_connections_events_to_its_own_token() -> None:
+    """GET /v1/webhook-events answers a token with its own connection's events only (as
+    Cobalt scopes an access token to one EHR connection), and a revoked token with a 401."""
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        for clinic, token in (("north", TOKENS["north"]), ("south", TOKENS["south"]),
+                              ("south", TOKENS["south"])):
+            response = httpx.post(f"{server.url}/v1/tasks/notes", headers={
+                **HEADERS, "access_token": token}, json={"emr_task_id": f"{clinic}-t",
+                                                         "note": f"Note {token}"})
+            assert response.status_code == 200
+        wait_until(lambda: len(server.emulator.events) == 3, what="the outcomes")
+
+        def listed(token: str) -> httpx.Response:
+            return httpx.get(f"{server.url}/v1/webhook-events",
+                             headers={**HEADERS, "access_token": token})
+
+        refs = {name: [e["access_token_reference_id"]
+                       for e in listed(token).json()["webhook_events"]]
+                for name, token in TOKENS.items()}
+        assert refs == {"north": ["ref-north"], "south": ["ref-south"] * 2, "west": []}
+        server.emulator.options = replace(server.emulator.options,
+                                          revoked=frozenset({TOKENS["south"]}))
+        assert listed(TOKENS["south"]).status_code == 401
+        assert listed(TOKENS["north"]).status_code == 200
+
+
+def test_an_accounts_rate_holds_it_while_the_others_go_at_full_speed(tmp_path: Path) -> None:
+    """South limited to 2 requests a second: its requests reach Cobalt at most that often,
+    while north (no limit of its own) is not held to south's pace. Ratios from the
+    emulator's own arrival times, measured in this one run."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 5) + rows_for("north", 20),
+                         header=HEADER)
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url,
+                                               south={"rate_per_second": 2}), str(csv_path))
+        arrived = list(server.emulator.arrived_by)
+        assert server.emulator.stored_by == {"ref-south": 5, "ref-north": 20}
+    assert outcome.report is not None
+    south = [t for t, ref in arrived if ref == "ref-south"]
+    north = [t for t, ref in arrived if ref == "ref-north"]
+    south_gap = (south[-1] - south[0]) / (len(south) - 1)  # seconds between requests
+    north_gap = (north[-1] - north[0]) / (len(north) - 1)
+    # 2/s: 0.5 s apart on average (a late wake-up may only stretch it; jitter in
+    # arriving could at most shave the odd slot, hence 0.8)
+    assert south_gap >= 0.8 * 0.5
+    assert north_gap * 4 < south_gap, "north was held to south's rate"
+    # north did not wait for south: most of its requests came before south's last one
+    assert sum(t < south[-1] for t in north) > len(north) // 2
