@@ -13,13 +13,17 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from pipeline import jobs
-from pipeline.cli import _parser
+from pipeline.cli import _parser, main
 from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.events import compact_json
+from pipeline.events import compact_json, read_sink
 from pipeline.faults import Faults, faults_from_args
 from pipeline.state import Ledger, NewRow, row_key
 from pipeline.status import ledger_status
@@ -27,6 +31,7 @@ from pipeline.submit import Job, Submitter
 from tests.helpers import (
     CREDENTIALS,
     EmulatorThread,
+    ThreadedServer,
     config_dict,
     read_results,
     read_summary,
@@ -374,6 +379,101 @@ def test_the_emulator_lists_each_connections_events_to_its_own_token() -> None:
                                           revoked=frozenset({TOKENS["south"]}))
         assert listed(TOKENS["south"]).status_code == 401
         assert listed(TOKENS["north"]).status_code == 200
+
+
+@pytest.mark.parametrize("per_job_below", [pytest.param(20, id="per-job"),
+                                           pytest.param(0, id="paging-by-date")])
+def test_poll_asks_for_each_accounts_jobs_with_its_own_token(
+        tmp_path: Path, per_job_below: int) -> None:
+    """Every webhook lost: poll asks Cobalt once per account, with that account's token,
+    for that account's jobs only; every row ends confirmed, and summary.json, report.html
+    and status count them per account."""
+    rows = rows_for("north", 3) + rows_for("south", 2) + rows_for("west", 2)
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(
+            tmp_path, server, rows, {"north": {}, "south": {}, "west": {}},
+            poll={"per_job_below": per_job_below, "page_size": 2})
+        assert main(["-q", "poll", str(path)]) == 0
+        asked = list(server.emulator.queried_by)
+    results = read_results(report)
+    assert by_account(results) == {"north": {"confirmed": 3}, "south": {"confirmed": 2},
+                                   "west": {"confirmed": 2}}
+    assert {status for _, status, _ in asked} == {200}
+    assert {ref for ref, _, _ in asked} == {"ref-north", "ref-south", "ref-west"}
+    if per_job_below:  # each job asked for with its own account's token, and only so
+        jobs_of = {f"ref-{r['account']}": set() for r in results}
+        for r in results:
+            jobs_of[f"ref-{r['account']}"].add(r["job_id"])
+        asked_for: dict[str, set[str]] = {}
+        for ref, _, query in asked:
+            asked_for.setdefault(ref, set()).add(query["job_id"])
+        assert asked_for == jobs_of
+    events = [e for _, e in read_sink(tmp_path / "state" / "webhooks.jsonl")]
+    assert sorted(e["job_id"] for e in events) == sorted(r["job_id"] for r in results)
+    summary = read_summary(report)
+    assert summary["accounts"] == {"north": {"rows": 3, "confirmed": 3},
+                                   "south": {"rows": 2, "confirmed": 2},
+                                   "west": {"rows": 2, "confirmed": 2}}
+    assert 'id="accounts"' in (report / "report.html").read_text()
+    assert ledger_status(load_config(path)).kind("awaiting_outcome").count == 0
+
+
+def test_poll_goes_on_for_the_others_when_one_accounts_token_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """North's token is revoked after the run: poll still fetches south's and west's
+    outcomes (their rows end confirmed), says north's credentials were refused, leaves
+    north's rows awaiting their outcome, and exits 3 (aborted), as a run with a refused
+    account does."""
+    rows = rows_for("north", 2) + rows_for("south", 2) + rows_for("west", 3)
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows,
+                                             {"north": {}, "south": {}, "west": {}})
+        server.emulator.options = replace(server.emulator.options,
+                                          revoked=frozenset({TOKENS["north"]}))
+        capsys.readouterr()
+        assert main(["poll", str(path)]) == 3
+        assert server.emulator.refused["ref-north"] >= 1
+    out = capsys.readouterr().out
+    assert "stopped: account north: credentials refused by Cobalt (HTTP 401" in out
+    assert "api.accounts.north.access_token" in out
+    assert "account south" not in out
+    assert "account west" not in out
+    assert by_account(read_results(report)) == {"north": {"awaiting_outcome": 2},
+                                                "south": {"confirmed": 2},
+                                                "west": {"confirmed": 3}}
+    found = ledger_status(load_config(path)).kind("awaiting_outcome")
+    assert found.by_account == {"north": 2}
+
+
+def test_a_polled_event_of_another_accounts_connection_stays_a_conflict(
+        tmp_path: Path) -> None:
+    """Cobalt lists, to south's token, an event for south's job that names north's
+    connection: poll stores it as listed, and reconcile calls south's row a conflict,
+    while north's own event confirms north's row."""
+    rows = rows_for("north", 1) + rows_for("south", 1)
+    accounts = {"north": {"reference_id": "ref-north"}, "south": {"reference_id": "ref-south"}}
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows, accounts)
+    sent = {r["job_id"]: r for r in read_results(report)}
+
+    async def listed(request: Request) -> JSONResponse:
+        row = sent[request.query_params["job_id"]]
+        item = {"event_id": f"evt_{row['job_id']}", "event_type": "task_note.created",
+                "webhook_url": "https://x", "delivery_status": "failed",
+                "created_at": "2026-11-30T10:00:00.000Z", "job_id": row["job_id"],
+                "access_token_reference_id": "ref-north",  # for south's job too
+                "data": {"task_note_id": row["task_note_id"], "emr_note_id": "n-1",
+                         "emr_task_id": row["emr_task_id"], "note": "(not compared)"}}
+        return JSONResponse({"success": True, "webhook_events": [item], "pagination": {
+            "current_page": 1, "total_pages": 1, "total_count": 1, "page_size": 100}})
+
+    with ThreadedServer(Starlette(routes=[Route("/v1/webhook-events", listed)])) as cobalt:
+        path = accounts_config_file(tmp_path, cobalt.url, accounts)
+        assert main(["-q", "poll", str(path)]) == 1
+    results = read_results(report)
+    assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
+        ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
+    assert "another account's connection" in results[1]["detail"]
 
 
 def test_an_accounts_rate_holds_it_while_the_others_go_at_full_speed(tmp_path: Path) -> None:
