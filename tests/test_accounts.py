@@ -4,6 +4,7 @@ clinic's trouble never stops the others. Real emulator on loopback, real SQLite.
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -127,13 +128,16 @@ def test_a_revoked_token_stops_only_its_own_account(tmp_path: Path) -> None:
     assert ledger_status(config).kind("send_failed").by_account == {"south": 6}
 
 
-def test_a_429_storm_on_one_account_does_not_hold_up_the_others(tmp_path: Path) -> None:
-    """South's notes all meet a 429 with a Retry-After: while south waits it out, every
-    north and west note is answered (south's second request comes after them all)."""
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_429_storm_on_one_account_does_not_hold_up_the_others(
+        tmp_path: Path, status: int) -> None:
+    """South's notes all meet a 429 (or a 503) with a Retry-After: while south waits it
+    out, every north and west note is answered (south's second request comes after them
+    all)."""
     others = rows_for("north", 12) + rows_for("west", 12)
     csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 3) + others,
                          header=HEADER)
-    faults = {"rate_429": 1.0, "only_references": frozenset({"ref-south"}),
+    faults = {f"rate_{status}": 1.0, "only_references": frozenset({"ref-south"}),
               "only_first": 1, "retry_after_s": 1.0}
     with emulator(faults=Faults(**faults)) as server:
         outcome = run_pipeline(accounts_config(tmp_path, server.url, south={"concurrency": 1},
@@ -141,7 +145,7 @@ def test_a_429_storm_on_one_account_does_not_hold_up_the_others(tmp_path: Path) 
         log = list(server.emulator.answered_by)
         assert server.emulator.stored_by == {"ref-north": 12, "ref-west": 12, "ref-south": 3}
     south = [i for i, (ref, _) in enumerate(log) if ref == "ref-south"]
-    assert log[south[0]][1] == 429  # the storm began before the others were done
+    assert log[south[0]][1] == status  # the storm began before the others were done
     assert south[0] < len(others) // 2
     last_other = max(i for i, (ref, _) in enumerate(log) if ref != "ref-south")
     assert last_other < south[1], "the other accounts waited for south's Retry-After"
@@ -393,6 +397,8 @@ def test_poll_asks_for_each_accounts_jobs_with_its_own_token(
         path, report = sent_without_webhooks(
             tmp_path, server, rows, {"north": {}, "south": {}, "west": {}},
             poll={"per_job_below": per_job_below, "page_size": 2})
+        before = ledger_status(load_config(path)).kind("awaiting_outcome").by_account
+        assert before == {"north": 3, "south": 2, "west": 2}
         assert main(["-q", "poll", str(path)]) == 0
         asked = list(server.emulator.queried_by)
     results = read_results(report)
@@ -414,7 +420,9 @@ def test_poll_asks_for_each_accounts_jobs_with_its_own_token(
     assert summary["accounts"] == {"north": {"rows": 3, "confirmed": 3},
                                    "south": {"rows": 2, "confirmed": 2},
                                    "west": {"rows": 2, "confirmed": 2}}
-    assert 'id="accounts"' in (report / "report.html").read_text()
+    assert html_accounts(report) == {"north": {"Rows": 3, "confirmed": 3},
+                                     "south": {"Rows": 2, "confirmed": 2},
+                                     "west": {"Rows": 2, "confirmed": 2}}
     assert ledger_status(load_config(path)).kind("awaiting_outcome").count == 0
 
 
@@ -443,6 +451,8 @@ def test_poll_goes_on_for_the_others_when_one_accounts_token_is_refused(
                                                 "west": {"confirmed": 3}}
     found = ledger_status(load_config(path)).kind("awaiting_outcome")
     assert found.by_account == {"north": 2}
+    assert read_summary(report)["accounts"]["north"] == {"rows": 2, "awaiting_outcome": 2}
+    assert html_accounts(report)["south"] == {"Rows": 2, "confirmed": 2}
 
 
 def test_a_polled_event_of_another_accounts_connection_stays_a_conflict(
@@ -498,3 +508,58 @@ def test_an_accounts_rate_holds_it_while_the_others_go_at_full_speed(tmp_path: P
     assert north_gap * 4 < south_gap, "north was held to south's rate"
     # north did not wait for south: most of its requests came before south's last one
     assert sum(t < south[-1] for t in north) > len(north) // 2
+
+
+def html_accounts(report: Path) -> dict[str, dict[str, int]]:
+    """report.html's per-account table: account -> {column: count}."""
+    html = (report / "report.html").read_text()
+    table = html[html.index('<table id="accounts">'):]
+    table = table[:table.index("</table>")]
+    heads = re.findall(r"<th>([^<]*)</th>", table)[1:]
+    found = {}
+    for cells in re.findall(r"<tr><td>(.*?)</tr>", table):
+        name, *counts = re.findall(r"([^<>]+)</td>", "<td>" + cells)
+        found[name] = {h: int(c.replace(",", "")) for h, c in zip(heads, counts, strict=True)
+                       if c != "0"}
+    return found
+
+
+def test_poll_settles_an_accounts_ambiguous_row_by_its_own_note(tmp_path: Path) -> None:
+    """South's note was stored, then answered 500 (ambiguous, no job id), and every webhook
+    lost: poll looks for that note among south's events, by south's ledger key (its account,
+    task and note), and the row ends confirmed by that evidence (the accounts' reference
+    ids configured); nothing sent twice."""
+    rows = rows_for("north", 2) + rows_for("south", 2)
+    faults = Faults(rate_500_after_store=1.0, only_tasks=frozenset({"south-1"}),
+                    drop_webhooks=1.0)
+    with emulator(faults=faults) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows, {
+            "north": {"reference_id": "ref-north"}, "south": {"reference_id": "ref-south"}})
+        assert by_account(read_results(report))["south"] == {"ambiguous": 1,
+                                                             "awaiting_outcome": 1}
+        assert main(["-q", "poll", str(path)]) == 0
+        sent = [server.stored(task, note) for task, note, _ in rows]
+    assert sent == [1, 1, 1, 1]
+    results = {r["emr_task_id"]: r for r in read_results(report)}
+    assert {r["final_status"] for r in results.values()} == {"confirmed"}
+    assert results["south-1"]["detail"] == (
+        "settled by evidence: a task_note.created event carries this note")
+
+
+def test_polling_holds_an_account_to_its_rate(tmp_path: Path) -> None:
+    """Polling per job, south (2 requests a second) is asked at most that often, while
+    north's queries are not held to south's pace: ratios of the emulator's query times."""
+    rows = rows_for("south", 4) + rows_for("north", 12)
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, _ = sent_without_webhooks(tmp_path, server, rows,
+                                        {"north": {}, "south": {"rate_per_second": 2}})
+        assert main(["-q", "poll", str(path)]) == 0
+        times = [t for t, _ in server.emulator.event_queries]
+        refs = [ref for ref, _, _ in server.emulator.queried_by]
+    south = [t for t, ref in zip(times, refs, strict=True) if ref == "ref-south"]
+    north = [t for t, ref in zip(times, refs, strict=True) if ref == "ref-north"]
+    assert (len(south), len(north)) == (4, 12)  # one query a job (per_job_below: 20)
+    south_gap = (south[-1] - south[0]) / (len(south) - 1)
+    north_gap = (north[-1] - north[0]) / (len(north) - 1)
+    assert south_gap >= 0.8 * 0.5  # see test_an_accounts_rate_holds_it_...
+    assert north_gap * 4 < south_gap, "north was held to south's rate"
