@@ -451,6 +451,9 @@ def test_poll_goes_on_for_the_others_when_one_accounts_token_is_refused(
                                                 "west": {"confirmed": 3}}
     found = ledger_status(load_config(path)).kind("awaiting_outcome")
     assert found.by_account == {"north": 2}
+    assert main(["status", str(path)]) == 1
+    assert "awaiting an outcome: 2;" in (said := capsys.readouterr().out)
+    assert "  accounts: north 2\n" in said
     assert read_summary(report)["accounts"]["north"] == {"rows": 2, "awaiting_outcome": 2}
     assert html_accounts(report)["south"] == {"Rows": 2, "confirmed": 2}
 
@@ -563,3 +566,20 @@ def test_polling_holds_an_account_to_its_rate(tmp_path: Path) -> None:
     north_gap = (north[-1] - north[0]) / (len(north) - 1)
     assert south_gap >= 0.8 * 0.5  # see test_an_accounts_rate_holds_it_...
     assert north_gap * 4 < south_gap, "north was held to south's rate"
+
+
+def test_a_sandbox_aims_429s_at_one_account_from_its_config(tmp_path: Path) -> None:
+    """sandbox.emulator.faults.only_references names one account (in a sandbox its
+    reference id is its name): every try of south's notes meets a 429 until
+    submit.max_attempts, so they end send_failed; north's and west's are all confirmed."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         rows_for("south", 2) + rows_for("north", 3) + rows_for("west", 2),
+                         header=HEADER)
+    config = accounts_config(tmp_path, submit={"max_attempts": 2}, sandbox={
+        "enabled": True, "wait_s": 30, "emulator": {
+            "latency_ms": [0, 0], "outcome_delay_ms": [5, 30],
+            "faults": {"rate_429": 1.0, "retry_after_s": 0, "only_references": ["south"]}}})
+    outcome = run_pipeline(config, str(csv_path))
+    assert outcome.report is not None
+    assert by_account(read_results(outcome.report.directory)) == {
+        "south": {"send_failed": 2}, "north": {"confirmed": 3}, "west": {"confirmed": 2}}
