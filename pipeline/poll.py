@@ -390,6 +390,8 @@ async def poll_accounts(config: RunConfig, clients: Mapping[str, CobaltClient],
             if isinstance(exc, StorageFull):  # the sink's disk: no account can go on
                 raise
             reason = str(exc)
+            if not reason.startswith(f"account {account}: "):  # a page it could not read
+                reason = f"account {account}: {reason}"
             if poller.refused:
                 reason += f"; its jobs were not polled; check api.accounts.{account}.access_token"
             poller.stats.stopped[account] = reason

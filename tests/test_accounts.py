@@ -583,3 +583,38 @@ def test_a_sandbox_aims_429s_at_one_account_from_its_config(tmp_path: Path) -> N
     assert outcome.report is not None
     assert by_account(read_results(outcome.report.directory)) == {
         "south": {"send_failed": 2}, "north": {"confirmed": 3}, "west": {"confirmed": 2}}
+
+
+def test_poll_goes_on_for_the_others_when_one_accounts_page_cannot_be_read(
+        tmp_path: Path) -> None:
+    """Cobalt answers south's token with a page holding an item of neither documented
+    shape: south's poll stops, with a line naming south, and north's outcome is still
+    fetched and confirms north's row; exit 3."""
+    rows = rows_for("north", 1) + rows_for("south", 1)
+    accounts: dict[str, dict[str, Any]] = {"north": {}, "south": {}}
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows, accounts)
+    sent = {r["job_id"]: r for r in read_results(report)}
+
+    async def listed(request: Request) -> JSONResponse:
+        row = sent[request.query_params["job_id"]]
+        item: dict[str, Any] = {"uuid": "u1", "kind": "task_note.created"}  # neither shape
+        if request.headers["access_token"] == TOKENS["north"]:
+            item = {"event_id": f"evt_{row['job_id']}", "event_type": "task_note.created",
+                    "created_at": "2026-11-30T10:00:00.000Z", "job_id": row["job_id"],
+                    "access_token_reference_id": "ref-north",
+                    "data": {"task_note_id": row["task_note_id"], "emr_note_id": "n-1",
+                             "emr_task_id": row["emr_task_id"], "note": "(not compared)"}}
+        return JSONResponse({"success": True, "webhook_events": [item], "pagination": {
+            "current_page": 1, "total_pages": 1, "total_count": 1, "page_size": 100}})
+
+    with ThreadedServer(Starlette(routes=[Route("/v1/webhook-events", listed)])) as cobalt:
+        path = accounts_config_file(tmp_path, cobalt.url, accounts)
+        result = jobs.poll(path)
+    assert result.exit_code == 3
+    assert result.stats is not None
+    (reason,) = result.stats.stopped.values()
+    assert reason.startswith("account south: GET /v1/webhook-events (job_id=")
+    assert "item 1 of 1 cannot be read: an item has fields kind, uuid" in reason
+    assert by_account(read_results(report)) == {"north": {"confirmed": 1},
+                                                "south": {"awaiting_outcome": 1}}
