@@ -127,7 +127,8 @@ exit codes:
 exit codes (of the reconcile that follows the poll):
 {_RECONCILED}
   2  bad usage or config, or no ledger yet
-  3  aborted: credentials refused, Cobalt kept failing, or a page could not be read""",
+  3  aborted: credentials refused, Cobalt kept failing, or a page could not be read
+     (with api.accounts: for any account; the others are polled to the end)""",
     "reconcile": f"""\
 exit codes:
 {_RECONCILED}
@@ -493,6 +494,8 @@ def _print_poll(stats: PollStats) -> None:
     if stats.delivered_but_missing:
         print(f"{stats.delivered_but_missing:,} of the events stored are listed by Cobalt "
               "as delivered: to another webhook URL, or to a receiver that did not keep them")
+    for account in sorted(stats.stopped):  # api.accounts: the others were polled
+        print(f"stopped: {stats.stopped[account]}")
 
 
 def _n(count: int, noun: str) -> str:

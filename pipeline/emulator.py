@@ -10,8 +10,9 @@ It behaves as Cobalt's public documentation (docs.usecobalt.com) says:
   ``job_id`` as a string), delivered the way Cobalt delivers: 5 s timeout,
   one retry 1 s later (2 s timeout) on a 5xx, a 429 or a network error,
   never after a timeout or another 4xx.
-- ``GET /v1/webhook-events``: the same events, with ``job_id``/``event_type``/
-  date filters and pagination, in either documented shape of the list
+- ``GET /v1/webhook-events``: the same events, only those of the asking token's
+  connection (its ``access_token_reference_id``; a revoked token is answered 401),
+  with ``job_id``/``event_type``/date filters and pagination, in either documented shape of the list
   (``events_shape``): ``event_id`` items (``event_id``, ``event_type``,
   ``created_at``, ``delivery_status``; filter ``delivery_status``) or
   ``envelope`` items (the webhook envelope plus ``status``, ``delivered``,
@@ -131,8 +132,11 @@ class Emulator:
         self.in_flight = 0
         self.max_in_flight = 0
         self.arrivals: list[float] = []  # monotonic time each note request arrived
+        self.arrived_by: list[tuple[float, str]] = []  # (that time, the token's reference id)
         self.answers: list[tuple[float, int]] = []  # (monotonic time, status) of each answer
         self.event_queries: list[tuple[float, int]] = []  # the same for GET /v1/webhook-events
+        # (reference id of the asking token, status, the query's filters) of each such GET
+        self.queried_by: list[tuple[str, int, dict[str, str]]] = []
         self.deliveries: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []  # list items, ``event_id`` shape
         self._delivery: dict[str, dict[str, Any]] = {}  # event id -> attempts, last try, code
@@ -176,10 +180,12 @@ class Emulator:
 
     async def _create_note(self, request: Request) -> Response:
         self.requests += 1
-        self.arrivals.append(time.monotonic())
+        arrived = time.monotonic()
+        self.arrivals.append(arrived)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         reference = self._references.get(request.headers.get("access_token", ""), "")
+        self.arrived_by.append((arrived, reference))
         self._in_flight_by[reference] += 1
         self.max_in_flight_by[reference] = max(self.max_in_flight_by[reference],
                                                self._in_flight_by[reference])
@@ -457,6 +463,9 @@ class Emulator:
         arrived = time.monotonic()
         response = self._events_fault(len(self.event_queries)) or self._list_page(request)
         self.event_queries.append((arrived, response.status_code))
+        reference = self._references.get(request.headers.get("access_token", ""), "")
+        self.queried_by.append((reference, response.status_code,
+                                dict(request.query_params)))
         return response
 
     def _events_fault(self, n: int) -> Response | None:
@@ -474,6 +483,11 @@ class Emulator:
     def _list_page(self, request: Request) -> Response:
         if not self._authorised(request):
             return _error(401, "Unauthorized: invalid client_id, client_secret or access_token")
+        token = request.headers["access_token"]
+        reference = self._references[token]
+        if token in self.options.revoked:
+            self.refused[reference] += 1
+            return _error(401, "Unauthorized: access token revoked")
         q = request.query_params
         try:
             page = int(q.get("page", "1"))
@@ -483,7 +497,9 @@ class Emulator:
         if page < 1 or not 1 <= size <= 100:
             return _error(400, "page must be >= 1 and page_size between 1 and 100")
         shape = self.options.events_shape
-        found = [e for e in self.events if _matches(e, q, shape)]
+        # A token sees its own connection's events only, as Cobalt scopes them to it.
+        found = [e for e in self.events
+                 if e["access_token_reference_id"] == reference and _matches(e, q, shape)]
         found.sort(key=lambda e: (e["created_at"], e["event_id"]),
                    reverse=q.get("sort", "desc") == "desc")
         pages = max(1, math.ceil(len(found) / size))

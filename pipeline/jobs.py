@@ -17,6 +17,7 @@ Over 400 lines: one short front door per command, kept in one module so the Pyth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -35,7 +36,7 @@ from pipeline.plan import RunOptions, ScanCounts
 from pipeline.status import LedgerStatus
 
 if TYPE_CHECKING:
-    from pipeline.poll import PollStats
+    from pipeline.poll import PollStats, Wanted
     from pipeline.prune import PruneResult
     from pipeline.reconcile import Reconciler
     from pipeline.report import Written
@@ -310,8 +311,13 @@ def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
     as ``reconcile(config)`` does. In a sandbox there is nothing to poll (the emulator
     lived only while its run ran).
 
+    With ``api.accounts`` each account is polled with its own token for its own rows;
+    one whose poll stops (credentials refused, Cobalt kept failing) is named in
+    ``stats.stopped``, the others are polled and everything reconciled, and the exit
+    code is then 3 (``exits.for_run``).
+
     Raises what ``reconcile`` raises, ConfigError when a credential is not set, and
-    RunAborted when Cobalt refuses the credentials or keeps failing.
+    RunAborted when Cobalt refuses the credentials or keeps failing (one account).
     """
     from pipeline.reconcile import Reconciler
 
@@ -330,15 +336,16 @@ def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
             wanted |= ledger.job_ids(each, unresolved=True)
         ambiguous, sent_since = ledger.ambiguous_keys(runs)
         if wanted or ambiguous:
-            since = min((t for t in (ledger.earliest_submission(wanted), sent_since) if t),
-                        default=None)
-            stats = _poll_events(config, wanted, ambiguous, since)
+            work = _poll_work(config, ledger, runs, wanted=wanted, ambiguous=ambiguous,
+                              sent_since=sent_since)
+            stats = _poll_events(config, work)
     finally:
         ledger.close()
     # What the polled events settle can change any run (a note's evidence follows it):
     # reconcile as `tasknotes reconcile CONFIG` does, choosing the runs the same way.
     reconciled = reconcile(config)
-    return PollResult(reconciled.exit_code, stats=stats, reconciled=reconciled)
+    code = exits.for_run(stopped=bool(stats and stats.stopped), report_code=reconciled.exit_code)
+    return PollResult(code, stats=stats, reconciled=reconciled)
 
 
 def status(config: ConfigSource, *, config_path: str | None = None) -> StatusResult:
@@ -359,14 +366,43 @@ def status(config: ConfigSource, *, config_path: str | None = None) -> StatusRes
     return found
 
 
-def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes],
-                 since: str | None) -> PollStats:
-    """Fetch the outcome events of ``wanted`` jobs and ``ambiguous`` notes into the sink."""
+def _poll_work(config: RunConfig, ledger: StateStore, runs: Sequence[str], *, wanted: set[str],
+               ambiguous: frozenset[bytes], sent_since: str | None
+               ) -> dict[str | None, Wanted]:
+    """What to poll for: ``{None: everything}`` with one account; with api.accounts, each
+    account's own unresolved jobs and ambiguous notes (its token sees only its events)."""
+    from pipeline.poll import Wanted
+
+    def since(job_ids: set[str]) -> str | None:
+        return min((t for t in (ledger.earliest_submission(job_ids), sent_since) if t),
+                   default=None)
+
+    if config.api.accounts is None:
+        return {None: Wanted(wanted, ambiguous, since(wanted))}
+    key_accounts = ledger.key_accounts() if ambiguous else {}
+    work: dict[str | None, Wanted] = {}
+    for account in config.api.accounts:
+        jobs = set().union(*(ledger.job_ids(r, unresolved=True, account=account)
+                             for r in runs))
+        keys = frozenset(k for k in ambiguous if key_accounts.get(k) == account)
+        if jobs or keys:
+            work[account] = Wanted(jobs, keys, since(jobs))
+    polled = len(wanted) + len(ambiguous) - sum(len(w.job_ids) + len(w.keys)
+                                                for w in work.values())
+    if polled:  # rows of a run from before api.accounts, or of an account since removed
+        log.warning("%d unresolved rows name no account of api.accounts: not polled (no "
+                    "token of theirs is configured)", polled)
+    return work
+
+
+def _poll_events(config: RunConfig, work: Mapping[str | None, Wanted]) -> PollStats:
+    """Fetch the outcome events of the jobs and ambiguous notes of ``work`` into the sink:
+    ``work[None]`` with the one account's token, else each account's with its own."""
     import anyio
 
     from pipeline.client import CobaltClient
     from pipeline.events import SinkFile
-    from pipeline.poll import Poller
+    from pipeline.poll import Poller, poll_accounts
     from pipeline.state.pg_events import PgEventStore
 
     sink: SinkFile | PgEventStore
@@ -378,9 +414,17 @@ def _poll_events(config: RunConfig, wanted: set[str], ambiguous: frozenset[bytes
 
     async def fetch() -> PollStats:
         webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
-        async with CobaltClient(config.api, max_connections=2,
-                                more_secrets=webhook_secrets) as client:
-            return await Poller(config, client, sink).run(wanted, since, ambiguous)
+        if None in work:
+            one = work[None]
+            async with CobaltClient(config.api, max_connections=2,
+                                    more_secrets=webhook_secrets) as client:
+                return await Poller(config, client, sink).run(one.job_ids, one.since, one.keys)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {account: await stack.enter_async_context(CobaltClient(
+                config.api, max_connections=2, more_secrets=webhook_secrets, account=account))
+                for account in work if account is not None}
+            return await poll_accounts(
+                config, clients, sink, {a: w for a, w in work.items() if a is not None})
 
     try:
         return anyio.run(fetch, backend_options=config.submit.backend_options())

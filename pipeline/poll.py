@@ -30,13 +30,23 @@ the page asked for: paging ends by itself. No status filter
 event Cobalt counts as delivered may still be missing from this sink (a
 receiver that acknowledged and then lost it, another registered URL), so
 every outcome event of a wanted job is read.
+
+Several accounts (``api.accounts``): an access token sees its own EHR
+connection's events only, so each account is polled with its own token for its
+own jobs and ambiguous notes (``poll_accounts``), at its own
+``rate_per_second`` under the global one, all accounts at once. An account
+whose poll stops (credentials refused, Cobalt kept failing, a page it cannot
+read) stops alone: the others are polled to the end, and
+``PollStats.stopped`` names it and says why (the command then exits 3). An
+event is stored as Cobalt lists it, ``access_token_reference_id`` included,
+so one naming another account's connection stays a conflict for reconcile.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +54,13 @@ import anyio
 
 from pipeline.client import CobaltClient, EventsPage
 from pipeline.config import RunConfig
-from pipeline.errors import ApiError, CredentialsRefused, RequestRejected, RunAborted
+from pipeline.errors import (
+    ApiError,
+    CredentialsRefused,
+    RequestRejected,
+    RunAborted,
+    StorageFull,
+)
 from pipeline.events import UnreadableEvent, encode_event
 from pipeline.redaction import safe_id
 from pipeline.retry import Pacer, RetryPolicy, retry_delay
@@ -176,18 +192,49 @@ class PollStats:
     delivered_but_missing: int = 0
     ambiguous: int = 0
     ambiguous_found: int = 0
+    # api.accounts: account -> why its poll stopped (the others were polled to the end)
+    stopped: dict[str, str] = field(default_factory=dict)
+
+    def add(self, other: PollStats) -> None:
+        """Add ``other``'s counts (and the accounts it stopped) to these."""
+        for each in fields(self):
+            if each.name != "stopped":
+                setattr(self, each.name, getattr(self, each.name) + getattr(other, each.name))
+        self.stopped.update(other.stopped)
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """What one poll looks for: ``job_ids`` (accepted rows without an outcome), ``keys``
+    (ledger keys of ambiguous rows, ``row_key``) and ``since`` (ISO 8601 time, the earliest
+    send among them; None: unknown)."""
+
+    job_ids: set[str]
+    keys: frozenset[bytes] = frozenset()
+    since: str | None = None
 
 
 class Poller:
-    """Fetches the outcome events of ``job_ids`` and appends the missing ones to ``sink``."""
+    """Fetches the outcome events of ``job_ids`` and appends the missing ones to ``sink``.
 
-    def __init__(self, config: RunConfig, client: CobaltClient, sink: EventStore) -> None:
+    ``account`` (api.accounts): the account whose jobs these are and whose token
+    ``client`` sends; its ``rate_per_second`` holds too, under ``pacer`` (the global
+    ``submit.rate_per_second``, shared by every account's poller; a new one if None).
+    """
+
+    def __init__(self, config: RunConfig, client: CobaltClient, sink: EventStore, *,
+                 account: str | None = None, pacer: Pacer | None = None) -> None:
         self._config = config
         self._client = client
         self._sink = sink
-        self._pacer = Pacer(config.submit.rate_per_second)
+        self._pacer = pacer or Pacer(config.submit.rate_per_second)
+        limits = (config.api.accounts or {}).get(account or "")
+        rate = limits.rate_per_second if limits is not None else None
+        self._own_pacer = Pacer(rate) if rate else None
         self._policy = RetryPolicy.of(config.submit, repeat_unknown=True)  # a GET: safe
-        self._account = config.api.account_id()
+        self._account = account if account is not None else config.api.account_id()
+        self._who = f"account {account}: " if account is not None else ""
+        self.refused = False  # Cobalt refused the credentials (401/403)
         self.stats = PollStats()
 
     async def run(self, job_ids: set[str], since: str | None,
@@ -201,19 +248,27 @@ class Poller:
         Raises RunAborted (exit 3) when Cobalt refuses or keeps failing, and
         UnreadableEvents for a page of neither documented shape.
         """
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._sink.run)
+            try:
+                await self.fetch(job_ids, since, keys)
+            finally:
+                self._sink.stop()
+        return self.stats
+
+    async def fetch(self, job_ids: set[str], since: str | None,
+                    keys: frozenset[bytes] = frozenset()) -> PollStats:
+        """As ``run``, into a sink whose ``run`` someone else started (and stops)."""
         self.stats.wanted = len(job_ids)
         self.stats.ambiguous = len(keys)
         found: set[str] = set()
         found_keys: set[bytes] = set()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._sink.run)
-            try:
-                async for item in self._items(job_ids, since, paging=bool(keys)):
-                    await self._take(item, job_ids, found, keys, found_keys)
-            finally:
-                self._sink.stop()
-        self.stats.still_missing = len(job_ids - found)
-        self.stats.ambiguous_found = len(found_keys)
+        try:
+            async for item in self._items(job_ids, since, paging=bool(keys)):
+                await self._take(item, job_ids, found, keys, found_keys)
+        finally:
+            self.stats.still_missing = len(job_ids - found)
+            self.stats.ambiguous_found = len(found_keys)
         return self.stats
 
     async def _items(self, job_ids: set[str], since: str | None, *, paging: bool = False
@@ -251,21 +306,26 @@ class Poller:
         attempt = 0
         while True:
             attempt += 1
+            if self._own_pacer is not None:
+                await self._own_pacer.wait_turn()
             await self._pacer.wait_turn()
             self.stats.requests += 1
             try:
                 return await self._client.webhook_events(**query)
             except CredentialsRefused as exc:
-                raise RunAborted(f"credentials refused by Cobalt ({exc.own})") from None
+                self.refused = True
+                raise RunAborted(f"{self._who}credentials refused by Cobalt ({exc.own})"
+                                 ) from None
             except RequestRejected as exc:
-                raise RunAborted(f"Cobalt refused the events query ({exc.own})") from None
+                raise RunAborted(f"{self._who}Cobalt refused the events query ({exc.own})"
+                                 ) from None
             except ApiError as exc:
                 delay = retry_delay(exc, attempt, self._policy)
                 if delay is None:
-                    raise RunAborted(f"polling failed after {attempt} attempt"
+                    raise RunAborted(f"{self._who}polling failed after {attempt} attempt"
                                      f"{'s' * (attempt != 1)}: {exc.own}") from None
-                log.info("GET /v1/webhook-events (%s): %s; attempt %d of %d, asking again in "
-                         "%.2f s", _where(query), exc.own, attempt,
+                log.info("%sGET /v1/webhook-events (%s): %s; attempt %d of %d, asking again "
+                         "in %.2f s", self._who, _where(query), exc.own, attempt,
                          self._policy.max_attempts, delay)
             await anyio.sleep(delay)
 
@@ -307,6 +367,46 @@ class Poller:
                 or not isinstance(note, str):
             return None
         return row_key(self._account, task_id, note)
+
+
+async def poll_accounts(config: RunConfig, clients: Mapping[str, CobaltClient],
+                        sink: EventStore, wanted: Mapping[str, Wanted]) -> PollStats:
+    """Poll every account of ``wanted`` (api.accounts) at once, each through its own
+    client (``clients[account]``, its token) for its own jobs and notes, into ``sink``.
+
+    Returns the stats added up over the accounts. An account whose poll stops
+    (RunAborted: credentials refused, Cobalt kept failing, an unreadable page) is named
+    in ``stopped`` with the reason, a warning is logged, and the other accounts go on;
+    what it had stored before stays stored. Raises only what the sink raises.
+    """
+    total = PollStats()
+    shared = Pacer(config.submit.rate_per_second)
+
+    async def one(account: str, want: Wanted) -> None:
+        poller = Poller(config, clients[account], sink, account=account, pacer=shared)
+        try:
+            await poller.fetch(want.job_ids, want.since, want.keys)
+        except RunAborted as exc:
+            if isinstance(exc, StorageFull):  # the sink's disk: no account can go on
+                raise
+            reason = str(exc)
+            if not reason.startswith(f"account {account}: "):  # a page it could not read
+                reason = f"account {account}: {reason}"
+            if poller.refused:
+                reason += f"; its jobs were not polled; check api.accounts.{account}.access_token"
+            poller.stats.stopped[account] = reason
+            log.warning("%s (the other accounts are polled to the end)", reason)
+        total.add(poller.stats)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sink.run)
+        try:
+            async with anyio.create_task_group() as accounts:
+                for account, want in wanted.items():
+                    accounts.start_soon(one, account, want)
+        finally:
+            sink.stop()
+    return total
 
 
 def _date_range(since: str | None, today: datetime | None = None) -> tuple[str, str]:

@@ -4,16 +4,23 @@ clinic's trouble never stops the others. Real emulator on loopback, real SQLite.
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from pipeline import jobs
-from pipeline.cli import _parser
+from pipeline.cli import _parser, main
 from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
@@ -25,15 +32,19 @@ from pipeline.submit import Job, Submitter
 from tests.helpers import (
     CREDENTIALS,
     EmulatorThread,
+    ThreadedServer,
     config_dict,
     read_results,
+    read_sink,
     read_summary,
     run_pipeline,
+    wait_until,
     write_config,
     write_csv,
 )
 
 TOKENS = {"north": "tok-north", "south": "tok-south", "west": "tok-west"}
+HEADERS = {"client_id": CREDENTIALS["client_id"], "client_secret": CREDENTIALS["client_secret"]}
 HEADER = ("emr_task_id", "note", "clinic")
 
 
@@ -118,13 +129,16 @@ def test_a_revoked_token_stops_only_its_own_account(tmp_path: Path) -> None:
     assert ledger_status(config).kind("send_failed").by_account == {"south": 6}
 
 
-def test_a_429_storm_on_one_account_does_not_hold_up_the_others(tmp_path: Path) -> None:
-    """South's notes all meet a 429 with a Retry-After: while south waits it out, every
-    north and west note is answered (south's second request comes after them all)."""
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_429_storm_on_one_account_does_not_hold_up_the_others(
+        tmp_path: Path, status: int) -> None:
+    """South's notes all meet a 429 (or a 503) with a Retry-After: while south waits it
+    out, every north and west note is answered (south's second request comes after them
+    all)."""
     others = rows_for("north", 12) + rows_for("west", 12)
     csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 3) + others,
                          header=HEADER)
-    faults = {"rate_429": 1.0, "only_references": frozenset({"ref-south"}),
+    faults = {f"rate_{status}": 1.0, "only_references": frozenset({"ref-south"}),
               "only_first": 1, "retry_after_s": 1.0}
     with emulator(faults=Faults(**faults)) as server:
         outcome = run_pipeline(accounts_config(tmp_path, server.url, south={"concurrency": 1},
@@ -132,7 +146,7 @@ def test_a_429_storm_on_one_account_does_not_hold_up_the_others(tmp_path: Path) 
         log = list(server.emulator.answered_by)
         assert server.emulator.stored_by == {"ref-north": 12, "ref-west": 12, "ref-south": 3}
     south = [i for i, (ref, _) in enumerate(log) if ref == "ref-south"]
-    assert log[south[0]][1] == 429  # the storm began before the others were done
+    assert log[south[0]][1] == status  # the storm began before the others were done
     assert south[0] < len(others) // 2
     last_other = max(i for i, (ref, _) in enumerate(log) if ref != "ref-south")
     assert last_other < south[1], "the other accounts waited for south's Retry-After"
@@ -319,3 +333,290 @@ def test_an_accounts_concurrency_holds_under_the_global_one(tmp_path: Path) -> N
     assert most["ref-south"] == 1
     assert most["ref-north"] >= 2
     assert server.emulator.max_in_flight <= 4
+
+
+# -- poll: each account's events with its own token -------------------------------------------
+
+
+def accounts_config_file(tmp: Path, base_url: str, accounts: dict[str, dict[str, Any]],
+                         **overrides: Any) -> Path:
+    """A config file with ``api.accounts`` (tokens from TOKENS unless given)."""
+    api = {"base_url": base_url, "account": None, "access_token": None,
+           "accounts": {name: {"access_token": TOKENS[name], **extra}
+                        for name, extra in accounts.items()}}
+    return write_config(tmp, api=api, input={"columns": {
+        "emr_task_id": "emr_task_id", "note": "note", "account": "clinic"}}, **overrides)
+
+
+def sent_without_webhooks(tmp: Path, server: EmulatorThread, rows: list[list[str]],
+                          accounts: dict[str, dict[str, Any]], **overrides: Any
+                          ) -> tuple[Path, Path]:
+    """``rows`` sent through ``server`` (whose webhooks are all lost) and their outcomes
+    made; returns (the config's path, the run's report directory)."""
+    write_csv(tmp / "input.csv", rows, header=HEADER)
+    path = accounts_config_file(tmp, server.url, accounts, **overrides)
+    outcome = run_pipeline(load_config(path, needs=("api",)))
+    assert outcome.report is not None
+    wait_until(lambda: len(server.emulator.events) == len(rows), what="the outcomes")
+    return path, outcome.report.directory
+
+
+def test_the_emulator_lists_each_connections_events_to_its_own_token() -> None:
+    """GET /v1/webhook-events answers a token with its own connection's events only (as
+    Cobalt scopes an access token to one EHR connection), and a revoked token with a 401."""
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        for clinic, token in (("north", TOKENS["north"]), ("south", TOKENS["south"]),
+                              ("south", TOKENS["south"])):
+            response = httpx.post(f"{server.url}/v1/tasks/notes", headers={
+                **HEADERS, "access_token": token}, json={"emr_task_id": f"{clinic}-t",
+                                                         "note": f"Note {token}"})
+            assert response.status_code == 200
+        wait_until(lambda: len(server.emulator.events) == 3, what="the outcomes")
+
+        def listed(token: str) -> httpx.Response:
+            return httpx.get(f"{server.url}/v1/webhook-events",
+                             headers={**HEADERS, "access_token": token})
+
+        refs = {name: [e["access_token_reference_id"]
+                       for e in listed(token).json()["webhook_events"]]
+                for name, token in TOKENS.items()}
+        assert refs == {"north": ["ref-north"], "south": ["ref-south"] * 2, "west": []}
+        server.emulator.options = replace(server.emulator.options,
+                                          revoked=frozenset({TOKENS["south"]}))
+        assert listed(TOKENS["south"]).status_code == 401
+        assert listed(TOKENS["north"]).status_code == 200
+
+
+@pytest.mark.parametrize("per_job_below", [pytest.param(20, id="per-job"),
+                                           pytest.param(0, id="paging-by-date")])
+def test_poll_asks_for_each_accounts_jobs_with_its_own_token(
+        tmp_path: Path, per_job_below: int) -> None:
+    """Every webhook lost: poll asks Cobalt once per account, with that account's token,
+    for that account's jobs only; every row ends confirmed, and summary.json, report.html
+    and status count them per account."""
+    rows = rows_for("north", 3) + rows_for("south", 2) + rows_for("west", 2)
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(
+            tmp_path, server, rows, {"north": {}, "south": {}, "west": {}},
+            poll={"per_job_below": per_job_below, "page_size": 2})
+        before = ledger_status(load_config(path)).kind("awaiting_outcome").by_account
+        assert before == {"north": 3, "south": 2, "west": 2}
+        assert main(["-q", "poll", str(path)]) == 0
+        asked = list(server.emulator.queried_by)
+    results = read_results(report)
+    assert by_account(results) == {"north": {"confirmed": 3}, "south": {"confirmed": 2},
+                                   "west": {"confirmed": 2}}
+    assert {status for _, status, _ in asked} == {200}
+    assert {ref for ref, _, _ in asked} == {"ref-north", "ref-south", "ref-west"}
+    if per_job_below:  # each job asked for with its own account's token, and only so
+        jobs_of = {f"ref-{r['account']}": set() for r in results}
+        for r in results:
+            jobs_of[f"ref-{r['account']}"].add(r["job_id"])
+        asked_for: dict[str, set[str]] = {}
+        for ref, _, query in asked:
+            asked_for.setdefault(ref, set()).add(query["job_id"])
+        assert asked_for == jobs_of
+    events = [e for _, e in read_sink(tmp_path / "state" / "webhooks.jsonl")]
+    assert sorted(e["job_id"] for e in events) == sorted(r["job_id"] for r in results)
+    summary = read_summary(report)
+    assert summary["accounts"] == {"north": {"rows": 3, "confirmed": 3},
+                                   "south": {"rows": 2, "confirmed": 2},
+                                   "west": {"rows": 2, "confirmed": 2}}
+    assert html_accounts(report) == {"north": {"Rows": 3, "confirmed": 3},
+                                     "south": {"Rows": 2, "confirmed": 2},
+                                     "west": {"Rows": 2, "confirmed": 2}}
+    assert ledger_status(load_config(path)).kind("awaiting_outcome").count == 0
+
+
+def test_poll_goes_on_for_the_others_when_one_accounts_token_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """North's token is revoked after the run: poll still fetches south's and west's
+    outcomes (their rows end confirmed), says north's credentials were refused, leaves
+    north's rows awaiting their outcome, and exits 3 (aborted), as a run with a refused
+    account does."""
+    rows = rows_for("north", 2) + rows_for("south", 2) + rows_for("west", 3)
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows,
+                                             {"north": {}, "south": {}, "west": {}})
+        server.emulator.options = replace(server.emulator.options,
+                                          revoked=frozenset({TOKENS["north"]}))
+        capsys.readouterr()
+        assert main(["poll", str(path)]) == 3
+        assert server.emulator.refused["ref-north"] >= 1
+    out = capsys.readouterr().out
+    assert "stopped: account north: credentials refused by Cobalt (HTTP 401" in out
+    assert "api.accounts.north.access_token" in out
+    assert "account south" not in out
+    assert "account west" not in out
+    assert by_account(read_results(report)) == {"north": {"awaiting_outcome": 2},
+                                                "south": {"confirmed": 2},
+                                                "west": {"confirmed": 3}}
+    found = ledger_status(load_config(path)).kind("awaiting_outcome")
+    assert found.by_account == {"north": 2}
+    assert main(["status", str(path)]) == 1
+    assert "awaiting an outcome: 2;" in (said := capsys.readouterr().out)
+    assert "  accounts: north 2\n" in said
+    assert read_summary(report)["accounts"]["north"] == {"rows": 2, "awaiting_outcome": 2}
+    assert html_accounts(report)["south"] == {"Rows": 2, "confirmed": 2}
+
+
+def test_a_polled_event_of_another_accounts_connection_stays_a_conflict(
+        tmp_path: Path) -> None:
+    """Cobalt lists, to south's token, an event for south's job that names north's
+    connection: poll stores it as listed, and reconcile calls south's row a conflict,
+    while north's own event confirms north's row."""
+    rows = rows_for("north", 1) + rows_for("south", 1)
+    accounts = {"north": {"reference_id": "ref-north"}, "south": {"reference_id": "ref-south"}}
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows, accounts)
+    sent = {r["job_id"]: r for r in read_results(report)}
+
+    async def listed(request: Request) -> JSONResponse:
+        row = sent[request.query_params["job_id"]]
+        item = {"event_id": f"evt_{row['job_id']}", "event_type": "task_note.created",
+                "webhook_url": "https://x", "delivery_status": "failed",
+                "created_at": "2026-11-30T10:00:00.000Z", "job_id": row["job_id"],
+                "access_token_reference_id": "ref-north",  # for south's job too
+                "data": {"task_note_id": row["task_note_id"], "emr_note_id": "n-1",
+                         "emr_task_id": row["emr_task_id"], "note": "(not compared)"}}
+        return JSONResponse({"success": True, "webhook_events": [item], "pagination": {
+            "current_page": 1, "total_pages": 1, "total_count": 1, "page_size": 100}})
+
+    with ThreadedServer(Starlette(routes=[Route("/v1/webhook-events", listed)])) as cobalt:
+        path = accounts_config_file(tmp_path, cobalt.url, accounts)
+        assert main(["-q", "poll", str(path)]) == 1
+    results = read_results(report)
+    assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
+        ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
+    assert "another account's connection" in results[1]["detail"]
+
+
+def test_an_accounts_rate_holds_it_while_the_others_go_at_full_speed(tmp_path: Path) -> None:
+    """South limited to 2 requests a second: its requests reach Cobalt at most that often,
+    while north (no limit of its own) is not held to south's pace. Ratios from the
+    emulator's own arrival times, measured in this one run."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("south", 5) + rows_for("north", 20),
+                         header=HEADER)
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url,
+                                               south={"rate_per_second": 2}), str(csv_path))
+        arrived = list(server.emulator.arrived_by)
+        assert server.emulator.stored_by == {"ref-south": 5, "ref-north": 20}
+    assert outcome.report is not None
+    south = [t for t, ref in arrived if ref == "ref-south"]
+    north = [t for t, ref in arrived if ref == "ref-north"]
+    south_gap = (south[-1] - south[0]) / (len(south) - 1)  # seconds between requests
+    north_gap = (north[-1] - north[0]) / (len(north) - 1)
+    # 2/s: 0.5 s apart on average (a late wake-up may only stretch it; jitter in
+    # arriving could at most shave the odd slot, hence 0.8)
+    assert south_gap >= 0.8 * 0.5
+    assert north_gap * 4 < south_gap, "north was held to south's rate"
+    # north did not wait for south: most of its requests came before south's last one
+    assert sum(t < south[-1] for t in north) > len(north) // 2
+
+
+def html_accounts(report: Path) -> dict[str, dict[str, int]]:
+    """report.html's per-account table: account -> {column: count}."""
+    html = (report / "report.html").read_text()
+    table = html[html.index('<table id="accounts">'):]
+    table = table[:table.index("</table>")]
+    heads = re.findall(r"<th>([^<]*)</th>", table)[1:]
+    found = {}
+    for cells in re.findall(r"<tr><td>(.*?)</tr>", table):
+        name, *counts = re.findall(r"([^<>]+)</td>", "<td>" + cells)
+        found[name] = {h: int(c.replace(",", "")) for h, c in zip(heads, counts, strict=True)
+                       if c != "0"}
+    return found
+
+
+def test_poll_settles_an_accounts_ambiguous_row_by_its_own_note(tmp_path: Path) -> None:
+    """South's note was stored, then answered 500 (ambiguous, no job id), and every webhook
+    lost: poll looks for that note among south's events, by south's ledger key (its account,
+    task and note), and the row ends confirmed by that evidence (the accounts' reference
+    ids configured); nothing sent twice."""
+    rows = rows_for("north", 2) + rows_for("south", 2)
+    faults = Faults(rate_500_after_store=1.0, only_tasks=frozenset({"south-1"}),
+                    drop_webhooks=1.0)
+    with emulator(faults=faults) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows, {
+            "north": {"reference_id": "ref-north"}, "south": {"reference_id": "ref-south"}})
+        assert by_account(read_results(report))["south"] == {"ambiguous": 1,
+                                                             "awaiting_outcome": 1}
+        assert main(["-q", "poll", str(path)]) == 0
+        sent = [server.stored(task, note) for task, note, _ in rows]
+    assert sent == [1, 1, 1, 1]
+    results = {r["emr_task_id"]: r for r in read_results(report)}
+    assert {r["final_status"] for r in results.values()} == {"confirmed"}
+    assert results["south-1"]["detail"] == (
+        "settled by evidence: a task_note.created event carries this note")
+
+
+def test_polling_holds_an_account_to_its_rate(tmp_path: Path) -> None:
+    """Polling per job, south (2 requests a second) is asked at most that often, while
+    north's queries are not held to south's pace: ratios of the emulator's query times."""
+    rows = rows_for("south", 4) + rows_for("north", 12)
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, _ = sent_without_webhooks(tmp_path, server, rows,
+                                        {"north": {}, "south": {"rate_per_second": 2}})
+        assert main(["-q", "poll", str(path)]) == 0
+        times = [t for t, _ in server.emulator.event_queries]
+        refs = [ref for ref, _, _ in server.emulator.queried_by]
+    south = [t for t, ref in zip(times, refs, strict=True) if ref == "ref-south"]
+    north = [t for t, ref in zip(times, refs, strict=True) if ref == "ref-north"]
+    assert (len(south), len(north)) == (4, 12)  # one query a job (per_job_below: 20)
+    south_gap = (south[-1] - south[0]) / (len(south) - 1)
+    north_gap = (north[-1] - north[0]) / (len(north) - 1)
+    assert south_gap >= 0.8 * 0.5  # see test_an_accounts_rate_holds_it_...
+    assert north_gap * 4 < south_gap, "north was held to south's rate"
+
+
+def test_a_sandbox_aims_429s_at_one_account_from_its_config(tmp_path: Path) -> None:
+    """sandbox.emulator.faults.only_references names one account (in a sandbox its
+    reference id is its name): every try of south's notes meets a 429 until
+    submit.max_attempts, so they end send_failed; north's and west's are all confirmed."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         rows_for("south", 2) + rows_for("north", 3) + rows_for("west", 2),
+                         header=HEADER)
+    config = accounts_config(tmp_path, submit={"max_attempts": 2}, sandbox={
+        "enabled": True, "wait_s": 30, "emulator": {
+            "latency_ms": [0, 0], "outcome_delay_ms": [5, 30],
+            "faults": {"rate_429": 1.0, "retry_after_s": 0, "only_references": ["south"]}}})
+    outcome = run_pipeline(config, str(csv_path))
+    assert outcome.report is not None
+    assert by_account(read_results(outcome.report.directory)) == {
+        "south": {"send_failed": 2}, "north": {"confirmed": 3}, "west": {"confirmed": 2}}
+
+
+def test_poll_goes_on_for_the_others_when_one_accounts_page_cannot_be_read(
+        tmp_path: Path) -> None:
+    """Cobalt answers south's token with a page holding an item of neither documented
+    shape: south's poll stops, with a line naming south, and north's outcome is still
+    fetched and confirms north's row; exit 3."""
+    rows = rows_for("north", 1) + rows_for("south", 1)
+    accounts: dict[str, dict[str, Any]] = {"north": {}, "south": {}}
+    with emulator(faults=Faults(drop_webhooks=1.0)) as server:
+        path, report = sent_without_webhooks(tmp_path, server, rows, accounts)
+    sent = {r["job_id"]: r for r in read_results(report)}
+
+    async def listed(request: Request) -> JSONResponse:
+        row = sent[request.query_params["job_id"]]
+        item: dict[str, Any] = {"uuid": "u1", "kind": "task_note.created"}  # neither shape
+        if request.headers["access_token"] == TOKENS["north"]:
+            item = {"event_id": f"evt_{row['job_id']}", "event_type": "task_note.created",
+                    "created_at": "2026-11-30T10:00:00.000Z", "job_id": row["job_id"],
+                    "access_token_reference_id": "ref-north",
+                    "data": {"task_note_id": row["task_note_id"], "emr_note_id": "n-1",
+                             "emr_task_id": row["emr_task_id"], "note": "(not compared)"}}
+        return JSONResponse({"success": True, "webhook_events": [item], "pagination": {
+            "current_page": 1, "total_pages": 1, "total_count": 1, "page_size": 100}})
+
+    with ThreadedServer(Starlette(routes=[Route("/v1/webhook-events", listed)])) as cobalt:
+        path = accounts_config_file(tmp_path, cobalt.url, accounts)
+        result = jobs.poll(path)
+    assert result.exit_code == 3
+    assert result.stats is not None
+    (reason,) = result.stats.stopped.values()
+    assert reason.startswith("account south: GET /v1/webhook-events (job_id=")
+    assert "item 1 of 1 cannot be read: an item has fields kind, uuid" in reason
+    assert by_account(read_results(report)) == {"north": {"confirmed": 1},
+                                                "south": {"awaiting_outcome": 1}}

@@ -129,8 +129,10 @@ class SQLiteRows(SQLiteConnection):
         except sqlite3.Error as exc:
             raise StateError(f"ledger {self.path} cannot be written: {exc}") from None
 
-    def job_ids(self, run_id: str | None = None, *, unresolved: bool = False) -> set[str]:
-        """job ids of accepted rows (of one run, or all); ``unresolved``: only without outcome."""
+    def job_ids(self, run_id: str | None = None, *, unresolved: bool = False,
+                account: str | None = None) -> set[str]:
+        """job ids of accepted rows (of one run, or all); ``unresolved``: only without outcome;
+        ``account``: only rows naming that account (api.accounts)."""
         sql = "SELECT job_id FROM rows WHERE status='accepted' AND job_id IS NOT NULL"
         params: tuple[str, ...] = ()
         if run_id is not None:
@@ -138,6 +140,9 @@ class SQLiteRows(SQLiteConnection):
             params = (run_id,)
         if unresolved:
             sql += " AND outcome IS NULL"
+        if account is not None:
+            sql += " AND account=?"
+            params = (*params, account)
         return {r[0] for r in self._db.execute(sql, params)}
 
     def earliest_submission(self, job_ids: Iterable[str]) -> str | None:
