@@ -357,6 +357,33 @@ def test_migrate_state_refuses_a_database_whose_rows_use_the_same_ids(
     assert statuses(pg_url) == {"accepted": 2}  # nothing copied
 
 
+def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_nothing(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A CSV or an empty file given as the ledger, or a CSV given as the sink file: one line
+    naming the path, exit 2, nothing written to the database (not even its schema)."""
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    for wrong in (source, empty):
+        assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(wrong)]) == 2
+        err = capsys.readouterr().err
+        assert f"--from-sqlite: {wrong}" in err
+        assert "Traceback" not in err
+    with connect(pg_url) as conn:  # the database was not touched
+        assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+    ledger = tmp_path / "old" / "state" / "ledger.sqlite"
+    assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(ledger),
+                 "--sink", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the 4 lines of {source} is a webhook event" in err
+    assert "Traceback" not in err
+
+
 def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Path) -> None:
     """The sandbox's sink stores into the database the run reads its outcomes from."""
     source = write_csv(tmp_path / "input.csv", notes(5))
