@@ -279,6 +279,25 @@ async def test_signed_events_land_once_each_and_export_as_sent(
     assert (tmp_path / "ev.jsonl").stat().st_mode & 0o077 == 0
 
 
+def test_healthz_follows_the_database_even_when_no_webhook_arrives(
+        pg_cluster: Any, sink_on_pg: tuple[str, str]) -> None:
+    """The README: while the database is down, /healthz answers 503; a monitor must learn it
+    before Cobalt's next delivery fails, and learn the recovery without one either."""
+    url, _ = sink_on_pg
+
+    def health() -> int:
+        return httpx.get(f"{url}/healthz", timeout=30).status_code
+
+    assert health() == 200
+    try:
+        pg_cluster.stop("fast")
+        wait_until(lambda: health() == 503, timeout=60, what="/healthz 503 with the database down")
+    finally:
+        if not pg_cluster.ready():
+            pg_cluster.start()
+    wait_until(lambda: health() == 200, timeout=60, what="/healthz 200 with the database back")
+
+
 def test_database_down_mid_stream_is_503_then_heals_and_loses_no_acknowledged_event(
         pg_cluster: Any, sink_on_pg: tuple[str, str]) -> None:
     url, pg_url = sink_on_pg
