@@ -21,6 +21,7 @@ from helpers import (
     CREDENTIALS,
     WEBHOOK_SECRET,
     EmulatorThread,
+    config_dict,
     free_port,
     make_config,
     notes,
@@ -34,8 +35,10 @@ from helpers import (
 from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
+from pipeline.errors import StateError
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect, open_state
+from pipeline.state.store import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +154,59 @@ def test_a_second_run_on_the_account_is_refused_naming_the_holder(
         config = worker_file(tmp_path, "worker-b", api.url)
         assert main(["-q", "run", str(config), "--input", str(source)]) in (0, 1)
         assert api.emulator.requests == 3
+
+
+def several(tmp_path: Path, name: str, pg_url: str, api: str, order: tuple[str, ...]
+            ) -> RunConfig:
+    """A several-clinic worker config (api.accounts in ``order``), state in ``pg_url``."""
+    home = tmp_path / name
+    home.mkdir(exist_ok=True)
+    data = config_dict(home, state={"url": pg_url})
+    data["api"] = {"base_url": api, "client_id": CREDENTIALS["client_id"],
+                   "client_secret": CREDENTIALS["client_secret"],
+                   "accounts": {a: {"access_token": f"tok-{a}"} for a in order}}
+    data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                "account": "clinic"}
+    return RunConfig.model_validate(data)
+
+
+def test_the_run_lock_is_the_account_however_a_config_names_it(
+        pg_url: str, tmp_path: Path) -> None:
+    """The lock follows the ledger key's account (attacker finding: two configs naming the
+    same clinics differently both sent every note): another order of api.accounts, one
+    clinic of a several-clinic config, the name in another Unicode form; an unrelated
+    account still runs."""
+    nfd, nfc = "Cli\u0301nica Norte", "Cl\u00ednica Norte"
+    holder = open_store(several(tmp_path, "a", pg_url, "http://127.0.0.1:9",
+                                ("north", "south", nfd)))
+    holder.lock()
+    holder.start_run("run-of-the-holder", "north,south," + nfd, "fp", {})
+    try:
+        same = [several(tmp_path, "b", pg_url, "http://127.0.0.1:9", (nfd, "south", "north")),
+                worker(tmp_path, "c", pg_url, "http://127.0.0.1:9", account="south"),
+                worker(tmp_path, "d", pg_url, "http://127.0.0.1:9", account=nfc)]
+        for config in same:
+            second = open_store(config)
+            with pytest.raises(StateError, match=r"run run-of-the-holder, .*\) holds the run "
+                                                 r"lock of account "):
+                second.lock()
+            assert second.lock_holder() == os.getpid()
+            assert second.runs_in_progress() == ["run-of-the-holder"]
+            second.close()
+        rows = [["t-1", "Called back, see chart.", "north"]]
+        source = write_csv(tmp_path / "input.csv", rows, header=("emr_task_id", "note",
+                                                                  "clinic"))
+        with EmulatorThread() as api:  # end to end: refused before anything is sent
+            with pytest.raises(StateError):
+                jobs.run(several(tmp_path, "b", pg_url, api.url, ("south", "north", nfc)),
+                         inputs=(str(source),))
+            assert api.emulator.requests == 0
+        other = open_store(worker(tmp_path, "e", pg_url, "http://127.0.0.1:9",
+                                  account="east"))
+        other.lock()  # another clinic is not held up
+        other.close()
+    finally:
+        holder.close()
 
 
 def test_kill_9_leaves_the_in_flight_rows_ambiguous_for_a_run_on_another_host(

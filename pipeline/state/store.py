@@ -38,7 +38,8 @@ def open_store(config: RunConfig) -> Ledger:
     if config.state.url is not None:
         from pipeline.state.pg_ledger import PgLedger  # noqa: PLC0415 - psycopg only here
 
-        return PgLedger(config.state.url.get_secret_value(), config.api.account_id())
+        return PgLedger(config.state.url.get_secret_value(), config.api.account_id(),
+                        config.api.account_names())
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
 
 
