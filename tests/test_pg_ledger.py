@@ -36,6 +36,7 @@ from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import StateError
+from pipeline.state import Ledger
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect, open_state
 from pipeline.state.store import open_store
@@ -438,6 +439,34 @@ def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_not
     err = capsys.readouterr().err
     assert f"none of the 4 lines of {source} is a webhook event" in err
     assert "Traceback" not in err
+
+
+def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy taken half-way through a run would let the first run on PostgreSQL send
+    again what the rest of that run sent (attacker finding): refused while the ledger's
+    run lock is held, nothing copied; copied once the run has ended."""
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+    path = tmp_path / "old" / "state" / "ledger.sqlite"
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(path)]
+    running = Ledger(path)
+    running.lock()  # as a run in progress holds it
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err
+        assert "let that run end, then migrate; nothing was copied" in err
+        with connect(pg_url) as conn:
+            assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+    finally:
+        running.close()
+    assert main(argv) == 0
+    assert statuses(pg_url) == {"accepted": 3}
 
 
 def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Path) -> None:

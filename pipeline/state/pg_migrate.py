@@ -106,9 +106,12 @@ def copy_ledger(url: str, path: Path) -> Copied:
 
 
 def _source_ledger(path: Path) -> Ledger:
-    """The SQLite ledger at ``path``, opened read-only and checked to be one, before
+    """The SQLite ledger at ``path``, opened read-only, checked to be one, with its run
+    lock held (so no run sends on it while it is copied: a copy of a run half-way would
+    let the first run on PostgreSQL send again what the rest of it sent), all before
     anything touches the database. Raises StateError (exit 2) naming the path when it is
-    missing, not an SQLite file, or an SQLite file without a ledger's tables."""
+    missing, not an SQLite file, an SQLite file without a ledger's tables, or in use by
+    a run."""
     try:
         ledger = Ledger.existing(path)
     except StateError as exc:
@@ -126,6 +129,12 @@ def _source_ledger(path: Path) -> Ledger:
         ledger.close()
         raise StateError(f"--from-sqlite: {path} is not a tasknotes ledger (no table "
                          f"{', '.join(missing)}); nothing was copied")
+    try:  # held until the copy ends: no run may change the ledger while it is copied
+        ledger.lock()
+    except StateError as exc:
+        ledger.close()
+        raise StateError(f"--from-sqlite: {exc}: let that run end, then migrate; nothing "
+                         "was copied") from None
     return ledger
 
 
