@@ -35,7 +35,7 @@ from helpers import (
 from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
-from pipeline.errors import StateError
+from pipeline.errors import RunAborted, StateError
 from pipeline.state import Ledger
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect, open_state
@@ -262,6 +262,24 @@ def test_losing_the_database_mid_run_is_exit_3_and_the_in_flight_rows_ambiguous(
         run_pipeline(worker(tmp_path, "worker-b", pg_url, api.url), str(source))
         assert api.emulator.requests == 16
     assert statuses(pg_url)["ambiguous"] == 4
+
+
+def test_the_database_gone_once_the_run_is_under_way_is_exit_3_not_2(
+        pg_cluster: Any, pg_url: str) -> None:
+    """Between the scan (rows written) and the first send the run opens its second
+    connection: the database gone by then is RunAborted (exit 3: rows stay pending for
+    the next run), not the exit 2 of a database never reached (newcomer finding)."""
+    store = PgLedger(pg_url, "test_clinic")
+    try:
+        pg_cluster.stop("fast")
+        with pytest.raises(RunAborted, match="the run stops here") as caught:
+            store.reader()
+        assert caught.value.exit_code == 3
+        assert password(pg_url) not in str(caught.value)
+    finally:
+        store.close()
+        if not pg_cluster.ready():
+            pg_cluster.start()
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from pipeline.errors import StateError
+from pipeline.errors import RunAborted, StateError
 from pipeline.state import rules
 from pipeline.state.pg_session import PgSession, lock_key
 from pipeline.state.postgres import open_state, where
@@ -86,8 +86,17 @@ class PgLedger(Ledger):
         self._db = cast("sqlite3.Connection", self._pg)  # the surface the statements use
 
     def reader(self) -> PgLedger:
-        """A second connection to the same database (the send reads pending rows on it)."""
-        return PgLedger(self.url, self.account, self.lock_names)
+        """A second connection to the same database (the send reads pending rows on it).
+
+        Opened once the run is under way (its record and rows are written): a database
+        gone by then is RunAborted (exit 3, as when it goes while sending), not the
+        StateError (exit 2) of one that could not be reached before anything started.
+        """
+        try:
+            return PgLedger(self.url, self.account, self.lock_names)
+        except StateError as exc:
+            raise RunAborted(f"{exc}; the run stops here: its rows not sent stay pending "
+                             "for the next run") from None
 
     def close(self) -> None:
         """Close the session; the run lock (held by the session) goes with it."""
