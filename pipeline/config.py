@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -271,6 +272,9 @@ class StateConfig(_Section):
         from pipeline.state.postgres import check_url  # noqa: PLC0415 - no psycopg needed
 
         check_url(value.get_secret_value())
+        if importlib.util.find_spec("psycopg") is None:  # before anything runs, not mid-way
+            raise ValueError("needs the PostgreSQL driver psycopg 3, which is not installed: "
+                             "pip install 'tasknotes[postgres]'")
         return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,10 @@ def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
         yield pg_cluster.url(name)
     finally:
         pg_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def state(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The config's state section on each backend: the local ledger, or ``state.url`` on a
+    fresh database of the throwaway server. A test that takes it runs on both."""
+    return {} if request.param == "sqlite" else {"url": request.getfixturevalue("pg_url")}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,8 +80,9 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> N
     assert max(stored.values()) == 1
 
 
-def test_a_fault_soak_ends_every_row_once(tmp_path: Path) -> None:
-    """10% 429, 5% 503, 2% slow, 2% dropped: one final status per row, nothing stored twice."""
+def test_a_fault_soak_ends_every_row_once(tmp_path: Path, state: dict[str, Any]) -> None:
+    """10% 429, 5% 503, 2% slow, 2% dropped: one final status per row, nothing stored twice;
+    with the ledger in SQLite and with state.url on PostgreSQL."""
     rows = notes(400)
     faults = Faults(rate_429=0.10, rate_503=0.05, slow_after_store=0.02, drop_after_store=0.02,
                     retry_after_s=0, slow_s=1.0)
@@ -88,7 +90,7 @@ def test_a_fault_soak_ends_every_row_once(tmp_path: Path) -> None:
     with EmulatorThread(faults=faults, seed=5) as api:
         config = make_config(tmp_path, api={"base_url": api.url, "timeout_s": 0.4},
                              submit={"concurrency": 8, "max_attempts": 8,
-                                     "max_consecutive_failures": 400})
+                                     "max_consecutive_failures": 400}, state=state)
         outcome = run_pipeline(config)
         stored = [api.stored(t, n) for t, n in rows]
     results = read_results(outcome.report.directory)

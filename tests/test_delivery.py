@@ -59,12 +59,6 @@ def last_answer(faults: Faults, status: str) -> int | None:
         status, 500 if faults.rate_500_after_store else None)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
-def state(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The config's state section on each backend: the local ledger, or state.url."""
-    return {} if request.param == "sqlite" else {"url": request.getfixturevalue("pg_url")}
-
-
 @pytest.mark.parametrize(
     ("faults", "status", "stored", "attempts"),
     [

@@ -21,6 +21,7 @@ from helpers import (
     CREDENTIALS,
     WEBHOOK_SECRET,
     EmulatorThread,
+    config_dict,
     free_port,
     make_config,
     notes,
@@ -34,8 +35,11 @@ from helpers import (
 from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
+from pipeline.errors import RunAborted, StateError
+from pipeline.state import Ledger
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect, open_state
+from pipeline.state.store import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +157,59 @@ def test_a_second_run_on_the_account_is_refused_naming_the_holder(
         assert api.emulator.requests == 3
 
 
+def several(tmp_path: Path, name: str, pg_url: str, api: str, order: tuple[str, ...]
+            ) -> RunConfig:
+    """A several-clinic worker config (api.accounts in ``order``), state in ``pg_url``."""
+    home = tmp_path / name
+    home.mkdir(exist_ok=True)
+    data = config_dict(home, state={"url": pg_url})
+    data["api"] = {"base_url": api, "client_id": CREDENTIALS["client_id"],
+                   "client_secret": CREDENTIALS["client_secret"],
+                   "accounts": {a: {"access_token": f"tok-{a}"} for a in order}}
+    data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                "account": "clinic"}
+    return RunConfig.model_validate(data)
+
+
+def test_the_run_lock_is_the_account_however_a_config_names_it(
+        pg_url: str, tmp_path: Path) -> None:
+    """The lock follows the ledger key's account (attacker finding: two configs naming the
+    same clinics differently both sent every note): another order of api.accounts, one
+    clinic of a several-clinic config, the name in another Unicode form; an unrelated
+    account still runs."""
+    nfd, nfc = "Cli\u0301nica Norte", "Cl\u00ednica Norte"
+    holder = open_store(several(tmp_path, "a", pg_url, "http://127.0.0.1:9",
+                                ("north", "south", nfd)))
+    holder.lock()
+    holder.start_run("run-of-the-holder", "north,south," + nfd, "fp", {})
+    try:
+        same = [several(tmp_path, "b", pg_url, "http://127.0.0.1:9", (nfd, "south", "north")),
+                worker(tmp_path, "c", pg_url, "http://127.0.0.1:9", account="south"),
+                worker(tmp_path, "d", pg_url, "http://127.0.0.1:9", account=nfc)]
+        for config in same:
+            second = open_store(config)
+            with pytest.raises(StateError, match=r"run run-of-the-holder, .*\) holds the run "
+                                                 r"lock of account "):
+                second.lock()
+            assert second.lock_holder() == os.getpid()
+            assert second.runs_in_progress() == ["run-of-the-holder"]
+            second.close()
+        rows = [["t-1", "Called back, see chart.", "north"]]
+        source = write_csv(tmp_path / "input.csv", rows, header=("emr_task_id", "note",
+                                                                  "clinic"))
+        with EmulatorThread() as api:  # end to end: refused before anything is sent
+            with pytest.raises(StateError):
+                jobs.run(several(tmp_path, "b", pg_url, api.url, ("south", "north", nfc)),
+                         inputs=(str(source),))
+            assert api.emulator.requests == 0
+        other = open_store(worker(tmp_path, "e", pg_url, "http://127.0.0.1:9",
+                                  account="east"))
+        other.lock()  # another clinic is not held up
+        other.close()
+    finally:
+        holder.close()
+
+
 def test_kill_9_leaves_the_in_flight_rows_ambiguous_for_a_run_on_another_host(
         pg_url: str, tmp_path: Path) -> None:
     source = write_csv(tmp_path / "input.csv", notes(20))
@@ -205,6 +262,24 @@ def test_losing_the_database_mid_run_is_exit_3_and_the_in_flight_rows_ambiguous(
         run_pipeline(worker(tmp_path, "worker-b", pg_url, api.url), str(source))
         assert api.emulator.requests == 16
     assert statuses(pg_url)["ambiguous"] == 4
+
+
+def test_the_database_gone_once_the_run_is_under_way_is_exit_3_not_2(
+        pg_cluster: Any, pg_url: str) -> None:
+    """Between the scan (rows written) and the first send the run opens its second
+    connection: the database gone by then is RunAborted (exit 3: rows stay pending for
+    the next run), not the exit 2 of a database never reached (newcomer finding)."""
+    store = PgLedger(pg_url, "test_clinic")
+    try:
+        pg_cluster.stop("fast")
+        with pytest.raises(RunAborted, match="the run stops here") as caught:
+            store.reader()
+        assert caught.value.exit_code == 3
+        assert password(pg_url) not in str(caught.value)
+    finally:
+        store.close()
+        if not pg_cluster.ready():
+            pg_cluster.start()
 
 
 @contextlib.contextmanager
@@ -355,6 +430,61 @@ def test_migrate_state_refuses_a_database_whose_rows_use_the_same_ids(
     assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(ledger)]) == 2
     assert "already has rows with the ids of the ledger's rows" in capsys.readouterr().err
     assert statuses(pg_url) == {"accepted": 2}  # nothing copied
+
+
+def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_nothing(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A CSV or an empty file given as the ledger, or a CSV given as the sink file: one line
+    naming the path, exit 2, nothing written to the database (not even its schema)."""
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    for wrong in (source, empty):
+        assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(wrong)]) == 2
+        err = capsys.readouterr().err
+        assert f"--from-sqlite: {wrong}" in err
+        assert "Traceback" not in err
+    with connect(pg_url) as conn:  # the database was not touched
+        assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+    ledger = tmp_path / "old" / "state" / "ledger.sqlite"
+    assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(ledger),
+                 "--sink", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the 4 lines of {source} is a webhook event" in err
+    assert "Traceback" not in err
+
+
+def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy taken half-way through a run would let the first run on PostgreSQL send
+    again what the rest of that run sent (attacker finding): refused while the ledger's
+    run lock is held, nothing copied; copied once the run has ended."""
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+    path = tmp_path / "old" / "state" / "ledger.sqlite"
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(path)]
+    running = Ledger(path)
+    running.lock()  # as a run in progress holds it
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err
+        assert "let that run end, then migrate; nothing was copied" in err
+        with connect(pg_url) as conn:
+            assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+    finally:
+        running.close()
+    assert main(argv) == 0
+    assert statuses(pg_url) == {"accepted": 3}
 
 
 def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Path) -> None:

@@ -59,6 +59,49 @@ def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
         assert load_config(good).state.url is not None
 
 
+@pytest.mark.parametrize(("url", "secret_parts"), [
+    ("postgresql://tasknotes:Wintq@2026!x@127.0.0.1:5432/tasknotes", ("Wintq", "2026!x")),
+    ("postgresql://tasknotes:abq/dxf#ghz@127.0.0.1:5432/tasknotes", ("abq", "dxf", "ghz")),
+    ("postgresql://tasknotes:Pz7q@sz:w/rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "sz:w", "rk9")),
+    ("postgresql://tasknotes:Pz7q?rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "rk9")),
+])
+def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str,
+        secret_parts: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq ends the password at the first @ / ? #: the rest would be read (and shown) as
+    the host, port or database. Refused as config, before anything is sent or connected."""
+    monkeypatch.setenv("TASKNOTES_STATE_URL", url)
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    assert main(["-q", "status", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "state.url" in err
+    assert "percent-encode" in err
+    assert "Traceback" not in err
+    for part in secret_parts:
+        assert part not in err, part
+    encoded = write_config(tmp_path, "ok.yaml", state={
+        "url": "postgresql://tasknotes:Wintq%402026%21x@127.0.0.1:5432/tasknotes"})
+    assert load_config(encoded).state.url is not None  # percent-encoded: accepted
+
+
+def test_state_url_without_the_postgres_driver_is_one_line_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without the [postgres] extra: a config error naming the fix, for every
+    command (here status, run and sink), never a traceback, never exit 1."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    monkeypatch.setenv("TASKNOTES_STATE_URL", "postgresql://u:pw-x@127.0.0.1:9/db")
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    for argv in (["status", str(config)], ["run", str(config), "--no-progress"],
+                 ["sink", str(config), "--port", "9"]):
+        assert main(["-q", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "state.url" in err
+        assert "pip install 'tasknotes[postgres]'" in err
+        assert "Traceback" not in err
+        assert "pw-x" not in err
+
+
 def test_state_url_from_the_environment_is_required_once_named(tmp_path: Path) -> None:
     """An unset ${VAR} would otherwise fall back silently to local files."""
     config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
@@ -234,6 +277,25 @@ async def test_signed_events_land_once_each_and_export_as_sent(
     assert main(["-q", "export-events", str(config), "--out", str(tmp_path / "ev.jsonl")]) == 0
     assert (tmp_path / "ev.jsonl").read_bytes() == exported
     assert (tmp_path / "ev.jsonl").stat().st_mode & 0o077 == 0
+
+
+def test_healthz_follows_the_database_even_when_no_webhook_arrives(
+        pg_cluster: Any, sink_on_pg: tuple[str, str]) -> None:
+    """The README: while the database is down, /healthz answers 503; a monitor must learn it
+    before Cobalt's next delivery fails, and learn the recovery without one either."""
+    url, _ = sink_on_pg
+
+    def health() -> int:
+        return httpx.get(f"{url}/healthz", timeout=30).status_code
+
+    assert health() == 200
+    try:
+        pg_cluster.stop("fast")
+        wait_until(lambda: health() == 503, timeout=60, what="/healthz 503 with the database down")
+    finally:
+        if not pg_cluster.ready():
+            pg_cluster.start()
+    wait_until(lambda: health() == 200, timeout=60, what="/healthz 200 with the database back")
 
 
 def test_database_down_mid_stream_is_503_then_heals_and_loses_no_acknowledged_event(

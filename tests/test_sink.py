@@ -403,18 +403,39 @@ def test_the_torn_side_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
 # -- a real sink process ------------------------------------------------------------------------
 
 
-def start_sink(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """``tasknotes sink`` in its own process; returns once it answers."""
-    config = write_config(tmp_path, webhooks={"max_body_bytes": 1024 * 1024})
+def start_sink(tmp_path: Path, state: dict[str, Any] | None = None
+               ) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``tasknotes sink`` in its own process; returns once it answers. ``state`` is the
+    config's state section (``{"url": ...}``: events stored in PostgreSQL, not the file)."""
+    env = dict(os.environ)
+    section: dict[str, Any] = {}
+    if state and state.get("url"):
+        env["TASKNOTES_STATE_URL"] = state["url"]  # the URL only through the environment
+        section = {"state": {"url": "${TASKNOTES_STATE_URL}"}}
+    config = write_config(tmp_path, webhooks={"max_body_bytes": 1024 * 1024}, **section)
     port = free_port()
     with (tmp_path / "sink.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "-q", "sink", str(config), "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=log)
+            stdout=subprocess.DEVNULL, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
 
     wait_until_healthy(proc, url, tmp_path / "sink.log", timeout=20)
     return proc, url, tmp_path / "state" / "webhooks.jsonl"
+
+
+def stored_event_ids(tmp_path: Path, path: Path, state: dict[str, Any]) -> set[str]:
+    """The ids of the events the sink stored: read from its file, or (with ``state.url``)
+    exported by ``tasknotes export-events``, the way a user reads them."""
+    if not state.get("url"):
+        return {e["id"] for _, e in read_sink(path)}
+    out = tmp_path / "exported.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-q", "export-events", str(tmp_path / "config.yaml"),
+         "--out", str(out)], capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "TASKNOTES_STATE_URL": state["url"]})
+    assert done.returncode == 0, done.stderr
+    return {json.loads(line)["id"] for line in out.read_bytes().splitlines()}
 
 
 def rss_peak_kb(pid: int) -> int:
@@ -453,9 +474,11 @@ def test_a_10_mb_body_is_refused_without_being_buffered(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_every_acknowledged_event_survives_a_sigkill(tmp_path: Path) -> None:
-    """Kill -9 under load: each event that got a 2xx is in the file, and the file still reads."""
-    proc, url, path = start_sink(tmp_path)
+def test_every_acknowledged_event_survives_a_sigkill(tmp_path: Path,
+                                                     state: dict[str, Any]) -> None:
+    """Kill -9 under load: each event that got a 2xx is stored, and the store still reads
+    (the sink file, or PostgreSQL with state.url)."""
+    proc, url, path = start_sink(tmp_path, state)
     acknowledged: set[str] = set()
 
     async def load() -> None:
@@ -485,7 +508,7 @@ def test_every_acknowledged_event_survives_a_sigkill(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(10)
     assert len(acknowledged) >= 150
-    stored = {e["id"] for _, e in read_sink(path)}
+    stored = stored_event_ids(tmp_path, path, state)
     assert acknowledged <= stored
 
 

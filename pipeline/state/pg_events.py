@@ -23,8 +23,10 @@ signed events reach the store) and the receive time to the millisecond.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,6 +76,8 @@ class PgEventStore:
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._group: GroupCommit[_Row] = GroupCommit(self._commit, stop_on_error=False)
         self.broken: str | None = None
+        self._probe_conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._probe_lock = threading.Lock()
 
     @property
     def where(self) -> str:
@@ -87,6 +91,7 @@ class PgEventStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._close_probe()
 
     def count(self) -> int:
         """Events stored (all sinks on this database). Raises StateError if unreachable."""
@@ -178,21 +183,39 @@ class PgEventStore:
                 row.verdict = "duplicate"
 
     def probe(self) -> str | None:
-        """None if events can be stored now, else why not (for ``/healthz``); after a
-        failure, a fresh connection and ``SELECT 1`` decide."""
-        if self.broken is None:
-            return None
-        try:
-            conn = connect(self._url, application="tasknotes sink probe")
-        except Exception as exc:  # noqa: BLE001 - StateError; its message is the answer
-            return str(exc)
-        try:
-            conn.execute("SELECT 1")
-        except Exception as exc:  # noqa: BLE001 - any driver failure means not healthy
-            return f"PostgreSQL at {self.where}: {describe_failure(self._url, exc)}"
-        finally:
-            conn.close()
-        return None
+        """None if events can be stored now, else why not (for ``/healthz``).
+
+        Asks the database every time (``SELECT 1`` on a connection of its own, kept
+        between probes), not only after a failed store: a database that went down while
+        no webhook arrived turns ``/healthz`` 503 at once, so a load balancer or monitor
+        knows before Cobalt's next delivery fails. A kept connection the server has
+        dropped (a restart) is replaced once before answering, so the reason given is
+        today's, not the one of the last outage.
+        """
+        with self._probe_lock:
+            for fresh in (False, True):
+                try:
+                    if fresh or self._probe_conn is None or self._probe_conn.closed:
+                        self._close_probe()
+                        self._probe_conn = connect(self._url,
+                                                   application="tasknotes sink probe")
+                    self._probe_conn.execute("SELECT 1")
+                except StateError as exc:  # from connect(): one line, no password
+                    self._close_probe()
+                    return str(exc)
+                except Exception as exc:  # noqa: BLE001 - any driver failure means not healthy
+                    self._close_probe()
+                    if fresh:
+                        return f"PostgreSQL at {self.where}: {describe_failure(self._url, exc)}"
+                    continue
+                return None
+        return None  # not reached: the fresh attempt returns
+
+    def _close_probe(self) -> None:
+        if self._probe_conn is not None:
+            with contextlib.suppress(Exception):
+                self._probe_conn.close()
+            self._probe_conn = None
 
 
 def exported_line(body: bytes) -> bytes:

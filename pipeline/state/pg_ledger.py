@@ -13,8 +13,12 @@ Guarantees, as with SQLite:
 - a row is ``sending`` in a committed transaction before its request leaves: the
   session runs with ``synchronous_commit=on`` (postgres.connect), so COMMIT returns
   only when the WAL is flushed on the server;
-- one sending run per account: ``lock`` takes a session-level advisory lock keyed by
-  the account (``pg_try_advisory_lock``). A second run on the same account, on any
+- one sending run per account: ``lock`` takes a session-level advisory lock per
+  account the run may send for (``pg_try_advisory_lock``), keyed by the account as the
+  ledger key spells it (NFC, records.row_key): every account of ``api.accounts``, or
+  the one account, in sorted order. So two configs naming the same account (another
+  order of ``api.accounts``, one clinic of a several-clinic config, another Unicode
+  form of its name) take the same lock. A second run on an account, on any
   host, is refused (StateError, exit 2) naming the holder from ``run_locks`` (host,
   pid, run id). A lock rather than row claims: the scan decides ``already_sent`` and
   ``held`` from what earlier runs did, and that decision is only sound if no other run
@@ -33,11 +37,12 @@ import contextlib
 import json
 import os
 import socket
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from pipeline.errors import StateError
+from pipeline.errors import RunAborted, StateError
 from pipeline.state import rules
 from pipeline.state.pg_session import PgSession, lock_key
 from pipeline.state.postgres import open_state, where
@@ -69,9 +74,10 @@ class PgLedger(Ledger):
     reached or its schema is newer than this tasknotes.
     """
 
-    def __init__(self, url: str, account: str) -> None:
+    def __init__(self, url: str, account: str, accounts: Sequence[str] = ()) -> None:
         self.url = url
         self.account = account
+        self.lock_names = lock_names(accounts or (account,))
         self.path = Path(f"PostgreSQL {where(url)}")
         self._clock = utcnow
         self._lock_fd = None
@@ -81,8 +87,17 @@ class PgLedger(Ledger):
         self._db = cast("sqlite3.Connection", self._pg)  # the surface the statements use
 
     def reader(self) -> PgLedger:
-        """A second connection to the same database (the send reads pending rows on it)."""
-        return PgLedger(self.url, self.account)
+        """A second connection to the same database (the send reads pending rows on it).
+
+        Opened once the run is under way (its record and rows are written): a database
+        gone by then is RunAborted (exit 3, as when it goes while sending), not the
+        StateError (exit 2) of one that could not be reached before anything started.
+        """
+        try:
+            return PgLedger(self.url, self.account, self.lock_names)
+        except StateError as exc:
+            raise RunAborted(f"{exc}; the run stops here: its rows not sent stay pending "
+                             "for the next run") from None
 
     def close(self) -> None:
         """Close the session; the run lock (held by the session) goes with it."""
@@ -103,26 +118,33 @@ class PgLedger(Ledger):
     # -- the run lock --------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Hold the run lock of this store's account, or StateError naming its holder."""
-        got = self._pg.execute("SELECT pg_try_advisory_lock(?)",
-                               (lock_key(self.account),)).fetchone()
-        if not (got and got[0]):
+        """Hold the run lock of every account of this store (``lock_names``, in order), or
+        StateError naming the holder of the first one held elsewhere (none kept then)."""
+        taken: list[str] = []
+        for name in self.lock_names:
+            got = self._pg.execute("SELECT pg_try_advisory_lock(?)",
+                                   (lock_key(name),)).fetchone()
+            if got and got[0]:
+                taken.append(name)
+                continue
+            for mine in taken:
+                self._pg.execute("SELECT pg_advisory_unlock(?)", (lock_key(mine),))
             held = self._pg.execute(
                 "SELECT host, pid, run_id, since FROM run_locks WHERE account = ?",
-                (self.account,)).fetchone()
+                (name,)).fetchone()
             who = ("pid ?" if held is None else
                    f"pid {held[1]} on host {held[0]}, run {held[2] or '(starting)'}, "
                    f"since {held[3]:%Y-%m-%dT%H:%M:%SZ}")
             raise StateError(f"another tasknotes run ({who}) holds the run lock of account "
-                             f"{self.account} in {self.path}")
+                             f"{name} in {self.path}")
         self._locked = True
         with self._transaction():
-            self._pg.execute(
+            self._pg.executemany(
                 "INSERT INTO run_locks (account, backend_pid, host, pid, run_id, since)"
                 " VALUES (?, pg_backend_pid(), ?, ?, NULL, now()) ON CONFLICT (account) DO"
                 " UPDATE SET backend_pid = excluded.backend_pid, host = excluded.host,"
                 " pid = excluded.pid, run_id = NULL, since = now()",
-                (self.account, socket.gethostname(), os.getpid()))
+                [(name, socket.gethostname(), os.getpid()) for name in self.lock_names])
 
     def _holder_backend(self, account: str) -> int | None:
         """The server pid of the session holding ``account``'s run lock, or None."""
@@ -135,28 +157,43 @@ class PgLedger(Ledger):
         return None if row is None else int(row[0])
 
     def lock_holder(self) -> int | None:
-        """The pid (on its host) of the run holding this account's run lock, or None if no
-        run is; -1 when the holder has not recorded itself yet."""
+        """The pid (on its host) of the run holding a run lock of this store's accounts,
+        or None if no run is; -1 when the holder has not recorded itself yet."""
         if self._locked:
             return os.getpid()
-        backend = self._holder_backend(self.account)
-        if backend is None:
-            return None
-        row = self._pg.execute("SELECT pid FROM run_locks WHERE account = ? AND backend_pid = ?",
-                               (self.account, backend)).fetchone()
-        return -1 if row is None else int(row[0])
+        for name in self.lock_names:
+            backend = self._holder_backend(name)
+            if backend is None:
+                continue
+            row = self._pg.execute(
+                "SELECT pid FROM run_locks WHERE account = ? AND backend_pid = ?",
+                (name, backend)).fetchone()
+            return -1 if row is None else int(row[0])
+        return None
 
     def recover(self) -> int:
-        """After a crash: this account's rows left ``sending`` become ``ambiguous``, its
-        runs left ``running`` ``crashed``; returns how many rows."""
+        """After a crash: the rows left ``sending`` by runs that are provably dead become
+        ``ambiguous``, and those runs left ``running`` ``crashed``; returns how many rows.
+
+        A run is dead when this store holds the run lock of one of its accounts: a live
+        run would hold it. All its ``sending`` rows are then ambiguous, whichever account
+        each row was for (only their own run sends rows)."""
         assert self._locked, "recover() only under the run lock"
         with self._transaction():
+            found = self._pg.execute(
+                "SELECT run_id, account FROM runs WHERE state = 'running' UNION SELECT"
+                " u.run_id, u.account FROM rows r JOIN runs u ON u.run_id = r.run_id"
+                " WHERE r.status = 'sending'").fetchall()
+            mine = set(self.lock_names)
+            dead = [str(run) for run, label in found if mine & set(label_locks(str(label)))]
+            if not dead:
+                return 0
             cur = self._pg.execute(
                 "UPDATE rows SET status='ambiguous', error=? WHERE status='sending'"
-                " AND run_id IN (SELECT run_id FROM runs WHERE account = ?)",
-                ("the process stopped while this request was in flight", self.account))
+                " AND run_id = ANY(?)",
+                ("the process stopped while this request was in flight", dead))
             self._pg.execute("UPDATE runs SET state='crashed' WHERE state='running'"
-                             " AND account = ?", (self.account,))
+                             " AND run_id = ANY(?)", (dead,))
         return int(cur.rowcount)
 
     def start_run(self, run_id: str, account: str, fingerprint: str,
@@ -165,8 +202,9 @@ class PgLedger(Ledger):
         super().start_run(run_id, account, fingerprint, info)
         if self._locked:
             with self._transaction():
-                self._pg.execute("UPDATE run_locks SET run_id = ? WHERE account = ?"
-                                 " AND backend_pid = pg_backend_pid()", (run_id, self.account))
+                self._pg.execute("UPDATE run_locks SET run_id = ? WHERE account = ANY(?)"
+                                 " AND backend_pid = pg_backend_pid()",
+                                 (run_id, list(self.lock_names)))
 
     def runs_in_progress(self) -> list[str]:
         """Runs (of any account) left ``running`` whose account's run lock is held now."""
@@ -175,9 +213,13 @@ class PgLedger(Ledger):
         live = {a for a in {a for _, a in found} if self._live(a)}
         return [r for r, a in found if a in live]
 
-    def _live(self, account: str) -> bool:
-        return (self._locked and account == self.account) or \
-            self._holder_backend(account) is not None
+    def _live(self, label: str) -> bool:
+        """Whether the run whose ``runs.account`` is ``label`` may be alive: some run lock
+        of its accounts is held (by this store, or by another session)."""
+        names = label_locks(label)
+        if self._locked and set(names) & set(self.lock_names):
+            return True
+        return any(self._holder_backend(name) is not None for name in names)
 
     def effective_state(self, record: RunRecord) -> RunState:
         """A run record's state as it is now: ``running`` only while its account's run lock
@@ -373,3 +415,18 @@ _ORPHANS_SQL: Final = (
      WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50""",
     "DROP TABLE pg_temp.owned",
 )
+
+
+def lock_names(accounts: Iterable[str]) -> tuple[str, ...]:
+    """The names of the run locks a run takes for ``accounts`` (each account it may send
+    for): in NFC, the form the ledger key uses (records.row_key, UAX #15), without
+    repeats, sorted, so every run takes its locks in one order."""
+    return tuple(sorted({unicodedata.normalize("NFC", a) for a in accounts}))
+
+
+def label_locks(label: str) -> tuple[str, ...]:
+    """The run locks a run recorded with ``runs.account`` = ``label`` holds while alive:
+    the label itself (one account) and, for a several-clinic run (its names joined with
+    ",", config.ApiConfig.account_id), each name."""
+    parts = label.split(",") if "," in label else []
+    return lock_names([label, *parts])

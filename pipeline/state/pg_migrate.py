@@ -17,6 +17,8 @@ with StateError before writing anything.
 from __future__ import annotations
 
 import hashlib
+import logging
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,9 +30,12 @@ from pipeline.state.sqlite import Ledger
 
 # The verdict of a sink-file event stored without a receipt (a file older than
 # receipts): its outcome time is the event's own ``created`` (reconcile.ingest_postgres).
+log = logging.getLogger(__name__)
+
 NO_RECEIPT: Final = "migrated-no-receipt"
 POLLED: Final = "polled"
 _CHUNK: Final = 5000
+_LEDGER_TABLES: Final = ("runs", "files", "rows", "events", "event_tally")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +60,7 @@ def copy_ledger(url: str, path: Path) -> Copied:
     """
     import psycopg
 
-    ledger = Ledger.existing(path)
-    if ledger is None:
-        raise StateError(f"--from-sqlite: no ledger at {path}")
+    ledger = _source_ledger(path)
     source = ledger._db
     conn = open_state(url, application="tasknotes migrate-state")
     try:
@@ -100,6 +103,39 @@ def copy_ledger(url: str, path: Path) -> Copied:
         conn.close()
         ledger.close()
     return Copied(runs=len(new), rows=copied_rows, events=events, runs_there=total - len(new))
+
+
+def _source_ledger(path: Path) -> Ledger:
+    """The SQLite ledger at ``path``, opened read-only, checked to be one, with its run
+    lock held (so no run sends on it while it is copied: a copy of a run half-way would
+    let the first run on PostgreSQL send again what the rest of it sent), all before
+    anything touches the database. Raises StateError (exit 2) naming the path when it is
+    missing, not an SQLite file, an SQLite file without a ledger's tables, or in use by
+    a run."""
+    try:
+        ledger = Ledger.existing(path)
+    except StateError as exc:
+        raise StateError(f"--from-sqlite: {exc}") from None
+    if ledger is None:
+        raise StateError(f"--from-sqlite: no ledger at {path}")
+    try:
+        tables = {str(r[0]) for r in ledger._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+    except sqlite3.Error as exc:
+        ledger.close()
+        raise StateError(f"--from-sqlite: {path} cannot be read: {exc}") from None
+    missing = sorted(set(_LEDGER_TABLES) - tables)
+    if missing:
+        ledger.close()
+        raise StateError(f"--from-sqlite: {path} is not a tasknotes ledger (no table "
+                         f"{', '.join(missing)}); nothing was copied")
+    try:  # held until the copy ends: no run may change the ledger while it is copied
+        ledger.lock()
+    except StateError as exc:
+        ledger.close()
+        raise StateError(f"--from-sqlite: {exc}: let that run end, then migrate; nothing "
+                         "was copied") from None
+    return ledger
 
 
 def _refuse_id_clash(conn: Any, source: Any, runs: list[str], url: str) -> None:
@@ -151,8 +187,10 @@ def copy_sink(url: str, sink: Path) -> Copied:
     receipts = read_receipts(sink) or {}
     now = datetime.now(UTC)
     found: list[tuple[str, bytes, bytes, str, datetime]] = []
+    unreadable = 0
     for _, _, event in read_sink_from(sink, 0):
         if isinstance(event, SetAside) or not isinstance(event.get("id"), str):
+            unreadable += 1
             continue
         body = encode_event(event)
         receipt = receipts.get(event["id"])
@@ -164,6 +202,12 @@ def copy_sink(url: str, sink: Path) -> Copied:
             verdict, at = NO_RECEIPT, None
         when = datetime.fromisoformat(at) if at else now
         found.append((event["id"], hashlib.sha256(body).digest(), body, verdict, when))
+    if unreadable and not found:
+        raise StateError(f"--sink: none of the {unreadable:,} lines of {sink} is a webhook "
+                         "event: is it the sink file (webhooks.sink)? nothing was copied")
+    if unreadable:
+        log.warning("--sink: %d line(s) of %s are not webhook events; not copied (they stay "
+                    "in the file)", unreadable, sink)
     conn = open_state(url, application="tasknotes migrate-state")
     added = 0
     try:

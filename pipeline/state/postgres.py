@@ -156,12 +156,39 @@ def where(url: str) -> str:
 
 
 def check_url(url: str) -> None:
-    """Raise ValueError (message without the URL) unless ``url`` is postgresql:// or
-    postgres:// with a host."""
+    """Raise ValueError (message without the URL) unless ``url`` is a postgresql:// (or
+    postgres://) URL with a host that libpq and this module read the same way.
+
+    libpq ends the user name and password at the first ``@`` and the host list at the
+    first ``/``, ``?`` or ``#`` (RFC 3986 3.2); Python's ``urlsplit`` takes the last
+    ``@``. A password holding an unencoded ``@ / ? #`` would be read as part of the host,
+    port or database, and a message naming "the host" would show part of it. So such a
+    URL is refused whole, naming nothing taken from it: its special characters must be
+    percent-encoded (``@`` as ``%40``), as the PostgreSQL docs ("Connection URIs") say.
+    """
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES or not parts.netloc:
         raise ValueError("must be a postgresql:// (or postgres://) URL, "
                          "such as postgresql://user:password@host:5432/tasknotes")
+    hosts = parts.netloc.rpartition("@")[2]
+    database = parts.path.removeprefix("/")
+    if (parts.netloc.count("@") > 1 or parts.fragment or any(c in database for c in "@/:")
+            or not all(_host_port_ok(h) for h in hosts.split(","))):
+        raise ValueError("is not a valid postgresql:// URL as libpq reads it: percent-encode "
+                         "the characters @ : / ? # in the user name and password "
+                         "(e.g. @ as %40)")
+
+
+def _host_port_ok(host_port: str) -> bool:
+    """``host[:port]`` (or ``[v6]:port``) with a host and, if given, a numeric port."""
+    if host_port.startswith("["):
+        host, _, rest = host_port[1:].partition("]")
+        port = rest.removeprefix(":") if rest else ""
+        if rest and not rest.startswith(":"):
+            return False
+    else:
+        host, _, port = host_port.partition(":")
+    return bool(host) and (port == "" or (port.isdigit() and 0 < int(port) < 65536))
 
 
 def _password(url: str) -> str | None:
@@ -259,9 +286,9 @@ def open_state(url: str, *, application: str = "tasknotes") -> psycopg.Connectio
 
     Raises StateError (one line, no password) if either fails.
     """
+    conn = connect(url, application=application)  # StateError if psycopg is missing
     import psycopg
 
-    conn = connect(url, application=application)
     try:
         migrate(conn)
     except psycopg.Error as exc:

@@ -41,7 +41,8 @@ def open_store(config: RunConfig) -> StateStore:
     if config.state.url is not None:
         from pipeline.state.pg_ledger import PgLedger
 
-        return PgLedger(config.state.url.get_secret_value(), config.api.account_id())
+        return PgLedger(config.state.url.get_secret_value(), config.api.account_id(),
+                        config.api.account_names())
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
 
 
