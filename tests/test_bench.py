@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
         pytest.param("state.py", "whole run: PostgreSQL/SQLite =", id="state"),
     ],
 )
+@pytest.mark.timeout(330)  # the subprocess's own bound (300 s), not the suite's 120 s
 def test_the_benchmark_runs_and_prints_its_ratio(script: str, verdict: str) -> None:
     """`python bench/<script> --quick` exits 0 and prints the table and the ratio it is for."""
     if script == "state.py" and (reason := why_no_cluster()) is not None:
