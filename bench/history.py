@@ -90,6 +90,18 @@ def append_webhooks(ledger: Path, sink: Path, run_id: str, notes: dict[str, str]
     return len(lines)
 
 
+def where_bytes_go(ledger: Path) -> list[tuple[str, int, int]]:
+    """The ledger's pages by table and index (SQLite's ``dbstat``): (name, bytes, rows
+    of the table or entries of the index), largest first."""
+    with sqlite3.connect(ledger) as db:
+        found = db.execute("SELECT name, sum(pgsize), sum(ncell) FROM dbstat"
+                           " WHERE pagetype IN ('leaf', 'overflow') OR pagetype IS NULL"
+                           " GROUP BY name").fetchall()
+        sizes = dict(db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"))
+    return sorted(((str(n), int(sizes[n]), int(c or 0)) for n, _, c in found),
+                  key=lambda r: -r[1])
+
+
 def wal_bytes(path: Path) -> int:
     wal = path.with_name(path.name + "-wal")
     return wal.stat().st_size if wal.exists() else 0
@@ -144,6 +156,11 @@ def main() -> None:
                             timings.get("send", float("nan")), reconcile_s, status_s,
                             reconcile_cpu, status_cpu, ledger.stat().st_size / total,
                             wal_bytes(ledger) / 2**20])
+            if night == args.nights:
+                rows_held = max(1, int(total))
+                print("where the ledger's bytes go (dbstat; B/row over the ledger's rows): "
+                      + ", ".join(f"{name} {size / rows_held:.0f}"
+                                  for name, size, _ in where_bytes_go(ledger)), flush=True)
             print(f"night {night}: " + ", ".join(
                 f"{name} {value:,.2f}" for name, value in zip(COLUMNS[1:], results[-1][1:],
                                                               strict=True)), flush=True)
