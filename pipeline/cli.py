@@ -724,21 +724,21 @@ def _days(text: str) -> float:
 
 def _prune(args: argparse.Namespace) -> int:
     from pipeline.prune import prune
+    from pipeline.state.store import state_location
 
     config = load_config(args.config)
     days = args.older_than if args.older_than is not None else config.state.retention_days
     if days is None:
         raise PipelineError("state.retention_days: not set, and no --older-than DAYS given: "
                             "nothing says what is old enough to prune")
-    if config.state.url is not None:
-        raise PipelineError("state.url: prune works on the sink file and the SQLite ledger "
-                            "only so far; events stored in PostgreSQL are not pruned yet")
     done = prune(config, days, dry_run=args.dry_run)
     verb = "would remove" if done.dry_run else "removed"
     print(f"prune of what is older than {days:g} days (before {done.cutoff})"
           f"{': dry run, nothing removed' if done.dry_run else ''}")
     before, after = done.sink_bytes
-    print(f"sink file {config.webhooks.sink}: {verb} the note text of "
+    where = (f"events in {state_location(config)}" if config.state.url is not None
+             else f"sink file {config.webhooks.sink}")
+    print(f"{where}: {verb} the note text of "
           f"{_n(done.events_pruned, 'event')}"
           + (f" ({before:,} -> {after:,} bytes)" if not done.dry_run and before else ""))
     kept = [f"{_n(n, what)}" for n, what in (

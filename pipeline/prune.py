@@ -33,6 +33,17 @@ rename replaces it whole. The ledger's reading position in the sink file is
 fingerprinted with the file's inode (reconcile.py), so a prune killed between
 the rename and recording the new position only makes the next reconcile read
 the new file from its start.
+
+In PostgreSQL (``state.url``): the events the sink stored in ``sink_events`` are
+pruned by the same rules, in batches of ``_DB_BATCH`` by commit order, each batch
+one ``UPDATE`` in its own transaction, after mirroring them into the ledger
+(``reconcile``'s step): an event committed after that mirroring is kept whole and
+counted. Only ``body`` changes; the event id and ``body_sha256`` (the hash of the
+body as received) stay, so a redelivery of the original is still a duplicate.
+Safe while the sink inserts (an update touches only stored rows, and no column the
+unique constraints read) and safe to interrupt (a killed prune leaves each batch
+done whole or not at all; the next one carries on). One prune at a time per
+database (an advisory lock).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
@@ -65,6 +76,8 @@ from pipeline.state import Ledger
 log = logging.getLogger(__name__)
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
+_DB_BATCH = 1000  # events read, and pruned in one transaction, at a time (PostgreSQL)
+_PRUNE_LOCK = 0x746E7072756E65  # "tnprune": one prune at a time per database
 # A test hook: the step named here kills the process (SIGKILL), to prove it is safe to.
 KILL_AT_ENV = "TASKNOTES_PRUNE_KILL_AT"
 
@@ -105,6 +118,11 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     """
     cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
     result = PruneResult(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run)
+    if config.state.url is not None:
+        runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result)
+        result.old_runs = len(runs)
+        result.files = _input_copies(config.report.dir, runs, dry_run=dry_run)
+        return result
     sink = config.webhooks.sink
     ledger = None
     if config.state.ledger.exists():
@@ -125,6 +143,67 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
         if ledger is not None:
             ledger.close()
     return result
+
+
+def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: PruneResult
+                    ) -> list[str]:
+    """With ``state.url``: prune the events in ``sink_events`` as the sink file's are, and
+    return the runs started before ``cutoff`` (module docstring, "In PostgreSQL").
+    ``result.sink_bytes``: the stored bodies' bytes before and after.
+
+    Raises StateError when another prune holds the database's prune lock, or the
+    database cannot be used (one line, no password)."""
+    import psycopg  # noqa: PLC0415 - optional dependency, loaded only with state.url
+
+    from pipeline.reconcile import Reconciler  # noqa: PLC0415 - pandas, lazily
+    from pipeline.state.postgres import describe_failure, open_state, where  # noqa: PLC0415
+    from pipeline.state.store import open_store  # noqa: PLC0415
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conn = open_state(url, application="tasknotes prune")
+    try:
+        locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PRUNE_LOCK,)).fetchone()
+        if not (locked and locked[0]):
+            raise StateError(f"another tasknotes prune is pruning the events in PostgreSQL "
+                             f"at {where(url)}")
+        ledger = open_store(config)
+        try:
+            if not result.dry_run:  # what the ledger has mirrored keeps its note's hash
+                latest = ledger.latest_run()
+                if latest is not None:
+                    Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
+            mirrored = ledger.sink_position()[0]
+        finally:
+            ledger.close()
+        before = after = last = 0
+        while found := conn.execute(
+                "SELECT seq, body FROM sink_events WHERE seq > %s ORDER BY seq LIMIT %s",
+                (last, _DB_BATCH)).fetchall():
+            changed: list[tuple[int, bytes]] = []
+            for seq, body in found:
+                raw = bytes(cast("bytes", body))
+                pruned = _pruned_body(raw, cutoff, stamp, result,
+                                      mirrored=result.dry_run or int(str(seq)) <= mirrored)
+                before += len(raw)
+                after += len(raw if pruned is None else pruned)
+                if pruned is not None:
+                    changed.append((int(str(seq)), pruned))
+            if changed and not result.dry_run:
+                with conn.transaction():  # one batch: all of it, or (killed) none of it
+                    conn.execute(
+                        "UPDATE sink_events s SET body = u.body FROM unnest(%s::bigint[],"
+                        " %s::bytea[]) AS u(seq, body) WHERE s.seq = u.seq",
+                        ([c[0] for c in changed], [c[1] for c in changed]))
+            last = int(str(found[-1][0]))
+        result.sink_bytes = (before, before if result.dry_run else after)
+        return [str(r[0]) for r in conn.execute(
+            "SELECT run_id FROM runs WHERE started_at < %s ORDER BY started_at",
+            (result.cutoff,)).fetchall()]
+    except psycopg.Error as exc:
+        raise StateError(f"state.url: cannot prune the events in PostgreSQL at {where(url)}: "
+                         f"{describe_failure(url, exc)}") from None
+    finally:
+        conn.close()
 
 
 def _mirror(config: RunConfig, ledger: Ledger | None, sink: Path, *, dry_run: bool) -> int:
@@ -256,31 +335,42 @@ class _SinkPruner:
 
     def _line(self, raw: bytes, *, mirrored: bool) -> bytes:
         """The line as the new file holds it: pruned, or ``raw`` (each kind counted)."""
-        try:
-            event = decode_event(raw.rstrip(b"\n"))
-        except UnreadableEvent:
-            self.result.unreadable += 1
-            return raw
-        created = _when(event.get("created"))
-        if not str(event.get("type", "")).startswith("task_note."):
-            kept = None
-        elif created is None:
-            kept = "undated"
-        elif created >= self.cutoff:
-            kept = None
-        elif is_pruned(event):
-            kept = "already_pruned"
-        elif not mirrored:
-            kept = "not_mirrored"
-        else:
-            pruned = pruned_event(event, self.stamp)
-            if pruned is not None:
-                self.result.events_pruned += 1
-                return encode_event(pruned) + b"\n"
-            kept = None
-        if kept is not None:
-            setattr(self.result, kept, getattr(self.result, kept) + 1)
-        return raw
+        pruned = _pruned_body(raw.rstrip(b"\n"), self.cutoff, self.stamp, self.result,
+                              mirrored=mirrored)
+        return raw if pruned is None else pruned + b"\n"
+
+
+def _pruned_body(body: bytes, cutoff: datetime, stamp: str, result: PruneResult, *,
+                 mirrored: bool) -> bytes | None:
+    """The stored event ``body`` with its note text removed (``pruned_event``, encoded), or
+    None when it stays as it is: not a ``task_note.*`` event, newer than ``cutoff``,
+    pruned before, undated, not yet ``mirrored`` into the ledger, or unreadable (each
+    of the last four counted in ``result``)."""
+    try:
+        event = decode_event(body)
+    except UnreadableEvent:
+        result.unreadable += 1
+        return None
+    created = _when(event.get("created"))
+    if not str(event.get("type", "")).startswith("task_note."):
+        kept = None
+    elif created is None:
+        kept = "undated"
+    elif created >= cutoff:
+        kept = None
+    elif is_pruned(event):
+        kept = "already_pruned"
+    elif not mirrored:
+        kept = "not_mirrored"
+    else:
+        pruned = pruned_event(event, stamp)
+        if pruned is not None:
+            result.events_pruned += 1
+            return encode_event(pruned)
+        kept = None
+    if kept is not None:
+        setattr(result, kept, getattr(result, kept) + 1)
+    return None
 
 
 def pruned_event(event: dict[str, Any], stamp: str) -> dict[str, Any] | None:
