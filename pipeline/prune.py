@@ -6,7 +6,16 @@ What goes (for events and runs older than the limit):
   format is in pipeline/events.py): an event's age is its envelope's ``created``
   time; an event with no readable ``created`` is kept whole, and counted;
 - the run's 0600 input copies, ``reports/<run_id>/rejects.csv`` and
-  ``redrive.csv`` (a run's age is its start).
+  ``redrive.csv`` (a run's age is its start); the directory keeps a
+  ``pruned.json`` marker instead, so no later ``reconcile`` writes its redrive.csv
+  (or note previews) again from the input;
+- the sink file's side files ``<sink>.set-aside`` and ``<sink>.torn`` (lines a
+  reader could not decode, a torn tail: both may hold note text) when last
+  written before the limit (their records carry no date; one written since is
+  kept, and counted).
+
+Then ``VACUUM`` gives the ledger's free pages back, and the summary says the
+ledger's bytes before and after.
 
 What stays: every ledger row (key, status, run id, job id, outcome), so a rerun of
 an old input still finds each note sent and sends nothing; every event's id,
@@ -51,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -76,6 +86,12 @@ from pipeline.state import Ledger
 log = logging.getLogger(__name__)
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
+# Left in a pruned run's report directory: its input copies are gone for good, so a later
+# reconcile writes no redrive.csv (nor note previews) for it again (report.write_report).
+PRUNED_MARK = "pruned.json"
+# The sink file's side files that may hold note text (pipeline/events.py): unreadable lines
+# set aside by a reader, and a torn last line cut off by the sink after a crash.
+SIDE_FILES = (".set-aside", ".torn")
 _DB_BATCH = 1000  # events read, and pruned in one transaction, at a time (PostgreSQL)
 _PRUNE_LOCK = 0x746E7072756E65  # "tnprune": one prune at a time per database
 # A test hook: the step named here kills the process (SIGKILL), to prove it is safe to.
@@ -92,7 +108,9 @@ class PruneResult:
     want of a readable ``created``; ``not_mirrored``: old events kept whole because
     the ledger had not read them yet; ``unreadable``: lines the codec refuses,
     copied as they are; ``sink_bytes``: the sink file's size before and after;
-    ``files``: input copies removed; ``ledger_freed``: bytes VACUUM gave back.
+    ``files``: input copies and side files removed; ``side_kept``: side files of the
+    sink file written to within the limit, kept; ``ledger_bytes``: the SQLite ledger's
+    size (its file and WAL) before and after; ``ledger_freed``: bytes VACUUM gave back.
     """
 
     cutoff: str
@@ -105,6 +123,8 @@ class PruneResult:
     sink_bytes: tuple[int, int] = (0, 0)
     old_runs: int = 0
     files: list[Path] = field(default_factory=list)
+    side_kept: int = 0
+    ledger_bytes: tuple[int, int] = (0, 0)
     ledger_freed: int = 0
 
 
@@ -121,7 +141,8 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     if config.state.url is not None:
         runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result)
         result.old_runs = len(runs)
-        result.files = _input_copies(config.report.dir, runs, dry_run=dry_run)
+        result.files = _input_copies(config.report.dir, runs, stamp=result.cutoff,
+                                     dry_run=dry_run)
         return result
     sink = config.webhooks.sink
     ledger = None
@@ -133,12 +154,16 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
             limit = _mirror(config, ledger, sink, dry_run=dry_run)
             if sink.exists():
                 _SinkPruner(sink, cutoff, limit, result, ledger).run()
+            _side_files(sink, cutoff, result)
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
                 result.old_runs = len(runs)
-                result.files = _input_copies(config.report.dir, runs, dry_run=dry_run)
+                result.files += _input_copies(config.report.dir, runs, stamp=result.cutoff,
+                                              dry_run=dry_run)
+                size = _ledger_size(config.state.ledger)
                 if not dry_run:
                     result.ledger_freed = ledger.vacuum()
+                result.ledger_bytes = (size, _ledger_size(config.state.ledger))
     finally:
         if ledger is not None:
             ledger.close()
@@ -411,17 +436,51 @@ def _whole_lines(fd: int) -> int:
     return last_line_end(fd, os.fstat(fd).st_size)
 
 
-def _input_copies(reports: Path, run_ids: list[str], *, dry_run: bool) -> list[Path]:
-    """Remove (or, dry, list) the input copies of ``run_ids``' report directories."""
+def _input_copies(reports: Path, run_ids: list[str], *, stamp: str,
+                  dry_run: bool) -> list[Path]:
+    """Remove (or, dry, list) the input copies of ``run_ids``' report directories, each
+    marked ``PRUNED_MARK`` first (JSON: the ``cutoff`` it was pruned under), so that no
+    later report of the run writes one again (an interrupted prune leaves the marker and
+    the copies for the next one)."""
     found = []
     for run_id in run_ids:
+        directory = reports / run_id
+        if not dry_run and not (directory / PRUNED_MARK).exists():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temp = directory / f".{PRUNED_MARK}.tmp"
+            temp.write_text(json.dumps({"cutoff": stamp, "input_copies": "removed"}) + "\n",
+                            encoding="utf-8")
+            os.replace(temp, directory / PRUNED_MARK)
         for name in INPUT_COPIES:
-            path = reports / run_id / name
+            path = directory / name
             if path.is_file():
                 found.append(path)
                 if not dry_run:
                     path.unlink()
     return found
+
+
+def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:
+    """Remove (dry: list) the sink file's side files last written before ``cutoff``: their
+    records carry no date of their own, so a file written to since is kept, and counted."""
+    for suffix in SIDE_FILES:
+        path = sink.with_name(sink.name + suffix)
+        try:
+            written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        except FileNotFoundError:
+            continue
+        if written >= cutoff:
+            result.side_kept += 1
+            continue
+        result.files.append(path)
+        if not result.dry_run:
+            path.unlink(missing_ok=True)
+
+
+def _ledger_size(path: Path) -> int:
+    """The SQLite ledger's bytes on disk: its file and its WAL."""
+    wal = path.with_name(path.name + "-wal")
+    return sum(p.stat().st_size for p in (path, wal) if p.exists())
 
 
 def _fsync_dir(directory: Path) -> None:
