@@ -18,7 +18,9 @@ from pipeline.cli import main
 from pipeline.events import compact_json as compact
 from pipeline.events import decode_event, is_pruned
 from pipeline.prune import prune
+from pipeline.reconcile import ingest_postgres
 from pipeline.state.postgres import connect, open_state
+from pipeline.state.store import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -175,9 +177,6 @@ def test_prune_in_postgres_interrupted_leaves_each_batch_whole_and_a_rerun_finis
 def make_ledger_read_them(config: Any) -> None:
     """Mirror the stored events into the ledger (a reconcile's first step), so the prune may
     take their text (an event the ledger has not read yet is kept whole)."""
-    from pipeline.reconcile import ingest_postgres  # noqa: PLC0415
-    from pipeline.state.store import open_store  # noqa: PLC0415
-
     ledger = open_store(config)
     try:
         ingest_postgres(ledger, config.api.account_id())
