@@ -16,8 +16,10 @@ every request accepted), on the same ledger and sink file:
 - status     `tasknotes status`: wall time of the process (exit 1: rows are open)
 - cpu s      the CPU seconds (user + system) of those two processes: on a shared,
              loaded machine the steadier measure of the work each did
-- bytes/row  the ledger file's size over the rows it holds (its WAL, bounded by
-             SQLite's checkpoints, is shown apart in MB)
+- bytes/row  the ledger's pages (page count x page size, as a reader sees the
+             database: pages still in the WAL count, free pages too) over the rows it
+             holds; the WAL file itself is shown apart in MB. After the last night, where
+             those bytes go: each table's and index's pages (SQLite's ``dbstat``)
 
 At the end, the ratio of the last night's figures to the first night's. The goal
 (issue #19): reconcile with nothing new and status <= 1.2x, scan <= 1.3x, at 20
@@ -90,6 +92,26 @@ def append_webhooks(ledger: Path, sink: Path, run_id: str, notes: dict[str, str]
     return len(lines)
 
 
+def where_bytes_go(ledger: Path) -> list[tuple[str, int, int]]:
+    """The ledger's pages by table and index (SQLite's ``dbstat``): (name, bytes, rows
+    of the table or entries of the index), largest first."""
+    with sqlite3.connect(ledger) as db:
+        found = db.execute("SELECT name, sum(pgsize), sum(ncell) FROM dbstat"
+                           " WHERE pagetype IN ('leaf', 'overflow') OR pagetype IS NULL"
+                           " GROUP BY name").fetchall()
+        sizes = dict(db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"))
+    return sorted(((str(n), int(sizes[n]), int(c or 0)) for n, _, c in found),
+                  key=lambda r: -r[1])
+
+
+def ledger_bytes(ledger: Path) -> int:
+    """The ledger database's size as a reader sees it (its WAL's newer pages included)."""
+    with sqlite3.connect(ledger) as db:
+        pages, size = (db.execute(f"PRAGMA {name}").fetchone()[0]
+                       for name in ("page_count", "page_size"))
+    return int(pages) * int(size)
+
+
 def wal_bytes(path: Path) -> int:
     wal = path.with_name(path.name + "-wal")
     return wal.stat().st_size if wal.exists() else 0
@@ -142,8 +164,14 @@ def main() -> None:
             data.unlink()
             results.append([night, total, run_s, timings.get("scan", float("nan")),
                             timings.get("send", float("nan")), reconcile_s, status_s,
-                            reconcile_cpu, status_cpu, ledger.stat().st_size / total,
+                            reconcile_cpu, status_cpu, ledger_bytes(ledger) / total,
                             wal_bytes(ledger) / 2**20])
+            if night == args.nights:
+                rows_held = max(1, int(total))
+                print("where the ledger's bytes go (dbstat; B/row over the ledger's rows): "
+                      + ", ".join(f"{name} {size / rows_held:.0f}"
+                                  for name, size, _ in where_bytes_go(ledger)
+                                  if size >= rows_held), flush=True)
             print(f"night {night}: " + ", ".join(
                 f"{name} {value:,.2f}" for name, value in zip(COLUMNS[1:], results[-1][1:],
                                                               strict=True)), flush=True)

@@ -617,7 +617,7 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"prune of what is older than {days:g} days (before {done.cutoff})"
           f"{': dry run, nothing removed' if done.dry_run else ''}")
     before, after = done.sink_bytes
-    print(f"sink file {result.sink}: {verb} the note text of "
+    print(f"{result.events}: {verb} the note text of "
           f"{_n(done.events_pruned, 'event')}"
           + (f" ({before:,} -> {after:,} bytes)" if not done.dry_run and before else ""))
     kept = [f"{_n(n, what)}" for n, what in (
@@ -627,12 +627,17 @@ def _prune(args: argparse.Namespace) -> int:
         (done.unreadable, "unreadable line, copied as it is")) if n]
     if kept:
         print(f"  left: {'; '.join(kept)}")
-    print(f"input copies of {_n(done.old_runs, 'run')} started before the limit: {verb} "
-          f"{_n(len(done.files), 'file')}")
+    print(f"input copies of {_n(done.old_runs, 'run')} started before the limit, and old "
+          f"side files of the sink file: {verb} {_n(len(done.files), 'file')}")
     for path in done.files:
         print(f"  {path}")
-    if done.ledger_freed:
-        print(f"ledger {result.ledger}: {done.ledger_freed:,} bytes given back (VACUUM)")
+    if done.side_kept:
+        print(f"  left: {_n(done.side_kept, 'side file')} of the sink file written to within "
+              "the limit")
+    ledger_before, ledger_after = done.ledger_bytes
+    if ledger_before:
+        print(f"ledger {result.ledger}: {ledger_before:,} -> {ledger_after:,} bytes"
+              + (f" ({done.ledger_freed:,} given back by VACUUM)" if done.ledger_freed else ""))
     print("kept: every ledger row (key, status, run, job id, outcome): a note sent stays "
           "sent")
     return result.exit_code

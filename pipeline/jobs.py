@@ -478,36 +478,39 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
 class PruneOutcome:
     """What ``prune`` did: ``older_than_days`` (from the argument or state.retention_days)
     and the prune's own counts (``pruned``: prune.PruneResult; with ``dry_run``, what it
-    would remove) over the sink file ``sink`` and the ledger ``ledger``. ``exit_code``: 0
-    (a prune that cannot run raises instead)."""
+    would remove) over the stored events ``events`` ("sink file PATH", or "events in
+    PostgreSQL host:port/db" with state.url) and the ledger ``ledger`` (its path, or the
+    database; never a password). ``exit_code``: 0 (a prune that cannot run raises
+    instead)."""
 
     exit_code: int
     older_than_days: float
     pruned: PruneResult
-    sink: Path
-    ledger: Path
+    events: str
+    ledger: str
 
 
 def prune(config: ConfigSource, older_than_days: float | None = None, *,
           dry_run: bool = False) -> PruneOutcome:
     """``tasknotes prune``: remove note text older than ``older_than_days`` days (default:
-    ``state.retention_days``) from the sink file and the run's input copies (prune.py).
+    ``state.retention_days``) from the stored events (the sink file, or PostgreSQL with
+    state.url) and the runs' input copies (prune.py).
 
-    Raises ConfigError when neither gives a number of days, or when state.url is set
-    (events in PostgreSQL are not pruned yet); StateError when a file cannot be used.
+    Raises ConfigError when neither gives a number of days; StateError when a file or
+    the database cannot be used.
     """
     from pipeline.prune import prune as prune_files
+    from pipeline.state.store import state_location
 
     loaded = load(config, "prune")
     days = older_than_days if older_than_days is not None else loaded.state.retention_days
     if days is None:
         raise ConfigError("state.retention_days: not set, and no --older-than DAYS given: "
                           "nothing says what is old enough to prune")
-    if loaded.state.url is not None:
-        raise ConfigError("state.url: prune works on the sink file and the SQLite ledger "
-                          "only so far; events stored in PostgreSQL are not pruned yet")
+    events = (f"events in {state_location(loaded)}" if loaded.state.url is not None
+              else f"sink file {loaded.webhooks.sink}")
     return PruneOutcome(exits.OK, days, prune_files(loaded, days, dry_run=dry_run),
-                        loaded.webhooks.sink, loaded.state.ledger)
+                        events, state_location(loaded))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,16 @@ What goes (for events and runs older than the limit):
   format is in pipeline/events.py): an event's age is its envelope's ``created``
   time; an event with no readable ``created`` is kept whole, and counted;
 - the run's 0600 input copies, ``reports/<run_id>/rejects.csv`` and
-  ``redrive.csv`` (a run's age is its start).
+  ``redrive.csv`` (a run's age is its start); the directory keeps a
+  ``pruned.json`` marker instead, so no later ``reconcile`` writes its redrive.csv
+  (or note previews) again from the input;
+- the sink file's side files ``<sink>.set-aside`` and ``<sink>.torn`` (lines a
+  reader could not decode, a torn tail: both may hold note text) when last
+  written before the limit (their records carry no date; one written since is
+  kept, and counted).
+
+Then ``VACUUM`` gives the ledger's free pages back, and the summary says the
+ledger's bytes before and after.
 
 What stays: every ledger row (key, status, run id, job id, outcome), so a rerun of
 an old input still finds each note sent and sends nothing; every event's id,
@@ -33,6 +42,17 @@ rename replaces it whole. The ledger's reading position in the sink file is
 fingerprinted with the file's inode (reconcile.py), so a prune killed between
 the rename and recording the new position only makes the next reconcile read
 the new file from its start.
+
+In PostgreSQL (``state.url``): the events the sink stored in ``sink_events`` are
+pruned by the same rules, in batches of ``_DB_BATCH`` by commit order, each batch
+one ``UPDATE`` in its own transaction, after mirroring them into the ledger
+(``reconcile``'s step): an event committed after that mirroring is kept whole and
+counted. Only ``body`` changes; the event id and ``body_sha256`` (the hash of the
+body as received) stay, so a redelivery of the original is still a duplicate.
+Safe while the sink inserts (an update touches only stored rows, and no column the
+unique constraints read) and safe to interrupt (a killed prune leaves each batch
+done whole or not at all; the next one carries on). One prune at a time per
+database (an advisory lock).
 """
 
 from __future__ import annotations
@@ -40,13 +60,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
@@ -61,11 +82,20 @@ from pipeline.events import (
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconcile import Reconciler, sink_head
 from pipeline.state import StateStore
-from pipeline.state.store import existing_store
+from pipeline.state.postgres import describe_failure, open_state, where
+from pipeline.state.store import existing_store, open_store
 
 log = logging.getLogger(__name__)
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
+# Left in a pruned run's report directory: its input copies are gone for good, so a later
+# reconcile writes no redrive.csv (nor note previews) for it again (report.write_report).
+PRUNED_MARK = "pruned.json"
+# The sink file's side files that may hold note text (pipeline/events.py): unreadable lines
+# set aside by a reader, and a torn last line cut off by the sink after a crash.
+SIDE_FILES = (".set-aside", ".torn")
+_DB_BATCH = 1000  # events read, and pruned in one transaction, at a time (PostgreSQL)
+_PRUNE_LOCK = 0x746E7072756E65  # "tnprune": one prune at a time per database
 
 
 def _no_checkpoint(step: str) -> None:
@@ -82,7 +112,9 @@ class PruneResult:
     want of a readable ``created``; ``not_mirrored``: old events kept whole because
     the ledger had not read them yet; ``unreadable``: lines the codec refuses,
     copied as they are; ``sink_bytes``: the sink file's size before and after;
-    ``files``: input copies removed; ``ledger_freed``: bytes VACUUM gave back.
+    ``files``: input copies and side files removed; ``side_kept``: side files of the
+    sink file written to within the limit, kept; ``ledger_bytes``: the SQLite ledger's
+    size (its file and WAL) before and after; ``ledger_freed``: bytes VACUUM gave back.
     """
 
     cutoff: str
@@ -95,6 +127,8 @@ class PruneResult:
     sink_bytes: tuple[int, int] = (0, 0)
     old_runs: int = 0
     files: list[Path] = field(default_factory=list)
+    side_kept: int = 0
+    ledger_bytes: tuple[int, int] = (0, 0)
     ledger_freed: int = 0
 
 
@@ -113,6 +147,12 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     """
     cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
     result = PruneResult(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run)
+    if config.state.url is not None:
+        runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result)
+        result.old_runs = len(runs)
+        result.files = _input_copies(config.report.dir, runs, stamp=result.cutoff,
+                                     dry_run=dry_run)
+        return result
     sink = config.webhooks.sink
     ledger = existing_store(config, readonly=dry_run)
     try:
@@ -120,16 +160,77 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
             limit = _mirror(config, ledger, sink, dry_run=dry_run)
             if sink.exists():
                 _SinkPruner(sink, cutoff, limit, result, ledger, checkpoint=checkpoint).run()
+            _side_files(sink, cutoff, result)
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
                 result.old_runs = len(runs)
-                result.files = _input_copies(config.report.dir, runs, dry_run=dry_run)
+                result.files += _input_copies(config.report.dir, runs, stamp=result.cutoff,
+                                              dry_run=dry_run)
+                size = _ledger_size(config.state.ledger)
                 if not dry_run:
                     result.ledger_freed = ledger.vacuum()
+                result.ledger_bytes = (size, _ledger_size(config.state.ledger))
     finally:
         if ledger is not None:
             ledger.close()
     return result
+
+
+def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: PruneResult
+                    ) -> list[str]:
+    """With ``state.url``: prune the events in ``sink_events`` as the sink file's are, and
+    return the runs started before ``cutoff`` (module docstring, "In PostgreSQL").
+    ``result.sink_bytes``: the stored bodies' bytes before and after.
+
+    Raises StateError when another prune holds the database's prune lock, or the
+    database cannot be used (one line, no password)."""
+    import psycopg  # noqa: PLC0415 - optional dependency, loaded only with state.url
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conn = open_state(url, application="tasknotes prune")
+    try:
+        locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PRUNE_LOCK,)).fetchone()
+        if not (locked and locked[0]):
+            raise StateError(f"another tasknotes prune is pruning the events in PostgreSQL "
+                             f"at {where(url)}")
+        ledger = open_store(config)
+        try:
+            if not result.dry_run:  # what the ledger has mirrored keeps its note's hash
+                latest = ledger.latest_run()
+                if latest is not None:
+                    Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
+            mirrored = ledger.sink_position()[0]
+        finally:
+            ledger.close()
+        before = after = last = 0
+        while found := conn.execute(
+                "SELECT seq, body FROM sink_events WHERE seq > %s ORDER BY seq LIMIT %s",
+                (last, _DB_BATCH)).fetchall():
+            changed: list[tuple[int, bytes]] = []
+            for seq, body in found:
+                raw = bytes(cast("bytes", body))
+                pruned = _pruned_body(raw, cutoff, stamp, result,
+                                      mirrored=result.dry_run or int(str(seq)) <= mirrored)
+                before += len(raw)
+                after += len(raw if pruned is None else pruned)
+                if pruned is not None:
+                    changed.append((int(str(seq)), pruned))
+            if changed and not result.dry_run:
+                with conn.transaction():  # one batch: all of it, or (killed) none of it
+                    conn.execute(
+                        "UPDATE sink_events s SET body = u.body FROM unnest(%s::bigint[],"
+                        " %s::bytea[]) AS u(seq, body) WHERE s.seq = u.seq",
+                        ([c[0] for c in changed], [c[1] for c in changed]))
+            last = int(str(found[-1][0]))
+        result.sink_bytes = (before, before if result.dry_run else after)
+        return [str(r[0]) for r in conn.execute(
+            "SELECT run_id FROM runs WHERE started_at < %s ORDER BY started_at",
+            (result.cutoff,)).fetchall()]
+    except psycopg.Error as exc:
+        raise StateError(f"state.url: cannot prune the events in PostgreSQL at {where(url)}: "
+                         f"{describe_failure(url, exc)}") from None
+    finally:
+        conn.close()
 
 
 def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool) -> int:
@@ -253,31 +354,42 @@ class _SinkPruner:
 
     def _line(self, raw: bytes, *, mirrored: bool) -> bytes:
         """The line as the new file holds it: pruned, or ``raw`` (each kind counted)."""
-        try:
-            event = decode_event(raw.rstrip(b"\n"))
-        except UnreadableEvent:
-            self.result.unreadable += 1
-            return raw
-        created = _when(event.get("created"))
-        if not str(event.get("type", "")).startswith("task_note."):
-            kept = None
-        elif created is None:
-            kept = "undated"
-        elif created >= self.cutoff:
-            kept = None
-        elif is_pruned(event):
-            kept = "already_pruned"
-        elif not mirrored:
-            kept = "not_mirrored"
-        else:
-            pruned = pruned_event(event, self.stamp)
-            if pruned is not None:
-                self.result.events_pruned += 1
-                return encode_event(pruned) + b"\n"
-            kept = None
-        if kept is not None:
-            setattr(self.result, kept, getattr(self.result, kept) + 1)
-        return raw
+        pruned = _pruned_body(raw.rstrip(b"\n"), self.cutoff, self.stamp, self.result,
+                              mirrored=mirrored)
+        return raw if pruned is None else pruned + b"\n"
+
+
+def _pruned_body(body: bytes, cutoff: datetime, stamp: str, result: PruneResult, *,
+                 mirrored: bool) -> bytes | None:
+    """The stored event ``body`` with its note text removed (``pruned_event``, encoded), or
+    None when it stays as it is: not a ``task_note.*`` event, newer than ``cutoff``,
+    pruned before, undated, not yet ``mirrored`` into the ledger, or unreadable (each
+    of the last four counted in ``result``)."""
+    try:
+        event = decode_event(body)
+    except UnreadableEvent:
+        result.unreadable += 1
+        return None
+    created = _when(event.get("created"))
+    if not str(event.get("type", "")).startswith("task_note."):
+        kept = None
+    elif created is None:
+        kept = "undated"
+    elif created >= cutoff:
+        kept = None
+    elif is_pruned(event):
+        kept = "already_pruned"
+    elif not mirrored:
+        kept = "not_mirrored"
+    else:
+        pruned = pruned_event(event, stamp)
+        if pruned is not None:
+            result.events_pruned += 1
+            return encode_event(pruned)
+        kept = None
+    if kept is not None:
+        setattr(result, kept, getattr(result, kept) + 1)
+    return None
 
 
 def pruned_event(event: dict[str, Any], stamp: str) -> dict[str, Any] | None:
@@ -318,17 +430,51 @@ def _whole_lines(fd: int) -> int:
     return last_line_end(fd, os.fstat(fd).st_size)
 
 
-def _input_copies(reports: Path, run_ids: list[str], *, dry_run: bool) -> list[Path]:
-    """Remove (or, dry, list) the input copies of ``run_ids``' report directories."""
+def _input_copies(reports: Path, run_ids: list[str], *, stamp: str,
+                  dry_run: bool) -> list[Path]:
+    """Remove (or, dry, list) the input copies of ``run_ids``' report directories, each
+    marked ``PRUNED_MARK`` first (JSON: the ``cutoff`` it was pruned under), so that no
+    later report of the run writes one again (an interrupted prune leaves the marker and
+    the copies for the next one)."""
     found = []
     for run_id in run_ids:
+        directory = reports / run_id
+        if not dry_run and not (directory / PRUNED_MARK).exists():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temp = directory / f".{PRUNED_MARK}.tmp"
+            temp.write_text(json.dumps({"cutoff": stamp, "input_copies": "removed"}) + "\n",
+                            encoding="utf-8")
+            os.replace(temp, directory / PRUNED_MARK)
         for name in INPUT_COPIES:
-            path = reports / run_id / name
+            path = directory / name
             if path.is_file():
                 found.append(path)
                 if not dry_run:
                     path.unlink()
     return found
+
+
+def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:
+    """Remove (dry: list) the sink file's side files last written before ``cutoff``: their
+    records carry no date of their own, so a file written to since is kept, and counted."""
+    for suffix in SIDE_FILES:
+        path = sink.with_name(sink.name + suffix)
+        try:
+            written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        except FileNotFoundError:
+            continue
+        if written >= cutoff:
+            result.side_kept += 1
+            continue
+        result.files.append(path)
+        if not result.dry_run:
+            path.unlink(missing_ok=True)
+
+
+def _ledger_size(path: Path) -> int:
+    """The SQLite ledger's bytes on disk: its file and its WAL."""
+    wal = path.with_name(path.name + "-wal")
+    return sum(p.stat().st_size for p in (path, wal) if p.exists())
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -48,6 +48,7 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.errors import PipelineError, StateError, StorageFull
+from pipeline.prune import PRUNED_MARK
 from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
@@ -102,15 +103,19 @@ def write_report(
     with _full_disk(directory / "summary.json"):
         _atomic_write(directory / "summary.json",
                       json.dumps(summary.as_json(), indent=2, sort_keys=True) + "\n")
+    # Pruned (``tasknotes prune``): its input copies went for good, and no note text
+    # comes back from the input into this directory.
+    pruned = (directory / PRUNED_MARK).exists()
     previews = None
-    if settings.show_note_preview:
+    if settings.show_note_preview and not pruned:
         previews = note_previews(result, tally.attention, settings, input_settings)
     with _full_disk(directory / "report.html"):
         _atomic_write(directory / "report.html",
                       render_html(result, tally, summary, now, previews=previews))
     written = ["results.csv", "summary.json", "report.html"]
     with _full_disk(directory / "redrive.csv"):
-        offered = write_redrive(result, tally.redrive, input_settings, directory / "redrive.csv")
+        offered = write_redrive(result, {} if pruned else tally.redrive, input_settings,
+                                directory / "redrive.csv")
     if offered:
         written.append("redrive.csv")
     if (directory / "rejects.csv").exists():

@@ -11,6 +11,7 @@ from pipeline.state.records import (
     EventRecord,
     Orphan,
 )
+from pipeline.state.schema import CLOCK_CODES, clock_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,8 +40,13 @@ class SQLiteOutcomes(SQLiteRuns):
                 "INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,"
                 " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
                 " outcome_clock, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                events)
+                (e._replace(outcome_clock=CLOCK_CODES.get(e.outcome_clock, e.outcome_clock))
+                 for e in events))
             added = self._db.total_changes - before
+            if added:  # what the join rules' stamp counts (the events have no rowid)
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('events_stored', ?) ON CONFLICT (key)"
+                    " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value", (added,))
             tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._db.executemany(
                 "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
@@ -71,7 +77,8 @@ class SQLiteOutcomes(SQLiteRuns):
 
     def events(self) -> list[EventRecord]:
         """The mirrored task_note events, by event id, as stored (reasons redacted)."""
-        return [EventRecord(*r) for r in self._db.execute(
+        return [EventRecord(*r)._replace(outcome_clock=clock_name(str(r[11])))
+                for r in self._db.execute(
             "SELECT event_id, kind, job_id, task_note_id, created, emr_note_id, failure_reason,"
             " reason_codes, ekey, line, outcome_at, outcome_clock, account FROM events"
             " ORDER BY event_id")]
@@ -111,11 +118,13 @@ class SQLiteOutcomes(SQLiteRuns):
             db.execute("DROP TABLE IF EXISTS temp.claimed")
 
     def _match_stamp(self) -> str:
-        """What the join rules read, in four numbers: the last row and event stored, how
-        many events, and the sum of the runs' change counters (any row updated or deleted
-        bumps one: schema.TRIGGERS). Indexed lookups and one pass over the runs."""
+        """What the join rules read, in four numbers: the last row stored, how many events
+        were stored (``add_events`` counts them), how many runs, and the sum of the runs'
+        change counters (any row updated or deleted bumps one: schema.TRIGGERS). Indexed
+        lookups and one pass over the runs."""
         found = self._db.execute(
-            "SELECT (SELECT MAX(id) FROM rows), (SELECT MAX(rowid) FROM events),"
+            "SELECT (SELECT MAX(id) FROM rows),"
+            " (SELECT value FROM meta WHERE key = 'events_stored'),"
             " (SELECT COUNT(*) FROM runs), (SELECT TOTAL(rev) FROM runs)").fetchone()
         return ",".join(str(v) for v in found)
 
@@ -143,6 +152,8 @@ class SQLiteOutcomes(SQLiteRuns):
             if frame.empty:
                 return
             self._add_via(frame)
+            for column in ("outcome_clock", "via_outcome_clock"):
+                frame[column] = frame[column].map(clock_name)
             yield frame
             last = int(frame["id"].iloc[-1])
             if len(frame) < size:
@@ -181,7 +192,10 @@ class SQLiteOutcomes(SQLiteRuns):
         import pandas as pd
 
         where, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
-        return pd.read_sql_query(
+        frame = pd.read_sql_query(
             f"SELECT {columns} FROM rows {where} ORDER BY id",  # noqa: S608
             self._db, params=params,
         )
+        if "outcome_clock" in frame:
+            frame["outcome_clock"] = frame["outcome_clock"].map(clock_name)
+        return frame

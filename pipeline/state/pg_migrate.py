@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from pipeline.errors import StateError
 from pipeline.state.postgres import open_state, where
+from pipeline.state.schema import clock_name
 from pipeline.state.sqlite import Ledger
 
 # The verdict of a sink-file event stored without a receipt (a file older than
@@ -91,7 +92,7 @@ def copy_ledger(url: str, path: Path) -> Copied:
                       f"({', '.join(['%s'] * len(names))}) ON CONFLICT DO NOTHING")
             while batch := cursor.fetchmany(_CHUNK):
                 cur = conn.cursor()
-                cur.executemany(insert, [tuple(r) for r in batch])
+                cur.executemany(insert, [_named_clock(names, r) for r in batch])
                 events += max(cur.rowcount, 0)
             conn.cursor().executemany(
                 "INSERT INTO event_tally VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -163,9 +164,19 @@ def _copy_rows(conn: Any, source: Any, run_id: str) -> int:
            f"({', '.join(['%s'] * len(names))})")
     n = 0
     while batch := cursor.fetchmany(_CHUNK):
-        conn.cursor().executemany(sql, [tuple(r) for r in batch])
+        conn.cursor().executemany(sql, [_named_clock(names, r) for r in batch])
         n += len(batch)
     return n
+
+
+def _named_clock(names: list[str], row: Any) -> tuple[Any, ...]:
+    """A ledger row or event with its ``outcome_clock`` code (schema 3) as the name
+    PostgreSQL stores."""
+    values = list(row)
+    if "outcome_clock" in names:
+        at = names.index("outcome_clock")
+        values[at] = clock_name(values[at])
+    return tuple(values)
 
 
 def copy_sink(url: str, sink: Path) -> Copied:

@@ -2,18 +2,40 @@
 
 ``SCHEMA`` is SQLite DDL, applied idempotently on every open; ``meta`` holds
 ``schema_version``. Version 2 added the events mirror and ``rows.reason_codes``;
-a version-1 ledger is migrated in place, a newer one is refused.
+version 3 made the ledger smaller at no cost to any query: ``outcome_clock`` holds a
+one-letter code (``CLOCK_CODES``) instead of its 13-24 letter name, and the events
+mirror is a WITHOUT ROWID table (its event id key is the table, not an index beside
+it). Older ledgers are migrated in place when opened; a newer one is refused.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from pipeline.errors import StateError
 
-SCHEMA_VERSION: Final = 2
+_T = TypeVar("_T")
+SCHEMA_VERSION: Final = 3
+# WITHOUT ROWID: the event id is the table's key, not a second B-tree beside it (schema 3).
+EVENTS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS {name} (
+    event_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,             -- created | failed
+    job_id TEXT,
+    task_note_id TEXT,
+    created TEXT,
+    emr_note_id TEXT,
+    failure_reason TEXT,
+    reason_codes TEXT,
+    ekey BLOB,
+    line INTEGER,
+    outcome_at TEXT,                -- the receipt's time, else the event's created
+    outcome_clock TEXT,             -- a CLOCK_CODES code (schema 3; its name before)
+    account TEXT                    -- api.accounts: the account its reference id names
+) WITHOUT ROWID;
+"""
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -59,27 +81,13 @@ CREATE TABLE IF NOT EXISTS rows (
     settled_by TEXT,                -- job_id | task_note_id | evidence
     passthrough TEXT,               -- JSON list, when input.passthrough names columns
     reason_codes TEXT,              -- Cobalt's failure reason codes, ';'-separated
-    outcome_clock TEXT,             -- what outcome_at is: see OUTCOME_CLOCKS
+    outcome_clock TEXT,             -- what outcome_at is: a CLOCK_CODES code
     written_off_at TEXT,            -- a human closed this unsent row without sending it
     account TEXT                    -- the row's own account (api.accounts), else NULL
 );
 -- A mirror of the sink file's task_note.* events (never a note's text: ekey is the hash a
 -- ledger key would have), so join rules run in SQL on indexes, not on frames in memory.
-CREATE TABLE IF NOT EXISTS events (
-    event_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,             -- created | failed
-    job_id TEXT,
-    task_note_id TEXT,
-    created TEXT,
-    emr_note_id TEXT,
-    failure_reason TEXT,
-    reason_codes TEXT,
-    ekey BLOB,
-    line INTEGER,
-    outcome_at TEXT,                -- the receipt's time, else the event's created
-    outcome_clock TEXT,             -- see OUTCOME_CLOCKS
-    account TEXT                    -- api.accounts: the account its reference id names
-);
+""" + EVENTS_TABLE.format(name="events") + """
 -- task_note events no row owns (the first few, and how many), as of the last match.
 CREATE TABLE IF NOT EXISTS orphans (event_id TEXT PRIMARY KEY, kind TEXT, job_id TEXT,
                                     created TEXT);
@@ -150,10 +158,12 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
     have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
     if "rev" not in have:  # additive: a report written before it is rewritten once
         db.execute("ALTER TABLE runs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0")
+    db.execute(OLD_EVENTS_SQL)
+    if found is not None and int(found[0]) < 3:
+        _compact(db)
     for trigger in TRIGGERS:
         db.execute(trigger)
-    db.execute(OLD_EVENTS_SQL)
-    if found is None or int(found[0]) == 1:
+    if found is None or int(found[0]) < SCHEMA_VERSION:
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                    (SCHEMA_VERSION,))
     elif int(found[0]) != SCHEMA_VERSION:
@@ -167,6 +177,47 @@ OUTCOME_CLOCKS: Final = ("sink_received", "event_created_polled", "event_created
 # Columns added after schema 2 shipped (additive: a ledger gains them when opened).
 ADDED_COLUMNS: Final = {"rows": ("outcome_clock", "written_off_at", "account"),
                         "events": ("outcome_at", "outcome_clock", "account")}
+# How outcome_clock is stored (schema 3): a letter per OUTCOME_CLOCKS name.
+CLOCK_CODES: Final = {"sink_received": "r", "event_created_polled": "p",
+                      "event_created_no_receipt": "n"}
+CLOCK_NAMES: Final = {code: name for name, code in CLOCK_CODES.items()}
 OLD_EVENTS_SQL: Final = """
-UPDATE events SET outcome_at = created, outcome_clock = 'event_created_no_receipt'
- WHERE outcome_clock IS NULL"""
+UPDATE events SET outcome_at = created, outcome_clock = 'n' WHERE outcome_clock IS NULL"""
+# outcome_clock names to CLOCK_CODES (a code, or NULL, is left as it is).
+_ROWS_TO_CODES: Final = """UPDATE rows SET outcome_clock = CASE outcome_clock
+    WHEN 'sink_received' THEN 'r' WHEN 'event_created_polled' THEN 'p'
+    WHEN 'event_created_no_receipt' THEN 'n' END
+ WHERE outcome_clock IN ('sink_received', 'event_created_polled', 'event_created_no_receipt')"""
+_COPY_EVENTS: Final = """INSERT INTO events_v3 (event_id, kind, job_id, task_note_id, created,
+    emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at, outcome_clock, account)
+SELECT event_id, kind, job_id, task_note_id, created, emr_note_id, failure_reason,
+       reason_codes, ekey, line, outcome_at, CASE outcome_clock WHEN 'sink_received' THEN 'r'
+       WHEN 'event_created_polled' THEN 'p' WHEN 'event_created_no_receipt' THEN 'n'
+       ELSE outcome_clock END, account
+  FROM events"""
+
+
+def clock_name(code: _T) -> _T | str:
+    """The OUTCOME_CLOCKS name a stored ``outcome_clock`` code stands for; anything else
+    (None, NaN, a name an older ledger stored) as it is."""
+    return CLOCK_NAMES.get(code, code) if isinstance(code, str) else code
+
+
+def _compact(db: sqlite3.Connection) -> None:
+    """Schema 2 to 3 in place: outcome_clock names to CLOCK_CODES, and the events mirror
+    rebuilt WITHOUT ROWID. No report changes (the names read back are the same), so the
+    rows' triggers are dropped for the update (recreated by the caller) and no run's
+    ``rev`` moves."""
+    db.execute("DROP TRIGGER IF EXISTS rows_changed")
+    db.execute("DROP TRIGGER IF EXISTS rows_followed")
+    db.execute(_ROWS_TO_CODES)
+    without_rowid = db.execute("SELECT sql LIKE '%WITHOUT ROWID%' FROM sqlite_schema"
+                               " WHERE type = 'table' AND name = 'events'").fetchone()
+    if without_rowid is not None and without_rowid[0]:  # a version-1 ledger: made new
+        return
+    db.execute("DROP TABLE IF EXISTS events_v3")
+    db.execute(EVENTS_TABLE.format(name="events_v3"))
+    db.execute(_COPY_EVENTS)
+    db.execute("DROP TABLE events")
+    db.execute("ALTER TABLE events_v3 RENAME TO events")
+    db.execute("INSERT OR REPLACE INTO meta SELECT 'events_stored', COUNT(*) FROM events")

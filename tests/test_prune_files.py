@@ -1,0 +1,95 @@
+"""What ``tasknotes prune`` removes besides event text: the sink file's side files (set-aside
+lines, a torn tail: both may hold notes) once old, and a pruned run's input copies, which
+no later ``reconcile`` writes again; and what its summary says of the ledger's bytes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from test_shared_files import FakeCobalt
+
+from helpers import ThreadedServer, read_results, write_config, write_csv
+from pipeline.cli import main
+from pipeline.events import compact_json as compact
+
+SECRET = "Zoë's PHI: called patient about the biopsy"
+OLD = "2026-01-05T10:00:00Z"
+
+
+def test_prune_removes_old_side_files_and_keeps_one_written_since(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    sink = tmp_path / "state" / "webhooks.jsonl"
+    sink.parent.mkdir(mode=0o700)
+    sink.write_bytes(b"")
+    set_aside = sink.with_name(sink.name + ".set-aside")
+    torn = sink.with_name(sink.name + ".torn")
+    set_aside.write_text(f'{{"line_base64": "{SECRET}"}}\n', encoding="utf-8")
+    torn.write_text(f'{{"id": "evt_1", "data": {{"note": "{SECRET}\n', encoding="utf-8")
+    long_ago = time.time() - 90 * 86400
+    os.utime(set_aside, (long_ago, long_ago))
+
+    assert main(["prune", str(config), "--older-than", "30", "--dry-run"]) == 0
+    assert str(set_aside) in capsys.readouterr().out
+    assert set_aside.exists()  # a dry run removes nothing
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert str(set_aside) in out
+    assert "left: 1 side file of the sink file written to within the limit" in out
+    assert not set_aside.exists()
+    assert torn.exists()  # written within the limit: its fragment may be recent
+
+    os.utime(torn, (long_ago, long_ago))
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    assert str(torn) in capsys.readouterr().out
+    assert not torn.exists()
+
+
+def test_a_pruned_runs_redrive_and_rejects_are_not_written_again_by_reconcile(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run A leaves X unsent (503: offered in redrive.csv) and rejects a bad row; prune
+    removes both copies; a webhook for A's sent row then makes reconcile rewrite A's
+    report, which offers X in results.csv but writes neither copy again; the summary
+    gives the ledger's bytes before and after."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"], ["Y", SECRET],
+                                             ["bad id with space", "n"]])
+    fake = FakeCobalt(answers={"X": (503, {"message": "busy"})})
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, input={"path": str(source)},
+                              api={"base_url": api.url})
+        assert main(["-q", "run", str(config), "--no-progress"]) == 1
+    (report,) = (tmp_path / "reports").iterdir()
+    assert (report / "redrive.csv").exists()
+    assert (report / "rejects.csv").exists()
+    ledger = tmp_path / "state" / "ledger.sqlite"
+    with sqlite3.connect(ledger) as db:
+        db.execute("UPDATE runs SET started_at = '2026-01-05T09:00:00.000Z'")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert str(report / "redrive.csv") in out
+    assert str(report / "rejects.csv") in out
+    assert f"ledger {ledger}: " in out
+    before, after = out.split(f"ledger {ledger}: ")[1].split(" bytes")[0].split(" -> ")
+    assert int(before.replace(",", "")) >= int(after.replace(",", "")) > 0
+    assert not (report / "redrive.csv").exists()
+    assert not (report / "rejects.csv").exists()
+
+    sink = tmp_path / "state" / "webhooks.jsonl"
+    with sink.open("ab") as fh:
+        fh.write(compact({"id": "evt_y", "access_token_reference_id": "u", "object": "event",
+                          "created": OLD, "type": "task_note.created",
+                          "job_id": fake.jobs["Y"], "data": {"task_note_id": "tn", "emr_task_id":
+                                                             "Y", "note": SECRET}}) + b"\n")
+    assert main(["-q", "reconcile", str(config)]) == 1  # X is still unsent
+    rows = {r["emr_task_id"]: r["final_status"] for r in read_results(report)}
+    assert rows == {"X": "send_failed", "Y": "confirmed", "": "rejected_invalid"}  # rewritten
+    assert not (report / "redrive.csv").exists()
+    assert not (report / "rejects.csv").exists()
+    assert SECRET not in "".join(p.read_text(encoding="utf-8") for p in report.iterdir())
