@@ -234,8 +234,8 @@ def test_prune_from_python_is_the_command_without_the_printing(tmp_path: Path) -
     assert config.webhooks.sink.read_bytes() == before
     done = pipeline.prune(config, older_than_days=30)
     assert isinstance(done, pipeline.PruneOutcome)
-    assert (done.exit_code, done.pruned.events_pruned, done.sink, done.ledger) == (
-        0, 2, config.webhooks.sink, config.state.ledger)
+    assert (done.exit_code, done.pruned.events_pruned, done.events, done.ledger) == (
+        0, 2, f"sink file {config.webhooks.sink}", str(config.state.ledger))
     assert SECRET_NOTE.encode() not in config.webhooks.sink.read_bytes()
     with pytest.raises(pipeline.ConfigError, match=r"state\.retention_days"):
         pipeline.prune(make_config(tmp_path))
