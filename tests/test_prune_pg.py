@@ -6,6 +6,7 @@ untouched (a real throwaway server: tests/pg.py)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ from typing import Any
 import pytest
 
 from helpers import EmulatorThread, make_config, notes, run_pipeline, write_config, write_csv
-from pipeline import prune as prune_module
 from pipeline.cli import main
 from pipeline.events import compact_json as compact
 from pipeline.events import decode_event, is_pruned
@@ -21,6 +21,9 @@ from pipeline.prune import prune
 from pipeline.reconcile import ingest_postgres
 from pipeline.state.postgres import connect, open_state
 from pipeline.state.store import open_store
+
+# the module (pipeline.prune is the Python API's front door of the same name)
+prune_module = importlib.import_module("pipeline.prune")
 
 pytestmark = pytest.mark.slow
 
