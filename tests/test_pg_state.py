@@ -23,7 +23,7 @@ from pipeline.emulator import sign
 from pipeline.errors import ConfigError
 from pipeline.events import compact_json as compact
 from pipeline.state.pg_events import PgEventStore
-from pipeline.state.postgres import MIGRATIONS, connect, migrate
+from pipeline.state.postgres import MIGRATIONS, connect, describe_failure, migrate
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,12 @@ def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
     ("postgresql://tasknotes:abq/dxf#ghz@127.0.0.1:5432/tasknotes", ("abq", "dxf", "ghz")),
     ("postgresql://tasknotes:Pz7q@sz:w/rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "sz:w", "rk9")),
     ("postgresql://tasknotes:Pz7q?rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "rk9")),
+    # a % not starting a percent-encoded byte: libpq quotes the raw token in its error
+    ("postgresql://tasknotes:p%40ss%word@127.0.0.1:5432/tasknotes", ("p%40ss", "ss%word")),
+    ("postgresql://tasknotes@127.0.0.1:5432/tasknotes?password=QuerySecret%zz1",
+     ("QuerySecret", "zz1")),
+    ("postgresql://tasknotes:Pz7q%@127.0.0.1:5432/tasknotes", ("Pz7q",)),
+    ("postgresql://tasknotes:Pz7q%00x@127.0.0.1:5432/tasknotes", ("Pz7q",)),
 ])
 def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str,
@@ -76,6 +82,7 @@ def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
     err = capsys.readouterr().err
     assert "state.url" in err
     assert "percent-encode" in err
+    assert ("write a literal % as %25" in err) == ("%" in url)  # refused as config, not by libpq
     assert "Traceback" not in err
     for part in secret_parts:
         assert part not in err, part
@@ -173,6 +180,44 @@ def test_a_connection_error_is_one_line_without_the_password(
     assert len(lines) == 1, err
     assert f"127.0.0.1:{port}/{database}" in lines[0]
     assert lines[0].startswith("tasknotes: state.url: cannot connect to PostgreSQL")
+
+
+def failure(url: str, sql: str | None = None) -> str:
+    """describe_failure of the real error psycopg raises connecting to ``url`` (then running
+    ``sql``)."""
+    import psycopg  # noqa: PLC0415 - optional: the tests skip without it
+
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            if sql is not None:
+                conn.execute(sql.encode())
+    except psycopg.Error as exc:
+        return describe_failure(url, exc)
+    raise AssertionError("no error")
+
+
+def test_a_failure_withholds_whole_secret_tokens_and_no_other_word(
+        pg_cluster: Any, pg_url: str) -> None:
+    """The password and query values are withheld as whole tokens: a 1-character password is
+    not cut out of every word it occurs in (which garbled the line and spelled it out)."""
+    database = pg_url.rsplit("/", 1)[1]
+    assert failure(pg_cluster.url(database, password="t")) == (
+        'password authentication failed for user "tn_admin"')
+    # a password equal to a word of the message (here the user name) is withheld there
+    assert failure(pg_cluster.url(database, password="tn_admin")) == (
+        'password authentication failed for user "***"')
+    # libpq quotes a query parameter's value back: withheld (it may be ?password= or sslpassword=)
+    assert failure(pg_url + "?sslmode=Sm9xSecret") == 'invalid sslmode value: "***"'
+    assert failure(pg_cluster.url(database, port=free_port())) == "Connection refused"
+
+
+def test_a_server_error_is_its_primary_message_not_the_caret_or_context_line(
+        pg_url: str) -> None:
+    """A multi-line server error (LINE / caret / CONTEXT after it) is told by its first line."""
+    assert failure(pg_url, "SELECT 1 FROM no_such_table") == (
+        'relation "no_such_table" does not exist')
+    assert failure(pg_url, "DO $$ BEGIN RAISE EXCEPTION 'deadlock detected'; END $$") == (
+        "deadlock detected")
 
 
 # -- the event store ---------------------------------------------------------------------------
