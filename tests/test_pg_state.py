@@ -154,6 +154,42 @@ def test_schema_is_created_with_its_version_and_a_rerun_migrates_nothing(pg_url:
         assert constraints == {"sink_events_event_id_key", "sink_events_body_sha256_key"}
 
 
+def test_a_least_privilege_role_uses_a_current_schema_without_ddl(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A role with USAGE on the schema and SELECT/INSERT/UPDATE/DELETE on its tables (how a
+    sink or a reviewer is deployed) may not CREATE: once the schema is current, migrate()
+    only reads tasknotes_schema, so status and export-events run."""
+    database = pg_url.rsplit("/", 1)[1]
+    role, password = f"{database}_ro", "ro-pw-51c2"
+    with connect(pg_url) as conn:
+        migrate(conn)
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'".encode())
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}".encode())
+        conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}".encode())
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+                     f" TO {role}".encode())
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}".encode())
+    try:
+        ro_url = pg_url.replace("tn_admin:admin-pw-4b1e@", f"{role}:{password}@")
+        assert ro_url != pg_url
+        with connect(ro_url) as conn:
+            assert migrate(conn) == []
+            with pytest.raises(Exception, match="permission denied for schema public"):
+                conn.execute(b"CREATE TABLE probe_ddl (x int)")  # the role really cannot
+        monkeypatch.setenv("TASKNOTES_STATE_URL", ro_url)
+        config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+        assert main(["-q", "status", str(config)]) == 0, capsys.readouterr().err
+        out = tmp_path / "events.jsonl"
+        assert main(["-q", "export-events", str(config), "--out", str(out)]) == 0, (
+            capsys.readouterr().err)
+        assert out.read_bytes() == b""
+    finally:
+        with connect(pg_url) as conn:
+            conn.execute(f"DROP OWNED BY {role}".encode())
+            conn.execute(f"DROP ROLE {role}".encode())
+
+
 # -- connection errors -------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@
   migrations in ``MIGRATIONS`` whose version is not there are applied in order,
   each in its own transaction with its row, under a transaction-level advisory
   lock so two processes starting at once do not both apply one. A rerun applies
-  nothing.
+  nothing and runs no DDL (a least-privilege role can use a current schema).
 
 psycopg is an optional dependency (``pip install -e '.[postgres]'``); this module
 imports it only when called, so SQLite users never need it.
@@ -296,24 +296,27 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]],
     ``pg_advisory_xact_lock`` (so concurrent starters wait, then find it done).
     Raises StateError when the database is at a version newer than this
     tasknotes knows (an older tasknotes must not write to a newer schema).
+    When every migration is recorded already it only reads ``tasknotes_schema``
+    and runs no DDL, so a role with just USAGE on the schema and SELECT / INSERT /
+    UPDATE / DELETE on its tables (a sink's, a reviewer's) can use a current database.
     """
     applied: list[int] = []
+    known = {m.version for m in migrations}
+    done = set(applied_versions(conn))  # reads only: a current schema needs no DDL right
+    _refuse_newer(done, known)
+    if known <= done:
+        return applied
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute("""CREATE TABLE IF NOT EXISTS tasknotes_schema (
                             version      integer PRIMARY KEY,
                             description  text NOT NULL,
                             applied_at   timestamptz NOT NULL DEFAULT now())""")
-    known = {m.version for m in migrations}
     for migration in sorted(migrations, key=lambda m: m.version):
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             done = set(applied_versions(conn))
-            newer = sorted(done - known)
-            if newer:
-                raise StateError(f"state.url: the database's schema is at version {newer[-1]},"
-                                 f" newer than this tasknotes knows ({max(known)}); upgrade "
-                                 "tasknotes")
+            _refuse_newer(done, known)
             if migration.version in done:
                 continue
             conn.execute(migration.sql.encode())
@@ -323,6 +326,14 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]],
             log.info("state: schema migrated to version %d (%s)", migration.version,
                      migration.description)
     return applied
+
+
+def _refuse_newer(done: set[int], known: set[int]) -> None:
+    newer = sorted(done - known)
+    if newer:
+        raise StateError(f"state.url: the database's schema is at version {newer[-1]},"
+                         f" newer than this tasknotes knows ({max(known)}); upgrade "
+                         "tasknotes")
 
 
 def open_state(url: str, *, application: str = "tasknotes") -> psycopg.Connection[
