@@ -21,6 +21,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import sign
 from pipeline.errors import ConfigError
+from pipeline.events import UnreadableEvent
 from pipeline.events import compact_json as compact
 from pipeline.state.pg_events import PgEventStore
 from pipeline.state.postgres import MIGRATIONS, connect, describe_failure, migrate
@@ -290,6 +291,67 @@ async def test_store_dedupes_by_id_and_by_body_and_keeps_the_body(pg_url: str) -
         ("evt_1", first, "signature-verified"), ("evt_3", pretty, "signature-verified"),
         ("evt_4", compact(event(4)), "signature-verified")]
     assert all(r[4].microsecond % 1000 == 0 and r[4].tzinfo is not None for r in stored)
+
+
+async def test_an_unstorable_event_is_refused_alone_and_its_batch_is_stored(
+        pg_url: str) -> None:
+    """Values PostgreSQL cannot hold (NUL in text; an id over the btree's entry limit) fail
+    the batch's INSERT: the batch is stored again row by row, so only those are refused
+    (UnreadableEvent: the sink's 400) and the 30 valid events of the same batch stored."""
+    import base64  # noqa: PLC0415
+
+    store = PgEventStore(pg_url)
+    store.open()
+    nul_id, long_id = "evt_\u0000x", base64.b64encode(os.urandom(6000)).decode()
+    good = [compact(event(n)) for n in range(1, 31)]
+    verdicts: dict[str, str] = {}
+
+    async def append(body: bytes, event_id: str) -> None:
+        try:
+            verdicts[event_id] = await store.append(body, event_id)
+        except UnreadableEvent as exc:
+            verdicts[event_id] = exc.code
+
+    async def all_at_once() -> None:
+        async with anyio.create_task_group() as tg:  # all queued in one turn: one batch
+            for n, body in enumerate(good, 1):
+                tg.start_soon(append, body, f"evt_{n:024d}")
+            tg.start_soon(append, b'{"id":"nul"}', nul_id)
+            tg.start_soon(append, b'{"id":"long"}', long_id)
+        store.stop()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(all_at_once)
+            tg.start_soon(store.run)
+    finally:
+        store.close()
+    assert verdicts.pop(nul_id) == "unstorable"
+    assert verdicts.pop(long_id) == "unstorable"
+    assert set(verdicts.values()) == {"stored"}
+    assert [bytes(r[1]) for r in rows(pg_url)] == good
+
+
+async def test_a_kept_connection_cut_by_a_restart_is_replaced_before_answering(
+        pg_cluster: Any, pg_url: str) -> None:
+    """After a database restart the first store reconnects and stores (the INSERT is
+    idempotent), instead of failing the batch on the dead kept connection (a 503)."""
+    store = PgEventStore(pg_url)
+    store.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run)
+            assert await store.append(compact(event(1)), "evt_1") == "stored"
+            pg_cluster.stop("fast")
+            pg_cluster.start()
+            assert await store.append(compact(event(2)), "evt_2") == "stored"
+            assert await store.append(compact(event(2)), "evt_2") == "duplicate"
+            store.stop()
+    finally:
+        store.close()
+        if not pg_cluster.ready():
+            pg_cluster.start()
+    assert [r[0] for r in rows(pg_url)] == ["evt_1", "evt_2"]
 
 
 @pytest.fixture
