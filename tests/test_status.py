@@ -93,6 +93,24 @@ def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Pa
     assert found.kind("send_failed").settle.startswith("tasknotes run my.yaml")
 
 
+def test_send_failed_lists_the_rows_of_the_notes_it_counts(book: Book, tmp_path: Path
+                                                            ) -> None:
+    """A note left ambiguous by one run and unsent by a later one counts as ambiguous (it
+    comes first): send_failed neither counts it nor lists its row (rows_total agrees)."""
+    book.row("ambiguous", task="B1", submitted_at=OLD)
+    book.ledger.finish_run("run-1", "crashed", {})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("pending", task="B1", run_id="run-2")  # the same note, not sent by run-2
+    book.row("failed", task="C1", run_id="run-2")  # send_failed alone
+    book.ledger.finish_run("run-2", "aborted", {})
+
+    found = status_of(book, tmp_path)
+    assert found.kind("ambiguous").count == 1
+    send_failed = found.kind("send_failed").to_dict()
+    assert (send_failed["count"], send_failed["rows_total"]) == (1, 1)
+    assert [(r["run_id"], r["line"]) for r in send_failed["rows"]] == [("run-2", 4)]  # C1
+
+
 def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: Path) -> None:
     """The documented --json shape: field names and types, for a sensor or monitor."""
     book.row("accepted", task="A1", note="SECRET-NOTE-TEXT", job_id="1", submitted_at=OLD)

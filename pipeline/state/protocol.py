@@ -9,7 +9,7 @@ no room, StateError when it cannot be used.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -106,7 +106,8 @@ class OpenItems(Protocol):
     def redrive_row_ids(self, run_id: str
                         ) -> list[tuple[int, str, str | None, str | None]]: ...
     def emr_failures(self) -> list[tuple[str, bytes, str | None, str | None, str | None]]: ...
-    def send_failed_rows(self, running: Sequence[str], limit: int = 20
+    def send_failed_rows(self, running: Sequence[str], limit: int = 20,
+                         skip: Collection[bytes] = ()
                          ) -> tuple[int, list[tuple[str, str | None, int]]]: ...
     def write_off(self, run_id: str, at: str) -> int: ...
 
