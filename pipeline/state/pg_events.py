@@ -72,15 +72,6 @@ class _Row:
     refused: str | None = None  # why PostgreSQL cannot hold this row (no values of it)
 
 
-def _data_errors() -> tuple[type[Exception], ...]:
-    """psycopg's errors that refuse a row for its values, not for the database's state: a
-    data exception (SQLSTATE class 22, e.g. NUL in text) or a program limit (class 54, e.g.
-    an index entry over the btree's size limit)."""
-    import psycopg  # noqa: PLC0415 - optional dependency
-
-    return (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
-
-
 class PgEventStore:
     """Durable, de-duplicated event store in PostgreSQL (module docstring).
 
@@ -172,7 +163,7 @@ class PgEventStore:
         Rows repeating an id or a body of an earlier row in the batch are marked
         duplicates first; the INSERT skips those already in the table.
 
-        - A batch refused for its data (``_DATA_ERRORS``: a value PostgreSQL cannot
+        - A batch refused for its data (``data_errors``: a value PostgreSQL cannot
           hold, the connection still good) is stored again row by row, so the valid
           events are stored and only the refused rows get ``refused`` (the sink's 400).
         - A kept connection that fails (the server restarted, an idle connection was
@@ -184,6 +175,9 @@ class PgEventStore:
         """
         import psycopg  # noqa: PLC0415 - optional dependency
 
+        # refused for its values, not for the database's state: a data exception (SQLSTATE
+        # class 22, e.g. NUL in text) or a program limit (class 54, an index entry too big)
+        data_errors = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
         fresh: list[_Row] = []
         ids: set[str] = set()
         digests: set[bytes] = set()
@@ -202,13 +196,13 @@ class PgEventStore:
                 conn = self._connection()
                 try:
                     inserted = self._insert(conn, fresh)
-                except _data_errors() as exc:
+                except data_errors as exc:
                     if conn.broken or conn.closed:
                         raise
                     log.warning("PostgreSQL at %s refused a batch of %d event(s) (%s); "
                                 "storing them one by one", self.where, len(fresh),
                                 describe_failure(self._url, exc))
-                    inserted = self._insert_each(conn, fresh)
+                    inserted = self._insert_each(conn, fresh, data_errors)
             except StateError as exc:  # from connect(): names host:port/database already
                 self.close()
                 raise SinkWriteError(str(exc)) from None
@@ -236,15 +230,15 @@ class PgEventStore:
                           [r.received_at for r in rows])).fetchall()
         return {(str(i), bytes(cast("bytes", d))) for i, d in found}
 
-    def _insert_each(self, conn: psycopg.Connection[tuple[object, ...]], rows: list[_Row]
-                     ) -> set[tuple[str, bytes]]:
+    def _insert_each(self, conn: psycopg.Connection[tuple[object, ...]], rows: list[_Row],
+                     data_errors: tuple[type[Exception], ...]) -> set[tuple[str, bytes]]:
         """``_insert`` one row per transaction; a row refused for its data gets ``refused``
         (why, without its values). A connection failure propagates."""
         inserted: set[tuple[str, bytes]] = set()
         for row in rows:
             try:
                 inserted |= self._insert(conn, [row])
-            except _data_errors() as exc:
+            except data_errors as exc:
                 if conn.broken or conn.closed:
                     raise
                 row.refused = describe_failure(self._url, exc)
