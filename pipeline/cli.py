@@ -486,7 +486,7 @@ def _poll(args: argparse.Namespace) -> int:
 def _print_poll(stats: PollStats) -> None:
     print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')} "
           f"with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} stored, "
-          f"{stats.duplicates:,} the sink file already held (not stored again), "
+          f"{stats.duplicates:,} already in the event store (not stored again), "
           f"{_n(stats.still_missing, 'job')} still "
           f"without an outcome, {stats.ambiguous_found:,} ambiguous "
           f"{'note' if stats.ambiguous_found == 1 else 'notes'} found in a "
@@ -515,8 +515,9 @@ def _print_reconciled(result: ReconcileResult) -> None:
     if not result.runs and not result.unchanged:
         print("nothing to reconcile: the ledger has no runs")
     if result.unchanged:
-        print(f"{len(result.unchanged):,} run(s) with open rows unchanged since their reports "
-              f"were written (left as they are; oldest {result.unchanged[0]})")
+        print(f"{len(result.unchanged):,} run(s) with rows not confirmed (awaiting an outcome, "
+              "failed, rejected or not sent) unchanged since their reports were written "
+              f"(left as they are; oldest {result.unchanged[0]})")
     for run in result.runs:
         written = run.report
         if written is None:

@@ -66,6 +66,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -98,13 +99,35 @@ class UnreadableEvent(ValueError):
     """Bytes the event codec refuses; ``code`` says why, in kebab-case:
 
     ``too-large``, ``not-utf8``, ``too-deep``, ``not-json``, ``not-finite``,
-    ``not-an-object``, ``lone-surrogate`` (and ``no-id`` from the receiver). The
+    ``not-an-object``, ``lone-surrogate`` (and ``no-id`` / ``bad-id`` from
+    ``check_event_id``, ``unstorable`` from a store refusing the row). The
     message never quotes the bytes.
     """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+# An event id is a key in every store: the sink file's index and PostgreSQL's unique
+# btree (whose entries hold at most ~2,700 bytes; text there cannot hold NUL). Cobalt's
+# ids are short ("evt_" and 24 characters); this bound leaves room and fits everywhere.
+MAX_EVENT_ID_CHARS: Final = 255
+
+
+def check_event_id(value: object) -> str:
+    """``value`` if it can be an event id in every store: a non-empty string of at most
+    ``MAX_EVENT_ID_CHARS`` characters with no control character (Unicode category Cc,
+    NUL included). Raises UnreadableEvent ``no-id`` (missing, empty, not a string) or
+    ``bad-id``; the receiver answers either with 400, whichever backend stores events."""
+    if not isinstance(value, str) or not value:
+        raise UnreadableEvent("no-id", "an event needs a non-empty string id")
+    if len(value) > MAX_EVENT_ID_CHARS:
+        raise UnreadableEvent("bad-id", f"an event id of {len(value):,} characters, more "
+                                        f"than {MAX_EVENT_ID_CHARS}")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise UnreadableEvent("bad-id", "an event id holding a control character")
+    return value
 
 
 def decode_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, Any]:

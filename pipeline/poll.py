@@ -61,7 +61,7 @@ from pipeline.errors import (
     RunAborted,
     StorageFull,
 )
-from pipeline.events import UnreadableEvent, encode_event
+from pipeline.events import UnreadableEvent, check_event_id, encode_event
 from pipeline.redaction import safe_id
 from pipeline.retry import Pacer, RetryPolicy, retry_delay
 from pipeline.state import row_key
@@ -338,10 +338,17 @@ class Poller:
         key = self._key_of(envelope) if keys else None
         if envelope["type"] not in EVENT_TYPES or (job_id not in job_ids and key not in keys):
             return
-        try:  # the same codec as the receiver: never store what a reader would refuse
+        try:  # the same codec and id rule as the receiver: never store what it would refuse
             line = encode_event(envelope)
+            check_event_id(envelope["id"])
         except UnreadableEvent as exc:
             # Ids from Cobalt are untrusted: never logged as given (note text, a forged line).
+            log.warning("event %s (job %s) not stored: %s", safe_id(envelope["id"]),
+                        safe_id(job_id), exc.code)
+            return
+        try:
+            verdict = await self._sink.append(line, envelope["id"])
+        except UnreadableEvent as exc:  # the store cannot hold its values (never will)
             log.warning("event %s (job %s) not stored: %s", safe_id(envelope["id"]),
                         safe_id(job_id), exc.code)
             return
@@ -349,7 +356,6 @@ class Poller:
             found.add(job_id)
         if key is not None and key in keys and found_keys is not None:
             found_keys.add(key)
-        verdict = await self._sink.append(line, envelope["id"])
         if verdict == "stored":
             self.stats.stored += 1
             if delivery == "success":

@@ -57,6 +57,7 @@ from pipeline.events import (
     SinkWriteError,
     UnreadableEvent,
     Verdict,
+    check_event_id,
     decode_event,
     receive_time,
 )
@@ -247,8 +248,7 @@ class WebhookReceiver:
 def _parse(body: bytes) -> dict[str, Any]:
     """The event in ``body``, as every reader will parse it; raises UnreadableEvent."""
     event = decode_event(body)
-    if not isinstance(event.get("id"), str) or not event["id"]:
-        raise UnreadableEvent("no-id", "an event needs a non-empty string id")
+    check_event_id(event.get("id"))
     return event
 
 

@@ -182,7 +182,10 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
                        else None)
         groups["not_read"] = _not_read(ledger)
         redrive = _current_redrive(ledger, config, groups)
-        unsent = ledger.send_failed_rows(running, ROWS_SHOWN)
+        # the rows listed are those of the notes counted under send_failed: one truth
+        before = PRECEDENCE[:PRECEDENCE.index("send_failed")]
+        counted_before = {key for kind in before for _, key, _ in rows[kind]}
+        unsent = ledger.send_failed_rows(running, ROWS_SHOWN, skip=counted_before)
         holder = ledger.lock_holder() if running else None
     finally:
         ledger.close()

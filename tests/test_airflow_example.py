@@ -48,7 +48,7 @@ def test_the_dag_file_uses_the_python_api_as_it_is() -> None:
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                 and node.value.id in used):
             used[node.value.id].add(node.attr)
-    assert used["pipeline"] == {"run", "status", "PipelineError"}
+    assert used["pipeline"] == {"run", "status", "PipelineError", "StateError"}
     assert set(pipeline.__all__) >= used["pipeline"]
     fields = {f.name for f in dataclasses.fields(pipeline.RunResult)}
     assert used["result"] >= {"exit_code", "run_id", "report_dir", "counts", "stop_reason"}
@@ -122,3 +122,24 @@ def test_exit_2_fails_the_task_without_retry_and_the_workdir_is_explicit(
     with pytest.raises(fail):
         dags.outcomes_settled(str(tmp_path / "missing.yaml"))
     assert Path.cwd() == tmp_path
+
+
+def test_a_state_error_is_retried_and_the_sensor_pokes_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 from a StateError may pass (the database unreachable, the lock held): the run
+    task raises AirflowException (retried), not AirflowFailException; the sensor says "not
+    yet" instead of failing."""
+    pytest.importorskip("psycopg", reason="state.url needs the [postgres] extra")
+    from helpers import free_port, write_config  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    dags = _dag_module(monkeypatch, {"TASKNOTES_WORKDIR": str(tmp_path)})
+    config = write_config(tmp_path, state={
+        "url": f"postgresql://u:pw-3e1a@127.0.0.1:{free_port()}/tasknotes"})
+    (tmp_path / "input.csv").write_text("emr_task_id,note\nT1,hello\n")
+    exceptions = sys.modules["airflow.exceptions"]
+    with pytest.raises(exceptions.AirflowException, match="cannot connect") as caught:
+        dags.send_notes(str(config))
+    assert not isinstance(caught.value, exceptions.AirflowFailException)
+    assert "pw-3e1a" not in str(caught.value)
+    assert dags.outcomes_settled(str(config)) is False

@@ -52,7 +52,8 @@ def test_reconcile_with_nothing_new_writes_no_report_and_a_new_event_rewrites_it
     out = capsys.readouterr().out
     assert "run run-1:" not in out
     assert "run run-2:" not in out
-    assert "2 run(s) with open rows unchanged" in out
+    assert "2 run(s) with rows not confirmed (awaiting an outcome, failed, rejected or not " \
+        "sent) unchanged since" in out
     assert {one: files_of(one), two: files_of(two)} == before
     book = Book.__new__(Book)  # the same sink file, appended to
     book.pg_url = None

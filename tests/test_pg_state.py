@@ -21,9 +21,10 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import sign
 from pipeline.errors import ConfigError
+from pipeline.events import UnreadableEvent
 from pipeline.events import compact_json as compact
 from pipeline.state.pg_events import PgEventStore
-from pipeline.state.postgres import MIGRATIONS, connect, migrate
+from pipeline.state.postgres import MIGRATIONS, connect, describe_failure, migrate
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +65,12 @@ def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
     ("postgresql://tasknotes:abq/dxf#ghz@127.0.0.1:5432/tasknotes", ("abq", "dxf", "ghz")),
     ("postgresql://tasknotes:Pz7q@sz:w/rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "sz:w", "rk9")),
     ("postgresql://tasknotes:Pz7q?rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "rk9")),
+    # a % not starting a percent-encoded byte: libpq quotes the raw token in its error
+    ("postgresql://tasknotes:p%40ss%word@127.0.0.1:5432/tasknotes", ("p%40ss", "ss%word")),
+    ("postgresql://tasknotes@127.0.0.1:5432/tasknotes?password=QuerySecret%zz1",
+     ("QuerySecret", "zz1")),
+    ("postgresql://tasknotes:Pz7q%@127.0.0.1:5432/tasknotes", ("Pz7q",)),
+    ("postgresql://tasknotes:Pz7q%00x@127.0.0.1:5432/tasknotes", ("Pz7q",)),
 ])
 def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str,
@@ -76,6 +83,7 @@ def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
     err = capsys.readouterr().err
     assert "state.url" in err
     assert "percent-encode" in err
+    assert ("write a literal % as %25" in err) == ("%" in url)  # refused as config, not by libpq
     assert "Traceback" not in err
     for part in secret_parts:
         assert part not in err, part
@@ -147,6 +155,42 @@ def test_schema_is_created_with_its_version_and_a_rerun_migrates_nothing(pg_url:
         assert constraints == {"sink_events_event_id_key", "sink_events_body_sha256_key"}
 
 
+def test_a_least_privilege_role_uses_a_current_schema_without_ddl(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A role with USAGE on the schema and SELECT/INSERT/UPDATE/DELETE on its tables (how a
+    sink or a reviewer is deployed) may not CREATE: once the schema is current, migrate()
+    only reads tasknotes_schema, so status and export-events run."""
+    database = pg_url.rsplit("/", 1)[1]
+    role, password = f"{database}_ro", "ro-pw-51c2"
+    with connect(pg_url) as conn:
+        migrate(conn)
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'".encode())
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}".encode())
+        conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}".encode())
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+                     f" TO {role}".encode())
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}".encode())
+    try:
+        ro_url = pg_url.replace("tn_admin:admin-pw-4b1e@", f"{role}:{password}@")
+        assert ro_url != pg_url
+        with connect(ro_url) as conn:
+            assert migrate(conn) == []
+            with pytest.raises(Exception, match="permission denied for schema public"):
+                conn.execute(b"CREATE TABLE probe_ddl (x int)")  # the role really cannot
+        monkeypatch.setenv("TASKNOTES_STATE_URL", ro_url)
+        config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+        assert main(["-q", "status", str(config)]) == 0, capsys.readouterr().err
+        out = tmp_path / "events.jsonl"
+        assert main(["-q", "export-events", str(config), "--out", str(out)]) == 0, (
+            capsys.readouterr().err)
+        assert out.read_bytes() == b""
+    finally:
+        with connect(pg_url) as conn:
+            conn.execute(f"DROP OWNED BY {role}".encode())
+            conn.execute(f"DROP ROLE {role}".encode())
+
+
 # -- connection errors -------------------------------------------------------------------------
 
 
@@ -173,6 +217,44 @@ def test_a_connection_error_is_one_line_without_the_password(
     assert len(lines) == 1, err
     assert f"127.0.0.1:{port}/{database}" in lines[0]
     assert lines[0].startswith("tasknotes: state.url: cannot connect to PostgreSQL")
+
+
+def failure(url: str, sql: str | None = None) -> str:
+    """describe_failure of the real error psycopg raises connecting to ``url`` (then running
+    ``sql``)."""
+    import psycopg  # noqa: PLC0415 - optional: the tests skip without it
+
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            if sql is not None:
+                conn.execute(sql.encode())
+    except psycopg.Error as exc:
+        return describe_failure(url, exc)
+    raise AssertionError("no error")
+
+
+def test_a_failure_withholds_whole_secret_tokens_and_no_other_word(
+        pg_cluster: Any, pg_url: str) -> None:
+    """The password and query values are withheld as whole tokens: a 1-character password is
+    not cut out of every word it occurs in (which garbled the line and spelled it out)."""
+    database = pg_url.rsplit("/", 1)[1]
+    assert failure(pg_cluster.url(database, password="t")) == (
+        'password authentication failed for user "tn_admin"')
+    # a password equal to a word of the message (here the user name) is withheld there
+    assert failure(pg_cluster.url(database, password="tn_admin")) == (
+        'password authentication failed for user "***"')
+    # libpq quotes a query parameter's value back: withheld (it may be ?password= or sslpassword=)
+    assert failure(pg_url + "?sslmode=Sm9xSecret") == 'invalid sslmode value: "***"'
+    assert failure(pg_cluster.url(database, port=free_port())) == "Connection refused"
+
+
+def test_a_server_error_is_its_primary_message_not_the_caret_or_context_line(
+        pg_url: str) -> None:
+    """A multi-line server error (LINE / caret / CONTEXT after it) is told by its first line."""
+    assert failure(pg_url, "SELECT 1 FROM no_such_table") == (
+        'relation "no_such_table" does not exist')
+    assert failure(pg_url, "DO $$ BEGIN RAISE EXCEPTION 'deadlock detected'; END $$") == (
+        "deadlock detected")
 
 
 # -- the event store ---------------------------------------------------------------------------
@@ -209,6 +291,67 @@ async def test_store_dedupes_by_id_and_by_body_and_keeps_the_body(pg_url: str) -
         ("evt_1", first, "signature-verified"), ("evt_3", pretty, "signature-verified"),
         ("evt_4", compact(event(4)), "signature-verified")]
     assert all(r[4].microsecond % 1000 == 0 and r[4].tzinfo is not None for r in stored)
+
+
+async def test_an_unstorable_event_is_refused_alone_and_its_batch_is_stored(
+        pg_url: str) -> None:
+    """Values PostgreSQL cannot hold (NUL in text; an id over the btree's entry limit) fail
+    the batch's INSERT: the batch is stored again row by row, so only those are refused
+    (UnreadableEvent: the sink's 400) and the 30 valid events of the same batch stored."""
+    import base64  # noqa: PLC0415
+
+    store = PgEventStore(pg_url)
+    store.open()
+    nul_id, long_id = "evt_\u0000x", base64.b64encode(os.urandom(6000)).decode()
+    good = [compact(event(n)) for n in range(1, 31)]
+    verdicts: dict[str, str] = {}
+
+    async def append(body: bytes, event_id: str) -> None:
+        try:
+            verdicts[event_id] = await store.append(body, event_id)
+        except UnreadableEvent as exc:
+            verdicts[event_id] = exc.code
+
+    async def all_at_once() -> None:
+        async with anyio.create_task_group() as tg:  # all queued in one turn: one batch
+            for n, body in enumerate(good, 1):
+                tg.start_soon(append, body, f"evt_{n:024d}")
+            tg.start_soon(append, b'{"id":"nul"}', nul_id)
+            tg.start_soon(append, b'{"id":"long"}', long_id)
+        store.stop()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(all_at_once)
+            tg.start_soon(store.run)
+    finally:
+        store.close()
+    assert verdicts.pop(nul_id) == "unstorable"
+    assert verdicts.pop(long_id) == "unstorable"
+    assert set(verdicts.values()) == {"stored"}
+    assert [bytes(r[1]) for r in rows(pg_url)] == good
+
+
+async def test_a_kept_connection_cut_by_a_restart_is_replaced_before_answering(
+        pg_cluster: Any, pg_url: str) -> None:
+    """After a database restart the first store reconnects and stores (the INSERT is
+    idempotent), instead of failing the batch on the dead kept connection (a 503)."""
+    store = PgEventStore(pg_url)
+    store.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run)
+            assert await store.append(compact(event(1)), "evt_1") == "stored"
+            pg_cluster.stop("fast")
+            pg_cluster.start()
+            assert await store.append(compact(event(2)), "evt_2") == "stored"
+            assert await store.append(compact(event(2)), "evt_2") == "duplicate"
+            store.stop()
+    finally:
+        store.close()
+        if not pg_cluster.ready():
+            pg_cluster.start()
+    assert [r[0] for r in rows(pg_url)] == ["evt_1", "evt_2"]
 
 
 @pytest.fixture

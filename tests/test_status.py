@@ -4,6 +4,7 @@ text, JSON and exit codes."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -91,6 +92,39 @@ def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Pa
     assert found.kind("awaiting_outcome").oldest_age_s == 24 * 3600
     assert found.kind("awaiting_outcome").settle == "tasknotes poll my.yaml"
     assert found.kind("send_failed").settle.startswith("tasknotes run my.yaml")
+
+
+def test_send_failed_lists_the_rows_of_the_notes_it_counts(book: Book, tmp_path: Path
+                                                            ) -> None:
+    """A note left ambiguous by one run and unsent by a later one counts as ambiguous (it
+    comes first): send_failed neither counts it nor lists its row (rows_total agrees)."""
+    book.row("ambiguous", task="B1", submitted_at=OLD)
+    book.ledger.finish_run("run-1", "crashed", {})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("pending", task="B1", run_id="run-2")  # the same note, not sent by run-2
+    book.row("failed", task="C1", run_id="run-2")  # send_failed alone
+    book.ledger.finish_run("run-2", "aborted", {})
+
+    found = status_of(book, tmp_path)
+    assert found.kind("ambiguous").count == 1
+    send_failed = found.kind("send_failed").to_dict()
+    assert (send_failed["count"], send_failed["rows_total"]) == (1, 1)
+    assert [(r["run_id"], r["line"]) for r in send_failed["rows"]] == [("run-2", 4)]  # C1
+
+
+def test_matching_counts_each_row_given_a_new_outcome_once(
+        book: Book, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """"N rows have a new outcome" is rows: not the change counters the row triggers bump
+    (SQLite's total_changes said 66 for 33 rows)."""
+    for n in range(1, 4):
+        book.row("accepted", task=f"A{n}", job_id=str(n))
+        book.event("task_note.created", str(n), n=n, task=f"A{n}")
+    book.row("accepted", task="A9", job_id="9")  # no event yet: no outcome
+    book.ledger.finish_run("run-1", "finished", {})
+    with caplog.at_level(logging.INFO, logger="pipeline.reconcile"):
+        status_of(book, tmp_path)  # learns the sink's events first
+    said = [r.getMessage() for r in caplog.records if "new outcome" in r.getMessage()]
+    assert said == ["3 rows have a new outcome"]
 
 
 def test_the_json_shape_is_stable_and_holds_no_note_text(book: Book, tmp_path: Path) -> None:

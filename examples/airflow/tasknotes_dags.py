@@ -3,9 +3,12 @@
 Three DAGs (copy this file into the DAGs folder; set TASKNOTES_CONFIG, TASKNOTES_WORKDIR
 and, for the CLI variant, TASKNOTES_BIN in the worker's environment or edit the
 constants). TASKNOTES_WORKDIR is the directory the commands run in: relative paths in
-the config (state.ledger, webhooks.sink, report.dir) are relative to it, so it must be
-the one cron or systemd uses, or the task would use a new, empty ledger and send again
-what was already sent. It is never guessed from the config's path (/etc/tasknotes/...).
+the config (state.ledger, webhooks.sink, report.dir) are relative to it, so with the
+local ledger it must be the one cron or systemd uses, or the task would use a new,
+empty ledger and send again what was already sent. It is never guessed from the
+config's path (/etc/tasknotes/...). With ``state.url`` (README, "Shared state on
+PostgreSQL") the ledger and the events live in the database: any directory will do
+(a fresh worker's empty one), only report.dir is written there.
 
     tasknotes_nightly       02:15  PythonOperator on the Python API: ``pipeline.run``
     tasknotes_nightly_cli   02:15  the same with BashOperator and the ``tasknotes``
@@ -18,16 +21,20 @@ what was already sent. It is never guessed from the config's path (/etc/tasknote
 Exit codes in Airflow terms (README, "Operating it"): 0 success; 1 the command
 finished but some rows need a person (rejected, failed in the EMR, ambiguous,
 stale): the task SUCCEEDS and logs a warning, since retrying cannot fix a row and
-the report says which; 2 bad config or input, nothing sent: the task FAILS, no
-retry (it fails the same way until someone edits the config or the file); 3 the
-run was aborted (credentials refused, Cobalt kept failing, disk full, killed): the
-task FAILS, and a retry is safe (the ledger never sends a note twice).
+the report says which; 2 refused before anything was sent: the task FAILS; a bad
+config or input (ConfigError, InputError) fails the same way until someone edits it,
+but a StateError may pass (another run holds the account's lock; with ``state.url``
+the database was unreachable), so it is retried; 3 the run was aborted (credentials
+refused, Cobalt kept failing, the database lost, disk full, killed): the task FAILS,
+and a retry is safe (the ledger never sends a note twice).
 
-Retries: the PythonOperator raises AirflowFailException for exit 2 (Airflow fails the
-task without retrying) and AirflowException for exit 3 (retried once, 20 minutes
-later). A BashOperator cannot retry by exit code (any non-zero exit is retried alike),
-so the CLI variant has no retry: after an exit 3, clear the task or let the next night
-send what is left.
+Retries: the PythonOperator raises AirflowFailException for exit 2 from a ConfigError
+or InputError (Airflow fails the task without retrying) and AirflowException for a
+StateError and for exit 3 (retried once, 20 minutes later). A BashOperator cannot
+retry by exit code (any non-zero exit is retried alike), so the CLI variant has no
+retry: after an exit 3, or an exit 2 whose line names the lock or the database, clear
+the task or let the next night send what is left. The morning sensor keeps waiting
+through a StateError (its 3 hours bound it).
 
 ``pipeline.run(config) -> RunResult`` is tasknotes' Python API (README, "Use from
 Python"): a frozen result with ``exit_code``, ``run_id``, ``report_dir``, ``counts``
@@ -97,7 +104,9 @@ def send_notes(config_path: str) -> dict[str, Any]:
     os.chdir(WORKDIR)
     try:
         result = pipeline.run(config_path)
-    except pipeline.PipelineError as exc:  # ConfigError, InputError, StateError...: exit 2
+    except pipeline.StateError as exc:  # exit 2, maybe passing: the lock, the database
+        raise AirflowException(f"tasknotes run: {exc} (exit 2, retried)") from exc
+    except pipeline.PipelineError as exc:  # ConfigError, InputError...: exit 2
         if exc.exit_code == 2:  # retrying fails the same way: fail now, no retry
             raise AirflowFailException(f"tasknotes run: {exc} (exit 2)") from exc
         raise  # RunAborted (exit 3): the task fails and is retried once
@@ -115,7 +124,8 @@ def send_notes(config_path: str) -> dict[str, Any]:
 def outcomes_settled(config_path: str) -> bool:
     """The sensor's test: nothing awaits an outcome and no run is in progress (``status
     --json``'s shape, README: it is stable): ``pipeline.status`` where tasknotes is
-    importable, else the command. Exit 2 (bad config) fails the sensor at once."""
+    importable, else the command. A bad config fails the sensor at once; a StateError
+    (the database unreachable) waits for the next poke."""
     try:
         import pipeline  # noqa: PLC0415 - on the worker only
     except ImportError:
@@ -129,6 +139,9 @@ def outcomes_settled(config_path: str) -> bool:
         os.chdir(WORKDIR)
         try:
             kinds = pipeline.status(config_path).to_dict()["kinds"]
+        except pipeline.StateError as exc:  # the database unreachable now: poke again later
+            log.warning("tasknotes status: %s; asking again at the next poke", exc)
+            return False
         except pipeline.PipelineError as exc:
             raise AirflowFailException(f"tasknotes status: {exc}") from exc
     return bool(kinds["awaiting_outcome"]["count"] == 0 and kinds["in_progress"]["count"] == 0)

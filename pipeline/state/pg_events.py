@@ -11,9 +11,13 @@ The same contract as the sink file (``events.SinkFile``), so the receiver
 - de-duplicated by event id and by the SHA-256 of the body, by the table's
   unique constraints (``ON CONFLICT DO NOTHING``), so several sinks on one
   database share one truth; a duplicate is ``"duplicate"`` (the sink's 200);
-- when the database cannot be reached or the commit fails, every caller of
-  the batch gets ``SinkWriteError`` (the sink's 503); the connection is dropped
-  and the next batch connects again, so the sink heals when the database returns.
+- a batch refused for an event's values is stored row by row: the valid events
+  are stored, the refused one gets ``UnreadableEvent`` (the sink's 400);
+- a kept connection that fails (a database restart) is replaced and the batch
+  tried once more; when the database cannot be reached or the commit still
+  fails, every caller of the batch gets ``SinkWriteError`` (the sink's 503); the
+  connection is dropped and the next batch connects again, so the sink heals when
+  the database returns.
 
 Each row keeps the body exactly as received (``bytea``), its id, its hash, the
 verdict under which the sink accepted it (``signature-verified``: only
@@ -34,7 +38,13 @@ from typing import TYPE_CHECKING, BinaryIO, Final, cast
 
 from pipeline._group import GroupCommit
 from pipeline.errors import StateError
-from pipeline.events import SinkWriteError, Verdict, decode_event, encode_event
+from pipeline.events import (
+    SinkWriteError,
+    UnreadableEvent,
+    Verdict,
+    decode_event,
+    encode_event,
+)
 from pipeline.state.postgres import connect, describe_failure, open_state, where
 
 if TYPE_CHECKING:
@@ -59,6 +69,7 @@ class _Row:
     digest: bytes
     received_at: datetime
     verdict: Verdict = field(default="stored")
+    refused: str | None = None  # why PostgreSQL cannot hold this row (no values of it)
 
 
 class PgEventStore:
@@ -119,7 +130,9 @@ class PgEventStore:
         now if not given.
 
         Returns "stored" once committed, "duplicate" if it was there already.
-        Raises SinkWriteError if it could not be stored (the next call tries again).
+        Raises SinkWriteError if it could not be stored (the next call tries again), and
+        UnreadableEvent ``unstorable`` if PostgreSQL refuses this event's values (never
+        storable: the receiver's 400; the other events of its batch are stored).
         """
         now = (datetime.fromisoformat(received_at) if received_at is not None
                else datetime.now(UTC))
@@ -135,6 +148,8 @@ class PgEventStore:
         if self.broken is not None:
             log.warning("PostgreSQL at %s stores events again", self.where)
             self.broken = None
+        if row.refused is not None:
+            raise UnreadableEvent("unstorable", f"PostgreSQL cannot store it: {row.refused}")
         return row.verdict
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
@@ -146,41 +161,88 @@ class PgEventStore:
         """Runs in a worker thread: one INSERT and one commit for the batch.
 
         Rows repeating an id or a body of an earlier row in the batch are marked
-        duplicates first; the INSERT skips those already in the table. Raises
-        SinkWriteError (and drops the connection) when the database fails.
+        duplicates first; the INSERT skips those already in the table.
+
+        - A batch refused for its data (``data_errors``: a value PostgreSQL cannot
+          hold, the connection still good) is stored again row by row, so the valid
+          events are stored and only the refused rows get ``refused`` (the sink's 400).
+        - A kept connection that fails (the server restarted, an idle connection was
+          cut) is replaced and the batch tried once more before giving up: the INSERT
+          is idempotent (``ON CONFLICT DO NOTHING``), so a batch the server committed
+          before the connection broke is found, not stored twice.
+
+        Raises SinkWriteError (and drops the connection) when the database fails.
         """
         import psycopg
 
+        # refused for its values, not for the database's state: a data exception (SQLSTATE
+        # class 22, e.g. NUL in text) or a program limit (class 54, an index entry too big)
+        data_errors = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
         fresh: list[_Row] = []
         ids: set[str] = set()
         digests: set[bytes] = set()
         for row in rows:
             row.verdict = "stored"
+            row.refused = None
             if row.event_id in ids or row.digest in digests:
                 row.verdict = "duplicate"
                 continue
             ids.add(row.event_id)
             digests.add(row.digest)
             fresh.append(row)
-        try:
-            conn = self._connection()
-            with conn.transaction():
-                found = conn.execute(
-                    _INSERT, ([r.event_id for r in fresh], [r.digest for r in fresh],
-                              [r.body for r in fresh], [self._verdict] * len(fresh),
-                              [r.received_at for r in fresh])).fetchall()
-                inserted = {(str(i), bytes(cast("bytes", d))) for i, d in found}
-        except StateError as exc:  # from connect(): names host:port/database already
-            self.close()
-            raise SinkWriteError(str(exc)) from None
-        except (psycopg.Error, OSError) as exc:
-            self.close()
-            reason = describe_failure(self._url, exc)
-            raise SinkWriteError(f"PostgreSQL at {self.where} cannot store events: "
-                                 f"{reason}") from None
+        for last_try in (False, True):
+            kept = self._conn is not None and not self._conn.closed
+            try:
+                conn = self._connection()
+                try:
+                    inserted = self._insert(conn, fresh)
+                except data_errors as exc:
+                    if conn.broken or conn.closed:
+                        raise
+                    log.warning("PostgreSQL at %s refused a batch of %d event(s) (%s); "
+                                "storing them one by one", self.where, len(fresh),
+                                describe_failure(self._url, exc))
+                    inserted = self._insert_each(conn, fresh, data_errors)
+            except StateError as exc:  # from connect(): names host:port/database already
+                self.close()
+                raise SinkWriteError(str(exc)) from None
+            except (psycopg.Error, OSError) as exc:
+                self.close()
+                reason = describe_failure(self._url, exc)
+                if kept and not last_try:
+                    log.info("PostgreSQL at %s: the kept connection failed (%s); connecting "
+                             "again and storing the batch once more", self.where, reason)
+                    continue
+                raise SinkWriteError(f"PostgreSQL at {self.where} cannot store events: "
+                                     f"{reason}") from None
+            break
         for row in fresh:
-            if (row.event_id, row.digest) not in inserted:
+            if row.refused is None and (row.event_id, row.digest) not in inserted:
                 row.verdict = "duplicate"
+
+    def _insert(self, conn: psycopg.Connection[tuple[object, ...]], rows: list[_Row]
+                ) -> set[tuple[str, bytes]]:
+        """INSERT ``rows`` in one transaction; the (event id, digest) pairs inserted."""
+        with conn.transaction():
+            found = conn.execute(
+                _INSERT, ([r.event_id for r in rows], [r.digest for r in rows],
+                          [r.body for r in rows], [self._verdict] * len(rows),
+                          [r.received_at for r in rows])).fetchall()
+        return {(str(i), bytes(cast("bytes", d))) for i, d in found}
+
+    def _insert_each(self, conn: psycopg.Connection[tuple[object, ...]], rows: list[_Row],
+                     data_errors: tuple[type[Exception], ...]) -> set[tuple[str, bytes]]:
+        """``_insert`` one row per transaction; a row refused for its data gets ``refused``
+        (why, without its values). A connection failure propagates."""
+        inserted: set[tuple[str, bytes]] = set()
+        for row in rows:
+            try:
+                inserted |= self._insert(conn, [row])
+            except data_errors as exc:
+                if conn.broken or conn.closed:
+                    raise
+                row.refused = describe_failure(self._url, exc)
+        return inserted
 
     def probe(self) -> str | None:
         """None if events can be stored now, else why not (for ``/healthz``).

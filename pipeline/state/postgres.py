@@ -11,7 +11,7 @@
   migrations in ``MIGRATIONS`` whose version is not there are applied in order,
   each in its own transaction with its row, under a transaction-level advisory
   lock so two processes starting at once do not both apply one. A rerun applies
-  nothing.
+  nothing and runs no DDL (a least-privilege role can use a current schema).
 
 psycopg is an optional dependency (``pip install -e '.[postgres]'``); this module
 imports it only when called, so SQLite users never need it.
@@ -20,6 +20,7 @@ imports it only when called, so SQLite users never need it.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
@@ -165,6 +166,8 @@ def check_url(url: str) -> None:
     port or database, and a message naming "the host" would show part of it. So such a
     URL is refused whole, naming nothing taken from it: its special characters must be
     percent-encoded (``@`` as ``%40``), as the PostgreSQL docs ("Connection URIs") say.
+    So is a ``%`` not followed by two hex digits (RFC 3986 2.1), or ``%00``, anywhere in
+    the URL: libpq's error for it quotes the raw token, which may be the password.
     """
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES or not parts.netloc:
@@ -177,6 +180,9 @@ def check_url(url: str) -> None:
         raise ValueError("is not a valid postgresql:// URL as libpq reads it: percent-encode "
                          "the characters @ : / ? # in the user name and password "
                          "(e.g. @ as %40)")
+    if _BAD_PERCENT.search(url):
+        raise ValueError("is not a valid postgresql:// URL: a % must start a percent-encoded "
+                         "byte (two hex digits, not %00); write a literal % as %25")
 
 
 def _host_port_ok(host_port: str) -> bool:
@@ -191,24 +197,63 @@ def _host_port_ok(host_port: str) -> bool:
     return bool(host) and (port == "" or (port.isdigit() and 0 < int(port) < 65536))
 
 
-def _password(url: str) -> str | None:
-    password = urlsplit(url).password
-    return unquote(password) if password else None
+_BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
+# Where a token of a message ends: blanks, quotes and the punctuation libpq puts around one.
+_TOKEN: Final = re.compile(r"""[^\s"'(),;]+""")
+# Short secrets are withheld only as a whole token: inside a word they are chance, and
+# cutting them out of words would spell them out (a password "t" in "connection").
+_SHORT: Final = 4
+
+
+def secrets_of(url: str) -> set[str]:
+    """What a message about ``url`` must not show: the password as written and decoded,
+    and every query parameter's value as written and decoded (``?password=...``,
+    ``sslpassword=...``, or any other: their meaning is libpq's, so all are withheld)."""
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0] if "@" in rest else ""
+    found: set[str] = set()
+    if ":" in userinfo:
+        found.add(userinfo.partition(":")[2])
+    query = rest.partition("?")[2].partition("#")[0]
+    for pair in query.split("&"):
+        if "=" in pair:
+            found.add(pair.partition("=")[2])
+    return {s for v in found for s in (v, unquote(v)) if s}
+
+
+def _withhold(text: str, secrets: set[str]) -> str:
+    """``text`` with every token that is, or contains (if not short), a secret replaced
+    by ``***`` whole, so no part of a secret is left and no other word is cut."""
+    def hide(match: re.Match[str]) -> str:
+        token = match.group(0)
+        bare = token.strip(".:")
+        if any(bare == s or (len(s) >= _SHORT and s in token) for s in secrets):
+            return "***"
+        return token
+    return _TOKEN.sub(hide, text)
 
 
 def describe_failure(url: str, exc: BaseException) -> str:
-    """One line saying why a connection to ``url`` failed: libpq's first line, with
-    the server address libpq repeats cut off and the password (if any) withheld."""
+    """One line saying why an operation on ``url`` failed, without any secret of it.
+
+    The server's primary message when there is one (``exc.diag.message_primary``:
+    "deadlock detected", "permission denied for schema public"), never the LINE /
+    caret / CONTEXT lines after it; else the first line of the error, with the
+    "connection to server at ... failed:" prefix libpq repeats cut off. A client-side
+    error about the URL itself gives only its kind, not the token libpq quotes.
+    Tokens holding the password or a query parameter's value (``secrets_of``) are
+    replaced by ``***`` whole. At most 200 characters.
+    """
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
     text = str(exc).strip() or type(exc).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[-1] if lines else text
-    if "failed:" in reason:
-        reason = reason.split("failed:", 1)[1].strip()
-    reason = reason.removeprefix("FATAL:").strip()
-    password = _password(url)
-    if password and password in reason:
-        reason = reason.replace(password, "***")
-    return reason[:200]
+    reason = primary if isinstance(primary, str) and primary else (lines[0] if lines else text)
+    reason = reason.rpartition("failed:")[2].strip() or reason
+    reason = reason.removeprefix("connection is bad:").strip().removeprefix("FATAL:").strip()
+    if any(word in reason for word in ("URI", "percent-encoded", "conninfo")):
+        reason = reason.partition(":")[0] + " (state.url is not a URL libpq can read)"
+    return _withhold(reason, secrets_of(url))[:200]
 
 
 def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[tuple[object, ...]]:
@@ -251,24 +296,27 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]],
     ``pg_advisory_xact_lock`` (so concurrent starters wait, then find it done).
     Raises StateError when the database is at a version newer than this
     tasknotes knows (an older tasknotes must not write to a newer schema).
+    When every migration is recorded already it only reads ``tasknotes_schema``
+    and runs no DDL, so a role with just USAGE on the schema and SELECT / INSERT /
+    UPDATE / DELETE on its tables (a sink's, a reviewer's) can use a current database.
     """
     applied: list[int] = []
+    known = {m.version for m in migrations}
+    done = set(applied_versions(conn))  # reads only: a current schema needs no DDL right
+    _refuse_newer(done, known)
+    if known <= done:
+        return applied
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute("""CREATE TABLE IF NOT EXISTS tasknotes_schema (
                             version      integer PRIMARY KEY,
                             description  text NOT NULL,
                             applied_at   timestamptz NOT NULL DEFAULT now())""")
-    known = {m.version for m in migrations}
     for migration in sorted(migrations, key=lambda m: m.version):
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             done = set(applied_versions(conn))
-            newer = sorted(done - known)
-            if newer:
-                raise StateError(f"state.url: the database's schema is at version {newer[-1]},"
-                                 f" newer than this tasknotes knows ({max(known)}); upgrade "
-                                 "tasknotes")
+            _refuse_newer(done, known)
             if migration.version in done:
                 continue
             conn.execute(migration.sql.encode())
@@ -278,6 +326,14 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]],
             log.info("state: schema migrated to version %d (%s)", migration.version,
                      migration.description)
     return applied
+
+
+def _refuse_newer(done: set[int], known: set[int]) -> None:
+    newer = sorted(done - known)
+    if newer:
+        raise StateError(f"state.url: the database's schema is at version {newer[-1]},"
+                         f" newer than this tasknotes knows ({max(known)}); upgrade "
+                         "tasknotes")
 
 
 def open_state(url: str, *, application: str = "tasknotes") -> psycopg.Connection[

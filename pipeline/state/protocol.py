@@ -19,7 +19,7 @@ write raises StorageFull when the store has no room, StateError when it cannot b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from pipeline.state.records import (
@@ -156,7 +156,8 @@ class OpenItems(Protocol):
     def redrive_row_ids(self, run_id: str
                         ) -> list[tuple[int, str, str | None, str | None]]: ...
     def emr_failures(self) -> list[EmrFailure]: ...
-    def send_failed_rows(self, running: Sequence[str], limit: int = 20
+    def send_failed_rows(self, running: Sequence[str], limit: int = 20,
+                         skip: Collection[bytes] = ()
                          ) -> tuple[int, list[tuple[str, str | None, int]]]: ...
     def write_off(self, run_id: str, at: str) -> int: ...
     def key_accounts(self) -> dict[bytes, str]: ...

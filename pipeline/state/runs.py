@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StateError
@@ -339,21 +339,30 @@ class SQLiteRuns(SQLiteRows):
                                OR (o.status = 'accepted' AND o.outcome IS NULL)))""",
             (run_id,)).fetchall()
 
-    def send_failed_rows(self, running: Sequence[str], limit: int = 20
+    def send_failed_rows(self, running: Sequence[str], limit: int = 20,
+                         skip: Collection[bytes] = ()
                          ) -> tuple[int, list[tuple[str, str | None, int]]]:
         """Rows behind ``send_failed`` in ``open_rows`` (not sent, not written off, their note
-        delivered by no run, their run not in ``running``): how many, and the first ``limit``
-        as (run_id, source file path or None, line), oldest run first."""
+        delivered by no run, their run not in ``running``) whose note is not in ``skip``
+        (the notes status counts under a kind before ``send_failed``): how many, and the
+        first ``limit`` as (run_id, source file path or None, line), oldest run first."""
         marks = ",".join("?" * len(running))
         live = f"AND r.run_id NOT IN ({marks})" if running else ""
         where = f"""FROM rows r INDEXED BY rows_unsent
                    LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
                    WHERE r.status IN ('pending', 'failed') {live} AND r.key IS NOT NULL
                      AND r.written_off_at IS NULL AND {rules.NOT_DELIVERED.format(row="r")}"""
-        count = self._db.execute(f"SELECT COUNT(*) {where}", tuple(running)).fetchone()[0]
-        found = self._db.execute(f"SELECT r.run_id, f.path, r.line {where} ORDER BY r.id"
-                                 " LIMIT ?", (*running, limit)).fetchall()
-        return int(count), [(str(a), b, int(c)) for a, b, c in found]
+        found = self._db.execute(f"SELECT r.key, r.run_id, f.path, r.line {where}"
+                                 " ORDER BY r.id", tuple(running))
+        count = 0
+        shown: list[tuple[str, str | None, int]] = []
+        for key, run_id, path, line in found:
+            if bytes(key) in skip:
+                continue
+            count += 1
+            if len(shown) < limit:
+                shown.append((str(run_id), path, int(line)))
+        return count, shown
 
     def write_off(self, run_id: str, at: str) -> int:
         """Close ``run_id``'s unsent rows (``send_failed`` in ``open_rows``) without sending
