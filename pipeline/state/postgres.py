@@ -147,10 +147,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         DROP FUNCTION IF EXISTS tasknotes_rows_changed();
         CREATE FUNCTION tasknotes_rows_updated() RETURNS trigger AS $$
         BEGIN
-            UPDATE runs SET rev = rev + 1
-             WHERE run_id IN (SELECT DISTINCT run_id FROM new_rows);
-            -- Runs showing a row of the same key (rows_key; the keys as an array so the
-            -- index is used whatever the planner guesses of the transition tables).
+            EXECUTE 'UPDATE runs SET rev = rev + 1
+                      WHERE run_id IN (SELECT DISTINCT run_id FROM new_rows)';
+            -- Runs showing a row of the same key: one rows_key lookup per moved row
+            -- (OFFSET 0 keeps the lookup a subquery of its own, so the planner cannot
+            -- turn it into a scan of rows). EXECUTE plans each statement for the rows it
+            -- changed: a plan kept from a statement of one row would join 20,000 moved
+            -- rows to their old versions by nested loops, quadratic.
+            EXECUTE '
             WITH moved AS (
                 SELECT n.key, n.run_id FROM new_rows n JOIN old_rows o ON o.id = n.id
                  WHERE n.key IS NOT NULL AND (
@@ -165,14 +169,15 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                     OR o.outcome_clock IS DISTINCT FROM n.outcome_clock
                     OR o.key IS DISTINCT FROM n.key))
             UPDATE runs SET rev = rev + 1 WHERE run_id IN (
-                SELECT r.run_id FROM rows r JOIN moved m ON r.key = m.key
-                 WHERE r.key = ANY (ARRAY(SELECT key FROM moved)) AND r.run_id <> m.run_id);
+                SELECT f.run_id FROM moved m CROSS JOIN LATERAL (
+                    SELECT r.run_id FROM rows r WHERE r.key = m.key AND r.run_id <> m.run_id
+                    OFFSET 0) f)';
             RETURN NULL;
         END $$ LANGUAGE plpgsql;
         CREATE FUNCTION tasknotes_rows_deleted() RETURNS trigger AS $$
         BEGIN
-            UPDATE runs SET rev = rev + 1
-             WHERE run_id IN (SELECT DISTINCT run_id FROM old_rows);
+            EXECUTE 'UPDATE runs SET rev = rev + 1
+                      WHERE run_id IN (SELECT DISTINCT run_id FROM old_rows)';
             RETURN NULL;
         END $$ LANGUAGE plpgsql;
         CREATE TRIGGER rows_updated AFTER UPDATE ON rows
