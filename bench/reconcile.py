@@ -249,10 +249,10 @@ def main() -> None:
                         help="also time a second `tasknotes reconcile` of the same ledger")
     parser.add_argument("--no-postgres", action="store_true",
                         help="measure the SQLite ledger only")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 20k rows, 1 rep")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5k rows, 2 reps")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.reps, args.again = 20_000, 2, True
+        args.rows, args.reps, args.again = 5_000, 2, True  # both backends within a test timeout
     cache = Path(tempfile.gettempdir()) / "tasknotes-bench" / f"reconcile-{args.rows}"
     started = time.perf_counter()
     ledger, sink = build(args.rows, cache)
