@@ -1,9 +1,12 @@
 """The webhook sink for bench/sink.py and bench/slowloris.py.
 
     python bench/_sink_server.py PORT DIR fsync|nofsync [FD_LIMIT]
+    python bench/_sink_server.py PORT DIR postgres STATE_URL
 
 The real WebhookReceiver and SinkFile, served by uvicorn on the server CPU; with
-'nofsync' the file is written the same way but never fsync'ed (the baseline).
+'nofsync' the file is written the same way but never fsync'ed (the baseline); with
+'postgres' the events go to the sink's store in that database (``state.url``,
+``PgEventStore``), as ``tasknotes sink`` does with ``state.url`` set.
 """
 
 from __future__ import annotations
@@ -17,21 +20,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import SERVER_CPU, pin
 from pipeline.events import SinkFile
 from pipeline.servers import serve_foreground
-from pipeline.sink import WebhookReceiver
+from pipeline.sink import EventStore, WebhookReceiver
+from pipeline.state.pg_events import PgEventStore
 
 SECRET = b"bench-secret"
 
 
 def main() -> None:
     port, directory, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    if len(sys.argv) > 4:  # a hard open-file limit, as a default `ulimit -n` would set
+    if mode != "postgres" and len(sys.argv) > 4:  # a hard open-file limit, as `ulimit -n`
         limit = int(sys.argv[4])
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     pin(SERVER_CPU)
-    sink = SinkFile(directory / "webhooks.jsonl",
-                    fsync=os.fsync if mode == "fsync" else (lambda fd: None))
+    sink: SinkFile | PgEventStore
+    if mode == "postgres":
+        sink = PgEventStore(sys.argv[4])
+    else:
+        sink = SinkFile(directory / "webhooks.jsonl",
+                        fsync=os.fsync if mode == "fsync" else (lambda fd: None))
     sink.open()
-    receiver = WebhookReceiver(sink, [SECRET])
+    store: EventStore = sink
+    receiver = WebhookReceiver(store, [SECRET])
     import logging
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)

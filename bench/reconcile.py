@@ -1,6 +1,6 @@
 """Reconciliation: 1M ledger rows against 1M sink events, against pandas and DuckDB joins.
 
-    python bench/reconcile.py [--rows 1000000] [--reps 2] [--again] [--quick]
+    python bench/reconcile.py [--rows 1000000] [--reps 2] [--again] [--no-postgres] [--quick]
 
 A generated ledger (one run, every row accepted with a job id) and a sink file
 with one task_note event per row (4% failed, 1% repeated deliveries, 1% other
@@ -23,26 +23,50 @@ the order is fixed: the script says so):
 - again          (--again) `tasknotes reconcile` a second time on the same ledger:
                  only what the sink gained is read
 
-Goal (issue #7): reconcile <= 2x pandas.merge. Against DuckDB the ratio is
+With PostgreSQL server binaries at hand (tests/pg.py; skipped with --no-postgres),
+the same ledger rows and the same events (repeated deliveries stored once, as the
+sink stores them) are loaded with COPY into a database on a throwaway local server
+(fsync off: the steps are reads and one commit), kept as a template; each step
+below reads a fresh copy of it (CREATE DATABASE ... TEMPLATE, made just before):
+
+- reconcile (PostgreSQL)     the reconcile stage with ``state.url``: the events read
+                             from the sink's table into the mirror, the join rules
+                             run by the server
+- pandas.merge (PostgreSQL)  the ledger rows and the stored bodies read from the
+                             database with psycopg, the bodies parsed by
+                             pandas.read_json(lines=True), merged on job_id
+
+Goals (issue #7, issue #16 for PostgreSQL): reconcile <= 2x pandas.merge, each
+against the pandas.merge reading the same backend. Against DuckDB the ratio is
 printed, with no goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import random
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench._common import Measured, machine, median, python, run_measured, table
 from pipeline.state import Attempt, Ledger, NewRow, row_key
+
+if TYPE_CHECKING:
+    from pg import PgCluster
 
 RUN_ID = "bench-run"
 ACCOUNT = "bench"
@@ -63,6 +87,29 @@ import pandas as pd
 rows = pd.read_sql_query("SELECT id, job_id, task_note_id, status FROM rows WHERE run_id = ?",
                          sqlite3.connect(sys.argv[1]), params=(sys.argv[3],))
 events = pd.read_json(sys.argv[2], lines=True, dtype=False)
+events["job_id"] = events["job_id"].astype(str)
+merged = rows.merge(events, on="job_id", how="left")
+print(len(merged))
+"""
+PG_RECONCILE_STAGE = """
+import sys
+from pathlib import Path
+from pipeline.state.pg_ledger import PgLedger
+from pipeline.reconcile import Reconciler
+ledger = PgLedger(sys.argv[1], sys.argv[2])
+result = Reconciler(ledger, Path(sys.argv[1])).run(sys.argv[3])  # state.url: no sink file
+print(sum(result.counts.values()))
+"""
+PG_PANDAS_MERGE = """
+import io, sys
+import pandas as pd
+import psycopg
+with psycopg.connect(sys.argv[1]) as conn:
+    cur = conn.execute("SELECT id, job_id, task_note_id, status FROM rows WHERE run_id = %s",
+                       (sys.argv[3],))
+    rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description or ()])
+    bodies = b"\\n".join(b for (b,) in conn.execute("SELECT body FROM sink_events ORDER BY seq"))
+events = pd.read_json(io.BytesIO(bodies), lines=True, dtype=False)
 events["job_id"] = events["job_id"].astype(str)
 merged = rows.merge(events, on="job_id", how="left")
 print(len(merged))
@@ -140,6 +187,59 @@ def _events(i: int, rng: random.Random) -> list[str]:
     return lines
 
 
+def build_postgres(cluster: PgCluster, ledger: Path, sink: Path) -> str:
+    """A database on ``cluster`` holding the ledger's run, files and rows and the sink's
+    events (each id once, as the sink stores them), loaded with COPY: its name."""
+    from pipeline.state.postgres import open_state
+
+    name = cluster.create_database()
+    conn = open_state(cluster.url(name))
+    source = sqlite3.connect(ledger)
+    received = datetime(2026, 11, 28, 10, 2, tzinfo=UTC)
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            for table in ("runs", "files", "rows"):
+                have = {str(r[0]) for r in cur.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s",
+                    (table,))}
+                listed = ", ".join(r[1] for r in source.execute(f"PRAGMA table_info({table})")
+                                   if r[1] in have)
+                with cur.copy(f"COPY {table} ({listed}) FROM STDIN") as copy:
+                    for row in source.execute(f"SELECT {listed} FROM {table}"):
+                        copy.write_row(row)
+            cur.execute("SELECT setval('rows_id_seq', (SELECT max(id) FROM rows))")
+            seen: set[bytes] = set()
+            with cur.copy("COPY sink_events (event_id, body_sha256, body, verdict, received_at)"
+                          " FROM STDIN") as copy, sink.open("rb") as lines:
+                for line in lines:
+                    body = line.rstrip(b"\n")
+                    event_id = body[7:body.index(b'"', 7)]  # {"id":"...": as Cobalt writes it
+                    if event_id not in seen:
+                        seen.add(event_id)
+                        copy.write_row((event_id.decode(), hashlib.sha256(body).digest(), body,
+                                        "signature-verified", received))
+        conn.execute("VACUUM ANALYZE")
+    finally:
+        conn.close()
+        source.close()
+    return name
+
+
+@contextlib.contextmanager
+def fresh_copy(cluster: PgCluster, template: str) -> Iterator[str]:
+    """A new database copied from ``template`` (files copied, not replayed through the
+    WAL), dropped after: its URL."""
+    import psycopg
+
+    name = f"{template}_step"
+    with psycopg.connect(cluster.url("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
+    try:
+        yield cluster.url(name)
+    finally:
+        cluster.drop_database(name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -147,10 +247,12 @@ def main() -> None:
                         help="the step order rotates between reps (1: a fixed order)")
     parser.add_argument("--again", action="store_true",
                         help="also time a second `tasknotes reconcile` of the same ledger")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 20k rows, 1 rep")
+    parser.add_argument("--no-postgres", action="store_true",
+                        help="measure the SQLite ledger only")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5k rows, 2 reps")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.reps, args.again = 20_000, 2, True
+        args.rows, args.reps, args.again = 5_000, 2, True  # both backends within a test timeout
     cache = Path(tempfile.gettempdir()) / "tasknotes-bench" / f"reconcile-{args.rows}"
     started = time.perf_counter()
     ledger, sink = build(args.rows, cache)
@@ -158,7 +260,18 @@ def main() -> None:
           f"{sink.stat().st_size / 2**20:,.0f} MiB of events (made in "
           f"{time.perf_counter() - started:.0f} s, cached), {args.reps} reps")
     measured: dict[str, list[Measured]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    from pg import PgCluster, why_no_cluster  # tests/pg.py: a throwaway local server
+
+    no_pg = "--no-postgres" if args.no_postgres else why_no_cluster()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        cluster, template = None, ""
+        if no_pg is None:
+            cluster = PgCluster()
+            stack.callback(cluster.remove)
+            cluster.start()
+            started = time.perf_counter()
+            template = build_postgres(cluster, ledger, sink)
+            print(f"loaded into PostgreSQL with COPY in {time.perf_counter() - started:.0f} s")
         work = Path(tmp)
         copy = work / "ledger.sqlite"  # every step reads this path, copied afresh before it
         config = work / "config.yaml"
@@ -172,11 +285,21 @@ def main() -> None:
             "reconcile": [python(), "-c", RECONCILE_STAGE, str(copy), str(sink), RUN_ID],
             "tasknotes reconcile": full,
         }
-        names = list(steps)
+        on_pg = {
+            "pandas.merge (PostgreSQL)": PG_PANDAS_MERGE,
+            "reconcile (PostgreSQL)": PG_RECONCILE_STAGE,
+        } if cluster is not None else {}
+        names = [*steps, *on_pg]
         for rep in range(args.reps):
             order = names[rep % len(names):] + names[:rep % len(names)]
             print(f"rep {rep + 1}: " + ", ".join(order))
             for name in order:
+                if name in on_pg:
+                    assert cluster is not None
+                    with fresh_copy(cluster, template) as url:
+                        measured.setdefault(name, []).append(run_measured(
+                            [python(), "-c", on_pg[name], url, ACCOUNT, RUN_ID]))
+                    continue
                 shutil.copy(ledger, copy)
                 measured.setdefault(name, []).append(run_measured(steps[name]))
                 if name == "tasknotes reconcile" and args.again:
@@ -193,6 +316,13 @@ def main() -> None:
     print(f"reconcile / pandas.merge = {stage / base:.2f} (goal <= 2: "
           f"{'met' if stage / base <= 2 else 'not met'}); reconcile / duckdb = "
           f"{stage / strong:.2f} (no goal); medians of {args.reps} reps")
+    if no_pg is not None:
+        print(f"PostgreSQL: not measured: {no_pg}")
+        return
+    on_pg_ratio = wall["reconcile (PostgreSQL)"] / wall["pandas.merge (PostgreSQL)"]
+    print(f"PostgreSQL: reconcile / pandas.merge = {on_pg_ratio:.2f} (goal <= 2: "
+          f"{'met' if on_pg_ratio <= 2 else 'not met'}); reconcile PostgreSQL / SQLite = "
+          f"{wall['reconcile (PostgreSQL)'] / stage:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,12 @@
 The real sink (uvicorn, signature check, de-duplication, group-committed fsync)
 on one CPU; an aiohttp client posting distinct signed events at concurrency 50
 on the other. The baseline is the same server appending without fsync, so the
-ratio shows what durability costs. Windows alternate between the two.
-Goal (issue #7): >= 1,000 events/s durably accepted, p99 < 50 ms.
+ratio shows what durability costs. With PostgreSQL server binaries at hand
+(tests/pg.py), the same sink also stores its events in PostgreSQL (``state.url``:
+a throwaway local server with fsync on, as in production, on either CPU; a fresh
+database per window). Windows rotate between the variants.
+Goals (issue #7 for the file, #16 for PostgreSQL): >= 1,000 events/s durably
+accepted, p99 < 50 ms, no non-2xx.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import anyio
 
 from bench._common import (
@@ -36,7 +42,12 @@ from bench._common import (
     wait_until_up,
 )
 
+if TYPE_CHECKING:
+    from pg import PgCluster
+
 SECRET = b"bench-secret"
+LABELS = {"fsync": "sink file (fsync)", "postgres": "PostgreSQL (state.url)",
+          "nofsync": "sink file, no fsync"}
 NOTE = "Patient called back — café, “quoted”, 🙂; scheduled follow-up. " * 3
 
 
@@ -84,22 +95,48 @@ async def load(url: str, seconds: float, salt: str) -> dict[str, float]:
             "events": len(latencies)}
 
 
-def window(mode: str, seconds: float, workdir: Path, salt: str) -> dict[str, float]:
+def window(mode: str, seconds: float, workdir: Path, salt: str,
+           cluster: PgCluster | None) -> dict[str, float]:
     port = free_port()
     directory = Path(tempfile.mkdtemp(dir=workdir))
+    url = ""
+    if mode == "postgres":
+        assert cluster is not None
+        url = cluster.url(cluster.create_database())
     proc = subprocess.Popen([python(), str(ROOT / "bench" / "_sink_server.py"), str(port),
-                             str(directory), mode], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             str(directory), mode, *([url] if url else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
         result = anyio.run(load, f"http://127.0.0.1:{port}", seconds, salt)
     finally:
         proc.terminate()
         proc.wait(10)
-    lines = (directory / "webhooks.jsonl").read_bytes().count(b"\n")
-    if lines < result["events"]:
-        raise RuntimeError(f"{mode}: {result['events']} events acknowledged, {lines} stored")
+    stored = (stored_rows(url) if url else
+              (directory / "webhooks.jsonl").read_bytes().count(b"\n"))
+    if stored < result["events"]:
+        raise RuntimeError(f"{mode}: {result['events']} events acknowledged, {stored} stored")
     return result
+
+
+def stored_rows(url: str) -> int:
+    """How many events the sink stored in the database at ``url``."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT count(*) FROM sink_events").fetchone()
+    return int(found[0]) if found else 0
+
+
+def verdict(name: str, results: list[dict[str, float]]) -> str:
+    """The goals of a durable variant: >= 1,000 events/s, p99 < 50 ms, no non-2xx."""
+    rate = median([x["rate"] for x in results])
+    p99 = median([x["p99"] for x in results])
+    errors = int(sum(x["errors"] for x in results))
+    # A non-2xx is a delivery the sink did not take: any at all and the goals are not met.
+    return (f"{name}: goal >= 1,000 events/s ({'met' if rate >= 1000 and not errors else 'not met'}"
+            f"), p99 < 50 ms ({'met' if p99 < 50 and not errors else 'not met'}), no non-2xx "
+            f"({'met' if not errors else f'not met: {errors}'})")
 
 
 def main() -> None:
@@ -110,31 +147,42 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.reps = 1.0, 1
-    pin(CLIENT_CPU)
-    print(f"bench/sink.py on {machine()}; concurrency 50, {args.reps} x {args.seconds:g} s "
-          "windows per variant, alternating")
-    results: dict[str, list[dict[str, float]]] = {"fsync": [], "nofsync": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.reps):
-            for mode in (("fsync", "nofsync") if rep % 2 == 0 else ("nofsync", "fsync")):
-                results[mode].append(window(mode, args.seconds, Path(tmp), f"{mode}{rep}"))
+    from pg import PgCluster, why_no_cluster  # tests/pg.py: a throwaway local server
+
+    no_pg = why_no_cluster()
+    modes = ("fsync", "nofsync") if no_pg else ("fsync", "postgres", "nofsync")
+    cluster = None if no_pg else PgCluster(durable=True)
+    try:
+        if cluster is not None:
+            cluster.start()  # before pinning this process: the server may use either CPU
+        pin(CLIENT_CPU)
+        print(f"bench/sink.py on {machine()}; concurrency 50, {args.reps} x {args.seconds:g} s "
+              "windows per variant, rotating")
+        results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+        with tempfile.TemporaryDirectory() as tmp:
+            for rep in range(args.reps):
+                for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:
+                    results[mode].append(window(mode, args.seconds, Path(tmp), f"{mode}{rep}",
+                                                cluster))
+    finally:
+        if cluster is not None:
+            cluster.remove()
     rows = []
-    for mode, label in (("fsync", "tasknotes sink (fsync)"), ("nofsync", "same, no fsync")):
+    for mode in modes:
         r = results[mode]
-        rows.append([label, f"{median([x['rate'] for x in r]):,.0f}",
+        rows.append([LABELS[mode], f"{median([x['rate'] for x in r]):,.0f}",
                      f"{median([x['p50'] for x in r]):.1f}", f"{median([x['p99'] for x in r]):.1f}",
                      int(sum(x["errors"] for x in r))])
-    print(table(["server", "events/s", "p50 ms", "p99 ms", "non-2xx"], rows))
-    ours = median([x["rate"] for x in results["fsync"]])
-    base = median([x["rate"] for x in results["nofsync"]])
-    p99 = median([x["p99"] for x in results["fsync"]])
-    errors = int(sum(x["errors"] for x in results["fsync"]))
-    # A non-2xx is a delivery the sink did not take: any at all and the goals are not met.
-    print(f"durable/baseline = {ours / base:.2f}; goal: >= 1,000 events/s "
-          f"({'met' if ours >= 1000 and not errors else 'not met'}), p99 < 50 ms "
-          f"({'met' if p99 < 50 and not errors else 'not met'}), no non-2xx "
-          f"({'met' if not errors else f'not met: {errors}'})")
-
+    print(table(["sink stores to", "events/s", "p50 ms", "p99 ms", "non-2xx"], rows))
+    rate = {mode: median([x["rate"] for x in results[mode]]) for mode in modes}
+    print(f"durable/baseline = {rate['fsync'] / rate['nofsync']:.2f}; "
+          + verdict("sink file", results["fsync"]))
+    if no_pg:
+        print(f"PostgreSQL: not measured: {no_pg}")
+    else:
+        print(f"PostgreSQL/sink file = {rate['postgres'] / rate['fsync']:.2f}; "
+              + verdict("PostgreSQL", results["postgres"]))
+    print("medians; events/s counts 2xx answers, each given after the event was durable")
 
 if __name__ == "__main__":
     main()

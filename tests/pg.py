@@ -56,9 +56,16 @@ def why_no_cluster() -> str | None:
 
 
 class PgCluster:
-    """One server: ``start()``, ``stop()`` (kept on disk, to start again), ``remove()``."""
+    """One server: ``start()``, ``stop()`` (kept on disk, to start again), ``remove()``.
 
-    def __init__(self) -> None:
+    ``durable``: the server fsyncs its WAL as a production server does (the benchmarks:
+    a commit then costs what it costs in use); without it, as for the tests, ``fsync``
+    is off: a crash of the server process still loses nothing committed (the OS holds
+    the WAL), only a crash of the machine could.
+    """
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         binaries = server_bin()
         assert binaries is not None
         self.bin = binaries
@@ -97,8 +104,9 @@ class PgCluster:
 
     def start(self) -> None:
         """Start the server and wait (pg_ctl -w, then pg_isready) until it accepts connections."""
+        sync = "on" if self.durable else "off"
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c full_page_writes=off -c max_connections=50")
+                   f"-c fsync={sync} -c full_page_writes={sync} -c max_connections=50")
         result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
                            "-o", options, "-w", "-t", "60", "start", check=False)
         if result.returncode != 0:

@@ -280,6 +280,29 @@ class PgLedger(Ledger):
                 "row_id", "status", "http_status", "task_note_id", "job_id", "error",
                 "answered_at")])
 
+    def apply(self, sending: Sequence[int], attempts: Sequence[Attempt]) -> None:
+        """As ``Ledger.apply``: one group commit of the send (results first, then the rows
+        about to be sent), in one round trip to the server.
+
+        The two statements go out in psycopg's pipeline mode with one Sync after them. On
+        this autocommit session, what runs between two Syncs is one implicit transaction
+        (PostgreSQL's protocol docs, "Pipelining"): committed at the Sync, WAL flushed
+        (``synchronous_commit=on``) before the server answers it, or rolled back whole if
+        a statement fails. The pipeline's exit waits for that answer, so a row is
+        ``sending`` durably before this returns and its request leaves, as with SQLite;
+        an explicit BEGIN/COMMIT would cost three more round trips per commit, each a
+        wait for the server's process to be scheduled on a busy machine
+        (bench/state.py). Raises StateError, or RunAborted if the connection is lost
+        (nothing of the batch then counts as sent: the rows stay ``pending``).
+        """
+        if not sending and not attempts:
+            return
+        with self._pg.errors(), self._conn.pipeline():
+            if attempts:
+                self.record_attempts(attempts)
+            if sending:
+                self.mark_sending(sending)
+
     def latest_run(self) -> str | None:
         """The id of the run started last, or None if there is none."""
         found = self._pg.execute(

@@ -137,6 +137,57 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         CREATE TRIGGER rows_changed AFTER UPDATE OR DELETE ON rows
             FOR EACH ROW EXECUTE FUNCTION tasknotes_rows_changed();
     """),
+    # Version 4's trigger ran twice an UPDATE of the one ``runs`` row per changed row:
+    # a group commit of the send (tens of rows) paid ~100 trigger statements on one hot
+    # row, half of the commit's time (bench/state.py). Per statement, with the changed
+    # rows as transition tables, the same runs are bumped, once per statement: ``rev``
+    # is only ever compared for equality (a report's fingerprint, the match stamp), and
+    # still grows with every change.
+    Migration(5, "runs.rev bumped once per statement (transition tables), not per row", """
+        DROP TRIGGER IF EXISTS rows_changed ON rows;
+        DROP FUNCTION IF EXISTS tasknotes_rows_changed();
+        CREATE FUNCTION tasknotes_rows_updated() RETURNS trigger AS $$
+        BEGIN
+            EXECUTE 'UPDATE runs SET rev = rev + 1
+                      WHERE run_id IN (SELECT DISTINCT run_id FROM new_rows)';
+            -- Runs showing a row of the same key: one rows_key lookup per moved row
+            -- (OFFSET 0 keeps the lookup a subquery of its own, so the planner cannot
+            -- turn it into a scan of rows). EXECUTE plans each statement for the rows it
+            -- changed: a plan kept from a statement of one row would join 20,000 moved
+            -- rows to their old versions by nested loops, quadratic.
+            EXECUTE '
+            WITH moved AS (
+                SELECT n.key, n.run_id FROM new_rows n JOIN old_rows o ON o.id = n.id
+                 WHERE n.key IS NOT NULL AND (
+                       o.status IS DISTINCT FROM n.status
+                    OR o.outcome IS DISTINCT FROM n.outcome
+                    OR o.job_id IS DISTINCT FROM n.job_id
+                    OR o.task_note_id IS DISTINCT FROM n.task_note_id
+                    OR o.submitted_at IS DISTINCT FROM n.submitted_at
+                    OR o.outcome_at IS DISTINCT FROM n.outcome_at
+                    OR o.event_id IS DISTINCT FROM n.event_id
+                    OR o.emr_note_id IS DISTINCT FROM n.emr_note_id
+                    OR o.outcome_clock IS DISTINCT FROM n.outcome_clock
+                    OR o.key IS DISTINCT FROM n.key))
+            UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+                SELECT f.run_id FROM moved m CROSS JOIN LATERAL (
+                    SELECT r.run_id FROM rows r WHERE r.key = m.key AND r.run_id <> m.run_id
+                    OFFSET 0) f)';
+            RETURN NULL;
+        END $$ LANGUAGE plpgsql;
+        CREATE FUNCTION tasknotes_rows_deleted() RETURNS trigger AS $$
+        BEGIN
+            EXECUTE 'UPDATE runs SET rev = rev + 1
+                      WHERE run_id IN (SELECT DISTINCT run_id FROM old_rows)';
+            RETURN NULL;
+        END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER rows_updated AFTER UPDATE ON rows
+            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION tasknotes_rows_updated();
+        CREATE TRIGGER rows_deleted AFTER DELETE ON rows
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION tasknotes_rows_deleted();
+    """),
 )
 
 

@@ -1,0 +1,150 @@
+"""The send's group commit and the change counter on PostgreSQL (``state.url``), against
+a real server (tests/pg.py): a wave's results and its ``sending`` rows are one transaction,
+durable when ``apply`` returns, sent in one round trip; ``runs.rev`` grows with every change
+a run's report shows, one bump per statement."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.errors import StateError
+from pipeline.state import Attempt, NewRow, row_key
+from pipeline.state.pg_ledger import PgLedger
+from pipeline.state.postgres import MIGRATIONS, connect, migrate
+
+pytestmark = pytest.mark.slow
+pq = pytest.importorskip("psycopg.pq", reason="psycopg is not installed (the postgres extra)")
+
+ACCOUNT = "test_clinic"
+
+
+def ledger(url: str, runs: dict[str, list[str]]) -> tuple[PgLedger, dict[str, list[int]]]:
+    """A ledger holding the run lock, with ``runs`` (run id -> its rows' task ids, each
+    with the note "a note"), every row pending; the rows' ids by run."""
+    store = PgLedger(url, ACCOUNT)
+    store.lock()
+    ids: dict[str, list[int]] = {}
+    for run_id, tasks in runs.items():
+        store.start_run(run_id, ACCOUNT, "fp", {})
+        store.add_rows(run_id, [NewRow(0, line, task, row_key(ACCOUNT, task, "a note"),
+                                       "pending") for line, task in enumerate(tasks, 2)])
+        ids[run_id] = [row[0] for row in store.rows_to_send(run_id)]
+    return store, ids
+
+
+def seen(url: str, row_ids: list[int]) -> list[tuple[str, int, str | None]]:
+    """(status, attempts, job_id) of rows, as another session sees them (committed only)."""
+    with connect(url) as other:
+        return [(str(s), int(str(a)), None if j is None else str(j))
+                for s, a, j in other.execute(
+                    "SELECT status, attempts, job_id FROM rows WHERE id = ANY(%s) ORDER BY id",
+                    (row_ids,)).fetchall()]
+
+
+def revs(url: str) -> dict[str, int]:
+    with connect(url) as other:
+        return {str(r): int(str(v)) for r, v in other.execute("SELECT run_id, rev FROM runs")}
+
+
+@contextlib.contextmanager
+def syncs(store: PgLedger) -> Iterator[list[int]]:
+    """Counts the Sync messages the session sends meanwhile (each one a round trip that
+    waits for the server): yields a list holding that count once the block ends."""
+    count: list[int] = []
+    pgconn = store._conn.pgconn
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            yield count
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        count.append(sum(1 for line in trace if line.startswith("F") and "\tSync" in line))
+
+
+def test_a_group_commit_is_durable_when_apply_returns_in_one_round_trip(pg_url: str) -> None:
+    """apply: the wave's rows are ``sending`` for any other session as soon as it returns
+    (the request may leave), with the previous wave's answers, in one Sync."""
+    store, ids = ledger(pg_url, {"run-1": ["T1", "T2", "T3", "T4"]})
+    one, two = ids["run-1"][:2], ids["run-1"][2:]
+    try:
+        store.apply(one, [])
+        assert seen(pg_url, ids["run-1"]) == [("sending", 1, None)] * 2 + [("pending", 0, None)] * 2
+        with syncs(store) as count:
+            store.apply(two, [Attempt(i, "accepted", 202, f"tn-{i}", f"job-{i}") for i in one])
+        assert count == [1]
+        assert seen(pg_url, ids["run-1"]) == [
+            ("accepted", 1, f"job-{one[0]}"), ("accepted", 1, f"job-{one[1]}"),
+            ("sending", 1, None), ("sending", 1, None)]
+    finally:
+        store.close()
+
+
+def test_a_group_commit_that_fails_keeps_nothing_of_its_batch(pg_url: str) -> None:
+    """One transaction a wave: when marking a row ``sending`` fails, the answers of the same
+    batch are not recorded either (StateError; the caller keeps them for the next commit),
+    and the session goes on: the same batch then commits whole."""
+    store, ids = ledger(pg_url, {"run-1": ["T1", "T2"]})
+    first, second = ids["run-1"]
+    answer = [Attempt(first, "accepted", 202, "tn-1", "job-1")]
+    try:
+        store.apply([first], [])
+        with connect(pg_url) as admin:  # the server refuses to mark the second row sending
+            admin.execute(f"ALTER TABLE rows ADD CONSTRAINT refuse CHECK (id <> {second}"
+                          " OR status <> 'sending')")
+        with pytest.raises(StateError, match="refuse"):
+            store.apply([second], answer)
+        assert seen(pg_url, [first, second]) == [("sending", 1, None), ("pending", 0, None)]
+        with connect(pg_url) as admin:
+            admin.execute("ALTER TABLE rows DROP CONSTRAINT refuse")
+        store.apply([second], answer)
+        assert seen(pg_url, [first, second]) == [("accepted", 1, "job-1"), ("sending", 1, None)]
+    finally:
+        store.close()
+
+
+def test_rev_grows_for_the_runs_a_change_shows_in_and_no_other(pg_url: str) -> None:
+    """run-1 and run-2 share note T1; run-3 is unrelated. A change to run-2's T1 row bumps
+    run-2 and run-1 (whose report follows that note), not run-3; a statement that changes
+    no row bumps nothing; forgetting run-3's rows bumps run-3 only."""
+    store, ids = ledger(pg_url, {"run-1": ["T1", "T2"], "run-2": ["T1"], "run-3": ["T9"]})
+    try:
+        before = revs(pg_url)
+        store.apply(ids["run-2"], [])
+        after = revs(pg_url)
+        assert after["run-2"] > before["run-2"]
+        assert after["run-1"] > before["run-1"]
+        assert after["run-3"] == before["run-3"]
+        store.apply([], [Attempt(max(max(v) for v in ids.values()) + 1, "accepted")])
+        assert revs(pg_url) == after  # no such row: nothing changed
+        assert store.refuse_run("run-3", {}) == 1
+        final = revs(pg_url)
+        assert final["run-3"] > after["run-3"]
+        assert [final["run-1"], final["run-2"]] == [after["run-1"], after["run-2"]]
+    finally:
+        store.close()
+
+
+def test_a_database_at_version_4_changes_to_the_per_statement_counter(pg_url: str) -> None:
+    """Migrating a version-4 database replaces its per-row trigger: the rows table then has
+    the two per-statement triggers only, so no change is counted twice."""
+    with connect(pg_url) as conn:
+        assert migrate(conn, MIGRATIONS[:4]) == [1, 2, 3, 4]
+        assert migrate(conn) == [m.version for m in MIGRATIONS[4:]]
+        triggers = {str(name) for (name,) in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'rows'::regclass"
+            " AND NOT tgisinternal").fetchall()}
+    assert triggers == {"rows_updated", "rows_deleted"}
+    store, ids = ledger(pg_url, {"run-1": ["T1"]})
+    try:
+        before = revs(pg_url)["run-1"]
+        store.apply(ids["run-1"], [])
+        assert revs(pg_url)["run-1"] == before + 1  # one statement, one bump
+    finally:
+        store.close()
+
