@@ -26,6 +26,7 @@ The full upstream text is kept nowhere.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import itertools
@@ -33,6 +34,7 @@ import re
 import unicodedata
 import urllib.parse
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final
 
 REDACT_RUN: Final = 16  # this many consecutive characters of a note or secret are removed
@@ -81,16 +83,41 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     if not notes:
         return True
     letters = _letters(text)
-    if len(letters) >= ID_NOTE_LETTERS and any(letters in _letters(n) for n in notes):
+    if len(letters) >= ID_NOTE_LETTERS and any(letters in _forms(n).letters for n in notes):
         return False
     runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
-    if any(len(runs & set(_LETTER_RUN.findall(n.casefold()))) >= 2 for n in notes):
+    if any(len(runs & _forms(n).runs) >= 2 for n in notes):
         return False
     return not quotes(text, notes)
 
 
 ID_NOTE_LETTERS: Final = 8
 _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Forms:
+    """A private string as the checks compare it, worked out once per string: its
+    ``canonical`` words joined (``joined``) and spaced (``spaced``), every run of
+    ``REDACT_RUN`` of the joined letters (``windows``), its ``letters`` alone
+    (``_letters``) and its runs of 3 or more letters, case-folded (``runs``)."""
+
+    joined: str
+    spaced: str
+    windows: frozenset[str]
+    letters: str
+    runs: frozenset[str]
+
+
+@functools.lru_cache(maxsize=64)
+def _forms(secret: str) -> _Forms:
+    """``_Forms`` of ``secret``, cached (a few: reconcile checks each of an event's ids
+    against that event's note, one after the other; in memory only)."""
+    words = canonical(secret)
+    joined = "".join(words)
+    return _Forms(joined, f" {' '.join(words)} ",
+                  frozenset(joined[i:i + REDACT_RUN] for i in range(len(joined) - REDACT_RUN + 1)),
+                  _letters(secret), frozenset(_LETTER_RUN.findall(secret.casefold())))
 
 
 def _letters(text: str) -> str:
@@ -166,18 +193,17 @@ def quotes(text: str, private: Iterable[str]) -> bool:
     spaced = f" {' '.join(words)} "
     windows: set[str] | None = None
     for secret in private:
-        their = canonical(secret)
-        letters = "".join(their)
+        forms = _forms(secret)
+        letters = forms.joined
         if not letters:
             continue
         if len(letters) >= REDACT_RUN:
             if windows is None:
                 windows = {joined[i:i + REDACT_RUN]
                            for i in range(len(joined) - REDACT_RUN + 1)}
-            if any(letters[i:i + REDACT_RUN] in windows
-                   for i in range(len(letters) - REDACT_RUN + 1)):
+            if not forms.windows.isdisjoint(windows):
                 return True
-        elif f" {' '.join(their)} " in spaced or (
+        elif forms.spaced in spaced or (
                 len(letters) >= _SHORT_SKELETON and letters in joined):
             return True
     return False
@@ -190,7 +216,7 @@ def _cut_short(safe: str, private: list[str]) -> bool:
     segments = ["".join(canonical(part)) for part in safe.split(REDACTED)]
     if len(segments) < 2:
         return False
-    letters = ["".join(canonical(secret)) for secret in private]
+    letters = [_forms(secret).joined for secret in private]
     for left, right in itertools.pairwise(segments):
         ends = [end for end in (left[-_NEIGHBOUR:], right[:_NEIGHBOUR])
                 if len(end) == _NEIGHBOUR]
