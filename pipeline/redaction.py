@@ -225,6 +225,11 @@ def _cut_short(safe: str, private: list[str]) -> bool:
     return False
 
 
+# ASCII text holding none of these has nothing _decode_once undoes (an id always).
+_ENCODED: Final = re.compile(r"[%&+\\]")
+_NOT_ALNUM_ASCII: Final = re.compile(r"[^a-z0-9]+")
+
+
 def canonical(text: str) -> list[str]:
     """``text``'s words as compared by ``quotes``: decoded, NFKD without combining marks,
     case-folded, split on everything that is not a letter or a digit.
@@ -234,6 +239,8 @@ def canonical(text: str) -> list[str]:
     percent-encoding (RFC 3986, ``+`` as a space) and HTML character references.
     """
     text = text[:SCAN_LIMIT]
+    if text.isascii() and not _ENCODED.search(text):  # nothing to decode, no marks
+        return _NOT_ALNUM_ASCII.sub(" ", text.lower()).split()
     for _ in range(_ROUNDS):
         decoded = _decode_once(text)
         if decoded == text:
