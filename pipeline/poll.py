@@ -40,6 +40,10 @@ read) stops alone: the others are polled to the end, and
 ``PollStats.stopped`` names it and says why (the command then exits 3). An
 event is stored as Cobalt lists it, ``access_token_reference_id`` included,
 so one naming another account's connection stays a conflict for reconcile.
+
+Over 400 lines because the two shapes of Cobalt's events list, their paging, the
+retry policy's use and the per-account polling (each account's token, jobs and rate)
+belong to one conversation with one endpoint.
 """
 
 from __future__ import annotations

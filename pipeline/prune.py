@@ -53,6 +53,10 @@ Safe while the sink inserts (an update touches only stored rows, and no column t
 unique constraints read) and safe to interrupt (a killed prune leaves each batch
 done whole or not at all; the next one carries on). One prune at a time per
 database (an advisory lock).
+
+Over 400 lines because the sink file's rewrite protocol (lock, rename, the sink
+following it), the PostgreSQL batches and the input copies must agree on one cutoff
+and one rule for what may lose its note text.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Guarantees, as with SQLite:
   worker's ``sending`` rows into ``ambiguous``;
 - the database going away mid-run is RunAborted (exit 3): the requests in flight stay
   ``sending`` in the database, and the next run recovers them as ambiguous.
+
+Over 400 lines because the statements PostgreSQL needs written its own way, the
+per-account run locks and the pipelined commit of a send wave sit next to the SQLite
+ledger's rules they mirror.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@
 
 psycopg is an optional dependency (``pip install -e '.[postgres]'``); this module
 imports it only when called, so SQLite users never need it.
+
+About 400 lines: the migrations (each one's SQL in full) are most of it.
 """
 
 from __future__ import annotations
