@@ -53,10 +53,6 @@ ledger could not store them).
 
 Over 400 lines because the sink file's writer (group commit, flock, receipts) and its
 reader (offsets, set-aside lines, the codec) must agree byte for byte on the format.
-
-Over 400 lines because the sink file's writer (group commit, receipts, set-aside and
-torn lines) and its one reader share the file format and its recovery rules; the codec
-(``decode_event``, ``compact_json``) could move out if it grows.
 """
 
 from __future__ import annotations
