@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -269,7 +270,13 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
 
 
 def _text(value: object) -> str | None:
-    return None if value is None else str(value)
+    """Upstream text as the mirror keeps it: a NUL (which a PostgreSQL text column cannot
+    hold, so one such event would stop every later reconcile) and the other C0 control
+    characters each become U+FFFD; None stays None."""
+    return None if value is None else _CONTROL.sub("\ufffd", str(value))
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _head(path: Path) -> str:

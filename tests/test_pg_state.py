@@ -58,6 +58,11 @@ def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
     for scheme in ("postgresql", "postgres"):
         good = write_config(tmp_path, state={"url": f"{scheme}://u:pw@db:5432/x"})
         assert load_config(good).state.url is not None
+    # a Unix socket: no host (libpq's default directory), or the directory in the query
+    for url in ("postgresql:///tasknotes", "postgresql://u@/tasknotes?host=/var/run/postgresql",
+                "postgresql://u:p%20w@[::1]:5432/tasknotes"):
+        socket = write_config(tmp_path, state={"url": url})
+        assert load_config(socket).state.url is not None, url
 
 
 @pytest.mark.parametrize(("url", "secret_parts"), [
@@ -71,6 +76,11 @@ def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
      ("QuerySecret", "zz1")),
     ("postgresql://tasknotes:Pz7q%@127.0.0.1:5432/tasknotes", ("Pz7q",)),
     ("postgresql://tasknotes:Pz7q%00x@127.0.0.1:5432/tasknotes", ("Pz7q",)),
+    # characters RFC 3986 does not allow unencoded: libpq quotes the token, or urlsplit does
+    ("postgresql://tasknotes:correct horse battery@127.0.0.1:5432/tasknotes",
+     ("correct", "horse", "battery")),
+    ("postgresql://tasknotes:Pz7q[rk9]@127.0.0.1:5432/tasknotes", ("Pz7q", "rk9")),
+    ("postgresql://tasknotes:Pz7q\"rk9@127.0.0.1:5432/tasknotes", ("Pz7q", "rk9")),
 ])
 def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str,
@@ -84,6 +94,7 @@ def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
     assert "state.url" in err
     assert "percent-encode" in err
     assert ("write a literal % as %25" in err) == ("%" in url)  # refused as config, not by libpq
+    assert "Pz7q" not in err and "rk9" not in err
     assert "Traceback" not in err
     for part in secret_parts:
         assert part not in err, part

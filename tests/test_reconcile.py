@@ -113,6 +113,21 @@ def test_an_event_with_a_numeric_job_id_still_joins(book: Book) -> None:
     assert book.finals() == [("failed_in_emr", "failed")]
 
 
+def test_control_characters_in_upstream_text_do_not_stop_reconcile(book: Book) -> None:
+    """A NUL (which a PostgreSQL text column cannot hold) in an event's ``created`` or
+    failure reason: the event settles its row on both backends, and later reconciles go on
+    (one such event used to stop every run and poll on PostgreSQL with exit 2)."""
+    book.row("accepted", job_id="900", task="T1", note="n1")
+    book.row("accepted", job_id="901", task="T2", note="n2")
+    book.event("task_note.created", "900", n=1, task="T1", note="n1",
+               created="2026-06-15T12:02:40\u0000Z")
+    book.event("task_note.failed", "901", n=2, reason="Task not found\u0000 in EMR")
+    assert book.finals() == [("confirmed", "created"),
+                             ("failed_in_emr", "failed")]
+    assert book.finals() == [("confirmed", "created"),
+                             ("failed_in_emr", "failed")]
+
+
 def test_task_note_id_is_the_fallback_key(book: Book) -> None:
     """A row whose job_id matches nothing is matched by task_note_id."""
     book.row("accepted", job_id="1", task_note_id="abc")

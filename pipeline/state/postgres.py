@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pipeline.errors import StateError
 
@@ -199,7 +200,8 @@ def where(url: str) -> str:
     A missing host is ``localhost`` and a missing port 5432, as libpq assumes.
     """
     parts = urlsplit(url)
-    host = parts.hostname or "localhost"
+    socket_dir = parse_qs(parts.query).get("host", [""])[0]
+    host = parts.hostname or (socket_dir if socket_dir.startswith("/") else "") or "localhost"
     port: int | str
     try:
         port = parts.port or 5432
@@ -222,20 +224,37 @@ def check_url(url: str) -> None:
     So is a ``%`` not followed by two hex digits (RFC 3986 2.1), or ``%00``, anywhere in
     the URL: libpq's error for it quotes the raw token, which may be the password.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES or not parts.netloc:
+    scheme, sep, rest = url.partition("://")
+    if scheme not in SCHEMES or not sep:
         raise ValueError("must be a postgresql:// (or postgres://) URL, "
                          "such as postgresql://user:password@host:5432/tasknotes")
-    hosts = parts.netloc.rpartition("@")[2]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if any(c not in _URL_CHARS for c in url) or (any(
+            c in authority.partition("@")[0] for c in "[]") and "@" in authority):
+        raise ValueError("is not a valid postgresql:// URL: percent-encode spaces and "
+                         "characters such as \" < > [ ] { } | ^ ` \\ in the user name and "
+                         "password (RFC 3986; a space as %20)")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its message quotes the URL's text
+        raise ValueError("is not a valid postgresql:// URL (RFC 3986); percent-encode "
+                         "special characters in the user name and password") from None
+    userinfo, _, hosts = parts.netloc.rpartition("@")
     database = parts.path.removeprefix("/")
+    # an empty host is libpq's default (a Unix socket), or the query's host=/dir
     if (parts.netloc.count("@") > 1 or parts.fragment or any(c in database for c in "@/:")
-            or not all(_host_port_ok(h) for h in hosts.split(","))):
+            or "[" in userinfo or "]" in userinfo
+            or (hosts and not all(_host_port_ok(h) for h in hosts.split(",")))):
         raise ValueError("is not a valid postgresql:// URL as libpq reads it: percent-encode "
                          "the characters @ : / ? # in the user name and password "
                          "(e.g. @ as %40)")
     if _BAD_PERCENT.search(url):
         raise ValueError("is not a valid postgresql:// URL: a % must start a percent-encoded "
                          "byte (two hex digits, not %00); write a literal % as %25")
+
+
+# RFC 3986's characters: unreserved, reserved, and % (checked apart, _BAD_PERCENT).
+_URL_CHARS: Final = frozenset(string.ascii_letters + string.digits + "-._~:/?#[]@!$&'()*+,;=%")
 
 
 def _host_port_ok(host_port: str) -> bool:
