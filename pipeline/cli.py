@@ -14,12 +14,14 @@ tables live here, and nothing else does.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast
 
 from pipeline import exits, logs
 from pipeline._version import __version__
@@ -42,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     is created readable by its owner only: umask 077 while it runs.
     """
     umask = os.umask(0o077)
+    stdout = sys.stdout
+    sys.stdout = _ClosedReaderSafe(stdout)  # `tasknotes status | head`: no traceback
     try:
         parser = _parser()
         args, extra = parser.parse_known_args(argv)
@@ -63,7 +67,74 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tasknotes: {error}", file=sys.stderr)
         return code
     finally:
+        sys.stdout = stdout
         os.umask(umask)  # for a caller that runs main() in its own process (the tests)
+
+
+class _ClosedReaderSafe(io.TextIOBase):
+    """stdout that goes quiet once its reader has gone (``| head``): the rest of the
+    output is dropped, the command runs to its end and keeps its own exit code, and no
+    BrokenPipeError traceback is printed (Python's docs, "Note on SIGPIPE")."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner: TextIO | None = inner
+
+    def write(self, text: str) -> int:
+        if self._inner is not None:
+            try:
+                self._inner.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._inner is not None:
+            try:
+                self._inner.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def isatty(self) -> bool:
+        return self._inner is not None and self._inner.isatty()
+
+    @property
+    def buffer(self) -> BinaryIO:
+        """The binary side (export-events to stdout), as quiet once the reader has gone."""
+        return cast("BinaryIO", _QuietBytes(None if self._inner is None else self._inner.buffer))
+
+    def _gone(self) -> None:
+        """Point the real stdout at /dev/null, so the interpreter's last flush is quiet."""
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._inner.fileno() if self._inner else 1)
+            os.close(devnull)
+        self._inner = None
+
+
+
+class _QuietBytes(io.RawIOBase):
+    """A binary stream whose writes stop (dropped) once its reader has gone."""
+
+    def __init__(self, inner: BinaryIO | None) -> None:
+        self._inner = inner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._inner is not None:
+            try:
+                self._inner.write(data)
+            except BrokenPipeError:
+                self._inner = None
+        return len(data)
+
+    def flush(self) -> None:
+        if self._inner is not None:
+            try:
+                self._inner.flush()
+            except BrokenPipeError:
+                self._inner = None
 
 
 def _user_error(exc: BaseException) -> PipelineError | None:

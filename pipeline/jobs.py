@@ -31,7 +31,7 @@ import sniffio
 
 from pipeline import exits, ops
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, StateError
 from pipeline.plan import RunOptions, ScanCounts
 from pipeline.status import LedgerStatus
 
@@ -542,13 +542,19 @@ def export_events(config: ConfigSource, out: Path | BinaryIO) -> Exported:
         out.flush()
         log.info("export-events: %d events from the database", n)
         return Exported(exits.OK, n, None)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    except OSError as exc:
+        raise StateError(f"--out {out}: cannot be written: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as stream:
             n = export_jsonl(url, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, out)
+    except OSError as exc:  # a directory at ``out``, a full disk: the copy is removed
+        Path(tmp).unlink(missing_ok=True)
+        raise StateError(f"--out {out}: cannot be written: {exc.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -154,3 +154,19 @@ def test_python_dash_m_and_the_console_script_agree(tmp_path: Path) -> None:
     assert script.is_file(), f"no console script next to {sys.executable}: pip install -e ."
     assert subprocess.run([str(script), "--version"], capture_output=True, text=True,
                           check=True).stdout == done.stdout
+
+
+def test_a_reader_that_goes_away_gets_no_traceback_and_the_exit_code_stands(
+        tmp_path: Path) -> None:
+    """`tasknotes status | head -1`: the reader closes the pipe; the command finishes
+    quietly with the exit code it would have had (Python's docs, "Note on SIGPIPE")."""
+    config = write_config(tmp_path)
+    argv = [sys.executable, "-m", "pipeline", "status", str(config)]
+    whole = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err.decode()
+    assert "BrokenPipeError" not in err.decode()
+    assert proc.returncode == whole.returncode

@@ -510,3 +510,20 @@ def test_database_down_mid_stream_is_503_then_heals_and_loses_no_acknowledged_ev
     ids = [r[0] for r in rows(pg_url)]
     assert set(refused) <= set(ids)
     assert len(ids) == len(set(ids))
+
+
+def test_export_events_to_a_path_it_cannot_write_is_one_line_exit_2(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing directory, or a directory at --out: one line naming the path, exit 2, no
+    temporary copy left behind (newcomer finding)."""
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    (tmp_path / "a-dir").mkdir()
+    for out in (tmp_path / "missing" / "e.jsonl", tmp_path / "a-dir"):
+        assert main(["-q", "export-events", str(config), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: cannot be written" in err
+        assert "Traceback" not in err
+    assert list((tmp_path / "a-dir").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a-dir.")]
