@@ -167,10 +167,33 @@ def test_a_row_of_an_account_not_configured_is_rejected_with_its_code(tmp_path: 
     assert outcome.report is not None
     results = read_results(outcome.report.directory)
     assert results[1]["final_status"] == "rejected_invalid"
-    assert results[1]["error"].startswith("unknown-account: the account 'east' is not one")
+    assert results[1]["error"] == ("unknown-account: the 'clinic' column names no configured "
+                                   "account; it must name one of api.accounts (3 configured)")
     assert outcome.rejects is not None
     with outcome.rejects.open(encoding="utf-8", newline="") as fh:
         assert [r["reasons"] for r in csv.DictReader(fh)] == ["unknown-account"]
+
+
+def test_an_unknown_account_error_never_quotes_the_cell(tmp_path: Path) -> None:
+    """A note with an unquoted comma and an empty clinic cell shifts the end of the note into
+    the clinic column with the right field count: the unknown-account error names the
+    column, never the value, so no note text reaches results.csv, report.html, summary.json
+    or the ledger (rejects.csv keeps the raw record: that is its purpose)."""
+    csv_path = tmp_path / "input.csv"
+    csv_path.write_text("emr_task_id,note,clinic\n"
+                        "t-1,Pt reports chest pain, SECRETPHI-LEAK\n"
+                        "t-2,Pt reports fine,north\n", encoding="utf-8")
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    assert [r["final_status"] for r in results][0] == "rejected_invalid"
+    assert results[1]["final_status"] in ("confirmed", "awaiting_outcome")
+    assert results[0]["error"].startswith("unknown-account: the 'clinic' column names no")
+    shared = [*outcome.report.directory.iterdir(), tmp_path / "state" / "ledger.sqlite"]
+    for path in shared:
+        if path.is_file() and path.name not in ("rejects.csv", "redrive.csv"):
+            assert b"SECRETPHI" not in path.read_bytes(), path.name
 
 
 def test_the_same_note_for_two_accounts_is_two_notes(tmp_path: Path) -> None:
