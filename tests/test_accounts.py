@@ -56,12 +56,13 @@ def emulator(**options: Any) -> EmulatorThread:
 
 
 def accounts_config(tmp: Path, base_url: str = "http://127.0.0.1:9",
-                    south: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+                    south: dict[str, Any] | None = None, north: dict[str, Any] | None = None,
+                    **overrides: Any) -> RunConfig:
     data = config_dict(tmp, **overrides)
     data["api"] = {"base_url": base_url, "client_id": CREDENTIALS["client_id"],
                    "client_secret": CREDENTIALS["client_secret"], "timeout_s": 5,
                    "connect_timeout_s": 2,
-                   "accounts": {"north": {"access_token": TOKENS["north"]},
+                   "accounts": {"north": {"access_token": TOKENS["north"], **(north or {})},
                                 "south": {"access_token": TOKENS["south"], **(south or {})},
                                 "west": {"access_token": TOKENS["west"]}}}
     data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
@@ -187,13 +188,80 @@ def test_an_unknown_account_error_never_quotes_the_cell(tmp_path: Path) -> None:
         outcome = run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
     assert outcome.report is not None
     results = read_results(outcome.report.directory)
-    assert [r["final_status"] for r in results][0] == "rejected_invalid"
+    assert results[0]["final_status"] == "rejected_invalid"
     assert results[1]["final_status"] in ("confirmed", "awaiting_outcome")
     assert results[0]["error"].startswith("unknown-account: the 'clinic' column names no")
     shared = [*outcome.report.directory.iterdir(), tmp_path / "state" / "ledger.sqlite"]
     for path in shared:
         if path.is_file() and path.name not in ("rejects.csv", "redrive.csv"):
             assert b"SECRETPHI" not in path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("label", [None, "north_clinic"])
+def test_moving_to_api_accounts_under_a_new_name_sends_nothing_again(
+        tmp_path: Path, label: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    """A clinic run in the single form (label api.account, or ``token:<fingerprint>``
+    without it), then under api.accounts as ``north``: without ``formerly`` the scan warns
+    naming the exact old label; with ``formerly: [<old label>]`` nothing is sent again."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 3), header=HEADER)
+    data = config_dict(tmp_path)
+    single = {"client_id": CREDENTIALS["client_id"], "timeout_s": 5,
+              "client_secret": CREDENTIALS["client_secret"], "access_token": TOKENS["north"]}
+    with emulator() as server:
+        data["api"] = {**single, "base_url": server.url,
+                       **({"account": label} if label else {})}
+        first = RunConfig.model_validate(data)
+        old = first.api.account_id()
+        assert old.startswith(label or "token:")
+        run_pipeline(first, str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 3}
+
+        caplog.clear()
+        run_pipeline(accounts_config(tmp_path, server.url), str(csv_path), dry_run=True)
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                  and "sent notes under account" in r.getMessage()]
+        assert len(warned) == 1
+        assert f"account {old!r}" in warned[0]
+        assert f"formerly: [{old!r}]" in warned[0]
+
+        caplog.clear()
+        moved = accounts_config(tmp_path, server.url, north={"formerly": [old]})
+        outcome = run_pipeline(moved, str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 3}, "a note was sent twice"
+        assert not [r for r in caplog.records if "sent notes under account" in r.getMessage()]
+    assert outcome.report is not None
+    statuses = {r["final_status"] for r in read_results(outcome.report.directory)}
+    assert statuses <= {"skipped_already_sent", "awaiting_outcome"}
+
+
+def test_renaming_an_account_key_with_formerly_sends_nothing_again(tmp_path: Path) -> None:
+    """api.accounts ``north`` renamed ``Northside`` (the CSV's clinic cells too), with
+    ``formerly: [north]``: every note north sent counts as sent."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 2), header=HEADER)
+    with emulator() as server:
+        run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 2}
+        renamed = write_csv(tmp_path / "renamed.csv",
+                            [[t, n, "Northside"] for t, n, _ in rows_for("north", 2)],
+                            header=HEADER)
+        data = config_dict(tmp_path)
+        data["api"] = {"base_url": server.url, **HEADERS}
+        data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                    "account": "clinic"}
+        data["api"]["accounts"] = {
+            "Northside": {"access_token": TOKENS["north"], "formerly": ["north"]},
+            "south": {"access_token": TOKENS["south"]}}
+        run_pipeline(RunConfig.model_validate(data), str(renamed))
+        assert server.emulator.stored_by == {"ref-north": 2}, "a note was sent twice"
+
+
+def test_a_former_name_is_one_accounts_and_no_current_name(tmp_path: Path) -> None:
+    """``formerly`` naming a configured account, or the same old name under two accounts,
+    is a config error naming the key."""
+    with pytest.raises(ValueError, match=r"api\.accounts\.north\.formerly: 'south' is a "):
+        accounts_config(tmp_path, north={"formerly": ["south"]})
+    with pytest.raises(ValueError, match=r"'old' is also a former name of account 'north'"):
+        accounts_config(tmp_path, north={"formerly": ["old"]}, south={"formerly": ["old"]})
 
 
 def test_the_same_note_for_two_accounts_is_two_notes(tmp_path: Path) -> None:
