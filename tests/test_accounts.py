@@ -409,6 +409,9 @@ def test_an_event_from_another_accounts_connection_is_a_conflict(tmp_path: Path)
     assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
         ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
     assert "another account's connection" in results[1]["detail"]
+    status = ledger_status(config)  # what the report calls ambiguous is open
+    assert status.kind("ambiguous").by_account == {"south": 1}
+    assert status.exit_code == 1
 
 
 def test_an_accounts_concurrency_holds_under_the_global_one(tmp_path: Path) -> None:
