@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -172,6 +173,15 @@ class ApiConfig(_Section):
             raise ValueError(f"{', '.join(map(repr, bad))}: an account name is 1-100 "
                              "characters, no control characters, no outer spaces, not "
                              "starting with = + - @ (it is written to reports)")
+        # The ledger key and the run locks take the name in NFC (UAX #15): two names equal
+        # after it would share every key, so one clinic's notes would count as the other's.
+        seen: dict[str, str] = {}
+        for name in value:
+            other = seen.setdefault(unicodedata.normalize("NFC", name), name)
+            if other != name:
+                raise ValueError(f"{other!r} and {name!r}: two account names equal in "
+                                 "Unicode NFC (one written with combining characters); "
+                                 "give them names that differ visibly")
         return value
 
     @model_validator(mode="after")

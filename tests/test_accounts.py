@@ -264,6 +264,21 @@ def test_a_former_name_is_one_accounts_and_no_current_name(tmp_path: Path) -> No
         accounts_config(tmp_path, north={"formerly": ["old"]}, south={"formerly": ["old"]})
 
 
+def test_two_account_names_equal_in_nfc_are_a_config_error(tmp_path: Path) -> None:
+    """``Clínica Sur`` written with é (NFC) and with e + U+0301 (NFD): one ledger key for
+    both, so the config is refused, naming both keys."""
+    nfc, nfd = "Cl\u00ednica Sur", "Cli\u0301nica Sur"
+    data = config_dict(tmp_path)
+    data["api"] = {**HEADERS, "accounts": {nfc: {"access_token": "a"},
+                                           nfd: {"access_token": "b"}}}
+    data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                "account": "clinic"}
+    with pytest.raises(ValueError, match="two account names equal in Unicode NFC") as err:
+        RunConfig.model_validate(data)
+    assert repr(nfc) in str(err.value)
+    assert repr(nfd) in str(err.value)
+
+
 def test_the_same_note_for_two_accounts_is_two_notes(tmp_path: Path) -> None:
     """The same task and note for north and south is sent once for each; repeated for
     north, it is a duplicate, not a third send."""
