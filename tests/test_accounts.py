@@ -118,6 +118,7 @@ def test_a_revoked_token_stops_only_its_own_account(tmp_path: Path) -> None:
     assert outcome.stop_reason is not None
     assert "south" in outcome.stop_reason
     assert "north" not in outcome.stop_reason
+    assert "check api.accounts.south.access_token" in outcome.stop_reason  # not "<name>"
     assert outcome.report is not None
     results = read_results(outcome.report.directory)
     assert by_account(results) == {"north": {"confirmed": 5}, "west": {"confirmed": 5},
@@ -154,6 +155,39 @@ def test_a_429_storm_on_one_account_does_not_hold_up_the_others(
     assert outcome.report is not None
     assert by_account(read_results(outcome.report.directory))["south"] == {
         "awaiting_outcome": 3}
+
+
+def test_one_accounts_failure_streak_stops_that_account_alone(tmp_path: Path) -> None:
+    """South meets a 429 on every request (max_attempts 1: each row gives up at once) while
+    north sends slowly (rate 2/s): south's streak of submit.max_consecutive_failures stops
+    south alone (its rows send_failed, naming it); every north row is sent; exit 3 and the
+    stop reason names south (and west, whose token is refused: every account stopped
+    alone is named)."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         rows_for("south", 10) + rows_for("north", 3) + rows_for("west", 2),
+                         header=HEADER)
+    faults = Faults(rate_429=1.0, only_references=frozenset({"ref-south"}), retry_after_s=0.01)
+    with emulator(faults=faults, revoked=frozenset({TOKENS["west"]})) as server:
+        config = accounts_config(tmp_path, server.url, north={"rate_per_second": 2},
+                                 submit={"max_attempts": 1, "max_consecutive_failures": 3})
+        outcome = run_pipeline(config, str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 3}
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    found = by_account(results)
+    assert found["south"] == {"send_failed": 10}
+    assert set(found["north"]) <= {"confirmed", "awaiting_outcome"}
+    assert sum(found["north"].values()) == 3
+    stopped = [r for r in results if "account south: 3 rows in a row" in r["error"]]
+    assert 1 <= len(stopped) <= 7  # the rows not tried when the streak stopped south
+    assert outcome.exit_code == 3
+    assert outcome.stop_reason is not None
+    assert "account south: too many rows in a row" in outcome.stop_reason
+    # West's token is refused too: both stops are named, whichever came first.
+    assert "for account west;" in outcome.stop_reason
+    assert "api.accounts.west.access_token" in outcome.stop_reason
+    assert found["west"] == {"send_failed": 2}
+    assert "north" not in outcome.stop_reason
 
 
 def test_a_row_of_an_account_not_configured_is_rejected_with_its_code(tmp_path: Path) -> None:
