@@ -589,6 +589,8 @@ def test_poll_goes_on_for_the_others_when_one_accounts_token_is_refused(
     out = capsys.readouterr().out
     assert "stopped: account north: credentials refused by Cobalt (HTTP 401" in out
     assert "api.accounts.north.access_token" in out
+    # only the jobs asked about count as polled; north's two are said not to be
+    assert "polled 5 jobs and 0 ambiguous notes (2 of account north not polled)" in out
     assert "account south" not in out
     assert "account west" not in out
     assert by_account(read_results(report)) == {"north": {"awaiting_outcome": 2},
