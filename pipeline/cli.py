@@ -515,7 +515,10 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _print_reconciled(result: ReconcileResult) -> None:
-    if not result.runs and not result.unchanged:
+    if result.settled is not None:
+        print("nothing changed since the reports were written: every run is settled "
+              f"(reports left as they are; latest run {result.settled})")
+    elif not result.runs and not result.unchanged:
         print("nothing to reconcile: the ledger has no runs")
     if result.unchanged:
         print(f"{len(result.unchanged):,} run(s) with rows not confirmed (awaiting an outcome, "

@@ -173,6 +173,13 @@ class SQLiteRuns(SQLiteRows):
                 out.append(run_id)
         return out
 
+    def report_exit_code(self, run_id: str) -> int | None:
+        """The exit code ``run_id``'s report gave when last written (``report_written``);
+        None if no report was recorded (or the run is unknown)."""
+        found = self._db.execute("SELECT info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        code = json.loads(found[0]).get("report_exit_code") if found else None
+        return code if isinstance(code, int) else None
+
     def unchanged_reports(self, context: str = "", now: float | None = None
                           ) -> list[tuple[str, int | None]]:
         """Runs ``reports_to_rewrite`` leaves alone whose report was not final when written
