@@ -555,8 +555,11 @@ def _poll(args: argparse.Namespace) -> int:
 
 
 def _print_poll(stats: PollStats) -> None:
-    print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')} "
-          f"with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} stored, "
+    skipped = "".join(f" ({n:,} of account {a} not polled)"
+                      for a, n in sorted(stats.not_polled.items()))
+    print(f"polled {_n(stats.wanted, 'job')} and {_n(stats.ambiguous, 'ambiguous note')}"
+          f"{skipped} with {_n(stats.requests, 'request')}: {_n(stats.stored, 'event')} "
+          "stored, "
           f"{stats.duplicates:,} already in the event store (not stored again), "
           f"{_n(stats.still_missing, 'job')} still "
           f"without an outcome, {stats.ambiguous_found:,} ambiguous "
@@ -583,7 +586,10 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _print_reconciled(result: ReconcileResult) -> None:
-    if not result.runs and not result.unchanged:
+    if result.settled is not None:
+        print("nothing changed since the reports were written: every run is settled "
+              f"(reports left as they are; latest run {result.settled})")
+    elif not result.runs and not result.unchanged:
         print("nothing to reconcile: the ledger has no runs")
     if result.unchanged:
         print(f"{len(result.unchanged):,} run(s) with rows not confirmed (awaiting an outcome, "

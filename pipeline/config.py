@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -125,10 +126,14 @@ class AccountConfig(_Section):
     rate_per_second: Annotated[float, Field(gt=0)] | None = None
     concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
     reference_id: str | None = None
+    # Names this clinic had in the ledger before (an earlier account key, the single
+    # form's api.account, or its "token:<fingerprint>"): notes sent under them count as sent.
+    formerly: tuple[str, ...] = ()
 
 
 # An account name as the CSV's account column writes it ("Northside Family Medicine"):
 # no control characters, no outer spaces, no spreadsheet formula start (it goes to reports).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _ACCOUNT_NAME = re.compile(r"^[^\x00-\x1f\x7f-\x9f\s=+\-@]([^\x00-\x1f\x7f-\x9f]{0,98}\S)?$")
 
 
@@ -138,6 +143,8 @@ class ApiConfig(_Section):
     client_id: SecretStr | None = None
     client_secret: SecretStr | None = None
     access_token: SecretStr | None = None
+    # The single form's earlier account labels (as api.accounts.<name>.formerly).
+    formerly: tuple[str, ...] = ()
     # Several clinics in one run: account name -> its token (instead of account+access_token).
     accounts: dict[str, AccountConfig] | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
@@ -166,15 +173,49 @@ class ApiConfig(_Section):
             raise ValueError(f"{', '.join(map(repr, bad))}: an account name is 1-100 "
                              "characters, no control characters, no outer spaces, not "
                              "starting with = + - @ (it is written to reports)")
+        # The ledger key and the run locks take the name in NFC (UAX #15): two names equal
+        # after it would share every key, so one clinic's notes would count as the other's.
+        seen: dict[str, str] = {}
+        for name in value:
+            other = seen.setdefault(unicodedata.normalize("NFC", name), name)
+            if other != name:
+                raise ValueError(f"{other!r} and {name!r}: two account names equal in "
+                                 "Unicode NFC (one written with combining characters); "
+                                 "give them names that differ visibly")
         return value
 
     @model_validator(mode="after")
     def _one_form(self) -> ApiConfig:
-        both = [k for k in ("account", "access_token") if getattr(self, k) is not None]
+        both = [k for k in ("account", "access_token", "formerly") if getattr(self, k)]
         if self.accounts is not None and both:
             keys = " and ".join(f"api.{k}" for k in both)
             raise ValueError(f"api.accounts: replaces {keys}; give one form, not both")
+        self._former_names_unique()
         return self
+
+    def _former_names_unique(self) -> None:
+        """Each former name belongs to one account and is no account's current name."""
+        current = set(self.account_names())
+        owner: dict[str, str] = {}
+        for name, former in self.former_names().items():
+            key = "api.formerly" if self.accounts is None else f"api.accounts.{name}.formerly"
+            for old in former:
+                if not old.strip() or _CONTROL.search(old):
+                    raise ValueError(f"{key}: {old!r} is not an account name")
+                if old in current:
+                    raise ValueError(f"{key}: {old!r} is a configured account's name")
+                if old in owner and owner[old] != name:
+                    raise ValueError(f"{key}: {old!r} is also a former name of account "
+                                     f"{owner[old]!r}")
+                owner[old] = name
+
+    def former_names(self) -> dict[str, tuple[str, ...]]:
+        """Account name -> the names its notes were sent under before (``formerly``): a
+        row already sent under any of them is not sent again. Single form: the run's
+        label (``account_id()``) -> ``api.formerly``."""
+        if self.accounts is None:
+            return {self.account_id(): self.formerly}
+        return {name: a.formerly for name, a in self.accounts.items()}
 
     @property
     def multi(self) -> bool:

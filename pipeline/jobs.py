@@ -144,6 +144,9 @@ class ReconcileResult:
     # runs left alone: nothing their report shows changed since it was written, and it was
     # written while rows were open; their exit codes (as those reports gave) count too
     unchanged: tuple[str, ...] = ()
+    # every run settled and no report out of date: the latest run, whose report (left as
+    # it is) gave the exit code; None otherwise
+    settled: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +259,7 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
     ledger = _open_ledger(config)
     reconciler = Reconciler.of(ledger, config)
     unchanged: list[tuple[str, int | None]] = []
+    settled: tuple[str, int] | None = None
     try:
         if run_id:
             ledger.run(run_id)
@@ -269,9 +273,17 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
             context, now = report_context(config), time.time()
             runs = ledger.reports_to_rewrite(context, now)
             unchanged = ledger.unchanged_reports(context, now)
-            if not runs and not unchanged and latest is not None:  # all settled: the latest
-                runs = [latest]
-        result = _reconcile_runs(config, ledger, runs, reconciler)
+            if not runs and not unchanged and latest is not None:  # all settled
+                kept = _kept_report(config, ledger.report_exit_code(latest), latest)
+                if kept is None:  # its report is missing: written again
+                    runs = [latest]
+                else:  # nothing any report shows changed: every file stays as it is
+                    settled = latest, kept
+        if settled is not None:
+            result = ReconcileResult(settled[1], (), config.report.stale_after,
+                                     settled=settled[0])
+        else:
+            result = _reconcile_runs(config, ledger, runs, reconciler)
         if unchanged:
             codes = [code for _, code in unchanged if code is not None]
             result = replace(result, exit_code=exits.worst([result.exit_code, *codes]),
@@ -280,6 +292,14 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
         ledger.close()
     ops.reconciled(config)  # report.metrics_file, if set
     return result
+
+
+def _kept_report(config: RunConfig, code: int | None, run_id: str) -> int | None:
+    """``code``, the exit code ``run_id``'s report gave, if that report was recorded as
+    written and its summary.json is still there; else None (it is to be written)."""
+    if code is None or not (config.report.dir / run_id / "summary.json").is_file():
+        return None
+    return code
 
 
 def write_off(config: ConfigSource, run_id: str) -> tuple[int, ReconcileResult]:

@@ -35,6 +35,7 @@ from pipeline.state import (
     SendStore,
     Status,
     row_key,
+    rules,
 )
 from pipeline.submit import Job
 from pipeline.validate import CheckedBatch, ProblemTally, Validator
@@ -157,6 +158,7 @@ class Scan:
         self._rejects = rejects
         self._control = control
         self._account = config.api.account_id()
+        self._former = {k: v for k, v in config.api.former_names().items() if v}
         # A key is a row's identity in the ledger: needed to look earlier rows up or to
         # record the row; a dry run with no ledger to consult needs none.
         self._records = not isinstance(recorder, Discard)
@@ -171,6 +173,8 @@ class Scan:
     def run(self) -> ScanCounts:
         """Read every input; the files are recorded (path, header) before a row is read,
         so a scan that stops (a full disk, a signal, an input error) still names them."""
+        if self._lookup is not None:
+            self._warn_of_unnamed_accounts(self._lookup)
         for file_no, path in enumerate(self._inputs.paths):
             self.validator.name_file(file_no, str(path))
             self._recorder.add_file(self._run_id, file_no, str(path),
@@ -280,6 +284,8 @@ class Scan:
                 earlier = self._lookup.earlier(self._run_id, list(key_of.values()))
                 if batch.as_written:
                     self._earlier_as_written(batch, key_of, earlier)
+                if self._former:
+                    self._earlier_former(batch, key_of, earlier)
         limit = self._options.limit
         room = None if limit is None else limit - self.counts.to_send
         statuses: list[Status] = []
@@ -301,6 +307,48 @@ class Scan:
         if statuses:
             self.last_line = batch.lines[len(statuses) - 1]
         return self.counts.truncated_at is None
+
+    def _warn_of_unnamed_accounts(self, lookup: ScanStore) -> None:
+        """A warning per account label the ledger holds delivered notes under that this
+        config neither names nor lists as a former name: a clinic renamed (or moved from
+        api.account to api.accounts) would have every such note sent again."""
+        api = self._config.api
+        former = api.former_names()
+        known = set(former) | {old for names in former.values() for old in names}
+        for label, count in sorted(lookup.sent_accounts().items()):
+            if label in known:
+                continue
+            where = ("api.accounts.<name>.formerly" if api.multi else "api.formerly")
+            log.warning("the ledger holds %d sent notes under account %r, which this config "
+                        "does not name: if that clinic is now named otherwise, add "
+                        "formerly: [%r] to %s, or its notes are sent again",
+                        count, label, label, where)
+
+    def _earlier_former(self, batch: CheckedBatch, key_of: dict[int, bytes],
+                        earlier: dict[bytes, Earlier]) -> None:
+        """Rows of an account with former names (``formerly``): a row is already sent if
+        its key under any of them was delivered (or is in doubt, when its own is unknown)."""
+        assert self._lookup is not None
+        former = self._former
+        alternatives: dict[bytes, int] = {}
+        for i, key in key_of.items():
+            names = former.get(batch.account(i, self._account), ())
+            found = earlier.get(key)
+            if not names or (found is not None and found.delivered):
+                continue
+            forms = [(batch.task_ids[i], batch.notes[i], True)]
+            if i in batch.as_written:
+                forms.append((*batch.as_written[i], False))
+            for name in names:
+                for task, note, nfc in forms:
+                    alternatives[row_key(name, task, note, nfc=nfc)] = i
+        if not alternatives:
+            return
+        found_old = self._lookup.earlier(self._run_id, list(alternatives))
+        for old_key, candidate in found_old.items():
+            key = key_of[alternatives[old_key]]
+            if rules.rank(candidate) > rules.rank(earlier.get(key)):
+                earlier[key] = candidate
 
     def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
                             earlier: dict[bytes, Earlier]) -> None:

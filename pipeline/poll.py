@@ -198,13 +198,17 @@ class PollStats:
     ambiguous_found: int = 0
     # api.accounts: account -> why its poll stopped (the others were polled to the end)
     stopped: dict[str, str] = field(default_factory=dict)
+    # api.accounts: account -> its jobs and ambiguous notes not asked about (credentials
+    # refused before any was); not counted in ``wanted`` and ``ambiguous``
+    not_polled: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: PollStats) -> None:
         """Add ``other``'s counts (and the accounts it stopped) to these."""
         for each in fields(self):
-            if each.name != "stopped":
+            if each.name not in ("stopped", "not_polled"):
                 setattr(self, each.name, getattr(self, each.name) + getattr(other, each.name))
         self.stopped.update(other.stopped)
+        self.not_polled.update(other.not_polled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +408,9 @@ async def poll_accounts(config: RunConfig, clients: Mapping[str, CobaltClient],
                 reason = f"account {account}: {reason}"
             if poller.refused:
                 reason += f"; its jobs were not polled; check api.accounts.{account}.access_token"
+                stats = poller.stats  # none of its jobs or notes was asked about
+                stats.not_polled[account] = stats.wanted + stats.ambiguous
+                stats.wanted = stats.ambiguous = 0
             poller.stats.stopped[account] = reason
             log.warning("%s (the other accounts are polled to the end)", reason)
         total.add(poller.stats)

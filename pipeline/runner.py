@@ -398,11 +398,12 @@ class Run:
             if sandbox is not None and not self.control.stopped:
                 with self._timer("wait"):
                     await sandbox.wait_for_outcomes(self.control)
-        if stats.refused:  # the other accounts ran to the end; the run still says so: exit 3
-            self.control.stop("credentials refused by Cobalt for account"
-                              f"{'s' if len(stats.refused) > 1 else ''} "
-                              f"{', '.join(sorted(stats.refused))}; their unsent rows are "
-                              "send_failed; check api.accounts.<name>.access_token")
+        # Accounts stopped alone: the others ran to the end; the run still says so (exit 3),
+        # and names them even when something else stopped it too.
+        for reason in _account_stops(stats):
+            self.control.stop(reason)
+            if reason not in (self.control.reason or ""):
+                self.control.reason = f"{self.control.reason}; {reason}"
         return stats
 
     @contextlib.contextmanager
@@ -548,3 +549,20 @@ def _log_scan(c: ScanCounts) -> None:
 def _n(count: int, noun: str) -> str:
     """``count`` and ``noun``, plural unless the count is one: "1 duplicate", "2 rows"."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _account_stops(stats: SubmitStats) -> list[str]:
+    """What stopped single accounts of api.accounts (SubmitStats ``refused`` and
+    ``stopped``), one sentence each, naming the accounts and their config keys."""
+    reasons = []
+    if stats.refused:
+        names = sorted(stats.refused)
+        keys = ", ".join(f"api.accounts.{n}.access_token" for n in names)
+        reasons.append(f"credentials refused by Cobalt for account{'s' * (len(names) > 1)} "
+                       f"{', '.join(names)}; their unsent rows are send_failed; check {keys}")
+    if stats.stopped:
+        names = sorted(stats.stopped)
+        reasons.append(f"account{'s' * (len(names) > 1)} {', '.join(names)}: too many rows "
+                       "in a row did not go through; their unsent rows are send_failed; "
+                       "submit.max_consecutive_failures")
+    return reasons

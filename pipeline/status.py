@@ -11,8 +11,10 @@ notes open; a run is listed under a kind only for the notes counted there:
                       note's latest send (the send every report follows too).
                       Settled by webhooks, or by ``tasknotes poll``.
     ambiguous         a request may have reached Cobalt and nothing settles it
-                      (held rows wait on these). Settled by review in the chart, or
-                      by a ``task_note.created`` event ``poll`` brings back.
+                      (held rows wait on these), or a ``conflict`` (events that
+                      contradict each other, or name another account's connection).
+                      Settled by review in the chart, or by a ``task_note.created``
+                      event ``poll`` brings back.
     send_failed       not sent (retries ran out, or the run stopped), not sent by
                       any run since, and not written off. Settled only by a run
                       whose input holds the row again (its run's redrive.csv, or

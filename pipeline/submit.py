@@ -28,6 +28,9 @@ ones, and its own pause: a 429/503 Retry-After pauses that account only. A
 401/403 refuses that account only: its rows not yet answered end ``failed``
 ("account X: credentials refused ..."), the other accounts run to the end, and
 ``SubmitStats.refused`` names the refused accounts (the run then exits 3).
+``submit.max_consecutive_failures`` counts each account's own streak: an account
+whose rows keep failing (a 429 storm on one clinic) stops alone, its unsent rows
+end ``failed`` naming it, ``SubmitStats.stopped`` names it, and the run exits 3.
 With one account there is one lane, and a 401/403 stops the run as above.
 
 Over 400 lines because the dispatcher, its lanes (one per account) and the bookkeeping
@@ -106,6 +109,8 @@ class SubmitStats:
     started: float = 0.0
     finished: float = 0.0
     refused: dict[str, str] = field(default_factory=dict)  # account -> why (api.accounts)
+    # api.accounts: account -> the last error of the streak that stopped it
+    stopped: dict[str, str] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -135,7 +140,9 @@ class _Lane:
     fresh: deque[Job] = field(default_factory=deque)
     retries: list[_Retry] = field(default_factory=list)  # a heap, by due time
     in_flight: int = 0
-    refused: str | None = None  # set: its credentials were refused; nothing more is sent
+    # set: its credentials were refused, or its rows kept failing; nothing more is sent
+    refused: str | None = None
+    failures: int = 0  # rows in a row that did not go through (api.accounts)
 
     def due(self, now: float) -> int:
         """Jobs that could start now, pace aside (fresh ones and retries fallen due)."""
@@ -477,14 +484,19 @@ class Submitter:
         """Cobalt refused an account's credentials: this row and every row of the account
         not yet sent end ``failed`` saying so; the other accounts go on."""
         if lane.refused is None:
-            lane.refused = (f"account {lane.name}: credentials refused by Cobalt "
-                            f"({exc.own}); nothing more was sent for it; check "
-                            f"api.accounts.{lane.name}.access_token")
             self.stats.refused[lane.name] = exc.own
             log.warning("account %s: credentials refused (%s); its other rows are not sent",
                         lane.name, exc.own)
-        self._record(job, "failed", exc.http_status, lane.refused)
+            self._close(lane, f"account {lane.name}: credentials refused by Cobalt "
+                              f"({exc.own}); nothing more was sent for it; check "
+                              f"api.accounts.{lane.name}.access_token")
+        self._record(job, "failed", exc.http_status, lane.refused or "")
         self._done()
+
+    def _close(self, lane: _Lane, message: str) -> None:
+        """Send nothing more for ``lane``'s account: its rows not yet sent (queued, or
+        waiting for a retry) end ``failed`` with ``message``."""
+        lane.refused = message
         unsent = [*lane.fresh, *(r.job for r in lane.retries)]
         lane.fresh.clear()
         lane.retries.clear()
@@ -498,6 +510,7 @@ class Submitter:
             accepted.job_id, None, utcnow(),
         ))
         self._consecutive_failures = 0
+        self._lane(job).failures = 0
         self._done()
 
     def _finish(self, job: Job, status: Status, error: ApiError, message: str) -> None:
@@ -505,7 +518,17 @@ class Submitter:
         self._consecutive_failures += 1
         self._done()
         limit = self._settings.max_consecutive_failures
-        if self._consecutive_failures >= limit:
+        if self._isolated:  # each account's own streak stops that account alone
+            lane = self._lane(job)
+            lane.failures += 1
+            if lane.failures >= limit and lane.refused is None:
+                self.stats.stopped[lane.name] = error.own
+                log.warning("account %s: %d rows in a row did not go through (last: %s); "
+                            "its other rows are not sent", lane.name, limit, error.own)
+                self._close(lane, f"account {lane.name}: {limit} rows in a row did not go "
+                                  f"through (last: {error.own}); nothing more was sent for "
+                                  "it; submit.max_consecutive_failures")
+        elif self._consecutive_failures >= limit:
             # A stop reason travels far (summary.json, the run_ended log line, the
             # notification): our own words only, never Cobalt's text (a task id, a name).
             self.control.stop(f"{limit} rows in a row did not go through (last: {error.own}); "

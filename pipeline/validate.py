@@ -56,7 +56,9 @@ TEMPLATES: Final[dict[str, str]] = {
     "note-too-long": "the note has {length} characters; the limit is {limit}",
     "control-characters": "the note contains control character {char} at position {pos}",
     "duplicate-row": "same emr_task_id and note as line {line}{where}",
-    "unknown-account": "the account{shown} is not one of api.accounts ({known})",
+    # Never the cell itself: a shifted row can put note text in the account column.
+    "unknown-account": ("the {column} column {state}; it must name one of api.accounts "
+                        "({known} configured)"),
 }
 _nfc = unicodedata.normalize
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (less tab, LF), DEL and C1
@@ -218,9 +220,11 @@ class Validator:
                     out.raw[i] = raw
 
     def _check_accounts(self, out: CheckedBatch, column: int) -> None:
-        """Each row's account, and ``unknown-account`` for a value not in api.accounts (a
-        value is quoted only if it looks like an account name: never a stray note)."""
+        """Each row's account, and ``unknown-account`` for a value not in api.accounts. The
+        error names the column, never the value: a shifted row (an unquoted comma in the
+        note) can put note text in that cell, and the error reaches the shared reports."""
         known = self._accounts
+        name = self._settings.columns.account or "account"
         for i, cells in enumerate(out.cells):
             value = cells[column].strip() if column < len(cells) else ""
             problems = out.problems.get(i, ())
@@ -230,10 +234,9 @@ class Validator:
             out.accounts.append("")
             if any(p.code == "repeated-header" for p in problems):
                 continue
-            shown = f" {value!r}" if _NAME_LIKE.fullmatch(value) else (
-                " (empty)" if not value else "")
+            state = "is empty" if not value else "names no configured account"
             out.problems[i] = (*problems, Problem.of(
-                "unknown-account", shown=shown, known=", ".join(sorted(known))))
+                "unknown-account", column=repr(name), state=state, known=len(known)))
             if not problems:
                 out.notes[i] = ""
                 out.passthrough[i] = ()
@@ -387,7 +390,6 @@ def _quote_ended(cells: list[str]) -> bool:
 
 
 _BREAK = re.compile("\r\n|\r|\n")
-_NAME_LIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _LETTER = re.compile("[^\\W\\d_]")
 _DIGIT = re.compile("[0-9]")
 

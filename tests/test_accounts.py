@@ -56,12 +56,13 @@ def emulator(**options: Any) -> EmulatorThread:
 
 
 def accounts_config(tmp: Path, base_url: str = "http://127.0.0.1:9",
-                    south: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+                    south: dict[str, Any] | None = None, north: dict[str, Any] | None = None,
+                    **overrides: Any) -> RunConfig:
     data = config_dict(tmp, **overrides)
     data["api"] = {"base_url": base_url, "client_id": CREDENTIALS["client_id"],
                    "client_secret": CREDENTIALS["client_secret"], "timeout_s": 5,
                    "connect_timeout_s": 2,
-                   "accounts": {"north": {"access_token": TOKENS["north"]},
+                   "accounts": {"north": {"access_token": TOKENS["north"], **(north or {})},
                                 "south": {"access_token": TOKENS["south"], **(south or {})},
                                 "west": {"access_token": TOKENS["west"]}}}
     data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
@@ -117,6 +118,7 @@ def test_a_revoked_token_stops_only_its_own_account(tmp_path: Path) -> None:
     assert outcome.stop_reason is not None
     assert "south" in outcome.stop_reason
     assert "north" not in outcome.stop_reason
+    assert "check api.accounts.south.access_token" in outcome.stop_reason  # not "<name>"
     assert outcome.report is not None
     results = read_results(outcome.report.directory)
     assert by_account(results) == {"north": {"confirmed": 5}, "west": {"confirmed": 5},
@@ -155,6 +157,39 @@ def test_a_429_storm_on_one_account_does_not_hold_up_the_others(
         "awaiting_outcome": 3}
 
 
+def test_one_accounts_failure_streak_stops_that_account_alone(tmp_path: Path) -> None:
+    """South meets a 429 on every request (max_attempts 1: each row gives up at once) while
+    north sends slowly (rate 2/s): south's streak of submit.max_consecutive_failures stops
+    south alone (its rows send_failed, naming it); every north row is sent; exit 3 and the
+    stop reason names south (and west, whose token is refused: every account stopped
+    alone is named)."""
+    csv_path = write_csv(tmp_path / "input.csv",
+                         rows_for("south", 10) + rows_for("north", 3) + rows_for("west", 2),
+                         header=HEADER)
+    faults = Faults(rate_429=1.0, only_references=frozenset({"ref-south"}), retry_after_s=0.01)
+    with emulator(faults=faults, revoked=frozenset({TOKENS["west"]})) as server:
+        config = accounts_config(tmp_path, server.url, north={"rate_per_second": 2},
+                                 submit={"max_attempts": 1, "max_consecutive_failures": 3})
+        outcome = run_pipeline(config, str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 3}
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    found = by_account(results)
+    assert found["south"] == {"send_failed": 10}
+    assert set(found["north"]) <= {"confirmed", "awaiting_outcome"}
+    assert sum(found["north"].values()) == 3
+    stopped = [r for r in results if "account south: 3 rows in a row" in r["error"]]
+    assert 1 <= len(stopped) <= 7  # the rows not tried when the streak stopped south
+    assert outcome.exit_code == 3
+    assert outcome.stop_reason is not None
+    assert "account south: too many rows in a row" in outcome.stop_reason
+    # West's token is refused too: both stops are named, whichever came first.
+    assert "for account west;" in outcome.stop_reason
+    assert "api.accounts.west.access_token" in outcome.stop_reason
+    assert found["west"] == {"send_failed": 2}
+    assert "north" not in outcome.stop_reason
+
+
 def test_a_row_of_an_account_not_configured_is_rejected_with_its_code(tmp_path: Path) -> None:
     """A clinic value that names no account of api.accounts: rejected_invalid,
     unknown-account, and nothing of it sent."""
@@ -167,10 +202,115 @@ def test_a_row_of_an_account_not_configured_is_rejected_with_its_code(tmp_path: 
     assert outcome.report is not None
     results = read_results(outcome.report.directory)
     assert results[1]["final_status"] == "rejected_invalid"
-    assert results[1]["error"].startswith("unknown-account: the account 'east' is not one")
+    assert results[1]["error"] == ("unknown-account: the 'clinic' column names no configured "
+                                   "account; it must name one of api.accounts (3 configured)")
     assert outcome.rejects is not None
     with outcome.rejects.open(encoding="utf-8", newline="") as fh:
         assert [r["reasons"] for r in csv.DictReader(fh)] == ["unknown-account"]
+
+
+def test_an_unknown_account_error_never_quotes_the_cell(tmp_path: Path) -> None:
+    """A note with an unquoted comma and an empty clinic cell shifts the end of the note into
+    the clinic column with the right field count: the unknown-account error names the
+    column, never the value, so no note text reaches results.csv, report.html, summary.json
+    or the ledger (rejects.csv keeps the raw record: that is its purpose)."""
+    csv_path = tmp_path / "input.csv"
+    csv_path.write_text("emr_task_id,note,clinic\n"
+                        "t-1,Pt reports chest pain, SECRETPHI-LEAK\n"
+                        "t-2,Pt reports fine,north\n", encoding="utf-8")
+    with emulator() as server:
+        outcome = run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+    assert outcome.report is not None
+    results = read_results(outcome.report.directory)
+    assert results[0]["final_status"] == "rejected_invalid"
+    assert results[1]["final_status"] in ("confirmed", "awaiting_outcome")
+    assert results[0]["error"].startswith("unknown-account: the 'clinic' column names no")
+    shared = [*outcome.report.directory.iterdir(), tmp_path / "state" / "ledger.sqlite"]
+    for path in shared:
+        if path.is_file() and path.name not in ("rejects.csv", "redrive.csv"):
+            assert b"SECRETPHI" not in path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("label", [None, "north_clinic"])
+def test_moving_to_api_accounts_under_a_new_name_sends_nothing_again(
+        tmp_path: Path, label: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    """A clinic run in the single form (label api.account, or ``token:<fingerprint>``
+    without it), then under api.accounts as ``north``: without ``formerly`` the scan warns
+    naming the exact old label; with ``formerly: [<old label>]`` nothing is sent again."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 3), header=HEADER)
+    data = config_dict(tmp_path)
+    single = {"client_id": CREDENTIALS["client_id"], "timeout_s": 5,
+              "client_secret": CREDENTIALS["client_secret"], "access_token": TOKENS["north"]}
+    with emulator() as server:
+        data["api"] = {**single, "base_url": server.url,
+                       **({"account": label} if label else {})}
+        first = RunConfig.model_validate(data)
+        old = first.api.account_id()
+        assert old.startswith(label or "token:")
+        run_pipeline(first, str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 3}
+
+        caplog.clear()
+        run_pipeline(accounts_config(tmp_path, server.url), str(csv_path), dry_run=True)
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                  and "sent notes under account" in r.getMessage()]
+        assert len(warned) == 1
+        assert f"account {old!r}" in warned[0]
+        assert f"formerly: [{old!r}]" in warned[0]
+
+        caplog.clear()
+        moved = accounts_config(tmp_path, server.url, north={"formerly": [old]})
+        outcome = run_pipeline(moved, str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 3}, "a note was sent twice"
+        assert not [r for r in caplog.records if "sent notes under account" in r.getMessage()]
+    assert outcome.report is not None
+    statuses = {r["final_status"] for r in read_results(outcome.report.directory)}
+    assert statuses <= {"skipped_already_sent", "awaiting_outcome"}
+
+
+def test_renaming_an_account_key_with_formerly_sends_nothing_again(tmp_path: Path) -> None:
+    """api.accounts ``north`` renamed ``Northside`` (the CSV's clinic cells too), with
+    ``formerly: [north]``: every note north sent counts as sent."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 2), header=HEADER)
+    with emulator() as server:
+        run_pipeline(accounts_config(tmp_path, server.url), str(csv_path))
+        assert server.emulator.stored_by == {"ref-north": 2}
+        renamed = write_csv(tmp_path / "renamed.csv",
+                            [[t, n, "Northside"] for t, n, _ in rows_for("north", 2)],
+                            header=HEADER)
+        data = config_dict(tmp_path)
+        data["api"] = {"base_url": server.url, **HEADERS}
+        data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                    "account": "clinic"}
+        data["api"]["accounts"] = {
+            "Northside": {"access_token": TOKENS["north"], "formerly": ["north"]},
+            "south": {"access_token": TOKENS["south"]}}
+        run_pipeline(RunConfig.model_validate(data), str(renamed))
+        assert server.emulator.stored_by == {"ref-north": 2}, "a note was sent twice"
+
+
+def test_a_former_name_is_one_accounts_and_no_current_name(tmp_path: Path) -> None:
+    """``formerly`` naming a configured account, or the same old name under two accounts,
+    is a config error naming the key."""
+    with pytest.raises(ValueError, match=r"api\.accounts\.north\.formerly: 'south' is a "):
+        accounts_config(tmp_path, north={"formerly": ["south"]})
+    with pytest.raises(ValueError, match=r"'old' is also a former name of account 'north'"):
+        accounts_config(tmp_path, north={"formerly": ["old"]}, south={"formerly": ["old"]})
+
+
+def test_two_account_names_equal_in_nfc_are_a_config_error(tmp_path: Path) -> None:
+    """``Clínica Sur`` written with é (NFC) and with e + U+0301 (NFD): one ledger key for
+    both, so the config is refused, naming both keys."""
+    nfc, nfd = "Cl\u00ednica Sur", "Cli\u0301nica Sur"
+    data = config_dict(tmp_path)
+    data["api"] = {**HEADERS, "accounts": {nfc: {"access_token": "a"},
+                                           nfd: {"access_token": "b"}}}
+    data["input"]["columns"] = {"emr_task_id": "emr_task_id", "note": "note",
+                                "account": "clinic"}
+    with pytest.raises(ValueError, match="two account names equal in Unicode NFC") as err:
+        RunConfig.model_validate(data)
+    assert repr(nfc) in str(err.value)
+    assert repr(nfd) in str(err.value)
 
 
 def test_the_same_note_for_two_accounts_is_two_notes(tmp_path: Path) -> None:
@@ -318,6 +458,9 @@ def test_an_event_from_another_accounts_connection_is_a_conflict(tmp_path: Path)
     assert [(r["account"], r["final_status"], r["outcome"]) for r in results] == [
         ("north", "confirmed", "created"), ("south", "ambiguous", "conflict")]
     assert "another account's connection" in results[1]["detail"]
+    status = ledger_status(config)  # what the report calls ambiguous is open
+    assert status.kind("ambiguous").by_account == {"south": 1}
+    assert status.exit_code == 1
 
 
 def test_an_accounts_concurrency_holds_under_the_global_one(tmp_path: Path) -> None:
@@ -446,6 +589,8 @@ def test_poll_goes_on_for_the_others_when_one_accounts_token_is_refused(
     out = capsys.readouterr().out
     assert "stopped: account north: credentials refused by Cobalt (HTTP 401" in out
     assert "api.accounts.north.access_token" in out
+    # only the jobs asked about count as polled; north's two are said not to be
+    assert "polled 5 jobs and 0 ambiguous notes (2 of account north not polled)" in out
     assert "account south" not in out
     assert "account west" not in out
     assert by_account(read_results(report)) == {"north": {"awaiting_outcome": 2},

@@ -236,3 +236,34 @@ def test_the_join_rules_run_again_when_a_row_changes_though_no_event_is_new(
     assert book.ledger.orphans()[0] == 0
     assert book.ledger.frame("run-1")["outcome"].tolist() == ["created"]
     assert book.ledger.match_outcomes() == 0  # nothing changed since: nothing to do
+
+
+@pytest.mark.parametrize("rejected", [False, True])
+def test_reconcile_of_settled_runs_with_nothing_new_rewrites_no_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], rejected: bool) -> None:
+    """Every run settled (one confirmed row; with a rejected row too, which needs
+    attention): a second reconcile leaves the report byte for byte (same inode, mtime,
+    bytes; only generated_at would differ) and exits as that report did; a report that
+    was removed is written again."""
+    book = Book(tmp_path / "b")
+    book.row("accepted", task="A1", job_id="1")
+    book.event("task_note.created", "1", n=1, task="A1")
+    if rejected:
+        book.row("rejected", task="R1")
+    book.ledger.finish_run("run-1", "finished", {"exit_code": 0})
+    book.ledger.close()
+    config = book_config(book, tmp_path)
+    code = 1 if rejected else 0
+    assert main(["reconcile", str(config)]) == code
+    report = tmp_path / "reports" / "run-1"
+    before = files_of(report)
+    capsys.readouterr()
+    assert main(["reconcile", str(config)]) == code
+    out = capsys.readouterr().out
+    assert "run run-1:" not in out
+    assert "nothing changed since the reports were written" in out
+    assert files_of(report) == before
+    (report / "summary.json").unlink()
+    assert main(["reconcile", str(config)]) == code
+    assert "run run-1:" in capsys.readouterr().out
+    assert read_summary(report)["final_status"]["confirmed"] == 1

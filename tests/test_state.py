@@ -312,6 +312,9 @@ class MemoryScanStore:
     def earlier(self, run_id: str, keys: Sequence[bytes]) -> dict[bytes, Earlier]:
         return {k: self.delivered[k] for k in keys if k in self.delivered}
 
+    def sent_accounts(self) -> dict[str, int]:
+        return {ACCOUNT: len(self.delivered)} if self.delivered else {}
+
 
 def test_the_scan_runs_on_any_scan_store(tmp_path: Path) -> None:
     """The scan (plan.py) asks its store only what ``ScanStore`` offers: on a store kept in

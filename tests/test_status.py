@@ -94,6 +94,39 @@ def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Pa
     assert found.kind("send_failed").settle.startswith("tasknotes run my.yaml")
 
 
+def test_a_conflict_is_counted_ambiguous_and_open(book: Book, tmp_path: Path) -> None:
+    """A sent row whose job has both task_note.created and task_note.failed (a conflict,
+    shown ambiguous in report.html, as one whose event names another account's connection
+    is) counts as ambiguous: status is open and exits 1, not "nothing open"."""
+    book.row("accepted", task="E1", job_id="6", submitted_at=RECENT)
+    book.event("task_note.created", "6", n=1, task="E1")
+    book.event("task_note.failed", "6", n=2, reason="EMR session expired")
+    book.ledger.finish_run("run-1", "finished", {})
+
+    found = status_of(book, tmp_path)
+    assert {k.kind: k.count for k in found.kinds if k.count} == {"ambiguous": 1}
+    assert found.kind("ambiguous").run_ids == ("run-1",)
+    assert found.exit_code == 1
+
+
+def test_sent_accounts_counts_delivered_notes_per_account_label(book: Book, tmp_path: Path
+                                                                ) -> None:
+    """The labels the scan's formerly warning checks (plan.py): a run's account for its
+    rows that name none, counting only rows that delivered their note (accepted with no
+    failure, or created); the same on both backends."""
+    book.row("accepted", task="A1", job_id="1")  # awaiting: delivered as far as we know
+    book.row("accepted", task="A2", job_id="2")
+    book.event("task_note.failed", "2", n=1, reason="Task not found in EMR")
+    book.row("failed", task="A3")
+    book.ledger.finish_run("run-1", "finished", {})
+    book.ledger.start_run("run-2", "token:0123456789abcdef", "fp", {})
+    book.row("accepted", task="B1", job_id="3", run_id="run-2")
+    book.event("task_note.created", "3", n=2, task="B1")
+    book.ledger.finish_run("run-2", "finished", {})
+    status_of(book, tmp_path)  # mirrors the sink's events and matches them to the rows
+    assert book.ledger.sent_accounts() == {ACCOUNT: 1, "token:0123456789abcdef": 1}
+
+
 def test_send_failed_lists_the_rows_of_the_notes_it_counts(book: Book, tmp_path: Path
                                                             ) -> None:
     """A note left ambiguous by one run and unsent by a later one counts as ambiguous (it

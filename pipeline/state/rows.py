@@ -76,6 +76,16 @@ class SQLiteRows(SQLiteConnection):
                     found[key] = candidate
         return found
 
+    def sent_accounts(self) -> dict[str, int]:
+        """Account label -> how many notes were delivered under it (Earlier.delivered): a
+        row's own account (api.accounts), else its run's (api.account or ``token:...``)."""
+        return {str(name): int(count) for name, count in self._db.execute(
+            "SELECT COALESCE(NULLIF(r.account, ''), u.account), COUNT(*)"
+            " FROM rows r JOIN runs u ON u.run_id = r.run_id"
+            " WHERE r.outcome = 'created' OR (r.status = 'accepted'"
+            " AND (r.outcome IS NULL OR r.outcome <> 'failed'))"
+            " GROUP BY COALESCE(NULLIF(r.account, ''), u.account)")}
+
     def key_accounts(self) -> dict[bytes, str]:
         """Ledger key -> the account its rows named (rows of api.accounts runs only)."""
         return {bytes(key): account for key, account in self._db.execute(

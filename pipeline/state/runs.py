@@ -173,6 +173,13 @@ class SQLiteRuns(SQLiteRows):
                 out.append(run_id)
         return out
 
+    def report_exit_code(self, run_id: str) -> int | None:
+        """The exit code ``run_id``'s report gave when last written (``report_written``);
+        None if no report was recorded (or the run is unknown)."""
+        found = self._db.execute("SELECT info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        code = json.loads(found[0]).get("report_exit_code") if found else None
+        return code if isinstance(code, int) else None
+
     def unchanged_reports(self, context: str = "", now: float | None = None
                           ) -> list[tuple[str, int | None]]:
         """Runs ``reports_to_rewrite`` leaves alone whose report was not final when written
@@ -281,6 +288,9 @@ class SQLiteRuns(SQLiteRows):
         """The rows behind each kind of open item over every run (status.py documents the
         kinds and counts each note once), as (run_id, key, since) tuples.
 
+        ``ambiguous`` includes conflicts (a sent row whose events contradict each other
+        or name another account's connection): report.html shows them ``ambiguous``,
+        whatever else delivered the note, so they count here as long as they stand.
         ``running``: the runs in progress; their unsent rows are ``in_progress``, never
         ``send_failed``. ``since`` (ISO 8601 UTC, or None): when the row was submitted
         (``awaiting_outcome``: its latest send, which staleness is measured from), or
@@ -312,7 +322,11 @@ class SQLiteRuns(SQLiteRows):
                      WHERE h.status = 'held' AND h.outcome IS NULL AND ref.outcome IS NULL
                        AND ref.status IN ('ambiguous', 'sending'))
                 SELECT run_id, key, submitted_at FROM doubt
-                 WHERE key IS NOT NULL AND {rules.NOT_DELIVERED.format(row="doubt")}""",  # noqa: S608
+                 WHERE key IS NOT NULL AND {rules.NOT_DELIVERED.format(row="doubt")}
+                UNION ALL
+                SELECT run_id, key, submitted_at FROM rows
+                 WHERE outcome = 'conflict' AND key IS NOT NULL
+                   AND status IN ('accepted', 'ambiguous', 'sending')""",  # noqa: S608
                 params).fetchall(),
             "send_failed": self._db.execute(
                 f"""SELECT r.run_id, r.key, COALESCE(r.answered_at, u.finished_at, u.started_at)

@@ -107,6 +107,7 @@ CREATE INDEX IF NOT EXISTS rows_ambiguous ON rows (id) WHERE status = 'ambiguous
 -- EMR failures; small beside the confirmed rows, so status does not read every row.
 CREATE INDEX IF NOT EXISTS rows_open ON rows (status) WHERE outcome IS NULL;
 CREATE INDEX IF NOT EXISTS rows_failed ON rows (status) WHERE outcome = 'failed';
+CREATE INDEX IF NOT EXISTS rows_conflict ON rows (status) WHERE outcome = 'conflict';
 CREATE INDEX IF NOT EXISTS rows_unsent ON rows (status) WHERE status IN ('pending', 'failed');
 """
 
