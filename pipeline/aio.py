@@ -24,7 +24,8 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -71,11 +72,20 @@ class _Stopper:
             run.request_stop(CANCELLED)
 
 
+@dataclass
+class _Outcome(Generic[T]):
+    """What the worker thread of ``_to_the_end`` hands back: its value, or its error."""
+
+    value: T | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 async def _to_the_end(call: Callable[[], T], on_cancel: Callable[[], None] | None = None) -> T:
     """``call()`` in a thread of its own (the caller's context copied, as
     ``anyio.to_thread`` does); its result or exception once it has returned. A cancellation
     of the caller meanwhile calls ``on_cancel`` and is re-raised only after that."""
-    box: dict[str, object] = {}
+    box: _Outcome[T] = _Outcome()
     context = contextvars.copy_context()
 
     def in_context() -> T:
@@ -84,9 +94,10 @@ async def _to_the_end(call: Callable[[], T], on_cancel: Callable[[], None] | Non
 
     def target() -> None:
         try:
-            box["value"] = context.run(in_context)
+            box.value = context.run(in_context)
+            box.done = True
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            box["error"] = exc
+            box.error = exc
 
     thread = threading.Thread(target=target, name="tasknotes-aio")
     thread.start()
@@ -103,9 +114,10 @@ async def _to_the_end(call: Callable[[], T], on_cancel: Callable[[], None] | Non
                     on_cancel()
     if cancelled is not None:
         raise cancelled
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+    if box.error is not None:
+        raise box.error
+    assert box.done, "the thread ended without a result or an error"
+    return cast("T", box.value)
 
 
 async def run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),

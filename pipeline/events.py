@@ -268,7 +268,7 @@ class SinkFile:
         directory = self.path.parent
         if not directory.exists():
             directory.mkdir(parents=True, mode=0o700)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         receipts = receipts_path(self.path)
@@ -277,7 +277,7 @@ class SinkFile:
         if created or new_receipts:
             os.fsync(self._fd)
             os.fsync(self._receipts)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return created
 
     def close(self) -> None:
@@ -638,7 +638,8 @@ def _same_file(path: Path, fd: int) -> bool:
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync ``directory`` itself: a file created or renamed in it survives a crash."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -43,6 +43,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from pipeline import exits
 from pipeline.config import RunConfig
 from pipeline.reconcile import FINAL_STATUSES
 from pipeline.state import RunRecord
@@ -145,10 +146,11 @@ def _last_run(gauge: Any, run: RunRecord, reports: Path) -> None:
 
 
 def _exit_code(run: RunRecord) -> int | None:
-    code = run.info.exit_code
-    if code is None and run.state == "aborted":
-        return 3
-    return None if code is None else int(code)
+    """The exit code the run's process ended with (exits.for_recorded_run), None when not
+    known (a run recorded before the code was kept, unless aborted; in progress; crashed)."""
+    if run.info.exit_code is None and run.state != "aborted":
+        return None
+    return exits.for_recorded_run(run.state, run.info.exit_code, exits.OK)
 
 
 def _summary_counts(path: Path) -> dict[str, int] | None:

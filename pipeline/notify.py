@@ -96,7 +96,8 @@ class RunSummary:
         else:
             verdict = {0: "ok", 1: "needs attention"}.get(self.exit_code, "failed")
         lines = [f"tasknotes run {self.run_id}: {verdict} (exit {self.exit_code})"]
-        shown = [f"{n:,} {FINAL_STATUS_LABELS.get(k, k)}" for k, n in self.counts.items() if n]
+        labels: dict[str, str] = {str(k): v for k, v in FINAL_STATUS_LABELS.items()}
+        shown = [f"{n:,} {labels.get(k, k)}" for k, n in self.counts.items() if n]
         lines.append(f"{sum(self.counts.values()):,} rows: " + ("; ".join(shown) or "none"))
         if self.stop_reason:
             lines.append(f"stopped: {self.stop_reason}")

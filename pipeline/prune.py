@@ -80,6 +80,7 @@ from pipeline.events import (
     UnreadableEvent,
     decode_event,
     encode_event,
+    fsync_dir,
     is_pruned,
     last_line_end,
 )
@@ -328,7 +329,7 @@ class _SinkPruner:
                 self.mapped = written + self.limit - start_size
             self.checkpoint("synced")
             os.rename(self.temp, self.sink)
-            _fsync_dir(self.sink.parent)
+            fsync_dir(self.sink.parent)
             self.checkpoint("renamed")
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -479,11 +480,3 @@ def _ledger_size(path: Path) -> int:
     """The SQLite ledger's bytes on disk: its file and its WAL."""
     wal = path.with_name(path.name + "-wal")
     return sum(p.stat().st_size for p in (path, wal) if p.exists())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -72,7 +72,7 @@ FinalStatus = Literal[
 ]  # fmt: skip
 FINAL_STATUSES: Final[tuple[FinalStatus, ...]] = get_args(FinalStatus)
 # How one-line summaries (the command's last line, a notification) name each final status.
-FINAL_STATUS_LABELS: Final = {
+FINAL_STATUS_LABELS: Final[Mapping[FinalStatus, str]] = {
     "confirmed": "confirmed", "awaiting_outcome": "awaiting outcome",
     "failed_in_emr": "failed in EMR", "rejected_invalid": "rejected (invalid)",
     "rejected_by_api": "rejected by API", "ambiguous": "ambiguous", "send_failed": "not sent",

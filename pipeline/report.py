@@ -27,7 +27,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +49,7 @@ from pipeline.config import (
 )
 from pipeline.errors import PipelineError, StateError, StorageFull
 from pipeline.prune import PRUNED_MARK
-from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, Reconciler, RunResult
+from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, FinalStatus, Reconciler, RunResult
 from pipeline.rejects import copy_encoding, private_file
 from pipeline.source import CsvFile, clean_name
 from pipeline.state import InputFile, InputRecords
@@ -514,7 +514,7 @@ def _decimals(step: float) -> int:
 
 # Final statuses that end a row for good: awaiting_outcome ends well for the exit code (the
 # note was taken) but is not "ended well" until its outcome is in.
-ENDED_WELL: Final = frozenset(GOOD_STATUSES - {"awaiting_outcome"})
+ENDED_WELL: Final[frozenset[FinalStatus]] = GOOD_STATUSES - {"awaiting_outcome"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,7 +733,7 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-STATUS_COLOURS: Final = {
+STATUS_COLOURS: Final[Mapping[FinalStatus, str]] = {
     "confirmed": "#2e7d32", "awaiting_outcome": "#1565c0", "skipped_duplicate": "#78909c",
     "skipped_already_sent": "#90a4ae", "failed_in_emr": "#c62828", "rejected_invalid": "#ef6c00",
     "rejected_by_api": "#d84315", "ambiguous": "#6a1b9a", "send_failed": "#ad1457",

@@ -28,7 +28,8 @@ from pipeline.cli import main
 from pipeline.config import RunConfig, load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
-from pipeline.report import PAGE_SCRIPT_HASH
+from pipeline.reconcile import FINAL_STATUS_LABELS, FINAL_STATUSES, GOOD_STATUSES
+from pipeline.report import ENDED_WELL, PAGE_SCRIPT_HASH, STATUS_COLOURS
 from pipeline.sink import WebhookReceiver
 from pipeline.state import Attempt, Ledger, NewRow, row_key
 
@@ -243,3 +244,12 @@ def _sent_at(config: RunConfig, run_id: str, sent: dict[str, datetime]) -> Path:
     finally:
         ledger.close()
     return config.report.dir / run_id
+
+
+def test_every_final_status_has_its_label_colour_and_verdict() -> None:
+    """A new final status has one room (reconcile.py) and its tables elsewhere: each must
+    name every status, or a row of it would print without a label or break report.html."""
+    assert set(FINAL_STATUS_LABELS) == set(FINAL_STATUSES)
+    assert set(STATUS_COLOURS) == set(FINAL_STATUSES)
+    assert set(GOOD_STATUSES) <= set(FINAL_STATUSES)
+    assert ENDED_WELL <= GOOD_STATUSES
