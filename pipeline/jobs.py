@@ -484,14 +484,15 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
     Raises PipelineError when state.url is not set, StateError when the ledger, the
     file or the database cannot be used (nothing is copied then).
     """
-    from pipeline.state.pg_migrate import copy_ledger, copy_sink
+    from pipeline.state.pg_migrate import copy_ledger, copy_sink, read_sink_events
 
     if config.state.url is None:
         raise PipelineError("state.url: not set; migrate-state copies into the database "
                             "it names")
     url = config.state.url.get_secret_value()
+    events = None if sink is None else read_sink_events(sink)  # a wrong file: nothing copied
     copied = copy_ledger(url, ledger)
-    return copied, None if sink is None else copy_sink(url, sink)
+    return copied, None if events is None else copy_sink(url, events)
 
 
 @dataclass(frozen=True, slots=True)

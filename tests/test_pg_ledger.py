@@ -457,6 +457,8 @@ def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_not
     err = capsys.readouterr().err
     assert f"none of the 4 lines of {source} is a webhook event" in err
     assert "Traceback" not in err
+    with connect(pg_url) as conn:  # read before the ledger is copied: nothing copied at all
+        assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
 
 
 def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(

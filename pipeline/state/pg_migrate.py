@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 NO_RECEIPT: Final = "migrated-no-receipt"
 POLLED: Final = "polled"
 _CHUNK: Final = 5000
+# An event as copied: (id, SHA-256 of its body, body, verdict, receive time).
+SinkEvent = tuple[str, bytes, bytes, str, datetime]
 _LEDGER_TABLES: Final = ("runs", "files", "rows", "events", "event_tally")
 
 
@@ -179,17 +181,18 @@ def _named_clock(names: list[str], row: Any) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def copy_sink(url: str, sink: Path) -> Copied:
-    """Copy the events of the sink file ``sink`` into ``sink_events`` (module docstring),
-    each with the verdict and receive time its receipt gives: ``signature-verified`` and
+def read_sink_events(sink: Path) -> list[SinkEvent]:
+    """The events of the sink file ``sink`` as ``copy_sink`` stores them in
+    ``sink_events`` (module docstring), each with the verdict and receive time its receipt
+    gives: ``signature-verified`` and
     the time the sink received it; ``polled`` and the time poll fetched it; or
     ``migrated-no-receipt`` (no receipt: its outcome time will be its ``created``).
     Lines the event codec refuses are not copied (they stay in the file).
 
-    Raises StateError if the file or the database cannot be used.
+    Returns the events to copy (id, body hash, body, verdict, receive time), read whole
+    before anything is written, so a file that is not a sink file stops the command
+    before the ledger is copied. Raises StateError if the file cannot be used.
     """
-    import psycopg
-
     from pipeline.events import SetAside, encode_event, read_receipts, read_sink_from
     from pipeline.state.pg_events import SIGNED
 
@@ -197,7 +200,7 @@ def copy_sink(url: str, sink: Path) -> Copied:
         raise StateError(f"--sink: no sink file at {sink}")
     receipts = read_receipts(sink) or {}
     now = datetime.now(UTC)
-    found: list[tuple[str, bytes, bytes, str, datetime]] = []
+    found: list[SinkEvent] = []
     unreadable = 0
     for _, _, event in read_sink_from(sink, 0):
         if isinstance(event, SetAside) or not isinstance(event.get("id"), str):
@@ -219,6 +222,16 @@ def copy_sink(url: str, sink: Path) -> Copied:
     if unreadable:
         log.warning("--sink: %d line(s) of %s are not webhook events; not copied (they stay "
                     "in the file)", unreadable, sink)
+    return found
+
+
+def copy_sink(url: str, sink: Path | list[SinkEvent]) -> Copied:
+    """Copy the events of the sink file ``sink`` (or those ``read_sink_events`` read from
+    it) into ``sink_events`` (module docstring). Raises StateError if the file or the
+    database cannot be used."""
+    import psycopg
+
+    found = read_sink_events(sink) if isinstance(sink, Path) else sink
     conn = open_state(url, application="tasknotes migrate-state")
     added = 0
     try:
