@@ -698,11 +698,12 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"{result.events}: {verb} the note text of "
           f"{_n(done.events_pruned, 'event')}"
           + (f" ({before:,} -> {after:,} bytes)" if not done.dry_run and before else ""))
-    kept = [f"{_n(n, what)}" for n, what in (
-        (done.already_pruned, "event pruned before"),
-        (done.not_mirrored, "event not yet in the ledger (reconcile, then prune again)"),
-        (done.undated, "event with no readable 'created' time, kept whole"),
-        (done.unreadable, "unreadable line, copied as it is")) if n]
+    # _n pluralises its noun only: the phrase after the noun stays outside it.
+    kept = [f"{_n(n, noun)} {rest}" for n, noun, rest in (
+        (done.already_pruned, "event", "pruned before"),
+        (done.not_mirrored, "event", "not yet in the ledger (reconcile, then prune again)"),
+        (done.undated, "event", "with no readable 'created' time, kept whole"),
+        (done.unreadable, "unreadable line", "copied as it is")) if n]
     if kept:
         print(f"  left: {'; '.join(kept)}")
     print(f"input copies of {_n(done.old_runs, 'run')} started before the limit, and old "

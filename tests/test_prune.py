@@ -165,6 +165,12 @@ def test_a_row_left_ambiguous_is_still_settled_after_its_event_was_pruned(
     assert done.returncode == 0, done.stderr
     assert "removed the note text of 1 event" in done.stdout
     assert SECRET_NOTE.encode() not in config.webhooks.sink.read_bytes()
+    with config.webhooks.sink.open("ab") as fh:  # a line no reader can use
+        fh.write(b"not an event\n")
+    again = tasknotes("prune", str(config_path), "--older-than", "30")
+    assert again.returncode == 0, again.stderr
+    # what was left, each count with its own noun ("1 event pruned before", not "...befores")
+    assert "left: 1 event pruned before; 1 unreadable line copied as it is\n" in again.stdout
 
     reconciled = tasknotes("reconcile", str(config_path), "--run-id", "run-1")
     assert reconciled.returncode == 0, reconciled.stderr
