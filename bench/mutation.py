@@ -3,7 +3,7 @@
     python bench/mutation.py [--sample 8] [--report-only]
 
 mutmut (configured under [tool.mutmut] in pyproject.toml) mutates the state
-store (pipeline/state/), submit.py, client.py, events.py and reconcile.py and runs,
+store (pipeline/state/), submit.py, client.py, events.py and reconciliation.py and runs,
 for each mutant, the in-process tests that cover the mutated function. A full run is ~2,200 mutants
 (hours on two shared cores), so this script runs a fixed sample: the mutants
 whose name hashes (SHA-256) to 0 modulo --sample, the same set every time for

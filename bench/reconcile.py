@@ -76,7 +76,7 @@ RECONCILE_STAGE = """
 import sys
 from pathlib import Path
 from pipeline.state import Ledger
-from pipeline.reconcile import Reconciler
+from pipeline.reconciliation import Reconciler
 ledger = Ledger(Path(sys.argv[1]))
 result = Reconciler(ledger, Path(sys.argv[2])).run(sys.argv[3])
 print(sum(result.counts.values()))
@@ -95,7 +95,7 @@ PG_RECONCILE_STAGE = """
 import sys
 from pathlib import Path
 from pipeline.state.pg_ledger import PgLedger
-from pipeline.reconcile import Reconciler
+from pipeline.reconciliation import Reconciler
 ledger = PgLedger(sys.argv[1], sys.argv[2])
 result = Reconciler(ledger, Path(sys.argv[1])).run(sys.argv[3])  # state.url: no sink file
 print(sum(result.counts.values()))

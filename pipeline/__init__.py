@@ -21,18 +21,15 @@ Errors are the ``PipelineError`` tree (``ConfigError``, ``InputError``, ``StateE
 here prints or configures logging: records go to the ``pipeline`` loggers (which have
 a NullHandler) for the host's own logging to handle.
 
-``pipeline.status``, ``poll``, ``prune``, ``reconcile`` and ``validate`` are these functions even
-though modules of the same names exist (pipeline/status.py...): importing such a module
-does not replace the function here. Reach a module with ``from pipeline.status import``
-or ``importlib.import_module("pipeline.status")``.
+No module of this package is named like a front door (the stages are validation.py,
+polling.py, reconciliation.py, open_items.py, retention.py), so ``import pipeline.X``
+never hides one of these functions.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from pipeline._version import __version__
@@ -109,9 +106,6 @@ _LAZY = {
         "RunResult", "StatusResult", "poll", "prune", "reconcile", "run", "status",
         "validate", "write_off")},
 }
-# Front doors named like a module of this package: the import system sets a submodule as
-# an attribute of its package when it first loads it, which would hide the function.
-_SHADOWED = frozenset({"poll", "prune", "reconcile", "status", "validate"})
 
 
 def __getattr__(name: str) -> Any:
@@ -125,15 +119,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-class _Package(types.ModuleType):
-    """This package's module type: keeps ``pipeline.status`` (and the other front doors in
-    ``_SHADOWED``) the function when the module of the same name is imported."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return  # the module stays reachable as sys.modules["pipeline.status"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # the host decides the rest

@@ -32,7 +32,7 @@ from pipeline.faults import Behaviour, Faults, add_knob_options, knob_values, kn
 if TYPE_CHECKING:
     from pipeline.jobs import ReconcileResult, RunResult
     from pipeline.plan import ScanCounts
-    from pipeline.poll import PollStats
+    from pipeline.polling import PollStats
 
 log = logging.getLogger("pipeline")
 
@@ -487,7 +487,7 @@ def _print_unwritten(config: RunConfig, run_id: str) -> None:
 
 
 def _one_line(counts: dict[str, int], written_off: int = 0) -> str:
-    from pipeline.reconcile import FINAL_STATUS_LABELS
+    from pipeline.reconciliation import FINAL_STATUS_LABELS
 
     total = sum(counts.values())
     parts = [f"{counts['confirmed']:,} of {_n(total, 'note')} confirmed"]
@@ -613,7 +613,7 @@ def _status(args: argparse.Namespace) -> int:
     import json
 
     from pipeline import jobs
-    from pipeline.status import describe_age
+    from pipeline.open_items import describe_age
 
     config = jobs.load(args.config, "status")
     if args.write_off is not None:

@@ -1,6 +1,6 @@
 """Cobalt's HTTP API: one request -> one typed result, or one typed error.
 
-The only module (with poll.py's callers) that knows Cobalt's URLs. Requests
+The only module (with polling.py's callers) that knows Cobalt's URLs. Requests
 carry exactly the three auth headers Cobalt documents (``client_id``,
 ``client_secret``, ``access_token``) and, for a note, a JSON body of exactly
 ``emr_task_id`` and ``note``: Cobalt answers any other field with a 400.

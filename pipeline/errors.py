@@ -8,7 +8,7 @@
     ├── CannotListen                host:port cannot be listened on (servers.py) -> exit 2
     ├── RunAborted                  credentials refused, too many failures, signal -> exit 3
     │   ├── StorageFull             no space left where the ledger is: nothing more recorded
-    │   └── UnreadableEvents        a page of GET /v1/webhook-events poll cannot read (poll.py)
+    │   └── UnreadableEvents        a page of GET /v1/webhook-events poll cannot read (polling.py)
     └── ApiError                    one Cobalt request went wrong (retry.py decides what next)
         ├── CredentialsRefused      401/403: every further request would fail too
         ├── RequestRejected         other 4xx: Cobalt read the request and refused this row

@@ -30,7 +30,7 @@ wants receive times measures the sink file first, then reads the receipts, then
 the lines up to that size only (``read_sink_from``'s ``stop``): every such line's
 receipt was on disk before the line was, so none is missed to a race.
 
-Pruned events (``tasknotes prune``, pipeline/prune.py): past the retention limit a
+Pruned events (``tasknotes prune``, pipeline/retention.py): past the retention limit a
 ``task_note.*`` event keeps its line, its id and every field but the ones that
 can hold note text, and gains a top-level ``"pruned_at"`` (ISO 8601 UTC):
 ``data.note`` becomes ``null`` in a ``task_note.created`` event (``data.emr_note_id``
@@ -290,7 +290,7 @@ class SinkFile:
     def _locked(self) -> Iterator[None]:
         """Hold the exclusive ``flock`` on the sink file, following a replacement first.
 
-        ``tasknotes prune`` (pipeline/prune.py) replaces the file by a rename while it
+        ``tasknotes prune`` (pipeline/retention.py) replaces the file by a rename while it
         holds this same lock on the file it replaces; whoever takes the lock next finds
         the path naming another file, and moves to it before writing a line.
         """

@@ -32,14 +32,14 @@ import sniffio
 from pipeline import exits, ops
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError, PipelineError, StateError
+from pipeline.open_items import LedgerStatus
 from pipeline.plan import RunOptions, ScanCounts
-from pipeline.status import LedgerStatus
 
 if TYPE_CHECKING:
-    from pipeline.poll import PollStats, Wanted
-    from pipeline.prune import PruneResult
-    from pipeline.reconcile import Reconciler
+    from pipeline.polling import PollStats, Wanted
+    from pipeline.reconciliation import Reconciler
     from pipeline.report import Written
+    from pipeline.retention import PruneResult
     from pipeline.runner import Run
     from pipeline.state import StateStore
     from pipeline.state.pg_migrate import Copied
@@ -251,7 +251,7 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
     Raises ConfigError (the config), PipelineError when there is no ledger yet,
     StateError for an unknown run id; RuntimeError as ``run`` does.
     """
-    from pipeline.reconcile import Reconciler
+    from pipeline.reconciliation import Reconciler
     from pipeline.report import report_context
 
     _blocking("reconcile")
@@ -310,8 +310,8 @@ def write_off(config: ConfigSource, run_id: str) -> tuple[int, ReconcileResult]:
     Raises StateError for an unknown run, a run in progress, or no ledger; ConfigError
     and RuntimeError as ``reconcile`` does.
     """
-    from pipeline.reconcile import Reconciler
-    from pipeline.status import write_off as close_unsent
+    from pipeline.open_items import write_off as close_unsent
+    from pipeline.reconciliation import Reconciler
 
     _blocking("write_off")
     config = load(config, "reconcile")
@@ -339,7 +339,7 @@ def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
     Raises what ``reconcile`` raises, ConfigError when a credential is not set, and
     RunAborted when Cobalt refuses the credentials or keeps failing (one account).
     """
-    from pipeline.reconcile import Reconciler
+    from pipeline.reconciliation import Reconciler
 
     _blocking("poll")
     config = load(config, "poll")
@@ -375,7 +375,7 @@ def status(config: ConfigSource, *, config_path: str | None = None) -> StatusRes
     commands (default: ``config`` when it is a path, else ``CONFIG``). Raises
     ConfigError (the config), StateError if the ledger cannot be read; RuntimeError as
     ``run`` does."""
-    from pipeline.status import ledger_status
+    from pipeline.open_items import ledger_status
 
     _blocking("status")
     if config_path is None:
@@ -391,7 +391,7 @@ def _poll_work(config: RunConfig, ledger: StateStore, runs: Sequence[str], *, wa
                ) -> dict[str | None, Wanted]:
     """What to poll for: ``{None: everything}`` with one account; with api.accounts, each
     account's own unresolved jobs and ambiguous notes (its token sees only its events)."""
-    from pipeline.poll import Wanted
+    from pipeline.polling import Wanted
 
     def since(job_ids: set[str]) -> str | None:
         return min((t for t in (ledger.earliest_submission(job_ids), sent_since) if t),
@@ -422,7 +422,7 @@ def _poll_events(config: RunConfig, work: Mapping[str | None, Wanted]) -> PollSt
 
     from pipeline.client import CobaltClient
     from pipeline.events import SinkFile
-    from pipeline.poll import Poller, poll_accounts
+    from pipeline.polling import Poller, poll_accounts
     from pipeline.state.pg_events import PgEventStore
 
     sink: SinkFile | PgEventStore
@@ -515,12 +515,12 @@ def prune(config: ConfigSource, older_than_days: float | None = None, *,
           dry_run: bool = False) -> PruneOutcome:
     """``tasknotes prune``: remove note text older than ``older_than_days`` days (default:
     ``state.retention_days``) from the stored events (the sink file, or PostgreSQL with
-    state.url) and the runs' input copies (prune.py).
+    state.url) and the runs' input copies (retention.py).
 
     Raises ConfigError when neither gives a number of days; StateError when a file or
     the database cannot be used.
     """
-    from pipeline.prune import prune as prune_files
+    from pipeline.retention import prune as prune_files
     from pipeline.state.store import state_location
 
     loaded = load(config, "prune")

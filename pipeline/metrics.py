@@ -45,10 +45,10 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from pipeline import exits
 from pipeline.config import RunConfig
-from pipeline.reconcile import FINAL_STATUSES
+from pipeline.open_items import KINDS, LedgerStatus
+from pipeline.reconciliation import FINAL_STATUSES
 from pipeline.state import RunRecord
 from pipeline.state.store import existing_store
-from pipeline.status import KINDS, LedgerStatus
 
 log = logging.getLogger(__name__)
 

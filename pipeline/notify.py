@@ -35,7 +35,7 @@ import anyio
 import httpx
 
 from pipeline.config import NotifyConfig
-from pipeline.reconcile import FINAL_STATUS_LABELS
+from pipeline.reconciliation import FINAL_STATUS_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.status import LedgerStatus
+    from pipeline.open_items import LedgerStatus
 
 log = logging.getLogger("pipeline.ops")
 
@@ -43,7 +43,7 @@ def run_ended(config: RunConfig, *, run_id: str, exit_code: int,
     found = _open_items(config) if wanted else None
     _metrics(config, found)
     if _notify_wanted(config):
-        from pipeline.notify import RunSummary, notify
+        from pipeline.notify import RunSummary, notify  # noqa: PLC0415 - only with notify set
 
         open_items = {} if found is None else {k.kind: k.count for k in found.kinds if k.count}
         notify(config.notify, RunSummary(
@@ -81,7 +81,7 @@ def _notify_wanted(config: RunConfig) -> bool:
 
 
 def _open_items(config: RunConfig) -> LedgerStatus | None:
-    from pipeline.status import ledger_status
+    from pipeline.open_items import ledger_status  # noqa: PLC0415 - only with metrics set
 
     try:
         return ledger_status(config)
@@ -93,7 +93,7 @@ def _open_items(config: RunConfig) -> LedgerStatus | None:
 def _metrics(config: RunConfig, found: LedgerStatus | None) -> None:
     if config.report.metrics_file is None:
         return
-    from pipeline.metrics import write_metrics
+    from pipeline.metrics import write_metrics  # noqa: PLC0415 - prometheus_client
 
     try:
         written = write_metrics(config, found)

@@ -38,7 +38,7 @@ from pipeline.state import (
     rules,
 )
 from pipeline.submit import Job
-from pipeline.validate import CheckedBatch, ProblemTally, Validator
+from pipeline.validation import CheckedBatch, ProblemTally, Validator
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from pipeline.config import InputConfig
 from pipeline.source import Header
-from pipeline.validate import CheckedBatch
+from pipeline.validation import CheckedBatch
 
 PREFIX = ("source_file", "line", "reasons")
 

@@ -48,9 +48,15 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.errors import PipelineError, StateError, StorageFull
-from pipeline.prune import PRUNED_MARK
-from pipeline.reconcile import FINAL_STATUSES, GOOD_STATUSES, FinalStatus, Reconciler, RunResult
+from pipeline.reconciliation import (
+    FINAL_STATUSES,
+    GOOD_STATUSES,
+    FinalStatus,
+    Reconciler,
+    RunResult,
+)
 from pipeline.rejects import copy_encoding, private_file
+from pipeline.retention import PRUNED_MARK
 from pipeline.source import CsvFile, clean_name
 from pipeline.state import InputFile, InputRecords
 from pipeline.state.store import existing_store
@@ -168,7 +174,7 @@ def _full_disk(path: Path) -> Iterator[None]:
 def redrive_digest(row_ids: Iterable[int]) -> str:
     """A fingerprint of the ledger rows a redrive.csv offers (their ids, sorted): the run
     record keeps the one its report wrote, and ``tasknotes status`` lists the file only
-    while the rows open now give the same fingerprint (status.py)."""
+    while the rows open now give the same fingerprint (open_items.py)."""
     text = ",".join(str(i) for i in sorted(set(row_ids)))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -1,7 +1,7 @@
 """The one retry policy: when a failed request to Cobalt is asked again, and how soon.
 
 Both stages that talk to Cobalt use it: submit.py (``POST /v1/tasks/notes``)
-and poll.py (``GET /v1/webhook-events``). What a failure proves decides
+and polling.py (``GET /v1/webhook-events``). What a failure proves decides
 whether it may be repeated (errors.py):
 
 - ``CredentialsRefused`` (401/403), ``RequestRejected`` (other 4xx): never;

@@ -76,7 +76,7 @@ from pipeline.state import store as state_store
 from pipeline.submit import Job, SubmitStats, Submitter
 
 if TYPE_CHECKING:
-    from pipeline.reconcile import RunResult
+    from pipeline.reconciliation import RunResult
     from pipeline.report import Written
 
 # The stages that only a sending run needs (HTTP client, emulator and sink, pandas for the
@@ -123,7 +123,7 @@ async def send_pending(
     control: Control, progress: bool, base_url: str | None = None,
 ) -> SubmitStats:
     """Stage 2: send the run's pending rows (every change recorded in the ledger)."""
-    from pipeline.client import CobaltClient
+    from pipeline.client import CobaltClient  # noqa: PLC0415 - httpx: not for dry runs
 
     api = config.api if base_url is None else config.api.model_copy(update={"base_url": base_url})
     reader = ledger.reader()
@@ -324,7 +324,7 @@ class Run:
                 log.warning("%d rows were in flight when an earlier run stopped: now ambiguous",
                             recovered)
             # What landed (or failed) since the last run decides what may be sent again.
-            from pipeline.reconcile import Reconciler
+            from pipeline.reconciliation import Reconciler  # noqa: PLC0415 - pandas: not to send
 
             Reconciler.of(ledger, self.config).refresh(self.config.api.account_id())
             return await self._stages(ledger, inputs)
@@ -386,7 +386,7 @@ class Run:
                     ) -> SubmitStats | None:
         if not counts.to_send or self.control.stopped:
             return None
-        from pipeline.sandbox import sandboxed
+        from pipeline.sandbox import sandboxed  # noqa: PLC0415 - uvicorn: sandbox only
 
         async with sandboxed(self.config, ledger, self.run_id) as sandbox:
             with self._timer("send"):
@@ -436,7 +436,7 @@ class Run:
             "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
             **self.scan_stopped,
         }
-        from pipeline.report import report_context, write_report
+        from pipeline.report import report_context, write_report  # noqa: PLC0415 - pandas
 
         recorded = True
         try:
@@ -473,8 +473,8 @@ class Run:
         counts change); and of runs whose scan stopped, whose input this run may have
         read. Runs whose report is final are left alone; a full disk stops the rewrites
         (``tasknotes reconcile`` does them later)."""
-        from pipeline.reconcile import Reconciler
-        from pipeline.report import report_context, rewrite_report
+        from pipeline.reconciliation import Reconciler  # noqa: PLC0415 - pandas: after sending
+        from pipeline.report import report_context, rewrite_report  # noqa: PLC0415 - pandas
 
         stale = ledger.reports_to_rewrite(report_context(self.config), time.time())
         # and runs whose scan stopped: this run may have read the rest of their input
@@ -505,7 +505,7 @@ class Run:
     def _result(self, ledger: StateStore, state: RunState, info: RunInfoChanges, *,
                 refresh: bool) -> RunResult:
         """The run reconciled; with no room to write, the ledger as it stands, read only."""
-        from pipeline.reconcile import Reconciler, RunResult
+        from pipeline.reconciliation import Reconciler, RunResult  # noqa: PLC0415 - pandas
 
         if refresh:
             with contextlib.suppress(StorageFull):

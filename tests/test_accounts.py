@@ -26,8 +26,8 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.events import compact_json
 from pipeline.faults import Behaviour, Faults, faults_from_args, knobs_from_args
+from pipeline.open_items import ledger_status
 from pipeline.state import Ledger, NewRow, row_key
-from pipeline.status import ledger_status
 from pipeline.submit import Job, Submitter
 from tests.helpers import (
     CREDENTIALS,

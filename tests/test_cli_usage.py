@@ -14,7 +14,7 @@ import yaml
 
 from helpers import config_dict, notes, write_config, write_csv
 from pipeline.cli import _one_line, _parser, main
-from pipeline.reconcile import FINAL_STATUSES
+from pipeline.reconciliation import FINAL_STATUSES
 
 EXIT_CODE_LINES = ("0  every row ended well", "1  the command finished", "2  bad usage",
                    "3  aborted")

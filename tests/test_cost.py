@@ -12,9 +12,9 @@ from test_truth_now import book_config
 
 from helpers import make_config, read_summary
 from pipeline.cli import main
-from pipeline.reconcile import Reconciler
+from pipeline.open_items import ledger_status
+from pipeline.reconciliation import Reconciler
 from pipeline.state import Attempt, Ledger, NewRow, row_key
-from pipeline.status import ledger_status
 
 # Indexes over a small part of the rows (partial): reading one of them whole is fine.
 SMALL_INDEXES = ("rows_open", "rows_unsent", "rows_failed", "rows_ambiguous", "rows_sending")

@@ -28,8 +28,8 @@ from pipeline.events import (
     read_sink_from,
     set_aside_path,
 )
-from pipeline.poll import Poller, read_list_item
-from pipeline.reconcile import Reconciler
+from pipeline.polling import Poller, read_list_item
+from pipeline.reconciliation import Reconciler
 from pipeline.state import Ledger
 
 GOOD = {"id": "evt_1", "type": "task_note.failed", "job_id": "1",

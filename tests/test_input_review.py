@@ -29,11 +29,11 @@ from helpers import (
 from pipeline.config import load_config
 from pipeline.emulator import note_key
 from pipeline.errors import InputError
-from pipeline.reconcile import Reconciler
+from pipeline.open_items import ledger_status
+from pipeline.reconciliation import Reconciler
 from pipeline.report import write_report
 from pipeline.runner import RunOutcome
 from pipeline.state import Ledger
-from pipeline.status import ledger_status
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
-from pipeline.poll import read_list_item
+from pipeline.polling import read_list_item
 from pipeline.sink import WebhookReceiver
 
 SHAPES = pytest.mark.parametrize("shape", ["event_id", "envelope"])
@@ -224,7 +224,7 @@ def test_poll_says_each_retry_in_one_line_of_its_own(
         with caplog.at_level(logging.INFO):
             assert main(["poll", str(path)]) == 0
     about_it = [r for r in caplog.records if "503" in r.getMessage()]
-    assert [(r.name, r.levelno) for r in about_it] == [("pipeline.poll", logging.INFO)]
+    assert [(r.name, r.levelno) for r in about_it] == [("pipeline.polling", logging.INFO)]
     assert "attempt 1 of 4, asking again in 0.00 s" in about_it[0].getMessage()
 
 

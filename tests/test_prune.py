@@ -36,7 +36,7 @@ from helpers import (
 from pipeline.emulator import sign
 from pipeline.events import SetAside, SinkFile, is_pruned, read_sink_from
 from pipeline.events import compact_json as compact
-from pipeline.reconcile import ingest
+from pipeline.reconciliation import ingest
 from pipeline.state import Attempt, Ledger, NewRow, row_key
 
 OLD = "2026-01-05T10:00:00Z"  # far older than any limit below
@@ -315,12 +315,12 @@ def test_prune_while_the_sink_receives_loses_no_acknowledged_event(tmp_path: Pat
 # -- safe to interrupt ---------------------------------------------------------------------------
 
 
-# A prune (prune.py, as `tasknotes prune --older-than 30` runs it) that kills its own
+# A prune (retention.py, as `tasknotes prune --older-than 30` runs it) that kills its own
 # process (SIGKILL) when it reaches the step named by argv[2]: its checkpoint, set only here.
 KILLED_AT = """
 import os, signal, sys
 from pipeline.config import load_config
-from pipeline.prune import prune
+from pipeline.retention import prune
 
 def checkpoint(step):
     if step == sys.argv[2]:

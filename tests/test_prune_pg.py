@@ -17,13 +17,13 @@ from helpers import EmulatorThread, make_config, notes, run_pipeline, write_conf
 from pipeline.cli import main
 from pipeline.events import compact_json as compact
 from pipeline.events import decode_event, is_pruned
-from pipeline.prune import prune
-from pipeline.reconcile import ingest_postgres
+from pipeline.reconciliation import ingest_postgres
+from pipeline.retention import prune
 from pipeline.state.postgres import connect, open_state
 from pipeline.state.store import open_store
 
 # the module (pipeline.prune is the Python API's front door of the same name)
-prune_module = importlib.import_module("pipeline.prune")
+prune_module = importlib.import_module("pipeline.retention")
 
 pytestmark = pytest.mark.slow
 

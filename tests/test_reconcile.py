@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.reconcile import Reconciler
+from pipeline.reconciliation import Reconciler
 from pipeline.state import Attempt, Ledger, NewRow, row_key, utcnow
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect

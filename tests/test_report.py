@@ -28,7 +28,7 @@ from pipeline.cli import main
 from pipeline.config import RunConfig, load_config
 from pipeline.emulator import Faults
 from pipeline.events import SinkFile
-from pipeline.reconcile import FINAL_STATUS_LABELS, FINAL_STATUSES, GOOD_STATUSES
+from pipeline.reconciliation import FINAL_STATUS_LABELS, FINAL_STATUSES, GOOD_STATUSES
 from pipeline.report import ENDED_WELL, PAGE_SCRIPT_HASH, STATUS_COLOURS
 from pipeline.sink import WebhookReceiver
 from pipeline.state import Attempt, Ledger, NewRow, row_key
@@ -247,7 +247,7 @@ def _sent_at(config: RunConfig, run_id: str, sent: dict[str, datetime]) -> Path:
 
 
 def test_every_final_status_has_its_label_colour_and_verdict() -> None:
-    """A new final status has one room (reconcile.py) and its tables elsewhere: each must
+    """A new final status has one room (reconciliation.py) and its tables elsewhere: each must
     name every status, or a row of it would print without a label or break report.html."""
     assert set(FINAL_STATUS_LABELS) == set(FINAL_STATUSES)
     assert set(STATUS_COLOURS) == set(FINAL_STATUSES)

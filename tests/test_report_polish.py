@@ -20,7 +20,7 @@ from helpers import (
     write_csv,
 )
 from pipeline.config import ReportConfig
-from pipeline.reconcile import Reconciler
+from pipeline.reconciliation import Reconciler
 from pipeline.report import _Tally, _write_results, nice_step, render_html, summarise
 from pipeline.state import Ledger
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import make_config, write_csv
 from pipeline.errors import StateError
 from pipeline.plan import RunOptions, Scan, open_inputs
-from pipeline.reconcile import Reconciler, ingest
+from pipeline.reconciliation import Reconciler, ingest
 from pipeline.rejects import RejectsWriter
 from pipeline.state import (
     SCHEMA_VERSION,
@@ -279,7 +279,7 @@ def test_run_info_records_read_back_as_typed_records(store: StateStore) -> None:
 
 def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStore) -> None:
     """run_chunks yields RUN_CHUNK_COLUMNS and frame ROW_COLUMNS, in that order, on every
-    backend: reconcile.py reads them by name."""
+    backend: reconciliation.py reads them by name."""
     store.start_run("r", ACCOUNT, "fp", {})
     store.add_file("r", 0, "a.csv", ["emr_task_id", "note"])
     store.add_rows("r", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "n"), "pending"),

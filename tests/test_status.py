@@ -16,8 +16,8 @@ from test_reconcile import ACCOUNT, Book
 
 from helpers import make_config, read_results, read_summary, write_config
 from pipeline.cli import main
+from pipeline.open_items import KINDS, LedgerStatus, ledger_status
 from pipeline.report import redrive_digest
-from pipeline.status import KINDS, LedgerStatus, ledger_status
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
 OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
@@ -154,7 +154,7 @@ def test_matching_counts_each_row_given_a_new_outcome_once(
         book.event("task_note.created", str(n), n=n, task=f"A{n}")
     book.row("accepted", task="A9", job_id="9")  # no event yet: no outcome
     book.ledger.finish_run("run-1", "finished", {})
-    with caplog.at_level(logging.INFO, logger="pipeline.reconcile"):
+    with caplog.at_level(logging.INFO, logger="pipeline.reconciliation"):
         status_of(book, tmp_path)  # learns the sink's events first
     said = [r.getMessage() for r in caplog.records if "new outcome" in r.getMessage()]
     assert said == ["3 rows have a new outcome"]

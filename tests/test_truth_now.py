@@ -33,10 +33,10 @@ from helpers import (
 from pipeline.cli import main
 from pipeline.errors import StateError
 from pipeline.events import SinkFile
+from pipeline.open_items import ledger_status
 from pipeline.report import write_report
 from pipeline.sink import WebhookReceiver
 from pipeline.state import Ledger
-from pipeline.status import ledger_status
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
 OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s

@@ -35,7 +35,7 @@ from test_shared_files import FakeCobalt, append_events, envelope
 from helpers import ThreadedServer, read_results, read_summary, write_config, write_csv
 from pipeline.config import load_config
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
-from pipeline.reconcile import ingest
+from pipeline.reconciliation import ingest
 from pipeline.redaction import MESSAGE_WITHHELD, canonical, redact, safe_id
 from pipeline.report import FORMULA_STARTS, one_line, shareable
 from pipeline.state import Ledger
@@ -389,7 +389,7 @@ def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
     append_events(tmp_path / "state" / "webhooks.jsonl", [
         _failed(fake, f"fq-{i}", i, f"Could not append {PHI} number {i}", "task_closed")
         for i in range(6)])
-    monkeypatch.setattr(importlib.import_module("pipeline.reconcile"), "_BATCH", 2)
+    monkeypatch.setattr(importlib.import_module("pipeline.reconciliation"), "_BATCH", 2)
     config = load_config(config_path)
     ledger = Ledger(config.state.ledger)
     try:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pipeline.config import InputConfig, ValidationConfig
 from pipeline.errors import InputError
 from pipeline.source import CsvFile
-from pipeline.validate import TEMPLATES, CheckedBatch, DuplicateIndex, Validator
+from pipeline.validation import TEMPLATES, CheckedBatch, DuplicateIndex, Validator
 
 
 def check(path: Path, input_: dict[str, object] | None = None,

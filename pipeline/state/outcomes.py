@@ -144,7 +144,7 @@ class SQLiteOutcomes(SQLiteRuns):
         refer to (the earlier attempt of a held or already-sent row), and ``via_*``: the
         send of the same note by another run that speaks for a row whose own attempt did
         not deliver it (rule 5 in rules.py), or None."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - not needed to send
 
         last = 0
         while True:
@@ -189,7 +189,7 @@ class SQLiteOutcomes(SQLiteRuns):
 
     def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
         """Rows (of one run, or of every run) as a DataFrame, in input order."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - not needed to send
 
         where, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
         frame = pd.read_sql_query(

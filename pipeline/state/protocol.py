@@ -5,7 +5,7 @@ Each stage names the narrow protocol it needs, never a store class: the scan
 part of it that records attempts) ``SendStore``, reconcile's ingest, reasons.py and
 sandbox.py ``OutcomeStore``, status and the report ``ReportStore`` (``RunBook`` +
 ``OpenItems``), prune ``RetentionStore``; what does several (runner.py, jobs.py,
-prune.py, reconcile's ``Reconciler``) takes ``StateStore``, all of them. Stores are
+retention.py, reconcile's ``Reconciler``) takes ``StateStore``, all of them. Stores are
 made only by ``store.open_store`` / ``store.existing_store``, typed as ``StateStore``,
 so mypy checks every store those return against it: ``Ledger`` (sqlite.py, SQLite)
 and ``PgLedger`` (pg_ledger.py, PostgreSQL; today it reuses ``Ledger``'s statements
@@ -51,7 +51,7 @@ ROW_COLUMNS: Final = (
     "answered_at", "outcome", "event_id", "emr_note_id", "failure_reason", "outcome_at",
     "settled_by", "passthrough", "reason_codes", "outcome_clock", "written_off_at", "account",
 )  # fmt: skip
-# The columns of each DataFrame ``OutcomeStore.run_chunks`` yields (reconcile.py reads
+# The columns of each DataFrame ``OutcomeStore.run_chunks`` yields (reconciliation.py reads
 # them by name): the row's own, its input file's path, the row it refers to (``ref_*``:
 # the earlier attempt of a held or already-sent row) and ``via_*``: the send of the same
 # note by another run that speaks for it (rule 5 in rules.py), None where there is none.

@@ -30,7 +30,7 @@ in this order:
 
 Rules 1-4 and 6 are the statements below; rule 5 is ``VIA_SQL`` (read with a
 run's rows) and ``UNSETTLED_RUNS_SQL``; the final status each row takes from
-them is decided in pipeline/reconcile.py. SQLite dialect (``UPDATE ... FROM``,
+them is decided in pipeline/reconciliation.py. SQLite dialect (``UPDATE ... FROM``,
 ``INDEXED BY``, window functions).
 """
 

@@ -285,7 +285,7 @@ class SQLiteRuns(SQLiteRows):
         return any(f.path == path and not f.beyond_limit for f in info.input_records)
 
     def open_rows(self, running: Sequence[str]) -> dict[str, list[OpenRow]]:
-        """The rows behind each kind of open item over every run (status.py documents the
+        """The rows behind each kind of open item over every run (open_items.py documents the
         kinds and counts each note once), as (run_id, key, since) tuples.
 
         ``ambiguous`` includes conflicts (a sent row whose events contradict each other
@@ -341,7 +341,7 @@ class SQLiteRuns(SQLiteRows):
         """The rows of ``run_id`` its redrive.csv should offer now, before the reason
         check: (id, status, failure_reason, reason_codes) of rows not sent (``pending``,
         ``failed``) and of rows that failed in the EMR, whose note no run delivered
-        since (reconcile.py's ``send_failed`` and ``failed_in_emr``)."""
+        since (reconciliation.py's ``send_failed`` and ``failed_in_emr``)."""
         return self._db.execute(
             """SELECT id, status, failure_reason, reason_codes FROM rows
                  WHERE run_id = ? AND key IS NOT NULL

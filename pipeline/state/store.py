@@ -27,7 +27,7 @@ def state_location(config: RunConfig) -> str:
     """Where the state is, for people: the ledger's path, or ``PostgreSQL host:port/db``
     (never the password)."""
     if config.state.url is not None:
-        from pipeline.state.postgres import where
+        from pipeline.state.postgres import where  # noqa: PLC0415 - psycopg is optional
 
         return f"PostgreSQL {where(config.state.url.get_secret_value())}"
     return str(config.state.ledger)
@@ -39,7 +39,7 @@ def open_store(config: RunConfig) -> StateStore:
     Raises StateError (exit 2) if it cannot be used: one line, never a password.
     """
     if config.state.url is not None:
-        from pipeline.state.pg_ledger import PgLedger
+        from pipeline.state.pg_ledger import PgLedger  # noqa: PLC0415 - psycopg is optional
 
         return PgLedger(config.state.url.get_secret_value(), config.api.account_id(),
                         config.api.account_names())

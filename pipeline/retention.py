@@ -39,7 +39,7 @@ new file. Two prunes at once are kept apart by ``<sink>.prune.lock``.
 Safe to interrupt. Until the rename the sink file is untouched (a stale
 ``.prune.tmp``, which may hold note text, is removed by the next prune); the
 rename replaces it whole. The ledger's reading position in the sink file is
-fingerprinted with the file's inode (reconcile.py), so a prune killed between
+fingerprinted with the file's inode (reconciliation.py), so a prune killed between
 the rename and recording the new position only makes the next reconcile read
 the new file from its start.
 
@@ -85,7 +85,7 @@ from pipeline.events import (
     last_line_end,
 )
 from pipeline.reasons import safe_emr_note_id
-from pipeline.reconcile import Reconciler, sink_head
+from pipeline.reconciliation import Reconciler, sink_head
 from pipeline.state import StateStore
 from pipeline.state.postgres import describe_failure, open_state, where
 from pipeline.state.store import existing_store, open_store
