@@ -44,7 +44,7 @@ the rename and recording the new position only makes the next reconcile read
 the new file from its start.
 
 In PostgreSQL (``state.url``): the events the sink stored in ``sink_events`` are
-pruned by the same rules, in batches of ``_DB_BATCH`` by commit order, each batch
+pruned by the same rules, in batches of ``db_batch`` events by commit order, each batch
 one ``UPDATE`` in its own transaction, after mirroring them into the ledger
 (``reconcile``'s step): an event committed after that mirroring is kept whole and
 counted. Only ``body`` changes; the event id and ``body_sha256`` (the hash of the
@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
@@ -87,7 +87,7 @@ from pipeline.events import (
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
 from pipeline.state import StateStore
-from pipeline.state.postgres import describe_failure, open_state, where
+from pipeline.state.pg_events import PRUNE_BATCH, PgEventStore
 from pipeline.state.store import existing_store, open_store
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,6 @@ PRUNED_MARK = "pruned.json"
 # The sink file's side files that may hold note text (pipeline/events.py): unreadable lines
 # set aside by a reader, and a torn last line cut off by the sink after a crash.
 SIDE_FILES = (".set-aside", ".torn")
-_DB_BATCH = 1000  # events read, and pruned in one transaction, at a time (PostgreSQL)
-_PRUNE_LOCK = 0x746E7072756E65  # "tnprune": one prune at a time per database
 
 
 def _no_checkpoint(step: str) -> None:
@@ -139,12 +137,14 @@ class PruneResult:
 
 def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
           now: datetime | None = None,
-          checkpoint: Callable[[str], None] = _no_checkpoint) -> PruneResult:
+          checkpoint: Callable[[str], None] = _no_checkpoint,
+          db_batch: int = PRUNE_BATCH) -> PruneResult:
     """Prune note text older than ``older_than_days`` days (module docstring).
 
     ``checkpoint`` is called with the name of each step of the sink file's rewrite as it
-    is reached ("copied", "synced", "renamed"): the tests kill the process there, to
-    prove each is safe to be killed at.
+    is reached ("copied", "synced", "renamed"), and with ``state.url`` with "event" before
+    each stored event is looked at: the tests kill the process there, to prove each is
+    safe to be killed at. ``db_batch`` (``state.url``): events rewritten per transaction.
 
     Raises StateError when another prune holds the sink file, or the sink file is
     replaced by something else while it is rewritten (nothing is lost: run it again);
@@ -153,7 +153,8 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
     result = PruneResult(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run)
     if config.state.url is not None:
-        runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result)
+        runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result,
+                               checkpoint=checkpoint, batch=db_batch)
         result.old_runs = len(runs)
         result.files = _input_copies(config.report.dir, runs, stamp=result.cutoff,
                                      dry_run=dry_run)
@@ -181,61 +182,41 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     return result
 
 
-def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: PruneResult
-                    ) -> list[str]:
+def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: PruneResult, *,
+                    checkpoint: Callable[[str], None], batch: int) -> list[str]:
     """With ``state.url``: prune the events in ``sink_events`` as the sink file's are, and
-    return the runs started before ``cutoff`` (module docstring, "In PostgreSQL").
-    ``result.sink_bytes``: the stored bodies' bytes before and after.
+    return the runs started before ``cutoff`` (module docstring, "In PostgreSQL"; the SQL
+    is state/pg_events.py's). ``result.sink_bytes``: the stored bodies' bytes before and
+    after.
 
     Raises StateError when another prune holds the database's prune lock, or the
     database cannot be used (one line, no password)."""
-    import psycopg  # noqa: PLC0415 - optional dependency, loaded only with state.url
-
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    conn = open_state(url, application="tasknotes prune")
+    events = PgEventStore(url, application="tasknotes prune")
+    events.open()
     try:
-        locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PRUNE_LOCK,)).fetchone()
-        if not (locked and locked[0]):
-            raise StateError(f"another tasknotes prune is pruning the events in PostgreSQL "
-                             f"at {where(url)}")
-        ledger = open_store(config)
-        try:
-            if not result.dry_run:  # what the ledger has mirrored keeps its note's hash
-                latest = ledger.latest_run()
-                if latest is not None:
-                    Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
-            mirrored = ledger.sink_position()[0]
-        finally:
-            ledger.close()
-        before = after = last = 0
-        while found := conn.execute(
-                "SELECT seq, body FROM sink_events WHERE seq > %s ORDER BY seq LIMIT %s",
-                (last, _DB_BATCH)).fetchall():
-            changed: list[tuple[int, bytes]] = []
-            for seq, body in found:
-                raw = bytes(cast("bytes", body))
-                pruned = _pruned_body(raw, cutoff, stamp, result,
-                                      mirrored=result.dry_run or int(str(seq)) <= mirrored)
-                before += len(raw)
-                after += len(raw if pruned is None else pruned)
-                if pruned is not None:
-                    changed.append((int(str(seq)), pruned))
-            if changed and not result.dry_run:
-                with conn.transaction():  # one batch: all of it, or (killed) none of it
-                    conn.execute(
-                        "UPDATE sink_events s SET body = u.body FROM unnest(%s::bigint[],"
-                        " %s::bytea[]) AS u(seq, body) WHERE s.seq = u.seq",
-                        ([c[0] for c in changed], [c[1] for c in changed]))
-            last = int(str(found[-1][0]))
-        result.sink_bytes = (before, before if result.dry_run else after)
-        return [str(r[0]) for r in conn.execute(
-            "SELECT run_id FROM runs WHERE started_at < %s ORDER BY started_at",
-            (result.cutoff,)).fetchall()]
-    except psycopg.Error as exc:
-        raise StateError(f"state.url: cannot prune the events in PostgreSQL at {where(url)}: "
-                         f"{describe_failure(url, exc)}") from None
+        with events.prune_lock():
+            ledger = open_store(config)
+            try:
+                if not result.dry_run:  # what the ledger has mirrored keeps its note's hash
+                    latest = ledger.latest_run()
+                    if latest is not None:
+                        Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
+                mirrored = ledger.sink_position()[0]
+                runs = ledger.runs_started_before(result.cutoff)
+            finally:
+                ledger.close()
+
+            def rewrite(seq: int, body: bytes) -> bytes | None:
+                checkpoint("event")
+                return _pruned_body(body, cutoff, stamp, result,
+                                    mirrored=result.dry_run or seq <= mirrored)
+
+            result.sink_bytes = events.prune_bodies(rewrite, dry_run=result.dry_run,
+                                                    batch=batch)
     finally:
-        conn.close()
+        events.close()
+    return runs
 
 
 def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool) -> int:

@@ -6,24 +6,23 @@ untouched (a real throwaway server: tests/pg.py)."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from helpers import EmulatorThread, make_config, notes, run_pipeline, write_config, write_csv
 from pipeline.cli import main
+from pipeline.errors import StateError
 from pipeline.events import compact_json as compact
 from pipeline.events import decode_event, is_pruned
 from pipeline.reconciliation import ingest_postgres
 from pipeline.retention import prune
+from pipeline.state.pg_events import PgEventStore
 from pipeline.state.postgres import connect, open_state
 from pipeline.state.store import open_store
-
-# the module (pipeline.prune is the Python API's front door of the same name)
-prune_module = importlib.import_module("pipeline.retention")
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +107,7 @@ def test_prune_removes_note_text_in_postgres_and_a_rerun_sends_nothing(
 
 
 def test_prune_in_postgres_keeps_every_event_the_sink_inserts_meanwhile(
-        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_url: str, tmp_path: Path) -> None:
     """Many small batches while another connection inserts events as the sink does: every
     insert is there whole, every old event mirrored before the prune is pruned, and the
     old ones the ledger had not read yet are kept whole."""
@@ -118,7 +117,6 @@ def test_prune_in_postgres_keeps_every_event_the_sink_inserts_meanwhile(
     make_ledger_read_them(config)
     unread = [created(f"evt_unread_{i}", str(500 + i), f"U{i}", SECRET) for i in range(5)]
     store(pg_url, unread)  # old, but stored after the ledger read: their text is kept
-    monkeypatch.setattr(prune_module, "_DB_BATCH", 3)
     done = threading.Event()
     inserted: list[bytes] = []
 
@@ -133,7 +131,7 @@ def test_prune_in_postgres_keeps_every_event_the_sink_inserts_meanwhile(
     writer = threading.Thread(target=sink)
     writer.start()
     try:
-        result = prune(config, 30)
+        result = prune(config, 30, db_batch=3)
     finally:
         done.set()
         writer.join(timeout=60)
@@ -148,32 +146,27 @@ def test_prune_in_postgres_keeps_every_event_the_sink_inserts_meanwhile(
 
 
 def test_prune_in_postgres_interrupted_leaves_each_batch_whole_and_a_rerun_finishes(
-        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_url: str, tmp_path: Path) -> None:
     open_state(pg_url).close()
     old = [created(f"evt_{i:02d}", str(i), f"T{i}", SECRET) for i in range(10)]
     store(pg_url, old)
     config = make_config(tmp_path, state={"url": pg_url})
     make_ledger_read_them(config)
-    monkeypatch.setattr(prune_module, "_DB_BATCH", 4)
-    real = prune_module._pruned_body
     calls = 0
 
-    def interrupted(*args: Any, **kwargs: Any) -> bytes | None:
+    def interrupted(step: str) -> None:
         nonlocal calls
-        calls += 1
-        if calls == 7:  # inside the second batch, before its UPDATE
+        calls += step == "event"
+        if calls == 7:  # inside the second batch of 4, before its UPDATE
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(prune_module, "_pruned_body", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prune(config, 30)
+        prune(config, 30, checkpoint=interrupted, db_batch=4)
     found = stored(pg_url)
     assert [is_pruned(found[f"evt_{i:02d}"][0]) for i in range(10)] == [True] * 4 + [False] * 6
     for i in range(4, 10):  # untouched: byte for byte as received
         assert compact(found[f"evt_{i:02d}"][0]) == old[i]
-    monkeypatch.setattr(prune_module, "_pruned_body", real)
-    assert prune(config, 30).events_pruned == 6
+    assert prune(config, 30, db_batch=4).events_pruned == 6
     assert all(is_pruned(e) for e, _ in stored(pg_url).values())
 
 
@@ -185,3 +178,27 @@ def make_ledger_read_them(config: Any) -> None:
         ingest_postgres(ledger, config.api.account_id())
     finally:
         ledger.close()
+
+
+def test_a_second_prune_of_one_database_is_refused_and_changes_nothing(
+        pg_url: str, tmp_path: Path) -> None:
+    """One prune at a time per database: while another holds the prune lock, a prune stops
+    with one line naming the database (no password) and rewrites nothing; once it lets
+    go, the prune runs."""
+    open_state(pg_url).close()
+    old = [created(f"evt_{i}", str(i), f"T{i}", SECRET) for i in range(3)]
+    store(pg_url, old)
+    config = make_config(tmp_path, state={"url": pg_url})
+    make_ledger_read_them(config)
+    other = PgEventStore(pg_url, application="another prune")
+    other.open()
+    try:
+        with other.prune_lock(), pytest.raises(StateError) as refused:
+            prune(config, 30)
+    finally:
+        other.close()
+    assert "another tasknotes prune is pruning the events in PostgreSQL" in str(refused.value)
+    password = urlsplit(pg_url).password
+    assert password is None or password not in str(refused.value)
+    assert [compact(e) for e, _ in stored(pg_url).values()] == old
+    assert prune(config, 30).events_pruned == 3

@@ -23,6 +23,11 @@ Each row keeps the body exactly as received (``bytea``), its id, its hash, the
 verdict under which the sink accepted it (``signature-verified``: only
 signed events reach the store) and the receive time to the millisecond.
 ``export_jsonl`` writes them back as JSON Lines in commit order.
+
+``tasknotes prune`` (pipeline/retention.py) removes old note text here through
+``prune_lock`` (one prune at a time per database: an advisory lock) and
+``prune_bodies`` (the stored bodies rewritten in batches, each batch one ``UPDATE``
+in its own transaction); which body loses what is retention.py's rule.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final, cast
@@ -53,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SIGNED: Final = "signature-verified"
+PRUNE_BATCH: Final = 1000  # stored events read, and rewritten in one transaction, at a time
+_PRUNE_LOCK: Final = 0x746E7072756E65  # "tnprune": one prune at a time per database
 
 _INSERT: Final = b"""
     INSERT INTO sink_events (event_id, body_sha256, body, verdict, received_at)
@@ -81,9 +88,11 @@ class PgEventStore:
     ``probe()`` for ``/healthz``; ``close()`` drops the connection.
     """
 
-    def __init__(self, url: str, *, verdict: str = SIGNED) -> None:
+    def __init__(self, url: str, *, verdict: str = SIGNED,
+                 application: str = "tasknotes sink") -> None:
         self._url = url
         self._verdict = verdict
+        self._application = application  # PostgreSQL's application_name of its connection
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._group: GroupCommit[_Row] = GroupCommit(self._commit, stop_on_error=False)
         self.broken: str | None = None
@@ -96,7 +105,7 @@ class PgEventStore:
         return where(self._url)
 
     def open(self) -> None:
-        self._conn = open_state(self._url, application="tasknotes sink")
+        self._conn = open_state(self._url, application=self._application)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -154,8 +163,82 @@ class PgEventStore:
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self._url, application="tasknotes sink")
+            self._conn = connect(self._url, application=self._application)
         return self._conn
+
+    @contextlib.contextmanager
+    def prune_lock(self) -> Iterator[None]:
+        """Hold the database's prune lock while the block runs: one ``tasknotes prune`` at
+        a time per database (a session advisory lock on this store's connection, so a
+        prune that dies lets go of it with its connection).
+
+        Raises StateError (one line, no password) when another prune holds it, or when
+        the database cannot be used.
+        """
+        import psycopg
+
+        conn = self._connection()
+        try:
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PRUNE_LOCK,)).fetchone()
+        except psycopg.Error as exc:
+            raise self._prune_failed(exc) from None
+        if not (locked and locked[0]):
+            raise StateError(f"another tasknotes prune is pruning the events in PostgreSQL "
+                             f"at {self.where}")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_PRUNE_LOCK,))
+
+    def prune_bodies(self, rewrite: Callable[[int, bytes], bytes | None], *,
+                     dry_run: bool = False, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """Rewrite the stored bodies, in commit order, ``batch`` events at a time (call it
+        inside ``prune_lock``).
+
+        ``rewrite(seq, body)`` gives the body to store instead, or None to keep it; ``seq``
+        is the event's commit-order number, the one the ledger's ``sink_position`` counts
+        in. Each batch's new bodies are written by one ``UPDATE`` in its own transaction:
+        a prune killed midway leaves each batch done whole or not at all, and the next
+        one carries on. Only ``body`` changes: the event id, ``body_sha256`` (the hash of
+        the body as received, so a redelivery of the original is still a duplicate), the
+        verdict and the receive time stay. An event inserted meanwhile is read if its
+        ``seq`` is past the last batch read (the sink's inserts touch no stored row).
+        With ``dry_run`` nothing is written.
+
+        Returns the stored bodies' bytes before and after (``dry_run``: after = before).
+        Raises StateError (one line, no password) when the database cannot be used.
+        """
+        import psycopg
+
+        conn = self._connection()
+        before = after = last = 0
+        try:
+            while found := conn.execute(
+                    "SELECT seq, body FROM sink_events WHERE seq > %s ORDER BY seq LIMIT %s",
+                    (last, batch)).fetchall():
+                changed: list[tuple[int, bytes]] = []
+                for seq, body in found:
+                    raw = bytes(cast("bytes", body))
+                    new = rewrite(int(str(seq)), raw)
+                    before += len(raw)
+                    after += len(raw if new is None else new)
+                    if new is not None:
+                        changed.append((int(str(seq)), new))
+                if changed and not dry_run:
+                    with conn.transaction():  # one batch: all of it, or (killed) none of it
+                        conn.execute(
+                            "UPDATE sink_events s SET body = u.body FROM unnest(%s::bigint[],"
+                            " %s::bytea[]) AS u(seq, body) WHERE s.seq = u.seq",
+                            ([c[0] for c in changed], [c[1] for c in changed]))
+                last = int(str(found[-1][0]))
+        except psycopg.Error as exc:
+            raise self._prune_failed(exc) from None
+        return before, before if dry_run else after
+
+    def _prune_failed(self, exc: BaseException) -> StateError:
+        return StateError(f"state.url: cannot prune the events in PostgreSQL at {self.where}: "
+                          f"{describe_failure(self._url, exc)}")
 
     def _commit(self, rows: list[_Row]) -> None:
         """Runs in a worker thread: one INSERT and one commit for the batch.
