@@ -421,16 +421,10 @@ def _poll_events(config: RunConfig, work: Mapping[str | None, Wanted]) -> PollSt
     import anyio
 
     from pipeline.client import CobaltClient
-    from pipeline.events import SinkFile
     from pipeline.polling import Poller, poll_accounts
-    from pipeline.state.pg_events import PgEventStore
+    from pipeline.state.store import open_event_store
 
-    sink: SinkFile | PgEventStore
-    if config.state.url is not None:  # polled events go where the sink stores them
-        sink = PgEventStore(config.state.url.get_secret_value(), verdict="polled")
-    else:
-        sink = SinkFile(config.webhooks.sink)
-    sink.open()
+    sink = open_event_store(config, polled=True)  # polled events go where the sink's go
 
     async def fetch() -> PollStats:
         webhook_secrets = [s.decode() for s in config.webhooks.all_secrets()]
@@ -603,37 +597,34 @@ def serve_sink(config: ConfigSource, *, host: str = "127.0.0.1", port: int = 878
     cannot be listened on (before anything is created), StateError when the store
     cannot be opened.
     """
-    from pipeline.events import SinkFile
     from pipeline.servers import bind, serve_foreground
     from pipeline.sink import EventStore, WebhookReceiver
     from pipeline.state.pg_events import PgEventStore
+    from pipeline.state.store import open_event_store
 
     loaded = load(config, "sink")
     secrets = loaded.webhooks.all_secrets()
     if not secrets:
         raise ConfigError("webhooks.secret: the sink needs at least one webhook secret")
     sock = bind(host, port)  # before anything is created or said: one line if not
-    sink: PgEventStore | SinkFile
-    if loaded.state.url is not None:
-        sink = PgEventStore(loaded.state.url.get_secret_value())
-    else:
-        sink = SinkFile(loaded.webhooks.sink)
     try:
-        sink.open()
-        store: EventStore = sink
-        receiver = WebhookReceiver(store, secrets, path=loaded.webhooks.path,
-                                   max_body_bytes=loaded.webhooks.max_body_bytes)
-        if isinstance(sink, PgEventStore):
-            where, count = f"PostgreSQL at {sink.where}", sink.count()
-            log.info("sink: POST %s -> %s (%d events stored)", loaded.webhooks.path,
-                     where, count)
-        else:
-            where, count = str(loaded.webhooks.sink), len(sink)
-            log.info("sink: POST %s -> %s (%d events on file)", loaded.webhooks.path,
-                     where, count)
-        serve_foreground(receiver.app(), host=host, port=port, sock=sock,
-                         **receiver.serve_options())
+        sink = open_event_store(loaded)
+        try:
+            store: EventStore = sink
+            receiver = WebhookReceiver(store, secrets, path=loaded.webhooks.path,
+                                       max_body_bytes=loaded.webhooks.max_body_bytes)
+            if isinstance(sink, PgEventStore):
+                where, count = f"PostgreSQL at {sink.where}", sink.count()
+                log.info("sink: POST %s -> %s (%d events stored)", loaded.webhooks.path,
+                         where, count)
+            else:
+                where, count = str(loaded.webhooks.sink), len(sink)
+                log.info("sink: POST %s -> %s (%d events on file)", loaded.webhooks.path,
+                         where, count)
+            serve_foreground(receiver.app(), host=host, port=port, sock=sock,
+                             **receiver.serve_options())
+        finally:
+            sink.close()
     finally:
         sock.close()
-        sink.close()
     return SinkServed(exits.OK, where, count)

@@ -87,8 +87,8 @@ from pipeline.events import (
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
 from pipeline.state import StateStore
-from pipeline.state.pg_events import PRUNE_BATCH, PgEventStore
-from pipeline.state.store import existing_store, open_store
+from pipeline.state.pg_events import PRUNE_BATCH
+from pipeline.state.store import existing_store, open_event_table, open_store
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
     result = PruneResult(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run)
     if config.state.url is not None:
-        runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result,
-                               checkpoint=checkpoint, batch=db_batch)
+        runs = _prune_database(config, cutoff, result, checkpoint=checkpoint, batch=db_batch)
         result.old_runs = len(runs)
         result.files = _input_copies(config.report.dir, runs, stamp=result.cutoff,
                                      dry_run=dry_run)
@@ -182,7 +181,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     return result
 
 
-def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: PruneResult, *,
+def _prune_database(config: RunConfig, cutoff: datetime, result: PruneResult, *,
                     checkpoint: Callable[[str], None], batch: int) -> list[str]:
     """With ``state.url``: prune the events in ``sink_events`` as the sink file's are, and
     return the runs started before ``cutoff`` (module docstring, "In PostgreSQL"; the SQL
@@ -192,8 +191,7 @@ def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: Prune
     Raises StateError when another prune holds the database's prune lock, or the
     database cannot be used (one line, no password)."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    events = PgEventStore(url, application="tasknotes prune")
-    events.open()
+    events = open_event_table(config, application="tasknotes prune")
     try:
         with events.prune_lock():
             ledger = open_store(config)

@@ -19,13 +19,12 @@ import anyio
 from pipeline.config import RunConfig
 from pipeline.emulator import Emulator, EmulatorOptions
 from pipeline.errors import ConfigError
-from pipeline.events import SinkFile
 from pipeline.faults import knob_values
 from pipeline.retry import Control
 from pipeline.servers import serve_embedded
 from pipeline.sink import WebhookReceiver
 from pipeline.state import OutcomeStore
-from pipeline.state.pg_events import PgEventStore
+from pipeline.state.store import open_event_store
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +89,7 @@ async def sandboxed(config: RunConfig, ledger: OutcomeStore, run_id: str
     if not config.sandbox.enabled:
         yield None
         return
-    sink: SinkFile | PgEventStore
-    if config.state.url is not None:  # the sandbox's outcomes go where runs read them
-        sink = PgEventStore(config.state.url.get_secret_value())
-    else:
-        sink = SinkFile(config.webhooks.sink)
-    sink.open()
+    sink = open_event_store(config)  # the sandbox's outcomes go where runs read them
     holder: list[Sandbox] = []
     receiver = WebhookReceiver(
         sink, config.webhooks.all_secrets(), path=config.webhooks.path,

@@ -5,12 +5,19 @@ Without ``state.url`` the SQLite ``Ledger`` at ``state.ledger``; with it the
 opens its store here (no module outside pipeline/state/ constructs one), so none can
 keep its state somewhere else by mistake. What is returned is typed as the seam
 (protocol.py's ``StateStore``): mypy checks both stores against it here.
+
+The sink's events are chosen here too (``open_event_store``): the sink file at
+``webhooks.sink``, or with ``state.url`` the database's ``sink_events``
+(pg_events.py). The sink, poll and a sandbox run all store events through it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.errors import StateError
+from pipeline.events import SinkFile
+from pipeline.state.pg_events import SIGNED, PgEventStore
 from pipeline.state.sqlite import Ledger
 
 if TYPE_CHECKING:
@@ -44,6 +51,37 @@ def open_store(config: RunConfig) -> StateStore:
         return PgLedger(config.state.url.get_secret_value(), config.api.account_id(),
                         config.api.account_names())
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
+
+
+def open_event_store(config: RunConfig, *, polled: bool = False) -> SinkFile | PgEventStore:
+    """The store of the sink's events, opened (``close()`` it after): the sink file at
+    ``webhooks.sink`` (events.py), or with ``state.url`` that database's ``sink_events``
+    (``open_event_table``). ``polled``: the events go in as fetched by ``tasknotes poll``
+    (verdict ``polled``) rather than as received signed by the sink.
+
+    Raises StateError (exit 2) if it cannot be opened: one line, never a password.
+    """
+    if config.state.url is not None:
+        return open_event_table(config, verdict="polled" if polled else SIGNED)
+    sink = SinkFile(config.webhooks.sink)
+    sink.open()
+    return sink
+
+
+def open_event_table(config: RunConfig, *, verdict: str = SIGNED,
+                     application: str = "tasknotes sink") -> PgEventStore:
+    """``state.url``'s ``sink_events`` (pg_events.py), opened, its schema current;
+    ``application``: the connection's ``application_name`` in PostgreSQL.
+
+    Raises StateError (exit 2) if the database cannot be used, or there is no
+    ``state.url``: one line, never a password.
+    """
+    if config.state.url is None:
+        raise StateError("state.url: not set, so no event table in PostgreSQL to open")
+    events = PgEventStore(config.state.url.get_secret_value(), verdict=verdict,
+                          application=application)
+    events.open()
+    return events
 
 
 def existing_store(config: RunConfig, *, readonly: bool = True) -> StateStore | None:
