@@ -16,15 +16,23 @@ import anyio
 import httpx
 import pytest
 
-from helpers import WEBHOOK_SECRET, free_port, wait_until, wait_until_healthy, write_config
+from helpers import (
+    WEBHOOK_SECRET,
+    free_port,
+    make_config,
+    wait_until,
+    wait_until_healthy,
+    write_config,
+)
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.emulator import sign
 from pipeline.errors import ConfigError
-from pipeline.events import UnreadableEvent
+from pipeline.events import SinkFile, UnreadableEvent
 from pipeline.events import compact_json as compact
 from pipeline.state.pg_events import PgEventStore
 from pipeline.state.postgres import MIGRATIONS, connect, describe_failure, migrate
+from pipeline.state.store import open_event_store
 
 pytestmark = pytest.mark.slow
 
@@ -270,6 +278,36 @@ def test_a_server_error_is_its_primary_message_not_the_caret_or_context_line(
 
 
 # -- the event store ---------------------------------------------------------------------------
+
+
+async def test_events_go_to_the_sink_file_or_to_state_urls_table_marked_as_they_came(
+        pg_url: str, tmp_path: Path) -> None:
+    """open_event_store: without state.url the sink file; with it the database's
+    sink_events, where the sink's events are kept as signed and poll's as polled."""
+    async def put(store: Any, n: int) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run)
+            assert await store.append(compact(event(n)), f"evt_{n}") == "stored"
+            store.stop()
+
+    local = make_config(tmp_path)
+    on_file = open_event_store(local)
+    try:
+        assert isinstance(on_file, SinkFile)
+        await put(on_file, 1)
+    finally:
+        on_file.close()
+    assert local.webhooks.sink.read_bytes() == compact(event(1)) + b"\n"
+    config = make_config(tmp_path, state={"url": pg_url})
+    for n, polled in ((2, False), (3, True)):
+        store = open_event_store(config, polled=polled)
+        try:
+            await put(store, n)
+        finally:
+            store.close()
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT event_id, verdict FROM sink_events ORDER BY seq").fetchall() \
+            == [("evt_2", "signature-verified"), ("evt_3", "polled")]
 
 
 async def test_store_dedupes_by_id_and_by_body_and_keeps_the_body(pg_url: str) -> None:
