@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_reconcile import Book
 
 from helpers import make_config, read_sink, write_config
+from pipeline.client import CobaltClient
 from pipeline.events import (
     MAX_DEPTH,
     SetAside,
@@ -28,7 +30,7 @@ from pipeline.events import (
     read_sink_from,
     set_aside_path,
 )
-from pipeline.polling import Poller, read_list_item
+from pipeline.polling import Poller, PollStats
 from pipeline.reconciliation import Reconciler
 from pipeline.state import Ledger
 
@@ -234,23 +236,26 @@ def test_tasknotes_reconcile_survives_bad_lines_and_reports_them(tmp_path: Path)
 
 def test_poll_does_not_store_a_polled_event_a_reader_would_refuse(tmp_path: Path) -> None:
     """The list API's copy of a lone-surrogate event is skipped (job still missing), no crash."""
+    config = make_config(tmp_path)
     sink = SinkFile(tmp_path / "state" / "webhooks.jsonl")
     sink.open()
-    poller = Poller(make_config(tmp_path), None, sink)  # type: ignore[arg-type] - no requests
     item = {"event_id": "evt_p", "event_type": "task_note.failed", "job_id": 7,
             "created_at": "2026-06-15T12:02:40Z",
             "data": {"task_note_id": "a", "failure_reason": "locked \ud83d"}}
     good = {**item, "event_id": "evt_q", "job_id": 8, "data": {"failure_reason": "ok"}}
-    found: set[str] = set()
 
-    async def take() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sink.run)
-            await poller._take(read_list_item(item), {"7", "8"}, found)
-            await poller._take(read_list_item(good), {"7", "8"}, found)
-            sink.stop()
+    def answer(request: httpx.Request) -> httpx.Response:  # the list API, by job id
+        job = request.url.params.get("job_id")
+        page = {"webhook_events": [e for e in (item, good) if str(e["job_id"]) == job],
+                "pagination": {"current_page": 1, "total_pages": 1}}
+        return httpx.Response(200, content=json.dumps(page).encode(),  # \ud83d kept escaped
+                              headers={"content-type": "application/json"})
 
-    anyio.run(take)
+    async def poll() -> PollStats:
+        async with CobaltClient(config.api, transport=httpx.MockTransport(answer)) as client:
+            return await Poller(config, client, sink).run({"7", "8"}, None)
+
+    stats = anyio.run(poll)
     sink.close()
-    assert found == {"8"}
+    assert (stats.wanted, stats.still_missing) == (2, 1)
     assert [e["id"] for _, e in read_sink(sink.path)] == ["evt_q"]
