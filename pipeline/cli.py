@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
     sys.stdout = _ClosedReaderSafe(stdout)  # `tasknotes status | head`: no traceback
     try:
-        parser = _parser()
+        parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:  # named by the command they were given to, with that command's usage
             (getattr(args, "command_parser", None) or parser).error(
@@ -249,7 +249,11 @@ def _verbosity(parser: argparse.ArgumentParser, *, default: object) -> None:
                              "config's logging.format, else text)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """``tasknotes``' argument parser: every command, its flags and their help, as ``main``
+    parses them (its ``parse_args`` gives the Namespace a command's handler takes; a
+    command's exit codes are in its epilog). For tools that check or document arguments
+    without running a command."""
     parser = argparse.ArgumentParser(
         prog="tasknotes", formatter_class=_Formatter,
         epilog=EXIT_CODES + "\n\nEach command's --help gives its own exit codes.",
@@ -464,7 +468,7 @@ def _print_result(counts: dict[str, int], directory: str, files: Sequence[str],
         for status, n in shown.items():
             print(f"{status:<{width}}  {n:>7,}")
     print(f"report: {directory}/ ({', '.join(files)})")
-    print(_one_line(counts, written_off))
+    print(result_line(counts, written_off))
 
 
 def _print_unwritten(config: RunConfig, run_id: str) -> None:
@@ -483,10 +487,14 @@ def _print_unwritten(config: RunConfig, run_id: str) -> None:
             print(f"{status:<{width}}  {n:>7,}")
     print(f"report: not written (run {run_id}); `tasknotes reconcile` writes it once "
           "there is room")
-    print(_one_line(counts))
+    print(result_line(counts))
 
 
-def _one_line(counts: dict[str, int], written_off: int = 0) -> str:
+def result_line(counts: dict[str, int], written_off: int = 0) -> str:
+    """The one line ``run`` and ``reconcile`` print for a run: ``counts`` (rows by final
+    status, every status of ``FINAL_STATUSES`` present) as "N of M notes confirmed" and
+    each other nonzero status by its label (``FINAL_STATUS_LABELS``), counts of one in the
+    singular; ``written_off``: how many of them an operator wrote off."""
     from pipeline.reconciliation import FINAL_STATUS_LABELS
 
     total = sum(counts.values())

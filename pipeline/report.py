@@ -9,7 +9,7 @@ decides in summary.json moves: the ``report`` block (when it was made, what was
 stale then) and what staleness decides (``needs_attention``, ``verdict``,
 ``exit_code_now``).
 
-Over 400 lines: the five files share one pass over the run's rows (``_Tally``), and
+Over 400 lines: the five files share one pass over the run's rows (``Tally``), and
 splitting them apart would mean passing that pass's state between modules.
 """
 
@@ -104,7 +104,7 @@ def write_report(
     except OSError as exc:
         raise StateError(f"report directory {directory} cannot be created: {exc}") from None
     with _full_disk(directory / "results.csv"):
-        tally = _write_results(result, directory / "results.csv", settings, now)
+        tally = write_results(result, directory / "results.csv", settings, now)
     summary = summarise(result, tally, settings, now, process_exit_code=process_exit_code)
     with _full_disk(directory / "summary.json"):
         _atomic_write(directory / "summary.json",
@@ -185,10 +185,14 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_results(result: RunResult, path: Path, settings: ReportConfig,
-                   now: datetime) -> _Tally:
+def write_results(result: RunResult, path: Path, settings: ReportConfig,
+                  now: datetime) -> Tally:
+    """Write results.csv of ``result`` at ``path`` (through a temporary file renamed over
+    it), one chunk of the run's rows at a time, and return what that pass counted
+    (``Tally``: what ``summarise`` and ``render_html`` are given). ``now``: the time the
+    report speaks for (aware UTC; rows waiting past ``settings``' limit turn stale)."""
     passthrough = list(result.run.info.passthrough)
-    tally = _Tally(settings, now)
+    tally = Tally(settings, now)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as fh:
         header = True
@@ -339,8 +343,14 @@ def waiting_since(rows: pd.DataFrame) -> pd.Series:
                           format="ISO8601").reset_index(drop=True)
 
 
-class _Tally:
-    """What one pass over a run's rows tells the summary, the page and redrive.csv."""
+class Tally:
+    """What one pass over a run's rows tells the summary, the page and redrive.csv
+    (``write_results`` makes one; ``summarise`` and ``render_html`` read it).
+
+    ``rows``: rows seen; ``counts``: rows by final status; ``latencies``: arrays of
+    seconds from submission to the sink's receipt (``latency``, ``histogram``); the
+    rest as commented below. ``add(rows, table)`` counts one chunk.
+    """
 
     def __init__(self, settings: ReportConfig, now: datetime) -> None:
         self._settings = settings
@@ -635,7 +645,7 @@ class Summary:
 
 
 def summarise(
-    result: RunResult, tally: _Tally, settings: ReportConfig, now: datetime, *,
+    result: RunResult, tally: Tally, settings: ReportConfig, now: datetime, *,
     process_exit_code: int | None = None,
 ) -> Summary:
     """summary.json's content (``Summary``); ``process_exit_code`` as ``write_report``."""
@@ -762,7 +772,7 @@ PAGE_SCRIPT, PAGE_SCRIPT_HASH = _page_script()
 
 
 def render_html(
-    result: RunResult, tally: _Tally, summary: Summary, now: datetime, *,
+    result: RunResult, tally: Tally, summary: Summary, now: datetime, *,
     previews: dict[tuple[str, int], str] | None = None,
 ) -> str:
     """One self-contained page: no network, no external scripts, fonts or images."""

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from pipeline import jobs
-from pipeline.cli import _parser, main
+from pipeline.cli import build_parser, main
 from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
@@ -386,9 +386,9 @@ def test_the_shipped_clinic_configs_load(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_the_emulator_takes_tokens_revocations_and_faults_for_one_connection() -> None:
     """tasknotes emulator: --token TOKEN=REF, --revoked-token, --faults-only-reference."""
-    args = _parser().parse_args(["emulator", "--token", "tok-s=ref-s", "--token", "tok-w=ref-w",
-                                 "--revoked-token", "tok-w", "--faults-only-reference",
-                                 "ref-s,ref-x"])
+    args = build_parser().parse_args(["emulator", "--token", "tok-s=ref-s",
+                                      "--token", "tok-w=ref-w", "--revoked-token", "tok-w",
+                                      "--faults-only-reference", "ref-s,ref-x"])
     behaviour = knobs_from_args(Behaviour, args)
     assert behaviour.tokens == (("tok-s", "ref-s"), ("tok-w", "ref-w"))
     assert behaviour.revoked == frozenset({"tok-w"})

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers import config_dict, notes, write_config, write_csv
-from pipeline.cli import _one_line, _parser, main
+from pipeline.cli import build_parser, main, result_line
 from pipeline.reconciliation import FINAL_STATUSES
 
 EXIT_CODE_LINES = ("0  every row ended well", "1  the command finished", "2  bad usage",
@@ -28,7 +28,7 @@ def tasknotes(*args: str, cwd: Path, env: dict[str, str] | None = None
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = _parser()
+    parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return {"": parser, **commands.choices}
 
@@ -77,7 +77,7 @@ def test_quiet_and_verbose_work_before_or_after_the_subcommand(
     argv: list[str], verbose: int, quiet: bool
 ) -> None:
     """-q/-v are accepted after the subcommand too; one given before is not reset by it."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     assert (args.verbose, args.quiet) == (verbose, quiet)
 
 
@@ -337,4 +337,4 @@ def test_a_usage_error_names_the_command_and_the_problem(
 )
 def test_the_result_line_says_one_in_the_singular(counts: dict[str, int], line: str) -> None:
     """Counts of one read "1 duplicate skipped", "of 1 note", never "1 duplicates"."""
-    assert _one_line({**dict.fromkeys(FINAL_STATUSES, 0), **counts}) == line
+    assert result_line({**dict.fromkeys(FINAL_STATUSES, 0), **counts}) == line

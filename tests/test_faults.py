@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import write_config
-from pipeline.cli import _parser
+from pipeline.cli import build_parser
 from pipeline.config import load_config
 from pipeline.emulator import EmulatorOptions
 from pipeline.errors import ConfigError
@@ -39,7 +39,7 @@ CONFIG_KEYS = sorted(set(FLAGS.values()) - {"only_first"})
 def test_each_fault_flag_sets_its_knob(flag: str, name: str) -> None:
     value = getattr(Faults(), name)
     argv = [flag] if isinstance(value, bool) else [flag, "1"]
-    faults = faults_from_args(_parser().parse_args(["emulator", *argv]))
+    faults = faults_from_args(build_parser().parse_args(["emulator", *argv]))
     expected = True if isinstance(value, bool) else type(value)(1)
     assert faults == Faults(**{name: expected})
 
@@ -63,7 +63,7 @@ def test_a_fraction_above_one_is_refused_by_flag_and_by_config(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One bound, checked in both places: 0 <= fraction <= 1."""
     with pytest.raises(SystemExit):
-        _parser().parse_args(["emulator", "--fault-503", "1.5"])
+        build_parser().parse_args(["emulator", "--fault-503", "1.5"])
     assert "--fault-503: Input should be less than or equal to 1" in capsys.readouterr().err
     path = write_config(tmp_path, sandbox={"emulator": {"faults": {"rate_503": 1.5}}})
     with pytest.raises(ConfigError, match=r"sandbox\.emulator\.faults\.rate_503: must be <= 1"):
@@ -86,7 +86,7 @@ def test_each_emulator_knob_is_the_same_by_flag_and_by_config(tmp_path: Path,
     """``tasknotes emulator``'s flag and ``sandbox.emulator``'s key reach the emulator as
     the same option; every other option keeps the one default they share."""
     argv, yaml_value, expected = BEHAVIOUR[name]
-    by_flag = knobs_from_args(Behaviour, _parser().parse_args(["emulator", *argv]))
+    by_flag = knobs_from_args(Behaviour, build_parser().parse_args(["emulator", *argv]))
     config = load_config(write_config(tmp_path, webhooks={"secret": "s" * 32}, sandbox={
         "enabled": True, "emulator": {name: yaml_value}}))
     by_config = emulator_options(config, "http://127.0.0.1:1/webhooks/cobalt")
@@ -99,7 +99,7 @@ def test_each_emulator_knob_is_the_same_by_flag_and_by_config(tmp_path: Path,
 def test_error_rate_is_the_503_fault_and_fail_rate_a_fault(tmp_path: Path) -> None:
     """``--error-rate`` is another name of ``--fault-503`` (not a second 503 knob);
     ``sandbox.emulator.fail_rate`` (the documented key) is ``faults.fail_rate``."""
-    args = _parser().parse_args(["emulator", "--error-rate", "0.25", "--fail-rate", "0.5"])
+    args = build_parser().parse_args(["emulator", "--error-rate", "0.25", "--fail-rate", "0.5"])
     assert faults_from_args(args) == Faults(rate_503=0.25, fail_rate=0.5)
     config = load_config(write_config(tmp_path, sandbox={"emulator": {"fail_rate": 0.5}}))
     assert config.sandbox.emulator.faults == Faults(fail_rate=0.5)
@@ -113,7 +113,7 @@ def test_a_bad_range_is_refused_by_flag_and_by_config_naming_the_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """0 <= A <= B, checked in both places; the config's message names the flat key."""
     with pytest.raises(SystemExit):
-        _parser().parse_args(["emulator", "--latency-ms", "40,5"])
+        build_parser().parse_args(["emulator", "--latency-ms", "40,5"])
     assert "--latency-ms: Value error, A or [A, B] with 0 <= A <= B" in capsys.readouterr().err
     path = write_config(tmp_path, sandbox={"emulator": {"latency_ms": [40, 5]}})
     with pytest.raises(ConfigError, match=r"sandbox\.emulator\.latency_ms: A or \[A, B\]"):
@@ -131,13 +131,13 @@ def test_emulator_knobs_without_a_config_key_are_unknown_keys(tmp_path: Path,
 def test_events_shape_choices_are_the_emulators_shapes(
         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        _parser().parse_args(["emulator", "--events-shape", "neither"])
+        build_parser().parse_args(["emulator", "--events-shape", "neither"])
     assert f"choose from {', '.join(map(repr, EVENTS_SHAPES))}" in capsys.readouterr().err
 
 
 def test_the_emulator_command_builds_the_options_from_the_knobs() -> None:
     """Multi-account flags reach EmulatorOptions (a Behaviour) unchanged."""
-    args = _parser().parse_args(["emulator", "--token", "t1=north", "--token", "t2=south",
+    args = build_parser().parse_args(["emulator", "--token", "t1=north", "--token", "t2=south",
                                  "--revoked-token", "t2", "--reference-id", "west"])
     options = EmulatorOptions(**knob_values(knobs_from_args(Behaviour, args)),
                               faults=faults_from_args(args))

@@ -21,14 +21,14 @@ from helpers import (
 )
 from pipeline.config import ReportConfig
 from pipeline.reconciliation import Reconciler
-from pipeline.report import _Tally, _write_results, nice_step, render_html, summarise
+from pipeline.report import Tally, nice_step, render_html, summarise, write_results
 from pipeline.state import Ledger
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-def _tally(latencies: list[float]) -> _Tally:
-    tally = _Tally(ReportConfig(), NOW)
+def _tally(latencies: list[float]) -> Tally:
+    tally = Tally(ReportConfig(), NOW)
     tally.latencies = [np.array(latencies, dtype=np.float32)]
     return tally
 
@@ -78,7 +78,7 @@ def test_no_chart_label_is_clipped_in_chromium(tmp_path: Path) -> None:
         }
         pages = {}
         for name, latencies in cases.items():
-            tally = _write_results(result, tmp_path / f"{name}.csv", config.report, NOW)
+            tally = write_results(result, tmp_path / f"{name}.csv", config.report, NOW)
             tally.latencies = [np.array(latencies, dtype=np.float32)]
             tally.counts["confirmed"] = 9_876_543  # the widest status count label
             tally.rows = sum(tally.counts.values())
