@@ -17,7 +17,7 @@ from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import MIGRATIONS, connect, migrate
 
 pytestmark = pytest.mark.slow
-pq = pytest.importorskip("psycopg.pq", reason="psycopg is not installed (the postgres extra)")
+pytest.importorskip("psycopg", reason="psycopg is not installed (the postgres extra)")
 
 ACCOUNT = "test_clinic"
 
@@ -55,14 +55,9 @@ def syncs(store: PgLedger) -> Iterator[list[int]]:
     """Counts the Sync messages the session sends meanwhile (each one a round trip that
     waits for the server): yields a list holding that count once the block ends."""
     count: list[int] = []
-    pgconn = store._conn.pgconn
     with tempfile.TemporaryFile("w+") as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-        try:
+        with store.trace(trace):
             yield count
-        finally:
-            pgconn.untrace()
         trace.seek(0)
         count.append(sum(1 for line in trace if line.startswith("F") and "\tSync" in line))
 

@@ -44,7 +44,7 @@ import socket
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import IO, TYPE_CHECKING, Any, Final, cast
 
 from pipeline.errors import RunAborted, StateError
 from pipeline.state import rules
@@ -108,6 +108,24 @@ class PgLedger(Ledger):
         with contextlib.suppress(Exception):
             self._conn.close()
         self._locked = False
+
+    @contextlib.contextmanager
+    def trace(self, out: IO[str]) -> Iterator[None]:
+        """While the block runs, write libpq's trace of this session's protocol messages to
+        ``out`` (a real file: libpq writes to its descriptor; PostgreSQL's ``PQtrace``),
+        without timestamps: one line per message, ``F`` sent by the client, ``B`` by the
+        server. A diagnostic of what a step costs: each ``F ... Sync`` is one round trip
+        that waits for the server. The statements' parameters appear in it (keys, task
+        and job ids; the ledger holds no note text). Needs libpq 14 or later."""
+        from psycopg import pq
+
+        pgconn = self._conn.pgconn
+        pgconn.trace(out.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            yield
+        finally:
+            pgconn.untrace()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
