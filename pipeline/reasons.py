@@ -74,13 +74,16 @@ class ReasonRedactor:
 
     ``inputs``: how input files are read (the config's ``input``); None reads
     nothing back, so every reason text is withheld. ``secrets``: credentials
-    also kept out. Counts what it withheld (``withheld``), for one warning.
+    also kept out. Counts what it withheld (``withheld``), for one warning, and the
+    input files it read back (``files_read``: each at most once per batch of events,
+    once per ingest for what ``prepare`` found).
     """
 
     ledger: OutcomeStore
     inputs: InputConfig | None
     secrets: Sequence[str] = ()
     withheld: int = 0
+    files_read: int = 0
     unread: set[str] = field(default_factory=set)
     _known: dict[tuple[str, str], list[str] | None] = field(default_factory=dict)
 
@@ -183,6 +186,7 @@ class ReasonRedactor:
             self.unread.add(f"{path.name}: no {inputs.columns.note!r} column")
             return
         column = clean.index(inputs.columns.note)
+        self.files_read += 1
         try:
             with CsvFile(path, inputs) as reader:
                 for batch in reader.batches():

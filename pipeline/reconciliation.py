@@ -87,17 +87,18 @@ SUBMIT_STATUSES: Final[frozenset[Status]] = frozenset({
     "pending", "sending", "accepted", "api_rejected", "ambiguous", "failed",
 })
 _KINDS: Final = {"task_note.created": "created", "task_note.failed": "failed"}
-_BATCH: Final = 10_000
+BATCH: Final = 10_000  # events mirrored into the ledger per transaction (ingest's default)
 
 
 def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
            redactor: ReasonRedactor | None = None,
-           accounts: Mapping[str, str] | None = None) -> int:
+           accounts: Mapping[str, str] | None = None, batch_size: int = BATCH) -> int:
     """Mirror what the sink file gained since last time into the ledger; returns new events.
 
     ``account`` keys the note hash of each created event, as ``row_key`` keys rows;
     ``accounts`` (api.accounts: access_token_reference_id -> account) the hash of an
-    event of a known connection.
+    event of a known connection. ``batch_size``: events (and set-aside lines) mirrored
+    per ledger transaction.
     Free text is untrusted: each ``failure_reason`` is redacted against its rows'
     notes, read back from the input by ``redactor``, or withheld (reason codes kept)
     where they cannot be (pipeline/reasons.py); without a ``redactor`` it is withheld.
@@ -141,7 +142,7 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
                                     str(event.get("access_token_reference_id"))))) is not None:
             batch.append(record)
             pruned += record[1] == "created" and record[8] is None and is_pruned(event)
-        if len(batch) + len(aside) >= _BATCH:
+        if len(batch) + len(aside) >= batch_size:
             if aside:
                 _set_aside(sink, aside)
             added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end,
@@ -178,7 +179,7 @@ def ingest_postgres(ledger: SinkEventsTable, account: str, *,
     position, _ = ledger.sink_position()
     added = 0
     while True:
-        found = ledger.sink_events_after(position, _BATCH)
+        found = ledger.sink_events_after(position, BATCH)
         if not found:
             break
         batch: list[EventRecord] = []
@@ -201,7 +202,7 @@ def ingest_postgres(ledger: SinkEventsTable, account: str, *,
         position = found[-1][0]
         added += ledger.add_events(redactor.clean(batch), dict(tally), offset=position,
                                    head="")
-        if len(found) < _BATCH:
+        if len(found) < BATCH:
             break
     redactor.warn()
     if added:

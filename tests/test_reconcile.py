@@ -27,8 +27,7 @@ class Book:
         if pg_url is None:
             self.ledger = Ledger(tmp / "ledger.sqlite", clock=lambda: self.when or utcnow())
         else:
-            self.ledger = PgLedger(pg_url, ACCOUNT)
-            self.ledger._clock = lambda: self.when or utcnow()  # the clock, as above
+            self.ledger = PgLedger(pg_url, ACCOUNT, clock=lambda: self.when or utcnow())
         self.sink = tmp / "webhooks.jsonl"
         self.sink.write_text("")
         self.run_id = run_id

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import html
-import importlib
 import json
 import re
 import sqlite3
@@ -26,7 +25,6 @@ import sys
 import unicodedata
 import urllib.parse
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -370,18 +368,8 @@ def test_an_upstream_id_is_kept_when_id_like_else_withheld() -> None:
                      "task_locked", {"description": "x"}]) == ["task_closed"]
 
 
-class CountingRedactor(ReasonRedactor):
-    """The real redactor, counting the input files it reads back."""
-
-    reads = 0
-
-    def _read_back(self, *args: Any, **kwargs: Any) -> None:
-        CountingRedactor.reads += 1
-        super()._read_back(*args, **kwargs)
-
-
 def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """Six failed events read two at a time (batches of 2): the input is read back once,
     for all of them, and every reason is redacted."""
     rows = [[f"fq-{i}", f"{PHI} number {i}"] for i in range(6)]
@@ -389,17 +377,16 @@ def test_an_ingest_reads_each_input_file_back_once_however_many_batches(
     append_events(tmp_path / "state" / "webhooks.jsonl", [
         _failed(fake, f"fq-{i}", i, f"Could not append {PHI} number {i}", "task_closed")
         for i in range(6)])
-    monkeypatch.setattr(importlib.import_module("pipeline.reconciliation"), "_BATCH", 2)
     config = load_config(config_path)
     ledger = Ledger(config.state.ledger)
     try:
-        redactor = CountingRedactor(ledger, config.input)
+        redactor = ReasonRedactor(ledger, config.input)
         assert ingest(ledger, config.webhooks.sink, config.api.account_id(),
-                      redactor=redactor) == 6
+                      redactor=redactor, batch_size=2) == 6
         stored = [e.failure_reason for e in ledger.events()]
     finally:
         ledger.close()
-    assert CountingRedactor.reads == 1
+    assert redactor.files_read == 1
     assert stored == ["Could not append [redacted]"] * 6
 
 

@@ -42,7 +42,7 @@ import json
 import os
 import socket
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, cast
 
@@ -78,12 +78,15 @@ class PgLedger(Ledger):
     reached or its schema is newer than this tasknotes.
     """
 
-    def __init__(self, url: str, account: str, accounts: Sequence[str] = ()) -> None:
+    def __init__(self, url: str, account: str, accounts: Sequence[str] = (), *,
+                 clock: Callable[[], str] = utcnow) -> None:
+        """``clock``: the time the ledger writes (ISO 8601 UTC, as ``utcnow``), as
+        ``Ledger``'s."""
         self.url = url
         self.account = account
         self.lock_names = lock_names(accounts or (account,))
         self.path = Path(f"PostgreSQL {where(url)}")
-        self._clock = utcnow
+        self._clock = clock
         self._lock_fd = None
         self._locked = False
         self._conn = open_state(url, application="tasknotes")
