@@ -433,7 +433,7 @@ class Run:
                       "ledger_commits": stats.commits} if stats is not None else {}),
             "problems": dict(counts.problems.counts), "blank_rows": counts.blank,
             "input_records": tuple(f.as_record() for f in counts.files),
-            "truncated_at": list(counts.truncated_at) if counts.truncated_at else None,
+            "truncated_at": counts.truncated_at,
             **self.scan_stopped,
         }
         from pipeline.report import report_context, write_report  # noqa: PLC0415 - pandas

@@ -203,7 +203,8 @@ def test_a_run_record_reads_back_typed_with_its_info_merged(tmp_path: Path) -> N
     try:
         ledger.start_run("r", ACCOUNT, "fp", {"argv": ["run", "x.csv"], "limit": 5})
         ledger.finish_run("r", "finished", {"throughput_per_s": 12.5, "stop_reason": None,
-                                            "send": {"requests": 3}})
+                                            "send": {"requests": 3},
+                                            "truncated_at": ("x.csv", 7)})
         ledger.update_run_info("r", {"exit_code": 1})
         record = ledger.run("r")
     finally:
@@ -211,7 +212,7 @@ def test_a_run_record_reads_back_typed_with_its_info_merged(tmp_path: Path) -> N
     assert record == RunRecord(
         "r", "2026-06-15T12:00:00.000Z", "2026-06-15T12:05:00.000Z", "finished", ACCOUNT, "fp",
         RunInfo(argv=("run", "x.csv"), limit=5, throughput_per_s=12.5,
-                send={"requests": 3}, exit_code=1))
+                send={"requests": 3}, truncated_at=("x.csv", 7), exit_code=1))
 
 
 def test_a_run_left_running_reads_as_crashed_once_no_process_holds_the_lock(

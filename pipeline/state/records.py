@@ -231,7 +231,7 @@ class RunInfoChanges(TypedDict, total=False):
     problems: dict[str, int]
     blank_rows: int
     input_records: tuple[InputRecords, ...]
-    truncated_at: list[Any] | None
+    truncated_at: tuple[str, int] | None
     scan_stopped: ScanStopped
     exit_code: int
     report_final: bool
@@ -249,8 +249,10 @@ class RunInfo:
     the send stage; ``send``: requests, retries, ledger_commits; ``problems``:
     rejected rows per reason code; ``input_records``: per input file, its path,
     records and whether ``--limit`` left some unread (``beyond_limit``);
-    ``scan_stopped``: where a scan that stopped early stopped (path, after_line,
-    unread_files); ``exit_code``: what the run's process ended with;
+    ``truncated_at``: where ``--limit`` stopped reading (the input file's name as
+    given, the line of the first row it left unread); ``scan_stopped``: where a scan
+    that stopped early stopped (path, after_line, unread_files); ``exit_code``: what
+    the run's process ended with;
     ``report_final``/``redrive_digest``: see ``Ledger.report_written``.
     A key absent from the stored JSON reads as the default here.
     """
@@ -267,7 +269,7 @@ class RunInfo:
     problems: dict[str, int] = field(default_factory=dict)
     blank_rows: int = 0
     input_records: tuple[InputRecords, ...] = ()
-    truncated_at: tuple[Any, ...] | None = None
+    truncated_at: tuple[str, int] | None = None
     scan_stopped: ScanStopped | None = None
     exit_code: int | None = None
     report_final: bool = False
@@ -283,6 +285,9 @@ class RunInfo:
         if "input_records" in values:
             values["input_records"] = tuple(InputRecords.from_json(f)
                                             for f in values["input_records"])
+        if "truncated_at" in values:
+            path, line = values["truncated_at"]
+            values["truncated_at"] = (str(path), int(line))
         if values.get("scan_stopped"):
             values["scan_stopped"] = ScanStopped.from_json(values["scan_stopped"])
         else:
