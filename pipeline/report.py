@@ -450,23 +450,17 @@ class Tally:
             self.redrive.setdefault(int(file_no), set()).add(int(line))
         self.redrive_ids.extend(int(i) for i in rows["id"].reset_index(drop=True)[wanted])
 
-    def latency(self) -> dict[str, Any]:
-        """summary.json's ``latency_s``: seconds from submission to the sink receiving the
-        outcome (``count``, ``p50``, ``p90``, ``max``), and ``outcome_clocks``: rows with an
-        outcome time by what that time is (``state.schema.OUTCOME_CLOCKS``); ``not_measured``
-        counts those whose time is the event's own (polled, or no usable receipt: an older
-        sink file, or a receipt whose time could not be read), and ``before_submission``
-        the receive times earlier than their submission (not measured either).
-        """
+    def latency(self) -> Latency:
+        """summary.json's ``latency_s`` (``Latency``) over the rows counted so far."""
         seconds = np.concatenate(self.latencies) if self.latencies else np.array([])
-        clocks = {"outcome_clocks": dict(sorted(self.clocks.items())),
-                  "not_measured": sum(n for c, n in self.clocks.items() if c != "sink_received"),
-                  "before_submission": self.before_submission}
+        clocks = dict(sorted(self.clocks.items()))
+        not_measured = sum(n for c, n in self.clocks.items() if c != "sink_received")
         if not len(seconds):
-            return {"count": 0, "p50": None, "p90": None, "max": None, **clocks}
-        return {"count": len(seconds), "p50": round(float(np.quantile(seconds, 0.5)), 1),
-                "p90": round(float(np.quantile(seconds, 0.9)), 1),
-                "max": round(float(seconds.max()), 1), **clocks}
+            return Latency(0, None, None, None, clocks, not_measured, self.before_submission)
+        return Latency(len(seconds), round(float(np.quantile(seconds, 0.5)), 1),
+                       round(float(np.quantile(seconds, 0.9)), 1),
+                       round(float(seconds.max()), 1), clocks, not_measured,
+                       self.before_submission)
 
     def histogram(self) -> dict[str, Any]:
         """The latency chart: bins of an even, round width ("nice" steps of 1, 2, 2.5 or 5
@@ -552,6 +546,25 @@ class FailureReason:
 
 
 @dataclass(frozen=True, slots=True)
+class Latency:
+    """summary.json's ``latency_s``: seconds from submission to the sink receiving the
+    outcome over the ``count`` rows measured (``p50``, ``p90``, ``max``, to 0.1 s; None
+    when none was), and ``outcome_clocks``: rows with an outcome time by what that time
+    is (``state.schema.OUTCOME_CLOCKS``); ``not_measured`` counts those whose time is
+    the event's own (polled, or no usable receipt: an older sink file, or a receipt whose
+    time could not be read), and ``before_submission`` the receive times earlier than
+    their submission (not measured either)."""
+
+    count: int
+    p50: float | None
+    p90: float | None
+    max: float | None
+    outcome_clocks: dict[str, int]
+    not_measured: int
+    before_submission: int
+
+
+@dataclass(frozen=True, slots=True)
 class NotRead:
     """Where a run's scan stopped before the end of its input, while no later run has read
     the rest: ``stopped`` says so in words, ``after_line`` is the last line of ``path``
@@ -627,7 +640,7 @@ class Summary:
     failure_reasons: tuple[FailureReason, ...]
     settled_by_evidence: int
     conflicts: int
-    latency_s: dict[str, Any]
+    latency_s: Latency
     events: SummaryEvents
     # The scan stopped before the end of an input no later run has read: where, and
     # the files whose rest was not read (None when every input was read).
