@@ -534,14 +534,15 @@ def _migrate_args(migrate: argparse.ArgumentParser) -> None:
 def _migrate_state(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    ledger, sink = jobs.migrate_state(load_config(args.config), args.from_sqlite, args.sink)
+    result = jobs.migrate_state(load_config(args.config), args.from_sqlite, args.sink)
+    ledger, sink = result.ledger, result.sink
     print(f"ledger {args.from_sqlite}: {ledger.runs:,} runs ({ledger.rows:,} rows) and "
           f"{ledger.events:,} mirrored events copied; {ledger.runs_there:,} runs were in "
           "the database already")
     if sink is not None:
         print(f"sink {args.sink}: {sink.sink_events:,} events copied; {sink.sink_there:,} "
               "were in the database already")
-    return exits.OK
+    return result.exit_code
 
 
 def _poll(args: argparse.Namespace) -> int:
@@ -667,8 +668,6 @@ def _write_off(config: RunConfig, run_id: str, *, as_json: bool = False) -> int:
 
     from pipeline import jobs
 
-    if not run_id.strip():
-        raise PipelineError("--write-off: the run id is empty (give the RUN_ID to write off)")
     closed, result = jobs.write_off(config, run_id)
     if as_json:  # a sensor parses stdout: the outcome as one JSON object
         print(json.dumps({

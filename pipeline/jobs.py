@@ -307,14 +307,16 @@ def write_off(config: ConfigSource, run_id: str) -> tuple[int, ReconcileResult]:
     sending them (recorded in the ledger with the time; status.write_off), then rewrite
     that run's report. Returns (rows written off, the reconcile of that run).
 
-    Raises StateError for an unknown run, a run in progress, or no ledger; ConfigError
-    and RuntimeError as ``reconcile`` does.
+    Raises StateError for an empty or unknown run id, a run in progress, or no ledger;
+    ConfigError and RuntimeError as ``reconcile`` does.
     """
     from pipeline.open_items import write_off as close_unsent
     from pipeline.reconciliation import Reconciler
 
     _blocking("write_off")
     config = load(config, "reconcile")
+    if not run_id.strip():  # no run has such an id: name the mistake, not "unknown run"
+        raise StateError("--write-off: the run id is empty (give the RUN_ID to write off)")
     closed = close_unsent(config, run_id)
     ledger = _open_ledger(config)
     try:
@@ -469,8 +471,19 @@ def _reconcile_runs(config: RunConfig, ledger: StateStore, runs: Sequence[str],
     return ReconcileResult(code, tuple(done), config.report.stale_after)
 
 
+@dataclass(frozen=True, slots=True)
+class MigrateOutcome:
+    """What ``migrate_state`` copied: ``ledger``, what the ledger's copy added; ``sink``,
+    what the sink file's added (None: no sink file given). ``exit_code``: 0 (a copy that
+    cannot be made raises instead)."""
+
+    exit_code: int
+    ledger: Copied
+    sink: Copied | None
+
+
 def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
-                  ) -> tuple[Copied, Copied | None]:
+                  ) -> MigrateOutcome:
     """``tasknotes migrate-state``: copy the SQLite ledger at ``ledger`` (and the events of
     the sink file ``sink``, if given) into the database of ``state.url``; idempotent
     (state/pg_migrate.py). Returns what each copy added.
@@ -486,7 +499,7 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
     url = config.state.url.get_secret_value()
     events = None if sink is None else read_sink_events(sink)  # a wrong file: nothing copied
     copied = copy_ledger(url, ledger)
-    return copied, None if events is None else copy_sink(url, events)
+    return MigrateOutcome(exits.OK, copied, None if events is None else copy_sink(url, events))
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,8 @@ def test_reconcile_and_poll_without_a_ledger_raise_and_print_nothing(
 
 def test_reconcile_returns_each_run_and_the_worst_code(tmp_path: Path) -> None:
     """jobs.reconcile: the runs whose report it rewrote, each with its report, and the
-    worst of their codes; an unknown run id is a StateError."""
+    worst of their codes; an unknown run id is a StateError, and so is an empty one given
+    to jobs.write_off."""
     write_csv(tmp_path / "input.csv", [["T1", "one"], ["", "no task"]])
     with EmulatorThread() as api:
         config = make_config(tmp_path, api={"base_url": api.url})
@@ -102,6 +103,9 @@ def test_reconcile_returns_each_run_and_the_worst_code(tmp_path: Path) -> None:
     assert jobs.reconcile(config, second.run_id).exit_code == 0
     with pytest.raises(StateError):
         jobs.reconcile(config, "no-such-run")
+    for blank in ("", "  "):  # write_off's callers get the check the CLI gave before
+        with pytest.raises(StateError, match="the run id is empty"):
+            jobs.write_off(config, blank)
 
 
 def test_poll_in_a_sandbox_has_nothing_to_do(tmp_path: Path) -> None:
