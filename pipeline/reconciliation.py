@@ -60,8 +60,7 @@ from pipeline.state import (
     Status,
     row_key,
 )
-from pipeline.state.pg_events import SIGNED
-from pipeline.state.pg_migrate import NO_RECEIPT
+from pipeline.state.protocol import NO_RECEIPT, SIGNED
 
 log = logging.getLogger(__name__)
 

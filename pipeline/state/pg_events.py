@@ -51,13 +51,13 @@ from pipeline.events import (
     encode_event,
 )
 from pipeline.state.postgres import connect, describe_failure, open_state, where
+from pipeline.state.protocol import SIGNED
 
 if TYPE_CHECKING:
     import psycopg
 
 log = logging.getLogger(__name__)
 
-SIGNED: Final = "signature-verified"
 PRUNE_BATCH: Final = 1000  # stored events read, and rewritten in one transaction, at a time
 _PRUNE_LOCK: Final = 0x746E7072756E65  # "tnprune": one prune at a time per database
 

@@ -26,15 +26,12 @@ from typing import Any, Final
 
 from pipeline.errors import StateError
 from pipeline.state.postgres import open_state, where
+from pipeline.state.protocol import NO_RECEIPT, POLLED, SIGNED
 from pipeline.state.schema import clock_name
 from pipeline.state.sqlite import Ledger
 
-# The verdict of a sink-file event stored without a receipt (a file older than
-# receipts): its outcome time is the event's own ``created`` (reconcile.ingest_postgres).
 log = logging.getLogger(__name__)
 
-NO_RECEIPT: Final = "migrated-no-receipt"
-POLLED: Final = "polled"
 _CHUNK: Final = 5000
 # An event as copied: (id, SHA-256 of its body, body, verdict, receive time).
 SinkEvent = tuple[str, bytes, bytes, str, datetime]
@@ -194,7 +191,6 @@ def read_sink_events(sink: Path) -> list[SinkEvent]:
     before the ledger is copied. Raises StateError if the file cannot be used.
     """
     from pipeline.events import SetAside, encode_event, read_receipts, read_sink_from
-    from pipeline.state.pg_events import SIGNED
 
     if not sink.exists():
         raise StateError(f"--sink: no sink file at {sink}")

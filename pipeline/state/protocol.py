@@ -182,6 +182,13 @@ class RetentionStore(Protocol):
         ...
 
 
+# The verdict each stored sink event carries (``sink_events_after``): how it came to be
+# stored. Only a signed webhook's receive time measures latency (ingest_postgres).
+SIGNED: Final = "signature-verified"  # a webhook the sink verified, stored as received
+POLLED: Final = "polled"  # fetched by tasknotes poll (GET /v1/webhook-events)
+NO_RECEIPT: Final = "migrated-no-receipt"  # copied from a sink file with no receipt of it
+
+
 @runtime_checkable
 class SinkEventsTable(OutcomeStore, Protocol):
     """A store that also holds the sink's events (state.url): reconcile mirrors them from
@@ -192,7 +199,8 @@ class SinkEventsTable(OutcomeStore, Protocol):
 
     def sink_events_after(self, seq: int, limit: int
                           ) -> list[tuple[int, bytes, str, str]]:
-        """(seq, body, verdict, received_at) of up to ``limit`` events after ``seq``."""
+        """(seq, body, verdict, received_at) of up to ``limit`` events after ``seq``;
+        ``verdict``: ``SIGNED``, ``POLLED`` or ``NO_RECEIPT``."""
         ...
 
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import StateError
 from pipeline.events import SinkFile
-from pipeline.state.pg_events import SIGNED, PgEventStore
+from pipeline.state.pg_events import PgEventStore
+from pipeline.state.protocol import POLLED, SIGNED
 from pipeline.state.sqlite import Ledger
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def open_event_store(config: RunConfig, *, polled: bool = False) -> SinkFile | P
     Raises StateError (exit 2) if it cannot be opened: one line, never a password.
     """
     if config.state.url is not None:
-        return open_event_table(config, verdict="polled" if polled else SIGNED)
+        return open_event_table(config, verdict=POLLED if polled else SIGNED)
     sink = SinkFile(config.webhooks.sink)
     sink.open()
     return sink
