@@ -179,6 +179,11 @@ def encode_event(event: dict[str, Any]) -> bytes:
 
 
 PRUNED_AT: Final = "pruned_at"
+# Left by ``tasknotes prune`` in a pruned run's report directory (JSON, no note text): its
+# input copies are gone for good and its report was rewritten without note text, so no
+# later report of the run writes any again (report.write_report). Here, beside the pruned
+# event format, so that report.py and retention.py both read it without importing each other.
+PRUNED_MARK: Final = "pruned.json"
 
 
 def is_pruned(event: dict[str, Any]) -> bool:

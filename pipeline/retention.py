@@ -8,7 +8,12 @@ What goes (for events and runs older than the limit):
 - the run's 0600 input copies, ``reports/<run_id>/rejects.csv`` and
   ``redrive.csv`` (a run's age is its start); the directory keeps a
   ``pruned.json`` marker instead, so no later ``reconcile`` writes its redrive.csv
-  (or note previews) again from the input;
+  (or note previews) again from the input; a copy that is a symbolic link is not
+  followed (the link goes, its target stays, and the summary says so);
+- the note previews in such a run's report.html (``report.show_note_preview``): its
+  report is rewritten once, under the marker, which then says ``"report":
+  "rewritten"`` (a prune killed before that rewrites it next time); the page no
+  longer points to the removed rejects.csv;
 - the sink file's side files ``<sink>.set-aside`` and ``<sink>.torn`` (lines a
   reader could not decode, a torn tail: both may hold note text) when last
   written before the limit (their records carry no date; one written since is
@@ -77,6 +82,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
 from pipeline.events import (
     PRUNED_AT,
+    PRUNED_MARK,
     UnreadableEvent,
     decode_event,
     encode_event,
@@ -86,6 +92,7 @@ from pipeline.events import (
 )
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
+from pipeline.report import rewrite_report
 from pipeline.state import StateStore
 from pipeline.state.postgres import describe_failure, open_state, where
 from pipeline.state.store import existing_store, open_store
@@ -93,9 +100,6 @@ from pipeline.state.store import existing_store, open_store
 log = logging.getLogger(__name__)
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
-# Left in a pruned run's report directory: its input copies are gone for good, so a later
-# reconcile writes no redrive.csv (nor note previews) for it again (report.write_report).
-PRUNED_MARK = "pruned.json"
 # The sink file's side files that may hold note text (pipeline/events.py): unreadable lines
 # set aside by a reader, and a torn last line cut off by the sink after a crash.
 SIDE_FILES = (".set-aside", ".torn")
@@ -117,7 +121,10 @@ class PruneResult:
     want of a readable ``created``; ``not_mirrored``: old events kept whole because
     the ledger had not read them yet; ``unreadable``: lines the codec refuses,
     copied as they are; ``sink_bytes``: the sink file's size before and after;
-    ``files``: input copies and side files removed; ``side_kept``: side files of the
+    ``files``: input copies and side files removed; ``links``: those that were symbolic
+    links, of which only the link was removed (its target, never followed, is left);
+    ``reports``: the report.html of each pruned run rewritten without note text;
+    ``side_kept``: side files of the
     sink file written to within the limit, kept; ``ledger_bytes``: the SQLite ledger's
     size (its file and WAL) before and after; ``ledger_freed``: bytes VACUUM gave back.
     """
@@ -132,6 +139,8 @@ class PruneResult:
     sink_bytes: tuple[int, int] = (0, 0)
     old_runs: int = 0
     files: list[Path] = field(default_factory=list)
+    links: list[Path] = field(default_factory=list)
+    reports: list[Path] = field(default_factory=list)
     side_kept: int = 0
     ledger_bytes: tuple[int, int] = (0, 0)
     ledger_freed: int = 0
@@ -155,8 +164,12 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     if config.state.url is not None:
         runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result)
         result.old_runs = len(runs)
-        result.files = _input_copies(config.report.dir, runs, stamp=result.cutoff,
-                                     dry_run=dry_run)
+        _input_copies(config.report.dir, runs, result)
+        store = open_store(config)
+        try:
+            _rewrite_reports(config, store, runs, result)
+        finally:
+            store.close()
         return result
     sink = config.webhooks.sink
     ledger = existing_store(config, readonly=dry_run)
@@ -169,8 +182,8 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
                 result.old_runs = len(runs)
-                result.files += _input_copies(config.report.dir, runs, stamp=result.cutoff,
-                                              dry_run=dry_run)
+                _input_copies(config.report.dir, runs, result)
+                _rewrite_reports(config, ledger, runs, result)
                 size = _ledger_size(config.state.ledger)
                 if not dry_run:
                     result.ledger_freed = ledger.vacuum()
@@ -435,28 +448,70 @@ def _whole_lines(fd: int) -> int:
     return last_line_end(fd, os.fstat(fd).st_size)
 
 
-def _input_copies(reports: Path, run_ids: list[str], *, stamp: str,
-                  dry_run: bool) -> list[Path]:
+def _input_copies(reports: Path, run_ids: list[str], result: PruneResult) -> None:
     """Remove (or, dry, list) the input copies of ``run_ids``' report directories, each
     marked ``PRUNED_MARK`` first (JSON: the ``cutoff`` it was pruned under), so that no
     later report of the run writes one again (an interrupted prune leaves the marker and
-    the copies for the next one)."""
-    found = []
+    the copies for the next one). Removed files go to ``result.files``; a copy that is a
+    symbolic link is not followed: the link alone is removed, and listed in
+    ``result.links`` (its target, which may hold note text, is not touched)."""
     for run_id in run_ids:
         directory = reports / run_id
-        if not dry_run and not (directory / PRUNED_MARK).exists():
+        if not result.dry_run and not (directory / PRUNED_MARK).exists():
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temp = directory / f".{PRUNED_MARK}.tmp"
-            temp.write_text(json.dumps({"cutoff": stamp, "input_copies": "removed"}) + "\n",
-                            encoding="utf-8")
-            os.replace(temp, directory / PRUNED_MARK)
+            _write_mark(directory, {"cutoff": result.cutoff, "input_copies": "removed"})
         for name in INPUT_COPIES:
-            path = directory / name
-            if path.is_file():
-                found.append(path)
-                if not dry_run:
-                    path.unlink()
-    return found
+            _remove(directory / name, result)
+
+
+def _write_mark(directory: Path, mark: dict[str, str]) -> None:
+    """Write ``PRUNED_MARK`` in ``directory`` whole (a temporary file, then a rename)."""
+    temp = directory / f".{PRUNED_MARK}.tmp"
+    temp.write_text(json.dumps(mark, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temp, directory / PRUNED_MARK)
+
+
+def _remove(path: Path, result: PruneResult) -> None:
+    """Remove (dry: list) ``path``: a regular file goes to ``result.files``; a symbolic
+    link is never followed, the link alone goes (``result.links``); anything else, or
+    nothing, is left."""
+    if path.is_symlink():
+        result.links.append(path)
+    elif path.is_file():
+        result.files.append(path)
+    else:
+        return
+    if not result.dry_run:
+        path.unlink(missing_ok=True)
+
+
+def _rewrite_reports(config: RunConfig, ledger: StateStore, run_ids: list[str],
+                     result: PruneResult) -> None:
+    """Rewrite (dry: list) the report of each pruned run not rewritten since it was marked
+    (its ``PRUNED_MARK`` lacks ``"report": "rewritten"``): report.html may hold note
+    previews (``report.show_note_preview``) and send its reader to the removed rejects.csv;
+    written again under the marker it holds neither (report.write_report). The marker
+    says so only once the report is written, so a prune killed in between rewrites it
+    next time. Each report.html rewritten goes to ``result.reports``."""
+    reconciler: Reconciler | None = None
+    for run_id in run_ids:
+        directory = config.report.dir / run_id
+        try:
+            mark = json.loads((directory / PRUNED_MARK).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            mark = {}
+        if not isinstance(mark, dict):
+            mark = {}
+        if mark.get("report") == "rewritten":
+            continue
+        result.reports.append(directory / "report.html")
+        if result.dry_run:
+            continue
+        reconciler = reconciler or Reconciler.of(ledger, config)
+        rewrite_report(ledger, reconciler, run_id, config)
+        _write_mark(directory, {**{str(k): str(v) for k, v in mark.items()},
+                                "cutoff": str(mark.get("cutoff", result.cutoff)),
+                                "report": "rewritten"})
 
 
 def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:
@@ -465,15 +520,13 @@ def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:
     for suffix in SIDE_FILES:
         path = sink.with_name(sink.name + suffix)
         try:
-            written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            written = datetime.fromtimestamp(path.lstat().st_mtime, UTC)
         except FileNotFoundError:
             continue
         if written >= cutoff:
             result.side_kept += 1
             continue
-        result.files.append(path)
-        if not result.dry_run:
-            path.unlink(missing_ok=True)
+        _remove(path, result)
 
 
 def _ledger_size(path: Path) -> int:

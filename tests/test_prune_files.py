@@ -18,6 +18,7 @@ from pipeline.events import compact_json as compact
 
 SECRET = "Zoë's PHI: called patient about the biopsy"
 OLD = "2026-01-05T10:00:00Z"
+NOTE = "PHIMARK called patient about the biopsy"  # HTML escapes nothing in it
 
 
 def test_prune_removes_old_side_files_and_keeps_one_written_since(
@@ -93,3 +94,68 @@ def test_a_pruned_runs_redrive_and_rejects_are_not_written_again_by_reconcile(
     assert not (report / "redrive.csv").exists()
     assert not (report / "rejects.csv").exists()
     assert SECRET not in "".join(p.read_text(encoding="utf-8") for p in report.iterdir())
+
+
+def test_prune_rewrites_a_pruned_runs_report_without_note_previews_and_reconcile_keeps_it_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With report.show_note_preview the report.html of a run holds the first characters
+    of each flagged row's note. Pruning the run rewrites that page at once (no later
+    change is needed): no preview is left, and it no longer points to the rejects.csv
+    prune removed; reconcile and a second prune leave it so."""
+    source = write_csv(tmp_path / "in.csv", [["X", NOTE], ["bad id with space", NOTE]])
+    fake = FakeCobalt(answers={"X": (503, {"message": "busy"})})
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, input={"path": str(source)}, api={"base_url": api.url},
+                              report={"dir": str(tmp_path / "reports"),
+                                      "show_note_preview": True, "preview_chars": 12})
+        assert main(["-q", "run", str(config), "--no-progress"]) == 1
+    (report,) = (tmp_path / "reports").iterdir()
+    page = report / "report.html"
+    assert "PHIMARK" in page.read_text(encoding="utf-8")  # the preview is there
+    assert "The rows are in rejects.csv" in page.read_text(encoding="utf-8")
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+        db.execute("UPDATE runs SET started_at = '2026-01-05T09:00:00.000Z'")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30", "--dry-run"]) == 0
+    assert "would rewrite 1 report (report.html)" in capsys.readouterr().out
+    assert "PHIMARK" in page.read_text(encoding="utf-8")  # a dry run changes nothing
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "rewrote 1 report (report.html) without note previews" in out
+    assert str(page) in out
+    for _ in range(2):
+        text = page.read_text(encoding="utf-8")
+        assert "PHIMARK" not in text
+        assert "rejects.csv (not shared" not in text
+        assert "removed by tasknotes prune" in text
+        assert main(["-q", "reconcile", str(config)]) == 1  # X is still unsent
+    assert "PHIMARK" not in "".join(p.read_text(encoding="utf-8") for p in report.iterdir())
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    assert "rewrote" not in capsys.readouterr().out  # rewritten once, then left alone
+
+
+def test_a_symlinked_input_copy_is_not_followed_and_the_summary_says_only_the_link_went(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """rejects.csv replaced by a symbolic link to a file elsewhere: prune removes the
+    link, never the file it points to, and does not list it as a removed copy: it says
+    that only the link went and that the file it points to may hold note text."""
+    source = write_csv(tmp_path / "in.csv", [["bad id with space", NOTE]])
+    config = write_config(tmp_path, input={"path": str(source)})
+    assert main(["-q", "run", str(config), "--no-progress"]) == 1
+    (report,) = (tmp_path / "reports").iterdir()
+    outside = tmp_path / "outside.csv"
+    (report / "rejects.csv").rename(outside)
+    (report / "rejects.csv").symlink_to(outside)
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+        db.execute("UPDATE runs SET started_at = '2026-01-05T09:00:00.000Z'")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {report / 'rejects.csv'}\n" not in out  # not among the files removed
+    assert f"{report / 'rejects.csv'}: a symbolic link; removed the link only" in out
+    assert "removed 0 files" in out
+    assert not (report / "rejects.csv").is_symlink()
+    assert "PHIMARK" in outside.read_text(encoding="utf-8")  # never followed
