@@ -602,6 +602,44 @@ def read_receipts(sink: Path, since: int = 0) -> dict[str, Receipt] | None:
     return found
 
 
+def carry_receipts(sink: Path, moved: dict[str, int], *, since: int, begin: int = 0,
+                   end: int | None = None) -> int:
+    """Give the events ``tasknotes prune`` moved a receipt naming where each now is.
+
+    ``moved``: event id -> the byte offset of its line in the pruned rewrite of ``sink``.
+    For each, the first receipt at ``since`` or later in the file it replaces (found
+    between bytes ``begin`` and ``end`` of the receipts file; None: its end) is appended
+    again with the new offset (same receive time), so that a reader going on from a
+    position in the rewrite finds it: ``read_receipts`` keeps only the receipts at or
+    after its position, and a line can move past it when pruned lines grow. Prune calls
+    this before its rename (the tail's under the sink's lock): killed, one more receipt
+    of an event, with the same time, is harmless. Returns how many were appended.
+    """
+    path = receipts_path(sink)
+    wanted = {str(safe_id(event_id)): offset for event_id, offset in moved.items()}
+    if not wanted or not path.exists():
+        return 0
+    found: dict[str, dict[str, Any]] = {}
+    with path.open("rb") as fh:
+        fh.seek(begin)
+        at = begin
+        for raw in fh:
+            at += len(raw)
+            if end is not None and at > end:
+                break
+            with contextlib.suppress(UnreadableEvent):
+                record = decode_event(raw.rstrip(b"\n"))
+                event_id, offset = record.get("id"), record.get("offset")
+                if (isinstance(event_id, str) and event_id in wanted and event_id not in found
+                        and isinstance(offset, int) and offset >= since):
+                    found[event_id] = record
+    out = [compact_json({**record, "offset": wanted[event_id]})
+           for event_id, record in found.items() if record["offset"] != wanted[event_id]]
+    if out:
+        _append_private(path, b"\n".join(out) + b"\n")
+    return len(out)
+
+
 def _append_private(path: Path, data: bytes) -> None:
     """Append ``data`` to a side file created 0600 (and made 0600 if it was not), fsync'ed."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -703,7 +741,7 @@ def _side_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield decode_event(raw.rstrip(b"\n"))
 
 
-def read_sink_from(path: Path, start: int, stop: int | None = None
+def read_sink_from(path: Path, start: int, stop: int | None = None, *, fd: int | None = None
                    ) -> Iterator[tuple[int, int, dict[str, Any] | SetAside]]:
     """(line number, offset after the line, envelope or SetAside) for each line from ``start``
     (bytes), up to byte ``stop`` (a line that would end past it is left for the next read;
@@ -713,9 +751,12 @@ def read_sink_from(path: Path, start: int, stop: int | None = None
     SetAside, and reading goes on. Line numbers count from ``start`` (1 is its
     first line). A torn last line (no newline, refused) ends the reading with a
     warning, without being passed: the sink moves it aside when it next opens.
+    ``fd``: the file, open already (it is read through a duplicate of it; ``path`` only
+    names it), so that a reader that measured the file reads that file, even if a
+    prune renamed another one over its path meanwhile.
     """
     try:
-        fh = path.open("rb")
+        fh = path.open("rb") if fd is None else os.fdopen(os.dup(fd), "rb")
     except FileNotFoundError:
         return
     except OSError as exc:

@@ -84,11 +84,13 @@ from pipeline.events import (
     PRUNED_AT,
     PRUNED_MARK,
     UnreadableEvent,
+    carry_receipts,
     decode_event,
     encode_event,
     fsync_dir,
     is_pruned,
     last_line_end,
+    receipts_path,
 )
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
@@ -175,9 +177,10 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     ledger = existing_store(config, readonly=dry_run)
     try:
         with _prune_lock(sink, dry_run=dry_run):
-            limit = _mirror(config, ledger, sink, dry_run=dry_run)
+            limit, head = _mirror(config, ledger, sink, dry_run=dry_run)
             if sink.exists():
-                _SinkPruner(sink, cutoff, limit, result, ledger, checkpoint=checkpoint).run()
+                _SinkPruner(sink, cutoff, (limit, head), result, ledger,
+                            checkpoint=checkpoint).run()
             _side_files(sink, cutoff, result)
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
@@ -251,18 +254,20 @@ def _prune_database(config: RunConfig, url: str, cutoff: datetime, result: Prune
         conn.close()
 
 
-def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool) -> int:
+def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool
+            ) -> tuple[int, str]:
     """Read what the sink file gained into the ledger; returns the byte offset up to which
-    the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess)."""
+    the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess), and
+    the fingerprint the ledger keeps with it ("" when it is not this file's)."""
     if dry_run:
-        return -1
+        return -1, ""
     if ledger is None:
-        return 0  # no ledger: nothing mirrored, nothing of the text may go
+        return 0, ""  # no ledger: nothing mirrored, nothing of the text may go
     latest = ledger.latest_run()
     if latest is not None:
         Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
     offset, head = ledger.sink_position()
-    return offset if head and head == sink_head(sink) else 0
+    return (offset, head) if head and head == sink_head(sink) else (0, "")
 
 
 @contextlib.contextmanager
@@ -284,10 +289,13 @@ def _prune_lock(sink: Path, *, dry_run: bool) -> Iterator[None]:
 class _SinkPruner:
     """One rewrite of the sink file (the protocol is in the module docstring)."""
 
-    def __init__(self, sink: Path, cutoff: datetime, limit: int, result: PruneResult,
-                 ledger: StateStore | None, *, checkpoint: Callable[[str], None]) -> None:
-        self.sink, self.cutoff, self.limit = sink, cutoff, limit
+    def __init__(self, sink: Path, cutoff: datetime, position: tuple[int, str],
+                 result: PruneResult, ledger: StateStore | None, *,
+                 checkpoint: Callable[[str], None]) -> None:
+        self.sink, self.cutoff = sink, cutoff
+        self.limit, self.head = position  # the ledger's reading position, mirror included
         self.checkpoint = checkpoint
+        self.moved: dict[str, int] = {}  # event id -> its offset in the new file (unmirrored)
         self.result, self.ledger = result, ledger
         self.temp = sink.with_name(f".{sink.name}.prune.tmp")
         self.stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -301,6 +309,7 @@ class _SinkPruner:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             start_size = _whole_lines(fd)  # no lock needed below: the sink only appends
+            receipts = _size(receipts_path(self.sink))  # theirs are before this byte
             fcntl.flock(fd, fcntl.LOCK_UN)
             if dry:
                 self._copy(fd, 0, start_size, None)
@@ -312,8 +321,9 @@ class _SinkPruner:
                     written = self._copy(fd, 0, start_size, fh)
                     if not self.result.events_pruned:
                         return  # nothing to remove: the sink file is left as it is
+                    carry_receipts(self.sink, self.moved, since=self.limit, end=receipts)
                     self.checkpoint("copied")
-                    self._swap(fd, fh, start_size, written)
+                    self._swap(fd, fh, (start_size, receipts), written)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise StorageFull(f"disk full: the pruned copy {self.temp} cannot be "
@@ -325,8 +335,11 @@ class _SinkPruner:
         finally:
             os.close(fd)
 
-    def _swap(self, fd: int, fh: BinaryIO, start_size: int, written: int) -> None:
-        """Under the sink's lock: the lines appended since the copy began, fsync, rename."""
+    def _swap(self, fd: int, fh: BinaryIO, start: tuple[int, int], written: int) -> None:
+        """Under the sink's lock: the lines appended since the copy began (``start``: the
+        sink file's and its receipts' sizes then) and their receipts' new offsets, fsync,
+        rename; then the ledger's position in the new file, unless it moved meanwhile."""
+        start_size, receipts = start
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             named, opened = os.stat(self.sink), os.fstat(fd)
@@ -336,6 +349,9 @@ class _SinkPruner:
             end = opened.st_size
             tail = os.pread(fd, end - start_size, start_size)
             fh.write(tail)  # appended meanwhile: copied as is (newer than any limit)
+            if self.limit > 0:
+                carry_receipts(self.sink, _ids_at(tail, written), since=self.limit,
+                               begin=receipts)
             fh.flush()
             os.fsync(fh.fileno())
             if self.mapped is None and self.limit > start_size:
@@ -347,7 +363,10 @@ class _SinkPruner:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         self.result.sink_bytes = (end, written + len(tail))
-        if self.ledger is not None and self.mapped is not None:
+        # Only from where this prune found it: a reconcile that read further meanwhile (in
+        # the old file) left a position that makes the next one read the new file afresh.
+        if (self.ledger is not None and self.mapped is not None
+                and self.ledger.sink_position() == (self.limit, self.head)):
             self.ledger.add_events([], {}, offset=self.mapped, head=sink_head(self.sink))
 
     def _copy(self, fd: int, start: int, end: int, out: BinaryIO | None) -> int:
@@ -361,8 +380,10 @@ class _SinkPruner:
                 raw = fh.readline(end - offset)
                 if not raw:
                     break
-                offset += len(raw)
+                begin, offset = offset, offset + len(raw)
                 line = self._line(raw, mirrored=self.limit < 0 or offset <= self.limit)
+                if 0 < self.limit <= begin:  # not mirrored yet: its receipt must follow it
+                    self.moved.update(_ids_at(raw, written))
                 if out is not None:
                     out.write(line)
                 written += len(line)
@@ -441,6 +462,27 @@ def _when(value: object) -> datetime | None:
     except ValueError:
         return None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _ids_at(lines: bytes, start: int) -> dict[str, int]:
+    """Event id -> byte offset of its line, for the whole lines in ``lines``, the first of
+    which begins at byte ``start`` (a line the codec refuses, or with no id, is skipped)."""
+    found: dict[str, int] = {}
+    at = start
+    for raw in lines.splitlines(keepends=True):
+        with contextlib.suppress(UnreadableEvent):
+            event_id = decode_event(raw.rstrip(b"\n")).get("id")
+            if isinstance(event_id, str):
+                found.setdefault(event_id, at)
+        at += len(raw)
+    return found
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _whole_lines(fd: int) -> int:
