@@ -718,6 +718,9 @@ def _prune(args: argparse.Namespace) -> int:
               f"{_n(len(done.reports), 'report')} (report.html) without note previews")
         for path in done.reports:
             print(f"  {path}")
+    for path in done.rotated:
+        print(f"  left: {path}: looks like a rotated copy of the sink file; prune does not"
+              " prune it and reconcile does not read it (see the README, Retention)")
     if done.side_kept:
         print(f"  left: {_n(done.side_kept, 'side file')} of the sink file written to within "
               "the limit")

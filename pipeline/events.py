@@ -703,6 +703,26 @@ class SetAside:
     raw: bytes
 
 
+# The files tasknotes keeps beside the sink file ``<sink><suffix>``: its receipts, the lines
+# a reader set aside, a torn tail, and prune's lock (retention.py).
+SIDE_SUFFIXES: Final = (".received", ".set-aside", ".torn", ".prune.lock")
+
+
+def rotated_copies(sink: Path) -> list[Path]:
+    """Files beside ``sink`` named like copies of it (``<sink>.1``, ``<sink>-20261130``,
+    ``<sink>.1.gz``: what logrotate or a hand leaves) that are none of tasknotes' own side
+    files (``SIDE_SUFFIXES``), sorted. No reader reads them and prune does not prune them:
+    the events in them are neither mirrored nor pruned (README, Retention)."""
+    try:
+        names = sorted(os.listdir(sink.parent))
+    except OSError:
+        return []
+    return [sink.with_name(name) for name in names
+            if name != sink.name and name.startswith(sink.name)
+            and name[len(sink.name)] in ".-_"
+            and name[len(sink.name):] not in SIDE_SUFFIXES]
+
+
 def set_aside_path(sink: Path) -> Path:
     """Where a reader keeps the sink file's unreadable lines: ``<sink>.set-aside``."""
     return sink.with_name(sink.name + ".set-aside")

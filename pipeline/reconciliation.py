@@ -45,6 +45,7 @@ from pipeline.events import (
     keep_set_aside,
     read_receipts,
     read_sink_from,
+    rotated_copies,
     set_aside_path,
 )
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
@@ -173,6 +174,8 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
         added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current,
                                    count_repeats=not again)
     redactor.warn()
+    if offset == 0 or added:  # once per new file or new events, not every reconcile
+        _warn_rotated(sink)
     if pruned:
         log.warning("%s: %d task_note.created events read here have had their note text pruned"
                     " (tasknotes prune): one this ledger had not mirrored before the prune"
@@ -181,6 +184,17 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
     if added:
         log.info("%d new task_note events from %s", added, sink)
     return added
+
+
+def _warn_rotated(sink: Path) -> None:
+    """Warn of files beside the sink file that look like rotated copies of it (never read:
+    events.rotated_copies)."""
+    found = rotated_copies(sink)
+    if found:
+        log.warning("%s: %d file(s) beside it look like rotated copies of it (first: %s);"
+                    " reconcile does not read them and prune does not prune them: any event"
+                    " in them not mirrored before the rotation is missing here (README,"
+                    " Retention: do not rotate the sink file)", sink, len(found), found[0].name)
 
 
 def ingest_postgres(ledger: SinkEventsTable, account: str, *,

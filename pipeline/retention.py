@@ -46,7 +46,17 @@ Safe to interrupt. Until the rename the sink file is untouched (a stale
 rename replaces it whole. The ledger's reading position in the sink file is
 fingerprinted with the file's inode (reconciliation.py), so a prune killed between
 the rename and recording the new position only makes the next reconcile read
-the new file from its start.
+the new file from its start (counting no event it had mirrored as a repeat).
+Prune records that position only if the ledger's is still the one it started
+from (a reconcile that read further meanwhile leaves the new file to be read
+afresh). A pruned line can grow, so an unmirrored event may land past the byte
+its receipt names (and readers drop receipts before their position): before the
+rename prune appends, for each unmirrored event, a copy of its receipt naming
+its new offset (``events.carry_receipts``; the tail's under the lock).
+
+Files beside the sink file that look like rotated copies of it (``<sink>.1``,
+``<sink>-DATE``: ``events.rotated_copies``) are neither read nor pruned: the
+summary lists them, and reconcile warns.
 
 In PostgreSQL (``state.url``): the events the sink stored in ``sink_events`` are
 pruned by the same rules, in batches of ``_DB_BATCH`` by commit order, each batch
@@ -91,6 +101,7 @@ from pipeline.events import (
     is_pruned,
     last_line_end,
     receipts_path,
+    rotated_copies,
 )
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
@@ -126,6 +137,8 @@ class PruneResult:
     ``files``: input copies and side files removed; ``links``: those that were symbolic
     links, of which only the link was removed (its target, never followed, is left);
     ``reports``: the report.html of each pruned run rewritten without note text;
+    ``rotated``: files beside the sink file that look like rotated copies of it, left as
+    they are (``events.rotated_copies``: their note text is not pruned);
     ``side_kept``: side files of the
     sink file written to within the limit, kept; ``ledger_bytes``: the SQLite ledger's
     size (its file and WAL) before and after; ``ledger_freed``: bytes VACUUM gave back.
@@ -143,6 +156,7 @@ class PruneResult:
     files: list[Path] = field(default_factory=list)
     links: list[Path] = field(default_factory=list)
     reports: list[Path] = field(default_factory=list)
+    rotated: list[Path] = field(default_factory=list)
     side_kept: int = 0
     ledger_bytes: tuple[int, int] = (0, 0)
     ledger_freed: int = 0
@@ -182,6 +196,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
                 _SinkPruner(sink, cutoff, (limit, head), result, ledger,
                             checkpoint=checkpoint).run()
             _side_files(sink, cutoff, result)
+            result.rotated = rotated_copies(sink)
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
                 result.old_runs = len(runs)

@@ -159,3 +159,45 @@ def test_a_symlinked_input_copy_is_not_followed_and_the_summary_says_only_the_li
     assert "removed 0 files" in out
     assert not (report / "rejects.csv").is_symlink()
     assert "PHIMARK" in outside.read_text(encoding="utf-8")  # never followed
+
+
+def test_a_rotated_copy_of_the_sink_file_is_named_by_prune_and_reconcile(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The sink file moved away by hand (as logrotate does) and a new one started: the
+    moved copy holds events reconcile never reads and note text prune never prunes.
+    Neither is silent about it: prune lists it as left, reconcile warns; tasknotes' own side
+    files are not taken for one."""
+    config = write_config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    event = {"id": "evt_r1", "access_token_reference_id": "u", "object": "event",
+             "created": OLD, "type": "task_note.created", "job_id": "1",
+             "data": {"task_note_id": "tn", "emr_task_id": "T", "note": NOTE}}
+    (state / "webhooks.jsonl.1").write_bytes(compact(event) + b"\n")
+    (state / "webhooks.jsonl").write_bytes(compact({**event, "id": "evt_r2"}) + b"\n")
+    for own in ("webhooks.jsonl.received", "webhooks.jsonl.set-aside", "webhooks.jsonl.torn"):
+        (state / own).write_bytes(b"")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"left: {state / 'webhooks.jsonl.1'}: looks like a rotated copy" in out
+    assert "webhooks.jsonl.received:" not in out
+    assert "PHIMARK" in (state / "webhooks.jsonl.1").read_text(encoding="utf-8")
+
+    from pipeline.reconciliation import ingest  # noqa: PLC0415 - this test alone
+    from pipeline.state import Ledger  # noqa: PLC0415 - this test alone
+
+    (state / "webhooks.jsonl").rename(state / "webhooks.jsonl-20261130")
+    (state / "webhooks.jsonl").write_bytes(compact({**event, "id": "evt_r3"}) + b"\n")
+    ledger = Ledger(tmp_path / "other-ledger.sqlite")
+    try:
+        with caplog.at_level("WARNING"):
+            ingest(ledger, state / "webhooks.jsonl", "test_clinic")
+    finally:
+        ledger.close()
+    warned = [r.getMessage() for r in caplog.records if "rotated copies" in r.getMessage()]
+    assert len(warned) == 1
+    assert "2 file(s) beside it look like rotated copies of it (first: webhooks.jsonl-2026" \
+        in warned[0]
