@@ -168,7 +168,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     """Prune note text older than ``older_than_days`` days (module docstring).
 
     ``checkpoint`` is called with the name of each step of the sink file's rewrite as it
-    is reached ("copied", "synced", "renamed"): the tests kill the process there, to
+    is reached ("mirrored", "copied", "synced", "renamed"): the tests kill the process there, to
     prove each is safe to be killed at.
 
     Raises StateError when another prune holds the sink file, or the sink file is
@@ -192,6 +192,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     try:
         with _prune_lock(sink, dry_run=dry_run):
             limit, head = _mirror(config, ledger, sink, dry_run=dry_run)
+            checkpoint("mirrored")
             if sink.exists():
                 _SinkPruner(sink, cutoff, (limit, head), result, ledger,
                             checkpoint=checkpoint).run()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from test_prune import KILLED_AT, append_events, created, events_in, ledger_with_a_run
 
 from helpers import make_config, write_config
@@ -148,9 +149,12 @@ def test_a_reconcile_that_prune_renames_under_reads_the_file_it_measured(
         ledger.close()
 
 
-def test_events_stored_while_prune_copies_keep_their_receive_times(tmp_path: Path) -> None:
-    """Events the sink stores while prune copies the file land in the new file after the
-    pruned lines, which grew (``"note":null`` and ``pruned_at`` are longer than a short
+@pytest.mark.parametrize("step", ["mirrored", "copied"])
+def test_events_stored_while_prune_copies_keep_their_receive_times(
+        tmp_path: Path, step: str) -> None:
+    """Events the sink stores while prune works (after its mirroring: copied with the rest;
+    after the copy: the tail, under the lock) land in the new file after the pruned lines,
+    which grew (``"note":null`` and ``pruned_at`` are longer than a short
     note), so past the byte their receipts name. Each still gets its receive time as
     outcome time (clock ``sink_received``), not its own ``created``."""
     config = make_config(tmp_path)
@@ -161,8 +165,10 @@ def test_events_stored_while_prune_copies_keep_their_receive_times(tmp_path: Pat
     arriving = [created(f"evt_late_{i}", str(900 + i), f"L{i}", "n", when=RECENT)
                 for i in range(5)]
 
+    wanted = step
+
     def checkpoint(step: str) -> None:
-        if step == "copied":  # the copy is made; the swap (under the lock) comes next
+        if step == wanted:
             store_with_the_sink(sink, arriving, received)
 
     before = os.stat(sink).st_ino
