@@ -181,6 +181,9 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
         runs = _prune_database(config, config.state.url.get_secret_value(), cutoff, result)
         result.old_runs = len(runs)
         _input_copies(config.report.dir, runs, result)
+        if dry_run:  # lists them only: no store needed
+            _rewrite_reports(config, None, runs, result)
+            return result
         store = open_store(config)
         try:
             _rewrite_reports(config, store, runs, result)
@@ -543,14 +546,15 @@ def _remove(path: Path, result: PruneResult) -> None:
         path.unlink(missing_ok=True)
 
 
-def _rewrite_reports(config: RunConfig, ledger: StateStore, run_ids: list[str],
+def _rewrite_reports(config: RunConfig, ledger: StateStore | None, run_ids: list[str],
                      result: PruneResult) -> None:
     """Rewrite (dry: list) the report of each pruned run not rewritten since it was marked
     (its ``PRUNED_MARK`` lacks ``"report": "rewritten"``): report.html may hold note
     previews (``report.show_note_preview``) and send its reader to the removed rejects.csv;
     written again under the marker it holds neither (report.write_report). The marker
     says so only once the report is written, so a prune killed in between rewrites it
-    next time. Each report.html rewritten goes to ``result.reports``."""
+    next time. Each report.html rewritten (dry, or with no ``ledger``: to be rewritten)
+    goes to ``result.reports``."""
     reconciler: Reconciler | None = None
     for run_id in run_ids:
         directory = config.report.dir / run_id
@@ -563,7 +567,7 @@ def _rewrite_reports(config: RunConfig, ledger: StateStore, run_ids: list[str],
         if mark.get("report") == "rewritten":
             continue
         result.reports.append(directory / "report.html")
-        if result.dry_run:
+        if result.dry_run or ledger is None:
             continue
         reconciler = reconciler or Reconciler.of(ledger, config)
         rewrite_report(ledger, reconciler, run_id, config)
