@@ -217,3 +217,33 @@ def test_a_reconcile_that_reads_on_during_a_prune_keeps_its_position(tmp_path: P
         assert ledger.event_tally().get("(repeated)", 0) == 0
     finally:
         ledger.close()
+
+
+def test_a_rotated_sink_file_put_back_as_the_readme_says_is_all_mirrored(
+        tmp_path: Path) -> None:
+    """The README's recovery of a sink file rotated by hand: the copy's lines put back in
+    front of the current file; the next reconcile reads the merged file from its start and
+    mirrors every event, each with its receive time, and counts no repeat."""
+    sink = tmp_path / "state" / "webhooks.jsonl"
+    received = "2026-11-30T10:00:00.000Z"
+    first = [created(f"evt_r1_{i}", str(i), f"T{i}", "n", when=RECENT) for i in range(10)]
+    second = [created(f"evt_r2_{i}", str(50 + i), f"U{i}", "n", when=RECENT) for i in range(10)]
+    store_with_the_sink(sink, first[:4], received)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        assert ingest(ledger, sink, "test_clinic") == 4
+        store_with_the_sink(sink, first[4:], received)
+        sink.rename(sink.with_name("webhooks.jsonl.1"))  # rotated by hand
+        store_with_the_sink(sink, second, received)
+        assert ingest(ledger, sink, "test_clinic") == 10  # the 6 moved away are missing
+        merged = sink.with_name("merged")
+        merged.write_bytes(sink.with_name("webhooks.jsonl.1").read_bytes() + sink.read_bytes())
+        merged.rename(sink)
+        assert ingest(ledger, sink, "test_clinic") == 6
+        found = {e.event_id: e for e in ledger.events()}
+        assert ledger.event_tally().get("(repeated)", 0) == 0
+    finally:
+        ledger.close()
+    assert len(found) == 20
+    assert {(e.outcome_clock, e.outcome_at) for e in found.values()} == {
+        ("sink_received", received)}
