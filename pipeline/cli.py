@@ -717,6 +717,17 @@ def _prune(args: argparse.Namespace) -> int:
           f"side files of the sink file: {verb} {_n(len(done.files), 'file')}")
     for path in done.files:
         print(f"  {path}")
+    for path in done.links:  # never followed: what it points to is as it was
+        print(f"  {path}: a symbolic link; {verb} the link only, not the file it points to"
+              " (which may hold note text: remove that yourself)")
+    if done.reports:
+        print(f"reports of pruned runs: {'would rewrite' if done.dry_run else 'rewrote'} "
+              f"{_n(len(done.reports), 'report')} (report.html) without note previews")
+        for path in done.reports:
+            print(f"  {path}")
+    for path in done.rotated:
+        print(f"  left: {path}: looks like a rotated copy of the sink file; prune does not"
+              " prune it and reconcile does not read it (see the README, Retention)")
     if done.side_kept:
         print(f"  left: {_n(done.side_kept, 'side file')} of the sink file written to within "
               "the limit")

@@ -179,6 +179,11 @@ def encode_event(event: dict[str, Any]) -> bytes:
 
 
 PRUNED_AT: Final = "pruned_at"
+# Left by ``tasknotes prune`` in a pruned run's report directory (JSON, no note text): its
+# input copies are gone for good and its report was rewritten without note text, so no
+# later report of the run writes any again (report.write_report). Here, beside the pruned
+# event format, so that report.py and retention.py both read it without importing each other.
+PRUNED_MARK: Final = "pruned.json"
 
 
 def is_pruned(event: dict[str, Any]) -> bool:
@@ -597,6 +602,44 @@ def read_receipts(sink: Path, since: int = 0) -> dict[str, Receipt] | None:
     return found
 
 
+def carry_receipts(sink: Path, moved: dict[str, int], *, since: int, begin: int = 0,
+                   end: int | None = None) -> int:
+    """Give the events ``tasknotes prune`` moved a receipt naming where each now is.
+
+    ``moved``: event id -> the byte offset of its line in the pruned rewrite of ``sink``.
+    For each, the first receipt at ``since`` or later in the file it replaces (found
+    between bytes ``begin`` and ``end`` of the receipts file; None: its end) is appended
+    again with the new offset (same receive time), so that a reader going on from a
+    position in the rewrite finds it: ``read_receipts`` keeps only the receipts at or
+    after its position, and a line can move past it when pruned lines grow. Prune calls
+    this before its rename (the tail's under the sink's lock): killed, one more receipt
+    of an event, with the same time, is harmless. Returns how many were appended.
+    """
+    path = receipts_path(sink)
+    wanted = {str(safe_id(event_id)): offset for event_id, offset in moved.items()}
+    if not wanted or not path.exists():
+        return 0
+    found: dict[str, dict[str, Any]] = {}
+    with path.open("rb") as fh:
+        fh.seek(begin)
+        at = begin
+        for raw in fh:
+            at += len(raw)
+            if end is not None and at > end:
+                break
+            with contextlib.suppress(UnreadableEvent):
+                record = decode_event(raw.rstrip(b"\n"))
+                event_id, offset = record.get("id"), record.get("offset")
+                if (isinstance(event_id, str) and event_id in wanted and event_id not in found
+                        and isinstance(offset, int) and offset >= since):
+                    found[event_id] = record
+    out = [compact_json({**record, "offset": wanted[event_id]})
+           for event_id, record in found.items() if record["offset"] != wanted[event_id]]
+    if out:
+        _append_private(path, b"\n".join(out) + b"\n")
+    return len(out)
+
+
 def _append_private(path: Path, data: bytes) -> None:
     """Append ``data`` to a side file created 0600 (and made 0600 if it was not), fsync'ed."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -660,6 +703,26 @@ class SetAside:
     raw: bytes
 
 
+# The files tasknotes keeps beside the sink file ``<sink><suffix>``: its receipts, the lines
+# a reader set aside, a torn tail, and prune's lock (retention.py).
+SIDE_SUFFIXES: Final = (".received", ".set-aside", ".torn", ".prune.lock")
+
+
+def rotated_copies(sink: Path) -> list[Path]:
+    """Files beside ``sink`` named like copies of it (``<sink>.1``, ``<sink>-20261130``,
+    ``<sink>.1.gz``: what logrotate or a hand leaves) that are none of tasknotes' own side
+    files (``SIDE_SUFFIXES``), sorted. No reader reads them and prune does not prune them:
+    the events in them are neither mirrored nor pruned (README, Retention)."""
+    try:
+        names = sorted(os.listdir(sink.parent))
+    except OSError:
+        return []
+    return [sink.with_name(name) for name in names
+            if name != sink.name and name.startswith(sink.name)
+            and name[len(sink.name)] in ".-_"
+            and name[len(sink.name):] not in SIDE_SUFFIXES]
+
+
 def set_aside_path(sink: Path) -> Path:
     """Where a reader keeps the sink file's unreadable lines: ``<sink>.set-aside``."""
     return sink.with_name(sink.name + ".set-aside")
@@ -698,7 +761,7 @@ def _side_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield decode_event(raw.rstrip(b"\n"))
 
 
-def read_sink_from(path: Path, start: int, stop: int | None = None
+def read_sink_from(path: Path, start: int, stop: int | None = None, *, fd: int | None = None
                    ) -> Iterator[tuple[int, int, dict[str, Any] | SetAside]]:
     """(line number, offset after the line, envelope or SetAside) for each line from ``start``
     (bytes), up to byte ``stop`` (a line that would end past it is left for the next read;
@@ -708,9 +771,12 @@ def read_sink_from(path: Path, start: int, stop: int | None = None
     SetAside, and reading goes on. Line numbers count from ``start`` (1 is its
     first line). A torn last line (no newline, refused) ends the reading with a
     warning, without being passed: the sink moves it aside when it next opens.
+    ``fd``: the file, open already (it is read through a duplicate of it; ``path`` only
+    names it), so that a reader that measured the file reads that file, even if a
+    prune renamed another one over its path meanwhile.
     """
     try:
-        fh = path.open("rb")
+        fh = path.open("rb") if fd is None else os.fdopen(os.dup(fd), "rb")
     except FileNotFoundError:
         return
     except OSError as exc:

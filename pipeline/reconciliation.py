@@ -35,7 +35,7 @@ import pandas as pd
 
 from pipeline import exits
 from pipeline.config import InputConfig, RunConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StateError
 from pipeline.events import (
     Receipt,
     SetAside,
@@ -45,6 +45,7 @@ from pipeline.events import (
     keep_set_aside,
     read_receipts,
     read_sink_from,
+    rotated_copies,
     set_aside_path,
 )
 from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
@@ -102,7 +103,10 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
     notes, read back from the input by ``redactor``, or withheld (reason codes kept)
     where they cannot be (pipeline/reasons.py); without a ``redactor`` it is withheld.
     A sink file that is not the one read before (rotated, replaced) is read
-    from its start; events already mirrored are not stored twice. A line the
+    from its start; events already mirrored are not stored twice, nor counted as
+    repeated deliveries. The file is opened once: its fingerprint, its size and its
+    lines all come from that one file, even if a prune renames its rewrite over the
+    path meanwhile (the next ingest then reads the new file from its start). A line the
     event codec refuses is kept in ``<sink>.set-aside`` (with its byte offset),
     counted as ``(set aside)`` in the event tally, and reading goes on.
 
@@ -113,14 +117,31 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
     ``event_created_no_receipt`` (``state.schema.OUTCOME_CLOCKS``): reports measure
     latency on the first clock only, and count the others.
     """
-    redactor = redactor or ReasonRedactor(ledger, None)
+    try:
+        fd = os.open(sink, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise StateError(f"sink file {sink} cannot be read: {exc.strerror}") from None
+    try:
+        return _ingest(ledger, sink, fd, account,
+                       redactor=redactor or ReasonRedactor(ledger, None),
+                       accounts=accounts or {}, batch_size=batch_size)
+    finally:
+        os.close(fd)
+
+
+def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
+            redactor: ReasonRedactor, accounts: Mapping[str, str], batch_size: int) -> int:
+    """``ingest``, reading the sink file open as ``fd`` (and nothing else)."""
     offset, head = ledger.sink_position()
-    current = _head(sink)
-    if not _same_head(head, current) or offset > _size(sink):
-        offset = 0
+    current = _fd_head(fd)
     # Measure first, then the receipts, then the lines up to that size only: the sink
     # writes a receipt before its line, so no line read here lacks its receipt to a race.
-    stop = _size(sink)
+    stop = os.fstat(fd).st_size
+    again = False  # a file read again from its start: what it holds is mostly mirrored
+    if not _same_head(head, current) or offset > stop:
+        again, offset = bool(head) and offset > 0, 0
     redactor.prepare(sink, offset)
     receipts = read_receipts(sink, offset)
     if receipts is None and stop > offset:
@@ -132,12 +153,12 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
     end = offset
     aside: list[SetAside] = []
     pruned = 0
-    for _, end, event in read_sink_from(sink, offset, stop):
+    for _, end, event in read_sink_from(sink, offset, stop, fd=fd):
         if isinstance(event, SetAside):
             aside.append(event)
             tally["(set aside)"] += 1
         elif (record := _record(event, end, account, tally, receipts or {},
-                                event_account=(accounts or {}).get(
+                                event_account=accounts.get(
                                     str(event.get("access_token_reference_id"))))) is not None:
             batch.append(record)
             pruned += record[1] == "created" and record[8] is None and is_pruned(event)
@@ -145,13 +166,16 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
             if aside:
                 _set_aside(sink, aside)
             added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end,
-                                       head=current)
+                                       head=current, count_repeats=not again)
             batch, tally, aside = [], Counter(), []
     if aside:
         _set_aside(sink, aside)
     if batch or tally or end != offset:
-        added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current)
+        added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current,
+                                   count_repeats=not again)
     redactor.warn()
+    if offset == 0 or added:  # once per new file or new events, not every reconcile
+        _warn_rotated(sink)
     if pruned:
         log.warning("%s: %d task_note.created events read here have had their note text pruned"
                     " (tasknotes prune): one this ledger had not mirrored before the prune"
@@ -160,6 +184,17 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
     if added:
         log.info("%d new task_note events from %s", added, sink)
     return added
+
+
+def _warn_rotated(sink: Path) -> None:
+    """Warn of files beside the sink file that look like rotated copies of it (never read:
+    events.rotated_copies)."""
+    found = rotated_copies(sink)
+    if found:
+        log.warning("%s: %d file(s) beside it look like rotated copies of it (first: %s);"
+                    " reconcile does not read them and prune does not prune them: any event"
+                    " in them not mirrored before the rotation is missing here (README,"
+                    " Retention: do not rotate the sink file)", sink, len(found), found[0].name)
 
 
 def ingest_postgres(ledger: SinkEventsTable, account: str, *,
@@ -285,10 +320,16 @@ def _head(path: Path) -> str:
     may be the same)."""
     try:
         with path.open("rb") as fh:
-            inode = os.fstat(fh.fileno()).st_ino
-            return f"{inode}:{hashlib.sha256(fh.readline()).hexdigest()[:16]}"
+            return _fd_head(fh.fileno())
     except OSError:
         return ""
+
+
+def _fd_head(fd: int) -> str:
+    """``_head`` of the file open as ``fd``."""
+    with os.fdopen(os.dup(fd), "rb") as fh:
+        fh.seek(0)
+        return f"{os.fstat(fd).st_ino}:{hashlib.sha256(fh.readline()).hexdigest()[:16]}"
 
 
 def sink_head(path: Path) -> str:
@@ -301,13 +342,6 @@ def _same_head(stored: str, current: str) -> bool:
     before fingerprints named the inode is compared by its first line only."""
     return stored == current or (":" not in stored and bool(stored)
                                  and current.partition(":")[2] == stored)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 @dataclass

@@ -48,6 +48,7 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.errors import PipelineError, StateError, StorageFull
+from pipeline.events import PRUNED_MARK
 from pipeline.reconciliation import (
     FINAL_STATUSES,
     GOOD_STATUSES,
@@ -56,7 +57,6 @@ from pipeline.reconciliation import (
     RunResult,
 )
 from pipeline.rejects import copy_encoding, private_file
-from pipeline.retention import PRUNED_MARK
 from pipeline.source import CsvFile, clean_name
 from pipeline.state import InputFile, InputRecords
 from pipeline.state.store import existing_store
@@ -117,7 +117,8 @@ def write_report(
         previews = note_previews(result, tally.attention, settings, input_settings)
     with _full_disk(directory / "report.html"):
         _atomic_write(directory / "report.html",
-                      render_html(result, tally, summary, now, previews=previews))
+                      render_html(result, tally, summary, now, previews=previews,
+                                  pruned=pruned))
     written = ["results.csv", "summary.json", "report.html"]
     with _full_disk(directory / "redrive.csv"):
         offered = write_redrive(result, {} if pruned else tally.redrive, input_settings,
@@ -786,9 +787,11 @@ PAGE_SCRIPT, PAGE_SCRIPT_HASH = _page_script()
 
 def render_html(
     result: RunResult, tally: Tally, summary: Summary, now: datetime, *,
-    previews: dict[tuple[str, int], str] | None = None,
+    previews: dict[tuple[str, int], str] | None = None, pruned: bool = False,
 ) -> str:
-    """One self-contained page: no network, no external scripts, fonts or images."""
+    """One self-contained page: no network, no external scripts, fonts or images.
+    ``pruned``: ``tasknotes prune`` removed the run's input copies (retention.py), so the
+    page does not send its reader to a rejects.csv that is gone."""
     total = tally.rows
     return _ENV.get_template("report.html.j2").render(
         summary=summary,
@@ -804,6 +807,7 @@ def render_html(
         attention_total=tally.attention_total,
         orphans=result.orphans,
         previews=previews or {},
+        pruned=pruned,
         generated=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         script=PAGE_SCRIPT,
         script_hash=PAGE_SCRIPT_HASH,

@@ -8,7 +8,12 @@ What goes (for events and runs older than the limit):
 - the run's 0600 input copies, ``reports/<run_id>/rejects.csv`` and
   ``redrive.csv`` (a run's age is its start); the directory keeps a
   ``pruned.json`` marker instead, so no later ``reconcile`` writes its redrive.csv
-  (or note previews) again from the input;
+  (or note previews) again from the input; a copy that is a symbolic link is not
+  followed (the link goes, its target stays, and the summary says so);
+- the note previews in such a run's report.html (``report.show_note_preview``): its
+  report is rewritten once, under the marker, which then says ``"report":
+  "rewritten"`` (a prune killed before that rewrites it next time); the page no
+  longer points to the removed rejects.csv;
 - the sink file's side files ``<sink>.set-aside`` and ``<sink>.torn`` (lines a
   reader could not decode, a torn tail: both may hold note text) when last
   written before the limit (their records carry no date; one written since is
@@ -41,7 +46,17 @@ Safe to interrupt. Until the rename the sink file is untouched (a stale
 rename replaces it whole. The ledger's reading position in the sink file is
 fingerprinted with the file's inode (reconciliation.py), so a prune killed between
 the rename and recording the new position only makes the next reconcile read
-the new file from its start.
+the new file from its start (counting no event it had mirrored as a repeat).
+Prune records that position only if the ledger's is still the one it started
+from (a reconcile that read further meanwhile leaves the new file to be read
+afresh). A pruned line can grow, so an unmirrored event may land past the byte
+its receipt names (and readers drop receipts before their position): before the
+rename prune appends, for each unmirrored event, a copy of its receipt naming
+its new offset (``events.carry_receipts``; the tail's under the lock).
+
+Files beside the sink file that look like rotated copies of it (``<sink>.1``,
+``<sink>-DATE``: ``events.rotated_copies``) are neither read nor pruned: the
+summary lists them, and reconcile warns.
 
 In PostgreSQL (``state.url``): the events the sink stored in ``sink_events`` are
 pruned by the same rules, in batches of ``db_batch`` events by commit order, each batch
@@ -77,15 +92,20 @@ from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
 from pipeline.events import (
     PRUNED_AT,
+    PRUNED_MARK,
     UnreadableEvent,
+    carry_receipts,
     decode_event,
     encode_event,
     fsync_dir,
     is_pruned,
     last_line_end,
+    receipts_path,
+    rotated_copies,
 )
 from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
+from pipeline.report import rewrite_report
 from pipeline.state import StateStore
 from pipeline.state.pg_events import PRUNE_BATCH
 from pipeline.state.store import existing_store, open_event_table, open_store
@@ -93,9 +113,6 @@ from pipeline.state.store import existing_store, open_event_table, open_store
 log = logging.getLogger(__name__)
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
-# Left in a pruned run's report directory: its input copies are gone for good, so a later
-# reconcile writes no redrive.csv (nor note previews) for it again (report.write_report).
-PRUNED_MARK = "pruned.json"
 # The sink file's side files that may hold note text (pipeline/events.py): unreadable lines
 # set aside by a reader, and a torn last line cut off by the sink after a crash.
 SIDE_FILES = (".set-aside", ".torn")
@@ -115,7 +132,12 @@ class PruneResult:
     want of a readable ``created``; ``not_mirrored``: old events kept whole because
     the ledger had not read them yet; ``unreadable``: lines the codec refuses,
     copied as they are; ``sink_bytes``: the sink file's size before and after;
-    ``files``: input copies and side files removed; ``side_kept``: side files of the
+    ``files``: input copies and side files removed; ``links``: those that were symbolic
+    links, of which only the link was removed (its target, never followed, is left);
+    ``reports``: the report.html of each pruned run rewritten without note text;
+    ``rotated``: files beside the sink file that look like rotated copies of it, left as
+    they are (``events.rotated_copies``: their note text is not pruned);
+    ``side_kept``: side files of the
     sink file written to within the limit, kept; ``ledger_bytes``: the SQLite ledger's
     size (its file and WAL) before and after; ``ledger_freed``: bytes VACUUM gave back.
     """
@@ -130,6 +152,9 @@ class PruneResult:
     sink_bytes: tuple[int, int] = (0, 0)
     old_runs: int = 0
     files: list[Path] = field(default_factory=list)
+    links: list[Path] = field(default_factory=list)
+    reports: list[Path] = field(default_factory=list)
+    rotated: list[Path] = field(default_factory=list)
     side_kept: int = 0
     ledger_bytes: tuple[int, int] = (0, 0)
     ledger_freed: int = 0
@@ -142,9 +167,10 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     """Prune note text older than ``older_than_days`` days (module docstring).
 
     ``checkpoint`` is called with the name of each step of the sink file's rewrite as it
-    is reached ("copied", "synced", "renamed"), and with ``state.url`` with "event" before
-    each stored event is looked at: the tests kill the process there, to prove each is
-    safe to be killed at. ``db_batch`` (``state.url``): events rewritten per transaction.
+    is reached ("mirrored", "copied", "synced", "renamed"), and with ``state.url`` with
+    "event" before each stored event is looked at: the tests kill the process there, to
+    prove each is safe to be killed at. ``db_batch`` (``state.url``): events rewritten per
+    transaction.
 
     Raises StateError when another prune holds the sink file, or the sink file is
     replaced by something else while it is rewritten (nothing is lost: run it again);
@@ -155,22 +181,32 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
     if config.state.url is not None:
         runs = _prune_database(config, cutoff, result, checkpoint=checkpoint, batch=db_batch)
         result.old_runs = len(runs)
-        result.files = _input_copies(config.report.dir, runs, stamp=result.cutoff,
-                                     dry_run=dry_run)
+        _input_copies(config.report.dir, runs, result)
+        if dry_run:  # lists them only: no store needed
+            _rewrite_reports(config, None, runs, result)
+            return result
+        store = open_store(config)
+        try:
+            _rewrite_reports(config, store, runs, result)
+        finally:
+            store.close()
         return result
     sink = config.webhooks.sink
     ledger = existing_store(config, readonly=dry_run)
     try:
         with _prune_lock(sink, dry_run=dry_run):
-            limit = _mirror(config, ledger, sink, dry_run=dry_run)
+            limit, head = _mirror(config, ledger, sink, dry_run=dry_run)
+            checkpoint("mirrored")
             if sink.exists():
-                _SinkPruner(sink, cutoff, limit, result, ledger, checkpoint=checkpoint).run()
+                _SinkPruner(sink, cutoff, (limit, head), result, ledger,
+                            checkpoint=checkpoint).run()
             _side_files(sink, cutoff, result)
+            result.rotated = rotated_copies(sink)
             if ledger is not None:
                 runs = ledger.runs_started_before(result.cutoff)
                 result.old_runs = len(runs)
-                result.files += _input_copies(config.report.dir, runs, stamp=result.cutoff,
-                                              dry_run=dry_run)
+                _input_copies(config.report.dir, runs, result)
+                _rewrite_reports(config, ledger, runs, result)
                 size = _ledger_size(config.state.ledger)
                 if not dry_run:
                     result.ledger_freed = ledger.vacuum()
@@ -217,18 +253,20 @@ def _prune_database(config: RunConfig, cutoff: datetime, result: PruneResult, *,
     return runs
 
 
-def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool) -> int:
+def _mirror(config: RunConfig, ledger: StateStore | None, sink: Path, *, dry_run: bool
+            ) -> tuple[int, str]:
     """Read what the sink file gained into the ledger; returns the byte offset up to which
-    the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess)."""
+    the ledger has mirrored the file (-1: all of it may be pruned, a dry run's guess), and
+    the fingerprint the ledger keeps with it ("" when it is not this file's)."""
     if dry_run:
-        return -1
+        return -1, ""
     if ledger is None:
-        return 0  # no ledger: nothing mirrored, nothing of the text may go
+        return 0, ""  # no ledger: nothing mirrored, nothing of the text may go
     latest = ledger.latest_run()
     if latest is not None:
         Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
     offset, head = ledger.sink_position()
-    return offset if head and head == sink_head(sink) else 0
+    return (offset, head) if head and head == sink_head(sink) else (0, "")
 
 
 @contextlib.contextmanager
@@ -250,10 +288,13 @@ def _prune_lock(sink: Path, *, dry_run: bool) -> Iterator[None]:
 class _SinkPruner:
     """One rewrite of the sink file (the protocol is in the module docstring)."""
 
-    def __init__(self, sink: Path, cutoff: datetime, limit: int, result: PruneResult,
-                 ledger: StateStore | None, *, checkpoint: Callable[[str], None]) -> None:
-        self.sink, self.cutoff, self.limit = sink, cutoff, limit
+    def __init__(self, sink: Path, cutoff: datetime, position: tuple[int, str],
+                 result: PruneResult, ledger: StateStore | None, *,
+                 checkpoint: Callable[[str], None]) -> None:
+        self.sink, self.cutoff = sink, cutoff
+        self.limit, self.head = position  # the ledger's reading position, mirror included
         self.checkpoint = checkpoint
+        self.moved: dict[str, int] = {}  # event id -> its offset in the new file (unmirrored)
         self.result, self.ledger = result, ledger
         self.temp = sink.with_name(f".{sink.name}.prune.tmp")
         self.stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -267,6 +308,7 @@ class _SinkPruner:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             start_size = _whole_lines(fd)  # no lock needed below: the sink only appends
+            receipts = _size(receipts_path(self.sink))  # theirs are before this byte
             fcntl.flock(fd, fcntl.LOCK_UN)
             if dry:
                 self._copy(fd, 0, start_size, None)
@@ -278,8 +320,9 @@ class _SinkPruner:
                     written = self._copy(fd, 0, start_size, fh)
                     if not self.result.events_pruned:
                         return  # nothing to remove: the sink file is left as it is
+                    carry_receipts(self.sink, self.moved, since=self.limit, end=receipts)
                     self.checkpoint("copied")
-                    self._swap(fd, fh, start_size, written)
+                    self._swap(fd, fh, (start_size, receipts), written)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise StorageFull(f"disk full: the pruned copy {self.temp} cannot be "
@@ -291,8 +334,11 @@ class _SinkPruner:
         finally:
             os.close(fd)
 
-    def _swap(self, fd: int, fh: BinaryIO, start_size: int, written: int) -> None:
-        """Under the sink's lock: the lines appended since the copy began, fsync, rename."""
+    def _swap(self, fd: int, fh: BinaryIO, start: tuple[int, int], written: int) -> None:
+        """Under the sink's lock: the lines appended since the copy began (``start``: the
+        sink file's and its receipts' sizes then) and their receipts' new offsets, fsync,
+        rename; then the ledger's position in the new file, unless it moved meanwhile."""
+        start_size, receipts = start
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             named, opened = os.stat(self.sink), os.fstat(fd)
@@ -302,6 +348,9 @@ class _SinkPruner:
             end = opened.st_size
             tail = os.pread(fd, end - start_size, start_size)
             fh.write(tail)  # appended meanwhile: copied as is (newer than any limit)
+            if self.limit > 0:
+                carry_receipts(self.sink, _ids_at(tail, written), since=self.limit,
+                               begin=receipts)
             fh.flush()
             os.fsync(fh.fileno())
             if self.mapped is None and self.limit > start_size:
@@ -313,7 +362,10 @@ class _SinkPruner:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         self.result.sink_bytes = (end, written + len(tail))
-        if self.ledger is not None and self.mapped is not None:
+        # Only from where this prune found it: a reconcile that read further meanwhile (in
+        # the old file) left a position that makes the next one read the new file afresh.
+        if (self.ledger is not None and self.mapped is not None
+                and self.ledger.sink_position() == (self.limit, self.head)):
             self.ledger.add_events([], {}, offset=self.mapped, head=sink_head(self.sink))
 
     def _copy(self, fd: int, start: int, end: int, out: BinaryIO | None) -> int:
@@ -327,8 +379,10 @@ class _SinkPruner:
                 raw = fh.readline(end - offset)
                 if not raw:
                     break
-                offset += len(raw)
+                begin, offset = offset, offset + len(raw)
                 line = self._line(raw, mirrored=self.limit < 0 or offset <= self.limit)
+                if 0 < self.limit <= begin:  # not mirrored yet: its receipt must follow it
+                    self.moved.update(_ids_at(raw, written))
                 if out is not None:
                     out.write(line)
                 written += len(line)
@@ -409,33 +463,97 @@ def _when(value: object) -> datetime | None:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
+def _ids_at(lines: bytes, start: int) -> dict[str, int]:
+    """Event id -> byte offset of its line, for the whole lines in ``lines``, the first of
+    which begins at byte ``start`` (a line the codec refuses, or with no id, is skipped)."""
+    found: dict[str, int] = {}
+    at = start
+    for raw in lines.splitlines(keepends=True):
+        with contextlib.suppress(UnreadableEvent):
+            event_id = decode_event(raw.rstrip(b"\n")).get("id")
+            if isinstance(event_id, str):
+                found.setdefault(event_id, at)
+        at += len(raw)
+    return found
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _whole_lines(fd: int) -> int:
     """The offset just past the file's last newline (a torn tail is left to the sink)."""
     return last_line_end(fd, os.fstat(fd).st_size)
 
 
-def _input_copies(reports: Path, run_ids: list[str], *, stamp: str,
-                  dry_run: bool) -> list[Path]:
+def _input_copies(reports: Path, run_ids: list[str], result: PruneResult) -> None:
     """Remove (or, dry, list) the input copies of ``run_ids``' report directories, each
     marked ``PRUNED_MARK`` first (JSON: the ``cutoff`` it was pruned under), so that no
     later report of the run writes one again (an interrupted prune leaves the marker and
-    the copies for the next one)."""
-    found = []
+    the copies for the next one). Removed files go to ``result.files``; a copy that is a
+    symbolic link is not followed: the link alone is removed, and listed in
+    ``result.links`` (its target, which may hold note text, is not touched)."""
     for run_id in run_ids:
         directory = reports / run_id
-        if not dry_run and not (directory / PRUNED_MARK).exists():
+        if not result.dry_run and not (directory / PRUNED_MARK).exists():
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temp = directory / f".{PRUNED_MARK}.tmp"
-            temp.write_text(json.dumps({"cutoff": stamp, "input_copies": "removed"}) + "\n",
-                            encoding="utf-8")
-            os.replace(temp, directory / PRUNED_MARK)
+            _write_mark(directory, {"cutoff": result.cutoff, "input_copies": "removed"})
         for name in INPUT_COPIES:
-            path = directory / name
-            if path.is_file():
-                found.append(path)
-                if not dry_run:
-                    path.unlink()
-    return found
+            _remove(directory / name, result)
+
+
+def _write_mark(directory: Path, mark: dict[str, str]) -> None:
+    """Write ``PRUNED_MARK`` in ``directory`` whole (a temporary file, then a rename)."""
+    temp = directory / f".{PRUNED_MARK}.tmp"
+    temp.write_text(json.dumps(mark, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temp, directory / PRUNED_MARK)
+
+
+def _remove(path: Path, result: PruneResult) -> None:
+    """Remove (dry: list) ``path``: a regular file goes to ``result.files``; a symbolic
+    link is never followed, the link alone goes (``result.links``); anything else, or
+    nothing, is left."""
+    if path.is_symlink():
+        result.links.append(path)
+    elif path.is_file():
+        result.files.append(path)
+    else:
+        return
+    if not result.dry_run:
+        path.unlink(missing_ok=True)
+
+
+def _rewrite_reports(config: RunConfig, ledger: StateStore | None, run_ids: list[str],
+                     result: PruneResult) -> None:
+    """Rewrite (dry: list) the report of each pruned run not rewritten since it was marked
+    (its ``PRUNED_MARK`` lacks ``"report": "rewritten"``): report.html may hold note
+    previews (``report.show_note_preview``) and send its reader to the removed rejects.csv;
+    written again under the marker it holds neither (report.write_report). The marker
+    says so only once the report is written, so a prune killed in between rewrites it
+    next time. Each report.html rewritten (dry, or with no ``ledger``: to be rewritten)
+    goes to ``result.reports``."""
+    reconciler: Reconciler | None = None
+    for run_id in run_ids:
+        directory = config.report.dir / run_id
+        try:
+            mark = json.loads((directory / PRUNED_MARK).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            mark = {}
+        if not isinstance(mark, dict):
+            mark = {}
+        if mark.get("report") == "rewritten":
+            continue
+        result.reports.append(directory / "report.html")
+        if result.dry_run or ledger is None:
+            continue
+        reconciler = reconciler or Reconciler.of(ledger, config)
+        rewrite_report(ledger, reconciler, run_id, config)
+        _write_mark(directory, {**{str(k): str(v) for k, v in mark.items()},
+                                "cutoff": str(mark.get("cutoff", result.cutoff)),
+                                "report": "rewritten"})
 
 
 def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:
@@ -444,15 +562,13 @@ def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:
     for suffix in SIDE_FILES:
         path = sink.with_name(sink.name + suffix)
         try:
-            written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            written = datetime.fromtimestamp(path.lstat().st_mtime, UTC)
         except FileNotFoundError:
             continue
         if written >= cutoff:
             result.side_kept += 1
             continue
-        result.files.append(path)
-        if not result.dry_run:
-            path.unlink(missing_ok=True)
+        _remove(path, result)
 
 
 def _ledger_size(path: Path) -> int:

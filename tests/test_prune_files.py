@@ -18,6 +18,7 @@ from pipeline.events import compact_json as compact
 
 SECRET = "Zoë's PHI: called patient about the biopsy"
 OLD = "2026-01-05T10:00:00Z"
+NOTE = "PHIMARK called patient about the biopsy"  # HTML escapes nothing in it
 
 
 def test_prune_removes_old_side_files_and_keeps_one_written_since(
@@ -93,3 +94,110 @@ def test_a_pruned_runs_redrive_and_rejects_are_not_written_again_by_reconcile(
     assert not (report / "redrive.csv").exists()
     assert not (report / "rejects.csv").exists()
     assert SECRET not in "".join(p.read_text(encoding="utf-8") for p in report.iterdir())
+
+
+def test_prune_rewrites_a_pruned_runs_report_without_note_previews_and_reconcile_keeps_it_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With report.show_note_preview the report.html of a run holds the first characters
+    of each flagged row's note. Pruning the run rewrites that page at once (no later
+    change is needed): no preview is left, and it no longer points to the rejects.csv
+    prune removed; reconcile and a second prune leave it so."""
+    source = write_csv(tmp_path / "in.csv", [["X", NOTE], ["bad id with space", NOTE]])
+    fake = FakeCobalt(answers={"X": (503, {"message": "busy"})})
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, input={"path": str(source)}, api={"base_url": api.url},
+                              report={"dir": str(tmp_path / "reports"),
+                                      "show_note_preview": True, "preview_chars": 12})
+        assert main(["-q", "run", str(config), "--no-progress"]) == 1
+    (report,) = (tmp_path / "reports").iterdir()
+    page = report / "report.html"
+    assert "PHIMARK" in page.read_text(encoding="utf-8")  # the preview is there
+    assert "The rows are in rejects.csv" in page.read_text(encoding="utf-8")
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+        db.execute("UPDATE runs SET started_at = '2026-01-05T09:00:00.000Z'")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30", "--dry-run"]) == 0
+    assert "would rewrite 1 report (report.html)" in capsys.readouterr().out
+    assert "PHIMARK" in page.read_text(encoding="utf-8")  # a dry run changes nothing
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "rewrote 1 report (report.html) without note previews" in out
+    assert str(page) in out
+    for _ in range(2):
+        text = page.read_text(encoding="utf-8")
+        assert "PHIMARK" not in text
+        assert "rejects.csv (not shared" not in text
+        assert "removed by tasknotes prune" in text
+        assert main(["-q", "reconcile", str(config)]) == 1  # X is still unsent
+    assert "PHIMARK" not in "".join(p.read_text(encoding="utf-8") for p in report.iterdir())
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    assert "rewrote" not in capsys.readouterr().out  # rewritten once, then left alone
+
+
+def test_a_symlinked_input_copy_is_not_followed_and_the_summary_says_only_the_link_went(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """rejects.csv replaced by a symbolic link to a file elsewhere: prune removes the
+    link, never the file it points to, and does not list it as a removed copy: it says
+    that only the link went and that the file it points to may hold note text."""
+    source = write_csv(tmp_path / "in.csv", [["bad id with space", NOTE]])
+    config = write_config(tmp_path, input={"path": str(source)})
+    assert main(["-q", "run", str(config), "--no-progress"]) == 1
+    (report,) = (tmp_path / "reports").iterdir()
+    outside = tmp_path / "outside.csv"
+    (report / "rejects.csv").rename(outside)
+    (report / "rejects.csv").symlink_to(outside)
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+        db.execute("UPDATE runs SET started_at = '2026-01-05T09:00:00.000Z'")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {report / 'rejects.csv'}\n" not in out  # not among the files removed
+    assert f"{report / 'rejects.csv'}: a symbolic link; removed the link only" in out
+    assert "removed 0 files" in out
+    assert not (report / "rejects.csv").is_symlink()
+    assert "PHIMARK" in outside.read_text(encoding="utf-8")  # never followed
+
+
+def test_a_rotated_copy_of_the_sink_file_is_named_by_prune_and_reconcile(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The sink file moved away by hand (as logrotate does) and a new one started: the
+    moved copy holds events reconcile never reads and note text prune never prunes.
+    Neither is silent about it: prune lists it as left, reconcile warns; tasknotes' own side
+    files are not taken for one."""
+    config = write_config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    event = {"id": "evt_r1", "access_token_reference_id": "u", "object": "event",
+             "created": OLD, "type": "task_note.created", "job_id": "1",
+             "data": {"task_note_id": "tn", "emr_task_id": "T", "note": NOTE}}
+    (state / "webhooks.jsonl.1").write_bytes(compact(event) + b"\n")
+    (state / "webhooks.jsonl").write_bytes(compact({**event, "id": "evt_r2"}) + b"\n")
+    for own in ("webhooks.jsonl.received", "webhooks.jsonl.set-aside", "webhooks.jsonl.torn"):
+        (state / own).write_bytes(b"")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"left: {state / 'webhooks.jsonl.1'}: looks like a rotated copy" in out
+    assert "webhooks.jsonl.received:" not in out
+    assert "PHIMARK" in (state / "webhooks.jsonl.1").read_text(encoding="utf-8")
+
+    from pipeline.reconciliation import ingest  # noqa: PLC0415 - this test alone
+    from pipeline.state import Ledger  # noqa: PLC0415 - this test alone
+
+    (state / "webhooks.jsonl").rename(state / "webhooks.jsonl-20261130")
+    (state / "webhooks.jsonl").write_bytes(compact({**event, "id": "evt_r3"}) + b"\n")
+    ledger = Ledger(tmp_path / "other-ledger.sqlite")
+    try:
+        with caplog.at_level("WARNING"):
+            ingest(ledger, state / "webhooks.jsonl", "test_clinic")
+    finally:
+        ledger.close()
+    warned = [r.getMessage() for r in caplog.records if "rotated copies" in r.getMessage()]
+    assert len(warned) == 1
+    assert "2 file(s) beside it look like rotated copies of it (first: webhooks.jsonl-2026" \
+        in warned[0]

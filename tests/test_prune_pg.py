@@ -82,6 +82,7 @@ def test_prune_removes_note_text_in_postgres_and_a_rerun_sends_nothing(
         assert main(["prune", str(path), "--older-than", "30"]) == 0
         out = capsys.readouterr().out
         assert "removed the note text of 4 events" in out
+        assert "rewrote 1 report (report.html) without note previews" in out  # the old run's
         assert SECRET not in out
         found = stored(pg_url)
         for i, body in enumerate(old):

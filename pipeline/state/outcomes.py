@@ -29,10 +29,13 @@ class SQLiteOutcomes(SQLiteRuns):
         return int(found.get("sink_offset", 0)), str(found.get("sink_head", ""))
 
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
-                   offset: int, head: str) -> int:
+                   offset: int, head: str, count_repeats: bool = True) -> int:
         """Store newly read events and where reading stopped, in one transaction.
 
-        Returns how many events were new (an event already stored is left as it is).
+        Returns how many events were new (an event already stored is left as it is, and
+        counted as a repeated delivery, ``(repeated)`` in the tally, unless
+        ``count_repeats`` is False: a replaced sink file read again from its start holds
+        the events mirrored from the file it replaced, which are no new deliveries).
         """
         with self._transaction():
             before = self._db.total_changes
@@ -47,7 +50,8 @@ class SQLiteOutcomes(SQLiteRuns):
                 self._db.execute(
                     "INSERT INTO meta VALUES ('events_stored', ?) ON CONFLICT (key)"
                     " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value", (added,))
-            tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
+            if count_repeats:
+                tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._db.executemany(
                 "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
                 " SET count = count + excluded.count", [(k, v) for k, v in tally.items() if v])

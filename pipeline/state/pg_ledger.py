@@ -349,7 +349,7 @@ class PgLedger(Ledger):
         return (int(found[0]) if found else 0), ""
 
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
-                   offset: int, head: str) -> int:
+                   offset: int, head: str, count_repeats: bool = True) -> int:
         """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read."""
         with self._transaction():
             added = 0
@@ -364,7 +364,8 @@ class PgLedger(Ledger):
                     " ON CONFLICT DO NOTHING",
                     [list(column) for column in zip(*chunk, strict=True)])
                 added += max(cur.rowcount, 0)
-            tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
+            if count_repeats:
+                tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._pg.executemany(
                 "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
                 " SET count = event_tally.count + excluded.count",
