@@ -100,7 +100,8 @@ def test_a_receive_time_is_utc_with_milliseconds_as_receipts_keep_it() -> None:
     """``receive_time`` is the text readers accept as a receive time (``receipt_time``)."""
     now = receive_time()
     assert receipt_time(now) == now
-    assert len(now) == len("2026-06-15T12:02:40.123Z") and now.endswith("Z")
+    assert len(now) == len("2026-06-15T12:02:40.123Z")
+    assert now.endswith("Z")
 
 
 def test_a_body_over_the_size_limit_is_refused() -> None:
