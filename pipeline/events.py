@@ -66,7 +66,6 @@ import json
 import logging
 import os
 import re
-import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -115,6 +114,11 @@ class UnreadableEvent(ValueError):
 MAX_EVENT_ID_CHARS: Final = 255
 
 
+# Unicode category Cc is exactly these 65 code points (C0, DEL, C1); one regex search
+# instead of a category lookup per character of every id the sink receives.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def check_event_id(value: object) -> str:
     """``value`` if it can be an event id in every store: a non-empty string of at most
     ``MAX_EVENT_ID_CHARS`` characters with no control character (Unicode category Cc,
@@ -125,7 +129,7 @@ def check_event_id(value: object) -> str:
     if len(value) > MAX_EVENT_ID_CHARS:
         raise UnreadableEvent("bad-id", f"an event id of {len(value):,} characters, more "
                                         f"than {MAX_EVENT_ID_CHARS}")
-    if any(unicodedata.category(c) == "Cc" for c in value):
+    if _CONTROL.search(value):
         raise UnreadableEvent("bad-id", "an event id holding a control character")
     return value
 
@@ -506,8 +510,9 @@ class SinkFile:
 
 def receive_time() -> str:
     """Now as ISO 8601 UTC with milliseconds, as the ledger writes ``submitted_at``."""
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    # isoformat, not strftime: the same text (``...+00:00`` becomes ``Z``) in a third of
+    # the time, paid by every delivery the sink takes
+    return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _cut_receipts(fd: int, size: int) -> None:

@@ -172,8 +172,10 @@ class WebhookReceiver:
             limits = SinkLimits(**{**asdict(limits), "max_connections": max(
                 1, min(limits.max_connections, soft - 64))})
         guard = type("GuardedH11Protocol", (_GuardedH11,), {"limits": limits})
+        # proxy_headers off: the sink reads no client address, so uvicorn's X-Forwarded-*
+        # middleware (on by default) would only cost every request its time.
         return {"http": guard, "h11_max_incomplete_event_size": limits.max_header_bytes,
-                "timeout_keep_alive": limits.keep_alive_s}
+                "timeout_keep_alive": limits.keep_alive_s, "proxy_headers": False}
 
     def app(self) -> Starlette:
         return Starlette(
@@ -255,15 +257,16 @@ def _parse(body: bytes) -> dict[str, Any]:
 def _answer(
     status: int, verdict: str, event: dict[str, Any] | None, size: int | str, attempt: str
 ) -> JSONResponse:
-    event_id = str(safe_id(event.get("id")))[:64] if event else "-"
-    # The types read are named as they are (three words: beyond what an id may hold); any
-    # other type is upstream text, shown as an id or withheld.
-    kind = event.get("type") if event else None
-    event_type = kind if kind in _TYPES_READ else str(safe_id(kind))[:64] if event else "-"
     # A line per delivery only with -v (DEBUG): thousands of rows make thousands of webhooks.
     level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    log.log(level, "webhook %s type=%s bytes=%s attempt=%s -> %d %s",
-            event_id, event_type, size, attempt, status, verdict)
+    if log.isEnabledFor(level):  # the ids are checked (safe_id) only for a line written
+        event_id = str(safe_id(event.get("id")))[:64] if event else "-"
+        # The types read are named as they are (three words: beyond what an id may hold);
+        # any other type is upstream text, shown as an id or withheld.
+        kind = event.get("type") if event else None
+        event_type = kind if kind in _TYPES_READ else str(safe_id(kind))[:64] if event else "-"
+        log.log(level, "webhook %s type=%s bytes=%s attempt=%s -> %d %s",
+                event_id, event_type, size, attempt, status, verdict)
     return JSONResponse({"received": status == 200, "result": verdict}, status_code=status)
 
 

@@ -26,8 +26,11 @@ from pipeline.events import (
     SetAside,
     SinkFile,
     UnreadableEvent,
+    check_event_id,
     decode_event,
     read_sink_from,
+    receipt_time,
+    receive_time,
     set_aside_path,
 )
 from pipeline.polling import Poller, PollStats
@@ -78,6 +81,29 @@ def test_the_codec_accepts_what_cobalt_sends() -> None:
     assert decode_event(b'{"id":"e","x":"\\ud83d\\ude42"}')["x"] == "🙂"
     assert decode_event(nested(MAX_DEPTH - 1))["id"] == "evt_deep"
     assert decode_event(b'{"id":"e","x":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}')["id"] == "e"
+
+
+@pytest.mark.parametrize("bad", ["evt\x00", "evt\x1f", "evt\x7f", "\x80evt", "evt\x85x",
+                                 "evt\x9f", "evt\n", "evt\t"])
+def test_an_event_id_with_a_control_character_is_refused(bad: str) -> None:
+    """Every character of Unicode category Cc (C0, DEL, C1) makes an id ``bad-id``."""
+    with pytest.raises(UnreadableEvent) as caught:
+        check_event_id(bad)
+    assert caught.value.code == "bad-id"
+
+
+@pytest.mark.parametrize("good", ["evt_1", "evt\xa0x", "évt\u2028x", "evt \U0001f642", "x" * 255])
+def test_an_event_id_without_a_control_character_is_kept(good: str) -> None:
+    """Next to Cc: NBSP (Zs), a line separator (Zl), non-ASCII, an emoji are not Cc."""
+    assert check_event_id(good) == good
+
+
+def test_a_receive_time_is_utc_with_milliseconds_as_receipts_keep_it() -> None:
+    """``receive_time`` is the text readers accept as a receive time (``receipt_time``)."""
+    now = receive_time()
+    assert receipt_time(now) == now
+    assert len(now) == len("2026-06-15T12:02:40.123Z")
+    assert now.endswith("Z")
 
 
 def test_a_body_over_the_size_limit_is_refused() -> None:

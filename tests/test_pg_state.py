@@ -343,6 +343,52 @@ async def test_store_dedupes_by_id_and_by_body_and_keeps_the_body(pg_url: str) -
     assert all(r[4].microsecond % 1000 == 0 and r[4].tzinfo is not None for r in stored)
 
 
+async def test_a_batch_is_committed_in_one_round_trip_before_append_returns(
+        pg_url: str) -> None:
+    """Group commit on PostgreSQL: 20 events appended together are one batch, stored in one
+    round trip (one message that waits for the server: a Sync or a simple Query; no BEGIN
+    and COMMIT of their own), and committed when ``append`` returns: another session
+    sees every one of them by then."""
+    import tempfile  # noqa: PLC0415
+
+    pq = pytest.importorskip("psycopg.pq")
+    store = PgEventStore(pg_url)
+    store.open()
+    bodies = [compact(event(n)) for n in range(1, 21)]
+    seen_on_return: list[int] = []
+
+    async def append(body: bytes) -> None:
+        assert await store.append(body, json.loads(body)["id"]) == "stored"
+        with connect(pg_url) as other:  # committed: visible to another session now
+            found = other.execute("SELECT count(*) FROM sink_events WHERE body = %s",
+                                  (body,)).fetchone()
+        seen_on_return.append(int(found[0]) if found else 0)
+
+    try:
+        assert store._conn is not None
+        pgconn = store._conn.pgconn
+        with tempfile.TemporaryFile("w+") as trace:
+            pgconn.trace(trace.fileno())
+            pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(store.run)
+                    async with anyio.create_task_group() as batch:  # one turn: one batch
+                        for body in bodies:
+                            batch.start_soon(append, body)
+                    store.stop()
+            finally:
+                pgconn.untrace()
+            trace.seek(0)
+            sent = [line.split("\t")[2].strip() for line in trace if line.startswith("F\t")]
+    finally:
+        store.close()
+    waits = [message for message in sent if message in ("Sync", "Query")]
+    assert seen_on_return == [1] * 20
+    assert waits == ["Sync"]
+    assert len({r[5] for r in rows(pg_url)}) == 1  # one transaction (xmin) for the batch
+
+
 async def test_an_unstorable_event_is_refused_alone_and_its_batch_is_stored(
         pg_url: str) -> None:
     """Values PostgreSQL cannot hold (NUL in text; an id over the btree's entry limit) fail
