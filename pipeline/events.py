@@ -355,6 +355,15 @@ class SinkFile:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def destination(self) -> str:
+        """Where the events go, for people: the file's path."""
+        return str(self.path)
+
+    def count(self) -> int:
+        """Events on file (distinct ids), as read when opened plus those appended since."""
+        return len(self._ids)
+
     async def run(self) -> None:
         """The group-commit loop; run it in a task group while appending."""
         await self._group.run()

@@ -256,11 +256,6 @@ def knob_values(knobs: Behaviour | Faults, *, config_only: bool = False) -> dict
             if f.metadata["config"] or not config_only}
 
 
-def faults_from_args(args: argparse.Namespace) -> Faults:
-    """The ``Faults`` the parsed options of ``add_knob_options`` describe."""
-    return knobs_from_args(Faults, args)
-
-
 def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` with its ValueError (or pydantic's) as argparse's one-line error."""
     def checked(text: str) -> Any:

@@ -380,11 +380,11 @@ def status(config: ConfigSource, *, config_path: str | None = None) -> StatusRes
     from pipeline.open_items import ledger_status
 
     _blocking("status")
+    loaded = load(config, "status")  # ConfigError for a config of the wrong type, too
     if config_path is None:
         config_path = "CONFIG" if isinstance(config, RunConfig) else os.fspath(config)
-    config = load(config, "status")
-    found = ledger_status(config, config_path=config_path)
-    ops.status_read(config, found)  # report.metrics_file, if set
+    found = ledger_status(loaded, config_path=config_path)
+    ops.status_read(loaded, found)  # report.metrics_file, if set
     return found
 
 
@@ -612,7 +612,6 @@ def serve_sink(config: ConfigSource, *, host: str = "127.0.0.1", port: int = 878
     """
     from pipeline.servers import bind, serve_foreground
     from pipeline.sink import EventStore, WebhookReceiver
-    from pipeline.state.pg_events import PgEventStore
     from pipeline.state.store import open_event_store
 
     loaded = load(config, "sink")
@@ -626,14 +625,9 @@ def serve_sink(config: ConfigSource, *, host: str = "127.0.0.1", port: int = 878
             store: EventStore = sink
             receiver = WebhookReceiver(store, secrets, path=loaded.webhooks.path,
                                        max_body_bytes=loaded.webhooks.max_body_bytes)
-            if isinstance(sink, PgEventStore):
-                where, count = f"PostgreSQL at {sink.where}", sink.count()
-                log.info("sink: POST %s -> %s (%d events stored)", loaded.webhooks.path,
-                         where, count)
-            else:
-                where, count = str(loaded.webhooks.sink), len(sink)
-                log.info("sink: POST %s -> %s (%d events on file)", loaded.webhooks.path,
-                         where, count)
+            where, count = store.destination, store.count()
+            log.info("sink: POST %s -> %s (%d events stored)", loaded.webhooks.path,
+                     where, count)
             serve_foreground(receiver.app(), host=host, port=port, sock=sock,
                              **receiver.serve_options())
         finally:

@@ -808,6 +808,7 @@ def render_html(
         orphans=result.orphans,
         previews=previews or {},
         pruned=pruned,
+        colours=STATUS_COLOURS,
         generated=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         script=PAGE_SCRIPT,
         script_hash=PAGE_SCRIPT_HASH,

@@ -86,7 +86,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 from pipeline.config import RunConfig
 from pipeline.errors import StateError, StorageFull
@@ -107,10 +107,11 @@ from pipeline.reasons import safe_emr_note_id
 from pipeline.reconciliation import Reconciler, sink_head
 from pipeline.report import rewrite_report
 from pipeline.state import StateStore
-from pipeline.state.pg_events import PRUNE_BATCH
 from pipeline.state.store import existing_store, open_event_table, open_store
 
 log = logging.getLogger(__name__)
+# state.url: stored events read, and rewritten in one transaction, at a time
+DB_BATCH: Final = 1000
 
 INPUT_COPIES = ("rejects.csv", "redrive.csv")
 # The sink file's side files that may hold note text (pipeline/events.py): unreadable lines
@@ -163,7 +164,7 @@ class PruneResult:
 def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
           now: datetime | None = None,
           checkpoint: Callable[[str], None] = _no_checkpoint,
-          db_batch: int = PRUNE_BATCH) -> PruneResult:
+          db_batch: int = DB_BATCH) -> PruneResult:
     """Prune note text older than ``older_than_days`` days (module docstring).
 
     ``checkpoint`` is called with the name of each step of the sink file's rewrite as it

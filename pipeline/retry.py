@@ -103,10 +103,6 @@ class Pacer:
         self._next = -math.inf
         self.resume_at = -math.inf
 
-    @property
-    def limited(self) -> bool:
-        return self._interval > 0
-
     def pause_until(self, when: float) -> None:
         """Hold every request start until ``when`` (clock seconds; a 429/503's Retry-After)."""
         self.resume_at = max(self.resume_at, when)

@@ -80,8 +80,15 @@ class EventStore(Protocol):
     ``run()``: the group-commit loop, run in the app's task group until ``stop()``;
     ``append(body, event_id)``: "stored" once durable, "duplicate" if that id or body
     is stored already, SinkWriteError (the sink's 503) if it cannot be stored now;
-    ``probe()``: None if an event could be stored now, else why not (``/healthz``).
+    ``probe()``: None if an event could be stored now, else why not (``/healthz``);
+    ``destination``: where the events go, for people (never a password); ``count()``:
+    events stored there.
     """
+
+    @property
+    def destination(self) -> str: ...
+
+    def count(self) -> int: ...
 
     async def run(self) -> None: ...
 

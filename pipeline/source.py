@@ -225,7 +225,6 @@ class CsvFile:
         self._utf8_check = False
         self._utf8_tail = b""  # the last bytes of the previous read (a sequence may span two)
         self._first_multibyte: int | None = None  # byte offset in the file
-        self._eof = False
         self._bom_len = 0
         self._quote_end = _quote_end_pattern(settings.delimiter)
         self.header: Header
@@ -333,7 +332,6 @@ class CsvFile:
             if final:
                 if pending:
                     yield self._add_block(["".join(pending)], "".join(pending), carried)
-                self._eof = True
                 return
 
     def _add_block(self, lines: list[str], text: str, control: bool) -> list[str]:

@@ -25,7 +25,7 @@ from pipeline.client import NoteAccepted
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.events import compact_json
-from pipeline.faults import Behaviour, Faults, faults_from_args, knobs_from_args
+from pipeline.faults import Behaviour, Faults, knobs_from_args
 from pipeline.open_items import ledger_status
 from pipeline.state import Ledger, NewRow, row_key
 from pipeline.submit import Job, Submitter
@@ -392,7 +392,7 @@ def test_the_emulator_takes_tokens_revocations_and_faults_for_one_connection() -
     behaviour = knobs_from_args(Behaviour, args)
     assert behaviour.tokens == (("tok-s", "ref-s"), ("tok-w", "ref-w"))
     assert behaviour.revoked == frozenset({"tok-w"})
-    assert faults_from_args(args).only_references == frozenset({"ref-s", "ref-x"})
+    assert knobs_from_args(Faults, args).only_references == frozenset({"ref-s", "ref-x"})
 
 
 async def test_a_batch_of_skipped_jobs_only_does_not_stall_the_send(tmp_path: Path) -> None:

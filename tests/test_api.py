@@ -180,6 +180,18 @@ def test_a_config_file_that_cannot_be_read_raises_before_anything_is_created(
     assert list(tmp_path.iterdir()) == []
 
 
+
+@pytest.mark.parametrize("given", [None, 42])
+def test_a_config_of_the_wrong_type_is_a_config_error_from_every_front_door(
+        given: object) -> None:
+    """README "Errors": ``config`` neither a path nor a ``RunConfig`` is ConfigError (exit
+    2) from each front door, never a TypeError."""
+    for door in (pipeline.run, pipeline.validate, pipeline.reconcile, pipeline.poll,
+                 pipeline.status, pipeline.prune,
+                 lambda config: pipeline.write_off(config, "run-1")):
+        with pytest.raises(pipeline.ConfigError, match="path of a YAML file or a RunConfig"):
+            _in_a_thread(lambda door=door: door(given))
+
 def test_the_other_front_doors_take_a_path(tmp_path: Path, host_argv: list[str]) -> None:
     """status, reconcile and validate read the config from its path as the CLI does; a run
     records the argv it is given and nothing else; the CLI records its own argv, not the

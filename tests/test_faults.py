@@ -15,7 +15,6 @@ from pipeline.faults import (
     EVENTS_SHAPES,
     Behaviour,
     Faults,
-    faults_from_args,
     knob_values,
     knobs_from_args,
 )
@@ -39,7 +38,7 @@ CONFIG_KEYS = sorted(set(FLAGS.values()) - {"only_first"})
 def test_each_fault_flag_sets_its_knob(flag: str, name: str) -> None:
     value = getattr(Faults(), name)
     argv = [flag] if isinstance(value, bool) else [flag, "1"]
-    faults = faults_from_args(build_parser().parse_args(["emulator", *argv]))
+    faults = knobs_from_args(Faults, build_parser().parse_args(["emulator", *argv]))
     expected = True if isinstance(value, bool) else type(value)(1)
     assert faults == Faults(**{name: expected})
 
@@ -100,7 +99,7 @@ def test_error_rate_is_the_503_fault_and_fail_rate_a_fault(tmp_path: Path) -> No
     """``--error-rate`` is another name of ``--fault-503`` (not a second 503 knob);
     ``sandbox.emulator.fail_rate`` (the documented key) is ``faults.fail_rate``."""
     args = build_parser().parse_args(["emulator", "--error-rate", "0.25", "--fail-rate", "0.5"])
-    assert faults_from_args(args) == Faults(rate_503=0.25, fail_rate=0.5)
+    assert knobs_from_args(Faults, args) == Faults(rate_503=0.25, fail_rate=0.5)
     config = load_config(write_config(tmp_path, sandbox={"emulator": {"fail_rate": 0.5}}))
     assert config.sandbox.emulator.faults == Faults(fail_rate=0.5)
     both = write_config(tmp_path, sandbox={"emulator": {"fail_rate": 0.5,
@@ -140,7 +139,7 @@ def test_the_emulator_command_builds_the_options_from_the_knobs() -> None:
     args = build_parser().parse_args(["emulator", "--token", "t1=north", "--token", "t2=south",
                                  "--revoked-token", "t2", "--reference-id", "west"])
     options = EmulatorOptions(**knob_values(knobs_from_args(Behaviour, args)),
-                              faults=faults_from_args(args))
+                              faults=knobs_from_args(Faults, args))
     assert (options.tokens, options.revoked, options.account_reference) == (
         (("t1", "north"), ("t2", "south")), frozenset({"t2"}), "west")
 

@@ -197,7 +197,7 @@ class SQLiteOutcomes(SQLiteRuns):
 
         where, params = ("WHERE run_id=?", (run_id,)) if run_id else ("", ())
         frame = pd.read_sql_query(
-            f"SELECT {columns} FROM rows {where} ORDER BY id",  # noqa: S608
+            f"SELECT {columns} FROM rows {where} ORDER BY id",  # noqa: S608 - no input in the SQL
             self._db, params=params,
         )
         if "outcome_clock" in frame:

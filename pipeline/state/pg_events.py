@@ -29,6 +29,10 @@ signed events reach the store) and the receive time to the millisecond.
 ``prune_lock`` (one prune at a time per database: an advisory lock) and
 ``prune_bodies`` (the stored bodies rewritten in batches, each batch one ``UPDATE``
 in its own transaction); which body loses what is retention.py's rule.
+
+Over 400 lines because the event store's whole life on PostgreSQL is one class:
+storing (group commit, the row-by-row fallback, reconnecting), the health probe,
+export and prune; split, each part would reach into the others' connection.
 """
 
 from __future__ import annotations
@@ -59,7 +63,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRUNE_BATCH: Final = 1000  # stored events read, and rewritten in one transaction, at a time
 _PRUNE_LOCK: Final = 0x746E7072756E65  # "tnprune": one prune at a time per database
 
 # %b: the arrays go in PostgreSQL's binary format; as text every body would be hex-escaped
@@ -106,6 +109,11 @@ class PgEventStore:
     def where(self) -> str:
         """host:port/database (never the password)."""
         return where(self._url)
+
+    @property
+    def destination(self) -> str:
+        """Where the events go, for people: "PostgreSQL at host:port/database"."""
+        return f"PostgreSQL at {self.where}"
 
     def open(self) -> None:
         self._conn = open_state(self._url, application=self._application)
@@ -195,7 +203,7 @@ class PgEventStore:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_PRUNE_LOCK,))
 
     def prune_bodies(self, rewrite: Callable[[int, bytes], bytes | None], *,
-                     dry_run: bool = False, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+                     dry_run: bool = False, batch: int) -> tuple[int, int]:
         """Rewrite the stored bodies, in commit order, ``batch`` events at a time (call it
         inside ``prune_lock``).
 

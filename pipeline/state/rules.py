@@ -130,12 +130,9 @@ UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_
         OR rows.failure_reason IS NOT m.failure_reason OR rows.settled_by IS NOT m.settled_by
         OR rows.emr_note_id IS NOT m.emr_note_id OR rows.outcome_at IS NOT m.outcome_at
         OR rows.outcome_clock IS NOT m.outcome_clock)"""
-# Keys some run delivered: Cobalt has the note (created), or took it and no outcome is in.
-DELIVERED_KEYS: Final = """
-SELECT key FROM rows INDEXED BY rows_key WHERE key IS NOT NULL
-   AND (outcome = 'created' OR (status = 'accepted' AND outcome IS NULL))"""
-# The same, per row: "no run delivered the note of the row {row} (its key, not NULL)", one
-# probe of rows_key per row; ``key NOT IN (DELIVERED_KEYS)`` read every delivered row.
+# "No run delivered the note of the row {row} (its key, not NULL)": Cobalt has the note
+# (created), or took it and no outcome is in; one probe of rows_key per row (``key NOT IN
+# (the delivered keys)`` read every delivered row).
 NOT_DELIVERED: Final = """NOT EXISTS (
     SELECT 1 FROM rows d INDEXED BY rows_key WHERE d.key = {row}.key
        AND (d.outcome = 'created' OR (d.status = 'accepted' AND d.outcome IS NULL)))"""

@@ -134,20 +134,12 @@ class SQLiteRuns(SQLiteRows):
             " AND status IN ('accepted', 'ambiguous', 'held', 'sending') ORDER BY run_id"
         )]
 
-    def unsettled_runs(self) -> list[str]:
-        """Runs whose report can still change: some row's truth waits on an outcome,
-        a review, another run's send or a send that did not happen, or the run's scan
-        stopped before the end of an input no later run has read (oldest first).
-
-        A run whose every row is settled (confirmed, rejected, skipped as a duplicate,
-        or following a confirmed send of its note by any run) is not listed.
-        """
-        found = {r[0] for r in self._db.execute(rules.UNSETTLED_RUNS_SQL.format(where=""))}
-        found.update(run_id for run_id, _ in self.not_read())
-        return [r for r in self._runs_in_order() if r in found]
-
     def run_settled(self, run_id: str) -> bool:
-        """Whether nothing can change ``run_id``'s report any more (see ``unsettled_runs``)."""
+        """Whether nothing can change ``run_id``'s report any more: no row's truth waits on
+        an outcome, a review, another run's send or a send that did not happen, and the
+        run's scan did not stop before the end of an input no later run has read. A run
+        whose every row is settled (confirmed, rejected, skipped as a duplicate, or
+        following a confirmed send of its note by any run) is settled."""
         if self._db.execute(rules.UNSETTLED_RUNS_SQL.format(where="AND u.run_id = ?"),
                             (run_id,)).fetchone() is not None:
             return False

@@ -26,11 +26,6 @@ if TYPE_CHECKING:
     from pipeline.state.protocol import StateStore
 
 
-def uses_postgres(config: RunConfig) -> bool:
-    """Whether state lives in PostgreSQL (``state.url`` set)."""
-    return config.state.url is not None
-
-
 def state_location(config: RunConfig) -> str:
     """Where the state is, for people: the ledger's path, or ``PostgreSQL host:port/db``
     (never the password)."""
