@@ -1,6 +1,6 @@
 """A year of history: N nights of R new rows each on ONE ledger, night by night costs.
 
-    python bench/history.py [--nights 20] [--rows 3000] [--quick] [--nights 365]
+    python bench/history.py [--nights 20] [--rows 3000] [--quick] [--nights 365] [--keep DIR]
 
 Each night, against the bench's fast loopback server (bench/_common.py, one CPU;
 every request accepted), on the same ledger and sink file:
@@ -30,6 +30,7 @@ start-up (the same every night).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -124,6 +125,9 @@ def main() -> None:
     parser.add_argument("--lost", type=float, default=0.02,
                         help="fraction of each night's webhooks lost (runs stay open)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 nights of 300")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="work in DIR (a new directory) and keep it: the ledger, sink file,"
+                             " reports and config, to profile a command on a built ledger")
     args = parser.parse_args()
     if args.quick:
         args.nights, args.rows = 3, 300
@@ -131,7 +135,10 @@ def main() -> None:
     print(f"bench/history.py on {machine()}; {args.nights} nights of {args.rows:,} rows on "
           f"one ledger, {args.lost:.0%} of webhooks lost; load average {os.getloadavg()[0]:.1f}")
     results: list[list[float]] = []
-    with tempfile.TemporaryDirectory() as tmp, Server(0) as server:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)  # a new directory: never mixes with an older ledger
+    with (contextlib.nullcontext(str(args.keep)) if args.keep is not None
+          else tempfile.TemporaryDirectory()) as tmp, Server(0) as server:
         work = Path(tmp)
         ledger, sink = work / "state" / "ledger.sqlite", work / "state" / "webhooks.jsonl"
         config = work / "config.yaml"
