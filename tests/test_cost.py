@@ -218,6 +218,58 @@ def test_status_reads_no_ledger_table_whole(tmp_path: Path) -> None:
     assert full == []
 
 
+def whole_reads(path: Path, statements: list[str]) -> list[tuple[list[str], str]]:
+    """The statements (as traced) that SQLite plans as a full scan of ``rows`` or of the
+    events mirror (reads and writes alike), or as a walk of every key of ``rows``, not
+    through one of the SMALL_INDEXES: (the statement's first words, the plan's line)."""
+    db = sqlite3.connect(path)
+    found = []
+    try:
+        for statement in statements:
+            if not statement.lstrip().upper().startswith(("SELECT", "WITH", "UPDATE",
+                                                          "DELETE", "INSERT")):
+                continue
+            for *_, detail in db.execute("EXPLAIN QUERY PLAN " + statement):
+                words = detail.split()
+                on_big = words[1] in ("rows", "r", "h", "d", "o", "ref", "via", "events", "e")
+                whole = words[0] == "SCAN" or "(key>?)" in detail
+                if on_big and whole and not any(index in detail for index in SMALL_INDEXES):
+                    found.append((statement.split()[:12], detail))
+    finally:
+        db.close()
+    return found
+
+
+def test_reconcile_and_status_with_nothing_new_read_no_big_table_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Once the sink is mirrored and the reports written, a ``tasknotes reconcile`` with
+    nothing new and a ``tasknotes status`` (opening the ledger included) run no statement
+    that reads every row or every mirrored event: their cost follows the open rows and
+    the runs, not the history the ledger holds."""
+    book, config = two_open_runs(tmp_path)
+    book.sink.write_text("")  # an event no row owns: the mirror holds one
+    book.event("task_note.created", "9", n=9, task="Z9")
+    assert main(["reconcile", str(config)]) == 0
+    capsys.readouterr()
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(statements.append)
+        return db
+
+    sqlite3.connect = traced  # type: ignore[assignment]
+    try:
+        assert main(["reconcile", str(config)]) == 0
+        assert main(["status", str(config)]) == 1  # two notes awaiting
+    finally:
+        sqlite3.connect = real_connect
+    assert "unchanged since" in capsys.readouterr().out
+    assert any(s.lstrip().upper().startswith("SELECT") for s in statements)
+    assert whole_reads(book.ledger.path, statements) == []
+
+
 def test_the_join_rules_run_again_when_a_row_changes_though_no_event_is_new(
         tmp_path: Path) -> None:
     """The webhook of job 7 is mirrored before the ledger records that its row got job 7

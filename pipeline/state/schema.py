@@ -159,7 +159,11 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
     have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
     if "rev" not in have:  # additive: a report written before it is rewritten once
         db.execute("ALTER TABLE runs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0")
-    db.execute(OLD_EVENTS_SQL)
+    if found is None or int(found[0]) < 3:
+        # Events of a ledger older than schema 3 may lack their clock; from 3 on add_events
+        # always stores one, so this full pass over the events (which grow every night)
+        # is not made on every open, only on the way to schema 3.
+        db.execute(OLD_EVENTS_SQL)
     if found is not None and int(found[0]) < 3:
         _compact(db)
     for trigger in TRIGGERS:
