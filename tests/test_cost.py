@@ -10,7 +10,7 @@ import pytest
 from test_reconcile import ACCOUNT, Book
 from test_truth_now import book_config
 
-from helpers import make_config, read_summary
+from helpers import make_config, read_summary, write_config, write_csv
 from pipeline.cli import main
 from pipeline.open_items import ledger_status
 from pipeline.reconciliation import Reconciler
@@ -267,6 +267,31 @@ def test_reconcile_and_status_with_nothing_new_read_no_big_table_whole(
         sqlite3.connect = real_connect
     assert "unchanged since" in capsys.readouterr().out
     assert any(s.lstrip().upper().startswith("SELECT") for s in statements)
+    assert whole_reads(book.ledger.path, statements) == []
+
+
+def test_the_scan_reads_no_big_table_whole(tmp_path: Path) -> None:
+    """`tasknotes validate` (the scan of every run) on a ledger with history: the already
+    sent lookups and the check of the account labels the ledger holds (sent_accounts) run
+    no statement that reads every row, so the scan costs what its input does."""
+    book, _ = two_open_runs(tmp_path)
+    data = write_csv(tmp_path / "in.csv", [["A1", "a note"], ["N1", "a new note"]])
+    config = write_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                          webhooks={"sink": str(book.sink)}, input={"path": str(data)})
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(statements.append)
+        return db
+
+    sqlite3.connect = traced  # type: ignore[assignment]
+    try:
+        assert main(["validate", str(config)]) == 0
+    finally:
+        sqlite3.connect = real_connect
+    assert any("account" in s and s.lstrip().upper().startswith("SELECT") for s in statements)
     assert whole_reads(book.ledger.path, statements) == []
 
 
