@@ -122,7 +122,8 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
     # writes a receipt before its line, so no line read here lacks its receipt to a race.
     stop = _size(sink)
     redactor.prepare(sink, offset)
-    receipts = read_receipts(sink, offset)
+    # The receipts file grows with every event and is read whole: not when no line is new.
+    receipts = read_receipts(sink, offset) if stop > offset else None
     if receipts is None and stop > offset:
         log.info("%s has no receipts file: outcome times are the events' own created times",
                  sink)

@@ -4,6 +4,9 @@ changed since it was written, and status asks the ledger small indexed questions
 from __future__ import annotations
 
 import sqlite3
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from test_truth_now import book_config
 
 from helpers import make_config, read_summary, write_config, write_csv
 from pipeline.cli import main
+from pipeline.events import receipts_path
 from pipeline.open_items import ledger_status
 from pipeline.reconciliation import Reconciler
 from pipeline.state import Attempt, Ledger, NewRow, row_key
@@ -268,6 +272,49 @@ def test_reconcile_and_status_with_nothing_new_read_no_big_table_whole(
     assert "unchanged since" in capsys.readouterr().out
     assert any(s.lstrip().upper().startswith("SELECT") for s in statements)
     assert whole_reads(book.ledger.path, statements) == []
+
+
+_OPENED: list[str] | None = None  # paths opened while a test listens (opened_paths)
+
+
+def _listen(event: str, args: tuple[object, ...]) -> None:
+    if _OPENED is not None and event == "open" and args and isinstance(args[0], str | Path):
+        _OPENED.append(str(args[0]))
+
+
+sys.addaudithook(_listen)  # Python's own audit events: every file this process opens
+
+
+@contextmanager
+def opened_paths() -> Iterator[list[str]]:
+    """The paths this process opens inside the block (PEP 578 ``open`` events)."""
+    global _OPENED  # noqa: PLW0603 - the one hook reads it
+    _OPENED = found = []
+    try:
+        yield found
+    finally:
+        _OPENED = None
+
+
+def test_reconcile_and_status_with_nothing_new_do_not_read_the_receipts_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sink's receipts file (a line per event ever received) is read only when the sink
+    file has lines the ledger has not mirrored: a reconcile or a status with nothing new
+    does not open it; one with a new line does (its receive time is needed)."""
+    book, config = two_open_runs(tmp_path)
+    receipts = receipts_path(book.sink)
+    receipts.write_text('{"id":"evt_0","offset":0,"received_at":"2026-06-15T12:02:40.000Z"}\n')
+    assert main(["reconcile", str(config)]) == 0
+    with opened_paths() as opened:
+        assert main(["reconcile", str(config)]) == 0
+        assert main(["status", str(config)]) == 1  # two notes awaiting
+    assert str(book.ledger.path) in opened  # the listening works
+    assert str(receipts) not in opened
+    book.event("task_note.created", "1", n=1, task="A1")
+    with opened_paths() as opened:
+        assert main(["reconcile", str(config)]) == 0
+    assert str(receipts) in opened
+    capsys.readouterr()
 
 
 def test_the_scan_reads_no_big_table_whole(tmp_path: Path) -> None:
