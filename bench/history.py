@@ -9,7 +9,8 @@ every request accepted), on the same ledger and sink file:
              new task ids every night): wall time of the process, and its scan and
              send stages (summary.json ``timings_s``)
 - webhooks   a ``task_note.created`` event (with its note, as Cobalt sends it) is
-             appended to the sink file for each row but ``--lost`` of them (default
+             appended to the sink file, with its receipt (the sink's receive time) to
+             the receipts file beside it, for each row but ``--lost`` of them (default
              2%): those webhooks are lost, so every run stays open
 - reconcile  `tasknotes reconcile` with the night's new evidence (not printed), then
              again with nothing new: the printed figure, wall time of the process
@@ -47,6 +48,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import CLIENT_CPU, ROOT, Server, machine, median, python, table
 from bench.make_input import write_csv
+from pipeline.events import receipts_path
 
 COLUMNS = ("night", "ledger rows", "run s", "scan s", "send s", "reconcile s (nothing new)",
            "status s", "reconcile cpu s", "status cpu s", "ledger B/row", "WAL MB")
@@ -88,6 +90,18 @@ def append_webhooks(ledger: Path, sink: Path, run_id: str, notes: dict[str, str]
                                             "emr_note_id": f"emr-{row_id}",
                                             "emr_task_id": task_id, "note": notes[task_id]}},
             separators=(",", ":"), ensure_ascii=False) + "\n")
+    # The sink's receipts first (as pipeline/events.py writes them: id, byte offset of the
+    # line, receive time), then the lines: reconcile reads both.
+    offset = sink.stat().st_size if sink.exists() else 0
+    receipts = []
+    for line in lines:
+        event_id = line[len('{"id":"'):line.index('"', len('{"id":"'))]
+        receipts.append(json.dumps({"id": event_id, "offset": offset,
+                                    "received_at": "2026-11-28T10:01:00.123Z"},
+                                   separators=(",", ":")) + "\n")
+        offset += len(line.encode())
+    with receipts_path(sink).open("a", encoding="utf-8") as fh:
+        fh.writelines(receipts)
     with sink.open("a", encoding="utf-8") as fh:
         fh.writelines(lines)
     return len(lines)
