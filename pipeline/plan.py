@@ -315,9 +315,7 @@ class Scan:
         api = self._config.api
         former = api.former_names()
         known = set(former) | {old for names in former.values() for old in names}
-        for label, count in sorted(lookup.sent_accounts().items()):
-            if label in known:
-                continue
+        for label, count in sorted(lookup.sent_accounts(known).items()):
             where = ("api.accounts.<name>.formerly" if api.multi else "api.formerly")
             log.warning("the ledger holds %d sent notes under account %r, which this config "
                         "does not name: if that clinic is now named otherwise, add "

@@ -143,7 +143,8 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
     if not _same_head(head, current) or offset > stop:
         again, offset = bool(head) and offset > 0, 0
     redactor.prepare(sink, offset)
-    receipts = read_receipts(sink, offset)
+    # The receipts file grows with every event and is read whole: not when no line is new.
+    receipts = read_receipts(sink, offset) if stop > offset else None
     if receipts is None and stop > offset:
         log.info("%s has no receipts file: outcome times are the events' own created times",
                  sink)

@@ -4,14 +4,18 @@ changed since it was written, and status asks the ledger small indexed questions
 from __future__ import annotations
 
 import sqlite3
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from test_reconcile import ACCOUNT, Book
 from test_truth_now import book_config
 
-from helpers import make_config, read_summary
+from helpers import make_config, read_summary, write_config, write_csv
 from pipeline.cli import main
+from pipeline.events import receipts_path
 from pipeline.open_items import ledger_status
 from pipeline.reconciliation import Reconciler
 from pipeline.state import Attempt, Ledger, NewRow, row_key
@@ -216,6 +220,126 @@ def test_status_reads_no_ledger_table_whole(tmp_path: Path) -> None:
                 full.append((statement.split()[:12], detail))
     db.close()
     assert full == []
+
+
+def whole_reads(path: Path, statements: list[str]) -> list[tuple[list[str], str]]:
+    """The statements (as traced) that SQLite plans as a full scan of ``rows`` or of the
+    events mirror (reads and writes alike), or as a walk of every key of ``rows``, not
+    through one of the SMALL_INDEXES: (the statement's first words, the plan's line)."""
+    db = sqlite3.connect(path)
+    found = []
+    try:
+        for statement in statements:
+            if not statement.lstrip().upper().startswith(("SELECT", "WITH", "UPDATE",
+                                                          "DELETE", "INSERT")):
+                continue
+            for *_, detail in db.execute("EXPLAIN QUERY PLAN " + statement):
+                words = detail.split()
+                on_big = words[1] in ("rows", "r", "h", "d", "o", "ref", "via", "events", "e")
+                whole = words[0] == "SCAN" or "(key>?)" in detail
+                if on_big and whole and not any(index in detail for index in SMALL_INDEXES):
+                    found.append((statement.split()[:12], detail))
+    finally:
+        db.close()
+    return found
+
+
+def test_reconcile_and_status_with_nothing_new_read_no_big_table_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Once the sink is mirrored and the reports written, a ``tasknotes reconcile`` with
+    nothing new and a ``tasknotes status`` (opening the ledger included) run no statement
+    that reads every row or every mirrored event: their cost follows the open rows and
+    the runs, not the history the ledger holds."""
+    book, config = two_open_runs(tmp_path)
+    book.sink.write_text("")  # an event no row owns: the mirror holds one
+    book.event("task_note.created", "9", n=9, task="Z9")
+    assert main(["reconcile", str(config)]) == 0
+    capsys.readouterr()
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(statements.append)
+        return db
+
+    sqlite3.connect = traced  # type: ignore[assignment]
+    try:
+        assert main(["reconcile", str(config)]) == 0
+        assert main(["status", str(config)]) == 1  # two notes awaiting
+    finally:
+        sqlite3.connect = real_connect
+    assert "unchanged since" in capsys.readouterr().out
+    assert any(s.lstrip().upper().startswith("SELECT") for s in statements)
+    assert whole_reads(book.ledger.path, statements) == []
+
+
+_OPENED: list[str] | None = None  # paths opened while a test listens (opened_paths)
+
+
+def _listen(event: str, args: tuple[object, ...]) -> None:
+    if _OPENED is not None and event == "open" and args and isinstance(args[0], str | Path):
+        _OPENED.append(str(args[0]))
+
+
+sys.addaudithook(_listen)  # Python's own audit events: every file this process opens
+
+
+@contextmanager
+def opened_paths() -> Iterator[list[str]]:
+    """The paths this process opens inside the block (PEP 578 ``open`` events)."""
+    global _OPENED  # noqa: PLW0603 - the one hook reads it
+    _OPENED = found = []
+    try:
+        yield found
+    finally:
+        _OPENED = None
+
+
+def test_reconcile_and_status_with_nothing_new_do_not_read_the_receipts_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sink's receipts file (a line per event ever received) is read only when the sink
+    file has lines the ledger has not mirrored: a reconcile or a status with nothing new
+    does not open it; one with a new line does (its receive time is needed)."""
+    book, config = two_open_runs(tmp_path)
+    receipts = receipts_path(book.sink)
+    receipts.write_text('{"id":"evt_0","offset":0,"received_at":"2026-06-15T12:02:40.000Z"}\n')
+    assert main(["reconcile", str(config)]) == 0
+    with opened_paths() as opened:
+        assert main(["reconcile", str(config)]) == 0
+        assert main(["status", str(config)]) == 1  # two notes awaiting
+    assert str(book.ledger.path) in opened  # the listening works
+    assert str(receipts) not in opened
+    book.event("task_note.created", "1", n=1, task="A1")
+    with opened_paths() as opened:
+        assert main(["reconcile", str(config)]) == 0
+    assert str(receipts) in opened
+    capsys.readouterr()
+
+
+def test_the_scan_reads_no_big_table_whole(tmp_path: Path) -> None:
+    """`tasknotes validate` (the scan of every run) on a ledger with history: the already
+    sent lookups and the check of the account labels the ledger holds (sent_accounts) run
+    no statement that reads every row, so the scan costs what its input does."""
+    book, _ = two_open_runs(tmp_path)
+    data = write_csv(tmp_path / "in.csv", [["A1", "a note"], ["N1", "a new note"]])
+    config = write_config(tmp_path, state={"ledger": str(book.ledger.path)},
+                          webhooks={"sink": str(book.sink)}, input={"path": str(data)})
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(statements.append)
+        return db
+
+    sqlite3.connect = traced  # type: ignore[assignment]
+    try:
+        assert main(["validate", str(config)]) == 0
+    finally:
+        sqlite3.connect = real_connect
+    assert any("account" in s and s.lstrip().upper().startswith("SELECT") for s in statements)
+    assert whole_reads(book.ledger.path, statements) == []
 
 
 def test_the_join_rules_run_again_when_a_row_changes_though_no_event_is_new(

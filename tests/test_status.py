@@ -113,7 +113,7 @@ def test_sent_accounts_counts_delivered_notes_per_account_label(book: Book, tmp_
                                                                 ) -> None:
     """The labels the scan's formerly warning checks (plan.py): a run's account for its
     rows that name none, counting only rows that delivered their note (accepted with no
-    failure, or created); the same on both backends."""
+    failure, or created), but the labels it is told to ignore; the same on both backends."""
     book.row("accepted", task="A1", job_id="1")  # awaiting: delivered as far as we know
     book.row("accepted", task="A2", job_id="2")
     book.event("task_note.failed", "2", n=1, reason="Task not found in EMR")
@@ -125,6 +125,9 @@ def test_sent_accounts_counts_delivered_notes_per_account_label(book: Book, tmp_
     book.ledger.finish_run("run-2", "finished", {})
     status_of(book, tmp_path)  # mirrors the sink's events and matches them to the rows
     assert book.ledger.sent_accounts() == {ACCOUNT: 1, "token:0123456789abcdef": 1}
+    # the labels the config names are left out (the scan warns of the others only)
+    assert book.ledger.sent_accounts({ACCOUNT}) == {"token:0123456789abcdef": 1}
+    assert book.ledger.sent_accounts({ACCOUNT, "token:0123456789abcdef"}) == {}
 
 
 def test_send_failed_lists_the_rows_of_the_notes_it_counts(book: Book, tmp_path: Path

@@ -154,16 +154,7 @@ class SQLiteRuns(SQLiteRows):
         ``report.stale_after`` since (``now``: Unix seconds; None: not checked). A run
         with open rows and nothing new is left alone. ``context``: what else the report
         is made from (the report settings: see report.report_context)."""
-        markers = self._report_markers(context)
-        out = []
-        for run_id, info in self._db.execute(
-                "SELECT run_id, info FROM runs ORDER BY started_at, run_id"):
-            stored = json.loads(info)
-            due = stored.get("report_stale_due")
-            if (stored.get("report_marker") != markers[run_id]
-                    or (now is not None and due is not None and due <= now)):
-                out.append(run_id)
-        return out
+        return [run_id for run_id, rewrite, _ in self._report_states(context, now) if rewrite]
 
     def report_exit_code(self, run_id: str) -> int | None:
         """The exit code ``run_id``'s report gave when last written (``report_written``);
@@ -177,32 +168,51 @@ class SQLiteRuns(SQLiteRows):
         """Runs ``reports_to_rewrite`` leaves alone whose report was not final when written
         (some row was open), with the exit code (``exit_code_now``) that report gave:
         what ``tasknotes reconcile`` counts without rewriting them (oldest first)."""
-        wanted = set(self.reports_to_rewrite(context, now))
+        return [(run_id, stored.get("report_exit_code"))
+                for run_id, rewrite, stored in self._report_states(context, now)
+                if not rewrite and not stored.get("report_final")]
+
+    def _report_states(self, context: str, now: float | None
+                       ) -> list[tuple[str, bool, dict[str, Any]]]:
+        """Each run, oldest first: whether its report is to be written again (see
+        ``reports_to_rewrite``) and its info as stored; one read of the runs."""
+        runs = [(run_id, json.loads(info)) for run_id, info in self._db.execute(
+            "SELECT run_id, info FROM runs ORDER BY started_at, run_id")]
+        markers = self._report_markers(context, dict(runs))
         out = []
-        for run_id, info in self._db.execute(
-                "SELECT run_id, info FROM runs ORDER BY started_at, run_id"):
-            stored = json.loads(info)
-            if run_id not in wanted and not stored.get("report_final"):
-                out.append((run_id, stored.get("report_exit_code")))
+        for run_id, stored in runs:
+            due = stored.get("report_stale_due")
+            rewrite = (stored.get("report_marker") != markers[run_id]
+                       or (now is not None and due is not None and due <= now))
+            out.append((run_id, rewrite, stored))
         return out
 
-    def _report_markers(self, context: str) -> dict[str, str]:
+    def _report_markers(self, context: str, infos: dict[str, dict[str, Any]] | None = None
+                        ) -> dict[str, str]:
         """Each run's ``report_marker``: a digest of what its report is made from, read from
         the run records and small tables only (never the rows: ``runs.rev`` stands for
-        them, see schema.TRIGGERS)."""
-        unread = dict(self.not_read())
+        them, see schema.TRIGGERS). ``infos``: the runs' info as stored, if already read.
+
+        The digest is of ``json.dumps([shared, state, finished, rev, info, unread])``; the
+        part every run shares is serialised once (the same text: a JSON list is its items'
+        texts joined by ", "), so each run costs its own record only."""
+        unread = dict(self.not_read(infos))
         held = self.lock_holder() is not None
-        shared = [context,
-                  self._db.execute("SELECT name, count FROM event_tally ORDER BY name").fetchall(),
-                  self._db.execute("SELECT value FROM meta WHERE key = 'orphans'").fetchall(),
-                  self._db.execute("SELECT event_id FROM orphans ORDER BY event_id").fetchall()]
+        shared = json.dumps([
+            context,
+            self._db.execute("SELECT name, count FROM event_tally ORDER BY name").fetchall(),
+            self._db.execute("SELECT value FROM meta WHERE key = 'orphans'").fetchall(),
+            self._db.execute("SELECT event_id FROM orphans ORDER BY event_id").fetchall()],
+            sort_keys=True, default=str)
         out = {}
         for run_id, state, finished, rev, info in self._db.execute(
                 "SELECT run_id, state, finished_at, rev, info FROM runs"):
-            stored = {k: v for k, v in json.loads(info).items() if k not in _REPORT_KEYS}
+            found = infos[run_id] if infos is not None and run_id in infos else json.loads(info)
+            stored = {k: v for k, v in found.items() if k not in _REPORT_KEYS}
             now_state = "crashed" if state == "running" and not held else state
-            text = json.dumps([shared, now_state, finished, rev, stored, unread.get(run_id)],
-                              sort_keys=True, default=str)
+            own = json.dumps([now_state, finished, rev, stored, unread.get(run_id)],
+                             sort_keys=True, default=str)
+            text = f"[{shared}, {own[1:]}"
             out[run_id] = hashlib.sha256(text.encode()).hexdigest()[:32]
         return out
 
@@ -251,13 +261,24 @@ class SQLiteRuns(SQLiteRows):
         return [r[0] for r in self._db.execute(
             "SELECT run_id FROM runs ORDER BY started_at, run_id")]
 
-    def not_read(self) -> list[tuple[str, list[str]]]:
+    def not_read(self, infos: dict[str, dict[str, Any]] | None = None
+                 ) -> list[tuple[str, list[str]]]:
         """Runs whose scan stopped before the end of some input file (a full disk, a
         signal, an input error), with those files, while no later run read each to its
         end: (run_id, paths), oldest first. ``--limit`` is not a stop: it says what it
-        left unread."""
-        runs = [(r, RunInfo.from_json(json.loads(i))) for r, i in self._db.execute(
-            "SELECT run_id, info FROM runs ORDER BY started_at, run_id")]
+        left unread. ``infos``: the runs' info as stored (run_id -> JSON object), if the
+        caller has read them already.
+
+        Only the runs from the first that stopped on are read as RunInfo records: usually
+        none did, and the others' records are not built at all."""
+        stored = [(r, infos[r] if infos is not None and r in infos else json.loads(i))
+                  for r, i in self._db.execute(
+                      "SELECT run_id, info FROM runs ORDER BY started_at, run_id")]
+        first = next((n for n, (_, info) in enumerate(stored) if info.get("scan_stopped")),
+                     None)
+        if first is None:
+            return []
+        runs = [(r, RunInfo.from_json(info)) for r, info in stored[first:]]
         out = []
         for n, (run_id, info) in enumerate(runs):
             stopped = info.scan_stopped

@@ -156,10 +156,15 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
         for column in added:
             if column not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+    db.execute(ACCOUNT_INDEX)  # on a column added after schema 2: made once it is there
     have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
     if "rev" not in have:  # additive: a report written before it is rewritten once
         db.execute("ALTER TABLE runs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0")
-    db.execute(OLD_EVENTS_SQL)
+    if found is None or int(found[0]) < 3:
+        # Events of a ledger older than schema 3 may lack their clock; from 3 on add_events
+        # always stores one, so this full pass over the events (which grow every night)
+        # is not made on every open, only on the way to schema 3.
+        db.execute(OLD_EVENTS_SQL)
     if found is not None and int(found[0]) < 3:
         _compact(db)
     for trigger in TRIGGERS:
@@ -171,6 +176,10 @@ def check_version(db: sqlite3.Connection, path: Path) -> None:
         raise StateError(f"ledger {path} has schema {found[0]}, expected {SCHEMA_VERSION}")
 
 
+# The accounts rows name themselves (api.accounts; empty without): the scan's check of the
+# account labels the ledger holds (``sent_accounts``) reads it, not every row.
+ACCOUNT_INDEX: Final = """CREATE INDEX IF NOT EXISTS rows_account ON rows (account)
+ WHERE account IS NOT NULL AND account != ''"""
 # What a row's outcome_at means: the time the sink received the webhook (UTC, ms); or,
 # for an event poll fetched or one stored before the sink kept receipts, the event's own
 # ``created`` time (Cobalt's clock, whole seconds). Only the first is a latency.
