@@ -77,20 +77,52 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     """
     if not ID_PATTERN.fullmatch(text):
         return False
-    if sum(1 for part in _ID_PARTS.split(text) if _WORD.fullmatch(part)) > MAX_ID_WORDS:
+    # From here ``text`` is ASCII letters, digits and ``_ . : -`` only, so case-folding is
+    # lower(), a letter is [a-z] and ``canonical`` decodes nothing: the checks below are
+    # those spelled out above, on that alphabet (a million ids per reconcile of 1M rows).
+    if _NOT_HEX_LETTER.search(text) and len(_WORD_PART.findall(text)) > MAX_ID_WORDS:
         return False
     notes = [p for p in private if p]
     if not notes:
         return True
-    letters = _letters(text)
+    lower = text.lower()
+    letters = _NOT_ASCII_LETTER.sub("", lower)  # _letters(text)
     if len(letters) >= ID_NOTE_LETTERS and any(letters in _forms(n).letters for n in notes):
         return False
-    runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
-    if any(len(runs & _forms(n).runs) >= 2 for n in notes):
-        return False
-    return not quotes(text, notes)
+    if len(letters) >= 2 * 3:  # two runs of 3 or more letters need 6 of them
+        runs = set(_ASCII_LETTER_RUN.findall(lower))  # _LETTER_RUN, case-folded
+        if any(len(runs & _forms(n).runs) >= 2 for n in notes):
+            return False
+    return not _id_quotes(lower, notes)
 
 
+def _id_quotes(lower: str, notes: list[str]) -> bool:
+    """``quotes(lower, notes)`` for an id already lower-cased (``looks_like_id``): its
+    canonical words are its runs of ASCII letters and digits, nothing to decode."""
+    joined = _NOT_ALNUM_ASCII.sub("", lower)
+    for note in notes:
+        forms = _forms(note)
+        letters = forms.joined
+        if not letters:
+            continue
+        if len(letters) >= REDACT_RUN:
+            # Any 16 in a row of ``joined`` hold one of its 8-letter blocks at a multiple
+            # of 8: with none of those in the note's letters, no run of 16 can be there.
+            if any(joined[k:k + 8] in letters for k in range(0, len(joined) - 7, 8)) and any(
+                    joined[i:i + REDACT_RUN] in forms.windows
+                    for i in range(len(joined) - REDACT_RUN + 1)):
+                return True
+        elif (forms.spaced in f" {' '.join(_NOT_ALNUM_ASCII.sub(' ', lower).split())} "
+              or (len(letters) >= _SHORT_SKELETON and letters in joined)):
+            return True
+    return False
+
+
+_NOT_HEX_LETTER: Final = re.compile(r"[G-Zg-z]")  # an id without one has no _WORD part
+# A part between separators (``_ID_PARTS``) that is a ``_WORD``, found in one pass.
+_WORD_PART: Final = re.compile(r"(?<![^_.:-])[A-Za-z]*[G-Zg-z][A-Za-z]*(?![^_.:-])")
+_NOT_ASCII_LETTER: Final = re.compile(r"[^a-z]+")
+_ASCII_LETTER_RUN: Final = re.compile(r"[a-z]{3,}")
 ID_NOTE_LETTERS: Final = 8
 _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
 
