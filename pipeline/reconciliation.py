@@ -252,17 +252,21 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     if reason is None and kind == "failed" and isinstance(data.get("reasons"), list):
         reason = ""  # the descriptions are free text too: codes only, checked the same way
     created = _text(event.get("created"))
-    receipt = receipts.get(str(safe_id(event_id))) or receipts.get(event_id)
+    # Ids are untrusted too: one that does not look like an id, or shows the event's own
+    # note, is withheld (safe_id). The note of a failed event is not in it: the shape rule.
+    own = [note] if isinstance(note, str) else []
+    shown = str(safe_id(event_id, own))
+    receipt: Receipt | None = None
+    if receipts:  # keyed by the id as the sink kept it: as given when it passes the shape rule
+        kept = shown if shown == event_id else str(safe_id(event_id))
+        receipt = receipts.get(kept) or receipts.get(event_id)
     outcome_at: str | None
     if receipt is not None and receipt.received_at is not None:
         outcome_at, clock = receipt.received_at, "sink_received"
     else:
         clock = "event_created_polled" if receipt is not None else "event_created_no_receipt"
         outcome_at = created
-    # Ids are untrusted too: one that does not look like an id, or shows the event's own
-    # note, is withheld (safe_id). The note of a failed event is not in it: the shape rule.
-    own = [note] if isinstance(note, str) else []
-    return EventRecord(str(safe_id(event_id, own)), kind,
+    return EventRecord(shown, kind,
             None if job_id is None else safe_id(str(job_id).strip(), own),
             safe_id(data.get("task_note_id"), own), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,

@@ -20,6 +20,7 @@ from pipeline.state import (
     SCHEMA_VERSION,
     Attempt,
     Earlier,
+    EventRecord,
     InputFile,
     InputRecords,
     Ledger,
@@ -33,7 +34,7 @@ from pipeline.state import (
 )
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS
-from pipeline.state.schema import SCHEMA
+from pipeline.state.schema import OUTCOME_CLOCKS, SCHEMA
 
 ACCOUNT = "test_clinic"
 
@@ -255,6 +256,23 @@ def test_input_files_and_mirrored_events_read_back_as_records(tmp_path: Path) ->
                      InputFile(1, "b.csv", None, None, ("emr_task_id", "note"))]
     assert [(e.event_id, e.kind, e.job_id, e.task_note_id) for e in events] == [
         ("evt_1", "created", "5", "a")]
+
+
+def test_a_mirrored_events_clock_is_stored_as_its_code_and_read_back_as_its_name(
+        tmp_path: Path) -> None:
+    """Each outcome clock is stored as its one-letter code (schema 3); a value that is not a
+    clock's name is stored as it is; events() gives back what was added."""
+    clocks = [*OUTCOME_CLOCKS, "unknown-clock"]
+    records = [EventRecord(f"evt_{i}", "created", str(i), None, None, None, None, None, None,
+                           i, None, clock) for i, clock in enumerate(clocks)]
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        assert ledger.add_events(records, {}, offset=9, head="h") == len(clocks)
+        stored = ledger._db.execute("SELECT outcome_clock FROM events ORDER BY event_id")
+        assert [c for (c,) in stored] == ["r", "p", "n", "unknown-clock"]
+        assert ledger.events() == records
+    finally:
+        ledger.close()
 
 
 def test_run_info_records_read_back_as_typed_records(store: StateStore) -> None:
