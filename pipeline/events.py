@@ -149,7 +149,9 @@ def decode_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, A
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
         raise UnreadableEvent("too-deep", f"nested more than {MAX_DEPTH} levels")
     try:
-        event = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        if text.startswith("\ufeff"):  # as json.loads refuses it (a BOM is not JSON)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        event = _DECODER.decode(text)  # json.loads with these hooks, its decoder made once
     except _NotFinite:
         raise UnreadableEvent("not-finite", "NaN, Infinity or an overflowing number") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError; int digit limit
@@ -208,6 +210,9 @@ def _finite_float(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise _NotFinite(text)
     return value
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -31,6 +31,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
+import numpy as np
 import pandas as pd
 
 from pipeline import exits
@@ -288,17 +289,21 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     if reason is None and kind == "failed" and isinstance(data.get("reasons"), list):
         reason = ""  # the descriptions are free text too: codes only, checked the same way
     created = _text(event.get("created"))
-    receipt = receipts.get(str(safe_id(event_id))) or receipts.get(event_id)
+    # Ids are untrusted too: one that does not look like an id, or shows the event's own
+    # note, is withheld (safe_id). The note of a failed event is not in it: the shape rule.
+    own = [note] if isinstance(note, str) else []
+    shown = str(safe_id(event_id, own))
+    receipt: Receipt | None = None
+    if receipts:  # keyed by the id as the sink kept it: as given when it passes the shape rule
+        kept = shown if shown == event_id else str(safe_id(event_id))
+        receipt = receipts.get(kept) or receipts.get(event_id)
     outcome_at: str | None
     if receipt is not None and receipt.received_at is not None:
         outcome_at, clock = receipt.received_at, "sink_received"
     else:
         clock = "event_created_polled" if receipt is not None else "event_created_no_receipt"
         outcome_at = created
-    # Ids are untrusted too: one that does not look like an id, or shows the event's own
-    # note, is withheld (safe_id). The note of a failed event is not in it: the shape rule.
-    own = [note] if isinstance(note, str) else []
-    return EventRecord(str(safe_id(event_id, own)), kind,
+    return EventRecord(shown, kind,
             None if job_id is None else safe_id(str(job_id).strip(), own),
             safe_id(data.get("task_note_id"), own), created,
             safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
@@ -462,13 +467,16 @@ def _finalise(rows: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
 def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.Series]:
     status, outcome = out["status"], out["outcome"]
     stopped = record.info.stop_reason or f"the run {record.state}"
+    # each comparison made once per chunk, not once per rule naming it
+    accepted, already = status == "accepted", status == "already_sent"
+    failed, conflict = outcome == "failed", outcome == "conflict"
     via = out["via_run_id"].notna()
     landed = via & (out["via_outcome"] == "created")
     waiting = via & ~landed
     sent = _sent_in(out, via, "via")
-    again = _sent_in(out, via & (status == "accepted"), "via",
+    again = _sent_in(out, via & accepted, "via",
                      lead="failed in the EMR; sent again in run ")
-    earlier = _sent_in(out, status == "already_sent", "ref")
+    earlier = _sent_in(out, already, "ref")
     mine = status.isin(["pending", "failed", "already_sent", "held"])
     written_off = out.get("written_off_at", pd.Series(None, index=out.index, dtype=object))
     rules: list[tuple[pd.Series, str, pd.Series | str]] = [
@@ -476,25 +484,25 @@ def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.S
         (status == "duplicate", "skipped_duplicate", out["error"].fillna("")),
         (mine & landed, "skipped_already_sent", sent + ": confirmed"),
         (mine & waiting, "awaiting_outcome", sent + ": no outcome yet"),
-        ((status == "accepted") & (outcome == "failed") & landed, "skipped_already_sent",
+        (accepted & failed & landed, "skipped_already_sent",
          again + ": confirmed"),
-        ((status == "accepted") & (outcome == "failed") & waiting, "awaiting_outcome",
+        (accepted & failed & waiting, "awaiting_outcome",
          again + ": no outcome yet"),
-        ((status == "already_sent") & (out["ref_outcome"] == "failed"), "failed_in_emr",
+        (already & (out["ref_outcome"] == "failed"), "failed_in_emr",
          earlier + ": failed in the EMR (that run's report has the reason)"),
-        ((status == "already_sent") & (out["ref_outcome"] == "conflict"), "ambiguous",
+        (already & (out["ref_outcome"] == "conflict"), "ambiguous",
          earlier + ": conflict, both task_note.created and task_note.failed"),
-        (status == "already_sent", "skipped_already_sent", out["error"].fillna("")),
+        (already, "skipped_already_sent", out["error"].fillna("")),
         (status == "held", "ambiguous", out["error"].fillna("")),
-        ((status == "accepted") & (outcome == "created"), "confirmed", ""),
-        ((status == "accepted") & (outcome == "failed"), "failed_in_emr", ""),
-        ((status == "accepted") & (outcome == "conflict")
+        (accepted & (outcome == "created"), "confirmed", ""),
+        (accepted & failed, "failed_in_emr", ""),
+        (accepted & conflict
          & out["event_id"].fillna("").str.contains(";", regex=False), "ambiguous",
          "conflict: both task_note.created and task_note.failed for this job"),
-        ((status == "accepted") & (outcome == "conflict"), "ambiguous",
+        (accepted & conflict, "ambiguous",
          "conflict: the event came from another account's connection "
          "(its access_token_reference_id is not this row's account's reference_id)"),
-        (status == "accepted", "awaiting_outcome", "no outcome event yet"),
+        (accepted, "awaiting_outcome", "no outcome event yet"),
         (status == "api_rejected", "rejected_by_api", ""),
         ((status == "ambiguous") & (outcome == "created"), "confirmed",
          "settled by evidence: a task_note.created event carries this note"),
@@ -507,10 +515,13 @@ def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.S
     ]
     final = pd.Series("", index=out.index, dtype=object)
     detail = pd.Series("", index=out.index, dtype=object)
+    unset = np.ones(len(out), dtype=bool)  # final == "": no rule has taken the row yet
     for mask, name, text in rules:
-        todo = mask & (final == "")
-        final[todo] = name
-        detail[todo] = text[todo] if isinstance(text, pd.Series) else text
+        todo = np.asarray(mask, dtype=bool) & unset
+        if todo.any():
+            unset &= ~todo
+            final[todo] = name
+            detail[todo] = text[todo] if isinstance(text, pd.Series) else text
     return final, detail
 
 

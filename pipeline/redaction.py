@@ -77,20 +77,55 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     """
     if not ID_PATTERN.fullmatch(text):
         return False
-    if sum(1 for part in _ID_PARTS.split(text) if _WORD.fullmatch(part)) > MAX_ID_WORDS:
+    # From here ``text`` is ASCII letters, digits and ``_ . : -`` only, so case-folding is
+    # lower(), a letter is [a-z] and ``canonical`` decodes nothing: the checks below are
+    # those spelled out above, on that alphabet (a million ids per reconcile of 1M rows).
+    # More than 2 word parts need a letter beyond hex digits and 3 parts (2 separators).
+    if (_NOT_HEX_LETTER.search(text) and _TWO_SEPARATORS.search(text)
+            and len(_WORD_PART.findall(text)) > MAX_ID_WORDS):
         return False
     notes = [p for p in private if p]
     if not notes:
         return True
-    letters = _letters(text)
-    if len(letters) >= ID_NOTE_LETTERS and any(letters in _forms(n).letters for n in notes):
-        return False
-    runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
-    if any(len(runs & _forms(n).runs) >= 2 for n in notes):
-        return False
-    return not quotes(text, notes)
+    lower = text.lower()
+    joined = _NOT_ALNUM_ASCII.sub("", lower)  # its canonical words, joined
+    letters = _NOT_ASCII_LETTER.sub("", lower)  # _letters(text)
+    # two runs of 3 or more letters need 6 of them; _LETTER_RUN, case-folded
+    runs = set(_ASCII_LETTER_RUN.findall(lower)) if len(letters) >= 2 * 3 else None
+    # Any 16 in a row of ``joined`` hold one of its 8-letter blocks at a multiple of 8:
+    # with none of those in a note's letters, no run of 16 of that note can be there.
+    blocks = [joined[k:k + 8] for k in range(0, len(joined) - 7, 8)]
+    for note in notes:
+        forms = _forms(note)
+        if ((len(letters) >= ID_NOTE_LETTERS and letters in forms.letters)
+                or (runs is not None and len(runs & forms.runs) >= 2)
+                or _id_quotes(lower, joined, blocks, forms)):  # quotes(text, [note])
+            return False
+    return True
 
 
+def _id_quotes(lower: str, joined: str, blocks: list[str], forms: _Forms) -> bool:
+    """``quotes`` of an id against one private string (``forms``), for ``looks_like_id``:
+    the id lower-cased, its letters and digits ``joined``, and their 8-letter ``blocks``."""
+    letters = forms.joined
+    if not letters:
+        return False
+    if len(letters) >= REDACT_RUN:
+        for block in blocks:
+            if block in letters:
+                return any(joined[i:i + REDACT_RUN] in forms.windows
+                           for i in range(len(joined) - REDACT_RUN + 1))
+        return False
+    return (forms.spaced in f" {' '.join(_NOT_ALNUM_ASCII.sub(' ', lower).split())} "
+            or (len(letters) >= _SHORT_SKELETON and letters in joined))
+
+
+_NOT_HEX_LETTER: Final = re.compile(r"[G-Zg-z]")  # an id without one has no _WORD part
+_TWO_SEPARATORS: Final = re.compile(r"[_.:-].*[_.:-]")
+# A part between separators (``_ID_PARTS``) that is a ``_WORD``, found in one pass.
+_WORD_PART: Final = re.compile(r"(?<![^_.:-])[A-Za-z]*[G-Zg-z][A-Za-z]*(?![^_.:-])")
+_NOT_ASCII_LETTER: Final = re.compile(r"[^a-z]+")
+_ASCII_LETTER_RUN: Final = re.compile(r"[a-z]{3,}")
 ID_NOTE_LETTERS: Final = 8
 _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
 

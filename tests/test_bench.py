@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
         pytest.param("validate.py", "tasknotes validate / pandas.read_csv =", id="validate"),
         pytest.param("memory.py", "validate: 10,000 rows / 2,000 rows =", id="memory"),
         pytest.param("reconcile.py", "reconcile / pandas.merge =", id="reconcile"),
+        pytest.param("reconcile_profile.py", "reconcile (all)", id="reconcile_profile"),
         pytest.param("history.py", "night 3 / night 1:", id="history"),
         pytest.param("state.py", "whole run: PostgreSQL/SQLite =", id="state"),
     ],

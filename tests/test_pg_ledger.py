@@ -500,3 +500,27 @@ def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Pat
     assert [r["final_status"] for r in results] == ["confirmed"] * 5
     assert sink_count(pg_url) == 5
     assert not (tmp_path / "worker-a" / "state").exists()
+
+
+def test_the_clear_and_orphan_statements_stay_anti_joins_when_work_mem_is_small(
+        pg_url: str) -> None:
+    """``x NOT IN (SELECT ...)`` is a plain subplan, re-read for every outer row, once the
+    subquery outgrows work_mem (a reconcile of 1M x 1M stalled in it): with 20,000 matched
+    rows and owned events and work_mem at 64kB, each statement is planned as an anti-join."""
+    import psycopg  # noqa: PLC0415 - the postgres extra, as in the fixtures
+
+    from pipeline.state import pg_ledger  # noqa: PLC0415 - its statements, not the seam
+
+    PgLedger(pg_url, "test_clinic").close()  # the schema
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET work_mem = '64kB'")
+        conn.execute("CREATE TEMP TABLE matched AS SELECT g::bigint AS row_id"
+                     " FROM generate_series(1, 20000) g")
+        conn.execute("CREATE TEMP TABLE owned AS SELECT 'evt_' || g AS event_id"
+                     " FROM generate_series(1, 20000) g")
+        conn.execute("ANALYZE matched")
+        conn.execute("ANALYZE owned")
+        statements = [pg_ledger._CLEAR_OUTCOMES_SQL, *pg_ledger._ORPHANS_SQL[2:4]]
+        plans = ["\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {s}"))  # type: ignore[arg-type]
+                 for s in statements]
+    assert [("Anti Join" in p, "SubPlan" in p) for p in plans] == [(True, False)] * 3, plans

@@ -20,6 +20,7 @@ from pipeline.state import (
     SCHEMA_VERSION,
     Attempt,
     Earlier,
+    EventRecord,
     InputFile,
     InputRecords,
     Ledger,
@@ -33,7 +34,7 @@ from pipeline.state import (
 )
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS
-from pipeline.state.schema import SCHEMA
+from pipeline.state.schema import OUTCOME_CLOCKS, SCHEMA
 
 ACCOUNT = "test_clinic"
 
@@ -258,6 +259,23 @@ def test_input_files_and_mirrored_events_read_back_as_records(tmp_path: Path) ->
         ("evt_1", "created", "5", "a")]
 
 
+def test_a_mirrored_events_clock_is_stored_as_its_code_and_read_back_as_its_name(
+        tmp_path: Path) -> None:
+    """Each outcome clock is stored as its one-letter code (schema 3); a value that is not a
+    clock's name is stored as it is; events() gives back what was added."""
+    clocks = [*OUTCOME_CLOCKS, "unknown-clock"]
+    records = [EventRecord(f"evt_{i}", "created", str(i), None, None, None, None, None, None,
+                           i, None, clock) for i, clock in enumerate(clocks)]
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        assert ledger.add_events(records, {}, offset=9, head="h") == len(clocks)
+        stored = ledger._db.execute("SELECT outcome_clock FROM events ORDER BY event_id")
+        assert [c for (c,) in stored] == ["r", "p", "n", "unknown-clock"]
+        assert ledger.events() == records
+    finally:
+        ledger.close()
+
+
 def test_run_info_records_read_back_as_typed_records(store: StateStore) -> None:
     """input_records and scan_stopped are stored as JSON and read back as InputRecords and
     ScanStopped; a later run that reads one of the unread files to its end takes it off
@@ -338,3 +356,50 @@ def test_the_scan_runs_on_any_scan_store(tmp_path: Path) -> None:
     assert [(r.line, r.status, r.ref_id) for r in memory.recorded] == [
         (2, "already_sent", 41), (3, "pending", None), (4, "duplicate", None)]
     assert {(f.file_no, f.path) for f in store.files("r")} == {(0, str(tmp_path / "in.csv"))}
+
+
+def _four_runs(directory: Path) -> Ledger:
+    """run-1 could not send note A1; run-2 sends A1 (job 3) and B1 (job 1); run-3's row
+    (job 9) gets no event; run-4's (job 5) fails in the EMR. Events for jobs 3, 1 and 5."""
+    from test_reconcile import Book  # noqa: PLC0415 - its module imports this one's fixtures
+
+    book = Book(directory)
+    book.row("failed", task="A1")
+    for run_id, rows in (("run-2", [("A1", "3"), ("B1", "1")]), ("run-3", [("D1", "9")]),
+                         ("run-4", [("E1", "5")])):
+        book.ledger.start_run(run_id, "test_clinic", "fp", {})
+        for task, job in rows:
+            book.row("accepted", task=task, job_id=job, run_id=run_id)
+    book.event("task_note.created", "3", n=1, task="A1")
+    book.event("task_note.created", "1", n=2, task="B1")
+    book.event("task_note.failed", 5, n=3)
+    return book.ledger
+
+
+@pytest.mark.parametrize("quiet_from", [10**9, 0])
+def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet_from: int) -> None:
+    """Outcomes written row by row through the rows' triggers, or (many at once) with the
+    triggers set aside and the runs bumped by one statement: the same outcomes, the same
+    runs' ``rev`` moved (run-2 and run-4 for their own rows, run-1 because its row's note
+    was sent by run-2; not run-3), and the triggers are there again after."""
+    import pipeline.state.outcomes  # noqa: PLC0415 - the module whose threshold is set
+
+    monkeypatch.setattr(pipeline.state.outcomes, "QUIET_FROM", quiet_from)
+    ledger = _four_runs(tmp_path)
+    try:
+        revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
+        assert Reconciler(ledger, tmp_path / "webhooks.jsonl").refresh("test_clinic") is None
+        moved = {r: v - revs[r] for r, v in ledger._db.execute("SELECT run_id, rev FROM runs")}
+        assert {r for r, v in moved.items() if v} == {"run-1", "run-2", "run-4"}
+        assert ledger._db.execute("SELECT run_id, emr_task_id, outcome, event_id FROM rows"
+                                  " ORDER BY id").fetchall() == [
+            ("run-1", "A1", None, None), ("run-2", "A1", "created", "evt_1"),
+            ("run-2", "B1", "created", "evt_2"), ("run-3", "D1", None, None),
+            ("run-4", "E1", "failed", "evt_3")]
+        triggers = {n for (n,) in ledger._db.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'trigger'")}
+        assert triggers == {"rows_changed", "rows_followed", "rows_gone"}
+        assert ledger.match_outcomes() == 0  # its stamp was kept: nothing to do again
+    finally:
+        ledger.close()

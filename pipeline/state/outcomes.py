@@ -11,12 +11,23 @@ from pipeline.state.records import (
     EventRecord,
     Orphan,
 )
-from pipeline.state.schema import CLOCK_CODES, clock_name
+from pipeline.state.schema import TRIGGER_NAMES, TRIGGERS, clock_name
 
 if TYPE_CHECKING:
     import pandas as pd
 
 from pipeline.state.runs import SQLiteRuns
+
+# The records as they are (a million per reconcile of 1M rows): outcome_clock, parameter
+# 12, stored as its CLOCK_CODES code (another value as it is), by SQLite, not per record.
+_INSERT_EVENT = """INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,
+    emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at, outcome_clock, account)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, CASE ?12 WHEN 'sink_received' THEN 'r'
+        WHEN 'event_created_polled' THEN 'p' WHEN 'event_created_no_receipt' THEN 'n'
+        ELSE ?12 END, ?13)"""
+# Outcomes written at once from which the rows' triggers are set aside (``_write_outcomes``):
+# below it the triggers' cost is small, and the schema is left alone.
+QUIET_FROM = 1_000
 
 
 class SQLiteOutcomes(SQLiteRuns):
@@ -39,12 +50,7 @@ class SQLiteOutcomes(SQLiteRuns):
         """
         with self._transaction():
             before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO events (event_id, kind, job_id, task_note_id, created,"
-                " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
-                " outcome_clock, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (e._replace(outcome_clock=CLOCK_CODES.get(e.outcome_clock, e.outcome_clock))
-                 for e in events))
+            self._db.executemany(_INSERT_EVENT, events)
             added = self._db.total_changes - before
             if added:  # what the join rules' stamp counts (the events have no rowid)
                 self._db.execute(
@@ -111,7 +117,7 @@ class SQLiteOutcomes(SQLiteRuns):
                 # rows changed, not total_changes: that counts the trigger's runs.rev bumps
                 # too (one per row: "66 rows" for 33). The two sets of rows are disjoint.
                 changed = max(db.execute(rules.CLEAR_OUTCOMES_SQL).rowcount, 0)
-                changed += max(db.execute(rules.WRITE_OUTCOMES_SQL).rowcount, 0)
+                changed += self._write_outcomes()
                 for statement in rules.ORPHANS_SQL:
                     db.execute(statement)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('match_stamp', ?)",
@@ -120,6 +126,29 @@ class SQLiteOutcomes(SQLiteRuns):
         finally:
             db.execute("DROP TABLE IF EXISTS temp.matched")
             db.execute("DROP TABLE IF EXISTS temp.claimed")
+
+    def _write_outcomes(self) -> int:
+        """Write the outcomes of ``temp.matched`` that differ from the rows' (inside
+        ``match_outcomes``'s transaction); returns rows changed. Up to ``QUIET_FROM`` rows
+        through the rows' triggers; more as rules.CHANGED_OUTCOMES_SQL says: the triggers
+        dropped and made again in this same transaction (no other connection ever sees
+        the rows without them), each run they would have bumped bumped once (``runs.rev``
+        is only compared for equality, as on PostgreSQL: postgres.py, migration 5)."""
+        db = self._db
+        db.execute(rules.CHANGED_OUTCOMES_SQL)
+        try:
+            (count,) = db.execute("SELECT COUNT(*) FROM temp.changed").fetchone()
+            if count < QUIET_FROM:
+                return max(db.execute(rules.WRITE_OUTCOMES_SQL).rowcount, 0)
+            for trigger in TRIGGER_NAMES:
+                db.execute(f"DROP TRIGGER {trigger}")
+            written = max(db.execute(rules.WRITE_CHANGED_SQL).rowcount, 0)
+            db.execute(rules.BUMP_CHANGED_SQL)
+            for statement in TRIGGERS:
+                db.execute(statement)
+            return written
+        finally:
+            db.execute("DROP TABLE IF EXISTS temp.changed")
 
     def _match_stamp(self) -> str:
         """What the join rules read, in four numbers: the last row stored, how many events

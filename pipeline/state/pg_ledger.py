@@ -403,7 +403,7 @@ class PgLedger(Ledger):
                 pg.execute(statement)
             if pg.execute(rules.ANY_DOUBTFUL_SQL).fetchone() is not None:
                 pg.execute(rules.EVIDENCE_SQL)
-            changed = max(pg.execute(rules.CLEAR_OUTCOMES_SQL).rowcount, 0)
+            changed = max(pg.execute(_CLEAR_OUTCOMES_SQL).rowcount, 0)
             changed += max(pg.execute(rules.WRITE_OUTCOMES_SQL).rowcount, 0)
             for statement in _ORPHANS_SQL:
                 pg.execute(statement)
@@ -451,17 +451,28 @@ def _match_sql() -> tuple[str, ...]:
     return tuple(statements)
 
 
+# ``x NOT IN (SELECT ...)`` is planned by PostgreSQL as a hashed subplan only while the
+# subquery's rows fit in work_mem; past that (a million event ids, a million matched rows)
+# it is a plain subplan re-read for every outer row: quadratic (reconcile of 1M x 1M was
+# still in the orphans statement after 9 minutes). NOT EXISTS is an anti-join; the same
+# rows, as neither side is ever NULL (event ids and row ids are keys).
+_CLEAR_OUTCOMES_SQL: Final = """
+UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
+       outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
+ WHERE outcome IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matched m WHERE m.row_id = rows.id)"""
 _ORPHANS_SQL: Final = (
     "DELETE FROM orphans",
     """CREATE TEMP TABLE owned AS
     SELECT event_id FROM claimed UNION SELECT event_id FROM matched WHERE settled_by = 'evidence'
     """,
     """INSERT INTO meta
-    SELECT 'orphans', COUNT(*)::text FROM events WHERE event_id NOT IN (SELECT event_id FROM owned)
+    SELECT 'orphans', COUNT(*)::text FROM events e
+     WHERE NOT EXISTS (SELECT 1 FROM owned o WHERE o.event_id = e.event_id)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
     """INSERT INTO orphans
-    SELECT event_id, kind, job_id, created FROM events
-     WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50""",
+    SELECT event_id, kind, job_id, created FROM events e
+     WHERE NOT EXISTS (SELECT 1 FROM owned o WHERE o.event_id = e.event_id)
+     ORDER BY created, event_id LIMIT 50""",
     "DROP TABLE pg_temp.owned",
 )
 

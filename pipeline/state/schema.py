@@ -138,6 +138,11 @@ END""",
 )
 
 
+# The rows' triggers that bump ``runs.rev`` on an UPDATE (``SQLiteOutcomes._write_outcomes``
+# sets them aside for a large write of outcomes and bumps the same runs itself).
+TRIGGER_NAMES: Final = ("rows_changed", "rows_followed")
+
+
 def check_version(db: sqlite3.Connection, path: Path) -> None:
     """Migrate the ledger at ``path`` to SCHEMA_VERSION, inside the caller's transaction.
 
