@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast
 
 from pipeline import exits, logs
 from pipeline._version import __version__
-from pipeline.config import RunConfig, load_config
+from pipeline.config import MAX_RETENTION_DAYS, RunConfig, load_config
 from pipeline.errors import PipelineError, RunAborted
 from pipeline.faults import Behaviour, Faults, add_knob_options, knob_values, knobs_from_args
 
@@ -688,8 +688,9 @@ def _days(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more days: {text!r}")
+    if not 0 <= value <= MAX_RETENTION_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 to {MAX_RETENTION_DAYS:,} days (100 years): {text!r}")
     return value
 
 

@@ -22,7 +22,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -293,6 +293,11 @@ class SubmitConfig(_Section):
         return {"use_uvloop": True}
 
 
+# The longest retention limit taken (100 years): a cutoff further back than datetime's
+# year 1 cannot even be computed, and no record is kept that long.
+MAX_RETENTION_DAYS: Final = 36_525
+
+
 class StateConfig(_Section):
     ledger: Path = Path("state/ledger.sqlite")
     # full: a commit survives power loss (the `sending` mark must); normal: process crash only.
@@ -303,7 +308,7 @@ class StateConfig(_Section):
     url: SecretStr | None = None
     # `tasknotes prune` removes note text kept at rest (sink events, input copies) older
     # than this many days; None: only when told (--older-than).
-    retention_days: Annotated[float, Field(gt=0)] | None = None
+    retention_days: Annotated[float, Field(gt=0, le=MAX_RETENTION_DAYS)] | None = None
 
     @field_validator("url")
     @classmethod

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, TypeAlias
 import sniffio
 
 from pipeline import exits, ops
-from pipeline.config import RunConfig, load_config
+from pipeline.config import MAX_RETENTION_DAYS, RunConfig, load_config
 from pipeline.errors import ConfigError, PipelineError, StateError
 from pipeline.open_items import LedgerStatus
 from pipeline.plan import RunOptions, ScanCounts
@@ -535,6 +535,9 @@ def prune(config: ConfigSource, older_than_days: float | None = None, *,
     if days is None:
         raise ConfigError("state.retention_days: not set, and no --older-than DAYS given: "
                           "nothing says what is old enough to prune")
+    if not 0 <= days <= MAX_RETENTION_DAYS:
+        raise ConfigError(f"older_than_days: must be 0 to {MAX_RETENTION_DAYS:,} days "
+                          f"(100 years), not {days!r}")
     events = (f"events in {state_location(loaded)}" if loaded.state.url is not None
               else f"sink file {loaded.webhooks.sink}")
     return PruneOutcome(exits.OK, days, prune_files(loaded, days, dry_run=dry_run),

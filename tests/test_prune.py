@@ -224,6 +224,28 @@ def test_the_limit_comes_from_retention_days_and_one_is_needed(tmp_path: Path) -
     assert SECRET_NOTE.encode() not in config.webhooks.sink.read_bytes()
 
 
+
+@pytest.mark.parametrize("days", ["800000", "1e9", "inf", "-1", "nan", "abc"])
+def test_a_limit_out_of_range_is_one_line_exit_2_and_removes_nothing(
+        tmp_path: Path, days: str) -> None:
+    """--older-than or state.retention_days past 100 years (a cutoff before year 1 cannot
+    even be computed: it was an OverflowError traceback), negative or not a number: one
+    line naming the limit, exit 2, before anything is touched; the API says the same."""
+    config = make_config(tmp_path)
+    ledger_with_a_run(config.state.ledger)
+    append_events(config.webhooks.sink, [created("evt_1", "1", "T1", SECRET_NOTE)])
+    given = tasknotes("prune", str(write_config(tmp_path, "c.yaml")), "--older-than", days)
+    assert (given.returncode, "Traceback" in given.stderr) == (2, False), given.stderr
+    assert "--older-than" in given.stderr
+    configured = tasknotes("prune", str(write_config(tmp_path, "r.yaml", state={
+        "ledger": str(config.state.ledger), "retention_days": days})))
+    assert (configured.returncode, "Traceback" in configured.stderr) == (2, False)
+    assert "state.retention_days" in configured.stderr
+    if days in ("800000", "1e9"):
+        with pytest.raises(pipeline.ConfigError, match="older_than_days"):
+            pipeline.prune(config, older_than_days=float(days))
+    assert SECRET_NOTE.encode() in config.webhooks.sink.read_bytes()
+
 def test_prune_from_python_is_the_command_without_the_printing(tmp_path: Path) -> None:
     """``pipeline.prune`` (the Python API): the limit from state.retention_days, a dry run
     that changes no byte, then the prune, each returning what it did; with no limit at

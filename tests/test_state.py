@@ -403,3 +403,15 @@ def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
         assert ledger.match_outcomes() == 0  # its stamp was kept: nothing to do again
     finally:
         ledger.close()
+
+
+def test_prune_is_offered_only_runs_that_have_ended(store: StateStore) -> None:
+    """runs_started_before (what prune takes as old) leaves out a run still running: it
+    writes its input copies and report yet, so pruning it would let them back after."""
+    store.start_run("run-ended", ACCOUNT, "fp", {})
+    store.finish_run("run-ended", "finished", {})
+    store.start_run("run-live", ACCOUNT + "-other", "fp", {})
+    assert store.runs_started_before("9999-12-31T00:00:00.000Z") == ["run-ended"]
+    store.finish_run("run-live", "crashed", {})
+    assert store.runs_started_before("9999-12-31T00:00:00.000Z") == ["run-ended", "run-live"]
+    assert store.runs_started_before("2000-01-01T00:00:00.000Z") == []

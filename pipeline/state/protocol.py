@@ -172,7 +172,8 @@ class RetentionStore(Protocol):
     """Retention (prune): which runs are old, and giving freed room back."""
 
     def runs_started_before(self, cutoff: str) -> list[str]:
-        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC), oldest first."""
+        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC) and not running, oldest
+        first."""
         ...
 
     def vacuum(self) -> int:

@@ -249,9 +249,12 @@ class SQLiteRuns(SQLiteRows):
         return [r for r in self._runs_in_order() if r in found]
 
     def runs_started_before(self, cutoff: str) -> list[str]:
-        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC, as ``utcnow`` writes)."""
+        """Ids of the runs started before ``cutoff`` (ISO 8601 UTC, as ``utcnow`` writes)
+        and no longer running: a run in progress still writes its input copies and report
+        (one that crashed is marked so by the next run, then listed)."""
         return [r[0] for r in self._db.execute(
-            "SELECT run_id FROM runs WHERE started_at < ? ORDER BY started_at", (cutoff,))]
+            "SELECT run_id FROM runs WHERE started_at < ? AND state != 'running'"
+            " ORDER BY started_at", (cutoff,))]
 
     def run_ids(self) -> list[str]:
         """Every run's id, oldest first (by start time)."""
