@@ -342,8 +342,14 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         rows: tuple[UnsentRow, ...] = ()
         if name == "send_failed":
             rows = tuple(UnsentRow(r, f, n) for r, f, n in unsent[1])
+        how = settle[name]
+        if name == "failed_retryable" and group.count and len(offered) < len(group.run_ids):
+            how = (f"tasknotes run {config_path} --input FILE, with the run's redrive.csv "
+                   "where one is listed; a run with none listed (pruned, removed, or not "
+                   "yet rewritten by tasknotes reconcile): its source files (rows "
+                   "already sent are skipped)")
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
-                              group.run_ids, offered, settle[name], rows,
+                              group.run_ids, offered, how, rows,
                               unsent[0] if name == "send_failed" else 0,
                               None if per_account is None else per_account.get(name, {})))
     return LedgerStatus(_iso(now), state_location(config), config.report.stale_after,

@@ -92,6 +92,11 @@ def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Pa
     assert found.kind("awaiting_outcome").oldest_age_s == 24 * 3600
     assert found.kind("awaiting_outcome").settle == "tasknotes poll my.yaml"
     assert found.kind("send_failed").settle.startswith("tasknotes run my.yaml")
+    # run-1 lists no redrive.csv (none written, or pruned): the text does not send the
+    # reader to one, and names the source files
+    retry = found.kind("failed_retryable")
+    assert retry.redrive_files == ()
+    assert "<redrive.csv>" not in retry.settle and "source files" in retry.settle
 
 
 def test_a_conflict_is_counted_ambiguous_and_open(book: Book, tmp_path: Path) -> None:
