@@ -96,7 +96,8 @@ def test_each_kind_is_counted_once_per_note_across_runs(book: Book, tmp_path: Pa
     # reader to one, and names the source files
     retry = found.kind("failed_retryable")
     assert retry.redrive_files == ()
-    assert "<redrive.csv>" not in retry.settle and "source files" in retry.settle
+    assert "<redrive.csv>" not in retry.settle
+    assert "source files" in retry.settle
 
 
 def test_a_conflict_is_counted_ambiguous_and_open(book: Book, tmp_path: Path) -> None:
