@@ -213,6 +213,7 @@ exit codes:
     "prune": """\
 exit codes:
   0  pruned (or, with --dry-run, counted) what is older than the limit
+  1  pruned, but some old run's directory could not be (each named as left)
   2  bad usage or config (no limit: neither --older-than nor state.retention_days),
      or another prune is running
   3  stopped: the disk has no room for the sink file's copy""",
@@ -726,6 +727,9 @@ def _prune(args: argparse.Namespace) -> int:
               f"{_n(len(done.reports), 'report')} (report.html) without note previews")
         for path in done.reports:
             print(f"  {path}")
+    for path, why in done.failed:
+        print(f"  left: {path}: {why}; nothing of that run was pruned (the next prune tries"
+              " again)")
     for path in done.rotated:
         print(f"  left: {path}: looks like a rotated copy of the sink file; prune does not"
               " prune it and reconcile does not read it (see the README, Retention)")

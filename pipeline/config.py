@@ -310,6 +310,14 @@ class StateConfig(_Section):
     # than this many days; None: only when told (--older-than).
     retention_days: Annotated[float, Field(gt=0, le=MAX_RETENTION_DAYS)] | None = None
 
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _days_not_a_boolean(cls, value: object) -> object:
+        # YAML's true/yes is a bool, and a bool an int to pydantic: `true` was 1 day
+        if isinstance(value, bool):
+            raise ValueError("a number of days, not true/false")  # noqa: TRY004 - pydantic
+        return value
+
     @field_validator("url")
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:

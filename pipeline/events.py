@@ -736,10 +736,21 @@ def rotated_copies(sink: Path) -> list[Path]:
         names = sorted(os.listdir(sink.parent))
     except OSError:
         return []
-    return [sink.with_name(name) for name in names
-            if name != sink.name and name.startswith(sink.name)
-            and name[len(sink.name)] in ".-_"
-            and name[len(sink.name):] not in SIDE_SUFFIXES]
+    return [sink.with_name(name) for name in names if _rotated_name(sink, name)]
+
+
+def _rotated_name(sink: Path, name: str) -> bool:
+    """``<sink>.1``, ``<sink>-DATE``... or, as logrotate's ``dateext`` with ``extension``
+    names them, ``<stem>-DATE<suffix>`` / ``<stem>.1<suffix>`` (a digit after the stem:
+    ``webhooks-north.jsonl`` is another config's sink file, not a copy)."""
+    if name != sink.name and name.startswith(sink.name) and name[len(sink.name)] in ".-_":
+        return name[len(sink.name):] not in SIDE_SUFFIXES
+    stem = sink.stem
+    if not sink.suffix or name == sink.name or not name.startswith(stem):
+        return False
+    rest = name[len(stem):]
+    return (len(rest) > 1 and rest[0] in ".-_" and rest[1].isdigit()
+            and sink.suffix in rest[1:])
 
 
 def set_aside_path(sink: Path) -> Path:

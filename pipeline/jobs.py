@@ -540,8 +540,9 @@ def prune(config: ConfigSource, older_than_days: float | None = None, *,
                           f"(100 years), not {days!r}")
     events = (f"events in {state_location(loaded)}" if loaded.state.url is not None
               else f"sink file {loaded.webhooks.sink}")
-    return PruneOutcome(exits.OK, days, prune_files(loaded, days, dry_run=dry_run),
-                        events, state_location(loaded))
+    done = prune_files(loaded, days, dry_run=dry_run)
+    return PruneOutcome(exits.for_rows(bool(done.failed)), days, done, events,
+                        state_location(loaded))
 
 
 @dataclass(frozen=True, slots=True)

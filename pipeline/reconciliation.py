@@ -158,12 +158,16 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
     for _, end, event in read_sink_from(sink, offset, stop, fd=fd):
         if isinstance(event, SetAside):
             aside.append(event)
-            tally["(set aside)"] += 1
+            # a file read again holds the lines set aside before (the side file keeps
+            # each once): counted the first time only, as repeats are
+            if not again:
+                tally["(set aside)"] += 1
         elif (record := _record(event, end, account, tally, receipts or {},
                                 event_account=accounts.get(
                                     str(event.get("access_token_reference_id"))))) is not None:
             batch.append(record)
-            pruned += record[1] == "created" and record[8] is None and is_pruned(event)
+            pruned += (not again and record[1] == "created" and record[8] is None
+                       and is_pruned(event))
         if len(batch) + len(aside) >= batch_size:
             if aside:
                 _set_aside(sink, aside)
@@ -176,6 +180,12 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
         added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current,
                                    count_repeats=not again)
     redactor.warn()
+    _said_after_ingest(sink, offset=offset, added=added, pruned=pruned)
+    return added
+
+
+def _said_after_ingest(sink: Path, *, offset: int, added: int, pruned: int) -> None:
+    """What an ingest of ``sink`` from ``offset`` tells the operator once it is done."""
     if offset == 0 or added:  # once per new file or new events, not every reconcile
         _warn_rotated(sink)
     if pruned:
@@ -185,7 +195,6 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
                     " works", sink, pruned)
     if added:
         log.info("%d new task_note events from %s", added, sink)
-    return added
 
 
 def _warn_rotated(sink: Path) -> None:

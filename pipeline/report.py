@@ -181,9 +181,15 @@ def redrive_digest(row_ids: Iterable[int]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """``text`` at ``path`` whole or not at all; the temporary file (it may hold note
+    previews) never outlives a failed rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_results(result: RunResult, path: Path, settings: ReportConfig,

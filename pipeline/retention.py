@@ -137,7 +137,9 @@ class PruneResult:
     links, of which only the link was removed (its target, never followed, is left);
     ``reports``: the report.html of each pruned run rewritten without note text;
     ``rotated``: files beside the sink file that look like rotated copies of it, left as
-    they are (``events.rotated_copies``: their note text is not pruned);
+    they are (``events.rotated_copies``: their note text is not pruned); ``failed``: a
+    run's directory that could not be pruned (not a directory, a marker or report path
+    taken by something else...), with why, left for the next prune (the others are pruned);
     ``side_kept``: side files of the
     sink file written to within the limit, kept; ``ledger_bytes``: the SQLite ledger's
     size (its file and WAL) before and after; ``ledger_freed``: bytes VACUUM gave back.
@@ -156,6 +158,7 @@ class PruneResult:
     links: list[Path] = field(default_factory=list)
     reports: list[Path] = field(default_factory=list)
     rotated: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
     side_kept: int = 0
     ledger_bytes: tuple[int, int] = (0, 0)
     ledger_freed: int = 0
@@ -499,18 +502,32 @@ def _input_copies(reports: Path, run_ids: list[str], result: PruneResult) -> Non
     ``result.links`` (its target, which may hold note text, is not touched)."""
     for run_id in run_ids:
         directory = reports / run_id
-        if not result.dry_run and not (directory / PRUNED_MARK).exists():
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_mark(directory, {"cutoff": result.cutoff, "input_copies": "removed"})
-        for name in INPUT_COPIES:
-            _remove(directory / name, result)
+        try:
+            if not result.dry_run and not (directory / PRUNED_MARK).exists():
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _write_mark(directory, {"cutoff": result.cutoff, "input_copies": "removed"})
+            for name in INPUT_COPIES:
+                _remove(directory / name, result)
+        except OSError as exc:  # one run's odd directory must not stop the others' prune
+            _failed(directory, exc, result)
+
+
+def _failed(directory: Path, exc: OSError, result: PruneResult) -> None:
+    """Record that ``directory`` (one run's) could not be pruned, and why (one line)."""
+    where = Path(exc.filename) if exc.filename else directory
+    result.failed.append((where, exc.strerror or type(exc).__name__))
+    log.warning("prune: %s: %s; left for the next prune", where, exc.strerror or exc)
 
 
 def _write_mark(directory: Path, mark: dict[str, str]) -> None:
     """Write ``PRUNED_MARK`` in ``directory`` whole (a temporary file, then a rename)."""
     temp = directory / f".{PRUNED_MARK}.tmp"
-    temp.write_text(json.dumps(mark, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temp, directory / PRUNED_MARK)
+    try:
+        temp.write_text(json.dumps(mark, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(temp, directory / PRUNED_MARK)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _remove(path: Path, result: PruneResult) -> None:
@@ -547,14 +564,21 @@ def _rewrite_reports(config: RunConfig, ledger: StateStore | None, run_ids: list
             mark = {}
         if mark.get("report") == "rewritten":
             continue
-        result.reports.append(directory / "report.html")
+        if any(directory in (path.parent, path) for path, _ in result.failed):
+            continue  # its input copies could not be pruned: neither can its report be
         if result.dry_run or ledger is None:
+            result.reports.append(directory / "report.html")
             continue
         reconciler = reconciler or Reconciler.of(ledger, config)
-        rewrite_report(ledger, reconciler, run_id, config)
-        _write_mark(directory, {**{str(k): str(v) for k, v in mark.items()},
-                                "cutoff": str(mark.get("cutoff", result.cutoff)),
-                                "report": "rewritten"})
+        try:
+            rewrite_report(ledger, reconciler, run_id, config)
+            _write_mark(directory, {**{str(k): str(v) for k, v in mark.items()},
+                                    "cutoff": str(mark.get("cutoff", result.cutoff)),
+                                    "report": "rewritten"})
+        except OSError as exc:
+            _failed(directory, exc, result)
+            continue
+        result.reports.append(directory / "report.html")
 
 
 def _side_files(sink: Path, cutoff: datetime, result: PruneResult) -> None:

@@ -201,3 +201,54 @@ def test_a_rotated_copy_of_the_sink_file_is_named_by_prune_and_reconcile(
     assert len(warned) == 1
     assert "2 file(s) beside it look like rotated copies of it (first: webhooks.jsonl-2026" \
         in warned[0]
+
+
+def test_rotated_copies_are_recognised_as_logrotate_names_them(tmp_path: Path) -> None:
+    """logrotate's dateext with `extension .jsonl` puts the date before the suffix
+    (webhooks-20261130.jsonl, .gz too), numbered ones webhooks.1.jsonl: copies, as are
+    <sink>.1 and <sink>-DATE; tasknotes' own side files and another config's sink file
+    (webhooks-north.jsonl) are not."""
+    from pipeline.events import rotated_copies  # noqa: PLC0415 - this test alone
+
+    sink = tmp_path / "webhooks.jsonl"
+    copies = ["webhooks-20261130.jsonl", "webhooks-20261130.jsonl.gz", "webhooks.1.jsonl",
+              "webhooks.jsonl.1", "webhooks.jsonl-20261130", "webhooks_2026-11-30.jsonl"]
+    others = ["webhooks.jsonl", "webhooks-north.jsonl", "webhooks.jsonl.received",
+              "webhooks.jsonl.set-aside", "webhooks.jsonl.torn", "ledger.sqlite",
+              "webhooks2.jsonl", ".webhooks.jsonl.prune.tmp", "webhooks-1.csv"]
+    for name in copies + others:
+        (tmp_path / name).write_bytes(b"")
+    assert rotated_copies(sink) == sorted(tmp_path / name for name in copies)
+
+
+def test_an_odd_run_directory_is_named_left_and_the_other_runs_are_pruned(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three old runs, each with a rejects.csv: one run's report.html replaced by a
+    directory, one run's directory replaced by a plain file. Prune names each as left
+    (one line, exit 1: something old was not pruned), still prunes the third run whole,
+    and leaves no temporary copy of a report (it would hold note previews)."""
+    source = write_csv(tmp_path / "in.csv", [["bad id with space", SECRET]])
+    config = write_config(tmp_path, input={"path": str(source)},
+                          report={"show_note_preview": True})
+    for _ in range(3):
+        assert main(["-q", "run", str(config), "--no-progress"]) == 1
+    first, second, third = sorted((tmp_path / "reports").iterdir())
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+        db.execute("UPDATE runs SET started_at = '2026-01-05T09:00:00.000Z'")
+    (first / "report.html").unlink()
+    (first / "report.html").mkdir()
+    for path in second.iterdir():
+        path.unlink()
+    second.rmdir()
+    second.write_text("odd", encoding="utf-8")
+    capsys.readouterr()
+
+    assert main(["prune", str(config), "--older-than", "30"]) == 1
+    out = capsys.readouterr().out
+    assert "Traceback" not in out
+    assert f"left: {first / 'report.html'}" in out
+    assert f"left: {second}" in out or f"left: {second / 'pruned.json'}" in out
+    assert not (third / "rejects.csv").exists()  # the sane run is pruned all the same
+    assert SECRET not in (third / "report.html").read_text(encoding="utf-8")
+    assert not list(tmp_path.glob("reports/*/*.tmp"))
+    assert not (first / "rejects.csv").exists()
