@@ -86,7 +86,7 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     # request, with a new note each time): the note's letters for an id of 8+ letters,
     # its runs of letters only when two of the id's appear in it at all.
     letters = _letters(text)
-    if len(letters) >= ID_NOTE_LETTERS and any(letters in _forms(n).letters for n in notes):
+    if len(letters) >= ID_NOTE_LETTERS and any(letters in _note_letters(n) for n in notes):
         return False
     runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
     if len(runs) >= 2 and any(_shares_runs(runs, n) for n in notes):
@@ -101,13 +101,12 @@ _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
 @dataclass(frozen=True, slots=True)
 class _Forms:
     """A private string as the checks compare it, worked out once per string: its
-    ``canonical`` words joined (``joined``) and spaced (``spaced``), and its ``letters``
-    alone (``_letters``). Its windows (``_windows``) and runs of letters (``_runs``) are
+    ``canonical`` words joined (``joined``) and spaced (``spaced``). Its letters
+    (``_note_letters``), windows (``_windows``) and runs of letters (``_runs``) are
     cached apart, worked out only when a check needs them."""
 
     joined: str
     spaced: str
-    letters: str
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,7 +114,13 @@ def _forms(secret: str) -> _Forms:
     """``_Forms`` of ``secret``, cached (a few: reconcile checks each of an event's ids
     against that event's note, one after the other; in memory only)."""
     words = canonical(secret)
-    return _Forms("".join(words), f" {' '.join(words)} ", _letters(secret))
+    return _Forms("".join(words), f" {' '.join(words)} ")
+
+
+@functools.lru_cache(maxsize=64)
+def _note_letters(secret: str) -> str:
+    """``_letters`` of ``secret``, cached."""
+    return _letters(secret)
 
 
 @functools.lru_cache(maxsize=64)
