@@ -33,7 +33,7 @@ import itertools
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -87,45 +87,22 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     notes = [p for p in private if p]
     if not notes:
         return True
-    lower = text.lower()
-    joined = _NOT_ALNUM_ASCII.sub("", lower)  # its canonical words, joined
-    letters = _NOT_ASCII_LETTER.sub("", lower)  # _letters(text)
-    # two runs of 3 or more letters need 6 of them; _LETTER_RUN, case-folded
-    runs = set(_ASCII_LETTER_RUN.findall(lower)) if len(letters) >= 2 * 3 else None
-    # Any 16 in a row of ``joined`` hold one of its 8-letter blocks at a multiple of 8:
-    # with none of those in a note's letters, no run of 16 of that note can be there.
-    blocks = [joined[k:k + 8] for k in range(0, len(joined) - 7, 8)]
-    for note in notes:
-        forms = _forms(note)
-        if ((len(letters) >= ID_NOTE_LETTERS and letters in forms.letters)
-                or (runs is not None and len(runs & forms.runs) >= 2)
-                or _id_quotes(lower, joined, blocks, forms)):  # quotes(text, [note])
-            return False
-    return True
-
-
-def _id_quotes(lower: str, joined: str, blocks: list[str], forms: _Forms) -> bool:
-    """``quotes`` of an id against one private string (``forms``), for ``looks_like_id``:
-    the id lower-cased, its letters and digits ``joined``, and their 8-letter ``blocks``."""
-    letters = forms.joined
-    if not letters:
+    # Each check works out only the note forms it needs (this runs on every accepted
+    # request, with a new note each time): the note's letters for an id of 8+ letters,
+    # its runs of letters only when two of the id's appear in it at all.
+    letters = _letters(text)
+    if len(letters) >= ID_NOTE_LETTERS and any(letters in _note_letters(n) for n in notes):
         return False
-    if len(letters) >= REDACT_RUN:
-        for block in blocks:
-            if block in letters:
-                return any(joined[i:i + REDACT_RUN] in forms.windows
-                           for i in range(len(joined) - REDACT_RUN + 1))
+    runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
+    if len(runs) >= 2 and any(_shares_runs(runs, n) for n in notes):
         return False
-    return (forms.spaced in f" {' '.join(_NOT_ALNUM_ASCII.sub(' ', lower).split())} "
-            or (len(letters) >= _SHORT_SKELETON and letters in joined))
+    return not quotes(text, notes)
 
 
 _NOT_HEX_LETTER: Final = re.compile(r"[G-Zg-z]")  # an id without one has no _WORD part
 _TWO_SEPARATORS: Final = re.compile(r"[_.:-].*[_.:-]")
 # A part between separators (``_ID_PARTS``) that is a ``_WORD``, found in one pass.
 _WORD_PART: Final = re.compile(r"(?<![^_.:-])[A-Za-z]*[G-Zg-z][A-Za-z]*(?![^_.:-])")
-_NOT_ASCII_LETTER: Final = re.compile(r"[^a-z]+")
-_ASCII_LETTER_RUN: Final = re.compile(r"[a-z]{3,}")
 ID_NOTE_LETTERS: Final = 8
 _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
 
@@ -133,15 +110,12 @@ _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
 @dataclass(frozen=True, slots=True)
 class _Forms:
     """A private string as the checks compare it, worked out once per string: its
-    ``canonical`` words joined (``joined``) and spaced (``spaced``), every run of
-    ``REDACT_RUN`` of the joined letters (``windows``), its ``letters`` alone
-    (``_letters``) and its runs of 3 or more letters, case-folded (``runs``)."""
+    ``canonical`` words joined (``joined``) and spaced (``spaced``). Its letters
+    (``_note_letters``), windows (``_windows``) and runs of letters (``_runs``) are
+    cached apart, worked out only when a check needs them."""
 
     joined: str
     spaced: str
-    windows: frozenset[str]
-    letters: str
-    runs: frozenset[str]
 
 
 @functools.lru_cache(maxsize=64)
@@ -149,15 +123,99 @@ def _forms(secret: str) -> _Forms:
     """``_Forms`` of ``secret``, cached (a few: reconcile checks each of an event's ids
     against that event's note, one after the other; in memory only)."""
     words = canonical(secret)
-    joined = "".join(words)
-    return _Forms(joined, f" {' '.join(words)} ",
-                  frozenset(joined[i:i + REDACT_RUN] for i in range(len(joined) - REDACT_RUN + 1)),
-                  _letters(secret), frozenset(_LETTER_RUN.findall(secret.casefold())))
+    return _Forms("".join(words), f" {' '.join(words)} ")
+
+
+@functools.lru_cache(maxsize=64)
+def _note_letters(secret: str) -> str:
+    """``_letters`` of ``secret``, cached."""
+    return _letters(secret)
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(secret: str) -> frozenset[str]:
+    """Every run of ``REDACT_RUN`` of ``secret``'s canonical letters and digits, cached."""
+    joined = _forms(secret).joined
+    return frozenset(joined[i:i + REDACT_RUN] for i in range(len(joined) - REDACT_RUN + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _runs(secret: str) -> frozenset[str]:
+    """``secret``'s runs of 3 or more letters, case-folded, cached."""
+    return frozenset(_LETTER_RUN.findall(secret.casefold()))
+
+
+def _shares_runs(runs: set[str], note: str) -> bool:
+    """Whether two or more of ``runs`` (case-folded) are runs of letters of ``note``.
+
+    A run of the note is a piece of its case-folded text, so fewer than two of ``runs``
+    found in that text answers no without working out the note's runs."""
+    folded = note.casefold()
+    if sum(1 for run in runs if run in folded) < 2:
+        return False
+    return len(runs & _runs(note)) >= 2
+
+
+class _CharTable(dict[int, str | None]):
+    """A ``str.translate`` table worked out per character the first time it is seen, by
+    ``rule`` (the character's replacement, None to drop it): the same result as
+    applying ``rule`` to each character in Python, at C speed once the text's characters
+    are known. At most ``_TABLE_LIMIT`` characters are kept (bounded memory whatever
+    upstream sends); a character beyond that is worked out again each time."""
+
+    def __init__(self, rule: Callable[[str], str | None]) -> None:
+        super().__init__()
+        self._rule = rule
+
+    def __missing__(self, code: int) -> str | None:
+        value = self._rule(chr(code))
+        if len(self) < _TABLE_LIMIT:
+            self[code] = value
+        return value
+
+
+_TABLE_LIMIT: Final = 16_384
+_NO_MARKS: Final = _CharTable(lambda c: None if unicodedata.combining(c) else c)
+_ALNUM_OR_SPACE: Final = _CharTable(lambda c: c if c.isalnum() else " ")
+_LETTER_ONLY: Final = _CharTable(lambda c: c if c.isalpha() else None)
+# bytes.translate tables for ASCII text: every byte but a letter (to delete), and each
+# byte mapped to itself when a letter or digit, else to a space.
+_NOT_ASCII_LETTER: Final = bytes(b for b in range(256) if not chr(b).isascii()
+                                 or not chr(b).isalpha())
+_ASCII_ALNUM_OR_SPACE: Final = bytes(b if chr(b).isascii() and chr(b).isalnum() else 0x20
+                                     for b in range(256))
+_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]+")
+
+
+def _by_stretch(text: str, ascii_part: Callable[[str], str], other: Callable[[str], str]
+                ) -> str:
+    """``text`` with ``ascii_part`` applied to each stretch of ASCII characters and
+    ``other`` to each stretch of the rest, joined. For rules that map each character on
+    its own, the same as ``other`` on the whole text; a note is mostly ASCII, done at
+    ``bytes.translate`` speed."""
+    parts: list[str] = []
+    start = 0
+    for match in _NON_ASCII.finditer(text):
+        parts += (ascii_part(text[start:match.start()]), other(match.group()))
+        start = match.end()
+    parts.append(ascii_part(text[start:]))
+    return "".join(parts)
+
+
+def _ascii_letters(folded: str) -> str:
+    return folded.encode("ascii").translate(None, _NOT_ASCII_LETTER).decode("ascii")
+
+
+def _other_letters(folded: str) -> str:
+    return folded.translate(_LETTER_ONLY)
 
 
 def _letters(text: str) -> str:
     """``text``'s letters alone, case-folded (digits, separators and spaces dropped)."""
-    return "".join(c for c in text.casefold() if c.isalpha())
+    folded = text.casefold()
+    if folded.isascii():  # an ASCII letter is A-Z or a-z, case-folded a-z
+        return _ascii_letters(folded)
+    return _by_stretch(folded, _ascii_letters, _other_letters)
 
 
 def safe_id(value: object, private: Iterable[str] = ()) -> str | None:
@@ -233,10 +291,17 @@ def quotes(text: str, private: Iterable[str]) -> bool:
         if not letters:
             continue
         if len(letters) >= REDACT_RUN:
+            # A shared window: each of the shorter side's windows looked for in the
+            # other's letters (an id against its note), or the two sets of windows.
+            if len(joined) <= len(letters):
+                if any(joined[i:i + REDACT_RUN] in letters
+                       for i in range(len(joined) - REDACT_RUN + 1)):
+                    return True
+                continue
             if windows is None:
                 windows = {joined[i:i + REDACT_RUN]
                            for i in range(len(joined) - REDACT_RUN + 1)}
-            if not forms.windows.isdisjoint(windows):
+            if not _windows(secret).isdisjoint(windows):
                 return True
         elif forms.spaced in spaced or (
                 len(letters) >= _SHORT_SKELETON and letters in joined):
@@ -262,7 +327,6 @@ def _cut_short(safe: str, private: list[str]) -> bool:
 
 # ASCII text holding none of these has nothing _decode_once undoes (an id always).
 _ENCODED: Final = re.compile(r"[%&+\\]")
-_NOT_ALNUM_ASCII: Final = re.compile(r"[^a-z0-9]+")
 
 
 def canonical(text: str) -> list[str]:
@@ -275,15 +339,33 @@ def canonical(text: str) -> list[str]:
     """
     text = text[:SCAN_LIMIT]
     if text.isascii() and not _ENCODED.search(text):  # nothing to decode, no marks
-        return _NOT_ALNUM_ASCII.sub(" ", text.lower()).split()
+        return _ascii_words(text)
     for _ in range(_ROUNDS):
         decoded = _decode_once(text)
         if decoded == text:
             break
         text = decoded
     text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
-    return "".join(c if c.isalnum() else " " for c in text).split()
+    if text.isascii():  # decoded to ASCII: no marks, and the fast path's words
+        return _ascii_words(text)
+    return _by_stretch(text, _ascii_spaced, _other_spaced).split()
+
+
+def _ascii_words(text: str) -> list[str]:
+    """ASCII ``text``'s words as ``canonical`` gives them: lower case (ASCII's case
+    folding), split on everything but letters and digits."""
+    return _ascii_spaced(text).split()
+
+
+def _ascii_spaced(text: str) -> str:
+    """ASCII ``text`` in lower case, every character but a letter or digit a space."""
+    return text.lower().encode("ascii").translate(_ASCII_ALNUM_OR_SPACE).decode("ascii")
+
+
+def _other_spaced(text: str) -> str:
+    """``text`` without combining marks, case-folded, every character but a letter or
+    digit a space (what ``canonical`` does to each character after NFKD)."""
+    return text.translate(_NO_MARKS).casefold().translate(_ALNUM_OR_SPACE)
 
 
 def _decode_once(text: str) -> str:

@@ -1,0 +1,77 @@
+"""The id check against a row's note, as run on every accepted request.
+
+``client._accepted`` checks the task_note_id and job_id of each answer against the
+row's note (``redaction.looks_like_id``), a new note each time, so the check works out
+only the note forms it needs, with per-character tables instead of per-character
+Python loops. These tests pin that the faster forms are the same as their definitions
+(every code point), that each check still withholds an id showing the note, and that
+the id check does not build the note's set of 16-letter windows.
+"""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+
+import pytest
+
+from pipeline import redaction
+from pipeline.redaction import canonical, looks_like_id, quotes
+
+_DECODED = "%&+\\"  # characters canonical decodes: left out so only the per-char step runs
+
+
+def _code_points(size: int = 4096) -> list[str]:
+    """Every code point but surrogates and ``_DECODED``, in strings of ``size``."""
+    chars = [chr(c) for c in range(sys.maxunicode + 1)
+             if not 0xD800 <= c <= 0xDFFF and chr(c) not in _DECODED]
+    return ["".join(chars[i:i + size]) for i in range(0, len(chars), size)]
+
+
+def _words_by_definition(text: str) -> list[str]:
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return "".join(c if c.isalnum() else " " for c in text).split()
+
+
+def test_canonical_reads_every_code_point_as_its_definition_says() -> None:
+    """NFKD, combining marks dropped, case-folded, split on all but letters and digits."""
+    for text in [*_code_points(), "Ab-9 x_Y", "Caf\u00e9 \u0130stanbul \ufb01ne \u017fo"]:
+        assert canonical(text) == _words_by_definition(text)
+
+
+def test_an_ids_letters_are_every_code_point_isalpha_keeps() -> None:
+    for text in [*_code_points(), "Ab-9 x_Y", "\u212a\u017f\u00df\u00bd\u2167"]:
+        assert redaction._letters(text) == "".join(
+            c for c in text.casefold() if c.isalpha())
+
+
+def test_an_id_holding_16_of_the_notes_letters_and_digits_is_the_note() -> None:
+    """Few letters (no letters or runs check applies): the 16 characters shared with the
+    note's canonical letters and digits are what withholds it."""
+    note = "Dose 1200 mg at 08:00, 14:00, 20:00 daily"
+    assert looks_like_id("1200mgat08001400")
+    assert not looks_like_id("1200mgat08001400", [note])
+    assert quotes("1200mgat08001400", [note])
+    assert looks_like_id("1200mgat08001401", [note])  # one character off: not the note
+
+
+@pytest.mark.parametrize("value", ["hiv7has", "has-9-hiv", "x1hiv.x2has"])
+def test_two_note_words_in_any_order_are_the_note(value: str) -> None:
+    """Fewer than 8 letters in a row of the note's: the runs check withholds it."""
+    note = "Patient has HIV diagnosis confirmed"
+    assert looks_like_id(value)
+    assert not looks_like_id(value, [note])
+    assert looks_like_id(value, ["Patient hasty, HIVE diagnosis"])  # pieces of words only
+
+
+def test_the_id_check_does_not_build_the_notes_windows() -> None:
+    """An id against a long note: its own windows are looked for in the note's letters;
+    the note's set of windows (hundreds of strings, per note) is never made."""
+    note = "Patient reports intermittent chest pain since Monday; " * 20
+    before = redaction._windows.cache_info()
+    assert looks_like_id("5f0c3b2a9d1e4f6a7b8c9d0e", [note])
+    assert not looks_like_id("intermittentchestpain", [note])
+    assert redaction._windows.cache_info() == before
+    assert quotes("x " * 20 + note, [note])  # a message longer than the note: the sets
+    assert redaction._windows.cache_info().misses == before.misses + 1
