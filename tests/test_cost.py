@@ -255,6 +255,17 @@ def test_reconcile_and_status_with_nothing_new_read_no_big_table_whole(
     book.event("task_note.created", "9", n=9, task="Z9")
     assert main(["reconcile", str(config)]) == 0
     capsys.readouterr()
+    with traced_statements() as statements:
+        assert main(["reconcile", str(config)]) == 0
+        assert main(["status", str(config)]) == 1  # two notes awaiting
+    assert "unchanged since" in capsys.readouterr().out
+    assert any(s.lstrip().upper().startswith("SELECT") for s in statements)
+    assert whole_reads(book.ledger.path, statements) == []
+
+
+@contextmanager
+def traced_statements() -> Iterator[list[str]]:
+    """Every SQL statement run inside the block on a SQLite connection opened in it."""
     statements: list[str] = []
     real_connect = sqlite3.connect
 
@@ -265,14 +276,9 @@ def test_reconcile_and_status_with_nothing_new_read_no_big_table_whole(
 
     sqlite3.connect = traced  # type: ignore[assignment]
     try:
-        assert main(["reconcile", str(config)]) == 0
-        assert main(["status", str(config)]) == 1  # two notes awaiting
+        yield statements
     finally:
         sqlite3.connect = real_connect
-    assert "unchanged since" in capsys.readouterr().out
-    assert any(s.lstrip().upper().startswith("SELECT") for s in statements)
-    assert whole_reads(book.ledger.path, statements) == []
-
 
 _OPENED: list[str] | None = None  # paths opened while a test listens (opened_paths)
 
@@ -325,19 +331,8 @@ def test_the_scan_reads_no_big_table_whole(tmp_path: Path) -> None:
     data = write_csv(tmp_path / "in.csv", [["A1", "a note"], ["N1", "a new note"]])
     config = write_config(tmp_path, state={"ledger": str(book.ledger.path)},
                           webhooks={"sink": str(book.sink)}, input={"path": str(data)})
-    statements: list[str] = []
-    real_connect = sqlite3.connect
-
-    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
-        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
-        db.set_trace_callback(statements.append)
-        return db
-
-    sqlite3.connect = traced  # type: ignore[assignment]
-    try:
+    with traced_statements() as statements:
         assert main(["validate", str(config)]) == 0
-    finally:
-        sqlite3.connect = real_connect
     assert any("account" in s and s.lstrip().upper().startswith("SELECT") for s in statements)
     assert whole_reads(book.ledger.path, statements) == []
 
