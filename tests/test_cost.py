@@ -193,23 +193,12 @@ def test_status_reads_no_ledger_table_whole(tmp_path: Path) -> None:
     settings = make_config(tmp_path, state={"ledger": str(book.ledger.path)},
                            webhooks={"sink": str(book.sink)})
     ledger_status(settings)  # mirrors the sink, matches: the nothing-new case is next
-    statements: list[str] = []
-    real_connect = sqlite3.connect
-
-    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
-        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
-        db.set_trace_callback(statements.append)
-        return db
-
-    sqlite3.connect = traced  # type: ignore[assignment]
-    try:
+    with traced_statements() as statements:
         found = ledger_status(settings)
-    finally:
-        sqlite3.connect = real_connect
     assert found.kind("awaiting_outcome").count == 2
     selects = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
     assert selects
-    db = real_connect(book.ledger.path)
+    db = sqlite3.connect(book.ledger.path)
     full = []
     for statement in selects:
         for *_, detail in db.execute("EXPLAIN QUERY PLAN " + statement):
