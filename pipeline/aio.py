@@ -14,7 +14,7 @@ is asked to stop gracefully first, as a first SIGINT/SIGTERM would: no new reque
 sent, those in flight finish, its rows are recorded, its report is written (exit code 3,
 ``stop_reason`` "interrupted: the awaiting task was cancelled"). So when the
 cancellation arrives the run is closed in the ledger, and a next run may start. The
-others (validate, reconcile, poll, status) are short and run to their end.
+others (validate, reconcile, poll, status, prune, write_off) run to their end.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pipeline import jobs
 from pipeline.jobs import (
     ConfigSource,
     PollResult,
+    PruneOutcome,
     ReconcileResult,
     RunResult,
     StatusResult,
@@ -151,3 +152,15 @@ async def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
 async def status(config: ConfigSource, *, config_path: str | None = None) -> StatusResult:
     """``pipeline.status`` (jobs.status) in a thread of its own."""
     return await _to_the_end(functools.partial(jobs.status, config, config_path=config_path))
+
+
+async def prune(config: ConfigSource, older_than_days: float | None = None, *,
+                dry_run: bool = False) -> PruneOutcome:
+    """``pipeline.prune`` (jobs.prune) in a thread of its own."""
+    return await _to_the_end(functools.partial(jobs.prune, config, older_than_days,
+                                               dry_run=dry_run))
+
+
+async def write_off(config: ConfigSource, run_id: str) -> tuple[int, ReconcileResult]:
+    """``pipeline.write_off`` (jobs.write_off) in a thread of its own."""
+    return await _to_the_end(functools.partial(jobs.write_off, config, run_id))

@@ -205,6 +205,8 @@ def _run(config: ConfigSource, *, inputs: Sequence[str | os.PathLike[str]] = (),
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (None: no limit), not {limit}")
     config = load(config, "run")
+    if isinstance(inputs, str | os.PathLike):  # one path, not a sequence of its letters
+        inputs = (inputs,)
     options = RunOptions(inputs=tuple(os.fspath(i) for i in inputs), dry_run=dry_run,
                          limit=limit, progress=progress, force=force, argv=tuple(argv))
     if options.force:
@@ -530,6 +532,7 @@ def prune(config: ConfigSource, older_than_days: float | None = None, *,
     from pipeline.retention import prune as prune_files
     from pipeline.state.store import state_location
 
+    _blocking("prune")
     loaded = load(config, "prune")
     days = older_than_days if older_than_days is not None else loaded.state.retention_days
     if days is None:

@@ -271,6 +271,10 @@ async def test_inside_an_event_loop_the_async_form_runs_and_the_loop_goes_on(
             pipeline.run(config)
         with pytest.raises(RuntimeError, match=r"pipeline\.aio\.status"):
             pipeline.status(config)
+        with pytest.raises(RuntimeError, match=r"pipeline\.aio\.prune"):
+            pipeline.prune(config, 30)
+        with pytest.raises(RuntimeError, match=r"pipeline\.aio\.write_off"):
+            pipeline.write_off(config, "run-1")
         assert not config.state.ledger.exists()
 
         ticks = 0
@@ -295,3 +299,8 @@ async def test_inside_an_event_loop_the_async_form_runs_and_the_loop_goes_on(
     reconciled = await pipeline.aio.reconcile(config, result.run_id)
     assert [r.run_id for r in reconciled.runs] == [result.run_id]
     assert (await pipeline.aio.validate(config)).scan.to_send == 0  # both already sent
+    # one input given as a single path (not a list): read as that file, not letter by letter
+    alone = await pipeline.aio.validate(config, str(tmp_path / "input.csv"))
+    assert alone.scan.to_send == 0
+    pruned = await pipeline.aio.prune(config, 30, dry_run=True)
+    assert (pruned.exit_code, pruned.pruned.dry_run) == (0, True)
