@@ -88,15 +88,53 @@ def looks_like_id(text: str, private: Iterable[str] = ()) -> bool:
     if not notes:
         return True
     # Each check works out only the note forms it needs (this runs on every accepted
-    # request, with a new note each time): the note's letters for an id of 8+ letters,
-    # its runs of letters only when two of the id's appear in it at all.
-    letters = _letters(text)
+    # request, with a new note each time, and on four ids of every event a reconcile
+    # reads): the id's forms at bytes.translate speed (on this alphabet its canonical
+    # letters and digits are ``text`` lower-cased without separators), the note's letters
+    # for an id of 8+ letters, its runs of letters only when the id has 6+ letters (two
+    # runs of 3) and two of them appear in the note at all, and the 16-letter windows
+    # only for an id that has 16 letters and digits.
+    lower = text.lower().encode("ascii")
+    letters = lower.translate(None, _NOT_ASCII_LETTER).decode("ascii")
     if len(letters) >= ID_NOTE_LETTERS and any(letters in _note_letters(n) for n in notes):
         return False
-    runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
-    if len(runs) >= 2 and any(_shares_runs(runs, n) for n in notes):
-        return False
-    return not quotes(text, notes)
+    if len(letters) >= 2 * _MIN_RUN:
+        runs = {r.casefold() for r in _LETTER_RUN.findall(text)}
+        if len(runs) >= 2 and any(_shares_runs(runs, n) for n in notes):
+            return False
+    joined = lower.translate(None, _ID_SEPARATORS).decode("ascii")
+    return not _id_quotes(joined, lower, notes)
+
+
+def _id_quotes(joined: str, lower: bytes, notes: list[str]) -> bool:
+    """``quotes(text, notes)`` for an id ``text`` (``ID_PATTERN``'s alphabet: canonical
+    decodes nothing and its words are its parts between separators), given the id's
+    canonical letters and digits ``joined`` and its lower-cased ASCII ``lower``."""
+    spaced: str | None = None
+    for note in notes:
+        forms = _forms(note)
+        theirs = forms.joined
+        if not theirs:
+            continue
+        if len(theirs) >= REDACT_RUN:
+            if len(joined) < REDACT_RUN:
+                continue  # no window of 16 to share
+            if len(joined) <= len(theirs):
+                if any(joined[i:i + REDACT_RUN] in theirs
+                       for i in range(len(joined) - REDACT_RUN + 1)):
+                    return True
+                continue
+            windows = {joined[i:i + REDACT_RUN] for i in range(len(joined) - REDACT_RUN + 1)}
+            if not _windows(note).isdisjoint(windows):
+                return True
+            continue
+        if len(theirs) >= _SHORT_SKELETON and theirs in joined:
+            return True
+        if spaced is None:
+            spaced = f" {' '.join(lower.translate(_ASCII_ALNUM_OR_SPACE).decode('ascii').split())} "
+        if forms.spaced in spaced:
+            return True
+    return False
 
 
 _NOT_HEX_LETTER: Final = re.compile(r"[G-Zg-z]")  # an id without one has no _WORD part
@@ -104,7 +142,9 @@ _TWO_SEPARATORS: Final = re.compile(r"[_.:-].*[_.:-]")
 # A part between separators (``_ID_PARTS``) that is a ``_WORD``, found in one pass.
 _WORD_PART: Final = re.compile(r"(?<![^_.:-])[A-Za-z]*[G-Zg-z][A-Za-z]*(?![^_.:-])")
 ID_NOTE_LETTERS: Final = 8
+_MIN_RUN: Final = 3  # letters in a run of letters that the runs check compares
 _LETTER_RUN: Final = re.compile(r"[^\W\d_]{3,}")
+_ID_SEPARATORS: Final = b"_.:-"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,13 @@ the id check does not build the note's set of 16-letter windows.
 
 from __future__ import annotations
 
+import re
 import sys
 import unicodedata
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import redaction
 from pipeline.redaction import canonical, looks_like_id, quotes
@@ -75,3 +78,53 @@ def test_the_id_check_does_not_build_the_notes_windows() -> None:
     assert redaction._windows.cache_info() == before
     assert quotes("x " * 20 + note, [note])  # a message longer than the note: the sets
     assert redaction._windows.cache_info().misses == before.misses + 1
+
+
+def _looks_like_id_by_definition(text: str, private: list[str]) -> bool:
+    """``looks_like_id`` as its docstring spells it out, through the general ``quotes``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", text):
+        return False
+    words = [p for p in re.split(r"[_.:-]", text) if re.fullmatch(r"[A-Za-z]*[G-Zg-z][A-Za-z]*", p)]
+    if len(words) > 2:
+        return False
+    notes = [p for p in private if p]
+    letters = "".join(c for c in text.casefold() if c.isalpha())
+    runs = {r.casefold() for r in re.findall(r"[^\W\d_]{3,}", text)}
+    for note in notes:
+        note_letters = "".join(c for c in note.casefold() if c.isalpha())
+        if len(letters) >= 8 and letters in note_letters:
+            return False
+        if len(runs & set(re.findall(r"[^\W\d_]{3,}", note.casefold()))) >= 2:
+            return False
+    return not quotes(text, notes)
+
+
+_ID_ALPHABET = "abcdefhivnpstxyzABFHIPX0123456789_.:-"
+_NOTES = ["Patient has HIV diagnosis confirmed", "HIV", "has hiv", "abc def",
+          "Dose 1200 mg at 08:00, 14:00, 20:00 daily", "evt 0000 0000 0000 0000 123",
+          "Patient reports intermittent chest pain since Monday; " * 3, "café ﬁne ß",
+          "a1b2c3d4", "abcdefgh", "ab12 cd34", "x", ""]
+
+
+@settings(max_examples=4000, deadline=None)
+@given(st.text(alphabet=_ID_ALPHABET, min_size=1, max_size=40),
+       st.lists(st.sampled_from(_NOTES) | st.text(alphabet=_ID_ALPHABET + " ,;é",
+                                                   max_size=40), max_size=3))
+def test_the_id_checks_shortcuts_give_the_definitions_verdict(text: str,
+                                                              notes: list[str]) -> None:
+    """Every shortcut of ``looks_like_id`` (bytes forms, checks skipped by length) gives
+    the verdict its rule spelled out gives, on ids made of its own alphabet and notes
+    that share their letters, digits and words."""
+    assert looks_like_id(text, notes) == _looks_like_id_by_definition(text, notes)
+
+
+@pytest.mark.parametrize(("value", "note"), [
+    ("evt_00000000000000000123", "evt 0000 0000 0000 0000 123"),  # 16+ shared: the note
+    ("1200mgat08001400", "Dose 1200 mg at 08:00, 14:00, 20:00 daily"),
+    ("1-ab-cd-2", "ab cd"),  # a short note's words, whole and in order
+    ("0ab12cd349", "ab12 cd34"),  # a short note of 8+ letters and digits run together
+    ("hiv7has", "Patient has HIV diagnosis confirmed"),
+])
+def test_ids_showing_the_note_are_withheld(value: str, note: str) -> None:
+    assert looks_like_id(value)
+    assert not looks_like_id(value, [note])
