@@ -49,8 +49,8 @@ from pipeline.events import (
     rotated_copies,
     set_aside_path,
 )
-from pipeline.reasons import ReasonRedactor, codes_of, safe_emr_note_id
-from pipeline.redaction import safe_id
+from pipeline.reasons import ReasonRedactor, codes_of
+from pipeline.redaction import safe_id, safe_ids
 from pipeline.state import (
     EventRecord,
     InputFile,
@@ -300,8 +300,9 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     created = _text(event.get("created"))
     # Ids are untrusted too: one that does not look like an id, or shows the event's own
     # note, is withheld (safe_id). The note of a failed event is not in it: the shape rule.
-    own = [note] if isinstance(note, str) else []
-    shown = str(safe_id(event_id, own))
+    shown, job, task_note_id, emr_note_id = safe_ids(
+        (event_id, None if job_id is None else str(job_id).strip(), data.get("task_note_id"),
+         data.get("emr_note_id")), note)
     receipt: Receipt | None = None
     if receipts:  # keyed by the id as the sink kept it: as given when it passes the shape rule
         kept = shown if shown == event_id else str(safe_id(event_id))
@@ -312,11 +313,9 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     else:
         clock = "event_created_polled" if receipt is not None else "event_created_no_receipt"
         outcome_at = created
-    return EventRecord(shown, kind,
-            None if job_id is None else safe_id(str(job_id).strip(), own),
-            safe_id(data.get("task_note_id"), own), created,
-            safe_emr_note_id(data.get("emr_note_id"), note), _text(reason), codes or None,
-            ekey, end, outcome_at, clock, event_account)
+    return EventRecord(str(shown), kind, job, task_note_id, created, emr_note_id,
+                       _text(reason), codes or None, ekey, end, outcome_at, clock,
+                       event_account)
 
 
 def _text(value: object) -> str | None:

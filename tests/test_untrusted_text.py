@@ -425,3 +425,41 @@ def test_ids_from_cobalt_that_are_not_ids_reach_no_file_or_ledger(tmp_path: Path
         db.close()
     assert "CANARY" not in dumped
     assert "CANARY" not in done.stdout + done.stderr
+
+
+def test_id_shaped_ids_that_show_the_events_note_are_withheld_in_the_mirror(
+        tmp_path: Path) -> None:
+    """Ids of the right shape that spell the event's own note out (its words joined by
+    digits and separators, 16 of its letters and digits) are withheld in the ledger's
+    mirror, each of the four; the same ids beside another note are kept as given, and a
+    failed event (no note of its own) keeps them too: the shape rule alone applies."""
+    note = "Patient has HIV diagnosis, dose 1200 mg at 08:00 14:00"
+    ids = {"event_id": "evt_Patient1has2HIV", "job_id": "x1hiv-x2diagnosis",
+           "task_note_id": "1200mgat08001400", "emr_note_id": "emr7Patient-7-has"}
+    sink = tmp_path / "webhooks.jsonl"
+
+    def event(n: int, kind: str, event_note: str | None) -> dict[str, object]:
+        data: dict[str, object] = {"task_note_id": ids["task_note_id"] + f"-{n}",
+                                   "emr_note_id": ids["emr_note_id"] + f"-{n}",
+                                   "emr_task_id": "T1"}
+        if event_note is not None:
+            data["note"] = event_note
+        return envelope(f"{ids['event_id']}-{n}", kind, f"{ids['job_id']}-{n}", **data)
+
+    append_events(sink, [event(1, "created", note),
+                         event(2, "created", "refill due next week"),
+                         event(3, "failed", None)])
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        assert ingest(ledger, sink, "acct") == 3
+        stored = {e.line: e for e in ledger.events()}
+    finally:
+        ledger.close()
+    first, second, third = (stored[k] for k in sorted(stored))
+    for kept in (second, third):
+        assert kept.event_id.startswith(ids["event_id"])
+        assert (kept.job_id or "").startswith(ids["job_id"])
+        assert (kept.task_note_id or "").startswith(ids["task_note_id"])
+    assert (second.emr_note_id or "").startswith(ids["emr_note_id"])
+    for value in (first.event_id, first.job_id, first.task_note_id, first.emr_note_id):
+        assert re.fullmatch(r"withheld-[0-9a-f]{16}", value or ""), value
