@@ -28,6 +28,7 @@ from pipeline.events import (
     UnreadableEvent,
     check_event_id,
     decode_event,
+    decode_event_stdlib,
     read_sink_from,
     receipt_time,
     receive_time,
@@ -176,6 +177,67 @@ def test_fuzz_arbitrary_bytes_give_an_event_or_an_unreadable_event(raw: bytes) -
     """No byte string makes the codec raise anything but UnreadableEvent."""
     with contextlib.suppress(UnreadableEvent):
         decode_event(raw)
+
+
+def _verdict(decode: Any, raw: bytes) -> tuple[str, Any]:
+    """What a codec makes of ``raw``: the event (with each value's type, so 1 and 1.0 and
+    True differ), or the refusal's code."""
+    try:
+        return "event", _typed(decode(raw))
+    except UnreadableEvent as exc:
+        return "refused", exc.code
+
+
+def _typed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return [(k, _typed(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return ("float", "nan")
+    return (type(value).__name__, value)
+
+
+_NUMBERS = st.integers() | st.integers(min_value=2**62, max_value=2**70) | st.integers(
+    min_value=-(2**70), max_value=-(2**62)) | st.floats()
+_NASTY = st.sampled_from([b"\\ud83d", b"\\ud83d\\ude00", b"\\udc00", b"\\u0000", b"\xed\xa0\xbd",
+                          b"\xef\xbb\xbf", b"NaN", b"-Infinity", b"1e400", b"-0", b"1E2",
+                          b"01", b"1.", b" ", b"\t", b"\\n", b"\x00", b"\xff", b"9" * 25,
+                          b"-" + b"9" * 19, b"18446744073709551616", b"9223372036854775808",
+                          b"-9223372036854775809", b'"', b",", b":", b"}", b"]", b"caf\xc3\xa9"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(value=st.dictionaries(texts, json_values | _NUMBERS, max_size=5),
+       cuts=st.lists(st.tuples(st.integers(min_value=0, max_value=400), _NASTY), max_size=3),
+       ascii_only=st.booleans())
+def test_fuzz_the_fast_parse_gives_what_the_standard_library_gives(
+        value: dict[str, Any], cuts: list[tuple[int, bytes]], ascii_only: bool) -> None:
+    """decode_event (orjson where it agrees) and decode_event_stdlib (json alone): the same
+    event, every value of the same type, or the same refusal, for JSON objects of every
+    kind of value (integers past 64 bits, floats, surrogates, non-ASCII) with nasty bytes
+    spliced in (lone surrogate escapes, BOMs, NaN, numbers past a double, broken syntax)."""
+    try:
+        raw = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    except ValueError:
+        return
+    for where, nasty in cuts:
+        at = min(where, len(raw))
+        raw = raw[:at] + nasty + raw[at:]
+    assert _verdict(decode_event, raw) == _verdict(decode_event_stdlib, raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"id":"e","n":18446744073709551616}', b'{"id":"e","n":-9223372036854775809}',
+    b'{"id":"e","n":[123456789012345678901234567890]}', b'{"id":"e", "n":\t99999999999999999999}',
+])
+def test_an_integer_past_64_bits_is_read_as_the_integer_it_is(raw: bytes) -> None:
+    """orjson would read it as a float (a job id altered); the codec keeps the integer."""
+    assert _verdict(decode_event, raw) == _verdict(decode_event_stdlib, raw)
+    event = decode_event(raw)
+    number = event["n"][0] if isinstance(event["n"], list) else event["n"]
+    assert isinstance(number, int)
+    assert str(number) in raw.decode()
 
 
 # -- readers set bad lines aside -----------------------------------------------------------
