@@ -863,7 +863,7 @@ def read_sink_from(path: Path, start: int, stop: int | None = None, *, fd: int |
                 return
             begin, offset = offset, offset + len(raw)
             line = raw.rstrip(b"\n")
-            if not line.strip():
+            if not line or line.isspace():  # what line.strip() leaves empty, without a copy
                 continue
             try:
                 event: dict[str, Any] | SetAside = decode_event(line)

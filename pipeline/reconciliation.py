@@ -287,7 +287,8 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
         return None
     found = event.get("data")
     data: dict[str, Any] = found if isinstance(found, dict) else {}
-    codes = ";".join(codes_of(data.get("reasons")))
+    reasons = data.get("reasons")
+    codes = "" if reasons is None else ";".join(codes_of(reasons))
     ekey = None
     task_id, note = data.get("emr_task_id"), data.get("note")
     if kind == "created" and isinstance(task_id, str) and isinstance(note, str):
@@ -295,7 +296,7 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     job_id = event.get("job_id")
     # failure_reason is untrusted free text: ReasonRedactor.clean makes it safe before storing.
     reason = data.get("failure_reason")
-    if reason is None and kind == "failed" and isinstance(data.get("reasons"), list):
+    if reason is None and kind == "failed" and isinstance(reasons, list):
         reason = ""  # the descriptions are free text too: codes only, checked the same way
     created = _text(event.get("created"))
     # Ids are untrusted too: one that does not look like an id, or shows the event's own
@@ -322,7 +323,11 @@ def _text(value: object) -> str | None:
     """Upstream text as the mirror keeps it: a NUL (which a PostgreSQL text column cannot
     hold, so one such event would stop every later reconcile) and the other C0 control
     characters each become U+FFFD; None stays None."""
-    return None if value is None else _CONTROL.sub("\ufffd", str(value))
+    if value is None:
+        return None
+    text = str(value)
+    # printable text holds no control character: most values, kept without a regex pass
+    return text if text.isprintable() else _CONTROL.sub("\ufffd", text)
 
 
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
