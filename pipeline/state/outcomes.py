@@ -192,6 +192,26 @@ class SQLiteOutcomes(SQLiteRuns):
             if len(frame) < size:
                 return
 
+    def status_chunks(self, run_id: str, size: int = 100_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time, with only what their final
+        status is decided from (rules.RUN_STATUS_SQL's columns, and ``via_*`` as
+        ``run_chunks``): for counting final statuses."""
+        import pandas as pd  # noqa: PLC0415 - not needed to send
+
+        last = 0
+        while True:
+            cursor = self._db.execute(rules.RUN_STATUS_SQL, (run_id, last, size))
+            found = cursor.fetchall()
+            if not found:
+                return
+            frame = pd.DataFrame.from_records(
+                found, columns=[column[0] for column in cursor.description])
+            self._add_via(frame)
+            yield frame
+            last = int(found[-1][0])
+            if len(found) < size:
+                return
+
     def _add_via(self, frame: pd.DataFrame) -> None:
         """Fill the ``via_*`` columns; looked up only for the rows that may follow a send
         (usually few: a run's rows mostly speak for themselves)."""

@@ -127,6 +127,12 @@ class OutcomeStore(Protocol):
         """A run's rows in input order, ``size`` at a time: columns ``RUN_CHUNK_COLUMNS``."""
         ...
 
+    def status_chunks(self, run_id: str, size: int = 100_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time, with only the columns their
+        final status is decided from (rules.RUN_STATUS_SQL's, and the ``via_*`` of
+        ``RUN_CHUNK_COLUMNS``)."""
+        ...
+
     def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
         """Rows (of one run, or of every run) in input order: ``ROW_COLUMNS``, or the
         comma-separated ``columns`` among them."""

@@ -184,6 +184,18 @@ SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_j
  WHERE r.run_id = ? AND r.id > ?
  ORDER BY r.id
  LIMIT ?"""
+# What a row's final status is decided from (reconciliation._final_status without the
+# detail texts; with ``via_*`` added as for RUN_CHUNK_SQL): counting a run's final
+# statuses reads these, not the 30 columns of RUN_CHUNK_SQL (the Python objects made
+# for each value read cost more than the query).
+RUN_STATUS_SQL: Final = """
+SELECT r.id, r.key, r.status, r.outcome, r.event_id, r.written_off_at,
+       ref.outcome AS ref_outcome
+  FROM rows r
+  LEFT JOIN rows ref ON ref.id = r.ref_id
+ WHERE r.run_id = ? AND r.id > ?
+ ORDER BY r.id
+ LIMIT ?"""
 # A row's "via": the send of the same note by another run that delivered it (Cobalt has it,
 # or took it and no outcome is in): a confirmed send first, then the earliest.
 VIA_COLUMNS: Final = ("run_id", "job_id", "outcome", "task_note_id", "submitted_at",
