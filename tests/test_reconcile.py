@@ -185,9 +185,11 @@ def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:
     """No answer came back, but a created event carries the same note for the same task."""
     book.row("ambiguous", task="T9", note="the note")
     book.event("task_note.created", "4242", n=1, task="T9", note="the note")
-    rows = book.result().frame()
+    result = book.result()
+    rows = result.frame()
     assert book.finals() == [("confirmed", "created")]
     assert rows["settled_by"].tolist() == ["evidence"]
+    assert (result.orphan_count, result.orphans) == (0, [])  # the evidence is owned
     assert "settled by evidence" in rows["detail"].iloc[0]
 
 

@@ -376,16 +376,19 @@ def _four_runs(directory: Path) -> Ledger:
     return book.ledger
 
 
-@pytest.mark.parametrize("quiet_from", [10**9, 0])
+@pytest.mark.parametrize(("quiet_from", "scan_keys_from"), [(10**9, 0), (0, 0), (0, 10**9)])
 def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet_from: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet_from: int,
+        scan_keys_from: int) -> None:
     """Outcomes written row by row through the rows' triggers, or (many at once) with the
-    triggers set aside and the runs bumped by one statement: the same outcomes, the same
-    runs' ``rev`` moved (run-2 and run-4 for their own rows, run-1 because its row's note
-    was sent by run-2; not run-3), and the triggers are there again after."""
-    import pipeline.state.outcomes  # noqa: PLC0415 - the module whose threshold is set
+    triggers set aside and the runs bumped by one statement, the keys of more than one row
+    found by reading rows_key whole or by a probe per changed row: the same outcomes, the
+    same runs' ``rev`` moved (run-2 and run-4 for their own rows, run-1 because its row's
+    note was sent by run-2; not run-3), and the triggers are there again after."""
+    import pipeline.state.outcomes  # noqa: PLC0415 - the module whose thresholds are set
 
     monkeypatch.setattr(pipeline.state.outcomes, "QUIET_FROM", quiet_from)
+    monkeypatch.setattr(pipeline.state.outcomes, "SCAN_KEYS_FROM", scan_keys_from)
     ledger = _four_runs(tmp_path)
     try:
         revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))

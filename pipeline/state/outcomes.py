@@ -28,6 +28,10 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, CASE ?12 WHEN 'sink_receiv
 # Outcomes written at once from which the rows' triggers are set aside (``_write_outcomes``):
 # below it the triggers' cost is small, and the schema is left alone.
 QUIET_FROM = 1_000
+# The share of the ledger's rows (its last row id) changed at once from which the keys
+# of more than one row are read from rows_key whole, not probed per changed row (rules.py,
+# SHARED_SCANNED): reading an entry costs about a sixth of a probe at a random place.
+SCAN_KEYS_FROM = 0.125
 
 
 class SQLiteOutcomes(SQLiteRuns):
@@ -120,10 +124,14 @@ class SQLiteOutcomes(SQLiteRuns):
                 changed += self._write_outcomes()
                 for statement in rules.ORPHANS_SQL:
                     db.execute(statement)
+                if self.orphans(0)[0]:
+                    db.execute(rules.ORPHAN_LIST_SQL)
+                db.execute("DROP TABLE temp.owned")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('match_stamp', ?)",
                            (self._match_stamp(),))
                 return changed
         finally:
+            db.execute("DROP TABLE IF EXISTS temp.owned")
             db.execute("DROP TABLE IF EXISTS temp.matched")
             db.execute("DROP TABLE IF EXISTS temp.claimed")
 
@@ -143,7 +151,10 @@ class SQLiteOutcomes(SQLiteRuns):
             for trigger in TRIGGER_NAMES:
                 db.execute(f"DROP TRIGGER {trigger}")
             written = max(db.execute(rules.WRITE_CHANGED_SQL).rowcount, 0)
-            db.execute(rules.BUMP_CHANGED_SQL)
+            (rows,) = db.execute("SELECT MAX(id) FROM rows").fetchone()
+            shared = (rules.SHARED_SCANNED if count >= SCAN_KEYS_FROM * (rows or 0)
+                      else rules.SHARED_PROBED)
+            db.execute(rules.BUMP_CHANGED_SQL.format(shared=shared))
             for statement in TRIGGERS:
                 db.execute(statement)
             return written
