@@ -33,7 +33,7 @@ from pipeline.state import (
     row_key,
 )
 from pipeline.state.pg_ledger import PgLedger
-from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS
+from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS, STATUS_CHUNK_COLUMNS
 from pipeline.state.schema import OUTCOME_CLOCKS, SCHEMA
 
 ACCOUNT = "test_clinic"
@@ -297,8 +297,8 @@ def test_run_info_records_read_back_as_typed_records(store: StateStore) -> None:
 
 
 def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStore) -> None:
-    """run_chunks yields RUN_CHUNK_COLUMNS and frame ROW_COLUMNS, in that order, on every
-    backend: reconciliation.py reads them by name."""
+    """run_chunks yields RUN_CHUNK_COLUMNS, status_chunks STATUS_CHUNK_COLUMNS and frame
+    ROW_COLUMNS, in that order, on every backend: reconciliation.py reads them by name."""
     store.start_run("r", ACCOUNT, "fp", {})
     store.add_file("r", 0, "a.csv", ["emr_task_id", "note"])
     store.add_rows("r", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "n"), "pending"),
@@ -307,6 +307,9 @@ def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStor
     (chunk,) = store.run_chunks("r")
     assert tuple(chunk.columns) == RUN_CHUNK_COLUMNS
     assert list(chunk["source_file"]) == ["a.csv", "a.csv"]
+    (statuses,) = store.status_chunks("r")
+    assert tuple(statuses.columns) == STATUS_CHUNK_COLUMNS
+    assert list(statuses["status"]) == ["pending", "duplicate"]
     assert tuple(store.frame("r").columns) == ROW_COLUMNS
 
 

@@ -205,8 +205,8 @@ class SQLiteOutcomes(SQLiteRuns):
 
     def status_chunks(self, run_id: str, size: int = 100_000) -> Iterator[pd.DataFrame]:
         """A run's rows in input order, ``size`` at a time, with only what their final
-        status is decided from (rules.RUN_STATUS_SQL's columns, and ``via_*`` as
-        ``run_chunks``): for counting final statuses."""
+        status is decided from (protocol.STATUS_CHUNK_COLUMNS: rules.RUN_STATUS_SQL's
+        columns, and ``via_*`` as ``run_chunks``): for counting final statuses."""
         import pandas as pd  # noqa: PLC0415 - not needed to send
 
         last = 0
