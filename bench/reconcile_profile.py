@@ -20,7 +20,8 @@ Phases (nested ones are shown indented and are part of the phase above them):
   - store         the records written to the ledger, one transaction per 10,000
                   (``add_events``; fsync'ed, as every ledger commit)
 - join rules      ``match_outcomes``: the SQL of state/rules.py, outcomes written back
-- counts          the run's rows read back a chunk at a time, each given its final status
+- counts          the run's final statuses counted (``RunResult.counts``: the rows read a
+                  chunk at a time, only the columns a final status is decided from)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -386,9 +386,13 @@ class RunResult:
 
     @cached_property
     def counts(self) -> dict[str, int]:
+        """How many of the run's rows end in each final status (every FINAL_STATUSES
+        name, in order): the final statuses ``chunks()`` gives, decided by the same rules
+        from the columns they read (``status_chunks``), without the detail texts."""
         found: Counter[str] = Counter()
-        for chunk in self.chunks():
-            found.update(chunk["final_status"])
+        for frame in self.ledger.status_chunks(self.run.run_id):
+            final, _ = _final_status(frame, self.run, details=False)
+            found.update(final.tolist())
         return {status: int(found.get(status, 0)) for status in FINAL_STATUSES}
 
     @property
@@ -477,68 +481,107 @@ def _finalise(rows: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
     return out
 
 
-def _final_status(out: pd.DataFrame, record: RunRecord) -> tuple[pd.Series, pd.Series]:
-    status, outcome = out["status"], out["outcome"]
-    stopped = record.info.stop_reason or f"the run {record.state}"
-    # each comparison made once per chunk, not once per rule naming it
-    accepted, already = status == "accepted", status == "already_sent"
-    failed, conflict = outcome == "failed", outcome == "conflict"
-    via = out["via_run_id"].notna()
-    landed = via & (out["via_outcome"] == "created")
-    waiting = via & ~landed
-    sent = _sent_in(out, via, "via")
-    again = _sent_in(out, via & accepted, "via",
-                     lead="failed in the EMR; sent again in run ")
-    earlier = _sent_in(out, already, "ref")
-    mine = status.isin(["pending", "failed", "already_sent", "held"])
-    written_off = out.get("written_off_at", pd.Series(None, index=out.index, dtype=object))
-    rules: list[tuple[pd.Series, str, pd.Series | str]] = [
-        (status == "rejected", "rejected_invalid", out["error"].fillna("")),
-        (status == "duplicate", "skipped_duplicate", out["error"].fillna("")),
-        (mine & landed, "skipped_already_sent", sent + ": confirmed"),
-        (mine & waiting, "awaiting_outcome", sent + ": no outcome yet"),
-        (accepted & failed & landed, "skipped_already_sent",
-         again + ": confirmed"),
-        (accepted & failed & waiting, "awaiting_outcome",
-         again + ": no outcome yet"),
-        (already & (out["ref_outcome"] == "failed"), "failed_in_emr",
-         earlier + ": failed in the EMR (that run's report has the reason)"),
-        (already & (out["ref_outcome"] == "conflict"), "ambiguous",
-         earlier + ": conflict, both task_note.created and task_note.failed"),
-        (already, "skipped_already_sent", out["error"].fillna("")),
-        (status == "held", "ambiguous", out["error"].fillna("")),
-        (accepted & (outcome == "created"), "confirmed", ""),
-        (accepted & failed, "failed_in_emr", ""),
-        (accepted & conflict
-         & out["event_id"].fillna("").str.contains(";", regex=False), "ambiguous",
-         "conflict: both task_note.created and task_note.failed for this job"),
-        (accepted & conflict, "ambiguous",
-         "conflict: the event came from another account's connection "
-         "(its access_token_reference_id is not this row's account's reference_id)"),
-        (accepted, "awaiting_outcome", "no outcome event yet"),
-        (status == "api_rejected", "rejected_by_api", ""),
-        ((status == "ambiguous") & (outcome == "created"), "confirmed",
-         "settled by evidence: a task_note.created event carries this note"),
-        (status.isin(["ambiguous", "sending"]), "ambiguous",
-         "the request may have reached Cobalt; check the chart before sending again"),
-        (status.isin(["failed", "pending"]) & written_off.notna(), "send_failed",
-         "never sent; written off by operator at " + written_off.fillna("")),
-        (status == "failed", "send_failed", ""),
-        (status == "pending", "send_failed", f"not sent: {stopped}; the next run sends it"),
-    ]
-    final = pd.Series("", index=out.index, dtype=object)
-    detail = pd.Series("", index=out.index, dtype=object)
+def _final_status(out: pd.DataFrame, record: RunRecord, *, details: bool = True
+                  ) -> tuple[pd.Series, pd.Series]:
+    """Each row's final status and (``details``) its detail text, as object Series on
+    ``out``'s index: the first of ``_status_rules`` that takes a row decides. A rule's
+    mask is computed only while some row is still untaken, its text only for the rows
+    it takes (most rows are plain ``accepted``: their rules come early and need none);
+    without ``details`` (counting) no text at all ("" for every row), the statuses the
+    same."""
+    final = np.full(len(out), "", dtype=object)
+    detail = np.full(len(out), "", dtype=object)
     unset = np.ones(len(out), dtype=bool)  # final == "": no rule has taken the row yet
-    for mask, name, text in rules:
-        todo = np.asarray(mask, dtype=bool) & unset
+    for mask, name, text in _status_rules(out, record):
+        todo = mask & unset
         if todo.any():
             unset &= ~todo
             final[todo] = name
-            detail[todo] = text[todo] if isinstance(text, pd.Series) else text
-    return final, detail
+            if details:
+                detail[todo] = text if isinstance(text, str) else text()[todo]
+            if not unset.any():
+                break
+    index = out.index
+    return (pd.Series(final, index=index, dtype=object),
+            pd.Series(detail, index=index, dtype=object))
 
 
-def _sent_in(out: pd.DataFrame, mask: pd.Series, prefix: str,
+_Text = str | Callable[[], np.ndarray]
+
+
+def _status_rules(out: pd.DataFrame, record: RunRecord
+                  ) -> Iterator[tuple[np.ndarray, FinalStatus, _Text]]:
+    """The rules deciding a row's final status, in order: (mask of the rows it takes,
+    the status, the detail: a text, or a function giving one per row). A generator, so
+    a rule's mask is computed only when asked for."""
+    def column(name: str) -> np.ndarray:
+        return out[name].to_numpy(dtype=object)
+
+    def text(name: str) -> Callable[[], np.ndarray]:
+        return lambda: out[name].fillna("").to_numpy(dtype=object)
+
+    def sent(mask: np.ndarray, prefix: str, tail: str,
+             lead: str = "sent in run ") -> Callable[[], np.ndarray]:
+        return lambda: (_sent_in(out, mask, prefix, lead) + tail).to_numpy(dtype=object)
+
+    status, outcome = column("status"), column("outcome")
+    stopped = record.info.stop_reason or f"the run {record.state}"
+    # each comparison made once per chunk, not once per rule naming it
+    accepted, already = status == "accepted", status == "already_sent"
+    failed = outcome == "failed"
+    via = ~pd.isna(column("via_run_id"))
+    landed = via & (column("via_outcome") == "created")
+    waiting = via & ~landed
+    mine = _any_of(status, ("pending", "failed", "already_sent", "held"))
+    yield status == "rejected", "rejected_invalid", text("error")
+    yield status == "duplicate", "skipped_duplicate", text("error")
+    yield mine & landed, "skipped_already_sent", sent(via, "via", ": confirmed")
+    yield mine & waiting, "awaiting_outcome", sent(via, "via", ": no outcome yet")
+    again = "failed in the EMR; sent again in run "
+    yield (accepted & failed & landed, "skipped_already_sent",
+           sent(via & accepted, "via", ": confirmed", again))
+    yield (accepted & failed & waiting, "awaiting_outcome",
+           sent(via & accepted, "via", ": no outcome yet", again))
+    ref_outcome = column("ref_outcome")
+    yield (already & (ref_outcome == "failed"), "failed_in_emr",
+           sent(already, "ref", ": failed in the EMR (that run's report has the reason)"))
+    yield (already & (ref_outcome == "conflict"), "ambiguous",
+           sent(already, "ref", ": conflict, both task_note.created and task_note.failed"))
+    yield already, "skipped_already_sent", text("error")
+    yield status == "held", "ambiguous", text("error")
+    yield accepted & (outcome == "created"), "confirmed", ""
+    yield accepted & failed, "failed_in_emr", ""
+    conflict = accepted & (outcome == "conflict")
+    yield (conflict & np.asarray(out["event_id"].fillna("").str.contains(";", regex=False),
+                                 dtype=bool), "ambiguous",
+           "conflict: both task_note.created and task_note.failed for this job")
+    yield (conflict, "ambiguous",
+           "conflict: the event came from another account's connection "
+           "(its access_token_reference_id is not this row's account's reference_id)")
+    yield accepted, "awaiting_outcome", "no outcome event yet"
+    yield status == "api_rejected", "rejected_by_api", ""
+    yield ((status == "ambiguous") & (outcome == "created"), "confirmed",
+           "settled by evidence: a task_note.created event carries this note")
+    yield (_any_of(status, ("ambiguous", "sending")), "ambiguous",
+           "the request may have reached Cobalt; check the chart before sending again")
+    written_off = (out["written_off_at"] if "written_off_at" in out
+                   else pd.Series(None, index=out.index, dtype=object))
+    yield (_any_of(status, ("failed", "pending")) & written_off.notna().to_numpy(),
+           "send_failed", lambda: ("never sent; written off by operator at "
+                                   + written_off.fillna("")).to_numpy(dtype=object))
+    yield status == "failed", "send_failed", ""
+    yield status == "pending", "send_failed", f"not sent: {stopped}; the next run sends it"
+
+
+def _any_of(values: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
+    """Where ``values`` (an object array) equals one of ``wanted``."""
+    found = np.zeros(len(values), dtype=bool)
+    for one in wanted:
+        found |= values == one
+    return found
+
+
+def _sent_in(out: pd.DataFrame, mask: np.ndarray, prefix: str,
              lead: str = "sent in run ") -> pd.Series:
     """"sent in run X as job J" for the masked rows (from ``<prefix>_run_id`` and
     ``<prefix>_job_id``), "" elsewhere: built only where needed, as most rows need none."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.reconciliation import Reconciler
+from pipeline.reconciliation import FINAL_STATUSES, Reconciler, _final_status
 from pipeline.state import Attempt, Ledger, NewRow, row_key, utcnow
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect
@@ -185,9 +185,11 @@ def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:
     """No answer came back, but a created event carries the same note for the same task."""
     book.row("ambiguous", task="T9", note="the note")
     book.event("task_note.created", "4242", n=1, task="T9", note="the note")
-    rows = book.result().frame()
+    result = book.result()
+    rows = result.frame()
     assert book.finals() == [("confirmed", "created")]
     assert rows["settled_by"].tolist() == ["evidence"]
+    assert (result.orphan_count, result.orphans) == (0, [])  # the evidence is owned
     assert "settled by evidence" in rows["detail"].iloc[0]
 
 
@@ -328,3 +330,47 @@ def test_an_earlier_delivery_outranks_an_earlier_doubt(tmp_path: Path) -> None:
     book.row("failed", run_id="run-3")
     (found,) = book.ledger.earlier("run-4", [row_key(ACCOUNT, "T1", "a note")]).values()
     assert (found.run_id, found.status, found.delivered) == ("run-2", "accepted", True)
+
+
+def test_the_counts_are_the_final_statuses_of_the_rows(book: Book) -> None:
+    """``counts`` decides each row's final status from the few columns it depends on
+    (status_chunks), not from the rows read whole (chunks): the same statuses, row for row,
+    read in chunks of any size, for a run whose rows end in every way a row can."""
+    book.row("accepted", task="A1", job_id="1")  # confirmed
+    book.row("accepted", task="A2", job_id="2")  # failed in the EMR, sent again: confirmed
+    book.row("accepted", task="A3", job_id="3")  # a conflict of events
+    book.row("accepted", task="A4", job_id="4")  # awaiting
+    book.row("accepted", task="A5", job_id="5")  # failed in the EMR
+    failed_first = book.row("accepted", task="A6", job_id="6")  # failed, then already sent
+    doubt = book.row("ambiguous", task="A7")  # settled by evidence
+    book.row("ambiguous", task="A8")
+    for status in ("rejected", "duplicate", "api_rejected", "failed", "pending"):
+        book.row(status, task=f"B-{status}")
+    book.row("failed", task="A9")  # not sent here, sent (still pending) by run-2
+    for n, (kind, job) in enumerate([("task_note.created", "1"), ("task_note.failed", "2"),
+                                     ("task_note.created", "3"), ("task_note.failed", "3"),
+                                     ("task_note.failed", "5"), ("task_note.failed", "6")]):
+        book.event(kind, job, n=n, task=f"A{job}")
+    book.event("task_note.created", "77", n=10, task="A7")
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.row("accepted", task="A2", job_id="22", run_id="run-2")
+    book.event("task_note.created", "22", n=11, task="A2")
+    book.row("accepted", task="A9", job_id="99", run_id="run-2")
+    book.row("already_sent", task="A6", run_id="run-2", ref_id=failed_first)
+    book.row("held", task="A7", run_id="run-2", ref_id=doubt)
+    book.row("held", task="A8", run_id="run-2", ref_id=doubt + 1)
+    for run in ("run-1", "run-2"):
+        result = book.result(run)
+        finals = list(result.frame()["final_status"])
+        assert result.counts == {s: finals.count(s) for s in FINAL_STATUSES}
+        assert sum(result.counts.values()) == len(finals)
+        small = [s for chunk in book.ledger.status_chunks(run, size=2)
+                 for s in _final_status(chunk, result.run, details=False)[0]]
+        assert small == [s for chunk in result.chunks(size=3) for s in chunk["final_status"]]
+    assert book.result("run-1").counts == {
+        "confirmed": 2, "failed_in_emr": 2, "awaiting_outcome": 2, "rejected_invalid": 1,
+        "rejected_by_api": 1, "ambiguous": 2, "send_failed": 2, "skipped_duplicate": 1,
+        "skipped_already_sent": 1}
+    assert book.result("run-2").counts == {
+        **dict.fromkeys(FINAL_STATUSES, 0), "confirmed": 1, "awaiting_outcome": 1,
+        "failed_in_emr": 1, "skipped_already_sent": 1, "ambiguous": 1}

@@ -33,7 +33,7 @@ from pipeline.state import (
     row_key,
 )
 from pipeline.state.pg_ledger import PgLedger
-from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS
+from pipeline.state.protocol import ROW_COLUMNS, RUN_CHUNK_COLUMNS, STATUS_CHUNK_COLUMNS
 from pipeline.state.schema import OUTCOME_CLOCKS, SCHEMA
 
 ACCOUNT = "test_clinic"
@@ -297,8 +297,8 @@ def test_run_info_records_read_back_as_typed_records(store: StateStore) -> None:
 
 
 def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStore) -> None:
-    """run_chunks yields RUN_CHUNK_COLUMNS and frame ROW_COLUMNS, in that order, on every
-    backend: reconciliation.py reads them by name."""
+    """run_chunks yields RUN_CHUNK_COLUMNS, status_chunks STATUS_CHUNK_COLUMNS and frame
+    ROW_COLUMNS, in that order, on every backend: reconciliation.py reads them by name."""
     store.start_run("r", ACCOUNT, "fp", {})
     store.add_file("r", 0, "a.csv", ["emr_task_id", "note"])
     store.add_rows("r", [NewRow(0, 2, "T1", row_key(ACCOUNT, "T1", "n"), "pending"),
@@ -307,6 +307,9 @@ def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStor
     (chunk,) = store.run_chunks("r")
     assert tuple(chunk.columns) == RUN_CHUNK_COLUMNS
     assert list(chunk["source_file"]) == ["a.csv", "a.csv"]
+    (statuses,) = store.status_chunks("r")
+    assert tuple(statuses.columns) == STATUS_CHUNK_COLUMNS
+    assert list(statuses["status"]) == ["pending", "duplicate"]
     assert tuple(store.frame("r").columns) == ROW_COLUMNS
 
 
@@ -376,16 +379,19 @@ def _four_runs(directory: Path) -> Ledger:
     return book.ledger
 
 
-@pytest.mark.parametrize("quiet_from", [10**9, 0])
+@pytest.mark.parametrize(("quiet_from", "scan_keys_from"), [(10**9, 0), (0, 0), (0, 10**9)])
 def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet_from: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet_from: int,
+        scan_keys_from: int) -> None:
     """Outcomes written row by row through the rows' triggers, or (many at once) with the
-    triggers set aside and the runs bumped by one statement: the same outcomes, the same
-    runs' ``rev`` moved (run-2 and run-4 for their own rows, run-1 because its row's note
-    was sent by run-2; not run-3), and the triggers are there again after."""
-    import pipeline.state.outcomes  # noqa: PLC0415 - the module whose threshold is set
+    triggers set aside and the runs bumped by one statement, the keys of more than one row
+    found by reading rows_key whole or by a probe per changed row: the same outcomes, the
+    same runs' ``rev`` moved (run-2 and run-4 for their own rows, run-1 because its row's
+    note was sent by run-2; not run-3), and the triggers are there again after."""
+    import pipeline.state.outcomes  # noqa: PLC0415 - the module whose thresholds are set
 
     monkeypatch.setattr(pipeline.state.outcomes, "QUIET_FROM", quiet_from)
+    monkeypatch.setattr(pipeline.state.outcomes, "SCAN_KEYS_FROM", scan_keys_from)
     ledger = _four_runs(tmp_path)
     try:
         revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))

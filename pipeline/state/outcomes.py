@@ -28,6 +28,10 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, CASE ?12 WHEN 'sink_receiv
 # Outcomes written at once from which the rows' triggers are set aside (``_write_outcomes``):
 # below it the triggers' cost is small, and the schema is left alone.
 QUIET_FROM = 1_000
+# The share of the ledger's rows (its last row id) changed at once from which the keys
+# of more than one row are read from rows_key whole, not probed per changed row (rules.py,
+# SHARED_SCANNED): reading an entry costs about a sixth of a probe at a random place.
+SCAN_KEYS_FROM = 0.125
 
 
 class SQLiteOutcomes(SQLiteRuns):
@@ -120,10 +124,14 @@ class SQLiteOutcomes(SQLiteRuns):
                 changed += self._write_outcomes()
                 for statement in rules.ORPHANS_SQL:
                     db.execute(statement)
+                if self.orphans(0)[0]:
+                    db.execute(rules.ORPHAN_LIST_SQL)
+                db.execute("DROP TABLE temp.owned")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('match_stamp', ?)",
                            (self._match_stamp(),))
                 return changed
         finally:
+            db.execute("DROP TABLE IF EXISTS temp.owned")
             db.execute("DROP TABLE IF EXISTS temp.matched")
             db.execute("DROP TABLE IF EXISTS temp.claimed")
 
@@ -143,7 +151,10 @@ class SQLiteOutcomes(SQLiteRuns):
             for trigger in TRIGGER_NAMES:
                 db.execute(f"DROP TRIGGER {trigger}")
             written = max(db.execute(rules.WRITE_CHANGED_SQL).rowcount, 0)
-            db.execute(rules.BUMP_CHANGED_SQL)
+            (rows,) = db.execute("SELECT MAX(id) FROM rows").fetchone()
+            shared = (rules.SHARED_SCANNED if count >= SCAN_KEYS_FROM * (rows or 0)
+                      else rules.SHARED_PROBED)
+            db.execute(rules.BUMP_CHANGED_SQL.format(shared=shared))
             for statement in TRIGGERS:
                 db.execute(statement)
             return written
@@ -190,6 +201,26 @@ class SQLiteOutcomes(SQLiteRuns):
             yield frame
             last = int(frame["id"].iloc[-1])
             if len(frame) < size:
+                return
+
+    def status_chunks(self, run_id: str, size: int = 100_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time, with only what their final
+        status is decided from (protocol.STATUS_CHUNK_COLUMNS: rules.RUN_STATUS_SQL's
+        columns, and ``via_*`` as ``run_chunks``): for counting final statuses."""
+        import pandas as pd  # noqa: PLC0415 - not needed to send
+
+        last = 0
+        while True:
+            cursor = self._db.execute(rules.RUN_STATUS_SQL, (run_id, last, size))
+            found = cursor.fetchall()
+            if not found:
+                return
+            frame = pd.DataFrame.from_records(
+                found, columns=[column[0] for column in cursor.description])
+            self._add_via(frame)
+            yield frame
+            last = int(found[-1][0])
+            if len(found) < size:
                 return
 
     def _add_via(self, frame: pd.DataFrame) -> None:

@@ -13,7 +13,8 @@ through a session that speaks PostgreSQL). A store that also holds the sink's ev
 (``PgLedger``) is a ``SinkEventsTable``; reconcile reads them there, not the sink file.
 
 Rows cross the seam as the records of records.py, or as the tuples and DataFrame
-columns named below (``PendingRow``, ``EmrFailure``, ``RUN_CHUNK_COLUMNS``). Every
+columns named below (``PendingRow``, ``EmrFailure``, ``RUN_CHUNK_COLUMNS``,
+``STATUS_CHUNK_COLUMNS``). Every
 write raises StorageFull when the store has no room, StateError when it cannot be used.
 """
 
@@ -59,6 +60,13 @@ RUN_CHUNK_COLUMNS: Final = (
     *ROW_COLUMNS, "source_file", "ref_run_id", "ref_job_id", "ref_outcome",
     "via_run_id", "via_job_id", "via_outcome", "via_task_note_id", "via_submitted_at",
     "via_outcome_at", "via_event_id", "via_emr_note_id", "via_outcome_clock",
+)  # fmt: skip
+# The columns of each DataFrame ``OutcomeStore.status_chunks`` yields: what a row's final
+# status is decided from (reconciliation.py's rules, without their detail texts), and
+# ``via_*`` as above.
+STATUS_CHUNK_COLUMNS: Final = (
+    "id", "key", "status", "outcome", "event_id", "written_off_at", "ref_outcome",
+    *(column for column in RUN_CHUNK_COLUMNS if column.startswith("via_")),
 )  # fmt: skip
 
 
@@ -125,6 +133,11 @@ class OutcomeStore(Protocol):
     def orphans(self, limit: int = 50) -> tuple[int, list[Orphan]]: ...
     def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
         """A run's rows in input order, ``size`` at a time: columns ``RUN_CHUNK_COLUMNS``."""
+        ...
+
+    def status_chunks(self, run_id: str, size: int = 100_000) -> Iterator[pd.DataFrame]:
+        """A run's rows in input order, ``size`` at a time, with only the columns their
+        final status is decided from: ``STATUS_CHUNK_COLUMNS``."""
         ...
 
     def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:

@@ -40,18 +40,22 @@ from typing import Final
 
 from pipeline.state.records import Earlier
 
+# What the rules read of a claimed event (not its job id, task note id, key or line: a
+# copy of each for every row claimed, a million at 1M rows, read by no rule).
+_CLAIMED: Final = ("e.event_id, e.kind, e.created, e.emr_note_id, e.failure_reason,"
+                   " e.reason_codes, e.outcome_at, e.outcome_clock, e.account")
 # matched by job_id, or, for a row with no job_id match, by task_note_id.
 MATCH_SQL: Final = (
-    """CREATE TEMP TABLE claimed AS
-    SELECT r.id AS row_id, e.*, 'job_id' AS settled_by
+    f"""CREATE TEMP TABLE claimed AS
+    SELECT r.id AS row_id, {_CLAIMED}, 'job_id' AS settled_by
       FROM events e JOIN rows r INDEXED BY rows_job ON r.job_id = e.job_id
-     WHERE e.job_id IS NOT NULL""",
+     WHERE e.job_id IS NOT NULL""",  # noqa: S608 - constants only
     """CREATE INDEX temp.claimed_row ON claimed (row_id)""",
-    """INSERT INTO claimed
-    SELECT r.id, e.*, 'task_note_id'
+    f"""INSERT INTO claimed
+    SELECT r.id, {_CLAIMED}, 'task_note_id'
       FROM events e JOIN rows r INDEXED BY rows_task_note ON r.task_note_id = e.task_note_id
      WHERE e.task_note_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.row_id = r.id)""",
+       AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.row_id = r.id)""",  # noqa: S608
     # Most rows have one event: taken as it is, grouped on the row index, no sorting.
     """CREATE TEMP TABLE matched AS
     SELECT row_id, kind AS outcome, event_id, emr_note_id, failure_reason, reason_codes,
@@ -104,18 +108,23 @@ spare AS (
 SELECT d.row_id, 'created', s.event_id, s.emr_note_id, NULL, NULL, s.outcome_at, 'evidence',
        s.outcome_clock
   FROM doubtful d JOIN spare s ON s.ekey = d.key AND s.n = d.n"""
+# Owned event ids are keyed (the NOT IN probes that key, no list built from it); every
+# owned event is a mirrored event, so the orphans are counted without reading the events
+# (their count less the owned), and only when there are some are the first few looked for
+# (ORPHAN_LIST_SQL, then temp.owned dropped).
 ORPHANS_SQL: Final = (
     "DELETE FROM orphans",
-    """CREATE TEMP TABLE owned AS
-    SELECT event_id FROM claimed UNION SELECT event_id FROM matched WHERE settled_by = 'evidence'
-    """,
+    "CREATE TEMP TABLE owned (event_id TEXT PRIMARY KEY) WITHOUT ROWID",
+    """INSERT OR IGNORE INTO owned
+    SELECT event_id FROM claimed UNION ALL SELECT event_id FROM matched
+     WHERE settled_by = 'evidence'""",
     """INSERT OR REPLACE INTO meta
-    SELECT 'orphans', COUNT(*) FROM events WHERE event_id NOT IN (SELECT event_id FROM owned)""",
-    """INSERT INTO orphans
-    SELECT event_id, kind, job_id, created FROM events
-     WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50""",
-    "DROP TABLE temp.owned",
+    SELECT 'orphans', (SELECT COUNT(*) FROM events) - (SELECT COUNT(*) FROM owned)""",
 )
+ORPHAN_LIST_SQL: Final = """
+INSERT INTO orphans
+SELECT event_id, kind, job_id, created FROM events
+ WHERE event_id NOT IN (SELECT event_id FROM owned) ORDER BY created, event_id LIMIT 50"""
 CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
        outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
@@ -139,7 +148,7 @@ UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_
 # ``rows_key`` lookup per row: 70% of the write of 200,000 outcomes).
 CHANGED_OUTCOMES_SQL: Final = """
 CREATE TEMP TABLE changed AS
-SELECT r.id AS row_id, r.run_id, r.key,
+SELECT m.*, r.run_id, r.key,
        r.outcome IS NOT m.outcome OR r.event_id IS NOT m.event_id
        OR r.emr_note_id IS NOT m.emr_note_id OR r.outcome_at IS NOT m.outcome_at
        OR r.outcome_clock IS NOT m.outcome_clock AS moved
@@ -148,19 +157,30 @@ SELECT r.id AS row_id, r.run_id, r.key,
        OR r.failure_reason IS NOT m.failure_reason OR r.settled_by IS NOT m.settled_by
        OR r.emr_note_id IS NOT m.emr_note_id OR r.outcome_at IS NOT m.outcome_at
        OR r.outcome_clock IS NOT m.outcome_clock"""
+# The changed rows hold their new outcomes (matched's columns): written in one pass over
+# them, each row found by its id.
 WRITE_CHANGED_SQL: Final = """
-UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_note_id,
-       failure_reason = m.failure_reason, outcome_at = m.outcome_at, settled_by = m.settled_by,
-       reason_codes = m.reason_codes, outcome_clock = m.outcome_clock
-  FROM matched m
- WHERE m.row_id = rows.id AND rows.id IN (SELECT row_id FROM changed)"""
-# Keys of another row are found in rows_key alone (key and id: no read of the row), so
-# only the keys that have one (a note sent by more than one row) read rows for their runs.
+UPDATE rows SET outcome = c.outcome, event_id = c.event_id, emr_note_id = c.emr_note_id,
+       failure_reason = c.failure_reason, outcome_at = c.outcome_at, settled_by = c.settled_by,
+       reason_codes = c.reason_codes, outcome_clock = c.outcome_clock
+  FROM changed c
+ WHERE c.row_id = rows.id"""
+# The changed rows whose outcome moved and whose key another row holds too (a note sent by
+# more than one row), found one of two ways with the same result: {shared} is
+# SHARED_PROBED (a probe of rows_key per changed row: a nightly reconcile, few changed rows
+# in a large ledger) or SHARED_SCANNED (rows_key read once, in order, for the keys more
+# than one row holds: when a large share of the ledger changed, as at its first reconcile,
+# where a million probes at random places cost six times the read).
+SHARED_PROBED: Final = """
+SELECT c.row_id, c.run_id, c.key FROM changed c
+ WHERE c.moved AND c.key IS NOT NULL AND EXISTS (
+       SELECT 1 FROM rows d INDEXED BY rows_key WHERE d.key = c.key AND d.id != c.row_id)"""
+SHARED_SCANNED: Final = """
+SELECT c.row_id, c.run_id, c.key FROM changed c
+ WHERE c.moved AND c.key IN (SELECT key FROM rows INDEXED BY rows_key
+                              WHERE key IS NOT NULL GROUP BY key HAVING COUNT(*) > 1)"""
 BUMP_CHANGED_SQL: Final = """
-WITH shared AS (
-    SELECT c.row_id, c.run_id, c.key FROM changed c
-     WHERE c.moved AND c.key IS NOT NULL AND EXISTS (
-           SELECT 1 FROM rows d INDEXED BY rows_key WHERE d.key = c.key AND d.id != c.row_id))
+WITH shared AS ({shared})
 UPDATE runs SET rev = rev + 1
  WHERE run_id IN (SELECT run_id FROM changed)
     OR run_id IN (SELECT o.run_id FROM shared s JOIN rows o INDEXED BY rows_key
@@ -180,6 +200,18 @@ SELECT r.*, f.path AS source_file, ref.run_id AS ref_run_id, ref.job_id AS ref_j
        ref.outcome AS ref_outcome
   FROM rows r
   LEFT JOIN files f ON f.run_id = r.run_id AND f.file_no = r.file_no
+  LEFT JOIN rows ref ON ref.id = r.ref_id
+ WHERE r.run_id = ? AND r.id > ?
+ ORDER BY r.id
+ LIMIT ?"""
+# What a row's final status is decided from (reconciliation._final_status without the
+# detail texts; with ``via_*`` added as for RUN_CHUNK_SQL): counting a run's final
+# statuses reads these, not the 30 columns of RUN_CHUNK_SQL (the Python objects made
+# for each value read cost more than the query).
+RUN_STATUS_SQL: Final = """
+SELECT r.id, r.key, r.status, r.outcome, r.event_id, r.written_off_at,
+       ref.outcome AS ref_outcome
+  FROM rows r
   LEFT JOIN rows ref ON ref.id = r.ref_id
  WHERE r.run_id = ? AND r.id > ?
  ORDER BY r.id
