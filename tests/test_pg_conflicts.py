@@ -29,7 +29,7 @@ import pytest
 
 from helpers import EmulatorThread, notes, wait_until, write_config, write_csv
 from pipeline.cli import main
-from pipeline.state import pg_session
+from pipeline.state import pg_ledger, pg_session
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect
 from pipeline.state.records import Attempt, EventRecord, NewRow, row_key
@@ -192,6 +192,27 @@ def test_a_match_that_deadlocks_with_another_clinics_send_runs_again_and_both_la
     assert [m.split(" (")[0] for m in retries(caplog)] == [
         "state: matching outcomes rolled back by PostgreSQL"]
     assert "SQLSTATE 40P01" in retries(caplog)[0]
+    assert final_rows(pg_url) == one_after_the_other(pg_cluster)
+
+
+def test_a_match_that_cannot_serialize_after_a_send_runs_again_on_a_fresh_snapshot(
+        pg_url: str, pg_cluster: Any, world: Clinics,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With the database's transactions SERIALIZABLE, a match whose snapshot predates a
+    send that bumped run B0 cannot commit its own writes (40001, "could not serialize
+    access ..."): it runs again from its start, on a new snapshot."""
+    caplog.set_level(logging.INFO)
+    for ledger in (world.sender, world.matcher):
+        ledger._conn.execute("SET default_transaction_isolation = 'serializable'")
+    with connect(pg_url) as third, ThreadPoolExecutor(1) as pool:
+        third.execute("SELECT pg_advisory_lock(%s)", (pg_ledger._MATCH_LOCK,))
+        matched = pool.submit(world.matcher.match_outcomes)  # snapshot taken, then waits
+        wait_until(waiting(pg_url, world.matcher), timeout=60, what="the match waiting")
+        send(world)  # committed after the match's snapshot: x2 bumps run B0
+        third.execute("SELECT pg_advisory_unlock(%s)", (pg_ledger._MATCH_LOCK,))
+        assert matched.result(timeout=120) == 1
+    assert [m.split(", try")[0] for m in retries(caplog)] == [
+        "state: matching outcomes rolled back by PostgreSQL (SQLSTATE 40001"]
     assert final_rows(pg_url) == one_after_the_other(pg_cluster)
 
 
