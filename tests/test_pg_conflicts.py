@@ -256,6 +256,32 @@ def test_a_conflict_that_persists_stops_the_run_with_exit_3_and_sends_nothing_bl
         assert api.emulator.requests == 3
 
 
+def test_a_statement_outside_a_transaction_is_its_own_and_runs_again(
+        pg_url: str, world: Clinics, caplog: pytest.LogCaptureFixture) -> None:
+    """A lone statement (autocommit) is a whole transaction: the server refusing its
+    first try with 40001 (a trigger counting tries), it runs again, and counts once."""
+    caplog.set_level(logging.INFO)
+    with connect(pg_url) as conn:
+        conn.execute("""
+            CREATE SEQUENCE tries;
+            CREATE FUNCTION first_conflicts() RETURNS trigger AS $$
+            BEGIN
+                IF nextval('tries') = 1 THEN
+                    RAISE EXCEPTION 'could not serialize access due to concurrent update'
+                        USING ERRCODE = 'serialization_failure';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER first_conflicts BEFORE UPDATE ON rows FOR EACH ROW
+                EXECUTE FUNCTION first_conflicts();""")
+    world.sender.mark_sending([world.x2])
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT last_value FROM tries").fetchone() == (2,)
+    assert [r[3] for r in final_rows(pg_url) if r[0] == world.x2] == [1]
+    assert [m.split(", try")[0] for m in retries(caplog)] == [
+        "state: a statement rolled back by PostgreSQL (SQLSTATE 40001"]
+
+
 def test_a_transaction_inside_another_is_not_run_again_alone(world: Clinics) -> None:
     """Only the outermost transaction may run again: inside an open one, a conflict
     goes up as it is, once (the outer one is what must be retried)."""

@@ -106,14 +106,11 @@ class PgSession:
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]
                     ) -> psycopg.Cursor[tuple[Any, ...]]:
-        statement, rows = to_postgres(sql).encode(), [tuple(p) for p in params]
-
-        def run() -> psycopg.Cursor[tuple[Any, ...]]:
-            with self.errors():
-                cur = self.conn.cursor()
-                cur.executemany(statement, rows)
-                return cur
-        return run()  # several statements, each its own transaction when autocommit
+        # not run again here: outside a transaction each statement commits by itself
+        with self.errors():
+            cur = self.conn.cursor()
+            cur.executemany(to_postgres(sql).encode(), [tuple(p) for p in params])
+            return cur
 
     def idle(self) -> bool:
         """Whether no transaction (and no pipeline) is open on the session: what starts now
