@@ -28,7 +28,13 @@ Guarantees, as with SQLite:
   the next run of the account, on any host, takes it and ``recover`` turns that
   worker's ``sending`` rows into ``ambiguous``;
 - the database going away mid-run is RunAborted (exit 3): the requests in flight stay
-  ``sending`` in the database, and the next run recovers them as ambiguous.
+  ``sending`` in the database, and the next run recovers them as ambiguous;
+- a transaction PostgreSQL aborts for a conflict with another process's (a deadlock,
+  40P01: a run's send and another clinic's match both bump ``runs.rev`` through the
+  rows' triggers; a serialization failure, 40001) runs again from its start, a few
+  times with backoff (pg_session.py ``retrying``): every write method here is one
+  transaction with no effect outside the database, and the send's requests leave only
+  after ``apply`` returns. A conflict that persists is RunAborted (exit 3), as above.
 
 Over 400 lines because the statements PostgreSQL needs written its own way, the
 per-account run locks and the pipelined commit of a send wave sit next to the SQLite
@@ -48,7 +54,7 @@ from typing import IO, TYPE_CHECKING, Any, Final, cast
 
 from pipeline.errors import RunAborted, StateError
 from pipeline.state import rules
-from pipeline.state.pg_session import PgSession, lock_key
+from pipeline.state.pg_session import PgSession, lock_key, retried
 from pipeline.state.postgres import open_state, where
 from pipeline.state.records import (
     Attempt,
@@ -132,8 +138,13 @@ class PgLedger(Ledger):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        """One transaction (a savepoint inside another); psycopg's errors as the package's
+        (PgSession.errors). An outermost one that commits is counted (``commits``)."""
+        outermost = self._pg.idle()
         with self._pg.errors(), self._conn.transaction():
             yield
+        if outermost:  # what retrying must not run again (pg_session.PgSession.retrying)
+            self._pg.commits += 1
 
     def synchronous(self) -> str:
         """The session's ``synchronous_commit`` ("on": a commit waits for the WAL flush)."""
@@ -196,6 +207,7 @@ class PgLedger(Ledger):
             return -1 if row is None else int(row[0])
         return None
 
+    @retried("recovering crashed runs")
     def recover(self) -> int:
         """After a crash: the rows left ``sending`` by runs that are provably dead become
         ``ambiguous``, and those runs left ``running`` ``crashed``; returns how many rows.
@@ -221,6 +233,7 @@ class PgLedger(Ledger):
                              " AND run_id = ANY(?)", (dead,))
         return int(cur.rowcount)
 
+    @retried("recording a run's start")
     def start_run(self, run_id: str, account: str, fingerprint: str,
                   info: RunInfoChanges) -> None:
         """As ``Ledger.start_run``; the run lock's record names the run from now on."""
@@ -230,6 +243,27 @@ class PgLedger(Ledger):
                 self._pg.execute("UPDATE run_locks SET run_id = ? WHERE account = ANY(?)"
                                  " AND backend_pid = pg_backend_pid()",
                                  (run_id, list(self.lock_names)))
+
+    @retried("recording a run's end")
+    def finish_run(self, run_id: str, state: RunState, info: RunInfoChanges) -> None:
+        """As ``Ledger.finish_run``; run again from its start on a conflict (as every
+        transaction of this store: pg_session.PgSession.retrying)."""
+        super().finish_run(run_id, state, info)
+
+    @retried("updating a run's record")
+    def update_run_info(self, run_id: str, info: RunInfoChanges) -> None:
+        """As ``Ledger.update_run_info`` (it reads the record first: a try reads it again)."""
+        super().update_run_info(run_id, info)
+
+    @retried("forgetting a refused run's rows")
+    def refuse_run(self, run_id: str, info: RunInfoChanges) -> int:
+        """As ``Ledger.refuse_run``."""
+        return super().refuse_run(run_id, info)
+
+    @retried("writing off rows")
+    def write_off(self, run_id: str, at: str) -> int:
+        """As ``Ledger.write_off``."""
+        return super().write_off(run_id, at)
 
     def runs_in_progress(self) -> list[str]:
         """Runs (of any account) left ``running`` whose account's run lock is held now."""
@@ -255,6 +289,7 @@ class PgLedger(Ledger):
 
     # -- statements PostgreSQL needs written its own way ----------------------------------
 
+    @retried("recording an input file")
     def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
                  sha256: str | None = None, size: int | None = None) -> None:
         """As ``Ledger.add_file``."""
@@ -265,6 +300,7 @@ class PgLedger(Ledger):
                 " size = excluded.size, header = excluded.header",
                 (run_id, file_no, path, sha256, size, json.dumps(list(header))))
 
+    @retried("recording input rows")
     def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
         """As ``Ledger.add_rows``: one INSERT from arrays (one round trip a batch)."""
         batch = list(rows)
@@ -305,6 +341,7 @@ class PgLedger(Ledger):
                 "row_id", "status", "http_status", "task_note_id", "job_id", "error",
                 "answered_at")])
 
+    @retried("a send's group commit")
     def apply(self, sending: Sequence[int], attempts: Sequence[Attempt]) -> None:
         """As ``Ledger.apply``: one group commit of the send (results first, then the rows
         about to be sent), in one round trip to the server.
@@ -348,6 +385,7 @@ class PgLedger(Ledger):
         found = self._pg.execute("SELECT value FROM meta WHERE key = 'sink_seq'").fetchone()
         return (int(found[0]) if found else 0), ""
 
+    @retried("mirroring events")
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
                    offset: int, head: str, count_repeats: bool = True) -> int:
         """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read."""
@@ -376,6 +414,7 @@ class PgLedger(Ledger):
                 (str(offset),))
         return added
 
+    @retried("reading sink events")
     def sink_events_after(self, seq: int, limit: int
                           ) -> list[tuple[int, bytes, str, str]]:
         """Up to ``limit`` stored sink events after ``seq``, in ``seq`` order, every one of
@@ -394,6 +433,7 @@ class PgLedger(Ledger):
                     "SELECT seq, body, verdict, received_at AT TIME ZONE 'UTC' FROM sink_events"
                     " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (seq, upper, limit))]
 
+    @retried("matching outcomes")
     def match_outcomes(self) -> int:
         """As ``Ledger.match_outcomes`` (the join rules of rules.py), one process at a time."""
         pg = self._pg
