@@ -524,3 +524,29 @@ def test_the_clear_and_orphan_statements_stay_anti_joins_when_work_mem_is_small(
         plans = ["\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {s}"))  # type: ignore[arg-type]
                  for s in statements]
     assert [("Anti Join" in p, "SubPlan" in p) for p in plans] == [(True, False)] * 3, plans
+
+
+def test_stored_sink_events_are_read_as_stored_with_their_time_in_utc_to_the_ms(
+        pg_url: str) -> None:
+    """sink_events_after gives each stored body byte for byte (bytes that are not UTF-8
+    too), its verdict, and its receive time as ISO 8601 UTC with milliseconds (the form
+    ``outcome_at`` takes from a sink file's receipts), whatever the time zone it was
+    stored in; only the events after the given ``seq``, in ``seq`` order."""
+    ledger = PgLedger(pg_url, "test_clinic")
+    try:
+        stored = [(b'{"id":"evt_1"}', "signature-verified", "2026-11-28 23:59:59.005+00"),
+                  (b'{"id":"evt_2"}\xff\x00', "polled", "2026-11-29 01:02:03.12+02"),
+                  (b'{"id":"evt_3"}', "migrated-no-receipt", "2026-01-02 03:04:05+00")]
+        seqs = [ledger._pg.execute(
+            "INSERT INTO sink_events (event_id, body_sha256, body, verdict, received_at)"
+            " VALUES (?, sha256(?), ?, ?, ?) RETURNING seq",
+            (f"evt_{n}", body, body, verdict, at)).fetchone()[0]  # type: ignore[index]
+            for n, (body, verdict, at) in enumerate(stored, 1)]
+        ledger._pg.execute("SET TimeZone = 'Asia/Kathmandu'")  # UTC+05:45: not the reader's
+        assert ledger.sink_events_after(seqs[0], 10) == [
+            (seqs[1], b'{"id":"evt_2"}\xff\x00', "polled", "2026-11-28T23:02:03.120Z"),
+            (seqs[2], b'{"id":"evt_3"}', "migrated-no-receipt", "2026-01-02T03:04:05.000Z")]
+        assert ledger.sink_events_after(0, 1) == [
+            (seqs[0], b'{"id":"evt_1"}', "signature-verified", "2026-11-28T23:59:59.005Z")]
+    finally:
+        ledger.close()

@@ -415,3 +415,20 @@ def test_prune_is_offered_only_runs_that_have_ended(store: StateStore) -> None:
     store.finish_run("run-live", "crashed", {})
     assert store.runs_started_before("9999-12-31T00:00:00.000Z") == ["run-ended", "run-live"]
     assert store.runs_started_before("2000-01-01T00:00:00.000Z") == []
+
+
+def test_add_events_keeps_the_first_record_of_each_event_id_with_every_value(
+        store: StateStore) -> None:
+    """add_events stores each record's every value as given (bytes, a non-ASCII text, an
+    account, Nones) and keeps the first record of an event id, whether its repeat comes in
+    the same batch or a later one; the others are counted as repeated deliveries."""
+    first = EventRecord("evt_1", "created", "5", "tn_a", "2026-11-28T10:01:00Z", "emr-1", None,
+                        None, row_key(ACCOUNT, "T1", "café"), 101, "2026-11-28T10:02:00.123Z",
+                        "sink_received", "clinic_b")
+    failed = EventRecord("evt_2", "failed", None, "tn_b", None, None, "Task n\u00f6t found",
+                         "task_not_found;other", None, 102)
+    again = first._replace(kind="failed", job_id="6", line=103)  # the same id, other values
+    assert store.add_events([first, failed, again], {}, offset=103, head="") == 2
+    assert store.add_events([failed._replace(line=104)], {"x": 1}, offset=104, head="") == 0
+    assert store.events() == [first, failed]
+    assert store.event_tally() == {"(repeated)": 2, "x": 1}

@@ -69,6 +69,26 @@ if TYPE_CHECKING:
 # Key of the transaction lock that serialises match_outcomes across processes.
 _MATCH_LOCK: Final = 0x746E6D6174636800  # "tnmatch"
 
+# add_events: the records COPYed into a table of the transaction, then kept where new.
+_EVENT_COLUMNS: Final = ("event_id, kind, job_id, task_note_id, created, emr_note_id,"
+                         " failure_reason, reason_codes, ekey, line, outcome_at, outcome_clock,"
+                         " account")
+_EVENTS_IN_SQL: Final = (
+    "CREATE TEMP TABLE events_in (n bigint, event_id text, kind text, job_id text,"
+    " task_note_id text, created text, emr_note_id text, failure_reason text,"
+    " reason_codes text, ekey bytea, line bigint, outcome_at text, outcome_clock text,"
+    " account text) ON COMMIT DROP")
+_COPY_EVENTS_IN_SQL: Final = f"COPY events_in (n, {_EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_EVENTS_IN_TYPES: Final = ("bigint", "text", "text", "text", "text", "text", "text", "text",
+                           "text", "bytea", "bigint", "text", "text", "text")
+_EVENTS_FROM_IN_SQL: Final = (
+    f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS}"  # noqa: S608 - constants
+    " FROM events_in ORDER BY n ON CONFLICT DO NOTHING")
+_SINK_EVENTS_AFTER_SQL: Final = (
+    "SELECT seq, body, verdict, to_char(received_at AT TIME ZONE 'UTC',"
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM sink_events"
+    " WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s")
+
 
 class PgLedger(Ledger):
     """The ledger in the PostgreSQL database at ``url`` (module docstring), for the runs
@@ -350,20 +370,18 @@ class PgLedger(Ledger):
 
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
                    offset: int, head: str, count_repeats: bool = True) -> int:
-        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read."""
+        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read.
+
+        The records go to the server by binary COPY into a temporary table of this
+        transaction (dropped at its commit), then into ``events`` by one INSERT ... ON
+        CONFLICT DO NOTHING in the order given (``n``): the first of two records with
+        one event id is the one kept, as with SQLite's INSERT OR IGNORE. COPY sends each
+        value as it is (no text to build or parse: a tenth of the client's time of an
+        INSERT from arrays)."""
         with self._transaction():
             added = 0
-            for start in range(0, len(events), 1000):
-                chunk = events[start:start + 1000]
-                cur = self._pg.execute(
-                    "INSERT INTO events (event_id, kind, job_id, task_note_id, created,"
-                    " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
-                    " outcome_clock, account) SELECT * FROM unnest(?::text[], ?::text[],"
-                    " ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[],"
-                    " ?::bytea[], ?::bigint[], ?::text[], ?::text[], ?::text[])"
-                    " ON CONFLICT DO NOTHING",
-                    [list(column) for column in zip(*chunk, strict=True)])
-                added += max(cur.rowcount, 0)
+            if events:
+                added = self._copy_events(events)
             if count_repeats:
                 tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._pg.executemany(
@@ -375,6 +393,17 @@ class PgLedger(Ledger):
                 " SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
                 (str(offset),))
         return added
+
+    def _copy_events(self, events: Sequence[EventRecord]) -> int:
+        """Store ``events`` (inside ``add_events``'s transaction); returns how many were new."""
+        with self._conn.cursor() as cur:
+            cur.execute(_EVENTS_IN_SQL)
+            with cur.copy(_COPY_EVENTS_IN_SQL) as copy:
+                copy.set_types(_EVENTS_IN_TYPES)
+                for n, record in enumerate(events):
+                    copy.write_row((n, *record))
+            cur.execute(_EVENTS_FROM_IN_SQL)
+            return max(cur.rowcount, 0)
 
     def sink_events_after(self, seq: int, limit: int
                           ) -> list[tuple[int, bytes, str, str]]:
@@ -388,11 +417,11 @@ class PgLedger(Ledger):
             self._pg.execute("LOCK TABLE sink_events IN SHARE MODE")
             top = self._pg.execute("SELECT max(seq) FROM sink_events").fetchone()
         upper = int(top[0]) if top and top[0] is not None else 0
-        return [(int(s), bytes(b), str(v),
-                 at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z")
-                for s, b, v, at in self._pg.execute(
-                    "SELECT seq, body, verdict, received_at AT TIME ZONE 'UTC' FROM sink_events"
-                    " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (seq, upper, limit))]
+        # Binary results: the bodies as they are (no hex to encode and decode), the time
+        # formatted by the server (to_char's MS truncates to the millisecond).
+        with self._pg.errors(), self._conn.cursor(binary=True) as cur:
+            cur.execute(_SINK_EVENTS_AFTER_SQL, (seq, upper, limit))
+            return cast("list[tuple[int, bytes, str, str]]", cur.fetchall())
 
     def match_outcomes(self) -> int:
         """As ``Ledger.match_outcomes`` (the join rules of rules.py), one process at a time."""
