@@ -358,12 +358,13 @@ def test_the_scan_runs_on_any_scan_store(tmp_path: Path) -> None:
     assert {(f.file_no, f.path) for f in store.files("r")} == {(0, str(tmp_path / "in.csv"))}
 
 
-def _four_runs(directory: Path) -> Ledger:
+def _four_runs(directory: Path, pg_url: str | None = None) -> Ledger:
     """run-1 could not send note A1; run-2 sends A1 (job 3) and B1 (job 1); run-3's row
-    (job 9) gets no event; run-4's (job 5) fails in the EMR. Events for jobs 3, 1 and 5."""
+    (job 9) gets no event; run-4's (job 5) fails in the EMR. Events for jobs 3, 1 and 5.
+    In the database at ``pg_url`` (the sink's events too) if given."""
     from test_reconcile import Book  # noqa: PLC0415 - its module imports this one's fixtures
 
-    book = Book(directory)
+    book = Book(directory, pg_url=pg_url)
     book.row("failed", task="A1")
     for run_id, rows in (("run-2", [("A1", "3"), ("B1", "1")]), ("run-3", [("D1", "9")]),
                          ("run-4", [("E1", "5")])):
@@ -401,6 +402,32 @@ def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
             "SELECT name FROM sqlite_schema WHERE type = 'trigger'")}
         assert triggers == {"rows_changed", "rows_followed", "rows_gone"}
         assert ledger.match_outcomes() == 0  # its stamp was kept: nothing to do again
+    finally:
+        ledger.close()
+
+
+@pytest.mark.slow
+def test_the_join_rules_on_postgres_bump_the_runs_the_row_trigger_would(
+        tmp_path: Path, pg_url: str) -> None:
+    """On PostgreSQL the join rules' write of outcomes bumps the runs itself, the rows'
+    trigger told to leave them: the same runs' ``rev`` moved as the trigger would move
+    (run-2 and run-4 for their own rows, run-1 because its row's note was sent by run-2;
+    not run-3), each once; after it, in the same session, the trigger bumps again."""
+    ledger = _four_runs(tmp_path, pg_url)
+    try:
+        revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
+        Reconciler(ledger, tmp_path / "webhooks.jsonl").refresh("test_clinic")
+        moved = {r: v - revs[r] for r, v in ledger._db.execute("SELECT run_id, rev FROM runs")}
+        assert moved == {"run-1": 1, "run-2": 1, "run-3": 0, "run-4": 1}
+        assert ledger._db.execute("SELECT run_id, emr_task_id, outcome, event_id FROM rows"
+                                  " ORDER BY id").fetchall() == [
+            ("run-1", "A1", None, None), ("run-2", "A1", "created", "evt_1"),
+            ("run-2", "B1", "created", "evt_2"), ("run-3", "D1", None, None),
+            ("run-4", "E1", "failed", "evt_3")]
+        (row_id,) = ledger._db.execute("SELECT id FROM rows WHERE run_id = 'run-3'").fetchone()
+        ledger.apply([row_id], [])
+        after = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
+        assert after["run-3"] == revs["run-3"] + 1
     finally:
         ledger.close()
 

@@ -428,17 +428,33 @@ class PgLedger(Ledger):
         pg = self._pg
         with self._transaction():
             pg.execute("SELECT pg_advisory_xact_lock(?)", (_MATCH_LOCK,))
+            # Hash tables of every row and event: in memory, not spilled in batches to disk.
+            pg.execute("SET LOCAL work_mem = '64MB'")
             for statement in _match_sql():
                 pg.execute(statement)
             if pg.execute(rules.ANY_DOUBTFUL_SQL).fetchone() is not None:
                 pg.execute(rules.EVIDENCE_SQL)
             changed = max(pg.execute(_CLEAR_OUTCOMES_SQL).rowcount, 0)
-            changed += max(pg.execute(rules.WRITE_OUTCOMES_SQL).rowcount, 0)
+            changed += self._write_outcomes()
             for statement in _ORPHANS_SQL:
                 pg.execute(statement)
             pg.execute("DROP TABLE pg_temp.matched")
             pg.execute("DROP TABLE pg_temp.claimed")
         return changed
+
+    def _write_outcomes(self) -> int:
+        """Write the outcomes of ``pg_temp.matched`` that differ from the rows' (inside
+        ``match_outcomes``'s transaction, as rules.WRITE_OUTCOMES_SQL); returns rows
+        changed. The runs the rows' trigger would bump (postgres.py, migration 5) are
+        bumped by one statement instead (migration 7), each once, as the trigger does."""
+        pg = self._pg
+        pg.execute(_CHANGED_OUTCOMES_SQL)
+        pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'on'")
+        written = max(pg.execute(_WRITE_CHANGED_SQL).rowcount, 0)
+        pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'off'")
+        pg.execute(_BUMP_CHANGED_SQL)
+        pg.execute("DROP TABLE pg_temp.changed")
+        return written
 
     def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
         """As ``Ledger.run_chunks``."""
@@ -498,6 +514,37 @@ _CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
        outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
  WHERE outcome IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matched m WHERE m.row_id = rows.id)"""
+# rules.WRITE_OUTCOMES_SQL in three steps (``_write_outcomes``): the rows it changes, with
+# whether their outcome moved (what makes the trigger bump the other runs of their key);
+# the write, with the trigger told to leave the bumps to the third: every run of a changed
+# row, and every other run holding the key of a moved row, found by one join (a hash join
+# of rows on key when many moved, rows_key probes when few).
+_CHANGED_OUTCOMES_SQL: Final = """CREATE TEMP TABLE changed AS
+SELECT r.id AS row_id, r.run_id, r.key,
+       r.outcome IS DISTINCT FROM m.outcome OR r.event_id IS DISTINCT FROM m.event_id
+       OR r.emr_note_id IS DISTINCT FROM m.emr_note_id
+       OR r.outcome_at IS DISTINCT FROM m.outcome_at
+       OR r.outcome_clock IS DISTINCT FROM m.outcome_clock AS moved
+  FROM matched m JOIN rows r ON r.id = m.row_id
+ WHERE r.outcome IS DISTINCT FROM m.outcome OR r.event_id IS DISTINCT FROM m.event_id
+       OR r.failure_reason IS DISTINCT FROM m.failure_reason
+       OR r.settled_by IS DISTINCT FROM m.settled_by
+       OR r.emr_note_id IS DISTINCT FROM m.emr_note_id
+       OR r.outcome_at IS DISTINCT FROM m.outcome_at
+       OR r.outcome_clock IS DISTINCT FROM m.outcome_clock"""
+_WRITE_CHANGED_SQL: Final = """
+UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_note_id,
+       failure_reason = m.failure_reason, outcome_at = m.outcome_at, settled_by = m.settled_by,
+       reason_codes = m.reason_codes, outcome_clock = m.outcome_clock
+  FROM changed c JOIN matched m ON m.row_id = c.row_id
+ WHERE rows.id = c.row_id"""
+_BUMP_CHANGED_SQL: Final = """
+UPDATE runs SET rev = rev + 1
+  FROM (SELECT run_id FROM changed
+        UNION
+        SELECT o.run_id FROM changed c JOIN rows o ON o.key = c.key
+         WHERE c.moved AND c.key IS NOT NULL AND o.run_id <> c.run_id) b
+ WHERE runs.run_id = b.run_id"""
 _ORPHANS_SQL: Final = (
     "DELETE FROM orphans",
     """CREATE TEMP TABLE owned AS
