@@ -550,3 +550,45 @@ def test_stored_sink_events_are_read_as_stored_with_their_time_in_utc_to_the_ms(
             (seqs[0], b'{"id":"evt_1"}', "signature-verified", "2026-11-28T23:59:59.005Z")]
     finally:
         ledger.close()
+
+
+def test_events_stored_behind_the_reading_lose_and_double_nothing(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ingest_postgres stores each batch (on a second connection) while it decodes the
+    next. In batches of 2, seven stored events (one of another type, one unreadable):
+    when storing the third batch fails, its error comes out (StateError) and the position
+    stays after the second batch, nothing of the third kept; the next ingest stores the
+    rest, nothing twice, and counts each event not mirrored once."""
+    from test_reconcile import Book  # noqa: PLC0415 - its module imports this one's fixtures
+
+    from pipeline import reconciliation  # noqa: PLC0415 - the batch size set here
+
+    monkeypatch.setattr(reconciliation, "BATCH", 2)
+    book = Book(tmp_path, pg_url=pg_url)
+    ledger = book.ledger
+    assert isinstance(ledger, PgLedger)
+    try:
+        for n in range(1, 7):
+            book.event("appointment.updated" if n == 4 else "task_note.created", str(100 + n),
+                       n=n, task=f"T{n}")
+        ledger._pg.execute("INSERT INTO sink_events (event_id, body_sha256, body, verdict,"
+                           " received_at) VALUES ('evt_7', sha256('x'), 'x',"
+                           " 'signature-verified', now())")
+        seqs = [s for (s,) in ledger._pg.execute("SELECT seq FROM sink_events ORDER BY seq")]
+        with connect(pg_url) as admin:
+            admin.execute("ALTER TABLE events ADD CONSTRAINT refuse CHECK (event_id <> 'evt_5')")
+        with pytest.raises(StateError, match="refuse"):
+            reconciliation.ingest_postgres(ledger, "test_clinic")
+        assert ledger.sink_position() == (seqs[3], "")
+        assert [e.event_id for e in ledger.events()] == ["evt_1", "evt_2", "evt_3"]
+        with connect(pg_url) as admin:
+            admin.execute("ALTER TABLE events DROP CONSTRAINT refuse")
+        assert reconciliation.ingest_postgres(ledger, "test_clinic") == 2
+        assert [e.event_id for e in ledger.events()] == [
+            "evt_1", "evt_2", "evt_3", "evt_5", "evt_6"]
+        assert [e.line for e in ledger.events()] == [seqs[i] for i in (0, 1, 2, 4, 5)]
+        assert ledger.sink_position() == (seqs[6], "")
+        tally = ledger.event_tally()
+        assert (tally.pop("(set aside)"), sum(tally.values())) == (1, 1)
+    finally:
+        ledger.close()

@@ -126,6 +126,18 @@ class PgLedger(Ledger):
             raise RunAborted(f"{exc}; the run stops here: its rows not sent stay pending "
                              "for the next run") from None
 
+    @contextlib.contextmanager
+    def events_writer(self) -> Iterator[PgLedger]:
+        """A second connection to the same database while the block runs, for
+        ``add_events`` on another thread while this session reads ``sink_events``
+        (ingest_postgres). Opened once the reconcile is under way: a database gone by
+        then is RunAborted (exit 3), as with ``reader``."""
+        writer = self.reader()
+        try:
+            yield writer
+        finally:
+            writer.close()
+
     def close(self) -> None:
         """Close the session; the run lock (held by the session) goes with it."""
         with contextlib.suppress(Exception):
