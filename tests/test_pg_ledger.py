@@ -506,7 +506,8 @@ def test_the_clear_and_orphan_statements_stay_anti_joins_when_work_mem_is_small(
         pg_url: str) -> None:
     """``x NOT IN (SELECT ...)`` is a plain subplan, re-read for every outer row, once the
     subquery outgrows work_mem (a reconcile of 1M x 1M stalled in it): with 20,000 matched
-    rows and owned events and work_mem at 64kB, each statement is planned as an anti-join."""
+    rows and claimed events and work_mem at 64kB, each statement is planned as anti-joins
+    (the orphans' as two: events claimed, events settled by evidence)."""
     import psycopg  # noqa: PLC0415 - the postgres extra, as in the fixtures
 
     from pipeline.state import pg_ledger  # noqa: PLC0415 - its statements, not the seam
@@ -514,16 +515,18 @@ def test_the_clear_and_orphan_statements_stay_anti_joins_when_work_mem_is_small(
     PgLedger(pg_url, "test_clinic").close()  # the schema
     with psycopg.connect(pg_url) as conn:
         conn.execute("SET work_mem = '64kB'")
-        conn.execute("CREATE TEMP TABLE matched AS SELECT g::bigint AS row_id"
+        conn.execute("CREATE TEMP TABLE matched AS SELECT g::bigint AS row_id,"
+                     " 'evt_' || g AS event_id, 'evidence' AS settled_by"
                      " FROM generate_series(1, 20000) g")
-        conn.execute("CREATE TEMP TABLE owned AS SELECT 'evt_' || g AS event_id"
+        conn.execute("CREATE TEMP TABLE claimed AS SELECT 'evt_' || g AS event_id"
                      " FROM generate_series(1, 20000) g")
         conn.execute("ANALYZE matched")
-        conn.execute("ANALYZE owned")
-        statements = [pg_ledger._CLEAR_OUTCOMES_SQL, *pg_ledger._ORPHANS_SQL[2:4]]
+        conn.execute("ANALYZE claimed")
+        statements = [pg_ledger._CLEAR_OUTCOMES_SQL, pg_ledger._ORPHANS_SQL[1]]
         plans = ["\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {s}"))  # type: ignore[arg-type]
                  for s in statements]
-    assert [("Anti Join" in p, "SubPlan" in p) for p in plans] == [(True, False)] * 3, plans
+    assert [(p.count("Anti Join"), "SubPlan" in p) for p in plans] == [
+        (1, False), (2, False)], plans
 
 
 def test_stored_sink_events_are_read_as_stored_with_their_time_in_utc_to_the_ms(
@@ -592,3 +595,30 @@ def test_events_stored_behind_the_reading_lose_and_double_nothing(
         assert (tally.pop("(set aside)"), sum(tally.values())) == (1, 1)
     finally:
         ledger.close()
+
+
+def test_run_chunks_left_unread_leave_no_second_connection_open(pg_url: str) -> None:
+    """run_chunks reads each next chunk on a second connection: a caller that stops after
+    the first chunk (and one that reads them all) leaves only its own session open."""
+    from pipeline.state import NewRow, row_key  # noqa: PLC0415 - as the other tests here
+
+    store = PgLedger(pg_url, "test_clinic")
+    try:
+        store.start_run("r", "test_clinic", "fp", {})
+        store.add_rows("r", [NewRow(0, n, f"T{n}", row_key("test_clinic", f"T{n}", "n"),
+                                    "pending") for n in range(2, 12)])
+
+        def sessions() -> int:
+            found = store._pg.execute("SELECT count(*) FROM pg_stat_activity"
+                                      " WHERE datname = current_database()").fetchone()
+            return int(found[0]) if found else -1
+
+        chunks = store.run_chunks("r", 4)
+        assert len(next(chunks)) == 4
+        assert sessions() == 2  # the next chunk is read ahead
+        chunks.close()
+        wait_until(lambda: sessions() == 1, timeout=10)
+        assert [len(c) for c in store.run_chunks("r", 4)] == [4, 4, 2]
+        wait_until(lambda: sessions() == 1, timeout=10)
+    finally:
+        store.close()

@@ -185,10 +185,12 @@ def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:
     """No answer came back, but a created event carries the same note for the same task."""
     book.row("ambiguous", task="T9", note="the note")
     book.event("task_note.created", "4242", n=1, task="T9", note="the note")
-    rows = book.result().frame()
+    result = book.result()
+    rows = result.frame()
     assert book.finals() == [("confirmed", "created")]
     assert rows["settled_by"].tolist() == ["evidence"]
     assert "settled by evidence" in rows["detail"].iloc[0]
+    assert result.orphan_count == 0  # the event settled the row: it is owned
 
 
 def test_evidence_claimed_by_another_row_settles_nothing(book: Book) -> None:

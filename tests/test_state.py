@@ -310,6 +310,26 @@ def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStor
     assert tuple(store.frame("r").columns) == ROW_COLUMNS
 
 
+@pytest.mark.parametrize("size", [3, 7, 8])
+def test_run_chunks_give_every_row_of_the_run_once_in_input_order(
+        store: StateStore, size: int) -> None:
+    """Seven rows of a run (and a row of another run between them) read back ``size`` at
+    a time: every row of the run once, in input order, with the same columns in every
+    chunk; each chunk full but the last (PostgreSQL reads the next chunk ahead)."""
+    store.start_run("r", ACCOUNT, "fp", {})
+    store.start_run("other", ACCOUNT, "fp", {})
+    store.add_file("r", 0, "a.csv", ["emr_task_id", "note"])
+    for line in range(2, 9):
+        store.add_rows("r", [NewRow(0, line, f"T{line}", row_key(ACCOUNT, f"T{line}", "n"),
+                                    "pending")])
+        if line == 4:
+            store.add_rows("other", [NewRow(0, 2, "X", None, "pending")])
+    chunks = list(store.run_chunks("r", size))
+    assert [len(c) for c in chunks] == ([3, 3, 1] if size == 3 else [7])
+    assert {tuple(c.columns) for c in chunks} == {RUN_CHUNK_COLUMNS}
+    assert [line for c in chunks for line in c["line"]] == list(range(2, 9))
+
+
 class MemoryScanStore:
     """A whole ``ScanStore`` in memory: the scan needs nothing else of a store."""
 
