@@ -552,16 +552,18 @@ UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_rea
        outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
  WHERE outcome IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matched m WHERE m.row_id = rows.id)"""
 # rules.WRITE_OUTCOMES_SQL in three steps (``_write_outcomes``): the rows it changes, with
-# whether their outcome moved (what makes the trigger bump the other runs of their key);
-# the write, with the trigger told to leave the bumps to the third: every run of a changed
-# row, and every other run holding the key of a moved row, found by one join (a hash join
-# of rows on key when many moved, rows_key probes when few).
+# their new values and whether their outcome moved (what makes the trigger bump the other
+# runs of their key); the write, with the trigger told to leave the bumps to the third:
+# every run of a changed row, and every other run holding the key of a moved row, found by
+# one join (a hash join of rows on key when many moved, rows_key probes when few).
 _CHANGED_OUTCOMES_SQL: Final = """CREATE TEMP TABLE changed AS
 SELECT r.id AS row_id, r.run_id, r.key,
        r.outcome IS DISTINCT FROM m.outcome OR r.event_id IS DISTINCT FROM m.event_id
        OR r.emr_note_id IS DISTINCT FROM m.emr_note_id
        OR r.outcome_at IS DISTINCT FROM m.outcome_at
-       OR r.outcome_clock IS DISTINCT FROM m.outcome_clock AS moved
+       OR r.outcome_clock IS DISTINCT FROM m.outcome_clock AS moved,
+       m.outcome, m.event_id, m.emr_note_id, m.failure_reason, m.outcome_at, m.settled_by,
+       m.reason_codes, m.outcome_clock
   FROM matched m JOIN rows r ON r.id = m.row_id
  WHERE r.outcome IS DISTINCT FROM m.outcome OR r.event_id IS DISTINCT FROM m.event_id
        OR r.failure_reason IS DISTINCT FROM m.failure_reason
@@ -570,10 +572,10 @@ SELECT r.id AS row_id, r.run_id, r.key,
        OR r.outcome_at IS DISTINCT FROM m.outcome_at
        OR r.outcome_clock IS DISTINCT FROM m.outcome_clock"""
 _WRITE_CHANGED_SQL: Final = """
-UPDATE rows SET outcome = m.outcome, event_id = m.event_id, emr_note_id = m.emr_note_id,
-       failure_reason = m.failure_reason, outcome_at = m.outcome_at, settled_by = m.settled_by,
-       reason_codes = m.reason_codes, outcome_clock = m.outcome_clock
-  FROM changed c JOIN matched m ON m.row_id = c.row_id
+UPDATE rows SET outcome = c.outcome, event_id = c.event_id, emr_note_id = c.emr_note_id,
+       failure_reason = c.failure_reason, outcome_at = c.outcome_at, settled_by = c.settled_by,
+       reason_codes = c.reason_codes, outcome_clock = c.outcome_clock
+  FROM changed c
  WHERE rows.id = c.row_id"""
 _BUMP_CHANGED_SQL: Final = """
 UPDATE runs SET rev = rev + 1
