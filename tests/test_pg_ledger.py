@@ -622,3 +622,20 @@ def test_run_chunks_left_unread_leave_no_second_connection_open(pg_url: str) -> 
         wait_until(lambda: sessions() == 1, timeout=10)
     finally:
         store.close()
+
+
+def test_add_events_twice_in_one_outer_transaction_stores_both(pg_url: str) -> None:
+    """add_events' table of the transaction is gone once it returns: two calls inside one
+    outer transaction (its own then a savepoint) both store their events."""
+    from pipeline.state import EventRecord  # noqa: PLC0415 - as the other tests here
+
+    store = PgLedger(pg_url, "test_clinic")
+    try:
+        one, two = (EventRecord(f"evt_{n}", "created", str(n), None, None, None, None, None,
+                                None, n) for n in (1, 2))
+        with store._conn.transaction():
+            assert store.add_events([one], {}, offset=1, head="") == 1
+            assert store.add_events([two], {}, offset=2, head="") == 1
+        assert [e.event_id for e in store.events()] == ["evt_1", "evt_2"]
+    finally:
+        store.close()

@@ -416,7 +416,9 @@ class PgLedger(Ledger):
                 for n, record in enumerate(events):
                     copy.write_row((n, *record))
             cur.execute(_EVENTS_FROM_IN_SQL)
-            return max(cur.rowcount, 0)
+            added = max(cur.rowcount, 0)
+            cur.execute("DROP TABLE pg_temp.events_in")  # gone even inside an outer transaction
+            return added
 
     def sink_events_after(self, seq: int, limit: int
                           ) -> list[tuple[int, bytes, str, str]]:
