@@ -30,9 +30,10 @@ Guarantees, as with SQLite:
 - the database going away mid-run is RunAborted (exit 3): the requests in flight stay
   ``sending`` in the database, and the next run recovers them as ambiguous.
 
-Over 400 lines because the statements PostgreSQL needs written its own way, the
-per-account run locks and the pipelined commit of a send wave sit next to the SQLite
-ledger's rules they mirror.
+Over 600 lines because the statements PostgreSQL needs written its own way (among them
+the join rules' steps PostgreSQL plans badly as SQLite spells them, and the mirror's
+COPY), the per-account run locks, the pipelined commit of a send wave and the reads
+ahead on a second connection sit next to the SQLite ledger's rules they mirror.
 """
 
 from __future__ import annotations
