@@ -1,6 +1,7 @@
 """Reconciliation: 1M ledger rows against 1M sink events, against pandas and DuckDB joins.
 
-    python bench/reconcile.py [--rows 1000000] [--reps 2] [--again] [--no-postgres] [--quick]
+    python bench/reconcile.py [--rows 1000000] [--reps 2] [--again] [--no-postgres]
+                              [--postgres-only] [--quick]
 
 A generated ledger (one run, every row accepted with a job id) and a sink file
 with one task_note event per row (4% failed, 1% repeated deliveries, 1% other
@@ -23,7 +24,8 @@ the order is fixed: the script says so):
 - again          (--again) `tasknotes reconcile` a second time on the same ledger:
                  only what the sink gained is read
 
-With PostgreSQL server binaries at hand (tests/pg.py; skipped with --no-postgres),
+With PostgreSQL server binaries at hand (tests/pg.py; skipped with --no-postgres; with
+--postgres-only only these two steps are measured),
 the same ledger rows and the same events (repeated deliveries stored once, as the
 sink stores them) are loaded with COPY into a database on a throwaway local server
 (fsync off: the steps are reads and one commit), kept as a template; each step
@@ -249,6 +251,8 @@ def main() -> None:
                         help="also time a second `tasknotes reconcile` of the same ledger")
     parser.add_argument("--no-postgres", action="store_true",
                         help="measure the SQLite ledger only")
+    parser.add_argument("--postgres-only", action="store_true",
+                        help="measure the two PostgreSQL steps only")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 5k rows, 2 reps")
     args = parser.parse_args()
     if args.quick:
@@ -263,6 +267,8 @@ def main() -> None:
     from pg import PgCluster, why_no_cluster  # tests/pg.py: a throwaway local server
 
     no_pg = "--no-postgres" if args.no_postgres else why_no_cluster()
+    if args.postgres_only and no_pg is not None:
+        parser.error(f"--postgres-only: PostgreSQL cannot be measured here: {no_pg}")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         cluster, template = None, ""
         if no_pg is None:
@@ -289,7 +295,7 @@ def main() -> None:
             "pandas.merge (PostgreSQL)": PG_PANDAS_MERGE,
             "reconcile (PostgreSQL)": PG_RECONCILE_STAGE,
         } if cluster is not None else {}
-        names = [*steps, *on_pg]
+        names = [*on_pg] if args.postgres_only else [*steps, *on_pg]
         for rep in range(args.reps):
             order = names[rep % len(names):] + names[:rep % len(names)]
             print(f"rep {rep + 1}: " + ", ".join(order))
@@ -308,6 +314,9 @@ def main() -> None:
         if args.reps == 1:
             print("one rep: the steps ran in this one order (use --reps 2 or more to rotate)")
     wall = {name: median([m.wall_s for m in ms]) for name, ms in measured.items()}
+    if args.postgres_only:
+        _report_postgres(measured, wall, args.reps)
+        return
     base, strong = wall["pandas.merge"], wall["duckdb"]
     rows = [[name, f"{wall[name]:.1f}", f"{wall[name] / base:.2f}", f"{wall[name] / strong:.2f}",
              f"{median([m.rss_mb for m in ms]):.0f}"] for name, ms in measured.items()]
@@ -323,6 +332,19 @@ def main() -> None:
     print(f"PostgreSQL: reconcile / pandas.merge = {on_pg_ratio:.2f} (goal <= 2: "
           f"{'met' if on_pg_ratio <= 2 else 'not met'}); reconcile PostgreSQL / SQLite = "
           f"{wall['reconcile (PostgreSQL)'] / stage:.2f}")
+
+def _report_postgres(measured: dict[str, list[Measured]], wall: dict[str, float],
+                     reps: int) -> None:
+    """The table and the goal of the two PostgreSQL steps alone (--postgres-only)."""
+    base = wall["pandas.merge (PostgreSQL)"]
+    print(table(["step", "seconds", "x pandas.merge", "client CPU s", "peak RSS MB"],
+                [[name, f"{wall[name]:.1f}", f"{wall[name] / base:.2f}",
+                  f"{median([m.cpu_s for m in ms]):.1f}",
+                  f"{median([m.rss_mb for m in ms]):.0f}"] for name, ms in measured.items()]))
+    ratio = wall["reconcile (PostgreSQL)"] / base
+    print(f"PostgreSQL: reconcile / pandas.merge = {ratio:.2f} (goal <= 2: "
+          f"{'met' if ratio <= 2 else 'not met'}); medians of {reps} reps")
+
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -222,37 +223,56 @@ def ingest_postgres(ledger: SinkEventsTable, account: str, *,
     """
     redactor = redactor or ReasonRedactor(ledger, None)
     position, _ = ledger.sink_position()
+    found = ledger.sink_events_after(position, BATCH)
     added = 0
-    while True:
-        found = ledger.sink_events_after(position, BATCH)
-        if not found:
-            break
-        batch: list[EventRecord] = []
-        tally: Counter[str] = Counter()
-        for seq, body, verdict, received_at in found:
-            try:
-                event = decode_event(body)
-            except UnreadableEvent:
-                tally["(set aside)"] += 1
-                continue
-            receipt = (Receipt(received_at, polled=False) if verdict == SIGNED
-                       else Receipt(None, polled=True, fetched_at=received_at))
-            event_id = event.get("id")
-            receipts = ({event_id: receipt} if isinstance(event_id, str)
-                        and verdict != NO_RECEIPT else {})
-            if (record := _record(event, seq, account, tally, receipts,
-                                  event_account=(accounts or {}).get(
-                                      str(event.get("access_token_reference_id"))))) is not None:
-                batch.append(record)
-        position = found[-1][0]
-        added += ledger.add_events(redactor.clean(batch), dict(tally), offset=position,
-                                   head="")
-        if len(found) < BATCH:
-            break
+    if found:
+        # Each batch is stored (add_events, on a second connection, by a thread) while the
+        # next one is read and decoded here: the server's work on one overlaps the
+        # client's on the other. One batch in flight at most, each committed with its
+        # position in turn, so a failure leaves the position after the last batch stored.
+        with ledger.events_writer() as writer, ThreadPoolExecutor(
+                1, thread_name_prefix="tasknotes-ingest") as pool:
+            storing: Future[int] | None = None
+            while found:
+                batch, tally = _stored_records(found, account, accounts or {})
+                position = found[-1][0]
+                cleaned = redactor.clean(batch)
+                if storing is not None:
+                    added += storing.result()
+                storing = pool.submit(writer.add_events, cleaned, dict(tally),
+                                      offset=position, head="")
+                found = (ledger.sink_events_after(position, BATCH) if len(found) == BATCH
+                         else [])
+            if storing is not None:
+                added += storing.result()
     redactor.warn()
     if added:
         log.info("%d new task_note events from %s", added, ledger.where)
     return added
+
+
+def _stored_records(found: list[tuple[int, bytes, str, str]], account: str,
+                    accounts: Mapping[str, str]) -> tuple[list[EventRecord], Counter[str]]:
+    """The mirror's records of stored sink events (``sink_events_after``'s rows), and the
+    tally of what was not one (``ingest_postgres``)."""
+    batch: list[EventRecord] = []
+    tally: Counter[str] = Counter()
+    for seq, body, verdict, received_at in found:
+        try:
+            event = decode_event(body)
+        except UnreadableEvent:
+            tally["(set aside)"] += 1
+            continue
+        receipt = (Receipt(received_at, polled=False) if verdict == SIGNED
+                   else Receipt(None, polled=True, fetched_at=received_at))
+        event_id = event.get("id")
+        receipts = ({event_id: receipt} if isinstance(event_id, str)
+                    and verdict != NO_RECEIPT else {})
+        if (record := _record(event, seq, account, tally, receipts,
+                              event_account=accounts.get(
+                                  str(event.get("access_token_reference_id"))))) is not None:
+            batch.append(record)
+    return batch, tally
 
 
 def _set_aside(sink: Path, lines: list[SetAside]) -> None:

@@ -191,6 +191,7 @@ def test_an_ambiguous_row_is_settled_by_evidence(book: Book) -> None:
     assert rows["settled_by"].tolist() == ["evidence"]
     assert (result.orphan_count, result.orphans) == (0, [])  # the evidence is owned
     assert "settled by evidence" in rows["detail"].iloc[0]
+    assert result.orphan_count == 0  # the event settled the row: it is owned
 
 
 def test_evidence_claimed_by_another_row_settles_nothing(book: Book) -> None:

@@ -313,6 +313,26 @@ def test_a_runs_rows_cross_the_seam_with_the_documented_columns(store: StateStor
     assert tuple(store.frame("r").columns) == ROW_COLUMNS
 
 
+@pytest.mark.parametrize("size", [3, 7, 8])
+def test_run_chunks_give_every_row_of_the_run_once_in_input_order(
+        store: StateStore, size: int) -> None:
+    """Seven rows of a run (and a row of another run between them) read back ``size`` at
+    a time: every row of the run once, in input order, with the same columns in every
+    chunk; each chunk full but the last (PostgreSQL reads the next chunk ahead)."""
+    store.start_run("r", ACCOUNT, "fp", {})
+    store.start_run("other", ACCOUNT, "fp", {})
+    store.add_file("r", 0, "a.csv", ["emr_task_id", "note"])
+    for line in range(2, 9):
+        store.add_rows("r", [NewRow(0, line, f"T{line}", row_key(ACCOUNT, f"T{line}", "n"),
+                                    "pending")])
+        if line == 4:
+            store.add_rows("other", [NewRow(0, 2, "X", None, "pending")])
+    chunks = list(store.run_chunks("r", size))
+    assert [len(c) for c in chunks] == ([3, 3, 1] if size == 3 else [7])
+    assert {tuple(c.columns) for c in chunks} == {RUN_CHUNK_COLUMNS}
+    assert [line for c in chunks for line in c["line"]] == list(range(2, 9))
+
+
 class MemoryScanStore:
     """A whole ``ScanStore`` in memory: the scan needs nothing else of a store."""
 
@@ -361,12 +381,13 @@ def test_the_scan_runs_on_any_scan_store(tmp_path: Path) -> None:
     assert {(f.file_no, f.path) for f in store.files("r")} == {(0, str(tmp_path / "in.csv"))}
 
 
-def _four_runs(directory: Path) -> Ledger:
+def _four_runs(directory: Path, pg_url: str | None = None) -> Ledger:
     """run-1 could not send note A1; run-2 sends A1 (job 3) and B1 (job 1); run-3's row
-    (job 9) gets no event; run-4's (job 5) fails in the EMR. Events for jobs 3, 1 and 5."""
+    (job 9) gets no event; run-4's (job 5) fails in the EMR. Events for jobs 3, 1 and 5.
+    In the database at ``pg_url`` (the sink's events too) if given."""
     from test_reconcile import Book  # noqa: PLC0415 - its module imports this one's fixtures
 
-    book = Book(directory)
+    book = Book(directory, pg_url=pg_url)
     book.row("failed", task="A1")
     for run_id, rows in (("run-2", [("A1", "3"), ("B1", "1")]), ("run-3", [("D1", "9")]),
                          ("run-4", [("E1", "5")])):
@@ -411,6 +432,32 @@ def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
         ledger.close()
 
 
+@pytest.mark.slow
+def test_the_join_rules_on_postgres_bump_the_runs_the_row_trigger_would(
+        tmp_path: Path, pg_url: str) -> None:
+    """On PostgreSQL the join rules' write of outcomes bumps the runs itself, the rows'
+    trigger told to leave them: the same runs' ``rev`` moved as the trigger would move
+    (run-2 and run-4 for their own rows, run-1 because its row's note was sent by run-2;
+    not run-3), each once; after it, in the same session, the trigger bumps again."""
+    ledger = _four_runs(tmp_path, pg_url)
+    try:
+        revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
+        Reconciler(ledger, tmp_path / "webhooks.jsonl").refresh("test_clinic")
+        moved = {r: v - revs[r] for r, v in ledger._db.execute("SELECT run_id, rev FROM runs")}
+        assert moved == {"run-1": 1, "run-2": 1, "run-3": 0, "run-4": 1}
+        assert ledger._db.execute("SELECT run_id, emr_task_id, outcome, event_id FROM rows"
+                                  " ORDER BY id").fetchall() == [
+            ("run-1", "A1", None, None), ("run-2", "A1", "created", "evt_1"),
+            ("run-2", "B1", "created", "evt_2"), ("run-3", "D1", None, None),
+            ("run-4", "E1", "failed", "evt_3")]
+        (row_id,) = ledger._db.execute("SELECT id FROM rows WHERE run_id = 'run-3'").fetchone()
+        ledger.apply([row_id], [])
+        after = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
+        assert after["run-3"] == revs["run-3"] + 1
+    finally:
+        ledger.close()
+
+
 def test_prune_is_offered_only_runs_that_have_ended(store: StateStore) -> None:
     """runs_started_before (what prune takes as old) leaves out a run still running: it
     writes its input copies and report yet, so pruning it would let them back after."""
@@ -421,3 +468,20 @@ def test_prune_is_offered_only_runs_that_have_ended(store: StateStore) -> None:
     store.finish_run("run-live", "crashed", {})
     assert store.runs_started_before("9999-12-31T00:00:00.000Z") == ["run-ended", "run-live"]
     assert store.runs_started_before("2000-01-01T00:00:00.000Z") == []
+
+
+def test_add_events_keeps_the_first_record_of_each_event_id_with_every_value(
+        store: StateStore) -> None:
+    """add_events stores each record's every value as given (bytes, a non-ASCII text, an
+    account, Nones) and keeps the first record of an event id, whether its repeat comes in
+    the same batch or a later one; the others are counted as repeated deliveries."""
+    first = EventRecord("evt_1", "created", "5", "tn_a", "2026-11-28T10:01:00Z", "emr-1", None,
+                        None, row_key(ACCOUNT, "T1", "café"), 101, "2026-11-28T10:02:00.123Z",
+                        "sink_received", "clinic_b")
+    failed = EventRecord("evt_2", "failed", None, "tn_b", None, None, "Task n\u00f6t found",
+                         "task_not_found;other", None, 102)
+    again = first._replace(kind="failed", job_id="6", line=103)  # the same id, other values
+    assert store.add_events([first, failed, again], {}, offset=103, head="") == 2
+    assert store.add_events([failed._replace(line=104)], {"x": 1}, offset=104, head="") == 0
+    assert store.events() == [first, failed]
+    assert store.event_tally() == {"(repeated)": 2, "x": 1}

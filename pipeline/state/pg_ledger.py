@@ -36,9 +36,10 @@ Guarantees, as with SQLite:
   transaction with no effect outside the database, and the send's requests leave only
   after ``apply`` returns. A conflict that persists is RunAborted (exit 3), as above.
 
-Over 400 lines because the statements PostgreSQL needs written its own way, the
-per-account run locks and the pipelined commit of a send wave sit next to the SQLite
-ledger's rules they mirror.
+Over 600 lines because the statements PostgreSQL needs written its own way (among them
+the join rules' steps PostgreSQL plans badly as SQLite spells them, and the mirror's
+COPY), the per-account run locks, the pipelined commit of a send wave and the reads
+ahead on a second connection sit next to the SQLite ledger's rules they mirror.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import os
 import socket
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, cast
 
@@ -74,6 +76,26 @@ if TYPE_CHECKING:
 
 # Key of the transaction lock that serialises match_outcomes across processes.
 _MATCH_LOCK: Final = 0x746E6D6174636800  # "tnmatch"
+
+# add_events: the records COPYed into a table of the transaction, then kept where new.
+_EVENT_COLUMNS: Final = ("event_id, kind, job_id, task_note_id, created, emr_note_id,"
+                         " failure_reason, reason_codes, ekey, line, outcome_at, outcome_clock,"
+                         " account")
+_EVENTS_IN_SQL: Final = (
+    "CREATE TEMP TABLE events_in (n bigint, event_id text, kind text, job_id text,"
+    " task_note_id text, created text, emr_note_id text, failure_reason text,"
+    " reason_codes text, ekey bytea, line bigint, outcome_at text, outcome_clock text,"
+    " account text) ON COMMIT DROP")
+_COPY_EVENTS_IN_SQL: Final = f"COPY events_in (n, {_EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_EVENTS_IN_TYPES: Final = ("bigint", "text", "text", "text", "text", "text", "text", "text",
+                           "text", "bytea", "bigint", "text", "text", "text")
+_EVENTS_FROM_IN_SQL: Final = (
+    f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS}"  # noqa: S608 - constants
+    " FROM events_in ORDER BY n ON CONFLICT DO NOTHING")
+_SINK_EVENTS_AFTER_SQL: Final = (
+    "SELECT seq, body, verdict, to_char(received_at AT TIME ZONE 'UTC',"
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM sink_events"
+    " WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s")
 
 
 class PgLedger(Ledger):
@@ -111,6 +133,18 @@ class PgLedger(Ledger):
         except StateError as exc:
             raise RunAborted(f"{exc}; the run stops here: its rows not sent stay pending "
                              "for the next run") from None
+
+    @contextlib.contextmanager
+    def events_writer(self) -> Iterator[PgLedger]:
+        """A second connection to the same database while the block runs, for
+        ``add_events`` on another thread while this session reads ``sink_events``
+        (ingest_postgres). Opened once the reconcile is under way: a database gone by
+        then is RunAborted (exit 3), as with ``reader``."""
+        writer = self.reader()
+        try:
+            yield writer
+        finally:
+            writer.close()
 
     def close(self) -> None:
         """Close the session; the run lock (held by the session) goes with it."""
@@ -388,20 +422,18 @@ class PgLedger(Ledger):
     @retried("mirroring events")
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
                    offset: int, head: str, count_repeats: bool = True) -> int:
-        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read."""
+        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read.
+
+        The records go to the server by binary COPY into a temporary table of this
+        transaction (dropped at its commit), then into ``events`` by one INSERT ... ON
+        CONFLICT DO NOTHING in the order given (``n``): the first of two records with
+        one event id is the one kept, as with SQLite's INSERT OR IGNORE. COPY sends each
+        value as it is (no text to build or parse: a tenth of the client's time of an
+        INSERT from arrays)."""
         with self._transaction():
             added = 0
-            for start in range(0, len(events), 1000):
-                chunk = events[start:start + 1000]
-                cur = self._pg.execute(
-                    "INSERT INTO events (event_id, kind, job_id, task_note_id, created,"
-                    " emr_note_id, failure_reason, reason_codes, ekey, line, outcome_at,"
-                    " outcome_clock, account) SELECT * FROM unnest(?::text[], ?::text[],"
-                    " ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[],"
-                    " ?::bytea[], ?::bigint[], ?::text[], ?::text[], ?::text[])"
-                    " ON CONFLICT DO NOTHING",
-                    [list(column) for column in zip(*chunk, strict=True)])
-                added += max(cur.rowcount, 0)
+            if events:
+                added = self._copy_events(events)
             if count_repeats:
                 tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
             self._pg.executemany(
@@ -413,6 +445,19 @@ class PgLedger(Ledger):
                 " SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
                 (str(offset),))
         return added
+
+    def _copy_events(self, events: Sequence[EventRecord]) -> int:
+        """Store ``events`` (inside ``add_events``'s transaction); returns how many were new."""
+        with self._conn.cursor() as cur:
+            cur.execute(_EVENTS_IN_SQL)
+            with cur.copy(_COPY_EVENTS_IN_SQL) as copy:
+                copy.set_types(_EVENTS_IN_TYPES)
+                for n, record in enumerate(events):
+                    copy.write_row((n, *record))
+            cur.execute(_EVENTS_FROM_IN_SQL)
+            added = max(cur.rowcount, 0)
+            cur.execute("DROP TABLE pg_temp.events_in")  # gone even inside an outer transaction
+            return added
 
     @retried("reading sink events")
     def sink_events_after(self, seq: int, limit: int
@@ -427,11 +472,11 @@ class PgLedger(Ledger):
             self._pg.execute("LOCK TABLE sink_events IN SHARE MODE")
             top = self._pg.execute("SELECT max(seq) FROM sink_events").fetchone()
         upper = int(top[0]) if top and top[0] is not None else 0
-        return [(int(s), bytes(b), str(v),
-                 at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z")
-                for s, b, v, at in self._pg.execute(
-                    "SELECT seq, body, verdict, received_at AT TIME ZONE 'UTC' FROM sink_events"
-                    " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (seq, upper, limit))]
+        # Binary results: the bodies as they are (no hex to encode and decode), the time
+        # formatted by the server (to_char's MS truncates to the millisecond).
+        with self._pg.errors(), self._conn.cursor(binary=True) as cur:
+            cur.execute(_SINK_EVENTS_AFTER_SQL, (seq, upper, limit))
+            return cast("list[tuple[int, bytes, str, str]]", cur.fetchall())
 
     @retried("matching outcomes")
     def match_outcomes(self) -> int:
@@ -439,30 +484,63 @@ class PgLedger(Ledger):
         pg = self._pg
         with self._transaction():
             pg.execute("SELECT pg_advisory_xact_lock(?)", (_MATCH_LOCK,))
+            # Hash tables of every row and event: in memory, not spilled in batches to disk.
+            pg.execute("SET LOCAL work_mem = '64MB'")
             for statement in _match_sql():
                 pg.execute(statement)
             if pg.execute(rules.ANY_DOUBTFUL_SQL).fetchone() is not None:
                 pg.execute(rules.EVIDENCE_SQL)
             changed = max(pg.execute(_CLEAR_OUTCOMES_SQL).rowcount, 0)
-            changed += max(pg.execute(rules.WRITE_OUTCOMES_SQL).rowcount, 0)
+            changed += self._write_outcomes()
             for statement in _ORPHANS_SQL:
                 pg.execute(statement)
             pg.execute("DROP TABLE pg_temp.matched")
             pg.execute("DROP TABLE pg_temp.claimed")
         return changed
 
+    def _write_outcomes(self) -> int:
+        """Write the outcomes of ``pg_temp.matched`` that differ from the rows' (inside
+        ``match_outcomes``'s transaction, as rules.WRITE_OUTCOMES_SQL); returns rows
+        changed. The runs the rows' trigger would bump (postgres.py, migration 5) are
+        bumped by one statement instead (migration 7), each once, as the trigger does."""
+        pg = self._pg
+        pg.execute(_CHANGED_OUTCOMES_SQL)
+        pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'on'")
+        written = max(pg.execute(_WRITE_CHANGED_SQL).rowcount, 0)
+        pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'off'")
+        pg.execute(_BUMP_CHANGED_SQL)
+        pg.execute("DROP TABLE pg_temp.changed")
+        return written
+
     def run_chunks(self, run_id: str, size: int = 20_000) -> Iterator[pd.DataFrame]:
-        """As ``Ledger.run_chunks``."""
-        last = 0
-        while True:
-            frame = self._frame(rules.RUN_CHUNK_SQL, (run_id, last, size))
-            if frame.empty:
-                return
-            self._add_via(frame)
-            yield frame
-            last = int(frame["id"].iloc[-1])
-            if len(frame) < size:
-                return
+        """As ``Ledger.run_chunks``. After a full first chunk, each next chunk's rows are
+        read on a second connection (by a thread) while the caller works on the one
+        given: the server's reading of one overlaps the client's work on the other (a
+        fifth of reading back 1M rows). Each chunk is one statement, as before."""
+        names, rows = _chunk_rows(self._pg, run_id, 0, size)
+        if len(rows) < size:
+            if rows:
+                yield self._chunk_frame(names, rows)
+            return
+        ahead = self.reader()
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="tasknotes-chunks") as pool:
+                while rows:
+                    last = int(rows[-1][names.index("id")])
+                    coming = (pool.submit(_chunk_rows, ahead._pg, run_id, last, size)
+                              if len(rows) == size else None)
+                    yield self._chunk_frame(names, rows)
+                    names, rows = coming.result() if coming is not None else (names, [])
+        finally:
+            ahead.close()
+
+    def _chunk_frame(self, names: list[str], rows: list[tuple[Any, ...]]) -> pd.DataFrame:
+        """One chunk of ``run_chunks`` as a DataFrame, with its ``via_*`` columns."""
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(rows, columns=names, coerce_float=True)
+        self._add_via(frame)
+        return frame
 
     def frame(self, run_id: str | None = None, *, columns: str = "*") -> pd.DataFrame:
         """Rows (of one run, or of every run) as a DataFrame, in input order."""
@@ -478,17 +556,33 @@ class PgLedger(Ledger):
         return pd.DataFrame.from_records(cur.fetchall(), columns=names, coerce_float=True)
 
 
+def _chunk_rows(pg: PgSession, run_id: str, last: int, size: int
+                ) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names and rows of one chunk of ``run_chunks`` (rules.RUN_CHUNK_SQL)."""
+    cur = pg.execute(rules.RUN_CHUNK_SQL, (run_id, last, size))
+    return [c.name for c in cur.description or ()], cur.fetchall()
+
+
 def _match_sql() -> tuple[str, ...]:
-    """rules.MATCH_SQL, with the one-event rows chosen without SQLite's bare columns."""
-    one = """CREATE TEMP TABLE matched AS
-    SELECT row_id, kind AS outcome, event_id, emr_note_id, failure_reason, reason_codes,
-           outcome_at, settled_by, outcome_clock
-      FROM claimed
-     WHERE row_id IN (SELECT row_id FROM claimed GROUP BY row_id HAVING COUNT(*) = 1)"""
+    """rules.MATCH_SQL, with the one-event rows chosen without SQLite's bare columns, and
+    the temporary tables ANALYZEd once filled.
+
+    A group of one row is that row: each column's min() is its value (NULL too), read
+    in one grouping pass. ``row_id IN (SELECT ... HAVING COUNT(*) = 1)`` was planned
+    for the 1,000 rows PostgreSQL assumes a HAVING leaves, as a probe of claimed_row
+    per row (1 s of 200,000 rows). A temporary table has no statistics until ANALYZEd
+    (autovacuum never sees it): without them the later joins are planned on guesses."""
+    columns = ("kind", "event_id", "emr_note_id", "failure_reason", "reason_codes",
+               "outcome_at", "settled_by", "outcome_clock")
+    picked = ", ".join(f"min({c}) AS {'outcome' if c == 'kind' else c}" for c in columns)
+    one = ("CREATE TEMP TABLE matched AS SELECT row_id, "  # noqa: S608 - constants
+           f"{picked} FROM claimed GROUP BY row_id HAVING COUNT(*) = 1")
     statements = list(rules.MATCH_SQL)
     assert "HAVING COUNT(*) = 1" in statements[3]
-    statements[3] = one
-    return tuple(statements)
+    assert statements[2].startswith("INSERT INTO claimed")
+    assert statements[5].startswith("INSERT INTO matched")
+    return (*statements[:3], "ANALYZE pg_temp.claimed", one, *statements[4:6],
+            "ANALYZE pg_temp.matched", *statements[6:])
 
 
 # ``x NOT IN (SELECT ...)`` is planned by PostgreSQL as a hashed subplan only while the
@@ -500,20 +594,54 @@ _CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
        outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
  WHERE outcome IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matched m WHERE m.row_id = rows.id)"""
+# rules.WRITE_OUTCOMES_SQL in three steps (``_write_outcomes``): the rows it changes, with
+# their new values and whether their outcome moved (what makes the trigger bump the other
+# runs of their key); the write, with the trigger told to leave the bumps to the third:
+# every run of a changed row, and every other run holding the key of a moved row, found by
+# one join (a hash join of rows on key when many moved, rows_key probes when few).
+_CHANGED_OUTCOMES_SQL: Final = """CREATE TEMP TABLE changed AS
+SELECT r.id AS row_id, r.run_id, r.key,
+       r.outcome IS DISTINCT FROM m.outcome OR r.event_id IS DISTINCT FROM m.event_id
+       OR r.emr_note_id IS DISTINCT FROM m.emr_note_id
+       OR r.outcome_at IS DISTINCT FROM m.outcome_at
+       OR r.outcome_clock IS DISTINCT FROM m.outcome_clock AS moved,
+       m.outcome, m.event_id, m.emr_note_id, m.failure_reason, m.outcome_at, m.settled_by,
+       m.reason_codes, m.outcome_clock
+  FROM matched m JOIN rows r ON r.id = m.row_id
+ WHERE r.outcome IS DISTINCT FROM m.outcome OR r.event_id IS DISTINCT FROM m.event_id
+       OR r.failure_reason IS DISTINCT FROM m.failure_reason
+       OR r.settled_by IS DISTINCT FROM m.settled_by
+       OR r.emr_note_id IS DISTINCT FROM m.emr_note_id
+       OR r.outcome_at IS DISTINCT FROM m.outcome_at
+       OR r.outcome_clock IS DISTINCT FROM m.outcome_clock"""
+_WRITE_CHANGED_SQL: Final = """
+UPDATE rows SET outcome = c.outcome, event_id = c.event_id, emr_note_id = c.emr_note_id,
+       failure_reason = c.failure_reason, outcome_at = c.outcome_at, settled_by = c.settled_by,
+       reason_codes = c.reason_codes, outcome_clock = c.outcome_clock
+  FROM changed c
+ WHERE rows.id = c.row_id"""
+_BUMP_CHANGED_SQL: Final = """
+UPDATE runs SET rev = rev + 1
+  FROM (SELECT run_id FROM changed
+        UNION
+        SELECT o.run_id FROM changed c JOIN rows o ON o.key = c.key
+         WHERE c.moved AND c.key IS NOT NULL AND o.run_id <> c.run_id) b
+ WHERE runs.run_id = b.run_id"""
+# The events no row owns (claimed by job or task note id, or settled by evidence) found
+# once, by two anti-joins, then counted and the first listed: not an ``owned`` set made
+# by a UNION of a million ids (sorted or hashed) and then anti-joined twice (3 s of 1M).
 _ORPHANS_SQL: Final = (
     "DELETE FROM orphans",
-    """CREATE TEMP TABLE owned AS
-    SELECT event_id FROM claimed UNION SELECT event_id FROM matched WHERE settled_by = 'evidence'
-    """,
-    """INSERT INTO meta
-    SELECT 'orphans', COUNT(*)::text FROM events e
-     WHERE NOT EXISTS (SELECT 1 FROM owned o WHERE o.event_id = e.event_id)
-    ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
-    """INSERT INTO orphans
+    """CREATE TEMP TABLE orphaned AS
     SELECT event_id, kind, job_id, created FROM events e
-     WHERE NOT EXISTS (SELECT 1 FROM owned o WHERE o.event_id = e.event_id)
+     WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.event_id = e.event_id)
+       AND NOT EXISTS (SELECT 1 FROM matched m
+                        WHERE m.settled_by = 'evidence' AND m.event_id = e.event_id)""",
+    """INSERT INTO meta SELECT 'orphans', COUNT(*)::text FROM orphaned
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+    """INSERT INTO orphans SELECT event_id, kind, job_id, created FROM orphaned
      ORDER BY created, event_id LIMIT 50""",
-    "DROP TABLE pg_temp.owned",
+    "DROP TABLE pg_temp.orphaned",
 )
 
 

@@ -198,6 +198,41 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         CREATE INDEX IF NOT EXISTS rows_account ON rows (account)
             WHERE account IS NOT NULL AND account <> '';
     """),
+    # The join rules write up to every row's outcome in one UPDATE (reconcile of 1M rows):
+    # the trigger's lookup of each moved row's key, one rows_key probe per row, was a
+    # quarter of that UPDATE. ``PgLedger.match_outcomes`` bumps the same runs itself, by
+    # one set-based statement (a hash join where many rows moved), and says so for its
+    # UPDATE alone with ``SET LOCAL tasknotes.outcomes_bumped = 'on'`` (reset to 'off'
+    # right after, in the same transaction). Any other UPDATE runs the trigger as before.
+    Migration(7, "runs.rev of the join rules' write bumped by the statement that writes", """
+        CREATE OR REPLACE FUNCTION tasknotes_rows_updated() RETURNS trigger AS $$
+        BEGIN
+            IF current_setting('tasknotes.outcomes_bumped', true) = 'on' THEN
+                RETURN NULL;
+            END IF;
+            EXECUTE 'UPDATE runs SET rev = rev + 1
+                      WHERE run_id IN (SELECT DISTINCT run_id FROM new_rows)';
+            EXECUTE '
+            WITH moved AS (
+                SELECT n.key, n.run_id FROM new_rows n JOIN old_rows o ON o.id = n.id
+                 WHERE n.key IS NOT NULL AND (
+                       o.status IS DISTINCT FROM n.status
+                    OR o.outcome IS DISTINCT FROM n.outcome
+                    OR o.job_id IS DISTINCT FROM n.job_id
+                    OR o.task_note_id IS DISTINCT FROM n.task_note_id
+                    OR o.submitted_at IS DISTINCT FROM n.submitted_at
+                    OR o.outcome_at IS DISTINCT FROM n.outcome_at
+                    OR o.event_id IS DISTINCT FROM n.event_id
+                    OR o.emr_note_id IS DISTINCT FROM n.emr_note_id
+                    OR o.outcome_clock IS DISTINCT FROM n.outcome_clock
+                    OR o.key IS DISTINCT FROM n.key))
+            UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+                SELECT f.run_id FROM moved m CROSS JOIN LATERAL (
+                    SELECT r.run_id FROM rows r WHERE r.key = m.key AND r.run_id <> m.run_id
+                    OFFSET 0) f)';
+            RETURN NULL;
+        END $$ LANGUAGE plpgsql;
+    """),
 )
 
 

@@ -21,6 +21,7 @@ write raises StorageFull when the store has no room, StateError when it cannot b
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from pipeline.state.records import (
@@ -214,6 +215,12 @@ class SinkEventsTable(OutcomeStore, Protocol):
                           ) -> list[tuple[int, bytes, str, str]]:
         """(seq, body, verdict, received_at) of up to ``limit`` events after ``seq``;
         ``verdict``: ``SIGNED``, ``POLLED`` or ``NO_RECEIPT``."""
+        ...
+
+    def events_writer(self) -> AbstractContextManager[OutcomeStore]:
+        """A second handle on the same state, open while the block runs, whose
+        ``add_events`` may run (on another thread) while this one reads the sink's events:
+        ingest_postgres stores one batch while it decodes the next."""
         ...
 
 
