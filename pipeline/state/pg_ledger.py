@@ -506,7 +506,7 @@ class PgLedger(Ledger):
         pg = self._pg
         pg.execute(_CHANGED_OUTCOMES_SQL)
         pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'on'")
-        written = max(pg.execute(_WRITE_CHANGED_SQL).rowcount, 0)
+        written = max(pg.execute(rules.WRITE_CHANGED_SQL).rowcount, 0)
         pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'off'")
         pg.execute(_BUMP_CHANGED_SQL)
         pg.execute("DROP TABLE pg_temp.changed")
@@ -614,12 +614,6 @@ SELECT r.id AS row_id, r.run_id, r.key,
        OR r.emr_note_id IS DISTINCT FROM m.emr_note_id
        OR r.outcome_at IS DISTINCT FROM m.outcome_at
        OR r.outcome_clock IS DISTINCT FROM m.outcome_clock"""
-_WRITE_CHANGED_SQL: Final = """
-UPDATE rows SET outcome = c.outcome, event_id = c.event_id, emr_note_id = c.emr_note_id,
-       failure_reason = c.failure_reason, outcome_at = c.outcome_at, settled_by = c.settled_by,
-       reason_codes = c.reason_codes, outcome_clock = c.outcome_clock
-  FROM changed c
- WHERE rows.id = c.row_id"""
 _BUMP_CHANGED_SQL: Final = """
 UPDATE runs SET rev = rev + 1
   FROM (SELECT run_id FROM changed
