@@ -233,6 +233,19 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             RETURN NULL;
         END $$ LANGUAGE plpgsql;
     """),
+    # Every row is written four times in its life: added (pending), marked sending, its
+    # answer recorded, its outcome written by the join rules. None of the outcome's columns
+    # is indexed, so that last write can be a heap-only tuple (HOT) update: the new
+    # version in the same page, no entry in any of the 8 indexes of rows (PostgreSQL
+    # docs, "Heap-Only Tuples (HOT)"), but only when the page has room for it. Packed
+    # full (fillfactor 100, the default), every outcome moved its row to another page and
+    # wrote 8 index entries: most of the time of the write of 1M outcomes. Pages
+    # filled to a quarter by inserts keep room for the later versions of their rows, even
+    # when the outcome is written before a vacuum reclaimed the send's. Existing pages
+    # keep their fill: ``VACUUM FULL rows`` (an exclusive lock) re-packs them if wanted.
+    Migration(8, "room in the pages of rows for their later versions (fillfactor 25)", """
+        ALTER TABLE rows SET (fillfactor = 25);
+    """),
 )
 
 
