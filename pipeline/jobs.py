@@ -501,7 +501,18 @@ def migrate_state(config: RunConfig, ledger: Path, sink: Path | None = None
     url = config.state.url.get_secret_value()
     events = None if sink is None else read_sink_events(sink)  # a wrong file: nothing copied
     copied = copy_ledger(url, ledger)
-    return MigrateOutcome(exits.OK, copied, None if events is None else copy_sink(url, events))
+    if sink is None or events is None:
+        return MigrateOutcome(exits.OK, copied, None)
+    from pipeline.reconciliation import mirrored_through
+    from pipeline.state import Ledger
+
+    source = Ledger.existing(ledger)  # copy_ledger read it: it is there, and a ledger
+    assert source is not None
+    try:
+        read = mirrored_through(source, sink)
+    finally:
+        source.close()
+    return MigrateOutcome(exits.OK, copied, copy_sink(url, events, mirrored_through=read))
 
 
 @dataclass(frozen=True, slots=True)

@@ -376,6 +376,14 @@ def sink_head(path: Path) -> str:
     return _head(path)
 
 
+def mirrored_through(ledger: OutcomeStore, sink: Path) -> int:
+    """How many bytes of the sink file ``sink`` the events mirror of ``ledger`` (a SQLite
+    ledger) has read: its position if it was taken of this file (the same fingerprint,
+    ``_head``), else 0 (the file was replaced since: none of it counts as read)."""
+    offset, head = ledger.sink_position()
+    return offset if head and _same_head(head, _head(sink)) else 0
+
+
 def _same_head(stored: str, current: str) -> bool:
     """``current`` fingerprints the file ``stored`` was taken of; a ``stored`` one kept
     before fingerprints named the inode is compared by its first line only."""

@@ -5,6 +5,7 @@ state, the per-account run lock, a crash's in-flight rows, a lost database."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -384,6 +385,11 @@ def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing
         sink_file = embedded.webhooks.sink
         wait_until(lambda: sink_file.exists() and len(sink_file.read_bytes().splitlines()) == 10,
                    timeout=30, what="10 outcome events in the sink file")
+    # The SQLite mirror reads all 10 (and tallies them); then a line comes that it has not
+    # read: an event of another type.
+    jobs.reconcile(embedded, first.run_id)
+    with sink_file.open("ab") as fh:
+        fh.write(b'{"id":"evt_late","type":"appointment.updated","job_id":"1","data":{}}\n')
     monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
     config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
     argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(embedded.state.ledger),
@@ -392,12 +398,12 @@ def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing
     out = capsys.readouterr().out
     assert "1 runs (10 rows)" in out
     assert "sink " in out
-    assert ": 10 events copied; 0 were" in out
+    assert ": 11 events copied; 0 were" in out
     assert main(argv) == 0  # again: nothing twice
     out = capsys.readouterr().out
     assert "0 runs (0 rows)" in out
     assert "1 runs were in the database already" in out
-    assert ": 0 events copied; 10 were" in out
+    assert ": 0 events copied; 11 were" in out
     assert statuses(pg_url) == {"accepted": 10}
 
     with EmulatorThread() as api:  # task-00003 exists now
@@ -414,6 +420,15 @@ def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing
     statuses_of_first = {r["emr_task_id"]: r["final_status"] for r in read_results(
         tmp_path / "worker-a" / "reports" / first.run_id)}
     assert statuses_of_first["task-00000"] == "confirmed"  # the copied sink events count
+    # What the SQLite mirror had read is counted once, what it had not read is counted
+    # (the late line); the same figures as the SQLite ledger reading the same file.
+    jobs.reconcile(embedded, first.run_id)
+    on_sqlite = json.loads((old / "reports" / first.run_id / "summary.json").read_text())
+    on_pg = json.loads((tmp_path / "worker-a" / "reports" / first.run_id / "summary.json"
+                        ).read_text())
+    assert on_pg["events"] == on_sqlite["events"]
+    assert on_pg["events"]["other_types"] == {"appointment.updated": 1}
+    assert on_pg["events"]["repeated_deliveries"] == 0
 
 
 def test_migrate_state_refuses_a_database_whose_rows_use_the_same_ids(

@@ -375,3 +375,29 @@ def test_the_counts_are_the_final_statuses_of_the_rows(book: Book) -> None:
     assert book.result("run-2").counts == {
         **dict.fromkeys(FINAL_STATUSES, 0), "confirmed": 1, "awaiting_outcome": 1,
         "failed_in_emr": 1, "skipped_already_sent": 1, "ambiguous": 1}
+
+
+def test_mirrored_through_is_the_ledgers_position_in_that_same_file_only(
+        tmp_path: Path) -> None:
+    """migrate-state's count of a sink file's bytes already mirrored: the ledger's position
+    while the file is the one it read; 0 once another file is in its place (a rotation or
+    a rewrite, even with the same bytes), since none of that file was read."""
+    from pipeline.reconciliation import ingest, mirrored_through  # noqa: PLC0415
+
+    sink = tmp_path / "webhooks.jsonl"
+    line = b'{"id":"evt_1","type":"appointment.updated","job_id":"1","data":{}}\n'
+    sink.write_bytes(line)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        assert mirrored_through(ledger, sink) == 0
+        ingest(ledger, sink, ACCOUNT)
+        assert mirrored_through(ledger, sink) == len(line)
+        with sink.open("ab") as fh:
+            fh.write(line.replace(b"evt_1", b"evt_2"))
+        assert mirrored_through(ledger, sink) == len(line)  # the new line is not read yet
+        replacement = tmp_path / "rewritten.jsonl"
+        replacement.write_bytes(sink.read_bytes())
+        replacement.replace(sink)
+        assert mirrored_through(ledger, sink) == 0
+    finally:
+        ledger.close()

@@ -94,8 +94,10 @@ _EVENTS_FROM_IN_SQL: Final = (
     " FROM events_in ORDER BY n ON CONFLICT DO NOTHING")
 _SINK_EVENTS_AFTER_SQL: Final = (
     "SELECT seq, body, verdict, to_char(received_at AT TIME ZONE 'UTC',"
-    " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM sink_events"
-    " WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s")
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM sink_events s"
+    " WHERE seq > %s AND seq <= %s"
+    " AND NOT EXISTS (SELECT 1 FROM sink_premirrored p WHERE p.seq = s.seq)"
+    " ORDER BY seq LIMIT %s")
 
 
 class PgLedger(Ledger):
@@ -463,7 +465,9 @@ class PgLedger(Ledger):
     def sink_events_after(self, seq: int, limit: int
                           ) -> list[tuple[int, bytes, str, str]]:
         """Up to ``limit`` stored sink events after ``seq``, in ``seq`` order, every one of
-        them committed: (seq, body, verdict, received_at as ISO 8601 UTC with ms).
+        them committed: (seq, body, verdict, received_at as ISO 8601 UTC with ms). The
+        events a migrated ledger had mirrored already (``sink_premirrored``, migration 9)
+        are left out.
 
         Waits for the inserts in progress first (a SHARE lock, released at once), so no
         event with a smaller ``seq`` can still commit after this read: nothing is skipped.

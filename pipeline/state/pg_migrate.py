@@ -33,8 +33,9 @@ from pipeline.state.sqlite import Ledger
 log = logging.getLogger(__name__)
 
 _CHUNK: Final = 5000
-# An event as copied: (id, SHA-256 of its body, body, verdict, receive time).
-SinkEvent = tuple[str, bytes, bytes, str, datetime]
+# An event as copied: (id, SHA-256 of its body, body, verdict, receive time, and the
+# byte offset just after its line in the sink file).
+SinkEvent = tuple[str, bytes, bytes, str, datetime, int]
 _LEDGER_TABLES: Final = ("runs", "files", "rows", "events", "event_tally")
 
 
@@ -186,7 +187,8 @@ def read_sink_events(sink: Path) -> list[SinkEvent]:
     ``migrated-no-receipt`` (no receipt: its outcome time will be its ``created``).
     Lines the event codec refuses are not copied (they stay in the file).
 
-    Returns the events to copy (id, body hash, body, verdict, receive time), read whole
+    Returns the events to copy (id, body hash, body, verdict, receive time, offset after
+    its line), read whole
     before anything is written, so a file that is not a sink file stops the command
     before the ledger is copied. Raises StateError if the file cannot be used.
     """
@@ -198,7 +200,7 @@ def read_sink_events(sink: Path) -> list[SinkEvent]:
     now = datetime.now(UTC)
     found: list[SinkEvent] = []
     unreadable = 0
-    for _, _, event in read_sink_from(sink, 0):
+    for _, end, event in read_sink_from(sink, 0):
         if isinstance(event, SetAside) or not isinstance(event.get("id"), str):
             unreadable += 1
             continue
@@ -211,7 +213,7 @@ def read_sink_events(sink: Path) -> list[SinkEvent]:
         else:
             verdict, at = NO_RECEIPT, None
         when = datetime.fromisoformat(at) if at else now
-        found.append((event["id"], hashlib.sha256(body).digest(), body, verdict, when))
+        found.append((event["id"], hashlib.sha256(body).digest(), body, verdict, when, end))
     if unreadable and not found:
         raise StateError(f"--sink: none of the {unreadable:,} lines of {sink} is a webhook "
                          "event: is it the sink file (webhooks.sink)? nothing was copied")
@@ -221,10 +223,15 @@ def read_sink_events(sink: Path) -> list[SinkEvent]:
     return found
 
 
-def copy_sink(url: str, sink: Path | list[SinkEvent]) -> Copied:
+def copy_sink(url: str, sink: Path | list[SinkEvent], *, mirrored_through: int = 0
+              ) -> Copied:
     """Copy the events of the sink file ``sink`` (or those ``read_sink_events`` read from
-    it) into ``sink_events`` (module docstring). Raises StateError if the file or the
-    database cannot be used."""
+    it) into ``sink_events`` (module docstring). ``mirrored_through``: how many bytes of
+    the file the copied ledger's events mirror had read (``reconciliation.mirrored_through``):
+    an event whose line ends within them is in that mirror already, and counted in its
+    tally, so its ``seq`` goes to ``sink_premirrored`` and the mirror on PostgreSQL reads
+    past it (counted again, it would be a repeated delivery that never happened).
+    Raises StateError if the file or the database cannot be used."""
     import psycopg
 
     found = read_sink_events(sink) if isinstance(sink, Path) else sink
@@ -237,9 +244,15 @@ def copy_sink(url: str, sink: Path | list[SinkEvent]) -> Copied:
                 rows = conn.execute(
                     "INSERT INTO sink_events (event_id, body_sha256, body, verdict, received_at)"
                     " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::text[],"
-                    " %s::timestamptz[]) ON CONFLICT DO NOTHING RETURNING seq",
-                    [list(c) for c in zip(*chunk, strict=True)]).fetchall()
+                    " %s::timestamptz[]) ON CONFLICT DO NOTHING RETURNING seq, event_id",
+                    [list(c) for c in zip(*(e[:5] for e in chunk), strict=True)]).fetchall()
                 added += len(rows)
+                mirrored: dict[str, bool] = {}
+                for event in chunk:  # an id twice in the file: the first one is stored
+                    mirrored.setdefault(event[0], event[5] <= mirrored_through)
+                conn.cursor().executemany(
+                    "INSERT INTO sink_premirrored VALUES (%s) ON CONFLICT DO NOTHING",
+                    [(seq,) for seq, event_id in rows if mirrored[str(event_id)]])
     except psycopg.Error as exc:
         raise StateError(f"state.url: cannot copy events into PostgreSQL at {where(url)}: "
                          f"{str(exc).splitlines()[0][:200]}") from None

@@ -246,6 +246,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(8, "room in the pages of rows for their later versions (fillfactor 25)", """
         ALTER TABLE rows SET (fillfactor = 25);
     """),
+    # ``migrate-state --sink`` copies a sink file's events into sink_events, beside the
+    # ledger's events mirror, which already holds (and tallied) those the SQLite ledger
+    # had read from that file. Mirrored again from sink_events, each would be counted a
+    # second time: as a repeated delivery, or in the tally of other event types. The
+    # copy lists their ``seq`` here, and the mirror reads past them (sink_events_after).
+    Migration(9, "the sink events a migrated ledger had mirrored already", """
+        CREATE TABLE IF NOT EXISTS sink_premirrored (seq bigint PRIMARY KEY);
+    """),
 )
 
 
