@@ -328,7 +328,7 @@ class StateConfig(_Section):
         check_url(value.get_secret_value())
         if importlib.util.find_spec("psycopg") is None:  # before anything runs, not mid-way
             raise ValueError("needs the PostgreSQL driver psycopg 3, which is not installed: "
-                             "pip install 'tasknotes[postgres]'")
+                             "pip install -e '.[postgres]' in the tasknotes checkout")
         return value
 
 

@@ -112,6 +112,30 @@ def test_a_password_with_unencoded_url_characters_is_refused_showing_none_of_it(
     assert load_config(encoded).state.url is not None  # percent-encoded: accepted
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql://tn:Secr%e9tPw@127.0.0.1:5432/tasknotes", "UTF-8"),  # Latin-1 é
+    ("postgresql://tn:%ff%fe@127.0.0.1:5432/tasknotes", "UTF-8"),
+    ("postgresql://tn:Secr3tPw@127.0.0.1:99999/tasknotes", "a port is a number"),
+    ("postgresql://tn:Secr3tPw@127.0.0.1:54x2/tasknotes", "a port is a number"),
+])
+def test_a_url_psycopg_cannot_decode_or_a_bad_port_is_refused_as_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, says: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Percent-encoded bytes that are not UTF-8 (psycopg decodes the URL as UTF-8: it
+    stopped validate, status and run with a traceback) and a port out of range or not a
+    number: one line naming state.url and the rule, exit 2, none of the password."""
+    monkeypatch.setenv("TASKNOTES_STATE_URL", url)
+    config = write_config(tmp_path, state={"url": "${TASKNOTES_STATE_URL}"})
+    for command in ("validate", "status"):
+        assert main(["-q", command, str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "state.url" in err
+        assert says in err
+        assert "Traceback" not in err
+        assert "Secr" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_state_url_without_the_postgres_driver_is_one_line_exit_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +149,7 @@ def test_state_url_without_the_postgres_driver_is_one_line_exit_2(
         assert main(["-q", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert "state.url" in err
-        assert "pip install 'tasknotes[postgres]'" in err
+        assert "pip install -e '.[postgres]'" in err
         assert "Traceback" not in err
         assert "pw-x" not in err
 

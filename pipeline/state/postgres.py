@@ -26,7 +26,7 @@ import re
 import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 
 from pipeline.errors import StateError
 
@@ -304,6 +304,10 @@ def check_url(url: str) -> None:
                          "special characters in the user name and password") from None
     userinfo, _, hosts = parts.netloc.rpartition("@")
     database = parts.path.removeprefix("/")
+    # (an @ after the host part: a password with an unencoded / ? #, refused below)
+    if "@" not in rest[len(authority):] and any(_bad_port(h) for h in hosts.split(",")):
+        raise ValueError("is not a valid postgresql:// URL: a port is a number from 1 to "
+                         "65535")
     # an empty host is libpq's default (a Unix socket), or the query's host=/dir
     if (parts.netloc.count("@") > 1 or parts.fragment or any(c in database for c in "@/:")
             or "[" in userinfo or "]" in userinfo
@@ -314,6 +318,18 @@ def check_url(url: str) -> None:
     if _BAD_PERCENT.search(url):
         raise ValueError("is not a valid postgresql:// URL: a % must start a percent-encoded "
                          "byte (two hex digits, not %00); write a literal % as %25")
+    try:  # psycopg reads the decoded URL as UTF-8 (a Latin-1 %e9 would stop it with a traceback)
+        unquote_to_bytes(url).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not a valid postgresql:// URL: percent-encoded bytes must spell "
+                         "UTF-8 text (é is %C3%A9, not %E9)") from None
+
+
+def _bad_port(host_port: str) -> bool:
+    """``host:port`` whose port is given but is not a number from 1 to 65535."""
+    rest = host_port.rpartition("]")[2] if host_port.startswith("[") else host_port
+    port = rest.partition(":")[2]
+    return bool(port) and not (port.isdigit() and 0 < int(port) < 65536)
 
 
 # RFC 3986's characters: unreserved, reserved, and % (checked apart, _BAD_PERCENT).
@@ -401,8 +417,8 @@ def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[t
     try:
         import psycopg
     except ImportError:
-        raise StateError("state.url: PostgreSQL needs psycopg 3: "
-                         "pip install 'tasknotes[postgres]'") from None
+        raise StateError("state.url: PostgreSQL needs psycopg 3, the postgres extra: "
+                         "pip install -e '.[postgres]' in the tasknotes checkout") from None
     try:
         return psycopg.connect(
             url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
