@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -474,6 +476,15 @@ def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_not
     assert "Traceback" not in err
     with connect(pg_url) as conn:  # read before the ledger is copied: nothing copied at all
         assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+    newer = tmp_path / "newer.sqlite"  # written by a newer tasknotes, as SQLite refuses it
+    shutil.copy(ledger, newer)
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    assert main(["-q", "migrate-state", str(config), "--from-sqlite", str(newer)]) == 2
+    err = capsys.readouterr().err
+    assert f"--from-sqlite: {newer} has schema 99, newer than this tasknotes knows" in err
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
 
 
 def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(
@@ -498,6 +509,36 @@ def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(
         assert "let that run end, then migrate; nothing was copied" in err
         with connect(pg_url) as conn:
             assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+    finally:
+        running.close()
+    assert main(argv) == 0
+    assert statuses(pg_url) == {"accepted": 3}
+
+
+def test_migrate_state_refuses_while_a_run_on_postgres_holds_an_accounts_lock(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A run on PostgreSQL that scans while the copy is under way finds no history and
+    sends again every note the copy brings in (attacker finding: 1,500 notes twice, both
+    commands exit 0). migrate-state takes the run lock of every account it copies runs
+    of: while a run holds one, it is refused naming the holder, nothing copied; once the
+    run has ended it copies, and holds the locks until its commit."""
+    source = write_csv(tmp_path / "input.csv", notes(3))
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+    path = tmp_path / "old" / "state" / "ledger.sqlite"
+    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
+    argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(path)]
+    running = PgLedger(pg_url, "test_clinic")
+    running.lock()  # as a run on PostgreSQL holds it while it scans and sends
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err
+        assert "holds the run lock of account test_clinic" in err
+        assert "nothing was copied" in err
+        assert statuses(pg_url) == {}
     finally:
         running.close()
     assert main(argv) == 0

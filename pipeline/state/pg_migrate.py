@@ -22,13 +22,16 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import StateError
 from pipeline.state.postgres import open_state, where
 from pipeline.state.protocol import NO_RECEIPT, POLLED, SIGNED
-from pipeline.state.schema import clock_name
+from pipeline.state.schema import SCHEMA_VERSION, clock_name
 from pipeline.state.sqlite import Ledger
+
+if TYPE_CHECKING:
+    from pipeline.state.pg_ledger import PgLedger
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,11 @@ def copy_ledger(url: str, path: Path) -> Copied:
 
     ledger = _source_ledger(path)
     source = ledger._db
+    try:
+        locks = _lock_accounts(url, source, path)
+    except BaseException:
+        ledger.close()
+        raise
     conn = open_state(url, application="tasknotes migrate-state")
     try:
         with conn.transaction():
@@ -102,8 +110,33 @@ def copy_ledger(url: str, path: Path) -> Copied:
                          f"{str(exc).splitlines()[0][:200]}") from None
     finally:
         conn.close()
+        locks.close()  # after the commit: a run waiting for them sees the copied history
         ledger.close()
     return Copied(runs=len(new), rows=copied_rows, events=events, runs_there=total - len(new))
+
+
+def _lock_accounts(url: str, source: Any, path: Path) -> PgLedger:
+    """A session on ``url`` holding the run lock (pg_ledger.PgLedger.lock) of every account
+    the ledger at ``path`` has runs of, until closed: no run of those accounts may scan
+    while the copy is under way (it would find no history, and send again every note the
+    copy then brings in) nor start before it is committed. Raises StateError naming the
+    holder when a run holds one (nothing was copied)."""
+    from pipeline.state.pg_ledger import PgLedger, label_locks
+
+    row_accounts = any(r[1] == "account" for r in source.execute("PRAGMA table_info(rows)"))
+    query = ("SELECT account FROM runs UNION SELECT account FROM rows" if row_accounts
+             else "SELECT account FROM runs")  # a ledger before api.accounts has none
+    labels = [str(r[0]) for r in source.execute(query).fetchall() if r[0]]
+    names = sorted({name for label in labels for name in label_locks(label)})
+    session = PgLedger(url, names[0] if names else "(migrate-state)", names)
+    try:
+        if names:
+            session.lock()
+    except StateError as exc:
+        session.close()
+        raise StateError(f"{exc}: let that run end, then migrate {path}; nothing was "
+                         "copied") from None
+    return session
 
 
 def _source_ledger(path: Path) -> Ledger:
@@ -130,6 +163,13 @@ def _source_ledger(path: Path) -> Ledger:
         ledger.close()
         raise StateError(f"--from-sqlite: {path} is not a tasknotes ledger (no table "
                          f"{', '.join(missing)}); nothing was copied")
+    version = (ledger._db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+               .fetchone() if "meta" in tables else None)
+    if version is not None and str(version[0]).isdigit() and int(version[0]) > SCHEMA_VERSION:
+        ledger.close()  # written by a newer tasknotes: its columns mean what this one cannot know
+        raise StateError(f"--from-sqlite: {path} has schema {version[0]}, newer than this "
+                         f"tasknotes knows ({SCHEMA_VERSION}): upgrade tasknotes; nothing was "
+                         "copied")
     try:  # held until the copy ends: no run may change the ledger while it is copied
         ledger.lock()
     except StateError as exc:
