@@ -317,3 +317,64 @@ def test_a_unit_that_committed_a_transaction_before_its_conflict_is_not_run_agai
         world.sender._pg.retrying(body, "two transactions")
     assert calls == 1
     assert [r[3] for r in final_rows(world.sender.url) if r[0] == world.x2] == [1]
+
+
+def test_a_send_commit_failing_at_its_sync_stops_the_run_with_exit_3_and_sends_nothing_blind(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An error the server reports at the Sync of the send's pipelined group commit (its
+    implicit COMMIT: here a deferred trigger raising 40001 there, as SSI does at commit)
+    leaves psycopg's pipeline stuck, the answer lost ("cannot exit pipeline mode while
+    busy"). It was exit 2, or a traceback, after notes had gone out (attacker finding);
+    now the run stops with exit 3 and one line, no request for a row not committed
+    ``sending`` leaves, and the next run sends every note once."""
+    source = write_csv(tmp_path / "input.csv", notes(30))
+    with EmulatorThread() as api:
+        config = write_config(tmp_path, api={"base_url": api.url, "account": "test_clinic"},
+                              state={"url": pg_url})
+        PgLedger(pg_url, "test_clinic").close()  # the schema
+        with connect(pg_url) as conn:
+            conn.execute("""
+                CREATE FUNCTION conflict_at_commit() RETURNS trigger AS $$
+                BEGIN
+                    RAISE EXCEPTION 'could not serialize access due to read/write dependencies'
+                        USING ERRCODE = 'serialization_failure';
+                END $$ LANGUAGE plpgsql;
+                CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER UPDATE ON rows
+                    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                    WHEN (NEW.status = 'sending') EXECUTE FUNCTION conflict_at_commit();""")
+        code = main(["-q", "run", str(config), "--input", str(source), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 3, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        assert "the answer to a send's group commit was lost" in lines[0]
+        assert "Traceback" not in err
+        assert api.emulator.requests == 0
+        with connect(pg_url) as conn:
+            assert conn.execute("SELECT status, count(*) FROM rows GROUP BY status"
+                                ).fetchall() == [("pending", 30)]
+            conn.execute("DROP TRIGGER conflict_at_commit ON rows")
+        assert main(["-q", "run", str(config), "--input", str(source), "--no-progress"]) in (0, 1)
+        assert api.emulator.requests == 30
+
+
+def test_sessions_are_read_committed_whatever_the_databases_default(pg_url: str) -> None:
+    """A database whose default is SERIALIZABLE (attacker: clinics writing disjoint rows
+    then failed each other's commits, and reconcile and poll exited 3): tasknotes'
+    sessions still run READ COMMITTED, the level their transactions are written for."""
+    import psycopg  # noqa: PLC0415 - the postgres extra, as in the fixtures
+
+    with connect(pg_url) as conn:
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET default_transaction_isolation'
+                     " = 'serializable'")
+    with psycopg.connect(pg_url) as plain:  # a session of another client gets the default
+        assert plain.execute("SHOW transaction_isolation").fetchone() == ("serializable",)
+    ledger = PgLedger(pg_url, "test_clinic")
+    try:
+        assert ledger._pg.execute("SHOW transaction_isolation").fetchone() == (
+            "read committed",)
+        with ledger._transaction():
+            assert ledger._pg.execute("SHOW transaction_isolation").fetchone() == (
+                "read committed",)
+    finally:
+        ledger.close()

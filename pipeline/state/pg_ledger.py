@@ -392,14 +392,31 @@ class PgLedger(Ledger):
         wait for the server's process to be scheduled on a busy machine
         (bench/state.py). Raises StateError, or RunAborted if the connection is lost
         (nothing of the batch then counts as sent: the rows stay ``pending``).
+
+        An error the server reports at the Sync itself (the implicit COMMIT: a deferred
+        trigger, or a serialization failure had a session run SERIALIZABLE) leaves
+        psycopg's pipeline unusable, its answer lost: the session is closed and the
+        group commit is RunAborted (exit 3), as when the database goes away. No request
+        of its rows has left; the rows it would have recorded stay ``sending``, and the
+        next run holds them as ambiguous.
         """
         if not sending and not attempts:
             return
-        with self._pg.errors(), self._conn.pipeline():
-            if attempts:
-                self.record_attempts(attempts)
-            if sending:
-                self.mark_sending(sending)
+        from psycopg import pq
+
+        try:
+            with self._pg.errors(), self._conn.pipeline():
+                if attempts:
+                    self.record_attempts(attempts)
+                if sending:
+                    self.mark_sending(sending)
+        except StateError as exc:
+            if self._conn.closed or self._conn.pgconn.pipeline_status == pq.PipelineStatus.OFF:
+                raise
+            self.close()  # stuck in pipeline mode: nothing more can be asked of it
+            raise RunAborted(f"{exc}; the answer to a send's group commit was lost, so the "
+                             "connection was closed: requests in flight are ambiguous until "
+                             "the next run") from None
 
     def latest_run(self) -> str | None:
         """The id of the run started last, or None if there is none."""

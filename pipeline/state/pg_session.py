@@ -143,8 +143,9 @@ class PgSession:
                 if attempt == CONFLICT_TRIES:
                     raise Conflict(f"{exc}; {what} was tried {attempt} times and conflicted "
                                    "every time with another process writing the same rows; "
-                                   "stopped here: requests in flight are ambiguous until the "
-                                   "next run", exc.sqlstate) from None
+                                   "stopped here (nothing of it was written; a run's requests "
+                                   "then in flight are ambiguous until its next run)",
+                                   exc.sqlstate) from None
                 pause = self._backoff.delay(attempt)
                 log.warning("state: %s rolled back by PostgreSQL (SQLSTATE %s, try %d of %d); "
                             "running it again in %d ms", what, exc.sqlstate, attempt,

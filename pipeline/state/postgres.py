@@ -407,8 +407,18 @@ def describe_failure(url: str, exc: BaseException) -> str:
     return _withhold(reason, secrets_of(url))[:200]
 
 
+# Every session: a commit returns once its WAL is flushed (synchronous_commit=on), and its
+# transactions are READ COMMITTED whatever the database's default: tasknotes' transactions
+# are written for it (explicit locks where order matters). Under a database default of
+# SERIALIZABLE, clinics writing disjoint rows failed each other's commits (40001), and a
+# send's group commit failing at its Sync leaves psycopg's pipeline unusable (exit 3).
+SESSION_OPTIONS: Final = ("-c synchronous_commit=on"
+                          " -c default_transaction_isolation=read\\ committed")
+
+
 def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[tuple[object, ...]]:
-    """An autocommit connection to ``url`` with ``synchronous_commit=on``.
+    """An autocommit connection to ``url`` with ``synchronous_commit=on`` and READ
+    COMMITTED transactions (``SESSION_OPTIONS``).
 
     Raises StateError (exit 2) naming host:port/database on any failure, and
     StateError as well when psycopg is not installed (``pip install -e '.[postgres]'``).
@@ -422,7 +432,7 @@ def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[t
     try:
         return psycopg.connect(
             url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-            application_name=application, options="-c synchronous_commit=on",
+            application_name=application, options=SESSION_OPTIONS,
             keepalives=1, keepalives_idle=10, keepalives_interval=3, keepalives_count=3,
         )
     except psycopg.Error as exc:
