@@ -96,6 +96,10 @@ def configure(level: int, log_format: str | None, config_path: Path | None = Non
         root.removeHandler(old)
     root.addHandler(_formatted(_Handler(stream or sys.stderr), chosen))
     root.setLevel(level)
+    # psycopg warns of a connection it could not close cleanly ("error ignored terminating
+    # <psycopg.Pipeline [BAD] ...>") right after the error that caused it, which tasknotes
+    # reports in its own one line: only psycopg's errors are shown.
+    logging.getLogger("psycopg").setLevel(max(level, logging.ERROR))
     return chosen
 
 

@@ -170,3 +170,32 @@ def test_a_reader_that_goes_away_gets_no_traceback_and_the_exit_code_stands(
     assert "Traceback" not in err.decode()
     assert "BrokenPipeError" not in err.decode()
     assert proc.returncode == whole.returncode
+
+
+def test_the_commands_log_shows_psycopgs_errors_not_its_warnings() -> None:
+    """psycopg's warning about a connection it could not close cleanly ("error ignored
+    terminating <psycopg.Pipeline [BAD] ...>") followed tasknotes' own one-line error when
+    the database went away mid-run (newcomer finding): the command's log shows only
+    psycopg's errors; tasknotes' own warnings still show."""
+    import io  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from pipeline import logs  # noqa: PLC0415
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("psycopg").level)
+    root.handlers = [h for h in root.handlers if isinstance(h, logs._Handler)]
+    try:
+        logs.configure(logging.INFO, "text", stream=stream)
+        logging.getLogger("psycopg").warning("error ignored terminating <psycopg.Pipeline>")
+        logging.getLogger("psycopg").error("psycopg-error-line")
+        logging.getLogger("pipeline.state").warning("tasknotes-warning-line")
+    finally:
+        root.handlers, _, _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger("psycopg").setLevel(saved[2])
+    shown = stream.getvalue()
+    assert "error ignored" not in shown
+    assert "psycopg-error-line" in shown
+    assert "tasknotes-warning-line" in shown
