@@ -143,3 +143,21 @@ def test_a_state_error_is_retried_and_the_sensor_pokes_again(
     assert not isinstance(caught.value, exceptions.AirflowFailException)
     assert "pw-3e1a" not in str(caught.value)
     assert dags.outcomes_settled(str(config)) is False
+
+
+def test_where_tasknotes_is_not_importable_the_sensor_pokes_again_on_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sensor's fallback to the command (a worker that cannot import tasknotes): the
+    database unreachable is exit 2 there too, and the sensor says "not yet" (it failed
+    at once, no retry, on a database restart: newcomer finding)."""
+    pytest.importorskip("psycopg", reason="state.url needs the [postgres] extra")
+    from helpers import free_port, write_config  # noqa: PLC0415
+
+    command = Path(sys.executable).with_name("tasknotes")
+    monkeypatch.chdir(tmp_path)
+    dags = _dag_module(monkeypatch, {"TASKNOTES_WORKDIR": str(tmp_path),
+                                     "TASKNOTES_BIN": str(command)})
+    monkeypatch.setitem(sys.modules, "pipeline", None)  # import pipeline: ImportError
+    config = write_config(tmp_path, state={
+        "url": f"postgresql://u:pw-3e1a@127.0.0.1:{free_port()}/tasknotes"})
+    assert dags.outcomes_settled(str(config)) is False
