@@ -166,9 +166,11 @@ exit codes:
   0  every row ended well (accepted, confirmed, or rightly skipped)
   1  the command finished, but some rows were rejected, failed or are ambiguous,
      or await an outcome longer than report.stale_after
-  2  bad usage, bad config or unreadable input: nothing was sent
+  2  bad usage, bad config or unreadable input, another run holds the account's
+     run lock, or the database of state.url cannot be reached: nothing was sent
   3  aborted: credentials refused, too many consecutive failures, interrupted,
-     disk full, or Cobalt's answers could not be read"""
+     disk full, Cobalt's answers could not be read, or the database of state.url
+     went away or kept conflicting (requests in flight are then ambiguous)"""
 # Each command's own meaning of its exit codes, shown by its --help (the README's contract).
 _RECONCILED = """\
   0  every row of the runs reconciled ended well (awaiting rows not yet stale)
@@ -184,7 +186,8 @@ exit codes:
     "sink": """\
 exit codes:
   0  stopped by Ctrl-C (SIGINT) or SIGTERM, after a graceful shutdown
-  2  bad usage or config (no webhook secret), or host:port cannot be listened on""",
+  2  bad usage or config (no webhook secret), host:port cannot be listened on, or
+     the database of state.url cannot be reached""",
     "export-events": """\
 exit codes:
   0  every stored event was written
@@ -197,19 +200,23 @@ exit codes:
     "poll": f"""\
 exit codes (of the reconcile that follows the poll):
 {_RECONCILED}
-  2  bad usage or config, or no ledger yet
+  2  bad usage or config, no ledger yet, or the database of state.url cannot be
+     reached
   3  aborted: credentials refused, Cobalt kept failing, or a page could not be read
-     (with api.accounts: for any account; the others are polled to the end)""",
+     (with api.accounts: for any account; the others are polled to the end); or
+     the database of state.url went away or kept conflicting""",
     "reconcile": f"""\
 exit codes:
 {_RECONCILED}
-  2  bad usage or config, or no ledger yet""",
+  2  bad usage or config, no ledger yet, or the database of state.url cannot be
+     reached
+  3  aborted: the database of state.url went away or kept conflicting""",
     "status": """\
 exit codes:
   0  nothing is open over any run
   1  something is open: awaiting an outcome (stale or not), ambiguous, not sent,
      failed in the EMR with a retryable reason, or a run in progress
-  2  bad usage or config""",
+  2  bad usage or config, or the database of state.url cannot be reached""",
     "prune": """\
 exit codes:
   0  pruned (or, with --dry-run, counted) what is older than the limit
@@ -293,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inputs_arg(validate)
     validate.set_defaults(handler=_validate)
 
-    sink = command("sink", "receive Cobalt's webhooks into the sink file")
+    sink = command("sink", "receive Cobalt's webhooks into the sink file (or state.url's "
+                           "database)")
     _config_arg(sink)
     sink.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sink.add_argument("--port", type=int, default=8787, help="port to listen on")
