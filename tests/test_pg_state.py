@@ -184,6 +184,23 @@ def test_every_command_keeps_its_state_in_postgres_and_says_so_when_it_cannot(
 # -- schema ------------------------------------------------------------------------------------
 
 
+def test_a_database_holding_another_applications_tables_is_refused_untouched(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A database with its own ``runs`` table and no tasknotes_schema (state.url pointed
+    at another application's database): one line naming the table, exit 2, and nothing
+    of tasknotes created in it (the first migration's tables were left: attacker)."""
+    with connect(pg_url) as conn:
+        conn.execute("CREATE TABLE runs (id serial PRIMARY KEY, what text)")
+    config = write_config(tmp_path, state={"url": pg_url})
+    assert main(["-q", "status", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "already has tables named as tasknotes' (runs)" in err
+    assert len(err.strip().splitlines()) == 1
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('tasknotes_schema'), to_regclass('sink_events')"
+                            ).fetchone() == (None, None)
+
+
 def test_schema_is_created_with_its_version_and_a_rerun_migrates_nothing(pg_url: str) -> None:
     with connect(pg_url) as conn:
         assert migrate(conn) == [m.version for m in MIGRATIONS]

@@ -469,6 +469,8 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]],
         return applied
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        if not applied_versions(conn):
+            _refuse_foreign(conn)
         conn.execute("""CREATE TABLE IF NOT EXISTS tasknotes_schema (
                             version      integer PRIMARY KEY,
                             description  text NOT NULL,
@@ -487,6 +489,25 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]],
             log.info("state: schema migrated to version %d (%s)", migration.version,
                      migration.description)
     return applied
+
+
+# The tables the migrations create: in a database without tasknotes_schema, one of them
+# there already is another application's, and the first migration that creates it would
+# stop half-way, with tasknotes' first tables left in that database.
+_TABLES: Final = ("sink_events", "meta", "runs", "files", "rows", "events", "orphans",
+                  "event_tally", "run_locks", "sink_premirrored")
+
+
+def _refuse_foreign(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """StateError naming them, before anything is created, if tables tasknotes would create
+    are in the database (its search path) although it has no ``tasknotes_schema``."""
+    found = [name for name in _TABLES if conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone() == (True,)]
+    if found:
+        raise StateError(f"state.url: the database already has tables named as tasknotes' "
+                         f"({', '.join(found)}) but no tasknotes_schema: is it another "
+                         "application's? give tasknotes a database of its own; nothing was "
+                         "created")
 
 
 def _refuse_newer(done: set[int], known: set[int]) -> None:
