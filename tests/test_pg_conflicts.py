@@ -378,3 +378,29 @@ def test_sessions_are_read_committed_whatever_the_databases_default(pg_url: str)
                 "read committed",)
     finally:
         ledger.close()
+
+
+def test_a_unit_that_only_read_before_its_conflict_runs_again(world: Clinics) -> None:
+    """A method that reads outside a transaction (finish_run and update_run_info read the
+    run's record first), then conflicts in its write: the read committed nothing, so the
+    whole method runs again (it stopped the command with exit 3 after one try)."""
+    calls = 0
+
+    def body() -> None:
+        nonlocal calls
+        calls += 1
+        assert world.sender._pg.execute("SELECT count(*) FROM rows").fetchone() is not None
+        assert world.sender._pg.execute("SHOW transaction_isolation").fetchone() is not None
+        if calls == 1:
+            raise pg_session.Conflict("conflict", "40P01")
+        with world.sender._transaction():
+            world.sender.mark_sending([world.x2])
+    world.sender._pg.retrying(body, "a read, then a write")
+    assert calls == 2
+    assert [r[3] for r in final_rows(world.sender.url) if r[0] == world.x2] == [1]
+    assert pg_session._reads(b" select\n 1")
+    assert pg_session._reads(b"SHOW work_mem")
+    assert not pg_session._reads(b"SELECT * INTO copied FROM rows")
+    assert not pg_session._reads(b"SELECT id FROM rows FOR UPDATE")
+    assert not pg_session._reads(b"SELECT id FROM rows\nFOR NO KEY UPDATE")
+    assert not pg_session._reads(b"UPDATE rows SET status = 'x'")

@@ -101,8 +101,11 @@ class PgSession:
                 cur = self.conn.cursor()
                 cur.execute(statement, values)
                 return cur
-        # outside a transaction the statement is one of its own: it may run again whole
-        return self.retrying(run, "a statement") if self.idle() else run()
+        # outside a transaction the statement is one of its own: it may run again whole;
+        # a read (SELECT, SHOW) changes nothing, so it is no commit a retry must not repeat
+        if not self.idle():
+            return run()
+        return self.retrying(run, "a statement", counted=not _reads(statement))
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]
                     ) -> psycopg.Cursor[tuple[Any, ...]]:
@@ -120,7 +123,7 @@ class PgSession:
         return (self.conn.info.transaction_status == pq.TransactionStatus.IDLE
                 and self.conn.pgconn.pipeline_status == pq.PipelineStatus.OFF)
 
-    def retrying(self, transaction: Callable[[], T], what: str) -> T:
+    def retrying(self, transaction: Callable[[], T], what: str, *, counted: bool = True) -> T:
         """``transaction()`` (one whole transaction: it begins and ends inside), run again
         from its start when PostgreSQL rolls it back for a conflict (``Conflict``), up to
         ``CONFLICT_TRIES`` tries in all with full-jitter exponential backoff between them;
@@ -131,6 +134,8 @@ class PgSession:
         earlier transaction committed (running it again would repeat that one), or the
         last try's. Only for bodies with no effect outside the database: none of the
         ledger's has one (a request leaves only after the commit that marks it sending).
+        ``counted``: whether the transaction, once done, counts as a commit (False for a
+        lone read: a method that read, then conflicted, may still run again whole).
         """
         outermost = self.idle()
         for attempt in range(1, CONFLICT_TRIES + 1):
@@ -152,7 +157,7 @@ class PgSession:
                             CONFLICT_TRIES, round(pause * 1000))
                 time.sleep(pause)
             else:
-                if outermost:
+                if outermost and counted:
                     self.commits += 1
                 return done
         raise AssertionError("unreachable")  # pragma: no cover
@@ -186,6 +191,20 @@ class PgSession:
                 "until the next run")
         return StateError(f"state.url: PostgreSQL at {where(self.url)}: "
                           f"{describe_failure(self.url, exc)}")
+
+
+def _reads(statement: bytes) -> bool:
+    """Whether a lone statement only reads: a SELECT (not SELECT ... INTO, which creates a
+    table, nor one locking rows FOR UPDATE / SHARE) or a SHOW."""
+    if _SHOW.match(statement):
+        return True
+    return bool(_SELECT.match(statement)) and not _WRITES.search(statement)
+
+
+_SHOW: Final = re.compile(rb"\s*SHOW\b", re.IGNORECASE)
+_SELECT: Final = re.compile(rb"\s*SELECT\b", re.IGNORECASE)
+_WRITES: Final = re.compile(rb"\bINTO\b|\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE|KEY)\b",
+                            re.IGNORECASE)
 
 
 class _OnSession(Protocol):
