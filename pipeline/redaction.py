@@ -297,10 +297,38 @@ def safe_id(value: object, private: Iterable[str] = ()) -> str | None:
 def safe_ids(values: Iterable[object], note: object) -> list[str | None]:
     """``safe_id`` of each of ``values`` against one ``note`` (ignored unless a non-empty
     string): the ids of one event against its own note, in one call (reconcile reads
-    four ids of every event, a million events per reconcile of 1M rows)."""
+    four ids of every event, a million events per reconcile of 1M rows).
+
+    The usual id (``_FEW_LETTERS``: at most 5 letters and one separator, so neither the
+    word-part rule nor a letters check of ``looks_like_id`` can apply), against a note
+    of 16 or more canonical letters and digits, can only show the note by sharing 16 of
+    them: under 16 characters it cannot, and a longer one is looked for in the note's
+    letters and digits at once (``_shares_window``), as ``_id_quotes`` does."""
     notes = [note] if isinstance(note, str) and note else []
-    return [None if v is None else (text if _is_id(text := str(v), notes)
-                                    else _withheld_id(text)) for v in values]
+    theirs = _forms(notes[0]).joined if notes else ""
+    quick = not notes or len(theirs) >= REDACT_RUN
+    out: list[str | None] = []
+    for value in values:
+        if value is None:
+            out.append(None)
+            continue
+        text = str(value)
+        if quick and _FEW_LETTERS.fullmatch(text) is not None:
+            if len(text) < REDACT_RUN or not notes:
+                out.append(text)
+                continue
+            joined = text.lower().encode("ascii").translate(None, _ID_SEPARATORS).decode("ascii")
+            if len(joined) <= len(theirs):
+                out.append(_withheld_id(text) if _shares_window(joined, theirs) else text)
+                continue
+        out.append(text if _is_id(text, notes) else _withheld_id(text))
+    return out
+
+
+# An id ID_PATTERN takes (1 to 128 characters) with at most 5 letters and one separator.
+_FEW_LETTERS: Final = re.compile(
+    r"(?=[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z)(?!(?:.*[_.:-]){2})"
+    r"(?:[0-9_.:-]*[A-Za-z]){0,5}[0-9_.:-]*")
 
 
 def _withheld_id(text: str) -> str:

@@ -118,6 +118,31 @@ def test_the_id_checks_shortcuts_give_the_definitions_verdict(text: str,
     assert looks_like_id(text, notes) == _looks_like_id_by_definition(text, notes)
 
 
+@settings(max_examples=4000, deadline=None)
+@given(st.lists(st.text(alphabet=_ID_ALPHABET, min_size=1, max_size=40)
+                | st.sampled_from(["x" * 129, "1" * 129, "1" * 127 + "a", "evt_" + "0" * 124,
+                                   "a-b", "1.2", "12:34-5", "-1", "0" * 16, "A1b2C3d4E5f",
+                                   "evt_00000000000000000123", "1200mgat08001400",
+                                   "h.i.v", "t-x-y", "x-y-z1"]),
+                min_size=1, max_size=4),
+       st.sampled_from(_NOTES) | st.text(alphabet=_ID_ALPHABET + " ,;é", max_size=60)
+       | st.none())
+def test_safe_ids_shortcuts_give_the_definitions_verdict(ids: list[str],
+                                                        note: str | None) -> None:
+    """``safe_ids`` (an event's ids against its note, with its own shortcut for ids of
+    few letters) keeps exactly the ids the rule spelled out keeps, withholds the rest
+    as ``safe_id`` does, and passes None through."""
+    kept = redaction.safe_ids([*ids, None], note)
+    assert kept[-1] is None
+    for text, got in zip(ids, kept, strict=False):
+        if _looks_like_id_by_definition(text, [note] if note else []):
+            assert got == text
+        else:
+            assert got == redaction.safe_id(text, [note] if note else [])
+            assert got is not None
+            assert got.startswith(redaction.ID_WITHHELD)
+
+
 @pytest.mark.parametrize(("value", "note"), [
     ("evt_00000000000000000123", "evt 0000 0000 0000 0000 123"),  # 16+ shared: the note
     ("1200mgat08001400", "Dose 1200 mg at 08:00, 14:00, 20:00 daily"),
