@@ -31,7 +31,13 @@ from pipeline.errors import ConfigError
 from pipeline.events import SinkFile, UnreadableEvent
 from pipeline.events import compact_json as compact
 from pipeline.state.pg_events import PgEventStore
-from pipeline.state.postgres import MIGRATIONS, connect, describe_failure, migrate
+from pipeline.state.postgres import (
+    MIGRATIONS,
+    connect,
+    describe_failure,
+    migrate,
+    where,
+)
 from pipeline.state.store import open_event_store
 
 pytestmark = pytest.mark.slow
@@ -317,9 +323,21 @@ def test_a_failure_withholds_whole_secret_tokens_and_no_other_word(
     # a password equal to a word of the message (here the user name) is withheld there
     assert failure(pg_cluster.url(database, password="tn_admin")) == (
         'password authentication failed for user "***"')
-    # libpq quotes a query parameter's value back: withheld (it may be ?password= or sslpassword=)
-    assert failure(pg_url + "?sslmode=Sm9xSecret") == 'invalid sslmode value: "***"'
+    # libpq quotes a query parameter's value back: withheld (it may be ?password= or
+    # sslpassword=), but for settings libpq documents as plain: "SSL was required" stays
+    assert failure(pg_url + "?sslrootcert=x&sslkey=Sm9xSecret&sslmode=verify-full") != ""
+    assert "Sm9xSecret" not in failure(pg_url + "?options=Sm9xSecret")
+    assert failure(pg_url + "?sslmode=require") == (
+        "server does not support SSL, but SSL was required")
+    assert failure(pg_url + "?sslmode=Sm9xSecret") == 'invalid sslmode value: "Sm9xSecret"'
     assert failure(pg_cluster.url(database, port=free_port())) == "Connection refused"
+
+
+def test_where_names_a_sockets_directory_and_port_as_libpq_reads_them() -> None:
+    """The label of a URL naming its Unix socket directory and port in the query (the
+    usual form for a local server): that port, not 5432 (attacker finding)."""
+    assert where("postgresql://tn@/tn27?host=/tmp/pg&port=55861") == "/tmp/pg:55861/tn27"
+    assert where("postgresql://tn@db.internal/tn") == "db.internal:5432/tn"
 
 
 def test_a_server_error_is_its_primary_message_not_the_caret_or_context_line(

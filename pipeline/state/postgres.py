@@ -263,13 +263,17 @@ def where(url: str) -> str:
     A missing host is ``localhost`` and a missing port 5432, as libpq assumes.
     """
     parts = urlsplit(url)
-    socket_dir = parse_qs(parts.query).get("host", [""])[0]
+    query = parse_qs(parts.query)
+    socket_dir = query.get("host", [""])[0]
     host = parts.hostname or (socket_dir if socket_dir.startswith("/") else "") or "localhost"
     port: int | str
     try:
         port = parts.port or 5432
     except ValueError:
         port = "?"
+    named = query.get("port", [""])[0]  # ?port=N, as libpq takes it (a socket's too)
+    if not parts.port and named.isdigit():
+        port = int(named)
     database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "?")
     return f"{host}:{port}/{database}"
 
@@ -359,7 +363,9 @@ _SHORT: Final = 4
 def secrets_of(url: str) -> set[str]:
     """What a message about ``url`` must not show: the password as written and decoded,
     and every query parameter's value as written and decoded (``?password=...``,
-    ``sslpassword=...``, or any other: their meaning is libpq's, so all are withheld)."""
+    ``sslpassword=...``, or any other: their meaning is libpq's, so all are withheld),
+    but for the parameters libpq documents as plain settings (``_PLAIN``: a message
+    "SSL was required" is not cut to "SSL was ***" for ``sslmode=require``)."""
     rest = url.partition("://")[2]
     userinfo = rest.rpartition("@")[0] if "@" in rest else ""
     found: set[str] = set()
@@ -367,9 +373,18 @@ def secrets_of(url: str) -> set[str]:
         found.add(userinfo.partition(":")[2])
     query = rest.partition("?")[2].partition("#")[0]
     for pair in query.split("&"):
-        if "=" in pair:
+        if "=" in pair and unquote(pair.partition("=")[0]) not in _PLAIN:
             found.add(pair.partition("=")[2])
     return {s for v in found for s in (v, unquote(v)) if s}
+
+
+# Connection parameters whose values are settings, not secrets (PostgreSQL docs, libpq
+# "Parameter Key Words"): shown in messages as they are.
+_PLAIN: Final = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "connect_timeout", "application_name",
+    "sslmode", "gssencmode", "target_session_attrs", "channel_binding", "load_balance_hosts",
+    "sslnegotiation", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "client_encoding"})
 
 
 def _withhold(text: str, secrets: set[str]) -> str:
