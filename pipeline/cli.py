@@ -310,14 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     poll = command("poll", "fetch outcomes of unresolved jobs and ambiguous rows from Cobalt, "
                            "then reconcile as `reconcile` does")
     _config_arg(poll)
-    poll.add_argument("--run-id", help="poll only this run's rows (default: every run with "
-                                       "unresolved rows); reconciling still covers every run "
-                                       "whose report can change")
+    poll.add_argument("--run-id", type=_run_id,
+                      help="poll only this run's rows (default: every run with unresolved "
+                           "rows); reconciling still covers every run whose report can change")
     poll.set_defaults(handler=_poll)
 
     reconcile = command("reconcile", "re-join ledger and sink; rewrite reports")
     _config_arg(reconcile)
-    reconcile.add_argument("--run-id", help="only this run (default: runs with unresolved rows)")
+    reconcile.add_argument("--run-id", type=_run_id,
+                           help="only this run (default: runs with unresolved rows)")
     reconcile.set_defaults(handler=_reconcile)
 
     status = command(
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true",
                         help="print the documented JSON shape (README) instead of text")
-    status.add_argument("--write-off", metavar="RUN_ID",
+    status.add_argument("--write-off", metavar="RUN_ID", type=_run_id,
                         help="close this run's unsent (send_failed) rows without sending them,"
                              " recorded in the ledger, and rewrite its report (default: none)")
     status.set_defaults(handler=_status)
@@ -368,6 +369,13 @@ def _inputs_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="PATH",
                         help="input CSV file or glob (repeatable); overrides input.path "
                              "(default: input.path)")
+
+
+def _run_id(text: str) -> str:
+    """A run id as given (an empty one would mean "every run": refused, as a usage error)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a run (a directory name under report.dir)")
+    return text
 
 
 def _positive(text: str) -> int:

@@ -199,3 +199,15 @@ def test_the_commands_log_shows_psycopgs_errors_not_its_warnings() -> None:
     assert "error ignored" not in shown
     assert "psycopg-error-line" in shown
     assert "tasknotes-warning-line" in shown
+
+
+@pytest.mark.parametrize("argv", [["reconcile", "--run-id", ""], ["poll", "--run-id", " "],
+                                  ["status", "--write-off", ""]])
+def test_an_empty_run_id_is_a_usage_error_not_every_run(tmp_path: Path, argv: list[str]) -> None:
+    """``--run-id ''`` (an unset shell variable) reconciled every run, as no --run-id does:
+    refused as usage, exit 2, before the config is read."""
+    config = write_config(tmp_path)
+    done = tasknotes(argv[0], str(config), *argv[1:], cwd=tmp_path)
+    assert done.returncode == 2
+    assert "must name a run" in done.stderr
+    assert "Traceback" not in done.stderr
