@@ -309,6 +309,10 @@ class StateConfig(_Section):
     # `tasknotes prune` removes note text kept at rest (sink events, input copies) older
     # than this many days; None: only when told (--older-than).
     retention_days: Annotated[float, Field(gt=0, le=MAX_RETENTION_DAYS)] | None = None
+    # Account labels other configs send under through this same state (clinics with a
+    # config each on one database): notes sent under them are theirs, not a clinic of
+    # this config renamed, so the scan does not warn of them (plan.py).
+    other_accounts: tuple[Annotated[str, Field(min_length=1)], ...] = ()
 
     @field_validator("retention_days", mode="before")
     @classmethod

@@ -310,17 +310,20 @@ class Scan:
 
     def _warn_of_unnamed_accounts(self, lookup: ScanStore) -> None:
         """A warning per account label the ledger holds delivered notes under that this
-        config neither names nor lists as a former name: a clinic renamed (or moved from
-        api.account to api.accounts) would have every such note sent again."""
+        config neither names nor lists as a former name nor as another config's
+        (``state.other_accounts``): a clinic renamed (or moved from api.account to
+        api.accounts) would have every such note sent again."""
         api = self._config.api
         former = api.former_names()
-        known = set(former) | {old for names in former.values() for old in names}
+        known = (set(former) | {old for names in former.values() for old in names}
+                 | set(self._config.state.other_accounts))
         for label, count in sorted(lookup.sent_accounts(known).items()):
             where = ("api.accounts.<name>.formerly" if api.multi else "api.formerly")
             log.warning("the ledger holds %d sent notes under account %r, which this config "
                         "does not name: if that clinic is now named otherwise, add "
-                        "formerly: [%r] to %s, or its notes are sent again",
-                        count, label, label, where)
+                        "formerly: [%r] to %s, or its notes are sent again (if another "
+                        "config sends them through this state, list it in "
+                        "state.other_accounts)", count, label, label, where)
 
     def _earlier_former(self, batch: CheckedBatch, key_of: dict[int, bytes],
                         earlier: dict[bytes, Earlier]) -> None:

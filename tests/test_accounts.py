@@ -765,3 +765,32 @@ def test_poll_goes_on_for_the_others_when_one_accounts_page_cannot_be_read(
     assert "item 1 of 1 cannot be read: an item has fields kind, uuid" in reason
     assert by_account(read_results(report)) == {"north": {"confirmed": 1},
                                                 "south": {"awaiting_outcome": 1}}
+
+
+def test_another_configs_account_on_shared_state_is_not_warned_of(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Clinics with a config each on one state (the PostgreSQL topology): each run warned
+    of every other clinic's notes as if a clinic of its own were renamed (attacker
+    finding). Listed in ``state.other_accounts``, the other clinic's label is not warned
+    of; an unlisted one still is, naming the key."""
+    csv_path = write_csv(tmp_path / "input.csv", rows_for("north", 2), header=HEADER)
+    data = config_dict(tmp_path)
+    single = {"client_id": CREDENTIALS["client_id"], "timeout_s": 5,
+              "client_secret": CREDENTIALS["client_secret"]}
+    with emulator() as server:
+        north = {**single, "base_url": server.url, "access_token": TOKENS["north"],
+                 "account": "north_clinic"}
+        run_pipeline(RunConfig.model_validate({**data, "api": north}), str(csv_path))
+        south = {**single, "base_url": server.url, "access_token": TOKENS["south"],
+                 "account": "south_clinic"}
+        for others, warned in (((), 1), (("north_clinic",), 0)):
+            caplog.clear()
+            config = RunConfig.model_validate({**data, "api": south, "state": {
+                **data.get("state", {}), "other_accounts": list(others)}})
+            run_pipeline(config, str(csv_path), dry_run=True)
+            found = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                     and "sent notes under account" in r.getMessage()]
+            assert len(found) == warned, found
+            if found:
+                assert "'north_clinic'" in found[0]
+                assert "state.other_accounts" in found[0]
