@@ -117,7 +117,9 @@ def _shares_window(joined: str, theirs: str) -> bool:
     note), none of the 8 windows is, and one search rules them all out."""
     last = len(joined) - REDACT_RUN
     for a in range(0, last + 1, _WINDOW_GROUP):
-        b = min(a + _WINDOW_GROUP - 1, last)
+        b = a + _WINDOW_GROUP - 1
+        if b > last:
+            b = last
         if joined[b:a + REDACT_RUN] in theirs and any(
                 joined[i:i + REDACT_RUN] in theirs for i in range(a, b + 1)):
             return True
@@ -307,20 +309,26 @@ def safe_ids(values: Iterable[object], note: object) -> list[str | None]:
     notes = [note] if isinstance(note, str) and note else []
     theirs = _forms(notes[0]).joined if notes else ""
     quick = not notes or len(theirs) >= REDACT_RUN
+    few = _FEW_LETTERS.fullmatch
     out: list[str | None] = []
     for value in values:
         if value is None:
             out.append(None)
             continue
         text = str(value)
-        if quick and _FEW_LETTERS.fullmatch(text) is not None:
-            if len(text) < REDACT_RUN or not notes:
-                out.append(text)
+        if quick:
+            if len(text) < REDACT_RUN and text.isdigit() and text.isascii():
+                out.append(text)  # a job id: digits only, no letter, no separator
                 continue
-            joined = text.lower().encode("ascii").translate(None, _ID_SEPARATORS).decode("ascii")
-            if len(joined) <= len(theirs):
-                out.append(_withheld_id(text) if _shares_window(joined, theirs) else text)
-                continue
+            if few(text) is not None:
+                if len(text) < REDACT_RUN or not notes:
+                    out.append(text)
+                    continue
+                joined = (text.lower().encode("ascii").translate(None, _ID_SEPARATORS)
+                          .decode("ascii"))
+                if len(joined) <= len(theirs):
+                    out.append(_withheld_id(text) if _shares_window(joined, theirs) else text)
+                    continue
         out.append(text if _is_id(text, notes) else _withheld_id(text))
     return out
 

@@ -123,7 +123,8 @@ def test_the_id_checks_shortcuts_give_the_definitions_verdict(text: str,
                 | st.sampled_from(["x" * 129, "1" * 129, "1" * 127 + "a", "evt_" + "0" * 124,
                                    "a-b", "1.2", "12:34-5", "-1", "0" * 16, "A1b2C3d4E5f",
                                    "evt_00000000000000000123", "1200mgat08001400",
-                                   "h.i.v", "t-x-y", "x-y-z1"]),
+                                   "h.i.v", "t-x-y", "x-y-z1", "\u0661\u0662\u0663",
+                                   "\u00b23", "123\n", ""]),
                 min_size=1, max_size=4),
        st.sampled_from(_NOTES) | st.text(alphabet=_ID_ALPHABET + " ,;é", max_size=60)
        | st.none())
