@@ -117,9 +117,7 @@ def _shares_window(joined: str, theirs: str) -> bool:
     note), none of the 8 windows is, and one search rules them all out."""
     last = len(joined) - REDACT_RUN
     for a in range(0, last + 1, _WINDOW_GROUP):
-        b = a + _WINDOW_GROUP - 1
-        if b > last:
-            b = last
+        b = a + _WINDOW_GROUP - 1 if a + _WINDOW_GROUP - 1 < last else last  # min(), inline
         if joined[b:a + REDACT_RUN] in theirs and any(
                 joined[i:i + REDACT_RUN] in theirs for i in range(a, b + 1)):
             return True
