@@ -17,6 +17,7 @@ victim is chosen with ``deadlock_timeout``: the session closing the cycle checks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -216,29 +217,40 @@ def test_a_match_that_cannot_serialize_after_a_send_runs_again_on_a_fresh_snapsh
     assert final_rows(pg_url) == one_after_the_other(pg_cluster)
 
 
+@contextlib.contextmanager
+def failing_sends(pg_url: str, tmp_path: Path, count: int, sql: str
+                  ) -> Iterator[tuple[EmulatorThread, list[str]]]:
+    """An emulator, and the arguments of a run of ``count`` notes against it with its state
+    in ``pg_url``, whose schema is made and then ``sql`` run in it (a trigger failing the
+    send's commits)."""
+    source = write_csv(tmp_path / "input.csv", notes(count))
+    with EmulatorThread() as api:
+        config = write_config(tmp_path, api={"base_url": api.url, "account": "test_clinic"},
+                              state={"url": pg_url})
+        PgLedger(pg_url, "test_clinic").close()  # the schema
+        with connect(pg_url) as conn:
+            conn.execute(sql.encode())
+        yield api, ["-q", "run", str(config), "--input", str(source), "--no-progress"]
+
+
 def test_a_conflict_that_persists_stops_the_run_with_exit_3_and_sends_nothing_blind(
         pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every try of the first group commit fails with 40001 (a trigger in the database
     raises it, counting tries in a sequence: sequences are not rolled back): the run
     stops after CONFLICT_TRIES tries with one line and exit 3; no request left, since
     no row was ever committed ``sending``; the next run sends every note once."""
-    source = write_csv(tmp_path / "input.csv", notes(3))
-    with EmulatorThread() as api:
-        config = write_config(tmp_path, api={"base_url": api.url, "account": "test_clinic"},
-                              state={"url": pg_url})
-        PgLedger(pg_url, "test_clinic").close()  # the schema
-        with connect(pg_url) as conn:
-            conn.execute("""
-                CREATE SEQUENCE tries;
-                CREATE FUNCTION always_conflict() RETURNS trigger AS $$
-                BEGIN
-                    PERFORM nextval('tries');
-                    RAISE EXCEPTION 'could not serialize access due to concurrent update'
-                        USING ERRCODE = 'serialization_failure';
-                END $$ LANGUAGE plpgsql;
-                CREATE TRIGGER always_conflict BEFORE UPDATE ON rows FOR EACH ROW
-                    WHEN (NEW.status = 'sending') EXECUTE FUNCTION always_conflict();""")
-        code = main(["-q", "run", str(config), "--input", str(source), "--no-progress"])
+    with failing_sends(pg_url, tmp_path, 3, """
+            CREATE SEQUENCE tries;
+            CREATE FUNCTION always_conflict() RETURNS trigger AS $$
+            BEGIN
+                PERFORM nextval('tries');
+                RAISE EXCEPTION 'could not serialize access due to concurrent update'
+                    USING ERRCODE = 'serialization_failure';
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER always_conflict BEFORE UPDATE ON rows FOR EACH ROW
+                WHEN (NEW.status = 'sending') EXECUTE FUNCTION always_conflict();""") as (
+            api, argv):
+        code = main(argv)
         err = capsys.readouterr().err
         assert code == 3, err
         lines = [line for line in err.splitlines() if line.strip()]
@@ -252,7 +264,7 @@ def test_a_conflict_that_persists_stops_the_run_with_exit_3_and_sends_nothing_bl
             assert conn.execute("SELECT status, count(*) FROM rows GROUP BY status"
                                 ).fetchall() == [("pending", 3)]
             conn.execute("DROP TRIGGER always_conflict ON rows")
-        assert main(["-q", "run", str(config), "--input", str(source), "--no-progress"]) in (0, 1)
+        assert main(argv) in (0, 1)
         assert api.emulator.requests == 3
 
 
@@ -327,22 +339,17 @@ def test_a_send_commit_failing_at_its_sync_stops_the_run_with_exit_3_and_sends_n
     busy"). It was exit 2, or a traceback, after notes had gone out (attacker finding);
     now the run stops with exit 3 and one line, no request for a row not committed
     ``sending`` leaves, and the next run sends every note once."""
-    source = write_csv(tmp_path / "input.csv", notes(30))
-    with EmulatorThread() as api:
-        config = write_config(tmp_path, api={"base_url": api.url, "account": "test_clinic"},
-                              state={"url": pg_url})
-        PgLedger(pg_url, "test_clinic").close()  # the schema
-        with connect(pg_url) as conn:
-            conn.execute("""
-                CREATE FUNCTION conflict_at_commit() RETURNS trigger AS $$
-                BEGIN
-                    RAISE EXCEPTION 'could not serialize access due to read/write dependencies'
-                        USING ERRCODE = 'serialization_failure';
-                END $$ LANGUAGE plpgsql;
-                CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER UPDATE ON rows
-                    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-                    WHEN (NEW.status = 'sending') EXECUTE FUNCTION conflict_at_commit();""")
-        code = main(["-q", "run", str(config), "--input", str(source), "--no-progress"])
+    with failing_sends(pg_url, tmp_path, 30, """
+            CREATE FUNCTION conflict_at_commit() RETURNS trigger AS $$
+            BEGIN
+                RAISE EXCEPTION 'could not serialize access due to read/write dependencies'
+                    USING ERRCODE = 'serialization_failure';
+            END $$ LANGUAGE plpgsql;
+            CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER UPDATE ON rows
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                WHEN (NEW.status = 'sending') EXECUTE FUNCTION conflict_at_commit();""") as (
+            api, argv):
+        code = main(argv)
         err = capsys.readouterr().err
         assert code == 3, err
         lines = [line for line in err.splitlines() if line.strip()]
@@ -354,7 +361,7 @@ def test_a_send_commit_failing_at_its_sync_stops_the_run_with_exit_3_and_sends_n
             assert conn.execute("SELECT status, count(*) FROM rows GROUP BY status"
                                 ).fetchall() == [("pending", 30)]
             conn.execute("DROP TRIGGER conflict_at_commit ON rows")
-        assert main(["-q", "run", str(config), "--input", str(source), "--no-progress"]) in (0, 1)
+        assert main(argv) in (0, 1)
         assert api.emulator.requests == 30
 
 

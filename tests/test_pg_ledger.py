@@ -487,12 +487,20 @@ def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_not
         assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
 
 
-def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(
+@pytest.mark.parametrize(("holder", "says"), [
+    ("sqlite", "let that run end, then migrate; nothing was copied"),
+    ("postgres", "holds the run lock of account test_clinic"),
+])
+def test_migrate_state_refuses_while_a_run_holds_a_lock_it_needs(
         pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """A copy taken half-way through a run would let the first run on PostgreSQL send
-    again what the rest of that run sent (attacker finding): refused while the ledger's
-    run lock is held, nothing copied; copied once the run has ended."""
+        capsys: pytest.CaptureFixture[str], holder: str, says: str) -> None:
+    """Refused, naming the holder, nothing copied, while a run holds either lock; copied
+    once the run has ended (attacker findings). ``sqlite``: a run still sending on the
+    SQLite ledger (a copy taken half-way would let the first run on PostgreSQL send again
+    what the rest of it sent). ``postgres``: a run on PostgreSQL of an account the ledger
+    has runs of (scanning while the copy is under way it finds no history, and sent again
+    every note the copy brought in: 1,500 notes twice, both commands exit 0);
+    migrate-state holds those accounts' run locks until its commit."""
     source = write_csv(tmp_path / "input.csv", notes(3))
     with EmulatorThread() as api:
         run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
@@ -500,45 +508,19 @@ def test_migrate_state_refuses_a_ledger_a_run_is_sending_on(
     monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
     config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
     argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(path)]
-    running = Ledger(path)
+    running: Ledger = Ledger(path) if holder == "sqlite" else PgLedger(pg_url, "test_clinic")
     running.lock()  # as a run in progress holds it
     try:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"pid {os.getpid()}" in err
-        assert "let that run end, then migrate; nothing was copied" in err
-        with connect(pg_url) as conn:
-            assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
-    finally:
-        running.close()
-    assert main(argv) == 0
-    assert statuses(pg_url) == {"accepted": 3}
-
-
-def test_migrate_state_refuses_while_a_run_on_postgres_holds_an_accounts_lock(
-        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """A run on PostgreSQL that scans while the copy is under way finds no history and
-    sends again every note the copy brings in (attacker finding: 1,500 notes twice, both
-    commands exit 0). migrate-state takes the run lock of every account it copies runs
-    of: while a run holds one, it is refused naming the holder, nothing copied; once the
-    run has ended it copies, and holds the locks until its commit."""
-    source = write_csv(tmp_path / "input.csv", notes(3))
-    with EmulatorThread() as api:
-        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
-    path = tmp_path / "old" / "state" / "ledger.sqlite"
-    monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
-    config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
-    argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(path)]
-    running = PgLedger(pg_url, "test_clinic")
-    running.lock()  # as a run on PostgreSQL holds it while it scans and sends
-    try:
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert f"pid {os.getpid()}" in err
-        assert "holds the run lock of account test_clinic" in err
+        assert says in err
         assert "nothing was copied" in err
-        assert statuses(pg_url) == {}
+        with connect(pg_url) as conn:  # the SQLite lock is found before the database is used
+            made = conn.execute("SELECT to_regclass('runs') IS NOT NULL").fetchone() == (True,)
+            assert made == (holder == "postgres")
+            if made:
+                assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
     finally:
         running.close()
     assert main(argv) == 0
