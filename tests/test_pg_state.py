@@ -207,6 +207,20 @@ def test_a_database_holding_another_applications_tables_is_refused_untouched(
                             ).fetchone() == (None, None)
 
 
+def test_a_tasknotes_schema_table_tasknotes_did_not_make_is_one_line_exit_2(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another application's table named ``tasknotes_schema`` (versions that are not
+    numbers): one line, exit 2, not a traceback (retest finding)."""
+    with connect(pg_url) as conn:
+        conn.execute("CREATE TABLE tasknotes_schema (version text, note text)")
+        conn.execute("INSERT INTO tasknotes_schema VALUES ('abc', 'x')")
+    config = write_config(tmp_path, state={"url": pg_url})
+    assert main(["-q", "status", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "tasknotes_schema table was not made by tasknotes" in err
+    assert "Traceback" not in err
+
+
 def test_schema_is_created_with_its_version_and_a_rerun_migrates_nothing(pg_url: str) -> None:
     with connect(pg_url) as conn:
         assert migrate(conn) == [m.version for m in MIGRATIONS]
@@ -338,6 +352,26 @@ def test_where_names_a_sockets_directory_and_port_as_libpq_reads_them() -> None:
     usual form for a local server): that port, not 5432 (attacker finding)."""
     assert where("postgresql://tn@/tn27?host=/tmp/pg&port=55861") == "/tmp/pg:55861/tn27"
     assert where("postgresql://tn@db.internal/tn") == "db.internal:5432/tn"
+    assert where("postgresql://tn@%2Ftmp%2Fpg:55861/tn2") == "/tmp/pg:55861/tn2"
+    # libpq's list of hosts (failover): named as given; it stopped every command with a
+    # traceback (urlsplit cannot read its port)
+    assert where("postgresql://tn:pw@10.0.0.1:5432,10.0.0.2:5433/tn") == (
+        "10.0.0.1:5432,10.0.0.2:5433/tn")
+
+
+def test_a_list_of_hosts_that_cannot_be_reached_is_one_line_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """libpq's failover form (``h1:p1,h2:p2``): tried, and refused in one line naming the
+    hosts, exit 2, never a traceback nor the password."""
+    url = f"postgresql://u:pw-5e2b@127.0.0.1:{free_port()},127.0.0.1:{free_port()}/x"
+    config = write_config(tmp_path, state={"url": url})
+    for command in ("status", "reconcile"):
+        assert main(["-q", command, str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "cannot connect to PostgreSQL at 127.0.0.1:" in err
+        assert "Traceback" not in err
+        assert "pw-5e2b" not in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_a_server_error_is_its_primary_message_not_the_caret_or_context_line(

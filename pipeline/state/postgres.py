@@ -260,21 +260,26 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
 def where(url: str) -> str:
     """``host:port/database`` of a ``postgresql://`` URL, for messages (no user, no password).
 
-    A missing host is ``localhost`` and a missing port 5432, as libpq assumes.
+    A missing host is ``localhost`` and a missing port 5432 (or the query's ``port=``), as
+    libpq assumes; several hosts (``h1:5432,h2:5433``) are named as given, decoded.
     """
     parts = urlsplit(url)
     query = parse_qs(parts.query)
+    database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "?")
+    hosts = parts.netloc.rpartition("@")[2]
+    if "," in hosts:  # libpq's list of hosts: urlsplit's hostname and port cannot read it
+        return f"{unquote(hosts)}/{database}"
     socket_dir = query.get("host", [""])[0]
-    host = parts.hostname or (socket_dir if socket_dir.startswith("/") else "") or "localhost"
+    host = (unquote(parts.hostname or "") or (socket_dir if socket_dir.startswith("/") else "")
+            or "localhost")
     port: int | str
     try:
-        port = parts.port or 5432
+        port = parts.port or 0
     except ValueError:
         port = "?"
     named = query.get("port", [""])[0]  # ?port=N, as libpq takes it (a socket's too)
-    if not parts.port and named.isdigit():
-        port = int(named)
-    database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "?")
+    if not port:
+        port = int(named) if named.isdigit() else 5432
     return f"{host}:{port}/{database}"
 
 
@@ -460,8 +465,13 @@ def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
     row = conn.execute("SELECT to_regclass('tasknotes_schema') IS NOT NULL").fetchone()
     if not row or not row[0]:
         return []
-    return [int(str(v)) for (v,) in conn.execute(
+    found = [str(v) for (v,) in conn.execute(
         "SELECT version FROM tasknotes_schema ORDER BY version").fetchall()]
+    if not all(v.isdigit() for v in found):  # a table of that name, not made by tasknotes
+        raise StateError("state.url: the database's tasknotes_schema table was not made by "
+                         "tasknotes (its versions are not numbers): give tasknotes a "
+                         "database of its own")
+    return sorted(int(v) for v in found)
 
 
 def migrate(conn: psycopg.Connection[tuple[object, ...]],
