@@ -378,10 +378,12 @@ def sink_head(path: Path) -> str:
 
 def mirrored_through(ledger: OutcomeStore, sink: Path) -> int:
     """How many bytes of the sink file ``sink`` the events mirror of ``ledger`` (a SQLite
-    ledger) has read: its position if it was taken of this file (the same fingerprint,
-    ``_head``), else 0 (the file was replaced since: none of it counts as read)."""
+    ledger) has read: its position if it was taken of a file that begins as this one
+    (its first line's hash, ``_head``: a copy of the file, taken to another host, has
+    another inode), else 0 (none of it counts as read)."""
     offset, head = ledger.sink_position()
-    return offset if head and _same_head(head, _head(sink)) else 0
+    first = head.partition(":")[2] if ":" in head else head
+    return offset if first and first == _head(sink).partition(":")[2] else 0
 
 
 def _same_head(stored: str, current: str) -> bool:

@@ -392,10 +392,16 @@ def test_migrate_state_copies_the_history_so_a_rerun_on_postgres_resends_nothing
     jobs.reconcile(embedded, first.run_id)
     with sink_file.open("ab") as fh:
         fh.write(b'{"id":"evt_late","type":"appointment.updated","job_id":"1","data":{}}\n')
+    # Migrated from a copy whose lines are in another order (as a merge of rotated files
+    # gives): the ledger's position says nothing of it, yet every event the SQLite mirror
+    # holds is known by its id, and counted once.
+    copied = tmp_path / "copied.jsonl"
+    lines = sink_file.read_bytes().splitlines(keepends=True)
+    copied.write_bytes(b"".join([lines[1], lines[0], *lines[2:]]))
     monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
     config = worker_file(tmp_path, "worker-a", "http://127.0.0.1:9")
     argv = ["-q", "migrate-state", str(config), "--from-sqlite", str(embedded.state.ledger),
-            "--sink", str(sink_file)]
+            "--sink", str(copied)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "1 runs (10 rows)" in out

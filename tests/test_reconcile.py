@@ -377,11 +377,11 @@ def test_the_counts_are_the_final_statuses_of_the_rows(book: Book) -> None:
         "failed_in_emr": 1, "skipped_already_sent": 1, "ambiguous": 1}
 
 
-def test_mirrored_through_is_the_ledgers_position_in_that_same_file_only(
+def test_mirrored_through_is_the_ledgers_position_in_that_file_or_a_copy_of_it(
         tmp_path: Path) -> None:
     """migrate-state's count of a sink file's bytes already mirrored: the ledger's position
-    while the file is the one it read; 0 once another file is in its place (a rotation or
-    a rewrite, even with the same bytes), since none of that file was read."""
+    in the file it read or a copy of it (another inode: taken to another host, restored
+    from a backup); 0 for a file that begins otherwise, since none of it was read."""
     from pipeline.reconciliation import ingest, mirrored_through  # noqa: PLC0415
 
     sink = tmp_path / "webhooks.jsonl"
@@ -395,9 +395,11 @@ def test_mirrored_through_is_the_ledgers_position_in_that_same_file_only(
         with sink.open("ab") as fh:
             fh.write(line.replace(b"evt_1", b"evt_2"))
         assert mirrored_through(ledger, sink) == len(line)  # the new line is not read yet
-        replacement = tmp_path / "rewritten.jsonl"
-        replacement.write_bytes(sink.read_bytes())
-        replacement.replace(sink)
-        assert mirrored_through(ledger, sink) == 0
+        copied = tmp_path / "copied.jsonl"  # another inode: a copy taken to another host
+        copied.write_bytes(sink.read_bytes())
+        assert mirrored_through(ledger, copied) == len(line)
+        other = tmp_path / "other.jsonl"  # another file: none of it was read
+        other.write_bytes(line.replace(b"evt_1", b"evt_3") + line)
+        assert mirrored_through(ledger, other) == 0
     finally:
         ledger.close()

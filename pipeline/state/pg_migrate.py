@@ -268,9 +268,12 @@ def copy_sink(url: str, sink: Path | list[SinkEvent], *, mirrored_through: int =
     """Copy the events of the sink file ``sink`` (or those ``read_sink_events`` read from
     it) into ``sink_events`` (module docstring). ``mirrored_through``: how many bytes of
     the file the copied ledger's events mirror had read (``reconciliation.mirrored_through``):
-    an event whose line ends within them is in that mirror already, and counted in its
-    tally, so its ``seq`` goes to ``sink_premirrored`` and the mirror on PostgreSQL reads
-    past it (counted again, it would be a repeated delivery that never happened).
+    an event whose line ends within them, or a task_note event whose id the copied mirror
+    holds (found by id, so a copy of the file or a replaced one is read right too), is in
+    that mirror already and counted in its tally: its ``seq`` goes to
+    ``sink_premirrored`` and the mirror on PostgreSQL reads past it (counted again, it
+    would be a repeated delivery that never happened). A line repeated in the part not
+    read yet is stored once (the sink's de-duplication), so not counted as repeated.
     Raises StateError if the file or the database cannot be used."""
     import psycopg
 
@@ -290,9 +293,17 @@ def copy_sink(url: str, sink: Path | list[SinkEvent], *, mirrored_through: int =
                 mirrored: dict[str, bool] = {}
                 for event in chunk:  # an id twice in the file: the first one is stored
                     mirrored.setdefault(event[0], event[5] <= mirrored_through)
-                conn.cursor().executemany(
-                    "INSERT INTO sink_premirrored VALUES (%s) ON CONFLICT DO NOTHING",
-                    [(seq,) for seq, event_id in rows if mirrored[str(event_id)]])
+                stored = [(int(str(seq)), str(event_id)) for seq, event_id in rows]
+                # Read already: before the ledger's position in the file, or (whatever the
+                # position says: a copy of the file, a replaced one) a task_note event
+                # whose id the copied mirror holds.
+                conn.execute(
+                    "INSERT INTO sink_premirrored SELECT s.seq"
+                    " FROM unnest(%s::bigint[], %s::text[], %s::boolean[]) AS s(seq, id, before)"
+                    " WHERE s.before OR EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.id)"
+                    " ON CONFLICT DO NOTHING",
+                    [[seq for seq, _ in stored], [i for _, i in stored],
+                     [mirrored[i] for _, i in stored]])
     except psycopg.Error as exc:
         raise StateError(f"state.url: cannot copy events into PostgreSQL at {where(url)}: "
                          f"{str(exc).splitlines()[0][:200]}") from None
