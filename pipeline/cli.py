@@ -216,7 +216,8 @@ exit codes:
   0  nothing is open over any run
   1  something is open: awaiting an outcome (stale or not), ambiguous, not sent,
      failed in the EMR with a retryable reason, or a run in progress
-  2  bad usage or config, or the database of state.url cannot be reached""",
+  2  bad usage or config, or the database of state.url cannot be reached
+  3  the database of state.url went away while it was read (ask again)""",
     "prune": """\
 exit codes:
   0  pruned (or, with --dry-run, counted) what is older than the limit

@@ -48,7 +48,7 @@ def test_the_dag_file_uses_the_python_api_as_it_is() -> None:
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                 and node.value.id in used):
             used[node.value.id].add(node.attr)
-    assert used["pipeline"] == {"run", "status", "PipelineError", "StateError"}
+    assert used["pipeline"] == {"run", "status", "PipelineError", "StateError", "RunAborted"}
     assert set(pipeline.__all__) >= used["pipeline"]
     fields = {f.name for f in dataclasses.fields(pipeline.RunResult)}
     assert used["result"] >= {"exit_code", "run_id", "report_dir", "counts", "stop_reason"}
@@ -161,3 +161,39 @@ def test_where_tasknotes_is_not_importable_the_sensor_pokes_again_on_exit_2(
     config = write_config(tmp_path, state={
         "url": f"postgresql://u:pw-3e1a@127.0.0.1:{free_port()}/tasknotes"})
     assert dags.outcomes_settled(str(config)) is False
+
+
+@pytest.mark.parametrize(("code", "pokes_again"), [(2, True), (3, True), (4, False)])
+def test_the_sensors_command_fallback_pokes_again_on_exit_2_and_3_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, pokes_again: bool) -> None:
+    """``tasknotes status`` exits 3 when the database goes away while it reads (a restart at
+    07:00): the sensor asks again at the next poke, as for exit 2; any other failure fails
+    it (retest finding: exit 3 failed the sensor at once). A stand-in command exits with
+    ``code``."""
+    command = tmp_path / "tasknotes"
+    command.write_text(f"#!/bin/sh\necho 'tasknotes: state.url: lost' >&2\nexit {code}\n")
+    command.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    dags = _dag_module(monkeypatch, {"TASKNOTES_WORKDIR": str(tmp_path),
+                                     "TASKNOTES_BIN": str(command)})
+    monkeypatch.setitem(sys.modules, "pipeline", None)  # import pipeline: ImportError
+    if pokes_again:
+        assert dags.outcomes_settled(str(tmp_path / "c.yaml")) is False
+    else:
+        with pytest.raises(sys.modules["airflow.exceptions"].AirflowFailException,
+                           match="exited 4"):
+            dags.outcomes_settled(str(tmp_path / "c.yaml"))
+
+
+def test_the_sensor_pokes_again_when_the_database_goes_away_while_status_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the API: RunAborted (exit 3, the connection lost while status read) is a
+    poke-again, as StateError is."""
+    import pipeline  # noqa: PLC0415
+
+    def lost(config: str) -> None:
+        raise pipeline.RunAborted("state.url: lost the connection to PostgreSQL")
+    monkeypatch.chdir(tmp_path)
+    dags = _dag_module(monkeypatch, {"TASKNOTES_WORKDIR": str(tmp_path)})
+    monkeypatch.setattr(pipeline, "status", lost)
+    assert dags.outcomes_settled(str(tmp_path / "c.yaml")) is False

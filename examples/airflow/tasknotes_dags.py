@@ -125,18 +125,19 @@ def outcomes_settled(config_path: str) -> bool:
     """The sensor's test: nothing awaits an outcome and no run is in progress (``status
     --json``'s shape, README: it is stable): ``pipeline.status`` where tasknotes is
     importable, else the command. Through the API a bad config fails the sensor at once
-    and a StateError (the database unreachable) waits for the next poke. The command's
-    exit 2 says either: it waits for the next poke too, its line logged at each one (a bad
-    config would have failed the night's run already; the sensor's timeout bounds the
-    wait); any other exit but 0 and 1 fails the sensor."""
+    and a StateError or RunAborted (the database unreachable, or lost while status read
+    it) waits for the next poke. The command's exit 2 says either, and 3 the database
+    lost: both wait for the next poke, the line logged at each one (a bad config would
+    have failed the night's run already; the sensor's timeout bounds the wait); any
+    other exit but 0 and 1 fails the sensor."""
     try:
         import pipeline  # noqa: PLC0415 - on the worker only
     except ImportError:
         done = subprocess.run([TASKNOTES, "status", config_path, "--json"], cwd=WORKDIR,  # noqa: S603
                               capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode == 2:  # the database unreachable now, or a bad config
-            log.warning("tasknotes status exited 2: %s; asking again at the next poke",
-                        done.stderr.strip())
+        if done.returncode in (2, 3):  # the database unreachable or lost, or a bad config
+            log.warning("tasknotes status exited %d: %s; asking again at the next poke",
+                        done.returncode, done.stderr.strip())
             return False
         if done.returncode not in (0, 1):
             raise AirflowFailException(
@@ -146,7 +147,8 @@ def outcomes_settled(config_path: str) -> bool:
         os.chdir(WORKDIR)
         try:
             kinds = pipeline.status(config_path).to_dict()["kinds"]
-        except pipeline.StateError as exc:  # the database unreachable now: poke again later
+        except (pipeline.StateError, pipeline.RunAborted) as exc:  # the database unreachable
+            # or lost while status read it: poke again later
             log.warning("tasknotes status: %s; asking again at the next poke", exc)
             return False
         except pipeline.PipelineError as exc:

@@ -187,8 +187,8 @@ class PgSession:
         if self.conn.closed or self.conn.broken:
             return RunAborted(
                 f"state.url: lost the connection to PostgreSQL at {where(self.url)}: "
-                f"{describe_failure(self.url, exc)}; requests in flight are ambiguous "
-                "until the next run")
+                f"{describe_failure(self.url, exc)}; stopped here (a run's requests then "
+                "in flight are ambiguous until its next run)")
         return StateError(f"state.url: PostgreSQL at {where(self.url)}: "
                           f"{describe_failure(self.url, exc)}")
 
