@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true",
                         help="print the documented JSON shape (README) instead of text")
-    status.add_argument("--write-off", metavar="RUN_ID", type=_run_id,
+    status.add_argument("--write-off", metavar="RUN_ID",
                         help="close this run's unsent (send_failed) rows without sending them,"
                              " recorded in the ledger, and rewrite its report (default: none)")
     status.set_defaults(handler=_status)

@@ -201,11 +201,11 @@ def test_the_commands_log_shows_psycopgs_errors_not_its_warnings() -> None:
     assert "tasknotes-warning-line" in shown
 
 
-@pytest.mark.parametrize("argv", [["reconcile", "--run-id", ""], ["poll", "--run-id", " "],
-                                  ["status", "--write-off", ""]])
+@pytest.mark.parametrize("argv", [["reconcile", "--run-id", ""], ["poll", "--run-id", " "]])
 def test_an_empty_run_id_is_a_usage_error_not_every_run(tmp_path: Path, argv: list[str]) -> None:
     """``--run-id ''`` (an unset shell variable) reconciled every run, as no --run-id does:
-    refused as usage, exit 2, before the config is read."""
+    refused as usage, exit 2, before the config is read (as ``status --write-off ''`` is,
+    test_status.py)."""
     config = write_config(tmp_path)
     done = tasknotes(argv[0], str(config), *argv[1:], cwd=tmp_path)
     assert done.returncode == 2
