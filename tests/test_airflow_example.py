@@ -197,3 +197,23 @@ def test_the_sensor_pokes_again_when_the_database_goes_away_while_status_reads(
     dags = _dag_module(monkeypatch, {"TASKNOTES_WORKDIR": str(tmp_path)})
     monkeypatch.setattr(pipeline, "status", lost)
     assert dags.outcomes_settled(str(tmp_path / "c.yaml")) is False
+
+
+@pytest.mark.parametrize(("script", "says"), [
+    (None, "cannot run"),  # TASKNOTES_BIN names nothing
+    ("#!/bin/sh\nexit 0\n", "did not print its JSON shape"),  # not tasknotes
+])
+def test_a_wrong_tasknotes_bin_fails_the_sensor_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str | None, says: str) -> None:
+    """A TASKNOTES_BIN that is missing or is not tasknotes fails the sensor with a line
+    saying so, not a FileNotFoundError or JSONDecodeError from inside the DAG file."""
+    command = tmp_path / "tasknotes"
+    if script is not None:
+        command.write_text(script)
+        command.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    dags = _dag_module(monkeypatch, {"TASKNOTES_WORKDIR": str(tmp_path),
+                                     "TASKNOTES_BIN": str(command)})
+    monkeypatch.setitem(sys.modules, "pipeline", None)  # import pipeline: ImportError
+    with pytest.raises(sys.modules["airflow.exceptions"].AirflowFailException, match=says):
+        dags.outcomes_settled(str(tmp_path / "c.yaml"))

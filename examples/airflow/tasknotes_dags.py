@@ -133,8 +133,13 @@ def outcomes_settled(config_path: str) -> bool:
     try:
         import pipeline  # noqa: PLC0415 - on the worker only
     except ImportError:
-        done = subprocess.run([TASKNOTES, "status", config_path, "--json"], cwd=WORKDIR,  # noqa: S603
-                              capture_output=True, text=True, timeout=600, check=False)
+        try:
+            done = subprocess.run([TASKNOTES, "status", config_path, "--json"],  # noqa: S603
+                                  cwd=WORKDIR, capture_output=True, text=True, timeout=600,
+                                  check=False)
+        except OSError as exc:  # TASKNOTES_BIN wrong: no poke can mend it
+            raise AirflowFailException(f"cannot run {TASKNOTES} (TASKNOTES_BIN): "
+                                       f"{exc.strerror or exc}") from None
         if done.returncode in (2, 3):  # the database unreachable or lost, or a bad config
             log.warning("tasknotes status exited %d: %s; asking again at the next poke",
                         done.returncode, done.stderr.strip())
@@ -142,7 +147,11 @@ def outcomes_settled(config_path: str) -> bool:
         if done.returncode not in (0, 1):
             raise AirflowFailException(
                 f"tasknotes status exited {done.returncode}: {done.stderr}") from None
-        kinds = json.loads(done.stdout)["kinds"]
+        try:
+            kinds = json.loads(done.stdout)["kinds"]
+        except (ValueError, KeyError, TypeError):
+            raise AirflowFailException(f"{TASKNOTES} status --json did not print its JSON "
+                                       "shape: is TASKNOTES_BIN tasknotes?") from None
     else:
         os.chdir(WORKDIR)
         try:
