@@ -233,6 +233,18 @@ def failing_sends(pg_url: str, tmp_path: Path, count: int, sql: str
         yield api, ["-q", "run", str(config), "--input", str(source), "--no-progress"]
 
 
+def stopped_in_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``tasknotes`` run with ``argv``, which must exit 3 with one line on stderr and no
+    traceback: that line."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 3, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def test_a_conflict_that_persists_stops_the_run_with_exit_3_and_sends_nothing_blind(
         pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every try of the first group commit fails with 40001 (a trigger in the database
@@ -250,14 +262,9 @@ def test_a_conflict_that_persists_stops_the_run_with_exit_3_and_sends_nothing_bl
             CREATE TRIGGER always_conflict BEFORE UPDATE ON rows FOR EACH ROW
                 WHEN (NEW.status = 'sending') EXECUTE FUNCTION always_conflict();""") as (
             api, argv):
-        code = main(argv)
-        err = capsys.readouterr().err
-        assert code == 3, err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1, err
-        assert "SQLSTATE 40001" in lines[0]
-        assert "tried 5 times" in lines[0]
-        assert "Traceback" not in err
+        line = stopped_in_one_line(argv, capsys)
+        assert "SQLSTATE 40001" in line
+        assert "tried 5 times" in line
         assert api.emulator.requests == 0
         with connect(pg_url) as conn:
             assert conn.execute("SELECT last_value FROM tries").fetchone() == (5,)
@@ -349,13 +356,8 @@ def test_a_send_commit_failing_at_its_sync_stops_the_run_with_exit_3_and_sends_n
                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
                 WHEN (NEW.status = 'sending') EXECUTE FUNCTION conflict_at_commit();""") as (
             api, argv):
-        code = main(argv)
-        err = capsys.readouterr().err
-        assert code == 3, err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1, err
-        assert "the answer to a send's group commit was lost" in lines[0]
-        assert "Traceback" not in err
+        line = stopped_in_one_line(argv, capsys)
+        assert "the answer to a send's group commit was lost" in line
         assert api.emulator.requests == 0
         with connect(pg_url) as conn:
             assert conn.execute("SELECT status, count(*) FROM rows GROUP BY status"
