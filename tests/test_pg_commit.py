@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline.errors import StateError
-from pipeline.state import Attempt, NewRow, row_key
+from pipeline.state import Attempt, EventRecord, NewRow, row_key
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import MIGRATIONS, connect, migrate
 
@@ -125,16 +125,72 @@ def test_rev_grows_for_the_runs_a_change_shows_in_and_no_other(pg_url: str) -> N
         store.close()
 
 
+def _answer(store: PgLedger, row: int) -> None:
+    store.apply([], [Attempt(row, "accepted", 202, "tn-1", "job-1", None,
+                             "2026-01-01T00:00:01Z")])
+
+
+def _confirm(store: PgLedger, row: int) -> None:
+    store.add_events([EventRecord("evt-1", "created", "job-1", "tn-1", "2026-01-01T00:00:02Z",
+                                  "emr-1", None, None, row_key(ACCOUNT, "T1", "a note"), 1)],
+                     {}, offset=1, head="")
+    assert store.match_outcomes() == 1
+
+
+def _unconfirm(store: PgLedger, row: int) -> None:
+    with connect(store.url) as other:  # the event is gone (a mirror rebuilt without it)
+        other.execute("DELETE FROM events")
+    assert store.match_outcomes() == 1
+
+
+# Each UPDATE of rows the PostgreSQL ledger runs (pg_ledger.bumping): what it is given to
+# do first (``before``), then the change whose bumps are checked.
+CHANGES = {
+    "send": (None, lambda store, row: store.apply([row], [])),
+    "answer": (lambda store, row: store.apply([row], []), _answer),
+    "recover": (lambda store, row: store.apply([row], []), lambda store, row: store.recover()),
+    "write off": (None, lambda store, row: store.write_off("run-2", "2026-01-02T00:00:00Z")),
+    "outcome": (lambda store, row: (store.apply([row], []), _answer(store, row)), _confirm),
+    "outcome cleared": (lambda store, row: (store.apply([row], []), _answer(store, row),
+                                            _confirm(store, row)), _unconfirm),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_every_change_to_a_row_bumps_its_run_and_the_runs_sharing_its_note(
+        pg_url: str, change: str) -> None:
+    """The rows table has no UPDATE trigger (migration 10): each statement that changes a
+    row bumps ``runs.rev`` itself. Whatever the change to run-2's T1 row, run-2 (its
+    report shows the row) and run-1 (its T1 row follows that later send, rule 5) are
+    bumped (run-1 need not be for a write-off), and run-3 (another note) is not."""
+    before, act = CHANGES[change]
+    store, ids = ledger(pg_url, {"run-1": ["T1", "T2"], "run-2": ["T1"], "run-3": ["T9"]})
+    row = ids["run-2"][0]
+    try:
+        if before is not None:
+            before(store, row)
+        was = revs(pg_url)
+        act(store, row)
+        now = revs(pg_url)
+        assert now["run-2"] > was["run-2"]
+        if change != "write off":  # the write-off date shows in run-2's report only
+            assert now["run-1"] > was["run-1"]
+        assert now["run-3"] == was["run-3"]
+    finally:
+        store.close()
+
+
 def test_a_database_at_version_4_changes_to_the_per_statement_counter(pg_url: str) -> None:
     """Migrating a version-4 database replaces its per-row trigger: the rows table then has
-    the two per-statement triggers only, so no change is counted twice."""
+    the DELETE trigger only (each UPDATE bumps by itself: pg_ledger.bumping), so no change
+    is counted twice."""
     with connect(pg_url) as conn:
         assert migrate(conn, MIGRATIONS[:4]) == [1, 2, 3, 4]
         assert migrate(conn) == [m.version for m in MIGRATIONS[4:]]
         triggers = {str(name) for (name,) in conn.execute(
             "SELECT tgname FROM pg_trigger WHERE tgrelid = 'rows'::regclass"
             " AND NOT tgisinternal").fetchall()}
-    assert triggers == {"rows_updated", "rows_deleted"}
+    assert triggers == {"rows_deleted"}
     store, ids = ledger(pg_url, {"run-1": ["T1"]})
     try:
         before = revs(pg_url)["run-1"]

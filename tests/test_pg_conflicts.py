@@ -389,6 +389,28 @@ def test_sessions_are_read_committed_whatever_the_databases_default(pg_url: str)
         ledger.close()
 
 
+def test_sessions_never_jit_compile_whatever_the_databases_default(pg_url: str) -> None:
+    """JIT compilation (PostgreSQL's default: on, for statements whose estimated cost
+    passes jit_above_cost) took 0.2-0.3 s per statement of the send and the join rules,
+    whose work is a few milliseconds (bench/state.py): tasknotes' sessions run with it
+    off, even where the database compiles every statement."""
+    import psycopg  # noqa: PLC0415 - the postgres extra, as in the fixtures
+
+    with connect(pg_url) as conn:
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET jit = on')
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET jit_above_cost = 0')
+    with psycopg.connect(pg_url) as plain:
+        assert plain.execute("SHOW jit").fetchone() == ("on",)
+    ledger = PgLedger(pg_url, "test_clinic")
+    reader = ledger.reader()
+    try:
+        assert ledger._pg.execute("SHOW jit").fetchone() == ("off",)
+        assert reader._pg.execute("SHOW jit").fetchone() == ("off",)
+    finally:
+        reader.close()
+        ledger.close()
+
+
 def test_a_unit_that_only_read_before_its_conflict_runs_again(world: Clinics) -> None:
     """A method that reads outside a transaction (finish_run and update_run_info read the
     run's record first), then conflicts in its write: the read committed nothing, so the

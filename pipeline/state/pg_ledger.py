@@ -30,8 +30,9 @@ Guarantees, as with SQLite:
 - the database going away mid-run is RunAborted (exit 3): the requests in flight stay
   ``sending`` in the database, and the next run recovers them as ambiguous;
 - a transaction PostgreSQL aborts for a conflict with another process's (a deadlock,
-  40P01: a run's send and another clinic's match both bump ``runs.rev`` through the
-  rows' triggers; a serialization failure, 40001) runs again from its start, a few
+  40P01: a run's send and another clinic's match both bump ``runs.rev``, the send's
+  and the match's statements each after the rows they write; a serialization failure,
+  40001) runs again from its start, a few
   times with backoff (pg_session.py ``retrying``): every write method here is one
   transaction with no effect outside the database, and the send's requests leave only
   after ``apply`` returns. A conflict that persists is RunAborted (exit 3), as above.
@@ -261,13 +262,13 @@ class PgLedger(Ledger):
             dead = [str(run) for run, label in found if mine & set(label_locks(str(label)))]
             if not dead:
                 return 0
-            cur = self._pg.execute(
+            changed = self._changed(
                 "UPDATE rows SET status='ambiguous', error=? WHERE status='sending'"
                 " AND run_id = ANY(?)",
                 ("the process stopped while this request was in flight", dead))
             self._pg.execute("UPDATE runs SET state='crashed' WHERE state='running'"
                              " AND run_id = ANY(?)", (dead,))
-        return int(cur.rowcount)
+        return int(changed)
 
     @retried("recording a run's start")
     def start_run(self, run_id: str, account: str, fingerprint: str,
@@ -298,8 +299,21 @@ class PgLedger(Ledger):
 
     @retried("writing off rows")
     def write_off(self, run_id: str, at: str) -> int:
-        """As ``Ledger.write_off``."""
-        return super().write_off(run_id, at)
+        """As ``Ledger.write_off`` (runs.py), its UPDATE bumping ``runs.rev`` (``bumping``)."""
+        with self._transaction():
+            changed = self._changed(
+                "UPDATE rows SET written_off_at = ? WHERE run_id = ?"  # noqa: S608 - constants
+                " AND status IN ('pending', 'failed') AND key IS NOT NULL"
+                f" AND written_off_at IS NULL AND {rules.NOT_DELIVERED.format(row='rows')}",
+                (at, run_id))
+        if changed:
+            self.update_run_info(run_id, {"report_final": False})
+        return int(changed)
+
+    def _changed(self, update: str, params: Sequence[Any] = ()) -> int:
+        """Run ``update`` (an UPDATE of rows) through ``bumping``; how many rows changed."""
+        row = self._pg.execute(bumping(update), params).fetchone()
+        return int(row[0]) if row is not None else 0
 
     def runs_in_progress(self) -> list[str]:
         """Runs (of any account) left ``running`` whose account's run lock is held now."""
@@ -360,19 +374,19 @@ class PgLedger(Ledger):
                  [r.account for r in batch]))
 
     def mark_sending(self, row_ids: Sequence[int]) -> None:
-        """As ``Ledger.mark_sending``, in one statement."""
-        self._pg.execute("UPDATE rows SET status='sending', attempts=attempts+1,"
-                         " submitted_at=? WHERE id = ANY(?::bigint[])",
+        """As ``Ledger.mark_sending``, in one statement (bumping ``runs.rev``: ``bumping``)."""
+        self._pg.execute(bumping("UPDATE rows SET status='sending', attempts=attempts+1,"
+                                 " submitted_at=? WHERE id = ANY(?::bigint[])"),
                          (self._clock(), list(row_ids)))
 
     def record_attempts(self, attempts: Sequence[Attempt]) -> None:
-        """As ``Ledger.record_attempts``, in one statement."""
-        self._pg.execute(
+        """As ``Ledger.record_attempts``, in one statement (bumping ``runs.rev``)."""
+        self._pg.execute(bumping(
             "UPDATE rows SET status=u.status, http_status=u.http_status,"
             " task_note_id=u.task_note_id, job_id=u.job_id, error=u.error,"
             " answered_at=u.answered_at FROM unnest(?::bigint[], ?::text[], ?::bigint[],"
             " ?::text[], ?::text[], ?::text[], ?::text[]) AS u(id, status, http_status,"
-            " task_note_id, job_id, error, answered_at) WHERE rows.id = u.id",
+            " task_note_id, job_id, error, answered_at) WHERE rows.id = u.id"),
             [[getattr(a, f) for a in attempts] for f in (
                 "row_id", "status", "http_status", "task_note_id", "job_id", "error",
                 "answered_at")])
@@ -511,7 +525,7 @@ class PgLedger(Ledger):
                 pg.execute(statement)
             if pg.execute(rules.ANY_DOUBTFUL_SQL).fetchone() is not None:
                 pg.execute(rules.EVIDENCE_SQL)
-            changed = max(pg.execute(_CLEAR_OUTCOMES_SQL).rowcount, 0)
+            changed = self._changed(_CLEAR_OUTCOMES_SQL)
             changed += self._write_outcomes()
             for statement in _ORPHANS_SQL:
                 pg.execute(statement)
@@ -522,13 +536,12 @@ class PgLedger(Ledger):
     def _write_outcomes(self) -> int:
         """Write the outcomes of ``pg_temp.matched`` that differ from the rows' (inside
         ``match_outcomes``'s transaction, as rules.WRITE_OUTCOMES_SQL); returns rows
-        changed. The runs the rows' trigger would bump (postgres.py, migration 5) are
-        bumped by one statement instead (migration 7), each once, as the trigger does."""
+        changed. The runs to bump (``bumping``) are found by one set-based statement of
+        their own: a hash join of rows on key where many rows moved, rather than a probe of
+        rows_key per changed row."""
         pg = self._pg
         pg.execute(_CHANGED_OUTCOMES_SQL)
-        pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'on'")
         written = max(pg.execute(rules.WRITE_CHANGED_SQL).rowcount, 0)
-        pg.execute("SET LOCAL tasknotes.outcomes_bumped = 'off'")
         pg.execute(_BUMP_CHANGED_SQL)
         pg.execute("DROP TABLE pg_temp.changed")
         return written
@@ -611,13 +624,42 @@ def _match_sql() -> tuple[str, ...]:
 # it is a plain subplan re-read for every outer row: quadratic (reconcile of 1M x 1M was
 # still in the orphans statement after 9 minutes). NOT EXISTS is an anti-join; the same
 # rows, as neither side is ever NULL (event ids and row ids are keys).
+def bumping(update: str) -> str:
+    """``update``, an UPDATE of ``rows`` (``?`` placeholders, no RETURNING), as one statement
+    that also bumps ``runs.rev`` of every run its changed rows show in, and whose one result
+    row is ``(count of rows changed,)``.
+
+    ``runs.rev`` counts changes to what a run's report shows (schema.py, TRIGGERS): a
+    change to a row bumps the row's run, and every other run holding a row of the same
+    key (rule 5 of rules.py: a report follows the later send of its note). SQLite keeps
+    it by triggers; on PostgreSQL every UPDATE of rows in this module is written through
+    this function instead (postgres.py, migration 10): a trigger with transition tables
+    cost a fifth of a send's group commit. Each run is bumped once per statement. The
+    other runs of each changed row's key are found by a probe of rows_key per row
+    (``OFFSET 0`` keeps the probe a subquery of its own, not a scan of rows), after the
+    rows are written: the same lock order as the trigger had (rows, then runs), which
+    the deadlock tests of tests/test_pg_conflicts.py rely on. Bumping a run a change did
+    not show in costs one extra rewrite of its report; missing one would leave it stale.
+    """
+    return f"""WITH changed AS ({update} RETURNING rows.run_id, rows.key),
+bumped AS (
+    UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+        SELECT run_id FROM changed
+        UNION
+        SELECT f.run_id FROM changed c CROSS JOIN LATERAL (
+            SELECT r.run_id FROM rows r WHERE r.key = c.key AND r.run_id <> c.run_id
+            OFFSET 0) f
+         WHERE c.key IS NOT NULL))
+SELECT COUNT(*) FROM changed"""  # noqa: S608 - ``update`` is one of this module's constants
+
+
 _CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
        outcome_at = NULL, settled_by = NULL, outcome_clock = NULL
  WHERE outcome IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matched m WHERE m.row_id = rows.id)"""
 # rules.WRITE_OUTCOMES_SQL in three steps (``_write_outcomes``): the rows it changes, with
-# their new values and whether their outcome moved (what makes the trigger bump the other
-# runs of their key); the write, with the trigger told to leave the bumps to the third:
+# their new values and whether their outcome moved (what bumps the other runs of their
+# key); the write; the bumps (``bumping``'s, found by a join rather than probes):
 # every run of a changed row, and every other run holding the key of a moved row, found by
 # one join (a hash join of rows on key when many moved, rows_key probes when few).
 _CHANGED_OUTCOMES_SQL: Final = """CREATE TEMP TABLE changed AS

@@ -254,6 +254,17 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(9, "the sink events a migrated ledger had mirrored already", """
         CREATE TABLE IF NOT EXISTS sink_premirrored (seq bigint PRIMARY KEY);
     """),
+    # The statement trigger of version 5 ran, for each of the send's two UPDATEs per group
+    # commit, two more statements planned anew each time (EXECUTE) over transition tables
+    # PostgreSQL had to fill: a fifth of the commit's time (bench/state.py). Every UPDATE
+    # of rows the ledger runs now bumps the same runs itself, in the same statement
+    # (pg_ledger.bumping). A DELETE of rows (a refused run's, prune's) is rare and keeps
+    # its trigger. An older tasknotes refuses a database at this version (_refuse_newer),
+    # so none runs UPDATEs that would no longer bump.
+    Migration(10, "runs.rev bumped by each UPDATE of rows itself, not by a trigger", """
+        DROP TRIGGER IF EXISTS rows_updated ON rows;
+        DROP FUNCTION IF EXISTS tasknotes_rows_updated();
+    """),
 )
 
 
@@ -432,13 +443,18 @@ def describe_failure(url: str, exc: BaseException) -> str:
 # are written for it (explicit locks where order matters). Under a database default of
 # SERIALIZABLE, clinics writing disjoint rows failed each other's commits (40001), and a
 # send's group commit failing at its Sync leaves psycopg's pipeline unusable (exit 3).
+# And no JIT compilation (PostgreSQL docs, "JIT Compilation": on by default, for any
+# statement whose estimated cost passes jit_above_cost): a statement of the send or of the
+# join rules estimated high on a ledger without statistics yet spent 0.2-0.3 s compiling
+# work that then took milliseconds; tasknotes' statements are index probes and hash
+# joins, with little expression work for compiled code to save.
 SESSION_OPTIONS: Final = ("-c synchronous_commit=on"
-                          " -c default_transaction_isolation=read\\ committed")
+                          " -c default_transaction_isolation=read\\ committed -c jit=off")
 
 
 def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[tuple[object, ...]]:
-    """An autocommit connection to ``url`` with ``synchronous_commit=on`` and READ
-    COMMITTED transactions (``SESSION_OPTIONS``).
+    """An autocommit connection to ``url`` with ``synchronous_commit=on``, READ
+    COMMITTED transactions and no JIT (``SESSION_OPTIONS``).
 
     Raises StateError (exit 2) naming host:port/database on any failure, and
     StateError as well when psycopg is not installed (``pip install -e '.[postgres]'``).
