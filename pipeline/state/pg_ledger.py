@@ -61,6 +61,7 @@ from pipeline.state.pg_session import PgSession, lock_key, retried
 from pipeline.state.postgres import open_state, where
 from pipeline.state.records import (
     Attempt,
+    Earlier,
     EventRecord,
     NewRow,
     RunInfoChanges,
@@ -349,6 +350,21 @@ class PgLedger(Ledger):
                 " DO UPDATE SET path = excluded.path, sha256 = excluded.sha256,"
                 " size = excluded.size, header = excluded.header",
                 (run_id, file_no, path, sha256, size, json.dumps(list(header))))
+
+    def earlier(self, run_id: str, keys: Sequence[bytes]) -> dict[bytes, Earlier]:
+        """As ``Ledger.earlier``, in one statement per 20,000 keys (an array, probed in
+        rows_key) rather than one per 500 (SQLite's limit on a statement's parameters):
+        a scan of 8,000 new rows asked 16 round trips of the server."""
+        found: dict[bytes, Earlier] = {}
+        for start in range(0, len(keys), 20_000):
+            for key, *rest in self._pg.execute(
+                    "SELECT key, id, run_id, status, job_id, outcome FROM rows"
+                    " WHERE key = ANY(?::bytea[]) AND run_id <> ? ORDER BY id",
+                    (list(keys[start:start + 20_000]), run_id)).fetchall():
+                candidate = Earlier(*rest)
+                if rules.rank(candidate) > rules.rank(found.get(key)):
+                    found[key] = candidate
+        return found
 
     @retried("recording input rows")
     def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
