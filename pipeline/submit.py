@@ -7,6 +7,8 @@ last wave, in one transaction, committed on the spot, and only then starts
 their requests. So a row is durably ``sending`` before its request leaves,
 and one commit serves a whole wave. (Commits are not handed to a worker
 thread: under a busy event loop the thread's answer waits for the loop.)
+With requests in flight, a wave gathers until an eighth of the slots are free
+or GATHER_S has passed, so that one commit serves several answers.
 
 Retry policy, by what the failure proves (errors.py; the rules in retry.py):
     NotApplied (connect error, 429, 503): back to ``pending``, retried with
@@ -129,6 +131,13 @@ class _Retry:
 # the others' are read past them; beyond this, reading waits for the pause to end.
 READ_AHEAD = 10_000
 
+# Group commit of the waves: with requests in flight, a wave starts once an eighth of the
+# concurrency is free (``Submitter._min_wave``) or its first free slot has waited GATHER_S.
+# A wave per freed slot cost a commit per request or two (a PostgreSQL commit is a round
+# trip to the server, 1-2 ms, the event loop waiting); gathered, one commit serves several.
+# The bound keeps a slow request in flight from holding the others' answers uncommitted.
+GATHER_S: Final = 0.002
+
 
 @dataclass(slots=True)
 class _Lane:
@@ -187,6 +196,8 @@ class Submitter:
         self._turn = 0  # which lane the next wave starts with: no account goes first always
         self._tiebreak = itertools.count()
         self._in_flight = 0
+        self._min_wave = max(1, settings.concurrency // 8)
+        self._gather_until: float | None = None  # while a wave gathers: until when
         self._changed = anyio.Event()
         self._source_done = False
         self._consecutive_failures = 0
@@ -252,6 +263,13 @@ class Submitter:
         free = self._settings.concurrency - self._in_flight
         if free <= 0:
             return []
+        if self._in_flight and free < self._min_wave:  # gather (GATHER_S)
+            now = anyio.current_time()
+            if self._gather_until is None:
+                self._gather_until = now + GATHER_S
+            if now < self._gather_until:
+                return []
+        self._gather_until = None
         if not self._source_done and self._read_more():
             self._source_done = not await self._refill(jobs)
         lanes = list(self._lanes.values())
@@ -360,9 +378,13 @@ class Submitter:
         return True
 
     async def _wait_for_change(self) -> None:
-        """Until a request ends, a job arrives, a retry falls due, or a stop is asked for."""
-        self._commit([])  # nothing to start: make the results so far durable meanwhile
-        wait = self._next_start() - anyio.current_time()
+        """Until a request ends, a job arrives, a retry falls due, or a stop is asked for
+        (or, while a wave gathers, its time is up: the results then go with that wave)."""
+        if self._gather_until is None:
+            self._commit([])  # nothing to start: make the results so far durable meanwhile
+            wait = self._next_start() - anyio.current_time()
+        else:
+            wait = self._gather_until - anyio.current_time()
         self._changed = changed = anyio.Event()
         with self.control.also_setting(changed), anyio.move_on_after(wait):
             await changed.wait()

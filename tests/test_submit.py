@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -24,7 +25,7 @@ from pipeline.emulator import Faults
 from pipeline.plan import RunOptions, open_inputs, pending_jobs
 from pipeline.retry import Backoff, Control, Pacer
 from pipeline.state import Ledger, NewRow, row_key
-from pipeline.submit import Job, Submitter
+from pipeline.submit import GATHER_S, Job, Submitter
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 8])
@@ -199,7 +200,8 @@ async def _submit(tmp_path: Path, url: str, tasks: list[str],
 
     try:
         async with CobaltClient(config.api.model_copy(update={"base_url": url,
-                                                              "timeout_s": 120.0})) as client:
+                                                              "timeout_s": 120.0}),
+                                max_connections=config.submit.concurrency) as client:
             await Submitter(client, ledger, config.submit, control=control,
                             backoff=backoff).run(jobs())
         return list(ledger.frame("r").to_dict("records"))
@@ -276,3 +278,73 @@ async def test_a_request_cut_at_the_drain_timeout_ends_ambiguous(tmp_path: Path)
     (row,) = rows
     assert (row["status"], row["attempts"], requests) == ("ambiguous", 1, 1)
     assert "drain timeout" in row["error"]
+
+
+async def test_a_slow_request_does_not_hold_the_answers_of_a_gathering_wave(
+        tmp_path: Path) -> None:
+    """Waves gather (submit.GATHER_S): with 15 of 16 slots busy, the one free slot waits for
+    a second before a wave starts, but only GATHER_S. T0's answer is committed while the 15
+    slow requests are still in flight (60 s): gathering without that bound would hold it
+    uncommitted until one of them ends, and a crash meanwhile would leave T0 ambiguous."""
+    slow = frozenset(f"T{i}" for i in range(1, 16))
+    faults = Faults(slow_after_store=1.0, slow_s=60.0, only_tasks=slow)
+    control = Control()
+    async with emulator_running(faults=faults) as (emulator, url):
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                async def submit() -> None:
+                    await _submit(tmp_path, url, ["T0", *sorted(slow)],
+                                  {"concurrency": 16, "drain_timeout_s": 0.05},
+                                  control=control)
+                tg.start_soon(submit)
+                await emulator.until(lambda e: all(stored_count(e, t, "n") == 1 for t in slow))
+                deadline = anyio.current_time() + 10
+                # another connection's view of the ledger: no event to wait on, so polled
+                while ledger_status(tmp_path, "T0") != "accepted":
+                    assert anyio.current_time() < deadline, "T0's answer never committed"
+                    await anyio.sleep(0.01)
+                assert emulator.requests == 16
+                assert len(emulator.answers) == 1
+                control.stop("test")
+
+
+def ledger_status(tmp_path: Path, task: str) -> str | None:
+    """The status of ``task``'s row as another connection to the ledger sees it."""
+    import sqlite3  # noqa: PLC0415
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "ledger.sqlite")) as db:
+        row = db.execute("SELECT status FROM rows WHERE emr_task_id = ?", (task,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+async def test_a_wave_of_fewer_than_an_eighth_of_the_slots_waits_gather_s_at_most(
+        tmp_path: Path) -> None:
+    """With requests in flight, a wave starts once concurrency // 8 slots are free, or when
+    its first free slot has waited GATHER_S: one commit then serves several answers (a
+    wave per freed slot was a commit per request or two). With none in flight, at once."""
+    config = make_config(tmp_path, submit={"rate_per_second": None, "concurrency": 16})
+    submitter = Submitter(cast("Any", None), cast("Any", None), config.submit)
+    lane = submitter._lanes[""]
+    lane.fresh.extend(Job(i, f"T{i}", "n") for i in range(40))
+    submitter._source_done = True
+
+    async def no_more() -> AsyncIterator[list[Job]]:
+        return
+        yield
+
+    def busy(n: int) -> None:
+        submitter._in_flight = lane.in_flight = n
+
+    jobs = no_more()
+    busy(15)  # one slot free: the wave gathers
+    assert await submitter._next_wave(jobs) == []
+    busy(14)  # two free, an eighth of 16: it goes at once, not waiting out GATHER_S
+    assert len(await submitter._next_wave(jobs) or []) == 2
+    busy(15)
+    started = anyio.current_time()
+    assert await submitter._next_wave(jobs) == []
+    await anyio.sleep(GATHER_S)  # the time a gathering wave waits: the condition itself
+    assert anyio.current_time() >= started + GATHER_S
+    assert len(await submitter._next_wave(jobs) or []) == 1  # then goes with one
+    busy(0)
+    assert len(await submitter._next_wave(jobs) or []) == 16  # nothing in flight: at once
