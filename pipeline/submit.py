@@ -7,7 +7,8 @@ last wave, in one transaction, committed on the spot, and only then starts
 their requests. So a row is durably ``sending`` before its request leaves,
 and one commit serves a whole wave. (Commits are not handed to a worker
 thread: under a busy event loop the thread's answer waits for the loop.)
-With requests in flight, a wave gathers until an eighth of the slots are free
+Where a commit is a round trip to a database server (PostgreSQL), a wave
+gathers while requests are in flight, until an eighth of the slots are free
 or GATHER_S has passed, so that one commit serves several answers.
 
 Retry policy, by what the failure proves (errors.py; the rules in retry.py):
@@ -131,12 +132,20 @@ class _Retry:
 # the others' are read past them; beyond this, reading waits for the pause to end.
 READ_AHEAD = 10_000
 
-# Group commit of the waves: with requests in flight, a wave starts once an eighth of the
-# concurrency is free (``Submitter._min_wave``) or its first free slot has waited GATHER_S.
-# A wave per freed slot cost a commit per request or two (a PostgreSQL commit is a round
-# trip to the server, 1-2 ms, the event loop waiting); gathered, one commit serves several.
-# The bound keeps a slow request in flight from holding the others' answers uncommitted.
+# Group commit of the waves, where a commit is a round trip to a database server (the
+# ledger's ``remote_commits``: PostgreSQL, 1-2 ms with the event loop waiting): with
+# requests in flight, a wave starts once an eighth of the concurrency is free
+# (``Submitter._min_wave``) or its first free slot has waited GATHER_S, so one commit
+# serves several answers rather than one or two. The bound keeps a slow request in flight
+# from holding the others' answers uncommitted. Not for SQLite: its commit costs less than
+# the wait (bench/submit.py at 0 ms latency lost 10-15% with it).
 GATHER_S: Final = 0.002
+
+
+def remote_commits(ledger: object) -> bool:
+    """Whether ``ledger``'s commits are round trips to a database server (its class says
+    so with ``remote_commits = True``, as the PostgreSQL ledger does)."""
+    return bool(getattr(ledger, "remote_commits", False))
 
 
 @dataclass(slots=True)
@@ -196,7 +205,7 @@ class Submitter:
         self._turn = 0  # which lane the next wave starts with: no account goes first always
         self._tiebreak = itertools.count()
         self._in_flight = 0
-        self._min_wave = max(1, settings.concurrency // 8)
+        self._min_wave = max(1, settings.concurrency // 8) if remote_commits(ledger) else 1
         self._gather_until: float | None = None  # while a wave gathers: until when
         self._changed = anyio.Event()
         self._source_done = False

@@ -15,6 +15,7 @@ from pipeline.errors import StateError
 from pipeline.state import Attempt, EventRecord, NewRow, row_key
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import MIGRATIONS, connect, migrate
+from pipeline.submit import remote_commits
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("psycopg", reason="psycopg is not installed (the postgres extra)")
@@ -64,9 +65,11 @@ def syncs(store: PgLedger) -> Iterator[list[int]]:
 
 def test_a_group_commit_is_durable_when_apply_returns_in_one_round_trip(pg_url: str) -> None:
     """apply: the wave's rows are ``sending`` for any other session as soon as it returns
-    (the request may leave), with the previous wave's answers, in one Sync."""
+    (the request may leave), with the previous wave's answers, in one Sync. Each is a
+    round trip: the submit stage gathers its waves for it (submit.remote_commits)."""
     store, ids = ledger(pg_url, {"run-1": ["T1", "T2", "T3", "T4"]})
     one, two = ids["run-1"][:2], ids["run-1"][2:]
+    assert remote_commits(store)
     try:
         store.apply(one, [])
         assert seen(pg_url, ids["run-1"]) == [("sending", 1, None)] * 2 + [("pending", 0, None)] * 2

@@ -183,13 +183,22 @@ class _Longest(random.Random):
         return max(a, b)
 
 
+class _RemoteLedger(Ledger):
+    """The SQLite ledger, saying its commits are round trips to a server as PostgreSQL's
+    do (submit.remote_commits): the submit stage gathers its waves for it."""
+
+    remote_commits = True
+
+
 async def _submit(tmp_path: Path, url: str, tasks: list[str],
                   submit: dict[str, Any], *, backoff: Backoff | None = None,
-                  control: Control | None = None) -> list[dict[str, Any]]:
+                  control: Control | None = None, remote: bool = False
+                  ) -> list[dict[str, Any]]:
     """A real Submitter over a real ledger and client: send one note "n" per task; the
-    ledger rows afterwards, in input order. ``control`` lets the caller stop it."""
+    ledger rows afterwards, in input order. ``control`` lets the caller stop it;
+    ``remote``: the ledger's commits count as round trips to a server."""
     config = make_config(tmp_path, submit={"rate_per_second": None, **submit})
-    ledger = Ledger(config.state.ledger)
+    ledger = (_RemoteLedger if remote else Ledger)(config.state.ledger)
     ledger.start_run("r", "test_clinic", "fp", {})
     ledger.add_rows("r", [NewRow(0, i + 2, t, row_key("test_clinic", t, "n"), "pending")
                           for i, t in enumerate(tasks)])
@@ -295,7 +304,7 @@ async def test_a_slow_request_does_not_hold_the_answers_of_a_gathering_wave(
                 async def submit() -> None:
                     await _submit(tmp_path, url, ["T0", *sorted(slow)],
                                   {"concurrency": 16, "drain_timeout_s": 0.05},
-                                  control=control)
+                                  control=control, remote=True)
                 tg.start_soon(submit)
                 await emulator.until(lambda e: all(stored_count(e, t, "n") == 1 for t in slow))
                 deadline = anyio.current_time() + 10
@@ -319,11 +328,22 @@ def ledger_status(tmp_path: Path, task: str) -> str | None:
 
 async def test_a_wave_of_fewer_than_an_eighth_of_the_slots_waits_gather_s_at_most(
         tmp_path: Path) -> None:
-    """With requests in flight, a wave starts once concurrency // 8 slots are free, or when
-    its first free slot has waited GATHER_S: one commit then serves several answers (a
-    wave per freed slot was a commit per request or two). With none in flight, at once."""
+    """Where commits are round trips to a server, a wave starts, while requests are in
+    flight, once concurrency // 8 slots are free, or when its first free slot has waited
+    GATHER_S: one commit then serves several answers (a wave per freed slot was a commit
+    per request or two). With none in flight, at once. SQLite's waves do not gather."""
     config = make_config(tmp_path, submit={"rate_per_second": None, "concurrency": 16})
-    submitter = Submitter(cast("Any", None), cast("Any", None), config.submit)
+    with contextlib.closing(Ledger(tmp_path / "l.sqlite")) as local:
+        assert Submitter(cast("Any", None), local, config.submit)._min_wave == 1  # as ever
+    remote = _RemoteLedger(tmp_path / "r.sqlite")
+    try:
+        await _gathering(Submitter(cast("Any", None), remote, config.submit))
+    finally:
+        remote.close()
+
+
+async def _gathering(submitter: Submitter) -> None:
+    """The waves a Submitter of concurrency 16 whose ledger's commits are remote starts."""
     lane = submitter._lanes[""]
     lane.fresh.extend(Job(i, f"T{i}", "n") for i in range(40))
     submitter._source_done = True

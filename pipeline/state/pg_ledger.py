@@ -110,6 +110,10 @@ class PgLedger(Ledger):
     reached or its schema is newer than this tasknotes.
     """
 
+    # Each commit is a round trip to the server: the submit stage gathers its waves
+    # (submit.GATHER_S) so that one commit serves several answers.
+    remote_commits: Final = True
+
     def __init__(self, url: str, account: str, accounts: Sequence[str] = (), *,
                  clock: Callable[[], str] = utcnow) -> None:
         """``clock``: the time the ledger writes (ISO 8601 UTC, as ``utcnow``), as
