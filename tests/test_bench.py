@@ -27,12 +27,13 @@ pytestmark = pytest.mark.slow
         pytest.param("reconcile_profile.py", "reconcile (all)", id="reconcile_profile"),
         pytest.param("history.py", "night 3 / night 1:", id="history"),
         pytest.param("state.py", "whole run: PostgreSQL/SQLite =", id="state"),
+        pytest.param("state_parts.py", "apply (one group commit)", id="state_parts"),
     ],
 )
 @pytest.mark.timeout(330)  # the subprocess's own bound (300 s), not the suite's 120 s
 def test_the_benchmark_runs_and_prints_its_ratio(script: str, verdict: str) -> None:
     """`python bench/<script> --quick` exits 0 and prints the table and the ratio it is for."""
-    if script == "state.py" and (reason := why_no_cluster()) is not None:
+    if script.startswith("state") and (reason := why_no_cluster()) is not None:
         pytest.skip(reason)
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
