@@ -39,7 +39,7 @@ from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import RunAborted, StateError
-from pipeline.state import Ledger
+from pipeline.state import Ledger, pg_migrate
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect, open_state
 from pipeline.state.store import open_store
@@ -531,6 +531,31 @@ def test_migrate_state_refuses_while_a_run_holds_a_lock_it_needs(
         running.close()
     assert main(argv) == 0
     assert statuses(pg_url) == {"accepted": 3}
+
+
+def test_a_run_refused_while_migrate_state_copies_names_migrate_state(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """While migrate-state holds an account's run lock (until its copy commits), a run of
+    that account is refused naming it, not "run (starting)" (retest LOW, sixth session)."""
+    source = write_csv(tmp_path / "input.csv", notes(2))
+    with EmulatorThread() as api:
+        run_pipeline(make_config(tmp_path / "old", api={"base_url": api.url}), str(source))
+        path = tmp_path / "old" / "state" / "ledger.sqlite"
+        monkeypatch.setenv("TASKNOTES_STATE_URL", pg_url)
+        config = worker_file(tmp_path, "worker-a", api.url)
+        with contextlib.closing(sqlite3.connect(path)) as copied:
+            holding = pg_migrate._lock_accounts(pg_url, copied, path)
+        try:
+            assert main(["-q", "run", str(config), "--input", str(source),
+                         "--no-progress"]) == 2
+        finally:
+            holding.close()
+        assert api.emulator.requests == 2  # the first run's only
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()} on host" in err
+    assert "tasknotes migrate-state of ledger.sqlite" in err
+    assert "(starting)" not in err
 
 
 def test_a_sandbox_run_on_postgres_confirms_its_notes(pg_url: str, tmp_path: Path) -> None:

@@ -200,9 +200,11 @@ class PgLedger(Ledger):
 
     # -- the run lock --------------------------------------------------------------------
 
-    def lock(self) -> None:
+    def lock(self, holder: str | None = None) -> None:
         """Hold the run lock of every account of this store (``lock_names``, in order), or
-        StateError naming the holder of the first one held elsewhere (none kept then)."""
+        StateError naming the holder of the first one held elsewhere (none kept then).
+        ``holder``: what holds it, for that message, when not a run (its id is recorded
+        once started: ``start_run``), e.g. "tasknotes migrate-state"."""
         taken: list[str] = []
         for name in self.lock_names:
             got = self._pg.execute("SELECT pg_try_advisory_lock(?)",
@@ -213,21 +215,24 @@ class PgLedger(Ledger):
             for mine in taken:
                 self._pg.execute("SELECT pg_advisory_unlock(?)", (lock_key(mine),))
             held = self._pg.execute(
-                "SELECT host, pid, run_id, since FROM run_locks WHERE account = ?",
+                "SELECT host, pid, run_id, since, holder FROM run_locks WHERE account = ?",
                 (name,)).fetchone()
+            what = (f"run {held[2]}" if held is not None and held[2]
+                    else held[4] if held is not None and held[4] else "run (starting)")
             who = ("pid ?" if held is None else
-                   f"pid {held[1]} on host {held[0]}, run {held[2] or '(starting)'}, "
+                   f"pid {held[1]} on host {held[0]}, {what}, "
                    f"since {held[3]:%Y-%m-%dT%H:%M:%SZ}")
             raise StateError(f"another tasknotes run ({who}) holds the run lock of account "
                              f"{name} in {self.path}")
         self._locked = True
         with self._transaction():
             self._pg.executemany(
-                "INSERT INTO run_locks (account, backend_pid, host, pid, run_id, since)"
-                " VALUES (?, pg_backend_pid(), ?, ?, NULL, now()) ON CONFLICT (account) DO"
+                "INSERT INTO run_locks (account, backend_pid, host, pid, run_id, since, holder)"
+                " VALUES (?, pg_backend_pid(), ?, ?, NULL, now(), ?) ON CONFLICT (account) DO"
                 " UPDATE SET backend_pid = excluded.backend_pid, host = excluded.host,"
-                " pid = excluded.pid, run_id = NULL, since = now()",
-                [(name, socket.gethostname(), os.getpid()) for name in self.lock_names])
+                " pid = excluded.pid, run_id = NULL, since = now(), holder = excluded.holder",
+                [(name, socket.gethostname(), os.getpid(), holder)
+                 for name in self.lock_names])
 
     def _holder_backend(self, account: str) -> int | None:
         """The server pid of the session holding ``account``'s run lock, or None."""

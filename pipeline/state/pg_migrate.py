@@ -131,7 +131,7 @@ def _lock_accounts(url: str, source: Any, path: Path) -> PgLedger:
     session = PgLedger(url, names[0] if names else "(migrate-state)", names)
     try:
         if names:
-            session.lock()
+            session.lock(holder=f"tasknotes migrate-state of {path.name}")
     except StateError as exc:
         session.close()
         raise StateError(f"{exc}: let that run end, then migrate {path}; nothing was "

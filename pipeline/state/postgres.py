@@ -265,6 +265,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         DROP TRIGGER IF EXISTS rows_updated ON rows;
         DROP FUNCTION IF EXISTS tasknotes_rows_updated();
     """),
+    # A run lock held by something other than a run (migrate-state) says so in the message
+    # of the run it refuses, rather than "run (starting)" (PgLedger.lock's ``holder``).
+    Migration(11, "what holds a run lock when it is not a run", """
+        ALTER TABLE run_locks ADD COLUMN IF NOT EXISTS holder text;
+    """),
 )
 
 
