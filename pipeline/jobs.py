@@ -348,6 +348,12 @@ def poll(config: ConfigSource, run_id: str | None = None) -> PollResult:
     _blocking("poll")
     config = load(config, "poll")
     if config.sandbox.enabled:
+        if run_id:  # nothing to poll, but a run id that names no run is still an error
+            ledger = _open_ledger(config)
+            try:
+                ledger.run(run_id)
+            finally:
+                ledger.close()
         return PollResult(exits.OK, sandbox=True)
     ledger = _open_ledger(config)
     stats = None

@@ -188,6 +188,10 @@ def test_poll_in_the_sandbox_says_the_emulator_is_gone(
     assert "emulator lives only while `tasknotes run` runs" in line
     assert "127.0.0.1:9" not in captured.out + captured.err
     assert captured.err == ""
+    # a run id, as outside a sandbox: the run's own is fine, one naming no run is exit 2
+    assert main(["-q", "poll", str(path), "--run-id", first.run_id]) == 0
+    assert main(["-q", "poll", str(path), "--run-id", "nope"]) == 2
+    assert "no run 'nope'" in capsys.readouterr().err
 
 
 def _accepted_without_outcome(tmp_path: Path, api: EmulatorThread, **submit: Any) -> Path:
