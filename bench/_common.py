@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -222,3 +223,17 @@ class Server:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
     serve(int(sys.argv[2]), float(sys.argv[3]))
+
+
+def durable_cluster(script: str) -> Any:
+    """A throwaway local PostgreSQL server with fsync on, as production runs it (tests/pg.py;
+    not started), or None after printing why there is none here (``script`` names the
+    benchmark in that line)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg import PgCluster, why_no_cluster  # only the PostgreSQL benches need it
+
+    reason = why_no_cluster()
+    if reason is not None:
+        print(f"bench/{script}: no PostgreSQL server to measure against: {reason}")
+        return None
+    return PgCluster(durable=True)

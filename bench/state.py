@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench._common import Server, machine, median, table
+from bench._common import Server, durable_cluster, machine, median, table
 from bench.make_input import write_csv
 from bench.submit import run_tasknotes
 
@@ -36,17 +36,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.reps = 300, 1
-    from pg import PgCluster, why_no_cluster  # tests/pg.py: a throwaway local server
-
-    reason = why_no_cluster()
-    if reason is not None:
-        print(f"bench/state.py: no PostgreSQL server to measure against: {reason}")
+    cluster = durable_cluster("state.py")
+    if cluster is None:
         return
     print(f"bench/state.py on {machine()}; {args.rows:,} rows, {args.reps} reps, "
           f"C={CONCURRENCY}, L={LATENCY_MS:.0f} ms")
     send: dict[str, list[float]] = {"sqlite": [], "postgres": []}
     whole: dict[str, list[float]] = {"sqlite": [], "postgres": []}
-    cluster = PgCluster(durable=True)
     try:
         cluster.start()
         with tempfile.TemporaryDirectory() as tmp, Server(LATENCY_MS) as server:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench._common import machine, median, table
+from bench._common import durable_cluster, machine, median, table
 from pipeline.state import Attempt, NewRow
 from pipeline.state.pg_ledger import PgLedger
 
@@ -85,15 +85,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.reps = 300, 1
-    from pg import PgCluster, why_no_cluster  # tests/pg.py: a throwaway local server
-
-    reason = why_no_cluster()
-    if reason is not None:
-        print(f"bench/state_parts.py: no PostgreSQL server to measure against: {reason}")
+    cluster = durable_cluster("state_parts.py")
+    if cluster is None:
         return
     print(f"bench/state_parts.py on {machine()}; {args.rows:,} rows, waves of {args.wave}, "
           f"{args.reps} reps")
-    cluster = PgCluster(durable=True)
     runs: list[dict[str, tuple[float, float, float]]] = []
     try:
         cluster.start()
