@@ -647,11 +647,6 @@ def _match_sql() -> tuple[str, ...]:
             "ANALYZE pg_temp.matched", *statements[6:])
 
 
-# ``x NOT IN (SELECT ...)`` is planned by PostgreSQL as a hashed subplan only while the
-# subquery's rows fit in work_mem; past that (a million event ids, a million matched rows)
-# it is a plain subplan re-read for every outer row: quadratic (reconcile of 1M x 1M was
-# still in the orphans statement after 9 minutes). NOT EXISTS is an anti-join; the same
-# rows, as neither side is ever NULL (event ids and row ids are keys).
 def bumping(update: str) -> str:
     """``update``, an UPDATE of ``rows`` (``?`` placeholders, no RETURNING), as one statement
     that also bumps ``runs.rev`` of every run its changed rows show in, and whose one result
@@ -661,8 +656,9 @@ def bumping(update: str) -> str:
     change to a row bumps the row's run, and every other run holding a row of the same
     key (rule 5 of rules.py: a report follows the later send of its note). SQLite keeps
     it by triggers; on PostgreSQL every UPDATE of rows in this module is written through
-    this function instead (postgres.py, migration 10): a trigger with transition tables
-    cost a fifth of a send's group commit. Each run is bumped once per statement. The
+    this function instead (postgres.py, migration 10): a trigger over transition tables
+    made the server fill them and plan two more statements for each UPDATE of a send's
+    group commit, most of its work there. Each run is bumped once per statement. The
     other runs of each changed row's key are found by a probe of rows_key per row
     (``OFFSET 0`` keeps the probe a subquery of its own, not a scan of rows), after the
     rows are written: the same lock order as the trigger had (rows, then runs), which
@@ -681,6 +677,11 @@ bumped AS (
 SELECT COUNT(*) FROM changed"""  # noqa: S608 - ``update`` is one of this module's constants
 
 
+# ``x NOT IN (SELECT ...)`` is planned by PostgreSQL as a hashed subplan only while the
+# subquery's rows fit in work_mem; past that (a million event ids, a million matched rows)
+# it is a plain subplan re-read for every outer row: quadratic (reconcile of 1M x 1M was
+# still in the orphans statement after 9 minutes). NOT EXISTS is an anti-join; the same
+# rows, as neither side is ever NULL (event ids and row ids are keys).
 _CLEAR_OUTCOMES_SQL: Final = """
 UPDATE rows SET outcome = NULL, event_id = NULL, emr_note_id = NULL, failure_reason = NULL,
        outcome_at = NULL, settled_by = NULL, outcome_clock = NULL

@@ -256,7 +256,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     """),
     # The statement trigger of version 5 ran, for each of the send's two UPDATEs per group
     # commit, two more statements planned anew each time (EXECUTE) over transition tables
-    # PostgreSQL had to fill: a fifth of the commit's time (bench/state.py). Every UPDATE
+    # PostgreSQL had to fill: most of the server's work in the commit (bench/state_parts.py
+    # prints what is left of it). Every UPDATE
     # of rows the ledger runs now bumps the same runs itself, in the same statement
     # (pg_ledger.bumping). A DELETE of rows (a refused run's, prune's) is rare and keeps
     # its trigger. An older tasknotes refuses a database at this version (_refuse_newer),
