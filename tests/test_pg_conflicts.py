@@ -391,7 +391,7 @@ def test_sessions_are_read_committed_whatever_the_databases_default(pg_url: str)
 
 def test_sessions_never_jit_compile_whatever_the_databases_default(pg_url: str) -> None:
     """JIT compilation (PostgreSQL's default: on, for statements whose estimated cost
-    passes jit_above_cost) took 0.2-0.3 s per statement of the send and the join rules,
+    passes jit_above_cost) took tenths of a second per statement of the join rules,
     whose work is a few milliseconds (bench/state.py): tasknotes' sessions run with it
     off, even where the database compiles every statement."""
     import psycopg  # noqa: PLC0415 - the postgres extra, as in the fixtures

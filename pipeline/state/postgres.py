@@ -451,8 +451,8 @@ def describe_failure(url: str, exc: BaseException) -> str:
 # send's group commit failing at its Sync leaves psycopg's pipeline unusable (exit 3).
 # And no JIT compilation (PostgreSQL docs, "JIT Compilation": on by default, for any
 # statement whose estimated cost passes jit_above_cost): a statement of the send or of the
-# join rules estimated high on a ledger without statistics yet spent 0.2-0.3 s compiling
-# work that then took milliseconds; tasknotes' statements are index probes and hash
+# join rules estimated high on a ledger without statistics yet spent tenths of a second
+# compiling work that then took milliseconds; tasknotes' statements are index probes and hash
 # joins, with little expression work for compiled code to save.
 SESSION_OPTIONS: Final = ("-c synchronous_commit=on"
                           " -c default_transaction_isolation=read\\ committed -c jit=off")
