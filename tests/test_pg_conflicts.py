@@ -1,9 +1,9 @@
 """Deadlocks and serialization failures on PostgreSQL (``state.url``), made for real.
 
 Several clinics (accounts) share one database: run B sends while the refresh of another
-clinic's run matches outcomes over the rows of every run. Both update rows, and the
-rows' statement trigger bumps ``runs.rev`` of each run a changed row belongs to, and of
-each run holding a row of the same note (postgres.py, migration 5). Run B's group commit
+clinic's run matches outcomes over the rows of every run. Both update rows, and each
+statement bumps ``runs.rev`` of each run a changed row belongs to, and of each run
+holding a row of the same note, after the rows (pg_ledger.bumping). Run B's group commit
 (``PgLedger.apply``: its results, then the rows about to be sent) bumps run B, then,
 marking a row whose note run B0 (B's earlier run) sent before, run B0; the match, writing
 the outcome of B0's row, bumps run B0, then run B (which sends that note again). Each

@@ -435,10 +435,10 @@ def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
 @pytest.mark.slow
 def test_the_join_rules_on_postgres_bump_the_runs_the_row_trigger_would(
         tmp_path: Path, pg_url: str) -> None:
-    """On PostgreSQL the join rules' write of outcomes bumps the runs itself, the rows'
-    trigger told to leave them: the same runs' ``rev`` moved as the trigger would move
+    """On PostgreSQL the join rules' write of outcomes bumps the runs itself (no UPDATE
+    trigger there): the same runs' ``rev`` moved as SQLite's row triggers move them
     (run-2 and run-4 for their own rows, run-1 because its row's note was sent by run-2;
-    not run-3), each once; after it, in the same session, the trigger bumps again."""
+    not run-3), each once; after it, in the same session, a send bumps again."""
     ledger = _four_runs(tmp_path, pg_url)
     try:
         revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))

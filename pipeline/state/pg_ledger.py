@@ -69,6 +69,7 @@ from pipeline.state.records import (
     RunState,
     utcnow,
 )
+from pipeline.state.runs import WRITE_OFF_SQL
 from pipeline.state.sqlite import Ledger
 
 if TYPE_CHECKING:
@@ -315,19 +316,15 @@ class PgLedger(Ledger):
     @retried("writing off rows")
     def write_off(self, run_id: str, at: str) -> int:
         """As ``Ledger.write_off`` (runs.py), its UPDATE bumping ``runs.rev`` (``bumping``)."""
-        with self._transaction():
-            changed = self._changed(
-                "UPDATE rows SET written_off_at = ? WHERE run_id = ?"  # noqa: S608 - constants
-                " AND status IN ('pending', 'failed') AND key IS NOT NULL"
-                f" AND written_off_at IS NULL AND {rules.NOT_DELIVERED.format(row='rows')}",
-                (at, run_id))
+        with self._transaction():  # the date shows in the run's own report only
+            changed = self._changed(WRITE_OFF_SQL, (at, run_id), others=False)
         if changed:
             self.update_run_info(run_id, {"report_final": False})
         return int(changed)
 
-    def _changed(self, update: str, params: Sequence[Any] = ()) -> int:
+    def _changed(self, update: str, params: Sequence[Any] = (), *, others: bool = True) -> int:
         """Run ``update`` (an UPDATE of rows) through ``bumping``; how many rows changed."""
-        row = self._pg.execute(bumping(update), params).fetchone()
+        row = self._pg.execute(bumping(update, others=others), params).fetchone()
         return int(row[0]) if row is not None else 0
 
     def runs_in_progress(self) -> list[str]:
@@ -647,16 +644,18 @@ def _match_sql() -> tuple[str, ...]:
             "ANALYZE pg_temp.matched", *statements[6:])
 
 
-def bumping(update: str) -> str:
+def bumping(update: str, *, others: bool = True) -> str:
     """``update``, an UPDATE of ``rows`` (``?`` placeholders, no RETURNING), as one statement
     that also bumps ``runs.rev`` of every run its changed rows show in, and whose one result
-    row is ``(count of rows changed,)``.
+    row is ``(count of rows changed,)``. ``others=False``: the rows' own runs only, for a
+    change no other run's report shows (a write-off date), as SQLite's triggers do.
 
     ``runs.rev`` counts changes to what a run's report shows (schema.py, TRIGGERS): a
     change to a row bumps the row's run, and every other run holding a row of the same
     key (rule 5 of rules.py: a report follows the later send of its note). SQLite keeps
-    it by triggers; on PostgreSQL every UPDATE of rows in this module is written through
-    this function instead (postgres.py, migration 10): a trigger over transition tables
+    it by triggers; on PostgreSQL every UPDATE of rows in this module bumps by itself,
+    through this function or, for the join rules' write of outcomes, by the set-based
+    ``_BUMP_CHANGED_SQL`` (postgres.py, migrations 10 and 12): a trigger over transition tables
     made the server fill them and plan two more statements for each UPDATE of a send's
     group commit, most of its work there. Each run is bumped once per statement. The
     other runs of each changed row's key are found by a probe of rows_key per row
@@ -665,16 +664,17 @@ def bumping(update: str) -> str:
     the deadlock tests of tests/test_pg_conflicts.py rely on. Bumping a run a change did
     not show in costs one extra rewrite of its report; missing one would leave it stale.
     """
-    return f"""WITH changed AS ({update} RETURNING rows.run_id, rows.key),
-bumped AS (
-    UPDATE runs SET rev = rev + 1 WHERE run_id IN (
-        SELECT run_id FROM changed
+    followed = """
         UNION
         SELECT f.run_id FROM changed c CROSS JOIN LATERAL (
             SELECT r.run_id FROM rows r WHERE r.key = c.key AND r.run_id <> c.run_id
             OFFSET 0) f
-         WHERE c.key IS NOT NULL))
-SELECT COUNT(*) FROM changed"""  # noqa: S608 - ``update`` is one of this module's constants
+         WHERE c.key IS NOT NULL""" if others else ""
+    return f"""WITH changed AS ({update} RETURNING rows.run_id, rows.key),
+bumped AS (
+    UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+        SELECT run_id FROM changed{followed}))
+SELECT COUNT(*) FROM changed"""  # noqa: S608 - ``update``: one of the package's constants
 
 
 # ``x NOT IN (SELECT ...)`` is planned by PostgreSQL as a hashed subplan only while the

@@ -4,8 +4,8 @@ turned into the package's, and transactions the server rolled back for a conflic
 again (``Conflict``, ``PgSession.retrying``).
 
 Several runs (accounts) write one database at once: a run's send updates its rows while
-another's reconcile updates the outcomes of every run's rows, and the rows' triggers
-bump ``runs.rev`` of the runs they touch (postgres.py, migration 5), so two transactions
+another's reconcile updates the outcomes of every run's rows, and each such statement
+bumps ``runs.rev`` of the runs it touches (pg_ledger.bumping), so two transactions
 can each hold a row the other waits for. PostgreSQL then aborts one of them with
 SQLSTATE 40P01 (deadlock detected), or under SERIALIZABLE with 40001 (serialization
 failure); its documentation ("Serialization Failure Handling") says to retry the whole

@@ -259,9 +259,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     # PostgreSQL had to fill: most of the server's work in the commit (bench/state_parts.py
     # prints what is left of it). Every UPDATE
     # of rows the ledger runs now bumps the same runs itself, in the same statement
-    # (pg_ledger.bumping). A DELETE of rows (a refused run's, prune's) is rare and keeps
-    # its trigger. An older tasknotes refuses a database at this version (_refuse_newer),
-    # so none runs UPDATEs that would no longer bump.
+    # (pg_ledger.bumping). A DELETE of rows (a refused run's) is rare and keeps
+    # its trigger. An older tasknotes refuses to open a database at this version
+    # (_refuse_newer); one already connected is stopped by migration 12.
     Migration(10, "runs.rev bumped by each UPDATE of rows itself, not by a trigger", """
         DROP TRIGGER IF EXISTS rows_updated ON rows;
         DROP FUNCTION IF EXISTS tasknotes_rows_updated();
@@ -270,6 +270,27 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     # of the run it refuses, rather than "run (starting)" (PgLedger.lock's ``holder``).
     Migration(11, "what holds a run lock when it is not a run", """
         ALTER TABLE run_locks ADD COLUMN IF NOT EXISTS holder text;
+    """),
+    # Migration 10 left a gap: a tasknotes older than it, already connected when another
+    # process migrated the database (several clinics upgrade one at a time), kept sending
+    # plain UPDATEs of rows that no longer bumped runs.rev, and the reports of runs
+    # sharing their notes stayed stale (reviewer HIGH). Every session of this tasknotes
+    # says it bumps by itself (SESSION_OPTIONS: tasknotes.bumps_rev); an UPDATE of rows
+    # from any other session is refused, with a line saying why. A statement trigger
+    # without transition tables whose WHEN is false costs one expression per statement.
+    Migration(12, "an UPDATE of rows from a session that does not bump runs.rev is refused", """
+        CREATE OR REPLACE FUNCTION tasknotes_refuse_unbumped() RETURNS trigger AS $$
+        BEGIN
+            RAISE EXCEPTION 'tasknotes: this database was upgraded by a newer tasknotes, '
+                'whose rows no longer keep runs.rev by a trigger: upgrade this tasknotes '
+                '(an UPDATE of rows by hand: SET tasknotes.bumps_rev = on, and bump '
+                'runs.rev of the runs it changes)'
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END $$ LANGUAGE plpgsql;
+        DROP TRIGGER IF EXISTS rows_unbumped ON rows;
+        CREATE TRIGGER rows_unbumped BEFORE UPDATE ON rows FOR EACH STATEMENT
+            WHEN (current_setting('tasknotes.bumps_rev', true) IS DISTINCT FROM 'on')
+            EXECUTE FUNCTION tasknotes_refuse_unbumped();
     """),
 )
 
@@ -453,9 +474,12 @@ def describe_failure(url: str, exc: BaseException) -> str:
 # statement whose estimated cost passes jit_above_cost): a statement of the send or of the
 # join rules estimated high on a ledger without statistics yet spent tenths of a second
 # compiling work that then took milliseconds; tasknotes' statements are index probes and hash
-# joins, with little expression work for compiled code to save.
+# joins, with little expression work for compiled code to save. ``tasknotes.bumps_rev``:
+# this session's UPDATEs of rows bump runs.rev themselves (pg_ledger.bumping); migration
+# 12 refuses those of any session that does not say so (an older tasknotes).
 SESSION_OPTIONS: Final = ("-c synchronous_commit=on"
-                          " -c default_transaction_isolation=read\\ committed -c jit=off")
+                          " -c default_transaction_isolation=read\\ committed -c jit=off"
+                          " -c tasknotes.bumps_rev=on")
 
 
 def connect(url: str, *, application: str = "tasknotes") -> psycopg.Connection[tuple[object, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import StateError
 from pipeline.state import rules
@@ -27,6 +27,14 @@ from pipeline.state.rows import SQLiteRows
 _REPORT_KEYS = frozenset({"report_final", "redrive_digest", "report_marker",
                           "report_stale_due", "report_exit_code"})
 
+
+
+# ``write_off``'s statement (both backends; PostgreSQL's bumps runs.rev with it): a run's
+# unsent rows whose note no run delivered, not yet written off, closed at ``?`` (a time).
+WRITE_OFF_SQL: Final = f"""UPDATE rows SET written_off_at = ?
+    WHERE run_id = ? AND status IN ('pending', 'failed') AND key IS NOT NULL
+      AND written_off_at IS NULL
+      AND {rules.NOT_DELIVERED.format(row="rows")}"""  # noqa: S608 - constants
 
 class SQLiteRuns(SQLiteRows):
     """Runs: their records, and which runs (and reports) are still open."""
@@ -401,12 +409,7 @@ class SQLiteRuns(SQLiteRows):
         written again (``report_final`` is cleared). The caller checks the run is not in
         progress."""
         with self._transaction():
-            changed = self._db.execute(
-                f"""UPDATE rows SET written_off_at = ?
-                    WHERE run_id = ? AND status IN ('pending', 'failed') AND key IS NOT NULL
-                      AND written_off_at IS NULL
-                      AND {rules.NOT_DELIVERED.format(row="rows")}""",  # noqa: S608
-                (at, run_id)).rowcount
+            changed = self._db.execute(WRITE_OFF_SQL, (at, run_id)).rowcount
         if changed:
             self.update_run_info(run_id, {"report_final": False})
         return int(changed)
