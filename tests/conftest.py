@@ -59,3 +59,14 @@ def state(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The config's state section on each backend: the local ledger, or ``state.url`` on a
     fresh database of the throwaway server. A test that takes it runs on both."""
     return {} if request.param == "sqlite" else {"url": request.getfixturevalue("pg_url")}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def book(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A ``test_reconcile.Book`` on each backend: the join rules must say the same on both."""
+    from test_reconcile import Book  # noqa: PLC0415 - a test module, imported when used
+
+    pg_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    made = Book(tmp_path, pg_url=pg_url)
+    yield made
+    made.ledger.close()

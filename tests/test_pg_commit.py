@@ -165,11 +165,16 @@ def test_every_change_to_a_row_bumps_its_run_and_the_runs_sharing_its_note(
     """The rows table has no UPDATE trigger (migration 10): each statement that changes a
     row bumps ``runs.rev`` itself. Whatever the change to run-2's T1 row, run-2 (its
     report shows the row) and run-1 (its T1 row follows that later send, rule 5) are
-    bumped (not run-1 for a write-off: its date shows in run-2's report only), and run-3
-    (another note) is not."""
+    bumped, and run-4, whose row skipped T1 as already sent by run-2's under the
+    account's former name (it refers to that row, under another key: rows_ref). Not
+    run-1 nor run-4 for a write-off (its date shows in run-2's report only); never run-3
+    (another note)."""
     before, act = CHANGES[change]
     store, ids = ledger(pg_url, {"run-1": ["T1", "T2"], "run-2": ["T1"], "run-3": ["T9"]})
     row = ids["run-2"][0]
+    store.start_run("run-4", "renamed_clinic", "fp", {})
+    store.add_rows("run-4", [NewRow(0, 2, "T1", row_key("renamed_clinic", "T1", "a note"),
+                                    "already_sent", "already sent in run run-2", row)])
     try:
         if before is not None:
             before(store, row)
@@ -178,9 +183,10 @@ def test_every_change_to_a_row_bumps_its_run_and_the_runs_sharing_its_note(
         now = revs(pg_url)
         assert now["run-2"] > was["run-2"]
         if change == "write off":  # the date shows in run-2's report only, as on SQLite
-            assert now["run-1"] == was["run-1"]
+            assert (now["run-1"], now["run-4"]) == (was["run-1"], was["run-4"])
         else:
             assert now["run-1"] > was["run-1"]
+            assert now["run-4"] > was["run-4"]
         assert now["run-3"] == was["run-3"]
     finally:
         store.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,9 @@ class Book:
 
     def row(self, status: str, *, task: str = "T1", note: str = "a note", job_id: str | None = None,
             task_note_id: str | None = None, run_id: str | None = None, ref_id: int | None = None,
-            submitted_at: str | None = None) -> int:
+            submitted_at: str | None = None, account: str = ACCOUNT) -> int:
         run = run_id or self.run_id
-        key = row_key(ACCOUNT, task, note) if status != "rejected" else None
+        key = row_key(account, task, note) if status != "rejected" else None
         self.ledger.add_rows(run, [NewRow(0, self.next_line, task, key, "pending",
                                           ref_id=ref_id)])
         self.next_line += 1
@@ -87,15 +86,6 @@ class Book:
     def finals(self, run_id: str | None = None) -> list[tuple[str, str]]:
         rows = self.result(run_id).frame()
         return list(zip(rows["final_status"], rows["outcome"].fillna(""), strict=True))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
-def book(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Book]:
-    """A Book on each backend: the join rules must say the same on both."""
-    pg_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    made = Book(tmp_path, pg_url=pg_url)
-    yield made
-    made.ledger.close()
 
 
 def test_an_integer_job_id_joins_its_string_twin(book: Book) -> None:

@@ -383,8 +383,10 @@ def test_the_scan_runs_on_any_scan_store(tmp_path: Path) -> None:
 
 def _four_runs(directory: Path, pg_url: str | None = None) -> Ledger:
     """run-1 could not send note A1; run-2 sends A1 (job 3) and B1 (job 1); run-3's row
-    (job 9) gets no event; run-4's (job 5) fails in the EMR. Events for jobs 3, 1 and 5.
-    In the database at ``pg_url`` (the sink's events too) if given."""
+    (job 9) gets no event; run-4's (job 5) fails in the EMR; run-5 skipped E1 as already
+    sent by run-4 under the account's former name (its row refers to run-4's, under
+    another key). Events for jobs 3, 1 and 5. In the database at ``pg_url`` (the sink's
+    events too) if given."""
     from test_reconcile import Book  # noqa: PLC0415 - its module imports this one's fixtures
 
     book = Book(directory, pg_url=pg_url)
@@ -394,6 +396,11 @@ def _four_runs(directory: Path, pg_url: str | None = None) -> Ledger:
         book.ledger.start_run(run_id, "test_clinic", "fp", {})
         for task, job in rows:
             book.row("accepted", task=task, job_id=job, run_id=run_id)
+    (sent,) = book.ledger.frame("run-4")["id"]
+    book.ledger.start_run("run-5", "renamed_clinic", "fp", {})
+    book.ledger.add_rows("run-5", [NewRow(0, 2, "E1", row_key("renamed_clinic", "E1", "a note"),
+                                          "already_sent", "already sent in run run-4",
+                                          int(sent))])
     book.event("task_note.created", "3", n=1, task="A1")
     book.event("task_note.created", "1", n=2, task="B1")
     book.event("task_note.failed", 5, n=3)
@@ -408,7 +415,8 @@ def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
     triggers set aside and the runs bumped by one statement, the keys of more than one row
     found by reading rows_key whole or by a probe per changed row: the same outcomes, the
     same runs' ``rev`` moved (run-2 and run-4 for their own rows, run-1 because its row's
-    note was sent by run-2; not run-3), and the triggers are there again after."""
+    note was sent by run-2, run-5 because its row refers to run-4's; not run-3), and the
+    triggers are there again after."""
     import pipeline.state.outcomes  # noqa: PLC0415 - the module whose thresholds are set
 
     monkeypatch.setattr(pipeline.state.outcomes, "QUIET_FROM", quiet_from)
@@ -418,15 +426,15 @@ def test_a_large_write_of_outcomes_bumps_the_runs_the_row_triggers_would(
         revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
         assert Reconciler(ledger, tmp_path / "webhooks.jsonl").refresh("test_clinic") is None
         moved = {r: v - revs[r] for r, v in ledger._db.execute("SELECT run_id, rev FROM runs")}
-        assert {r for r, v in moved.items() if v} == {"run-1", "run-2", "run-4"}
+        assert {r for r, v in moved.items() if v} == {"run-1", "run-2", "run-4", "run-5"}
         assert ledger._db.execute("SELECT run_id, emr_task_id, outcome, event_id FROM rows"
                                   " ORDER BY id").fetchall() == [
             ("run-1", "A1", None, None), ("run-2", "A1", "created", "evt_1"),
             ("run-2", "B1", "created", "evt_2"), ("run-3", "D1", None, None),
-            ("run-4", "E1", "failed", "evt_3")]
+            ("run-4", "E1", "failed", "evt_3"), ("run-5", "E1", None, None)]
         triggers = {n for (n,) in ledger._db.execute(
             "SELECT name FROM sqlite_schema WHERE type = 'trigger'")}
-        assert triggers == {"rows_changed", "rows_followed", "rows_gone"}
+        assert triggers == {"rows_changed", "rows_followed", "rows_linked", "rows_gone"}
         assert ledger.match_outcomes() == 0  # its stamp was kept: nothing to do again
     finally:
         ledger.close()
@@ -437,19 +445,20 @@ def test_the_join_rules_on_postgres_bump_the_runs_the_row_trigger_would(
         tmp_path: Path, pg_url: str) -> None:
     """On PostgreSQL the join rules' write of outcomes bumps the runs itself (no UPDATE
     trigger there): the same runs' ``rev`` moved as SQLite's row triggers move them
-    (run-2 and run-4 for their own rows, run-1 because its row's note was sent by run-2;
-    not run-3), each once; after it, in the same session, a send bumps again."""
+    (run-2 and run-4 for their own rows, run-1 because its row's note was sent by run-2,
+    run-5 because its row refers to run-4's; not run-3), each once; after it, in the same
+    session, a send bumps again."""
     ledger = _four_runs(tmp_path, pg_url)
     try:
         revs = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))
         Reconciler(ledger, tmp_path / "webhooks.jsonl").refresh("test_clinic")
         moved = {r: v - revs[r] for r, v in ledger._db.execute("SELECT run_id, rev FROM runs")}
-        assert moved == {"run-1": 1, "run-2": 1, "run-3": 0, "run-4": 1}
+        assert moved == {"run-1": 1, "run-2": 1, "run-3": 0, "run-4": 1, "run-5": 1}
         assert ledger._db.execute("SELECT run_id, emr_task_id, outcome, event_id FROM rows"
                                   " ORDER BY id").fetchall() == [
             ("run-1", "A1", None, None), ("run-2", "A1", "created", "evt_1"),
             ("run-2", "B1", "created", "evt_2"), ("run-3", "D1", None, None),
-            ("run-4", "E1", "failed", "evt_3")]
+            ("run-4", "E1", "failed", "evt_3"), ("run-5", "E1", None, None)]
         (row_id,) = ledger._db.execute("SELECT id FROM rows WHERE run_id = 'run-3'").fetchone()
         ledger.apply([row_id], [])
         after = dict(ledger._db.execute("SELECT run_id, rev FROM runs"))

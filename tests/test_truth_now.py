@@ -36,7 +36,7 @@ from pipeline.events import SinkFile
 from pipeline.open_items import ledger_status
 from pipeline.report import write_report
 from pipeline.sink import WebhookReceiver
-from pipeline.state import Ledger
+from pipeline.state import Ledger, NewRow, row_key
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
 OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
@@ -147,6 +147,32 @@ def test_reconcile_rewrites_a_run_that_another_command_settled(
         1, 0, "ok")
     assert main(["reconcile", str(config)]) == 0
     assert "run run-1:" not in capsys.readouterr().out  # final: nothing can change it
+
+
+def test_reconcile_rewrites_a_run_that_skipped_a_note_sent_under_another_key(
+        book: Book, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run 2 skipped T1 as already sent by run 1 under the account's former name
+    (``formerly``), or in the form a version before NFC gave it: its row refers to run 1's
+    (``ref_id``) under another ledger key. When run 1's send then fails in the EMR,
+    reconcile rewrites run 2's report too: it no longer says the note was sent (attacker
+    HIGH: it was left saying so, as only runs sharing the changed row's key were bumped)."""
+    sent = book.row("accepted", task="T1", job_id="1", account="north")
+    book.ledger.finish_run("run-1", "finished", {"exit_code": 0})
+    book.ledger.start_run("run-2", ACCOUNT, "fp", {})
+    book.ledger.add_rows("run-2", [NewRow(0, 2, "T1", row_key("Northside", "T1", "a note"),
+                                          "already_sent", "already sent in run run-1", sent)])
+    book.ledger.finish_run("run-2", "finished", {"exit_code": 0})
+    config = (book_config(book, tmp_path) if book.pg_url is None
+              else write_config(tmp_path, state={"url": book.pg_url}))
+    second = tmp_path / "reports" / "run-2"
+    assert main(["reconcile", str(config)]) == 0
+    assert read_summary(second)["final_status"]["skipped_already_sent"] == 1
+    capsys.readouterr()
+    book.event("task_note.failed", "1", n=1, task="T1")
+    assert main(["reconcile", str(config)]) == 1  # run 1's note failed in the EMR
+    assert "run run-2:" in capsys.readouterr().out
+    finals = read_summary(second)["final_status"]
+    assert (finals["skipped_already_sent"], finals["failed_in_emr"]) == (0, 1)
 
 
 @pytest.mark.slow

@@ -651,8 +651,10 @@ def bumping(update: str, *, others: bool = True) -> str:
     change no other run's report shows (a write-off date), as SQLite's triggers do.
 
     ``runs.rev`` counts changes to what a run's report shows (schema.py, TRIGGERS): a
-    change to a row bumps the row's run, and every other run holding a row of the same
-    key (rule 5 of rules.py: a report follows the later send of its note). SQLite keeps
+    change to a row bumps the row's run, every other run holding a row of the same key
+    (rule 5 of rules.py: a report follows the later send of its note) and every other
+    run with a row referring to it (``ref_id``: a held or already-sent row, whose key
+    may differ: ``formerly``, NFC; found by a probe of rows_ref). SQLite keeps
     it by triggers; on PostgreSQL every UPDATE of rows in this module bumps by itself,
     through this function or, for the join rules' write of outcomes, by the set-based
     ``_BUMP_CHANGED_SQL`` (postgres.py, migrations 10 and 12): a trigger over transition tables
@@ -669,8 +671,12 @@ def bumping(update: str, *, others: bool = True) -> str:
         SELECT f.run_id FROM changed c CROSS JOIN LATERAL (
             SELECT r.run_id FROM rows r WHERE r.key = c.key AND r.run_id <> c.run_id
             OFFSET 0) f
-         WHERE c.key IS NOT NULL""" if others else ""
-    return f"""WITH changed AS ({update} RETURNING rows.run_id, rows.key),
+         WHERE c.key IS NOT NULL
+        UNION
+        SELECT l.run_id FROM changed c CROSS JOIN LATERAL (
+            SELECT r.run_id FROM rows r WHERE r.ref_id = c.id AND r.run_id <> c.run_id
+            OFFSET 0) l""" if others else ""
+    return f"""WITH changed AS ({update} RETURNING rows.id, rows.run_id, rows.key),
 bumped AS (
     UPDATE runs SET rev = rev + 1 WHERE run_id IN (
         SELECT run_id FROM changed{followed}))
@@ -711,7 +717,10 @@ UPDATE runs SET rev = rev + 1
   FROM (SELECT run_id FROM changed
         UNION
         SELECT o.run_id FROM changed c JOIN rows o ON o.key = c.key
-         WHERE c.moved AND c.key IS NOT NULL AND o.run_id <> c.run_id) b
+         WHERE c.moved AND c.key IS NOT NULL AND o.run_id <> c.run_id
+        UNION
+        SELECT o.run_id FROM changed c JOIN rows o ON o.ref_id = c.row_id
+         WHERE c.moved AND o.ref_id IS NOT NULL AND o.run_id <> c.run_id) b
  WHERE runs.run_id = b.run_id"""
 # The events no row owns (claimed by job or task note id, or settled by evidence) found
 # once, by two anti-joins, then counted and the first listed: not an ``owned`` set made

@@ -292,6 +292,16 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             WHEN (current_setting('tasknotes.bumps_rev', true) IS DISTINCT FROM 'on')
             EXECUTE FUNCTION tasknotes_refuse_unbumped();
     """),
+    # A held or already-sent row refers to the earlier attempt it follows (ref_id), under
+    # another key when that attempt was found under the account's former name (formerly)
+    # or in the form a version before NFC gave the note: a change to that attempt bumps
+    # the referring rows' runs too (pg_ledger.bumping), found by this index, as SQLite's
+    # rows_linked trigger finds them (schema.py). Without it, a run that skipped a note
+    # sent under a former name kept saying "already sent" after that send failed in the
+    # EMR (attacker HIGH).
+    Migration(13, "the rows that refer to an earlier attempt, indexed by it", """
+        CREATE INDEX IF NOT EXISTS rows_ref ON rows (ref_id) WHERE ref_id IS NOT NULL;
+    """),
 )
 
 

@@ -184,7 +184,9 @@ WITH shared AS ({shared})
 UPDATE runs SET rev = rev + 1
  WHERE run_id IN (SELECT run_id FROM changed)
     OR run_id IN (SELECT o.run_id FROM shared s JOIN rows o INDEXED BY rows_key
-                     ON o.key = s.key AND o.run_id != s.run_id)"""
+                     ON o.key = s.key AND o.run_id != s.run_id)
+    OR run_id IN (SELECT o.run_id FROM changed c JOIN rows o INDEXED BY rows_ref
+                     ON o.ref_id = c.row_id AND o.run_id != c.run_id WHERE c.moved)"""
 # "No run delivered the note of the row {row} (its key, not NULL)": Cobalt has the note
 # (created), or took it and no outcome is in; one probe of rows_key per row (``key NOT IN
 # (the delivered keys)`` read every delivered row).

@@ -100,6 +100,9 @@ CREATE TABLE IF NOT EXISTS event_tally (name TEXT PRIMARY KEY, count INTEGER NOT
 CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
 CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
+-- The rows that refer to an earlier attempt (already sent, held): a change to that attempt
+-- bumps their runs (TRIGGERS: rows_linked), whose keys may differ from its (formerly, NFC).
+CREATE INDEX IF NOT EXISTS rows_ref ON rows (ref_id) WHERE ref_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_sending ON rows (status) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS rows_task_note ON rows (task_note_id) WHERE task_note_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_ambiguous ON rows (id) WHERE status = 'ambiguous';
@@ -113,25 +116,36 @@ CREATE INDEX IF NOT EXISTS rows_unsent ON rows (status) WHERE status IN ('pendin
 
 
 # What a run's report shows changes only through its rows, the rows of other runs with
-# the same note (rule 5 in rules.py: the send it follows; the earlier attempt a held or
-# already-sent row refers to has its key too) and its run record: each row change bumps
-# ``runs.rev`` of the runs it can show in, so reconcile rewrites only reports whose run
-# changed (``Ledger.report_marker``), and the join rules are not re-run when no row
-# and no event changed (``Ledger.match_outcomes``).
+# the same note (rule 5 in rules.py: the send it follows), the earlier attempts its held
+# and already-sent rows refer to (``ref_id``; under another key when that attempt was
+# found under an account's former name, ``formerly``, or in the form a version before NFC
+# gave the note) and its run record: each row change bumps ``runs.rev`` of the runs it can
+# show in, so reconcile rewrites only reports whose run changed
+# (``Ledger.report_marker``), and the join rules are not re-run when no row and no event
+# changed (``Ledger.match_outcomes``).
+# A change to a row that other runs' reports show (as the send they follow, rule 5, or the
+# earlier attempt they refer to): not a write-off date, a failure text or an attempt count.
+_SHOWN_CHANGED: Final = """(OLD.status IS NOT NEW.status OR OLD.outcome IS NOT NEW.outcome
+      OR OLD.job_id IS NOT NEW.job_id OR OLD.task_note_id IS NOT NEW.task_note_id
+      OR OLD.submitted_at IS NOT NEW.submitted_at OR OLD.outcome_at IS NOT NEW.outcome_at
+      OR OLD.event_id IS NOT NEW.event_id OR OLD.emr_note_id IS NOT NEW.emr_note_id
+      OR OLD.outcome_clock IS NOT NEW.outcome_clock OR OLD.key IS NOT NEW.key)"""
 TRIGGERS: Final = (
     """CREATE TRIGGER IF NOT EXISTS rows_changed AFTER UPDATE ON rows BEGIN
     UPDATE runs SET rev = rev + 1 WHERE run_id = NEW.run_id;
 END""",
-    """CREATE TRIGGER IF NOT EXISTS rows_followed AFTER UPDATE ON rows
- WHEN NEW.key IS NOT NULL AND (OLD.status IS NOT NEW.status OR OLD.outcome IS NOT NEW.outcome
-      OR OLD.job_id IS NOT NEW.job_id OR OLD.task_note_id IS NOT NEW.task_note_id
-      OR OLD.submitted_at IS NOT NEW.submitted_at OR OLD.outcome_at IS NOT NEW.outcome_at
-      OR OLD.event_id IS NOT NEW.event_id OR OLD.emr_note_id IS NOT NEW.emr_note_id
-      OR OLD.outcome_clock IS NOT NEW.outcome_clock OR OLD.key IS NOT NEW.key)
+    f"""CREATE TRIGGER IF NOT EXISTS rows_followed AFTER UPDATE ON rows
+ WHEN NEW.key IS NOT NULL AND {_SHOWN_CHANGED}
 BEGIN
     UPDATE runs SET rev = rev + 1 WHERE run_id IN (
         SELECT run_id FROM rows WHERE key = NEW.key AND run_id != NEW.run_id);
-END""",
+END""",  # noqa: S608 - _SHOWN_CHANGED: a constant
+    f"""CREATE TRIGGER IF NOT EXISTS rows_linked AFTER UPDATE ON rows WHEN {_SHOWN_CHANGED}
+BEGIN
+    UPDATE runs SET rev = rev + 1 WHERE run_id IN (
+        SELECT run_id FROM rows INDEXED BY rows_ref WHERE ref_id = NEW.id
+           AND run_id != NEW.run_id);
+END""",  # noqa: S608 - _SHOWN_CHANGED: a constant
     """CREATE TRIGGER IF NOT EXISTS rows_gone AFTER DELETE ON rows BEGIN
     UPDATE runs SET rev = rev + 1 WHERE run_id = OLD.run_id;
 END""",
@@ -140,7 +154,7 @@ END""",
 
 # The rows' triggers that bump ``runs.rev`` on an UPDATE (``SQLiteOutcomes._write_outcomes``
 # sets them aside for a large write of outcomes and bumps the same runs itself).
-TRIGGER_NAMES: Final = ("rows_changed", "rows_followed")
+TRIGGER_NAMES: Final = ("rows_changed", "rows_followed", "rows_linked")
 
 
 def check_version(db: sqlite3.Connection, path: Path) -> None:
@@ -225,6 +239,7 @@ def _compact(db: sqlite3.Connection) -> None:
     ``rev`` moves."""
     db.execute("DROP TRIGGER IF EXISTS rows_changed")
     db.execute("DROP TRIGGER IF EXISTS rows_followed")
+    db.execute("DROP TRIGGER IF EXISTS rows_linked")
     db.execute(_ROWS_TO_CODES)
     without_rowid = db.execute("SELECT sql LIKE '%WITHOUT ROWID%' FROM sqlite_schema"
                                " WHERE type = 'table' AND name = 'events'").fetchone()
