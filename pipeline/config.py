@@ -523,13 +523,14 @@ def load_config(
     raw = _read_yaml(Path(path))
     environ = os.environ if env is None else env
     problems: list[str] = []
-    resolved = _resolve_env(raw, (), environ, tuple(needs), problems)
+    unset: dict[str, list[str]] = {}
+    resolved = _resolve_env(raw, (), environ, tuple(needs), problems, unset=unset)
     if problems:  # every one at once: fixing them one run at a time wastes a night
         raise ConfigError("; ".join(problems))
     try:
         return RunConfig.model_validate(resolved)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, Path(path))) from None
+        raise ConfigError(_describe(exc, Path(path), unset)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -556,22 +557,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _resolve_env(
     node: Any, where: tuple[str, ...], env: Mapping[str, str], needs: tuple[str, ...],
-    problems: list[str],
+    problems: list[str], *, unset: dict[str, list[str]],
 ) -> Any:
     """``node`` with its ``${VAR}`` references replaced; in a section of ``needs``, each
     variable not set, or set but empty, is added to ``problems`` as ``key: ...``, naming
     the variable (an empty one is allowed only in ``webhooks.secrets``, the optional
-    extra secrets of a rotation)."""
+    extra secrets of a rotation). Elsewhere a value naming a variable not set becomes
+    None, its key (dotted) and the variables put in ``unset``: a key that cannot be None
+    then says which variable is not set, not only that its value is wrong."""
     if isinstance(node, dict):
-        return {k: _resolve_env(v, (*where, str(k)), env, needs, problems)
+        return {k: _resolve_env(v, (*where, str(k)), env, needs, problems, unset=unset)
                 for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_env(v, (*where, str(i)), env, needs, problems)
+        return [_resolve_env(v, (*where, str(i)), env, needs, problems,
+                             unset=unset)
                 for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
     names = _ENV_REF.findall(node)
     missing = [name for name in names if name not in env]
+    if missing:
+        unset[".".join(where)] = missing
     # state.url always: unresolved, it would silently mean "state in local files"
     if (where[:1] and where[0] in needs) or where == ("state", "url"):
         key = ".".join(where)
@@ -606,8 +612,10 @@ _MESSAGES = {
 }
 
 
-def _describe(exc: ValidationError, path: Path) -> str:
-    """One line per problem: ``key: what is wrong`` (never the offending value)."""
+def _describe(exc: ValidationError, path: Path,
+              unset: Mapping[str, list[str]] | None = None) -> str:
+    """One line per problem: ``key: what is wrong`` (never the offending value); for a key
+    whose value named an environment variable that is not set (``unset``), that."""
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
         loc = [str(p) for p in err["loc"]]
@@ -615,7 +623,10 @@ def _describe(exc: ValidationError, path: Path) -> str:
             del loc[2]
         key = ".".join(loc) or "(top level)"
         template = _MESSAGES.get(err["type"])
-        if template is not None:
+        if unset and key in unset:
+            message = ", ".join(f"environment variable {name} is not set"
+                                for name in unset[key])
+        elif template is not None:
             message = template.format(**(err.get("ctx") or {}))
         else:
             message = str(err["msg"]).removeprefix("Value error, ")

@@ -106,6 +106,25 @@ def test_a_missing_env_variable_names_key_and_variable(tmp_path: Path) -> None:
         "api.client_secret: environment variable COBALT_CLIENT_SECRET is not set")
 
 
+def test_an_unset_variable_outside_the_needed_sections_is_named_where_it_is_wrong(
+        tmp_path: Path) -> None:
+    """``submit.concurrency: ${CONC}`` with CONC not set: the error names the key and the
+    variable, not "must be a whole number" (the value the file holds is one); keys whose
+    variables are set, or that are fine with no value, say nothing."""
+    data = config_dict(tmp_path)
+    data["submit"]["concurrency"] = "${CONC}"
+    data["submit"]["max_attempts"] = "${TRIES}"
+    data["api"]["access_token"] = "${COBALT_ACCESS_TOKEN}"  # may be empty: no send
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, data), env={"TRIES": "x"})
+    message = str(caught.value)
+    assert "submit.concurrency: environment variable CONC is not set" in message
+    assert "submit.max_attempts: must be a whole number" in message  # set, but wrong
+    assert "access_token" not in message
+    assert load_config(_write(tmp_path, data), env={"CONC": "3", "TRIES": "2"}
+                       ).submit.concurrency == 3
+
+
 def test_validate_needs_no_secrets(tmp_path: Path) -> None:
     """A command that sends nothing loads a config whose secrets are not in the environment."""
     data = config_dict(tmp_path)
