@@ -191,7 +191,30 @@ class ApiConfig(_Section):
             keys = " and ".join(f"api.{k}" for k in both)
             raise ValueError(f"api.accounts: replaces {keys}; give one form, not both")
         self._former_names_unique()
+        self._one_connection_each()
         return self
+
+    def _one_connection_each(self) -> None:
+        """No two accounts on one Cobalt connection (the same ``access_token`` or the same
+        ``reference_id``): its webhooks carry one ``access_token_reference_id``, so an
+        event could not say which of the two accounts' notes it settles, and the
+        ambiguous rows of one of them would never settle (README: *Outcomes*)."""
+        tokens: dict[str, str] = {}
+        references: dict[str, str] = {}
+        for name, account in (self.accounts or {}).items():
+            token = account.access_token.get_secret_value() if account.access_token else ""
+            if token and tokens.setdefault(token, name) != name:
+                raise ValueError(
+                    f"api.accounts.{name}.access_token: the same token as account "
+                    f"{tokens[token]!r}: one Cobalt connection, whose webhooks cannot say "
+                    "which of the two accounts a note was sent for; send both clinics' rows "
+                    f"under one account (the other name in its formerly, if it sent any)")
+            ref = account.reference_id
+            if ref and references.setdefault(ref, name) != name:
+                raise ValueError(
+                    f"api.accounts.{name}.reference_id: the same as account "
+                    f"{references[ref]!r}'s: each Cobalt connection has its own reference "
+                    "id (GET /v1/settings), and an event names one")
 
     def _former_names_unique(self) -> None:
         """Each former name belongs to one account and is no account's current name."""

@@ -289,6 +289,22 @@ def test_renaming_an_account_key_with_formerly_sends_nothing_again(tmp_path: Pat
         assert server.emulator.stored_by == {"ref-north": 2}, "a note was sent twice"
 
 
+def test_two_accounts_on_one_cobalt_connection_are_a_config_error(tmp_path: Path) -> None:
+    """Two accounts with one token, or one reference_id: Cobalt's webhooks name one
+    connection, so an event could not say whose note it settles (attacker LOW: the
+    ambiguous rows of one never settled, and nothing said so). Refused before anything is
+    sent, naming the key, never the token."""
+    with pytest.raises(ValueError, match=r"api\.accounts\.south\.access_token: the same "
+                                         r"token as account 'north'") as caught:
+        accounts_config(tmp_path, south={"access_token": TOKENS["north"]})
+    assert TOKENS["north"] not in str(caught.value)
+    with pytest.raises(ValueError, match=r"api\.accounts\.south\.reference_id: the same as "
+                                         r"account 'north'"):
+        accounts_config(tmp_path, north={"reference_id": "ref-1"},
+                        south={"reference_id": "ref-1"})
+    accounts_config(tmp_path, north={"reference_id": "ref-1"}, south={"reference_id": "ref-2"})
+
+
 def test_a_former_name_is_one_accounts_and_no_current_name(tmp_path: Path) -> None:
     """``formerly`` naming a configured account, or the same old name under two accounts,
     is a config error naming the key."""
