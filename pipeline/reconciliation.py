@@ -153,6 +153,7 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
     added = 0
     batch: list[EventRecord] = []
     tally: Counter[str] = Counter()
+    others: list[tuple[str, str]] = []  # events of other types: counted once per id
     end = offset
     aside: list[SetAside] = []
     pruned = 0
@@ -165,21 +166,22 @@ def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
                 tally["(set aside)"] += 1
         elif (record := _record(event, end, account, tally, receipts or {},
                                 event_account=accounts.get(
-                                    str(event.get("access_token_reference_id"))))) is not None:
+                                    str(event.get("access_token_reference_id"))),
+                                others=others, again=again)) is not None:
             batch.append(record)
             pruned += (not again and record[1] == "created" and record[8] is None
                        and is_pruned(event))
-        if len(batch) + len(aside) >= batch_size:
+        if len(batch) + len(aside) + len(others) >= batch_size:
             if aside:
                 _set_aside(sink, aside)
             added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end,
-                                       head=current, count_repeats=not again)
-            batch, tally, aside = [], Counter(), []
+                                       head=current, count_repeats=not again, others=others)
+            batch, tally, aside, others = [], Counter(), [], []
     if aside:
         _set_aside(sink, aside)
-    if batch or tally or end != offset:
+    if batch or tally or others or end != offset:
         added += ledger.add_events(redactor.clean(batch), dict(tally), offset=end, head=current,
-                                   count_repeats=not again)
+                                   count_repeats=not again, others=others)
     redactor.warn()
     _said_after_ingest(sink, offset=offset, added=added, pruned=pruned)
     return added
@@ -292,18 +294,27 @@ def _set_aside(sink: Path, lines: list[SetAside]) -> None:
 
 
 def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
-            receipts: dict[str, Receipt], *, event_account: str | None = None
+            receipts: dict[str, Receipt], *, event_account: str | None = None,
+            others: list[tuple[str, str]] | None = None, again: bool = False
             ) -> EventRecord | None:
     """The event as the mirror stores it; ``event_account``: the account its
     access_token_reference_id names (api.accounts), which keys its note hash and which a
-    matched row's own account must agree with (rules.py)."""
+    matched row's own account must agree with (rules.py). None for an event of another
+    type, counted in ``tally`` under its type, or (``others`` given) put in ``others``
+    with its id, for the ledger to count once per id; one with no id is counted, unless
+    ``again`` (a sink file read again from its start: counted when first read)."""
     kind = _KINDS.get(str(event.get("type")))
     event_id = event.get("id")
     if not isinstance(event_id, str) or not event_id:
-        tally["(no id)"] += 1
+        if not again:
+            tally["(no id)"] += 1
         return None
     if kind is None:
-        tally[str(safe_id(event.get("type")))] += 1  # upstream text: as an id, or withheld
+        name = str(safe_id(event.get("type")))  # upstream text: as an id, or withheld
+        if others is None:
+            tally[name] += 1
+        else:
+            others.append((event_id, name))
         return None
     found = event.get("data")
     data: dict[str, Any] = found if isinstance(found, dict) else {}

@@ -90,18 +90,27 @@ def test_a_prune_killed_after_its_rename_makes_no_event_a_repeated_delivery(
 def test_a_sink_file_replaced_by_a_copy_is_read_again_without_counting_repeats(
         tmp_path: Path) -> None:
     """The sink file copied and moved over itself (a new inode, as `cp x; mv x` does):
-    read again from its start, its events are no new deliveries."""
+    read again from its start, its events are no new deliveries, and the events of other
+    types (and one with no id) are not counted again (attacker LOW: they were, each
+    reconcile after a replacement adding them once more); one of another type that
+    arrived since is counted."""
     sink = tmp_path / "state" / "webhooks.jsonl"
+    other = {"access_token_reference_id": "user_1", "object": "event", "created": RECENT,
+             "type": "appointment.updated", "job_id": None, "data": {}}
     append_events(sink, [created(f"evt_{i}", str(i), f"T{i}", "n", when=RECENT)
-                         for i in range(33)])
+                         for i in range(33)]
+                  + [{**other, "id": "evt_a1"}, {**other, "id": "evt_a2"}, other])
     ledger = Ledger(tmp_path / "ledger.sqlite")
     try:
         assert ingest(ledger, sink, "test_clinic") == 33
+        tally = {"appointment.updated": 2, "(no id)": 1}
+        assert ledger.event_tally() == tally
         copy = sink.with_name("copy")
         shutil.copyfile(sink, copy)
         copy.rename(sink)
+        append_events(sink, [{**other, "id": "evt_a3"}])
         assert ingest(ledger, sink, "test_clinic") == 0
-        assert ledger.event_tally().get("(repeated)", 0) == 0
+        assert ledger.event_tally() == {**tally, "appointment.updated": 3}
     finally:
         ledger.close()
 

@@ -44,13 +44,18 @@ class SQLiteOutcomes(SQLiteRuns):
         return int(found.get("sink_offset", 0)), str(found.get("sink_head", ""))
 
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
-                   offset: int, head: str, count_repeats: bool = True) -> int:
+                   offset: int, head: str, count_repeats: bool = True,
+                   others: Sequence[tuple[str, str]] = ()) -> int:
         """Store newly read events and where reading stopped, in one transaction.
 
         Returns how many events were new (an event already stored is left as it is, and
         counted as a repeated delivery, ``(repeated)`` in the tally, unless
         ``count_repeats`` is False: a replaced sink file read again from its start holds
         the events mirrored from the file it replaced, which are no new deliveries).
+        ``others``: (event id, tally name) of events of other types, each counted under
+        its name the first time its id is read (table ``tallied``), after that as a
+        repeated delivery like the task_note events: a file read again is not counted
+        twice.
         """
         with self._transaction():
             before = self._db.total_changes
@@ -60,8 +65,17 @@ class SQLiteOutcomes(SQLiteRuns):
                 self._db.execute(
                     "INSERT INTO meta VALUES ('events_stored', ?) ON CONFLICT (key)"
                     " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value", (added,))
+            repeats = len(events) - added
+            if others:
+                tally = dict(tally)
+                for event_id, name in others:
+                    if self._db.execute("INSERT OR IGNORE INTO tallied VALUES (?)",
+                                        (event_id,)).rowcount:
+                        tally[name] = tally.get(name, 0) + 1
+                    else:
+                        repeats += 1
             if count_repeats:
-                tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + len(events) - added}
+                tally = {**tally, "(repeated)": tally.get("(repeated)", 0) + repeats}
             self._db.executemany(
                 "INSERT INTO event_tally VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
                 " SET count = count + excluded.count", [(k, v) for k, v in tally.items() if v])

@@ -479,8 +479,11 @@ class PgLedger(Ledger):
 
     @retried("mirroring events")
     def add_events(self, events: Sequence[EventRecord], tally: dict[str, int], *,
-                   offset: int, head: str, count_repeats: bool = True) -> int:
-        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read.
+                   offset: int, head: str, count_repeats: bool = True,
+                   others: Sequence[tuple[str, str]] = ()) -> int:
+        """As ``Ledger.add_events``; ``offset`` is the last ``sink_events.seq`` read; each of
+        ``others`` counted under its name (``sink_events`` holds an event id once, and
+        each is read once).
 
         The records go to the server by binary COPY into a temporary table of this
         transaction (dropped at its commit), then into ``events`` by one INSERT ... ON
@@ -488,6 +491,10 @@ class PgLedger(Ledger):
         one event id is the one kept, as with SQLite's INSERT OR IGNORE. COPY sends each
         value as it is (no text to build or parse: a tenth of the client's time of an
         INSERT from arrays)."""
+        if others:
+            tally = dict(tally)
+            for _, name in others:
+                tally[name] = tally.get(name, 0) + 1
         with self._transaction():
             added = 0
             if events:

@@ -97,6 +97,9 @@ DROP INDEX IF EXISTS events_job;
 DROP INDEX IF EXISTS events_task_note;
 DROP INDEX IF EXISTS events_ekey;
 CREATE TABLE IF NOT EXISTS event_tally (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
+-- The ids of the events of other types the tally counted (a replaced sink file read again
+-- from its start counts each once: Ledger.add_events's ``others``).
+CREATE TABLE IF NOT EXISTS tallied (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
 CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
