@@ -164,7 +164,7 @@ def test_an_older_ledger_gains_the_change_counter_and_rewrites_each_report_once(
     path = book.ledger.path
     book.ledger.close()
     with sqlite3.connect(path) as db:
-        for trigger in ("rows_changed", "rows_followed", "rows_gone"):
+        for trigger in ("rows_changed", "rows_followed", "rows_linked", "rows_gone"):
             db.execute(f"DROP TRIGGER {trigger}")
         db.executescript("""
             CREATE TABLE old_runs (run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL,

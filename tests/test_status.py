@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,15 +21,6 @@ from pipeline.report import redrive_digest
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
 OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
 RECENT = "2026-06-16T11:59:00.000Z"  # a minute before NOW
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
-def book(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Book]:
-    """A Book on each backend (test_reconcile.py): status must say the same on both."""
-    pg_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    made = Book(tmp_path, pg_url=pg_url)
-    yield made
-    made.ledger.close()
 
 
 def state_of(book: Book) -> dict[str, str]:
