@@ -516,7 +516,10 @@ def _finalise(rows: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
     for column in ("job_id", "task_note_id", "submitted_at", "outcome_at", "event_id",
                    "emr_note_id", "outcome_clock"):
         out.loc[follows, column] = out.loc[follows, f"via_{column}"]
-    out.loc[follows, "outcome"] = out.loc[follows, "via_outcome"].fillna("pending")
+    # an attempt in doubt has no outcome to wait for ("pending" is a delivered send's)
+    delivered = follows & (out["via_status"] != "in_doubt")
+    out.loc[follows, "outcome"] = out.loc[follows, "via_outcome"]
+    out.loc[delivered, "outcome"] = out.loc[delivered, "via_outcome"].fillna("pending")
     already = (out["status"] == "already_sent") & ~follows
     out.loc[already, "job_id"] = out.loc[already, "ref_job_id"]
     return out
@@ -571,8 +574,9 @@ def _status_rules(out: pd.DataFrame, record: RunRecord
     accepted, already = status == "accepted", status == "already_sent"
     failed = outcome == "failed"
     via = ~pd.isna(column("via_run_id"))
+    doubt = via & (column("via_status") == "in_doubt")
     landed = via & (column("via_outcome") == "created")
-    waiting = via & ~landed
+    waiting = via & ~landed & ~doubt
     mine = _any_of(status, ("pending", "failed", "already_sent", "held"))
     yield status == "rejected", "rejected_invalid", text("error")
     yield status == "duplicate", "skipped_duplicate", text("error")
@@ -583,7 +587,11 @@ def _status_rules(out: pd.DataFrame, record: RunRecord
            sent(via & accepted, "via", ": confirmed", again))
     yield (accepted & failed & waiting, "awaiting_outcome",
            sent(via & accepted, "via", ": no outcome yet", again))
+    maybe = ": may have reached Cobalt (no answer came back); check the chart before sending again"
+    yield (accepted & failed & doubt, "ambiguous", sent(doubt & accepted, "via", maybe, again))
     ref_outcome = column("ref_outcome")
+    yield (already & (ref_outcome == "failed") & doubt, "ambiguous",
+           sent(doubt & already, "via", maybe, "failed in the EMR; sent again in run "))
     yield (already & (ref_outcome == "failed"), "failed_in_emr",
            sent(already, "ref", ": failed in the EMR (that run's report has the reason)"))
     yield (already & (ref_outcome == "conflict"), "ambiguous",
@@ -610,6 +618,8 @@ def _status_rules(out: pd.DataFrame, record: RunRecord
     yield (_any_of(status, ("failed", "pending")) & written_off.notna().to_numpy(),
            "send_failed", lambda: ("never sent; written off by operator at "
                                    + written_off.fillna("")).to_numpy(dtype=object))
+    yield (_any_of(status, ("failed", "pending")) & doubt, "ambiguous",
+           sent(doubt, "via", maybe, "not sent by this run; sent in run "))
     yield status == "failed", "send_failed", ""
     yield status == "pending", "send_failed", f"not sent: {stopped}; the next run sends it"
 

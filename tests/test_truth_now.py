@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_reconcile import ACCOUNT, Book
@@ -208,6 +209,46 @@ def test_reconcile_rewrites_a_run_the_next_run_settled(tmp_path: Path) -> None:
         20, 0, "ok")
     status = tasknotes("status", str(config), "--json", cwd=tmp_path)
     assert (status.returncode, json.loads(status.stdout)["open_total"]) == (0, 0)
+
+
+def offered(report: Path) -> list[str]:
+    """The task ids a report's redrive.csv offers, in order."""
+    with (report / "redrive.csv").open(encoding="utf-8", newline="") as fh:
+        return [r["emr_task_id"] for r in csv.DictReader(fh)]
+
+
+def test_a_note_another_run_may_have_sent_is_ambiguous_and_offered_by_no_redrive(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """Run A leaves X and W unsent (503) and offers both in redrive.csv; run B sends them:
+    Cobalt answers X with a 500 (the request may have reached it) and W with a 503 again.
+    When B ends, A's report follows B's attempt: X ``ambiguous`` ("may have reached
+    Cobalt"), W still send_failed; A's redrive.csv offers W only, as status counts X once,
+    as ambiguous (newcomer HIGH: A's report said "not sent" and its redrive.csv offered X,
+    contradicting status). B took no note of A's, so only its ambiguous row makes B's end
+    rewrite A's report."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"], ["W", "note w"]])
+    busy = (503, {"message": "busy"})
+    fake = FakeCobalt(answers=dict.fromkeys(("X", "W"), busy))
+    with ThreadedServer(fake.app()) as api:
+        config = write_config(tmp_path, input={"path": str(source)}, state=state,
+                              api={"base_url": api.url}, submit={"max_attempts": 1})
+        a = tasknotes("run", str(config), "--no-progress", cwd=tmp_path)
+        assert a.returncode == 1, a.stdout + a.stderr
+        first = next((tmp_path / "reports").iterdir())
+        assert offered(first) == ["X", "W"]
+        fake.answers = {"X": (500, {"message": "internal error"}), "W": busy}
+        b = tasknotes("run", str(config), "--no-progress", cwd=tmp_path)
+        assert b.returncode == 1, b.stdout + b.stderr
+    rows = {r["emr_task_id"]: r for r in read_results(first)}
+    assert rows["X"]["final_status"] == "ambiguous"
+    assert rows["X"]["detail"].startswith("not sent by this run; sent in run ")
+    assert "may have reached Cobalt" in rows["X"]["detail"]
+    assert rows["W"]["final_status"] == "send_failed"
+    assert offered(first) == ["W"]
+    assert read_summary(first)["final_status"]["ambiguous"] == 1
+    status = json.loads(tasknotes("status", str(config), "--json", cwd=tmp_path).stdout)
+    assert (status["kinds"]["ambiguous"]["count"], status["kinds"]["send_failed"]["count"]) == (
+        1, 1)
 
 
 def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(

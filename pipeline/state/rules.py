@@ -25,7 +25,11 @@ in this order:
    and its final status is that send's as known now: ``skipped_already_sent``
    ("sent in run X as job J: confirmed") once confirmed, ``awaiting_outcome``
    while pending (never counted as ended well before it is confirmed). A row
-   so followed is not open and goes into no redrive.csv.
+   so followed is not open and goes into no redrive.csv. When no run delivered
+   it but an attempt of another run may have (ambiguous, in flight, or a
+   conflict of events: ``IN_DOUBT``), a row not sent, whose send failed, or
+   that failed in the EMR, is ``ambiguous`` too ("sent in run X: may have
+   reached Cobalt"): its note may be in the chart, so no redrive.csv offers it.
 6. ``task_note.*`` events that match no row of any run are orphans.
 
 Rules 1-4 and 6 are the statements below; rule 5 is ``VIA_SQL`` (read with a
@@ -219,18 +223,27 @@ SELECT r.id, r.key, r.status, r.outcome, r.event_id, r.written_off_at,
  ORDER BY r.id
  LIMIT ?"""
 # A row's "via": the send of the same note by another run that delivered it (Cobalt has it,
-# or took it and no outcome is in): a confirmed send first, then the earliest.
+# or took it and no outcome is in): a confirmed send first, then the earliest; else, the
+# earliest attempt of another run that may have delivered it (in doubt: ambiguous, in
+# flight, or a conflict of events), as the ``ambiguous`` kind of ``status`` counts it.
 VIA_COLUMNS: Final = ("run_id", "job_id", "outcome", "task_note_id", "submitted_at",
-                       "outcome_at", "event_id", "emr_note_id", "outcome_clock")
-VIA_SQL: Final = """
+                       "outcome_at", "event_id", "emr_note_id", "outcome_clock", "status")
+IN_DOUBT: Final = """(({o}.status IN ('ambiguous', 'sending') AND {o}.outcome IS NULL)
+            OR ({o}.outcome = 'conflict' AND {o}.status IN ('accepted', 'ambiguous', 'sending')))"""
+VIA_SQL: Final = f"""
 SELECT r.id, via.run_id, via.job_id, via.outcome, via.task_note_id, via.submitted_at,
-       via.outcome_at, via.event_id, via.emr_note_id, via.outcome_clock
+       via.outcome_at, via.event_id, via.emr_note_id, via.outcome_clock,
+       CASE WHEN via.outcome = 'created' OR (via.status = 'accepted' AND via.outcome IS NULL)
+            THEN 'delivered' ELSE 'in_doubt' END
   FROM rows r JOIN rows via ON via.id = (
        SELECT o.id FROM rows o INDEXED BY rows_key
         WHERE o.key = r.key AND o.run_id != r.run_id
-          AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL))
-        ORDER BY o.outcome IS NULL, o.id LIMIT 1)
- WHERE r.id IN ({marks})"""
+          AND (o.outcome = 'created' OR (o.status = 'accepted' AND o.outcome IS NULL)
+               OR {IN_DOUBT.format(o="o")})
+        ORDER BY CASE WHEN o.outcome = 'created' THEN 0
+                      WHEN o.status = 'accepted' AND o.outcome IS NULL THEN 1 ELSE 2 END,
+                 o.id LIMIT 1)
+ WHERE r.id IN ({{marks}})"""  # noqa: S608 - constants only
 # A row whose own attempt did not deliver its note follows a confirmed send of that note by
 # another run (rule 5 above): settled, even though the row itself has no outcome.
 UNSETTLED_RUNS_SQL: Final = """

@@ -247,12 +247,14 @@ class SQLiteRuns(SQLiteRows):
                                       "report_exit_code": exit_code})
 
     def runs_following(self, run_id: str) -> list[str]:
-        """Other runs with a row whose note (ledger key) ``run_id`` sent and Cobalt took:
-        their reports (and redrive.csv) change when this run ends (oldest first)."""
+        """Other runs with a row whose note (ledger key) ``run_id`` sent and Cobalt took, or
+        may have (ambiguous): their reports (and redrive.csv) change when this run ends
+        (oldest first; rule 5 of rules.py)."""
         found = {r[0] for r in self._db.execute(
             """SELECT DISTINCT o.run_id FROM rows r JOIN rows o INDEXED BY rows_key
                     ON o.key = r.key AND o.run_id != r.run_id
-                 WHERE r.run_id = ? AND r.status = 'accepted' AND r.key IS NOT NULL""",
+                 WHERE r.run_id = ? AND r.status IN ('accepted', 'ambiguous')
+                   AND r.key IS NOT NULL""",
             (run_id,))}
         return [r for r in self._runs_in_order() if r in found]
 
