@@ -43,6 +43,7 @@ as ``reconcile`` does; no report is written and no note text is read.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -189,11 +190,33 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
         counted_before = {key for kind in before for _, key, _ in rows[kind]}
         unsent = ledger.send_failed_rows(running, ROWS_SHOWN, skip=counted_before)
         holder = ledger.lock_holder() if running else None
+        foreign = {kind: _foreign_runs(config, ledger, groups[kind].run_ids)
+                   for kind in ("awaiting_outcome", "ambiguous")}
     finally:
         ledger.close()
     return _assemble(config, config_path, now, groups,
                      {} if holder is None else {"pid": str(holder)}, redrive=redrive,
-                     unsent=unsent, per_account=per_account)
+                     unsent=unsent, per_account=per_account, foreign=foreign)
+
+
+def _foreign_runs(config: RunConfig, ledger: ReportStore, run_ids: Sequence[str]
+                  ) -> tuple[str, ...]:
+    """The runs of ``run_ids`` sent under none of ``config``'s accounts (nor their former
+    names): another config's, sharing the state (``state.other_accounts``). This config's
+    poll asks Cobalt with its own tokens, which see only their own connections' events,
+    so it cannot settle their rows. None when the config's label is a token's fingerprint
+    and the token is not set (status needs none): this config's runs could not be told."""
+    api = config.api
+    if not (api.multi or api.account or (api.access_token and api.access_token.get_secret_value())):
+        return ()
+    names = {*config.api.account_names(),
+             *(old for former in config.api.former_names().values() for old in former)}
+    found = []
+    for run_id in run_ids:
+        label = ledger.run(run_id).account
+        if names.isdisjoint({label, *label.split(",")}):
+            found.append(run_id)
+    return tuple(found)
 
 
 def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) -> int:
@@ -307,7 +330,8 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
               groups: dict[str, OpenGroup], extra: dict[str, str], *,
               redrive: dict[str, str] | None = None,
               unsent: tuple[int, list[tuple[str, str | None, int]]] = (0, []),
-              per_account: dict[str, dict[str, int]] | None = None) -> LedgerStatus:
+              per_account: dict[str, dict[str, int]] | None = None,
+              foreign: dict[str, tuple[str, ...]] | None = None) -> LedgerStatus:
     pid = f" (pid {extra['pid']})" if "pid" in extra else ""
     settle = {
         "awaiting_outcome": f"tasknotes poll {config_path}",
@@ -343,6 +367,12 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         if name == "send_failed":
             rows = tuple(UnsentRow(r, f, n) for r, f, n in unsent[1])
         how = settle[name]
+        others = (foreign or {}).get(name, ())
+        if others and not config.sandbox.enabled:
+            listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                              if len(others) > 3 else "")
+            how += (f"; not the rows of run(s) {listed}, sent under accounts this config "
+                    "does not name: the poll of the config that sent them settles those")
         if name == "failed_retryable" and group.count and len(offered) < len(group.run_ids):
             how = (f"tasknotes run {config_path} --input FILE, with the run's redrive.csv "
                    "where one is listed; a run with none listed (pruned, removed, or not "

@@ -105,6 +105,29 @@ def test_a_conflict_is_counted_ambiguous_and_open(book: Book, tmp_path: Path) ->
     assert found.exit_code == 1
 
 
+def test_poll_is_not_offered_for_rows_another_configs_accounts_sent(
+        book: Book, tmp_path: Path) -> None:
+    """A run sent under an account this config does not name (another config sharing the
+    state): its awaiting and ambiguous rows are counted, and their settle text says this
+    config's poll cannot settle them (its token sees its own connection only), naming
+    the run (newcomer LOW: it offered "tasknotes poll CONFIG", which polled nothing)."""
+    book.row("accepted", task="A1", job_id="1", submitted_at=RECENT)
+    book.ledger.finish_run("run-1", "finished", {})
+    book.ledger.start_run("run-2", "other_clinic", "fp", {})
+    book.row("accepted", task="B1", job_id="2", run_id="run-2", submitted_at=RECENT)
+    book.row("ambiguous", task="B2", run_id="run-2", submitted_at=RECENT)
+    book.ledger.finish_run("run-2", "finished", {})
+
+    found = status_of(book, tmp_path)
+    awaiting, ambiguous = found.kind("awaiting_outcome"), found.kind("ambiguous")
+    assert (awaiting.count, ambiguous.count) == (2, 1)
+    for kind in (awaiting, ambiguous):
+        assert "tasknotes poll" in kind.settle
+        assert ("not the rows of run(s) run-2, sent under accounts this config does not "
+                "name") in kind.settle
+        assert "run-1" not in kind.settle
+
+
 def test_sent_accounts_counts_delivered_notes_per_account_label(book: Book, tmp_path: Path
                                                                 ) -> None:
     """The labels the scan's formerly warning checks (plan.py): a run's account for its
