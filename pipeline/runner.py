@@ -318,7 +318,7 @@ class Run:
     async def _locked(self, inputs: Inputs) -> RunOutcome:
         ledger = state_store.open_store(self.config)
         try:
-            ledger.lock()
+            ledger.lock(holder=f"run {self.run_id}")
             recovered = ledger.recover()
             if recovered:
                 log.warning("%d rows were in flight when an earlier run stopped: now ambiguous",

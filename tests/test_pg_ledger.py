@@ -493,6 +493,32 @@ def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_not
         assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_run_refused_before_the_holder_recorded_its_id_still_names_it(
+        tmp_path: Path, request: pytest.FixtureRequest, backend: str) -> None:
+    """Two workers started together: the second is refused while the first holds the lock
+    but has not recorded its run yet (start_run). The message names the first's run id
+    all the same (a run locks with ``holder="run <id>"``), not "run (starting)" (newcomer
+    LOW); on SQLite too, with its pid."""
+    def store() -> Ledger | PgLedger:
+        if backend == "sqlite":
+            return Ledger(tmp_path / "ledger.sqlite")
+        return PgLedger(request.getfixturevalue("pg_url"), "test_clinic")
+
+    first, second = store(), store()
+    try:
+        first.lock(holder="run 20261201T093000Z-a1b2")
+        with pytest.raises(StateError) as refused:
+            second.lock(holder="run 20261201T093000Z-c3d4")
+        assert "run 20261201T093000Z-a1b2" in str(refused.value)
+        assert f"pid {os.getpid()}" in str(refused.value)
+        assert "(starting)" not in str(refused.value)
+        assert second.lock_holder() == os.getpid()
+    finally:
+        first.close()
+        second.close()
+
+
 @pytest.mark.parametrize(("holder", "says"), [
     ("sqlite", "let that run end, then migrate; nothing was copied"),
     ("postgres", "holds the run lock of account test_clinic"),

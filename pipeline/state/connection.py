@@ -181,20 +181,21 @@ class SQLiteConnection:
             finally:
                 self._db.execute("PRAGMA busy_timeout=10000")
 
-    def lock(self) -> None:
-        """Hold the run lock: one sending run per ledger, or StateError naming the holder."""
+    def lock(self, holder: str | None = None) -> None:
+        """Hold the run lock: one sending run per ledger, or StateError naming the holder
+        (its pid, and what it is: ``holder``, e.g. "run <id>", kept in the lock file)."""
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             _flock_briefly(fd, fcntl.LOCK_EX)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            pid, _, what = os.read(fd, 256).decode(errors="replace").strip().partition(" ")
             os.close(fd)
             raise StateError(
-                f"another tasknotes run (pid {holder}) is using the ledger {self.path}"
-            ) from None
+                f"another tasknotes run (pid {pid or '?'}{', ' + what if what else ''}) is "
+                f"using the ledger {self.path}") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, " ".join(filter(None, (str(os.getpid()), holder))).encode())
         self._lock_fd = fd
 
     def lock_holder(self) -> int | None:
@@ -215,7 +216,7 @@ class SQLiteConnection:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                text = os.read(fd, 64).decode(errors="replace").strip()
+                text = os.read(fd, 256).decode(errors="replace").strip().partition(" ")[0]
                 return int(text) if text.isdigit() else -1
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None

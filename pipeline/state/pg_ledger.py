@@ -204,8 +204,8 @@ class PgLedger(Ledger):
     def lock(self, holder: str | None = None) -> None:
         """Hold the run lock of every account of this store (``lock_names``, in order), or
         StateError naming the holder of the first one held elsewhere (none kept then).
-        ``holder``: what holds it, for that message, when not a run (its id is recorded
-        once started: ``start_run``), e.g. "tasknotes migrate-state"."""
+        ``holder``: what holds it, for that message until a run records its id
+        (``start_run``): "run <id>", or e.g. "tasknotes migrate-state of <file>"."""
         taken: list[str] = []
         for name in self.lock_names:
             got = self._pg.execute("SELECT pg_try_advisory_lock(?)",

@@ -56,11 +56,12 @@ ROW_COLUMNS: Final = (
 # The columns of each DataFrame ``OutcomeStore.run_chunks`` yields (reconciliation.py reads
 # them by name): the row's own, its input file's path, the row it refers to (``ref_*``:
 # the earlier attempt of a held or already-sent row) and ``via_*``: the send of the same
-# note by another run that speaks for it (rule 5 in rules.py), None where there is none.
+# note by another run that speaks for it (rule 5 in rules.py), None where there is none;
+# ``via_status`` says whether that send delivered the note or may have (``in_doubt``).
 RUN_CHUNK_COLUMNS: Final = (
     *ROW_COLUMNS, "source_file", "ref_run_id", "ref_job_id", "ref_outcome",
     "via_run_id", "via_job_id", "via_outcome", "via_task_note_id", "via_submitted_at",
-    "via_outcome_at", "via_event_id", "via_emr_note_id", "via_outcome_clock",
+    "via_outcome_at", "via_event_id", "via_emr_note_id", "via_outcome_clock", "via_status",
 )  # fmt: skip
 # The columns of each DataFrame ``OutcomeStore.status_chunks`` yields: what a row's final
 # status is decided from (reconciliation.py's rules, without their detail texts), and
@@ -81,7 +82,7 @@ class RunBook(Protocol):
         ...
 
     def close(self) -> None: ...
-    def lock(self) -> None: ...
+    def lock(self, holder: str | None = None) -> None: ...
     def lock_holder(self) -> int | None: ...
     def recover(self) -> int: ...
     def start_run(self, run_id: str, account: str, fingerprint: str,
