@@ -62,7 +62,7 @@ import anyio
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -128,6 +128,7 @@ class Emulator:
         self._references = {options.access_token: options.account_reference,
                             **dict(options.tokens)}
         self.responses: Counter[int] = Counter()
+        self.disconnected = 0  # requests whose client left before the body was read
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -191,6 +192,10 @@ class Emulator:
                                                self._in_flight_by[reference])
         try:
             response = await self._handle_note(request)
+        except ClientDisconnect:  # the client went away before its body was read (killed)
+            self.disconnected += 1
+            log.info("a client went away before its request was read (not stored)")
+            return Response(status_code=499)  # no one reads it; nothing was stored
         finally:
             self.in_flight -= 1
             self._in_flight_by[reference] -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -17,7 +18,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from helpers import CREDENTIALS, WEBHOOK_SECRET, emulator_options, serving
+from helpers import (
+    CREDENTIALS,
+    WEBHOOK_SECRET,
+    EmulatorThread,
+    emulator_options,
+    serving,
+    wait_until,
+)
 from pipeline.emulator import ACCEPTED_MESSAGE, Emulator, Faults
 
 HEADERS = {**CREDENTIALS, "content-type": "application/json"}
@@ -317,3 +325,27 @@ async def test_events_are_listed_in_either_documented_shape(
                 missed["response_status_code"]) == ("failed", False, 2, 500)
         assert isinstance(missed["job_id"], str)
         assert missed["object"] == "event"
+
+
+def test_a_client_killed_mid_request_is_one_line_not_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client killed while its request body is on the way (a run killed with kill -9):
+    the emulator stores nothing and logs no "Exception in ASGI application" traceback
+    (newcomer LOW), and goes on answering."""
+    import socket  # noqa: PLC0415 - this test only
+
+    with EmulatorThread(latency_ms=(0.0, 0.0)) as api:
+        host, port = api.url.removeprefix("http://").split(":")
+        headers = "".join(f"{k}: {v}\r\n" for k, v in CREDENTIALS.items())
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall((f"POST /v1/tasks/notes HTTP/1.1\r\nHost: {host}\r\n{headers}"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         '{"emr_task_id": "T1", "no').encode())
+            wait_until(lambda: api.emulator.requests == 1, timeout=10, what="the request")
+        wait_until(lambda: api.emulator.disconnected == 1, timeout=10, what="the disconnect")
+        answer = httpx.post(f"{api.url}/v1/tasks/notes", headers=CREDENTIALS,
+                            json={"emr_task_id": "T2", "note": "a note"}, timeout=10)
+        assert answer.status_code == 200
+        assert sum(api.emulator.stored_by.values()) == 1  # T2 only
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
