@@ -39,7 +39,7 @@ from pipeline import jobs
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import RunAborted, StateError
-from pipeline.state import Ledger, pg_migrate
+from pipeline.state import Ledger, NewRow, pg_migrate, row_key
 from pipeline.state.pg_ledger import PgLedger
 from pipeline.state.postgres import connect, open_state
 from pipeline.state.store import open_store
@@ -491,6 +491,42 @@ def test_migrate_state_from_a_file_that_is_not_a_ledger_or_not_a_sink_copies_not
     assert f"--from-sqlite: {newer} has schema 99, newer than this tasknotes knows" in err
     with connect(pg_url) as conn:
         assert conn.execute("SELECT to_regclass('tasknotes_schema')").fetchone() == (None,)
+
+
+def test_a_renamed_config_and_its_old_self_cannot_run_at_once(
+        pg_url: str, tmp_path: Path) -> None:
+    """During a rename (config B: account clinicB, formerly [clinicA]) a run of the old
+    config A (clinicA) and one of B must not both send: neither found the other's notes,
+    and each sent all of them (attacker HIGH: 300 notes twice, both exit 0). B's run also
+    takes clinicA's run lock, so whichever starts second is refused, naming it; and once
+    A's run is gone, B recovers its in-flight rows (ambiguous), as its own."""
+    old = make_config(tmp_path, api={"account": "clinicA"}, state={"url": pg_url})
+    new = make_config(tmp_path, api={"account": "clinicB", "formerly": ["clinicA"]},
+                      state={"url": pg_url})
+    first = open_store(old)
+    second = open_store(new)
+    try:
+        first.lock(holder="run run-old")
+        with pytest.raises(StateError, match="holds the run lock of account clinicA"):
+            second.lock(holder="run run-new")
+        first.start_run("run-old", "clinicA", "fp", {})
+        first.add_rows("run-old", [NewRow(0, 2, "T1", row_key("clinicA", "T1", "n"),
+                                          "pending")])
+        (row,) = [r[0] for r in first.rows_to_send("run-old")]
+        first.apply([row], [])  # in flight when the old run's process dies
+        first.close()  # its server process lets go of the locks as it exits
+        wait_until(lambda: second.lock_holder() is None, timeout=10, what="the lock freed")
+        second.lock(holder="run run-new")
+        assert second.recover() == 1
+        assert second.run("run-old").state == "crashed"
+        third = open_store(old)
+        try:
+            with pytest.raises(StateError, match="holds the run lock of account clinicA"):
+                third.lock(holder="run run-old-2")
+        finally:
+            third.close()
+    finally:
+        second.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

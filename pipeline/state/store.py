@@ -44,8 +44,12 @@ def open_store(config: RunConfig) -> StateStore:
     if config.state.url is not None:
         from pipeline.state.pg_ledger import PgLedger  # noqa: PLC0415 - psycopg is optional
 
-        return PgLedger(config.state.url.get_secret_value(), config.api.account_id(),
-                        config.api.account_names())
+        # the run locks of the accounts' former names too (formerly): a run of a config
+        # not yet renamed would otherwise send every note the renamed one sends
+        api = config.api
+        former = [old for names in api.former_names().values() for old in names]
+        return PgLedger(config.state.url.get_secret_value(), api.account_id(),
+                        [*api.account_names(), *former])
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
 
 
