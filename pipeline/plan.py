@@ -128,6 +128,8 @@ class RowRecorder(Protocol):
 
     def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None: ...
 
+    def adopt_keys(self, run_id: str, pairs: Sequence[tuple[bytes, bytes]]) -> int: ...
+
     def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
                  sha256: str | None = None, size: int | None = None) -> None: ...
 
@@ -137,6 +139,9 @@ class Discard:
 
     def add_rows(self, run_id: str, rows: Iterable[NewRow]) -> None:
         return None
+
+    def adopt_keys(self, run_id: str, pairs: Sequence[tuple[bytes, bytes]]) -> int:
+        return 0
 
     def add_file(self, run_id: str, file_no: int, path: str, header: Sequence[str], *,
                  sha256: str | None = None, size: int | None = None) -> None:
@@ -350,6 +355,18 @@ class Scan:
             key = key_of[alternatives[old_key]]
             if rules.rank(candidate) > rules.rank(earlier.get(key)):
                 earlier[key] = candidate
+        # Notes this run sends that rows under a former name left unsent (their best row
+        # neither delivered nor may have): those rows take this run's key, so they follow
+        # its send, status counts the note once, and no old redrive.csv offers it.
+        adopt = [(old_key, key_of[alternatives[old_key]])
+                 for old_key, candidate in found_old.items()
+                 if rules.rank(candidate) == 1
+                 and rules.rank(earlier.get(key_of[alternatives[old_key]])) <= 1]
+        if adopt and self._records:
+            adopted = self._recorder.adopt_keys(self._run_id, adopt)
+            if adopted:
+                log.info("%d rows under a former account name, left unsent, now follow "
+                         "this run's send of their notes", adopted)
 
     def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
                             earlier: dict[bytes, Earlier]) -> None:

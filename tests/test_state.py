@@ -467,6 +467,42 @@ def test_the_join_rules_on_postgres_bump_the_runs_the_row_trigger_would(
         ledger.close()
 
 
+def test_adopt_keys_moves_only_rows_that_neither_delivered_nor_may_have(
+        store: StateStore) -> None:
+    """``adopt_keys`` (a renamed account's run about to send notes its former name left
+    unsent): of the rows under the former key, those not sent, whose send failed, or that
+    failed in the EMR take the new key; one that delivered the note (accepted, confirmed)
+    or may have (ambiguous, in flight) keeps its key (the scan skips or holds those
+    notes), as do the sending run's own rows. Their runs are bumped (reports rewritten)."""
+    old, new = row_key("clinicA", "T1", "n"), row_key("clinicB", "T1", "n")
+    store.lock()
+    kinds = ["pending", "failed", "failed_in_emr", "accepted", "ambiguous", "sending"]
+    for n, kind in enumerate(kinds):
+        store.start_run(f"run-{n}", "clinicA", "fp", {})
+        store.add_rows(f"run-{n}", [NewRow(0, 2, "T1", old, "pending")])
+        (row,) = [r[0] for r in store.rows_to_send(f"run-{n}")]
+        if kind == "pending":
+            continue
+        store.apply([row], [])
+        if kind in ("failed", "accepted", "ambiguous"):
+            store.apply([], [Attempt(row, kind, 202 if kind == "accepted" else None)])
+        if kind == "failed_in_emr":
+            store.apply([], [Attempt(row, "accepted", 202, f"tn-{n}", f"job-{n}")])
+            store.add_events([EventRecord(f"evt-{n}", "failed", f"job-{n}", f"tn-{n}",
+                                          "2026-01-01T00:00:02Z", None, "x", None, None, 1)],
+                             {}, offset=1, head="")
+            store.match_outcomes()
+    store.start_run("run-new", "clinicB", "fp", {})
+    store.add_rows("run-new", [NewRow(0, 2, "T1", old, "pending")])  # its own: left alone
+    marker = {r: store.report_marker(r) for r in (f"run-{n}" for n in range(len(kinds)))}
+    assert store.adopt_keys("run-new", [(old, new)]) == 3
+    keys = dict(store.frame(columns="run_id, key")[["run_id", "key"]].itertuples(index=False))
+    assert {r for r, k in keys.items() if bytes(k) == new} == {"run-0", "run-1", "run-2"}
+    changed = {r for r in marker if store.report_marker(r) != marker[r]}
+    assert {"run-0", "run-1", "run-2"} <= changed
+    assert store.adopt_keys("run-new", []) == 0
+
+
 def test_prune_is_offered_only_runs_that_have_ended(store: StateStore) -> None:
     """runs_started_before (what prune takes as old) leaves out a run still running: it
     writes its input copies and report yet, so pruning it would let them back after."""

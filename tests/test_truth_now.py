@@ -251,6 +251,41 @@ def test_a_note_another_run_may_have_sent_is_ambiguous_and_offered_by_no_redrive
         1, 1)
 
 
+def test_notes_left_unsent_under_a_former_name_follow_the_renamed_configs_send(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """Run A (account clinicA) leaves five notes unsent (503) and offers them in
+    redrive.csv; the clinic is renamed (clinicB, formerly [clinicA]) and run B sends them.
+    A's rows then follow B's send, as a row of the same account's would: A's report says
+    awaiting ("sent in run B"), its redrive.csv offers nothing, status counts each note
+    once (attacker HIGH: A stayed "not sent" with a five-row redrive.csv, status counted
+    send_failed 5 and awaiting 5 for five notes, and only a false write-off closed them)."""
+    source = write_csv(tmp_path / "in.csv", notes(5))
+    fake = FakeCobalt(answers={t: (503, {"message": "busy"}) for t, _ in notes(5)})
+    with ThreadedServer(fake.app()) as api:
+        old = write_config(tmp_path, "old.yaml", input={"path": str(source)}, state=state,
+                           api={"base_url": api.url, "account": "clinicA"},
+                           submit={"max_attempts": 1})
+        a = tasknotes("run", str(old), "--no-progress", cwd=tmp_path)
+        assert a.returncode == 1, a.stdout + a.stderr
+        first = next((tmp_path / "reports").iterdir())
+        assert len(offered(first)) == 5
+        fake.answers.clear()
+        new = write_config(tmp_path, "new.yaml", input={"path": str(source)}, state=state,
+                           api={"base_url": api.url, "account": "clinicB",
+                                "formerly": ["clinicA"]})
+        b = tasknotes("run", str(new), "--no-progress", cwd=tmp_path)
+        assert b.returncode == 0, b.stdout + b.stderr
+    assert sum(fake.stored.values()) == 5
+    finals = read_summary(first)["final_status"]
+    assert (finals["awaiting_outcome"], finals["send_failed"]) == (5, 0)
+    assert all(r["detail"].startswith("sent in run ") for r in read_results(first))
+    assert not (first / "redrive.csv").exists() or offered(first) == []
+    status = json.loads(tasknotes("status", str(new), "--json", cwd=tmp_path).stdout)
+    assert status["open_total"] == 5
+    assert (status["kinds"]["awaiting_outcome"]["count"],
+            status["kinds"]["send_failed"]["count"]) == (5, 0)
+
+
 def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(
         tmp_path: Path) -> None:
     """Run A leaves X and Y unsent (503) and offers both in redrive.csv; the nightly export

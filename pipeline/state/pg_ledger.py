@@ -69,6 +69,7 @@ from pipeline.state.records import (
     RunState,
     utcnow,
 )
+from pipeline.state.rows import ADOPT_KEY_SQL
 from pipeline.state.runs import WRITE_OFF_SQL
 from pipeline.state.sqlite import Ledger
 
@@ -321,6 +322,14 @@ class PgLedger(Ledger):
         if changed:
             self.update_run_info(run_id, {"report_final": False})
         return int(changed)
+
+    @retried("taking former names' keys")
+    def adopt_keys(self, run_id: str, pairs: Sequence[tuple[bytes, bytes]]) -> int:
+        """As ``Ledger.adopt_keys``, each UPDATE bumping ``runs.rev`` (``bumping``)."""
+        if not pairs:
+            return 0
+        with self._transaction():
+            return sum(self._changed(ADOPT_KEY_SQL, (new, old, run_id)) for old, new in pairs)
 
     def _changed(self, update: str, params: Sequence[Any] = (), *, others: bool = True) -> int:
         """Run ``update`` (an UPDATE of rows) through ``bumping``; how many rows changed."""

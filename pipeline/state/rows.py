@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pipeline.errors import StateError
 from pipeline.state import rules
@@ -60,6 +60,21 @@ class SQLiteRows(SQLiteConnection):
                   r.account)
                  for r in rows),
             )
+
+    def adopt_keys(self, run_id: str, pairs: Sequence[tuple[bytes, bytes]]) -> int:
+        """Give the rows of other runs under each pair's former key (``formerly``: the note
+        under an account's old name) that neither delivered their note nor may have, the
+        pair's current key, in one transaction; returns rows changed.
+
+        The run ``run_id`` (under the new name) is about to send those notes: with one key,
+        the old rows follow its send (rule 5 of rules.py), status counts each note once,
+        and no old redrive.csv offers it again. Rows that delivered it, or may have, keep
+        their key (the scan found them and skips or holds the note)."""
+        if not pairs:
+            return 0
+        with self._transaction():  # rowcount: not total_changes, which counts the bumps
+            return sum(max(self._db.execute(ADOPT_KEY_SQL, (new, old, run_id)).rowcount, 0)
+                       for old, new in pairs)
 
     def earlier(self, run_id: str, keys: Sequence[bytes]) -> dict[bytes, Earlier]:
         """For each key, the most telling row of another run (delivered first, then in doubt)."""
@@ -205,3 +220,12 @@ class SQLiteRows(SQLiteConnection):
                 if at is not None and (earliest is None or at < earliest):
                     earliest = at
         return frozenset(keys), earliest
+
+
+# ``adopt_keys``: a row under the former key that did not deliver its note and may not have
+# (Earlier.delivered and Earlier.maybe_delivered, both false) takes the current key.
+ADOPT_KEY_SQL: Final = """
+UPDATE rows SET key = ? WHERE key = ? AND run_id != ?
+   AND NOT (COALESCE(outcome, '') = 'created'
+            OR (status = 'accepted' AND COALESCE(outcome, '') <> 'failed'))
+   AND NOT (status IN ('ambiguous', 'sending') AND outcome IS NULL)"""

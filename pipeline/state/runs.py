@@ -343,7 +343,9 @@ class SQLiteRuns(SQLiteRows):
                      WHERE r.outcome IS NULL AND (r.status = 'ambiguous'
                            OR (r.status = 'sending' AND NOT {live('r.')}))
                     UNION ALL
-                    SELECT h.run_id, h.key, ref.submitted_at
+                    -- a held row is its earlier attempt's note: counted under that row's key
+                    -- (another one when found under a former name), so once with it
+                    SELECT h.run_id, COALESCE(ref.key, h.key), ref.submitted_at
                       FROM rows h INDEXED BY rows_open JOIN rows ref ON ref.id = h.ref_id
                      WHERE h.status = 'held' AND h.outcome IS NULL AND ref.outcome IS NULL
                        AND ref.status IN ('ambiguous', 'sending'))
