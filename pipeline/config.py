@@ -348,8 +348,12 @@ class StateConfig(_Section):
     @field_validator("url")
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value():
-            return None
+        # Given, but null or blank (a template that rendered nothing): never a silent
+        # fallback to a fresh local ledger, which would send every note again.
+        if value is None or not value.get_secret_value().strip():
+            raise ValueError("is empty: give the PostgreSQL URL (e.g. "
+                             "${TASKNOTES_STATE_URL}), or leave state.url out for the local "
+                             "ledger (state.ledger)")
         from pipeline.state.postgres import check_url  # noqa: PLC0415 - no psycopg needed
 
         check_url(value.get_secret_value())

@@ -79,6 +79,32 @@ def test_state_url_must_be_postgres_and_is_never_echoed(tmp_path: Path) -> None:
         assert load_config(socket).state.url is not None, url
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://u:pw@db.prod.internal:5432/r5?host=127.0.0.1&port=35133&dbname=r4",
+    "postgresql://u:pw@db.prod.internal/r5?host=127.0.0.2",
+    "postgresql://u:pw@db:5432/r5?port=9",
+    "postgresql://u:pw@db/r5?dbname=other",
+    "postgresql://u:pw@db/r5?hostaddr=10.0.0.9",
+    "postgresql://u:pw@db/r5?service=prod",
+])
+def test_a_query_overriding_the_urls_host_port_or_database_is_refused(
+        tmp_path: Path, url: str) -> None:
+    """libpq lets the query override the host, port or database the URL names before it,
+    so messages and ``status --json`` named a server the tool did not use (attacker LOW).
+    Refused as config, naming the keys; a query that only adds (sslmode, a socket
+    directory for a URL with no host) is fine, and an empty state.url is refused (attacker
+    MEDIUM: it fell back to a fresh local ledger, which would send every note again)."""
+    bad = write_config(tmp_path, state={"url": url})
+    with pytest.raises(ConfigError, match=r"state\.url: is refused: its query sets"):
+        load_config(bad)
+    for fine in ("postgresql://u:pw@db:5432/x?sslmode=require",
+                 "postgresql:///r5?host=127.0.0.1&port=35133"):
+        assert load_config(write_config(tmp_path, state={"url": fine})).state.url is not None
+    for empty in (None, "", "  "):
+        with pytest.raises(ConfigError, match=r"state\.url: is empty"):
+            load_config(write_config(tmp_path, state={"url": empty}))
+
+
 @pytest.mark.parametrize(("url", "secret_parts"), [
     ("postgresql://tasknotes:Wintq@2026!x@127.0.0.1:5432/tasknotes", ("Wintq", "2026!x")),
     ("postgresql://tasknotes:abq/dxf#ghz@127.0.0.1:5432/tasknotes", ("abq", "dxf", "ghz")),
@@ -353,6 +379,8 @@ def test_where_names_a_sockets_directory_and_port_as_libpq_reads_them() -> None:
     assert where("postgresql://tn@/tn27?host=/tmp/pg&port=55861") == "/tmp/pg:55861/tn27"
     assert where("postgresql://tn@db.internal/tn") == "db.internal:5432/tn"
     assert where("postgresql://tn@%2Ftmp%2Fpg:55861/tn2") == "/tmp/pg:55861/tn2"
+    # a host given in the query alone (no host before it) is the one libpq connects to
+    assert where("postgresql:///r5?host=127.0.0.1&port=35133") == "127.0.0.1:35133/r5"
     # libpq's list of hosts (failover): named as given; it stopped every command with a
     # traceback (urlsplit cannot read its port)
     assert where("postgresql://tn:pw@10.0.0.1:5432,10.0.0.2:5433/tn") == (

@@ -318,8 +318,7 @@ def where(url: str) -> str:
     if "," in hosts:  # libpq's list of hosts: urlsplit's hostname and port cannot read it
         return f"{unquote(hosts)}/{database}"
     socket_dir = query.get("host", [""])[0]
-    host = (unquote(parts.hostname or "") or (socket_dir if socket_dir.startswith("/") else "")
-            or "localhost")
+    host = unquote(parts.hostname or "") or socket_dir or "localhost"
     port: int | str
     try:
         port = parts.port or 0
@@ -375,6 +374,16 @@ def check_url(url: str) -> None:
     if _BAD_PERCENT.search(url):
         raise ValueError("is not a valid postgresql:// URL: a % must start a percent-encoded "
                          "byte (two hex digits, not %00); write a literal % as %25")
+    # libpq lets the query override the host, port and database the URL names before it;
+    # messages and `status` would then name a server the tool does not use.
+    query = {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}
+    named = {"host": bool(hosts), "hostaddr": True, "port": ":" in hosts.rpartition("]")[2],
+             "dbname": bool(database), "service": True}
+    clash = sorted(k for k in query if named.get(k))
+    if clash:
+        raise ValueError(f"is refused: its query sets {', '.join(clash)}, which libpq would "
+                         "use instead of what the URL names before it (host, port, "
+                         "database); give each once, in the URL's own parts")
     try:  # psycopg reads the decoded URL as UTF-8 (a Latin-1 %e9 would stop it with a traceback)
         unquote_to_bytes(url).decode("utf-8")
     except UnicodeDecodeError:
