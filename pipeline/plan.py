@@ -355,18 +355,19 @@ class Scan:
             key = key_of[alternatives[old_key]]
             if rules.rank(candidate) > rules.rank(earlier.get(key)):
                 earlier[key] = candidate
-        # Notes this run sends that rows under a former name left unsent (their best row
-        # neither delivered nor may have): those rows take this run's key, so they follow
-        # its send, status counts the note once, and no old redrive.csv offers it.
+        # Notes no row delivered under any name, that rows under a former name left unsent
+        # or in doubt: those rows take this run's key, so they follow its send (or its
+        # hold), the outcome events this config reads settle them, status counts each
+        # note once, and no old redrive.csv offers it. Rows that delivered keep theirs.
         adopt = [(old_key, key_of[alternatives[old_key]])
                  for old_key, candidate in found_old.items()
-                 if rules.rank(candidate) == 1
-                 and rules.rank(earlier.get(key_of[alternatives[old_key]])) <= 1]
+                 if not candidate.delivered
+                 and rules.rank(earlier.get(key_of[alternatives[old_key]])) <= 2]
         if adopt and self._records:
             adopted = self._recorder.adopt_keys(self._run_id, adopt)
             if adopted:
-                log.info("%d rows under a former account name, left unsent, now follow "
-                         "this run's send of their notes", adopted)
+                log.info("%d rows under a former account name, not delivered, now have "
+                         "this account's key", adopted)
 
     def _earlier_as_written(self, batch: CheckedBatch, key_of: dict[int, bytes],
                             earlier: dict[bytes, Earlier]) -> None:

@@ -469,11 +469,11 @@ def test_the_join_rules_on_postgres_bump_the_runs_the_row_trigger_would(
 
 def test_adopt_keys_moves_only_rows_that_neither_delivered_nor_may_have(
         store: StateStore) -> None:
-    """``adopt_keys`` (a renamed account's run about to send notes its former name left
-    unsent): of the rows under the former key, those not sent, whose send failed, or that
-    failed in the EMR take the new key; one that delivered the note (accepted, confirmed)
-    or may have (ambiguous, in flight) keeps its key (the scan skips or holds those
-    notes), as do the sending run's own rows. Their runs are bumped (reports rewritten)."""
+    """``adopt_keys`` (a renamed account's run about to send, or hold, notes its former
+    name did not deliver): of the rows under the former key, those not sent, whose send
+    failed, that failed in the EMR, or in doubt (ambiguous, in flight) take the new key;
+    one that delivered the note (accepted) keeps its key (the scan skips that note), as
+    do the sending run's own rows. Their runs are bumped (reports rewritten)."""
     old, new = row_key("clinicA", "T1", "n"), row_key("clinicB", "T1", "n")
     store.lock()
     kinds = ["pending", "failed", "failed_in_emr", "accepted", "ambiguous", "sending"]
@@ -495,11 +495,14 @@ def test_adopt_keys_moves_only_rows_that_neither_delivered_nor_may_have(
     store.start_run("run-new", "clinicB", "fp", {})
     store.add_rows("run-new", [NewRow(0, 2, "T1", old, "pending")])  # its own: left alone
     marker = {r: store.report_marker(r) for r in (f"run-{n}" for n in range(len(kinds)))}
-    assert store.adopt_keys("run-new", [(old, new)]) == 3
+    assert store.adopt_keys("run-new", [(old, new)]) == 5
     keys = dict(store.frame(columns="run_id, key")[["run_id", "key"]].itertuples(index=False))
-    assert {r for r, k in keys.items() if bytes(k) == new} == {"run-0", "run-1", "run-2"}
+    moved = {"run-0", "run-1", "run-2", "run-4", "run-5"}
+    assert {r for r, k in keys.items() if bytes(k) == new} == moved
+    assert bytes(keys["run-3"]) == old
+    assert bytes(keys["run-new"]) == old
     changed = {r for r in marker if store.report_marker(r) != marker[r]}
-    assert {"run-0", "run-1", "run-2"} <= changed
+    assert moved <= changed
     assert store.adopt_keys("run-new", []) == 0
 
 

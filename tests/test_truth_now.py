@@ -6,6 +6,7 @@ latest send, a scan that stopped never looks green, and a full report disk is ex
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import signal
 import sqlite3
@@ -17,7 +18,13 @@ from typing import Any
 
 import pytest
 from test_reconcile import ACCOUNT, Book
-from test_shared_files import FakeCobalt, fill, run_cli, small_disk  # noqa: F401 - fixture
+from test_shared_files import (  # noqa: F401 - small_disk: a fixture
+    FakeCobalt,
+    append_events,
+    fill,
+    run_cli,
+    small_disk,
+)
 
 from helpers import (
     WEBHOOK_SECRET,
@@ -38,6 +45,7 @@ from pipeline.open_items import ledger_status
 from pipeline.report import write_report
 from pipeline.sink import WebhookReceiver
 from pipeline.state import Ledger, NewRow, row_key
+from pipeline.state.postgres import connect
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
 OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
@@ -284,6 +292,57 @@ def test_notes_left_unsent_under_a_former_name_follow_the_renamed_configs_send(
     assert status["open_total"] == 5
     assert (status["kinds"]["awaiting_outcome"]["count"],
             status["kinds"]["send_failed"]["count"]) == (5, 0)
+
+
+def store_event(tmp_path: Path, state: dict[str, Any], envelope: dict[str, Any]) -> None:
+    """A webhook as the sink stores it: a line of the sink file, or a row of sink_events."""
+    body = json.dumps(envelope, separators=(",", ":"))
+    if not state:
+        append_events(tmp_path / "state" / "webhooks.jsonl", [envelope])
+        return
+    with connect(state["url"]) as conn:
+        conn.execute("INSERT INTO sink_events (event_id, body_sha256, body, verdict,"
+                     " received_at) VALUES (%s, %s, %s, 'signature-verified', now())",
+                     (envelope["id"], hashlib.sha256(body.encode()).digest(), body.encode()))
+
+
+def test_a_note_in_doubt_under_a_former_name_is_settled_by_the_renamed_configs_events(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """Run A (clinicA) gets no answer for X (a 500: it may have reached Cobalt); Cobalt's
+    task_note.created event carrying X's note arrives; the clinic is renamed (clinicB,
+    formerly [clinicA]) and run B holds X. The event, read by B's config, is keyed under
+    clinicB; A's row in doubt takes clinicB's key when B records its rows, so the event
+    settles it by evidence: A's X confirmed, B's X follows it, nothing open, X stored once
+    (attacker MEDIUM: A's row stayed ambiguous forever, status exit 1)."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"]])
+    fake = FakeCobalt(answers={"X": (500, {"message": "internal error"})})
+    with ThreadedServer(fake.app()) as api:
+        old = write_config(tmp_path, "old.yaml", input={"path": str(source)}, state=state,
+                           api={"base_url": api.url, "account": "clinicA"},
+                           submit={"max_attempts": 1})
+        a = tasknotes("run", str(old), "--no-progress", cwd=tmp_path)
+        assert a.returncode == 1, a.stdout + a.stderr
+        first = next((tmp_path / "reports").iterdir())
+        assert read_summary(first)["final_status"]["ambiguous"] == 1
+        store_event(tmp_path, state, {
+            "id": "evt_x", "access_token_reference_id": "user_1", "object": "event",
+            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
+            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
+                     "note": "note x"}})
+        fake.answers.clear()
+        new = write_config(tmp_path, "new.yaml", input={"path": str(source)}, state=state,
+                           api={"base_url": api.url, "account": "clinicB",
+                                "formerly": ["clinicA"]})
+        b = tasknotes("run", str(new), "--no-progress", cwd=tmp_path)
+        assert b.returncode in (0, 1), b.stdout + b.stderr
+        done = tasknotes("reconcile", str(new), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert fake.requests == 1  # A's attempt only: B held X
+    (row,) = read_results(first)
+    assert (row["final_status"], row["outcome"]) == ("confirmed", "created")
+    assert "settled by evidence" in row["detail"]
+    status = tasknotes("status", str(new), "--json", cwd=tmp_path)
+    assert (status.returncode, json.loads(status.stdout)["open_total"]) == (0, 0)
 
 
 def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(

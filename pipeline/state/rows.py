@@ -63,13 +63,16 @@ class SQLiteRows(SQLiteConnection):
 
     def adopt_keys(self, run_id: str, pairs: Sequence[tuple[bytes, bytes]]) -> int:
         """Give the rows of other runs under each pair's former key (``formerly``: the note
-        under an account's old name) that neither delivered their note nor may have, the
-        pair's current key, in one transaction; returns rows changed.
+        under an account's old name) that did not deliver their note (Earlier.delivered:
+        not sent, send failed, failed in the EMR, or in doubt), the pair's current key, in
+        one transaction; returns rows changed.
 
-        The run ``run_id`` (under the new name) is about to send those notes: with one key,
-        the old rows follow its send (rule 5 of rules.py), status counts each note once,
-        and no old redrive.csv offers it again. Rows that delivered it, or may have, keep
-        their key (the scan found them and skips or holds the note)."""
+        The run ``run_id`` (under the new name) is about to send those notes, or hold them
+        while an attempt is in doubt: with one key, the old rows follow its send (rule 5
+        of rules.py), an outcome event this config mirrors (keyed under its account)
+        settles an ambiguous one by evidence, status counts each note once, and no old
+        redrive.csv offers it. Rows that delivered it keep their key (the scan found them
+        under the former name and skips the note)."""
         if not pairs:
             return 0
         with self._transaction():  # rowcount: not total_changes, which counts the bumps
@@ -222,10 +225,9 @@ class SQLiteRows(SQLiteConnection):
         return frozenset(keys), earliest
 
 
-# ``adopt_keys``: a row under the former key that did not deliver its note and may not have
-# (Earlier.delivered and Earlier.maybe_delivered, both false) takes the current key.
+# ``adopt_keys``: a row under the former key that did not deliver its note
+# (Earlier.delivered false) takes the current key.
 ADOPT_KEY_SQL: Final = """
 UPDATE rows SET key = ? WHERE key = ? AND run_id != ?
    AND NOT (COALESCE(outcome, '') = 'created'
-            OR (status = 'accepted' AND COALESCE(outcome, '') <> 'failed'))
-   AND NOT (status IN ('ambiguous', 'sending') AND outcome IS NULL)"""
+            OR (status = 'accepted' AND COALESCE(outcome, '') <> 'failed'))"""
