@@ -226,8 +226,10 @@ def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) ->
     it), which no run can settle. Recorded in the ledger with the time (ISO 8601 UTC):
     the row's final status stays ``send_failed`` and its detail says it was written
     off by the operator at that time; it is never shown as sent. Outcomes in the sink
-    file are learned first, so a note some run delivered is not touched. Raises
-    StateError for an unknown run, a run in progress, or no ledger.
+    file are learned first, so a note some run delivered is not touched. Done under the
+    run lock (as a run): while a run is sending, it may be sending these very notes, so
+    the write-off is refused naming it. Raises StateError for an unknown run, a run in
+    progress or holding the lock, or no ledger.
     """
     from pipeline.reconciliation import Reconciler  # noqa: PLC0415 - pandas, for write-off only
 
@@ -236,6 +238,11 @@ def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) ->
     ledger = open_store(config)
     try:
         record = ledger.run(run_id)
+        try:
+            ledger.lock(holder="tasknotes status --write-off")
+        except StateError as exc:
+            raise StateError(f"{exc}: it may be sending run {run_id}'s notes; write off "
+                             "after it ends") from None
         if run_id in ledger.runs_in_progress():
             raise StateError(f"run {run_id} is in progress: its unsent rows are not failures "
                              "yet; write off after it ends")

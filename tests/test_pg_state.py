@@ -381,6 +381,7 @@ def test_where_names_a_sockets_directory_and_port_as_libpq_reads_them() -> None:
     assert where("postgresql://tn@%2Ftmp%2Fpg:55861/tn2") == "/tmp/pg:55861/tn2"
     # a host given in the query alone (no host before it) is the one libpq connects to
     assert where("postgresql:///r5?host=127.0.0.1&port=35133") == "127.0.0.1:35133/r5"
+    assert where("postgresql://u:p@127.0.0.1:35149?dbname=r9") == "127.0.0.1:35149/r9"
     # libpq's list of hosts (failover): named as given; it stopped every command with a
     # traceback (urlsplit cannot read its port)
     assert where("postgresql://tn:pw@10.0.0.1:5432,10.0.0.2:5433/tn") == (

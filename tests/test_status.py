@@ -13,10 +13,12 @@ from urllib.parse import urlsplit
 import pytest
 from test_reconcile import ACCOUNT, Book
 
-from helpers import make_config, read_results, read_summary, write_config
+from helpers import make_config, read_results, read_summary, wait_until, write_config
 from pipeline.cli import main
 from pipeline.open_items import KINDS, LedgerStatus, ledger_status
 from pipeline.report import redrive_digest
+from pipeline.state import Ledger
+from pipeline.state.pg_ledger import PgLedger
 
 NOW = datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
 OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
@@ -291,6 +293,31 @@ def test_a_run_in_progress_alone_is_open_and_exits_1(book: Book, tmp_path: Path)
     book.ledger.finish_run("run-1", "finished", {})
     ended = status_of(book, tmp_path)
     assert (ended.open, ended.exit_code) == (False, 0)
+
+
+def test_a_write_off_is_refused_while_a_run_holds_the_lock(
+        book: Book, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``status --write-off`` while a run is sending (it holds the run lock): that run may
+    be sending these very notes, so the write-off is refused, naming the holder, and writes
+    off nothing (retest MEDIUM: it wrote off 174 rows as "never sent" that the run then
+    delivered). Once the run has ended, it goes through."""
+    book.row("failed", task="C1")
+    book.ledger.finish_run("run-1", "finished", {})
+    config = write_config(tmp_path, state=state_of(book), webhooks={"sink": str(book.sink)})
+    sending = (Ledger(book.ledger.path) if book.pg_url is None
+               else PgLedger(book.pg_url, ACCOUNT))
+    sending.lock(holder="run run-2")
+    try:
+        assert main(["status", str(config), "--write-off", "run-1"]) == 2
+        err = capsys.readouterr().err
+        assert "run run-2" in err
+        assert "it may be sending run run-1's notes; write off after it ends" in err
+        assert book.ledger.frame("run-1")["written_off_at"].isna().all()
+    finally:
+        sending.close()
+    wait_until(lambda: book.ledger.lock_holder() is None, timeout=10, what="the lock freed")
+    assert main(["status", str(config), "--write-off", "run-1"]) == 0
+    assert "1 unsent row written off" in capsys.readouterr().out
 
 
 def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(

@@ -313,7 +313,8 @@ def where(url: str) -> str:
     """
     parts = urlsplit(url)
     query = parse_qs(parts.query)
-    database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "?")
+    database = (unquote(parts.path.lstrip("/")) or query.get("dbname", [""])[0]
+                or unquote(parts.username or "") or "?")
     hosts = parts.netloc.rpartition("@")[2]
     if "," in hosts:  # libpq's list of hosts: urlsplit's hostname and port cannot read it
         return f"{unquote(hosts)}/{database}"
