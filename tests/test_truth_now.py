@@ -259,6 +259,17 @@ def test_a_note_another_run_may_have_sent_is_ambiguous_and_offered_by_no_redrive
         1, 1)
 
 
+def renamed_configs(tmp_path: Path, source: Path, state: dict[str, Any], url: str
+                    ) -> tuple[Path, Path]:
+    """A clinic's config before a rename (clinicA, one attempt a row) and after it
+    (clinicB, formerly [clinicA]), both reading ``source`` and sending to ``url``."""
+    old = write_config(tmp_path, "old.yaml", input={"path": str(source)}, state=state,
+                       api={"base_url": url, "account": "clinicA"}, submit={"max_attempts": 1})
+    new = write_config(tmp_path, "new.yaml", input={"path": str(source)}, state=state,
+                       api={"base_url": url, "account": "clinicB", "formerly": ["clinicA"]})
+    return old, new
+
+
 def test_notes_left_unsent_under_a_former_name_follow_the_renamed_configs_send(
         tmp_path: Path, state: dict[str, Any]) -> None:
     """Run A (account clinicA) leaves five notes unsent (503) and offers them in
@@ -270,17 +281,12 @@ def test_notes_left_unsent_under_a_former_name_follow_the_renamed_configs_send(
     source = write_csv(tmp_path / "in.csv", notes(5))
     fake = FakeCobalt(answers={t: (503, {"message": "busy"}) for t, _ in notes(5)})
     with ThreadedServer(fake.app()) as api:
-        old = write_config(tmp_path, "old.yaml", input={"path": str(source)}, state=state,
-                           api={"base_url": api.url, "account": "clinicA"},
-                           submit={"max_attempts": 1})
+        old, new = renamed_configs(tmp_path, source, state, api.url)
         a = tasknotes("run", str(old), "--no-progress", cwd=tmp_path)
         assert a.returncode == 1, a.stdout + a.stderr
         first = next((tmp_path / "reports").iterdir())
         assert len(offered(first)) == 5
         fake.answers.clear()
-        new = write_config(tmp_path, "new.yaml", input={"path": str(source)}, state=state,
-                           api={"base_url": api.url, "account": "clinicB",
-                                "formerly": ["clinicA"]})
         b = tasknotes("run", str(new), "--no-progress", cwd=tmp_path)
         assert b.returncode == 0, b.stdout + b.stderr
     assert sum(fake.stored.values()) == 5
@@ -317,9 +323,7 @@ def test_a_note_in_doubt_under_a_former_name_is_settled_by_the_renamed_configs_e
     source = write_csv(tmp_path / "in.csv", [["X", "note x"]])
     fake = FakeCobalt(answers={"X": (500, {"message": "internal error"})})
     with ThreadedServer(fake.app()) as api:
-        old = write_config(tmp_path, "old.yaml", input={"path": str(source)}, state=state,
-                           api={"base_url": api.url, "account": "clinicA"},
-                           submit={"max_attempts": 1})
+        old, new = renamed_configs(tmp_path, source, state, api.url)
         a = tasknotes("run", str(old), "--no-progress", cwd=tmp_path)
         assert a.returncode == 1, a.stdout + a.stderr
         first = next((tmp_path / "reports").iterdir())
@@ -330,9 +334,6 @@ def test_a_note_in_doubt_under_a_former_name_is_settled_by_the_renamed_configs_e
             "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
                      "note": "note x"}})
         fake.answers.clear()
-        new = write_config(tmp_path, "new.yaml", input={"path": str(source)}, state=state,
-                           api={"base_url": api.url, "account": "clinicB",
-                                "formerly": ["clinicA"]})
         b = tasknotes("run", str(new), "--no-progress", cwd=tmp_path)
         assert b.returncode in (0, 1), b.stdout + b.stderr
         done = tasknotes("reconcile", str(new), cwd=tmp_path)
