@@ -238,14 +238,16 @@ def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) ->
     ledger = open_store(config)
     try:
         record = ledger.run(run_id)
+        # before the lock: held by this store, it would make every run of its accounts
+        # look alive (a crashed one too)
+        if run_id in ledger.runs_in_progress():
+            raise StateError(f"run {run_id} is in progress: its unsent rows are not failures "
+                             "yet; write off after it ends")
         try:
             ledger.lock(holder="tasknotes status --write-off")
         except StateError as exc:
             raise StateError(f"{exc}: it may be sending run {run_id}'s notes; write off "
                              "after it ends") from None
-        if run_id in ledger.runs_in_progress():
-            raise StateError(f"run {run_id} is in progress: its unsent rows are not failures "
-                             "yet; write off after it ends")
         Reconciler.of(ledger, config).refresh(record.account)
         return ledger.write_off(run_id, _iso(now or datetime.now(UTC)))
     finally:

@@ -318,6 +318,11 @@ def test_a_write_off_is_refused_while_a_run_holds_the_lock(
     wait_until(lambda: book.ledger.lock_holder() is None, timeout=10, what="the lock freed")
     assert main(["status", str(config), "--write-off", "run-1"]) == 0
     assert "1 unsent row written off" in capsys.readouterr().out
+    # a run that crashed (left "running", no process holds its lock) is not "in progress"
+    book.ledger.start_run("run-3", ACCOUNT, "fp", {})
+    book.row("failed", task="C3", run_id="run-3")
+    assert main(["status", str(config), "--write-off", "run-3"]) == 0
+    assert "1 unsent row written off" in capsys.readouterr().out
 
 
 def test_a_send_failed_row_no_input_holds_is_named_and_can_be_written_off(
