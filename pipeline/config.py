@@ -145,6 +145,9 @@ class ApiConfig(_Section):
     access_token: SecretStr | None = None
     # The single form's earlier account labels (as api.accounts.<name>.formerly).
     formerly: tuple[str, ...] = ()
+    # The single form's connection reference (as api.accounts.<name>.reference_id): the
+    # access_token_reference_id Cobalt puts on its webhooks (GET /v1/settings).
+    reference_id: str | None = None
     # Several clinics in one run: account name -> its token (instead of account+access_token).
     accounts: dict[str, AccountConfig] | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
@@ -186,7 +189,8 @@ class ApiConfig(_Section):
 
     @model_validator(mode="after")
     def _one_form(self) -> ApiConfig:
-        both = [k for k in ("account", "access_token", "formerly") if getattr(self, k)]
+        both = [k for k in ("account", "access_token", "formerly", "reference_id")
+                if getattr(self, k)]
         if self.accounts is not None and both:
             keys = " and ".join(f"api.{k}" for k in both)
             raise ValueError(f"api.accounts: replaces {keys}; give one form, not both")
@@ -231,6 +235,14 @@ class ApiConfig(_Section):
                     raise ValueError(f"{key}: {old!r} is also a former name of account "
                                      f"{owner[old]!r}")
                 owner[old] = name
+
+    def connections(self) -> dict[str, str]:
+        """access_token_reference_id -> account name, for the connections whose reference
+        id the config gives (``api.accounts.<name>.reference_id``, or the single form's
+        ``api.reference_id`` -> ``account_id()``); the others are not known."""
+        if self.accounts is None:
+            return {self.reference_id: self.account_id()} if self.reference_id else {}
+        return {a.reference_id: name for name, a in self.accounts.items() if a.reference_id}
 
     def former_names(self) -> dict[str, tuple[str, ...]]:
         """Account name -> the names its notes were sent under before (``formerly``): a

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -446,13 +447,16 @@ class Reconciler:
     """Reconciles runs of one ledger against one sink file, reading the file once."""
 
     def __init__(self, ledger: StateStore, sink: Path, *, inputs: InputConfig | None = None,
-                 secrets: Sequence[str] = (), references: Mapping[str, str] | None = None
-                 ) -> None:
+                 secrets: Sequence[str] = (), references: Mapping[str, str] | None = None,
+                 named: Mapping[str, str] | None = None) -> None:
         """``inputs`` (the config's ``input``) lets a webhook's ``failure_reason`` be redacted
         against its row's note read back from the input; without it the text is withheld
         and only reason codes are kept. ``secrets``: credentials also kept out of it.
-        ``references``: access_token_reference_id -> account (api.accounts)."""
+        ``references``: access_token_reference_id -> account (api.accounts). ``named``:
+        the connections the config names with a reference id (``ApiConfig.connections``),
+        recorded in the state so that any config sharing it keys their events alike."""
         self._references = dict(references or {})
+        self._named = dict(named or {})
         self._ledger = ledger
         self._sink = sink
         self._redactor = ReasonRedactor(ledger, inputs, tuple(secrets))
@@ -475,21 +479,35 @@ class Reconciler:
         # an event's connection -> its account (reference_id; the name in a sandbox's emulator)
         references = {a.reference_id or name: name for name, a in (api.accounts or {}).items()}
         return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets,
-                   references=references)
+                   references=references, named=api.connections())
 
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
+            accounts = self._known_connections()
             if isinstance(self._ledger, SinkEventsTable):
                 ingest_postgres(self._ledger, account, redactor=self._redactor,
-                                accounts=self._references)
+                                accounts=accounts)
             else:
                 ingest(self._ledger, self._sink, account, redactor=self._redactor,
-                       accounts=self._references)
+                       accounts=accounts)
             changed = self._ledger.match_outcomes()
             if changed:
                 log.info("%d rows have a new outcome", changed)
             self._refreshed = True
+
+    def _known_connections(self) -> dict[str, str]:
+        """access_token_reference_id -> account for the events about to be mirrored: what
+        every config sharing this state named (``Ledger.connections``; this config's own
+        recorded first), then this config's own names. An event of a connection no config
+        named is keyed under the mirroring command's account, as before (README: "Known
+        limit")."""
+        if self._named:
+            try:
+                self._ledger.register_connections(self._named)
+            except (StateError, sqlite3.Error) as exc:  # a read-only store: known for now
+                log.debug("connections not recorded in the state: %s", exc)
+        return {**self._ledger.connections(), **self._named, **self._references}
 
     def run(self, run_id: str) -> RunResult:
         """Every row of ``run_id`` with its final status, outcome and evidence.

@@ -305,6 +305,24 @@ def test_two_accounts_on_one_cobalt_connection_are_a_config_error(tmp_path: Path
     accounts_config(tmp_path, north={"reference_id": "ref-1"}, south={"reference_id": "ref-2"})
 
 
+def test_the_connections_a_config_names_by_reference_id(tmp_path: Path) -> None:
+    """``ApiConfig.connections``: reference id -> account, from api.accounts' reference_id
+    or the single form's api.reference_id (recorded in the state so that every config
+    sharing it keys an event under its own clinic); the single form's key is refused
+    beside api.accounts, naming it."""
+    assert accounts_config(tmp_path, north={"reference_id": "ref-n"}).api.connections() == {
+        "ref-n": "north"}
+    single = RunConfig.model_validate(config_dict(
+        tmp_path, api={"account": "north", "reference_id": "ref-n"}))
+    assert single.api.connections() == {"ref-n": "north"}
+    assert RunConfig.model_validate(config_dict(tmp_path)).api.connections() == {}
+    both = config_dict(tmp_path)
+    both["api"] = {"reference_id": "ref-n",
+                   "accounts": {"north": {"access_token": TOKENS["north"]}}}
+    with pytest.raises(ValueError, match=r"api\.accounts: replaces api\.reference_id"):
+        RunConfig.model_validate(both)
+
+
 def test_a_former_name_is_one_accounts_and_no_current_name(tmp_path: Path) -> None:
     """``formerly`` naming a configured account, or the same old name under two accounts,
     is a config error naming the key."""

@@ -346,6 +346,41 @@ def test_a_note_in_doubt_under_a_former_name_is_settled_by_the_renamed_configs_e
     assert (status.returncode, json.loads(status.stdout)["open_total"]) == (0, 0)
 
 
+def test_an_event_settles_only_its_own_clinics_row_whichever_config_reads_it(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """Two clinics, a config each (north: reference_id ref-north; south: ref-south), one
+    state. Both send task X with the same note and get no answer (ambiguous). North's
+    note landed: its task_note.created event (ref-north) is first read by south's run.
+    It settles north's row by evidence, not south's: the state records each config's
+    connection, so whichever config mirrors an event keys it under its own clinic
+    (attacker MEDIUM: it was keyed under the reading config's account, so north's row
+    stayed ambiguous and south's was taken as delivered)."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"]])
+    fake = FakeCobalt(answers={"X": (500, {"message": "internal error"})})
+    with ThreadedServer(fake.app()) as api:
+        configs = {clinic: write_config(
+            tmp_path, f"{clinic}.yaml", input={"path": str(source)}, state=state,
+            api={"base_url": api.url, "account": clinic, "reference_id": f"ref-{clinic}"},
+            report={"dir": str(tmp_path / clinic)}, submit={"max_attempts": 1})
+            for clinic in ("north", "south")}
+        north = tasknotes("run", str(configs["north"]), "--no-progress", cwd=tmp_path)
+        assert north.returncode == 1, north.stdout + north.stderr
+        store_event(tmp_path, state, {
+            "id": "evt_x", "access_token_reference_id": "ref-north", "object": "event",
+            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
+            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
+                     "note": "note x"}})
+        south = tasknotes("run", str(configs["south"]), "--no-progress", cwd=tmp_path)
+        assert south.returncode == 1, south.stdout + south.stderr
+        for clinic in ("north", "south"):
+            tasknotes("reconcile", str(configs[clinic]), cwd=tmp_path)
+    reports = {read_summary(d)["account"]: d for d in (tmp_path / "north").iterdir()}
+    (north_row,), (south_row,) = read_results(reports["north"]), read_results(reports["south"])
+    assert (north_row["final_status"], north_row["event_id"]) == ("confirmed", "evt_x")
+    assert "settled by evidence" in north_row["detail"]
+    assert (south_row["final_status"], south_row["event_id"]) == ("ambiguous", "")
+
+
 def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(
         tmp_path: Path) -> None:
     """Run A leaves X and Y unsent (503) and offers both in redrive.csv; the nightly export

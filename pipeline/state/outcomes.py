@@ -3,7 +3,8 @@ back for reconcile and the report."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline.state import rules
@@ -110,6 +111,27 @@ class SQLiteOutcomes(SQLiteRuns):
             "SELECT event_id, kind, job_id, task_note_id, created, emr_note_id, failure_reason,"
             " reason_codes, ekey, line, outcome_at, outcome_clock, account FROM events"
             " ORDER BY event_id")]
+
+    def connections(self) -> dict[str, str]:
+        """access_token_reference_id -> account, as the configs using this state last named
+        them (``register_connections``)."""
+        try:
+            return {str(r): str(a) for r, a in self._db.execute(
+                "SELECT reference_id, account FROM connections")}
+        except sqlite3.OperationalError:  # a ledger opened read-only from before the table
+            return {}
+
+    def register_connections(self, named: Mapping[str, str]) -> None:
+        """Record the connections a config names (reference id -> account, its
+        ``ApiConfig.connections``); a reference named again takes the account given now (a
+        clinic renamed). Written only where it changes what is recorded."""
+        changed = [(r, a) for r, a in named.items() if self.connections().get(r) != a]
+        if changed:
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO connections VALUES (?, ?, ?) ON CONFLICT (reference_id)"
+                    " DO UPDATE SET account = excluded.account, since = excluded.since",
+                    [(r, a, self._clock()) for r, a in changed])
 
     def event_tally(self) -> dict[str, int]:
         """Counts of what the sink held besides new task_note events (other types, repeats)."""

@@ -302,6 +302,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(13, "the rows that refer to an earlier attempt, indexed by it", """
         CREATE INDEX IF NOT EXISTS rows_ref ON rows (ref_id) WHERE ref_id IS NOT NULL;
     """),
+    # The connections every config on this database named (reference id -> account): an
+    # event is keyed under its own clinic whichever config mirrors it (schema.py).
+    Migration(14, "the Cobalt connections the configs name, and their accounts", """
+        CREATE TABLE IF NOT EXISTS connections (reference_id text PRIMARY KEY,
+                                                account text NOT NULL, since text NOT NULL);
+    """),
 )
 
 

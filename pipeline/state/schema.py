@@ -100,6 +100,11 @@ CREATE TABLE IF NOT EXISTS event_tally (name TEXT PRIMARY KEY, count INTEGER NOT
 -- The ids of the events of other types the tally counted (a replaced sink file read again
 -- from its start counts each once: Ledger.add_events's ``others``).
 CREATE TABLE IF NOT EXISTS tallied (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
+-- Every Cobalt connection a config that used this state named (its reference id, and the
+-- account it sends for), so that whichever config mirrors an event keys its note under
+-- the account it belongs to (Ledger.connections).
+CREATE TABLE IF NOT EXISTS connections (reference_id TEXT PRIMARY KEY, account TEXT NOT NULL,
+                                        since TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS rows_run ON rows (run_id, id);
 CREATE INDEX IF NOT EXISTS rows_key ON rows (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rows_job ON rows (job_id) WHERE job_id IS NOT NULL;
