@@ -529,6 +529,16 @@ class RunConfig(_Section):
                              "account (results.csv has an account column of its own)")
         return self
 
+    def another_configs(self, label: str) -> bool:
+        """Whether a run recorded under account ``label`` (``runs.account``: a name, or a
+        several-clinic run's names joined with ",") is another config's: one of its names
+        is in ``state.other_accounts`` and none is this config's, nor a former name. Its
+        report, redrive.csv (note text) and unsent rows are that config's to handle."""
+        names = {label, *label.split(",")}
+        mine = {*self.api.account_names(),
+                *(old for former in self.api.former_names().values() for old in former)}
+        return bool(names & set(self.state.other_accounts)) and names.isdisjoint(mine)
+
     def fingerprint(self) -> str:
         """A hash of the effective config with every secret left out."""
         # Logging, metrics and notification settings change nothing sent: left out, so a

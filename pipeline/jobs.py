@@ -264,7 +264,11 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
     settled: tuple[str, int] | None = None
     try:
         if run_id:
-            ledger.run(run_id)
+            label = ledger.run(run_id).account
+            if config.another_configs(label):
+                raise StateError(f"run {run_id} was sent under account {label}, another "
+                                 "config's (state.other_accounts): its report (and its "
+                                 "note text) is written by that config's reconcile")
             runs = [run_id]
         else:
             # Learn the outcomes first, then choose: every run whose report may be wrong
@@ -273,9 +277,13 @@ def reconcile(config: ConfigSource, run_id: str | None = None) -> ReconcileResul
             if latest is not None:
                 reconciler.refresh(ledger.run(latest).account)
             context, now = report_context(config), time.time()
-            runs = ledger.reports_to_rewrite(context, now)
-            unchanged = ledger.unchanged_reports(context, now)
-            if not runs and not unchanged and latest is not None:  # all settled
+            # another config's runs (state.other_accounts) are its own to report
+            runs = [r for r in ledger.reports_to_rewrite(context, now)
+                    if not config.another_configs(ledger.run(r).account)]
+            unchanged = [(r, code) for r, code in ledger.unchanged_reports(context, now)
+                         if not config.another_configs(ledger.run(r).account)]
+            if (not runs and not unchanged and latest is not None  # all settled
+                    and not config.another_configs(ledger.run(latest).account)):
                 kept = _kept_report(config, ledger.report_exit_code(latest), latest)
                 if kept is None:  # its report is missing: written again
                     runs = [latest]

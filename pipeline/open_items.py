@@ -191,7 +191,8 @@ def ledger_status(config: RunConfig, *, config_path: str = "CONFIG",
         unsent = ledger.send_failed_rows(running, ROWS_SHOWN, skip=counted_before)
         holder = ledger.lock_holder() if running else None
         foreign = {kind: _foreign_runs(config, ledger, groups[kind].run_ids)
-                   for kind in ("awaiting_outcome", "ambiguous")}
+                   for kind in ("awaiting_outcome", "ambiguous", "send_failed",
+                                "failed_retryable")}
     finally:
         ledger.close()
     return _assemble(config, config_path, now, groups,
@@ -238,6 +239,9 @@ def write_off(config: RunConfig, run_id: str, *, now: datetime | None = None) ->
     ledger = open_store(config)
     try:
         record = ledger.run(run_id)
+        if config.another_configs(record.account):
+            raise StateError(f"run {run_id} was sent under account {record.account}, another "
+                             "config's (state.other_accounts): write it off with that config")
         # before the lock: held by this store, it would make every run of its accounts
         # look alive (a crashed one too)
         if run_id in ledger.runs_in_progress():
@@ -376,17 +380,21 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         if name == "send_failed":
             rows = tuple(UnsentRow(r, f, n) for r, f, n in unsent[1])
         how = settle[name]
-        others = (foreign or {}).get(name, ())
-        if others and not config.sandbox.enabled:
-            listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
-                                              if len(others) > 3 else "")
-            how += (f"; not the rows of run(s) {listed}, sent under accounts this config "
-                    "does not name: the poll of the config that sent them settles those")
         if name == "failed_retryable" and group.count and len(offered) < len(group.run_ids):
             how = (f"tasknotes run {config_path} --input FILE, with the run's redrive.csv "
                    "where one is listed; a run with none listed (pruned, removed, or not "
                    "yet rewritten by tasknotes reconcile): its source files (rows "
                    "already sent are skipped)")
+        others = (foreign or {}).get(name, ())
+        if others and not config.sandbox.enabled:
+            listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                              if len(others) > 3 else "")
+            how += (f"; not the rows of run(s) {listed}, sent under accounts this config "
+                    "does not name: " + (
+                        "the poll of the config that sent them settles those"
+                        if name in ("awaiting_outcome", "ambiguous") else
+                        "send those with the config that sent them (its token), never "
+                        "with this one, which would put them in another clinic's chart"))
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
                               group.run_ids, offered, how, rows,
                               unsent[0] if name == "send_failed" else 0,

@@ -93,7 +93,7 @@ _KINDS: Final = {"task_note.created": "created", "task_note.failed": "failed"}
 BATCH: Final = 10_000  # events mirrored into the ledger per transaction (ingest's default)
 
 
-def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
+def ingest(ledger: OutcomeStore, sink: Path, account: str | None, *,
            redactor: ReasonRedactor | None = None,
            accounts: Mapping[str, str] | None = None, batch_size: int = BATCH) -> int:
     """Mirror what the sink file gained since last time into the ledger; returns new events.
@@ -134,7 +134,7 @@ def ingest(ledger: OutcomeStore, sink: Path, account: str, *,
         os.close(fd)
 
 
-def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str, *,
+def _ingest(ledger: OutcomeStore, sink: Path, fd: int, account: str | None, *,
             redactor: ReasonRedactor, accounts: Mapping[str, str], batch_size: int) -> int:
     """``ingest``, reading the sink file open as ``fd`` (and nothing else)."""
     offset, head = ledger.sink_position()
@@ -212,7 +212,7 @@ def _warn_rotated(sink: Path) -> None:
                     " Retention: do not rotate the sink file)", sink, len(found), found[0].name)
 
 
-def ingest_postgres(ledger: SinkEventsTable, account: str, *,
+def ingest_postgres(ledger: SinkEventsTable, account: str | None, *,
                     redactor: ReasonRedactor | None = None,
                     accounts: Mapping[str, str] | None = None) -> int:
     """``ingest`` with ``state.url``: mirror what the sink table (``sink_events``) gained
@@ -254,7 +254,7 @@ def ingest_postgres(ledger: SinkEventsTable, account: str, *,
     return added
 
 
-def _stored_records(found: list[tuple[int, bytes, str, str]], account: str,
+def _stored_records(found: list[tuple[int, bytes, str, str]], account: str | None,
                     accounts: Mapping[str, str]) -> tuple[list[EventRecord], Counter[str]]:
     """The mirror's records of stored sink events (``sink_events_after``'s rows), and the
     tally of what was not one (``ingest_postgres``)."""
@@ -294,7 +294,7 @@ def _set_aside(sink: Path, lines: list[SetAside]) -> None:
                 len(lines), set_aside_path(sink), first.offset, first.code)
 
 
-def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
+def _record(event: dict[str, Any], end: int, account: str | None, tally: Counter[str],
             receipts: dict[str, Receipt], *, event_account: str | None = None,
             others: list[tuple[str, str]] | None = None, again: bool = False
             ) -> EventRecord | None:
@@ -323,8 +323,9 @@ def _record(event: dict[str, Any], end: int, account: str, tally: Counter[str],
     codes = "" if reasons is None else ";".join(codes_of(reasons))
     ekey = None
     task_id, note = data.get("emr_task_id"), data.get("note")
-    if kind == "created" and isinstance(task_id, str) and isinstance(note, str):
-        ekey = row_key(event_account or account, task_id, note)
+    keyed_by = event_account or account  # None: a connection not known to be this config's
+    if kind == "created" and isinstance(task_id, str) and isinstance(note, str) and keyed_by:
+        ekey = row_key(keyed_by, task_id, note)
     job_id = event.get("job_id")
     # failure_reason is untrusted free text: ReasonRedactor.clean makes it safe before storing.
     reason = data.get("failure_reason")
@@ -448,15 +449,23 @@ class Reconciler:
 
     def __init__(self, ledger: StateStore, sink: Path, *, inputs: InputConfig | None = None,
                  secrets: Sequence[str] = (), references: Mapping[str, str] | None = None,
-                 named: Mapping[str, str] | None = None) -> None:
+                 named: Mapping[str, str] | None = None, own: str | None = None,
+                 former: Mapping[str, Sequence[str]] | None = None, multi: bool = False
+                 ) -> None:
         """``inputs`` (the config's ``input``) lets a webhook's ``failure_reason`` be redacted
         against its row's note read back from the input; without it the text is withheld
         and only reason codes are kept. ``secrets``: credentials also kept out of it.
         ``references``: access_token_reference_id -> account (api.accounts). ``named``:
         the connections the config names with a reference id (``ApiConfig.connections``),
-        recorded in the state so that any config sharing it keys their events alike."""
+        recorded in the state so that any config sharing it keys their events alike.
+        ``own``: the config's account label when it is known (else the account a caller
+        passes to ``refresh`` stands in); ``former``: account -> its former names;
+        ``multi``: the config has api.accounts (for the keys messages name)."""
         self._references = dict(references or {})
         self._named = dict(named or {})
+        self._own = own
+        self._former = {k: tuple(v) for k, v in (former or {}).items()}
+        self._multi = multi
         self._ledger = ledger
         self._sink = sink
         self._redactor = ReasonRedactor(ledger, inputs, tuple(secrets))
@@ -478,18 +487,25 @@ class Reconciler:
             secrets += [s.decode() for s in config.webhooks.all_secrets()]
         # an event's connection -> its account (reference_id; the name in a sandbox's emulator)
         references = {a.reference_id or name: name for name, a in (api.accounts or {}).items()}
+        token = api.access_token.get_secret_value() if api.access_token else ""
+        own = api.account_id() if (api.multi or api.account or token) else None
         return cls(ledger, config.webhooks.sink, inputs=config.input, secrets=secrets,
-                   references=references, named=api.connections())
+                   references=references, named=api.connections(), own=own,
+                   former=api.former_names(), multi=api.multi)
 
     def refresh(self, account: str) -> None:
         """Learn every outcome the sink file holds (a run does so before choosing what to send)."""
         if not self._refreshed:
             accounts = self._known_connections()
+            # An event of a connection no config named: this config's own, as far as it
+            # can tell, unless it names its own connections (then it is another clinic's,
+            # and keyed under none: it settles no row by evidence rather than a wrong one).
+            fallback = None if self._named else (self._own or account)
             if isinstance(self._ledger, SinkEventsTable):
-                ingest_postgres(self._ledger, account, redactor=self._redactor,
+                ingest_postgres(self._ledger, fallback, redactor=self._redactor,
                                 accounts=accounts)
             else:
-                ingest(self._ledger, self._sink, account, redactor=self._redactor,
+                ingest(self._ledger, self._sink, fallback, redactor=self._redactor,
                        accounts=accounts)
             changed = self._ledger.match_outcomes()
             if changed:
@@ -502,12 +518,24 @@ class Reconciler:
         recorded first), then this config's own names. An event of a connection no config
         named is keyed under the mirroring command's account, as before (README: "Known
         limit")."""
+        recorded = self._ledger.connections()
+        for reference, account in self._named.items():
+            other = recorded.get(reference)
+            if other is not None and other != account and other not in self._former.get(
+                    account, ()):
+                key = (f"api.accounts.{account}.reference_id" if self._multi
+                       else "api.reference_id")
+                raise StateError(
+                    f"{key}: {reference!r} is recorded in the state for account {other!r} "
+                    "(another config using it): a Cobalt connection has one reference id, "
+                    "so one of the two configs is wrong; if that clinic was renamed "
+                    f"{account!r}, list {other!r} in its formerly")
         if self._named:
             try:
                 self._ledger.register_connections(self._named)
             except (StateError, sqlite3.Error) as exc:  # a read-only store: known for now
                 log.debug("connections not recorded in the state: %s", exc)
-        return {**self._ledger.connections(), **self._named, **self._references}
+        return {**recorded, **self._named, **self._references}
 
     def run(self, run_id: str) -> RunResult:
         """Every row of ``run_id`` with its final status, outcome and evidence.

@@ -482,7 +482,8 @@ class Run:
                   *(r for r in stale if ledger.run(r).info.scan_stopped)}
         reconciler = Reconciler.of(ledger, self.config)
         for run_id in stale:
-            if run_id not in wanted or run_id == self.run_id:
+            if (run_id not in wanted or run_id == self.run_id
+                    or self.config.another_configs(ledger.run(run_id).account)):
                 continue
             try:
                 written = rewrite_report(ledger, reconciler, run_id, self.config)

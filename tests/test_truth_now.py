@@ -381,6 +381,92 @@ def test_an_event_settles_only_its_own_clinics_row_whichever_config_reads_it(
     assert (south_row["final_status"], south_row["event_id"]) == ("ambiguous", "")
 
 
+def clinic_configs(tmp_path: Path, source: Path, state: dict[str, Any], url: str,
+                   references: dict[str, str | None]) -> dict[str, Path]:
+    """A config per clinic (single form) on one state, each listing the others in
+    state.other_accounts, its reports in a directory of its own; ``references``: clinic
+    -> its api.reference_id (None: not given)."""
+    made = {}
+    for clinic, reference in references.items():
+        api: dict[str, Any] = {"base_url": url, "account": clinic}
+        if reference is not None:
+            api["reference_id"] = reference
+        made[clinic] = write_config(
+            tmp_path, f"{clinic}.yaml", input={"path": str(source)}, api=api,
+            state={**state, "other_accounts": [c for c in references if c != clinic]},
+            report={"dir": str(tmp_path / clinic)}, submit={"max_attempts": 1})
+    return made
+
+
+def test_an_event_of_an_unnamed_connection_settles_no_row_of_a_config_that_names_its_own(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """North names its connection (ref-north), south does not. Both send X with the same
+    note, no answer; south's note landed, and its event (ref-south, which no config
+    names) is first read by north's status. North knows the event is not its own, so it
+    settles no row by evidence: north's X stays ambiguous (refcheck HIGH: it was keyed
+    under the latest run's account and north's X was taken as delivered, although
+    Cobalt never stored it). And a config naming a reference id the state records for
+    another clinic is refused before it sends (refcheck HIGH: the record was taken over
+    silently, and an event then settled the wrong clinic's row)."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"]])
+    fake = FakeCobalt(answers={"X": (500, {"message": "internal error"})})
+    with ThreadedServer(fake.app()) as api:
+        configs = clinic_configs(tmp_path, source, state, api.url,
+                                 {"north": "ref-north", "south": None})
+        for clinic in ("south", "north"):
+            done = tasknotes("run", str(configs[clinic]), "--no-progress", cwd=tmp_path)
+            assert done.returncode == 1, done.stdout + done.stderr
+        store_event(tmp_path, state, {
+            "id": "evt_x", "access_token_reference_id": "ref-south", "object": "event",
+            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
+            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
+                     "note": "note x"}})
+        assert tasknotes("status", str(configs["north"]), cwd=tmp_path).returncode == 1
+        assert tasknotes("reconcile", str(configs["north"]), cwd=tmp_path).returncode == 1
+        wrong = clinic_configs(tmp_path, source, state, api.url,
+                               {"west": "ref-north"})["west"]
+        refused = tasknotes("run", str(wrong), "--no-progress", cwd=tmp_path)
+    reports = {read_summary(d)["account"]: d for d in (tmp_path / "north").iterdir()}
+    (north_row,) = read_results(reports["north"])
+    assert (north_row["final_status"], north_row["event_id"]) == ("ambiguous", "")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ("api.reference_id: 'ref-north' is recorded in the state for account 'north'"
+            in refused.stderr)
+    assert fake.requests == 2  # the refused config sent nothing
+
+
+def test_another_configs_runs_are_not_reported_written_off_or_resent_by_this_one(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """Clinics with a config each on one state (state.other_accounts): north's run left X
+    unsent. South's config does not write north's report (its redrive.csv holds note
+    text) into south's report.dir, does not write off north's rows, and its status says
+    not to send them with south's token, which would put north's note in south's chart
+    (refcheck HIGH and MEDIUMs)."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"]])
+    fake = FakeCobalt(answers={"X": (503, {"message": "busy"})})
+    with ThreadedServer(fake.app()) as api:
+        configs = clinic_configs(tmp_path, source, state, api.url,
+                                 {"north": "ref-north", "south": "ref-south"})
+        done = tasknotes("run", str(configs["north"]), "--no-progress", cwd=tmp_path)
+        assert done.returncode == 1, done.stdout + done.stderr
+    (north_run,) = [d.name for d in (tmp_path / "north").iterdir()]
+    south = str(configs["south"])
+    status = json.loads(tasknotes("status", south, "--json", cwd=tmp_path).stdout)
+    settle = status["kinds"]["send_failed"]["settle"]
+    assert f"not the rows of run(s) {north_run}" in settle
+    assert "never with this one" in settle
+    off = tasknotes("status", south, "--write-off", north_run, cwd=tmp_path)
+    assert off.returncode == 2, off.stdout + off.stderr
+    assert "another config's (state.other_accounts)" in off.stderr
+    assert tasknotes("reconcile", south, cwd=tmp_path).returncode == 0
+    assert not (tmp_path / "south" / north_run).exists()
+    one = tasknotes("reconcile", south, "--run-id", north_run, cwd=tmp_path)
+    assert one.returncode == 2, one.stdout + one.stderr
+    assert not (tmp_path / "south" / north_run).exists()
+    assert tasknotes("reconcile", str(configs["north"]), cwd=tmp_path).returncode == 1
+    assert read_summary(tmp_path / "north" / north_run)["final_status"]["send_failed"] == 1
+
+
 def test_redrive_of_a_changed_input_is_removed_once_another_run_sends_its_notes(
         tmp_path: Path) -> None:
     """Run A leaves X and Y unsent (503) and offers both in redrive.csv; the nightly export
