@@ -389,12 +389,16 @@ def _assemble(config: RunConfig, config_path: str, now: datetime,
         if others and not config.sandbox.enabled:
             listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
                                               if len(others) > 3 else "")
-            how += (f"; not the rows of run(s) {listed}, sent under accounts this config "
-                    "does not name: " + (
-                        "the poll of the config that sent them settles those"
-                        if name in ("awaiting_outcome", "ambiguous") else
-                        "send those with the config that sent them (its token), never "
-                        "with this one, which would put them in another clinic's chart"))
+            action = ("the poll of the config that sent them settles those"
+                      if name in ("awaiting_outcome", "ambiguous") else
+                      "send those with the config that sent them (its token), never with "
+                      "this one, which would put them in another clinic's chart")
+            if set(others) >= set(group.run_ids):  # none of them is this config's to settle
+                how = (f"not this config's: run(s) {listed} were sent under accounts it "
+                       f"does not name; {action}")
+            else:
+                how += (f"; not the rows of run(s) {listed}, sent under accounts this "
+                        f"config does not name: {action}")
         kinds.append(OpenKind(name, group.count, group.stale, _age_s(group.oldest, now),
                               group.run_ids, offered, how, rows,
                               unsent[0] if name == "send_failed" else 0,

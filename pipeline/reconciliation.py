@@ -500,7 +500,12 @@ class Reconciler:
             # An event of a connection no config named: this config's own, as far as it
             # can tell, unless it names its own connections (then it is another clinic's,
             # and keyed under none: it settles no row by evidence rather than a wrong one).
-            fallback = None if self._named else (self._own or account)
+            # A config whose own label is not known (a token's fingerprint, the token not
+            # set) takes the run's account only where every run is of one account.
+            fallback = None if self._named else self._own
+            if fallback is None and not self._named and len(
+                    self._ledger.account_labels()) <= 1:
+                fallback = account
             if isinstance(self._ledger, SinkEventsTable):
                 ingest_postgres(self._ledger, fallback, redactor=self._redactor,
                                 accounts=accounts)

@@ -207,7 +207,7 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
             _side_files(sink, cutoff, result)
             result.rotated = rotated_copies(sink)
             if ledger is not None:
-                runs = ledger.runs_started_before(result.cutoff)
+                runs = _own_runs(config, ledger, ledger.runs_started_before(result.cutoff))
                 result.old_runs = len(runs)
                 _input_copies(config.report.dir, runs, result)
                 _rewrite_reports(config, ledger, runs, result)
@@ -219,6 +219,12 @@ def prune(config: RunConfig, older_than_days: float, *, dry_run: bool = False,
         if ledger is not None:
             ledger.close()
     return result
+
+
+def _own_runs(config: RunConfig, ledger: StateStore, runs: list[str]) -> list[str]:
+    """``runs`` but another config's (``RunConfig.another_configs``): their input copies
+    and reports are in that config's report.dir, for its own prune."""
+    return [r for r in runs if not config.another_configs(ledger.run(r).account)]
 
 
 def _prune_database(config: RunConfig, cutoff: datetime, result: PruneResult, *,
@@ -241,7 +247,7 @@ def _prune_database(config: RunConfig, cutoff: datetime, result: PruneResult, *,
                     if latest is not None:
                         Reconciler.of(ledger, config).refresh(ledger.run(latest).account)
                 mirrored = ledger.sink_position()[0]
-                runs = ledger.runs_started_before(result.cutoff)
+                runs = _own_runs(config, ledger, ledger.runs_started_before(result.cutoff))
             finally:
                 ledger.close()
 

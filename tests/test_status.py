@@ -112,7 +112,8 @@ def test_poll_is_not_offered_for_rows_another_configs_accounts_sent(
     """A run sent under an account this config does not name (another config sharing the
     state): its awaiting and ambiguous rows are counted, and their settle text says this
     config's poll cannot settle them (its token sees its own connection only), naming
-    the run (newcomer LOW: it offered "tasknotes poll CONFIG", which polled nothing)."""
+    the run (newcomer LOW: it offered "tasknotes poll CONFIG", which polled nothing); a
+    kind held by such runs alone does not offer this config's poll at all."""
     book.row("accepted", task="A1", job_id="1", submitted_at=RECENT)
     book.ledger.finish_run("run-1", "finished", {})
     book.ledger.start_run("run-2", "other_clinic", "fp", {})
@@ -123,11 +124,13 @@ def test_poll_is_not_offered_for_rows_another_configs_accounts_sent(
     found = status_of(book, tmp_path)
     awaiting, ambiguous = found.kind("awaiting_outcome"), found.kind("ambiguous")
     assert (awaiting.count, ambiguous.count) == (2, 1)
-    for kind in (awaiting, ambiguous):
-        assert "tasknotes poll" in kind.settle
-        assert ("not the rows of run(s) run-2, sent under accounts this config does not "
-                "name") in kind.settle
-        assert "run-1" not in kind.settle
+    assert awaiting.settle.startswith("tasknotes poll my.yaml")  # run-1's rows: this config's
+    assert ("; not the rows of run(s) run-2, sent under accounts this config does not "
+            "name: the poll of the config that sent them settles those") in awaiting.settle
+    # ambiguous: run-2's rows only, none of them this config's to poll
+    assert ambiguous.settle == ("not this config's: run(s) run-2 were sent under accounts it "
+                                "does not name; the poll of the config that sent them "
+                                "settles those")
 
 
 def test_sent_accounts_counts_delivered_notes_per_account_label(book: Book, tmp_path: Path

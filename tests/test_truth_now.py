@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -52,9 +53,11 @@ OLD = "2026-06-15T12:00:00.000Z"  # a day before NOW: stale at the default 900 s
 RECENT = "2026-06-16T11:59:00.000Z"  # a minute before NOW
 
 
-def tasknotes(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def tasknotes(*args: str, cwd: Path, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline", "-q", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=120, check=False)
+                          capture_output=True, timeout=120, check=False,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def book_config(book: Book, tmp_path: Path) -> Path:
@@ -435,6 +438,42 @@ def test_an_event_of_an_unnamed_connection_settles_no_row_of_a_config_that_names
     assert fake.requests == 2  # the refused config sent nothing
 
 
+def test_a_config_that_cannot_tell_its_own_account_keys_no_event_under_another_clinic(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """South's config has no api.account (its label is its token's fingerprint) and no
+    reference_id; its reconcile runs without the token (it needs none), so it cannot tell
+    its own label. South's note landed (no answer came back), north's did not, same task
+    and note; south's event is first read by that reconcile. It must not be keyed under
+    the latest run's account, north's (refcheck2 HIGH: north's row was taken as delivered):
+    with runs of several accounts in the state it is keyed under none, and north's row
+    stays ambiguous."""
+    source = write_csv(tmp_path / "in.csv", [["X", "note x"]])
+    fake = FakeCobalt(answers={"X": (500, {"message": "internal error"})})
+    with ThreadedServer(fake.app()) as api:
+        north = clinic_configs(tmp_path, source, state, api.url, {"north": "ref-north"})
+        south = write_config(tmp_path, "south.yaml", input={"path": str(source)},
+                             api={"base_url": api.url, "account": None,
+                                  "access_token": "${TOK}"},
+                             state=state, report={"dir": str(tmp_path / "south")},
+                             submit={"max_attempts": 1})
+        done = tasknotes("run", str(south), "--no-progress", cwd=tmp_path,
+                         env={"TOK": "tok-south"})
+        assert done.returncode == 1, done.stdout + done.stderr
+        done = tasknotes("run", str(north["north"]), "--no-progress", cwd=tmp_path)
+        assert done.returncode == 1, done.stdout + done.stderr
+        store_event(tmp_path, state, {
+            "id": "evt_x", "access_token_reference_id": "ref-south", "object": "event",
+            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
+            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
+                     "note": "note x"}})
+        assert "TOK" not in os.environ
+        assert tasknotes("reconcile", str(south), cwd=tmp_path).returncode == 1
+        tasknotes("reconcile", str(north["north"]), cwd=tmp_path)
+    reports = {read_summary(d)["account"]: d for d in (tmp_path / "north").iterdir()}
+    (north_row,) = read_results(reports["north"])
+    assert (north_row["final_status"], north_row["event_id"]) == ("ambiguous", "")
+
+
 def test_another_configs_runs_are_not_reported_written_off_or_resent_by_this_one(
         tmp_path: Path, state: dict[str, Any]) -> None:
     """Clinics with a config each on one state (state.other_accounts): north's run left X
@@ -453,8 +492,9 @@ def test_another_configs_runs_are_not_reported_written_off_or_resent_by_this_one
     south = str(configs["south"])
     status = json.loads(tasknotes("status", south, "--json", cwd=tmp_path).stdout)
     settle = status["kinds"]["send_failed"]["settle"]
-    assert f"not the rows of run(s) {north_run}" in settle
+    assert settle.startswith(f"not this config's: run(s) {north_run} were sent under")
     assert "never with this one" in settle
+    assert "tasknotes run" not in settle
     off = tasknotes("status", south, "--write-off", north_run, cwd=tmp_path)
     assert off.returncode == 2, off.stdout + off.stderr
     assert "another config's (state.other_accounts)" in off.stderr
@@ -463,6 +503,9 @@ def test_another_configs_runs_are_not_reported_written_off_or_resent_by_this_one
     one = tasknotes("reconcile", south, "--run-id", north_run, cwd=tmp_path)
     assert one.returncode == 2, one.stdout + one.stderr
     assert not (tmp_path / "south" / north_run).exists()
+    pruned = tasknotes("prune", south, "--older-than", "0", cwd=tmp_path)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert not (tmp_path / "south" / north_run).exists()  # refcheck2 MEDIUM: it wrote it
     assert tasknotes("reconcile", str(configs["north"]), cwd=tmp_path).returncode == 1
     assert read_summary(tmp_path / "north" / north_run)["final_status"]["send_failed"] == 1
 

@@ -270,6 +270,10 @@ class SQLiteRuns(SQLiteRows):
         """Every run's id, oldest first (by start time)."""
         return self._runs_in_order()
 
+    def account_labels(self) -> set[str]:
+        """The account labels runs were recorded under (``runs.account``), each once."""
+        return {str(a) for (a,) in self._db.execute("SELECT DISTINCT account FROM runs")}
+
     def _runs_in_order(self) -> list[str]:
         return [r[0] for r in self._db.execute(
             "SELECT run_id FROM runs ORDER BY started_at, run_id")]
