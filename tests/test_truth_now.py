@@ -315,6 +315,16 @@ def store_event(tmp_path: Path, state: dict[str, Any], envelope: dict[str, Any])
                      (envelope["id"], hashlib.sha256(body.encode()).digest(), body.encode()))
 
 
+def x_landed(tmp_path: Path, state: dict[str, Any], reference: str) -> None:
+    """Cobalt's task_note.created event for task X, note "note x", from the connection
+    ``reference``, stored as the sink stores it."""
+    store_event(tmp_path, state, {
+        "id": "evt_x", "access_token_reference_id": reference, "object": "event",
+        "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
+        "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
+                 "note": "note x"}})
+
+
 def test_a_note_in_doubt_under_a_former_name_is_settled_by_the_renamed_configs_events(
         tmp_path: Path, state: dict[str, Any]) -> None:
     """Run A (clinicA) gets no answer for X (a 500: it may have reached Cobalt); Cobalt's
@@ -331,11 +341,7 @@ def test_a_note_in_doubt_under_a_former_name_is_settled_by_the_renamed_configs_e
         assert a.returncode == 1, a.stdout + a.stderr
         first = next((tmp_path / "reports").iterdir())
         assert read_summary(first)["final_status"]["ambiguous"] == 1
-        store_event(tmp_path, state, {
-            "id": "evt_x", "access_token_reference_id": "user_1", "object": "event",
-            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
-            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
-                     "note": "note x"}})
+        x_landed(tmp_path, state, "user_1")
         fake.answers.clear()
         b = tasknotes("run", str(new), "--no-progress", cwd=tmp_path)
         assert b.returncode in (0, 1), b.stdout + b.stderr
@@ -368,11 +374,7 @@ def test_an_event_settles_only_its_own_clinics_row_whichever_config_reads_it(
             for clinic in ("north", "south")}
         north = tasknotes("run", str(configs["north"]), "--no-progress", cwd=tmp_path)
         assert north.returncode == 1, north.stdout + north.stderr
-        store_event(tmp_path, state, {
-            "id": "evt_x", "access_token_reference_id": "ref-north", "object": "event",
-            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
-            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
-                     "note": "note x"}})
+        x_landed(tmp_path, state, "ref-north")
         south = tasknotes("run", str(configs["south"]), "--no-progress", cwd=tmp_path)
         assert south.returncode == 1, south.stdout + south.stderr
         for clinic in ("north", "south"):
@@ -419,11 +421,7 @@ def test_an_event_of_an_unnamed_connection_settles_no_row_of_a_config_that_names
         for clinic in ("south", "north"):
             done = tasknotes("run", str(configs[clinic]), "--no-progress", cwd=tmp_path)
             assert done.returncode == 1, done.stdout + done.stderr
-        store_event(tmp_path, state, {
-            "id": "evt_x", "access_token_reference_id": "ref-south", "object": "event",
-            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
-            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
-                     "note": "note x"}})
+        x_landed(tmp_path, state, "ref-south")
         assert tasknotes("status", str(configs["north"]), cwd=tmp_path).returncode == 1
         assert tasknotes("reconcile", str(configs["north"]), cwd=tmp_path).returncode == 1
         wrong = clinic_configs(tmp_path, source, state, api.url,
@@ -461,11 +459,7 @@ def test_a_config_that_cannot_tell_its_own_account_keys_no_event_under_another_c
         assert done.returncode == 1, done.stdout + done.stderr
         done = tasknotes("run", str(north["north"]), "--no-progress", cwd=tmp_path)
         assert done.returncode == 1, done.stdout + done.stderr
-        store_event(tmp_path, state, {
-            "id": "evt_x", "access_token_reference_id": "ref-south", "object": "event",
-            "created": "2026-06-15T12:02:40Z", "type": "task_note.created", "job_id": "77",
-            "data": {"task_note_id": "tn-77", "emr_note_id": "emr-77", "emr_task_id": "X",
-                     "note": "note x"}})
+        x_landed(tmp_path, state, "ref-south")
         assert "TOK" not in os.environ
         assert tasknotes("reconcile", str(south), cwd=tmp_path).returncode == 1
         tasknotes("reconcile", str(north["north"]), cwd=tmp_path)
