@@ -244,6 +244,12 @@ class ApiConfig(_Section):
             return {self.reference_id: self.account_id()} if self.reference_id else {}
         return {a.reference_id: name for name, a in self.accounts.items() if a.reference_id}
 
+    def known_names(self) -> tuple[str, ...]:
+        """Every name this config's notes were sent under: its accounts' (``account_names``)
+        and their former names (``formerly``), each once, current names first."""
+        former = [old for names in self.former_names().values() for old in names]
+        return tuple(dict.fromkeys([*self.account_names(), *former]))
+
     def former_names(self) -> dict[str, tuple[str, ...]]:
         """Account name -> the names its notes were sent under before (``formerly``): a
         row already sent under any of them is not sent again. Single form: the run's
@@ -535,9 +541,8 @@ class RunConfig(_Section):
         is in ``state.other_accounts`` and none is this config's, nor a former name. Its
         report, redrive.csv (note text) and unsent rows are that config's to handle."""
         names = {label, *label.split(",")}
-        mine = {*self.api.account_names(),
-                *(old for former in self.api.former_names().values() for old in former)}
-        return bool(names & set(self.state.other_accounts)) and names.isdisjoint(mine)
+        return (bool(names & set(self.state.other_accounts))
+                and names.isdisjoint(self.api.known_names()))
 
     def fingerprint(self) -> str:
         """A hash of the effective config with every secret left out."""

@@ -210,8 +210,7 @@ def _foreign_runs(config: RunConfig, ledger: ReportStore, run_ids: Sequence[str]
     api = config.api
     if not (api.multi or api.account or (api.access_token and api.access_token.get_secret_value())):
         return ()
-    names = {*config.api.account_names(),
-             *(old for former in config.api.former_names().values() for old in former)}
+    names = set(api.known_names())
     found = []
     for run_id in run_ids:
         label = ledger.run(run_id).account

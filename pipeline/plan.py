@@ -319,9 +319,7 @@ class Scan:
         (``state.other_accounts``): a clinic renamed (or moved from api.account to
         api.accounts) would have every such note sent again."""
         api = self._config.api
-        former = api.former_names()
-        known = (set(former) | {old for names in former.values() for old in names}
-                 | set(self._config.state.other_accounts))
+        known = set(api.known_names()) | set(self._config.state.other_accounts)
         for label, count in sorted(lookup.sent_accounts(known).items()):
             where = ("api.accounts.<name>.formerly" if api.multi else "api.formerly")
             log.warning("the ledger holds %d sent notes under account %r, which this config "

@@ -125,7 +125,8 @@ class SQLiteOutcomes(SQLiteRuns):
         """Record the connections a config names (reference id -> account, its
         ``ApiConfig.connections``); a reference named again takes the account given now (a
         clinic renamed). Written only where it changes what is recorded."""
-        changed = [(r, a) for r, a in named.items() if self.connections().get(r) != a]
+        recorded = self.connections()
+        changed = [(r, a) for r, a in named.items() if recorded.get(r) != a]
         if changed:
             with self._transaction():
                 self._db.executemany(

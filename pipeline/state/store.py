@@ -46,10 +46,8 @@ def open_store(config: RunConfig) -> StateStore:
 
         # the run locks of the accounts' former names too (formerly): a run of a config
         # not yet renamed would otherwise send every note the renamed one sends
-        api = config.api
-        former = [old for names in api.former_names().values() for old in names]
-        return PgLedger(config.state.url.get_secret_value(), api.account_id(),
-                        [*api.account_names(), *former])
+        return PgLedger(config.state.url.get_secret_value(), config.api.account_id(),
+                        config.api.known_names())
     return Ledger(config.state.ledger, synchronous=config.state.synchronous)
 
 
